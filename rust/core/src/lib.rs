@@ -1,0 +1,13 @@
+//! podrouter-core: every per-packet decision podrouter makes, as pure functions over byte buffers.
+//!
+//! This crate does no I/O, reads no clock (time is passed in as `now`), and contains no `unsafe`.
+//! No function in it may panic on untrusted bytes: every parser is bounds-checked up front
+//! (`new_checked`) and reports a typed error that maps onto a drop reason.
+#![forbid(unsafe_code)]
+
+pub mod wire;
+pub mod lpm;
+pub mod classify;
+pub mod encap;
+pub mod nat;
+pub mod datapath;
