@@ -1,231 +1,29 @@
-"""Throwaway hosts in network namespaces for integration tests, benchmarks and the demo.
+"""Test-side name for the namespace host builder; the code lives in `podrouter.netns`.
 
-Every host is a network namespace; links are veth pairs created directly inside the namespaces
-(`ip -n A link add ... peer ... netns B`), so nothing is ever created in, or moved through, the
-root namespace. `Topology.close()` deletes every namespace it made (which also deletes the veths
-and kills nothing else); it is idempotent and runs from fixtures' finalizers even when a test fails.
-
-Test code may shell out to `ip`/`tc`; product code may not (it speaks netlink through pyroute2).
+The demo and the benchmark suite need the same hosts at run time from the installed wheel, so the
+implementation moved into the package; the tests keep importing `nettopo`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
-import shlex
-import signal
-import subprocess
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+try:
+    import podrouter.netns as _netns
+except ImportError:  # running from a source tree without the wheel installed
+    import sys
+    from pathlib import Path
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    import podrouter.netns as _netns
 
-def sh(*argv: str, check: bool = True, timeout: float = 30, input: str | None = None) -> str:
-    proc = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, input=input, check=False
-    )
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
+from podrouter.netns import *  # noqa: F403
+from podrouter.netns import (  # noqa: F401  (explicit, so linters and readers see what tests use)
+    Host,
+    Pod,
+    ReferenceTopology,
+    Topology,
+    capture,
+    reference_topology,
+    sh,
+)
 
-
-@dataclass
-class Host:
-    """One network namespace."""
-
-    ns: str
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def run(self, cmd: str | Sequence[str], check: bool = True, timeout: float = 60) -> str:
-        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        return sh("ip", "netns", "exec", self.ns, *argv, check=check, timeout=timeout)
-
-    def try_run(self, cmd: str | Sequence[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        return subprocess.run(
-            ["ip", "netns", "exec", self.ns, *argv], capture_output=True, text=True, timeout=timeout
-        )
-
-    def popen(self, cmd: str | Sequence[str], **kw: object) -> subprocess.Popen[bytes]:
-        argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        kw.setdefault("stdout", subprocess.PIPE)
-        kw.setdefault("stderr", subprocess.PIPE)
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], **kw)  # type: ignore[call-overload]
-        self.procs.append(proc)
-        return proc
-
-    def ip(self, args: str, check: bool = True) -> str:
-        return sh("ip", "-n", self.ns, *shlex.split(args), check=check)
-
-    def sysctl(self, key: str, value: str | int) -> None:
-        self.run(["sysctl", "-q", "-w", f"{key}={value}"])
-
-    def ping(self, dst: str, count: int = 2, size: int | None = None, df: bool = False,
-             timeout: int = 2) -> bool:
-        argv = ["ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-W", str(timeout)]
-        if size is not None:
-            argv += ["-s", str(size)]
-        if df:
-            argv += ["-M", "do"]
-        return self.try_run([*argv, dst], timeout=count * (timeout + 1) + 5).returncode == 0
-
-    def stop_procs(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for proc in self.procs:
-            remaining = max(0.1, deadline - time.monotonic())
-            try:
-                proc.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        self.procs.clear()
-
-
-class Topology:
-    """A set of namespaces with a unique prefix; `close()` removes them all."""
-
-    def __init__(self, tag: str = "t") -> None:
-        if os.geteuid() != 0:
-            raise PermissionError("network namespaces need root")
-        self.prefix = f"pr{tag}{secrets.token_hex(3)}"
-        self.hosts: dict[str, Host] = {}
-
-    def host(self, name: str, forwarding: bool = False) -> Host:
-        ns = f"{self.prefix}-{name}"
-        sh("ip", "netns", "add", ns)
-        h = Host(ns)
-        self.hosts[name] = h
-        h.ip("link set lo up")
-        if forwarding:
-            h.sysctl("net.ipv4.ip_forward", 1)
-            h.sysctl("net.ipv6.conf.all.forwarding", 1)
-        return h
-
-    def link(self, a: Host, a_if: str, b: Host, b_if: str, a_addr: str | None = None,
-             b_addr: str | None = None, mtu: int = 1500) -> None:
-        a.ip(f"link add {a_if} mtu {mtu} type veth peer name {b_if} netns {b.ns} mtu {mtu}")
-        for h, ifname, addr in ((a, a_if, a_addr), (b, b_if, b_addr)):
-            if addr:
-                h.ip(f"addr add {addr} dev {ifname}")
-            h.ip(f"link set {ifname} up")
-
-    def close(self) -> None:
-        for h in self.hosts.values():
-            h.stop_procs()
-        for h in self.hosts.values():
-            sh("ip", "netns", "del", h.ns, check=False)
-        self.hosts.clear()
-
-    def __enter__(self) -> Topology:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-@dataclass
-class Pod:
-    name: str
-    host: Host
-    ip: str
-    node: str
-    host_interface: str
-
-
-@dataclass
-class ReferenceTopology:
-    """DESIGN.md §8: node1 and node3 share 172.16.2.0/24; node2 sits behind R on 172.16.3.0/24.
-
-    R knows the node subnets only (never pod CIDRs). An external host lives on 203.0.113.0/24 behind R.
-    Pods are namespaces of their own, attached as DESIGN.md §4b says: eth0 with a /32 and a default
-    route via 169.254.1.1 onlink; the node-side veth is `veth-<pod>` (proxy ARP and the /32 route are
-    podrouter's job).
-    """
-
-    topo: Topology
-    router: Host
-    external: Host
-    nodes: dict[str, Host]
-    node_addr: dict[str, str]
-    node_pod_cidr: dict[str, str]
-    pods: dict[str, Pod]
-
-    EXTERNAL_ADDR = "203.0.113.10"
-    CLUSTER_CIDR = "10.244.0.0/16"
-
-    def node_of(self, pod: str) -> Host:
-        return self.nodes[self.pods[pod].node]
-
-    def add_pod(self, node: str, name: str, ip: str) -> Pod:
-        host = self.topo.host(name)
-        ifname = f"veth-{name}"[:15]
-        self.topo.link(self.nodes[node], ifname, host, "eth0")
-        host.ip(f"addr add {ip}/32 dev eth0")
-        host.ip("route add 169.254.1.1 dev eth0 scope link")
-        host.ip("route add default via 169.254.1.1 dev eth0 onlink")
-        pod = Pod(name, host, ip, node, ifname)
-        self.pods[name] = pod
-        return pod
-
-
-def reference_topology(topo: Topology, mtu: int = 1500, with_pods: bool = True) -> ReferenceTopology:
-    r = topo.host("r", forwarding=True)
-    ext = topo.host("ext")
-    nodes = {n: topo.host(n, forwarding=True) for n in ("node1", "node2", "node3")}
-    # the shared L2 segment 172.16.2.0/24 is a bridge inside R, with R's address on it
-    r.ip("link add br0 type bridge")
-    r.ip(f"link set br0 mtu {mtu}")
-    r.ip("addr add 172.16.2.1/24 dev br0")
-    r.ip("link set br0 up")
-    for n, port in (("node1", "p-node1"), ("node3", "p-node3")):
-        topo.link(r, port, nodes[n], "eth0", mtu=mtu)
-        r.ip(f"link set {port} master br0")
-    topo.link(r, "p-node2", nodes["node2"], "eth0", a_addr="172.16.3.1/24", b_addr="172.16.3.2/24", mtu=mtu)
-    nodes["node1"].ip("addr add 172.16.2.2/24 dev eth0")
-    nodes["node3"].ip("addr add 172.16.2.3/24 dev eth0")
-    nodes["node1"].ip("route add default via 172.16.2.1")
-    nodes["node3"].ip("route add default via 172.16.2.1")
-    nodes["node2"].ip("route add default via 172.16.3.1")
-    topo.link(r, "p-ext", ext, "eth0", a_addr="203.0.113.1/24", b_addr=f"{ReferenceTopology.EXTERNAL_ADDR}/24")
-    ext.ip("route add default via 203.0.113.1")
-    ref = ReferenceTopology(
-        topo=topo,
-        router=r,
-        external=ext,
-        nodes=nodes,
-        node_addr={"node1": "172.16.2.2", "node2": "172.16.3.2", "node3": "172.16.2.3"},
-        node_pod_cidr={"node1": "10.244.1.0/24", "node2": "10.244.2.0/24", "node3": "10.244.3.0/24"},
-        pods={},
-    )
-    if with_pods:
-        ref.add_pod("node1", "pod1", "10.244.1.1")
-        ref.add_pod("node2", "pod2", "10.244.2.1")
-        ref.add_pod("node3", "pod3", "10.244.3.1")
-    return ref
-
-
-@contextlib.contextmanager
-def capture(host: Host, iface: str, bpf: str = "", count: int = 200) -> Iterator[list[str]]:
-    """tcpdump on `iface` inside `host` while the block runs; yields a list filled with the lines."""
-    lines: list[str] = []
-    argv = ["tcpdump", "-l", "-n", "-nn", "-i", iface, "-c", str(count), "-Q", "inout"]
-    if bpf:
-        argv += shlex.split(bpf)
-    proc = host.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)  # let tcpdump attach before traffic starts
-    try:
-        yield lines
-    finally:
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
-        lines.extend(out.decode(errors="replace").splitlines())
+__all__ = list(_netns.__all__)

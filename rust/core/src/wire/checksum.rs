@@ -139,7 +139,10 @@ mod tests {
     // RFC 1071 §3 example: 00 01 f2 03 f4 f5 f6 f7 sums to ddf2.
     #[test]
     fn rfc1071_example() {
-        assert_eq!(data(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0xddf2);
+        assert_eq!(
+            data(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            0xddf2
+        );
     }
 
     #[test]
@@ -151,8 +154,8 @@ mod tests {
 
     // A real IPv4 header (from a capture): 4500 0073 0000 4000 4011 b861 c0a8 0001 c0a8 00c7.
     const HDR: [u8; 20] = [
-        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0,
-        0xa8, 0x00, 0xc7,
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00,
+        0x01, 0xc0, 0xa8, 0x00, 0xc7,
     ];
 
     #[test]
@@ -186,7 +189,14 @@ mod tests {
     #[test]
     fn update_bytes_equals_update32() {
         let c = update32(0x1234, 0xdead_beef, 0x0a0b_0c0d);
-        assert_eq!(update_bytes(0x1234, &0xdead_beefu32.to_be_bytes(), &0x0a0b_0c0du32.to_be_bytes()), c);
+        assert_eq!(
+            update_bytes(
+                0x1234,
+                &0xdead_beefu32.to_be_bytes(),
+                &0x0a0b_0c0du32.to_be_bytes()
+            ),
+            c
+        );
     }
 
     #[test]
@@ -202,7 +212,12 @@ mod tests {
     #[test]
     fn pseudo_headers() {
         // src 192.168.0.1 dst 192.168.0.199 proto 17 len 0x5f
-        let s = pseudo_header_v4(Ipv4Addr::new(192, 168, 0, 1), Ipv4Addr::new(192, 168, 0, 199), 17, 0x5f);
+        let s = pseudo_header_v4(
+            Ipv4Addr::new(192, 168, 0, 1),
+            Ipv4Addr::new(192, 168, 0, 199),
+            17,
+            0x5f,
+        );
         assert_eq!(s, fold(0xc0a8 + 0x0001 + 0xc0a8 + 0x00c7 + 17 + 0x5f));
         let a = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
         let b = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16);

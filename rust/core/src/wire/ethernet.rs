@@ -100,7 +100,10 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
 
 /// Format a MAC address as `02:00:00:00:00:01`.
 pub fn format_mac(a: [u8; 6]) -> String {
-    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", a[0], a[1], a[2], a[3], a[4], a[5])
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        a[0], a[1], a[2], a[3], a[4], a[5]
+    )
 }
 
 /// Parse `02:00:00:00:00:01` (or with `-`); `None` for anything else.
@@ -123,7 +126,8 @@ mod tests {
 
     // Broadcast ARP request header from 02:00:00:00:00:01.
     const FRAME: [u8; 18] = [
-        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x01, 0x08, 0x00,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00,
+        0x01, 0x08, 0x00,
     ];
 
     #[test]
@@ -148,8 +152,14 @@ mod tests {
 
     #[test]
     fn impossible_len() {
-        assert_eq!(Frame::new_checked(&FRAME[..13]).unwrap_err(), Error::Truncated);
-        assert!(Frame::new_checked(&FRAME[..14]).unwrap().payload().is_empty());
+        assert_eq!(
+            Frame::new_checked(&FRAME[..13]).unwrap_err(),
+            Error::Truncated
+        );
+        assert!(Frame::new_checked(&FRAME[..14])
+            .unwrap()
+            .payload()
+            .is_empty());
     }
 
     #[test]

@@ -139,11 +139,7 @@ pub enum L4Info {
     /// No transport header is visible: a non-first fragment, or a protocol podrouter does not read.
     None,
     /// TCP, UDP or SCTP: source and destination ports. `tcp_flags` is the TCP flags byte (0 else).
-    Ports {
-        src: u16,
-        dst: u16,
-        tcp_flags: u8,
-    },
+    Ports { src: u16, dst: u16, tcp_flags: u8 },
     /// ICMP or ICMPv6 echo request / reply: the identifier plays the role of a port for NAT.
     IcmpEcho { ident: u16, seq: u16, request: bool },
     /// ICMP / ICMPv6 error (destination unreachable, time exceeded, ...): the offending packet is
@@ -222,6 +218,10 @@ fn parse_ipv4(bytes: &[u8]) -> Result<IpMeta> {
     if !ip.verify_checksum() {
         return Err(Error::BadChecksum);
     }
+    // Linux drops packets whose options do not parse (`ip_options_compile`); so do we.
+    if ip.header_len() > ipv4::HEADER_LEN {
+        ip.check_options()?;
+    }
     let header_len = ip.header_len();
     let total_len = usize::from(ip.total_len());
     let is_fragment = ip.is_fragment();
@@ -253,13 +253,19 @@ fn parse_ipv6(bytes: &[u8]) -> Result<IpMeta> {
     let chain = ip.walk_extension_headers()?;
     let total_len = ip.total_len();
     let (is_fragment, frag_offset) = match chain.fragment {
-        Some(f) => (true, f.offset),
-        None => (false, 0),
+        // RFC 6946: an atomic fragment is a whole datagram.
+        Some(f) if !f.is_atomic() => (true, f.offset),
+        _ => (false, 0),
     };
     let l4 = if frag_offset != 0 {
         L4Info::None
     } else {
-        read_l4(chain.protocol, clamp(bytes, chain.l4_offset, total_len), is_fragment, true)?
+        read_l4(
+            chain.protocol,
+            clamp(bytes, chain.l4_offset, total_len),
+            is_fragment,
+            true,
+        )?
     };
     Ok(IpMeta {
         src: IpAddr::V6(ip.src_addr()),
@@ -284,29 +290,53 @@ fn read_l4(protocol: u8, l4: &[u8], partial: bool, v6: bool) -> Result<L4Info> {
         ip_proto::TCP => {
             if partial {
                 return Ok(match l4.len() {
-                    n if n >= 14 => L4Info::Ports { src: be16(l4, 0), dst: be16(l4, 2), tcp_flags: l4[13] },
-                    n if n >= 4 => L4Info::Ports { src: be16(l4, 0), dst: be16(l4, 2), tcp_flags: 0 },
+                    n if n >= 14 => L4Info::Ports {
+                        src: be16(l4, 0),
+                        dst: be16(l4, 2),
+                        tcp_flags: l4[13],
+                    },
+                    n if n >= 4 => L4Info::Ports {
+                        src: be16(l4, 0),
+                        dst: be16(l4, 2),
+                        tcp_flags: 0,
+                    },
                     _ => L4Info::None,
                 });
             }
             let tcp = tcp::Packet::new_checked(l4)?;
-            Ok(L4Info::Ports { src: tcp.src_port(), dst: tcp.dst_port(), tcp_flags: tcp.flags() })
+            Ok(L4Info::Ports {
+                src: tcp.src_port(),
+                dst: tcp.dst_port(),
+                tcp_flags: tcp.flags(),
+            })
         }
         ip_proto::UDP => {
             if partial {
                 return Ok(if l4.len() >= 4 {
-                    L4Info::Ports { src: be16(l4, 0), dst: be16(l4, 2), tcp_flags: 0 }
+                    L4Info::Ports {
+                        src: be16(l4, 0),
+                        dst: be16(l4, 2),
+                        tcp_flags: 0,
+                    }
                 } else {
                     L4Info::None
                 });
             }
             let udp = udp::Packet::new_checked(l4)?;
-            Ok(L4Info::Ports { src: udp.src_port(), dst: udp.dst_port(), tcp_flags: 0 })
+            Ok(L4Info::Ports {
+                src: udp.src_port(),
+                dst: udp.dst_port(),
+                tcp_flags: 0,
+            })
         }
         ip_proto::SCTP => {
             // RFC 9260 §3.1: 12-byte common header, ports first.
             if l4.len() >= 12 || (partial && l4.len() >= 4) {
-                Ok(L4Info::Ports { src: be16(l4, 0), dst: be16(l4, 2), tcp_flags: 0 })
+                Ok(L4Info::Ports {
+                    src: be16(l4, 0),
+                    dst: be16(l4, 2),
+                    tcp_flags: 0,
+                })
             } else if partial {
                 Ok(L4Info::None)
             } else {
@@ -315,7 +345,11 @@ fn read_l4(protocol: u8, l4: &[u8], partial: bool, v6: bool) -> Result<L4Info> {
         }
         p if p == icmp_proto => {
             if l4.len() < 8 {
-                return if partial { Ok(L4Info::None) } else { Err(Error::Truncated) };
+                return if partial {
+                    Ok(L4Info::None)
+                } else {
+                    Err(Error::Truncated)
+                };
             }
             let (msg_type, code) = (l4[0], l4[1]);
             let (echo_req, echo_rep, is_err) = if v6 {
@@ -325,10 +359,18 @@ fn read_l4(protocol: u8, l4: &[u8], partial: bool, v6: bool) -> Result<L4Info> {
                     icmpv6::msg_type::is_error(msg_type),
                 )
             } else {
-                (icmp::msg_type::ECHO_REQUEST, icmp::msg_type::ECHO_REPLY, icmp::msg_type::is_error(msg_type))
+                (
+                    icmp::msg_type::ECHO_REQUEST,
+                    icmp::msg_type::ECHO_REPLY,
+                    icmp::msg_type::is_error(msg_type),
+                )
             };
             Ok(if msg_type == echo_req || msg_type == echo_rep {
-                L4Info::IcmpEcho { ident: be16(l4, 4), seq: be16(l4, 6), request: msg_type == echo_req }
+                L4Info::IcmpEcho {
+                    ident: be16(l4, 4),
+                    seq: be16(l4, 6),
+                    request: msg_type == echo_req,
+                }
             } else if is_err {
                 L4Info::IcmpError { msg_type, code }
             } else {
@@ -346,8 +388,8 @@ mod tests {
 
     // ping -c1 10.244.2.1 from 10.244.1.1: IPv4 + ICMP echo request, 8 bytes of data.
     const PING: [u8; 36] = [
-        0x45, 0x00, 0x00, 0x24, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0x00, 0x00, 10, 244, 1, 1, 10, 244, 2, 1,
-        0x08, 0x00, 0x00, 0x00, 0xbe, 0xef, 0x00, 0x01, 1, 2, 3, 4, 5, 6, 7, 8,
+        0x45, 0x00, 0x00, 0x24, 0x12, 0x34, 0x40, 0x00, 0x40, 0x01, 0x00, 0x00, 10, 244, 1, 1, 10,
+        244, 2, 1, 0x08, 0x00, 0x00, 0x00, 0xbe, 0xef, 0x00, 0x01, 1, 2, 3, 4, 5, 6, 7, 8,
     ];
 
     fn ping() -> Vec<u8> {
@@ -368,7 +410,14 @@ mod tests {
         assert_eq!(m.ttl, 64);
         assert!(!m.is_fragment);
         assert_eq!(m.icmp_id(), Some(0xbeef));
-        assert_eq!(m.l4, L4Info::IcmpEcho { ident: 0xbeef, seq: 1, request: true });
+        assert_eq!(
+            m.l4,
+            L4Info::IcmpEcho {
+                ident: 0xbeef,
+                seq: 1,
+                request: true
+            }
+        );
     }
 
     #[test]
@@ -383,6 +432,23 @@ mod tests {
         assert_eq!(parse_ip(&[]), Err(Error::Truncated));
         assert_eq!(parse_ip(&[0x55; 40]), Err(Error::Unsupported));
         assert_eq!(parse_ip(&[0x45; 10]), Err(Error::Truncated));
+    }
+
+    #[test]
+    fn parse_checks_ipv4_options() {
+        // IHL 6: one Router Alert option (148, length 4), then the ICMP message.
+        let mut p = PING[..20].to_vec();
+        p[0] = 0x46;
+        p[3] = 40;
+        p.extend_from_slice(&[148, 4, 0, 0]);
+        p.extend_from_slice(&PING[20..]);
+        ipv4::Packet::new_unchecked(&mut p[..]).fill_checksum();
+        icmp::Packet::new_unchecked(&mut p[24..]).fill_checksum();
+        let m = parse_ip(&p).unwrap();
+        assert_eq!((m.l4_offset, m.icmp_id()), (24, Some(0xbeef)));
+        p[21] = 5; // option length past the header
+        ipv4::Packet::new_unchecked(&mut p[..]).fill_checksum();
+        assert_eq!(parse_ip(&p), Err(Error::Malformed));
     }
 
     #[test]

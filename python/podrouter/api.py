@@ -1,0 +1,153 @@
+"""The daemon's control socket: newline-delimited JSON over a unix stream socket.
+
+Requests are one JSON object per line, `{"op": "status"}`, `{"op": "pod_add", "pod": {...}}`,
+`{"op": "pod_del", "name": "web"}`, `{"op": "pod_list"}`, `{"op": "explain", "src": ..., "dst": ...}`;
+each gets one line back, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. A connection may carry
+any number of requests. The socket is created mode 0600 (only root may register pods) and removed
+when the daemon exits.
+
+`request()` is the client side, shared by the CLI and the CNI plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("podrouter.api")
+
+MAX_LINE = 1 << 20  # a request larger than 1 MiB is not a pod registration
+
+
+class ApiError(Exception):
+    """A request failed: the message goes back to the client as {"ok": false, "error": msg}."""
+
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+        self.handlers = handlers
+        super().__init__(path, _Conn, bind_and_activate=False)
+
+
+class _Conn(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        while True:
+            try:
+                line = self.rfile.readline(MAX_LINE + 1)
+            except OSError:
+                return
+            if not line:
+                return
+            if len(line) > MAX_LINE:
+                self._send({"ok": False, "error": "request too large"})
+                return
+            if not line.strip():
+                continue
+            self._send(self.dispatch(line))
+
+    def dispatch(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return {"ok": False, "error": f"bad request: not JSON ({e})"}
+        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+            return {"ok": False, "error": "bad request: expected an object with a string 'op'"}
+        handler = self.server.handlers.get(req["op"])
+        if handler is None:
+            ops = ", ".join(sorted(self.server.handlers))
+            return {"ok": False, "error": f"unknown op {req['op']!r} (ops: {ops})"}
+        try:
+            reply = handler(req)
+        except ApiError as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - a bad request must never kill the daemon
+            log.exception("API op %s failed", req["op"])
+            return {"ok": False, "error": f"internal error: {e}"}
+        return {"ok": True, **reply}
+
+    def _send(self, obj: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            self.wfile.write(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
+            self.wfile.flush()
+
+
+class ApiServer:
+    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self._server = _Server(path, handlers)
+        # bind under a umask that makes the socket 0600 from its first moment: a chmod after bind()
+        # would leave a window in which any local user could connect and register pods
+        old = os.umask(0o177)
+        try:
+            self._server.server_bind()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._server.server_activate()
+        self._thread = threading.Thread(target=self._server.serve_forever, name="podrouter-api", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def socket_in_use(path: str) -> bool:
+    """True if a live daemon listens on `path`; a leftover socket file nobody listens on is False."""
+    if not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True
+    finally:
+        s.close()
+    return True
+
+
+def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request and return the reply. Raises OSError if the daemon cannot be reached and
+    ApiError if the reply is not JSON."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+            if len(buf) > 64 * MAX_LINE:
+                raise ApiError("reply too large")
+    try:
+        reply = json.loads(buf)
+    except json.JSONDecodeError as e:
+        raise ApiError(f"bad reply from the daemon: {e}") from None
+    if not isinstance(reply, dict):
+        raise ApiError("bad reply from the daemon: not an object")
+    return reply

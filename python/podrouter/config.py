@@ -1,0 +1,824 @@
+"""The node configuration (DESIGN.md §4): YAML in, typed frozen dataclasses out.
+
+`load(path)` validates *everything* before returning and collects every problem it finds, so a user
+fixes a broken file in one round. Each problem names the key path and the bad value, e.g.
+``routing.native_cidrs[0]: '10.244.0.0/33' is not a CIDR``. Unknown keys are errors (a typo such as
+``nativ_cidrs`` would otherwise silently fall back to a default), and so are duplicate keys, which
+PyYAML would otherwise resolve by keeping the last one.
+
+Nothing here touches the kernel: defaults that depend on the running namespace (the underlay
+interface and address) stay ``None`` and are resolved by the daemon after validation
+(`podrouter.netlink.resolve_underlay`). Annotation problems on `pods[]` are *warnings*: the pod is
+still registered (without shaping), exactly as a bad annotation arriving through the API would be.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MODES = ("tunnel", "native", "hybrid")
+PEER_MODES = ("native", "tunnel")
+PROTOCOLS = ("vxlan", "geneve")
+DEFAULT_PORTS = {"vxlan": 4789, "geneve": 6081}  # IANA: RFC 7348 §5, RFC 8926 §3.3
+BACKENDS = ("static", "etcd")
+DEFAULT_SOCKET = "/run/podrouter/podrouter.sock"
+DEFAULT_METRICS = "127.0.0.1:9965"
+DEFAULT_PORT_RANGE = (61000, 65535)
+# Linux interface names are at most IFNAMSIZ-1 = 15 bytes and may not contain '/', ':' or whitespace
+_IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
+# node and pod names end up in etcd keys, metric labels and file names: keep them boring (RFC 1123-ish)
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$")
+VNI_MAX = (1 << 24) - 1  # both VXLAN and Geneve carry a 24-bit VNI
+
+
+class ConfigError(Exception):
+    """A configuration that must not be used. `problems` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+# ----------------------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    address: ipaddress.IPv4Address | None  # None: the primary address of `interface`, at start
+    interface: str | None  # None: the interface holding the default route, at start
+    pod_cidrs: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    mode: str = "tunnel"
+    native_cidrs: tuple[IPNetwork, ...] = ()
+    native_when_on_link: bool = False
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    protocol: str = "vxlan"
+    port: int = DEFAULT_PORTS["vxlan"]
+    vni: int = 1
+    mtu: int | None = None  # None = auto: underlay MTU minus the encapsulation overhead
+
+    def port_for(self, protocol: str) -> int:
+        """The UDP port of `protocol`: `tunnel.port` for the configured one, the IANA port otherwise."""
+        return self.port if protocol == self.protocol else DEFAULT_PORTS[protocol]
+
+
+@dataclass(frozen=True)
+class MasqueradeConfig:
+    enabled: bool = True
+    non_masquerade_cidrs: tuple[IPNetwork, ...] = ()
+    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    name: str
+    address: ipaddress.IPv4Address
+    pod_cidrs: tuple[IPNetwork, ...]
+    mode: str | None = None
+    tunnel_protocol: str | None = None
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
+    prefix: str = "/podrouter/v1"
+    lease_ttl: int = 10
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    backend: str = "static"
+    etcd: EtcdConfig = field(default_factory=EtcdConfig)
+
+
+@dataclass(frozen=True)
+class BandwidthConfig:
+    enabled: bool = True
+    raw: Mapping[str, Any] = field(default_factory=dict)  # the section as written, for the QoS module
+
+
+@dataclass(frozen=True)
+class PodConfig:
+    name: str
+    ip: IPAddress
+    host_interface: str
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ip": str(self.ip),
+            "host_interface": self.host_interface,
+            "annotations": dict(self.annotations),
+        }
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    socket: str = DEFAULT_SOCKET
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = ("127.0.0.1", 9965)  # None: no metrics endpoint
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    cluster_cidrs: tuple[IPNetwork, ...]
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    tunnel: TunnelConfig = field(default_factory=TunnelConfig)
+    masquerade: MasqueradeConfig = field(default_factory=MasqueradeConfig)
+    peers: tuple[PeerConfig, ...] = ()
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    bandwidth: BandwidthConfig = field(default_factory=BandwidthConfig)
+    pods: tuple[PodConfig, ...] = ()
+    api: ApiConfig = field(default_factory=ApiConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    warnings: tuple[str, ...] = ()  # problems that do not stop the daemon (bad pod annotations)
+    path: str | None = None
+
+    @property
+    def state_path(self) -> Path:
+        """Where the daemon records what it installed: next to the API socket, named after the node."""
+        return Path(self.api.socket).parent / f"{self.node.name}.state.json"
+
+
+# ------------------------------------------------------------------------------------------ YAML input
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys (PyYAML keeps the last one silently)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                "found an unhashable key",
+                key_node.start_mark,
+            ) from None
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
+            )
+        seen[key] = loader.construct_object(value_node, deep=deep)  # type: ignore[no-untyped-call]
+    return seen
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file. Raises `ConfigError` listing every problem found."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError([f"{p}: cannot read the config file: {reason}"]) from None
+    return loads(text, source=str(p))
+
+
+def loads(text: str, source: str = "<config>") -> Config:
+    """Validate a config given as YAML text (`source` names it in messages)."""
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigError([f"{where}: invalid YAML: {e.problem or e}"]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{source}: invalid YAML: {e}"]) from None
+    cfg = from_dict(data)
+    return _with_path(cfg, source)
+
+
+def _with_path(cfg: Config, source: str) -> Config:
+    from dataclasses import replace
+
+    return replace(cfg, path=source)
+
+
+def from_dict(data: Any) -> Config:
+    """Validate an already parsed config (a mapping). Raises `ConfigError`."""
+    v = _Validator()
+    cfg = v.config(data)
+    if v.problems or cfg is None:
+        raise ConfigError(v.problems or ["the config is empty"])
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _q(value: Any) -> str:
+    """A bad value as the user wrote it, quoted the Python way (`'10.244.0.0/33'`, `7`, `None`)."""
+    return repr(value)
+
+
+def parse_port_range(value: Any) -> tuple[tuple[int, int] | None, str | None]:
+    """'lo-hi' -> ((lo, hi), None) or (None, reason)."""
+    if not isinstance(value, str):
+        return None, "is not a port range 'lo-hi'"
+    m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", value)
+    if not m:
+        return None, "is not a port range 'lo-hi'"
+    lo, hi = int(m.group(1)), int(m.group(2))
+    # below 1024 are privileged/well-known ports the node's own services use
+    if not (1024 <= lo <= 65535 and 1024 <= hi <= 65535):
+        return None, "must lie within 1024-65535"
+    if lo > hi:
+        return None, f"is empty (start {lo} is above end {hi})"
+    return (lo, hi), None
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """'host:port' or '[v6]:port' -> (host, port); None if malformed."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})", value) or re.fullmatch(
+        r"([^:\[\]]+):(\d{1,5})", value
+    )
+    if not m:
+        return None
+    host, port = m.group(1), int(m.group(2))
+    if port > 65535:
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+            return None
+    return host, port
+
+
+class _Validator:
+    """Walks the parsed YAML, collecting problems instead of stopping at the first one."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.indices: dict[str, list[int]] = {}  # list path -> the original index of each valid item
+
+    # --- primitives (each returns None after recording a problem) ---
+
+    def bad(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path}: {msg}")
+
+    def mapping(
+        self, path: str, value: Any, allowed: tuple[str, ...], required: tuple[str, ...] = ()
+    ) -> dict[str, Any] | None:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.bad(path, f"{_q(value)} is not a mapping")
+            return None
+        # unknown keys are recorded but the known ones are still checked, so one run reports everything
+        for key in value:
+            if not isinstance(key, str):
+                self.bad(path or "config", f"key {_q(key)} is not a string")
+            elif key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                suggestion = f" (did you mean '{hint[0]}'?)" if hint else f" (allowed: {', '.join(allowed)})"
+                self.bad(f"{path}.{key}" if path else key, f"unknown key{suggestion}")
+        for key in required:
+            if value.get(key) is None:
+                self.bad(f"{path}.{key}" if path else key, "is required")
+        return value
+
+    def string(self, path: str, value: Any) -> str | None:
+        if not isinstance(value, str) or not value:
+            self.bad(path, f"{_q(value)} is not a non-empty string")
+            return None
+        return value
+
+    def boolean(self, path: str, value: Any) -> bool | None:
+        if not isinstance(value, bool):
+            self.bad(path, f"{_q(value)} is not a boolean (true or false)")
+            return None
+        return value
+
+    def integer(self, path: str, value: Any, lo: int, hi: int) -> int | None:
+        # bool is an int subclass in Python: `vni: true` must not become VNI 1
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.bad(path, f"{_q(value)} is not an integer")
+            return None
+        if not lo <= value <= hi:
+            self.bad(path, f"{_q(value)} is out of range ({lo}..{hi})")
+            return None
+        return value
+
+    def choice(self, path: str, value: Any, choices: tuple[str, ...]) -> str | None:
+        if value not in choices:
+            self.bad(path, f"{_q(value)} is not one of: {', '.join(choices)}")
+            return None
+        return str(value)
+
+    def name(self, path: str, value: Any) -> str | None:
+        if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+            self.bad(path, f"{_q(value)} is not a valid name (letters, digits, '.', '_', '-'; at most 63)")
+            return None
+        return value
+
+    def ifname(self, path: str, value: Any) -> str | None:
+        if not isinstance(value, str) or not _IFNAME_RE.fullmatch(value) or value in (".", ".."):
+            self.bad(
+                path, f"{_q(value)} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+            )
+            return None
+        return value
+
+    def address(self, path: str, value: Any, v4_only: bool = False) -> IPAddress | None:
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            addr = ipaddress.ip_address(value)
+        except ValueError:
+            self.bad(path, f"{_q(value)} is not an IP address")
+            return None
+        if v4_only and addr.version != 4:
+            self.bad(path, f"{_q(value)} is not an IPv4 address (the underlay is IPv4)")
+            return None
+        return addr
+
+    def cidr(self, path: str, value: Any) -> IPNetwork | None:
+        if not isinstance(value, str) or "/" not in value:
+            self.bad(path, f"{_q(value)} is not a CIDR")
+            return None
+        try:
+            return ipaddress.ip_network(value, strict=True)
+        except ValueError:
+            pass
+        try:
+            net = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            self.bad(path, f"{_q(value)} is not a CIDR")
+            return None
+        self.bad(path, f"{_q(value)} has host bits set (did you mean '{net}'?)")
+        return None
+
+    def cidr_list(self, path: str, value: Any) -> tuple[IPNetwork, ...] | None:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.bad(path, f"{_q(value)} is not a list of CIDRs")
+            return None
+        out = [self.cidr(f"{path}[{i}]", item) for i, item in enumerate(value)]
+        if any(n is None for n in out):
+            return None
+        return tuple(n for n in out if n is not None)
+
+    def one_or_many_cidrs(self, path: str, m: dict[str, Any], required: bool) -> tuple[IPNetwork, ...] | None:
+        """`pod_cidr: X` or `pod_cidrs: [X, Y]` (dual stack: at most one per address family)."""
+        single, many = m.get("pod_cidr"), m.get("pod_cidrs")
+        if single is not None and many is not None:
+            self.bad(f"{path}.pod_cidrs", "give either pod_cidr or pod_cidrs, not both")
+            return None
+        if single is None and many is None:
+            if required:
+                self.bad(f"{path}.pod_cidr", "is required")
+            return None
+        if single is not None:
+            net = self.cidr(f"{path}.pod_cidr", single)
+            return (net,) if net is not None else None
+        nets = self.cidr_list(f"{path}.pod_cidrs", many)
+        if nets is None:
+            return None
+        if not nets:
+            self.bad(f"{path}.pod_cidrs", "must not be empty")
+            return None
+        for version in (4, 6):
+            if sum(1 for n in nets if n.version == version) > 1:
+                self.bad(
+                    f"{path}.pod_cidrs", f"{_q([str(n) for n in nets])} has more than one IPv{version} CIDR"
+                )
+                return None
+        return nets
+
+    # --- sections ---
+
+    def config(self, data: Any) -> Config | None:
+        top = (
+            "node",
+            "cluster",
+            "routing",
+            "tunnel",
+            "masquerade",
+            "peers",
+            "discovery",
+            "bandwidth",
+            "pods",
+            "api",
+            "metrics",
+        )
+        if data is None:
+            self.bad("config", "the file is empty")
+            return None
+        if not isinstance(data, dict):
+            self.bad("config", f"the top level must be a mapping, not {type(data).__name__}")
+            return None
+        m = self.mapping("", data, top, required=("node", "cluster"))
+        if m is None:
+            return None
+        node = self.node(m.get("node")) if m.get("node") is not None else None
+        cluster = self.cluster(m.get("cluster")) if m.get("cluster") is not None else None
+        routing = self.routing(m.get("routing"))
+        tunnel = self.tunnel(m.get("tunnel"))
+        masq = self.masquerade(m.get("masquerade"))
+        peers = self.peers(m.get("peers"))
+        discovery = self.discovery(m.get("discovery"))
+        bandwidth = self.bandwidth(m.get("bandwidth"))
+        pods = self.pods(m.get("pods"))
+        api = self.api(m.get("api"))
+        metrics = self.metrics(m.get("metrics"))
+        if node is not None and cluster is not None:
+            # relations are checked on whatever parsed, so one run reports those problems too
+            self.cross_checks(node, cluster, routing, peers or (), pods or (), masq)
+        if self.problems:
+            return None
+        assert node is not None and cluster is not None and routing is not None and tunnel is not None
+        assert masq is not None and peers is not None and discovery is not None and bandwidth is not None
+        assert pods is not None and api is not None and metrics is not None
+        return Config(
+            node=node,
+            cluster_cidrs=cluster,
+            routing=routing,
+            tunnel=tunnel,
+            masquerade=masq,
+            peers=peers,
+            discovery=discovery,
+            bandwidth=bandwidth,
+            pods=pods,
+            api=api,
+            metrics=metrics,
+            warnings=tuple(self.warnings),
+        )
+
+    def node(self, value: Any) -> NodeConfig | None:
+        m = self.mapping("node", value, ("name", "address", "interface", "pod_cidr", "pod_cidrs"), ("name",))
+        if m is None:
+            return None
+        name = self.name("node.name", m["name"]) if m.get("name") is not None else None
+        address = (
+            self.address("node.address", m["address"], v4_only=True) if m.get("address") is not None else None
+        )
+        bad_address = m.get("address") is not None and address is None
+        iface = self.ifname("node.interface", m["interface"]) if m.get("interface") is not None else None
+        bad_iface = m.get("interface") is not None and iface is None
+        cidrs = self.one_or_many_cidrs("node", m, required=True)
+        if name is None or cidrs is None or bad_address or bad_iface:
+            return None
+        assert address is None or isinstance(address, ipaddress.IPv4Address)
+        return NodeConfig(name=name, address=address, interface=iface, pod_cidrs=cidrs)
+
+    def cluster(self, value: Any) -> tuple[IPNetwork, ...] | None:
+        m = self.mapping("cluster", value, ("pod_cidr", "pod_cidrs"))
+        if m is None:
+            return None
+        return self.one_or_many_cidrs("cluster", m, required=True)
+
+    def routing(self, value: Any) -> RoutingConfig | None:
+        m = self.mapping("routing", value, ("mode", "native_cidrs", "native_when_on_link"))
+        if m is None:
+            return None
+        mode = self.choice("routing.mode", m.get("mode", "tunnel"), MODES)
+        native = self.cidr_list("routing.native_cidrs", m.get("native_cidrs"))
+        on_link = self.boolean("routing.native_when_on_link", m.get("native_when_on_link", False))
+        if mode is None or native is None or on_link is None:
+            return None
+        if mode != "hybrid" and (native or on_link):
+            self.warnings.append(
+                f"routing: native_cidrs and native_when_on_link only apply to mode hybrid (mode is {mode})"
+            )
+        return RoutingConfig(mode=mode, native_cidrs=native, native_when_on_link=on_link)
+
+    def tunnel(self, value: Any) -> TunnelConfig | None:
+        m = self.mapping("tunnel", value, ("protocol", "port", "vni", "mtu"))
+        if m is None:
+            return None
+        proto = self.choice("tunnel.protocol", m.get("protocol", "vxlan"), PROTOCOLS)
+        port = self.integer("tunnel.port", m["port"], 1, 65535) if m.get("port") is not None else 0
+        vni = self.integer("tunnel.vni", m.get("vni", 1), 0, VNI_MAX)
+        raw_mtu = m.get("mtu", "auto")
+        mtu: int | None = None
+        mtu_ok = True
+        if raw_mtu != "auto":
+            # 576: the smallest datagram every IPv4 host must accept (RFC 791); below that TCP stalls
+            mtu = self.integer("tunnel.mtu", raw_mtu, 576, 65535) if not isinstance(raw_mtu, str) else None
+            if isinstance(raw_mtu, str):
+                self.bad("tunnel.mtu", f"{_q(raw_mtu)} is not 'auto' or an integer")
+            mtu_ok = mtu is not None
+        if proto is None or port is None or vni is None or not mtu_ok:
+            return None
+        return TunnelConfig(protocol=proto, port=port or DEFAULT_PORTS[proto], vni=vni, mtu=mtu)
+
+    def masquerade(self, value: Any) -> MasqueradeConfig | None:
+        m = self.mapping("masquerade", value, ("enabled", "non_masquerade_cidrs", "port_range"))
+        if m is None:
+            return None
+        enabled = self.boolean("masquerade.enabled", m.get("enabled", True))
+        nonmasq = self.cidr_list("masquerade.non_masquerade_cidrs", m.get("non_masquerade_cidrs"))
+        rng: tuple[int, int] | None = DEFAULT_PORT_RANGE
+        if m.get("port_range") is not None:
+            rng, why = parse_port_range(m["port_range"])
+            if why:
+                self.bad("masquerade.port_range", f"{_q(m['port_range'])} {why}")
+        if enabled is None or nonmasq is None or rng is None:
+            return None
+        return MasqueradeConfig(enabled=enabled, non_masquerade_cidrs=nonmasq, port_range=rng)
+
+    def peer(self, path: str, value: Any) -> PeerConfig | None:
+        m = self.mapping(
+            path,
+            value,
+            ("name", "address", "pod_cidr", "pod_cidrs", "mode", "tunnel_protocol"),
+            ("name", "address"),
+        )
+        if m is None:
+            return None
+        name = self.name(f"{path}.name", m["name"]) if m.get("name") is not None else None
+        addr = (
+            self.address(f"{path}.address", m["address"], v4_only=True)
+            if m.get("address") is not None
+            else None
+        )
+        cidrs = self.one_or_many_cidrs(path, m, required=True)
+        mode = self.choice(f"{path}.mode", m["mode"], PEER_MODES) if m.get("mode") is not None else None
+        proto = (
+            self.choice(f"{path}.tunnel_protocol", m["tunnel_protocol"], PROTOCOLS)
+            if m.get("tunnel_protocol") is not None
+            else None
+        )
+        if (
+            name is None
+            or addr is None
+            or cidrs is None
+            or (m.get("mode") is not None and mode is None)
+            or (m.get("tunnel_protocol") is not None and proto is None)
+        ):
+            return None
+        assert isinstance(addr, ipaddress.IPv4Address)
+        return PeerConfig(name=name, address=addr, pod_cidrs=cidrs, mode=mode, tunnel_protocol=proto)
+
+    def peers(self, value: Any) -> tuple[PeerConfig, ...] | None:
+        return self._list("peers", value, self.peer)
+
+    def _list(self, path: str, value: Any, item: Callable[[str, Any], Any]) -> tuple[Any, ...] | None:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            self.bad(path, f"{_q(value)} is not a list")
+            return None
+        # the valid items are returned even when others failed, for the cross checks; the failures are
+        # already in self.problems, so the config as a whole is still rejected
+        out = [(i, item(f"{path}[{i}]", v)) for i, v in enumerate(value)]
+        self.indices[path] = [i for i, x in out if x is not None]
+        return tuple(x for _, x in out if x is not None)
+
+    def discovery(self, value: Any) -> DiscoveryConfig | None:
+        m = self.mapping("discovery", value, ("backend", "etcd"))
+        if m is None:
+            return None
+        backend = self.choice("discovery.backend", m.get("backend", "static"), BACKENDS)
+        e = self.mapping("discovery.etcd", m.get("etcd"), ("endpoints", "prefix", "lease_ttl"))
+        if e is None or backend is None:
+            return None
+        endpoints: list[str] = []
+        raw_eps = e.get("endpoints", list(EtcdConfig.endpoints))
+        eps_ok = True
+        if not isinstance(raw_eps, list) or not raw_eps:
+            self.bad("discovery.etcd.endpoints", f"{_q(raw_eps)} is not a non-empty list of URLs")
+            eps_ok = False
+        else:
+            for i, ep in enumerate(raw_eps):
+                parts = urlsplit(ep) if isinstance(ep, str) else None
+                try:
+                    port_ok = parts is not None and (parts.port is None or parts.port > 0)
+                except ValueError:
+                    port_ok = False
+                if (
+                    parts is None
+                    or parts.scheme not in ("http", "https")
+                    or not parts.hostname
+                    or not port_ok
+                ):
+                    self.bad(f"discovery.etcd.endpoints[{i}]", f"{_q(ep)} is not an http(s)://host:port URL")
+                    eps_ok = False
+                else:
+                    endpoints.append(ep.rstrip("/"))
+        prefix = e.get("prefix", EtcdConfig.prefix)
+        prefix_ok = isinstance(prefix, str) and prefix.startswith("/") and len(prefix) > 1
+        if not prefix_ok:
+            self.bad("discovery.etcd.prefix", f"{_q(prefix)} is not a key prefix starting with '/'")
+        # etcd's minimum lease TTL is about 2 s (it is raised to the election timeout); an hour is plenty
+        ttl = self.integer("discovery.etcd.lease_ttl", e.get("lease_ttl", EtcdConfig.lease_ttl), 2, 3600)
+        if not eps_ok or not prefix_ok or ttl is None:
+            return None
+        return DiscoveryConfig(backend=backend, etcd=EtcdConfig(tuple(endpoints), prefix.rstrip("/"), ttl))
+
+    def bandwidth(self, value: Any) -> BandwidthConfig | None:
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            self.bad("bandwidth", f"{_q(value)} is not a mapping")
+            return None
+        qos_validate = _qos_hook("validate_bandwidth_config")
+        if qos_validate is not None:
+            before = len(self.problems)
+            for msg in qos_validate(dict(value)):
+                self.problems.append(msg if msg.startswith("bandwidth") else f"bandwidth: {msg}")
+            if len(self.problems) != before:
+                return None
+        else:
+            # until the QoS module exists, only `enabled` is understood
+            m = self.mapping("bandwidth", value, ("enabled",))
+            if m is None:
+                return None
+        enabled = value.get("enabled", True)
+        if not isinstance(enabled, bool):
+            if qos_validate is None:
+                self.bad("bandwidth.enabled", f"{_q(enabled)} is not a boolean (true or false)")
+            return None
+        return BandwidthConfig(enabled=enabled, raw=dict(value))
+
+    def pod(self, path: str, value: Any) -> PodConfig | None:
+        m = self.mapping(
+            path, value, ("name", "ip", "host_interface", "annotations"), ("name", "ip", "host_interface")
+        )
+        if m is None:
+            return None
+        name = self.name(f"{path}.name", m["name"]) if m.get("name") is not None else None
+        ip = self.address(f"{path}.ip", m["ip"]) if m.get("ip") is not None else None
+        iface = (
+            self.ifname(f"{path}.host_interface", m["host_interface"]) if m.get("host_interface") else None
+        )
+        ann = m.get("annotations") or {}
+        ann_ok = True
+        if not isinstance(ann, dict):
+            self.bad(f"{path}.annotations", f"{_q(ann)} is not a mapping")
+            ann_ok = False
+        else:
+            for k, v in ann.items():
+                # Kubernetes annotations are string -> string; YAML makes `10M` a string but `1000` an int
+                if not isinstance(k, str) or not isinstance(v, str | int) or isinstance(v, bool):
+                    self.bad(f"{path}.annotations", f"{_q(k)}: {_q(v)} is not a string annotation")
+                    ann_ok = False
+            if ann_ok:
+                ann = {k: str(v) for k, v in ann.items()}
+                for msg in validate_annotations(ann):
+                    self.warnings.append(f"{path}.annotations: {msg} (the pod is added without shaping)")
+        if name is None or ip is None or iface is None or not ann_ok:
+            return None
+        return PodConfig(name=name, ip=ip, host_interface=iface, annotations=ann)
+
+    def pods(self, value: Any) -> tuple[PodConfig, ...] | None:
+        return self._list("pods", value, self.pod)
+
+    def api(self, value: Any) -> ApiConfig | None:
+        m = self.mapping("api", value, ("socket",))
+        if m is None:
+            return None
+        sock = m.get("socket", DEFAULT_SOCKET)
+        # sun_path is 108 bytes including the terminating NUL (unix(7))
+        if not isinstance(sock, str) or not sock.startswith("/") or len(sock.encode()) > 107 or "\0" in sock:
+            self.bad("api.socket", f"{_q(sock)} is not an absolute path of at most 107 bytes")
+            return None
+        return ApiConfig(socket=sock)
+
+    def metrics(self, value: Any) -> MetricsConfig | None:
+        m = self.mapping("metrics", value, ("listen",))
+        if m is None:
+            return None
+        if "listen" in m and m["listen"] is None:
+            return MetricsConfig(listen=None)
+        raw = m.get("listen", DEFAULT_METRICS)
+        listen = parse_listen(raw) if isinstance(raw, str) else None
+        if listen is None:
+            self.bad("metrics.listen", f"{_q(raw)} is not host:port")
+            return None
+        return MetricsConfig(listen=listen)
+
+    # --- relations between sections ---
+
+    def cross_checks(
+        self,
+        node: NodeConfig,
+        cluster: tuple[IPNetwork, ...],
+        routing: RoutingConfig | None,
+        peers: tuple[PeerConfig, ...],
+        pods: tuple[PodConfig, ...],
+        masq: MasqueradeConfig | None,
+    ) -> None:
+        def in_cluster(net: IPNetwork) -> bool:
+            return any(net.version == c.version and net.subnet_of(c) for c in cluster)  # type: ignore[arg-type]
+
+        for i, net in enumerate(node.pod_cidrs):
+            if not in_cluster(net):
+                key = "node.pod_cidr" if len(node.pod_cidrs) == 1 else f"node.pod_cidrs[{i}]"
+                self.bad(key, f"'{net}' is not inside the cluster pod CIDRs {[str(c) for c in cluster]}")
+        for i, net in enumerate(routing.native_cidrs if routing else ()):
+            if not any(net.version == c.version and net.overlaps(c) for c in cluster):
+                self.bad(f"routing.native_cidrs[{i}]", f"'{net}' does not overlap the cluster pod CIDRs")
+        for i, net in enumerate(masq.non_masquerade_cidrs if masq else ()):
+            if in_cluster(net):
+                self.warnings.append(
+                    f"masquerade.non_masquerade_cidrs[{i}]: '{net}' is cluster pod space "
+                    "(never masqueraded anyway)"
+                )
+        # every pod CIDR (this node's and each peer's) must be disjoint: LPM would otherwise pick one
+        owners: list[tuple[str, IPNetwork]] = [("node", n) for n in node.pod_cidrs]
+        names: dict[str, int] = {}
+        addresses: dict[ipaddress.IPv4Address, int] = {}
+        peer_idx = self.indices.get("peers", list(range(len(peers))))
+        for i, p in zip(peer_idx, peers, strict=True):
+            path = f"peers[{i}]"
+            if p.name == node.name:
+                self.bad(f"{path}.name", f"{_q(p.name)} is this node's own name")
+            if p.name in names:
+                self.bad(f"{path}.name", f"{_q(p.name)} is also peers[{names[p.name]}]")
+            names.setdefault(p.name, i)
+            if node.address is not None and p.address == node.address:
+                self.bad(f"{path}.address", f"'{p.address}' is this node's own address")
+            if p.address in addresses:
+                self.bad(f"{path}.address", f"'{p.address}' is also peers[{addresses[p.address]}]")
+            addresses.setdefault(p.address, i)
+            for net in p.pod_cidrs:
+                if not in_cluster(net):
+                    self.bad(f"{path}.pod_cidr", f"'{net}' is not inside the cluster pod CIDRs")
+                for owner, other in owners:
+                    if net.version == other.version and net.overlaps(other):  # type: ignore[arg-type]
+                        self.bad(f"{path}.pod_cidr", f"'{net}' overlaps {owner}'s pod CIDR '{other}'")
+                owners.append((path, net))
+        pod_names: dict[str, int] = {}
+        pod_ips: dict[IPAddress, int] = {}
+        pod_idx = self.indices.get("pods", list(range(len(pods))))
+        for i, pod in zip(pod_idx, pods, strict=True):
+            path = f"pods[{i}]"
+            if pod.name in pod_names:
+                self.bad(f"{path}.name", f"{_q(pod.name)} is also pods[{pod_names[pod.name]}]")
+            pod_names.setdefault(pod.name, i)
+            if pod.ip in pod_ips:
+                self.bad(f"{path}.ip", f"'{pod.ip}' is also pods[{pod_ips[pod.ip]}]")
+            pod_ips.setdefault(pod.ip, i)
+            if not any(pod.ip in n for n in node.pod_cidrs):
+                self.bad(f"{path}.ip", f"'{pod.ip}' is not inside this node's pod CIDRs")
+
+
+# ---------------------------------------------------------------------------------------- QoS hooks
+
+
+def _qos_hook(name: str) -> Callable[[dict[str, Any]], list[str]] | None:
+    """A validator from podrouter.qos if that module provides it (it owns the annotation grammar)."""
+    try:
+        from podrouter import qos
+    except ImportError:
+        return None
+    fn = getattr(qos, name, None)
+    return fn if callable(fn) else None
+
+
+def validate_annotations(annotations: Mapping[str, str]) -> list[str]:
+    """Problems with a pod's bandwidth annotations (empty if fine or if no QoS module is installed)."""
+    fn = _qos_hook("validate_annotations")
+    if fn is None:
+        return []
+    return list(fn(dict(annotations)))
+
+
+def pod_from_dict(
+    value: Any, node_pod_cidrs: tuple[IPNetwork, ...]
+) -> tuple[PodConfig | None, list[str], list[str]]:
+    """Validate a pod given through the API: (pod, problems, warnings)."""
+    v = _Validator()
+    pod = v.pod("pod", value)
+    if pod is not None and not any(pod.ip in n for n in node_pod_cidrs):
+        v.bad("pod.ip", f"'{pod.ip}' is not inside this node's pod CIDRs {[str(n) for n in node_pod_cidrs]}")
+        pod = None
+    return (pod if not v.problems else None), v.problems, v.warnings

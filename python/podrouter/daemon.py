@@ -1,0 +1,1010 @@
+"""The node daemon (`podrouter run --config FILE`).
+
+Start-up order (nothing in the kernel is touched before step 3):
+
+1. validate the config (config.py) -- exit 2 on any problem;
+2. preflight against this namespace: the masquerade port range must not overlap
+   ip_local_port_range, the underlay must resolve, a tunnel MTU override must fit the underlay,
+   no other daemon may own the API socket -- exit 2 (1 if a daemon is already running);
+3. clean up a dead predecessor's leftovers (its state file), create the Datapath (the TUN `podr0`),
+   set the TUN up with the underlay MTU, write the sysctls, install routes, start the datapath with
+   the first tables, then open the API socket and the metrics port. `podrouter status` reports ready
+   only after that.
+
+Everything is driven by one idempotent `reconcile()`: it recomputes routes and tables from the
+config, the discovered peers, the registered pods and the resolved next-hop MACs, makes the kernel
+match (`Plumbing.sync_routes`) and swaps new tables into the datapath when they differ. Neighbour and
+link changes, discovery updates, pod registrations and SIGHUP all end in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from podrouter import api as apimod
+from podrouter import config as configmod
+from podrouter import state as statefile
+from podrouter.config import Config, IPNetwork, PeerConfig, PodConfig
+from podrouter.netlink import sysctl
+from podrouter.netlink.constants import (
+    ENCAP_OVERHEAD,
+    MASQ_RULE_PRIORITY,
+    MASQ_TABLE,
+    SUPPRESS_RULE_PRIORITY,
+    TUN_NAME,
+)
+
+log = logging.getLogger("podrouter")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+READY_NEIGHBOR_WAIT = 3.0  # seconds to wait for next-hop MACs before the first tables (bounded)
+
+
+class StartError(Exception):
+    """The daemon must not start. `problems` are printed one per line; `code` is the exit status."""
+
+    def __init__(self, problems: list[str], code: int = EXIT_CONFIG) -> None:
+        self.problems = problems
+        self.code = code
+        super().__init__("\n".join(problems))
+
+
+# ------------------------------------------------------------------------------------ pure planning
+
+
+def effective_mode(cfg: Config, peer: PeerConfig) -> str:
+    return peer.mode or cfg.routing.mode
+
+
+def tunnel_protocol(cfg: Config, peer: PeerConfig) -> str:
+    return peer.tunnel_protocol or cfg.tunnel.protocol
+
+
+def split_by(net: IPNetwork, cuts: Iterable[IPNetwork]) -> list[IPNetwork]:
+    """`net` cut into pieces so that each piece lies wholly inside or wholly outside every cut."""
+    pieces: list[IPNetwork] = [net]
+    for cut in cuts:
+        if cut.version != net.version:
+            continue
+        out: list[IPNetwork] = []
+        for p in pieces:
+            if cut != p and cut.subnet_of(p):  # type: ignore[arg-type]
+                out.append(cut)
+                out.extend(p.address_exclude(cut))  # type: ignore[arg-type]
+            else:
+                out.append(p)
+        pieces = out
+    return sorted(pieces, key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+
+def path_for(cfg: Config, peer: PeerConfig, dst: IPNetwork, on_link: bool) -> str:
+    """native | vxlan | geneve for destinations in `dst` (a piece from `split_by`), as the datapath
+    decides it (docs/architecture.md, decision order step 2)."""
+    mode = effective_mode(cfg, peer)
+    if mode == "native":
+        return "native"
+    if mode == "hybrid":
+        if any(dst.version == n.version and dst.subnet_of(n) for n in cfg.routing.native_cidrs):  # type: ignore[arg-type]
+            return "native"
+        if cfg.routing.native_when_on_link and on_link:
+            return "native"
+    return tunnel_protocol(cfg, peer)
+
+
+def path_mtu(cfg: Config, path: str, underlay_mtu: int) -> int:
+    """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU)."""
+    if path == "native":
+        return underlay_mtu
+    if cfg.tunnel.mtu is not None:
+        return cfg.tunnel.mtu
+    return underlay_mtu - ENCAP_OVERHEAD[path]
+
+
+def min_tunnel_mtu(cfg: Config, underlay_mtu: int) -> int:
+    return min(path_mtu(cfg, p, underlay_mtu) for p in ENCAP_OVERHEAD)
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """A peer as the daemon currently sees it (its next hop resolved)."""
+
+    peer: PeerConfig
+    on_link: bool
+    next_hop: ipaddress.IPv4Address | None
+    next_hop_mac: str | None
+    source: str = "static"
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    dst: IPNetwork
+    path: str  # native | vxlan | geneve | local | pod | cluster
+    mtu: int | None
+    peer: str | None = None
+    dev: str | None = None
+
+
+def plan_routes(
+    cfg: Config, peers: list[PeerView], pods: Iterable[PodConfig], underlay_mtu: int, tun: str = TUN_NAME
+) -> list[RoutePlan]:
+    out: list[RoutePlan] = []
+    for view in peers:
+        for cidr in view.peer.pod_cidrs:
+            cuts = cfg.routing.native_cidrs if effective_mode(cfg, view.peer) == "hybrid" else ()
+            for piece in split_by(cidr, cuts):
+                path = path_for(cfg, view.peer, piece, view.on_link)
+                out.append(RoutePlan(piece, path, path_mtu(cfg, path, underlay_mtu), view.peer.name, tun))
+    # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
+    # (rather than letting it leak out of the default route with a pod source address)
+    for cidr in cfg.cluster_cidrs:
+        out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu), None, tun))
+    # addresses of our own pod CIDR without a registered pod: unreachable, so a packet to one gets an
+    # ICMP error at once instead of bouncing TUN -> kernel -> TUN until its TTL runs out
+    for cidr in cfg.node.pod_cidrs:
+        out.append(RoutePlan(cidr, "local", None, None, None))
+    for pod in pods:
+        host = ipaddress.ip_network(pod.ip)
+        out.append(RoutePlan(host, "pod", None, pod.name, pod.host_interface))
+    return out
+
+
+def build_spec(
+    cfg: Config, generation: int, node_address: str, gateway: dict[str, Any] | None, peers: list[PeerView]
+) -> dict[str, Any]:
+    """The table spec dict `_native.Tables(spec)` takes (docs/architecture.md)."""
+
+    def nets(xs: Iterable[IPNetwork]) -> list[str]:
+        return [str(x) for x in xs]
+
+    return {
+        "generation": generation,
+        "node": {"name": cfg.node.name, "address": node_address, "pod_cidrs": nets(cfg.node.pod_cidrs)},
+        "cluster_cidrs": nets(cfg.cluster_cidrs),
+        "mode": cfg.routing.mode,
+        "native_cidrs": nets(cfg.routing.native_cidrs),
+        "native_when_on_link": cfg.routing.native_when_on_link,
+        "tunnel": {
+            "protocol": cfg.tunnel.protocol,
+            "vni": cfg.tunnel.vni,
+            "vxlan_port": cfg.tunnel.port_for("vxlan"),
+            "geneve_port": cfg.tunnel.port_for("geneve"),
+        },
+        "gateway": gateway,
+        "masquerade": {
+            "enabled": cfg.masquerade.enabled,
+            "non_masquerade_cidrs": nets(cfg.masquerade.non_masquerade_cidrs),
+            "port_range": list(cfg.masquerade.port_range),
+        },
+        "peers": [
+            {
+                "name": v.peer.name,
+                "address": str(v.peer.address),
+                "pod_cidrs": nets(v.peer.pod_cidrs),
+                "mode": v.peer.mode,
+                "tunnel_protocol": v.peer.tunnel_protocol,
+                "on_link": v.on_link,
+                "next_hop": (
+                    {"ip": str(v.next_hop), "mac": v.next_hop_mac} if v.next_hop is not None else None
+                ),
+            }
+            for v in peers
+        ],
+    }
+
+
+def read_local_port_range() -> tuple[int, int] | None:
+    raw = sysctl.read("net.ipv4.ip_local_port_range")
+    if raw is None:
+        return None
+    lo, hi = (int(x) for x in raw.split())
+    return lo, hi
+
+
+def port_range_problem(cfg: Config) -> str | None:
+    """DESIGN.md §3: the masquerade ports must never collide with the kernel's own ephemeral ports,
+    or a reply to a node-local connection could be taken for a masqueraded one (and vice versa)."""
+    if not cfg.masquerade.enabled:
+        return None
+    local = read_local_port_range()
+    if local is None:
+        return None
+    lo, hi = cfg.masquerade.port_range
+    klo, khi = local
+    if lo <= khi and klo <= hi:
+        return (
+            f"masquerade.port_range: '{lo}-{hi}' overlaps net.ipv4.ip_local_port_range '{klo} {khi}' "
+            f"of this namespace (pick a range outside it, or narrow ip_local_port_range)"
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------------- the daemon
+
+
+@dataclass
+class PodEntry:
+    pod: PodConfig
+    source: str  # config | api
+    shaping: dict[str, Any] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.lock = threading.RLock()
+        self.ready = False
+        self.generation = 0
+        self.started_at = time.time()
+        self.pods: dict[str, PodEntry] = {}
+        self.peer_views: list[PeerView] = []
+        self.route_plan: list[RoutePlan] = []
+        self.route_errors: list[str] = []
+        self._spec_key: Any = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._dirty: set[str] = set()
+        self._hup = False
+        self._exit_code = EXIT_OK
+        self.ipr: Any = None
+        self.underlay: Any = None
+        self.plumbing: Any = None
+        self.watcher: Any = None
+        self.datapath: Any = None
+        self.tables: Any = None
+        self.discovery: Any = None
+        self.bandwidth: Any = None
+        self.api: apimod.ApiServer | None = None
+        self.metrics: Any = None
+
+    # ------------------------------------------------------------------------------ start / stop
+
+    def preflight(self) -> None:
+        """Everything that can refuse to start, checked before anything is installed."""
+        from pyroute2 import IPRoute
+
+        from podrouter.netlink.underlay import UnderlayError, resolve_underlay
+
+        problems: list[str] = []
+        p = port_range_problem(self.cfg)
+        if p:
+            problems.append(p)
+        self.ipr = IPRoute()
+        try:
+            self.underlay = resolve_underlay(self.ipr, self.cfg.node)
+        except UnderlayError as e:
+            problems.extend(e.problems)
+        if self.underlay is not None:
+            problems.extend(self._underlay_problems(self.cfg))
+        if problems:
+            raise StartError(problems, EXIT_CONFIG)
+        if apimod.socket_in_use(self.cfg.api.socket):
+            raise StartError(
+                [f"api.socket: a daemon is already listening on {self.cfg.api.socket}"], EXIT_FAILURE
+            )
+        recorded = self._recorded_state()
+        if (
+            recorded is not None
+            and recorded.pid != 0
+            and statefile.pid_alive(recorded.pid)
+            and recorded.pid != _getpid()
+        ):
+            raise StartError(
+                [
+                    f"{self.cfg.state_path}: daemon pid {recorded.pid} for node "
+                    f"'{recorded.node}' is still running"
+                ],
+                EXIT_FAILURE,
+            )
+
+    def _underlay_problems(self, cfg: Config) -> list[str]:
+        problems = []
+        u = self.underlay
+        for path in ("vxlan", "geneve"):
+            # the outer packet must never be fragmented: the inner MTU plus the headers has to fit
+            limit = u.mtu - ENCAP_OVERHEAD[path]
+            if cfg.tunnel.mtu is not None and cfg.tunnel.mtu > limit:
+                problems.append(
+                    f"tunnel.mtu: {cfg.tunnel.mtu} does not fit the underlay: '{u.ifname}' MTU {u.mtu} "
+                    f"minus {ENCAP_OVERHEAD[path]} bytes of {path} overhead is {limit}"
+                )
+                break
+        for i, peer in enumerate(cfg.peers):
+            if peer.address == u.address:
+                problems.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
+        return problems
+
+    def _recorded_state(self) -> statefile.State | None:
+        try:
+            return statefile.load(self.cfg.state_path)
+        except ValueError as e:
+            log.warning("%s (ignored)", e)
+            return None
+
+    def start(self) -> None:
+
+        from podrouter import discovery
+        from podrouter.netlink.neigh import NeighborWatcher
+        from podrouter.netlink.plumbing import Plumbing, cleanup
+
+        cfg, u = self.cfg, self.underlay
+        recorded = self._recorded_state()
+        if recorded is not None:
+            log.info("removing what a previous daemon (pid %d) left behind", recorded.pid)
+            for line in cleanup(self.ipr, recorded):
+                log.info("  %s", line)
+            self._cleanup_shaping(recorded)
+        self.plumbing = Plumbing(self.ipr, cfg.state_path, cfg.node.name, cfg.api.socket)
+        self.plumbing.state.tun = TUN_NAME
+        self.plumbing.save()
+
+        native = _load_native()
+        self.datapath = native.Datapath(
+            {
+                "tun_name": TUN_NAME,
+                "tun_mtu": u.mtu,
+                "underlay_ifindex": u.ifindex,
+                "underlay_mac": u.mac,
+                "underlay_address": str(u.address),
+                "vxlan_port": cfg.tunnel.port_for("vxlan"),
+                "geneve_port": cfg.tunnel.port_for("geneve"),
+                "workers": 1,
+                "offload": True,
+            }
+        )
+        tun_idx = getattr(self.datapath, "tun_ifindex", None) or self.plumbing.ifindex(TUN_NAME)
+        if tun_idx is None:
+            raise StartError([f"the datapath did not create {TUN_NAME}"], EXIT_FAILURE)
+        # the TUN carries inner packets up to the underlay MTU; the tunnel paths get their smaller MTU
+        # per destination from the route (RTAX_MTU), so native destinations keep the full MTU
+        self.ipr.link("set", index=tun_idx, mtu=u.mtu, state="up")
+        self._node_sysctls()
+
+        self.watcher = NeighborWatcher(u.ifindex, self._on_event)
+        self.discovery = discovery.make(cfg, str(u.address))
+        self.bandwidth = self._make_bandwidth(cfg)
+        with self.lock:
+            for pod in cfg.pods:
+                self._pod_install(pod, "config", raise_errors=False)
+            self._refresh_peers(wait=True)
+            self._reconcile_locked("start")
+        self.watcher.start()
+        self.discovery.start(self._on_event)
+        self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers())
+        if cfg.metrics.listen is not None:
+            from podrouter.metrics import MetricsServer, make_source
+
+            self.metrics = MetricsServer(
+                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits),
+                cfg.metrics.listen,
+            )
+        self.ready = True
+        log.info(
+            "ready: %s mode, %d peers, %d pods, tables generation %d",
+            cfg.routing.mode,
+            len(self.peer_views),
+            len(self.pods),
+            self.generation,
+        )
+        for w in cfg.warnings:
+            log.warning("%s", w)
+        for err in self.route_errors:
+            log.warning("%s", err)
+
+    def _node_sysctls(self) -> None:
+        u = self.underlay
+        ps = self.plumbing
+        ps.set_sysctl("net.ipv4.ip_forward", 1)
+        # rp_filter: the effective value is max(conf/all, conf/<dev>) (ip-sysctl.rst). Packets from
+        # remote pods arrive on the underlay (native) and on podr0 (decapsulated), while the reverse
+        # route to their source points at podr0: strict mode (1) would drop the native ones. Loose (2)
+        # still refuses sources with no route at all.
+        if sysctl.read("net.ipv4.conf.all.rp_filter") == "1":
+            ps.set_sysctl("net.ipv4.conf.all.rp_filter", 2)
+        if sysctl.read(sysctl.conf(u.ifname, "rp_filter")) == "1":
+            ps.set_sysctl(sysctl.conf(u.ifname, "rp_filter"), 2)
+        ps.set_sysctl(sysctl.conf(TUN_NAME, "rp_filter"), 0)
+        # no IPv6 link-local chatter (router solicitations, MLD) into the datapath
+        if sysctl.read(sysctl.conf(TUN_NAME, "disable_ipv6", "ipv6")) is not None:
+            ps.set_sysctl(sysctl.conf(TUN_NAME, "disable_ipv6", "ipv6"), 1)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            if self._hup:
+                self._hup = False
+                self.reload()
+            with self.lock:
+                reasons, self._dirty = self._dirty, set()
+            if reasons:
+                # coalesce bursts (a pod add creates link + neighbour events at once)
+                time.sleep(0.05)
+                with self.lock:
+                    reasons |= self._dirty
+                    self._dirty = set()
+                    self._refresh_peers(wait=False)
+                    self._reconcile_locked(", ".join(sorted(reasons)))
+            if self.datapath is not None and not self.datapath.is_running():
+                log.error("the datapath stopped unexpectedly; shutting down")
+                self._exit_code = EXIT_FAILURE
+                break
+        return self._exit_code
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            self._hup = True
+        else:
+            self._stop.set()
+        self._wake.set()
+
+    def _on_event(self, reason: str) -> None:
+        with self.lock:
+            self._dirty.add(reason)
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """Remove everything installed, in reverse order. Safe after a partial start."""
+        self.ready = False
+        for part, method in (
+            (self.metrics, "close"),
+            (self.api, "close"),
+            (self.discovery, "stop"),
+            (self.watcher, "stop"),
+        ):
+            if part is None:
+                continue
+            try:
+                getattr(part, method)()
+            except Exception:  # noqa: BLE001 - keep tearing down
+                log.exception("shutdown: %s.%s failed", type(part).__name__, method)
+        with self.lock:
+            if self.bandwidth is not None:
+                try:
+                    self.bandwidth.close()
+                except Exception:  # noqa: BLE001
+                    log.exception("bandwidth manager close failed")
+            if self.plumbing is not None:
+                try:
+                    self.plumbing.teardown()
+                except Exception:  # noqa: BLE001
+                    log.exception("removing routes/rules failed")
+            if self.datapath is not None:
+                try:
+                    self.datapath.stop()
+                    # closing the TUN fd makes the kernel delete podr0 (it was never made persistent)
+                    self.datapath.close()
+                except Exception:  # noqa: BLE001
+                    log.exception("stopping the datapath failed")
+                self.datapath = None
+            if self.ipr is not None:
+                with contextlib.suppress(Exception):
+                    self.ipr.close()
+
+    # ------------------------------------------------------------------------------- reconcile
+
+    def _refresh_peers(self, wait: bool) -> None:
+        from podrouter.netlink.underlay import next_hop_for
+
+        u = self.underlay
+        wanted: dict[str, tuple[PeerConfig, bool, ipaddress.IPv4Address | None, str]] = {}
+        sources: dict[str, str] = getattr(self.discovery, "sources", dict)()
+        for peer in self.discovery.peers():
+            if peer.address == u.address or peer.name == self.cfg.node.name:
+                continue  # ourselves, as seen by discovery
+            nh = next_hop_for(self.ipr, u, peer.address)
+            wanted[peer.name] = (peer, u.on_link(peer.address), nh, sources.get(peer.name, "static"))
+        hops = {nh for (_, _, nh, _) in wanted.values() if nh is not None}
+        if u.gateway is not None:
+            hops.add(u.gateway)
+        self.watcher.set_wanted(hops)
+        if wait and hops and not self.watcher.wait_resolved(READY_NEIGHBOR_WAIT):
+            log.warning(
+                "some next hops are not resolved yet; native traffic to them is dropped "
+                "(neighbor_unresolved) until they answer ARP"
+            )
+        macs = self.watcher.snapshot()
+        self.peer_views = [
+            PeerView(peer, on_link, nh, macs.get(nh) if nh is not None else None, src)
+            for (peer, on_link, nh, src) in sorted(wanted.values(), key=lambda w: w[0].name)
+        ]
+
+    def _gateway(self) -> dict[str, Any] | None:
+        u = self.underlay
+        if u.gateway is None:
+            return None
+        return {"ip": str(u.gateway), "mac": self.watcher.snapshot().get(u.gateway)}
+
+    def _desired_routes(self) -> dict[Any, Any]:
+        from podrouter.netlink.plumbing import RouteSpec
+
+        out = {}
+        for r in self.route_plan:
+            if r.path == "local":
+                spec = RouteSpec(dst=str(r.dst), kind="unreachable", label="local")
+            elif r.path == "pod":
+                spec = RouteSpec(dst=str(r.dst), oif=r.dev, scope_link=True, label=f"pod {r.peer}")
+            else:
+                spec = RouteSpec(dst=str(r.dst), oif=r.dev, mtu=r.mtu, label=r.path)
+            out[spec.key] = spec
+        if self.cfg.masquerade.enabled:
+            # the masquerade egress table: a default route into the datapath (see constants.py)
+            for cidr in self.cfg.node.pod_cidrs:
+                dflt = "0.0.0.0/0" if cidr.version == 4 else "::/0"
+                spec = RouteSpec(
+                    dst=dflt, oif=TUN_NAME, mtu=self.underlay.mtu, table=MASQ_TABLE, label="masquerade"
+                )
+                out[spec.key] = spec
+        return out
+
+    def _desired_rules(self) -> set[Any]:
+        import socket as _s
+
+        from podrouter.netlink.plumbing import RuleSpec
+
+        if not self.cfg.masquerade.enabled:
+            return set()
+        rules = set()
+        for cidr in self.cfg.node.pod_cidrs:
+            fam = _s.AF_INET if cidr.version == 4 else _s.AF_INET6
+            rules.add(
+                RuleSpec(priority=SUPPRESS_RULE_PRIORITY, table=254, suppress_prefixlength=0, family=fam)
+            )
+            rules.add(RuleSpec(priority=MASQ_RULE_PRIORITY, table=MASQ_TABLE, src=str(cidr), family=fam))
+        return rules
+
+    def _reconcile_locked(self, reason: str) -> None:
+        cfg = self.cfg
+        for entry in self.pods.values():
+            # a veth that appeared (or was re-created) since the pod was registered needs its knobs
+            if self.plumbing.ifindex(entry.pod.host_interface) is not None:
+                self._pod_sysctls(entry.pod.host_interface)
+        self.route_plan = plan_routes(
+            cfg, self.peer_views, (e.pod for e in self.pods.values()), self.underlay.mtu
+        )
+        self.route_errors = self.plumbing.sync_routes(self._desired_routes())
+        self.plumbing.sync_rules(self._desired_rules())
+        for err in self.route_errors:
+            log.warning("%s", err)
+        gateway = self._gateway()
+        key = repr(build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views))
+        if key == self._spec_key:
+            return
+        spec = build_spec(cfg, self.generation + 1, str(self.underlay.address), gateway, self.peer_views)
+        native = _load_native()
+        tables = native.Tables(spec)
+        if self.tables is None:
+            self.datapath.start(tables)
+        else:
+            self.datapath.swap_tables(tables)
+        self.tables = tables
+        self.generation += 1
+        self._spec_key = key
+        log.info("tables generation %d installed (%s)", self.generation, reason)
+
+    # ------------------------------------------------------------------------------------- SIGHUP
+
+    def reload(self) -> None:
+        path = self.cfg.path
+        log.info("SIGHUP: reloading %s", path)
+        try:
+            new = configmod.load(path) if path else self.cfg
+        except configmod.ConfigError as e:
+            for p in e.problems:
+                log.error("reload refused: %s", p)
+            log.error("keeping the running configuration")
+            return
+        problems = [p for p in self._underlay_problems(new)]
+        if problems:
+            for p in problems:
+                log.error("reload refused: %s", p)
+            return
+        fixed = self._restart_only_changes(new)
+        for what in fixed:
+            log.warning("%s changed: restart the daemon to apply it (keeping the running value)", what)
+        new = replace(
+            new,
+            node=replace(
+                new.node,
+                name=self.cfg.node.name,
+                address=self.cfg.node.address,
+                interface=self.cfg.node.interface,
+            ),
+            api=self.cfg.api,
+            metrics=self.cfg.metrics,
+            tunnel=replace(new.tunnel, port=self.cfg.tunnel.port) if "tunnel.port" in fixed else new.tunnel,
+            discovery=self.cfg.discovery if "discovery" in fixed else new.discovery,
+        )
+        for w in new.warnings:
+            log.warning("%s", w)
+        with self.lock:
+            old = self.cfg
+            self.cfg = new
+            self.discovery.update_config(new)
+            if new.bandwidth != old.bandwidth:
+                self._restart_bandwidth(new)
+            old_pods = {p.name: p for p in old.pods}
+            new_pods = {p.name: p for p in new.pods}
+            for name, pod in old_pods.items():
+                entry = self.pods.get(name)
+                if entry is not None and entry.source == "config" and new_pods.get(name) != pod:
+                    self._pod_remove(name)
+            for name, pod in new_pods.items():
+                if name not in self.pods or old_pods.get(name) != pod:
+                    self._pod_install(pod, "config", raise_errors=False)
+            self._refresh_peers(wait=True)
+            self._reconcile_locked("SIGHUP")
+        log.info("reload done: %d peers, %d pods", len(self.peer_views), len(self.pods))
+
+    def _restart_only_changes(self, new: Config) -> list[str]:
+        old = self.cfg
+        out = []
+        if new.node.name != old.node.name:
+            out.append("node.name")
+        if new.node.address != old.node.address or new.node.interface != old.node.interface:
+            out.append("node.address/node.interface")
+        if new.api != old.api:
+            out.append("api.socket")
+        if new.metrics != old.metrics:
+            out.append("metrics.listen")
+        # the datapath binds its UDP sockets once, at start
+        if new.tunnel.port_for("vxlan") != old.tunnel.port_for("vxlan") or new.tunnel.port_for(
+            "geneve"
+        ) != old.tunnel.port_for("geneve"):
+            out.append("tunnel.port")
+        if new.discovery != old.discovery:
+            out.append("discovery")
+        return out
+
+    # ------------------------------------------------------------------------------------- pods
+
+    def _make_bandwidth(self, cfg: Config) -> Any:
+        if not cfg.bandwidth.enabled:
+            log.info("bandwidth shaping disabled (bandwidth.enabled: false)")
+            return None
+        try:
+            from podrouter.qos import BandwidthManager  # type: ignore[attr-defined]
+        except ImportError as e:
+            log.warning("bandwidth shaping unavailable (%s): pods are registered without shaping", e)
+            return None
+        from pyroute2 import IPRoute
+
+        return BandwidthManager(IPRoute(), dict(cfg.bandwidth.raw))
+
+    def _restart_bandwidth(self, cfg: Config) -> None:
+        if self.bandwidth is not None:
+            self.bandwidth.close()
+        self.bandwidth = self._make_bandwidth(cfg)
+        for entry in self.pods.values():
+            self._shape(entry)
+
+    def _cleanup_shaping(self, recorded: statefile.State) -> None:
+        try:
+            from podrouter import qos
+        except ImportError:
+            return
+        fn = getattr(qos, "cleanup", None)
+        if fn is None:
+            return
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ipr:
+            fn(ipr, [p["host_interface"] for p in recorded.pods.values()])
+
+    def _shape(self, entry: PodEntry) -> None:
+        pod = entry.pod
+        if self.bandwidth is None:
+            entry.shaping = {"enabled": False}
+            return
+        try:
+            entry.shaping = dict(
+                self.bandwidth.apply(pod.name, pod.host_interface, str(pod.ip), dict(pod.annotations))
+            )
+        except Exception as e:  # noqa: BLE001 - shaping trouble must not fail the pod's connectivity
+            log.exception("shaping pod %s failed", pod.name)
+            entry.shaping = {"error": str(e)}
+
+    def _pod_install(self, pod: PodConfig, source: str, raise_errors: bool) -> PodEntry:
+        """Register (or update) a pod: proxy ARP on its veth, its /32 route, its shaping."""
+        for other in self.pods.values():
+            if other.pod.name != pod.name and other.pod.ip == pod.ip:
+                msg = f"pod {pod.name}: ip {pod.ip} is already used by pod {other.pod.name}"
+                if raise_errors:
+                    raise apimod.ApiError(msg)
+                log.error("%s", msg)
+        old = self.pods.get(pod.name)
+        if old is not None and old.pod.host_interface != pod.host_interface:
+            self._pod_remove(pod.name)
+        if self.plumbing.ifindex(pod.host_interface) is None:
+            msg = f"pod {pod.name}: host_interface '{pod.host_interface}' does not exist"
+            if raise_errors:
+                raise apimod.ApiError(msg)
+            log.error("%s (registered; its route is installed when the interface appears)", msg)
+        else:
+            self._pod_sysctls(pod.host_interface)
+        entry = PodEntry(pod, source)
+        self.pods[pod.name] = entry
+        self.plumbing.state.pods[pod.name] = {**pod.as_dict(), "source": source}
+        self.plumbing.save()
+        self._shape(entry)
+        return entry
+
+    def _pod_sysctls(self, ifname: str) -> None:
+        ps = self.plumbing
+        # DESIGN.md §4b: the pod's default gateway 169.254.1.1 exists nowhere; with proxy ARP the node
+        # answers the pod's ARP for it (the kernel does because 169.254.1.1 routes out another device)
+        ps.set_sysctl(sysctl.conf(ifname, "proxy_arp"), 1)
+        ps.set_sysctl(sysctl.conf(ifname, "forwarding"), 1)
+        # the kernel delays proxy ARP replies by a random 0..proxy_delay (80 ms default); a pod's first
+        # packet should not wait for that
+        ps.set_sysctl(sysctl.neigh(ifname, "proxy_delay"), 0)
+
+    def _pod_remove(self, name: str) -> PodEntry | None:
+        entry = self.pods.pop(name, None)
+        if entry is None:
+            return None
+        if self.bandwidth is not None:
+            try:
+                self.bandwidth.remove(name)
+            except Exception:  # noqa: BLE001
+                log.exception("removing shaping of pod %s failed", name)
+        iface = entry.pod.host_interface
+        if not any(e.pod.host_interface == iface for e in self.pods.values()):
+            prefix = f"net.ipv4.conf.{iface}."
+            self.plumbing.restore_sysctls(prefix)
+            self.plumbing.restore_sysctls(f"net.ipv4.neigh.{iface}.")
+        self.plumbing.state.pods.pop(name, None)
+        self.plumbing.save()
+        return entry
+
+    def pod_add(self, raw: Any) -> dict[str, Any]:
+        pod, problems, warnings = configmod.pod_from_dict(raw, self.cfg.node.pod_cidrs)
+        if pod is None:
+            raise apimod.ApiError("; ".join(problems))
+        with self.lock:
+            entry = self._pod_install(pod, "api", raise_errors=True)
+            self._reconcile_locked(f"pod {pod.name} added")
+            errs = [e for e in self.route_errors if str(ipaddress.ip_network(pod.ip)) in e]
+            if errs:
+                raise apimod.ApiError("; ".join(errs))
+            return {"pod": self._pod_status(entry), "warnings": warnings}
+
+    def pod_del(self, name: Any) -> dict[str, Any]:
+        if not isinstance(name, str):
+            raise apimod.ApiError("pod_del needs a string 'name'")
+        with self.lock:
+            entry = self._pod_remove(name)
+            if entry is None:
+                raise apimod.ApiError(f"no pod named {name!r}")
+            self._reconcile_locked(f"pod {name} removed")
+            return {"removed": name}
+
+    def _pod_status(self, entry: PodEntry) -> dict[str, Any]:
+        return {**entry.pod.as_dict(), "source": entry.source, "shaping": entry.shaping}
+
+    def _pod_limits(self) -> dict[str, int | None]:
+        with self.lock:
+            entries = list(self.pods.values())
+        out: dict[str, int | None] = {}
+        for e in entries:
+            # after a failed update the previous shaping stays in force, and egress_bps still reports it
+            val = e.shaping.get("egress_bps") if isinstance(e.shaping, dict) else None
+            out[e.pod.name] = int(val) if isinstance(val, int | float) else None
+        return out
+
+    # --------------------------------------------------------------------------------- status/API
+
+    def _counters(self) -> dict[str, Any]:
+        dp = self.datapath
+        if dp is None:
+            return {}
+        return dict(dp.counters())
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            u = self.underlay
+            routes = [
+                {"dst": str(r.dst), "path": r.path, "dev": r.dev, "mtu": r.mtu, "peer": r.peer}
+                for r in self.route_plan
+            ]
+            peers = []
+            for v in self.peer_views:
+                paths = sorted({r.path for r in self.route_plan if r.peer == v.peer.name and r.path != "pod"})
+                peers.append(
+                    {
+                        "name": v.peer.name,
+                        "address": str(v.peer.address),
+                        "pod_cidrs": [str(c) for c in v.peer.pod_cidrs],
+                        "path": "/".join(paths),
+                        "mode": v.peer.mode,
+                        "tunnel_protocol": v.peer.tunnel_protocol,
+                        "on_link": v.on_link,
+                        "next_hop": str(v.next_hop) if v.next_hop else None,
+                        "next_hop_mac": v.next_hop_mac,
+                        "source": v.source,
+                    }
+                )
+            return {
+                "ready": self.ready,
+                "node": self.cfg.node.name,
+                "pid": _getpid(),
+                "uptime": round(time.time() - self.started_at, 1),
+                "config": self.cfg.path,
+                "mode": self.cfg.routing.mode,
+                "tunnel": {
+                    "protocol": self.cfg.tunnel.protocol,
+                    "vni": self.cfg.tunnel.vni,
+                    "vxlan_port": self.cfg.tunnel.port_for("vxlan"),
+                    "geneve_port": self.cfg.tunnel.port_for("geneve"),
+                },
+                "underlay": {
+                    "interface": u.ifname,
+                    "address": str(u.address),
+                    "mtu": u.mtu,
+                    "gateway": str(u.gateway) if u.gateway else None,
+                },
+                "generation": self.generation,
+                "peers": peers,
+                "routes": routes,
+                "route_errors": list(self.route_errors),
+                "pods": [self._pod_status(e) for e in sorted(self.pods.values(), key=lambda e: e.pod.name)],
+                "discovery": self.discovery.status() if self.discovery else {},
+                "counters": self._counters(),
+            }
+
+    def explain(self, req: dict[str, Any]) -> dict[str, Any]:
+        from podrouter.cli import build_packet
+
+        try:
+            pkt = build_packet(
+                str(req.get("src")),
+                str(req.get("dst")),
+                str(req.get("proto", "icmp")),
+                int(req.get("dport") or 0),
+            )
+        except (ValueError, TypeError) as e:
+            raise apimod.ApiError(str(e)) from None
+        with self.lock:
+            tables = self.tables
+        if tables is None:
+            raise apimod.ApiError("no tables installed yet")
+        return {"verdict": dict(tables.classify(pkt)), "generation": self.generation}
+
+    def _api_handlers(self) -> dict[str, apimod.Handler]:
+        return {
+            "status": lambda req: self.status(),
+            "pod_add": lambda req: self.pod_add(req.get("pod")),
+            "pod_del": lambda req: self.pod_del(req.get("name")),
+            "pod_list": lambda req: {"pods": self.status()["pods"]},
+            "explain": self.explain,
+        }
+
+
+def _load_native() -> Any:
+    try:
+        from podrouter import _native  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise StartError(
+            [f"the podrouter datapath (podrouter._native) is not available: {e}"], EXIT_FAILURE
+        ) from None
+    return _native
+
+
+def _getpid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def run(cfg: Config) -> int:
+    """`podrouter run`: preflight, start, serve, tear down. Returns the exit status."""
+    d = Daemon(cfg)
+    try:
+        d.preflight()
+    except StartError:
+        if d.ipr is not None:
+            d.ipr.close()
+        raise
+    try:
+        d.start()
+    except StartError:
+        log.error("start failed; removing what was installed")
+        d.shutdown()
+        raise
+    except Exception as e:
+        log.exception("start failed; removing what was installed")
+        d.shutdown()
+        raise StartError([f"start failed: {e}"], EXIT_FAILURE) from None
+    except BaseException:
+        d.shutdown()
+        raise
+    try:
+        code = d.run()
+    finally:
+        log.info("shutting down: removing routes, rules, shaping and the TUN")
+        d.shutdown()
+    return code
+
+
+def cleanup(cfg: Config, force: bool = False) -> list[str]:
+    """`podrouter cleanup`: remove what a killed daemon left. Refuses while the daemon runs."""
+    from pyroute2 import IPRoute
+
+    from podrouter.netlink.plumbing import cleanup as netlink_cleanup
+    from podrouter.netlink.underlay import netns_id
+
+    try:
+        recorded = statefile.load(cfg.state_path)
+    except ValueError as e:
+        raise StartError([str(e)], EXIT_FAILURE) from None
+    if apimod.socket_in_use(cfg.api.socket):
+        raise StartError(
+            [f"a daemon is running on {cfg.api.socket}: stop it (SIGTERM) instead"], EXIT_FAILURE
+        )
+    if recorded is not None and recorded.netns != netns_id() and not force:
+        raise StartError(
+            [
+                f"{cfg.state_path} was written in another network namespace ({recorded.netns}); run cleanup "
+                f"inside it (ip netns exec NODE podrouter cleanup ...), or pass --force"
+            ],
+            EXIT_FAILURE,
+        )
+    done: list[str] = []
+    with IPRoute() as ipr:
+        done.extend(netlink_cleanup(ipr, recorded))
+        if recorded is not None:
+            d = Daemon(cfg)
+            try:
+                d._cleanup_shaping(recorded)
+            except Exception as e:  # noqa: BLE001
+                done.append(f"removing shaping failed: {e}")
+            tun = ipr.link_lookup(ifname=recorded.tun or TUN_NAME)
+            if tun:
+                # a TUN outlives its daemon only if it was made persistent; podrouter never does that,
+                # but a stale one from a different tool must not be deleted by us: report it
+                done.append(
+                    f"note: {recorded.tun or TUN_NAME} still exists (not created persistent by podrouter)"
+                )
+    if recorded is not None:
+        statefile.remove(cfg.state_path)
+        done.append(f"removed {cfg.state_path}")
+    sock = Path(cfg.api.socket)
+    if sock.exists() and sock.is_socket():
+        sock.unlink()
+        done.append(f"removed stale socket {sock}")
+    return done
+
+
+__all__ = [
+    "Daemon",
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "PeerView",
+    "RoutePlan",
+    "StartError",
+    "build_spec",
+    "cleanup",
+    "path_for",
+    "path_mtu",
+    "plan_routes",
+    "port_range_problem",
+    "run",
+    "split_by",
+]

@@ -1,0 +1,121 @@
+"""Prometheus metrics (DESIGN.md §6; the names are a contract).
+
+A custom Collector on a registry of its own, so `/metrics` carries exactly the contract's families
+(no default process/platform collectors) and every scrape reads the datapath's counters at that
+moment instead of mirroring them into client-side counters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+log = logging.getLogger("podrouter.metrics")
+
+PATHS = ("native", "vxlan", "geneve", "masquerade", "local")
+DIRECTIONS = ("egress", "ingress")
+
+
+class Source(Protocol):
+    def counters(self) -> dict[str, Any]: ...
+    def peer_count(self) -> int: ...
+    def pod_egress_limits(self) -> dict[str, int | None]: ...
+
+
+class PodrouterCollector:
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def describe(self) -> Iterator[Metric]:
+        # an explicit (empty-valued) description keeps registration from calling collect() early
+        yield from self._families({}, 0, {})
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counters = self.source.counters()
+            peers = self.source.peer_count()
+            limits = self.source.pod_egress_limits()
+        except Exception:  # noqa: BLE001 - a scrape must never take the daemon down
+            log.exception("metrics scrape failed")
+            return
+        yield from self._families(counters, peers, limits)
+
+    @staticmethod
+    def _families(counters: dict[str, Any], peers: int, limits: dict[str, int | None]) -> Iterator[Metric]:
+        packets = CounterMetricFamily(
+            "podrouter_packets",
+            "Packets through the datapath, by path and direction.",
+            labels=["path", "direction"],
+        )
+        nbytes = CounterMetricFamily(
+            "podrouter_bytes",
+            "Bytes through the datapath (IP packet length), by path and direction.",
+            labels=["path", "direction"],
+        )
+        for family, key in ((packets, "packets"), (nbytes, "bytes")):
+            values: dict[str, int] = dict(counters.get(key) or {})
+            # every contract series is present from the first scrape, at 0 until used
+            for path in PATHS:
+                for direction in DIRECTIONS:
+                    values.setdefault(f"{path}/{direction}", 0)
+            for label, n in sorted(values.items()):
+                path, _, direction = label.partition("/")
+                family.add_metric([path, direction], float(n))
+        drops = CounterMetricFamily("podrouter_drops", "Packets dropped, by reason.", labels=["reason"])
+        for reason, n in sorted((counters.get("drops") or {}).items()):
+            drops.add_metric([reason], float(n))
+        nat = GaugeMetricFamily("podrouter_nat_entries", "Live masquerade (SNAT) connection entries.")
+        nat.add_metric([], float(counters.get("nat_entries", 0) or 0))
+        peer_g = GaugeMetricFamily("podrouter_peers", "Peer nodes currently known.")
+        peer_g.add_metric([], float(peers))
+        rate = GaugeMetricFamily(
+            "podrouter_pod_egress_rate_limit_bits",
+            "Egress rate limit applied to a pod, in bits per second.",
+            labels=["pod"],
+        )
+        for pod, bits in sorted(limits.items()):
+            if bits is not None:
+                rate.add_metric([pod], float(bits))
+        gen = GaugeMetricFamily("podrouter_table_generation", "Generation of the tables the datapath runs.")
+        gen.add_metric([], float(counters.get("table_generation", 0) or 0))
+        yield from (packets, nbytes, drops, nat, peer_g, rate, gen)
+
+
+class MetricsServer:
+    def __init__(self, source: Source, listen: tuple[str, int]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(PodrouterCollector(source))  # type: ignore[arg-type]
+        host, port = listen
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.address = self._server.server_address
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+def make_source(
+    counters: Callable[[], dict[str, Any]],
+    peers: Callable[[], int],
+    limits: Callable[[], dict[str, int | None]],
+) -> Source:
+    class _S:
+        def counters(self) -> dict[str, Any]:
+            return counters()
+
+        def peer_count(self) -> int:
+            return peers()
+
+        def pod_egress_limits(self) -> dict[str, int | None]:
+            return limits()
+
+    return _S()
+
+
+__all__ = ["DIRECTIONS", "PATHS", "MetricsServer", "PodrouterCollector", "Source", "make_source"]

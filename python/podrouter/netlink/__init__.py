@@ -1,0 +1,35 @@
+"""Everything podrouter does to the kernel's network state, spoken as netlink through pyroute2.
+
+Product code never runs `ip` or `tc`: routes, rules, links and neighbours go through pyroute2, and
+the handful of per-interface knobs that only exist as sysctls (proxy_arp, rp_filter, ip_forward) are
+written to /proc/sys directly, which is per network namespace.
+
+- `underlay`: find the underlay interface, address, MTU and gateway (after config validation).
+- `plumbing`: install/remove routes, rules and sysctls, recording each in the state file.
+- `neigh`: resolve native next hops to MACs and follow changes (a monitor thread).
+"""
+
+from podrouter.netlink.constants import (
+    MASQ_RULE_PRIORITY,
+    MASQ_TABLE,
+    RTPROT_PODROUTER,
+    SUPPRESS_RULE_PRIORITY,
+)
+from podrouter.netlink.neigh import NeighborWatcher
+from podrouter.netlink.plumbing import Plumbing, RouteSpec, RuleSpec
+from podrouter.netlink.underlay import Underlay, UnderlayError, netns_id, resolve_underlay
+
+__all__ = [
+    "MASQ_RULE_PRIORITY",
+    "MASQ_TABLE",
+    "RTPROT_PODROUTER",
+    "SUPPRESS_RULE_PRIORITY",
+    "NeighborWatcher",
+    "Plumbing",
+    "RouteSpec",
+    "RuleSpec",
+    "Underlay",
+    "UnderlayError",
+    "netns_id",
+    "resolve_underlay",
+]

@@ -1,0 +1,26 @@
+"""Numbers podrouter stamps on the kernel objects it creates, so that they can be found again.
+
+Every route podrouter installs carries routing protocol `RTPROT_PODROUTER` (`ip route` shows
+`proto 77`): `podrouter cleanup` can remove a crashed daemon's routes even without its state file, and
+nothing another routing daemon installed is ever touched. 77 is unassigned in iproute2's rt_protos
+(which reserves 0-18, 42, 99, 186-192).
+"""
+
+RTPROT_PODROUTER = 77
+
+# Masquerade egress steering (DESIGN.md §3): traffic from local pods whose only route in `main` is the
+# default route goes to the TUN instead. Rule SUPPRESS_RULE_PRIORITY consults `main` but ignores
+# prefix length 0 (`suppress_prefixlength 0`, the wg-quick trick), so anything more specific (pod
+# /32s, peer pod CIDRs on podr0, node subnets) still routes as usual; only what would have taken the
+# default route falls through to rule MASQ_RULE_PRIORITY, which sends pod sources to table MASQ_TABLE
+# (a default route on the TUN). Other sources fall through to the normal `main` lookup at 32766.
+MASQ_TABLE = 77
+SUPPRESS_RULE_PRIORITY = 7700
+MASQ_RULE_PRIORITY = 7701
+
+TUN_NAME = "podr0"
+
+# Bytes each encapsulation adds in front of the inner IP packet (outer IPv4 20 + UDP 8 + header):
+# VXLAN carries an inner Ethernet frame (RFC 7348 §5: +8 VXLAN +14 Ethernet = 50), Geneve carries the
+# IP packet directly (RFC 8926 §3.4 protocol type 0x0800: +8 base header, no options = 36).
+ENCAP_OVERHEAD = {"vxlan": 50, "geneve": 36}

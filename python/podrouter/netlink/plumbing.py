@@ -1,0 +1,335 @@
+"""Routes, policy rules and sysctls: install what the daemon wants, remove what it no longer wants.
+
+Routes are reconciled against the *kernel*, not against memory: `sync_routes(desired)` dumps every
+route carrying `proto 77` and replaces, adds or deletes until the kernel matches. This also repairs
+what the kernel removed behind our back (IPv4 drops every route through an interface that goes down,
+and a re-created pod veth comes back without its /32). Every change is recorded in the state file
+before the call returns, so a SIGKILL at any point leaves a record `podrouter cleanup` can undo.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from podrouter import state as statefile
+from podrouter.netlink import sysctl
+from podrouter.netlink.constants import RTPROT_PODROUTER
+from podrouter.netlink.underlay import netns_id
+
+log = logging.getLogger("podrouter.netlink")
+
+RTN_UNICAST = 1
+RTN_BLACKHOLE = 6
+RTN_UNREACHABLE = 7
+_TYPES = {"unicast": RTN_UNICAST, "blackhole": RTN_BLACKHOLE, "unreachable": RTN_UNREACHABLE}
+_TYPE_NAMES = {v: k for k, v in _TYPES.items()}
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+# fib_table_delete() matches any scope only when asked with RT_SCOPE_NOWHERE (as `ip route del` does);
+# scope 0 would match universe-scope routes only and leave a pod's link-scope /32 behind
+RT_SCOPE_NOWHERE = 255
+RT_TABLE_MAIN = 254
+
+
+class PlumbingError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One route podrouter owns. `oif` is an interface *name* (indexes change when a veth is re-made)."""
+
+    dst: str  # a CIDR, normalised by ipaddress
+    kind: str = "unicast"  # unicast | unreachable | blackhole
+    oif: str | None = None
+    mtu: int | None = None  # RTAX_MTU: the kernel's forwarding path honours it (ip_dst_mtu_maybe_forward)
+    table: int = RT_TABLE_MAIN
+    scope_link: bool = False
+    label: str = ""  # why it exists (shown by `podrouter status`), not sent to the kernel
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.table, self.dst)
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.dst else socket.AF_INET
+
+    def kernel_view(self, ifindex: int | None) -> tuple[str, int | None, int | None]:
+        return (self.kind, ifindex if self.kind == "unicast" else None, self.mtu)
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    priority: int
+    table: int
+    src: str | None = None  # a CIDR
+    suppress_prefixlength: int | None = None
+    family: int = socket.AF_INET
+
+    def request(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"family": self.family, "priority": self.priority, "table": self.table}
+        if self.src is not None:
+            net = ipaddress.ip_network(self.src)
+            kw.update(src=str(net.network_address), src_len=net.prefixlen)
+        if self.suppress_prefixlength is not None:
+            kw["suppress_prefixlen"] = self.suppress_prefixlength
+        return kw
+
+
+def _route_key(msg: Any) -> tuple[int, str]:
+    family = msg["family"]
+    dst = msg.get_attr("RTA_DST") or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+    table = msg.get_attr("RTA_TABLE") or msg["table"]
+    return (table, str(ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)))
+
+
+def _route_mtu(msg: Any) -> int | None:
+    metrics = msg.get_attr("RTA_METRICS")
+    if metrics is None:
+        return None
+    mtu = metrics.get_attr("RTAX_MTU")
+    return int(mtu) if mtu else None
+
+
+class Plumbing:
+    """Owns every kernel object the daemon creates in its namespace (except the TUN and tc objects)."""
+
+    def __init__(self, ipr: IPRoute, state_path: Path, node: str, socket_path: str | None = None) -> None:
+        self.ipr = ipr
+        self.lock = threading.RLock()
+        self.state_path = state_path
+        self.state = statefile.State(node=node, netns=netns_id(), pid=os.getpid(), socket=socket_path)
+        self.routes: dict[tuple[int, str], RouteSpec] = {}
+        self.rules: set[RuleSpec] = set()
+
+    # ------------------------------------------------------------------------------ bookkeeping
+
+    def save(self) -> None:
+        with self.lock:
+            self.state.routes = [asdict(r) for r in self.routes.values()]
+            self.state.rules = [asdict(r) for r in sorted(self.rules, key=lambda r: r.priority)]
+            statefile.save(self.state_path, self.state)
+
+    def ifindex(self, name: str) -> int | None:
+        idx = self.ipr.link_lookup(ifname=name)
+        return idx[0] if idx else None
+
+    # ------------------------------------------------------------------------------------ routes
+
+    def kernel_routes(self) -> dict[tuple[int, str], tuple[str, int | None, int | None]]:
+        """Every route in the namespace carrying our protocol: key -> (kind, oif, mtu)."""
+        out: dict[tuple[int, str], tuple[str, int | None, int | None]] = {}
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self.ipr.get_routes(family=family):
+                if msg["proto"] != RTPROT_PODROUTER:
+                    continue
+                kind = _TYPE_NAMES.get(msg["type"], str(msg["type"]))
+                oif = msg.get_attr("RTA_OIF") if kind == "unicast" else None
+                out[_route_key(msg)] = (kind, oif, _route_mtu(msg))
+        return out
+
+    def _request(self, spec: RouteSpec, ifindex: int | None) -> dict[str, Any]:
+        net = ipaddress.ip_network(spec.dst)
+        kw: dict[str, Any] = {
+            "family": spec.family,
+            "dst": str(net.network_address),
+            "dst_len": net.prefixlen,
+            "table": spec.table,
+            "proto": RTPROT_PODROUTER,
+            "type": spec.kind,
+        }
+        if spec.kind == "unicast":
+            kw["oif"] = ifindex
+            kw["scope"] = RT_SCOPE_LINK if spec.scope_link else RT_SCOPE_UNIVERSE
+        if spec.mtu is not None:
+            kw["metrics"] = {"RTAX_MTU": spec.mtu}
+        return kw
+
+    def sync_routes(self, desired: dict[tuple[int, str], RouteSpec]) -> list[str]:
+        """Make the kernel's proto-77 routes equal `desired`. Returns one message per route it could not
+        install (e.g. its interface does not exist); the others are installed regardless."""
+        errors: list[str] = []
+        with self.lock:
+            actual = self.kernel_routes()
+            # record intent first: if we die half-way, cleanup still knows about everything we touch
+            self.routes = {**{k: v for k, v in self.routes.items() if k in actual}, **desired}
+            self.save()
+            for key, spec in desired.items():
+                ifindex = None
+                if spec.kind == "unicast":
+                    ifindex = self.ifindex(spec.oif) if spec.oif else None
+                    if ifindex is None:
+                        errors.append(f"route {spec.dst}: interface '{spec.oif}' does not exist")
+                        continue
+                if actual.get(key) == spec.kernel_view(ifindex):
+                    continue
+                try:
+                    self.ipr.route("replace", **self._request(spec, ifindex))
+                except NetlinkError as e:
+                    errors.append(f"route {spec.dst} dev {spec.oif}: {e.args[1] if len(e.args) > 1 else e}")
+            for key in actual.keys() - desired.keys():
+                self._delete_route(key)
+            self.routes = dict(desired)
+            self.save()
+        return errors
+
+    def _delete_route(self, key: tuple[int, str]) -> None:
+        table, dst = key
+        net = ipaddress.ip_network(dst)
+        family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+        try:
+            self.ipr.route(
+                "del",
+                family=family,
+                dst=str(net.network_address),
+                dst_len=net.prefixlen,
+                table=table,
+                proto=RTPROT_PODROUTER,
+                scope=RT_SCOPE_NOWHERE,
+            )
+        except NetlinkError as e:
+            if e.code not in (errno.ESRCH, errno.ENOENT):
+                raise
+
+    # ------------------------------------------------------------------------------------- rules
+
+    def kernel_rules(self) -> set[RuleSpec]:
+        ours = {r.priority for r in self.rules} | {r["priority"] for r in self.state.rules}
+        out = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self.ipr.get_rules(family=family):
+                prio = msg.get_attr("FRA_PRIORITY") or 0
+                if prio not in ours:
+                    continue
+                src = msg.get_attr("FRA_SRC")
+                sup = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
+                out.add(
+                    RuleSpec(
+                        priority=prio,
+                        table=msg.get_attr("FRA_TABLE") or msg["table"],
+                        src=str(ipaddress.ip_network(f"{src}/{msg['src_len']}")) if src else None,
+                        suppress_prefixlength=None if sup in (None, 0xFFFFFFFF) else sup,
+                        family=family,
+                    )
+                )
+        return out
+
+    def sync_rules(self, desired: set[RuleSpec]) -> None:
+        with self.lock:
+            self.rules |= desired
+            self.save()
+            actual = self.kernel_rules()
+            for rule in actual - desired:
+                self._delete_rule(rule)
+            for rule in desired - actual:
+                self.ipr.rule("add", **rule.request())
+            self.rules = set(desired)
+            self.save()
+
+    def _delete_rule(self, rule: RuleSpec) -> None:
+        try:
+            self.ipr.rule("del", **rule.request())
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+
+    # ----------------------------------------------------------------------------------- sysctls
+
+    def set_sysctl(self, key: str, value: str | int) -> None:
+        """Set a sysctl, remembering the value it had before the first change (restored at exit)."""
+        with self.lock:
+            current = sysctl.read(key)
+            if current is None:
+                raise PlumbingError(f"sysctl {key} does not exist")
+            if key not in self.state.sysctls:
+                self.state.sysctls[key] = current
+                self.save()
+            if current != str(value):
+                sysctl.write(key, value)
+
+    def forget_sysctls(self, prefix: str) -> None:
+        """Drop the record of sysctls under `prefix` (an interface that is gone took them with it)."""
+        with self.lock:
+            for key in [k for k in self.state.sysctls if k.startswith(prefix)]:
+                del self.state.sysctls[key]
+            self.save()
+
+    def restore_sysctls(self, prefix: str = "") -> None:
+        with self.lock:
+            for key in [k for k in self.state.sysctls if k.startswith(prefix)]:
+                value = self.state.sysctls.pop(key)
+                try:
+                    if sysctl.read(key) is not None:
+                        sysctl.write(key, value)
+                except OSError as e:
+                    log.warning("could not restore %s=%s: %s", key, value, e)
+            self.save()
+
+    # ---------------------------------------------------------------------------------- teardown
+
+    def teardown(self) -> None:
+        """Remove every route and rule we own, restore sysctls, delete the state file."""
+        with self.lock:
+            for key in self.kernel_routes():
+                self._delete_route(key)
+            for rule in self.kernel_rules():
+                self._delete_rule(rule)
+            self.routes.clear()
+            self.rules.clear()
+            self.restore_sysctls()
+            statefile.remove(self.state_path)
+
+
+def cleanup(ipr: IPRoute, recorded: statefile.State | None) -> list[str]:
+    """Undo what a (dead) daemon left in *this* namespace. Returns a line per thing removed."""
+    done: list[str] = []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_routes(family=family):
+            if msg["proto"] != RTPROT_PODROUTER:
+                continue
+            table, dst = _route_key(msg)
+            try:
+                ipr.route(
+                    "del",
+                    family=family,
+                    dst=dst.split("/")[0],
+                    dst_len=msg["dst_len"],
+                    table=table,
+                    proto=RTPROT_PODROUTER,
+                    scope=RT_SCOPE_NOWHERE,
+                )
+                done.append(f"removed route {dst}" + (f" table {table}" if table != RT_TABLE_MAIN else ""))
+            except NetlinkError as e:
+                if e.code not in (errno.ESRCH, errno.ENOENT):
+                    raise
+    if recorded is None:
+        return done
+    for raw in recorded.rules:
+        rule = RuleSpec(**raw)
+        try:
+            ipr.rule("del", **rule.request())
+            done.append(f"removed rule priority {rule.priority}")
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ESRCH):
+                raise
+    for key, value in recorded.sysctls.items():
+        if sysctl.read(key) is None:
+            continue  # its interface is gone
+        try:
+            sysctl.write(key, value)
+            done.append(f"restored {key}={value}")
+        except OSError as e:
+            done.append(f"could not restore {key}={value}: {e}")
+    return done

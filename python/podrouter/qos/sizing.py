@@ -1,0 +1,82 @@
+"""How big each bucket and queue is, and why (docs/qos.md has the worked numbers).
+
+Everything here counts what the qdiscs count: skb->len at the shaping point, i.e. the Ethernet frame
+without FCS, preamble and inter-frame gap (14 bytes of header over the IP packet). A pod limited to
+R bit/s therefore gets R bit/s of Ethernet frames; TCP goodput is R * MSS / (MTU + 14), e.g. 1448/1514
+= 95.6% of R with timestamps, which is what the tests allow for.
+
+Rules, for a class whose ceiling is R bytes/s (R = bits / 8):
+
+- frame = mtu + 14: the largest non-GSO frame.
+- burst (HTB buffer and cbuffer, TBF buffer) = max(R * burst_time, 2 * frame). The bucket only has to
+  absorb the lateness of the qdisc watchdog (tens to a few hundred microseconds under load): tokens
+  earned while the timer was late are capped at the bucket, so a bucket shorter than the timer slack
+  would lose rate. 1 ms at R covers that with margin and keeps the overshoot after idle to 1 ms of
+  traffic; two frames is the floor so a full-size frame always fits.
+- queue (the leaf bfifo / TBF limit, bytes) = max(R * max_queue_delay, 2 * gso_frame) for the
+  egress leaf, where gso_frame = 64 KiB is the largest GSO super-packet a veth hands over (HTB cannot
+  segment, so a queue smaller than one super-packet would drop it whole). For ingress TBF segments
+  GSO packets bigger than its bucket (tbf_segment), so its queue is max(R * max_queue_delay, 4 * frame).
+  A byte-limited FIFO (bfifo) bounds the pod's own queueing delay to limit / R, independent of
+  packet sizes, which a packet-count pfifo cannot.
+- quantum = clamp(R * 1 ms, frame, 200000): the DRR share when siblings of one priority borrow
+  together, proportional to their limits; at least one frame (HTB's DRR needs it to make progress
+  per round), at most the 200000 above which the kernel warns that quantum is big.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from podrouter.qos.config import BandwidthConfig
+
+ETH_HLEN = 14
+GSO_MAX = 65536
+HTB_QUANTUM_MAX = 200_000
+
+
+@dataclass(frozen=True)
+class ClassSizing:
+    rate_Bps: int
+    ceil_Bps: int
+    burst: int
+    cburst: int
+    quantum: int
+
+
+def frame(cfg: BandwidthConfig) -> int:
+    return cfg.mtu + ETH_HLEN
+
+
+def bucket(bytes_per_s: float, cfg: BandwidthConfig) -> int:
+    return int(max(bytes_per_s * cfg.burst_s, 2 * frame(cfg)))
+
+
+def quantum(bytes_per_s: float, cfg: BandwidthConfig) -> int:
+    return int(min(max(bytes_per_s * 0.001, frame(cfg)), HTB_QUANTUM_MAX))
+
+
+def htb_class(rate_bps: int, ceil_bps: int, cfg: BandwidthConfig) -> ClassSizing:
+    rate_Bps = max(1, rate_bps // 8)
+    ceil_Bps = max(rate_Bps, ceil_bps // 8)
+    return ClassSizing(
+        rate_Bps=rate_Bps,
+        ceil_Bps=ceil_Bps,
+        burst=bucket(rate_Bps, cfg),
+        cburst=bucket(ceil_Bps, cfg),
+        quantum=quantum(ceil_Bps, cfg),
+    )
+
+
+QUEUE_MIN_FRAMES = 3
+
+
+def egress_queue_bytes(ceil_bps: int, cfg: BandwidthConfig, segmented: bool = True) -> int:
+    """Bulk queue: must take a whole GSO burst (a sender's TCP hands the veth 64 KiB at once when
+    its min RTT is below 512 us, tcp_tso_autosize) plus what is already queued, else TCP loses most
+    of every burst; so at least two super-packets whatever the rate."""
+    return int(max(ceil_bps / 8 * cfg.max_queue_delay_s, 2 * GSO_MAX))
+
+
+def ingress_queue_bytes(rate_bps: int, cfg: BandwidthConfig) -> int:
+    return int(max(rate_bps / 8 * cfg.max_queue_delay_s, QUEUE_MIN_FRAMES * frame(cfg)))

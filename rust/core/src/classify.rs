@@ -1,0 +1,1401 @@
+//! The routing decision: a [`TableSpec`] from the control plane compiled into [`Tables`], and
+//! [`Tables::classify`] / [`Tables::validate_ingress`], the two questions the datapath asks per
+//! packet. The rules are DESIGN.md §2 as refined in docs/architecture.md ("Verdicts").
+//!
+//! # Compilation
+//!
+//! One LPM ([`IpLpm`]) answers "where is this destination" in a single lookup: cluster CIDRs map
+//! to `Cluster`, peer pod CIDRs to `Peer(id)` and this node's pod CIDRs to `Local`. Because
+//! [`Tables::build`] insists that every node and peer pod CIDR lies inside a cluster CIDR and that
+//! pod CIDRs do not overlap, the longest match is always the most specific owner. `native_cidrs`
+//! (consulted only in hybrid mode) and `non_masquerade_cidrs` (only for destinations outside the
+//! cluster) are separate tables. Each peer's native and tunnel verdicts are precomputed, so
+//! classification is two or three lookups and a few branches, with no allocation.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+
+pub use crate::encap::TunnelProto;
+use crate::lpm::{IpLpm, Lpm4};
+
+/// Index of a peer in [`TableSpec::peers`] (and [`Tables::peers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u32);
+
+/// Index into [`Tables::next_hops`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NextHopId(pub u32);
+
+/// Routing mode, node-wide (`routing.mode`) or as a peer override (`peers[].mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RoutingMode {
+    #[default]
+    Tunnel,
+    Native,
+    Hybrid,
+}
+
+impl RoutingMode {
+    /// The config spelling: `tunnel`, `native`, `hybrid`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RoutingMode::Tunnel => "tunnel",
+            RoutingMode::Native => "native",
+            RoutingMode::Hybrid => "hybrid",
+        }
+    }
+
+    /// Parses the config spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "tunnel" => Some(RoutingMode::Tunnel),
+            "native" => Some(RoutingMode::Native),
+            "hybrid" => Some(RoutingMode::Hybrid),
+            _ => None,
+        }
+    }
+}
+
+/// An IP prefix, `addr/len`. Parsing normalises host bits away (`10.244.1.7/24` is
+/// `10.244.1.0/24`); the control plane validates spelling before it gets here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    /// `None` if `len` exceeds the family's width.
+    pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
+        let (addr, max) = match addr {
+            IpAddr::V4(a) => {
+                let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+                (IpAddr::V4(Ipv4Addr::from(u32::from(a) & m)), 32)
+            }
+            IpAddr::V6(a) => {
+                let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+                (IpAddr::V6((u128::from(a) & m).into()), 128)
+            }
+        };
+        (len <= max).then_some(Cidr { addr, len })
+    }
+
+    /// The network address (host bits zero).
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
+    /// True if `ip` is inside this prefix.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        Cidr::new(ip, self.len).is_some_and(|c| c.addr == self.addr)
+    }
+
+    /// True if `other` lies entirely inside this prefix.
+    pub fn covers(&self, other: &Cidr) -> bool {
+        other.len >= self.len && self.contains(other.addr)
+    }
+
+    /// First and last address as 128-bit integers (IPv4 in the low 32 bits) for overlap sweeps.
+    fn bounds(&self) -> (bool, u128, u128) {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let lo = u128::from(u32::from(a));
+                (false, lo, lo + (u128::from(u32::MAX) >> self.len))
+            }
+            IpAddr::V6(a) => {
+                let lo = u128::from(a);
+                (true, lo, lo | u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("'{s}' is not a CIDR");
+        let (a, l) = s.split_once('/').ok_or_else(bad)?;
+        let addr: IpAddr = a.parse().map_err(|_| bad())?;
+        let len: u8 = l.parse().map_err(|_| bad())?;
+        Cidr::new(addr, len).ok_or_else(bad)
+    }
+}
+
+/// Parses `02:00:00:00:00:01` (also `-` separated).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Formats a MAC address as `02:00:00:00:00:01`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+/// A next hop on the underlay: its address and, once the control plane resolved it, its MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NextHop {
+    pub ip: IpAddr,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// `node` in the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    pub name: String,
+    /// Underlay address: the outer source of tunnels and the masquerade address.
+    pub address: Ipv4Addr,
+    pub pod_cidrs: Vec<Cidr>,
+}
+
+/// `tunnel` in the spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelSpec {
+    pub protocol: TunnelProto,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    pub geneve_port: u16,
+}
+
+impl Default for TunnelSpec {
+    fn default() -> Self {
+        TunnelSpec {
+            protocol: TunnelProto::Vxlan,
+            vni: 1,
+            vxlan_port: TunnelProto::Vxlan.default_port(),
+            geneve_port: TunnelProto::Geneve.default_port(),
+        }
+    }
+}
+
+impl TunnelSpec {
+    /// The configured UDP port of `proto`.
+    pub fn port(&self, proto: TunnelProto) -> u16 {
+        match proto {
+            TunnelProto::Vxlan => self.vxlan_port,
+            TunnelProto::Geneve => self.geneve_port,
+        }
+    }
+
+    /// The protocol spoken on a configured port, if any.
+    pub fn proto_for_port(&self, port: u16) -> Option<TunnelProto> {
+        if port == self.vxlan_port {
+            Some(TunnelProto::Vxlan)
+        } else if port == self.geneve_port {
+            Some(TunnelProto::Geneve)
+        } else {
+            None
+        }
+    }
+}
+
+/// `masquerade` in the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasqueradeSpec {
+    pub enabled: bool,
+    pub non_masquerade_cidrs: Vec<Cidr>,
+    /// Inclusive node port range for translated flows.
+    pub port_range: (u16, u16),
+}
+
+impl Default for MasqueradeSpec {
+    fn default() -> Self {
+        MasqueradeSpec {
+            enabled: false,
+            non_masquerade_cidrs: Vec::new(),
+            port_range: (61000, 65535),
+        }
+    }
+}
+
+/// One entry of `peers` in the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub name: String,
+    /// The peer's underlay address (tunnel destination, expected outer source on ingress).
+    pub address: Ipv4Addr,
+    pub pod_cidrs: Vec<Cidr>,
+    pub mode: Option<RoutingMode>,
+    pub tunnel_protocol: Option<TunnelProto>,
+    /// The peer shares our L2 subnet (hybrid `native_when_on_link`).
+    pub on_link: bool,
+    /// Where native packets to this peer go: the peer itself when on-link, else the gateway.
+    /// `None`: the gateway is used if the peer is not on-link.
+    pub next_hop: Option<NextHop>,
+}
+
+/// The plain-Rust mirror of the dict the control plane hands to `_native.Tables(spec)`
+/// (docs/architecture.md, "Table spec").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    pub generation: u64,
+    pub node: NodeSpec,
+    pub cluster_cidrs: Vec<Cidr>,
+    pub mode: RoutingMode,
+    pub native_cidrs: Vec<Cidr>,
+    pub native_when_on_link: bool,
+    pub tunnel: TunnelSpec,
+    /// The underlay default gateway: native next hop for off-link peers and for destinations
+    /// outside the cluster.
+    pub gateway: Option<NextHop>,
+    pub masquerade: MasqueradeSpec,
+    pub peers: Vec<PeerSpec>,
+}
+
+/// A spec the core refuses, with the key path of the offending value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    /// Key path in the spec, e.g. `peers[1].pod_cidrs[0]`.
+    pub path: String,
+    pub message: String,
+}
+
+impl SpecError {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// Why a packet was dropped. [`DropReason::as_str`] is the `reason` label of
+/// `podrouter_drops_total`, stable across releases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// No rule sends the destination anywhere (cluster address of no peer, no gateway, ...).
+    NoRoute,
+    /// A header field the protocol forbids, or mixed address families.
+    Malformed,
+    /// The buffer ends before a length the packet promises.
+    Truncated,
+    /// IPv4 header checksum wrong.
+    BadChecksum,
+    /// Encapsulated packet from an underlay address that is no known peer.
+    UnknownPeer,
+    /// Inner source outside the sending peer's pod CIDRs.
+    SpoofedInnerSource,
+    /// Inner destination outside this node's pod CIDRs.
+    NotLocalDestination,
+    /// Tunnel VNI differs from ours.
+    BadVni,
+    /// VXLAN without the I flag (RFC 7348 §5).
+    BadVxlanFlags,
+    /// Geneve version other than 0 (RFC 8926 §3.4).
+    GeneveVersion,
+    /// Geneve option with the critical bit that podrouter does not understand (RFC 8926 §3.5.1).
+    GeneveCriticalOption,
+    /// Geneve OAM frame: not data.
+    GeneveOam,
+    /// Tunnel payload neither IPv4 nor IPv6.
+    UnsupportedInnerProtocol,
+    /// Outer IPv4 header or UDP checksum wrong.
+    BadOuterChecksum,
+    /// Outer IPv4 fragment (tunnels are sent DF; podrouter does not reassemble).
+    OuterFragment,
+    /// Outer CE over a Not-ECT inner packet (RFC 6040 §4.2).
+    EcnDrop,
+    /// The native next hop's MAC is not resolved yet.
+    NeighborUnresolved,
+    /// No free masquerade port for this remote endpoint, or the table is full.
+    NatExhausted,
+    /// A packet to the masquerade address that matches no translation.
+    NatNoMapping,
+    /// TTL / hop limit would reach zero.
+    TtlExceeded,
+    /// Well formed but not something podrouter handles (protocol, fragment through NAT, ...).
+    Unsupported,
+}
+
+impl DropReason {
+    /// Every reason, in declaration order (the I/O layer keeps one counter per entry).
+    pub const ALL: [DropReason; 21] = [
+        DropReason::NoRoute,
+        DropReason::Malformed,
+        DropReason::Truncated,
+        DropReason::BadChecksum,
+        DropReason::UnknownPeer,
+        DropReason::SpoofedInnerSource,
+        DropReason::NotLocalDestination,
+        DropReason::BadVni,
+        DropReason::BadVxlanFlags,
+        DropReason::GeneveVersion,
+        DropReason::GeneveCriticalOption,
+        DropReason::GeneveOam,
+        DropReason::UnsupportedInnerProtocol,
+        DropReason::BadOuterChecksum,
+        DropReason::OuterFragment,
+        DropReason::EcnDrop,
+        DropReason::NeighborUnresolved,
+        DropReason::NatExhausted,
+        DropReason::NatNoMapping,
+        DropReason::TtlExceeded,
+        DropReason::Unsupported,
+    ];
+
+    /// Stable snake_case name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::Malformed => "malformed",
+            DropReason::Truncated => "truncated",
+            DropReason::BadChecksum => "bad_checksum",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::SpoofedInnerSource => "spoofed_inner_source",
+            DropReason::NotLocalDestination => "not_local_destination",
+            DropReason::BadVni => "bad_vni",
+            DropReason::BadVxlanFlags => "bad_vxlan_flags",
+            DropReason::GeneveVersion => "geneve_version",
+            DropReason::GeneveCriticalOption => "geneve_critical_option",
+            DropReason::GeneveOam => "geneve_oam",
+            DropReason::UnsupportedInnerProtocol => "unsupported_inner_protocol",
+            DropReason::BadOuterChecksum => "bad_outer_checksum",
+            DropReason::OuterFragment => "outer_fragment",
+            DropReason::EcnDrop => "ecn_drop",
+            DropReason::NeighborUnresolved => "neighbor_unresolved",
+            DropReason::NatExhausted => "nat_exhausted",
+            DropReason::NatNoMapping => "nat_no_mapping",
+            DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::Unsupported => "unsupported",
+        }
+    }
+
+    /// Position in [`DropReason::ALL`], for counter arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<crate::wire::Error> for DropReason {
+    fn from(e: crate::wire::Error) -> Self {
+        use crate::wire::Error as E;
+        match e {
+            E::Truncated => DropReason::Truncated,
+            E::Malformed => DropReason::Malformed,
+            E::Unsupported => DropReason::Unsupported,
+            E::BadChecksum => DropReason::BadChecksum,
+            E::UnknownCriticalOption => DropReason::GeneveCriticalOption,
+        }
+    }
+}
+
+impl From<crate::encap::DecapError> for DropReason {
+    fn from(e: crate::encap::DecapError) -> Self {
+        use crate::encap::DecapError as E;
+        match e {
+            E::Truncated => DropReason::Truncated,
+            E::Malformed => DropReason::Malformed,
+            E::BadVxlanFlags => DropReason::BadVxlanFlags,
+            E::GeneveVersion => DropReason::GeneveVersion,
+            E::GeneveCriticalOption => DropReason::GeneveCriticalOption,
+            E::GeneveOam => DropReason::GeneveOam,
+            E::UnsupportedInnerProtocol => DropReason::UnsupportedInnerProtocol,
+            E::BadOuterChecksum => DropReason::BadOuterChecksum,
+            E::EcnDrop => DropReason::EcnDrop,
+            E::OuterFragment => DropReason::OuterFragment,
+            E::Unsupported => DropReason::Unsupported,
+        }
+    }
+}
+
+/// The path a forwarded packet took: the `path` label of `podrouter_packets_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Path {
+    Native,
+    Vxlan,
+    Geneve,
+    Masquerade,
+    Local,
+}
+
+impl Path {
+    /// Every path, in declaration order.
+    pub const ALL: [Path; 5] = [
+        Path::Native,
+        Path::Vxlan,
+        Path::Geneve,
+        Path::Masquerade,
+        Path::Local,
+    ];
+
+    /// `native`, `vxlan`, `geneve`, `masquerade`, `local`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Path::Native => "native",
+            Path::Vxlan => "vxlan",
+            Path::Geneve => "geneve",
+            Path::Masquerade => "masquerade",
+            Path::Local => "local",
+        }
+    }
+
+    /// Position in [`Path::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The path of a tunnel protocol.
+    pub const fn tunnel(proto: TunnelProto) -> Path {
+        match proto {
+            TunnelProto::Vxlan => Path::Vxlan,
+            TunnelProto::Geneve => Path::Geneve,
+        }
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to do with a packet from a local pod (docs/architecture.md, "Verdicts").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// The destination is in this node's pod CIDRs: hand it to the kernel.
+    Local,
+    /// Send the packet unchanged to `next_hop` on the underlay.
+    Native { next_hop: NextHopId },
+    /// Encapsulate to the peer's underlay address.
+    Tunnel {
+        peer: PeerId,
+        proto: TunnelProto,
+        vni: u32,
+        remote: Ipv4Addr,
+        port: u16,
+    },
+    /// Source-NAT to the node address, then out natively via the gateway.
+    Masquerade { next_hop: NextHopId },
+    Drop(DropReason),
+}
+
+impl Verdict {
+    /// The metrics path label, `None` for a drop.
+    pub const fn path(&self) -> Option<Path> {
+        match self {
+            Verdict::Local => Some(Path::Local),
+            Verdict::Native { .. } => Some(Path::Native),
+            Verdict::Tunnel { proto, .. } => Some(Path::tunnel(*proto)),
+            Verdict::Masquerade { .. } => Some(Path::Masquerade),
+            Verdict::Drop(_) => None,
+        }
+    }
+}
+
+/// A compiled peer, as [`Tables::peers`] exposes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub pod_cidrs: Vec<Cidr>,
+    /// The effective mode (override or node-wide).
+    pub mode: RoutingMode,
+    /// The effective tunnel protocol (override or node-wide).
+    pub tunnel_protocol: TunnelProto,
+    pub on_link: bool,
+    /// Verdict when this peer is reached natively (`Native` or a `Drop`).
+    pub native: Verdict,
+    /// Verdict when this peer is reached through the tunnel.
+    pub tunnel: Verdict,
+}
+
+/// Where a destination lives, from the one combined LPM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dest {
+    Local,
+    Peer(PeerId),
+    /// Inside a cluster CIDR but no peer owns it.
+    Cluster,
+}
+
+/// The compiled, immutable routing tables. Built by [`Tables::build`], swapped whole.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    generation: u64,
+    node_name: String,
+    node_address: Ipv4Addr,
+    node_pod_cidrs: Vec<Cidr>,
+    dest: IpLpm<Dest>,
+    native: IpLpm<()>,
+    non_masq: IpLpm<()>,
+    peer_by_addr: Lpm4<PeerId>,
+    peers: Vec<Peer>,
+    next_hops: Vec<NextHop>,
+    /// Verdict for a destination outside the cluster when masquerade applies / does not.
+    outside_masq: Verdict,
+    outside_native: Verdict,
+    mode: RoutingMode,
+    native_when_on_link: bool,
+    tunnel: TunnelSpec,
+    masquerade: MasqueradeSpec,
+}
+
+fn lpm_entries(cidrs: &[Cidr]) -> Vec<(IpAddr, u8, ())> {
+    cidrs.iter().map(|c| (c.addr, c.len, ())).collect()
+}
+
+/// The verdict for a native hop: a next hop without a MAC cannot be used yet.
+fn native_via(next_hops: &[NextHop], id: Option<NextHopId>, masq: bool) -> Verdict {
+    match id {
+        None => Verdict::Drop(DropReason::NoRoute),
+        Some(id) if next_hops[id.0 as usize].mac.is_none() => {
+            Verdict::Drop(DropReason::NeighborUnresolved)
+        }
+        Some(next_hop) if masq => Verdict::Masquerade { next_hop },
+        Some(next_hop) => Verdict::Native { next_hop },
+    }
+}
+
+impl Tables {
+    /// Validates and compiles a spec. Refuses (with the key path): a VNI over 24 bits, a zero
+    /// tunnel port or equal VXLAN and Geneve ports, an empty or reversed masquerade port range, a
+    /// node or peer pod CIDR outside every cluster CIDR, overlapping pod CIDRs (between peers or
+    /// with this node), a peer whose address is this node's or another peer's.
+    pub fn build(spec: &TableSpec) -> Result<Tables, SpecError> {
+        if spec.tunnel.vni > crate::wire::vxlan::MAX_VNI {
+            return Err(SpecError::new(
+                "tunnel.vni",
+                format!("{} does not fit in 24 bits", spec.tunnel.vni),
+            ));
+        }
+        for (key, port) in [
+            ("tunnel.vxlan_port", spec.tunnel.vxlan_port),
+            ("tunnel.geneve_port", spec.tunnel.geneve_port),
+        ] {
+            if port == 0 {
+                return Err(SpecError::new(key, "port 0 is not a tunnel port"));
+            }
+        }
+        if spec.tunnel.vxlan_port == spec.tunnel.geneve_port {
+            return Err(SpecError::new(
+                "tunnel.geneve_port",
+                format!("{} is also the VXLAN port", spec.tunnel.geneve_port),
+            ));
+        }
+        let (lo, hi) = spec.masquerade.port_range;
+        if lo == 0 || lo > hi {
+            return Err(SpecError::new(
+                "masquerade.port_range",
+                format!("[{lo}, {hi}] is not a port range"),
+            ));
+        }
+
+        let in_cluster = |c: &Cidr| spec.cluster_cidrs.iter().any(|k| k.covers(c));
+        // Every pod CIDR with its key path, for the overlap sweep and the error messages.
+        let mut owned: Vec<(Cidr, String)> = Vec::new();
+        for (i, c) in spec.node.pod_cidrs.iter().enumerate() {
+            let path = format!("node.pod_cidrs[{i}]");
+            if !in_cluster(c) {
+                return Err(SpecError::new(path, format!("{c} is not inside any cluster_cidrs")));
+            }
+            owned.push((*c, path));
+        }
+        for (p, peer) in spec.peers.iter().enumerate() {
+            if peer.address == spec.node.address {
+                return Err(SpecError::new(
+                    format!("peers[{p}].address"),
+                    format!("{} is this node's address", peer.address),
+                ));
+            }
+            if let Some(q) = spec.peers[..p].iter().position(|o| o.address == peer.address) {
+                return Err(SpecError::new(
+                    format!("peers[{p}].address"),
+                    format!("{} is also the address of peers[{q}]", peer.address),
+                ));
+            }
+            for (i, c) in peer.pod_cidrs.iter().enumerate() {
+                let path = format!("peers[{p}].pod_cidrs[{i}]");
+                if !in_cluster(c) {
+                    return Err(SpecError::new(
+                        path,
+                        format!("{c} is not inside any cluster_cidrs"),
+                    ));
+                }
+                owned.push((*c, path));
+            }
+        }
+        // Prefixes either nest or are disjoint, so after sorting by (family, start) an overlap is
+        // a start at or before the furthest end seen so far in the same family.
+        let mut sweep: Vec<(bool, u128, u128, usize)> = owned
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| {
+                let (v6, lo, hi) = c.bounds();
+                (v6, lo, hi, i)
+            })
+            .collect();
+        sweep.sort_unstable();
+        let mut open: Option<(bool, u128, usize)> = None;
+        for &(v6, lo, hi, i) in &sweep {
+            if let Some((fam, end, j)) = open {
+                if fam == v6 && lo <= end {
+                    let (a, b) = if i > j { (i, j) } else { (j, i) };
+                    return Err(SpecError::new(
+                        owned[a].1.clone(),
+                        format!("{} overlaps {} ({})", owned[a].0, owned[b].1, owned[b].0),
+                    ));
+                }
+            }
+            if open.map_or(true, |(fam, end, _)| fam != v6 || hi > end) {
+                open = Some((v6, hi, i));
+            }
+        }
+
+        let lpm_err = |path: &str| {
+            let path = path.to_string();
+            move |e: crate::lpm::LpmError| SpecError::new(path.clone(), e.to_string())
+        };
+        // Cluster first, then pod CIDRs: a pod CIDR equal to a cluster CIDR must win the tie.
+        let mut dest: Vec<(IpAddr, u8, Dest)> = spec
+            .cluster_cidrs
+            .iter()
+            .map(|c| (c.addr, c.len, Dest::Cluster))
+            .collect();
+        dest.extend(spec.node.pod_cidrs.iter().map(|c| (c.addr, c.len, Dest::Local)));
+        for (p, peer) in spec.peers.iter().enumerate() {
+            let id = PeerId(p as u32);
+            dest.extend(peer.pod_cidrs.iter().map(|c| (c.addr, c.len, Dest::Peer(id))));
+        }
+        let dest = IpLpm::build(&dest).map_err(lpm_err("cluster_cidrs"))?;
+        let native = IpLpm::build(&lpm_entries(&spec.native_cidrs)).map_err(lpm_err("native_cidrs"))?;
+        let non_masq = IpLpm::build(&lpm_entries(&spec.masquerade.non_masquerade_cidrs))
+            .map_err(lpm_err("masquerade.non_masquerade_cidrs"))?;
+        let peer_by_addr = Lpm4::from_iter(
+            spec.peers
+                .iter()
+                .enumerate()
+                .map(|(p, peer)| (peer.address, 32, PeerId(p as u32))),
+        )
+        .map_err(lpm_err("peers"))?;
+
+        let mut next_hops = Vec::new();
+        let gateway = spec.gateway.map(|g| {
+            next_hops.push(g);
+            NextHopId(0)
+        });
+        let mut peers = Vec::with_capacity(spec.peers.len());
+        for (p, ps) in spec.peers.iter().enumerate() {
+            let nh = match ps.next_hop {
+                Some(nh) => {
+                    // Peers behind the same router share one next-hop entry.
+                    let id = match next_hops.iter().position(|x| *x == nh) {
+                        Some(i) => i,
+                        None => {
+                            next_hops.push(nh);
+                            next_hops.len() - 1
+                        }
+                    };
+                    Some(NextHopId(id as u32))
+                }
+                // An on-link peer is its own next hop, and its MAC is not known yet.
+                None if ps.on_link => None,
+                None => gateway,
+            };
+            let native = match (ps.next_hop, ps.on_link) {
+                (None, true) => Verdict::Drop(DropReason::NeighborUnresolved),
+                _ => native_via(&next_hops, nh, false),
+            };
+            let proto = ps.tunnel_protocol.unwrap_or(spec.tunnel.protocol);
+            peers.push(Peer {
+                name: ps.name.clone(),
+                address: ps.address,
+                pod_cidrs: ps.pod_cidrs.clone(),
+                mode: ps.mode.unwrap_or(spec.mode),
+                tunnel_protocol: proto,
+                on_link: ps.on_link,
+                native,
+                tunnel: Verdict::Tunnel {
+                    peer: PeerId(p as u32),
+                    proto,
+                    vni: spec.tunnel.vni,
+                    remote: ps.address,
+                    port: spec.tunnel.port(proto),
+                },
+            });
+        }
+        Ok(Tables {
+            generation: spec.generation,
+            node_name: spec.node.name.clone(),
+            node_address: spec.node.address,
+            node_pod_cidrs: spec.node.pod_cidrs.clone(),
+            dest,
+            native,
+            non_masq,
+            peer_by_addr,
+            outside_masq: native_via(&next_hops, gateway, true),
+            outside_native: native_via(&next_hops, gateway, false),
+            peers,
+            next_hops,
+            mode: spec.mode,
+            native_when_on_link: spec.native_when_on_link,
+            tunnel: spec.tunnel,
+            masquerade: spec.masquerade.clone(),
+        })
+    }
+
+    /// Decides what to do with a packet from `src` to `dst` that left a local pod.
+    ///
+    /// 1. `dst` in this node's pod CIDRs: `Local`.
+    /// 2. `dst` in the cluster: the owning peer (none: `Drop(no_route)`), then its mode (override
+    ///    or node-wide): native -> `Native`, tunnel -> `Tunnel`, hybrid -> `Native` if `dst` is in
+    ///    `native_cidrs` or (`native_when_on_link` and the peer is on-link), else `Tunnel`.
+    /// 3. Outside the cluster: `Masquerade` via the gateway when masquerade is enabled, `dst` is
+    ///    not in `non_masquerade_cidrs`, `src` is one of our pods (only they are translated; the
+    ///    node's own traffic keeps its address) and the packet is IPv4 (podrouter does NAT44 only;
+    ///    IPv6 pods are expected to hold routable addresses). Otherwise `Native` via the gateway.
+    ///
+    /// A native verdict whose next hop has no MAC yet is `Drop(neighbor_unresolved)`; no gateway is
+    /// `Drop(no_route)`. Mixed address families are `Drop(malformed)`.
+    #[inline]
+    pub fn classify(&self, src: IpAddr, dst: IpAddr) -> Verdict {
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        match self.dest.lookup(dst) {
+            Some(Dest::Local) => Verdict::Local,
+            Some(Dest::Peer(id)) => {
+                let peer = &self.peers[id.0 as usize];
+                match peer.mode {
+                    RoutingMode::Native => peer.native,
+                    RoutingMode::Tunnel => peer.tunnel,
+                    RoutingMode::Hybrid => {
+                        if (self.native_when_on_link && peer.on_link)
+                            || self.native.contains(dst)
+                        {
+                            peer.native
+                        } else {
+                            peer.tunnel
+                        }
+                    }
+                }
+            }
+            Some(Dest::Cluster) => Verdict::Drop(DropReason::NoRoute),
+            None => {
+                if self.masquerade.enabled
+                    && dst.is_ipv4()
+                    && !self.non_masq.contains(dst)
+                    && self.dest.lookup(src) == Some(Dest::Local)
+                {
+                    self.outside_masq
+                } else {
+                    self.outside_native
+                }
+            }
+        }
+    }
+
+    /// Checks a decapsulated packet: the outer source must be a known peer, the VNI ours, the
+    /// inner source inside that peer's pod CIDRs and the inner destination one of our pods.
+    /// Returns the sending peer.
+    pub fn validate_ingress(
+        &self,
+        outer_src: Ipv4Addr,
+        vni: u32,
+        inner_src: IpAddr,
+        inner_dst: IpAddr,
+    ) -> Result<PeerId, DropReason> {
+        let peer = self
+            .peer_by_addr
+            .lookup(outer_src)
+            .ok_or(DropReason::UnknownPeer)?;
+        if vni != self.tunnel.vni {
+            return Err(DropReason::BadVni);
+        }
+        if inner_src.is_ipv4() != inner_dst.is_ipv4() {
+            return Err(DropReason::Malformed);
+        }
+        if self.dest.lookup(inner_src) != Some(Dest::Peer(peer)) {
+            return Err(DropReason::SpoofedInnerSource);
+        }
+        if self.dest.lookup(inner_dst) != Some(Dest::Local) {
+            return Err(DropReason::NotLocalDestination);
+        }
+        Ok(peer)
+    }
+
+    /// The spec's generation number (`podrouter_table_generation`).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    /// This node's underlay address (tunnel source, masquerade address).
+    pub fn node_address(&self) -> Ipv4Addr {
+        self.node_address
+    }
+
+    /// This node's pod CIDRs.
+    pub fn node_pod_cidrs(&self) -> &[Cidr] {
+        &self.node_pod_cidrs
+    }
+
+    /// True if `ip` is one of this node's pod addresses.
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        self.dest.lookup(ip) == Some(Dest::Local)
+    }
+
+    /// The node-wide routing mode.
+    pub fn mode(&self) -> RoutingMode {
+        self.mode
+    }
+
+    /// Tunnel settings (protocol, VNI, ports).
+    pub fn tunnel(&self) -> &TunnelSpec {
+        &self.tunnel
+    }
+
+    /// Masquerade settings (enabled, port range).
+    pub fn masquerade(&self) -> &MasqueradeSpec {
+        &self.masquerade
+    }
+
+    /// Compiled peers, indexed by [`PeerId`].
+    pub fn peers(&self) -> &[Peer] {
+        &self.peers
+    }
+
+    /// One peer, if `id` is in range.
+    pub fn peer(&self, id: PeerId) -> Option<&Peer> {
+        self.peers.get(id.0 as usize)
+    }
+
+    /// The peer whose underlay address is `addr`.
+    pub fn peer_by_address(&self, addr: Ipv4Addr) -> Option<PeerId> {
+        self.peer_by_addr.lookup(addr)
+    }
+
+    /// Next hops, indexed by [`NextHopId`] (the gateway, if any, is id 0).
+    pub fn next_hops(&self) -> &[NextHop] {
+        &self.next_hops
+    }
+
+    /// One next hop, if `id` is in range.
+    pub fn next_hop(&self, id: NextHopId) -> Option<&NextHop> {
+        self.next_hops.get(id.0 as usize)
+    }
+
+    /// Heap bytes of the compiled LPMs (a rough size of the table for status output).
+    pub fn lpm_memory_bytes(&self) -> usize {
+        self.dest.memory_bytes()
+            + self.native.memory_bytes()
+            + self.non_masq.memory_bytes()
+            + self.peer_by_addr.memory_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+    const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const N3_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+
+    /// DESIGN.md §8: node1 (172.16.2.2, 10.244.1.0/24); node2 behind the router R
+    /// (172.16.3.2, 10.244.2.0/24); node3 on node1's L2 (172.16.2.3, 10.244.3.0/24).
+    fn spec() -> TableSpec {
+        TableSpec {
+            generation: 7,
+            node: NodeSpec {
+                name: "node1".into(),
+                address: v4("172.16.2.2"),
+                pod_cidrs: vec![c("10.244.1.0/24"), c("fd00:10:244:1::/64")],
+            },
+            cluster_cidrs: vec![c("10.244.0.0/16"), c("fd00:10:244::/48")],
+            mode: RoutingMode::Tunnel,
+            native_cidrs: vec![],
+            native_when_on_link: false,
+            tunnel: TunnelSpec::default(),
+            gateway: Some(NextHop {
+                ip: ip("172.16.2.1"),
+                mac: Some(GW_MAC),
+            }),
+            masquerade: MasqueradeSpec {
+                enabled: true,
+                non_masquerade_cidrs: vec![c("192.168.0.0/16")],
+                port_range: (61000, 65535),
+            },
+            peers: vec![
+                PeerSpec {
+                    name: "node2".into(),
+                    address: v4("172.16.3.2"),
+                    pod_cidrs: vec![c("10.244.2.0/24"), c("fd00:10:244:2::/64")],
+                    mode: None,
+                    tunnel_protocol: None,
+                    on_link: false,
+                    next_hop: Some(NextHop {
+                        ip: ip("172.16.2.1"),
+                        mac: Some(GW_MAC),
+                    }),
+                },
+                PeerSpec {
+                    name: "node3".into(),
+                    address: v4("172.16.2.3"),
+                    pod_cidrs: vec![c("10.244.3.0/24")],
+                    mode: None,
+                    tunnel_protocol: None,
+                    on_link: true,
+                    next_hop: Some(NextHop {
+                        ip: ip("172.16.2.3"),
+                        mac: Some(N3_MAC),
+                    }),
+                },
+            ],
+        }
+    }
+
+    fn tables(f: impl FnOnce(&mut TableSpec)) -> Tables {
+        let mut s = spec();
+        f(&mut s);
+        Tables::build(&s).unwrap()
+    }
+
+    fn tunnel_to(t: &Tables, peer: u32, proto: TunnelProto) -> Verdict {
+        let p = &t.peers()[peer as usize];
+        Verdict::Tunnel {
+            peer: PeerId(peer),
+            proto,
+            vni: 1,
+            remote: p.address,
+            port: proto.default_port(),
+        }
+    }
+
+    fn native_mac(t: &Tables, v: Verdict) -> Option<[u8; 6]> {
+        match v {
+            Verdict::Native { next_hop } | Verdict::Masquerade { next_hop } => {
+                t.next_hop(next_hop).unwrap().mac
+            }
+            _ => None,
+        }
+    }
+
+    const POD: &str = "10.244.1.10";
+
+    #[test]
+    fn local_destination() {
+        let t = tables(|_| {});
+        assert_eq!(t.classify(ip(POD), ip("10.244.1.20")), Verdict::Local);
+        assert_eq!(
+            t.classify(ip("fd00:10:244:1::a"), ip("fd00:10:244:1::b")),
+            Verdict::Local
+        );
+        assert!(t.is_local(ip("10.244.1.255")));
+        assert_eq!(t.classify(ip(POD), ip("10.244.1.20")).path(), Some(Path::Local));
+    }
+
+    #[test]
+    fn tunnel_mode_tunnels_to_every_peer() {
+        let t = tables(|_| {});
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.2.5")),
+            tunnel_to(&t, 0, TunnelProto::Vxlan)
+        );
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.3.5")),
+            tunnel_to(&t, 1, TunnelProto::Vxlan)
+        );
+        // IPv6 inner over the IPv4 underlay.
+        assert_eq!(
+            t.classify(ip("fd00:10:244:1::a"), ip("fd00:10:244:2::5")),
+            tunnel_to(&t, 0, TunnelProto::Vxlan)
+        );
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.2.5")).path(),
+            Some(Path::Vxlan)
+        );
+    }
+
+    #[test]
+    fn geneve_node_default_and_custom_ports() {
+        let t = tables(|s| {
+            s.tunnel.protocol = TunnelProto::Geneve;
+            s.tunnel.geneve_port = 16081;
+            s.tunnel.vni = 42;
+        });
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.2.5")),
+            Verdict::Tunnel {
+                peer: PeerId(0),
+                proto: TunnelProto::Geneve,
+                vni: 42,
+                remote: v4("172.16.3.2"),
+                port: 16081
+            }
+        );
+    }
+
+    #[test]
+    fn native_mode_uses_each_peers_next_hop() {
+        let t = tables(|s| s.mode = RoutingMode::Native);
+        let v = t.classify(ip(POD), ip("10.244.2.5"));
+        assert!(matches!(v, Verdict::Native { .. }));
+        assert_eq!(native_mac(&t, v), Some(GW_MAC));
+        let v = t.classify(ip(POD), ip("10.244.3.5"));
+        assert_eq!(native_mac(&t, v), Some(N3_MAC));
+        assert_eq!(v.path(), Some(Path::Native));
+    }
+
+    #[test]
+    fn cluster_address_of_no_peer_has_no_route() {
+        let t = tables(|_| {});
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.99.1")),
+            Verdict::Drop(DropReason::NoRoute)
+        );
+        assert_eq!(
+            t.classify(ip("fd00:10:244:1::a"), ip("fd00:10:244:99::1")),
+            Verdict::Drop(DropReason::NoRoute)
+        );
+    }
+
+    #[test]
+    fn per_peer_overrides() {
+        // Node default vxlan/tunnel; node2 speaks geneve, node3 is forced native.
+        let t = tables(|s| {
+            s.peers[0].tunnel_protocol = Some(TunnelProto::Geneve);
+            s.peers[1].mode = Some(RoutingMode::Native);
+        });
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.2.5")),
+            tunnel_to(&t, 0, TunnelProto::Geneve)
+        );
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.2.5")).path(),
+            Some(Path::Geneve)
+        );
+        let v = t.classify(ip(POD), ip("10.244.3.5"));
+        assert_eq!(native_mac(&t, v), Some(N3_MAC));
+        // And the other way round: node-wide native with one peer forced into a tunnel.
+        let t = tables(|s| {
+            s.mode = RoutingMode::Native;
+            s.peers[0].mode = Some(RoutingMode::Tunnel);
+        });
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.2.5")),
+            tunnel_to(&t, 0, TunnelProto::Vxlan)
+        );
+        assert!(matches!(
+            t.classify(ip(POD), ip("10.244.3.5")),
+            Verdict::Native { .. }
+        ));
+    }
+
+    #[test]
+    fn hybrid_native_when_on_link() {
+        // The reference topology: native to node3 (same L2), tunnel to node2 (behind R).
+        let t = tables(|s| {
+            s.mode = RoutingMode::Hybrid;
+            s.native_when_on_link = true;
+        });
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.2.5")),
+            tunnel_to(&t, 0, TunnelProto::Vxlan)
+        );
+        let v = t.classify(ip(POD), ip("10.244.3.5"));
+        assert_eq!(native_mac(&t, v), Some(N3_MAC));
+        // Without the flag, on-link alone does not make it native.
+        let t = tables(|s| s.mode = RoutingMode::Hybrid);
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.3.5")),
+            tunnel_to(&t, 1, TunnelProto::Vxlan)
+        );
+    }
+
+    #[test]
+    fn hybrid_native_cidrs() {
+        // native_cidrs covers only part of node2's pod CIDR: the rule is per destination.
+        let t = tables(|s| {
+            s.mode = RoutingMode::Hybrid;
+            s.native_cidrs = vec![c("10.244.2.128/25"), c("10.244.3.0/24")];
+        });
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.2.5")),
+            tunnel_to(&t, 0, TunnelProto::Vxlan)
+        );
+        let v = t.classify(ip(POD), ip("10.244.2.200"));
+        assert_eq!(native_mac(&t, v), Some(GW_MAC));
+        let v = t.classify(ip(POD), ip("10.244.3.1"));
+        assert_eq!(native_mac(&t, v), Some(N3_MAC));
+        // A peer override beats hybrid: tunnel forced even inside native_cidrs.
+        let t = tables(|s| {
+            s.mode = RoutingMode::Hybrid;
+            s.native_cidrs = vec![c("10.244.0.0/17")];
+            s.peers[1].mode = Some(RoutingMode::Tunnel);
+            s.peers[1].tunnel_protocol = Some(TunnelProto::Geneve);
+        });
+        assert!(matches!(
+            t.classify(ip(POD), ip("10.244.2.9")),
+            Verdict::Native { .. }
+        ));
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.3.9")),
+            tunnel_to(&t, 1, TunnelProto::Geneve)
+        );
+        // A peer may opt into hybrid while the node tunnels.
+        let t = tables(|s| {
+            s.native_when_on_link = true;
+            s.peers[1].mode = Some(RoutingMode::Hybrid);
+        });
+        assert!(matches!(
+            t.classify(ip(POD), ip("10.244.3.9")),
+            Verdict::Native { .. }
+        ));
+    }
+
+    #[test]
+    fn native_next_hop_resolution() {
+        // Off-link peer without an explicit next hop: the gateway.
+        let t = tables(|s| {
+            s.mode = RoutingMode::Native;
+            s.peers[0].next_hop = None;
+        });
+        let v = t.classify(ip(POD), ip("10.244.2.5"));
+        assert_eq!(v, Verdict::Native { next_hop: NextHopId(0) });
+        // On-link peer whose MAC is not resolved.
+        let t = tables(|s| {
+            s.mode = RoutingMode::Native;
+            s.peers[1].next_hop = None;
+        });
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.3.5")),
+            Verdict::Drop(DropReason::NeighborUnresolved)
+        );
+        let t = tables(|s| {
+            s.mode = RoutingMode::Native;
+            s.peers[1].next_hop.as_mut().unwrap().mac = None;
+        });
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.3.5")),
+            Verdict::Drop(DropReason::NeighborUnresolved)
+        );
+        // Off-link, no next hop and no gateway.
+        let t = tables(|s| {
+            s.mode = RoutingMode::Native;
+            s.peers[0].next_hop = None;
+            s.gateway = None;
+        });
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.2.5")),
+            Verdict::Drop(DropReason::NoRoute)
+        );
+    }
+
+    #[test]
+    fn masquerade_outside_cluster() {
+        let t = tables(|_| {});
+        let v = t.classify(ip(POD), ip("203.0.113.7"));
+        assert_eq!(v, Verdict::Masquerade { next_hop: NextHopId(0) });
+        assert_eq!(v.path(), Some(Path::Masquerade));
+        // non_masquerade_cidrs: native via the gateway, pod address kept.
+        assert_eq!(
+            t.classify(ip(POD), ip("192.168.1.1")),
+            Verdict::Native { next_hop: NextHopId(0) }
+        );
+        // The node's own traffic (not a pod source) is not translated.
+        assert_eq!(
+            t.classify(ip("172.16.2.2"), ip("203.0.113.7")),
+            Verdict::Native { next_hop: NextHopId(0) }
+        );
+        // IPv6: no NAT66.
+        assert_eq!(
+            t.classify(ip("fd00:10:244:1::a"), ip("2001:db8::1")),
+            Verdict::Native { next_hop: NextHopId(0) }
+        );
+        // Masquerade disabled.
+        let t = tables(|s| s.masquerade.enabled = false);
+        assert_eq!(
+            t.classify(ip(POD), ip("203.0.113.7")),
+            Verdict::Native { next_hop: NextHopId(0) }
+        );
+        // No gateway, or gateway MAC unknown.
+        let t = tables(|s| s.gateway = None);
+        assert_eq!(
+            t.classify(ip(POD), ip("203.0.113.7")),
+            Verdict::Drop(DropReason::NoRoute)
+        );
+        let t = tables(|s| s.gateway.as_mut().unwrap().mac = None);
+        assert_eq!(
+            t.classify(ip(POD), ip("203.0.113.7")),
+            Verdict::Drop(DropReason::NeighborUnresolved)
+        );
+    }
+
+    #[test]
+    fn mixed_families_are_malformed() {
+        let t = tables(|_| {});
+        assert_eq!(
+            t.classify(ip(POD), ip("fd00:10:244:2::1")),
+            Verdict::Drop(DropReason::Malformed)
+        );
+    }
+
+    #[test]
+    fn ingress_validation() {
+        let t = tables(|_| {});
+        let n2 = v4("172.16.3.2");
+        assert_eq!(
+            t.validate_ingress(n2, 1, ip("10.244.2.5"), ip(POD)),
+            Ok(PeerId(0))
+        );
+        assert_eq!(
+            t.validate_ingress(n2, 1, ip("fd00:10:244:2::5"), ip("fd00:10:244:1::a")),
+            Ok(PeerId(0))
+        );
+        assert_eq!(
+            t.validate_ingress(v4("172.16.9.9"), 1, ip("10.244.2.5"), ip(POD)),
+            Err(DropReason::UnknownPeer)
+        );
+        assert_eq!(
+            t.validate_ingress(n2, 2, ip("10.244.2.5"), ip(POD)),
+            Err(DropReason::BadVni)
+        );
+        // node2 sending node3's pod address.
+        assert_eq!(
+            t.validate_ingress(n2, 1, ip("10.244.3.5"), ip(POD)),
+            Err(DropReason::SpoofedInnerSource)
+        );
+        assert_eq!(
+            t.validate_ingress(n2, 1, ip("203.0.113.1"), ip(POD)),
+            Err(DropReason::SpoofedInnerSource)
+        );
+        assert_eq!(
+            t.validate_ingress(n2, 1, ip("10.244.2.5"), ip("10.244.3.1")),
+            Err(DropReason::NotLocalDestination)
+        );
+        assert_eq!(
+            t.validate_ingress(n2, 1, ip("10.244.2.5"), ip("fd00:10:244:1::a")),
+            Err(DropReason::Malformed)
+        );
+    }
+
+    #[test]
+    fn spec_errors_name_the_key() {
+        let bad = |f: fn(&mut TableSpec)| {
+            let mut s = spec();
+            f(&mut s);
+            Tables::build(&s).unwrap_err()
+        };
+        let e = bad(|s| s.peers[1].pod_cidrs.push("10.244.2.128/25".parse().unwrap()));
+        assert_eq!(e.path, "peers[1].pod_cidrs[1]");
+        assert!(e.message.contains("overlaps peers[0].pod_cidrs[0]"), "{e}");
+        let e = bad(|s| s.peers[0].pod_cidrs = vec!["10.244.0.0/20".parse().unwrap()]);
+        assert_eq!(e.path, "peers[0].pod_cidrs[0]");
+        assert!(e.message.contains("node.pod_cidrs[0]"), "{e}");
+        let e = bad(|s| s.peers[0].pod_cidrs = vec!["10.99.0.0/24".parse().unwrap()]);
+        assert_eq!(e.to_string(), "peers[0].pod_cidrs[0]: 10.99.0.0/24 is not inside any cluster_cidrs");
+        let e = bad(|s| s.tunnel.vni = 1 << 24);
+        assert_eq!(e.path, "tunnel.vni");
+        let e = bad(|s| s.masquerade.port_range = (65000, 64000));
+        assert_eq!(e.path, "masquerade.port_range");
+        let e = bad(|s| s.peers[1].address = "172.16.3.2".parse().unwrap());
+        assert_eq!(e.path, "peers[1].address");
+        let e = bad(|s| s.peers[0].address = "172.16.2.2".parse().unwrap());
+        assert_eq!(e.path, "peers[0].address");
+        let e = bad(|s| s.tunnel.geneve_port = 4789);
+        assert_eq!(e.path, "tunnel.geneve_port");
+    }
+
+    #[test]
+    fn pod_cidr_may_equal_a_cluster_cidr() {
+        let t = tables(|s| {
+            s.cluster_cidrs.push("10.250.0.0/24".parse().unwrap());
+            s.peers[1].pod_cidrs.push("10.250.0.0/24".parse().unwrap());
+        });
+        assert_eq!(
+            t.classify(ip(POD), ip("10.250.0.1")),
+            tunnel_to(&t, 1, TunnelProto::Vxlan)
+        );
+    }
+
+    #[test]
+    fn cidr_and_mac_parsing() {
+        assert_eq!(c("10.244.1.7/24").to_string(), "10.244.1.0/24");
+        assert_eq!(c("fd00::1/64").to_string(), "fd00::/64");
+        assert!("10.244.0.0/33".parse::<Cidr>().is_err());
+        assert!("10.244.0.0".parse::<Cidr>().is_err());
+        assert!("fd00::/129".parse::<Cidr>().is_err());
+        assert_eq!(
+            "10.0.0.0/x".parse::<Cidr>().unwrap_err(),
+            "'10.0.0.0/x' is not a CIDR"
+        );
+        assert!(c("10.244.0.0/16").covers(&c("10.244.3.0/24")));
+        assert!(!c("10.244.3.0/24").covers(&c("10.244.0.0/16")));
+        assert!(c("0.0.0.0/0").contains(ip("1.2.3.4")));
+        assert!(!c("0.0.0.0/0").contains(ip("::1")));
+        assert_eq!(parse_mac("02:00:00:00:00:0a"), Some([2, 0, 0, 0, 0, 10]));
+        assert_eq!(parse_mac("02-00-00-00-00-0A"), Some([2, 0, 0, 0, 0, 10]));
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:xyz"), None);
+        assert_eq!(format_mac(&[2, 0, 0, 0, 0, 10]), "02:00:00:00:00:0a");
+    }
+
+    #[test]
+    fn drop_reason_names_are_unique_snake_case() {
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+            assert!(r.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::ALL.len());
+        for e in crate::encap::DecapError::ALL {
+            // The decap reasons keep their names when they become drop reasons.
+            assert_eq!(DropReason::from(e).as_str(), e.as_str());
+        }
+        assert_eq!(
+            Path::ALL.map(|p| p.as_str()),
+            ["native", "vxlan", "geneve", "masquerade", "local"]
+        );
+    }
+}

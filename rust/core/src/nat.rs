@@ -1,0 +1,1457 @@
+//! Masquerade: source NAT of pod traffic to the node address, as pure logic over a table and a
+//! byte buffer. No clock: every call takes `now` in seconds (any monotonic epoch).
+//!
+//! # Mapping
+//!
+//! The mapping is endpoint-dependent (RFC 4787 §4.1 "address and port-dependent"): the key is the
+//! whole flow `(protocol, pod ip, pod port, remote ip, remote port)` and the reverse key is
+//! `(protocol, remote ip, remote port, node port)`. One node port can therefore be in use towards
+//! many remote endpoints at once, so the capacity of the port range `[lo, hi]` applies per remote
+//! endpoint, as with Linux's `MASQUERADE`. For ICMP echo the identifier plays the pod port and the
+//! remote port is 0.
+//!
+//! A new flow's node port starts at a seeded hash of the flow and probes upwards (wrapping in the
+//! range) for at most [`NatConfig::max_probe`] ports; a port held by an entry that has expired but
+//! not been swept yet is reclaimed on the way. No free port: [`NatError::Exhausted`] and existing
+//! flows are untouched.
+//!
+//! # Timeouts
+//!
+//! Entries expire `timeout(state)` seconds after their last packet; the defaults follow Linux
+//! conntrack (`nf_conntrack_tcp_timeout_*`, `nf_conntrack_udp_timeout*`, `nf_conntrack_icmp_timeout`)
+//! except TCP established: Linux keeps 5 days (432000 s), which on a busy node pins ports of
+//! peers that vanished without a FIN for days; podrouter uses 7440 s (2 h 4 min), the RFC 5382
+//! REQ-5 minimum for an established TCP mapping (2 h idle + the 4 min of keep-alive probes), so a
+//! flow that keeps TCP keep-alives on survives. The TCP tracker is deliberately coarse (no window
+//! tracking): SYN -> `SynSent`; SYN+ACK from the remote -> `Established`; a FIN -> `FinWait`; FINs
+//! from both sides -> `TimeWait`; an RST -> `Close`. A packet without SYN for an unknown flow is
+//! picked up as established (Linux's default `nf_conntrack_tcp_loose = 1`), and a SYN on a closed
+//! mapping reopens it. UDP is `Unreplied` until the remote answers, then `Assured`.
+//!
+//! An expired entry is invisible to every lookup at once. Its memory is reclaimed either by a
+//! lookup that meets it or by [`NatTable::expire`], a sweep bounded by a budget per call so that
+//! the datapath can call it between batches without a latency spike.
+//!
+//! # Memory
+//!
+//! Entries live in one flat `Vec` (a slab with a free list); two hash maps from the forward and
+//! reverse keys to slab indices use [`FxBuildHasher`], a seeded multiply-rotate hash written here
+//! (no dependency). [`NatTable::bytes_per_entry`] reports the measured cost.
+//!
+//! # Packet rewriting
+//!
+//! [`translate_egress`] and [`translate_ingress`] parse an IPv4 packet with [`wire::parse_ip`],
+//! consult the table and patch addresses, ports / identifiers and every checksum incrementally
+//! (RFC 1624), including the header and transport quoted inside ICMP errors (RFC 5508 §7,
+//! RFC 5382 REQ-9 / RFC 4787 REQ-14: errors must be translated for the flows they belong to).
+//! Fragments are refused (`unsupported`): a later fragment carries no ports to translate, and
+//! podrouter does not reassemble.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::{IpAddr, Ipv4Addr};
+
+use crate::classify::DropReason;
+use crate::wire::{self, checksum, ip_proto, ipv4, L4Info};
+
+const FX_K: u64 = 0xf135_7aea_2e62_a9c5;
+
+/// A small, fast, seeded hasher for fixed-size integer keys (FxHash's multiply-rotate step, with a
+/// folded 128-bit multiply on `finish` so that both the low bits hashbrown indexes with and the
+/// high bits it tags with are well mixed).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FxHasher {
+    hash: u64,
+}
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, w: u64) {
+        self.hash = (self.hash.rotate_left(5) ^ w).wrapping_mul(FX_K);
+    }
+}
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(b));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        let m = u128::from(self.hash) * u128::from(FX_K);
+        (m as u64) ^ ((m >> 64) as u64)
+    }
+}
+
+/// Builds [`FxHasher`]s starting from a seed (pick it at random per process so that remote
+/// parties cannot aim at one hash chain or predict node ports).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FxBuildHasher {
+    pub seed: u64,
+}
+
+impl BuildHasher for FxBuildHasher {
+    type Hasher = FxHasher;
+    #[inline]
+    fn build_hasher(&self) -> FxHasher {
+        FxHasher { hash: self.seed }
+    }
+}
+
+/// A `HashMap` with [`FxBuildHasher`].
+pub type FxHashMap<K, V> = HashMap<K, V, FxBuildHasher>;
+
+/// The transports podrouter translates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum NatProto {
+    Tcp = 1,
+    Udp = 2,
+    /// ICMP echo (the identifier is the port).
+    Icmp = 3,
+}
+
+impl NatProto {
+    /// From an IP protocol number.
+    pub const fn from_ip_proto(p: u8) -> Option<Self> {
+        match p {
+            ip_proto::TCP => Some(NatProto::Tcp),
+            ip_proto::UDP => Some(NatProto::Udp),
+            ip_proto::ICMP => Some(NatProto::Icmp),
+            _ => None,
+        }
+    }
+
+    /// The IP protocol number.
+    pub const fn ip_proto(self) -> u8 {
+        match self {
+            NatProto::Tcp => ip_proto::TCP,
+            NatProto::Udp => ip_proto::UDP,
+            NatProto::Icmp => ip_proto::ICMP,
+        }
+    }
+}
+
+/// A flow as the pod sent it (the forward key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub proto: NatProto,
+    pub pod_ip: Ipv4Addr,
+    /// Source port, or the ICMP echo identifier.
+    pub pod_port: u16,
+    pub remote_ip: Ipv4Addr,
+    /// Destination port, 0 for ICMP.
+    pub remote_port: u16,
+}
+
+impl Hash for FlowKey {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(
+            u64::from(u32::from(self.pod_ip)) << 32
+                | u64::from(self.pod_port) << 16
+                | self.proto as u64,
+        );
+        state.write_u64(u64::from(u32::from(self.remote_ip)) << 16 | u64::from(self.remote_port));
+    }
+}
+
+/// The reverse key: what a reply carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RevKey {
+    proto: NatProto,
+    remote_ip: Ipv4Addr,
+    remote_port: u16,
+    node_port: u16,
+}
+
+impl Hash for RevKey {
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(
+            u64::from(u32::from(self.remote_ip)) << 32
+                | u64::from(self.remote_port) << 16
+                | u64::from(self.node_port),
+        );
+        state.write_u8(self.proto as u8);
+    }
+}
+
+impl RevKey {
+    fn of(key: &FlowKey, node_port: u16) -> Self {
+        RevKey {
+            proto: key.proto,
+            remote_ip: key.remote_ip,
+            remote_port: key.remote_port,
+            node_port,
+        }
+    }
+}
+
+/// Connection-tracking state of a mapping; it selects the timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NatState {
+    TcpSynSent,
+    TcpEstablished,
+    TcpFinWait,
+    TcpTimeWait,
+    TcpClose,
+    UdpUnreplied,
+    UdpAssured,
+    Icmp,
+}
+
+/// Which way a packet travels relative to the mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// Pod to remote (egress).
+    Orig,
+    /// Remote to pod (a reply).
+    Reply,
+}
+
+/// A FIN was seen from the pod.
+const FIN_ORIG: u8 = 1;
+/// A FIN was seen from the remote.
+const FIN_REPLY: u8 = 2;
+
+/// TCP flag bits (RFC 9293 §3.1).
+mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// The state after a packet with `tcp_flags` travelling `dir`, given the current state and FIN
+/// bits (`None` for a new mapping, which is always created by an `Orig` packet). Public so the
+/// model in the property tests can be checked against the documented rules.
+pub fn next_state(
+    proto: NatProto,
+    cur: Option<(NatState, u8)>,
+    dir: Dir,
+    tcp_flags: u8,
+) -> (NatState, u8) {
+    use NatState::*;
+    match proto {
+        NatProto::Icmp => (Icmp, 0),
+        NatProto::Udp => match (cur, dir) {
+            (_, Dir::Reply) | (Some((UdpAssured, _)), _) => (UdpAssured, 0),
+            _ => (UdpUnreplied, 0),
+        },
+        NatProto::Tcp => {
+            let syn = tcp_flags & tcp_flag::SYN != 0;
+            let ack = tcp_flags & tcp_flag::ACK != 0;
+            let fin = tcp_flags & tcp_flag::FIN != 0;
+            let rst = tcp_flags & tcp_flag::RST != 0;
+            let fin_bit = match dir {
+                Dir::Orig => FIN_ORIG,
+                Dir::Reply => FIN_REPLY,
+            };
+            let Some((state, fins)) = cur else {
+                return if rst {
+                    (TcpClose, 0)
+                } else if syn && !ack {
+                    (TcpSynSent, 0)
+                } else if fin {
+                    (TcpFinWait, fin_bit)
+                } else {
+                    (TcpEstablished, 0)
+                };
+            };
+            if rst {
+                return (TcpClose, fins);
+            }
+            match state {
+                TcpSynSent if dir == Dir::Reply && syn && ack => (TcpEstablished, 0),
+                TcpEstablished | TcpSynSent if fin => (TcpFinWait, fins | fin_bit),
+                TcpFinWait if fin => {
+                    let fins = fins | fin_bit;
+                    if fins == FIN_ORIG | FIN_REPLY {
+                        (TcpTimeWait, fins)
+                    } else {
+                        (TcpFinWait, fins)
+                    }
+                }
+                TcpTimeWait | TcpClose if dir == Dir::Orig && syn && !ack => (TcpSynSent, 0),
+                s => (s, fins),
+            }
+        }
+    }
+}
+
+/// Table limits and timeouts (seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatConfig {
+    /// First node port (inclusive).
+    pub port_lo: u16,
+    /// Last node port (inclusive).
+    pub port_hi: u16,
+    /// Upper bound on live + not-yet-swept entries (memory bound).
+    pub max_entries: usize,
+    /// Ports tried per new flow before giving up.
+    pub max_probe: u32,
+    /// Hash seed (allocation start and map hashing).
+    pub seed: u64,
+    pub tcp_syn_sent: u32,
+    pub tcp_established: u32,
+    pub tcp_fin_wait: u32,
+    pub tcp_time_wait: u32,
+    pub tcp_close: u32,
+    pub udp_unreplied: u32,
+    pub udp_assured: u32,
+    pub icmp: u32,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        NatConfig {
+            port_lo: 61000,
+            port_hi: 65535,
+            max_entries: 1 << 20,
+            max_probe: 256,
+            seed: 0x243f_6a88_85a3_08d3,
+            tcp_syn_sent: 120,
+            tcp_established: 7440,
+            tcp_fin_wait: 120,
+            tcp_time_wait: 120,
+            tcp_close: 10,
+            udp_unreplied: 30,
+            udp_assured: 120,
+            icmp: 30,
+        }
+    }
+}
+
+impl NatConfig {
+    /// The timeout of `state`.
+    pub fn timeout(&self, state: NatState) -> u32 {
+        match state {
+            NatState::TcpSynSent => self.tcp_syn_sent,
+            NatState::TcpEstablished => self.tcp_established,
+            NatState::TcpFinWait => self.tcp_fin_wait,
+            NatState::TcpTimeWait => self.tcp_time_wait,
+            NatState::TcpClose => self.tcp_close,
+            NatState::UdpUnreplied => self.udp_unreplied,
+            NatState::UdpAssured => self.udp_assured,
+            NatState::Icmp => self.icmp,
+        }
+    }
+}
+
+/// Why a new flow could not be mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NatError {
+    /// No free node port towards this remote endpoint within `max_probe` tries.
+    Exhausted,
+    /// `max_entries` reached.
+    TableFull,
+    /// The configured port range is empty (`lo > hi`).
+    BadConfig,
+}
+
+impl fmt::Display for NatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NatError::Exhausted => "no free masquerade port for this remote endpoint",
+            NatError::TableFull => "masquerade table full",
+            NatError::BadConfig => "empty masquerade port range",
+        })
+    }
+}
+
+impl std::error::Error for NatError {}
+
+impl From<NatError> for DropReason {
+    fn from(_: NatError) -> Self {
+        DropReason::NatExhausted
+    }
+}
+
+/// A mapping as [`NatTable::get`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NatEntry {
+    pub key: FlowKey,
+    pub node_port: u16,
+    pub state: NatState,
+    /// The entry is dead from this second on.
+    pub expires: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    key: FlowKey,
+    node_port: u16,
+    state: NatState,
+    fins: u8,
+    used: bool,
+    expires: u64,
+}
+
+/// The masquerade table. See the module docs.
+#[derive(Debug, Clone)]
+pub struct NatTable {
+    cfg: NatConfig,
+    slab: Vec<Slot>,
+    free: Vec<u32>,
+    fwd: FxHashMap<FlowKey, u32>,
+    rev: FxHashMap<RevKey, u32>,
+    cursor: usize,
+}
+
+impl NatTable {
+    /// An empty table.
+    pub fn new(cfg: NatConfig) -> Self {
+        Self::with_capacity(cfg, 0)
+    }
+
+    /// An empty table with room for `n` entries before any reallocation (growing a map of a
+    /// million entries rehashes it, which takes milliseconds; reserving avoids that stall).
+    pub fn with_capacity(cfg: NatConfig, n: usize) -> Self {
+        let h = FxBuildHasher { seed: cfg.seed };
+        NatTable {
+            slab: Vec::with_capacity(n),
+            free: Vec::new(),
+            fwd: HashMap::with_capacity_and_hasher(n, h),
+            rev: HashMap::with_capacity_and_hasher(n, h),
+            cursor: 0,
+            cfg,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &NatConfig {
+        &self.cfg
+    }
+
+    /// Entries held, including expired ones not yet reclaimed (`podrouter_nat_entries`).
+    pub fn len(&self) -> usize {
+        self.slab.len() - self.free.len()
+    }
+
+    /// True if no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn timeout(&self, s: NatState) -> u64 {
+        u64::from(self.cfg.timeout(s))
+    }
+
+    fn remove(&mut self, id: u32) {
+        let s = &mut self.slab[id as usize];
+        if !s.used {
+            return;
+        }
+        s.used = false;
+        let (key, port) = (s.key, s.node_port);
+        self.fwd.remove(&key);
+        self.rev.remove(&RevKey::of(&key, port));
+        self.free.push(id);
+    }
+
+    /// The live mapping of `key`, if any.
+    pub fn get(&self, key: &FlowKey, now: u64) -> Option<NatEntry> {
+        let s = &self.slab[*self.fwd.get(key)? as usize];
+        (s.expires > now).then_some(NatEntry {
+            key: s.key,
+            node_port: s.node_port,
+            state: s.state,
+            expires: s.expires,
+        })
+    }
+
+    /// The node port of a live mapping (no state change).
+    #[inline]
+    pub fn lookup(&self, key: &FlowKey, now: u64) -> Option<u16> {
+        let s = &self.slab[*self.fwd.get(key)? as usize];
+        (s.expires > now).then_some(s.node_port)
+    }
+
+    /// The flow a reply belongs to (no state change): ICMP errors use this.
+    #[inline]
+    pub fn lookup_reverse(
+        &self,
+        proto: NatProto,
+        remote_ip: Ipv4Addr,
+        remote_port: u16,
+        node_port: u16,
+        now: u64,
+    ) -> Option<FlowKey> {
+        let rk = RevKey {
+            proto,
+            remote_ip,
+            remote_port,
+            node_port,
+        };
+        let s = &self.slab[*self.rev.get(&rk)? as usize];
+        (s.expires > now).then_some(s.key)
+    }
+
+    /// A pod packet of flow `key`: returns the node port to use, creating the mapping if needed,
+    /// and advances the flow's state and expiry.
+    pub fn egress(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Result<u16, NatError> {
+        if let Some(&id) = self.fwd.get(key) {
+            let s = self.slab[id as usize];
+            if s.expires > now {
+                let (state, fins) =
+                    next_state(key.proto, Some((s.state, s.fins)), Dir::Orig, tcp_flags);
+                let expires = now + self.timeout(state);
+                let s = &mut self.slab[id as usize];
+                s.state = state;
+                s.fins = fins;
+                s.expires = expires;
+                return Ok(s.node_port);
+            }
+            self.remove(id);
+        }
+        if self.len() >= self.cfg.max_entries {
+            // Reclaim a little before refusing: the table may be full of dead entries.
+            self.expire(now, 256);
+            if self.len() >= self.cfg.max_entries {
+                return Err(NatError::TableFull);
+            }
+        }
+        let node_port = self.allocate(key, now)?;
+        let (state, fins) = next_state(key.proto, None, Dir::Orig, tcp_flags);
+        let slot = Slot {
+            key: *key,
+            node_port,
+            state,
+            fins,
+            used: true,
+            expires: now + self.timeout(state),
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slab[id as usize] = slot;
+                id
+            }
+            None => {
+                self.slab.push(slot);
+                (self.slab.len() - 1) as u32
+            }
+        };
+        self.fwd.insert(*key, id);
+        self.rev.insert(RevKey::of(key, node_port), id);
+        Ok(node_port)
+    }
+
+    fn allocate(&mut self, key: &FlowKey, now: u64) -> Result<u16, NatError> {
+        let (lo, hi) = (self.cfg.port_lo, self.cfg.port_hi);
+        if lo > hi {
+            return Err(NatError::BadConfig);
+        }
+        let range = u32::from(hi - lo) + 1;
+        let start = (self.fwd.hasher().hash_one(key) % u64::from(range)) as u32;
+        for i in 0..range.min(self.cfg.max_probe.max(1)) {
+            let port = lo + ((start + i) % range) as u16;
+            let rk = RevKey::of(key, port);
+            match self.rev.get(&rk) {
+                None => return Ok(port),
+                Some(&id) if self.slab[id as usize].expires <= now => {
+                    self.remove(id);
+                    return Ok(port);
+                }
+                Some(_) => {}
+            }
+        }
+        Err(NatError::Exhausted)
+    }
+
+    /// A reply from `remote_ip:remote_port` to node port `node_port`: returns the flow it belongs
+    /// to and advances its state and expiry; `None` if no live mapping matches.
+    pub fn ingress(
+        &mut self,
+        proto: NatProto,
+        remote_ip: Ipv4Addr,
+        remote_port: u16,
+        node_port: u16,
+        tcp_flags: u8,
+        now: u64,
+    ) -> Option<FlowKey> {
+        let rk = RevKey {
+            proto,
+            remote_ip,
+            remote_port,
+            node_port,
+        };
+        let id = *self.rev.get(&rk)?;
+        let s = self.slab[id as usize];
+        if s.expires <= now {
+            self.remove(id);
+            return None;
+        }
+        let (state, fins) = next_state(proto, Some((s.state, s.fins)), Dir::Reply, tcp_flags);
+        let expires = now + self.timeout(state);
+        let s = &mut self.slab[id as usize];
+        s.state = state;
+        s.fins = fins;
+        s.expires = expires;
+        Some(s.key)
+    }
+
+    /// Examines at most `budget` slots (continuing where the previous call stopped) and removes
+    /// the expired ones. Returns how many were removed. A budget of at least the slab size sweeps
+    /// everything once.
+    pub fn expire(&mut self, now: u64, budget: usize) -> usize {
+        let n = self.slab.len();
+        if n == 0 {
+            return 0;
+        }
+        let mut removed = 0;
+        for _ in 0..budget.min(n) {
+            if self.cursor >= n {
+                self.cursor = 0;
+            }
+            let id = self.cursor;
+            self.cursor += 1;
+            let s = &self.slab[id];
+            if s.used && s.expires <= now {
+                self.remove(id as u32);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Heap bytes held by the slab and both maps (hashbrown: one `(key, value)` bucket plus one
+    /// control byte per slot of capacity).
+    pub fn memory_bytes(&self) -> usize {
+        use std::mem::size_of;
+        self.slab.capacity() * size_of::<Slot>()
+            + self.free.capacity() * 4
+            + self.fwd.capacity() * (size_of::<(FlowKey, u32)>() + 1)
+            + self.rev.capacity() * (size_of::<(RevKey, u32)>() + 1)
+    }
+
+    /// Measured bytes per held entry; with no entry, the cost at the maps' maximum load factor
+    /// (7/8).
+    pub fn bytes_per_entry(&self) -> usize {
+        use std::mem::size_of;
+        match self.len() {
+            0 => {
+                size_of::<Slot>()
+                    + (size_of::<(FlowKey, u32)>() + 1) * 8 / 7
+                    + (size_of::<(RevKey, u32)>() + 1) * 8 / 7
+            }
+            n => self.memory_bytes() / n,
+        }
+    }
+}
+
+/// `u16` at `at`, or `Truncated`.
+fn rd16(b: &[u8], at: usize) -> Result<u16, DropReason> {
+    b.get(at..at + 2)
+        .map(|s| u16::from_be_bytes([s[0], s[1]]))
+        .ok_or(DropReason::Truncated)
+}
+
+/// Writes `v` at `at`, or `Truncated` (nothing written).
+fn wr16(b: &mut [u8], at: usize, v: u16) -> Result<(), DropReason> {
+    b.get_mut(at..at + 2)
+        .ok_or(DropReason::Truncated)?
+        .copy_from_slice(&v.to_be_bytes());
+    Ok(())
+}
+
+fn rd32(b: &[u8], at: usize) -> Result<u32, DropReason> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(DropReason::Truncated)
+}
+
+fn wr32(b: &mut [u8], at: usize, v: u32) -> Result<(), DropReason> {
+    b.get_mut(at..at + 4)
+        .ok_or(DropReason::Truncated)?
+        .copy_from_slice(&v.to_be_bytes());
+    Ok(())
+}
+
+/// Where the transport checksum of `proto` sits in its header, and whether it follows the UDP
+/// rules (zero means none, never write zero).
+const fn l4_checksum_at(proto: NatProto) -> (usize, bool) {
+    match proto {
+        NatProto::Tcp => (16, false),
+        NatProto::Udp => (6, true),
+        NatProto::Icmp => (2, false),
+    }
+}
+
+/// Offset of the port / identifier NAT rewrites for the source side of `proto`'s header
+/// (`src == false`: the destination side). ICMP echo has one identifier for both.
+const fn port_at(proto: NatProto, src: bool) -> usize {
+    match (proto, src) {
+        (NatProto::Icmp, _) => 4,
+        (_, true) => 0,
+        (_, false) => 2,
+    }
+}
+
+/// Rewrites one IPv4 address field (`ADDR_SRC` or `ADDR_DST`) of the header at `ip`, fixing the
+/// header checksum. Returns the old address.
+fn rewrite_addr(b: &mut [u8], ip: usize, field: usize, new: Ipv4Addr) -> Result<u32, DropReason> {
+    let old = rd32(b, ip + field)?;
+    let c = rd16(b, ip + 10)?;
+    wr32(b, ip + field, u32::from(new))?;
+    wr16(b, ip + 10, checksum::update32(c, old, u32::from(new)))?;
+    Ok(old)
+}
+
+const ADDR_SRC: usize = 12;
+const ADDR_DST: usize = 16;
+
+/// Rewrites the port / identifier at `l4 + port_off` to `new_port` and fixes the transport
+/// checksum for it and for the address change `old_addr -> new_addr` (pseudo-header; ICMP has
+/// none). Returns the list of (offset, old word, new word) changed, for callers that must also
+/// fix an enclosing checksum. A checksum field beyond the buffer (a truncated quote inside an
+/// ICMP error) is skipped.
+fn rewrite_l4(
+    b: &mut [u8],
+    l4: usize,
+    proto: NatProto,
+    port_off: usize,
+    new_port: u16,
+    addr: (u32, u32),
+    changed: &mut Changes,
+) -> Result<(), DropReason> {
+    let old_port = rd16(b, l4 + port_off)?;
+    wr16(b, l4 + port_off, new_port)?;
+    changed.push(l4 + port_off, old_port, new_port);
+    let (at, udp) = l4_checksum_at(proto);
+    let Ok(c) = rd16(b, l4 + at) else {
+        return Ok(());
+    };
+    let mut n = c;
+    if proto != NatProto::Icmp {
+        n = if udp {
+            checksum::update32_udp(n, addr.0, addr.1)
+        } else {
+            checksum::update32(n, addr.0, addr.1)
+        };
+    }
+    n = if udp {
+        checksum::update16_udp(n, old_port, new_port)
+    } else {
+        checksum::update16(n, old_port, new_port)
+    };
+    wr16(b, l4 + at, n)?;
+    changed.push(l4 + at, c, n);
+    Ok(())
+}
+
+/// Up to 8 changed 16-bit words (an ICMP error changes 5 inside the quote).
+struct Changes {
+    words: [(usize, u16, u16); 8],
+    n: usize,
+}
+
+impl Changes {
+    fn new() -> Self {
+        Changes {
+            words: [(0, 0, 0); 8],
+            n: 0,
+        }
+    }
+    fn push(&mut self, at: usize, old: u16, new: u16) {
+        if self.n < self.words.len() {
+            self.words[self.n] = (at, old, new);
+            self.n += 1;
+        }
+    }
+    fn push32(&mut self, at: usize, old: u32, new: u32) {
+        self.push(at, (old >> 16) as u16, (new >> 16) as u16);
+        self.push(at + 2, old as u16, new as u16);
+    }
+    fn iter(&self) -> impl Iterator<Item = &(usize, u16, u16)> {
+        self.words[..self.n].iter()
+    }
+}
+
+/// The IPv4 packet's addresses, or `Unsupported` (NAT44 only). Fragments are refused.
+fn v4_meta(pkt: &[u8]) -> Result<(wire::IpMeta, Ipv4Addr, Ipv4Addr), DropReason> {
+    let meta = wire::parse_ip(pkt)?;
+    let (IpAddr::V4(src), IpAddr::V4(dst)) = (meta.src, meta.dst) else {
+        return Err(DropReason::Unsupported);
+    };
+    if meta.is_fragment {
+        return Err(DropReason::Unsupported);
+    }
+    Ok((meta, src, dst))
+}
+
+/// Translates a packet from a pod (`pkt` starts at its IPv4 header) to come from
+/// `node_addr`: TCP / UDP source port or ICMP echo identifier mapped through the table,
+/// checksums fixed incrementally. Returns the node port used.
+///
+/// Drops: anything not IPv4 TCP / UDP / ICMP echo request or a fragment (`unsupported`), a
+/// malformed packet (its parse error), no port (`nat_exhausted`).
+pub fn translate_egress(
+    nat: &mut NatTable,
+    pkt: &mut [u8],
+    node_addr: Ipv4Addr,
+    now: u64,
+) -> Result<u16, DropReason> {
+    let (meta, src, dst) = v4_meta(pkt)?;
+    let (key, flags) = match (meta.protocol, meta.l4) {
+        (ip_proto::TCP | ip_proto::UDP, L4Info::Ports { src: sp, dst: dp, tcp_flags }) => (
+            FlowKey {
+                proto: NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?,
+                pod_ip: src,
+                pod_port: sp,
+                remote_ip: dst,
+                remote_port: dp,
+            },
+            tcp_flags,
+        ),
+        (ip_proto::ICMP, L4Info::IcmpEcho { ident, request: true, .. }) => (
+            FlowKey {
+                proto: NatProto::Icmp,
+                pod_ip: src,
+                pod_port: ident,
+                remote_ip: dst,
+                remote_port: 0,
+            },
+            0,
+        ),
+        _ => return Err(DropReason::Unsupported),
+    };
+    let node_port = nat.egress(&key, flags, now)?;
+    let old = rewrite_addr(pkt, 0, ADDR_SRC, node_addr)?;
+    rewrite_l4(
+        pkt,
+        meta.l4_offset,
+        key.proto,
+        port_at(key.proto, true),
+        node_port,
+        (old, u32::from(node_addr)),
+        &mut Changes::new(),
+    )?;
+    Ok(node_port)
+}
+
+/// Translates a packet to the node address back to the pod it belongs to: a TCP / UDP reply, an
+/// ICMP echo reply, or an ICMP error (destination unreachable including fragmentation needed,
+/// time exceeded, parameter problem, ...) quoting a translated packet, whose quoted source
+/// address, port and checksums are restored too. Returns the pod address, the packet's new
+/// destination.
+///
+/// Drops: no live mapping (`nat_no_mapping`), anything else not translatable (`unsupported`), a
+/// malformed packet (its parse error).
+pub fn translate_ingress(
+    nat: &mut NatTable,
+    pkt: &mut [u8],
+    now: u64,
+) -> Result<Ipv4Addr, DropReason> {
+    let (meta, src, _dst) = v4_meta(pkt)?;
+    let l4 = meta.l4_offset;
+    let (key, proto) = match (meta.protocol, meta.l4) {
+        (ip_proto::TCP | ip_proto::UDP, L4Info::Ports { src: sp, dst: dp, tcp_flags }) => {
+            let proto = NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?;
+            let key = nat
+                .ingress(proto, src, sp, dp, tcp_flags, now)
+                .ok_or(DropReason::NatNoMapping)?;
+            (key, proto)
+        }
+        (ip_proto::ICMP, L4Info::IcmpEcho { ident, request: false, .. }) => {
+            let key = nat
+                .ingress(NatProto::Icmp, src, 0, ident, 0, now)
+                .ok_or(DropReason::NatNoMapping)?;
+            (key, NatProto::Icmp)
+        }
+        (ip_proto::ICMP, L4Info::IcmpError { .. }) => {
+            return translate_icmp_error(nat, pkt, l4, meta.total_len, now);
+        }
+        _ => return Err(DropReason::Unsupported),
+    };
+    let old = rewrite_addr(pkt, 0, ADDR_DST, key.pod_ip)?;
+    rewrite_l4(
+        pkt,
+        l4,
+        proto,
+        port_at(proto, false),
+        key.pod_port,
+        (old, u32::from(key.pod_ip)),
+        &mut Changes::new(),
+    )?;
+    Ok(key.pod_ip)
+}
+
+/// RFC 792 / RFC 5508 §7: the error quotes the translated packet (source = node address and
+/// node port). Restore the quote's source address and port and its header and transport
+/// checksums, fix the ICMP checksum for every word changed inside the quote (all fields are at
+/// even offsets from the ICMP header: the quote starts at +8 and IPv4 headers are multiples of 4),
+/// then send the error to the pod.
+fn translate_icmp_error(
+    nat: &NatTable,
+    pkt: &mut [u8],
+    l4: usize,
+    total_len: usize,
+    now: u64,
+) -> Result<Ipv4Addr, DropReason> {
+    let quote = l4 + 8;
+    let (inner_hl, inner_proto, inner_dst, later_fragment) = {
+        let q = pkt.get(quote..total_len).ok_or(DropReason::Truncated)?;
+        let ip = ipv4::Packet::new_checked_header(q)?;
+        (
+            ip.header_len(),
+            ip.protocol(),
+            ip.dst_addr(),
+            ip.frag_offset() != 0,
+        )
+    };
+    if later_fragment {
+        return Err(DropReason::Unsupported);
+    }
+    let proto = NatProto::from_ip_proto(inner_proto).ok_or(DropReason::Unsupported)?;
+    let il4 = quote + inner_hl;
+    // The quote ends at the ICMP message's end, not at the quoted header's total length.
+    let b = pkt.get_mut(..total_len).ok_or(DropReason::Truncated)?;
+    let key = match proto {
+        NatProto::Tcp | NatProto::Udp => {
+            let (sp, dp) = (rd16(b, il4)?, rd16(b, il4 + 2)?);
+            nat.lookup_reverse(proto, inner_dst, dp, sp, now)
+        }
+        NatProto::Icmp => {
+            // Only an error about our echo request can be ours.
+            if b.get(il4).copied() != Some(crate::wire::icmp::msg_type::ECHO_REQUEST) {
+                return Err(DropReason::Unsupported);
+            }
+            nat.lookup_reverse(NatProto::Icmp, inner_dst, 0, rd16(b, il4 + 4)?, now)
+        }
+    }
+    .ok_or(DropReason::NatNoMapping)?;
+
+    let mut changes = Changes::new();
+    let old_src = rd32(b, quote + ADDR_SRC)?;
+    let old_csum = rd16(b, quote + 10)?;
+    rewrite_addr(b, quote, ADDR_SRC, key.pod_ip)?;
+    changes.push32(quote + ADDR_SRC, old_src, u32::from(key.pod_ip));
+    changes.push(quote + 10, old_csum, rd16(b, quote + 10)?);
+    rewrite_l4(
+        b,
+        il4,
+        proto,
+        port_at(proto, true),
+        key.pod_port,
+        (old_src, u32::from(key.pod_ip)),
+        &mut changes,
+    )?;
+    let mut c = rd16(b, l4 + 2)?;
+    for &(_, old, new) in changes.iter() {
+        c = checksum::update16(c, old, new);
+    }
+    wr16(b, l4 + 2, c)?;
+    rewrite_addr(b, 0, ADDR_DST, key.pod_ip)?;
+    Ok(key.pod_ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{icmp, tcp, udp};
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn cfg() -> NatConfig {
+        NatConfig {
+            port_lo: 61000,
+            port_hi: 61007,
+            ..NatConfig::default()
+        }
+    }
+
+    fn flow(proto: NatProto, pod_port: u16, remote: &str, rport: u16) -> FlowKey {
+        FlowKey {
+            proto,
+            pod_ip: v4("10.244.1.10"),
+            pod_port,
+            remote_ip: v4(remote),
+            remote_port: rport,
+        }
+    }
+
+    const SYN: u8 = tcp_flag::SYN;
+    const SYNACK: u8 = tcp_flag::SYN | tcp_flag::ACK;
+    const ACK: u8 = tcp_flag::ACK;
+    const FIN: u8 = tcp_flag::FIN | tcp_flag::ACK;
+    const RST: u8 = tcp_flag::RST;
+
+    #[test]
+    fn same_flow_same_port_distinct_flows_distinct_ports() {
+        let mut t = NatTable::new(cfg());
+        let a = flow(NatProto::Udp, 5000, "203.0.113.1", 53);
+        let p = t.egress(&a, 0, 0).unwrap();
+        assert!((61000..=61007).contains(&p));
+        assert_eq!(t.egress(&a, 0, 1).unwrap(), p);
+        let mut used = vec![p];
+        for i in 1..8 {
+            let f = flow(NatProto::Udp, 5000 + i, "203.0.113.1", 53);
+            let q = t.egress(&f, 0, 1).unwrap();
+            assert!(!used.contains(&q));
+            used.push(q);
+        }
+        // The range is full towards 203.0.113.1:53 ...
+        let f = flow(NatProto::Udp, 6000, "203.0.113.1", 53);
+        assert_eq!(t.egress(&f, 0, 1), Err(NatError::Exhausted));
+        // ... and existing flows are untouched.
+        assert_eq!(t.lookup(&a, 1), Some(p));
+        assert_eq!(t.len(), 8);
+        // Another remote endpoint (other port or other address) has its own capacity.
+        assert!(t.egress(&flow(NatProto::Udp, 6000, "203.0.113.1", 54), 0, 1).is_ok());
+        assert!(t.egress(&flow(NatProto::Udp, 6000, "203.0.113.2", 53), 0, 1).is_ok());
+        // Another protocol too.
+        assert!(t.egress(&flow(NatProto::Tcp, 6000, "203.0.113.1", 53), SYN, 1).is_ok());
+    }
+
+    #[test]
+    fn one_port_reused_across_remote_endpoints() {
+        let mut t = NatTable::new(NatConfig {
+            port_lo: 62000,
+            port_hi: 62000,
+            ..NatConfig::default()
+        });
+        for i in 0..50u16 {
+            let f = flow(NatProto::Tcp, 40000 + i, "198.51.100.9", 1000 + i);
+            assert_eq!(t.egress(&f, SYN, 0), Ok(62000));
+        }
+        for i in 0..50u16 {
+            let k = t
+                .ingress(NatProto::Tcp, v4("198.51.100.9"), 1000 + i, 62000, SYNACK, 1)
+                .unwrap();
+            assert_eq!(k.pod_port, 40000 + i);
+        }
+        assert_eq!(
+            t.egress(&flow(NatProto::Tcp, 1, "198.51.100.9", 1000), SYN, 1),
+            Err(NatError::Exhausted)
+        );
+    }
+
+    #[test]
+    fn reverse_lookup_and_wrong_endpoint() {
+        let mut t = NatTable::new(cfg());
+        let a = flow(NatProto::Tcp, 40000, "203.0.113.1", 443);
+        let p = t.egress(&a, SYN, 0).unwrap();
+        assert_eq!(
+            t.lookup_reverse(NatProto::Tcp, v4("203.0.113.1"), 443, p, 0),
+            Some(a)
+        );
+        assert_eq!(t.lookup_reverse(NatProto::Tcp, v4("203.0.113.1"), 444, p, 0), None);
+        assert_eq!(t.lookup_reverse(NatProto::Udp, v4("203.0.113.1"), 443, p, 0), None);
+        assert_eq!(t.lookup_reverse(NatProto::Tcp, v4("203.0.113.2"), 443, p, 0), None);
+        assert_eq!(t.ingress(NatProto::Tcp, v4("203.0.113.1"), 443, p + 1, ACK, 0), None);
+    }
+
+    #[test]
+    fn tcp_lifecycle_and_timeouts() {
+        let c = NatConfig::default();
+        let mut t = NatTable::new(c.clone());
+        let a = flow(NatProto::Tcp, 40000, "203.0.113.1", 443);
+        let r = |t: &mut NatTable, p: u16, f: u8, now: u64| {
+            t.ingress(NatProto::Tcp, v4("203.0.113.1"), 443, p, f, now)
+        };
+        let p = t.egress(&a, SYN, 100).unwrap();
+        let e = t.get(&a, 100).unwrap();
+        assert_eq!((e.state, e.expires), (NatState::TcpSynSent, 100 + 120));
+        r(&mut t, p, SYNACK, 101).unwrap();
+        let e = t.get(&a, 101).unwrap();
+        assert_eq!((e.state, e.expires), (NatState::TcpEstablished, 101 + 7440));
+        t.egress(&a, ACK, 5000).unwrap();
+        assert_eq!(t.get(&a, 5000).unwrap().expires, 5000 + 7440);
+        t.egress(&a, FIN, 6000).unwrap();
+        assert_eq!(t.get(&a, 6000).unwrap().state, NatState::TcpFinWait);
+        // A FIN retransmitted by the same side does not close the other half.
+        t.egress(&a, FIN, 6001).unwrap();
+        assert_eq!(t.get(&a, 6001).unwrap().state, NatState::TcpFinWait);
+        r(&mut t, p, FIN, 6002).unwrap();
+        let e = t.get(&a, 6002).unwrap();
+        assert_eq!((e.state, e.expires), (NatState::TcpTimeWait, 6002 + 120));
+        // A new SYN on the same 5-tuple reopens the mapping with the same port.
+        assert_eq!(t.egress(&a, SYN, 6003), Ok(p));
+        assert_eq!(t.get(&a, 6003).unwrap().state, NatState::TcpSynSent);
+        r(&mut t, p, RST, 6004).unwrap();
+        let e = t.get(&a, 6004).unwrap();
+        assert_eq!((e.state, e.expires), (NatState::TcpClose, 6014));
+        assert!(t.get(&a, 6013).is_some());
+        assert!(t.get(&a, 6014).is_none());
+        assert_eq!(r(&mut t, p, ACK, 6014), None);
+    }
+
+    #[test]
+    fn tcp_mid_stream_pickup_and_syn_timeout() {
+        let mut t = NatTable::new(NatConfig::default());
+        let a = flow(NatProto::Tcp, 40000, "203.0.113.1", 443);
+        t.egress(&a, ACK, 0).unwrap();
+        assert_eq!(t.get(&a, 0).unwrap().state, NatState::TcpEstablished);
+        let b = flow(NatProto::Tcp, 40001, "203.0.113.1", 443);
+        t.egress(&b, SYN, 0).unwrap();
+        assert!(t.get(&b, 119).is_some());
+        assert!(t.get(&b, 120).is_none());
+    }
+
+    #[test]
+    fn udp_and_icmp_timeouts() {
+        let mut t = NatTable::new(NatConfig::default());
+        let u = flow(NatProto::Udp, 5353, "203.0.113.1", 53);
+        let p = t.egress(&u, 0, 0).unwrap();
+        assert_eq!(t.get(&u, 0).unwrap().expires, 30);
+        t.ingress(NatProto::Udp, v4("203.0.113.1"), 53, p, 0, 10).unwrap();
+        let e = t.get(&u, 10).unwrap();
+        assert_eq!((e.state, e.expires), (NatState::UdpAssured, 130));
+        t.egress(&u, 0, 20).unwrap();
+        assert_eq!(t.get(&u, 20).unwrap().expires, 140);
+        let i = flow(NatProto::Icmp, 77, "203.0.113.1", 0);
+        t.egress(&i, 0, 0).unwrap();
+        assert_eq!(t.get(&i, 0).unwrap().expires, 30);
+    }
+
+    #[test]
+    fn expired_entries_free_their_port_and_are_swept() {
+        let mut t = NatTable::new(NatConfig {
+            port_lo: 61000,
+            port_hi: 61000,
+            ..NatConfig::default()
+        });
+        let a = flow(NatProto::Udp, 1, "203.0.113.1", 53);
+        let b = flow(NatProto::Udp, 2, "203.0.113.1", 53);
+        assert_eq!(t.egress(&a, 0, 0), Ok(61000));
+        assert_eq!(t.egress(&b, 0, 29), Err(NatError::Exhausted));
+        // At 30 the mapping of `a` is dead: its port goes to `b` at once, no sweep needed.
+        assert_eq!(t.egress(&b, 0, 30), Ok(61000));
+        assert_eq!(t.lookup(&a, 30), None);
+        assert_eq!(t.len(), 1);
+        for i in 0..100 {
+            t.egress(&flow(NatProto::Udp, 100 + i, "198.51.100.1", i), 0, 40)
+                .unwrap();
+        }
+        assert_eq!(t.len(), 101);
+        // Bounded: at most `budget` slots per call.
+        assert_eq!(t.expire(1000, 10), 10);
+        assert_eq!(t.len(), 91);
+        assert_eq!(t.expire(1000, 1000), 91);
+        assert!(t.is_empty());
+        assert_eq!(t.expire(1000, 1000), 0);
+    }
+
+    #[test]
+    fn table_full() {
+        let mut t = NatTable::new(NatConfig {
+            max_entries: 3,
+            ..NatConfig::default()
+        });
+        for i in 0..3 {
+            t.egress(&flow(NatProto::Udp, i, "203.0.113.1", 53), 0, 0).unwrap();
+        }
+        let d = flow(NatProto::Udp, 9, "203.0.113.1", 53);
+        assert_eq!(t.egress(&d, 0, 1), Err(NatError::TableFull));
+        assert_eq!(DropReason::from(NatError::TableFull), DropReason::NatExhausted);
+        // Once the others expired, room is made on demand.
+        assert!(t.egress(&d, 0, 31).is_ok());
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn memory_estimate_is_sane() {
+        let mut t = NatTable::new(NatConfig::default());
+        let empty = t.bytes_per_entry();
+        assert!((40..200).contains(&empty), "{empty}");
+        for i in 0..10_000u32 {
+            let f = FlowKey {
+                proto: NatProto::Udp,
+                pod_ip: Ipv4Addr::from(0x0af4_0100 + (i % 200)),
+                pod_port: 10000 + (i / 200) as u16,
+                remote_ip: Ipv4Addr::from(0xcb00_7100 + (i % 7)),
+                remote_port: 53,
+            };
+            t.egress(&f, 0, 0).unwrap();
+        }
+        let b = t.bytes_per_entry();
+        assert!((40..400).contains(&b), "{b}");
+    }
+
+    // ---- packets ----
+
+    const POD: &str = "10.244.1.10";
+    const NODE: &str = "172.16.2.2";
+    const REMOTE: &str = "203.0.113.7";
+
+    fn ip_packet(src: &str, dst: &str, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + l4.len()];
+        ipv4::Repr {
+            src: v4(src),
+            dst: v4(dst),
+            protocol: proto,
+            payload_len: l4.len(),
+            ttl: 64,
+            tos: 0,
+            ident: 0x1234,
+            dont_frag: true,
+        }
+        .emit(&mut ipv4::Packet::new_unchecked(&mut p[..]))
+        .unwrap();
+        p[20..].copy_from_slice(l4);
+        p
+    }
+
+    fn tcp_packet(src: &str, sp: u16, dst: &str, dp: u16, flags: u8) -> Vec<u8> {
+        let mut l4 = vec![0u8; 24];
+        l4[0..2].copy_from_slice(&sp.to_be_bytes());
+        l4[2..4].copy_from_slice(&dp.to_be_bytes());
+        l4[4..8].copy_from_slice(&0x0102_0304u32.to_be_bytes());
+        l4[12] = 5 << 4;
+        l4[13] = flags;
+        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        l4[20..24].copy_from_slice(b"data");
+        let mut p = ip_packet(src, dst, ip_proto::TCP, &l4);
+        tcp::Packet::new_unchecked(&mut p[20..]).fill_checksum(
+            IpAddr::V4(v4(src)),
+            IpAddr::V4(v4(dst)),
+        );
+        p
+    }
+
+    fn udp_packet(src: &str, sp: u16, dst: &str, dp: u16, with_checksum: bool) -> Vec<u8> {
+        let mut l4 = vec![0u8; 8 + 5];
+        l4[0..2].copy_from_slice(&sp.to_be_bytes());
+        l4[2..4].copy_from_slice(&dp.to_be_bytes());
+        l4[4..6].copy_from_slice(&13u16.to_be_bytes());
+        l4[8..].copy_from_slice(b"hello");
+        let mut p = ip_packet(src, dst, ip_proto::UDP, &l4);
+        if with_checksum {
+            udp::Packet::new_unchecked(&mut p[20..]).fill_checksum_v4(v4(src), v4(dst));
+        }
+        p
+    }
+
+    fn icmp_echo(src: &str, dst: &str, request: bool, ident: u16) -> Vec<u8> {
+        let mut l4 = vec![0u8; 8 + 4];
+        l4[0] = if request { 8 } else { 0 };
+        l4[4..6].copy_from_slice(&ident.to_be_bytes());
+        l4[6..8].copy_from_slice(&1u16.to_be_bytes());
+        l4[8..].copy_from_slice(b"ping");
+        let mut p = ip_packet(src, dst, ip_proto::ICMP, &l4);
+        icmp::Packet::new_unchecked(&mut p[20..]).fill_checksum();
+        p
+    }
+
+    /// An ICMP error from `from` to `to` quoting the first `quote_len` bytes of `orig`.
+    fn icmp_error(from: &str, to: &str, t: u8, code: u8, orig: &[u8], quote_len: usize) -> Vec<u8> {
+        let mut l4 = vec![0u8; 8];
+        l4[0] = t;
+        l4[1] = code;
+        if t == 3 && code == 4 {
+            l4[6..8].copy_from_slice(&1400u16.to_be_bytes());
+        }
+        l4.extend_from_slice(&orig[..quote_len.min(orig.len())]);
+        let mut p = ip_packet(from, to, ip_proto::ICMP, &l4);
+        icmp::Packet::new_unchecked(&mut p[20..]).fill_checksum();
+        p
+    }
+
+    fn assert_valid(p: &[u8]) {
+        let ip = ipv4::Packet::new_checked(p).unwrap();
+        assert!(ip.verify_checksum(), "ip checksum");
+        let (s, d) = (IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()));
+        let l4 = &p[ip.header_len()..];
+        match ip.protocol() {
+            ip_proto::TCP => assert!(tcp::Packet::new_checked(l4).unwrap().verify_checksum(s, d)),
+            ip_proto::UDP => assert!(udp::Packet::new_checked(l4).unwrap().verify_checksum(s, d)),
+            ip_proto::ICMP => assert!(icmp::Packet::new_checked(l4).unwrap().verify_checksum()),
+            _ => {}
+        }
+    }
+
+    fn meta(p: &[u8]) -> wire::IpMeta {
+        wire::parse_ip(p).unwrap()
+    }
+
+    #[test]
+    fn tcp_round_trip() {
+        let mut t = NatTable::new(NatConfig::default());
+        let mut p = tcp_packet(POD, 40000, REMOTE, 443, SYN);
+        let port = translate_egress(&mut t, &mut p, v4(NODE), 0).unwrap();
+        assert_valid(&p);
+        let m = meta(&p);
+        assert_eq!(m.src, IpAddr::V4(v4(NODE)));
+        assert_eq!(m.ports(), Some((port, 443)));
+        assert_eq!(&p[40..44], b"data");
+
+        let mut r = tcp_packet(REMOTE, 443, NODE, port, SYNACK);
+        assert_eq!(translate_ingress(&mut t, &mut r, 1), Ok(v4(POD)));
+        assert_valid(&r);
+        let m = meta(&r);
+        assert_eq!((m.src, m.dst), (IpAddr::V4(v4(REMOTE)), IpAddr::V4(v4(POD))));
+        assert_eq!(m.ports(), Some((443, 40000)));
+        let key = flow(NatProto::Tcp, 40000, REMOTE, 443);
+        assert_eq!(t.get(&key, 1).unwrap().state, NatState::TcpEstablished);
+
+        // A reply to a port nobody holds.
+        let mut r = tcp_packet(REMOTE, 443, NODE, port.wrapping_add(1), ACK);
+        assert_eq!(translate_ingress(&mut t, &mut r, 1), Err(DropReason::NatNoMapping));
+    }
+
+    #[test]
+    fn udp_round_trip_with_and_without_checksum() {
+        for with in [true, false] {
+            let mut t = NatTable::new(NatConfig::default());
+            let mut p = udp_packet(POD, 5353, REMOTE, 53, with);
+            let port = translate_egress(&mut t, &mut p, v4(NODE), 0).unwrap();
+            assert_valid(&p);
+            let csum = u16::from_be_bytes([p[26], p[27]]);
+            assert_eq!(csum == 0, !with, "zero checksum means none and stays none");
+            let mut r = udp_packet(REMOTE, 53, NODE, port, with);
+            assert_eq!(translate_ingress(&mut t, &mut r, 1), Ok(v4(POD)));
+            assert_valid(&r);
+            assert_eq!(meta(&r).ports(), Some((53, 5353)));
+        }
+    }
+
+    #[test]
+    fn icmp_echo_round_trip() {
+        let mut t = NatTable::new(NatConfig::default());
+        let mut p = icmp_echo(POD, REMOTE, true, 0x4242);
+        let id = translate_egress(&mut t, &mut p, v4(NODE), 0).unwrap();
+        assert_valid(&p);
+        assert_eq!(meta(&p).icmp_id(), Some(id));
+        let mut r = icmp_echo(REMOTE, NODE, false, id);
+        assert_eq!(translate_ingress(&mut t, &mut r, 1), Ok(v4(POD)));
+        assert_valid(&r);
+        assert_eq!(meta(&r).icmp_id(), Some(0x4242));
+        // An echo reply is not something a pod starts a mapping with.
+        let mut q = icmp_echo(POD, REMOTE, false, 1);
+        assert_eq!(
+            translate_egress(&mut t, &mut q, v4(NODE), 0),
+            Err(DropReason::Unsupported)
+        );
+    }
+
+    /// Checks the quoted packet inside a translated ICMP error.
+    fn quoted(r: &[u8]) -> (wire::IpMeta, &[u8]) {
+        let q = &r[28..];
+        let ip = ipv4::Packet::new_checked_header(q).unwrap();
+        assert!(ip.verify_checksum(), "quoted ip checksum");
+        assert_eq!(ip.src_addr(), v4(POD));
+        assert_eq!(ip.dst_addr(), v4(REMOTE));
+        (meta(q), q)
+    }
+
+    #[test]
+    fn icmp_errors_are_translated_back() {
+        let mut t = NatTable::new(NatConfig::default());
+        // Fragmentation needed for a TCP segment, 8 bytes of transport quoted (RFC 792 minimum):
+        // the quoted TCP checksum is not there and must not be touched.
+        let mut p = tcp_packet(POD, 40000, REMOTE, 443, SYN);
+        let port = translate_egress(&mut t, &mut p, v4(NODE), 0).unwrap();
+        let mut e = icmp_error("198.51.100.1", NODE, 3, 4, &p, 28);
+        assert_eq!(translate_ingress(&mut t, &mut e, 1), Ok(v4(POD)));
+        assert_valid(&e);
+        assert_eq!(meta(&e).dst, IpAddr::V4(v4(POD)));
+        assert_eq!(u16::from_be_bytes([e[26], e[27]]), 1400, "MTU kept");
+        let q = &e[28..];
+        let ip = ipv4::Packet::new_checked_header(q).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!((ip.src_addr(), ip.dst_addr()), (v4(POD), v4(REMOTE)));
+        assert_eq!(u16::from_be_bytes([q[20], q[21]]), 40000);
+        assert_eq!(u16::from_be_bytes([q[22], q[23]]), 443);
+
+        // Time exceeded for a whole UDP datagram: the quoted UDP checksum is restored too.
+        let mut p = udp_packet(POD, 5353, REMOTE, 53, true);
+        translate_egress(&mut t, &mut p, v4(NODE), 0).unwrap();
+        let mut e = icmp_error("198.51.100.1", NODE, 11, 0, &p, p.len());
+        assert_eq!(translate_ingress(&mut t, &mut e, 1), Ok(v4(POD)));
+        assert_valid(&e);
+        let (m, q) = quoted(&e);
+        assert_eq!(m.ports(), Some((5353, 53)));
+        assert!(udp::Packet::new_checked(&q[20..])
+            .unwrap()
+            .verify_checksum(IpAddr::V4(v4(POD)), IpAddr::V4(v4(REMOTE))));
+
+        // Destination unreachable about an echo request: the quoted identifier and ICMP checksum.
+        let mut p = icmp_echo(POD, REMOTE, true, 0x4242);
+        translate_egress(&mut t, &mut p, v4(NODE), 0).unwrap();
+        let mut e = icmp_error(REMOTE, NODE, 3, 1, &p, p.len());
+        assert_eq!(translate_ingress(&mut t, &mut e, 1), Ok(v4(POD)));
+        assert_valid(&e);
+        let (m, q) = quoted(&e);
+        assert_eq!(m.icmp_id(), Some(0x4242));
+        assert!(icmp::Packet::new_checked(&q[20..]).unwrap().verify_checksum());
+
+        // An error quoting a flow we never translated.
+        let other = tcp_packet(NODE, port.wrapping_add(1), REMOTE, 443, SYN);
+        let mut e = icmp_error("198.51.100.1", NODE, 3, 4, &other, 28);
+        assert_eq!(translate_ingress(&mut t, &mut e, 1), Err(DropReason::NatNoMapping));
+        // A quote too short to hold the ports.
+        let mut e = icmp_error("198.51.100.1", NODE, 3, 4, &p, 22);
+        assert_eq!(translate_ingress(&mut t, &mut e, 1), Err(DropReason::Truncated));
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_translate() {
+        let mut t = NatTable::new(NatConfig::default());
+        let n = v4(NODE);
+        // A fragment.
+        let mut p = udp_packet(POD, 1, REMOTE, 2, true);
+        p[6] |= 0x20; // MF
+        ipv4::Packet::new_unchecked(&mut p[..]).fill_checksum();
+        assert_eq!(translate_egress(&mut t, &mut p, n, 0), Err(DropReason::Unsupported));
+        // Another protocol (GRE).
+        let mut p = ip_packet(POD, REMOTE, 47, &[0; 8]);
+        assert_eq!(translate_egress(&mut t, &mut p, n, 0), Err(DropReason::Unsupported));
+        // Garbage and truncation map to their parse errors.
+        assert_eq!(translate_egress(&mut t, &mut [], n, 0), Err(DropReason::Truncated));
+        let mut p = tcp_packet(POD, 1, REMOTE, 2, SYN);
+        assert_eq!(
+            translate_egress(&mut t, &mut p[..30], n, 0),
+            Err(DropReason::Truncated)
+        );
+        let mut p = tcp_packet(POD, 1, REMOTE, 2, SYN);
+        p[10] ^= 0xff;
+        assert_eq!(translate_egress(&mut t, &mut p, n, 0), Err(DropReason::BadChecksum));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn hasher_spreads_keys() {
+        let h = FxBuildHasher { seed: 1 };
+        let mut low = std::collections::HashSet::new();
+        for i in 0..4096u32 {
+            // Keys differing only in the top octet of the remote address.
+            let k = FlowKey {
+                proto: NatProto::Tcp,
+                pod_ip: v4(POD),
+                pod_port: 1,
+                remote_ip: Ipv4Addr::from(i << 20),
+                remote_port: 80,
+            };
+            low.insert(h.hash_one(k) & 0xfff);
+        }
+        assert!(low.len() > 2000, "{}", low.len());
+    }
+}

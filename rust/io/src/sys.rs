@@ -1,0 +1,191 @@
+//! Thin, checked wrappers over the libc calls the engine shares: errno conversion, socket options,
+//! epoll and eventfd. Every `unsafe` block states why the call is sound.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// `-1` -> the thread's errno as an `io::Error`.
+pub(crate) fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// [`cvt`] for calls returning `ssize_t`.
+pub(crate) fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Wraps a freshly returned descriptor so it is closed exactly once.
+pub(crate) fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = cvt(fd)?;
+    // SAFETY: `fd` was just returned by the kernel as a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(crate) fn setsockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: T) -> io::Result<()> {
+    // SAFETY: `val` lives on our stack for the duration of the call and its exact size is passed, so
+    // the kernel reads only initialised memory that we own.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&val as *const T).cast::<libc::c_void>(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    cvt(r).map(drop)
+}
+
+pub(crate) fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `val` and `len` are valid for writes of the sizes given; the kernel writes at most `len`.
+    let r = unsafe { libc::getsockopt(fd, level, name, (&mut val as *mut libc::c_int).cast(), &mut len) };
+    cvt(r).map(|_| val)
+}
+
+/// An `eventfd` used to wake workers blocked in `epoll_wait` (shutdown).
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<EventFd> {
+        // SAFETY: plain syscall with constant flags; the result is checked by `owned`.
+        owned(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) }).map(EventFd)
+    }
+
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64, the size eventfd requires. A failure (counter
+        // saturated) still leaves the fd readable, which is all a wake-up needs.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Level-triggered epoll over a handful of descriptors identified by a `u64` token.
+pub(crate) struct Epoll {
+    fd: OwnedFd,
+    events: Vec<libc::epoll_event>,
+}
+
+impl Epoll {
+    pub(crate) fn new(capacity: usize) -> io::Result<Epoll> {
+        // SAFETY: plain syscall with a constant flag; the result is checked by `owned`.
+        let fd = owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        Ok(Epoll { fd, events: vec![libc::epoll_event { events: 0, u64: 0 }; capacity.max(1)] })
+    }
+
+    pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call; the kernel copies it.
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(drop)
+    }
+
+    /// Waits up to `timeout_ms` and returns the tokens of the ready descriptors.
+    pub(crate) fn wait(&mut self, timeout_ms: i32, ready: &mut Vec<u64>) -> io::Result<()> {
+        ready.clear();
+        // SAFETY: `events` is an initialised buffer of `len` epoll_events that the kernel may fill.
+        let n = unsafe {
+            libc::epoll_wait(self.fd.as_raw_fd(), self.events.as_mut_ptr(), self.events.len() as i32, timeout_ms)
+        };
+        match cvt(n) {
+            Ok(n) => {
+                ready.extend(self.events[..n as usize].iter().map(|e| e.u64));
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// `ifreq` as the TUN and interface ioctls use it: a name and a 24-byte union, of which we use the
+/// leading `short` (flags) or `int` (mtu, ifindex).
+#[repr(C)]
+pub(crate) struct IfReq {
+    pub(crate) name: [u8; libc::IFNAMSIZ],
+    pub(crate) data: [u8; 24],
+}
+
+impl IfReq {
+    pub(crate) fn new(name: &str) -> io::Result<IfReq> {
+        let b = name.as_bytes();
+        if b.is_empty() || b.len() >= libc::IFNAMSIZ || b.contains(&0) || b.contains(&b'/') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+        }
+        let mut r = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
+        r.name[..b.len()].copy_from_slice(b);
+        Ok(r)
+    }
+
+    pub(crate) fn name(&self) -> String {
+        let end = self.name.iter().position(|&c| c == 0).unwrap_or(self.name.len());
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+
+    pub(crate) fn set_short(&mut self, v: i16) {
+        self.data[..2].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    pub(crate) fn set_int(&mut self, v: i32) {
+        self.data[..4].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    pub(crate) fn int(&self) -> i32 {
+        i32::from_ne_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
+}
+
+/// `ioctl(fd, req, &mut ifreq)`.
+pub(crate) fn ioctl_ifreq(fd: RawFd, req: libc::c_ulong, ifr: &mut IfReq) -> io::Result<()> {
+    // SAFETY: `ifr` is a live, correctly sized (40-byte) `struct ifreq` the kernel may read and write.
+    cvt(unsafe { libc::ioctl(fd, req as _, ifr as *mut IfReq) }).map(drop)
+}
+
+/// `ioctl(fd, req, value)` for requests that take an integer argument by value.
+pub(crate) fn ioctl_val(fd: RawFd, req: libc::c_ulong, val: libc::c_ulong) -> io::Result<()> {
+    // SAFETY: the request takes its argument by value, so no memory is shared with the kernel.
+    cvt(unsafe { libc::ioctl(fd, req as _, val) }).map(drop)
+}
+
+/// `ioctl(fd, req, &mut int)`.
+pub(crate) fn ioctl_int_ptr(fd: RawFd, req: libc::c_ulong, val: &mut libc::c_int) -> io::Result<()> {
+    // SAFETY: `val` is a live int the kernel reads (`_IOW`) or writes (`_IOR`).
+    cvt(unsafe { libc::ioctl(fd, req as _, val as *mut libc::c_int) }).map(drop)
+}
+
+/// `_IOW(type, nr, size)` from `<asm-generic/ioctl.h>`.
+pub(crate) const fn iow(ty: u8, nr: u8, size: usize) -> libc::c_ulong {
+    ((1 << 30) | (size << 16) | ((ty as usize) << 8) | nr as usize) as libc::c_ulong
+}
+
+/// Interface index of `name` in the calling thread's network namespace.
+pub(crate) fn if_index(name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a NUL-terminated string that outlives the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(idx)
+    }
+}
+
+/// A datagram socket for interface ioctls (SIOCSIFMTU).
+pub(crate) fn ctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with constant arguments; the result is checked by `owned`.
+    owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
+}

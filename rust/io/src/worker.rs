@@ -1,0 +1,786 @@
+//! The engine: worker threads that move packets between the TUN, the tunnel UDP sockets and the
+//! underlay AF_PACKET socket, asking `podrouter-core` what to do with each.
+//!
+//! Each worker owns one TUN queue and one `SO_REUSEPORT` receive socket per tunnel port, and waits
+//! on all of them with epoll (level-triggered, so a batch cap keeps the two directions fair). The
+//! tables live in an `ArcSwapOption`: a swap is one atomic pointer store, a worker `load()`s once
+//! per batch, and a batch in flight finishes on the tables it started with, so no packet is lost or
+//! judged half by old and half by new tables. Workers never take a lock on the packet path and
+//! never touch Python.
+//!
+//! Egress (TUN read, maybe a 64 KiB TSO super-packet):
+//! * native: Ethernet header in front, the vnet header moved in front of that, one AF_PACKET send
+//!   of the whole super-packet (the kernel segments it after tc);
+//! * tunnel: segment in userspace straight into `[tunnel hdr][segment]` units laid back to back,
+//!   encapsulate each unit in place, and send the train with one UDP GSO `sendmmsg` entry per
+//!   ≤ 64 units;
+//! * masquerade: not wired yet (counted as `unsupported` drops); local / drop: counted.
+//!
+//! Ingress (UDP, maybe a GRO train): split by the GRO segment size, decapsulate and validate each
+//! datagram, apply the RFC 6040 ECN rule, write the inner packet to the TUN.
+
+use crate::af_packet::{self, FrameScratch, PacketSocket, TxFrame};
+use crate::counters::{Dir, Path, Snapshot, Stat, WorkerCounters};
+use crate::sys::{EventFd, Epoll};
+use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
+use crate::udp::{self, RecvBatch, SendScratch, TxMsg, UdpSocket};
+use crate::vnet::{self, VnetHdr, VNET_HDR_LEN};
+use arc_swap::ArcSwapOption;
+use podrouter_core::classify::{DropReason, Tables, TunnelProto, Verdict};
+use podrouter_core::encap::{self, EncapParams};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Bytes kept free in front of every packet read from the TUN: room for the vnet header the read
+/// itself fills, and afterwards for any encapsulation (`encap::MAX_HEADROOM`) or for an Ethernet
+/// plus vnet header (native).
+const HEADROOM: usize = 128;
+const _: () = assert!(HEADROOM >= encap::MAX_HEADROOM + VNET_HDR_LEN && HEADROOM >= af_packet::ETH_HLEN + VNET_HDR_LEN);
+
+/// Inner destination MAC of VXLAN frames. The receiving podrouter ignores the inner Ethernet
+/// header (it routes on the inner IP header); a locally administered unicast address keeps the
+/// frame well formed for captures and for any L2 device on the way.
+pub const VXLAN_INNER_DST_MAC: [u8; 6] = [0x02, 0x70, 0x72, 0x00, 0x00, 0x01];
+
+/// Drop reasons of the I/O layer, counted after the core's [`DropReason::ALL`].
+pub const IO_DROP_REASONS: [&str; 1] = [
+    // The kernel refused a send or a TUN write (ENOBUFS, a send timeout, EMSGSIZE, ...).
+    "tx_error",
+];
+const TX_ERROR: usize = DropReason::ALL.len();
+
+/// Every drop reason name, in counter index order.
+pub fn drop_reason_names() -> Vec<&'static str> {
+    DropReason::ALL.iter().map(|r| r.as_str()).chain(IO_DROP_REASONS).collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub tun_name: String,
+    /// MTU to set on the TUN when it is created (`None`: leave the kernel default).
+    pub tun_mtu: Option<u32>,
+    /// Underlay interface for native sends (0: no native path; such packets are dropped `no_route`).
+    pub underlay_ifindex: u32,
+    pub underlay_mac: [u8; 6],
+    /// Outer source of tunnels; the tunnel ports are bound on it.
+    pub underlay_address: Ipv4Addr,
+    /// 0 disables the listener.
+    pub vxlan_port: u16,
+    pub geneve_port: u16,
+    pub workers: usize,
+    /// TUN and AF_PACKET checksum/segmentation offload.
+    pub offload: bool,
+    /// Number of send sockets (distinct outer UDP source ports).
+    pub tx_sockets: usize,
+    /// Most TUN reads (and `recvmmsg` messages) per batch.
+    pub batch: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            tun_name: "podr0".into(),
+            tun_mtu: None,
+            underlay_ifindex: 0,
+            underlay_mac: [0; 6],
+            underlay_address: Ipv4Addr::UNSPECIFIED,
+            vxlan_port: TunnelProto::Vxlan.default_port(),
+            geneve_port: TunnelProto::Geneve.default_port(),
+            workers: 1,
+            offload: true,
+            tx_sockets: 8,
+            batch: 32,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks values the kernel would otherwise reject later with a less helpful error; the
+    /// `String` names the config key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.workers == 0 || self.workers > 64 {
+            return Err(format!("workers: {} is not in 1..=64", self.workers));
+        }
+        if self.tx_sockets == 0 || self.tx_sockets > 256 {
+            return Err(format!("tx_sockets: {} is not in 1..=256", self.tx_sockets));
+        }
+        if self.batch == 0 || self.batch > 1024 {
+            return Err(format!("batch: {} is not in 1..=1024", self.batch));
+        }
+        if self.vxlan_port != 0 && self.vxlan_port == self.geneve_port {
+            return Err(format!("geneve_port: {} is also the vxlan_port", self.geneve_port));
+        }
+        if let Some(m) = self.tun_mtu {
+            if !(68..=65535).contains(&m) {
+                return Err(format!("tun_mtu: {m} is not in 68..=65535"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which offloads the kernel granted, for `counters()["offload"]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OffloadInfo {
+    /// `TUN_F_*` bits accepted by `TUNSETOFFLOAD`.
+    pub tun_flags: u32,
+    pub udp_gso: bool,
+    pub udp_gro: bool,
+    pub packet_vnet_hdr: bool,
+}
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    alive: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
+    tx_pool: Arc<[UdpSocket]>,
+    pkt: Option<Arc<PacketSocket>>,
+}
+
+/// The running datapath of one node.
+pub struct Engine {
+    cfg: EngineConfig,
+    tun: Tun,
+    tables: Arc<ArcSwapOption<Tables>>,
+    counters: Vec<Arc<WorkerCounters>>,
+    /// Send errors of sockets of earlier runs (sockets are closed on stop).
+    past_tx_errors: u64,
+    offload: OffloadInfo,
+    running: Option<Running>,
+}
+
+impl Engine {
+    /// Creates the TUN device (so the control plane can configure it before `start`).
+    pub fn new(cfg: EngineConfig) -> io::Result<Engine> {
+        cfg.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tun = Tun::open(&TunOptions {
+            name: cfg.tun_name.clone(),
+            queues: cfg.workers,
+            offload: cfg.offload,
+            mtu: cfg.tun_mtu,
+        })?;
+        let n_drops = drop_reason_names().len();
+        let counters = (0..cfg.workers).map(|_| Arc::new(WorkerCounters::new(n_drops))).collect();
+        let offload = OffloadInfo { tun_flags: tun.offload(), ..OffloadInfo::default() };
+        Ok(Engine { cfg, tun, tables: Arc::new(ArcSwapOption::empty()), counters, past_tx_errors: 0, offload, running: None })
+    }
+
+    /// `new` + `start`.
+    pub fn start_with(cfg: EngineConfig, tables: Arc<Tables>) -> io::Result<Engine> {
+        let mut e = Engine::new(cfg)?;
+        e.start(tables)?;
+        Ok(e)
+    }
+
+    pub fn tun(&self) -> &Tun {
+        &self.tun
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Opens the sockets and starts the workers. Errors (a tunnel port in use, no permission for
+    /// AF_PACKET) leave the engine stopped.
+    pub fn start(&mut self, tables: Arc<Tables>) -> io::Result<()> {
+        if self.running.is_some() {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the datapath is already running"));
+        }
+        self.tables.store(Some(tables));
+        let cfg = &self.cfg;
+        let tx_pool: Arc<[UdpSocket]> = bind_tx_pool(cfg.underlay_address, cfg.tx_sockets)?.into();
+        let pkt = if cfg.underlay_ifindex != 0 {
+            Some(Arc::new(PacketSocket::open(cfg.underlay_ifindex, cfg.offload)?))
+        } else {
+            None
+        };
+        let ports: Vec<(u16, TunnelProto)> = [(cfg.vxlan_port, TunnelProto::Vxlan), (cfg.geneve_port, TunnelProto::Geneve)]
+            .into_iter()
+            .filter(|(p, _)| *p != 0)
+            .collect();
+        // Bind every worker's sockets before starting any thread, so a bind error leaves nothing running.
+        let mut rx_sets = Vec::with_capacity(cfg.workers);
+        for _ in 0..cfg.workers {
+            let mut set = Vec::new();
+            for &(port, proto) in &ports {
+                let s = UdpSocket::bind_rx(SocketAddrV4::new(cfg.underlay_address, port), cfg.workers > 1)?;
+                set.push((s, proto));
+            }
+            rx_sets.push(set);
+        }
+        self.offload.udp_gso = tx_pool.iter().all(UdpSocket::gso_enabled);
+        self.offload.udp_gro = rx_sets.iter().flatten().all(|(s, _)| s.gro_enabled());
+        self.offload.packet_vnet_hdr = pkt.as_ref().is_some_and(|p| p.vnet_hdr());
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(EventFd::new()?);
+        let alive = Arc::new(AtomicUsize::new(0));
+        let mut threads = Vec::with_capacity(cfg.workers);
+        for (i, rx) in rx_sets.into_iter().enumerate() {
+            let w = Worker {
+                tun: Arc::clone(&self.tun.queues()[i]),
+                rx,
+                tx: Arc::clone(&tx_pool),
+                pkt: pkt.clone(),
+                tables: Arc::clone(&self.tables),
+                counters: Arc::clone(&self.counters[i]),
+                stop: Arc::clone(&stop),
+                wake: Arc::clone(&wake),
+                underlay: cfg.underlay_address,
+                mac: cfg.underlay_mac,
+                batch: cfg.batch,
+            };
+            alive.fetch_add(1, Ordering::SeqCst);
+            let alive2 = Arc::clone(&alive);
+            let spawned = std::thread::Builder::new().name(format!("podr-worker-{i}")).spawn(move || {
+                let _guard = AliveGuard(alive2);
+                w.run();
+            });
+            match spawned {
+                Ok(h) => threads.push(h),
+                Err(e) => {
+                    alive.fetch_sub(1, Ordering::SeqCst);
+                    let r = Running { stop, wake, alive, threads, tx_pool, pkt };
+                    self.running = Some(r);
+                    self.stop();
+                    return Err(e);
+                }
+            }
+        }
+        self.running = Some(Running { stop, wake, alive, threads, tx_pool, pkt });
+        Ok(())
+    }
+
+    /// Replaces the tables: one atomic pointer store; each worker picks them up at its next batch.
+    pub fn swap_tables(&self, tables: Arc<Tables>) {
+        self.tables.store(Some(tables));
+    }
+
+    pub fn tables(&self) -> Option<Arc<Tables>> {
+        self.tables.load_full()
+    }
+
+    /// True while started and every worker thread is alive.
+    pub fn is_running(&self) -> bool {
+        self.running.as_ref().is_some_and(|r| r.alive.load(Ordering::SeqCst) == r.threads.len() && !r.stop.load(Ordering::SeqCst))
+    }
+
+    /// Stops the workers and closes the sockets; the TUN stays until the engine is dropped. Idempotent.
+    pub fn stop(&mut self) {
+        let Some(r) = self.running.take() else {
+            return;
+        };
+        r.stop.store(true, Ordering::SeqCst);
+        r.wake.signal();
+        for t in r.threads {
+            let _ = t.join();
+        }
+        self.past_tx_errors += tx_errors(&r.tx_pool, r.pkt.as_deref());
+    }
+
+    pub fn offload(&self) -> &OffloadInfo {
+        &self.offload
+    }
+
+    /// Sum of all workers' counters; drops are indexed like [`drop_reason_names`].
+    pub fn counters(&self) -> Snapshot {
+        let mut s = Snapshot::sum(self.counters.iter().map(|c| &**c), drop_reason_names().len());
+        let live = self.running.as_ref().map_or(0, |r| tx_errors(&r.tx_pool, r.pkt.as_deref()));
+        s.drops[TX_ERROR] += self.past_tx_errors + live;
+        s
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn tx_errors(pool: &[UdpSocket], pkt: Option<&PacketSocket>) -> u64 {
+    pool.iter().map(|s| s.tx_errors.load(Ordering::Relaxed)).sum::<u64>()
+        + pkt.map_or(0, |p| p.tx_errors.load(Ordering::Relaxed))
+}
+
+struct AliveGuard(Arc<AtomicUsize>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Binds `n` send sockets to distinct ports of 49152..=60999: the dynamic range RFC 7348 §5 asks
+/// tunnel source ports to come from, below podrouter's default masquerade range (61000-65535).
+/// Ports in use are skipped; the start is spread by pid so two daemons rarely probe the same ports.
+fn bind_tx_pool(addr: Ipv4Addr, n: usize) -> io::Result<Vec<UdpSocket>> {
+    const LO: u32 = 49152;
+    const SPAN: u32 = 61000 - 49152;
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    let mut out = Vec::with_capacity(n);
+    let mut last_err = None;
+    for k in 0..SPAN.min(4096) {
+        if out.len() == n {
+            break;
+        }
+        let port = (LO + (start + k * 97) % SPAN) as u16;
+        match UdpSocket::bind_tx(SocketAddrV4::new(addr, port)) {
+            Ok(s) => out.push(s),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
+            Err(e) => return Err(io::Error::new(e.kind(), format!("binding a tunnel send socket on {addr}: {e}"))),
+        }
+    }
+    if out.is_empty() {
+        return Err(last_err.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)));
+    }
+    Ok(out)
+}
+
+/// Source and destination address of an IP packet (just the fixed header).
+#[inline]
+fn ip_addrs(p: &[u8]) -> Result<(IpAddr, IpAddr), DropReason> {
+    match p.first().map(|b| b >> 4) {
+        Some(4) => {
+            let h: &[u8; 20] = p.get(..20).and_then(|h| h.try_into().ok()).ok_or(DropReason::Truncated)?;
+            Ok((
+                IpAddr::V4(Ipv4Addr::new(h[12], h[13], h[14], h[15])),
+                IpAddr::V4(Ipv4Addr::new(h[16], h[17], h[18], h[19])),
+            ))
+        }
+        Some(6) => {
+            let h: &[u8; 40] = p.get(..40).and_then(|h| h.try_into().ok()).ok_or(DropReason::Truncated)?;
+            let mut s = [0u8; 16];
+            let mut d = [0u8; 16];
+            s.copy_from_slice(&h[8..24]);
+            d.copy_from_slice(&h[24..40]);
+            Ok((IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d))))
+        }
+        Some(_) => Err(DropReason::Malformed),
+        None => Err(DropReason::Truncated),
+    }
+}
+
+/// Which buffer of a slot an output refers to.
+#[derive(Debug, Clone, Copy)]
+enum Buf {
+    Tun(usize),
+    Seg(usize),
+}
+
+struct UdpOut {
+    sock: usize,
+    buf: Buf,
+    range: Range<usize>,
+    dst: SocketAddrV4,
+    tos: u8,
+    segment: u16,
+    path: Path,
+    pkts: u64,
+    bytes: u64,
+}
+
+struct FrameOut {
+    buf: Buf,
+    range: Range<usize>,
+    ethertype: u16,
+    path: Path,
+    pkts: u64,
+    bytes: u64,
+}
+
+/// One TUN read: `buf[HEADROOM..HEADROOM + len]` is the packet, its vnet header right in front.
+struct Slot {
+    buf: Box<[u8]>,
+    len: usize,
+    /// Segmentation output (`[headroom][segment]` units).
+    seg: Vec<u8>,
+    segs: Vec<Range<usize>>,
+}
+
+struct Worker {
+    tun: Arc<TunQueue>,
+    rx: Vec<(UdpSocket, TunnelProto)>,
+    tx: Arc<[UdpSocket]>,
+    pkt: Option<Arc<PacketSocket>>,
+    tables: Arc<ArcSwapOption<Tables>>,
+    counters: Arc<WorkerCounters>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    underlay: Ipv4Addr,
+    mac: [u8; 6],
+    batch: usize,
+}
+
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_TUN: u64 = 1;
+const TOKEN_RX: u64 = 2;
+
+/// Per-thread buffers, allocated once.
+struct State {
+    slots: Vec<Slot>,
+    udp_out: Vec<UdpOut>,
+    frames_out: Vec<FrameOut>,
+    recv: RecvBatch,
+    send: SendScratch,
+    frames: FrameScratch,
+}
+
+impl Worker {
+    fn run(self) {
+        let mut ep = match Epoll::new(4 + self.rx.len()) {
+            Ok(e) => e,
+            Err(_) => return,
+        };
+        let mut ok = ep.add(self.wake.as_raw_fd(), TOKEN_WAKE).is_ok() && ep.add(self.tun.as_raw_fd(), TOKEN_TUN).is_ok();
+        for (i, (s, _)) in self.rx.iter().enumerate() {
+            ok &= ep.add(s.as_raw_fd(), TOKEN_RX + i as u64).is_ok();
+        }
+        if !ok {
+            return;
+        }
+        let mut st = State {
+            slots: (0..self.batch)
+                .map(|_| Slot { buf: vec![0u8; HEADROOM + MAX_READ].into_boxed_slice(), len: 0, seg: Vec::new(), segs: Vec::new() })
+                .collect(),
+            udp_out: Vec::with_capacity(self.batch * 2),
+            frames_out: Vec::with_capacity(self.batch),
+            recv: RecvBatch::new(self.batch.min(64)),
+            send: SendScratch::new(64),
+            frames: FrameScratch::new(64),
+        };
+        let mut ready = Vec::with_capacity(8);
+        while !self.stop.load(Ordering::Relaxed) {
+            // The timeout is only a safety net; `stop` signals the eventfd.
+            if ep.wait(500, &mut ready).is_err() {
+                break;
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            for &t in &ready {
+                match t {
+                    TOKEN_TUN => self.egress_batch(&mut st),
+                    TOKEN_WAKE => {}
+                    t => self.ingress_batch(&mut st, (t - TOKEN_RX) as usize),
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------- egress
+
+    fn egress_batch(&self, st: &mut State) {
+        let c = &*self.counters;
+        let mut n = 0;
+        while n < st.slots.len() {
+            let slot = &mut st.slots[n];
+            match self.tun.read(&mut slot.buf[HEADROOM - VNET_HDR_LEN..]) {
+                Ok(len) if len > VNET_HDR_LEN => {
+                    slot.len = len - VNET_HDR_LEN;
+                    n += 1;
+                }
+                Ok(_) => c.drop(DropReason::Truncated.index(), 1),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break, // EAGAIN: drained
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        c.stat(Stat::Batches, 1);
+        c.stat(Stat::TunReads, n as u64);
+        st.udp_out.clear();
+        st.frames_out.clear();
+        {
+            let guard = self.tables.load();
+            let Some(tables) = guard.as_deref() else {
+                c.drop(DropReason::NoRoute.index(), n as u64);
+                return;
+            };
+            for k in 0..n {
+                self.egress_one(tables, k, &mut st.slots[k], &mut st.udp_out, &mut st.frames_out);
+            }
+        }
+        self.flush(st);
+    }
+
+    fn egress_one(&self, tables: &Tables, k: usize, slot: &mut Slot, udp_out: &mut Vec<UdpOut>, frames_out: &mut Vec<FrameOut>) {
+        let c = &*self.counters;
+        let end = HEADROOM + slot.len;
+        let hdr = VnetHdr::parse(&slot.buf[HEADROOM - VNET_HDR_LEN..HEADROOM]).unwrap_or_default();
+        if hdr.is_gso() {
+            c.stat(Stat::TunGsoReads, 1);
+        }
+        let pkt = &slot.buf[HEADROOM..end];
+        let (wire_pkts, wire_bytes) = vnet::wire_size(pkt, &hdr);
+        let (src, dst) = match ip_addrs(pkt) {
+            Ok(a) => a,
+            Err(r) => return c.drop(r.index(), wire_pkts as u64),
+        };
+        match tables.classify(src, dst) {
+            Verdict::Tunnel { proto, vni, remote, port, .. } => {
+                let params = EncapParams {
+                    proto,
+                    vni,
+                    src: self.underlay,
+                    dst: remote,
+                    dst_port: port,
+                    inner_src_mac: self.mac,
+                    inner_dst_mac: VXLAN_INNER_DST_MAC,
+                };
+                let sock = encap::flow_hash(pkt) as usize % self.tx.len();
+                let tos = encap::outer_tos(pkt);
+                let out = UdpOut {
+                    sock,
+                    buf: Buf::Tun(k),
+                    range: 0..0,
+                    dst: SocketAddrV4::new(remote, port),
+                    tos,
+                    segment: 0,
+                    path: Path::tunnel(proto),
+                    pkts: 1,
+                    bytes: 0,
+                };
+                if let Err(r) = self.tunnel(k, slot, &hdr, &params, out, udp_out) {
+                    c.drop(r.index(), wire_pkts as u64);
+                }
+            }
+            Verdict::Native { next_hop } => {
+                let mac = tables.next_hop(next_hop).and_then(|h| h.mac);
+                let r = match mac {
+                    Some(mac) => self.native(k, slot, &hdr, mac, Path::Native, (wire_pkts, wire_bytes), frames_out),
+                    None => Err(DropReason::NeighborUnresolved),
+                };
+                if let Err(r) = r {
+                    c.drop(r.index(), wire_pkts as u64);
+                }
+            }
+            // Masquerade needs the NAT table (rust/core nat.rs), not wired into the engine yet.
+            Verdict::Masquerade { .. } => c.drop(DropReason::Unsupported.index(), wire_pkts as u64),
+            // The kernel sent us a packet for our own pod CIDR: it has no route to that pod, and
+            // writing it back would only loop it through the TUN until its TTL runs out.
+            Verdict::Local => c.drop(DropReason::NoRoute.index(), wire_pkts as u64),
+            Verdict::Drop(r) => c.drop(r.index(), wire_pkts as u64),
+        }
+    }
+
+    fn tunnel(
+        &self,
+        k: usize,
+        slot: &mut Slot,
+        hdr: &VnetHdr,
+        params: &EncapParams,
+        out: UdpOut,
+        udp_out: &mut Vec<UdpOut>,
+    ) -> Result<(), DropReason> {
+        let end = HEADROOM + slot.len;
+        if !hdr.is_gso() {
+            if hdr.needs_csum() {
+                let (s, o) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+                vnet::complete_csum(&mut slot.buf[HEADROOM..end], s, o).map_err(|_| DropReason::Malformed)?;
+            }
+            let r = encap::encap_payload(&mut slot.buf, HEADROOM, slot.len, params).map_err(|_| DropReason::Malformed)?;
+            udp_out.push(UdpOut { range: r, bytes: slot.len as u64, ..out });
+            return Ok(());
+        }
+        let ovh = params.proto.payload_overhead();
+        slot.seg.clear();
+        slot.segs.clear();
+        vnet::segment(&slot.buf[HEADROOM..end], hdr, ovh, &mut slot.seg, &mut slot.segs).map_err(|e| match e {
+            vnet::OffloadError::Malformed => DropReason::Malformed,
+            vnet::OffloadError::Unsupported => DropReason::Unsupported,
+        })?;
+        for r in &slot.segs {
+            encap::encap_payload(&mut slot.seg, r.start, r.len(), params).map_err(|_| DropReason::Malformed)?;
+        }
+        // Units are [tunnel header][segment], back to back; all but the last have the same size,
+        // which is exactly the shape UDP GSO wants. Trains are cut at the kernel's limits.
+        let unit = ovh + slot.segs[0].len();
+        let per_train = udp::GSO_MAX_SEGMENTS.min(udp::GSO_MAX_BYTES / unit).max(1);
+        for train in slot.segs.chunks(per_train) {
+            let (first, last) = (&train[0], &train[train.len() - 1]);
+            udp_out.push(UdpOut {
+                buf: Buf::Seg(k),
+                range: first.start - ovh..last.end,
+                segment: if train.len() > 1 { unit as u16 } else { 0 },
+                pkts: train.len() as u64,
+                bytes: train.iter().map(|r| r.len() as u64).sum(),
+                ..out
+            });
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn native(
+        &self,
+        k: usize,
+        slot: &mut Slot,
+        hdr: &VnetHdr,
+        mac: [u8; 6],
+        path: Path,
+        (wire_pkts, wire_bytes): (usize, usize),
+        frames_out: &mut Vec<FrameOut>,
+    ) -> Result<(), DropReason> {
+        let Some(pkt_sock) = self.pkt.as_deref() else {
+            return Err(DropReason::NoRoute);
+        };
+        let end = HEADROOM + slot.len;
+        let et = if slot.buf[HEADROOM] >> 4 == 4 { af_packet::ETHERTYPE_IPV4 } else { af_packet::ETHERTYPE_IPV6 };
+        const ETH: usize = af_packet::ETH_HLEN;
+        if pkt_sock.vnet_hdr() {
+            // Whole super-packet out: vnet header (offsets moved past the Ethernet header) first.
+            let vh = vnet::shift_for_link(&slot.buf[HEADROOM..end], hdr, ETH as u16).map_err(|_| DropReason::Malformed)?;
+            af_packet::write_eth(&mut slot.buf[HEADROOM - ETH..HEADROOM], mac, self.mac, et);
+            vh.emit(&mut slot.buf[HEADROOM - ETH - VNET_HDR_LEN..HEADROOM - ETH]);
+            if vh.is_gso() {
+                self.counters.stat(Stat::PacketTxGsoFrames, 1);
+            }
+            frames_out.push(FrameOut {
+                buf: Buf::Tun(k),
+                range: HEADROOM - ETH - VNET_HDR_LEN..end,
+                ethertype: et,
+                path,
+                pkts: wire_pkts as u64,
+                bytes: wire_bytes as u64,
+            });
+            return Ok(());
+        }
+        if hdr.is_gso() {
+            slot.seg.clear();
+            slot.segs.clear();
+            vnet::segment(&slot.buf[HEADROOM..end], hdr, ETH, &mut slot.seg, &mut slot.segs).map_err(|_| DropReason::Malformed)?;
+            for r in &slot.segs {
+                af_packet::write_eth(&mut slot.seg[r.start - ETH..r.start], mac, self.mac, et);
+                frames_out.push(FrameOut {
+                    buf: Buf::Seg(k),
+                    range: r.start - ETH..r.end,
+                    ethertype: et,
+                    path,
+                    pkts: 1,
+                    bytes: r.len() as u64,
+                });
+            }
+            return Ok(());
+        }
+        if hdr.needs_csum() {
+            let (s, o) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+            vnet::complete_csum(&mut slot.buf[HEADROOM..end], s, o).map_err(|_| DropReason::Malformed)?;
+        }
+        af_packet::write_eth(&mut slot.buf[HEADROOM - ETH..HEADROOM], mac, self.mac, et);
+        frames_out.push(FrameOut { buf: Buf::Tun(k), range: HEADROOM - ETH..end, ethertype: et, path, pkts: 1, bytes: slot.len as u64 });
+        Ok(())
+    }
+
+    fn flush(&self, st: &mut State) {
+        let c = &*self.counters;
+        let slots = &st.slots;
+        let bytes_of = |b: Buf| -> &[u8] {
+            match b {
+                Buf::Tun(k) => &slots[k].buf,
+                Buf::Seg(k) => &slots[k].seg,
+            }
+        };
+        if !st.udp_out.is_empty() {
+            // One sendmmsg per send socket; stable sort keeps each flow's order.
+            st.udp_out.sort_by_key(|o| o.sock);
+            let mut msgs: Vec<TxMsg<'_>> = Vec::with_capacity(st.udp_out.len());
+            let mut i = 0;
+            while i < st.udp_out.len() {
+                let sock = st.udp_out[i].sock;
+                msgs.clear();
+                let mut j = i;
+                while j < st.udp_out.len() && st.udp_out[j].sock == sock {
+                    let o = &st.udp_out[j];
+                    msgs.push(TxMsg { data: &bytes_of(o.buf)[o.range.clone()], dst: o.dst, tos: o.tos, segment: o.segment });
+                    if o.segment > 0 {
+                        c.stat(Stat::UdpTxGsoMessages, 1);
+                    }
+                    c.count(o.path, Dir::Egress, o.pkts, o.bytes);
+                    j += 1;
+                }
+                c.stat(Stat::UdpTxCalls, 1);
+                self.tx[sock].send(&mut st.send, &msgs);
+                i = j;
+            }
+        }
+        if let (false, Some(p)) = (st.frames_out.is_empty(), self.pkt.as_deref()) {
+            let frames: Vec<TxFrame<'_>> = st
+                .frames_out
+                .iter()
+                .map(|o| {
+                    c.count(o.path, Dir::Egress, o.pkts, o.bytes);
+                    TxFrame { data: &bytes_of(o.buf)[o.range.clone()], ethertype: o.ethertype }
+                })
+                .collect();
+            c.stat(Stat::PacketTxCalls, 1);
+            p.send(&mut st.frames, &frames);
+        }
+    }
+
+    // --------------------------------------------------------------------------------- ingress
+
+    fn ingress_batch(&self, st: &mut State, idx: usize) {
+        let Some((sock, proto)) = self.rx.get(idx) else {
+            return;
+        };
+        let c = &*self.counters;
+        let n = match sock.recv(&mut st.recv) {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 {
+            return;
+        }
+        c.stat(Stat::Batches, 1);
+        c.stat(Stat::UdpRxMessages, n as u64);
+        let guard = self.tables.load();
+        let Some(tables) = guard.as_deref() else {
+            c.drop(DropReason::NoRoute.index(), n as u64);
+            return;
+        };
+        for m in 0..n {
+            let meta = st.recv.meta()[m];
+            if meta.truncated {
+                c.drop(DropReason::Truncated.index(), 1);
+                continue;
+            }
+            let seg = if meta.segment > 0 {
+                c.stat(Stat::UdpRxGroMessages, 1);
+                meta.segment
+            } else {
+                meta.len.max(1)
+            };
+            let buf = &mut st.recv.buf_mut(m)[..meta.len];
+            for dg in buf.chunks_mut(seg) {
+                if let Err(r) = self.ingress_one(tables, *proto, *meta.src.ip(), meta.tos, dg) {
+                    c.drop(r, 1);
+                }
+            }
+        }
+    }
+
+    /// Returns a drop counter index on failure.
+    fn ingress_one(&self, tables: &Tables, proto: TunnelProto, outer_src: Ipv4Addr, tos: u8, dg: &mut [u8]) -> Result<(), usize> {
+        let d = encap::decap_payload(proto, dg, tos & 0x03).map_err(|e| DropReason::from(e).index())?;
+        let inner = dg.get_mut(d.inner.clone()).ok_or(DropReason::Truncated.index())?;
+        let (src, dst) = ip_addrs(inner).map_err(DropReason::index)?;
+        tables.validate_ingress(outer_src, d.vni, src, dst).map_err(DropReason::index)?;
+        encap::apply_ecn(inner, d.ecn_action).map_err(|e| DropReason::from(e).index())?;
+        const NO_OFFLOAD: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+        match self.tun.write_with_hdr(&NO_OFFLOAD, inner) {
+            Ok(_) => {
+                self.counters.stat(Stat::TunWrites, 1);
+                self.counters.count(Path::tunnel(proto), Dir::Ingress, 1, inner.len() as u64);
+                Ok(())
+            }
+            Err(_) => Err(TX_ERROR),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Python face of the benchmark load generators (`podrouter_io::blast`).
+//!
+//! Each call blocks for its whole duration with the GIL released, so a Python driver can run a
+//! sink and a sender in two threads of one process, or in two processes in different namespaces.
+
+use std::net::{IpAddr, SocketAddr};
+
+use podrouter_io::blast;
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+fn addr(host: &str, port: u16) -> PyResult<SocketAddr> {
+    let ip: IpAddr = host
+        .parse()
+        .map_err(|_| PyValueError::new_err(format!("not an IP address: {host:?}")))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn to_py_err(e: std::io::Error) -> PyErr {
+    if e.kind() == std::io::ErrorKind::InvalidInput {
+        PyValueError::new_err(e.to_string())
+    } else {
+        PyOSError::new_err(e.to_string())
+    }
+}
+
+/// Send `size`-byte UDP datagrams to dst:port in sendmmsg batches for `seconds` (capped at 30 s).
+///
+/// Returns {"packets", "bytes", "errors", "calls", "seconds", "pps"} as seen by the sender.
+#[pyfunction]
+#[pyo3(signature = (dst, port, size, seconds, batch = 64, rate_pps = None))]
+fn udp_blast<'py>(
+    py: Python<'py>,
+    dst: &str,
+    port: u16,
+    size: usize,
+    seconds: f64,
+    batch: usize,
+    rate_pps: Option<u64>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let cfg = blast::BlastConfig {
+        dst: addr(dst, port)?,
+        size,
+        seconds,
+        batch,
+        rate_pps,
+    };
+    let r = py.allow_threads(|| blast::udp_blast(&cfg)).map_err(to_py_err)?;
+    let d = PyDict::new(py);
+    d.set_item("packets", r.packets)?;
+    d.set_item("bytes", r.bytes)?;
+    d.set_item("errors", r.errors)?;
+    d.set_item("calls", r.calls)?;
+    d.set_item("seconds", r.seconds)?;
+    d.set_item("pps", if r.seconds > 0.0 { r.packets as f64 / r.seconds } else { 0.0 })?;
+    Ok(d)
+}
+
+/// Count UDP datagrams arriving on bind:port for `seconds` (capped at 30 s), recvmmsg in batches.
+///
+/// Returns {"packets", "bytes", "seconds", "active_seconds", "pps"}; pps is computed over the
+/// window from the first to the last datagram.
+#[pyfunction]
+fn udp_sink<'py>(py: Python<'py>, bind: &str, port: u16, seconds: f64) -> PyResult<Bound<'py, PyDict>> {
+    let at = addr(bind, port)?;
+    let r = py.allow_threads(|| blast::udp_sink(at, seconds)).map_err(to_py_err)?;
+    let d = PyDict::new(py);
+    d.set_item("packets", r.packets)?;
+    d.set_item("bytes", r.bytes)?;
+    d.set_item("seconds", r.seconds)?;
+    d.set_item("active_seconds", r.active_seconds)?;
+    d.set_item("pps", r.pps())?;
+    Ok(d)
+}
+
+/// Open and reset TCP connections to dst:port from `threads` threads for `seconds` (capped at 30 s).
+///
+/// Returns {"connections", "errors", "seconds", "cps"}.
+#[pyfunction]
+#[pyo3(signature = (dst, port, seconds, threads = 4))]
+fn tcp_connect_rate<'py>(
+    py: Python<'py>,
+    dst: &str,
+    port: u16,
+    seconds: f64,
+    threads: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let at = addr(dst, port)?;
+    let r = py
+        .allow_threads(|| blast::tcp_connect_rate(at, seconds, threads))
+        .map_err(to_py_err)?;
+    let d = PyDict::new(py);
+    d.set_item("connections", r.connections)?;
+    d.set_item("errors", r.errors)?;
+    d.set_item("seconds", r.seconds)?;
+    d.set_item("cps", if r.seconds > 0.0 { r.connections as f64 / r.seconds } else { 0.0 })?;
+    Ok(d)
+}
+
+/// Accept and drop TCP connections on bind:port for `seconds` (capped at 30 s); returns the count.
+#[pyfunction]
+fn tcp_accept_sink(py: Python<'_>, bind: &str, port: u16, seconds: f64) -> PyResult<u64> {
+    let at = addr(bind, port)?;
+    py.allow_threads(|| blast::tcp_accept_sink(at, seconds)).map_err(to_py_err)
+}
+
+/// Add the load generators to `podrouter._native`.
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(udp_blast, m)?)?;
+    m.add_function(wrap_pyfunction!(udp_sink, m)?)?;
+    m.add_function(wrap_pyfunction!(tcp_connect_rate, m)?)?;
+    m.add_function(wrap_pyfunction!(tcp_accept_sink, m)?)?;
+    Ok(())
+}

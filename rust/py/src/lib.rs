@@ -1,0 +1,583 @@
+//! `podrouter._native`: the PyO3 bindings (see python/podrouter/_native.pyi for the contract).
+//!
+//! `Tables(spec)` compiles the control plane's table spec dict (docs/architecture.md) into
+//! `podrouter_core::classify::Tables`; `Datapath(config)` wraps `podrouter_io::Engine`. Calls that
+//! can take time (starting or stopping workers, compiling tables) release the GIL; worker threads
+//! never touch Python.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use podrouter_core::classify::{
+    format_mac, parse_mac, Cidr, DropReason, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec,
+    Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
+};
+use podrouter_core::encap;
+use podrouter_io::counters::{Dir, Path, DIRECTIONS, STATS};
+use podrouter_io::{drop_reason_names, Engine, EngineConfig};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+mod blast;
+mod wire;
+
+// ------------------------------------------------------------------------------ dict reading
+
+fn bad(path: &str, msg: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(format!("{path}: {msg}"))
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// A dict being read, with the key path of where it sits in the spec, for error messages.
+struct Reader<'py> {
+    d: Bound<'py, PyDict>,
+    path: String,
+}
+
+impl<'py> Reader<'py> {
+    fn new(obj: &Bound<'py, PyAny>, path: &str) -> PyResult<Reader<'py>> {
+        let d = obj
+            .downcast::<PyDict>()
+            .map_err(|_| bad(if path.is_empty() { "spec" } else { path }, "must be a dict"))?
+            .clone();
+        Ok(Reader { d, path: path.to_string() })
+    }
+
+    /// Rejects keys outside `known`: a typo must not silently fall back to a default.
+    fn only(&self, known: &[&str]) -> PyResult<()> {
+        for k in self.d.keys() {
+            let name: String = k.extract().map_err(|_| bad(&self.path_or_spec(), "keys must be strings"))?;
+            if !known.contains(&name.as_str()) {
+                return Err(bad(&join(&self.path, &name), "unknown key"));
+            }
+        }
+        Ok(())
+    }
+
+    fn path_or_spec(&self) -> String {
+        if self.path.is_empty() {
+            "spec".into()
+        } else {
+            self.path.clone()
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+
+    /// The value, or `None` when missing or Python `None`.
+    fn opt(&self, key: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+        Ok(self.d.get_item(key)?.filter(|v| !v.is_none()))
+    }
+
+    fn req(&self, key: &str) -> PyResult<Bound<'py, PyAny>> {
+        self.opt(key)?.ok_or_else(|| bad(&self.key(key), "missing"))
+    }
+
+    fn str_(&self, key: &str) -> PyResult<String> {
+        let v = self.req(key)?;
+        v.extract().map_err(|_| bad(&self.key(key), format!("{} is not a string", repr(&v))))
+    }
+
+    fn opt_str(&self, key: &str) -> PyResult<Option<String>> {
+        match self.opt(key)? {
+            None => Ok(None),
+            Some(v) => v.extract().map(Some).map_err(|_| bad(&self.key(key), format!("{} is not a string", repr(&v)))),
+        }
+    }
+
+    fn int<T: TryFrom<i64>>(&self, key: &str, v: &Bound<'py, PyAny>) -> PyResult<T> {
+        if v.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(bad(&self.key(key), format!("{} is not an integer", repr(v))));
+        }
+        let i: i64 = v.extract().map_err(|_| bad(&self.key(key), format!("{} is not an integer", repr(v))))?;
+        T::try_from(i).map_err(|_| bad(&self.key(key), format!("{i} is out of range")))
+    }
+
+    fn int_or<T: TryFrom<i64>>(&self, key: &str, default: T) -> PyResult<T> {
+        match self.opt(key)? {
+            None => Ok(default),
+            Some(v) => self.int(key, &v),
+        }
+    }
+
+    fn bool_or(&self, key: &str, default: bool) -> PyResult<bool> {
+        match self.opt(key)? {
+            None => Ok(default),
+            Some(v) => v.extract().map_err(|_| bad(&self.key(key), format!("{} is not a boolean", repr(&v)))),
+        }
+    }
+
+    fn ipv4(&self, key: &str) -> PyResult<Ipv4Addr> {
+        let s = self.str_(key)?;
+        s.parse().map_err(|_| bad(&self.key(key), format!("'{s}' is not an IPv4 address")))
+    }
+
+    fn list(&self, key: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        match self.opt(key)? {
+            None => Ok(Vec::new()),
+            Some(v) => {
+                if v.is_instance_of::<pyo3::types::PyString>() {
+                    return Err(bad(&self.key(key), "must be a list"));
+                }
+                v.try_iter()
+                    .map_err(|_| bad(&self.key(key), "must be a list"))?
+                    .collect::<PyResult<Vec<_>>>()
+            }
+        }
+    }
+
+    fn cidrs(&self, key: &str) -> PyResult<Vec<Cidr>> {
+        self.list(key)?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let p = format!("{}[{i}]", self.key(key));
+                let s: String = v.extract().map_err(|_| bad(&p, format!("{} is not a string", repr(v))))?;
+                Cidr::from_str(&s).map_err(|_| bad(&p, format!("'{s}' is not a CIDR")))
+            })
+            .collect()
+    }
+
+    fn child(&self, key: &str) -> PyResult<Option<Reader<'py>>> {
+        match self.opt(key)? {
+            None => Ok(None),
+            Some(v) => Reader::new(&v, &self.key(key)).map(Some),
+        }
+    }
+}
+
+fn repr(v: &Bound<'_, PyAny>) -> String {
+    v.repr().map(|r| r.to_string()).unwrap_or_else(|_| "value".into())
+}
+
+fn mode(r: &Reader<'_>, key: &str) -> PyResult<Option<RoutingMode>> {
+    match r.opt_str(key)? {
+        None => Ok(None),
+        Some(s) => RoutingMode::parse(&s)
+            .map(Some)
+            .ok_or_else(|| bad(&r.key(key), format!("'{s}' is not one of tunnel, native, hybrid"))),
+    }
+}
+
+fn proto(r: &Reader<'_>, key: &str) -> PyResult<Option<TunnelProto>> {
+    match r.opt_str(key)? {
+        None => Ok(None),
+        Some(s) => TunnelProto::parse(&s)
+            .map(Some)
+            .ok_or_else(|| bad(&r.key(key), format!("'{s}' is not one of vxlan, geneve"))),
+    }
+}
+
+fn next_hop(r: Option<Reader<'_>>) -> PyResult<Option<NextHop>> {
+    let Some(r) = r else {
+        return Ok(None);
+    };
+    r.only(&["ip", "mac"])?;
+    let ip_s = r.str_("ip")?;
+    let ip: IpAddr = ip_s.parse().map_err(|_| bad(&r.key("ip"), format!("'{ip_s}' is not an IP address")))?;
+    let mac = match r.opt_str("mac")? {
+        None => None,
+        Some(m) => Some(parse_mac(&m).ok_or_else(|| bad(&r.key("mac"), format!("'{m}' is not a MAC address")))?),
+    };
+    Ok(Some(NextHop { ip, mac }))
+}
+
+/// The table spec dict (docs/architecture.md, "Table spec") as the core's `TableSpec`.
+fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
+    let r = Reader::new(obj, "")?;
+    r.only(&[
+        "generation",
+        "node",
+        "cluster_cidrs",
+        "mode",
+        "native_cidrs",
+        "native_when_on_link",
+        "tunnel",
+        "gateway",
+        "masquerade",
+        "peers",
+    ])?;
+    let node = r.child("node")?.ok_or_else(|| bad("node", "missing"))?;
+    node.only(&["name", "address", "pod_cidrs"])?;
+    let node = NodeSpec { name: node.str_("name")?, address: node.ipv4("address")?, pod_cidrs: node.cidrs("pod_cidrs")? };
+    let mut tunnel = TunnelSpec::default();
+    if let Some(t) = r.child("tunnel")? {
+        t.only(&["protocol", "vni", "vxlan_port", "geneve_port"])?;
+        tunnel.protocol = proto(&t, "protocol")?.unwrap_or(tunnel.protocol);
+        tunnel.vni = t.int_or("vni", tunnel.vni)?;
+        tunnel.vxlan_port = t.int_or("vxlan_port", tunnel.vxlan_port)?;
+        tunnel.geneve_port = t.int_or("geneve_port", tunnel.geneve_port)?;
+    }
+    let mut masquerade = MasqueradeSpec::default();
+    if let Some(m) = r.child("masquerade")? {
+        m.only(&["enabled", "non_masquerade_cidrs", "port_range"])?;
+        masquerade.enabled = m.bool_or("enabled", masquerade.enabled)?;
+        masquerade.non_masquerade_cidrs = m.cidrs("non_masquerade_cidrs")?;
+        if m.opt("port_range")?.is_some() {
+            let pr = m.list("port_range")?;
+            if pr.len() != 2 {
+                return Err(bad(&m.key("port_range"), "must be [first, last]"));
+            }
+            masquerade.port_range = (m.int("port_range", &pr[0])?, m.int("port_range", &pr[1])?);
+        }
+    }
+    let mut peers = Vec::new();
+    for (i, p) in r.list("peers")?.iter().enumerate() {
+        let p = Reader::new(p, &format!("peers[{i}]"))?;
+        p.only(&["name", "address", "pod_cidrs", "mode", "tunnel_protocol", "on_link", "next_hop"])?;
+        peers.push(PeerSpec {
+            name: p.str_("name")?,
+            address: p.ipv4("address")?,
+            pod_cidrs: p.cidrs("pod_cidrs")?,
+            mode: mode(&p, "mode")?,
+            tunnel_protocol: proto(&p, "tunnel_protocol")?,
+            on_link: p.bool_or("on_link", false)?,
+            next_hop: next_hop(p.child("next_hop")?)?,
+        });
+    }
+    Ok(TableSpec {
+        generation: r.int_or("generation", 0u64)?,
+        node,
+        cluster_cidrs: r.cidrs("cluster_cidrs")?,
+        mode: mode(&r, "mode")?.unwrap_or(RoutingMode::Tunnel),
+        native_cidrs: r.cidrs("native_cidrs")?,
+        native_when_on_link: r.bool_or("native_when_on_link", false)?,
+        tunnel,
+        gateway: next_hop(r.child("gateway")?)?,
+        masquerade,
+        peers,
+    })
+}
+
+// ------------------------------------------------------------------------------------ Tables
+
+/// Compiled routing tables, immutable; shared with the datapath by reference count.
+#[pyclass(module = "podrouter._native", frozen)]
+struct Tables {
+    inner: Arc<CoreTables>,
+}
+
+fn ip_pair(packet: &[u8]) -> Result<(IpAddr, IpAddr), DropReason> {
+    let m = podrouter_core::wire::parse_ip(packet).map_err(DropReason::from)?;
+    Ok((m.src, m.dst))
+}
+
+fn drop_dict<'py>(py: Python<'py>, reason: DropReason) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("verdict", "drop")?;
+    d.set_item("reason", reason.as_str())?;
+    Ok(d)
+}
+
+fn verdict_dict<'py>(py: Python<'py>, t: &CoreTables, v: Verdict) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let hop = |d: &Bound<'py, PyDict>, id| -> PyResult<()> {
+        let h = t.next_hop(id);
+        d.set_item("next_hop", h.map(|h| h.ip.to_string()))?;
+        d.set_item("next_hop_mac", h.and_then(|h| h.mac).map(|m| format_mac(&m)))
+    };
+    match v {
+        Verdict::Local => d.set_item("verdict", "local")?,
+        Verdict::Native { next_hop } => {
+            d.set_item("verdict", "native")?;
+            hop(&d, next_hop)?;
+        }
+        Verdict::Masquerade { next_hop } => {
+            d.set_item("verdict", "masquerade")?;
+            d.set_item("address", t.node_address().to_string())?;
+            hop(&d, next_hop)?;
+        }
+        Verdict::Tunnel { peer, proto, vni, remote, port } => {
+            d.set_item("verdict", "tunnel")?;
+            d.set_item("peer", t.peer(peer).map(|p| p.name.clone()))?;
+            d.set_item("protocol", proto.as_str())?;
+            d.set_item("vni", vni)?;
+            d.set_item("remote", remote.to_string())?;
+            d.set_item("port", port)?;
+        }
+        Verdict::Drop(r) => return drop_dict(py, r),
+    }
+    if let Some(p) = v.path() {
+        d.set_item("path", p.as_str())?;
+    }
+    Ok(d)
+}
+
+#[pymethods]
+impl Tables {
+    #[new]
+    fn new(py: Python<'_>, spec: &Bound<'_, PyAny>) -> PyResult<Tables> {
+        let spec = table_spec(spec)?;
+        let t = py.allow_threads(|| CoreTables::build(&spec)).map_err(|e| bad(&e.path, &e.message))?;
+        Ok(Tables { inner: Arc::new(t) })
+    }
+
+    #[getter]
+    fn generation(&self) -> u64 {
+        self.inner.generation()
+    }
+
+    #[getter]
+    fn node_name(&self) -> &str {
+        self.inner.node_name()
+    }
+
+    /// The verdict the datapath gives `packet` (an IP packet from a local pod). Never raises for
+    /// bad bytes: they are a `drop` verdict with the reason the datapath would count.
+    fn classify<'py>(&self, py: Python<'py>, packet: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+        let (src, dst) = match ip_pair(packet) {
+            Ok(a) => a,
+            Err(r) => return drop_dict(py, r),
+        };
+        let d = verdict_dict(py, &self.inner, self.inner.classify(src, dst))?;
+        d.set_item("src", src.to_string())?;
+        d.set_item("dst", dst.to_string())?;
+        Ok(d)
+    }
+
+    /// The verdict for a UDP payload received on `udp_port` from `outer_src`: the same decap and
+    /// validation checks the datapath runs. `{"verdict": "accept", "peer", "protocol", "vni",
+    /// "src", "dst", "path"}` or `{"verdict": "drop", "reason"}`.
+    #[pyo3(signature = (outer_src, udp_port, payload, outer_tos = 0))]
+    fn classify_ingress<'py>(
+        &self,
+        py: Python<'py>,
+        outer_src: &str,
+        udp_port: u16,
+        payload: &[u8],
+        outer_tos: u8,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let outer: Ipv4Addr =
+            outer_src.parse().map_err(|_| bad("outer_src", format!("'{outer_src}' is not an IPv4 address")))?;
+        let t = &self.inner;
+        let Some(proto) = t.tunnel().proto_for_port(udp_port) else {
+            return drop_dict(py, DropReason::Unsupported);
+        };
+        let dec = match encap::decap_payload(proto, payload, outer_tos & 3) {
+            Ok(d) => d,
+            Err(e) => return drop_dict(py, e.into()),
+        };
+        let (src, dst) = match ip_pair(&payload[dec.inner.clone()]) {
+            Ok(a) => a,
+            Err(r) => return drop_dict(py, r),
+        };
+        match t.validate_ingress(outer, dec.vni, src, dst) {
+            Err(r) => drop_dict(py, r),
+            Ok(peer) => {
+                let d = PyDict::new(py);
+                d.set_item("verdict", "accept")?;
+                d.set_item("peer", t.peer(peer).map(|p| p.name.clone()))?;
+                d.set_item("protocol", proto.as_str())?;
+                d.set_item("vni", dec.vni)?;
+                d.set_item("src", src.to_string())?;
+                d.set_item("dst", dst.to_string())?;
+                d.set_item("path", Path::tunnel(proto).as_str())?;
+                Ok(d)
+            }
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Tables(node={:?}, generation={}, peers={})",
+            self.inner.node_name(),
+            self.inner.generation(),
+            self.inner.peers().len()
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------- Datapath
+
+fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
+    let r = Reader::new(obj, "")?;
+    r.only(&[
+        "tun_name",
+        "tun_mtu",
+        "underlay_ifindex",
+        "underlay_mac",
+        "underlay_address",
+        "vxlan_port",
+        "geneve_port",
+        "workers",
+        "offload",
+        "tx_sockets",
+        "batch",
+    ])?;
+    let d = EngineConfig::default();
+    let underlay_mac = match r.opt_str("underlay_mac")? {
+        None => [0; 6],
+        Some(m) => parse_mac(&m).ok_or_else(|| bad("underlay_mac", format!("'{m}' is not a MAC address")))?,
+    };
+    let cfg = EngineConfig {
+        tun_name: r.opt_str("tun_name")?.unwrap_or(d.tun_name),
+        tun_mtu: match r.opt("tun_mtu")? {
+            None => None,
+            Some(v) => Some(r.int("tun_mtu", &v)?),
+        },
+        underlay_ifindex: r.int_or("underlay_ifindex", 0u32)?,
+        underlay_mac,
+        underlay_address: r.ipv4("underlay_address")?,
+        vxlan_port: r.int_or("vxlan_port", d.vxlan_port)?,
+        geneve_port: r.int_or("geneve_port", d.geneve_port)?,
+        workers: r.int_or("workers", d.workers)?,
+        offload: r.bool_or("offload", d.offload)?,
+        tx_sockets: r.int_or("tx_sockets", d.tx_sockets)?,
+        batch: r.int_or("batch", d.batch)?,
+    };
+    cfg.validate().map_err(PyValueError::new_err)?;
+    Ok(cfg)
+}
+
+fn os_err(what: &str, e: std::io::Error) -> PyErr {
+    PyOSError::new_err((e.raw_os_error().unwrap_or(0), format!("{what}: {e}")))
+}
+
+/// The running I/O engine. Created with the TUN device; `start` opens sockets and starts workers.
+#[pyclass(module = "podrouter._native", frozen)]
+struct Datapath {
+    engine: Mutex<Option<Engine>>,
+    tun_name: String,
+    tun_ifindex: u32,
+}
+
+impl Datapath {
+    fn lock(&self) -> MutexGuard<'_, Option<Engine>> {
+        // A panic while holding the lock (none is expected) must not make every later call panic.
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[pymethods]
+impl Datapath {
+    #[new]
+    fn new(py: Python<'_>, config: &Bound<'_, PyAny>) -> PyResult<Datapath> {
+        let cfg = engine_config(config)?;
+        let name = cfg.tun_name.clone();
+        let e = py.allow_threads(|| Engine::new(cfg)).map_err(|e| os_err(&format!("creating TUN {name}"), e))?;
+        Ok(Datapath { tun_name: e.tun().name().to_string(), tun_ifindex: e.tun().ifindex(), engine: Mutex::new(Some(e)) })
+    }
+
+    #[getter]
+    fn tun_name(&self) -> &str {
+        &self.tun_name
+    }
+
+    #[getter]
+    fn tun_ifindex(&self) -> u32 {
+        self.tun_ifindex
+    }
+
+    fn start(&self, py: Python<'_>, tables: &Tables) -> PyResult<()> {
+        let t = Arc::clone(&tables.inner);
+        py.allow_threads(|| {
+            let mut g = self.lock();
+            let e = g.as_mut().ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            e.start(t).map_err(|e| os_err("starting the datapath", e))
+        })
+    }
+
+    fn swap_tables(&self, py: Python<'_>, tables: &Tables) -> PyResult<()> {
+        let t = Arc::clone(&tables.inner);
+        py.allow_threads(|| {
+            let g = self.lock();
+            let e = g.as_ref().ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            e.swap_tables(t);
+            Ok(())
+        })
+    }
+
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (snap, off, gen, workers) = py.allow_threads(|| {
+            let g = self.lock();
+            g.as_ref().map(|e| (e.counters(), e.offload().clone(), e.tables().map_or(0, |t| t.generation()), e.config().workers))
+        })
+        .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+        let packets = PyDict::new(py);
+        let bytes = PyDict::new(py);
+        for p in Path::ALL {
+            for (di, dir) in [Dir::Egress, Dir::Ingress].into_iter().enumerate() {
+                let key = format!("{}/{}", p.as_str(), DIRECTIONS[di]);
+                let (n, b) = snap.get(p, dir);
+                packets.set_item(&key, n)?;
+                bytes.set_item(&key, b)?;
+            }
+        }
+        let drops = PyDict::new(py);
+        for (name, n) in drop_reason_names().into_iter().zip(&snap.drops) {
+            drops.set_item(name, *n)?;
+        }
+        let offload = PyDict::new(py);
+        let f = off.tun_flags;
+        let names = [(1, "csum"), (2, "tso4"), (4, "tso6"), (8, "tso_ecn"), (0x20, "uso4"), (0x40, "uso6")];
+        let flags: Vec<&str> = names.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect();
+        offload.set_item("tun", PyList::new(py, flags)?)?;
+        offload.set_item("udp_gso", off.udp_gso)?;
+        offload.set_item("udp_gro", off.udp_gro)?;
+        offload.set_item("packet_vnet_hdr", off.packet_vnet_hdr)?;
+        for (name, v) in STATS.iter().zip(snap.stats) {
+            offload.set_item(*name, v)?;
+        }
+        let d = PyDict::new(py);
+        d.set_item("packets", packets)?;
+        d.set_item("bytes", bytes)?;
+        d.set_item("drops", drops)?;
+        d.set_item("nat_entries", 0)?;
+        d.set_item("nat_alloc_failures", 0)?;
+        d.set_item("table_generation", gen)?;
+        d.set_item("workers", workers)?;
+        d.set_item("offload", offload)?;
+        Ok(d)
+    }
+
+    /// Stops the workers and closes the sockets; the TUN device stays (see `close`). Idempotent.
+    fn stop(&self, py: Python<'_>) {
+        py.allow_threads(|| {
+            if let Some(e) = self.lock().as_mut() {
+                e.stop();
+            }
+        });
+    }
+
+    /// Stops and closes the TUN device (the kernel deletes it). Idempotent.
+    fn close(&self, py: Python<'_>) {
+        py.allow_threads(|| drop(self.lock().take()));
+    }
+
+    fn is_running(&self, py: Python<'_>) -> bool {
+        py.allow_threads(|| self.lock().as_ref().is_some_and(Engine::is_running))
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!("Datapath(tun={:?}, running={})", self.tun_name, self.is_running(py))
+    }
+}
+
+// ------------------------------------------------------------------------------------ module
+
+#[pyfunction]
+fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_class::<Tables>()?;
+    m.add_class::<Datapath>()?;
+    wire::register(m)?;
+    blast::register(m)?;
+    Ok(())
+}

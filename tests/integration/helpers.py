@@ -1,0 +1,225 @@
+"""Daemon launch helpers for the integration tests: configs for the reference topology, starting a
+`podrouter run` inside a node's namespace, waiting (bounded) for readiness, stopping it cleanly.
+
+Every daemon started here is registered with a `Daemons` fixture object that stops it at teardown,
+also when the test failed; `Topology.close()` would kill it anyway when the namespaces go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nettopo import Host, ReferenceTopology
+
+
+def podrouter_argv() -> list[str]:
+    """The installed `podrouter` entry point if there is one, else the module of this interpreter."""
+    exe = shutil.which("podrouter")
+    return [exe] if exe else [sys.executable, "-m", "podrouter.cli"]
+
+
+@contextlib.contextmanager
+def short_dir() -> Iterator[Path]:
+    """A short directory for unix sockets (sun_path is 108 bytes; pytest's tmp_path can be longer)."""
+    d = Path("/tmp") / f"prt-{secrets.token_hex(4)}"
+    d.mkdir(mode=0o700)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def ref_config(
+    ref: ReferenceTopology,
+    node: str,
+    sockdir: Path,
+    *,
+    mode: str = "tunnel",
+    protocol: str = "vxlan",
+    peers: list[str] | None = None,
+    pods: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A config for `node` of the reference topology (its pods registered through `pods:`)."""
+    others = [n for n in ref.nodes if n != node] if peers is None else peers
+    cfg: dict[str, Any] = {
+        "node": {
+            "name": node,
+            "address": ref.node_addr[node],
+            "interface": "eth0",
+            "pod_cidr": ref.node_pod_cidr[node],
+        },
+        "cluster": {"pod_cidr": ref.CLUSTER_CIDR},
+        "routing": {"mode": mode},
+        "tunnel": {"protocol": protocol},
+        "masquerade": {"enabled": False},
+        "peers": [{"name": n, "address": ref.node_addr[n], "pod_cidr": ref.node_pod_cidr[n]} for n in others],
+        "pods": [
+            {"name": p.name, "ip": p.ip, "host_interface": p.host_interface}
+            for p in ref.pods.values()
+            if p.node == node
+        ]
+        if pods
+        else [],
+        "api": {"socket": str(sockdir / f"{node}.sock")},
+        "metrics": {"listen": "127.0.0.1:9965"},
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@dataclass
+class DaemonHandle:
+    host: Host
+    config: Path
+    socket: str
+    proc: subprocess.Popen[bytes]
+    output: list[str] = field(default_factory=list)
+
+    def cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        return self.host.try_run([*podrouter_argv(), *args], timeout=timeout)
+
+    def status(self) -> dict[str, Any]:
+        r = self.cli("status", "--json", "--socket", self.socket)
+        if r.returncode not in (0, 1) or not r.stdout.strip():
+            raise AssertionError(f"status failed ({r.returncode}): {r.stderr}")
+        return json.loads(r.stdout)
+
+    def counters(self) -> dict[str, Any]:
+        return self.status()["counters"]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        # `ip netns exec` execs the command, so the Popen pid is the daemon itself
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15) -> tuple[int, str]:
+        """SIGTERM, wait (bounded), return (exit status, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=5)
+            raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM") from None
+        text = err.decode(errors="replace")
+        self.output.append(text)
+        return self.proc.returncode, text
+
+    def stderr_so_far(self) -> str:
+        return "".join(self.output)
+
+
+class Daemons:
+    """Starts daemons and stops whatever is still running at teardown."""
+
+    def __init__(self, sockdir: Path, cfgdir: Path) -> None:
+        self.sockdir = sockdir
+        self.cfgdir = cfgdir
+        self.handles: list[DaemonHandle] = []
+
+    def start(
+        self,
+        host: Host,
+        cfg: dict[str, Any],
+        ready_timeout: float = 30,
+        name: str | None = None,
+        extra_args: tuple[str, ...] = ("--log-level", "debug"),
+    ) -> DaemonHandle:
+        path = write_config(self.cfgdir / f"{name or cfg['node']['name']}-{secrets.token_hex(2)}.yaml", cfg)
+        proc = host.popen([*podrouter_argv(), "run", "--config", str(path), *extra_args])
+        h = DaemonHandle(host, path, cfg["api"]["socket"], proc)
+        self.handles.append(h)
+        wait_ready(h, ready_timeout)
+        return h
+
+    def stop_all(self) -> None:
+        for h in self.handles:
+            if h.alive():
+                with contextlib.suppress(Exception):
+                    h.stop()
+
+
+def wait_ready(h: DaemonHandle, timeout: float) -> None:
+    """Poll `podrouter status` until it exits 0 (DESIGN.md §4b readiness); bounded."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not h.alive():
+            _, err = h.proc.communicate(timeout=5)
+            raise AssertionError(f"daemon exited with {h.proc.returncode} before ready:\n{err.decode()}")
+        r = h.cli("status", "--socket", h.socket, timeout=10)
+        if r.returncode == 0:
+            return
+        last = r.stderr or r.stdout
+        time.sleep(0.2)
+    h.proc.kill()
+    _, err = h.proc.communicate(timeout=5)
+    raise AssertionError(f"daemon not ready after {timeout}s (last status: {last.strip()}):\n{err.decode()}")
+
+
+def routes(host: Host, table: str = "main") -> list[dict[str, Any]]:
+    return json.loads(host.ip(f"-j -d route show table {table}") or "[]")
+
+
+def our_routes(host: Host) -> dict[str, dict[str, Any]]:
+    """Routes with podrouter's protocol (77), keyed by destination."""
+    out = {}
+    for tbl in ("main", "77"):
+        text = host.try_run(["ip", "-j", "-d", "route", "show", "table", tbl, "proto", "77"])
+        # a table that was never created (or is empty again) makes `ip` fail: no routes there
+        for r in json.loads(text.stdout) if text.returncode == 0 and text.stdout.strip() else []:
+            out[r["dst"] if tbl == "main" else f"{r['dst']}@{tbl}"] = r
+    return out
+
+
+def sysctl_value(host: Host, key: str) -> str:
+    return host.run(["sysctl", "-n", key]).strip()
+
+
+def wait_for(pred: Any, timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def python_in(host: Host, code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run Python code inside the host's namespace with this interpreter (and this podrouter)."""
+    env = dict(os.environ)
+    return subprocess.run(
+        ["ip", "netns", "exec", host.ns, sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )

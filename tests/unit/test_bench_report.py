@@ -1,0 +1,134 @@
+"""The benchmark suite's pure parts: parsing tool output, aggregation, option selection, reporting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from podrouter.bench import _select, extras, measure, report
+from podrouter.bench.suite import LEG_NAMES, METRICS, SETUP_NAMES, summarize
+from podrouter.demo.cluster import delta_path, path_counters
+
+SOCKPERF = """\
+sockperf: [2;35m====> avg-rtt=11.278 (std-dev=3.977)[0m
+sockperf: [2;35mTotal 48719 observations[0m; each percentile contains 487.19 observations
+sockperf: ---> <MAX> observation =  755.659
+sockperf: ---> percentile 99.999 =  755.659
+sockperf: ---> percentile 99.000 =   12.678
+sockperf: ---> percentile 50.000 =   10.986
+sockperf: ---> <MIN> observation =   10.485
+"""
+
+
+def test_sockperf_percentiles_are_read_exactly() -> None:
+    text = measure._ANSI.sub("", SOCKPERF)
+    assert measure._sockperf_percentile(text, "50.000") == 10.986
+    assert measure._sockperf_percentile(text, "99.000") == 12.678
+    # 99.999 must not be taken for 99.000 (or the other way round)
+    assert measure._sockperf_percentile(text, "99.999") == 755.659
+    assert measure._sockperf_percentile(text, "90.000") is None
+
+
+def test_summarize_median_spread_and_quartiles() -> None:
+    s = summarize([3.0, 1.0, 2.0])
+    assert s == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    s4 = summarize([4.0, 1.0, 3.0, 2.0])
+    assert s4["median"] == 2.5 and "q1" in s4 and s4["q1"] <= s4["median"] <= s4["q3"]
+
+
+def test_path_counters_and_delta() -> None:
+    before = path_counters({"packets": {"vxlan/egress": 10, "vxlan/ingress": 99, "native/egress": 5}})
+    after = path_counters({"packets": {"vxlan/egress": 14, "vxlan/ingress": 500, "native/egress": 205}})
+    assert before["vxlan"] == 10 and before["geneve"] == 0
+    path, delta = delta_path(before, after)
+    assert path == "native" and delta["native"] == 200 and delta["vxlan"] == 4
+    # ingress growth never counts as the path a pod's egress took
+    assert delta_path(after, after)[0] is None
+    assert delta_path(before, after, minimum=1000)[0] is None
+    assert path_counters({})["native"] == 0
+    assert path_counters({"packets": {"geneve": {"egress": 7, "ingress": 1}}})["geneve"] == 7
+
+
+def test_select_parts() -> None:
+    setups, sections = _select(None, micro=False)
+    assert [s.name for s in setups] == list(SETUP_NAMES) and sections == {"masquerade", "shaping"}
+    setups, sections = _select(["native,kernel-routing", "masquerade"], micro=True)
+    assert [s.name for s in setups] == ["kernel-routing", "native"] and sections == {"masquerade", "micro"}
+    setups, _ = _select("hybrid-tunnel", micro=False)
+    assert [s.name for s in setups] == ["hybrid"]
+    setups, sections = _select("micro", micro=False)
+    assert setups == [] and sections == {"micro"}
+    with pytest.raises(ValueError, match="warp"):
+        _select("warp", micro=False)
+
+
+def test_parse_criterion(tmp_path: Path) -> None:
+    d = tmp_path / "lpm" / "lookup" / "1000" / "new"
+    d.mkdir(parents=True)
+    (d / "estimates.json").write_text(
+        json.dumps(
+            {
+                "mean": {
+                    "point_estimate": 50.0,
+                    "confidence_interval": {"lower_bound": 49.0, "upper_bound": 51.0},
+                },
+                "median": {"point_estimate": 48.0},
+            }
+        )
+    )
+    (d / "benchmark.json").write_text(
+        json.dumps({"full_id": "lpm/lookup/1000", "throughput": {"Elements": 1}})
+    )
+    broken = tmp_path / "broken" / "new"
+    broken.mkdir(parents=True)
+    (broken / "estimates.json").write_text("{not json")
+    out = extras.parse_criterion(tmp_path)
+    assert len(out) == 1
+    b = out[0]
+    assert b["id"] == "lpm/lookup/1000" and b["median_ns"] == 48.0
+    assert b["mean_lo_ns"] == 49.0 and b["mean_hi_ns"] == 51.0
+    assert b["throughput_per_s"] == pytest.approx(2e7) and b["throughput_unit"] == "elem"
+    assert extras.parse_criterion(tmp_path, since=9e18) == []
+    assert "lpm/lookup/1000" in report.micro_table({"benchmarks": out})
+
+
+def _fake_result() -> dict:
+    modes = {}
+    for i, name in enumerate(LEG_NAMES):
+        summary = {k: summarize([1.0 + i, 2.0 + i]) for k in METRICS}
+        base = (
+            None if name.startswith("kernel") else ("kernel-routing" if "native" in name else "kernel-vxlan")
+        )
+        modes[name] = {
+            "pair": "pod1->pod3",
+            "baseline": base,
+            "summary": summary,
+            "errors": [],
+            "reps": [{"cpu_disturbed": name == "vxlan"}],
+            "ratios": {"tcp1_gbps": 0.5} if base else {},
+        }
+    return {
+        "profile": "quick",
+        "reps": 2,
+        "modes": modes,
+        "masquerade": {
+            "results": {"nftables": {"summary": {"cps": {"median": 5000.0}, "tcp1_gbps": {"median": 9.0}}}},
+            "podrouter_unavailable": "no masquerade path yet",
+        },
+    }
+
+
+def test_tables_and_plots(tmp_path: Path) -> None:
+    r = _fake_result()
+    table = report.modes_table(r["modes"])
+    for name in LEG_NAMES:
+        assert name in table
+    assert "(0.50x)" in table and "*" in table
+    masq = report.masquerade_table(r["masquerade"])
+    assert "5000" in masq and "not available (no masquerade path yet)" in masq
+    assert "not available (why)" in report.masquerade_table({"reason": "why"})
+    written = report.plots(r, tmp_path)
+    assert [p.name for p in written] == ["modes.png", "masquerade.png"]
+    assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)

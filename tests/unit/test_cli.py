@@ -1,0 +1,253 @@
+"""The CLI without a running daemon: the API client/server, readiness exit codes, explain's packets."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+
+from podrouter import api
+from podrouter.cli import build_packet, main
+
+
+@pytest.fixture
+def short_dir(tmp_path: Path) -> Path:
+    # unix socket paths are limited to 107 bytes; pytest's tmp_path can be long
+    d = Path("/tmp") / f"prcli{os.getpid()}{threading.get_ident() % 1000}"
+    d.mkdir(exist_ok=True)
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+class FakeDaemonState:
+    def __init__(self) -> None:
+        self.ready = False
+        self.pods: dict[str, dict[str, Any]] = {}
+
+
+def serve(path: Path, st: FakeDaemonState) -> api.ApiServer:
+    def status(_req: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "ready": st.ready,
+            "node": "n1",
+            "mode": "tunnel",
+            "peers": [],
+            "routes": [],
+            "pods": list(st.pods.values()),
+            "counters": {},
+            "underlay": {},
+            "tunnel": {},
+            "generation": 3,
+        }
+
+    def pod_add(req: dict[str, Any]) -> dict[str, Any]:
+        pod = req["pod"]
+        if pod["name"] in st.pods:
+            raise api.ApiError(f"pod {pod['name']} exists")
+        st.pods[pod["name"]] = {**pod, "shaping": {}}
+        return {"pod": st.pods[pod["name"]], "warnings": ["w1"]}
+
+    def boom(_req: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("kaboom")
+
+    return api.ApiServer(
+        str(path),
+        {
+            "status": status,
+            "pod_add": pod_add,
+            "boom": boom,
+            "pod_list": lambda r: {"pods": list(st.pods.values())},
+        },
+    )
+
+
+def test_socket_is_0600_and_removed_on_close(short_dir: Path) -> None:
+    path = short_dir / "a.sock"
+    srv = serve(path, FakeDaemonState())
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == 0o600
+        assert api.socket_in_use(str(path))
+    finally:
+        srv.close()
+    assert not path.exists()
+    assert not api.socket_in_use(str(path))
+
+
+def test_protocol_errors_are_json_replies_and_the_server_survives(short_dir: Path) -> None:
+    path = short_dir / "b.sock"
+    srv = serve(path, FakeDaemonState())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            f = s.makefile("rwb")
+            for line in (
+                b"not json\n",
+                b"[1,2]\n",
+                b'{"op": "nope"}\n',
+                b'{"op": "boom"}\n',
+                b'{"op": "status"}\n',
+            ):
+                f.write(line)
+                f.flush()
+            replies = [json.loads(f.readline()) for _ in range(5)]
+        assert [r["ok"] for r in replies] == [False, False, False, False, True]
+        assert replies[0]["error"].startswith("bad request: not JSON")
+        assert replies[2]["error"].startswith("unknown op 'nope'")
+        assert replies[3]["error"] == "internal error: kaboom"
+        assert replies[4]["generation"] == 3
+    finally:
+        srv.close()
+
+
+def test_status_exit_code_is_readiness(short_dir: Path) -> None:
+    path = short_dir / "c.sock"
+    st = FakeDaemonState()
+    srv = serve(path, st)
+    try:
+        r = CliRunner().invoke(main, ["status", "--socket", str(path)])
+        assert r.exit_code == 1 and "NOT READY" in r.output
+        st.ready = True
+        r = CliRunner().invoke(main, ["status", "--socket", str(path), "--json"])
+        assert r.exit_code == 0
+        assert json.loads(r.output)["node"] == "n1"
+    finally:
+        srv.close()
+    r = CliRunner().invoke(main, ["status", "--socket", str(path)])
+    assert r.exit_code == 1 and "no daemon at" in r.stderr
+
+
+def test_status_finds_the_socket_through_the_config(short_dir: Path, tmp_path: Path) -> None:
+    path = short_dir / "d.sock"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"node: {{name: n1, pod_cidr: 10.244.1.0/24}}\ncluster: {{pod_cidr: 10.244.0.0/16}}\n"
+        f"api: {{socket: {path}}}\n"
+    )
+    st = FakeDaemonState()
+    st.ready = True
+    srv = serve(path, st)
+    try:
+        r = CliRunner().invoke(main, ["status", "--config", str(cfg)])
+        assert r.exit_code == 0, r.output
+    finally:
+        srv.close()
+
+
+def test_pod_add_and_list_through_the_api(short_dir: Path) -> None:
+    path = short_dir / "e.sock"
+    st = FakeDaemonState()
+    srv = serve(path, st)
+    try:
+        r = CliRunner().invoke(
+            main,
+            [
+                "pod",
+                "add",
+                "web",
+                "--ip",
+                "10.244.1.5",
+                "--host-interface",
+                "veth-web",
+                "-a",
+                "kubernetes.io/egress-bandwidth=10M",
+                "--socket",
+                str(path),
+            ],
+        )
+        assert r.exit_code == 0, r.output
+        assert st.pods["web"]["annotations"] == {"kubernetes.io/egress-bandwidth": "10M"}
+        assert "warning: w1" in r.stderr
+        r = CliRunner().invoke(
+            main, ["pod", "add", "web", "--ip", "10.244.1.5", "--host-interface", "v", "--socket", str(path)]
+        )
+        assert r.exit_code == 1 and "error: pod web exists" in r.stderr
+        r = CliRunner().invoke(main, ["pod", "list", "--json", "--socket", str(path)])
+        assert [p["name"] for p in json.loads(r.output)] == ["web"]
+        r = CliRunner().invoke(
+            main,
+            [
+                "pod",
+                "add",
+                "x",
+                "--ip",
+                "1.2.3.4",
+                "--host-interface",
+                "v",
+                "-a",
+                "novalue",
+                "--socket",
+                str(path),
+            ],
+        )
+        assert r.exit_code == 2 and "is not KEY=VALUE" in r.stderr
+    finally:
+        srv.close()
+
+
+def test_explain_needs_a_config_or_a_socket() -> None:
+    r = CliRunner().invoke(main, ["explain", "10.244.1.1", "10.244.2.1"])
+    assert r.exit_code == 2 and "--config" in r.stderr
+
+
+def test_explain_rejects_bad_addresses(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["explain", "10.244.1.1", "fd00::1", "--socket", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "not the same address family" in r.stderr
+
+
+def test_demo_and_bench_are_registered() -> None:
+    r = CliRunner().invoke(main, ["--help"])
+    for cmd in ("run", "status", "pod", "cleanup", "check", "explain", "demo", "bench"):
+        assert cmd in r.output
+
+
+# ---------------------------------------------------------------------------- explain's packets
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp", "icmp"])
+def test_built_ipv4_packets_have_valid_checksums(proto: str) -> None:
+    raw = build_packet("10.244.1.1", "10.244.2.1", proto, 8080)
+    pkt = IP(raw)
+    assert pkt.src == "10.244.1.1" and pkt.dst == "10.244.2.1" and pkt.len == len(raw)
+    assert pkt.flags == "DF" and pkt.ttl == 64
+    # scapy recomputes checksums for a rebuilt copy with the checksum fields cleared
+    clean = IP(raw)
+    del clean.chksum
+    layer = {"tcp": TCP, "udp": UDP, "icmp": ICMP}[proto]
+    del clean[layer].chksum
+    rebuilt = IP(bytes(clean))
+    assert rebuilt.chksum == pkt.chksum
+    assert rebuilt[layer].chksum == pkt[layer].chksum
+    if proto != "icmp":
+        assert pkt[layer].dport == 8080
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp", "icmp"])
+def test_built_ipv6_packets_have_valid_checksums(proto: str) -> None:
+    raw = build_packet("fd00::1", "fd00::2", proto, 53)
+    pkt = IPv6(raw)
+    assert pkt.plen == len(raw) - 40
+    layer = {"tcp": TCP, "udp": UDP, "icmp": ICMPv6EchoRequest}[proto]
+    field = "cksum" if proto == "icmp" else "chksum"
+    clean = IPv6(raw)
+    delattr(clean[layer], field)
+    rebuilt = IPv6(bytes(clean))
+    assert getattr(pkt[layer], field) == getattr(rebuilt[layer], field)
+
+
+def test_build_packet_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        build_packet("10.0.0.1", "nope")
+    with pytest.raises(ValueError):
+        build_packet("10.0.0.1", "10.0.0.2", "sctp")

@@ -1,0 +1,120 @@
+"""From a config to routes (with per-destination MTUs) and the table spec: the daemon's pure planning."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from podrouter import config
+from podrouter.daemon import PeerView, build_spec, path_for, path_mtu, plan_routes, split_by
+
+REF = """
+node: {name: node1, address: 172.16.2.2, pod_cidr: 10.244.1.0/24}
+cluster: {pod_cidr: 10.244.0.0/16}
+peers:
+  - {name: node2, address: 172.16.3.2, pod_cidr: 10.244.2.0/24}
+  - {name: node3, address: 172.16.2.3, pod_cidr: 10.244.3.0/24}
+"""
+N = ipaddress.ip_network
+
+
+def views(cfg: config.Config) -> list[PeerView]:
+    on_link = {"node2": False, "node3": True}
+    nh = {"node2": ipaddress.IPv4Address("172.16.2.1"), "node3": ipaddress.IPv4Address("172.16.2.3")}
+    return [PeerView(p, on_link[p.name], nh[p.name], "02:00:00:00:00:0" + p.name[-1]) for p in cfg.peers]
+
+
+def paths(cfg: config.Config) -> dict[str, tuple[str, int | None]]:
+    return {str(r.dst): (r.path, r.mtu) for r in plan_routes(cfg, views(cfg), cfg.pods, 1500)}
+
+
+def test_split_by_cuts_only_where_a_cut_lies_inside() -> None:
+    assert split_by(N("10.244.2.0/24"), [N("10.244.0.0/17")]) == [N("10.244.2.0/24")]
+    assert split_by(N("10.244.2.0/24"), [N("10.244.2.0/25")]) == [N("10.244.2.0/25"), N("10.244.2.128/25")]
+    pieces = split_by(N("10.244.2.0/24"), [N("10.244.2.64/26"), N("fd00::/8")])
+    assert pieces == [N("10.244.2.0/26"), N("10.244.2.64/26"), N("10.244.2.128/25")]
+    # the pieces always cover the original exactly
+    assert sum(p.num_addresses for p in pieces) == 256
+
+
+def test_tunnel_mode_mtus_are_underlay_minus_overhead() -> None:
+    cfg = config.loads(REF)
+    got = paths(cfg)
+    assert got["10.244.2.0/24"] == ("vxlan", 1450)
+    assert got["10.244.3.0/24"] == ("vxlan", 1450)
+    assert got["10.244.1.0/24"] == ("local", None)
+    # the cluster catch-all takes the smallest tunnel MTU (the datapath drops it as no_route anyway)
+    assert got["10.244.0.0/16"] == ("cluster", 1450)
+    cfg = config.loads(REF + "tunnel: {protocol: geneve}\n")
+    assert paths(cfg)["10.244.2.0/24"] == ("geneve", 1464)
+
+
+def test_hybrid_on_link_goes_native_with_the_full_mtu() -> None:
+    cfg = config.loads(REF + "routing: {mode: hybrid, native_when_on_link: true}\n")
+    got = paths(cfg)
+    assert got["10.244.3.0/24"] == ("native", 1500)
+    assert got["10.244.2.0/24"] == ("vxlan", 1450)
+
+
+def test_hybrid_native_cidr_splits_a_peer_cidr() -> None:
+    cfg = config.loads(REF + "routing: {mode: hybrid, native_cidrs: [10.244.2.0/25]}\n")
+    got = paths(cfg)
+    assert got["10.244.2.0/25"] == ("native", 1500)
+    assert got["10.244.2.128/25"] == ("vxlan", 1450)
+    assert got["10.244.3.0/24"] == ("vxlan", 1450)  # native_when_on_link is off
+
+
+def test_per_peer_overrides() -> None:
+    cfg = config.loads("""
+node: {name: node1, pod_cidr: 10.244.1.0/24}
+cluster: {pod_cidr: 10.244.0.0/16}
+routing: {mode: native}
+peers:
+  - {name: node2, address: 172.16.3.2, pod_cidr: 10.244.2.0/24, mode: tunnel, tunnel_protocol: geneve}
+  - {name: node3, address: 172.16.2.3, pod_cidr: 10.244.3.0/24}
+""")
+    got = paths(cfg)
+    assert got["10.244.2.0/24"] == ("geneve", 1464)
+    assert got["10.244.3.0/24"] == ("native", 1500)
+    peer2 = cfg.peers[0]
+    assert path_for(cfg, peer2, N("10.244.2.0/24"), on_link=True) == "geneve"
+
+
+def test_tunnel_mtu_override_applies_to_tunnel_paths_only() -> None:
+    cfg = config.loads(REF + "routing: {mode: hybrid, native_when_on_link: true}\ntunnel: {mtu: 1400}\n")
+    assert path_mtu(cfg, "vxlan", 1500) == 1400 and path_mtu(cfg, "native", 1500) == 1500
+    got = paths(cfg)
+    assert got["10.244.2.0/24"] == ("vxlan", 1400) and got["10.244.3.0/24"] == ("native", 1500)
+
+
+def test_pods_get_host_routes_to_their_veth() -> None:
+    cfg = config.loads(REF + "pods: [{name: web, ip: 10.244.1.10, host_interface: veth-web}]\n")
+    [pod] = [r for r in plan_routes(cfg, views(cfg), cfg.pods, 1500) if r.path == "pod"]
+    assert (str(pod.dst), pod.dev, pod.peer) == ("10.244.1.10/32", "veth-web", "web")
+
+
+def test_spec_has_the_documented_shape() -> None:
+    cfg = config.loads(
+        REF + "routing: {mode: hybrid, native_when_on_link: true}\n"
+        "masquerade: {non_masquerade_cidrs: [198.51.100.0/24], port_range: 62000-63000}\n"
+    )
+    spec = build_spec(cfg, 7, "172.16.2.2", {"ip": "172.16.2.1", "mac": "02:00:00:00:00:01"}, views(cfg))
+    assert spec["generation"] == 7
+    assert spec["node"] == {"name": "node1", "address": "172.16.2.2", "pod_cidrs": ["10.244.1.0/24"]}
+    assert spec["cluster_cidrs"] == ["10.244.0.0/16"]
+    assert spec["mode"] == "hybrid" and spec["native_when_on_link"] is True
+    assert spec["tunnel"] == {"protocol": "vxlan", "vni": 1, "vxlan_port": 4789, "geneve_port": 6081}
+    assert spec["masquerade"] == {
+        "enabled": True,
+        "non_masquerade_cidrs": ["198.51.100.0/24"],
+        "port_range": [62000, 63000],
+    }
+    node3 = spec["peers"][1]
+    assert node3 == {
+        "name": "node3",
+        "address": "172.16.2.3",
+        "pod_cidrs": ["10.244.3.0/24"],
+        "mode": None,
+        "tunnel_protocol": None,
+        "on_link": True,
+        "next_hop": {"ip": "172.16.2.3", "mac": "02:00:00:00:00:03"},
+    }
