@@ -49,7 +49,8 @@ class Lab:
         self.topo = topo
         self.node = topo.host("node", forwarding=True)
         self.sink = topo.host("sink")
-        topo.link(self.node, "eth0", self.sink, "eth0", a_addr=f"{NODE_SINK_ADDR}/24", b_addr=f"{SINK_ADDR}/24")
+        topo.link(self.node, "eth0", self.sink, "eth0",
+                  a_addr=f"{NODE_SINK_ADDR}/24", b_addr=f"{SINK_ADDR}/24")
         self.sink.ip(f"route add 10.244.0.0/16 via {NODE_SINK_ADDR}")
         # proxy ARP answers for 169.254.1.1 only if the node has a route to it through another
         # interface: the default route (towards the sink, as a node's towards its gateway)

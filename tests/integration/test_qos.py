@@ -23,9 +23,8 @@ from pyroute2 import NetNS
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from nettopo import Topology, capture  # noqa: E402
-from qos.lab import GOODPUT_PER_FRAME, SINK_ADDR, Lab, measure, ping_rtts, tc  # noqa: E402
-
 from podrouter.qos import BandwidthManager, parse_quantity  # noqa: E402
+from qos.lab import GOODPUT_PER_FRAME, SINK_ADDR, Lab, measure, ping_rtts, tc  # noqa: E402
 
 EGRESS = "kubernetes.io/egress-bandwidth"
 INGRESS = "kubernetes.io/ingress-bandwidth"
@@ -199,7 +198,8 @@ def test_removing_annotation_removes_limit_and_pod_removal_cleans_up(lab: Lab, m
     # only pb's class tree is left on the IFB (pod class + two leaves), plus the fixed classes
     pb_class = mgr.status()["pb"]["egress_class"]
     pod_classes = [ln for ln in tc(lab.node, "class show dev podr-ifb0").splitlines()
-                   if ln.startswith("class htb") and ln.split()[2] not in ("1:1", "1:10", "1:20", "1:30", "1:3")]
+                   if ln.startswith("class htb")
+                   and ln.split()[2] not in ("1:1", "1:10", "1:20", "1:30", "1:3")]
     minor = int(pb_class.split(":")[1], 16)
     assert sorted(ln.split()[2] for ln in pod_classes) == sorted(
         f"1:{m:x}" for m in (minor, minor | 0x4000, minor | 0x8000))
@@ -269,3 +269,25 @@ def test_close_removes_every_object(lab: Lab, ipr: NetNS) -> None:
         assert tc(lab.node, f"qdisc show dev {dev}").split()[1] == "noqueue"
         assert tc(lab.node, f"filter show dev {dev} ingress").strip() == ""
     mgr.close()  # idempotent
+
+
+def test_cleanup_after_a_crash_removes_only_our_objects(lab: Lab, ipr: NetNS) -> None:
+    from podrouter.qos import cleanup
+
+    mgr = BandwidthManager(ipr, {})
+    pa, pb = lab.pods["pa"], lab.pods["pb"]
+    mgr.apply("pa", pa.host_interface, pa.ip, {EGRESS: "10M", INGRESS: "10M"})
+    # pb has a qdisc that is not ours: cleanup must leave it alone
+    lab.node.run(f"tc qdisc add dev {pb.host_interface} root handle 1: htb default 1")
+    # the daemon "crashes": the manager is dropped without close()
+    removed = cleanup(ipr, [pa.host_interface, pb.host_interface])
+    assert removed == ["podr-ifb0", f"{pa.host_interface} clsact", f"{pa.host_interface} root htb"]
+    assert tc(lab.node, f"qdisc show dev {pa.host_interface}").split()[1] == "noqueue"
+    assert "htb 1: root" in tc(lab.node, f"qdisc show dev {pb.host_interface}")
+    # a new manager starts from scratch even if an IFB of its name is still there
+    mgr2 = BandwidthManager(ipr, {})
+    try:
+        lab.node.ip("link add podr-ifb0 type ifb")
+        assert mgr2.apply("pa", pa.host_interface, pa.ip, {EGRESS: "10M"})["error"] is None
+    finally:
+        mgr2.close()

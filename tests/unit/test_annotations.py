@@ -147,7 +147,8 @@ def test_validate_names_key_and_value() -> None:
     })
     assert len(problems) == 4
     joined = "\n".join(problems)
-    for key, value in ((EGRESS_BANDWIDTH, "10K"), (INGRESS_BANDWIDTH, "10m"), (PRIORITY, "gold"), (DSCP, "99")):
+    bad = ((EGRESS_BANDWIDTH, "10K"), (INGRESS_BANDWIDTH, "10m"), (PRIORITY, "gold"), (DSCP, "99"))
+    for key, value in bad:
         assert any(p.startswith(f"{key}:") and repr(value) in p for p in problems), joined
     assert validate_annotations({EGRESS_BANDWIDTH: "10M"}) == []
     assert validate_annotations({EGRESS_BANDWIDTH: 10}) == [f"{EGRESS_BANDWIDTH}: 10 is not a string"]

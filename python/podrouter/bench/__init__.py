@@ -32,11 +32,24 @@ __all__ = ["build_parser", "main", "run_suite"]
 SECTIONS = ("masquerade", "shaping", "micro")
 
 
-class _Terminated(Exception):
+class _Terminated(BaseException):
     """SIGTERM turned into an exception so every `finally` (namespaces, daemons) runs."""
 
 
+_OWNER_PID = [os.getpid()]  # set again when the handlers are installed
+
+
 def _on_sigterm(signum: int, _frame: object) -> None:
+    # Only the process that installed the handler unwinds. A child forked from it (pyroute2 forks
+    # helpers to work inside other namespaces) inherits the handler; if its parent stops it with
+    # SIGTERM it must simply die, not raise into a copy of our call stack and carry on as a second
+    # copy of the run.
+    if os.getpid() != _OWNER_PID[0]:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise _Terminated(f"signal {signum}")
 
 
@@ -227,7 +240,9 @@ def run_suite(
     def save() -> None:
         json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
+    _OWNER_PID[0] = os.getpid()
     old = signal.signal(signal.SIGTERM, _on_sigterm)
+    old_int = signal.signal(signal.SIGINT, _on_sigterm)
     failed = False
     t0 = time.monotonic()
     log(f"profile {prof.name}, {nreps} rep(s), output {out_dir}")
@@ -261,6 +276,7 @@ def run_suite(
         return 130
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
     result["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     save()

@@ -41,6 +41,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     s.add_argument("--bind", default="0.0.0.0")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--seconds", type=float, required=True)
+    s.add_argument("--idle", type=float, default=None, help="stop this long after the last datagram")
     c = sub.add_parser("connect", help="open and reset TCP connections as fast as possible")
     c.add_argument("--dst", required=True)
     c.add_argument("--port", type=int, required=True)
@@ -55,7 +56,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cmd == "blast":
         return dict(n.udp_blast(args.dst, args.port, args.size, args.seconds, args.batch, args.rate))
     if args.cmd == "sink":
-        return dict(n.udp_sink(args.bind, args.port, args.seconds))
+        return dict(n.udp_sink(args.bind, args.port, args.seconds, args.idle))
     if args.cmd == "connect":
         return dict(n.tcp_connect_rate(args.dst, args.port, args.seconds, args.threads))
     return {"accepted": int(n.tcp_accept_sink(args.bind, args.port, args.seconds))}

@@ -39,7 +39,7 @@ table ip {NFT_TABLE} {{
     sh("ip", "netns", "exec", node.ns, "nft", "-f", "-", input=rules)
 
 
-def _connect_rate(ref: ReferenceTopology, seconds: float) -> dict[str, Any]:
+def _connect_rate(ref: ReferenceTopology, seconds: float, threads: int = 4) -> dict[str, Any]:
     ext, pod = ref.external, ref.pods["pod1"].host
     loadgen = [measure.python(), "-m", "podrouter.bench.loadgen"]
     with measure.server(
@@ -56,12 +56,13 @@ def _connect_rate(ref: ReferenceTopology, seconds: float) -> dict[str, Any]:
                 "--seconds",
                 f"{seconds:.1f}",
                 "--threads",
-                "4",
+                str(threads),
             ],
             timeout=seconds + 20,
         )
     if r.returncode != 0:
-        raise measure.MeasureError(f"connect generator failed: {r.stderr.strip()[:300]}")
+        why = r.stderr.strip()[:300]
+        raise measure.MeasureError(f"connect generator failed (exit {r.returncode}): {why}")
     rep = json.loads(r.stdout)
     if rep["connections"] <= 0:
         raise measure.MeasureError(f"no connection completed ({rep['errors']} errors)")
@@ -115,9 +116,14 @@ def _podrouter_rep(prof: Profile, log: Progress) -> tuple[dict[str, Any] | None,
             path, delta = delta_path(before, cluster.packets("node1"))
             if path != "masquerade" or not ok:
                 return None, (
-                    f"pod1 -> {ref.EXTERNAL_ADDR} {'answered' if ok else 'got no reply'}, "
+                    f"pod1 -> {ref.EXTERNAL_ADDR} ping {'answered' if ok else 'got no reply'}, "
                     f"daemon counters moved {delta} (no masquerade path yet)"
                 )
+            # ICMP alone is not enough: the figures are TCP, so a TCP handshake must come back too
+            try:
+                _connect_rate(ref, 1.0, threads=1)
+            except (measure.MeasureError, ValueError, KeyError) as e:
+                return None, f"ping is translated, but TCP through the masquerade fails ({e})"
             return _measure(ref, prof, log, "podrouter"), None
 
 

@@ -194,8 +194,21 @@ def udp_rate(
     The receiver's count is the figure: what the path delivered, not what the sender offered.
     """
     loadgen = [python(), "-m", "podrouter.bench.loadgen"]
+    # the sink may listen well past the sender's end (a slow start), but stops 0.5 s after the
+    # last datagram, so the generous bound costs nothing
     sink = dst.popen(
-        [*loadgen, "sink", "--bind", dst_ip, "--port", str(port), "--seconds", f"{seconds + 2.0:.2f}"]
+        [
+            *loadgen,
+            "sink",
+            "--bind",
+            dst_ip,
+            "--port",
+            str(port),
+            "--seconds",
+            f"{seconds + 4.0:.2f}",
+            "--idle",
+            "0.5",
+        ]
     )
     try:
         # the sink is a fresh interpreter: give it time to bind. Datagrams sent earlier are refused

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -35,11 +36,24 @@ __all__ = ["main", "build_parser", "run_demo"]
 SHAPED_POD = ("shaped", "10.244.1.50", "50M")  # name, ip, kubernetes.io/egress-bandwidth
 
 
-class _Terminated(Exception):
+class _Terminated(BaseException):
     pass
 
 
+_OWNER_PID = [os.getpid()]  # set again when the handlers are installed
+
+
 def _raise_terminated(signum: int, _frame: object) -> None:
+    # Only the process that installed the handler unwinds. A child forked from it (pyroute2 forks
+    # helpers to work inside other namespaces) inherits the handler; if its parent stops it with
+    # SIGTERM it must simply die, not raise into a copy of our call stack and carry on as a second
+    # copy of the run.
+    if os.getpid() != _OWNER_PID[0]:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise _Terminated(f"signal {signum}")
 
 
@@ -95,16 +109,17 @@ def _why(src_node: str, dst: str, dst_node: str | None) -> str:
 @contextlib.contextmanager
 def _signals() -> Iterator[None]:
     """SIGTERM -> exception, so the same `finally` runs as for Ctrl-C (KeyboardInterrupt)."""
+    _OWNER_PID[0] = os.getpid()
     old = signal.signal(signal.SIGTERM, _raise_terminated)
+    old_int = signal.signal(signal.SIGINT, _raise_terminated)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> int:
-    import os
-
     from podrouter.bench import measure
     from podrouter.demo.cluster import Cluster, ClusterError, delta_path, node_config
     from podrouter.netns import Topology, reference_topology, sh
@@ -179,6 +194,9 @@ def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> 
                 _wait_listening(h, 5201)
             for src, dst, dst_ip, dst_node in pairs:
                 src_pod = ref.pods[src]
+                # one unmeasured echo first: ARP / neighbour resolution on the way would otherwise
+                # dominate the average of a handful of pings
+                measure.ping_rtt(src_pod.host, dst_ip, count=1, timeout=1)
                 before = cluster.packets(src_pod.node)
                 rtt = measure.ping_rtt(src_pod.host, dst_ip, count=4, interval=0.2, timeout=1)
                 path, _ = delta_path(before, cluster.packets(src_pod.node), minimum=2)

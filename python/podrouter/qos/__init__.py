@@ -21,6 +21,7 @@ from podrouter.qos.quantity import QuantityError, format_bits, parse_quantity
 
 __all__ = [
     "BandwidthManager",
+    "cleanup",
     "BandwidthConfig",
     "PodQoS",
     "QuantityError",
@@ -40,8 +41,8 @@ __all__ = [
 
 
 def __getattr__(name: str):  # noqa: ANN202 - lazy so that validation does not import pyroute2
-    if name == "BandwidthManager":
-        from podrouter.qos.manager import BandwidthManager
+    if name in ("BandwidthManager", "cleanup"):
+        from podrouter.qos import manager
 
-        return BandwidthManager
+        return getattr(manager, name)
     raise AttributeError(f"module 'podrouter.qos' has no attribute {name!r}")

@@ -100,7 +100,8 @@ def _parse(section: object) -> tuple[BandwidthConfig, list[str]]:
             ok = True
             for name, share in v.items():
                 if name not in PRIORITIES:
-                    problems.append(f"{p}.priority_shares.{name}: unknown priority (known: {', '.join(PRIORITIES)})")
+                    known = ", ".join(PRIORITIES)
+                    problems.append(f"{p}.priority_shares.{name}: unknown priority (known: {known})")
                     ok = False
                 elif isinstance(share, bool) or not isinstance(share, int) or not 1 <= share <= 100:
                     problems.append(f"{p}.priority_shares.{name}: {share!r} is not a percentage 1..100")

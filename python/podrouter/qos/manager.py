@@ -393,6 +393,7 @@ class BandwidthManager:
     def _ensure_clsact(self, pod: _Pod) -> None:
         if pod.clsact:
             return
+        assert pod.ifindex is not None
         try:
             self._ipr.tc("add", "clsact", pod.ifindex)
         except NetlinkError as exc:
@@ -548,3 +549,43 @@ def _counters(msg: Any) -> dict[str, int]:
         "overlimits": queue["overlimits"] if queue else 0,
         "backlog_bytes": queue["backlog"] if queue else 0,
     }
+
+
+def cleanup(ipr: Any, host_interfaces: list[str], ifb_name: str = "podr-ifb0") -> list[str]:
+    """Remove what a crashed daemon's BandwidthManager left behind; returns what it removed.
+
+    Only objects that are recognisably ours are touched: the IFB of that name (and only if it is an
+    IFB), a clsact whose filters include our BPF program (named podrouter-qos*), and a root HTB 1:
+    carrying our ingress tree (class 1:8001).
+    """
+    removed: list[str] = []
+    found = ipr.link_lookup(ifname=ifb_name)
+    if found:
+        link = ipr.get_links(found[0])[0]
+        if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "ifb":
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=found[0])
+                removed.append(ifb_name)
+    for ifname in host_interfaces:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            continue
+        ifindex = idx[0]
+        ours = False
+        for parent in (TC_H_CLSACT_INGRESS, TC_H_CLSACT_EGRESS):
+            with contextlib.suppress(NetlinkError):
+                for f in ipr.get_filters(index=ifindex, parent=parent):
+                    opts = f.get_attr("TCA_OPTIONS")
+                    is_bpf = opts is not None and f.get_attr("TCA_KIND") == "bpf"
+                    name = opts.get_attr("TCA_BPF_NAME") if is_bpf else None
+                    ours = ours or bool(name and str(name).startswith("podrouter-qos"))
+        if ours:
+            with contextlib.suppress(NetlinkError):
+                ipr.tc("del", index=ifindex, parent=TC_H_CLSACT, handle=0xFFFF0000)
+                removed.append(f"{ifname} clsact")
+        with contextlib.suppress(NetlinkError):
+            handles = {c["handle"] for c in ipr.get_classes(index=ifindex)}
+            if HTB_ROOT | INGRESS_TOP | BULK in handles:
+                ipr.tc("del", index=ifindex, parent=TC_H_ROOT, handle=0)
+                removed.append(f"{ifname} root htb")
+    return removed

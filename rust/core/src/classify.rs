@@ -70,11 +70,19 @@ impl Cidr {
     pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
         let (addr, max) = match addr {
             IpAddr::V4(a) => {
-                let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+                let m = if len == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - u32::from(len.min(32)))
+                };
                 (IpAddr::V4(Ipv4Addr::from(u32::from(a) & m)), 32)
             }
             IpAddr::V6(a) => {
-                let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+                let m = if len == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - u32::from(len.min(128)))
+                };
                 (IpAddr::V6((u128::from(a) & m).into()), 128)
             }
         };
@@ -110,7 +118,11 @@ impl Cidr {
             }
             IpAddr::V6(a) => {
                 let lo = u128::from(a);
-                (true, lo, lo | u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0))
+                (
+                    true,
+                    lo,
+                    lo | u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0),
+                )
             }
         }
     }
@@ -491,7 +503,9 @@ pub enum Verdict {
     /// The destination is in this node's pod CIDRs: hand it to the kernel.
     Local,
     /// Send the packet unchanged to `next_hop` on the underlay.
-    Native { next_hop: NextHopId },
+    Native {
+        next_hop: NextHopId,
+    },
     /// Encapsulate to the peer's underlay address.
     Tunnel {
         peer: PeerId,
@@ -501,7 +515,9 @@ pub enum Verdict {
         port: u16,
     },
     /// Source-NAT to the node address, then out natively via the gateway.
-    Masquerade { next_hop: NextHopId },
+    Masquerade {
+        next_hop: NextHopId,
+    },
     Drop(DropReason),
 }
 
@@ -622,7 +638,10 @@ impl Tables {
         for (i, c) in spec.node.pod_cidrs.iter().enumerate() {
             let path = format!("node.pod_cidrs[{i}]");
             if !in_cluster(c) {
-                return Err(SpecError::new(path, format!("{c} is not inside any cluster_cidrs")));
+                return Err(SpecError::new(
+                    path,
+                    format!("{c} is not inside any cluster_cidrs"),
+                ));
             }
             owned.push((*c, path));
         }
@@ -633,7 +652,10 @@ impl Tables {
                     format!("{} is this node's address", peer.address),
                 ));
             }
-            if let Some(q) = spec.peers[..p].iter().position(|o| o.address == peer.address) {
+            if let Some(q) = spec.peers[..p]
+                .iter()
+                .position(|o| o.address == peer.address)
+            {
                 return Err(SpecError::new(
                     format!("peers[{p}].address"),
                     format!("{} is also the address of peers[{q}]", peer.address),
@@ -672,7 +694,11 @@ impl Tables {
                     ));
                 }
             }
-            if open.map_or(true, |(fam, end, _)| fam != v6 || hi > end) {
+            let extends = match open {
+                Some((fam, end, _)) => fam != v6 || hi > end,
+                None => true,
+            };
+            if extends {
                 open = Some((v6, hi, i));
             }
         }
@@ -687,16 +713,26 @@ impl Tables {
             .iter()
             .map(|c| (c.addr, c.len, Dest::Cluster))
             .collect();
-        dest.extend(spec.node.pod_cidrs.iter().map(|c| (c.addr, c.len, Dest::Local)));
+        dest.extend(
+            spec.node
+                .pod_cidrs
+                .iter()
+                .map(|c| (c.addr, c.len, Dest::Local)),
+        );
         for (p, peer) in spec.peers.iter().enumerate() {
             let id = PeerId(p as u32);
-            dest.extend(peer.pod_cidrs.iter().map(|c| (c.addr, c.len, Dest::Peer(id))));
+            dest.extend(
+                peer.pod_cidrs
+                    .iter()
+                    .map(|c| (c.addr, c.len, Dest::Peer(id))),
+            );
         }
         let dest = IpLpm::build(&dest).map_err(lpm_err("cluster_cidrs"))?;
-        let native = IpLpm::build(&lpm_entries(&spec.native_cidrs)).map_err(lpm_err("native_cidrs"))?;
+        let native =
+            IpLpm::build(&lpm_entries(&spec.native_cidrs)).map_err(lpm_err("native_cidrs"))?;
         let non_masq = IpLpm::build(&lpm_entries(&spec.masquerade.non_masquerade_cidrs))
             .map_err(lpm_err("masquerade.non_masquerade_cidrs"))?;
-        let peer_by_addr = Lpm4::from_iter(
+        let peer_by_addr = Lpm4::from_prefixes(
             spec.peers
                 .iter()
                 .enumerate()
@@ -795,9 +831,7 @@ impl Tables {
                     RoutingMode::Native => peer.native,
                     RoutingMode::Tunnel => peer.tunnel,
                     RoutingMode::Hybrid => {
-                        if (self.native_when_on_link && peer.on_link)
-                            || self.native.contains(dst)
-                        {
+                        if (self.native_when_on_link && peer.on_link) || self.native.contains(dst) {
                             peer.native
                         } else {
                             peer.tunnel
@@ -1029,7 +1063,10 @@ mod tests {
             Verdict::Local
         );
         assert!(t.is_local(ip("10.244.1.255")));
-        assert_eq!(t.classify(ip(POD), ip("10.244.1.20")).path(), Some(Path::Local));
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.1.20")).path(),
+            Some(Path::Local)
+        );
     }
 
     #[test]
@@ -1199,7 +1236,12 @@ mod tests {
             s.peers[0].next_hop = None;
         });
         let v = t.classify(ip(POD), ip("10.244.2.5"));
-        assert_eq!(v, Verdict::Native { next_hop: NextHopId(0) });
+        assert_eq!(
+            v,
+            Verdict::Native {
+                next_hop: NextHopId(0)
+            }
+        );
         // On-link peer whose MAC is not resolved.
         let t = tables(|s| {
             s.mode = RoutingMode::Native;
@@ -1233,28 +1275,41 @@ mod tests {
     fn masquerade_outside_cluster() {
         let t = tables(|_| {});
         let v = t.classify(ip(POD), ip("203.0.113.7"));
-        assert_eq!(v, Verdict::Masquerade { next_hop: NextHopId(0) });
+        assert_eq!(
+            v,
+            Verdict::Masquerade {
+                next_hop: NextHopId(0)
+            }
+        );
         assert_eq!(v.path(), Some(Path::Masquerade));
         // non_masquerade_cidrs: native via the gateway, pod address kept.
         assert_eq!(
             t.classify(ip(POD), ip("192.168.1.1")),
-            Verdict::Native { next_hop: NextHopId(0) }
+            Verdict::Native {
+                next_hop: NextHopId(0)
+            }
         );
         // The node's own traffic (not a pod source) is not translated.
         assert_eq!(
             t.classify(ip("172.16.2.2"), ip("203.0.113.7")),
-            Verdict::Native { next_hop: NextHopId(0) }
+            Verdict::Native {
+                next_hop: NextHopId(0)
+            }
         );
         // IPv6: no NAT66.
         assert_eq!(
             t.classify(ip("fd00:10:244:1::a"), ip("2001:db8::1")),
-            Verdict::Native { next_hop: NextHopId(0) }
+            Verdict::Native {
+                next_hop: NextHopId(0)
+            }
         );
         // Masquerade disabled.
         let t = tables(|s| s.masquerade.enabled = false);
         assert_eq!(
             t.classify(ip(POD), ip("203.0.113.7")),
-            Verdict::Native { next_hop: NextHopId(0) }
+            Verdict::Native {
+                next_hop: NextHopId(0)
+            }
         );
         // No gateway, or gateway MAC unknown.
         let t = tables(|s| s.gateway = None);
@@ -1324,14 +1379,21 @@ mod tests {
             f(&mut s);
             Tables::build(&s).unwrap_err()
         };
-        let e = bad(|s| s.peers[1].pod_cidrs.push("10.244.2.128/25".parse().unwrap()));
+        let e = bad(|s| {
+            s.peers[1]
+                .pod_cidrs
+                .push("10.244.2.128/25".parse().unwrap())
+        });
         assert_eq!(e.path, "peers[1].pod_cidrs[1]");
         assert!(e.message.contains("overlaps peers[0].pod_cidrs[0]"), "{e}");
         let e = bad(|s| s.peers[0].pod_cidrs = vec!["10.244.0.0/20".parse().unwrap()]);
         assert_eq!(e.path, "peers[0].pod_cidrs[0]");
         assert!(e.message.contains("node.pod_cidrs[0]"), "{e}");
         let e = bad(|s| s.peers[0].pod_cidrs = vec!["10.99.0.0/24".parse().unwrap()]);
-        assert_eq!(e.to_string(), "peers[0].pod_cidrs[0]: 10.99.0.0/24 is not inside any cluster_cidrs");
+        assert_eq!(
+            e.to_string(),
+            "peers[0].pod_cidrs[0]: 10.99.0.0/24 is not inside any cluster_cidrs"
+        );
         let e = bad(|s| s.tunnel.vni = 1 << 24);
         assert_eq!(e.path, "tunnel.vni");
         let e = bad(|s| s.masquerade.port_range = (65000, 64000));
@@ -1384,7 +1446,10 @@ mod tests {
         let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
         for (i, r) in DropReason::ALL.iter().enumerate() {
             assert_eq!(r.index(), i);
-            assert!(r.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!(r
+                .as_str()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_'));
         }
         names.sort_unstable();
         names.dedup();

@@ -1,1 +1,700 @@
-//! (being written)
+//! Bytes in, action out: the per-packet glue the I/O engine (rust/io) and the bindings call.
+//!
+//! Every function here takes the packet as `buf[start..start + len]`, may rewrite it in place
+//! (NAT, ECN) and write headers into the headroom in front of it (encapsulation), and returns what
+//! to send where as a byte range of `buf`. Nothing allocates, nothing panics on any input, and
+//! the functions never touch a clock: `now` is seconds on any monotonic epoch, used only by NAT.
+//!
+//! * [`egress`]: a packet read from the TUN (a local pod's packet the kernel routed to podrouter).
+//!   Leave [`MAX_HEADROOM`] bytes in front of `start` for the tunnel headers.
+//! * [`ingress`]: the payload of a UDP datagram received on a tunnel port.
+//! * [`masquerade_reply`]: a packet to the node address on the masquerade port range.
+//!
+//! Each forwarding action names its [`Path`] so the caller can count
+//! `podrouter_packets_total{path,direction}` without knowing how it was decided, and every drop
+//! carries a [`DropReason`] for `podrouter_drops_total{reason}`.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::ops::Range;
+
+pub use crate::classify::{DropReason, Path, PeerId, Tables, Verdict};
+use crate::encap::{self, EncapParams};
+pub use crate::encap::{TunnelProto, MAX_HEADROOM};
+use crate::nat::{self, NatTable};
+use crate::wire::{self, IpMeta};
+
+/// What to do with a packet from a local pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressAction {
+    /// Send `buf[range]` (tunnel header + inner packet) as the payload of one UDP datagram from
+    /// the node address, source port `src_port`, to `remote`, with the IP TOS byte `tos`
+    /// (inner DSCP copied, ECN per RFC 6040 normal mode).
+    Tunnel {
+        range: Range<usize>,
+        remote: SocketAddrV4,
+        src_port: u16,
+        tos: u8,
+        proto: TunnelProto,
+    },
+    /// Send the IP packet `buf[range]` on the underlay interface in an Ethernet frame to
+    /// `next_hop_mac`. `path` is [`Path::Native`], or [`Path::Masquerade`] when the packet was
+    /// source-translated to the node address.
+    Native {
+        range: Range<usize>,
+        next_hop_mac: [u8; 6],
+        path: Path,
+    },
+    /// The destination is a pod of this node: hand `buf[range]` to the kernel.
+    Local {
+        range: Range<usize>,
+    },
+    Drop(DropReason),
+}
+
+impl EgressAction {
+    /// The metrics path label; `None` for a drop.
+    pub fn path(&self) -> Option<Path> {
+        match self {
+            EgressAction::Tunnel { proto, .. } => Some(Path::tunnel(*proto)),
+            EgressAction::Native { path, .. } => Some(*path),
+            EgressAction::Local { .. } => Some(Path::Local),
+            EgressAction::Drop(_) => None,
+        }
+    }
+
+    /// The bytes to send, `None` for a drop.
+    pub fn range(&self) -> Option<Range<usize>> {
+        match self {
+            EgressAction::Tunnel { range, .. }
+            | EgressAction::Native { range, .. }
+            | EgressAction::Local { range } => Some(range.clone()),
+            EgressAction::Drop(_) => None,
+        }
+    }
+}
+
+/// What to do with a received tunnel datagram or masquerade reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngressAction {
+    /// Write the inner IP packet `buf[range]` to the TUN. `peer` is the sending peer for tunnel
+    /// traffic, `None` for masquerade replies.
+    Deliver {
+        range: Range<usize>,
+        path: Path,
+        peer: Option<PeerId>,
+    },
+    Drop(DropReason),
+}
+
+impl IngressAction {
+    /// The metrics path label; `None` for a drop.
+    pub fn path(&self) -> Option<Path> {
+        match self {
+            IngressAction::Deliver { path, .. } => Some(*path),
+            IngressAction::Drop(_) => None,
+        }
+    }
+}
+
+/// The inner Ethernet address podrouter uses for a node inside VXLAN (RFC 7348 carries a whole
+/// L2 frame; podrouter's receiver ignores it, so any stable locally administered unicast address
+/// does): `02:70` followed by the node's underlay IPv4 address.
+pub fn vxlan_inner_mac(node: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = node.octets();
+    [0x02, 0x70, a, b, c, d]
+}
+
+fn packet(buf: &mut [u8], start: usize, len: usize) -> Result<&mut [u8], DropReason> {
+    let end = start.checked_add(len).ok_or(DropReason::Truncated)?;
+    buf.get_mut(start..end).ok_or(DropReason::Truncated)
+}
+
+/// Parses the packet at `buf[start..start + len]` and classifies it: the "explain" call. The
+/// verdict is what [`egress`] would act on (TTL aside).
+pub fn classify_packet(tables: &Tables, pkt: &[u8]) -> Result<(IpMeta, Verdict), DropReason> {
+    let meta = wire::parse_ip(pkt)?;
+    Ok((meta, tables.classify(meta.src, meta.dst)))
+}
+
+/// Decides and prepares a packet from a local pod. `buf[start..start + len]` is the IP packet
+/// (link padding after its total length is ignored); for tunnels, the headers are written into
+/// `buf[start - overhead..start]`. `nat` is required for masquerade (else `Drop(unsupported)`).
+///
+/// The kernel already decremented the TTL when it routed the packet into the TUN; a packet that
+/// arrives with TTL / hop limit 1 or 0 could not survive the next router (or the peer's kernel
+/// forwarding it to the pod), so it is dropped here as `ttl_exceeded`.
+pub fn egress(
+    tables: &Tables,
+    nat: Option<&mut NatTable>,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    now: u64,
+) -> EgressAction {
+    match egress_inner(tables, nat, buf, start, len, now) {
+        Ok(a) => a,
+        Err(r) => EgressAction::Drop(r),
+    }
+}
+
+fn egress_inner(
+    tables: &Tables,
+    nat: Option<&mut NatTable>,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    now: u64,
+) -> Result<EgressAction, DropReason> {
+    let pkt = packet(buf, start, len)?;
+    let meta = wire::parse_ip(pkt)?;
+    let len = meta.total_len;
+    let range = start..start + len;
+    if meta.ttl <= 1 {
+        return Err(DropReason::TtlExceeded);
+    }
+    let next_hop_mac = |nh| {
+        tables
+            .next_hop(nh)
+            .and_then(|h| h.mac)
+            .ok_or(DropReason::NeighborUnresolved)
+    };
+    match tables.classify(meta.src, meta.dst) {
+        Verdict::Local => Ok(EgressAction::Local { range }),
+        Verdict::Native { next_hop } => Ok(EgressAction::Native {
+            range,
+            next_hop_mac: next_hop_mac(next_hop)?,
+            path: Path::Native,
+        }),
+        Verdict::Masquerade { next_hop } => {
+            let mac = next_hop_mac(next_hop)?;
+            let nat = nat.ok_or(DropReason::Unsupported)?;
+            nat::translate_egress(nat, &mut pkt[..len], tables.node_address(), now)?;
+            Ok(EgressAction::Native {
+                range,
+                next_hop_mac: mac,
+                path: Path::Masquerade,
+            })
+        }
+        Verdict::Tunnel {
+            proto,
+            vni,
+            remote,
+            port,
+            ..
+        } => {
+            let inner = &pkt[..len];
+            let (src_port, tos) = (encap::udp_source_port(inner), encap::outer_tos(inner));
+            let params = EncapParams {
+                proto,
+                vni,
+                src: tables.node_address(),
+                dst: remote,
+                dst_port: port,
+                inner_src_mac: vxlan_inner_mac(tables.node_address()),
+                inner_dst_mac: vxlan_inner_mac(remote),
+            };
+            // Errors here mean the caller left no headroom: a bug, counted rather than hidden.
+            let range = encap::encap_payload(buf, start, len, &params)
+                .map_err(|_| DropReason::Unsupported)?;
+            Ok(EgressAction::Tunnel {
+                range,
+                remote: SocketAddrV4::new(remote, port),
+                src_port,
+                tos,
+                proto,
+            })
+        }
+        Verdict::Drop(r) => Err(r),
+    }
+}
+
+/// Validates and decapsulates the payload `buf[start..start + len]` of a UDP datagram from
+/// `outer_src` to our port `udp_dst_port` whose outer IP header carried ECN field `outer_ecn`.
+///
+/// Checks, in order: the port is a configured tunnel port (`unsupported`), the sender is a known
+/// peer (`unknown_peer`), the tunnel header (the decap reasons), the inner packet parses, the VNI,
+/// inner source inside the sender's pod CIDRs, inner destination one of our pods
+/// (`validate_ingress`), then applies RFC 6040 §4.2 to the inner ECN field (outer CE over a
+/// Not-ECT inner packet: `ecn_drop`).
+pub fn ingress(
+    tables: &Tables,
+    outer_src: Ipv4Addr,
+    udp_dst_port: u16,
+    outer_ecn: u8,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+) -> IngressAction {
+    match ingress_inner(tables, outer_src, udp_dst_port, outer_ecn, buf, start, len) {
+        Ok(a) => a,
+        Err(r) => IngressAction::Drop(r),
+    }
+}
+
+fn ingress_inner(
+    tables: &Tables,
+    outer_src: Ipv4Addr,
+    udp_dst_port: u16,
+    outer_ecn: u8,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+) -> Result<IngressAction, DropReason> {
+    let proto = tables
+        .tunnel()
+        .proto_for_port(udp_dst_port)
+        .ok_or(DropReason::Unsupported)?;
+    tables
+        .peer_by_address(outer_src)
+        .ok_or(DropReason::UnknownPeer)?;
+    let payload = packet(buf, start, len)?;
+    let d = encap::decap_payload(proto, payload, outer_ecn)?;
+    let inner = payload
+        .get_mut(d.inner.clone())
+        .ok_or(DropReason::Truncated)?;
+    let meta = wire::parse_ip(inner)?;
+    let peer = tables.validate_ingress(outer_src, d.vni, meta.src, meta.dst)?;
+    encap::apply_ecn(inner, d.ecn_action)?;
+    Ok(IngressAction::Deliver {
+        range: start + d.inner.start..start + d.inner.end,
+        path: Path::tunnel(proto),
+        peer: Some(peer),
+    })
+}
+
+/// Reverse-translates a masquerade reply `buf[start..start + len]` (an IPv4 packet to the node
+/// address) back to the pod; see [`nat::translate_ingress`].
+pub fn masquerade_reply(
+    nat: &mut NatTable,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    now: u64,
+) -> IngressAction {
+    let mut run = || -> Result<IngressAction, DropReason> {
+        let pkt = packet(buf, start, len)?;
+        let total = wire::parse_ip(pkt)?.total_len;
+        nat::translate_ingress(nat, pkt, now)?;
+        Ok(IngressAction::Deliver {
+            range: start..start + total,
+            path: Path::Masquerade,
+            peer: None,
+        })
+    };
+    run().unwrap_or_else(IngressAction::Drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::{
+        Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, TunnelSpec,
+    };
+    use crate::nat::NatConfig;
+    use crate::wire::{ecn, icmp, ip_proto, ipv4, udp};
+    use std::net::IpAddr;
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+    fn c(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+    const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const N3_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
+
+    fn peer(name: &str, addr: &str, cidr: &str, on_link: bool, mac: [u8; 6]) -> PeerSpec {
+        PeerSpec {
+            name: name.into(),
+            address: v4(addr),
+            pod_cidrs: vec![c(cidr)],
+            mode: None,
+            tunnel_protocol: None,
+            on_link,
+            next_hop: Some(NextHop {
+                ip: IpAddr::V4(if on_link { v4(addr) } else { v4("172.16.2.1") }),
+                mac: Some(mac),
+            }),
+        }
+    }
+
+    /// The reference topology, hybrid with native_when_on_link (DESIGN.md §8), seen from `me`.
+    fn tables_for(me: usize) -> Tables {
+        let nodes = [
+            ("node1", "172.16.2.2", "10.244.1.0/24", true),
+            ("node2", "172.16.3.2", "10.244.2.0/24", false),
+            ("node3", "172.16.2.3", "10.244.3.0/24", true),
+        ];
+        let (name, addr, cidr, _) = nodes[me];
+        let peers = nodes
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != me)
+            .map(|(_, &(n, a, c, l))| peer(n, a, c, l && nodes[me].3, N3_MAC))
+            .collect();
+        Tables::build(&TableSpec {
+            generation: 1,
+            node: NodeSpec {
+                name: name.into(),
+                address: v4(addr),
+                pod_cidrs: vec![c(cidr)],
+            },
+            cluster_cidrs: vec![c("10.244.0.0/16")],
+            mode: RoutingMode::Hybrid,
+            native_cidrs: vec![],
+            native_when_on_link: true,
+            tunnel: TunnelSpec::default(),
+            gateway: Some(NextHop {
+                ip: IpAddr::V4(v4("172.16.2.1")),
+                mac: Some(GW_MAC),
+            }),
+            masquerade: MasqueradeSpec {
+                enabled: true,
+                ..MasqueradeSpec::default()
+            },
+            peers,
+        })
+        .unwrap()
+    }
+
+    /// A UDP/IPv4 packet at offset MAX_HEADROOM of a buffer, plus 4 bytes of link padding.
+    fn udp_buf(src: &str, dst: &str, ttl: u8, tos: u8) -> (Vec<u8>, usize) {
+        let payload = b"podrouter";
+        let len = 20 + 8 + payload.len();
+        let mut b = vec![0u8; MAX_HEADROOM + len + 4];
+        let p = &mut b[MAX_HEADROOM..MAX_HEADROOM + len];
+        ipv4::Repr {
+            src: v4(src),
+            dst: v4(dst),
+            protocol: ip_proto::UDP,
+            payload_len: 8 + payload.len(),
+            ttl,
+            tos,
+            ident: 7,
+            dont_frag: true,
+        }
+        .emit(&mut ipv4::Packet::new_unchecked(&mut p[..]))
+        .unwrap();
+        {
+            let mut u = udp::Packet::new_unchecked(&mut p[20..]);
+            u.set_src_port(5000);
+            u.set_dst_port(6000);
+            u.set_len((8 + payload.len()) as u16);
+        }
+        p[28..].copy_from_slice(payload);
+        udp::Packet::new_unchecked(&mut p[20..]).fill_checksum_v4(v4(src), v4(dst));
+        (b, len)
+    }
+
+    #[test]
+    fn tunnel_egress_then_peer_ingress() {
+        let (n1, n2) = (tables_for(0), tables_for(1));
+        let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", 63, 0xb8 | ecn::ECT0);
+        let original = b[MAX_HEADROOM..MAX_HEADROOM + len].to_vec();
+        let a = egress(&n1, None, &mut b, MAX_HEADROOM, len + 4, 0);
+        let EgressAction::Tunnel {
+            range,
+            remote,
+            src_port,
+            tos,
+            proto,
+        } = a.clone()
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(a.path(), Some(Path::Vxlan));
+        assert_eq!(remote, "172.16.3.2:4789".parse().unwrap());
+        assert_eq!(proto, TunnelProto::Vxlan);
+        assert!(src_port >= encap::SOURCE_PORT_MIN);
+        assert_eq!(tos, 0xb8 | ecn::ECT0);
+        // Link padding is not sent.
+        assert_eq!(range, MAX_HEADROOM - 22..MAX_HEADROOM + len);
+        // node2 receives the UDP payload.
+        let mut rx = b[range].to_vec();
+        let n = rx.len();
+        let d = ingress(&n2, v4("172.16.2.2"), 4789, ecn::ECT0, &mut rx, 0, n);
+        let IngressAction::Deliver { range, path, peer } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!((path, peer), (Path::Vxlan, Some(PeerId(0))));
+        assert_eq!(&rx[range], &original[..]);
+    }
+
+    #[test]
+    fn geneve_override_and_native_on_link() {
+        let mut spec_tables = tables_for(0);
+        // node3 shares node1's L2: native to its MAC, unchanged packet.
+        let (mut b, len) = udp_buf("10.244.1.10", "10.244.3.30", 64, 0);
+        let a = egress(&spec_tables, None, &mut b, MAX_HEADROOM, len, 0);
+        assert_eq!(
+            a,
+            EgressAction::Native {
+                range: MAX_HEADROOM..MAX_HEADROOM + len,
+                next_hop_mac: N3_MAC,
+                path: Path::Native
+            }
+        );
+        // Geneve to node2 through a per-peer override on a rebuilt table.
+        let mut spec = TableSpec {
+            generation: 2,
+            node: NodeSpec {
+                name: "node1".into(),
+                address: v4("172.16.2.2"),
+                pod_cidrs: vec![c("10.244.1.0/24")],
+            },
+            cluster_cidrs: vec![c("10.244.0.0/16")],
+            mode: RoutingMode::Tunnel,
+            native_cidrs: vec![],
+            native_when_on_link: false,
+            tunnel: TunnelSpec::default(),
+            gateway: None,
+            masquerade: MasqueradeSpec::default(),
+            peers: vec![peer("node2", "172.16.3.2", "10.244.2.0/24", false, GW_MAC)],
+        };
+        spec.peers[0].tunnel_protocol = Some(TunnelProto::Geneve);
+        spec_tables = Tables::build(&spec).unwrap();
+        let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", 64, 0);
+        let a = egress(&spec_tables, None, &mut b, MAX_HEADROOM, len, 0);
+        let EgressAction::Tunnel {
+            range,
+            remote,
+            proto,
+            ..
+        } = a
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!((proto, remote.port()), (TunnelProto::Geneve, 6081));
+        assert_eq!(range.start, MAX_HEADROOM - 8);
+        let mut rx = b[range].to_vec();
+        let n = rx.len();
+        let d = ingress(&tables_for(1), v4("172.16.2.2"), 6081, 0, &mut rx, 0, n);
+        assert_eq!(d.path(), Some(Path::Geneve));
+    }
+
+    #[test]
+    fn local_ttl_and_garbage() {
+        let t = tables_for(0);
+        let (mut b, len) = udp_buf("10.244.1.10", "10.244.1.11", 64, 0);
+        assert_eq!(
+            egress(&t, None, &mut b, MAX_HEADROOM, len, 0),
+            EgressAction::Local {
+                range: MAX_HEADROOM..MAX_HEADROOM + len
+            }
+        );
+        for ttl in [0, 1] {
+            let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", ttl, 0);
+            assert_eq!(
+                egress(&t, None, &mut b, MAX_HEADROOM, len, 0),
+                EgressAction::Drop(DropReason::TtlExceeded)
+            );
+        }
+        let (mut b, len) = udp_buf("10.244.1.10", "10.244.99.1", 64, 0);
+        assert_eq!(
+            egress(&t, None, &mut b, MAX_HEADROOM, len, 0),
+            EgressAction::Drop(DropReason::NoRoute)
+        );
+        // Out-of-range and short inputs.
+        assert_eq!(
+            egress(&t, None, &mut b, 10, usize::MAX, 0),
+            EgressAction::Drop(DropReason::Truncated)
+        );
+        assert_eq!(
+            egress(&t, None, &mut b, MAX_HEADROOM, 10, 0),
+            EgressAction::Drop(DropReason::Truncated)
+        );
+        // No headroom for the tunnel header.
+        let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", 64, 0);
+        let (_, pkt) = b.split_at_mut(MAX_HEADROOM);
+        assert_eq!(
+            egress(&t, None, pkt, 0, len, 0),
+            EgressAction::Drop(DropReason::Unsupported)
+        );
+    }
+
+    #[test]
+    fn masquerade_out_and_back() {
+        let t = tables_for(0);
+        let mut nat = NatTable::new(NatConfig::default());
+        let (mut b, len) = udp_buf("10.244.1.10", "203.0.113.9", 64, 0);
+        assert_eq!(
+            egress(&t, None, &mut b.clone(), MAX_HEADROOM, len, 0),
+            EgressAction::Drop(DropReason::Unsupported)
+        );
+        let a = egress(&t, Some(&mut nat), &mut b, MAX_HEADROOM, len, 0);
+        assert_eq!(
+            a,
+            EgressAction::Native {
+                range: MAX_HEADROOM..MAX_HEADROOM + len,
+                next_hop_mac: GW_MAC,
+                path: Path::Masquerade
+            }
+        );
+        let out = &b[MAX_HEADROOM..MAX_HEADROOM + len];
+        let m = wire::parse_ip(out).unwrap();
+        assert_eq!(m.src, IpAddr::V4(v4("172.16.2.2")));
+        let (node_port, _) = m.ports().unwrap();
+        assert!(node_port >= 61000);
+        // The reply.
+        let (mut r, rlen) = udp_buf("203.0.113.9", "172.16.2.2", 50, 0);
+        {
+            let p = &mut r[MAX_HEADROOM..MAX_HEADROOM + rlen];
+            let mut u = udp::Packet::new_unchecked(&mut p[20..]);
+            u.set_src_port(6000);
+            u.set_dst_port(node_port);
+            u.fill_checksum_v4(v4("203.0.113.9"), v4("172.16.2.2"));
+        }
+        let d = masquerade_reply(&mut nat, &mut r, MAX_HEADROOM, rlen + 4, 1);
+        let IngressAction::Deliver { range, path, peer } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!((path, peer), (Path::Masquerade, None));
+        assert_eq!(range, MAX_HEADROOM..MAX_HEADROOM + rlen);
+        let m = wire::parse_ip(&r[range]).unwrap();
+        assert_eq!(m.dst, IpAddr::V4(v4("10.244.1.10")));
+        assert_eq!(m.ports(), Some((6000, 5000)));
+        // Unknown reply.
+        let (mut r, rlen) = udp_buf("203.0.113.9", "172.16.2.2", 50, 0);
+        assert_eq!(
+            masquerade_reply(&mut nat, &mut r, MAX_HEADROOM, rlen, 1),
+            IngressAction::Drop(DropReason::NatNoMapping)
+        );
+    }
+
+    /// node2 tunnels `inner` to node1 and returns the UDP payload.
+    fn tunneled(src: &str, dst: &str, tos: u8, vni: u32) -> Vec<u8> {
+        let (mut b, len) = udp_buf(src, dst, 64, tos);
+        let params = EncapParams {
+            proto: TunnelProto::Vxlan,
+            vni,
+            src: v4("172.16.3.2"),
+            dst: v4("172.16.2.2"),
+            dst_port: 4789,
+            inner_src_mac: [0; 6],
+            inner_dst_mac: [0; 6],
+        };
+        let r = encap::encap_payload(&mut b, MAX_HEADROOM, len, &params).unwrap();
+        b[r].to_vec()
+    }
+
+    #[test]
+    fn ingress_drops() {
+        let t = tables_for(0);
+        let n2 = v4("172.16.3.2");
+        let run = |src: Ipv4Addr, port: u16, ecn_bits: u8, mut p: Vec<u8>| {
+            let n = p.len();
+            ingress(&t, src, port, ecn_bits, &mut p, 0, n)
+        };
+        let ok = tunneled("10.244.2.20", "10.244.1.10", 0, 1);
+        assert!(matches!(
+            run(n2, 4789, 0, ok.clone()),
+            IngressAction::Deliver { .. }
+        ));
+        let drop = |r| IngressAction::Drop(r);
+        assert_eq!(run(n2, 9999, 0, ok.clone()), drop(DropReason::Unsupported));
+        assert_eq!(
+            run(v4("172.16.9.9"), 4789, 0, ok.clone()),
+            drop(DropReason::UnknownPeer)
+        );
+        // VXLAN payload on the Geneve port.
+        assert_eq!(run(n2, 6081, 0, ok.clone()), drop(DropReason::Malformed));
+        let mut bad_flags = ok.clone();
+        bad_flags[0] = 0;
+        assert_eq!(run(n2, 4789, 0, bad_flags), drop(DropReason::BadVxlanFlags));
+        assert_eq!(
+            run(n2, 4789, 0, tunneled("10.244.2.20", "10.244.1.10", 0, 2)),
+            drop(DropReason::BadVni)
+        );
+        assert_eq!(
+            run(n2, 4789, 0, tunneled("10.244.3.20", "10.244.1.10", 0, 1)),
+            drop(DropReason::SpoofedInnerSource)
+        );
+        assert_eq!(
+            run(n2, 4789, 0, tunneled("10.244.2.20", "10.244.3.10", 0, 1)),
+            drop(DropReason::NotLocalDestination)
+        );
+        assert_eq!(
+            run(n2, 4789, 0, ok[..30].to_vec()),
+            drop(DropReason::Truncated)
+        );
+        // RFC 6040: CE over Not-ECT is dropped, CE over ECT(0) is passed on as CE.
+        assert_eq!(run(n2, 4789, ecn::CE, ok), drop(DropReason::EcnDrop));
+        let mut p = tunneled("10.244.2.20", "10.244.1.10", ecn::ECT0, 1);
+        let n = p.len();
+        let IngressAction::Deliver { range, .. } = ingress(&t, n2, 4789, ecn::CE, &mut p, 0, n)
+        else {
+            panic!()
+        };
+        let m = wire::parse_ip(&p[range]).unwrap(); // the header checksum still verifies
+        assert_eq!(m.ecn, ecn::CE);
+    }
+
+    #[test]
+    fn classify_packet_explains() {
+        let t = tables_for(0);
+        let (b, len) = udp_buf("10.244.1.10", "10.244.2.20", 64, 0);
+        let (m, v) = classify_packet(&t, &b[MAX_HEADROOM..MAX_HEADROOM + len]).unwrap();
+        assert_eq!(m.dst, IpAddr::V4(v4("10.244.2.20")));
+        assert_eq!(v.path(), Some(Path::Vxlan));
+        assert_eq!(classify_packet(&t, &[0x45]), Err(DropReason::Truncated));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let t = tables_for(0);
+        let mut nat = NatTable::new(NatConfig::default());
+        let mut s: u64 = 0x1234_5678;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let (seed, len) = udp_buf("10.244.1.10", "203.0.113.9", 64, 0);
+        let ping = {
+            let mut l4 = vec![8u8, 0, 0, 0, 0, 1, 0, 1];
+            l4.extend_from_slice(b"abcd");
+            let mut p = vec![0u8; 20 + l4.len()];
+            ipv4::Repr {
+                src: v4("203.0.113.9"),
+                dst: v4("172.16.2.2"),
+                protocol: ip_proto::ICMP,
+                payload_len: l4.len(),
+                ttl: 64,
+                tos: 0,
+                ident: 0,
+                dont_frag: false,
+            }
+            .emit(&mut ipv4::Packet::new_unchecked(&mut p[..]))
+            .unwrap();
+            p[20..].copy_from_slice(&l4);
+            icmp::Packet::new_unchecked(&mut p[20..]).fill_checksum();
+            p
+        };
+        for i in 0..20_000u32 {
+            // Mutate a valid packet (so parsing gets deep) or use random bytes.
+            let mut b = if i % 3 == 0 {
+                (0..(next() % 120) as usize).map(|_| next() as u8).collect()
+            } else if i % 3 == 1 {
+                let mut b = seed.clone();
+                for _ in 0..1 + next() % 4 {
+                    let at = (next() as usize) % b.len();
+                    b[at] ^= next() as u8;
+                }
+                b
+            } else {
+                let mut b = ping.clone();
+                let at = (next() as usize) % b.len();
+                b[at] ^= next() as u8;
+                b
+            };
+            let n = b.len();
+            let start = (next() as usize) % (n + 1);
+            let l = (next() as usize) % (n + 2);
+            let _ = egress(&t, Some(&mut nat), &mut b, start, l, u64::from(i));
+            let _ = egress(&t, Some(&mut nat), &mut b.clone(), MAX_HEADROOM, len, 0);
+            let _ = ingress(&t, v4("172.16.3.2"), 4789, (i % 4) as u8, &mut b, start, l);
+            let _ = masquerade_reply(&mut nat, &mut b, 0, n, u64::from(i));
+        }
+    }
+}

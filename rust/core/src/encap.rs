@@ -30,6 +30,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use core::ops::Range;
 
 use crate::wire::ethernet::{self, ethertype};
+use crate::wire::ipv6::FragmentInfo;
 use crate::wire::{self, checksum, ecn, geneve, ip_proto, ipv4, ipv6, udp, vxlan};
 
 /// Which tunnel encapsulation a peer speaks.
@@ -312,7 +313,17 @@ fn flow_tuple(inner: &[u8]) -> Option<(IpAddr, IpAddr, u8, u16, u16)> {
             let p = ipv6::Packet::new_checked_header(inner).ok()?;
             let (src, dst) = (IpAddr::V6(p.src_addr()), IpAddr::V6(p.dst_addr()));
             match p.walk_extension_headers() {
-                Ok(c) if c.fragment.map_or(true, |f| f.is_atomic()) => {
+                // Written as a match rather than `is_none_or` to stay within the declared MSRV.
+                Ok(c)
+                    if matches!(
+                        c.fragment,
+                        None | Some(FragmentInfo {
+                            offset: 0,
+                            more: false,
+                            ..
+                        })
+                    ) =>
+                {
                     let end = p.total_len().min(inner.len());
                     (
                         src,
@@ -568,7 +579,8 @@ pub struct Decap {
 /// Opt Len, no critical option (podrouter understands none), Protocol Type IPv4 / IPv6 or
 /// Transparent Ethernet Bridging carrying IPv4 / IPv6. In both: the inner IP header's version
 /// matches the EtherType and its length fits in the payload. `outer_ecn` drives
-/// [`Decap::ecn_action`].
+/// [`Decap::ecn_action`]. The inner IPv4 header checksum and transport header are not checked
+/// here: the datapath runs [`crate::wire::parse_ip`] on the inner packet next, which does.
 pub fn decap_payload(
     proto: TunnelProto,
     payload: &[u8],

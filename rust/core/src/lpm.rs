@@ -6,9 +6,10 @@
 //! build-once / immutable and optimised only for lookups. It is a poptrie (Asai & Ohara,
 //! SIGCOMM 2015) in flat `Vec`s, with no pointers:
 //!
-//! * a *direct-pointing* array indexed by the top `S` bits of the address (`S = 16` for both
-//!   families: 64 Ki entries of `u32`, 256 KiB, which stays in L2). An entry is either a leaf
-//!   index or, with the top bit set, the index of a trie node;
+//! * a *direct-pointing* array indexed by the top `S` bits of the address: `S = 16` (64 Ki
+//!   entries of `u32`, 256 KiB, which stays in L2) for tables of [`SMALL_TABLE`] prefixes or more,
+//!   `S = 8` (1 KiB) below that, so the control plane's small tables stay in L1. An entry is
+//!   either a leaf index or, with the top bit set, the index of a trie node;
 //! * trie nodes of stride 6 (64 children). A node is 24 bytes: a 64-bit `vector` with one bit per
 //!   child that is itself a node, a 64-bit `leafvec` with one bit where a run of identical leaves
 //!   starts, and the base indices of its children (contiguous in `nodes`) and of its leaf runs
@@ -16,11 +17,14 @@
 //!   never stores 64 slots;
 //! * `leaves`: `Option<V>` stored inline, so the last load of a lookup yields the value itself.
 //!
-//! An IPv4 /24 costs three dependent loads (direct, one node, leaf), a /32 four or five.
-//! A DIR-24-8 table would cost one or two loads but 64 MiB of `u32` for the first level alone; with
-//! random destinations every lookup then misses the TLB and the caches, which in measurements cost
-//! more than the extra popcounts, and a table swap would copy 64 MiB. The poptrie for 100k random
-//! prefixes is a few MiB (see `memory_bytes`).
+//! In a large table an IPv4 /24 costs three dependent loads (direct, one node, leaf), a /32 four
+//! or five. Chains of single-child nodes (sparse, deep IPv6 prefixes) are path-compressed into
+//! one skip record. A DIR-24-8 table would cost one or two loads, but its first level alone is
+//! 2^24 entries (32 MiB of `u16`, 64 MiB of `u32`): random destinations then miss the caches and
+//! the TLB on nearly every lookup, each table swap rebuilds and copies that much, and three or
+//! four such tables per [`crate::classify::Tables`] would not fit in L3 together. The poptrie for
+//! 100k random IPv4 prefixes is about 4 MiB (see `memory_bytes` and the `lpm` benchmark), and
+//! measures well under the 20 ns target there.
 //!
 //! Prefix lengths beyond the family width are rejected, host bits are cleared, and when the same
 //! prefix appears more than once the last occurrence wins (the linear oracle follows the same rule).
@@ -90,7 +94,7 @@ impl Key for u128 {
     const BITS: u32 = 128;
     #[inline(always)]
     fn chunk(self, off: u32, w: u32) -> usize {
-        // off <= 124 and w <= 16 by construction, so both shifts are in range.
+        // off < 128 and 0 < w <= 20 by construction, so both shifts are in range.
         ((self << off) >> (128 - w)) as usize
     }
     fn masked(self, len: u32) -> Self {
@@ -105,8 +109,13 @@ impl Key for u128 {
     }
 }
 
-/// Bits resolved by the direct-pointing array.
-const DIRECT_BITS: u32 = 16;
+/// Bits resolved by the direct-pointing array of a large table (64 Ki entries, 256 KiB).
+pub const DIRECT_BITS_LARGE: u8 = 16;
+/// ... and of a small one (256 entries, 1 KiB): the control plane's tables (pod and cluster
+/// CIDRs, a few hundred peers) then stay in L1 instead of spreading over 256 KiB each.
+pub const DIRECT_BITS_SMALL: u8 = 8;
+/// Tables with fewer prefixes than this use [`DIRECT_BITS_SMALL`].
+pub const SMALL_TABLE: usize = 256;
 /// Bits resolved per trie node.
 const STRIDE: u32 = 6;
 /// Marks a direct-array entry as a node index rather than a leaf index.
@@ -141,6 +150,7 @@ type Pfx<K> = (K, u32, u32);
 /// The compiled poptrie, generic over the key width.
 #[derive(Clone)]
 struct Poptrie<K, V> {
+    direct_bits: u32,
     direct: Vec<u32>,
     nodes: Vec<Node>,
     skips: Vec<Skip<K>>,
@@ -149,7 +159,11 @@ struct Poptrie<K, V> {
 }
 
 impl<K: Key, V: Copy> Poptrie<K, V> {
-    fn build(input: impl Iterator<Item = (K, u8, V)>) -> Result<Self, LpmError> {
+    /// `direct_bits`: `None` picks by size, else clamped to 1..=20.
+    fn build(
+        input: impl Iterator<Item = (K, u8, V)>,
+        direct_bits: Option<u8>,
+    ) -> Result<Self, LpmError> {
         let mut values: Vec<V> = Vec::new();
         let mut pfx: Vec<Pfx<K>> = Vec::new();
         for (addr, len, v) in input {
@@ -179,6 +193,11 @@ impl<K: Key, V: Copy> Poptrie<K, V> {
             }
         });
         let prefixes = pfx.len();
+        let direct_bits = u32::from(match direct_bits {
+            Some(bits) => bits.clamp(1, 20),
+            None if prefixes < SMALL_TABLE => DIRECT_BITS_SMALL,
+            None => DIRECT_BITS_LARGE,
+        });
         let mut b = Builder {
             nodes: Vec::new(),
             skips: Vec::new(),
@@ -190,10 +209,10 @@ impl<K: Key, V: Copy> Poptrie<K, V> {
             Some(&(_, 0, v)) => (v, &pfx[1..]),
             _ => (0, &pfx[..]),
         };
-        let mut paint = vec![root_default; 1 << DIRECT_BITS];
+        let mut paint = vec![root_default; 1 << direct_bits];
         let mut children = Vec::new();
-        expand(rest, 0, DIRECT_BITS, &mut paint, &mut children);
-        let mut direct = vec![0u32; 1 << DIRECT_BITS];
+        expand(rest, 0, direct_bits, &mut paint, &mut children);
+        let mut direct = vec![0u32; 1 << direct_bits];
         let mut child_iter = children.iter().peekable();
         // (value, leaf index) of the previous leaf slot: runs of equal slots share one leaf.
         // The index must be remembered: building a child node in between appends leaves.
@@ -207,7 +226,7 @@ impl<K: Key, V: Copy> Poptrie<K, V> {
                         return Err(LpmError::TooLarge);
                     }
                     b.nodes.push(Node::default());
-                    let node = b.node(&rest[lo..hi], DIRECT_BITS, paint[slot])?;
+                    let node = b.node(&rest[lo..hi], direct_bits, paint[slot])?;
                     b.nodes[idx] = node;
                     *entry = NODE_FLAG | idx as u32;
                     continue;
@@ -235,6 +254,7 @@ impl<K: Key, V: Copy> Poptrie<K, V> {
             ..
         } = b;
         Ok(Poptrie {
+            direct_bits,
             direct,
             nodes,
             skips,
@@ -245,12 +265,12 @@ impl<K: Key, V: Copy> Poptrie<K, V> {
 
     #[inline(always)]
     fn lookup(&self, key: K) -> Option<V> {
-        let d = self.direct[key.chunk(0, DIRECT_BITS)];
+        let d = self.direct[key.chunk(0, self.direct_bits)];
         if d & NODE_FLAG == 0 {
             return self.leaves[d as usize];
         }
         let mut node = self.nodes[(d & !NODE_FLAG) as usize];
-        let mut off = DIRECT_BITS;
+        let mut off = self.direct_bits;
         loop {
             let idx = key.chunk(off, STRIDE) as u32;
             let bit = 1u64 << idx;
@@ -399,8 +419,7 @@ impl<K: Key, V: Copy> Builder<'_, K, V> {
         }
         // Children of one node are contiguous: reserve the block first, then fill it depth-first.
         let base = self.nodes.len();
-        self.nodes
-            .resize(base + children.len(), Node::default());
+        self.nodes.resize(base + children.len(), Node::default());
         for (k, &(slot, lo, hi)) in children.iter().enumerate() {
             let child = self.node(&pfx[lo..hi], d + STRIDE, paint[slot])?;
             self.nodes[base + k] = child;
@@ -421,20 +440,30 @@ macro_rules! lpm_family {
             /// Compiles `(network, prefix length, value)` triples. Host bits are cleared; a
             /// prefix listed twice keeps its last value. Fails on a length beyond the width.
             pub fn build(prefixes: &[($addr, u8, V)]) -> Result<Self, LpmError> {
-                Self::from_iter(prefixes.iter().copied())
+                Self::from_prefixes(prefixes.iter().copied())
             }
 
             /// Like [`Self::build`], from any iterator.
-            pub fn from_iter(
+            pub fn from_prefixes(
                 prefixes: impl IntoIterator<Item = ($addr, u8, V)>,
             ) -> Result<Self, LpmError> {
                 let it = prefixes.into_iter().map(|(a, l, v)| (<$key>::from(a), l, v));
-                Ok(Self { t: Poptrie::build(it)? })
+                Ok(Self { t: Poptrie::build(it, None)? })
+            }
+
+            /// Like [`Self::build`] with the direct-pointing width forced (clamped to 1..=20)
+            /// instead of chosen by size: for tests that must cover both layouts, and tuning.
+            pub fn build_with_direct_bits(
+                prefixes: &[($addr, u8, V)],
+                direct_bits: u8,
+            ) -> Result<Self, LpmError> {
+                let it = prefixes.iter().map(|&(a, l, v)| (<$key>::from(a), l, v));
+                Ok(Self { t: Poptrie::build(it, Some(direct_bits))? })
             }
 
             /// A table that matches nothing.
             pub fn empty() -> Self {
-                Self::from_iter(std::iter::empty()).expect("an empty table always builds")
+                Self::from_prefixes(std::iter::empty()).expect("an empty table always builds")
             }
 
             /// The value of the longest prefix containing `addr`.
@@ -535,18 +564,21 @@ pub struct IpLpm<V> {
 
 impl<V: Copy> fmt::Debug for IpLpm<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IpLpm").field("v4", &self.v4).field("v6", &self.v6).finish()
+        f.debug_struct("IpLpm")
+            .field("v4", &self.v4)
+            .field("v6", &self.v6)
+            .finish()
     }
 }
 
 impl<V: Copy> IpLpm<V> {
     /// Compiles mixed-family prefixes; each goes to its family's table.
     pub fn build(prefixes: &[(IpAddr, u8, V)]) -> Result<Self, LpmError> {
-        let v4 = Lpm4::from_iter(prefixes.iter().filter_map(|&(a, l, v)| match a {
+        let v4 = Lpm4::from_prefixes(prefixes.iter().filter_map(|&(a, l, v)| match a {
             IpAddr::V4(a) => Some((a, l, v)),
             IpAddr::V6(_) => None,
         }))?;
-        let v6 = Lpm6::from_iter(prefixes.iter().filter_map(|&(a, l, v)| match a {
+        let v6 = Lpm6::from_prefixes(prefixes.iter().filter_map(|&(a, l, v)| match a {
             IpAddr::V6(a) => Some((a, l, v)),
             IpAddr::V4(_) => None,
         }))?;
@@ -677,8 +709,14 @@ mod tests {
         assert_eq!(t.lookup(v6("fd00:10:244:1::7")), Some(4));
         assert_eq!(t.lookup(v6("fd00:10:244:1::6")), Some(5));
         assert_eq!(t.lookup(v6("fd00:10:244:1::8")), Some(3));
-        assert_eq!(t.lookup(v6("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")), Some(6));
-        assert_eq!(t.lookup(v6("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe")), None);
+        assert_eq!(
+            t.lookup(v6("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")),
+            Some(6)
+        );
+        assert_eq!(
+            t.lookup(v6("ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe")),
+            None
+        );
         assert_eq!(t.lookup(v6("2001:db8::1")), None);
     }
 
@@ -719,9 +757,17 @@ mod tests {
                     | 0xfd00 << 112;
                 p6.push((Ipv6Addr::from(base6), (rng(&mut s) % 129) as u8, i as u32));
             }
-            let (f4, l4) = (Lpm4::build(&p4).unwrap(), LinearLpm4::build(&p4).unwrap());
-            let (f6, l6) = (Lpm6::build(&p6).unwrap(), LinearLpm6::build(&p6).unwrap());
+            // Alternate the direct-pointing width so both layouts (and odd ones) are covered.
+            let bits = [16u8, 8, 1, 20, 11][round % 5];
+            let f4 = Lpm4::build_with_direct_bits(&p4, bits).unwrap();
+            let f6 = Lpm6::build_with_direct_bits(&p6, bits).unwrap();
+            let (l4, l6) = (
+                LinearLpm4::build(&p4).unwrap(),
+                LinearLpm6::build(&p6).unwrap(),
+            );
             for _ in 0..2000 {
+                let a = Ipv4Addr::from(rng(&mut s) as u32);
+                assert_eq!(f4.lookup(a), l4.lookup(a), "round {round} v4 {a}");
                 let pick = &p4[(rng(&mut s) as usize) % n];
                 let noise = (rng(&mut s) as u32).checked_shr((rng(&mut s) % 33) as u32);
                 let a = u32::from(pick.0) ^ noise.unwrap_or(0);

@@ -40,7 +40,8 @@ fuzz_target!(|data: &[u8]| {
             inner_dst_mac: [2, 0, 0, 0, 0, 2],
         };
         if let Ok(r) = encap::encap_full(&mut buf, encap::MAX_HEADROOM, inner.len(), &params) {
-            let again = encap::decap_full(&buf[r.clone()]).expect("re-encapsulated packet must decapsulate");
+            let again = encap::decap_full(&buf[r.clone()])
+                .expect("re-encapsulated packet must decapsulate");
             assert_eq!(again.decap.vni, o.decap.vni);
             assert_eq!(&buf[r][again.decap.inner.clone()], inner);
         }

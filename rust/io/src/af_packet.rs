@@ -7,7 +7,12 @@
 //! one syscall and no userspace checksumming per 45 wire packets. `PACKET_QDISC_BYPASS` stays off so
 //! that tc shaping on the underlay applies.
 //!
-//! The socket is opened with protocol 0, which registers no receive hook: it never sees traffic.
+//! The send socket is opened with protocol 0, which registers no receive hook: it never sees
+//! traffic. [`PacketSocket::open_rx`] is the receive side for masquerade replies: a `SOCK_RAW`
+//! socket (`PACKET_VNET_HDR` is refused on `SOCK_DGRAM`) on the underlay with a classic BPF filter ([`masquerade_filter`]) that lets through only
+//! IPv4 packets to the node address on the masquerade port range (and ICMP that may belong to a
+//! translated flow). AF_PACKET taps see a *copy*; the control plane drops the original before the
+//! kernel's own stack answers it (an nftables rule in prerouting), as DESIGN.md §3 suggests.
 
 use crate::sys;
 use std::io;
@@ -18,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 const SOL_PACKET: libc::c_int = 263;
 const PACKET_VNET_HDR: libc::c_int = 15;
 const PACKET_QDISC_BYPASS: libc::c_int = 20;
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
@@ -108,6 +114,96 @@ impl PacketSocket {
     }
 }
 
+impl PacketSocket {
+    /// A non-blocking receive socket for IPv4 on `ifindex` that only sees what `filter` accepts.
+    /// Reads return the Ethernet header and the packet ([`ETH_HLEN`] + IP).
+    /// The filter is attached before the socket is bound, so no unfiltered packet is ever queued.
+    /// With `vnet_hdr`, each packet read starts with a vnet header (GRO'd packets keep their GSO
+    /// metadata and `DATA_VALID` / `NEEDS_CSUM`).
+    pub fn open_rx(ifindex: u32, filter: &[libc::sock_filter], vnet_hdr: bool) -> io::Result<PacketSocket> {
+        // SAFETY: plain syscall with constant arguments; the result is checked by `owned`.
+        let fd = sys::owned(unsafe {
+            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+        })?;
+        let raw = fd.as_raw_fd();
+        let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut libc::sock_filter };
+        // The kernel copies the program during the call; `filter` outlives it.
+        sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, prog)?;
+        let vnet = vnet_hdr && sys::setsockopt(raw, SOL_PACKET, PACKET_VNET_HDR, 1 as libc::c_int).is_ok();
+        let _ = sys::setsockopt(raw, SOL_PACKET, PACKET_IGNORE_OUTGOING, 1 as libc::c_int);
+        if sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20 as libc::c_int).is_err() {
+            let _ = sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, 8 << 20 as libc::c_int);
+        }
+        // SAFETY: all-zeroes is a valid sockaddr_ll.
+        let mut sa: libc::sockaddr_ll = unsafe { zeroed() };
+        sa.sll_family = libc::AF_PACKET as u16;
+        sa.sll_protocol = ETHERTYPE_IPV4.to_be();
+        sa.sll_ifindex = ifindex as i32;
+        // SAFETY: `sa` is a valid sockaddr_ll and its exact size is passed.
+        sys::cvt(unsafe {
+            libc::bind(raw, (&sa as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as libc::socklen_t)
+        })?;
+        Ok(PacketSocket { fd, ifindex, vnet, tx_errors: AtomicU64::new(0) })
+    }
+
+    /// Reads one packet (vnet header first when enabled) without blocking.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
+        sys::cvt_size(unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) })
+    }
+}
+
+fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// Classic BPF (run on the Ethernet frame: the IPv4 header starts at [`ETH_HLEN`]) that accepts
+/// packets to `node` that may be masquerade replies: TCP/UDP with a destination port in
+/// `lo..=hi` (first fragments and unfragmented only), ICMP echo replies with an identifier in the
+/// range, and ICMP errors (destination unreachable, time exceeded, parameter problem), whose quoted
+/// packet the NAT checks.
+pub fn masquerade_filter(node: std::net::Ipv4Addr, lo: u16, hi: u16) -> Vec<libc::sock_filter> {
+    const LD_W_ABS: u16 = 0x20;
+    const LD_H_ABS: u16 = 0x28;
+    const LD_B_ABS: u16 = 0x30;
+    const LDX_MSH: u16 = 0xb1;
+    const LD_H_IND: u16 = 0x48;
+    const LD_B_IND: u16 = 0x50;
+    const JEQ: u16 = 0x15;
+    const JGE: u16 = 0x35;
+    const JGT: u16 = 0x25;
+    const JSET: u16 = 0x45;
+    const RET: u16 = 0x06;
+    let (lo, hi) = (u32::from(lo), u32::from(hi));
+    // Jump offsets count instructions after the current one: ACCEPT is 21, REJECT 22.
+    const L2: u32 = ETH_HLEN as u32;
+    vec![
+        /* 0 */ insn(LD_W_ABS, 0, 0, L2 + 16), // destination address
+        /* 1 */ insn(JEQ, 0, 20, u32::from(node)),
+        /* 2 */ insn(LD_B_ABS, 0, 0, L2 + 9), // protocol
+        /* 3 */ insn(JEQ, 2, 0, 6), // TCP -> 6
+        /* 4 */ insn(JEQ, 1, 0, 17), // UDP -> 6
+        /* 5 */ insn(JEQ, 6, 16, 1), // ICMP -> 12, else REJECT
+        /* 6 */ insn(LD_H_ABS, 0, 0, L2 + 6), // flags + fragment offset
+        /* 7 */ insn(JSET, 14, 0, 0x1fff), // a later fragment carries no ports: REJECT
+        /* 8 */ insn(LDX_MSH, 0, 0, L2), // X = IP header length
+        /* 9 */ insn(LD_H_IND, 0, 0, L2 + 2), // destination port
+        /* 10 */ insn(JGE, 0, 11, lo),
+        /* 11 */ insn(JGT, 10, 9, hi),
+        /* 12 */ insn(LDX_MSH, 0, 0, L2),
+        /* 13 */ insn(LD_B_IND, 0, 0, L2), // ICMP type
+        /* 14 */ insn(JEQ, 0, 3, 0), // echo reply: check the identifier; else -> 18
+        /* 15 */ insn(LD_H_IND, 0, 0, L2 + 4),
+        /* 16 */ insn(JGE, 0, 5, lo),
+        /* 17 */ insn(JGT, 4, 3, hi),
+        /* 18 */ insn(JEQ, 2, 0, 3), // destination unreachable
+        /* 19 */ insn(JEQ, 1, 0, 11), // time exceeded
+        /* 20 */ insn(JEQ, 0, 1, 12), // parameter problem
+        /* 21 */ insn(RET, 0, 0, 0x0004_0000), // ACCEPT (whole packet)
+        /* 22 */ insn(RET, 0, 0, 0),           // REJECT
+    ]
+}
+
 impl AsRawFd for PacketSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -140,4 +236,76 @@ pub fn write_eth(b: &mut [u8], dst: [u8; 6], src: [u8; 6], ethertype: u16) -> bo
     b[6..12].copy_from_slice(&src);
     b[12..14].copy_from_slice(&ethertype.to_be_bytes());
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    /// A classic BPF interpreter for the instructions `masquerade_filter` uses, following
+    /// Documentation/networking/filter.rst (out-of-bounds loads reject the packet, as the kernel does).
+    fn run(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
+        let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
+        let ld = |off: usize, n: usize| pkt.get(off..off + n).map(|b| b.iter().fold(0u32, |v, &c| v << 8 | u32::from(c)));
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            let k = i.k as usize;
+            let jump = |c: bool| if c { usize::from(i.jt) } else { usize::from(i.jf) };
+            match i.code {
+                0x20 | 0x28 | 0x30 => match ld(k, [4, 2, 1][usize::from(i.code - 0x20) / 8]) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                0x48 | 0x50 => match ld(x as usize + k, if i.code == 0x48 { 2 } else { 1 }) {
+                    Some(v) => a = v,
+                    None => return 0,
+                },
+                0xb1 => match pkt.get(k) {
+                    Some(b) => x = u32::from(b & 0x0f) * 4,
+                    None => return 0,
+                },
+                0x15 => pc += jump(a == i.k),
+                0x25 => pc += jump(a > i.k),
+                0x35 => pc += jump(a >= i.k),
+                0x45 => pc += jump(a & i.k != 0),
+                0x06 => return i.k,
+                c => panic!("opcode {c:#x} not modelled"),
+            }
+        }
+    }
+
+    fn ip(proto: u8, dst: [u8; 4], frag: u16, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0]; // Ethernet
+        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, (frag >> 8) as u8, frag as u8, 64, proto, 0, 0, 203, 0, 113, 10]);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(l4);
+        p
+    }
+
+    #[test]
+    fn filter_takes_only_masquerade_replies() {
+        let node = Ipv4Addr::new(172, 16, 2, 2);
+        let f = masquerade_filter(node, 61000, 65000);
+        let me = node.octets();
+        let ports = |sp: u16, dp: u16| [sp.to_be_bytes(), dp.to_be_bytes(), [0, 8], [0, 0]].concat();
+        let accept = |p: &[u8]| run(&f, p) != 0;
+        assert!(accept(&ip(6, me, 0, &ports(443, 61000))));
+        assert!(accept(&ip(17, me, 0x4000, &ports(53, 65000))), "DF is not a fragment");
+        assert!(!accept(&ip(6, me, 0, &ports(443, 60999))));
+        assert!(!accept(&ip(17, me, 0, &ports(53, 65001))));
+        assert!(!accept(&ip(6, [172, 16, 2, 3], 0, &ports(443, 61000))), "another address");
+        assert!(!accept(&ip(6, me, 0x0010, &ports(443, 61000))), "later fragment");
+        assert!(!accept(&ip(47, me, 0, &ports(443, 61000))), "GRE");
+        let icmp = |ty: u8, id: u16| [[ty, 0, 0, 0].as_slice(), &id.to_be_bytes(), &[0, 1]].concat();
+        assert!(accept(&ip(1, me, 0, &icmp(0, 61005))), "echo reply in range");
+        assert!(!accept(&ip(1, me, 0, &icmp(0, 7))), "echo reply out of range");
+        assert!(!accept(&ip(1, me, 0, &icmp(8, 61005))), "echo request");
+        for ty in [3, 11, 12] {
+            assert!(accept(&ip(1, me, 0, &icmp(ty, 0))), "ICMP error {ty}");
+        }
+        assert!(!accept(&ip(6, me, 0, &[0xbb])), "truncated TCP header");
+        assert!(!accept(&[0; 16]), "truncated IP header");
+    }
 }

@@ -219,14 +219,18 @@ pub fn udp_blast(cfg: &BlastConfig) -> io::Result<BlastReport> {
 }
 
 /// Count the UDP datagrams arriving on `bind` for `seconds` (at most 30 s), `recvmmsg` in batches.
-pub fn udp_sink(bind: SocketAddr, seconds: f64) -> io::Result<SinkReport> {
-    udp_sink_with(bind, seconds, |_| {})
+///
+/// With `idle`, the sink also stops once datagrams have arrived and then none came for that long
+/// (the sender is done), so a driver need not wait out a generous `seconds`.
+pub fn udp_sink(bind: SocketAddr, seconds: f64, idle: Option<Duration>) -> io::Result<SinkReport> {
+    udp_sink_with(bind, seconds, idle, |_| {})
 }
 
 /// `udp_sink`, calling `on_bound` with the bound address once the socket exists (port 0 picks one).
 pub fn udp_sink_with(
     bind: SocketAddr,
     seconds: f64,
+    idle: Option<Duration>,
     on_bound: impl FnOnce(SocketAddr),
 ) -> io::Result<SinkReport> {
     const BATCH: usize = 64;
@@ -276,7 +280,13 @@ pub fn udp_sink_with(
             )
         };
         if got <= 0 {
-            continue; // EAGAIN after POLL_INTERVAL, or EINTR: look at the deadline again
+            // EAGAIN after POLL_INTERVAL, or EINTR: look at the deadlines again
+            if let (Some(idle), Some(_)) = (idle, first) {
+                if last.elapsed() >= idle {
+                    break;
+                }
+            }
+            continue;
         }
         let now = Instant::now();
         first.get_or_insert(now);
@@ -421,8 +431,9 @@ mod tests {
     #[test]
     fn blast_reaches_sink_over_loopback() {
         let (tx, rx) = mpsc::channel();
-        let sink =
-            std::thread::spawn(move || udp_sink_with(loopback(), 1.5, |a| tx.send(a).unwrap()));
+        let sink = std::thread::spawn(move || {
+            udp_sink_with(loopback(), 1.5, None, |a| tx.send(a).unwrap())
+        });
         let addr = rx.recv().unwrap();
         let sent = udp_blast(&BlastConfig {
             dst: addr,
@@ -448,8 +459,9 @@ mod tests {
     #[test]
     fn sink_reports_real_length_of_datagrams_larger_than_its_slots() {
         let (tx, rx) = mpsc::channel();
-        let sink =
-            std::thread::spawn(move || udp_sink_with(loopback(), 1.0, |a| tx.send(a).unwrap()));
+        let sink = std::thread::spawn(move || {
+            udp_sink_with(loopback(), 1.0, None, |a| tx.send(a).unwrap())
+        });
         let addr = rx.recv().unwrap();
         let sent = udp_blast(&BlastConfig {
             dst: addr,
@@ -467,8 +479,9 @@ mod tests {
     #[test]
     fn rate_limit_bounds_the_offered_load() {
         let (tx, rx) = mpsc::channel();
-        let sink =
-            std::thread::spawn(move || udp_sink_with(loopback(), 1.5, |a| tx.send(a).unwrap()));
+        let sink = std::thread::spawn(move || {
+            udp_sink_with(loopback(), 1.5, None, |a| tx.send(a).unwrap())
+        });
         let addr = rx.recv().unwrap();
         let sent = udp_blast(&BlastConfig {
             dst: addr,
@@ -529,8 +542,33 @@ mod tests {
                 "{bad:?}"
             );
         }
-        assert!(udp_sink(loopback(), -1.0).is_err());
+        assert!(udp_sink(loopback(), -1.0, None).is_err());
         assert!(tcp_connect_rate(dst, 1.0, 0).is_err());
+    }
+
+    #[test]
+    fn idle_sink_stops_after_the_sender() {
+        let (tx, rx) = mpsc::channel();
+        let sink = std::thread::spawn(move || {
+            udp_sink_with(loopback(), 10.0, Some(Duration::from_millis(300)), |a| {
+                tx.send(a).unwrap()
+            })
+        });
+        let addr = rx.recv().unwrap();
+        let t0 = Instant::now();
+        udp_blast(&BlastConfig {
+            dst: addr,
+            size: 64,
+            seconds: 0.3,
+            batch: 8,
+            rate_pps: Some(1000),
+        })
+        .unwrap();
+        let got = sink.join().unwrap().unwrap();
+        assert!(got.packets > 0);
+        // 0.3 s of sending, then ~0.3-0.4 s of silence: far less than the 10 s asked for
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+        assert!(got.seconds < 3.0);
     }
 
     #[test]

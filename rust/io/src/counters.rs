@@ -84,7 +84,7 @@ impl WorkerCounters {
     }
 
     #[inline]
-    pub fn drop(&self, reason: usize, packets: u64) {
+    pub fn drop_packets(&self, reason: usize, packets: u64) {
         if let Some(c) = self.drops.get(reason) {
             bump(c, packets);
         }
@@ -142,9 +142,9 @@ mod tests {
         a.count(Path::Vxlan, Dir::Egress, 2, 3000);
         b.count(Path::Vxlan, Dir::Egress, 1, 100);
         b.count(Path::Native, Dir::Ingress, 1, 60);
-        a.drop(1, 5);
-        b.drop(1, 1);
-        b.drop(99, 1); // out of range: ignored, not a panic
+        a.drop_packets(1, 5);
+        b.drop_packets(1, 1);
+        b.drop_packets(99, 1); // out of range: ignored, not a panic
         a.stat(Stat::TunGsoReads, 4);
         let s = Snapshot::sum([&a, &b], 3);
         assert_eq!(s.get(Path::Vxlan, Dir::Egress), (3, 3100));

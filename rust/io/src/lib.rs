@@ -12,6 +12,7 @@ pub mod af_packet;
 pub mod blast;
 pub mod counters;
 pub mod csum;
+pub mod gro;
 mod sys;
 pub mod tun;
 pub mod udp;

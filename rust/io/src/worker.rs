@@ -21,20 +21,24 @@
 
 use crate::af_packet::{self, FrameScratch, PacketSocket, TxFrame};
 use crate::counters::{Dir, Path, Snapshot, Stat, WorkerCounters};
+use crate::gro::Coalescer;
 use crate::sys::{EventFd, Epoll};
 use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
 use crate::udp::{self, RecvBatch, SendScratch, TxMsg, UdpSocket};
 use crate::vnet::{self, VnetHdr, VNET_HDR_LEN};
 use arc_swap::ArcSwapOption;
 use podrouter_core::classify::{DropReason, Tables, TunnelProto, Verdict};
+use podrouter_core::datapath::{self, EgressAction, IngressAction};
 use podrouter_core::encap::{self, EncapParams};
+use podrouter_core::nat::{NatConfig, NatTable};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 /// Bytes kept free in front of every packet read from the TUN: room for the vnet header the read
 /// itself fills, and afterwards for any encapsulation (`encap::MAX_HEADROOM`) or for an Ethernet
@@ -153,6 +157,8 @@ pub struct Engine {
     past_tx_errors: u64,
     offload: OffloadInfo,
     running: Option<Running>,
+    nat: Arc<Mutex<NatTable>>,
+    epoch: Instant,
 }
 
 impl Engine {
@@ -168,7 +174,17 @@ impl Engine {
         let n_drops = drop_reason_names().len();
         let counters = (0..cfg.workers).map(|_| Arc::new(WorkerCounters::new(n_drops))).collect();
         let offload = OffloadInfo { tun_flags: tun.offload(), ..OffloadInfo::default() };
-        Ok(Engine { cfg, tun, tables: Arc::new(ArcSwapOption::empty()), counters, past_tx_errors: 0, offload, running: None })
+        Ok(Engine {
+            cfg,
+            tun,
+            tables: Arc::new(ArcSwapOption::empty()),
+            counters,
+            past_tx_errors: 0,
+            offload,
+            running: None,
+            nat: Arc::new(Mutex::new(NatTable::new(NatConfig::default()))),
+            epoch: Instant::now(),
+        })
     }
 
     /// `new` + `start`.
@@ -192,6 +208,15 @@ impl Engine {
         if self.running.is_some() {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the datapath is already running"));
         }
+        {
+            // The NAT port range comes from the tables (masquerade.port_range); a later swap that
+            // changes it takes effect at the next start, since live mappings hold ports of the old one.
+            let (lo, hi) = tables.masquerade().port_range;
+            let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
+            if (nat.config().port_lo, nat.config().port_hi) != (lo, hi) {
+                *nat = NatTable::new(NatConfig { port_lo: lo, port_hi: hi, ..NatConfig::default() });
+            }
+        }
         self.tables.store(Some(tables));
         let cfg = &self.cfg;
         let tx_pool: Arc<[UdpSocket]> = bind_tx_pool(cfg.underlay_address, cfg.tx_sockets)?.into();
@@ -214,6 +239,17 @@ impl Engine {
             }
             rx_sets.push(set);
         }
+        // Masquerade replies: one filtered AF_PACKET receive socket, served by worker 0. The filter
+        // is built from the tables at start; the node address and port range are restart-only.
+        let mut masq_rx = match cfg.underlay_ifindex {
+            0 => None,
+            idx => {
+                let t = self.tables.load_full().ok_or_else(|| io::Error::other("no tables"))?;
+                let (lo, hi) = t.masquerade().port_range;
+                let filter = af_packet::masquerade_filter(t.node_address(), lo, hi);
+                Some(PacketSocket::open_rx(idx, &filter, cfg.offload)?)
+            }
+        };
         self.offload.udp_gso = tx_pool.iter().all(UdpSocket::gso_enabled);
         self.offload.udp_gro = rx_sets.iter().flatten().all(|(s, _)| s.gro_enabled());
         self.offload.packet_vnet_hdr = pkt.as_ref().is_some_and(|p| p.vnet_hdr());
@@ -228,13 +264,16 @@ impl Engine {
                 rx,
                 tx: Arc::clone(&tx_pool),
                 pkt: pkt.clone(),
+                masq: masq_rx.take(),
                 tables: Arc::clone(&self.tables),
                 counters: Arc::clone(&self.counters[i]),
                 stop: Arc::clone(&stop),
                 wake: Arc::clone(&wake),
-                underlay: cfg.underlay_address,
                 mac: cfg.underlay_mac,
                 batch: cfg.batch,
+                coalesce: cfg.offload,
+                nat: Arc::clone(&self.nat),
+                epoch: self.epoch,
             };
             alive.fetch_add(1, Ordering::SeqCst);
             let alive2 = Arc::clone(&alive);
@@ -282,6 +321,11 @@ impl Engine {
             let _ = t.join();
         }
         self.past_tx_errors += tx_errors(&r.tx_pool, r.pkt.as_deref());
+    }
+
+    /// Live masquerade entries (`podrouter_nat_entries`).
+    pub fn nat_entries(&self) -> usize {
+        self.nat.lock().map_or(0, |n| n.len())
     }
 
     pub fn offload(&self) -> &OffloadInfo {
@@ -342,30 +386,6 @@ fn bind_tx_pool(addr: Ipv4Addr, n: usize) -> io::Result<Vec<UdpSocket>> {
     Ok(out)
 }
 
-/// Source and destination address of an IP packet (just the fixed header).
-#[inline]
-fn ip_addrs(p: &[u8]) -> Result<(IpAddr, IpAddr), DropReason> {
-    match p.first().map(|b| b >> 4) {
-        Some(4) => {
-            let h: &[u8; 20] = p.get(..20).and_then(|h| h.try_into().ok()).ok_or(DropReason::Truncated)?;
-            Ok((
-                IpAddr::V4(Ipv4Addr::new(h[12], h[13], h[14], h[15])),
-                IpAddr::V4(Ipv4Addr::new(h[16], h[17], h[18], h[19])),
-            ))
-        }
-        Some(6) => {
-            let h: &[u8; 40] = p.get(..40).and_then(|h| h.try_into().ok()).ok_or(DropReason::Truncated)?;
-            let mut s = [0u8; 16];
-            let mut d = [0u8; 16];
-            s.copy_from_slice(&h[8..24]);
-            d.copy_from_slice(&h[24..40]);
-            Ok((IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d))))
-        }
-        Some(_) => Err(DropReason::Malformed),
-        None => Err(DropReason::Truncated),
-    }
-}
-
 /// Which buffer of a slot an output refers to.
 #[derive(Debug, Clone, Copy)]
 enum Buf {
@@ -373,6 +393,7 @@ enum Buf {
     Seg(usize),
 }
 
+#[derive(Clone)]
 struct UdpOut {
     sock: usize,
     buf: Buf,
@@ -408,18 +429,26 @@ struct Worker {
     rx: Vec<(UdpSocket, TunnelProto)>,
     tx: Arc<[UdpSocket]>,
     pkt: Option<Arc<PacketSocket>>,
+    /// Masquerade replies (worker 0 only).
+    masq: Option<PacketSocket>,
     tables: Arc<ArcSwapOption<Tables>>,
     counters: Arc<WorkerCounters>,
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
-    underlay: Ipv4Addr,
     mac: [u8; 6],
     batch: usize,
+    coalesce: bool,
+    /// Masquerade connections, shared by all workers (a reply may land on any of them). Only
+    /// masquerade packets take this lock.
+    nat: Arc<Mutex<NatTable>>,
+    /// NAT's clock: whole seconds since the engine started.
+    epoch: Instant,
 }
 
 const TOKEN_WAKE: u64 = 0;
 const TOKEN_TUN: u64 = 1;
-const TOKEN_RX: u64 = 2;
+const TOKEN_MASQ: u64 = 2;
+const TOKEN_RX: u64 = 3;
 
 /// Per-thread buffers, allocated once.
 struct State {
@@ -429,6 +458,8 @@ struct State {
     recv: RecvBatch,
     send: SendScratch,
     frames: FrameScratch,
+    /// TCP coalescing of decapsulated packets before the TUN write (off without offload).
+    gro: Option<Coalescer>,
 }
 
 impl Worker {
@@ -440,6 +471,9 @@ impl Worker {
         let mut ok = ep.add(self.wake.as_raw_fd(), TOKEN_WAKE).is_ok() && ep.add(self.tun.as_raw_fd(), TOKEN_TUN).is_ok();
         for (i, (s, _)) in self.rx.iter().enumerate() {
             ok &= ep.add(s.as_raw_fd(), TOKEN_RX + i as u64).is_ok();
+        }
+        if let Some(m) = &self.masq {
+            ok &= ep.add(m.as_raw_fd(), TOKEN_MASQ).is_ok();
         }
         if !ok {
             return;
@@ -453,8 +487,10 @@ impl Worker {
             recv: RecvBatch::new(self.batch.min(64)),
             send: SendScratch::new(64),
             frames: FrameScratch::new(64),
+            gro: self.coalesce.then(Coalescer::new),
         };
         let mut ready = Vec::with_capacity(8);
+        let mut last_expire = 0;
         while !self.stop.load(Ordering::Relaxed) {
             // The timeout is only a safety net; `stop` signals the eventfd.
             if ep.wait(500, &mut ready).is_err() {
@@ -467,7 +503,17 @@ impl Worker {
                 match t {
                     TOKEN_TUN => self.egress_batch(&mut st),
                     TOKEN_WAKE => {}
+                    TOKEN_MASQ => self.masquerade_batch(&mut st),
                     t => self.ingress_batch(&mut st, (t - TOKEN_RX) as usize),
+                }
+            }
+            // Sweep expired NAT entries a slice at a time, about once a second per worker; skip
+            // when another worker holds the table rather than wait for it.
+            let now = self.epoch.elapsed().as_secs();
+            if now != last_expire {
+                last_expire = now;
+                if let Ok(mut nat) = self.nat.try_lock() {
+                    nat.expire(now, 4096);
                 }
             }
         }
@@ -485,7 +531,7 @@ impl Worker {
                     slot.len = len - VNET_HDR_LEN;
                     n += 1;
                 }
-                Ok(_) => c.drop(DropReason::Truncated.index(), 1),
+                Ok(_) => c.drop_packets(DropReason::Truncated.index(), 1),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break, // EAGAIN: drained
             }
@@ -497,107 +543,124 @@ impl Worker {
         c.stat(Stat::TunReads, n as u64);
         st.udp_out.clear();
         st.frames_out.clear();
+        let now = self.epoch.elapsed().as_secs();
         {
             let guard = self.tables.load();
             let Some(tables) = guard.as_deref() else {
-                c.drop(DropReason::NoRoute.index(), n as u64);
+                c.drop_packets(DropReason::NoRoute.index(), n as u64);
                 return;
             };
             for k in 0..n {
-                self.egress_one(tables, k, &mut st.slots[k], &mut st.udp_out, &mut st.frames_out);
+                self.egress_one(tables, now, k, &mut st.slots[k], &mut st.udp_out, &mut st.frames_out);
             }
         }
         self.flush(st);
     }
 
-    fn egress_one(&self, tables: &Tables, k: usize, slot: &mut Slot, udp_out: &mut Vec<UdpOut>, frames_out: &mut Vec<FrameOut>) {
+    fn egress_one(&self, tables: &Tables, now: u64, k: usize, slot: &mut Slot, udp_out: &mut Vec<UdpOut>, frames_out: &mut Vec<FrameOut>) {
         let c = &*self.counters;
-        let end = HEADROOM + slot.len;
         let hdr = VnetHdr::parse(&slot.buf[HEADROOM - VNET_HDR_LEN..HEADROOM]).unwrap_or_default();
         if hdr.is_gso() {
             c.stat(Stat::TunGsoReads, 1);
         }
-        let pkt = &slot.buf[HEADROOM..end];
-        let (wire_pkts, wire_bytes) = vnet::wire_size(pkt, &hdr);
-        let (src, dst) = match ip_addrs(pkt) {
-            Ok(a) => a,
-            Err(r) => return c.drop(r.index(), wire_pkts as u64),
-        };
-        match tables.classify(src, dst) {
-            Verdict::Tunnel { proto, vni, remote, port, .. } => {
-                let params = EncapParams {
-                    proto,
-                    vni,
-                    src: self.underlay,
-                    dst: remote,
-                    dst_port: port,
-                    inner_src_mac: self.mac,
-                    inner_dst_mac: VXLAN_INNER_DST_MAC,
-                };
-                let sock = encap::flow_hash(pkt) as usize % self.tx.len();
-                let tos = encap::outer_tos(pkt);
-                let out = UdpOut {
-                    sock,
-                    buf: Buf::Tun(k),
-                    range: 0..0,
-                    dst: SocketAddrV4::new(remote, port),
-                    tos,
-                    segment: 0,
-                    path: Path::tunnel(proto),
-                    pkts: 1,
-                    bytes: 0,
-                };
-                if let Err(r) = self.tunnel(k, slot, &hdr, &params, out, udp_out) {
-                    c.drop(r.index(), wire_pkts as u64);
-                }
-            }
-            Verdict::Native { next_hop } => {
-                let mac = tables.next_hop(next_hop).and_then(|h| h.mac);
-                let r = match mac {
-                    Some(mac) => self.native(k, slot, &hdr, mac, Path::Native, (wire_pkts, wire_bytes), frames_out),
-                    None => Err(DropReason::NeighborUnresolved),
-                };
-                if let Err(r) = r {
-                    c.drop(r.index(), wire_pkts as u64);
-                }
-            }
-            // Masquerade needs the NAT table (rust/core nat.rs), not wired into the engine yet.
-            Verdict::Masquerade { .. } => c.drop(DropReason::Unsupported.index(), wire_pkts as u64),
-            // The kernel sent us a packet for our own pod CIDR: it has no route to that pod, and
-            // writing it back would only loop it through the TUN until its TTL runs out.
-            Verdict::Local => c.drop(DropReason::NoRoute.index(), wire_pkts as u64),
-            Verdict::Drop(r) => c.drop(r.index(), wire_pkts as u64),
+        let (wire_pkts, wire_bytes) = vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], &hdr);
+        if let Err(r) = self.egress_inner(tables, now, k, slot, &hdr, (wire_pkts, wire_bytes), udp_out, frames_out) {
+            c.drop_packets(r.index(), wire_pkts as u64);
         }
     }
 
-    fn tunnel(
+    #[allow(clippy::too_many_arguments)]
+    fn egress_inner(
         &self,
+        tables: &Tables,
+        now: u64,
         k: usize,
         slot: &mut Slot,
         hdr: &VnetHdr,
-        params: &EncapParams,
-        out: UdpOut,
+        wire: (usize, usize),
         udp_out: &mut Vec<UdpOut>,
+        frames_out: &mut Vec<FrameOut>,
     ) -> Result<(), DropReason> {
-        let end = HEADROOM + slot.len;
-        if !hdr.is_gso() {
-            if hdr.needs_csum() {
-                let (s, o) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-                vnet::complete_csum(&mut slot.buf[HEADROOM..end], s, o).map_err(|_| DropReason::Malformed)?;
+        let (meta, verdict) = datapath::classify_packet(tables, &slot.buf[HEADROOM..HEADROOM + slot.len])?;
+        // Link padding after the IP total length is not part of the packet (datapath::egress does the same).
+        slot.len = meta.total_len;
+        // Same rule as datapath::egress: the kernel already decremented the TTL on its way into the
+        // TUN, and a packet at 1 could not survive the next hop.
+        if meta.ttl <= 1 {
+            return Err(DropReason::TtlExceeded);
+        }
+        match verdict {
+            Verdict::Tunnel { proto, vni, remote, port, .. } => {
+                let node = tables.node_address();
+                let params = EncapParams {
+                    proto,
+                    vni,
+                    src: node,
+                    dst: remote,
+                    dst_port: port,
+                    inner_src_mac: datapath::vxlan_inner_mac(node),
+                    inner_dst_mac: datapath::vxlan_inner_mac(remote),
+                };
+                self.tunnel(k, slot, hdr, &params, udp_out)
             }
-            let r = encap::encap_payload(&mut slot.buf, HEADROOM, slot.len, params).map_err(|_| DropReason::Malformed)?;
+            Verdict::Native { next_hop } => {
+                let mac = tables.next_hop(next_hop).and_then(|h| h.mac).ok_or(DropReason::NeighborUnresolved)?;
+                self.native(k, slot, hdr, mac, Path::Native, wire, frames_out)
+            }
+            Verdict::Masquerade { .. } => self.masquerade(tables, now, k, slot, hdr, frames_out),
+            // The kernel routed a packet for our own pod CIDR into the TUN, so it has no route to
+            // that pod; writing it back would only loop it through the TUN until its TTL runs out.
+            Verdict::Local => Err(DropReason::NoRoute),
+            Verdict::Drop(r) => Err(r),
+        }
+    }
+
+    /// Finishes a `NEEDS_CSUM` checksum of a non-GSO packet in place.
+    fn finish_csum(slot: &mut Slot, hdr: &VnetHdr) -> Result<(), DropReason> {
+        if hdr.needs_csum() && !hdr.is_gso() {
+            let (s, o) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+            vnet::complete_csum(&mut slot.buf[HEADROOM..HEADROOM + slot.len], s, o).map_err(|_| DropReason::Malformed)?;
+        }
+        Ok(())
+    }
+
+    /// Segments a super-packet into `slot.seg` with `headroom` bytes in front of each segment.
+    fn segment(slot: &mut Slot, hdr: &VnetHdr, headroom: usize) -> Result<(), DropReason> {
+        slot.seg.clear();
+        slot.segs.clear();
+        vnet::segment(&slot.buf[HEADROOM..HEADROOM + slot.len], hdr, headroom, &mut slot.seg, &mut slot.segs).map_err(|e| match e {
+            vnet::OffloadError::Malformed => DropReason::Malformed,
+            vnet::OffloadError::Unsupported => DropReason::Unsupported,
+        })
+    }
+
+    fn tunnel(&self, k: usize, slot: &mut Slot, hdr: &VnetHdr, params: &EncapParams, udp_out: &mut Vec<UdpOut>) -> Result<(), DropReason> {
+        let inner = &slot.buf[HEADROOM..HEADROOM + slot.len];
+        // The outer source port is the bound port of the pool socket, picked by the inner flow hash
+        // (the same hash encap::udp_source_port uses), so one flow always leaves from one port.
+        let sock = encap::flow_hash(inner) as usize % self.tx.len();
+        let out = UdpOut {
+            sock,
+            buf: Buf::Tun(k),
+            range: 0..0,
+            dst: SocketAddrV4::new(params.dst, params.dst_port),
+            tos: encap::outer_tos(inner),
+            segment: 0,
+            path: Path::tunnel(params.proto),
+            pkts: 1,
+            bytes: 0,
+        };
+        if !hdr.is_gso() {
+            Self::finish_csum(slot, hdr)?;
+            // Only a missing headroom (a bug here) can fail; counted rather than hidden.
+            let r = encap::encap_payload(&mut slot.buf, HEADROOM, slot.len, params).map_err(|_| DropReason::Unsupported)?;
             udp_out.push(UdpOut { range: r, bytes: slot.len as u64, ..out });
             return Ok(());
         }
         let ovh = params.proto.payload_overhead();
-        slot.seg.clear();
-        slot.segs.clear();
-        vnet::segment(&slot.buf[HEADROOM..end], hdr, ovh, &mut slot.seg, &mut slot.segs).map_err(|e| match e {
-            vnet::OffloadError::Malformed => DropReason::Malformed,
-            vnet::OffloadError::Unsupported => DropReason::Unsupported,
-        })?;
+        Self::segment(slot, hdr, ovh)?;
         for r in &slot.segs {
-            encap::encap_payload(&mut slot.seg, r.start, r.len(), params).map_err(|_| DropReason::Malformed)?;
+            encap::encap_payload(&mut slot.seg, r.start, r.len(), params).map_err(|_| DropReason::Unsupported)?;
         }
         // Units are [tunnel header][segment], back to back; all but the last have the same size,
         // which is exactly the shape UDP GSO wants. Trains are cut at the kernel's limits.
@@ -611,10 +674,16 @@ impl Worker {
                 segment: if train.len() > 1 { unit as u16 } else { 0 },
                 pkts: train.len() as u64,
                 bytes: train.iter().map(|r| r.len() as u64).sum(),
-                ..out
+                ..out.clone()
             });
         }
         Ok(())
+    }
+
+    /// Bytes in front of each frame: the Ethernet header, and the vnet header when the packet
+    /// socket has `PACKET_VNET_HDR` (then every frame must carry one).
+    fn link_headroom(pkt: &PacketSocket) -> usize {
+        af_packet::ETH_HLEN + if pkt.vnet_hdr() { VNET_HDR_LEN } else { 0 }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -628,14 +697,13 @@ impl Worker {
         (wire_pkts, wire_bytes): (usize, usize),
         frames_out: &mut Vec<FrameOut>,
     ) -> Result<(), DropReason> {
-        let Some(pkt_sock) = self.pkt.as_deref() else {
-            return Err(DropReason::NoRoute);
-        };
+        let pkt_sock = self.pkt.as_deref().ok_or(DropReason::NoRoute)?;
         let end = HEADROOM + slot.len;
         let et = if slot.buf[HEADROOM] >> 4 == 4 { af_packet::ETHERTYPE_IPV4 } else { af_packet::ETHERTYPE_IPV6 };
         const ETH: usize = af_packet::ETH_HLEN;
         if pkt_sock.vnet_hdr() {
-            // Whole super-packet out: vnet header (offsets moved past the Ethernet header) first.
+            // The whole (super-)packet goes out as it came: the vnet header, with its offsets moved
+            // past the Ethernet header, lets the kernel segment and checksum it after tc.
             let vh = vnet::shift_for_link(&slot.buf[HEADROOM..end], hdr, ETH as u16).map_err(|_| DropReason::Malformed)?;
             af_packet::write_eth(&mut slot.buf[HEADROOM - ETH..HEADROOM], mac, self.mac, et);
             vh.emit(&mut slot.buf[HEADROOM - ETH - VNET_HDR_LEN..HEADROOM - ETH]);
@@ -653,28 +721,76 @@ impl Worker {
             return Ok(());
         }
         if hdr.is_gso() {
-            slot.seg.clear();
-            slot.segs.clear();
-            vnet::segment(&slot.buf[HEADROOM..end], hdr, ETH, &mut slot.seg, &mut slot.segs).map_err(|_| DropReason::Malformed)?;
+            Self::segment(slot, hdr, ETH)?;
             for r in &slot.segs {
                 af_packet::write_eth(&mut slot.seg[r.start - ETH..r.start], mac, self.mac, et);
-                frames_out.push(FrameOut {
-                    buf: Buf::Seg(k),
-                    range: r.start - ETH..r.end,
-                    ethertype: et,
-                    path,
-                    pkts: 1,
-                    bytes: r.len() as u64,
-                });
+                frames_out.push(FrameOut { buf: Buf::Seg(k), range: r.start - ETH..r.end, ethertype: et, path, pkts: 1, bytes: r.len() as u64 });
             }
             return Ok(());
         }
-        if hdr.needs_csum() {
-            let (s, o) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-            vnet::complete_csum(&mut slot.buf[HEADROOM..end], s, o).map_err(|_| DropReason::Malformed)?;
-        }
+        Self::finish_csum(slot, hdr)?;
         af_packet::write_eth(&mut slot.buf[HEADROOM - ETH..HEADROOM], mac, self.mac, et);
         frames_out.push(FrameOut { buf: Buf::Tun(k), range: HEADROOM - ETH..end, ethertype: et, path, pkts: 1, bytes: slot.len as u64 });
+        Ok(())
+    }
+
+    /// Source NAT (core `datapath::egress` with the shared NAT table), then out natively. The NAT
+    /// rewrite updates checksums incrementally, which needs finished checksums: super-packets are
+    /// segmented first and partial checksums completed.
+    fn masquerade(&self, tables: &Tables, now: u64, k: usize, slot: &mut Slot, hdr: &VnetHdr, frames_out: &mut Vec<FrameOut>) -> Result<(), DropReason> {
+        let pkt_sock = self.pkt.as_deref().ok_or(DropReason::NoRoute)?;
+        let lh = Self::link_headroom(pkt_sock);
+        let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
+        if pkt_sock.vnet_hdr() && hdr.needs_csum() {
+            // Offloaded checksum (and maybe TSO): translate the (super-)packet once, rewrite the
+            // checksum field as the pseudo-header sum of the translated addresses, and let the
+            // kernel segment and checksum it behind the AF_PACKET socket, as on the native path.
+            let wire = vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], hdr);
+            return match datapath::egress(tables, Some(&mut nat), &mut slot.buf, HEADROOM, slot.len, now) {
+                EgressAction::Native { next_hop_mac, path, range } => {
+                    drop(nat);
+                    let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+                    let pkt = &mut slot.buf[range];
+                    let field = start + off;
+                    if pkt.len() < 20 || field + 2 > pkt.len() || start > pkt.len() {
+                        return Err(DropReason::Malformed);
+                    }
+                    let pseudo = crate::csum::pseudo_v4(&pkt[12..16], &pkt[16..20], pkt[9], (pkt.len() - start) as u16);
+                    pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+                    self.native(k, slot, hdr, next_hop_mac, path, wire, frames_out)
+                }
+                EgressAction::Drop(r) => Err(r),
+                _ => Err(DropReason::Unsupported),
+            };
+        }
+        let mut one = |buf: &mut [u8], start: usize, len: usize, b: Buf| -> Result<(), DropReason> {
+            match datapath::egress(tables, Some(&mut nat), buf, start, len, now) {
+                EgressAction::Native { range, next_hop_mac, path } => {
+                    let et = if buf[range.start] >> 4 == 4 { af_packet::ETHERTYPE_IPV4 } else { af_packet::ETHERTYPE_IPV6 };
+                    let f = range.start - lh;
+                    if lh > af_packet::ETH_HLEN {
+                        VnetHdr::default().emit(&mut buf[f..]);
+                    }
+                    af_packet::write_eth(&mut buf[range.start - af_packet::ETH_HLEN..range.start], next_hop_mac, self.mac, et);
+                    frames_out.push(FrameOut { buf: b, range: f..range.end, ethertype: et, path, pkts: 1, bytes: range.len() as u64 });
+                    Ok(())
+                }
+                EgressAction::Drop(r) => Err(r),
+                // The verdict was masquerade a moment ago on the same tables; anything else is a bug.
+                _ => Err(DropReason::Unsupported),
+            }
+        };
+        if !hdr.is_gso() {
+            Self::finish_csum(slot, hdr)?;
+            return one(&mut slot.buf, HEADROOM, slot.len, Buf::Tun(k));
+        }
+        Self::segment(slot, hdr, lh)?;
+        for r in &slot.segs {
+            // A segment that cannot be translated is counted on its own; the others still go.
+            if let Err(e) = one(&mut slot.seg, r.start, r.len(), Buf::Seg(k)) {
+                self.counters.drop_packets(e.index(), 1);
+            }
+        }
         Ok(())
     }
 
@@ -727,7 +843,7 @@ impl Worker {
     // --------------------------------------------------------------------------------- ingress
 
     fn ingress_batch(&self, st: &mut State, idx: usize) {
-        let Some((sock, proto)) = self.rx.get(idx) else {
+        let Some((sock, _)) = self.rx.get(idx) else {
             return;
         };
         let c = &*self.counters;
@@ -742,13 +858,26 @@ impl Worker {
         c.stat(Stat::UdpRxMessages, n as u64);
         let guard = self.tables.load();
         let Some(tables) = guard.as_deref() else {
-            c.drop(DropReason::NoRoute.index(), n as u64);
+            c.drop_packets(DropReason::NoRoute.index(), n as u64);
             return;
         };
+        let port = sock.local_addr().port();
+        let tun = &*self.tun;
+        let mut sink = |h: &[u8; VNET_HDR_LEN], p: &[u8], segments: usize| match tun.write_with_hdr(h, p) {
+            Ok(_) => {
+                c.stat(Stat::TunWrites, 1);
+                if segments > 1 {
+                    c.stat(Stat::TunGsoWrites, 1);
+                    c.stat(Stat::TunCoalescedSegments, segments as u64);
+                }
+            }
+            Err(_) => c.drop_packets(TX_ERROR, segments as u64),
+        };
+        let State { recv, gro, .. } = st;
         for m in 0..n {
-            let meta = st.recv.meta()[m];
+            let meta = recv.meta()[m];
             if meta.truncated {
-                c.drop(DropReason::Truncated.index(), 1);
+                c.drop_packets(DropReason::Truncated.index(), 1);
                 continue;
             }
             let seg = if meta.segment > 0 {
@@ -757,30 +886,132 @@ impl Worker {
             } else {
                 meta.len.max(1)
             };
-            let buf = &mut st.recv.buf_mut(m)[..meta.len];
+            let buf = &mut recv.buf_mut(m)[..meta.len];
             for dg in buf.chunks_mut(seg) {
-                if let Err(r) = self.ingress_one(tables, *proto, *meta.src.ip(), meta.tos, dg) {
-                    c.drop(r, 1);
+                let len = dg.len();
+                match datapath::ingress(tables, *meta.src.ip(), port, meta.tos & 0x03, dg, 0, len) {
+                    IngressAction::Deliver { range, path, .. } => {
+                        c.count(path, Dir::Ingress, 1, range.len() as u64);
+                        match gro {
+                            Some(g) => g.offer(&dg[range], &mut sink),
+                            None => sink(&[0; VNET_HDR_LEN], &dg[range], 1),
+                        }
+                    }
+                    IngressAction::Drop(r) => c.drop_packets(r.index(), 1),
                 }
             }
         }
-    }
-
-    /// Returns a drop counter index on failure.
-    fn ingress_one(&self, tables: &Tables, proto: TunnelProto, outer_src: Ipv4Addr, tos: u8, dg: &mut [u8]) -> Result<(), usize> {
-        let d = encap::decap_payload(proto, dg, tos & 0x03).map_err(|e| DropReason::from(e).index())?;
-        let inner = dg.get_mut(d.inner.clone()).ok_or(DropReason::Truncated.index())?;
-        let (src, dst) = ip_addrs(inner).map_err(DropReason::index)?;
-        tables.validate_ingress(outer_src, d.vni, src, dst).map_err(DropReason::index)?;
-        encap::apply_ecn(inner, d.ecn_action).map_err(|e| DropReason::from(e).index())?;
-        const NO_OFFLOAD: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
-        match self.tun.write_with_hdr(&NO_OFFLOAD, inner) {
-            Ok(_) => {
-                self.counters.stat(Stat::TunWrites, 1);
-                self.counters.count(Path::tunnel(proto), Dir::Ingress, 1, inner.len() as u64);
-                Ok(())
-            }
-            Err(_) => Err(TX_ERROR),
+        if let Some(g) = gro {
+            g.flush(&mut sink);
         }
     }
+
+    /// Masquerade replies from the filtered AF_PACKET socket: reverse-translate (core
+    /// `datapath::masquerade_reply`) and write to the TUN.
+    fn masquerade_batch(&self, st: &mut State) {
+        let Some(sock) = &self.masq else {
+            return;
+        };
+        let c = &*self.counters;
+        let now = self.epoch.elapsed().as_secs();
+        let vnet = sock.vnet_hdr();
+        let slot = &mut st.slots[0];
+        const ETH: usize = af_packet::ETH_HLEN;
+        // Frames land so that the IP packet starts at HEADROOM: [vnet header][Ethernet][IP].
+        let at = HEADROOM - ETH - if vnet { VNET_HDR_LEN } else { 0 };
+        let mut n = 0;
+        while n < self.batch {
+            let len = match sock.recv(&mut slot.buf[at..]) {
+                Ok(len) if len >= HEADROOM - at => len - (HEADROOM - at),
+                Ok(_) => {
+                    n += 1;
+                    c.drop_packets(DropReason::Truncated.index(), 1);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            n += 1;
+            let hdr = if vnet {
+                // The kernel's offsets count from the Ethernet header; ours from the IP header.
+                let mut h = VnetHdr::parse(&slot.buf[at..at + VNET_HDR_LEN]).unwrap_or_default();
+                h.csum_start = h.csum_start.saturating_sub(ETH as u16);
+                h.hdr_len = h.hdr_len.saturating_sub(ETH as u16);
+                Some(h)
+            } else {
+                None
+            };
+            let action = {
+                let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
+                datapath::masquerade_reply(&mut nat, &mut slot.buf, HEADROOM, len, now)
+            };
+            match action {
+                IngressAction::Deliver { range, path, .. } => {
+                    let pkt = &mut slot.buf[range];
+                    let (segs, bytes) = vnet::wire_size(pkt, &hdr.unwrap_or_default());
+                    let out = match offload_for_tun(pkt, hdr) {
+                        Ok(h) => h,
+                        Err(r) => {
+                            c.drop_packets(r.index(), segs as u64);
+                            continue;
+                        }
+                    };
+                    let mut h = [0u8; VNET_HDR_LEN];
+                    out.emit(&mut h);
+                    c.count(path, Dir::Ingress, segs as u64, bytes as u64);
+                    match self.tun.write_with_hdr(&h, pkt) {
+                        Ok(_) => c.stat(Stat::TunWrites, 1),
+                        Err(_) => c.drop_packets(TX_ERROR, segs as u64),
+                    }
+                }
+                IngressAction::Drop(r) => c.drop_packets(r.index(), 1),
+            }
+        }
+        if n > 0 {
+            c.stat(Stat::Batches, 1);
+        }
+    }
+}
+
+/// The vnet header to write a translated packet to the TUN with. A packet the kernel merged (GRO)
+/// or whose checksum it left to offload (`NEEDS_CSUM`, e.g. from a sender on the same host) carries
+/// no valid TCP/UDP checksum, so after NAT changed its destination the checksum field is set to
+/// the new pseudo-header sum and the kernel finishes it (or segments the super-packet) — virtio
+/// `NEEDS_CSUM` semantics. A packet with a complete checksum was updated incrementally by NAT and
+/// goes in without offload. Without a vnet header (`None`) we cannot tell, so the checksum is
+/// computed from scratch.
+fn offload_for_tun(pkt: &mut [u8], hdr: Option<VnetHdr>) -> Result<VnetHdr, DropReason> {
+    let hdr = match hdr {
+        Some(h) if !h.is_gso() && !h.needs_csum() => return Ok(VnetHdr::default()),
+        Some(h) => h,
+        None => VnetHdr::default(),
+    };
+    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+        return Err(DropReason::Malformed);
+    }
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    let offset = match pkt[9] {
+        6 => 16,
+        17 => 6,
+        _ => return Err(DropReason::Unsupported),
+    };
+    let mut h = vnet::shift_for_link(pkt, &hdr, 0).map_err(|_| DropReason::Malformed)?;
+    if !h.needs_csum() {
+        h.flags |= vnet::flags::NEEDS_CSUM;
+    }
+    h.flags &= !vnet::flags::DATA_VALID;
+    h.csum_start = ihl as u16;
+    h.csum_offset = offset;
+    let end = usize::from(u16::from_be_bytes([pkt[2], pkt[3]])).min(pkt.len());
+    let field = ihl + offset as usize;
+    if field + 2 > end {
+        return Err(DropReason::Truncated);
+    }
+    let pseudo = crate::csum::pseudo_v4(&pkt[12..16], &pkt[16..20], pkt[9], (end - ihl) as u16);
+    pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+    if h.is_gso() || hdr.needs_csum() {
+        return Ok(h);
+    }
+    vnet::complete_csum(&mut pkt[..end], ihl, usize::from(offset)).map_err(|_| DropReason::Malformed)?;
+    Ok(VnetHdr::default())
 }

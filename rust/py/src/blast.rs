@@ -46,25 +46,55 @@ fn udp_blast<'py>(
         batch,
         rate_pps,
     };
-    let r = py.allow_threads(|| blast::udp_blast(&cfg)).map_err(to_py_err)?;
+    let r = py
+        .allow_threads(|| blast::udp_blast(&cfg))
+        .map_err(to_py_err)?;
     let d = PyDict::new(py);
     d.set_item("packets", r.packets)?;
     d.set_item("bytes", r.bytes)?;
     d.set_item("errors", r.errors)?;
     d.set_item("calls", r.calls)?;
     d.set_item("seconds", r.seconds)?;
-    d.set_item("pps", if r.seconds > 0.0 { r.packets as f64 / r.seconds } else { 0.0 })?;
+    d.set_item(
+        "pps",
+        if r.seconds > 0.0 {
+            r.packets as f64 / r.seconds
+        } else {
+            0.0
+        },
+    )?;
     Ok(d)
 }
 
-/// Count UDP datagrams arriving on bind:port for `seconds` (capped at 30 s), recvmmsg in batches.
+/// Count UDP datagrams arriving on bind:port for `seconds` (capped at 30 s), recvmmsg in batches;
+/// with `idle`, stop early once datagrams came and then none for `idle` seconds.
 ///
 /// Returns {"packets", "bytes", "seconds", "active_seconds", "pps"}; pps is computed over the
 /// window from the first to the last datagram.
 #[pyfunction]
-fn udp_sink<'py>(py: Python<'py>, bind: &str, port: u16, seconds: f64) -> PyResult<Bound<'py, PyDict>> {
+#[pyo3(signature = (bind, port, seconds, idle = None))]
+fn udp_sink<'py>(
+    py: Python<'py>,
+    bind: &str,
+    port: u16,
+    seconds: f64,
+    idle: Option<f64>,
+) -> PyResult<Bound<'py, PyDict>> {
     let at = addr(bind, port)?;
-    let r = py.allow_threads(|| blast::udp_sink(at, seconds)).map_err(to_py_err)?;
+    let idle = match idle {
+        None => None,
+        Some(v) if v.is_finite() && v > 0.0 => {
+            Some(std::time::Duration::from_secs_f64(v.min(30.0)))
+        }
+        Some(v) => {
+            return Err(PyValueError::new_err(format!(
+                "idle must be a positive number, got {v}"
+            )))
+        }
+    };
+    let r = py
+        .allow_threads(|| blast::udp_sink(at, seconds, idle))
+        .map_err(to_py_err)?;
     let d = PyDict::new(py);
     d.set_item("packets", r.packets)?;
     d.set_item("bytes", r.bytes)?;
@@ -94,7 +124,14 @@ fn tcp_connect_rate<'py>(
     d.set_item("connections", r.connections)?;
     d.set_item("errors", r.errors)?;
     d.set_item("seconds", r.seconds)?;
-    d.set_item("cps", if r.seconds > 0.0 { r.connections as f64 / r.seconds } else { 0.0 })?;
+    d.set_item(
+        "cps",
+        if r.seconds > 0.0 {
+            r.connections as f64 / r.seconds
+        } else {
+            0.0
+        },
+    )?;
     Ok(d)
 }
 
@@ -102,7 +139,8 @@ fn tcp_connect_rate<'py>(
 #[pyfunction]
 fn tcp_accept_sink(py: Python<'_>, bind: &str, port: u16, seconds: f64) -> PyResult<u64> {
     let at = addr(bind, port)?;
-    py.allow_threads(|| blast::tcp_accept_sink(at, seconds)).map_err(to_py_err)
+    py.allow_threads(|| blast::tcp_accept_sink(at, seconds))
+        .map_err(to_py_err)
 }
 
 /// Add the load generators to `podrouter._native`.

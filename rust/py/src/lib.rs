@@ -499,9 +499,12 @@ impl Datapath {
     }
 
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (snap, off, gen, workers) = py.allow_threads(|| {
+        let (snap, off, gen, workers, nat) = py.allow_threads(|| {
             let g = self.lock();
-            g.as_ref().map(|e| (e.counters(), e.offload().clone(), e.tables().map_or(0, |t| t.generation()), e.config().workers))
+            g.as_ref().map(|e| {
+                let gen = e.tables().map_or(0, |t| t.generation());
+                (e.counters(), e.offload().clone(), gen, e.config().workers, e.nat_entries())
+            })
         })
         .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
         let packets = PyDict::new(py);
@@ -533,8 +536,8 @@ impl Datapath {
         d.set_item("packets", packets)?;
         d.set_item("bytes", bytes)?;
         d.set_item("drops", drops)?;
-        d.set_item("nat_entries", 0)?;
-        d.set_item("nat_alloc_failures", 0)?;
+        d.set_item("nat_entries", nat)?;
+        d.set_item("nat_alloc_failures", snap.drops[DropReason::NatExhausted.index()])?;
         d.set_item("table_generation", gen)?;
         d.set_item("workers", workers)?;
         d.set_item("offload", offload)?;

@@ -25,7 +25,15 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-const PARAM_KEYS: [&str; 7] = ["protocol", "vni", "src", "dst", "dst_port", "inner_src_mac", "inner_dst_mac"];
+const PARAM_KEYS: [&str; 7] = [
+    "protocol",
+    "vni",
+    "src",
+    "dst",
+    "dst_port",
+    "inner_src_mac",
+    "inner_dst_mac",
+];
 /// Inner Ethernet addresses used when the caller gives none (locally administered, RFC 7042 §2.1).
 const DEFAULT_INNER_SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const DEFAULT_INNER_DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -36,29 +44,37 @@ fn proto_from_str(s: &str) -> PyResult<TunnelProto> {
 }
 
 fn required<'py>(params: &Bound<'py, PyDict>, key: &str) -> PyResult<Bound<'py, PyAny>> {
-    params.get_item(key)?.ok_or_else(|| PyValueError::new_err(format!("params: missing key {key:?}")))
+    params
+        .get_item(key)?
+        .ok_or_else(|| PyValueError::new_err(format!("params: missing key {key:?}")))
 }
 
 fn ipv4_param(params: &Bound<'_, PyDict>, key: &str) -> PyResult<Ipv4Addr> {
     let s: String = required(params, key)?
         .extract()
         .map_err(|_| PyTypeError::new_err(format!("{key}: must be a str")))?;
-    s.parse().map_err(|_| PyValueError::new_err(format!("{key}: {s:?} is not an IPv4 address")))
+    s.parse()
+        .map_err(|_| PyValueError::new_err(format!("{key}: {s:?} is not an IPv4 address")))
 }
 
 fn mac_param(params: &Bound<'_, PyDict>, key: &str, default: [u8; 6]) -> PyResult<[u8; 6]> {
     match params.get_item(key)? {
         None => Ok(default),
         Some(v) => {
-            let s: String = v.extract().map_err(|_| PyTypeError::new_err(format!("{key}: must be a str")))?;
-            ethernet::parse_mac(&s).ok_or_else(|| PyValueError::new_err(format!("{key}: {s:?} is not a MAC address")))
+            let s: String = v
+                .extract()
+                .map_err(|_| PyTypeError::new_err(format!("{key}: must be a str")))?;
+            ethernet::parse_mac(&s)
+                .ok_or_else(|| PyValueError::new_err(format!("{key}: {s:?} is not a MAC address")))
         }
     }
 }
 
 fn encap_params(params: &Bound<'_, PyDict>) -> PyResult<EncapParams> {
     for key in params.keys() {
-        let k: String = key.extract().map_err(|_| PyTypeError::new_err("params: keys must be str"))?;
+        let k: String = key
+            .extract()
+            .map_err(|_| PyTypeError::new_err("params: keys must be str"))?;
         if !PARAM_KEYS.contains(&k.as_str()) {
             return Err(PyValueError::new_err(format!("params: unknown key {k:?}")));
         }
@@ -67,14 +83,18 @@ fn encap_params(params: &Bound<'_, PyDict>) -> PyResult<EncapParams> {
         .extract()
         .map_err(|_| PyTypeError::new_err("protocol: must be a str"))?;
     let proto = proto_from_str(&proto_s)?;
-    let vni: i64 = required(params, "vni")?.extract().map_err(|_| PyTypeError::new_err("vni: must be an int"))?;
+    let vni: i64 = required(params, "vni")?
+        .extract()
+        .map_err(|_| PyTypeError::new_err("vni: must be an int"))?;
     let vni = u32::try_from(vni)
         .ok()
         .filter(|v| *v <= wire::vxlan::MAX_VNI)
         .ok_or_else(|| PyValueError::new_err(format!("vni: {vni} is not in 0..=16777215")))?;
     let dst_port = match params.get_item("dst_port")? {
         None => proto.default_port(),
-        Some(v) => v.extract::<u16>().map_err(|_| PyValueError::new_err("dst_port: must be an int in 0..=65535"))?,
+        Some(v) => v
+            .extract::<u16>()
+            .map_err(|_| PyValueError::new_err("dst_port: must be an int in 0..=65535"))?,
     };
     Ok(EncapParams {
         proto,
@@ -93,7 +113,11 @@ fn encap_params(params: &Bound<'_, PyDict>) -> PyResult<EncapParams> {
 /// `dst_port` (default 4789 / 6081), `inner_src_mac` / `inner_dst_mac` (VXLAN inner Ethernet).
 /// Raises `ValueError` for bad parameters or an inner packet that is not IP.
 #[pyfunction]
-fn encapsulate<'py>(py: Python<'py>, inner: &[u8], params: &Bound<'py, PyDict>) -> PyResult<Bound<'py, PyBytes>> {
+fn encapsulate<'py>(
+    py: Python<'py>,
+    inner: &[u8],
+    params: &Bound<'py, PyDict>,
+) -> PyResult<Bound<'py, PyBytes>> {
     let p = encap_params(params)?;
     let start = p.proto.overhead();
     let mut buf = vec![0u8; start + inner.len()];
@@ -120,7 +144,11 @@ fn ecn_action_str(a: EcnAction) -> &'static str {
 /// `{"ok": False, "reason": "<drop reason>"}`.
 #[pyfunction]
 #[pyo3(signature = (outer, protocol=None))]
-fn decapsulate<'py>(py: Python<'py>, outer: &[u8], protocol: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
+fn decapsulate<'py>(
+    py: Python<'py>,
+    outer: &[u8],
+    protocol: Option<&str>,
+) -> PyResult<Bound<'py, PyDict>> {
     let forced = protocol.map(proto_from_str).transpose()?;
     let d = PyDict::new(py);
     let res = match forced {
@@ -178,14 +206,22 @@ fn parse<'py>(py: Python<'py>, packet: &[u8]) -> PyResult<Bound<'py, PyDict>> {
     let (mut sport, mut dport, mut flags) = (None, None, None);
     let (mut ity, mut icode, mut iid, mut iseq) = (None, None, None, None);
     match m.l4 {
-        L4Info::Ports { src, dst, tcp_flags } => {
+        L4Info::Ports {
+            src,
+            dst,
+            tcp_flags,
+        } => {
             sport = Some(src);
             dport = Some(dst);
             if m.protocol == wire::ip_proto::TCP {
                 flags = Some(tcp_flags);
             }
         }
-        L4Info::IcmpEcho { ident, seq, request } => {
+        L4Info::IcmpEcho {
+            ident,
+            seq,
+            request,
+        } => {
             let v6 = m.src.is_ipv6();
             ity = Some(match (v6, request) {
                 (false, true) => wire::icmp::msg_type::ECHO_REQUEST,

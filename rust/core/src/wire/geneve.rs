@@ -230,7 +230,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Header<T> {
 /// 4 bytes and at most 124 (the 5-bit length field); otherwise, or if `buf` is too short,
 /// `Malformed` / `Truncated` and nothing is written.
 pub fn emit_option(buf: &mut [u8], class: u16, opt_type: u8, data: &[u8]) -> Result<usize> {
-    if data.len() % 4 != 0 || data.len() > 31 * 4 {
+    if data.len() & 3 != 0 || data.len() > 31 * 4 {
         return Err(Error::Malformed);
     }
     let total = OPTION_HEADER_LEN + data.len();

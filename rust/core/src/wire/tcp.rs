@@ -304,7 +304,7 @@ impl<'a> Iterator for OptionsIter<'a> {
                 (option_kind::MSS, 2) => TcpOption::Mss(u16::from_be_bytes([body[0], body[1]])),
                 (option_kind::WINDOW_SCALE, 1) => TcpOption::WindowScale(body[0]),
                 (option_kind::SACK_PERMITTED, 0) => TcpOption::SackPermitted,
-                (option_kind::SACK, n) if n % 8 == 0 && n > 0 => TcpOption::Sack(body),
+                (option_kind::SACK, n) if n & 7 == 0 && n > 0 => TcpOption::Sack(body),
                 (option_kind::TIMESTAMP, 8) => TcpOption::Timestamp {
                     value: u32::from_be_bytes([body[0], body[1], body[2], body[3]]),
                     echo: u32::from_be_bytes([body[4], body[5], body[6], body[7]]),

@@ -1,0 +1,339 @@
+//! Criterion benchmarks of the per-packet core:
+//!
+//! * `lpm/{v4,v6}/{1000,100000}/{podrouter,ip_network_table}`: one lookup, our poptrie and the
+//!   reference crate side by side on the same random table and the same queries (half anywhere,
+//!   half inside a random prefix, so deep paths are exercised too).
+//! * `datapath/egress_vxlan/{64,1400}`: parse + classify + VXLAN encapsulation of one packet.
+//! * `nat/{lookup_hit,lookup_miss,egress_hit}/1M`: the masquerade table holding 1M flows.
+//!
+//! `PODROUTER_BENCH_QUICK=1` shortens every measurement (about a minute in all) for smoke runs.
+//! Table sizes and NAT bytes per entry are printed to stderr.
+
+use std::hint::black_box;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use ip_network::{Ipv4Network, Ipv6Network};
+use ip_network_table::IpNetworkTable;
+use podrouter_core::classify::{
+    Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, Tables, TunnelSpec,
+};
+use podrouter_core::datapath::{self, EgressAction, MAX_HEADROOM};
+use podrouter_core::lpm::{Lpm4, Lpm6};
+use podrouter_core::nat::{FlowKey, NatConfig, NatProto, NatTable};
+use podrouter_core::wire::{ip_proto, ipv4, udp};
+
+/// xorshift64: deterministic inputs without a rand dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn u128(&mut self) -> u128 {
+        u128::from(self.next()) << 64 | u128::from(self.next())
+    }
+}
+
+fn quick() -> bool {
+    std::env::var_os("PODROUTER_BENCH_QUICK").is_some_and(|v| v != "0")
+}
+
+fn configure<M: criterion::measurement::Measurement>(g: &mut BenchmarkGroup<'_, M>) {
+    if quick() {
+        g.warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1))
+            .sample_size(20);
+    } else {
+        g.warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(3));
+    }
+}
+
+const QUERIES: usize = 1 << 16;
+
+/// IPv4 prefixes: random networks, lengths uniform in 8..=32 (a third longer than /24, so the
+/// deep levels are not an afterthought).
+fn v4_table(n: usize, r: &mut Rng) -> Vec<(Ipv4Addr, u8, u32)> {
+    (0..n)
+        .map(|i| {
+            let len = 8 + (r.next() % 25) as u8;
+            (Ipv4Addr::from(r.next() as u32), len, i as u32)
+        })
+        .collect()
+}
+
+/// IPv6 prefixes in 2000::/3: lengths uniform in 16..=64, plus 10 % host routes.
+fn v6_table(n: usize, r: &mut Rng) -> Vec<(Ipv6Addr, u8, u32)> {
+    (0..n)
+        .map(|i| {
+            let a = global6(r.u128());
+            let len = if r.next() % 100 < 10 {
+                128
+            } else {
+                16 + (r.next() % 49) as u8
+            };
+            (Ipv6Addr::from(a), len, i as u32)
+        })
+        .collect()
+}
+
+fn global6(a: u128) -> u128 {
+    a & !(0xe000u128 << 112) | (0x2000u128 << 112)
+}
+
+fn bench_lpm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("lpm");
+    configure(&mut g);
+    for n in [1_000usize, 100_000] {
+        let mut r = Rng(0x9e37_79b9_7f4a_7c15 ^ n as u64);
+
+        let p4 = v4_table(n, &mut r);
+        let ours = Lpm4::build(&p4).unwrap();
+        let mut reference = IpNetworkTable::new();
+        for &(a, l, v) in &p4 {
+            reference.insert(Ipv4Network::new_truncate(a, l).unwrap(), v);
+        }
+        eprintln!(
+            "lpm v4 {n} prefixes: {} distinct, {} KiB",
+            ours.len(),
+            ours.memory_bytes() / 1024
+        );
+        let q4: Vec<Ipv4Addr> = (0..QUERIES)
+            .map(|i| {
+                if i % 2 == 0 {
+                    Ipv4Addr::from(r.next() as u32)
+                } else {
+                    let (a, l, _) = p4[r.next() as usize % n];
+                    let host = (r.next() as u32).checked_shr(u32::from(l)).unwrap_or(0);
+                    Ipv4Addr::from(u32::from(a) | host)
+                }
+            })
+            .collect();
+        // Both implementations must answer alike, or the comparison is meaningless.
+        for &a in q4.iter().take(1000) {
+            assert_eq!(
+                ours.lookup(a),
+                reference.longest_match_ipv4(a).map(|(_, v)| *v)
+            );
+        }
+        let mut i = 0usize;
+        g.bench_function(format!("v4/{n}/podrouter"), |b| {
+            b.iter(|| {
+                i = (i + 1) % QUERIES;
+                ours.lookup(black_box(q4[i]))
+            })
+        });
+        g.bench_function(format!("v4/{n}/ip_network_table"), |b| {
+            b.iter(|| {
+                i = (i + 1) % QUERIES;
+                reference
+                    .longest_match_ipv4(black_box(q4[i]))
+                    .map(|(_, v)| *v)
+            })
+        });
+
+        let p6 = v6_table(n, &mut r);
+        let ours6 = Lpm6::build(&p6).unwrap();
+        let mut reference6 = IpNetworkTable::new();
+        for &(a, l, v) in &p6 {
+            reference6.insert(Ipv6Network::new_truncate(a, l).unwrap(), v);
+        }
+        eprintln!(
+            "lpm v6 {n} prefixes: {} distinct, {} KiB",
+            ours6.len(),
+            ours6.memory_bytes() / 1024
+        );
+        let q6: Vec<Ipv6Addr> = (0..QUERIES)
+            .map(|i| {
+                let rnd = r.u128();
+                if i % 2 == 0 {
+                    Ipv6Addr::from(global6(rnd))
+                } else {
+                    let (a, l, _) = p6[r.next() as usize % n];
+                    Ipv6Addr::from(u128::from(a) | rnd.checked_shr(u32::from(l)).unwrap_or(0))
+                }
+            })
+            .collect();
+        for &a in q6.iter().take(1000) {
+            assert_eq!(
+                ours6.lookup(a),
+                reference6.longest_match_ipv6(a).map(|(_, v)| *v)
+            );
+        }
+        g.bench_function(format!("v6/{n}/podrouter"), |b| {
+            b.iter(|| {
+                i = (i + 1) % QUERIES;
+                ours6.lookup(black_box(q6[i]))
+            })
+        });
+        g.bench_function(format!("v6/{n}/ip_network_table"), |b| {
+            b.iter(|| {
+                i = (i + 1) % QUERIES;
+                reference6
+                    .longest_match_ipv6(black_box(q6[i]))
+                    .map(|(_, v)| *v)
+            })
+        });
+    }
+    g.finish();
+}
+
+fn cidr(s: &str) -> Cidr {
+    s.parse().unwrap()
+}
+
+/// node1 of the reference topology in tunnel mode, with 250 peers (one /24 each).
+fn tables() -> Tables {
+    let peers = (2..252u32)
+        .map(|i| PeerSpec {
+            name: format!("node{i}"),
+            address: Ipv4Addr::new(172, 16, (i >> 8) as u8 + 3, i as u8),
+            pod_cidrs: vec![cidr(&format!("10.244.{i}.0/24"))],
+            mode: None,
+            tunnel_protocol: None,
+            on_link: false,
+            next_hop: None,
+        })
+        .collect();
+    Tables::build(&TableSpec {
+        generation: 1,
+        node: NodeSpec {
+            name: "node1".into(),
+            address: Ipv4Addr::new(172, 16, 2, 2),
+            pod_cidrs: vec![cidr("10.244.1.0/24")],
+        },
+        cluster_cidrs: vec![cidr("10.244.0.0/16")],
+        mode: RoutingMode::Tunnel,
+        native_cidrs: vec![],
+        native_when_on_link: false,
+        tunnel: TunnelSpec::default(),
+        gateway: Some(NextHop {
+            ip: "172.16.2.1".parse().unwrap(),
+            mac: Some([2, 0, 0, 0, 0, 1]),
+        }),
+        masquerade: MasqueradeSpec::default(),
+        peers,
+    })
+    .unwrap()
+}
+
+/// A UDP/IPv4 packet of `total` bytes at `MAX_HEADROOM`.
+fn udp_packet(total: usize, dst: Ipv4Addr) -> Vec<u8> {
+    let src = Ipv4Addr::new(10, 244, 1, 10);
+    let mut b = vec![0x5au8; MAX_HEADROOM + total];
+    let p = &mut b[MAX_HEADROOM..];
+    ipv4::Repr {
+        src,
+        dst,
+        protocol: ip_proto::UDP,
+        payload_len: total - 20,
+        ttl: 63,
+        tos: 0,
+        ident: 1,
+        dont_frag: true,
+    }
+    .emit(&mut ipv4::Packet::new_unchecked(&mut p[..]))
+    .unwrap();
+    let mut u = udp::Packet::new_unchecked(&mut p[20..]);
+    u.set_src_port(40000);
+    u.set_dst_port(5201);
+    u.set_len((total - 20) as u16);
+    u.fill_checksum_v4(src, dst);
+    b
+}
+
+fn bench_datapath(c: &mut Criterion) {
+    let t = tables();
+    let mut g = c.benchmark_group("datapath");
+    configure(&mut g);
+    for size in [64usize, 1400] {
+        let mut buf = udp_packet(size, Ipv4Addr::new(10, 244, 77, 5));
+        let a = datapath::egress(&t, None, &mut buf, MAX_HEADROOM, size, 0);
+        assert!(matches!(a, EgressAction::Tunnel { .. }), "{a:?}");
+        g.throughput(Throughput::Bytes(size as u64));
+        // The inner packet is left untouched and the headroom is rewritten each time, so the
+        // same buffer can be fed again.
+        g.bench_function(format!("egress_vxlan/{size}"), |b| {
+            b.iter(|| datapath::egress(&t, None, black_box(&mut buf), MAX_HEADROOM, size, 0))
+        });
+    }
+    g.finish();
+}
+
+fn flow(r: &mut Rng) -> FlowKey {
+    let x = r.next();
+    FlowKey {
+        proto: if x & 1 == 0 {
+            NatProto::Tcp
+        } else {
+            NatProto::Udp
+        },
+        pod_ip: Ipv4Addr::from(0x0af4_0100 | (x >> 8) as u32 & 0xff),
+        pod_port: (x >> 16) as u16 | 0x8000,
+        remote_ip: Ipv4Addr::from(0xcb00_0000 | (x >> 32) as u32 & 0x3fff),
+        remote_port: [443, 80, 53, 8080][(x >> 48) as usize & 3],
+    }
+}
+
+fn bench_nat(c: &mut Criterion) {
+    const N: usize = 1 << 20;
+    let mut t = NatTable::with_capacity(
+        NatConfig {
+            max_entries: 2 * N,
+            ..NatConfig::default()
+        },
+        N,
+    );
+    let mut r = Rng(0x5851_f42d_4c95_7f2d);
+    let mut keys = Vec::with_capacity(N);
+    while keys.len() < N {
+        let k = flow(&mut r);
+        if t.lookup(&k, 0).is_none() && t.egress(&k, 0x10, 0).is_ok() {
+            keys.push(k);
+        }
+    }
+    eprintln!(
+        "nat: {} entries, {} MiB, {} bytes per entry",
+        t.len(),
+        t.memory_bytes() >> 20,
+        t.bytes_per_entry()
+    );
+    let misses: Vec<FlowKey> = (0..QUERIES)
+        .map(|_| {
+            let mut k = flow(&mut r);
+            k.remote_port = 9; // never used above
+            k
+        })
+        .collect();
+    let hits: Vec<FlowKey> = (0..QUERIES).map(|_| keys[r.next() as usize % N]).collect();
+    let mut g = c.benchmark_group("nat");
+    configure(&mut g);
+    let mut i = 0usize;
+    g.bench_function("lookup_hit/1M", |b| {
+        b.iter(|| {
+            i = (i + 1) % QUERIES;
+            t.lookup(black_box(&hits[i]), 1)
+        })
+    });
+    g.bench_function("lookup_miss/1M", |b| {
+        b.iter(|| {
+            i = (i + 1) % QUERIES;
+            t.lookup(black_box(&misses[i]), 1)
+        })
+    });
+    g.bench_function("egress_hit/1M", |b| {
+        b.iter(|| {
+            i = (i + 1) % QUERIES;
+            t.egress(black_box(&hits[i]), 0x10, 1)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_lpm, bench_datapath, bench_nat);
+criterion_main!(benches);

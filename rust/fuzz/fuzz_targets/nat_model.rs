@@ -1,0 +1,172 @@
+//! The NAT table against a plain map, driven by arbitrary operation sequences, plus the packet
+//! translators on arbitrary bytes.
+//!
+//! Each 4-byte record is one operation: `[op, a, b, c]`. The map model keeps, per flow, the node
+//! port and expiry (state transitions come from `nat::next_state`; their rules are checked
+//! independently by tests/prop_nat.rs). Checked after every step: a live flow keeps its port,
+//! a new flow gets a port in range that no live flow to the same remote endpoint holds, the
+//! table refuses only when every port towards that endpoint is taken, replies find exactly the
+//! model's owner, and a full sweep leaves exactly the live flows.
+#![no_main]
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use libfuzzer_sys::fuzz_target;
+use podrouter_core::nat::{
+    self, next_state, Dir, FlowKey, NatConfig, NatError, NatProto, NatState, NatTable,
+};
+
+const LO: u16 = 40000;
+const HI: u16 = 40003;
+
+#[derive(Clone, Copy)]
+struct M {
+    port: u16,
+    state: NatState,
+    fins: u8,
+    expires: u64,
+}
+
+fn flow(sel: u8) -> FlowKey {
+    let proto = [NatProto::Tcp, NatProto::Udp, NatProto::Icmp][usize::from(sel % 3)];
+    FlowKey {
+        proto,
+        pod_ip: Ipv4Addr::new(10, 244, 1, 10 + (sel >> 2) % 3),
+        pod_port: 1000 + u16::from((sel >> 4) % 4),
+        remote_ip: Ipv4Addr::new(203, 0, 113, 1 + (sel >> 6) % 2),
+        remote_port: if proto == NatProto::Icmp { 0 } else { 443 },
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let cfg = NatConfig {
+        port_lo: LO,
+        port_hi: HI,
+        max_probe: 16,
+        max_entries: 1 << 12,
+        tcp_established: 50,
+        ..NatConfig::default()
+    };
+    let mut t = NatTable::new(cfg.clone());
+    let mut m: BTreeMap<FlowKey, M> = BTreeMap::new();
+    let mut now = 0u64;
+    let live = |m: &BTreeMap<FlowKey, M>, k: &FlowKey, now: u64| {
+        m.get(k).copied().filter(|e| e.expires > now)
+    };
+    for rec in data.chunks(4) {
+        let [op, a, b, c] = [0, 1, 2, 3].map(|i| rec.get(i).copied().unwrap_or(0));
+        match op % 6 {
+            0 | 1 => {
+                let k = flow(a);
+                let got = t.egress(&k, b, now);
+                if let Some(e) = live(&m, &k, now) {
+                    assert_eq!(got, Ok(e.port));
+                    let (state, fins) = next_state(k.proto, Some((e.state, e.fins)), Dir::Orig, b);
+                    let expires = now + u64::from(cfg.timeout(state));
+                    m.insert(
+                        k,
+                        M {
+                            port: e.port,
+                            state,
+                            fins,
+                            expires,
+                        },
+                    );
+                } else {
+                    let used: Vec<u16> = m
+                        .iter()
+                        .filter(|(o, e)| {
+                            e.expires > now
+                                && (o.proto, o.remote_ip, o.remote_port)
+                                    == (k.proto, k.remote_ip, k.remote_port)
+                        })
+                        .map(|(_, e)| e.port)
+                        .collect();
+                    if used.len() == usize::from(HI - LO + 1) {
+                        assert_eq!(got, Err(NatError::Exhausted));
+                    } else {
+                        let p = got.expect("a free port exists");
+                        assert!((LO..=HI).contains(&p) && !used.contains(&p));
+                        let (state, fins) = next_state(k.proto, None, Dir::Orig, b);
+                        let expires = now + u64::from(cfg.timeout(state));
+                        m.insert(
+                            k,
+                            M {
+                                port: p,
+                                state,
+                                fins,
+                                expires,
+                            },
+                        );
+                    }
+                }
+            }
+            2 => {
+                let k = flow(a);
+                let port = LO + u16::from(c) % (HI - LO + 1);
+                let owner = m
+                    .iter()
+                    .find(|(o, e)| {
+                        e.expires > now
+                            && e.port == port
+                            && (o.proto, o.remote_ip, o.remote_port)
+                                == (k.proto, k.remote_ip, k.remote_port)
+                    })
+                    .map(|(o, _)| *o);
+                assert_eq!(
+                    t.ingress(k.proto, k.remote_ip, k.remote_port, port, b, now),
+                    owner
+                );
+                if let Some(o) = owner {
+                    let e = m[&o];
+                    let (state, fins) = next_state(o.proto, Some((e.state, e.fins)), Dir::Reply, b);
+                    let expires = now + u64::from(cfg.timeout(state));
+                    m.insert(
+                        o,
+                        M {
+                            port: e.port,
+                            state,
+                            fins,
+                            expires,
+                        },
+                    );
+                }
+            }
+            3 => now += u64::from(a % 64),
+            4 => {
+                t.expire(now, usize::from(a));
+                let n = m.values().filter(|e| e.expires > now).count();
+                assert!(t.len() >= n);
+                if a == 255 {
+                    t.expire(now, usize::MAX);
+                    assert_eq!(t.len(), n);
+                }
+            }
+            _ => {
+                // The translators on arbitrary bytes (the rest of the input): no panic, and
+                // whatever they accept still parses afterwards.
+                let at = 4 * usize::from(a) % data.len().max(1);
+                let mut pkt = data[at..].to_vec();
+                if nat::translate_egress(&mut t, &mut pkt, Ipv4Addr::new(172, 16, 2, 2), now)
+                    .is_ok()
+                {
+                    assert!(podrouter_core::wire::parse_ip(&pkt).is_ok());
+                }
+                let mut pkt = data[at..].to_vec();
+                if nat::translate_ingress(&mut t, &mut pkt, now).is_ok() {
+                    assert!(podrouter_core::wire::parse_ip(&pkt).is_ok());
+                }
+                // Those may have added flows the model does not know: start over.
+                t = NatTable::new(cfg.clone());
+                m.clear();
+            }
+        }
+        for sel in 0..=255u8 {
+            let k = flow(sel);
+            let got = t.get(&k, now).map(|e| (e.node_port, e.expires));
+            let want = live(&m, &k, now).map(|e| (e.port, e.expires));
+            assert_eq!(got, want);
+        }
+    }
+});

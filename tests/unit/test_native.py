@@ -1,0 +1,202 @@
+"""podrouter._native without root: version, Tables from a spec dict, classify / classify_ingress on
+scapy-built packets for the DESIGN.md §8 reference topology, and the errors bad input gets."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.layers.vxlan import VXLAN
+from scapy.packet import raw
+
+from podrouter import _native
+
+GW_MAC = "02:00:00:00:00:01"
+NODE3_MAC = "02:00:00:00:00:03"
+
+
+def node1_spec() -> dict[str, Any]:
+    """node1 in hybrid mode with native_when_on_link: node2 behind the router, node3 on our L2."""
+    return {
+        "generation": 7,
+        "node": {"name": "node1", "address": "172.16.2.2", "pod_cidrs": ["10.244.1.0/24"]},
+        "cluster_cidrs": ["10.244.0.0/16"],
+        "mode": "hybrid",
+        "native_cidrs": [],
+        "native_when_on_link": True,
+        "tunnel": {"protocol": "vxlan", "vni": 1, "vxlan_port": 4789, "geneve_port": 6081},
+        "gateway": {"ip": "172.16.2.1", "mac": GW_MAC},
+        "masquerade": {"enabled": True, "non_masquerade_cidrs": [], "port_range": [61000, 65535]},
+        "peers": [
+            {"name": "node2", "address": "172.16.3.2", "pod_cidrs": ["10.244.2.0/24"], "mode": None,
+             "tunnel_protocol": None, "on_link": False, "next_hop": {"ip": "172.16.2.1", "mac": GW_MAC}},
+            {"name": "node3", "address": "172.16.2.3", "pod_cidrs": ["10.244.3.0/24"], "mode": None,
+             "tunnel_protocol": None, "on_link": True, "next_hop": {"ip": "172.16.2.3", "mac": NODE3_MAC}},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def tables() -> Any:
+    return _native.Tables(node1_spec())
+
+
+def from_pod1(dst: str) -> bytes:
+    return raw(IP(src="10.244.1.1", dst=dst, ttl=63) / TCP(sport=40000, dport=80, flags="S"))
+
+
+def test_version() -> None:
+    assert _native.__version__ == _native.version()
+    assert _native.__version__.count(".") == 2
+
+
+def test_generation_and_repr(tables: Any) -> None:
+    assert tables.generation == 7
+    assert tables.node_name == "node1"
+    assert "node1" in repr(tables)
+
+
+def test_on_link_peer_goes_native(tables: Any) -> None:
+    v = tables.classify(from_pod1("10.244.3.1"))
+    assert v["verdict"] == "native"
+    assert v["path"] == "native"
+    assert v["next_hop"] == "172.16.2.3"
+    assert v["next_hop_mac"] == NODE3_MAC
+
+
+def test_off_link_peer_goes_through_the_tunnel(tables: Any) -> None:
+    v = tables.classify(from_pod1("10.244.2.1"))
+    assert v == {
+        "verdict": "tunnel", "peer": "node2", "protocol": "vxlan", "vni": 1, "remote": "172.16.3.2",
+        "port": 4789, "path": "vxlan", "src": "10.244.1.1", "dst": "10.244.2.1",
+    }
+
+
+def test_own_pods_are_local_and_unknown_cluster_addresses_drop(tables: Any) -> None:
+    assert tables.classify(from_pod1("10.244.1.20"))["verdict"] == "local"
+    v = tables.classify(from_pod1("10.244.200.1"))
+    assert (v["verdict"], v["reason"]) == ("drop", "no_route")
+
+
+def test_outside_the_cluster_is_masqueraded_via_the_gateway(tables: Any) -> None:
+    v = tables.classify(raw(IP(src="10.244.1.1", dst="203.0.113.10") / UDP(sport=5000, dport=53)))
+    assert v["verdict"] == "masquerade"
+    assert v["address"] == "172.16.2.2"
+    assert (v["next_hop"], v["next_hop_mac"]) == ("172.16.2.1", GW_MAC)
+
+
+def test_peer_protocol_override_and_mode_override() -> None:
+    spec = node1_spec()
+    spec["peers"][0]["tunnel_protocol"] = "geneve"
+    spec["peers"][1]["mode"] = "tunnel"
+    t = _native.Tables(spec)
+    v2 = t.classify(from_pod1("10.244.2.9"))
+    assert (v2["verdict"], v2["protocol"], v2["port"], v2["path"]) == ("tunnel", "geneve", 6081, "geneve")
+    v3 = t.classify(from_pod1("10.244.3.9"))
+    assert (v3["verdict"], v3["remote"], v3["protocol"]) == ("tunnel", "172.16.2.3", "vxlan")
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "truncated"),
+    (b"\x45\x00\x00", "truncated"),
+    (b"\x75" + bytes(40), "unsupported"),
+])
+def test_bad_bytes_are_a_drop_verdict_not_an_exception(tables: Any, data: bytes, reason: str) -> None:
+    v = tables.classify(data)
+    assert v["verdict"] == "drop"
+    assert v["reason"] in (reason, "malformed")
+
+
+def vxlan_payload(src: str, dst: str, vni: int = 1) -> bytes:
+    return raw(VXLAN(vni=vni, flags=0x08) / Ether() / IP(src=src, dst=dst) / UDP(sport=1, dport=2) / b"hi")
+
+
+def test_classify_ingress_accepts_a_valid_peer_datagram(tables: Any) -> None:
+    v = tables.classify_ingress("172.16.3.2", 4789, vxlan_payload("10.244.2.1", "10.244.1.1"))
+    assert v["verdict"] == "accept"
+    assert (v["peer"], v["protocol"], v["vni"], v["path"]) == ("node2", "vxlan", 1, "vxlan")
+    assert (v["src"], v["dst"]) == ("10.244.2.1", "10.244.1.1")
+
+
+@pytest.mark.parametrize("outer,port,payload,reason", [
+    ("198.51.100.7", 4789, vxlan_payload("10.244.2.1", "10.244.1.1"), "unknown_peer"),
+    ("172.16.3.2", 4789, vxlan_payload("10.244.3.1", "10.244.1.1"), "spoofed_inner_source"),
+    ("172.16.3.2", 4789, vxlan_payload("10.244.2.1", "10.244.3.1"), "not_local_destination"),
+    ("172.16.3.2", 4789, vxlan_payload("10.244.2.1", "10.244.1.1", vni=9), "bad_vni"),
+    ("172.16.3.2", 4789, b"\x00" * 8 + raw(Ether() / IP()), "bad_vxlan_flags"),
+    ("172.16.3.2", 4789, b"\x08\x00", "truncated"),
+    ("172.16.3.2", 9999, vxlan_payload("10.244.2.1", "10.244.1.1"), "unsupported"),
+])
+def test_classify_ingress_drops(tables: Any, outer: str, port: int, payload: bytes, reason: str) -> None:
+    v = tables.classify_ingress(outer, port, payload)
+    assert (v["verdict"], v["reason"]) == ("drop", reason)
+
+
+def test_classify_ingress_bad_outer_address_is_a_value_error(tables: Any) -> None:
+    with pytest.raises(ValueError, match="outer_src"):
+        tables.classify_ingress("not-an-ip", 4789, b"")
+
+
+def _set(spec: dict[str, Any], path: list[Any], value: Any) -> None:
+    d: Any = spec
+    for k in path[:-1]:
+        d = d[k]
+    d[path[-1]] = value
+
+
+@pytest.mark.parametrize("path,value,key", [
+    (["peers", 0, "pod_cidrs", 0], "10.244.2.0/33", "peers[0].pod_cidrs[0]"),
+    (["node", "address"], "nope", "node.address"),
+    (["mode"], "fast", "mode"),
+    (["tunnel", "protocol"], "gre", "tunnel.protocol"),
+    (["tunnel", "vni"], "one", "tunnel.vni"),
+    (["tunnel", "vxlan_port"], 70000, "tunnel.vxlan_port"),
+    (["gateway", "mac"], "zz:zz", "gateway.mac"),
+    (["peers", 1, "next_hop", "ip"], "300.1.1.1", "peers[1].next_hop.ip"),
+    (["masquerade", "port_range"], [1], "masquerade.port_range"),
+    (["native_cidrs"], "10.0.0.0/8", "native_cidrs"),
+    (["nodes"], {}, "nodes"),
+    (["peers", 0, "colour"], "red", "peers[0].colour"),
+])
+def test_bad_spec_names_the_key(path: list[Any], value: Any, key: str) -> None:
+    spec = node1_spec()
+    _set(spec, path, value)
+    with pytest.raises(ValueError) as e:
+        _native.Tables(spec)
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
+
+
+def test_missing_node_and_non_dict_spec() -> None:
+    spec = node1_spec()
+    del spec["node"]
+    with pytest.raises(ValueError, match=r"^node: missing"):
+        _native.Tables(spec)
+    with pytest.raises(ValueError, match="spec"):
+        _native.Tables([])  # type: ignore[arg-type]
+
+
+def test_core_rejections_name_the_key() -> None:
+    # A peer pod CIDR outside the cluster CIDRs is refused by the core (Tables::build).
+    spec = copy.deepcopy(node1_spec())
+    spec["peers"][0]["pod_cidrs"] = ["192.168.0.0/24"]
+    with pytest.raises(ValueError, match=r"^peers\[0\]\.pod_cidrs"):
+        _native.Tables(spec)
+
+
+@pytest.mark.parametrize("cfg,key", [
+    ({"underlay_address": "nope"}, "underlay_address"),
+    ({}, "underlay_address"),
+    ({"underlay_address": "172.16.2.2", "workers": 0}, "workers"),
+    ({"underlay_address": "172.16.2.2", "underlay_mac": "xx"}, "underlay_mac"),
+    ({"underlay_address": "172.16.2.2", "tun_mtu": 20}, "tun_mtu"),
+    ({"underlay_address": "172.16.2.2", "vxlan_port": 6081}, "geneve_port"),
+    ({"underlay_address": "172.16.2.2", "tun": "x"}, "tun"),
+    ({"underlay_address": "172.16.2.2", "offload": "yes"}, "offload"),
+])
+def test_bad_datapath_config_is_refused_before_anything_is_created(cfg: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError) as e:
+        _native.Datapath(cfg)
+    assert str(e.value).startswith(f"{key}:"), str(e.value)
