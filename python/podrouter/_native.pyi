@@ -1,44 +1,117 @@
 """Type stub for the private Rust extension ``podrouter._native`` (rust/py).
 
 The public Python API is ``podrouter``; this module is private and may change between releases.
+Calls that can take time (building tables, starting and stopping the datapath) release the GIL;
+the datapath's worker threads never touch Python.
 """
 
-from typing import Any
+from typing import Any, final
 
 __version__: str
+__all__: list[str]
 
+ENCAP_MAX_HEADROOM: int
+VXLAN_OVERHEAD: int
+GENEVE_OVERHEAD: int
+
+def version() -> str:
+    """The crate version, same as ``__version__``."""
+
+@final
 class Tables:
-    """Compiled routing tables, built from the table spec dict (docs/architecture.md)."""
+    """Compiled routing tables, built from the table spec dict (docs/architecture.md), immutable.
 
-    generation: int
-    def __init__(self, spec: dict[str, Any]) -> None: ...
-    def classify(self, packet: bytes) -> dict[str, Any]:
-        """The verdict the datapath would give an IP packet leaving a local pod.
-
-        Returns e.g. ``{"verdict": "tunnel", "peer": "node2", "protocol": "vxlan", "vni": 1,
-        "remote": "172.16.3.2", "port": 4789}``, ``{"verdict": "native", "next_hop": "172.16.2.3",
-        "next_hop_mac": "..."}``, ``{"verdict": "local"}``, ``{"verdict": "masquerade", ...}`` or
-        ``{"verdict": "drop", "reason": "no_route"}``.
-        """
-    def classify_ingress(self, outer_src: str, udp_port: int, payload: bytes) -> dict[str, Any]:
-        """The verdict for an encapsulated datagram received on a tunnel port (decap checks)."""
-
-class Datapath:
-    """The running I/O engine: a TUN device, tunnel UDP sockets, AF_PACKET on the underlay.
-
-    config keys: tun_name (str), tun_mtu (int), underlay_ifindex (int), underlay_mac (str),
-    underlay_address (str), vxlan_port (int), geneve_port (int), workers (int), offload (bool).
-    The constructor creates the TUN device (the control plane then configures it with pyroute2).
+    Raises ``ValueError("<key path>: <problem>")`` for a bad spec, e.g.
+    ``"peers[0].pod_cidrs[0]: '10.244.2.0/33' is not a CIDR"`` or ``"nodes: unknown key"``.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None: ...
-    def start(self, tables: Tables) -> None: ...
-    def swap_tables(self, tables: Tables) -> None:
-        """Atomically replace the tables; in-flight packets finish on the old ones."""
-    def counters(self) -> dict[str, Any]:
-        """{"packets": {"vxlan/egress": n, ...}, "bytes": {...}, "drops": {reason: n},
-        "nat_entries": n, "nat_alloc_failures": n, "table_generation": n, "offload": {...}}"""
-    def stop(self) -> None: ...
-    def is_running(self) -> bool: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def node_name(self) -> str: ...
+    def __new__(cls, spec: dict[str, Any]) -> Tables: ...
+    def classify(self, packet: bytes) -> dict[str, Any]:
+        """The verdict the datapath would give an IP packet leaving a local pod. Never raises for
+        bad bytes: they are a drop verdict with the reason the datapath would count.
 
-def version() -> str: ...
+        Returns ``{"verdict": "tunnel", "peer": "node2", "protocol": "vxlan", "vni": 1,
+        "remote": "172.16.3.2", "port": 4789, "path": "vxlan", "src": ..., "dst": ...}``,
+        ``{"verdict": "native", "next_hop": "172.16.2.3", "next_hop_mac": "02:..." | None,
+        "path": "native", ...}``, ``{"verdict": "local", "path": "local", ...}``,
+        ``{"verdict": "masquerade", "address": "<node address>", "next_hop": ..., "next_hop_mac":
+        ..., "path": "masquerade", ...}`` or ``{"verdict": "drop", "reason": "no_route", ...}``.
+        """
+    def classify_ingress(
+        self, outer_src: str, udp_port: int, payload: bytes, outer_tos: int = 0
+    ) -> dict[str, Any]:
+        """The verdict for a UDP payload received on ``udp_port`` from ``outer_src`` (the decap and
+        validation checks the datapath runs): ``{"verdict": "accept", "peer": "node2",
+        "protocol": "vxlan", "vni": 1, "src": ..., "dst": ..., "path": "vxlan"}`` or
+        ``{"verdict": "drop", "reason": "spoofed_inner_source"}``. ``ValueError`` for a bad
+        ``outer_src``."""
+
+@final
+class Datapath:
+    """The I/O engine: a TUN device, tunnel UDP sockets, AF_PACKET on the underlay, worker threads.
+
+    config keys (unknown keys are a ``ValueError`` naming them):
+      underlay_address (str, required): IPv4 address the tunnel ports are bound on (outer source);
+      tun_name (str, default "podr0"); tun_mtu (int | None: MTU set at creation);
+      underlay_ifindex (int, default 0 = no native/masquerade path); underlay_mac (str);
+      vxlan_port (int, default 4789; 0 = no listener); geneve_port (int, default 6081; 0 = none);
+      workers (int, default 1: one TUN queue each, IFF_MULTI_QUEUE above 1);
+      offload (bool, default True: TUN TSO/USO, AF_PACKET vnet header, TUN write coalescing);
+      tx_sockets (int, default 8: tunnel send sockets = distinct outer source ports);
+      batch (int, default 32: TUN reads / recvmmsg messages per wake-up).
+
+    The constructor creates the TUN device (the control plane then configures it with pyroute2);
+    it raises ``ValueError`` for a bad config before touching anything and ``OSError`` when the
+    kernel refuses (no root, name in use). Masquerade replies are read from a filtered AF_PACKET
+    copy: the control plane must drop the originals (nftables, prerouting) so the kernel does not
+    answer them (docs/architecture.md, "I/O engine").
+    """
+
+    def __new__(cls, config: dict[str, Any]) -> Datapath: ...
+    @property
+    def tun_name(self) -> str: ...
+    @property
+    def tun_ifindex(self) -> int: ...
+    def start(self, tables: Tables) -> None:
+        """Open the sockets and start the workers (``OSError`` if a port is taken, ...)."""
+    def swap_tables(self, tables: Tables) -> None:
+        """Atomically replace the tables (one pointer store); in-flight batches finish on the old
+        ones, no packet is lost. The masquerade port range and node address are read at start."""
+    def counters(self) -> dict[str, Any]:
+        """``{"packets": {"vxlan/egress": n, ... every path/direction}, "bytes": {...},
+        "drops": {reason: n, ... every reason, incl. "tx_error"}, "nat_entries": n,
+        "nat_alloc_failures": n, "table_generation": n, "workers": n,
+        "offload": {"tun": ["csum", "tso4", ...], "udp_gso": bool, "udp_gro": bool,
+        "packet_vnet_hdr": bool, "tun_reads": n, "tun_gso_reads": n, "tun_writes": n,
+        "tun_gso_writes": n, "tun_coalesced_segments": n, "udp_rx_messages": n,
+        "udp_rx_gro_messages": n, "udp_tx_calls": n, "udp_tx_gso_messages": n,
+        "packet_tx_calls": n, "packet_tx_gso_frames": n, "batches": n}}``.
+        Packets are wire packets (a GSO super-packet counts once per segment)."""
+    def stop(self) -> None:
+        """Stop the workers and close the sockets; the TUN stays. Idempotent."""
+    def close(self) -> None:
+        """Stop and close the TUN device (the kernel deletes it). Idempotent."""
+    def is_running(self) -> bool:
+        """True while started and every worker thread is alive."""
+
+# Wire helpers (rust/py/src/wire.rs): tests, tooling, `explain`.
+def encapsulate(inner: bytes, params: dict[str, Any]) -> bytes:
+    """Outer IPv4 + UDP + VXLAN/Geneve around ``inner``. params: protocol, vni, src, dst,
+    dst_port?, inner_src_mac?, inner_dst_mac?. ``ValueError`` for bad params."""
+def decapsulate(outer: bytes, protocol: str | None = None) -> dict[str, Any]:
+    """``{"ok": True, "protocol", "vni", "inner", "inner_ethertype", "ecn_action", "outer_src",
+    "outer_dst", "src_port", "dst_port"}`` or ``{"ok": False, "reason": ...}``."""
+def parse(packet: bytes) -> dict[str, Any]:
+    """The datapath's parse of an IP packet; ``ValueError(reason)`` for one it would drop."""
+
+# Load generators (rust/py/src/blast.rs) for the benchmark suite; each blocks without the GIL.
+def udp_blast(
+    dst: str, port: int, size: int, seconds: float, batch: int = 64, rate_pps: int | None = None
+) -> dict[str, Any]: ...
+def udp_sink(bind: str, port: int, seconds: float, idle: float | None = None) -> dict[str, Any]: ...
+def tcp_connect_rate(dst: str, port: int, seconds: float, threads: int = 4) -> dict[str, Any]: ...
+def tcp_accept_sink(bind: str, port: int, seconds: float) -> int: ...

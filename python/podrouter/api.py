@@ -91,6 +91,9 @@ class ApiServer:
     def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if os.path.exists(path) and not socket_in_use(path):
+            # left by a daemon that was killed: nobody listens on it any more
+            os.unlink(path)
         self._server = _Server(path, handlers)
         # bind under a umask that makes the socket 0600 from its first moment: a chmod after bind()
         # would leave a window in which any local user could connect and register pods

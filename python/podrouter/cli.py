@@ -97,6 +97,8 @@ def run(config: str, log_level: str) -> None:
         level=getattr(logging, log_level.upper()),
         format=f"%(asctime)s podrouter[{cfg.node.name}] %(levelname)s %(message)s",
     )
+    # pyroute2 logs every netlink message at DEBUG: far too much even for --log-level debug
+    logging.getLogger("pyroute2").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         code = daemon.run(cfg)
     except daemon.StartError as e:

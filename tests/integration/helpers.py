@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ def ref_config(
     ref: ReferenceTopology,
     node: str,
     sockdir: Path,
+    /,  # so that `node={...}` can override keys of the node section
     *,
     mode: str = "tunnel",
     protocol: str = "vxlan",
@@ -97,7 +98,7 @@ class DaemonHandle:
     config: Path
     socket: str
     proc: subprocess.Popen[bytes]
-    output: list[str] = field(default_factory=list)
+    log: Path  # the daemon's stderr goes to a file: a full pipe nobody reads would block its logging
 
     def cli(self, *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
         return self.host.try_run([*podrouter_argv(), *args], timeout=timeout)
@@ -118,22 +119,27 @@ class DaemonHandle:
         # `ip netns exec` execs the command, so the Popen pid is the daemon itself
         self.proc.send_signal(sig)
 
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up (what a crash looks like)."""
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
     def stop(self, timeout: float = 15) -> tuple[int, str]:
-        """SIGTERM, wait (bounded), return (exit status, stderr)."""
+        """SIGTERM, wait (bounded), return (exit status, everything the daemon logged)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate(timeout=5)
-            raise AssertionError(f"daemon did not exit within {timeout}s of SIGTERM") from None
-        text = err.decode(errors="replace")
-        self.output.append(text)
-        return self.proc.returncode, text
+            self.proc.wait(timeout=5)
+            raise AssertionError(
+                f"daemon did not exit within {timeout}s of SIGTERM:\n{self.logs()[-3000:]}"
+            ) from None
+        return self.proc.returncode, self.logs()
 
-    def stderr_so_far(self) -> str:
-        return "".join(self.output)
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 class Daemons:
@@ -152,9 +158,16 @@ class Daemons:
         name: str | None = None,
         extra_args: tuple[str, ...] = ("--log-level", "debug"),
     ) -> DaemonHandle:
-        path = write_config(self.cfgdir / f"{name or cfg['node']['name']}-{secrets.token_hex(2)}.yaml", cfg)
-        proc = host.popen([*podrouter_argv(), "run", "--config", str(path), *extra_args])
-        h = DaemonHandle(host, path, cfg["api"]["socket"], proc)
+        stem = f"{name or cfg['node']['name']}-{secrets.token_hex(2)}"
+        path = write_config(self.cfgdir / f"{stem}.yaml", cfg)
+        log = self.cfgdir / f"{stem}.log"
+        with log.open("wb") as err:
+            proc = host.popen(
+                [*podrouter_argv(), "run", "--config", str(path), *extra_args],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        h = DaemonHandle(host, path, cfg["api"]["socket"], proc, log)
         self.handles.append(h)
         wait_ready(h, ready_timeout)
         return h
@@ -172,16 +185,17 @@ def wait_ready(h: DaemonHandle, timeout: float) -> None:
     last = ""
     while time.monotonic() < deadline:
         if not h.alive():
-            _, err = h.proc.communicate(timeout=5)
-            raise AssertionError(f"daemon exited with {h.proc.returncode} before ready:\n{err.decode()}")
+            raise AssertionError(f"daemon exited with {h.proc.returncode} before ready:\n{h.logs()[-3000:]}")
         r = h.cli("status", "--socket", h.socket, timeout=10)
         if r.returncode == 0:
             return
         last = r.stderr or r.stdout
         time.sleep(0.2)
     h.proc.kill()
-    _, err = h.proc.communicate(timeout=5)
-    raise AssertionError(f"daemon not ready after {timeout}s (last status: {last.strip()}):\n{err.decode()}")
+    h.proc.wait(timeout=5)
+    raise AssertionError(
+        f"daemon not ready after {timeout}s (last status: {last.strip()}):\n{h.logs()[-3000:]}"
+    )
 
 
 def routes(host: Host, table: str = "main") -> list[dict[str, Any]]:

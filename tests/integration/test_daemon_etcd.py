@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -140,8 +139,7 @@ def test_nodes_find_each_other_through_etcd(
     # a killed node disappears when its lease (3 s) expires
     d2 = daemons.start(ref.nodes["node2"], etcd_cfg(ref, "node2", daemons.sockdir, ETCD_2))
     wait_for(lambda: "node2" in peer_names(d1), 10, what="node2 back")
-    d2.signal(signal.SIGKILL)
-    d2.proc.wait(timeout=10)
+    d2.kill()
     t0 = time.monotonic()
     wait_for(lambda: peer_names(d1) == {}, 15, what="node2 gone after its lease expired")
     assert time.monotonic() - t0 < 12

@@ -114,15 +114,32 @@ def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def shaping_text(shaping: dict[str, Any], limit: int = 40) -> str:
+    """The QoS benchmark's own result, shown as it comes: scalars as `key: value`, lists of records
+    (its per-rate summary) one record per line."""
     if not shaping.get("available"):
         return f"shaping accuracy: not available ({shaping.get('reason', 'not run')})"
-    items = [(k, v) for k, v in _flatten(shaping.get("result", {})) if not isinstance(v, list)]
+    result = shaping.get("result", {})
     lines = ["shaping accuracy (bench/qos_bench.py):"]
-    for k, v in items[:limit]:
-        lines.append(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
-    if len(items) > limit:
-        lines.append(f"  ... {len(items) - limit} more in the JSON")
+    records: list[str] = []
+    has_summary = isinstance(result, dict) and isinstance(result.get("summary"), list)
+    for k, v in _flatten(result):
+        if isinstance(v, list):
+            if (k == "summary") if has_summary else len(v) <= 12:
+                for item in v:
+                    if isinstance(item, dict):
+                        records.append("  " + " ".join(f"{ik}={_short(iv)}" for ik, iv in item.items()))
+            continue
+        lines.append(f"  {k}: {_short(v)}")
+    lines.extend(records)
+    if has_summary:
+        lines.append("  (every measurement is in result.json under shaping.result)")
+    if len(lines) > limit:
+        lines = [*lines[:limit], f"  ... {len(lines) - limit} more lines in the JSON"]
     return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def micro_table(micro: dict[str, Any]) -> str:

@@ -217,7 +217,7 @@ def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> 
                 _say(
                     f"{src + ' -> ' + dst:<16} {row.path:<11} "
                     f"{(f'{row.rtt_ms:.2f} ms' if row.rtt_ms is not None else '-'):>8} "
-                    f"{(f'{row.mbps:.0f} Mbit/s' if row.mbps is not None else '-'):>12}  {row.why}"
+                    f"{_thr(row, throughput):>12}  {row.why}"
                 )
             _say()
             # the shaped pod: same destination as pod1 -> pod3, with an egress limit from its annotation
@@ -270,6 +270,13 @@ def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> 
             finally:
                 signal.signal(signal.SIGINT, old_int)
     return status
+
+
+def _thr(row: Row, measured: bool) -> str:
+    if row.mbps is not None:
+        return f"{row.mbps:.0f} Mbit/s"
+    # pings came back but TCP did not: say so rather than leave a blank that reads as "not measured"
+    return "TCP failed" if (measured and row.rtt_ms is not None) else "-"
 
 
 def _wait_listening(host: Any, port: int, timeout: float = 5.0) -> None:

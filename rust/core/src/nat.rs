@@ -419,7 +419,7 @@ struct Hot {
 
 /// The masquerade table. See the module docs.
 ///
-/// * `fwd`: flow -> [`Hot`] (port, state, expiry): egress and lookups touch only this;
+/// * `fwd`: flow -> `Hot` (port, state, expiry): egress and lookups touch only this;
 /// * `rev`: reply key -> flow: a reply costs this bucket plus the flow's `fwd` bucket;
 /// * `slab`: every flow once, in a flat `Vec` with a free list, so [`NatTable::expire`] can walk
 ///   the table a bounded number of slots at a time (a hash map cannot be resumed mid-iteration).
