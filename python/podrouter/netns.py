@@ -253,4 +253,4 @@ def capture(host: Host, iface: str, bpf: str = "", count: int = 200) -> Iterator
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-        lines.extend(out.decode(errors="replace").splitlines())
+        lines.extend(ln for ln in out.decode(errors="replace").splitlines() if ln.strip())

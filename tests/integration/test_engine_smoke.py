@@ -52,6 +52,8 @@ for line in sys.stdin:
     elif cmd == "swap":
         dp.swap_tables(_native.Tables(json.loads(arg)))
         print("OK", flush=True)
+    elif cmd == "running":
+        print(json.dumps(dp.is_running()), flush=True)
     elif cmd == "quit":
         break
 dp.stop()
@@ -360,3 +362,16 @@ def test_masquerade_ping_and_tcp_both_ways(masq: tuple[Node, str]) -> None:
     assert nonzero(c["drops"]) == {}, c["drops"]
     # the pod's TSO super-packets were translated once and left whole
     assert c["offload"]["packet_tx_gso_frames"] > 0, c["offload"]
+
+
+def test_worker_ends_when_the_tun_is_deleted(pair: Pair) -> None:
+    """A TUN deleted underneath the datapath ends its worker (no busy loop on a dead fd), so
+    `is_running()` turns false and the daemon can notice."""
+    pair.start("tunnel", "vxlan")
+    assert pair.a.ask("running") == "true"
+    must("ip", "-n", pair.a.ns, "link", "del", "podr0")
+    deadline = time.monotonic() + 5
+    while pair.a.ask("running") == "true" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pair.a.ask("running") == "false"
+    assert pair.b.ask("running") == "true"

@@ -138,8 +138,9 @@ def test_hybrid_native_and_tunnel_at_the_same_time(ref: ReferenceTopology, daemo
         capture(ref.router, "p-node2", POD_NET_BPF) as leaked,
         capture(ref.router, "p-node2", "udp port 4789") as vxlan_lines,
     ):
-        p3 = pod1.popen(["ping", "-n", "-c", "20", "-i", "0.05", "-W", "2", "10.244.3.1"])
-        p2 = pod1.popen(["ping", "-n", "-c", "20", "-i", "0.05", "-W", "2", "10.244.2.1"])
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        p3 = pod1.popen(["ping", "-n", "-c", "20", "-i", "0.05", "-W", "2", "10.244.3.1"], **quiet)
+        p2 = pod1.popen(["ping", "-n", "-c", "20", "-i", "0.05", "-W", "2", "10.244.2.1"], **quiet)
         assert p3.wait(timeout=30) == 0 and p2.wait(timeout=30) == 0
     assert any("10.244.1.1 > 10.244.3.1" in line for line in native_lines)
     assert [line for line in leaked if "10.244." in line and "IP " in line] == []
@@ -200,6 +201,7 @@ def test_mtu_native_full_size_tunnel_frag_needed_and_no_outer_fragments(
         # TCP discovers the path MTU and completes
         iperf(pod1, ref.pods["pod2"].host, "10.244.2.1")
         iperf(ref.pods["pod2"].host, pod1, "10.244.1.1", port=5202)
+    frag1, frag2 = [x for x in frag1 if x.strip()], [x for x in frag2 if x.strip()]
     assert frag1 == [] and frag2 == [], (frag1[:3], frag2[:3])
 
 
@@ -223,7 +225,10 @@ def test_sighup_adds_and_removes_a_peer_while_a_stream_runs(
     )
     time.sleep(0.4)
     client = pod1.popen(
-        ["iperf3", "-c", "10.244.2.1", "-p", "5301", "-t", "6", "-J", "--connect-timeout", "3000"]
+        # paced well below what the path carries, so a lost or stalled packet shows up as a
+        # retransmission or a thin interval rather than being hidden in a saturated queue
+        ["iperf3", "-c", "10.244.2.1", "-p", "5301", "-t", "6", "-b", "200M", "-i", "0.5", "-J",
+         "--connect-timeout", "3000"]
     )
     try:
         time.sleep(1.5)
@@ -244,7 +249,8 @@ def test_sighup_adds_and_removes_a_peer_while_a_stream_runs(
     report = json.loads(out)
     assert client.returncode == 0, report.get("error")
     # the stream to node2 ran through both reloads without stalling
-    intervals = [i["sum"]["bytes"] for i in report["intervals"]]
-    assert len(intervals) >= 5 and all(b > 0 for b in intervals), intervals
-    assert report["end"]["sum_sent"]["retransmits"] < 100
+    rates = [i["sum"]["bits_per_second"] for i in report["intervals"]]
+    assert len(rates) >= 10 and min(rates) > 100e6, [round(r / 1e6) for r in rates]
+    print("retransmits during the reloads:", report["end"]["sum_sent"]["retransmits"])
+    assert report["end"]["sum_sent"]["retransmits"] <= 10
     assert d1.alive()

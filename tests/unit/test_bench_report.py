@@ -89,6 +89,7 @@ def test_parse_criterion(tmp_path: Path) -> None:
     b = out[0]
     assert b["id"] == "lpm/lookup/1000" and b["median_ns"] == 48.0
     assert b["mean_lo_ns"] == 49.0 and b["mean_hi_ns"] == 51.0
+    assert b["time_ns"] == 50.0  # no slope in this file: the mean is the headline
     assert b["throughput_per_s"] == pytest.approx(2e7) and b["throughput_unit"] == "elem"
     assert extras.parse_criterion(tmp_path, since=9e18) == []
     assert "lpm/lookup/1000" in report.micro_table({"benchmarks": out})

@@ -107,22 +107,28 @@ def parse_criterion(root: Path, since: float | None = None) -> list[dict[str, An
         mean, median = e.get("mean", {}), e.get("median", {})
         if "point_estimate" not in mean or "point_estimate" not in median:
             continue
+        # criterion's headline figure is the "typical" time: the slope of the linear-sampling
+        # regression when it has one, else the mean
+        typical = e.get("slope") if isinstance(e.get("slope"), dict) else mean
+
+        def ci(est: dict[str, Any], bound: str) -> float:
+            return float(est.get("confidence_interval", {}).get(bound, est["point_estimate"]))
+
         rec: dict[str, Any] = {
             "id": meta.get("full_id") or str(est.parent.parent.relative_to(root)),
+            "time_ns": float(typical["point_estimate"]),
+            "time_lo_ns": ci(typical, "lower_bound"),
+            "time_hi_ns": ci(typical, "upper_bound"),
             "mean_ns": float(mean["point_estimate"]),
-            "mean_lo_ns": float(
-                mean.get("confidence_interval", {}).get("lower_bound", mean["point_estimate"])
-            ),
-            "mean_hi_ns": float(
-                mean.get("confidence_interval", {}).get("upper_bound", mean["point_estimate"])
-            ),
+            "mean_lo_ns": ci(mean, "lower_bound"),
+            "mean_hi_ns": ci(mean, "upper_bound"),
             "median_ns": float(median["point_estimate"]),
         }
         thr = meta.get("throughput")
-        if isinstance(thr, dict) and thr and rec["mean_ns"] > 0:
+        if isinstance(thr, dict) and thr and rec["time_ns"] > 0:
             unit, amount = next(iter(thr.items()))
             per_iter = float(amount)
             rec["throughput_unit"] = {"Bytes": "B", "BytesDecimal": "B", "Elements": "elem"}.get(unit, unit)
-            rec["throughput_per_s"] = per_iter / (rec["mean_ns"] * 1e-9)
+            rec["throughput_per_s"] = per_iter / (rec["time_ns"] * 1e-9)
         out.append(rec)
     return out

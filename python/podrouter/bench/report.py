@@ -145,15 +145,15 @@ def _short(v: Any) -> str:
 def micro_table(micro: dict[str, Any]) -> str:
     if not micro.get("benchmarks"):
         return f"criterion microbenchmarks: {micro.get('reason', 'none found')}"
-    headers = ["benchmark", "median", "mean ±95% CI", "throughput"]
+    headers = ["benchmark", "time [95% CI]", "median", "throughput"]
     rows = []
     for b in micro["benchmarks"]:
         thr = b.get("throughput_per_s")
         rows.append(
             [
                 b["id"],
+                f"{_ns(b['time_ns'])} [{_ns(b['time_lo_ns'])}, {_ns(b['time_hi_ns'])}]",
                 _ns(b["median_ns"]),
-                f"{_ns(b['mean_ns'])} [{_ns(b['mean_lo_ns'])}, {_ns(b['mean_hi_ns'])}]",
                 f"{thr / 1e6:.2f} M{b.get('throughput_unit', '')}/s" if thr else "",
             ]
         )

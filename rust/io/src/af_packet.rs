@@ -52,17 +52,40 @@ impl PacketSocket {
     /// [`PacketSocket::vnet_hdr`] for whether the kernel agreed).
     pub fn open(ifindex: u32, vnet_hdr: bool) -> io::Result<PacketSocket> {
         // SAFETY: plain syscall with constant arguments; the result is checked by `owned`.
-        let fd = sys::owned(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) })?;
+        let fd = sys::owned(unsafe {
+            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0)
+        })?;
         let raw = fd.as_raw_fd();
-        let vnet = vnet_hdr && sys::setsockopt(raw, SOL_PACKET, PACKET_VNET_HDR, 1 as libc::c_int).is_ok();
+        let vnet =
+            vnet_hdr && sys::setsockopt(raw, SOL_PACKET, PACKET_VNET_HDR, 1 as libc::c_int).is_ok();
         // Explicitly off: egress shaping (tc on the underlay) must see these packets.
         let _ = sys::setsockopt(raw, SOL_PACKET, PACKET_QDISC_BYPASS, 0 as libc::c_int);
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
         sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDTIMEO, tv)?;
-        if sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 4 << 20 as libc::c_int).is_err() {
-            let _ = sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDBUF, 4 << 20 as libc::c_int);
+        if sys::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            4 << 20 as libc::c_int,
+        )
+        .is_err()
+        {
+            let _ = sys::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                4 << 20 as libc::c_int,
+            );
         }
-        Ok(PacketSocket { fd, ifindex, vnet, tx_errors: AtomicU64::new(0) })
+        Ok(PacketSocket {
+            fd,
+            ifindex,
+            vnet,
+            tx_errors: AtomicU64::new(0),
+        })
     }
 
     pub fn vnet_hdr(&self) -> bool {
@@ -87,7 +110,10 @@ impl PacketSocket {
                 sa.sll_protocol = f.ethertype.to_be();
                 sa.sll_ifindex = self.ifindex as i32;
                 scratch.names[j] = sa;
-                scratch.iovs[j] = libc::iovec { iov_base: f.data.as_ptr() as *mut libc::c_void, iov_len: f.data.len() };
+                scratch.iovs[j] = libc::iovec {
+                    iov_base: f.data.as_ptr() as *mut libc::c_void,
+                    iov_len: f.data.len(),
+                };
                 let h = &mut scratch.hdrs[j];
                 h.msg_hdr.msg_name = (&mut scratch.names[j] as *mut libc::sockaddr_ll).cast();
                 h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
@@ -97,7 +123,14 @@ impl PacketSocket {
             }
             // SAFETY: each header points at a live sockaddr_ll and iovec in `scratch` and at frame
             // data borrowed for this call; the kernel only reads them.
-            let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), scratch.hdrs.as_mut_ptr(), chunk.len() as libc::c_uint, 0) };
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    scratch.hdrs.as_mut_ptr(),
+                    chunk.len() as libc::c_uint,
+                    0,
+                )
+            };
             match sys::cvt(r) {
                 Ok(k) => {
                     sent += k as usize;
@@ -120,19 +153,43 @@ impl PacketSocket {
     /// The filter is attached before the socket is bound, so no unfiltered packet is ever queued.
     /// With `vnet_hdr`, each packet read starts with a vnet header (GRO'd packets keep their GSO
     /// metadata and `DATA_VALID` / `NEEDS_CSUM`).
-    pub fn open_rx(ifindex: u32, filter: &[libc::sock_filter], vnet_hdr: bool) -> io::Result<PacketSocket> {
+    pub fn open_rx(
+        ifindex: u32,
+        filter: &[libc::sock_filter],
+        vnet_hdr: bool,
+    ) -> io::Result<PacketSocket> {
         // SAFETY: plain syscall with constant arguments; the result is checked by `owned`.
         let fd = sys::owned(unsafe {
-            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                0,
+            )
         })?;
         let raw = fd.as_raw_fd();
-        let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut libc::sock_filter };
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
         // The kernel copies the program during the call; `filter` outlives it.
         sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, prog)?;
-        let vnet = vnet_hdr && sys::setsockopt(raw, SOL_PACKET, PACKET_VNET_HDR, 1 as libc::c_int).is_ok();
+        let vnet =
+            vnet_hdr && sys::setsockopt(raw, SOL_PACKET, PACKET_VNET_HDR, 1 as libc::c_int).is_ok();
         let _ = sys::setsockopt(raw, SOL_PACKET, PACKET_IGNORE_OUTGOING, 1 as libc::c_int);
-        if sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20 as libc::c_int).is_err() {
-            let _ = sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_RCVBUF, 8 << 20 as libc::c_int);
+        if sys::setsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            8 << 20 as libc::c_int,
+        )
+        .is_err()
+        {
+            let _ = sys::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                8 << 20 as libc::c_int,
+            );
         }
         // SAFETY: all-zeroes is a valid sockaddr_ll.
         let mut sa: libc::sockaddr_ll = unsafe { zeroed() };
@@ -141,15 +198,31 @@ impl PacketSocket {
         sa.sll_ifindex = ifindex as i32;
         // SAFETY: `sa` is a valid sockaddr_ll and its exact size is passed.
         sys::cvt(unsafe {
-            libc::bind(raw, (&sa as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as libc::socklen_t)
+            libc::bind(
+                raw,
+                (&sa as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
         })?;
-        Ok(PacketSocket { fd, ifindex, vnet, tx_errors: AtomicU64::new(0) })
+        Ok(PacketSocket {
+            fd,
+            ifindex,
+            vnet,
+            tx_errors: AtomicU64::new(0),
+        })
     }
 
     /// Reads one packet (vnet header first when enabled) without blocking.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-        sys::cvt_size(unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) })
+        sys::cvt_size(unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        })
     }
 }
 
@@ -200,7 +273,7 @@ pub fn masquerade_filter(node: std::net::Ipv4Addr, lo: u16, hi: u16) -> Vec<libc
         /* 19 */ insn(JEQ, 1, 0, 11), // time exceeded
         /* 20 */ insn(JEQ, 0, 1, 12), // parameter problem
         /* 21 */ insn(RET, 0, 0, 0x0004_0000), // ACCEPT (whole packet)
-        /* 22 */ insn(RET, 0, 0, 0),           // REJECT
+        /* 22 */ insn(RET, 0, 0, 0), // REJECT
     ]
 }
 
@@ -222,8 +295,19 @@ impl FrameScratch {
     pub fn new(frames: usize) -> FrameScratch {
         let n = frames.max(1);
         // SAFETY: all-zeroes is a valid value for these plain C structs; `send` sets every pointer.
-        let (name, iov, hdr) = unsafe { (zeroed::<libc::sockaddr_ll>(), zeroed::<libc::iovec>(), zeroed::<libc::mmsghdr>()) };
-        FrameScratch { cap: n, names: vec![name; n], iovs: vec![iov; n], hdrs: vec![hdr; n] }
+        let (name, iov, hdr) = unsafe {
+            (
+                zeroed::<libc::sockaddr_ll>(),
+                zeroed::<libc::iovec>(),
+                zeroed::<libc::mmsghdr>(),
+            )
+        };
+        FrameScratch {
+            cap: n,
+            names: vec![name; n],
+            iovs: vec![iov; n],
+            hdrs: vec![hdr; n],
+        }
     }
 }
 
@@ -247,12 +331,21 @@ mod tests {
     /// Documentation/networking/filter.rst (out-of-bounds loads reject the packet, as the kernel does).
     fn run(prog: &[libc::sock_filter], pkt: &[u8]) -> u32 {
         let (mut a, mut x, mut pc) = (0u32, 0u32, 0usize);
-        let ld = |off: usize, n: usize| pkt.get(off..off + n).map(|b| b.iter().fold(0u32, |v, &c| v << 8 | u32::from(c)));
+        let ld = |off: usize, n: usize| {
+            pkt.get(off..off + n)
+                .map(|b| b.iter().fold(0u32, |v, &c| v << 8 | u32::from(c)))
+        };
         loop {
             let i = prog[pc];
             pc += 1;
             let k = i.k as usize;
-            let jump = |c: bool| if c { usize::from(i.jt) } else { usize::from(i.jf) };
+            let jump = |c: bool| {
+                if c {
+                    usize::from(i.jt)
+                } else {
+                    usize::from(i.jf)
+                }
+            };
             match i.code {
                 0x20 | 0x28 | 0x30 => match ld(k, [4, 2, 1][usize::from(i.code - 0x20) / 8]) {
                     Some(v) => a = v,
@@ -278,7 +371,24 @@ mod tests {
 
     fn ip(proto: u8, dst: [u8; 4], frag: u16, l4: &[u8]) -> Vec<u8> {
         let mut p = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 8, 0]; // Ethernet
-        p.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, (frag >> 8) as u8, frag as u8, 64, proto, 0, 0, 203, 0, 113, 10]);
+        p.extend_from_slice(&[
+            0x45,
+            0,
+            0,
+            0,
+            0,
+            0,
+            (frag >> 8) as u8,
+            frag as u8,
+            64,
+            proto,
+            0,
+            0,
+            203,
+            0,
+            113,
+            10,
+        ]);
         p.extend_from_slice(&dst);
         p.extend_from_slice(l4);
         p
@@ -289,18 +399,35 @@ mod tests {
         let node = Ipv4Addr::new(172, 16, 2, 2);
         let f = masquerade_filter(node, 61000, 65000);
         let me = node.octets();
-        let ports = |sp: u16, dp: u16| [sp.to_be_bytes(), dp.to_be_bytes(), [0, 8], [0, 0]].concat();
+        let ports =
+            |sp: u16, dp: u16| [sp.to_be_bytes(), dp.to_be_bytes(), [0, 8], [0, 0]].concat();
         let accept = |p: &[u8]| run(&f, p) != 0;
         assert!(accept(&ip(6, me, 0, &ports(443, 61000))));
-        assert!(accept(&ip(17, me, 0x4000, &ports(53, 65000))), "DF is not a fragment");
+        assert!(
+            accept(&ip(17, me, 0x4000, &ports(53, 65000))),
+            "DF is not a fragment"
+        );
         assert!(!accept(&ip(6, me, 0, &ports(443, 60999))));
         assert!(!accept(&ip(17, me, 0, &ports(53, 65001))));
-        assert!(!accept(&ip(6, [172, 16, 2, 3], 0, &ports(443, 61000))), "another address");
-        assert!(!accept(&ip(6, me, 0x0010, &ports(443, 61000))), "later fragment");
+        assert!(
+            !accept(&ip(6, [172, 16, 2, 3], 0, &ports(443, 61000))),
+            "another address"
+        );
+        assert!(
+            !accept(&ip(6, me, 0x0010, &ports(443, 61000))),
+            "later fragment"
+        );
         assert!(!accept(&ip(47, me, 0, &ports(443, 61000))), "GRE");
-        let icmp = |ty: u8, id: u16| [[ty, 0, 0, 0].as_slice(), &id.to_be_bytes(), &[0, 1]].concat();
-        assert!(accept(&ip(1, me, 0, &icmp(0, 61005))), "echo reply in range");
-        assert!(!accept(&ip(1, me, 0, &icmp(0, 7))), "echo reply out of range");
+        let icmp =
+            |ty: u8, id: u16| [[ty, 0, 0, 0].as_slice(), &id.to_be_bytes(), &[0, 1]].concat();
+        assert!(
+            accept(&ip(1, me, 0, &icmp(0, 61005))),
+            "echo reply in range"
+        );
+        assert!(
+            !accept(&ip(1, me, 0, &icmp(0, 7))),
+            "echo reply out of range"
+        );
         assert!(!accept(&ip(1, me, 0, &icmp(8, 61005))), "echo request");
         for ty in [3, 11, 12] {
             assert!(accept(&ip(1, me, 0, &icmp(ty, 0))), "ICMP error {ty}");

@@ -109,8 +109,14 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn sum<'a>(blocks: impl IntoIterator<Item = &'a WorkerCounters>, drop_reasons: usize) -> Snapshot {
-        let mut s = Snapshot { drops: vec![0; drop_reasons], ..Snapshot::default() };
+    pub fn sum<'a>(
+        blocks: impl IntoIterator<Item = &'a WorkerCounters>,
+        drop_reasons: usize,
+    ) -> Snapshot {
+        let mut s = Snapshot {
+            drops: vec![0; drop_reasons],
+            ..Snapshot::default()
+        };
         for b in blocks {
             for i in 0..N_PATHS * 2 {
                 s.packets[i / 2][i % 2] += b.packets[i].load(Relaxed);
@@ -127,7 +133,10 @@ impl Snapshot {
     }
 
     pub fn get(&self, path: Path, dir: Dir) -> (u64, u64) {
-        (self.packets[path.index()][dir as usize], self.bytes[path.index()][dir as usize])
+        (
+            self.packets[path.index()][dir as usize],
+            self.bytes[path.index()][dir as usize],
+        )
     }
 }
 

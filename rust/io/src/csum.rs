@@ -99,7 +99,11 @@ mod tests {
         let mut acc: u32 = 0;
         let mut it = data.chunks(2);
         for w in &mut it {
-            let v = if w.len() == 2 { u16::from_be_bytes([w[0], w[1]]) } else { u16::from(w[0]) << 8 };
+            let v = if w.len() == 2 {
+                u16::from_be_bytes([w[0], w[1]])
+            } else {
+                u16::from(w[0]) << 8
+            };
             acc += u32::from(v);
             acc = (acc & 0xffff) + (acc >> 16);
         }
@@ -108,12 +112,17 @@ mod tests {
 
     #[test]
     fn rfc1071_example() {
-        assert_eq!(sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0xddf2);
+        assert_eq!(
+            sum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            0xddf2
+        );
     }
 
     #[test]
     fn matches_reference_all_lengths() {
-        let data: Vec<u8> = (0..600u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..600u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         for len in 0..data.len() {
             assert_eq!(sum(&data[..len]), reference(&data[..len]), "len {len}");
         }
@@ -124,7 +133,10 @@ mod tests {
     #[test]
     fn parts_equal_whole() {
         let data: Vec<u8> = (0..300u32).map(|i| (i * 7 + 3) as u8).collect();
-        assert_eq!(sum_parts(&[&data[..40], &data[40..122], &data[122..]]), sum(&data));
+        assert_eq!(
+            sum_parts(&[&data[..40], &data[40..122], &data[122..]]),
+            sum(&data)
+        );
     }
 
     #[test]
@@ -132,8 +144,14 @@ mod tests {
         use core::net::{Ipv4Addr, Ipv6Addr};
         use podrouter_core::wire::checksum as c;
         let (s, d) = (Ipv4Addr::new(10, 244, 1, 1), Ipv4Addr::new(10, 244, 2, 1));
-        assert_eq!(pseudo_v4(&s.octets(), &d.octets(), 6, 1400), c::pseudo_header_v4(s, d, 6, 1400));
-        let (s6, d6) = ("fd00::1".parse::<Ipv6Addr>().unwrap(), "fd00:1::ffff".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            pseudo_v4(&s.octets(), &d.octets(), 6, 1400),
+            c::pseudo_header_v4(s, d, 6, 1400)
+        );
+        let (s6, d6) = (
+            "fd00::1".parse::<Ipv6Addr>().unwrap(),
+            "fd00:1::ffff".parse::<Ipv6Addr>().unwrap(),
+        );
         assert_eq!(
             pseudo_v6(&s6.octets(), &d6.octets(), 6, 70000),
             c::pseudo_header_v6(s6, d6, 6, 70000)

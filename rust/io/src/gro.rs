@@ -68,7 +68,12 @@ fn inspect(pkt: &[u8]) -> Option<Info> {
         4 => {
             // IHL 5 only (options would have to match too), not a fragment (MF clear, offset 0),
             // protocol TCP.
-            if pkt.len() < 20 || pkt[0] != 0x45 || pkt[9] != 6 || (pkt[6] & 0x3f) != 0 || pkt[7] != 0 {
+            if pkt.len() < 20
+                || pkt[0] != 0x45
+                || pkt[9] != 6
+                || (pkt[6] & 0x3f) != 0
+                || pkt[7] != 0
+            {
                 return None;
             }
             key[..8].copy_from_slice(&pkt[12..20]);
@@ -79,7 +84,11 @@ fn inspect(pkt: &[u8]) -> Option<Info> {
                 return None;
             }
             key[..32].copy_from_slice(&pkt[8..40]);
-            (false, 40, 40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])))
+            (
+                false,
+                40,
+                40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])),
+            )
         }
         _ => return None,
     };
@@ -120,7 +129,12 @@ struct Train {
 impl Train {
     /// Whether `pkt` (described by `i`) continues this train.
     fn accepts(&self, pkt: &[u8], i: &Info) -> bool {
-        if self.closed || i.seq != self.next_seq || i.payload == 0 || i.payload > self.mss || i.hdrs != self.hdrs {
+        if self.closed
+            || i.seq != self.next_seq
+            || i.payload == 0
+            || i.payload > self.mss
+            || i.hdrs != self.hdrs
+        {
             return false;
         }
         if self.buf.len() + i.payload > MAX_PACKET {
@@ -136,7 +150,11 @@ impl Train {
         };
         let (a, b) = (&first[self.l4..], &pkt[self.l4..self.hdrs]);
         // ACK number, data offset, window, options equal; flags equal but for PSH.
-        same_ip && a[8..13] == b[8..13] && (a[13] & !PSH) == (b[13] & !PSH) && a[14..16] == b[14..16] && a[20..] == b[20..]
+        same_ip
+            && a[8..13] == b[8..13]
+            && (a[13] & !PSH) == (b[13] & !PSH)
+            && a[14..16] == b[14..16]
+            && a[20..] == b[20..]
     }
 }
 
@@ -183,7 +201,11 @@ impl Coalescer {
             let t = self.open.swap_remove(p);
             self.emit(t, sink);
         }
-        if i.payload == 0 || i.flags & !(ACK | PSH) != 0 || i.flags & ACK == 0 || i.flags & (SYN | FIN | RST) != 0 {
+        if i.payload == 0
+            || i.flags & !(ACK | PSH) != 0
+            || i.flags & ACK == 0
+            || i.flags & (SYN | FIN | RST) != 0
+        {
             return sink.write(&NO_OFFLOAD, pkt, 1);
         }
         if self.open.len() == MAX_OPEN {
@@ -273,7 +295,11 @@ fn finish(t: &mut Train) -> VnetHdr {
     p[t.l4 + 16..t.l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
     VnetHdr {
         flags: flags::NEEDS_CSUM,
-        gso_type: if t.v4 { gso_type::TCPV4 } else { gso_type::TCPV6 },
+        gso_type: if t.v4 {
+            gso_type::TCPV4
+        } else {
+            gso_type::TCPV6
+        },
         hdr_len: t.hdrs as u16,
         gso_size: t.mss as u16,
         csum_start: t.l4 as u16,
@@ -298,7 +324,9 @@ mod tests {
 
     fn run(pkts: &[Vec<u8>]) -> Written {
         let mut w: Written = Vec::new();
-        let mut sink = |h: &[u8; VNET_HDR_LEN], p: &[u8], n: usize| w.push((VnetHdr::parse(h).unwrap(), p.to_vec(), n));
+        let mut sink = |h: &[u8; VNET_HDR_LEN], p: &[u8], n: usize| {
+            w.push((VnetHdr::parse(h).unwrap(), p.to_vec(), n))
+        };
         let mut c = Coalescer::new();
         for p in pkts {
             c.offer(p, &mut sink);
@@ -351,7 +379,9 @@ mod tests {
         let w = run(&ce);
         let sizes: Vec<usize> = w.iter().map(|x| x.2).collect();
         assert_eq!(sizes.iter().sum::<usize>(), 7);
-        assert!(w.iter().any(|(h, p, n)| *n == 1 && !h.is_gso() && p[1] & 3 == 3));
+        assert!(w
+            .iter()
+            .any(|(h, p, n)| *n == 1 && !h.is_gso() && p[1] & 3 == 3));
         // SYN / FIN are never merged.
         let fin = segments(3000, 1000, 0x11);
         let w = run(&fin);
@@ -363,7 +393,11 @@ mod tests {
         for s in &mut b {
             s[20..22].copy_from_slice(&40001u16.to_be_bytes()); // another source port
         }
-        let mixed: Vec<Vec<u8>> = a.iter().zip(&b).flat_map(|(x, y)| [x.clone(), y.clone()]).collect();
+        let mixed: Vec<Vec<u8>> = a
+            .iter()
+            .zip(&b)
+            .flat_map(|(x, y)| [x.clone(), y.clone()])
+            .collect();
         let w = run(&mixed);
         assert_eq!(w.len(), 2);
         assert!(w.iter().all(|x| x.2 == 4));
@@ -371,10 +405,19 @@ mod tests {
 
     #[test]
     fn non_tcp_and_garbage_pass_through() {
-        let garbage: Vec<Vec<u8>> = vec![vec![], vec![0x45], vec![0x60; 39], vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]];
+        let garbage: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0x45],
+            vec![0x60; 39],
+            vec![
+                0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8,
+            ],
+        ];
         let w = run(&garbage);
         assert_eq!(w.len(), 4);
-        assert!(w.iter().all(|(h, _, n)| *n == 1 && *h == VnetHdr::default()));
+        assert!(w
+            .iter()
+            .all(|(h, _, n)| *n == 1 && *h == VnetHdr::default()));
         let mut x: u32 = 7;
         let mut pkts = Vec::new();
         for _ in 0..500 {

@@ -29,7 +29,12 @@ pub(crate) fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-pub(crate) fn setsockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: T) -> io::Result<()> {
+pub(crate) fn setsockopt<T: Copy>(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    val: T,
+) -> io::Result<()> {
     // SAFETY: `val` lives on our stack for the duration of the call and its exact size is passed, so
     // the kernel reads only initialised memory that we own.
     let r = unsafe {
@@ -44,11 +49,23 @@ pub(crate) fn setsockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_i
     cvt(r).map(drop)
 }
 
-pub(crate) fn getsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+pub(crate) fn getsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
     let mut val: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `val` and `len` are valid for writes of the sizes given; the kernel writes at most `len`.
-    let r = unsafe { libc::getsockopt(fd, level, name, (&mut val as *mut libc::c_int).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
     cvt(r).map(|_| val)
 }
 
@@ -85,13 +102,20 @@ impl Epoll {
     pub(crate) fn new(capacity: usize) -> io::Result<Epoll> {
         // SAFETY: plain syscall with a constant flag; the result is checked by `owned`.
         let fd = owned(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-        Ok(Epoll { fd, events: vec![libc::epoll_event { events: 0, u64: 0 }; capacity.max(1)] })
+        Ok(Epoll {
+            fd,
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; capacity.max(1)],
+        })
     }
 
     pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
         // SAFETY: `ev` is a valid epoll_event for the duration of the call; the kernel copies it.
-        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(drop)
+        cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })
+            .map(drop)
     }
 
     /// Waits up to `timeout_ms` and returns the tokens of the ready descriptors.
@@ -99,7 +123,12 @@ impl Epoll {
         ready.clear();
         // SAFETY: `events` is an initialised buffer of `len` epoll_events that the kernel may fill.
         let n = unsafe {
-            libc::epoll_wait(self.fd.as_raw_fd(), self.events.as_mut_ptr(), self.events.len() as i32, timeout_ms)
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                self.events.len() as i32,
+                timeout_ms,
+            )
         };
         match cvt(n) {
             Ok(n) => {
@@ -124,15 +153,25 @@ impl IfReq {
     pub(crate) fn new(name: &str) -> io::Result<IfReq> {
         let b = name.as_bytes();
         if b.is_empty() || b.len() >= libc::IFNAMSIZ || b.contains(&0) || b.contains(&b'/') {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad interface name {name:?}"),
+            ));
         }
-        let mut r = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
+        let mut r = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            data: [0; 24],
+        };
         r.name[..b.len()].copy_from_slice(b);
         Ok(r)
     }
 
     pub(crate) fn name(&self) -> String {
-        let end = self.name.iter().position(|&c| c == 0).unwrap_or(self.name.len());
+        let end = self
+            .name
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(self.name.len());
         String::from_utf8_lossy(&self.name[..end]).into_owned()
     }
 
@@ -162,7 +201,11 @@ pub(crate) fn ioctl_val(fd: RawFd, req: libc::c_ulong, val: libc::c_ulong) -> io
 }
 
 /// `ioctl(fd, req, &mut int)`.
-pub(crate) fn ioctl_int_ptr(fd: RawFd, req: libc::c_ulong, val: &mut libc::c_int) -> io::Result<()> {
+pub(crate) fn ioctl_int_ptr(
+    fd: RawFd,
+    req: libc::c_ulong,
+    val: &mut libc::c_int,
+) -> io::Result<()> {
     // SAFETY: `val` is a live int the kernel reads (`_IOW`) or writes (`_IOR`).
     cvt(unsafe { libc::ioctl(fd, req as _, val as *mut libc::c_int) }).map(drop)
 }
@@ -174,7 +217,8 @@ pub(crate) const fn iow(ty: u8, nr: u8, size: usize) -> libc::c_ulong {
 
 /// Interface index of `name` in the calling thread's network namespace.
 pub(crate) fn if_index(name: &str) -> io::Result<u32> {
-    let c = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let c =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `c` is a NUL-terminated string that outlives the call.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {

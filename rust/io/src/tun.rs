@@ -61,7 +61,9 @@ impl TunQueue {
     /// Reads one packet, vnet header included, into `buf` (size it [`MAX_READ`]).
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-        sys::cvt_size(unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+        sys::cvt_size(unsafe {
+            libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+        })
     }
 
     /// Writes one packet whose first [`VNET_HDR_LEN`] bytes are its vnet header.
@@ -73,8 +75,14 @@ impl TunQueue {
     /// Writes `pkt` behind the vnet header `hdr` with one `writev` (no copy to make room in front).
     pub fn write_with_hdr(&self, hdr: &[u8; VNET_HDR_LEN], pkt: &[u8]) -> io::Result<usize> {
         let iov = [
-            libc::iovec { iov_base: hdr.as_ptr() as *mut libc::c_void, iov_len: hdr.len() },
-            libc::iovec { iov_base: pkt.as_ptr() as *mut libc::c_void, iov_len: pkt.len() },
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: pkt.as_ptr() as *mut libc::c_void,
+                iov_len: pkt.len(),
+            },
         ];
         // SAFETY: both iovecs describe live, readable slices borrowed for the call; writev only reads.
         sys::cvt_size(unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) })
@@ -107,7 +115,10 @@ impl Tun {
         for _ in 0..nq {
             // SAFETY: the path is a NUL-terminated literal; the result is checked by `owned`.
             let fd = sys::owned(unsafe {
-                libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                libc::open(
+                    c"/dev/net/tun".as_ptr(),
+                    libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                )
             })?;
             let mut ifr = IfReq::new(&name)?;
             ifr.set_short(flags);
@@ -119,7 +130,11 @@ impl Tun {
             sys::ioctl_int_ptr(fd.as_raw_fd(), TUNSETVNETHDRSZ, &mut sz)?;
             queues.push(Arc::new(TunQueue { fd }));
         }
-        let offload = if opts.offload { probe_offload(queues[0].as_raw_fd()) } else { 0 };
+        let offload = if opts.offload {
+            probe_offload(queues[0].as_raw_fd())
+        } else {
+            0
+        };
         if !opts.offload {
             sys::ioctl_val(queues[0].as_raw_fd(), TUNSETOFFLOAD, 0)?;
         }
@@ -127,7 +142,12 @@ impl Tun {
         if let Some(mtu) = opts.mtu {
             set_mtu(&name, mtu)?;
         }
-        Ok(Tun { name, ifindex, queues, offload })
+        Ok(Tun {
+            name,
+            ifindex,
+            queues,
+            offload,
+        })
     }
 
     pub fn name(&self) -> &str {

@@ -61,7 +61,10 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
 }
 
 fn from_sockaddr(s: &libc::sockaddr_in) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(s.sin_addr.s_addr.to_ne_bytes()), u16::from_be(s.sin_port))
+    SocketAddrV4::new(
+        Ipv4Addr::from(s.sin_addr.s_addr.to_ne_bytes()),
+        u16::from_be(s.sin_port),
+    )
 }
 
 fn new_socket(nonblocking: bool) -> io::Result<OwnedFd> {
@@ -77,7 +80,11 @@ fn bind(fd: RawFd, addr: SocketAddrV4) -> io::Result<()> {
     let sa = sockaddr(addr);
     // SAFETY: `sa` is a valid sockaddr_in and its exact size is passed.
     sys::cvt(unsafe {
-        libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
     })
     .map(drop)
 }
@@ -87,7 +94,9 @@ fn local_addr(fd: RawFd) -> io::Result<SocketAddrV4> {
     let mut sa: libc::sockaddr_in = unsafe { zeroed() };
     let mut len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: `sa`/`len` are valid for writes; the kernel writes at most `len` bytes.
-    sys::cvt(unsafe { libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) })?;
+    sys::cvt(unsafe {
+        libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len)
+    })?;
     Ok(from_sockaddr(&sa))
 }
 
@@ -112,7 +121,13 @@ impl UdpSocket {
         sys::setsockopt(raw, libc::IPPROTO_IP, libc::IP_RECVTOS, 1 as libc::c_int)?;
         grow_buffer(raw, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
         let local = local_addr(raw)?;
-        Ok(UdpSocket { fd, local, gso: AtomicBool::new(false), gro, tx_errors: AtomicU64::new(0) })
+        Ok(UdpSocket {
+            fd,
+            local,
+            gso: AtomicBool::new(false),
+            gro,
+            tx_errors: AtomicU64::new(0),
+        })
     }
 
     /// A send socket bound to `addr` (port 0 lets the kernel choose). Blocking, so a full socket
@@ -122,15 +137,29 @@ impl UdpSocket {
         let fd = new_socket(false)?;
         let raw = fd.as_raw_fd();
         bind(raw, addr)?;
-        sys::setsockopt(raw, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)?;
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+        sys::setsockopt(
+            raw,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )?;
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
         sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDTIMEO, tv)?;
         grow_buffer(raw, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 4 << 20);
         // Setting the socket-wide segment size to 0 (= off) succeeds exactly when the kernel knows
         // UDP_SEGMENT (4.18+); the per-message cmsg is what we use.
         let gso = sys::setsockopt(raw, SOL_UDP, UDP_SEGMENT, 0 as libc::c_int).is_ok();
         let local = local_addr(raw)?;
-        Ok(UdpSocket { fd, local, gso: AtomicBool::new(gso), gro: false, tx_errors: AtomicU64::new(0) })
+        Ok(UdpSocket {
+            fd,
+            local,
+            gso: AtomicBool::new(gso),
+            gro: false,
+            tx_errors: AtomicU64::new(0),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddrV4 {
@@ -147,7 +176,8 @@ impl UdpSocket {
 
     /// `SO_RCVBUF` as the kernel reports it (doubled bookkeeping value).
     pub fn recv_buffer(&self) -> io::Result<usize> {
-        sys::getsockopt_int(self.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF).map(|v| v as usize)
+        sys::getsockopt_int(self.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF)
+            .map(|v| v as usize)
     }
 
     /// Receives up to `batch.capacity()` messages without blocking; returns how many (0 when
@@ -155,7 +185,10 @@ impl UdpSocket {
     pub fn recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         let n = batch.bufs.len();
         for i in 0..n {
-            batch.iovs[i] = libc::iovec { iov_base: batch.bufs[i].as_mut_ptr().cast(), iov_len: batch.bufs[i].len() };
+            batch.iovs[i] = libc::iovec {
+                iov_base: batch.bufs[i].as_mut_ptr().cast(),
+                iov_len: batch.bufs[i].len(),
+            };
             let h = &mut batch.hdrs[i];
             h.msg_hdr.msg_name = (&mut batch.names[i] as *mut libc::sockaddr_in).cast();
             h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
@@ -169,11 +202,22 @@ impl UdpSocket {
         // SAFETY: every header points at buffers owned by `batch` (iovecs, names, control) that stay
         // alive and unaliased for the call; the kernel writes at most the lengths given.
         let r = unsafe {
-            libc::recvmmsg(self.fd.as_raw_fd(), batch.hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                batch.hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
         };
         let got = match sys::cvt(r) {
             Ok(k) => k as usize,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                0
+            }
             Err(e) => return Err(e),
         };
         batch.meta.clear();
@@ -211,7 +255,11 @@ impl UdpSocket {
     /// Sends `msgs`; returns the number of datagrams the kernel accepted. Failures are counted in
     /// `tx_errors` (and reported by the caller as drops); they never abort the batch.
     pub fn send(&self, scratch: &mut SendScratch, msgs: &[TxMsg<'_>]) -> usize {
-        if !self.gso_enabled() && msgs.iter().any(|m| m.segment > 0 && m.data.len() > usize::from(m.segment)) {
+        if !self.gso_enabled()
+            && msgs
+                .iter()
+                .any(|m| m.segment > 0 && m.data.len() > usize::from(m.segment))
+        {
             return self.send_split(scratch, msgs);
         }
         let mut sent = 0;
@@ -221,14 +269,22 @@ impl UdpSocket {
             scratch.fill(chunk);
             // SAFETY: `fill` pointed every header at `chunk`'s data (live for this call) and at
             // `scratch`'s names, iovecs and control buffers; the kernel only reads them.
-            let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), scratch.hdrs.as_mut_ptr(), chunk.len() as libc::c_uint, 0) };
+            let r = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    scratch.hdrs.as_mut_ptr(),
+                    chunk.len() as libc::c_uint,
+                    0,
+                )
+            };
             match sys::cvt(r) {
                 Ok(k) => {
                     let k = k as usize;
                     sent += chunk[..k].iter().map(TxMsg::datagrams).sum::<usize>();
                     i += k.max(1);
                     if k == 0 {
-                        self.tx_errors.fetch_add(chunk[0].datagrams() as u64, Relaxed);
+                        self.tx_errors
+                            .fetch_add(chunk[0].datagrams() as u64, Relaxed);
                     }
                 }
                 Err(e) => {
@@ -255,7 +311,11 @@ impl UdpSocket {
             if m.segment == 0 {
                 plain.push(*m);
             } else {
-                plain.extend(m.data.chunks(usize::from(m.segment)).map(|d| TxMsg { data: d, segment: 0, ..*m }));
+                plain.extend(m.data.chunks(usize::from(m.segment)).map(|d| TxMsg {
+                    data: d,
+                    segment: 0,
+                    ..*m
+                }));
             }
         }
         self.send(scratch, &plain)
@@ -318,9 +378,17 @@ impl RecvBatch {
         let n = messages.max(1);
         // SAFETY: sockaddr_in, iovec and mmsghdr are plain C structs for which all-zeroes (null
         // pointers, zero lengths) is a valid value; `recv` sets every pointer before use.
-        let (name, iov, hdr) = unsafe { (zeroed::<libc::sockaddr_in>(), zeroed::<libc::iovec>(), zeroed::<libc::mmsghdr>()) };
+        let (name, iov, hdr) = unsafe {
+            (
+                zeroed::<libc::sockaddr_in>(),
+                zeroed::<libc::iovec>(),
+                zeroed::<libc::mmsghdr>(),
+            )
+        };
         RecvBatch {
-            bufs: (0..n).map(|_| vec![0u8; RX_BUF].into_boxed_slice()).collect(),
+            bufs: (0..n)
+                .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
+                .collect(),
             names: vec![name; n],
             iovs: vec![iov; n],
             ctrl: vec![Ctrl([0; CTRL_LEN]); n],
@@ -353,7 +421,13 @@ impl SendScratch {
     pub fn new(messages: usize) -> SendScratch {
         let n = messages.max(1);
         // SAFETY: as in `RecvBatch::new`: all-zeroes is valid for these C structs.
-        let (name, iov, hdr) = unsafe { (zeroed::<libc::sockaddr_in>(), zeroed::<libc::iovec>(), zeroed::<libc::mmsghdr>()) };
+        let (name, iov, hdr) = unsafe {
+            (
+                zeroed::<libc::sockaddr_in>(),
+                zeroed::<libc::iovec>(),
+                zeroed::<libc::mmsghdr>(),
+            )
+        };
         SendScratch {
             cap: n,
             names: vec![name; n],
@@ -366,14 +440,21 @@ impl SendScratch {
     fn fill(&mut self, msgs: &[TxMsg<'_>]) {
         for (i, m) in msgs.iter().enumerate() {
             self.names[i] = sockaddr(m.dst);
-            self.iovs[i] = libc::iovec { iov_base: m.data.as_ptr() as *mut libc::c_void, iov_len: m.data.len() };
+            self.iovs[i] = libc::iovec {
+                iov_base: m.data.as_ptr() as *mut libc::c_void,
+                iov_len: m.data.len(),
+            };
             let clen = write_cmsgs(&mut self.ctrl[i], m);
             let h = &mut self.hdrs[i];
             h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_in).cast();
             h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
             h.msg_hdr.msg_iov = &mut self.iovs[i];
             h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = if clen == 0 { std::ptr::null_mut() } else { self.ctrl[i].0.as_mut_ptr().cast() };
+            h.msg_hdr.msg_control = if clen == 0 {
+                std::ptr::null_mut()
+            } else {
+                self.ctrl[i].0.as_mut_ptr().cast()
+            };
             h.msg_hdr.msg_controllen = clen as _;
             h.msg_hdr.msg_flags = 0;
             h.msg_len = 0;
@@ -386,7 +467,12 @@ fn write_cmsgs(ctrl: &mut Ctrl, m: &TxMsg<'_>) -> usize {
     let mut off = 0;
     let mut put = |level: libc::c_int, ty: libc::c_int, val: &[u8]| {
         // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic on a small constant length.
-        let (space, len) = unsafe { (libc::CMSG_SPACE(val.len() as u32) as usize, libc::CMSG_LEN(val.len() as u32) as usize) };
+        let (space, len) = unsafe {
+            (
+                libc::CMSG_SPACE(val.len() as u32) as usize,
+                libc::CMSG_LEN(val.len() as u32) as usize,
+            )
+        };
         // SAFETY: an all-zero cmsghdr is valid plain data.
         let mut hdr: libc::cmsghdr = unsafe { zeroed() };
         hdr.cmsg_len = len as _;
@@ -396,12 +482,20 @@ fn write_cmsgs(ctrl: &mut Ctrl, m: &TxMsg<'_>) -> usize {
         let buf = &mut ctrl.0[off..off + space];
         buf.fill(0);
         // SAFETY: `buf` has room for the header (space >= hsz + val.len()); unaligned write is fine.
-        unsafe { buf.as_mut_ptr().cast::<libc::cmsghdr>().write_unaligned(hdr) };
+        unsafe {
+            buf.as_mut_ptr()
+                .cast::<libc::cmsghdr>()
+                .write_unaligned(hdr)
+        };
         buf[hsz..hsz + val.len()].copy_from_slice(val);
         off += space;
     };
     if m.tos != 0 {
-        put(libc::IPPROTO_IP, libc::IP_TOS, &libc::c_int::from(m.tos).to_ne_bytes());
+        put(
+            libc::IPPROTO_IP,
+            libc::IP_TOS,
+            &libc::c_int::from(m.tos).to_ne_bytes(),
+        );
     }
     if m.segment > 0 && m.data.len() > usize::from(m.segment) {
         put(SOL_UDP, UDP_SEGMENT, &m.segment.to_ne_bytes());
@@ -430,8 +524,18 @@ mod tests {
         }
         let single = [0xaau8; 50];
         let msgs = [
-            TxMsg { data: &data, dst: rx.local_addr(), tos: 0x2e << 2 | 0b10, segment: 1000 },
-            TxMsg { data: &single, dst: rx.local_addr(), tos: 0, segment: 0 },
+            TxMsg {
+                data: &data,
+                dst: rx.local_addr(),
+                tos: 0x2e << 2 | 0b10,
+                segment: 1000,
+            },
+            TxMsg {
+                data: &single,
+                dst: rx.local_addr(),
+                tos: 0,
+                segment: 0,
+            },
         ];
         assert_eq!(tx.send(&mut scratch, &msgs), 12);
         let mut batch = RecvBatch::new(16);
@@ -460,7 +564,10 @@ mod tests {
             assert!(d.iter().all(|&b| b == i as u8));
         }
         assert_eq!(got[11], single);
-        assert!(tos_seen.contains(&(0x2e << 2 | 0b10)), "outer TOS is delivered: {tos_seen:?}");
+        assert!(
+            tos_seen.contains(&(0x2e << 2 | 0b10)),
+            "outer TOS is delivered: {tos_seen:?}"
+        );
     }
 
     #[test]
@@ -470,7 +577,15 @@ mod tests {
         tx.gso.store(false, Relaxed);
         let data = vec![7u8; 2500];
         let mut scratch = SendScratch::new(2);
-        let n = tx.send(&mut scratch, &[TxMsg { data: &data, dst: rx.local_addr(), tos: 0, segment: 1000 }]);
+        let n = tx.send(
+            &mut scratch,
+            &[TxMsg {
+                data: &data,
+                dst: rx.local_addr(),
+                tos: 0,
+                segment: 1000,
+            }],
+        );
         assert_eq!(n, 3);
         let mut batch = RecvBatch::new(8);
         let mut sizes = Vec::new();

@@ -142,7 +142,11 @@ fn layout(pkt: &[u8], hdr: &VnetHdr) -> Result<Layout, OffloadError> {
             if pkt.len() < 40 {
                 return Err(OffloadError::Malformed);
             }
-            (false, 40, 40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])))
+            (
+                false,
+                40,
+                40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])),
+            )
         }
         _ => return Err(OffloadError::Malformed),
     };
@@ -158,7 +162,11 @@ fn layout(pkt: &[u8], hdr: &VnetHdr) -> Result<Layout, OffloadError> {
     };
     // With NEEDS_CSUM the kernel tells us where L4 starts (this skips IPv6 extension headers);
     // without it only a plain header can be handled.
-    let l4 = if hdr.needs_csum() { usize::from(hdr.csum_start) } else { l3 };
+    let l4 = if hdr.needs_csum() {
+        usize::from(hdr.csum_start)
+    } else {
+        l3
+    };
     if l4 < l3 {
         return Err(OffloadError::Malformed);
     }
@@ -182,7 +190,13 @@ fn layout(pkt: &[u8], hdr: &VnetHdr) -> Result<Layout, OffloadError> {
     if hdrs > end {
         return Err(OffloadError::Malformed);
     }
-    Ok(Layout { v4, l4, hdrs, end, tcp })
+    Ok(Layout {
+        v4,
+        l4,
+        hdrs,
+        end,
+        tcp,
+    })
 }
 
 /// The vnet header to send a TUN super-packet unchanged through AF_PACKET after an `eth_len`-byte
@@ -202,7 +216,10 @@ pub fn shift_for_link(pkt: &[u8], hdr: &VnetHdr, eth_len: u16) -> Result<VnetHdr
         out.hdr_len = 0;
     }
     if out.needs_csum() {
-        out.csum_start = out.csum_start.checked_add(eth_len).ok_or(OffloadError::Malformed)?;
+        out.csum_start = out
+            .csum_start
+            .checked_add(eth_len)
+            .ok_or(OffloadError::Malformed)?;
     }
     Ok(out)
 }
@@ -249,9 +266,21 @@ pub fn segment(
     }
     out.reserve(nsegs * (headroom + l.hdrs) + payload);
     let headers = &pkt[..l.hdrs];
-    let ip_id = if l.v4 { u16::from_be_bytes([pkt[4], pkt[5]]) } else { 0 };
-    let seq = if l.tcp { u32::from_be_bytes([pkt[l.l4 + 4], pkt[l.l4 + 5], pkt[l.l4 + 6], pkt[l.l4 + 7]]) } else { 0 };
-    let (src, dst): (&[u8], &[u8]) = if l.v4 { (&pkt[12..16], &pkt[16..20]) } else { (&pkt[8..24], &pkt[24..40]) };
+    let ip_id = if l.v4 {
+        u16::from_be_bytes([pkt[4], pkt[5]])
+    } else {
+        0
+    };
+    let seq = if l.tcp {
+        u32::from_be_bytes([pkt[l.l4 + 4], pkt[l.l4 + 5], pkt[l.l4 + 6], pkt[l.l4 + 7]])
+    } else {
+        0
+    };
+    let (src, dst): (&[u8], &[u8]) = if l.v4 {
+        (&pkt[12..16], &pkt[16..20])
+    } else {
+        (&pkt[8..24], &pkt[24..40])
+    };
     let proto = if l.tcp { 6 } else { 17 };
     for i in 0..nsegs {
         let from = l.hdrs + i * mss;
@@ -361,7 +390,14 @@ pub(crate) mod tests {
 
     #[test]
     fn header_roundtrip() {
-        let h = VnetHdr { flags: 1, gso_type: 0x81, hdr_len: 66, gso_size: 1448, csum_start: 34, csum_offset: 16 };
+        let h = VnetHdr {
+            flags: 1,
+            gso_type: 0x81,
+            hdr_len: 66,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+        };
         let mut b = [0u8; 10];
         assert!(h.emit(&mut b));
         assert_eq!(VnetHdr::parse(&b), Some(h));
@@ -384,7 +420,10 @@ pub(crate) mod tests {
             let s = &out[r.clone()];
             assert!(tcp_v4_ok(s), "segment {i} checksums");
             assert_eq!(usize::from(u16::from_be_bytes([s[2], s[3]])), s.len());
-            assert_eq!(u16::from_be_bytes([s[4], s[5]]), 0xfff0u16.wrapping_add(i as u16));
+            assert_eq!(
+                u16::from_be_bytes([s[4], s[5]]),
+                0xfff0u16.wrapping_add(i as u16)
+            );
             let seq = u32::from_be_bytes([s[24], s[25], s[26], s[27]]);
             assert_eq!(seq, 0xffff_f000u32.wrapping_add(i as u32 * 1448));
             let f = s[33];
@@ -426,7 +465,11 @@ pub(crate) mod tests {
             }
             let hdr = VnetHdr {
                 flags: flags::NEEDS_CSUM,
-                gso_type: if tcp { gso_type::TCPV6 } else { gso_type::UDP_L4 },
+                gso_type: if tcp {
+                    gso_type::TCPV6
+                } else {
+                    gso_type::UDP_L4
+                },
                 hdr_len: (40 + hl) as u16,
                 gso_size: 1200,
                 csum_start: 40,
@@ -437,11 +480,17 @@ pub(crate) mod tests {
             assert_eq!(segs.len(), 3);
             for r in &segs {
                 let sg = &out[r.clone()];
-                assert_eq!(usize::from(u16::from_be_bytes([sg[4], sg[5]])) + 40, sg.len());
+                assert_eq!(
+                    usize::from(u16::from_be_bytes([sg[4], sg[5]])) + 40,
+                    sg.len()
+                );
                 let ps = c::pseudo_header_v6(s, d, p[6], (sg.len() - 40) as u32);
                 assert_eq!(c::combine(&[ps, c::data(&sg[40..])]), 0xffff);
                 if !tcp {
-                    assert_eq!(usize::from(u16::from_be_bytes([sg[44], sg[45]])), sg.len() - 40);
+                    assert_eq!(
+                        usize::from(u16::from_be_bytes([sg[44], sg[45]])),
+                        sg.len() - 40
+                    );
                 }
             }
         }
@@ -453,8 +502,14 @@ pub(crate) mod tests {
         let (mut p, _) = tso_v4(100, 1448, 0x18);
         complete_csum(&mut p, 20, 16).unwrap();
         assert!(tcp_v4_ok(&p));
-        assert_eq!(complete_csum(&mut p, 20, 1000), Err(OffloadError::Malformed));
-        assert_eq!(complete_csum(&mut p, usize::MAX, 16), Err(OffloadError::Malformed));
+        assert_eq!(
+            complete_csum(&mut p, 20, 1000),
+            Err(OffloadError::Malformed)
+        );
+        assert_eq!(
+            complete_csum(&mut p, usize::MAX, 16),
+            Err(OffloadError::Malformed)
+        );
     }
 
     #[test]
@@ -467,16 +522,38 @@ pub(crate) mod tests {
         }
         let bad = [
             VnetHdr { gso_size: 0, ..hdr },
-            VnetHdr { gso_type: gso_type::TCPV6, ..hdr },
-            VnetHdr { csum_start: 10, ..hdr },
-            VnetHdr { csum_start: 60000, ..hdr },
+            VnetHdr {
+                gso_type: gso_type::TCPV6,
+                ..hdr
+            },
+            VnetHdr {
+                csum_start: 10,
+                ..hdr
+            },
+            VnetHdr {
+                csum_start: 60000,
+                ..hdr
+            },
             VnetHdr { gso_size: 1, ..hdr },
         ];
         for h in bad {
-            assert_eq!(segment(&p, &h, 8, &mut out, &mut segs), Err(OffloadError::Malformed), "{h:?}");
+            assert_eq!(
+                segment(&p, &h, 8, &mut out, &mut segs),
+                Err(OffloadError::Malformed),
+                "{h:?}"
+            );
         }
         assert_eq!(
-            segment(&p, &VnetHdr { gso_type: gso_type::UDP, ..hdr }, 8, &mut out, &mut segs),
+            segment(
+                &p,
+                &VnetHdr {
+                    gso_type: gso_type::UDP,
+                    ..hdr
+                },
+                8,
+                &mut out,
+                &mut segs
+            ),
             Err(OffloadError::Unsupported)
         );
         // Arbitrary bytes: must not panic.

@@ -22,7 +22,7 @@
 use crate::af_packet::{self, FrameScratch, PacketSocket, TxFrame};
 use crate::counters::{Dir, Path, Snapshot, Stat, WorkerCounters};
 use crate::gro::Coalescer;
-use crate::sys::{EventFd, Epoll};
+use crate::sys::{Epoll, EventFd};
 use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
 use crate::udp::{self, RecvBatch, SendScratch, TxMsg, UdpSocket};
 use crate::vnet::{self, VnetHdr, VNET_HDR_LEN};
@@ -44,12 +44,10 @@ use std::time::Instant;
 /// itself fills, and afterwards for any encapsulation (`encap::MAX_HEADROOM`) or for an Ethernet
 /// plus vnet header (native).
 const HEADROOM: usize = 128;
-const _: () = assert!(HEADROOM >= encap::MAX_HEADROOM + VNET_HDR_LEN && HEADROOM >= af_packet::ETH_HLEN + VNET_HDR_LEN);
-
-/// Inner destination MAC of VXLAN frames. The receiving podrouter ignores the inner Ethernet
-/// header (it routes on the inner IP header); a locally administered unicast address keeps the
-/// frame well formed for captures and for any L2 device on the way.
-pub const VXLAN_INNER_DST_MAC: [u8; 6] = [0x02, 0x70, 0x72, 0x00, 0x00, 0x01];
+const _: () = assert!(
+    HEADROOM >= encap::MAX_HEADROOM + VNET_HDR_LEN
+        && HEADROOM >= af_packet::ETH_HLEN + VNET_HDR_LEN
+);
 
 /// Drop reasons of the I/O layer, counted after the core's [`DropReason::ALL`].
 pub const IO_DROP_REASONS: [&str; 1] = [
@@ -60,7 +58,11 @@ const TX_ERROR: usize = DropReason::ALL.len();
 
 /// Every drop reason name, in counter index order.
 pub fn drop_reason_names() -> Vec<&'static str> {
-    DropReason::ALL.iter().map(|r| r.as_str()).chain(IO_DROP_REASONS).collect()
+    DropReason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .chain(IO_DROP_REASONS)
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -117,7 +119,10 @@ impl EngineConfig {
             return Err(format!("batch: {} is not in 1..=1024", self.batch));
         }
         if self.vxlan_port != 0 && self.vxlan_port == self.geneve_port {
-            return Err(format!("geneve_port: {} is also the vxlan_port", self.geneve_port));
+            return Err(format!(
+                "geneve_port: {} is also the vxlan_port",
+                self.geneve_port
+            ));
         }
         if let Some(m) = self.tun_mtu {
             if !(68..=65535).contains(&m) {
@@ -164,7 +169,8 @@ pub struct Engine {
 impl Engine {
     /// Creates the TUN device (so the control plane can configure it before `start`).
     pub fn new(cfg: EngineConfig) -> io::Result<Engine> {
-        cfg.validate().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        cfg.validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let tun = Tun::open(&TunOptions {
             name: cfg.tun_name.clone(),
             queues: cfg.workers,
@@ -172,8 +178,13 @@ impl Engine {
             mtu: cfg.tun_mtu,
         })?;
         let n_drops = drop_reason_names().len();
-        let counters = (0..cfg.workers).map(|_| Arc::new(WorkerCounters::new(n_drops))).collect();
-        let offload = OffloadInfo { tun_flags: tun.offload(), ..OffloadInfo::default() };
+        let counters = (0..cfg.workers)
+            .map(|_| Arc::new(WorkerCounters::new(n_drops)))
+            .collect();
+        let offload = OffloadInfo {
+            tun_flags: tun.offload(),
+            ..OffloadInfo::default()
+        };
         Ok(Engine {
             cfg,
             tun,
@@ -206,7 +217,10 @@ impl Engine {
     /// AF_PACKET) leave the engine stopped.
     pub fn start(&mut self, tables: Arc<Tables>) -> io::Result<()> {
         if self.running.is_some() {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the datapath is already running"));
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the datapath is already running",
+            ));
         }
         {
             // The NAT port range comes from the tables (masquerade.port_range); a later swap that
@@ -214,27 +228,40 @@ impl Engine {
             let (lo, hi) = tables.masquerade().port_range;
             let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
             if (nat.config().port_lo, nat.config().port_hi) != (lo, hi) {
-                *nat = NatTable::new(NatConfig { port_lo: lo, port_hi: hi, ..NatConfig::default() });
+                *nat = NatTable::new(NatConfig {
+                    port_lo: lo,
+                    port_hi: hi,
+                    ..NatConfig::default()
+                });
             }
         }
         self.tables.store(Some(tables));
         let cfg = &self.cfg;
         let tx_pool: Arc<[UdpSocket]> = bind_tx_pool(cfg.underlay_address, cfg.tx_sockets)?.into();
         let pkt = if cfg.underlay_ifindex != 0 {
-            Some(Arc::new(PacketSocket::open(cfg.underlay_ifindex, cfg.offload)?))
+            Some(Arc::new(PacketSocket::open(
+                cfg.underlay_ifindex,
+                cfg.offload,
+            )?))
         } else {
             None
         };
-        let ports: Vec<(u16, TunnelProto)> = [(cfg.vxlan_port, TunnelProto::Vxlan), (cfg.geneve_port, TunnelProto::Geneve)]
-            .into_iter()
-            .filter(|(p, _)| *p != 0)
-            .collect();
+        let ports: Vec<(u16, TunnelProto)> = [
+            (cfg.vxlan_port, TunnelProto::Vxlan),
+            (cfg.geneve_port, TunnelProto::Geneve),
+        ]
+        .into_iter()
+        .filter(|(p, _)| *p != 0)
+        .collect();
         // Bind every worker's sockets before starting any thread, so a bind error leaves nothing running.
         let mut rx_sets = Vec::with_capacity(cfg.workers);
         for _ in 0..cfg.workers {
             let mut set = Vec::new();
             for &(port, proto) in &ports {
-                let s = UdpSocket::bind_rx(SocketAddrV4::new(cfg.underlay_address, port), cfg.workers > 1)?;
+                let s = UdpSocket::bind_rx(
+                    SocketAddrV4::new(cfg.underlay_address, port),
+                    cfg.workers > 1,
+                )?;
                 set.push((s, proto));
             }
             rx_sets.push(set);
@@ -244,7 +271,10 @@ impl Engine {
         let mut masq_rx = match cfg.underlay_ifindex {
             0 => None,
             idx => {
-                let t = self.tables.load_full().ok_or_else(|| io::Error::other("no tables"))?;
+                let t = self
+                    .tables
+                    .load_full()
+                    .ok_or_else(|| io::Error::other("no tables"))?;
                 let (lo, hi) = t.masquerade().port_range;
                 let filter = af_packet::masquerade_filter(t.node_address(), lo, hi);
                 Some(PacketSocket::open_rx(idx, &filter, cfg.offload)?)
@@ -277,22 +307,38 @@ impl Engine {
             };
             alive.fetch_add(1, Ordering::SeqCst);
             let alive2 = Arc::clone(&alive);
-            let spawned = std::thread::Builder::new().name(format!("podr-worker-{i}")).spawn(move || {
-                let _guard = AliveGuard(alive2);
-                w.run();
-            });
+            let spawned = std::thread::Builder::new()
+                .name(format!("podr-worker-{i}"))
+                .spawn(move || {
+                    let _guard = AliveGuard(alive2);
+                    w.run();
+                });
             match spawned {
                 Ok(h) => threads.push(h),
                 Err(e) => {
                     alive.fetch_sub(1, Ordering::SeqCst);
-                    let r = Running { stop, wake, alive, threads, tx_pool, pkt };
+                    let r = Running {
+                        stop,
+                        wake,
+                        alive,
+                        threads,
+                        tx_pool,
+                        pkt,
+                    };
                     self.running = Some(r);
                     self.stop();
                     return Err(e);
                 }
             }
         }
-        self.running = Some(Running { stop, wake, alive, threads, tx_pool, pkt });
+        self.running = Some(Running {
+            stop,
+            wake,
+            alive,
+            threads,
+            tx_pool,
+            pkt,
+        });
         Ok(())
     }
 
@@ -307,7 +353,9 @@ impl Engine {
 
     /// True while started and every worker thread is alive.
     pub fn is_running(&self) -> bool {
-        self.running.as_ref().is_some_and(|r| r.alive.load(Ordering::SeqCst) == r.threads.len() && !r.stop.load(Ordering::SeqCst))
+        self.running.as_ref().is_some_and(|r| {
+            r.alive.load(Ordering::SeqCst) == r.threads.len() && !r.stop.load(Ordering::SeqCst)
+        })
     }
 
     /// Stops the workers and closes the sockets; the TUN stays until the engine is dropped. Idempotent.
@@ -334,8 +382,14 @@ impl Engine {
 
     /// Sum of all workers' counters; drops are indexed like [`drop_reason_names`].
     pub fn counters(&self) -> Snapshot {
-        let mut s = Snapshot::sum(self.counters.iter().map(|c| &**c), drop_reason_names().len());
-        let live = self.running.as_ref().map_or(0, |r| tx_errors(&r.tx_pool, r.pkt.as_deref()));
+        let mut s = Snapshot::sum(
+            self.counters.iter().map(|c| &**c),
+            drop_reason_names().len(),
+        );
+        let live = self
+            .running
+            .as_ref()
+            .map_or(0, |r| tx_errors(&r.tx_pool, r.pkt.as_deref()));
         s.drops[TX_ERROR] += self.past_tx_errors + live;
         s
     }
@@ -348,7 +402,9 @@ impl Drop for Engine {
 }
 
 fn tx_errors(pool: &[UdpSocket], pkt: Option<&PacketSocket>) -> u64 {
-    pool.iter().map(|s| s.tx_errors.load(Ordering::Relaxed)).sum::<u64>()
+    pool.iter()
+        .map(|s| s.tx_errors.load(Ordering::Relaxed))
+        .sum::<u64>()
         + pkt.map_or(0, |p| p.tx_errors.load(Ordering::Relaxed))
 }
 
@@ -377,7 +433,12 @@ fn bind_tx_pool(addr: Ipv4Addr, n: usize) -> io::Result<Vec<UdpSocket>> {
         match UdpSocket::bind_tx(SocketAddrV4::new(addr, port)) {
             Ok(s) => out.push(s),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
-            Err(e) => return Err(io::Error::new(e.kind(), format!("binding a tunnel send socket on {addr}: {e}"))),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("binding a tunnel send socket on {addr}: {e}"),
+                ))
+            }
         }
     }
     if out.is_empty() {
@@ -468,7 +529,8 @@ impl Worker {
             Ok(e) => e,
             Err(_) => return,
         };
-        let mut ok = ep.add(self.wake.as_raw_fd(), TOKEN_WAKE).is_ok() && ep.add(self.tun.as_raw_fd(), TOKEN_TUN).is_ok();
+        let mut ok = ep.add(self.wake.as_raw_fd(), TOKEN_WAKE).is_ok()
+            && ep.add(self.tun.as_raw_fd(), TOKEN_TUN).is_ok();
         for (i, (s, _)) in self.rx.iter().enumerate() {
             ok &= ep.add(s.as_raw_fd(), TOKEN_RX + i as u64).is_ok();
         }
@@ -480,7 +542,12 @@ impl Worker {
         }
         let mut st = State {
             slots: (0..self.batch)
-                .map(|_| Slot { buf: vec![0u8; HEADROOM + MAX_READ].into_boxed_slice(), len: 0, seg: Vec::new(), segs: Vec::new() })
+                .map(|_| Slot {
+                    buf: vec![0u8; HEADROOM + MAX_READ].into_boxed_slice(),
+                    len: 0,
+                    seg: Vec::new(),
+                    segs: Vec::new(),
+                })
                 .collect(),
             udp_out: Vec::with_capacity(self.batch * 2),
             frames_out: Vec::with_capacity(self.batch),
@@ -501,7 +568,11 @@ impl Worker {
             }
             for &t in &ready {
                 match t {
-                    TOKEN_TUN => self.egress_batch(&mut st),
+                    TOKEN_TUN => {
+                        if !self.egress_batch(&mut st) {
+                            return;
+                        }
+                    }
                     TOKEN_WAKE => {}
                     TOKEN_MASQ => self.masquerade_batch(&mut st),
                     t => self.ingress_batch(&mut st, (t - TOKEN_RX) as usize),
@@ -521,9 +592,14 @@ impl Worker {
 
     // ---------------------------------------------------------------------------------- egress
 
-    fn egress_batch(&self, st: &mut State) {
+    /// Reads and handles one batch from the TUN. Returns `false` when the TUN is gone (any read
+    /// error but `EAGAIN`/`EINTR`, e.g. `EBADFD` after the device was deleted): the worker then
+    /// ends, `is_running()` turns false and the daemon notices, instead of spinning on an fd that
+    /// epoll keeps reporting ready.
+    fn egress_batch(&self, st: &mut State) -> bool {
         let c = &*self.counters;
         let mut n = 0;
+        let mut alive = true;
         while n < st.slots.len() {
             let slot = &mut st.slots[n];
             match self.tun.read(&mut slot.buf[HEADROOM - VNET_HDR_LEN..]) {
@@ -533,11 +609,15 @@ impl Worker {
                 }
                 Ok(_) => c.drop_packets(DropReason::Truncated.index(), 1),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break, // EAGAIN: drained
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break, // drained
+                Err(_) => {
+                    alive = false;
+                    break;
+                }
             }
         }
         if n == 0 {
-            return;
+            return alive;
         }
         c.stat(Stat::Batches, 1);
         c.stat(Stat::TunReads, n as u64);
@@ -548,23 +628,49 @@ impl Worker {
             let guard = self.tables.load();
             let Some(tables) = guard.as_deref() else {
                 c.drop_packets(DropReason::NoRoute.index(), n as u64);
-                return;
+                return alive;
             };
             for k in 0..n {
-                self.egress_one(tables, now, k, &mut st.slots[k], &mut st.udp_out, &mut st.frames_out);
+                self.egress_one(
+                    tables,
+                    now,
+                    k,
+                    &mut st.slots[k],
+                    &mut st.udp_out,
+                    &mut st.frames_out,
+                );
             }
         }
         self.flush(st);
+        alive
     }
 
-    fn egress_one(&self, tables: &Tables, now: u64, k: usize, slot: &mut Slot, udp_out: &mut Vec<UdpOut>, frames_out: &mut Vec<FrameOut>) {
+    fn egress_one(
+        &self,
+        tables: &Tables,
+        now: u64,
+        k: usize,
+        slot: &mut Slot,
+        udp_out: &mut Vec<UdpOut>,
+        frames_out: &mut Vec<FrameOut>,
+    ) {
         let c = &*self.counters;
         let hdr = VnetHdr::parse(&slot.buf[HEADROOM - VNET_HDR_LEN..HEADROOM]).unwrap_or_default();
         if hdr.is_gso() {
             c.stat(Stat::TunGsoReads, 1);
         }
-        let (wire_pkts, wire_bytes) = vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], &hdr);
-        if let Err(r) = self.egress_inner(tables, now, k, slot, &hdr, (wire_pkts, wire_bytes), udp_out, frames_out) {
+        let (wire_pkts, wire_bytes) =
+            vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], &hdr);
+        if let Err(r) = self.egress_inner(
+            tables,
+            now,
+            k,
+            slot,
+            &hdr,
+            (wire_pkts, wire_bytes),
+            udp_out,
+            frames_out,
+        ) {
             c.drop_packets(r.index(), wire_pkts as u64);
         }
     }
@@ -581,7 +687,8 @@ impl Worker {
         udp_out: &mut Vec<UdpOut>,
         frames_out: &mut Vec<FrameOut>,
     ) -> Result<(), DropReason> {
-        let (meta, verdict) = datapath::classify_packet(tables, &slot.buf[HEADROOM..HEADROOM + slot.len])?;
+        let (meta, verdict) =
+            datapath::classify_packet(tables, &slot.buf[HEADROOM..HEADROOM + slot.len])?;
         // Link padding after the IP total length is not part of the packet (datapath::egress does the same).
         slot.len = meta.total_len;
         // Same rule as datapath::egress: the kernel already decremented the TTL on its way into the
@@ -590,7 +697,13 @@ impl Worker {
             return Err(DropReason::TtlExceeded);
         }
         match verdict {
-            Verdict::Tunnel { proto, vni, remote, port, .. } => {
+            Verdict::Tunnel {
+                proto,
+                vni,
+                remote,
+                port,
+                ..
+            } => {
                 let node = tables.node_address();
                 let params = EncapParams {
                     proto,
@@ -604,7 +717,10 @@ impl Worker {
                 self.tunnel(k, slot, hdr, &params, udp_out)
             }
             Verdict::Native { next_hop } => {
-                let mac = tables.next_hop(next_hop).and_then(|h| h.mac).ok_or(DropReason::NeighborUnresolved)?;
+                let mac = tables
+                    .next_hop(next_hop)
+                    .and_then(|h| h.mac)
+                    .ok_or(DropReason::NeighborUnresolved)?;
                 self.native(k, slot, hdr, mac, Path::Native, wire, frames_out)
             }
             Verdict::Masquerade { .. } => self.masquerade(tables, now, k, slot, hdr, frames_out),
@@ -619,7 +735,8 @@ impl Worker {
     fn finish_csum(slot: &mut Slot, hdr: &VnetHdr) -> Result<(), DropReason> {
         if hdr.needs_csum() && !hdr.is_gso() {
             let (s, o) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-            vnet::complete_csum(&mut slot.buf[HEADROOM..HEADROOM + slot.len], s, o).map_err(|_| DropReason::Malformed)?;
+            vnet::complete_csum(&mut slot.buf[HEADROOM..HEADROOM + slot.len], s, o)
+                .map_err(|_| DropReason::Malformed)?;
         }
         Ok(())
     }
@@ -628,13 +745,27 @@ impl Worker {
     fn segment(slot: &mut Slot, hdr: &VnetHdr, headroom: usize) -> Result<(), DropReason> {
         slot.seg.clear();
         slot.segs.clear();
-        vnet::segment(&slot.buf[HEADROOM..HEADROOM + slot.len], hdr, headroom, &mut slot.seg, &mut slot.segs).map_err(|e| match e {
+        vnet::segment(
+            &slot.buf[HEADROOM..HEADROOM + slot.len],
+            hdr,
+            headroom,
+            &mut slot.seg,
+            &mut slot.segs,
+        )
+        .map_err(|e| match e {
             vnet::OffloadError::Malformed => DropReason::Malformed,
             vnet::OffloadError::Unsupported => DropReason::Unsupported,
         })
     }
 
-    fn tunnel(&self, k: usize, slot: &mut Slot, hdr: &VnetHdr, params: &EncapParams, udp_out: &mut Vec<UdpOut>) -> Result<(), DropReason> {
+    fn tunnel(
+        &self,
+        k: usize,
+        slot: &mut Slot,
+        hdr: &VnetHdr,
+        params: &EncapParams,
+        udp_out: &mut Vec<UdpOut>,
+    ) -> Result<(), DropReason> {
         let inner = &slot.buf[HEADROOM..HEADROOM + slot.len];
         // The outer source port is the bound port of the pool socket, picked by the inner flow hash
         // (the same hash encap::udp_source_port uses), so one flow always leaves from one port.
@@ -653,14 +784,20 @@ impl Worker {
         if !hdr.is_gso() {
             Self::finish_csum(slot, hdr)?;
             // Only a missing headroom (a bug here) can fail; counted rather than hidden.
-            let r = encap::encap_payload(&mut slot.buf, HEADROOM, slot.len, params).map_err(|_| DropReason::Unsupported)?;
-            udp_out.push(UdpOut { range: r, bytes: slot.len as u64, ..out });
+            let r = encap::encap_payload(&mut slot.buf, HEADROOM, slot.len, params)
+                .map_err(|_| DropReason::Unsupported)?;
+            udp_out.push(UdpOut {
+                range: r,
+                bytes: slot.len as u64,
+                ..out
+            });
             return Ok(());
         }
         let ovh = params.proto.payload_overhead();
         Self::segment(slot, hdr, ovh)?;
         for r in &slot.segs {
-            encap::encap_payload(&mut slot.seg, r.start, r.len(), params).map_err(|_| DropReason::Unsupported)?;
+            encap::encap_payload(&mut slot.seg, r.start, r.len(), params)
+                .map_err(|_| DropReason::Unsupported)?;
         }
         // Units are [tunnel header][segment], back to back; all but the last have the same size,
         // which is exactly the shape UDP GSO wants. Trains are cut at the kernel's limits.
@@ -699,12 +836,17 @@ impl Worker {
     ) -> Result<(), DropReason> {
         let pkt_sock = self.pkt.as_deref().ok_or(DropReason::NoRoute)?;
         let end = HEADROOM + slot.len;
-        let et = if slot.buf[HEADROOM] >> 4 == 4 { af_packet::ETHERTYPE_IPV4 } else { af_packet::ETHERTYPE_IPV6 };
+        let et = if slot.buf[HEADROOM] >> 4 == 4 {
+            af_packet::ETHERTYPE_IPV4
+        } else {
+            af_packet::ETHERTYPE_IPV6
+        };
         const ETH: usize = af_packet::ETH_HLEN;
         if pkt_sock.vnet_hdr() {
             // The whole (super-)packet goes out as it came: the vnet header, with its offsets moved
             // past the Ethernet header, lets the kernel segment and checksum it after tc.
-            let vh = vnet::shift_for_link(&slot.buf[HEADROOM..end], hdr, ETH as u16).map_err(|_| DropReason::Malformed)?;
+            let vh = vnet::shift_for_link(&slot.buf[HEADROOM..end], hdr, ETH as u16)
+                .map_err(|_| DropReason::Malformed)?;
             af_packet::write_eth(&mut slot.buf[HEADROOM - ETH..HEADROOM], mac, self.mac, et);
             vh.emit(&mut slot.buf[HEADROOM - ETH - VNET_HDR_LEN..HEADROOM - ETH]);
             if vh.is_gso() {
@@ -724,20 +866,42 @@ impl Worker {
             Self::segment(slot, hdr, ETH)?;
             for r in &slot.segs {
                 af_packet::write_eth(&mut slot.seg[r.start - ETH..r.start], mac, self.mac, et);
-                frames_out.push(FrameOut { buf: Buf::Seg(k), range: r.start - ETH..r.end, ethertype: et, path, pkts: 1, bytes: r.len() as u64 });
+                frames_out.push(FrameOut {
+                    buf: Buf::Seg(k),
+                    range: r.start - ETH..r.end,
+                    ethertype: et,
+                    path,
+                    pkts: 1,
+                    bytes: r.len() as u64,
+                });
             }
             return Ok(());
         }
         Self::finish_csum(slot, hdr)?;
         af_packet::write_eth(&mut slot.buf[HEADROOM - ETH..HEADROOM], mac, self.mac, et);
-        frames_out.push(FrameOut { buf: Buf::Tun(k), range: HEADROOM - ETH..end, ethertype: et, path, pkts: 1, bytes: slot.len as u64 });
+        frames_out.push(FrameOut {
+            buf: Buf::Tun(k),
+            range: HEADROOM - ETH..end,
+            ethertype: et,
+            path,
+            pkts: 1,
+            bytes: slot.len as u64,
+        });
         Ok(())
     }
 
     /// Source NAT (core `datapath::egress` with the shared NAT table), then out natively. The NAT
     /// rewrite updates checksums incrementally, which needs finished checksums: super-packets are
     /// segmented first and partial checksums completed.
-    fn masquerade(&self, tables: &Tables, now: u64, k: usize, slot: &mut Slot, hdr: &VnetHdr, frames_out: &mut Vec<FrameOut>) -> Result<(), DropReason> {
+    fn masquerade(
+        &self,
+        tables: &Tables,
+        now: u64,
+        k: usize,
+        slot: &mut Slot,
+        hdr: &VnetHdr,
+        frames_out: &mut Vec<FrameOut>,
+    ) -> Result<(), DropReason> {
         let pkt_sock = self.pkt.as_deref().ok_or(DropReason::NoRoute)?;
         let lh = Self::link_headroom(pkt_sock);
         let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
@@ -746,8 +910,19 @@ impl Worker {
             // checksum field as the pseudo-header sum of the translated addresses, and let the
             // kernel segment and checksum it behind the AF_PACKET socket, as on the native path.
             let wire = vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], hdr);
-            return match datapath::egress(tables, Some(&mut nat), &mut slot.buf, HEADROOM, slot.len, now) {
-                EgressAction::Native { next_hop_mac, path, range } => {
+            return match datapath::egress(
+                tables,
+                Some(&mut nat),
+                &mut slot.buf,
+                HEADROOM,
+                slot.len,
+                now,
+            ) {
+                EgressAction::Native {
+                    next_hop_mac,
+                    path,
+                    range,
+                } => {
                     drop(nat);
                     let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
                     let pkt = &mut slot.buf[range];
@@ -755,7 +930,12 @@ impl Worker {
                     if pkt.len() < 20 || field + 2 > pkt.len() || start > pkt.len() {
                         return Err(DropReason::Malformed);
                     }
-                    let pseudo = crate::csum::pseudo_v4(&pkt[12..16], &pkt[16..20], pkt[9], (pkt.len() - start) as u16);
+                    let pseudo = crate::csum::pseudo_v4(
+                        &pkt[12..16],
+                        &pkt[16..20],
+                        pkt[9],
+                        (pkt.len() - start) as u16,
+                    );
                     pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
                     self.native(k, slot, hdr, next_hop_mac, path, wire, frames_out)
                 }
@@ -763,23 +943,44 @@ impl Worker {
                 _ => Err(DropReason::Unsupported),
             };
         }
-        let mut one = |buf: &mut [u8], start: usize, len: usize, b: Buf| -> Result<(), DropReason> {
-            match datapath::egress(tables, Some(&mut nat), buf, start, len, now) {
-                EgressAction::Native { range, next_hop_mac, path } => {
-                    let et = if buf[range.start] >> 4 == 4 { af_packet::ETHERTYPE_IPV4 } else { af_packet::ETHERTYPE_IPV6 };
-                    let f = range.start - lh;
-                    if lh > af_packet::ETH_HLEN {
-                        VnetHdr::default().emit(&mut buf[f..]);
+        let mut one =
+            |buf: &mut [u8], start: usize, len: usize, b: Buf| -> Result<(), DropReason> {
+                match datapath::egress(tables, Some(&mut nat), buf, start, len, now) {
+                    EgressAction::Native {
+                        range,
+                        next_hop_mac,
+                        path,
+                    } => {
+                        let et = if buf[range.start] >> 4 == 4 {
+                            af_packet::ETHERTYPE_IPV4
+                        } else {
+                            af_packet::ETHERTYPE_IPV6
+                        };
+                        let f = range.start - lh;
+                        if lh > af_packet::ETH_HLEN {
+                            VnetHdr::default().emit(&mut buf[f..]);
+                        }
+                        af_packet::write_eth(
+                            &mut buf[range.start - af_packet::ETH_HLEN..range.start],
+                            next_hop_mac,
+                            self.mac,
+                            et,
+                        );
+                        frames_out.push(FrameOut {
+                            buf: b,
+                            range: f..range.end,
+                            ethertype: et,
+                            path,
+                            pkts: 1,
+                            bytes: range.len() as u64,
+                        });
+                        Ok(())
                     }
-                    af_packet::write_eth(&mut buf[range.start - af_packet::ETH_HLEN..range.start], next_hop_mac, self.mac, et);
-                    frames_out.push(FrameOut { buf: b, range: f..range.end, ethertype: et, path, pkts: 1, bytes: range.len() as u64 });
-                    Ok(())
+                    EgressAction::Drop(r) => Err(r),
+                    // The verdict was masquerade a moment ago on the same tables; anything else is a bug.
+                    _ => Err(DropReason::Unsupported),
                 }
-                EgressAction::Drop(r) => Err(r),
-                // The verdict was masquerade a moment ago on the same tables; anything else is a bug.
-                _ => Err(DropReason::Unsupported),
-            }
-        };
+            };
         if !hdr.is_gso() {
             Self::finish_csum(slot, hdr)?;
             return one(&mut slot.buf, HEADROOM, slot.len, Buf::Tun(k));
@@ -814,7 +1015,12 @@ impl Worker {
                 let mut j = i;
                 while j < st.udp_out.len() && st.udp_out[j].sock == sock {
                     let o = &st.udp_out[j];
-                    msgs.push(TxMsg { data: &bytes_of(o.buf)[o.range.clone()], dst: o.dst, tos: o.tos, segment: o.segment });
+                    msgs.push(TxMsg {
+                        data: &bytes_of(o.buf)[o.range.clone()],
+                        dst: o.dst,
+                        tos: o.tos,
+                        segment: o.segment,
+                    });
                     if o.segment > 0 {
                         c.stat(Stat::UdpTxGsoMessages, 1);
                     }
@@ -832,7 +1038,10 @@ impl Worker {
                 .iter()
                 .map(|o| {
                     c.count(o.path, Dir::Egress, o.pkts, o.bytes);
-                    TxFrame { data: &bytes_of(o.buf)[o.range.clone()], ethertype: o.ethertype }
+                    TxFrame {
+                        data: &bytes_of(o.buf)[o.range.clone()],
+                        ethertype: o.ethertype,
+                    }
                 })
                 .collect();
             c.stat(Stat::PacketTxCalls, 1);
@@ -863,16 +1072,17 @@ impl Worker {
         };
         let port = sock.local_addr().port();
         let tun = &*self.tun;
-        let mut sink = |h: &[u8; VNET_HDR_LEN], p: &[u8], segments: usize| match tun.write_with_hdr(h, p) {
-            Ok(_) => {
-                c.stat(Stat::TunWrites, 1);
-                if segments > 1 {
-                    c.stat(Stat::TunGsoWrites, 1);
-                    c.stat(Stat::TunCoalescedSegments, segments as u64);
+        let mut sink =
+            |h: &[u8; VNET_HDR_LEN], p: &[u8], segments: usize| match tun.write_with_hdr(h, p) {
+                Ok(_) => {
+                    c.stat(Stat::TunWrites, 1);
+                    if segments > 1 {
+                        c.stat(Stat::TunGsoWrites, 1);
+                        c.stat(Stat::TunCoalescedSegments, segments as u64);
+                    }
                 }
-            }
-            Err(_) => c.drop_packets(TX_ERROR, segments as u64),
-        };
+                Err(_) => c.drop_packets(TX_ERROR, segments as u64),
+            };
         let State { recv, gro, .. } = st;
         for m in 0..n {
             let meta = recv.meta()[m];
@@ -1012,6 +1222,7 @@ fn offload_for_tun(pkt: &mut [u8], hdr: Option<VnetHdr>) -> Result<VnetHdr, Drop
     if h.is_gso() || hdr.needs_csum() {
         return Ok(h);
     }
-    vnet::complete_csum(&mut pkt[..end], ihl, usize::from(offset)).map_err(|_| DropReason::Malformed)?;
+    vnet::complete_csum(&mut pkt[..end], ihl, usize::from(offset))
+        .map_err(|_| DropReason::Malformed)?;
     Ok(VnetHdr::default())
 }

@@ -10,8 +10,8 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use podrouter_core::classify::{
-    format_mac, parse_mac, Cidr, DropReason, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec,
-    Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
+    format_mac, parse_mac, Cidr, DropReason, MasqueradeSpec, NextHop, NodeSpec, PeerSpec,
+    RoutingMode, TableSpec, Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
 };
 use podrouter_core::encap;
 use podrouter_io::counters::{Dir, Path, DIRECTIONS, STATS};
@@ -47,15 +47,25 @@ impl<'py> Reader<'py> {
     fn new(obj: &Bound<'py, PyAny>, path: &str) -> PyResult<Reader<'py>> {
         let d = obj
             .downcast::<PyDict>()
-            .map_err(|_| bad(if path.is_empty() { "spec" } else { path }, "must be a dict"))?
+            .map_err(|_| {
+                bad(
+                    if path.is_empty() { "spec" } else { path },
+                    "must be a dict",
+                )
+            })?
             .clone();
-        Ok(Reader { d, path: path.to_string() })
+        Ok(Reader {
+            d,
+            path: path.to_string(),
+        })
     }
 
     /// Rejects keys outside `known`: a typo must not silently fall back to a default.
     fn only(&self, known: &[&str]) -> PyResult<()> {
         for k in self.d.keys() {
-            let name: String = k.extract().map_err(|_| bad(&self.path_or_spec(), "keys must be strings"))?;
+            let name: String = k
+                .extract()
+                .map_err(|_| bad(&self.path_or_spec(), "keys must be strings"))?;
             if !known.contains(&name.as_str()) {
                 return Err(bad(&join(&self.path, &name), "unknown key"));
             }
@@ -86,21 +96,30 @@ impl<'py> Reader<'py> {
 
     fn str_(&self, key: &str) -> PyResult<String> {
         let v = self.req(key)?;
-        v.extract().map_err(|_| bad(&self.key(key), format!("{} is not a string", repr(&v))))
+        v.extract()
+            .map_err(|_| bad(&self.key(key), format!("{} is not a string", repr(&v))))
     }
 
     fn opt_str(&self, key: &str) -> PyResult<Option<String>> {
         match self.opt(key)? {
             None => Ok(None),
-            Some(v) => v.extract().map(Some).map_err(|_| bad(&self.key(key), format!("{} is not a string", repr(&v)))),
+            Some(v) => v
+                .extract()
+                .map(Some)
+                .map_err(|_| bad(&self.key(key), format!("{} is not a string", repr(&v)))),
         }
     }
 
     fn int<T: TryFrom<i64>>(&self, key: &str, v: &Bound<'py, PyAny>) -> PyResult<T> {
         if v.is_instance_of::<pyo3::types::PyBool>() {
-            return Err(bad(&self.key(key), format!("{} is not an integer", repr(v))));
+            return Err(bad(
+                &self.key(key),
+                format!("{} is not an integer", repr(v)),
+            ));
         }
-        let i: i64 = v.extract().map_err(|_| bad(&self.key(key), format!("{} is not an integer", repr(v))))?;
+        let i: i64 = v
+            .extract()
+            .map_err(|_| bad(&self.key(key), format!("{} is not an integer", repr(v))))?;
         T::try_from(i).map_err(|_| bad(&self.key(key), format!("{i} is out of range")))
     }
 
@@ -114,13 +133,16 @@ impl<'py> Reader<'py> {
     fn bool_or(&self, key: &str, default: bool) -> PyResult<bool> {
         match self.opt(key)? {
             None => Ok(default),
-            Some(v) => v.extract().map_err(|_| bad(&self.key(key), format!("{} is not a boolean", repr(&v)))),
+            Some(v) => v
+                .extract()
+                .map_err(|_| bad(&self.key(key), format!("{} is not a boolean", repr(&v)))),
         }
     }
 
     fn ipv4(&self, key: &str) -> PyResult<Ipv4Addr> {
         let s = self.str_(key)?;
-        s.parse().map_err(|_| bad(&self.key(key), format!("'{s}' is not an IPv4 address")))
+        s.parse()
+            .map_err(|_| bad(&self.key(key), format!("'{s}' is not an IPv4 address")))
     }
 
     fn list(&self, key: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
@@ -143,7 +165,9 @@ impl<'py> Reader<'py> {
             .enumerate()
             .map(|(i, v)| {
                 let p = format!("{}[{i}]", self.key(key));
-                let s: String = v.extract().map_err(|_| bad(&p, format!("{} is not a string", repr(v))))?;
+                let s: String = v
+                    .extract()
+                    .map_err(|_| bad(&p, format!("{} is not a string", repr(v))))?;
                 Cidr::from_str(&s).map_err(|_| bad(&p, format!("'{s}' is not a CIDR")))
             })
             .collect()
@@ -158,15 +182,20 @@ impl<'py> Reader<'py> {
 }
 
 fn repr(v: &Bound<'_, PyAny>) -> String {
-    v.repr().map(|r| r.to_string()).unwrap_or_else(|_| "value".into())
+    v.repr()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| "value".into())
 }
 
 fn mode(r: &Reader<'_>, key: &str) -> PyResult<Option<RoutingMode>> {
     match r.opt_str(key)? {
         None => Ok(None),
-        Some(s) => RoutingMode::parse(&s)
-            .map(Some)
-            .ok_or_else(|| bad(&r.key(key), format!("'{s}' is not one of tunnel, native, hybrid"))),
+        Some(s) => RoutingMode::parse(&s).map(Some).ok_or_else(|| {
+            bad(
+                &r.key(key),
+                format!("'{s}' is not one of tunnel, native, hybrid"),
+            )
+        }),
     }
 }
 
@@ -185,10 +214,15 @@ fn next_hop(r: Option<Reader<'_>>) -> PyResult<Option<NextHop>> {
     };
     r.only(&["ip", "mac"])?;
     let ip_s = r.str_("ip")?;
-    let ip: IpAddr = ip_s.parse().map_err(|_| bad(&r.key("ip"), format!("'{ip_s}' is not an IP address")))?;
+    let ip: IpAddr = ip_s
+        .parse()
+        .map_err(|_| bad(&r.key("ip"), format!("'{ip_s}' is not an IP address")))?;
     let mac = match r.opt_str("mac")? {
         None => None,
-        Some(m) => Some(parse_mac(&m).ok_or_else(|| bad(&r.key("mac"), format!("'{m}' is not a MAC address")))?),
+        Some(m) => Some(
+            parse_mac(&m)
+                .ok_or_else(|| bad(&r.key("mac"), format!("'{m}' is not a MAC address")))?,
+        ),
     };
     Ok(Some(NextHop { ip, mac }))
 }
@@ -210,7 +244,11 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
     ])?;
     let node = r.child("node")?.ok_or_else(|| bad("node", "missing"))?;
     node.only(&["name", "address", "pod_cidrs"])?;
-    let node = NodeSpec { name: node.str_("name")?, address: node.ipv4("address")?, pod_cidrs: node.cidrs("pod_cidrs")? };
+    let node = NodeSpec {
+        name: node.str_("name")?,
+        address: node.ipv4("address")?,
+        pod_cidrs: node.cidrs("pod_cidrs")?,
+    };
     let mut tunnel = TunnelSpec::default();
     if let Some(t) = r.child("tunnel")? {
         t.only(&["protocol", "vni", "vxlan_port", "geneve_port"])?;
@@ -235,7 +273,15 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
     let mut peers = Vec::new();
     for (i, p) in r.list("peers")?.iter().enumerate() {
         let p = Reader::new(p, &format!("peers[{i}]"))?;
-        p.only(&["name", "address", "pod_cidrs", "mode", "tunnel_protocol", "on_link", "next_hop"])?;
+        p.only(&[
+            "name",
+            "address",
+            "pod_cidrs",
+            "mode",
+            "tunnel_protocol",
+            "on_link",
+            "next_hop",
+        ])?;
         peers.push(PeerSpec {
             name: p.str_("name")?,
             address: p.ipv4("address")?,
@@ -285,7 +331,10 @@ fn verdict_dict<'py>(py: Python<'py>, t: &CoreTables, v: Verdict) -> PyResult<Bo
     let hop = |d: &Bound<'py, PyDict>, id| -> PyResult<()> {
         let h = t.next_hop(id);
         d.set_item("next_hop", h.map(|h| h.ip.to_string()))?;
-        d.set_item("next_hop_mac", h.and_then(|h| h.mac).map(|m| format_mac(&m)))
+        d.set_item(
+            "next_hop_mac",
+            h.and_then(|h| h.mac).map(|m| format_mac(&m)),
+        )
     };
     match v {
         Verdict::Local => d.set_item("verdict", "local")?,
@@ -298,7 +347,13 @@ fn verdict_dict<'py>(py: Python<'py>, t: &CoreTables, v: Verdict) -> PyResult<Bo
             d.set_item("address", t.node_address().to_string())?;
             hop(&d, next_hop)?;
         }
-        Verdict::Tunnel { peer, proto, vni, remote, port } => {
+        Verdict::Tunnel {
+            peer,
+            proto,
+            vni,
+            remote,
+            port,
+        } => {
             d.set_item("verdict", "tunnel")?;
             d.set_item("peer", t.peer(peer).map(|p| p.name.clone()))?;
             d.set_item("protocol", proto.as_str())?;
@@ -319,7 +374,9 @@ impl Tables {
     #[new]
     fn new(py: Python<'_>, spec: &Bound<'_, PyAny>) -> PyResult<Tables> {
         let spec = table_spec(spec)?;
-        let t = py.allow_threads(|| CoreTables::build(&spec)).map_err(|e| bad(&e.path, &e.message))?;
+        let t = py
+            .allow_threads(|| CoreTables::build(&spec))
+            .map_err(|e| bad(&e.path, &e.message))?;
         Ok(Tables { inner: Arc::new(t) })
     }
 
@@ -358,8 +415,9 @@ impl Tables {
         payload: &[u8],
         outer_tos: u8,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let outer: Ipv4Addr =
-            outer_src.parse().map_err(|_| bad("outer_src", format!("'{outer_src}' is not an IPv4 address")))?;
+        let outer: Ipv4Addr = outer_src
+            .parse()
+            .map_err(|_| bad("outer_src", format!("'{outer_src}' is not an IPv4 address")))?;
         let t = &self.inner;
         let Some(proto) = t.tunnel().proto_for_port(udp_port) else {
             return drop_dict(py, DropReason::Unsupported);
@@ -418,7 +476,8 @@ fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
     let d = EngineConfig::default();
     let underlay_mac = match r.opt_str("underlay_mac")? {
         None => [0; 6],
-        Some(m) => parse_mac(&m).ok_or_else(|| bad("underlay_mac", format!("'{m}' is not a MAC address")))?,
+        Some(m) => parse_mac(&m)
+            .ok_or_else(|| bad("underlay_mac", format!("'{m}' is not a MAC address")))?,
     };
     let cfg = EngineConfig {
         tun_name: r.opt_str("tun_name")?.unwrap_or(d.tun_name),
@@ -465,8 +524,14 @@ impl Datapath {
     fn new(py: Python<'_>, config: &Bound<'_, PyAny>) -> PyResult<Datapath> {
         let cfg = engine_config(config)?;
         let name = cfg.tun_name.clone();
-        let e = py.allow_threads(|| Engine::new(cfg)).map_err(|e| os_err(&format!("creating TUN {name}"), e))?;
-        Ok(Datapath { tun_name: e.tun().name().to_string(), tun_ifindex: e.tun().ifindex(), engine: Mutex::new(Some(e)) })
+        let e = py
+            .allow_threads(|| Engine::new(cfg))
+            .map_err(|e| os_err(&format!("creating TUN {name}"), e))?;
+        Ok(Datapath {
+            tun_name: e.tun().name().to_string(),
+            tun_ifindex: e.tun().ifindex(),
+            engine: Mutex::new(Some(e)),
+        })
     }
 
     #[getter]
@@ -483,7 +548,9 @@ impl Datapath {
         let t = Arc::clone(&tables.inner);
         py.allow_threads(|| {
             let mut g = self.lock();
-            let e = g.as_mut().ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            let e = g
+                .as_mut()
+                .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
             e.start(t).map_err(|e| os_err("starting the datapath", e))
         })
     }
@@ -492,21 +559,30 @@ impl Datapath {
         let t = Arc::clone(&tables.inner);
         py.allow_threads(|| {
             let g = self.lock();
-            let e = g.as_ref().ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            let e = g
+                .as_ref()
+                .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
             e.swap_tables(t);
             Ok(())
         })
     }
 
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (snap, off, gen, workers, nat) = py.allow_threads(|| {
-            let g = self.lock();
-            g.as_ref().map(|e| {
-                let gen = e.tables().map_or(0, |t| t.generation());
-                (e.counters(), e.offload().clone(), gen, e.config().workers, e.nat_entries())
+        let (snap, off, gen, workers, nat) = py
+            .allow_threads(|| {
+                let g = self.lock();
+                g.as_ref().map(|e| {
+                    let gen = e.tables().map_or(0, |t| t.generation());
+                    (
+                        e.counters(),
+                        e.offload().clone(),
+                        gen,
+                        e.config().workers,
+                        e.nat_entries(),
+                    )
+                })
             })
-        })
-        .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
         let packets = PyDict::new(py);
         let bytes = PyDict::new(py);
         for p in Path::ALL {
@@ -523,8 +599,19 @@ impl Datapath {
         }
         let offload = PyDict::new(py);
         let f = off.tun_flags;
-        let names = [(1, "csum"), (2, "tso4"), (4, "tso6"), (8, "tso_ecn"), (0x20, "uso4"), (0x40, "uso6")];
-        let flags: Vec<&str> = names.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect();
+        let names = [
+            (1, "csum"),
+            (2, "tso4"),
+            (4, "tso6"),
+            (8, "tso_ecn"),
+            (0x20, "uso4"),
+            (0x40, "uso6"),
+        ];
+        let flags: Vec<&str> = names
+            .iter()
+            .filter(|(b, _)| f & b != 0)
+            .map(|(_, n)| *n)
+            .collect();
         offload.set_item("tun", PyList::new(py, flags)?)?;
         offload.set_item("udp_gso", off.udp_gso)?;
         offload.set_item("udp_gro", off.udp_gro)?;
@@ -537,7 +624,10 @@ impl Datapath {
         d.set_item("bytes", bytes)?;
         d.set_item("drops", drops)?;
         d.set_item("nat_entries", nat)?;
-        d.set_item("nat_alloc_failures", snap.drops[DropReason::NatExhausted.index()])?;
+        d.set_item(
+            "nat_alloc_failures",
+            snap.drops[DropReason::NatExhausted.index()],
+        )?;
         d.set_item("table_generation", gen)?;
         d.set_item("workers", workers)?;
         d.set_item("offload", offload)?;
@@ -563,7 +653,11 @@ impl Datapath {
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
-        format!("Datapath(tun={:?}, running={})", self.tun_name, self.is_running(py))
+        format!(
+            "Datapath(tun={:?}, running={})",
+            self.tun_name,
+            self.is_running(py)
+        )
     }
 }
 
