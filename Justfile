@@ -33,11 +33,17 @@ test-integration:
 # build every fuzz target and run each one briefly (`just fuzz TARGET 600` runs one for longer)
 fuzz-check seconds="15":
     command -v cargo-fuzz >/dev/null || cargo install --locked -q cargo-fuzz
-    cd rust/fuzz && cargo +nightly fuzz build -O
+    just _fuzz build --fuzz-dir rust/fuzz -O
     for t in {{fuzz_targets}}; do just fuzz $t {{seconds}}; done
 
 fuzz target seconds="60":
-    cd rust/fuzz && cargo +nightly fuzz run -O {{target}} -- -max_total_time={{seconds}} -rss_limit_mb=2048
+    just _fuzz run --fuzz-dir rust/fuzz -O {{target}} -- -max_total_time={{seconds}} -rss_limit_mb=2048
+
+# cargo-fuzz needs nightly's -Z flags; where no nightly toolchain is installed, stable with
+# RUSTC_BOOTSTRAP=1 accepts them (the toolchain cannot be fetched on every machine)
+_fuzz *args:
+    if rustup run nightly rustc --version >/dev/null 2>&1; then cargo +nightly fuzz {{args}}; \
+    else RUSTC_BOOTSTRAP=1 cargo fuzz {{args}}; fi
 
 lint:
     cargo fmt --all --check

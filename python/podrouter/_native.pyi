@@ -62,7 +62,11 @@ class Datapath:
       workers (int, default 1: one TUN queue each, IFF_MULTI_QUEUE above 1);
       offload (bool, default True: TUN TSO/USO, AF_PACKET vnet header, TUN write coalescing);
       tx_sockets (int, default 8: tunnel send sockets = distinct outer source ports);
-      batch (int, default 32: TUN reads / recvmmsg messages per wake-up).
+      batch (int, default 32: TUN reads / recvmmsg messages per wake-up);
+      nat (dict, optional): masquerade table limits and timeouts in seconds, each optional --
+        max_entries (default 1048576), tcp_syn_sent (120), tcp_established (7440),
+        tcp_fin_wait (120), tcp_time_wait (120), tcp_close (10), udp_unreplied (30),
+        udp_assured (120), icmp (30). Read at construction; the port range comes from the tables.
 
     The constructor creates the TUN device (the control plane then configures it with pyroute2);
     it raises ``ValueError`` for a bad config before touching anything and ``OSError`` when the

@@ -33,9 +33,10 @@ def inner(src: str = "10.244.2.1", dst: str = "10.244.1.1", marker: bytes = b"po
 
 
 def vxlan(payload: bytes, vni: int = 1) -> bytes:
-    return bytes(
-        VXLAN(flags=0x08, vni=vni) / Ether(src="02:00:00:00:02:01", dst="02:00:00:00:01:01") / payload
-    )
+    # the inner frame's EtherType follows the IP version nibble (IPv6 0x86DD, else IPv4 0x0800)
+    ethertype = 0x86DD if payload[:1] and payload[0] >> 4 == 6 else 0x0800
+    eth = Ether(src="02:00:00:00:02:01", dst="02:00:00:00:01:01", type=ethertype)
+    return bytes(VXLAN(flags=0x08, vni=vni) / eth / payload)
 
 
 def geneve(payload: bytes, vni: int = 1, options: bytes = b"", critical: bool = False) -> bytes:

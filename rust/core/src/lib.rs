@@ -5,9 +5,9 @@
 //! (`new_checked`) and reports a typed error that maps onto a drop reason.
 #![forbid(unsafe_code)]
 
-pub mod wire;
-pub mod lpm;
 pub mod classify;
-pub mod encap;
-pub mod nat;
 pub mod datapath;
+pub mod encap;
+pub mod lpm;
+pub mod nat;
+pub mod wire;

@@ -14,7 +14,13 @@
 //! * tunnel: segment in userspace straight into `[tunnel hdr][segment]` units laid back to back,
 //!   encapsulate each unit in place, and send the train with one UDP GSO `sendmmsg` entry per
 //!   ≤ 64 units;
-//! * masquerade: not wired yet (counted as `unsupported` drops); local / drop: counted.
+//! * masquerade: source NAT under the shared NAT mutex (`nat::translate_egress`), then out like
+//!   native to the gateway; a super-packet with an offloaded checksum is translated once;
+//! * local / drop: counted.
+//!
+//! Masquerade replies (worker 0): a filtered AF_PACKET copy of what reaches the node address on the
+//! masquerade ports, reverse-translated (`datapath::masquerade_reply`) and written to the TUN; the
+//! control plane drops the originals before the node's stack answers them (podrouter.nftables).
 //!
 //! Ingress (UDP, maybe a GRO train): split by the GRO segment size, decapsulate and validate each
 //! datagram, apply the RFC 6040 ECN rule, write the inner packet to the TUN.
@@ -28,9 +34,9 @@ use crate::udp::{self, RecvBatch, SendScratch, TxMsg, UdpSocket};
 use crate::vnet::{self, VnetHdr, VNET_HDR_LEN};
 use arc_swap::ArcSwapOption;
 use podrouter_core::classify::{DropReason, Tables, TunnelProto, Verdict};
-use podrouter_core::datapath::{self, EgressAction, IngressAction};
+use podrouter_core::datapath::{self, IngressAction};
 use podrouter_core::encap::{self, EncapParams};
-use podrouter_core::nat::{NatConfig, NatTable};
+use podrouter_core::nat::{self, NatConfig, NatTable};
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
@@ -85,6 +91,9 @@ pub struct EngineConfig {
     pub tx_sockets: usize,
     /// Most TUN reads (and `recvmmsg` messages) per batch.
     pub batch: usize,
+    /// Masquerade table limits and timeouts (`masquerade.timeouts`). The port range in here is
+    /// ignored: it comes from the tables (`masquerade.port_range`) at `start`.
+    pub nat: NatConfig,
 }
 
 impl Default for EngineConfig {
@@ -101,6 +110,7 @@ impl Default for EngineConfig {
             offload: true,
             tx_sockets: 8,
             batch: 32,
+            nat: NatConfig::default(),
         }
     }
 }
@@ -129,9 +139,34 @@ impl EngineConfig {
                 return Err(format!("tun_mtu: {m} is not in 68..=65535"));
             }
         }
+        let n = &self.nat;
+        if n.max_entries == 0 || n.max_entries > MAX_NAT_ENTRIES {
+            return Err(format!(
+                "nat.max_entries: {} is not in 1..={MAX_NAT_ENTRIES}",
+                n.max_entries
+            ));
+        }
+        for (key, t) in [
+            ("tcp_syn_sent", n.tcp_syn_sent),
+            ("tcp_established", n.tcp_established),
+            ("tcp_fin_wait", n.tcp_fin_wait),
+            ("tcp_time_wait", n.tcp_time_wait),
+            ("tcp_close", n.tcp_close),
+            ("udp_unreplied", n.udp_unreplied),
+            ("udp_assured", n.udp_assured),
+            ("icmp", n.icmp),
+        ] {
+            // 0 would make every new mapping dead on arrival; a year is far past any sane timeout.
+            if t == 0 || t > 366 * 86400 {
+                return Err(format!("nat.{key}: {t} is not in 1..=31622400 seconds"));
+            }
+        }
         Ok(())
     }
 }
+
+/// Upper bound on `nat.max_entries` (the table costs about 100 bytes per entry).
+pub const MAX_NAT_ENTRIES: usize = 1 << 26;
 
 /// Which offloads the kernel granted, for `counters()["offload"]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -186,14 +221,14 @@ impl Engine {
             ..OffloadInfo::default()
         };
         Ok(Engine {
-            cfg,
             tun,
             tables: Arc::new(ArcSwapOption::empty()),
             counters,
             past_tx_errors: 0,
             offload,
             running: None,
-            nat: Arc::new(Mutex::new(NatTable::new(NatConfig::default()))),
+            nat: Arc::new(Mutex::new(NatTable::new(cfg.nat.clone()))),
+            cfg,
             epoch: Instant::now(),
         })
     }
@@ -231,7 +266,7 @@ impl Engine {
                 *nat = NatTable::new(NatConfig {
                     port_lo: lo,
                     port_hi: hi,
-                    ..NatConfig::default()
+                    ..self.cfg.nat.clone()
                 });
             }
         }
@@ -691,9 +726,13 @@ impl Worker {
             datapath::classify_packet(tables, &slot.buf[HEADROOM..HEADROOM + slot.len])?;
         // Link padding after the IP total length is not part of the packet (datapath::egress does the same).
         slot.len = meta.total_len;
-        // Same rule as datapath::egress: the kernel already decremented the TTL on its way into the
-        // TUN, and a packet at 1 could not survive the next hop.
-        if meta.ttl <= 1 {
+        // The kernel already decremented the TTL on its way into the TUN (podrouter is not a hop of
+        // its own). A masqueraded packet at TTL 1 goes on: the next router answers it with ICMP
+        // time exceeded to the node address, which comes back translated to the pod, so the hop
+        // shows up in a pod's traceroute (RFC 5508 §7, RFC 4787 REQ-14). Elsewhere the rule of
+        // datapath::egress stands: a packet at 1 could not survive the next hop.
+        let masquerade = matches!(verdict, Verdict::Masquerade { .. });
+        if meta.ttl == 0 || (meta.ttl == 1 && !masquerade) {
             return Err(DropReason::TtlExceeded);
         }
         match verdict {
@@ -723,7 +762,13 @@ impl Worker {
                     .ok_or(DropReason::NeighborUnresolved)?;
                 self.native(k, slot, hdr, mac, Path::Native, wire, frames_out)
             }
-            Verdict::Masquerade { .. } => self.masquerade(tables, now, k, slot, hdr, frames_out),
+            Verdict::Masquerade { next_hop } => {
+                let mac = tables
+                    .next_hop(next_hop)
+                    .and_then(|h| h.mac)
+                    .ok_or(DropReason::NeighborUnresolved)?;
+                self.masquerade(tables, mac, now, k, slot, hdr, frames_out)
+            }
             // The kernel routed a packet for our own pod CIDR into the TUN, so it has no route to
             // that pod; writing it back would only loop it through the TUN until its TTL runs out.
             Verdict::Local => Err(DropReason::NoRoute),
@@ -890,12 +935,16 @@ impl Worker {
         Ok(())
     }
 
-    /// Source NAT (core `datapath::egress` with the shared NAT table), then out natively. The NAT
-    /// rewrite updates checksums incrementally, which needs finished checksums: super-packets are
-    /// segmented first and partial checksums completed.
+    /// Source NAT (core `nat::translate_egress` with the shared NAT table), then out natively to
+    /// `mac` (the gateway). The NAT rewrite updates checksums incrementally, which needs finished
+    /// checksums: without a vnet-capable packet socket, super-packets are segmented first and
+    /// partial checksums completed. The verdict was taken by the caller, so the packet is not
+    /// classified twice.
+    #[allow(clippy::too_many_arguments)]
     fn masquerade(
         &self,
         tables: &Tables,
+        mac: [u8; 6],
         now: u64,
         k: usize,
         slot: &mut Slot,
@@ -904,82 +953,58 @@ impl Worker {
     ) -> Result<(), DropReason> {
         let pkt_sock = self.pkt.as_deref().ok_or(DropReason::NoRoute)?;
         let lh = Self::link_headroom(pkt_sock);
+        let node = tables.node_address();
         let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
         if pkt_sock.vnet_hdr() && hdr.needs_csum() {
             // Offloaded checksum (and maybe TSO): translate the (super-)packet once, rewrite the
             // checksum field as the pseudo-header sum of the translated addresses, and let the
             // kernel segment and checksum it behind the AF_PACKET socket, as on the native path.
             let wire = vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], hdr);
-            return match datapath::egress(
-                tables,
-                Some(&mut nat),
-                &mut slot.buf,
-                HEADROOM,
-                slot.len,
-                now,
-            ) {
-                EgressAction::Native {
-                    next_hop_mac,
-                    path,
-                    range,
-                } => {
-                    drop(nat);
-                    let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-                    let pkt = &mut slot.buf[range];
-                    let field = start + off;
-                    if pkt.len() < 20 || field + 2 > pkt.len() || start > pkt.len() {
-                        return Err(DropReason::Malformed);
-                    }
-                    let pseudo = crate::csum::pseudo_v4(
-                        &pkt[12..16],
-                        &pkt[16..20],
-                        pkt[9],
-                        (pkt.len() - start) as u16,
-                    );
-                    pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
-                    self.native(k, slot, hdr, next_hop_mac, path, wire, frames_out)
-                }
-                EgressAction::Drop(r) => Err(r),
-                _ => Err(DropReason::Unsupported),
-            };
+            let pkt = &mut slot.buf[HEADROOM..HEADROOM + slot.len];
+            nat::translate_egress(&mut nat, pkt, node, now)?;
+            drop(nat);
+            let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+            let field = start + off;
+            if pkt.len() < 20 || field + 2 > pkt.len() || start > pkt.len() {
+                return Err(DropReason::Malformed);
+            }
+            let pseudo = crate::csum::pseudo_v4(
+                &pkt[12..16],
+                &pkt[16..20],
+                pkt[9],
+                (pkt.len() - start) as u16,
+            );
+            pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+            return self.native(k, slot, hdr, mac, Path::Masquerade, wire, frames_out);
         }
         let mut one =
             |buf: &mut [u8], start: usize, len: usize, b: Buf| -> Result<(), DropReason> {
-                match datapath::egress(tables, Some(&mut nat), buf, start, len, now) {
-                    EgressAction::Native {
-                        range,
-                        next_hop_mac,
-                        path,
-                    } => {
-                        let et = if buf[range.start] >> 4 == 4 {
-                            af_packet::ETHERTYPE_IPV4
-                        } else {
-                            af_packet::ETHERTYPE_IPV6
-                        };
-                        let f = range.start - lh;
-                        if lh > af_packet::ETH_HLEN {
-                            VnetHdr::default().emit(&mut buf[f..]);
-                        }
-                        af_packet::write_eth(
-                            &mut buf[range.start - af_packet::ETH_HLEN..range.start],
-                            next_hop_mac,
-                            self.mac,
-                            et,
-                        );
-                        frames_out.push(FrameOut {
-                            buf: b,
-                            range: f..range.end,
-                            ethertype: et,
-                            path,
-                            pkts: 1,
-                            bytes: range.len() as u64,
-                        });
-                        Ok(())
-                    }
-                    EgressAction::Drop(r) => Err(r),
-                    // The verdict was masquerade a moment ago on the same tables; anything else is a bug.
-                    _ => Err(DropReason::Unsupported),
+                let range = start..start + len;
+                nat::translate_egress(&mut nat, &mut buf[range.clone()], node, now)?;
+                let et = if buf[start] >> 4 == 4 {
+                    af_packet::ETHERTYPE_IPV4
+                } else {
+                    af_packet::ETHERTYPE_IPV6
+                };
+                let f = start - lh;
+                if lh > af_packet::ETH_HLEN {
+                    VnetHdr::default().emit(&mut buf[f..]);
                 }
+                af_packet::write_eth(
+                    &mut buf[start - af_packet::ETH_HLEN..start],
+                    mac,
+                    self.mac,
+                    et,
+                );
+                frames_out.push(FrameOut {
+                    buf: b,
+                    range: f..range.end,
+                    ethertype: et,
+                    path: Path::Masquerade,
+                    pkts: 1,
+                    bytes: len as u64,
+                });
+                Ok(())
             };
         if !hdr.is_gso() {
             Self::finish_csum(slot, hdr)?;

@@ -14,6 +14,7 @@ use podrouter_core::classify::{
     RoutingMode, TableSpec, Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
 };
 use podrouter_core::encap;
+use podrouter_core::nat::NatConfig;
 use podrouter_io::counters::{Dir, Path, DIRECTIONS, STATS};
 use podrouter_io::{drop_reason_names, Engine, EngineConfig};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
@@ -472,6 +473,7 @@ fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
         "offload",
         "tx_sockets",
         "batch",
+        "nat",
     ])?;
     let d = EngineConfig::default();
     let underlay_mac = match r.opt_str("underlay_mac")? {
@@ -494,9 +496,41 @@ fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
         offload: r.bool_or("offload", d.offload)?,
         tx_sockets: r.int_or("tx_sockets", d.tx_sockets)?,
         batch: r.int_or("batch", d.batch)?,
+        nat: nat_config(r.child("nat")?, d.nat)?,
     };
     cfg.validate().map_err(PyValueError::new_err)?;
     Ok(cfg)
+}
+
+/// `config["nat"]`: masquerade table limits and timeouts in seconds (`masquerade.timeouts` of the
+/// daemon config); absent keys keep the core's defaults (Linux conntrack's, see core `nat`).
+fn nat_config(r: Option<Reader<'_>>, d: NatConfig) -> PyResult<NatConfig> {
+    let Some(r) = r else {
+        return Ok(d);
+    };
+    r.only(&[
+        "max_entries",
+        "tcp_syn_sent",
+        "tcp_established",
+        "tcp_fin_wait",
+        "tcp_time_wait",
+        "tcp_close",
+        "udp_unreplied",
+        "udp_assured",
+        "icmp",
+    ])?;
+    Ok(NatConfig {
+        max_entries: r.int_or("max_entries", d.max_entries)?,
+        tcp_syn_sent: r.int_or("tcp_syn_sent", d.tcp_syn_sent)?,
+        tcp_established: r.int_or("tcp_established", d.tcp_established)?,
+        tcp_fin_wait: r.int_or("tcp_fin_wait", d.tcp_fin_wait)?,
+        tcp_time_wait: r.int_or("tcp_time_wait", d.tcp_time_wait)?,
+        tcp_close: r.int_or("tcp_close", d.tcp_close)?,
+        udp_unreplied: r.int_or("udp_unreplied", d.udp_unreplied)?,
+        udp_assured: r.int_or("udp_assured", d.udp_assured)?,
+        icmp: r.int_or("icmp", d.icmp)?,
+        ..d
+    })
 }
 
 fn os_err(what: &str, e: std::io::Error) -> PyErr {
