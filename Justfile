@@ -34,7 +34,7 @@ test-integration:
 fuzz-check seconds="15":
     command -v cargo-fuzz >/dev/null || cargo install --locked -q cargo-fuzz
     just _fuzz build --fuzz-dir rust/fuzz -O
-    for t in {{fuzz_targets}}; do just fuzz $t {{seconds}}; done
+    for t in {{fuzz_targets}}; do echo "fuzz: $t for {{seconds}}s"; just fuzz $t {{seconds}} 2>&1 | tail -n 20; done
 
 fuzz target seconds="60":
     just _fuzz run --fuzz-dir rust/fuzz -O {{target}} -- -max_total_time={{seconds}} -rss_limit_mb=2048
