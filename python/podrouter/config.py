@@ -81,11 +81,36 @@ class TunnelConfig:
         return self.port if protocol == self.protocol else DEFAULT_PORTS[protocol]
 
 
+# Masquerade entry timeouts in seconds (the datapath's defaults follow Linux conntrack; see
+# docs/config.md). 0 would make every mapping dead on arrival; a year is past any sane timeout.
+NAT_TIMEOUTS = (
+    "tcp_syn_sent",
+    "tcp_established",
+    "tcp_fin_wait",
+    "tcp_time_wait",
+    "tcp_close",
+    "udp_unreplied",
+    "udp_assured",
+    "icmp",
+)
+NAT_TIMEOUT_MAX = 366 * 86400
+NAT_MAX_ENTRIES = 1 << 26  # the datapath's bound (about 100 bytes per entry)
+
+
 @dataclass(frozen=True)
 class MasqueradeConfig:
     enabled: bool = True
     non_masquerade_cidrs: tuple[IPNetwork, ...] = ()
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+    timeouts: Mapping[str, int] = field(default_factory=dict)  # only the ones set; others: defaults
+    max_entries: int | None = None
+
+    def nat_config(self) -> dict[str, int]:
+        """The datapath's `nat` config (only what the config sets)."""
+        out = dict(self.timeouts)
+        if self.max_entries is not None:
+            out["max_entries"] = self.max_entries
+        return out
 
 
 @dataclass(frozen=True)
@@ -540,7 +565,9 @@ class _Validator:
         return TunnelConfig(protocol=proto, port=port or DEFAULT_PORTS[proto], vni=vni, mtu=mtu)
 
     def masquerade(self, value: Any) -> MasqueradeConfig | None:
-        m = self.mapping("masquerade", value, ("enabled", "non_masquerade_cidrs", "port_range"))
+        m = self.mapping(
+            "masquerade", value, ("enabled", "non_masquerade_cidrs", "port_range", "timeouts", "max_entries")
+        )
         if m is None:
             return None
         enabled = self.boolean("masquerade.enabled", m.get("enabled", True))
@@ -550,9 +577,32 @@ class _Validator:
             rng, why = parse_port_range(m["port_range"])
             if why:
                 self.bad("masquerade.port_range", f"{_q(m['port_range'])} {why}")
-        if enabled is None or nonmasq is None or rng is None:
+        timeouts: dict[str, int] | None = {}
+        t = self.mapping("masquerade.timeouts", m.get("timeouts"), NAT_TIMEOUTS)
+        if t is None:
+            timeouts = None
+        else:
+            for key, raw in t.items():
+                if key in NAT_TIMEOUTS:
+                    n = self.integer(f"masquerade.timeouts.{key}", raw, 1, NAT_TIMEOUT_MAX)
+                    if n is None:
+                        timeouts = None
+                    elif timeouts is not None:
+                        timeouts[key] = n
+        max_entries = None
+        if m.get("max_entries") is not None:
+            max_entries = self.integer("masquerade.max_entries", m["max_entries"], 1, NAT_MAX_ENTRIES)
+            if max_entries is None:
+                return None
+        if enabled is None or nonmasq is None or rng is None or timeouts is None:
             return None
-        return MasqueradeConfig(enabled=enabled, non_masquerade_cidrs=nonmasq, port_range=rng)
+        return MasqueradeConfig(
+            enabled=enabled,
+            non_masquerade_cidrs=nonmasq,
+            port_range=rng,
+            timeouts=timeouts,
+            max_entries=max_entries,
+        )
 
     def peer(self, path: str, value: Any) -> PeerConfig | None:
         m = self.mapping(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import threading
 import time
@@ -48,6 +49,7 @@ log = logging.getLogger("podrouter")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+NAT_LOG_INTERVAL = 10.0  # seconds between two "masquerade range exhausted" log lines
 READY_NEIGHBOR_WAIT = 3.0  # seconds to wait for next-hop MACs before the first tables (bounded)
 
 
@@ -250,6 +252,10 @@ class Daemon:
         self.peer_views: list[PeerView] = []
         self.route_plan: list[RoutePlan] = []
         self.route_errors: list[str] = []
+        self.peer_rejects: dict[str, str] = {}
+        self._last_counter_check = 0.0
+        self._nat_exhausted_logged = 0
+        self._nat_log_at = -NAT_LOG_INTERVAL
         self._spec_key: Any = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -286,6 +292,15 @@ class Daemon:
             problems.extend(e.problems)
         if self.underlay is not None:
             problems.extend(self._underlay_problems(self.cfg))
+        if self.cfg.masquerade.enabled:
+            from podrouter import nftables
+
+            why = nftables.unavailable()
+            if why is not None:
+                problems.append(
+                    f"masquerade.enabled: the reply guard needs libnftables ({why}); install nftables "
+                    "or set masquerade.enabled: false"
+                )
         if problems:
             raise StartError(problems, EXIT_CONFIG)
         if apimod.socket_in_use(self.cfg.api.socket):
@@ -343,7 +358,8 @@ class Daemon:
             log.info("removing what a previous daemon (pid %d) left behind", recorded.pid)
             for line in cleanup(self.ipr, recorded):
                 log.info("  %s", line)
-            self._cleanup_shaping(recorded)
+            for line in self._cleanup_shaping(recorded):
+                log.info("  %s", line)
         self.plumbing = Plumbing(self.ipr, cfg.state_path, cfg.node.name, cfg.api.socket)
         self.plumbing.state.tun = TUN_NAME
         self.plumbing.save()
@@ -358,7 +374,10 @@ class Daemon:
                 "underlay_address": str(u.address),
                 "vxlan_port": cfg.tunnel.port_for("vxlan"),
                 "geneve_port": cfg.tunnel.port_for("geneve"),
-                "workers": 1,
+                # one worker per two cores, at most four: the rest is for the kernel's side of the
+                # TUN, veth and UDP paths, which costs about as much again
+                "workers": max(1, min(4, (os.cpu_count() or 2) // 2)),
+                "nat": cfg.masquerade.nat_config(),
                 "offload": True,
             }
         )
@@ -369,6 +388,7 @@ class Daemon:
         # per destination from the route (RTAX_MTU), so native destinations keep the full MTU
         self.ipr.link("set", index=tun_idx, mtu=u.mtu, state="up")
         self._node_sysctls()
+        self._sync_masquerade_guard(None, cfg)
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
         self.discovery = discovery.make(cfg, str(u.address))
@@ -396,8 +416,6 @@ class Daemon:
             len(self.pods),
             self.generation,
         )
-        for w in cfg.warnings:
-            log.warning("%s", w)
         for err in self.route_errors:
             log.warning("%s", err)
 
@@ -417,6 +435,26 @@ class Daemon:
         # no IPv6 link-local chatter (router solicitations, MLD) into the datapath
         if sysctl.read(sysctl.conf(TUN_NAME, "disable_ipv6", "ipv6")) is not None:
             ps.set_sysctl(sysctl.conf(TUN_NAME, "disable_ipv6", "ipv6"), 1)
+
+    def _sync_masquerade_guard(self, old: Config | None, new: Config) -> None:
+        """The nftables table that keeps masquerade replies from the node's own stack (nftables.py):
+        present exactly while masquerade is enabled, for the current node address and port range."""
+        from podrouter import nftables
+
+        before = (old.masquerade.enabled, old.masquerade.port_range) if old else (False, None)
+        after = (new.masquerade.enabled, new.masquerade.port_range)
+        if before == after:
+            return
+        if new.masquerade.enabled:
+            # recorded first, so that a crash right after still gets it removed by cleanup
+            self.plumbing.state.nft_guard = True
+            self.plumbing.save()
+            nftables.install_guard(str(self.underlay.address), new.masquerade.port_range)
+            log.info("masquerade reply guard installed (ports %d-%d)", *new.masquerade.port_range)
+        elif old is not None:
+            nftables.remove_guard()
+            self.plumbing.state.nft_guard = False
+            self.plumbing.save()
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
@@ -439,13 +477,44 @@ class Daemon:
                 with self.lock:
                     reasons |= self._dirty
                     self._dirty = set()
-                    self._refresh_peers(wait=False)
-                    self._reconcile_locked(", ".join(sorted(reasons)))
+                    try:
+                        self._refresh_peers(wait=False)
+                        self._reconcile_locked(", ".join(sorted(reasons)))
+                    except Exception:  # noqa: BLE001 - the running tables stay; the next event retries
+                        log.exception(
+                            "reconcile failed (%s); the datapath keeps its current tables",
+                            ", ".join(sorted(reasons)),
+                        )
+            self._watch_counters()
             if self.datapath is not None and not self.datapath.is_running():
                 log.error("the datapath stopped unexpectedly; shutting down")
                 self._exit_code = EXIT_FAILURE
                 break
         return self._exit_code
+
+    def _watch_counters(self) -> None:
+        """Say in the log, at most every NAT_LOG_INTERVAL seconds, when new flows are being refused
+        because the masquerade range is exhausted: the metric alone is easy to miss."""
+        now = time.monotonic()
+        if now - self._last_counter_check < 1.0:
+            return
+        self._last_counter_check = now
+        try:
+            n = int((self._counters().get("drops") or {}).get("nat_exhausted", 0))
+        except Exception:  # noqa: BLE001 - a closed datapath is noticed by is_running()
+            return
+        if n > self._nat_exhausted_logged and now - self._nat_log_at >= NAT_LOG_INTERVAL:
+            lo, hi = self.cfg.masquerade.port_range
+            log.warning(
+                "masquerade: %d new flows dropped (nat_exhausted): every port of masquerade.port_range "
+                "%d-%d is in use towards the same destination; widen the range or shorten "
+                "masquerade.timeouts",
+                n - self._nat_exhausted_logged,
+                lo,
+                hi,
+            )
+            self._nat_exhausted_logged = n
+            self._nat_log_at = now
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -480,6 +549,13 @@ class Daemon:
                     self.bandwidth.close()
                 except Exception:  # noqa: BLE001
                     log.exception("bandwidth manager close failed")
+            if self.plumbing is not None and self.plumbing.state.nft_guard:
+                try:
+                    from podrouter import nftables
+
+                    nftables.remove_guard()
+                except Exception:  # noqa: BLE001
+                    log.exception("removing the masquerade reply guard failed")
             if self.plumbing is not None:
                 try:
                     self.plumbing.teardown()
@@ -505,11 +581,22 @@ class Daemon:
         u = self.underlay
         wanted: dict[str, tuple[PeerConfig, bool, ipaddress.IPv4Address | None, str]] = {}
         sources: dict[str, str] = getattr(self.discovery, "sources", dict)()
+        rejected: dict[str, str] = {}
         for peer in self.discovery.peers():
             if peer.address == u.address or peer.name == self.cfg.node.name:
                 continue  # ourselves, as seen by discovery
+            # the tables refuse overlapping pod CIDRs; a discovery source that slipped one through
+            # must cost that peer, not the whole update (static peers come first and win)
+            why = self._peer_conflict(peer, [w[0] for w in wanted.values()])
+            if why:
+                rejected[peer.name] = why
+                continue
             nh = next_hop_for(self.ipr, u, peer.address)
             wanted[peer.name] = (peer, u.on_link(peer.address), nh, sources.get(peer.name, "static"))
+        for name, why in rejected.items():
+            if self.peer_rejects.get(name) != why:
+                log.warning("ignoring peer %s: %s", name, why)
+        self.peer_rejects = rejected
         hops = {nh for (_, _, nh, _) in wanted.values() if nh is not None}
         if u.gateway is not None:
             hops.add(u.gateway)
@@ -524,6 +611,21 @@ class Daemon:
             PeerView(peer, on_link, nh, macs.get(nh) if nh is not None else None, src)
             for (peer, on_link, nh, src) in sorted(wanted.values(), key=lambda w: w[0].name)
         ]
+
+    def _peer_conflict(self, peer: PeerConfig, accepted: list[PeerConfig]) -> str | None:
+        for net in peer.pod_cidrs:
+            for own in self.cfg.node.pod_cidrs:
+                if net.version == own.version and net.overlaps(own):  # type: ignore[arg-type]
+                    return f"pod CIDR {net} overlaps this node's {own}"
+            for other in accepted:
+                if other.name == peer.name:
+                    return "duplicate name"
+                if other.address == peer.address:
+                    return f"address {peer.address} is also peer {other.name}'s"
+                for o in other.pod_cidrs:
+                    if net.version == o.version and net.overlaps(o):  # type: ignore[arg-type]
+                        return f"pod CIDR {net} overlaps peer {other.name}'s {o}"
+        return None
 
     def _gateway(self) -> dict[str, Any] | None:
         u = self.underlay
@@ -630,6 +732,12 @@ class Daemon:
             metrics=self.cfg.metrics,
             tunnel=replace(new.tunnel, port=self.cfg.tunnel.port) if "tunnel.port" in fixed else new.tunnel,
             discovery=self.cfg.discovery if "discovery" in fixed else new.discovery,
+            masquerade=replace(
+                new.masquerade,
+                port_range=self.cfg.masquerade.port_range,
+                timeouts=self.cfg.masquerade.timeouts,
+                max_entries=self.cfg.masquerade.max_entries,
+            ),
         )
         for w in new.warnings:
             log.warning("%s", w)
@@ -637,6 +745,10 @@ class Daemon:
             old = self.cfg
             self.cfg = new
             self.discovery.update_config(new)
+            try:
+                self._sync_masquerade_guard(old, new)
+            except Exception:  # noqa: BLE001
+                log.exception("updating the masquerade reply guard failed")
             if new.bandwidth != old.bandwidth:
                 self._restart_bandwidth(new)
             old_pods = {p.name: p for p in old.pods}
@@ -648,8 +760,12 @@ class Daemon:
             for name, pod in new_pods.items():
                 if name not in self.pods or old_pods.get(name) != pod:
                     self._pod_install(pod, "config", raise_errors=False)
-            self._refresh_peers(wait=True)
-            self._reconcile_locked("SIGHUP")
+            try:
+                self._refresh_peers(wait=True)
+                self._reconcile_locked("SIGHUP")
+            except Exception:  # noqa: BLE001
+                log.exception("applying the reloaded config failed; the datapath keeps its current tables")
+                return
         log.info("reload done: %d peers, %d pods", len(self.peer_views), len(self.pods))
 
     def _restart_only_changes(self, new: Config) -> list[str]:
@@ -670,6 +786,12 @@ class Daemon:
             out.append("tunnel.port")
         if new.discovery != old.discovery:
             out.append("discovery")
+        # the datapath sizes its NAT table, its reply filter and (with it) the nftables guard from the
+        # range at start; moving the guard alone would hand live flows' replies to the node's stack
+        if new.masquerade.port_range != old.masquerade.port_range:
+            out.append("masquerade.port_range")
+        if new.masquerade.nat_config() != old.masquerade.nat_config():
+            out.append("masquerade.timeouts/max_entries")
         return out
 
     # ------------------------------------------------------------------------------------- pods
@@ -694,18 +816,25 @@ class Daemon:
         for entry in self.pods.values():
             self._shape(entry)
 
-    def _cleanup_shaping(self, recorded: statefile.State) -> None:
+    def _cleanup_shaping(self, recorded: statefile.State) -> list[str]:
+        """Remove the tc objects a dead daemon's bandwidth manager left (the QoS module knows which)."""
         try:
             from podrouter import qos
         except ImportError:
-            return
+            return []
         fn = getattr(qos, "cleanup", None)
         if fn is None:
-            return
+            return []
         from pyroute2 import IPRoute
 
+        kw: dict[str, Any] = {}
+        parse = getattr(qos, "parse_bandwidth_config", None)
+        if parse is not None:
+            with contextlib.suppress(ValueError):
+                kw["ifb_name"] = parse(dict(self.cfg.bandwidth.raw)).ifb_name
         with IPRoute() as ipr:
-            fn(ipr, [p["host_interface"] for p in recorded.pods.values()])
+            removed = fn(ipr, [p["host_interface"] for p in recorded.pods.values()], **kw)
+        return [f"removed shaping: {r}" for r in removed or []]
 
     def _shape(self, entry: PodEntry) -> None:
         pod = entry.pod
@@ -863,6 +992,7 @@ class Daemon:
                 "peers": peers,
                 "routes": routes,
                 "route_errors": list(self.route_errors),
+                "rejected_peers": dict(self.peer_rejects),
                 "pods": [self._pod_status(e) for e in sorted(self.pods.values(), key=lambda e: e.pod.name)],
                 "discovery": self.discovery.status() if self.discovery else {},
                 "counters": self._counters(),
@@ -907,8 +1037,6 @@ def _load_native() -> Any:
 
 
 def _getpid() -> int:
-    import os
-
     return os.getpid()
 
 
@@ -966,12 +1094,20 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
             EXIT_FAILURE,
         )
     done: list[str] = []
+    from podrouter import nftables
+
+    # the guard table has a fixed name, so it is found even without a state file
+    try:
+        if nftables.remove_guard():
+            done.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
+    except nftables.NftError as e:
+        done.append(f"could not remove nftables table {nftables.FAMILY} {nftables.TABLE}: {e}")
     with IPRoute() as ipr:
         done.extend(netlink_cleanup(ipr, recorded))
         if recorded is not None:
             d = Daemon(cfg)
             try:
-                d._cleanup_shaping(recorded)
+                done.extend(d._cleanup_shaping(recorded))
             except Exception as e:  # noqa: BLE001
                 done.append(f"removing shaping failed: {e}")
             tun = ipr.link_lookup(ifname=recorded.tun or TUN_NAME)

@@ -32,7 +32,7 @@ class State:
     sysctls: dict[str, str] = field(default_factory=dict)
     # pod name -> {"ip", "host_interface", "annotations", "source"}
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
-    shaped_interfaces: list[str] = field(default_factory=list)
+    nft_guard: bool = False  # the masquerade reply guard (nftables table ip podrouter) is installed
     format: int = FORMAT
 
     def to_json(self) -> str:

@@ -44,6 +44,8 @@ def kernel_is_clean(ref: ReferenceTopology, node: str) -> None:
     assert "podr0" not in host.ip("link show")
     rules = host.ip("rule show")
     assert "lookup 77" not in rules and "suppress_prefixlength" not in rules
+    assert host.try_run(["nft", "list", "table", "ip", "podrouter"]).returncode != 0
+    assert "podr-ifb0" not in host.ip("link show")
 
 
 def test_start_install_status_metrics_and_sigterm_removes_everything(
@@ -111,6 +113,29 @@ def test_start_install_status_metrics_and_sigterm_removes_everything(
     assert 'podrouter_packets_total{direction="egress",path="vxlan"}' in body
     assert "podrouter_peers 2.0" in body
 
+    # explain asks the live tables
+    r = d.cli(
+        "explain",
+        "10.244.1.1",
+        "10.244.3.1",
+        "--proto",
+        "tcp",
+        "--dport",
+        "80",
+        "--socket",
+        d.socket,
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    verdict = json.loads(r.stdout)["verdict"]
+    assert verdict["verdict"] == "native" and verdict["next_hop"] == "172.16.2.3"
+    assert verdict["next_hop_mac"] == peers["node3"]["next_hop_mac"]
+    r = d.cli("explain", "10.244.1.1", "10.244.2.1", "--socket", d.socket)
+    assert r.returncode == 0 and "tunnel" in r.stdout and "remote=172.16.3.2" in r.stdout
+    # the human status
+    r = d.cli("status", "--config", str(d.config))
+    assert r.returncode == 0 and "ready" in r.stdout.splitlines()[0] and "node3" in r.stdout
+
     code, err = d.stop()
     assert code == 0, err
     kernel_is_clean(ref, "node1")
@@ -140,6 +165,8 @@ def test_pods_through_the_api(ref: ReferenceTopology, daemons: Daemons) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert our_routes(n1)["10.244.1.1"]["dev"] == "veth-pod1"
+    shaping = {p["name"]: p["shaping"] for p in d.status()["pods"]}["pod1"]
+    assert shaping["egress_bps"] == 10_000_000 and not shaping["error"]
     assert sysctl_value(n1, "net.ipv4.conf.veth-pod1.proxy_arp") == "1"
     # the node answers the pod's ARP for its link-local gateway (DESIGN.md §4b), so the pod reaches
     # the node's own address
@@ -155,6 +182,24 @@ def test_pods_through_the_api(ref: ReferenceTopology, daemons: Daemons) -> None:
 
     listing = json.loads(d.cli("pod", "list", "--json", "--socket", d.socket).stdout)
     assert [p["name"] for p in listing] == ["pod1", "pod1b"]
+
+    # a bad annotation is not an API error: the pod is routed, its shaping reports the problem
+    r = d.cli(
+        "pod",
+        "add",
+        "pod1b",
+        "--ip",
+        "10.244.1.2",
+        "--host-interface",
+        "veth-pod1b",
+        "-a",
+        "kubernetes.io/egress-bandwidth=10 furlongs",
+        "--socket",
+        d.socket,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "shaping error" in r.stdout and "kubernetes.io/egress-bandwidth" in r.stdout
+    assert ref.pods["pod1"].host.ping("10.244.1.2", count=1)
 
     # errors come back as messages and exit 1; the daemon keeps running
     for args, msg in (
@@ -253,7 +298,9 @@ def test_sigkill_leftovers_are_removed_by_cleanup_and_by_the_next_start(
 ) -> None:
     n1 = ref.nodes["node1"]
     cfg = ref_config(ref, "node1", daemons.sockdir, masquerade={"enabled": True})
+    cfg["pods"][0]["annotations"] = {"kubernetes.io/egress-bandwidth": "10M"}
     d = daemons.start(n1, cfg)
+    assert "podr-ifb0" in n1.ip("link show")
     d.kill()
     # the TUN went with the process; routes through other devices, rules and sysctls did not
     left = our_routes(n1)
@@ -264,6 +311,9 @@ def test_sigkill_leftovers_are_removed_by_cleanup_and_by_the_next_start(
     r = d.cli("cleanup", "--config", str(d.config))
     assert r.returncode == 0, r.stderr
     assert "removed route 10.244.1.1/32" in r.stdout
+    assert "removed shaping: podr-ifb0" in r.stdout
+    assert "removed nftables table ip podrouter" in r.stdout
+    assert "podr-ifb0" not in n1.ip("link show")
     kernel_is_clean(ref, "node1")
     assert sysctl_value(n1, "net.ipv4.conf.veth-pod1.proxy_arp") == "0"
     assert not Path(d.socket).exists()

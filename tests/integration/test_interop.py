@@ -40,16 +40,19 @@ def inner_dst_mac_of_podrouter(ref: ReferenceTopology) -> str:
         [
             "python3",
             "-c",
+            "import sys\n"
             "from scapy.all import sniff\n"
             "from scapy.layers.vxlan import VXLAN\n"
             "from scapy.layers.l2 import Ether\n"
-            "p = sniff(iface='eth0', filter='udp dst port 4789', count=1, timeout=10)\n"
-            "print(p[0][VXLAN][Ether].dst if p else '')\n",
+            "p = sniff(iface='eth0', filter='udp dst port 4789', count=1, timeout=15,\n"
+            "          started_callback=lambda: print('ready', flush=True))\n"
+            "print(p[0][VXLAN][Ether].dst if p else '', flush=True)\n",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(1.0)
+    assert sniffer.stdout is not None
+    assert sniffer.stdout.readline().strip() == b"ready"  # scapy takes a while to import
     ref.pods["pod1"].host.ping("10.244.2.1", count=2, timeout=1)
     out, err = sniffer.communicate(timeout=20)
     mac = out.decode().strip()

@@ -739,6 +739,31 @@ def test_a_tcp_connection_survives_a_table_swap_and_sighup(
     assert d.alive()
 
 
+def test_a_port_range_change_waits_for_a_restart(
+    ref: ReferenceTopology, daemons: Daemons, server: subprocess.Popen[bytes]
+) -> None:
+    """The datapath builds its NAT table and reply filter from the range at start, so SIGHUP keeps
+    the running range, and with it the nftables guard: a guard moved to the new range would hand
+    the replies of every live connection to the node's stack, which resets them."""
+    n1 = ref.nodes["node1"]
+    cfg = masq_config(ref, daemons, port_range="61000-62999")
+    d = daemons.start(n1, cfg)
+    pod = ref.pods["pod1"].host
+    held = Held(pod, 2)
+    try:
+        assert all(61000 <= peer_of(s)[1] <= 62999 for s in held.read())
+        cfg["masquerade"]["port_range"] = "63000-65535"
+        write_config(d.config, cfg)
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: "masquerade.port_range changed" in d.logs(), 10, what="the restart warning")
+        assert "tcp dport 61000-62999" in nft_table(n1), nft_table(n1)
+        assert held.say("echo") == ["still-here"] * 2
+        fresh = try_connect(pod)
+        assert fresh is not None and 61000 <= peer_of(fresh)[1] <= 62999
+    finally:
+        held.close()
+
+
 def test_port_range_overlapping_ip_local_port_range_refuses_to_start(
     ref: ReferenceTopology, daemons: Daemons, tmp_path: Path
 ) -> None:

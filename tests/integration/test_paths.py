@@ -227,8 +227,22 @@ def test_sighup_adds_and_removes_a_peer_while_a_stream_runs(
     client = pod1.popen(
         # paced well below what the path carries, so a lost or stalled packet shows up as a
         # retransmission or a thin interval rather than being hidden in a saturated queue
-        ["iperf3", "-c", "10.244.2.1", "-p", "5301", "-t", "6", "-b", "200M", "-i", "0.5", "-J",
-         "--connect-timeout", "3000"]
+        [
+            "iperf3",
+            "-c",
+            "10.244.2.1",
+            "-p",
+            "5301",
+            "-t",
+            "6",
+            "-b",
+            "200M",
+            "-i",
+            "0.5",
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ]
     )
     try:
         time.sleep(1.5)
@@ -254,3 +268,58 @@ def test_sighup_adds_and_removes_a_peer_while_a_stream_runs(
     # (retransmissions are not asserted: a paced stream over veth + TUN shows a few even without
     # reloads, from slow start's first burst)
     assert d1.alive()
+
+
+# ------------------------------------------------------------------------------------- masquerade
+
+
+def test_masquerade_to_an_external_host(ref: ReferenceTopology, daemons: Daemons) -> None:
+    """pod1 reaches the external host behind R (203.0.113.10) under node1's address; TCP works both
+    for the first packets and for a bulk transfer, which needs the nftables guard (without it the
+    node's own stack would answer the replies with RSTs)."""
+    d1 = daemons.start(
+        ref.nodes["node1"],
+        ref_config(ref, "node1", daemons.sockdir, mode="tunnel", masquerade={"enabled": True}),
+    )
+    pod1, ext = ref.pods["pod1"].host, ref.external
+    with capture(ext, "eth0", "icmp or tcp") as seen:
+        assert pod1.ping(ref.EXTERNAL_ADDR, count=3)
+        iperf(pod1, ext, ref.EXTERNAL_ADDR, port=5501)
+    assert any("IP 172.16.2.2 > 203.0.113.10: ICMP echo request" in line for line in seen), seen[:5]
+    assert not any("10.244." in line for line in seen)
+    c = d1.counters()
+    assert c["packets"]["masquerade/egress"] > 0 and c["packets"]["masquerade/ingress"] > 0
+    assert c["nat_entries"] >= 1
+    ruleset = ref.nodes["node1"].run(["nft", "list", "table", "ip", "podrouter"])
+    assert "172.16.2.2" in ruleset and "61000-65535" in ruleset
+    code, _ = d1.stop()
+    assert code == 0
+    assert ref.nodes["node1"].try_run(["nft", "list", "table", "ip", "podrouter"]).returncode != 0
+
+
+def test_native_next_hop_mac_change_is_followed(ref: ReferenceTopology, daemons: Daemons) -> None:
+    """The datapath writes native frames itself (AF_PACKET), so the kernel never refreshes the
+    neighbour entry on its behalf: the daemon follows RTM_NEWNEIGH and re-probes, and swaps in the new
+    MAC when node3's changes -- announced (gratuitous ARP) or silently."""
+    ds = start_all(ref, daemons, ("node1", "node3"), mode="native")
+    pod1, n1, n3 = ref.pods["pod1"].host, ref.nodes["node1"], ref.nodes["node3"]
+    assert pod1.ping("10.244.3.1", count=2)
+
+    def node3_mac() -> str | None:
+        return {p["name"]: p for p in ds["node1"].status()["peers"]}["node3"]["next_hop_mac"]
+
+    # announced: with arp_notify the kernel sends a gratuitous ARP when the address changes, and
+    # node1's kernel updates its existing entry at once
+    n3.sysctl("net.ipv4.conf.eth0.arp_notify", 1)
+    n3.ip("link set eth0 address 02:aa:bb:cc:dd:03")
+    wait_for(lambda: node3_mac() == "02:aa:bb:cc:dd:03", 5, interval=0.2, what="the announced MAC")
+    assert pod1.ping("10.244.3.1", count=2)
+
+    # silent: only the neighbour state machine finds out (reachable -> stale -> probe -> failed), and
+    # the daemon re-resolves at once when the entry fails. Short timers keep the test short.
+    n1.sysctl("net.ipv4.neigh.eth0.base_reachable_time_ms", 1000)
+    n1.sysctl("net.ipv4.neigh.eth0.delay_first_probe_time", 1)
+    n3.sysctl("net.ipv4.conf.eth0.arp_notify", 0)
+    n3.ip("link set eth0 address 02:aa:bb:cc:dd:04")
+    wait_for(lambda: node3_mac() == "02:aa:bb:cc:dd:04", 30, interval=0.5, what="the silently changed MAC")
+    assert pod1.ping("10.244.3.1", count=3)

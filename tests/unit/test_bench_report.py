@@ -115,7 +115,9 @@ def _fake_result() -> dict:
         "reps": 2,
         "modes": modes,
         "masquerade": {
-            "results": {"nftables": {"summary": {"cps": {"median": 5000.0}, "tcp1_gbps": {"median": 9.0}}}},
+            "results": {
+                "nftables": {"summary": {"cps": summarize([5000.0, 4000.0]), "tcp1_gbps": summarize([9.0])}}
+            },
             "podrouter_unavailable": "no masquerade path yet",
         },
     }
@@ -128,7 +130,7 @@ def test_tables_and_plots(tmp_path: Path) -> None:
         assert name in table
     assert "(0.50x)" in table and "*" in table
     masq = report.masquerade_table(r["masquerade"])
-    assert "5000" in masq and "not available (no masquerade path yet)" in masq
+    assert "4500" in masq and "not available (no masquerade path yet)" in masq
     assert "not available (why)" in report.masquerade_table({"reason": "why"})
     written = report.plots(r, tmp_path)
     assert [p.name for p in written] == ["modes.png", "masquerade.png"]

@@ -251,3 +251,21 @@ def test_build_packet_rejects_nonsense() -> None:
         build_packet("10.0.0.1", "nope")
     with pytest.raises(ValueError):
         build_packet("10.0.0.1", "10.0.0.2", "sctp")
+
+
+def test_explain_offline_from_a_config() -> None:
+    cfg = str(Path(__file__).resolve().parents[2] / "configs" / "tunnel-geneve.yaml")
+    r = CliRunner().invoke(main, ["explain", "10.244.1.1", "10.244.2.1", "--config", cfg, "--json"])
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.stdout)["verdict"]
+    assert v["verdict"] == "tunnel" and v["protocol"] == "geneve" and v["remote"] == "172.16.3.2"
+    assert v["port"] == 6081 and v["vni"] == 42
+    r = CliRunner().invoke(
+        main, ["explain", "10.244.1.1", "10.244.3.9", "--config", cfg, "--proto", "tcp", "--dport", "443"]
+    )
+    assert r.exit_code == 0 and "tunnel" in r.stdout and "protocol=vxlan" in r.stdout
+    r = CliRunner().invoke(main, ["explain", "10.244.1.1", "10.244.1.7", "--config", cfg])
+    assert r.exit_code == 0 and r.stdout.startswith("10.244.1.1 -> 10.244.1.7 icmp: local")
+    r = CliRunner().invoke(main, ["explain", "10.244.1.1", "10.244.99.1", "--config", cfg, "--json"])
+    v = json.loads(r.stdout)["verdict"]
+    assert (v["verdict"], v["reason"]) == ("drop", "no_route")  # cluster space without a peer

@@ -24,8 +24,7 @@ COUNTERS: dict[str, Any] = {
 
 def scrape(counters: dict[str, Any], peers: int = 2, limits: dict[str, int | None] | None = None) -> str:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(PodrouterCollector(make_source(lambda: counters, lambda: peers,
-                                                lambda: limits or {})))  # type: ignore[arg-type]
+    reg.register(PodrouterCollector(make_source(lambda: counters, lambda: peers, lambda: limits or {})))  # type: ignore[arg-type]
     return generate_latest(reg).decode()
 
 
@@ -33,8 +32,13 @@ def test_exactly_the_contract_names() -> None:
     text = scrape(COUNTERS, limits={"web": 10_000_000, "db": None})
     samples = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     assert samples == {
-        "podrouter_packets_total", "podrouter_bytes_total", "podrouter_drops_total", "podrouter_nat_entries",
-        "podrouter_peers", "podrouter_pod_egress_rate_limit_bits", "podrouter_table_generation",
+        "podrouter_packets_total",
+        "podrouter_bytes_total",
+        "podrouter_drops_total",
+        "podrouter_nat_entries",
+        "podrouter_peers",
+        "podrouter_pod_egress_rate_limit_bits",
+        "podrouter_table_generation",
     }
 
 

@@ -117,6 +117,15 @@ pods: [{name: p, ip: 'fd00:10:244:1::5', host_interface: veth-p}]
         ("masquerade: {port_range: 80-90}", "masquerade.port_range: '80-90' must lie within 1024-65535"),
         ("masquerade: {port_range: 61000}", "masquerade.port_range: 61000 is not a port range 'lo-hi'"),
         ("masquerade: {enabled: yes please}", "masquerade.enabled: 'yes please' is not a boolean"),
+        (
+            "masquerade: {timeouts: {tcp_established: 0}}",
+            "masquerade.timeouts.tcp_established: 0 is out of range (1..31622400)",
+        ),
+        (
+            "masquerade: {timeouts: {tcp_estab: 60}}",
+            "masquerade.timeouts.tcp_estab: unknown key (did you mean 'tcp_established'?)",
+        ),
+        ("masquerade: {max_entries: 0}", "masquerade.max_entries: 0 is out of range (1..67108864)"),
         ("discovery: {backend: consul}", "discovery.backend: 'consul' is not one of: static, etcd"),
         (
             "discovery: {etcd: {endpoints: ['127.0.0.1:2379']}}",
@@ -311,3 +320,10 @@ def test_state_path_lives_next_to_the_socket() -> None:
 )
 def test_parse_port_range(value: object, ok: tuple[int, int] | None) -> None:
     assert config.parse_port_range(value)[0] == ok
+
+
+def test_masquerade_timeouts_reach_the_datapath_config_only_when_set() -> None:
+    cfg = config.loads(MINIMAL)
+    assert cfg.masquerade.nat_config() == {}
+    cfg = config.loads(MINIMAL + "masquerade: {timeouts: {udp_unreplied: 5, icmp: 3}, max_entries: 4096}\n")
+    assert cfg.masquerade.nat_config() == {"udp_unreplied": 5, "icmp": 3, "max_entries": 4096}

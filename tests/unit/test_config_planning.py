@@ -118,3 +118,50 @@ def test_spec_has_the_documented_shape() -> None:
         "on_link": True,
         "next_hop": {"ip": "172.16.2.3", "mac": "02:00:00:00:00:03"},
     }
+
+
+# --------------------------------------------- the Python plan agrees with the datapath's classifier
+
+CROSS = [
+    REF,
+    REF + "routing: {mode: hybrid, native_when_on_link: true}\n",
+    REF + "routing: {mode: hybrid, native_cidrs: [10.244.2.0/25]}\ntunnel: {protocol: geneve}\n",
+    REF + "routing: {mode: native}\n",
+    """
+node: {name: node1, pod_cidr: 10.244.1.0/24}
+cluster: {pod_cidr: 10.244.0.0/16}
+routing: {mode: hybrid, native_cidrs: [10.244.0.0/17]}
+peers:
+  - {name: node2, address: 172.16.3.2, pod_cidr: 10.244.2.0/24, mode: tunnel, tunnel_protocol: geneve}
+  - {name: node3, address: 172.16.2.3, pod_cidr: 10.244.200.0/24}
+  - {name: node4, address: 172.16.2.4, pod_cidr: 10.244.4.0/24, mode: native}
+""",
+]
+
+
+def test_route_paths_match_the_datapath_verdicts() -> None:
+    """Every route's path (which decides its MTU) is what `_native.Tables.classify` says for the first
+    and last address of that route -- the route MTU can never disagree with the path taken."""
+    from podrouter import _native
+    from podrouter.cli import build_packet
+
+    for text in CROSS:
+        cfg = config.loads(text)
+        peer_views = [
+            PeerView(
+                p,
+                str(p.address).startswith("172.16.2."),
+                ipaddress.IPv4Address("172.16.2.1"),
+                "02:00:00:00:00:01",
+            )
+            for p in cfg.peers
+        ]
+        spec = build_spec(cfg, 1, "172.16.2.2", {"ip": "172.16.2.1", "mac": "02:00:00:00:00:01"}, peer_views)
+        tables = _native.Tables(spec)
+        for r in plan_routes(cfg, peer_views, (), 1500):
+            if r.path not in ("native", "vxlan", "geneve"):
+                continue
+            for addr in (r.dst.network_address + 1, r.dst.broadcast_address - 1):
+                v = tables.classify(build_packet("10.244.1.1", str(addr), "udp", 53))
+                got = v["verdict"] if v["verdict"] == "native" else v.get("protocol")
+                assert got == r.path, (text, str(r.dst), addr, v)

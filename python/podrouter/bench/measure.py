@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -299,18 +300,20 @@ def rtt_sockperf(src: Host, dst: Host, dst_ip: str, seconds: float, port: int = 
 def ping_rtt(
     src: Host, dst_ip: str, count: int = 5, interval: float = 0.2, timeout: int = 2
 ) -> dict[str, Any] | None:
-    """ICMP echo; returns {"avg_ms", "min_ms", "max_ms", "loss"} or None when nothing came back."""
+    """ICMP echo; returns {"median_ms", "avg_ms", "min_ms", "max_ms", "loss"} or None when nothing
+    came back. The median is what a handful of pings can say reliably on a busy machine."""
     r = src.try_run(
-        ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(timeout), dst_ip],
+        ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", str(timeout), dst_ip],
         timeout=count * (interval + timeout) + 5,
     )
-    m = re.search(r"= ([0-9.]+)/([0-9.]+)/([0-9.]+)/", r.stdout)
+    times = [float(t) for t in re.findall(r"time=([0-9.]+) ms", r.stdout)]
     loss = re.search(r"([0-9.]+)% packet loss", r.stdout)
-    if not m:
+    if not times:
         return None
     return {
-        "min_ms": float(m.group(1)),
-        "avg_ms": float(m.group(2)),
-        "max_ms": float(m.group(3)),
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "avg_ms": sum(times) / len(times),
+        "max_ms": max(times),
         "loss": float(loss.group(1)) / 100 if loss else None,
     }

@@ -214,11 +214,16 @@ def plots(result: dict[str, Any], out: Path) -> list[Path]:
             axes, (("cps", "new connections/s"), ("tcp1_gbps", "TCP 1 stream Gbit/s")), strict=False
         ):
             names = [n for n in ("nftables", "podrouter") if n in masq["results"]]
-            vals = [masq["results"][n]["summary"].get(key, {}).get("median", 0.0) for n in names]
-            ax.bar(names, vals, color=["#999999", "#1f77b4"][: len(names)])
+            stats = [masq["results"][n]["summary"].get(key) for n in names]
+            vals = [st["median"] if st else 0.0 for st in stats]
+            err = [
+                [st["median"] - st["min"] if st else 0.0 for st in stats],
+                [st["max"] - st["median"] if st else 0.0 for st in stats],
+            ]
+            ax.bar(names, vals, yerr=err, capsize=3, color=["#999999", "#1f77b4"][: len(names)])
             ax.set_title(label)
             ax.grid(axis="y", alpha=0.3)
-        fig.suptitle("masquerade: podrouter vs nftables")
+        fig.suptitle("masquerade: podrouter vs nftables (median, whiskers = min..max)")
         fig.tight_layout()
         p = out / "masquerade.png"
         fig.savefig(p, dpi=100)

@@ -242,11 +242,13 @@ class EtcdDiscovery:
         reply = self.client.call(
             "/v3/kv/range", {"key": _b64(self.prefix), "range_end": _b64(prefix_end(self.prefix))}
         )
-        kvs = {_unb64(kv["key"]): _unb64(kv.get("value", "")) for kv in reply.get("kvs", [])}
+        # the oldest registration wins a conflict (a newcomer cannot take over a live node's CIDR)
+        ordered = sorted(reply.get("kvs", []), key=lambda kv: int(kv.get("create_revision", 0)))
+        kvs = {_unb64(kv["key"]): _unb64(kv.get("value", "")) for kv in ordered}
         revision = int(reply.get("header", {}).get("revision", 0))
-        found = {}
+        found: dict[str, PeerConfig] = {}
         for key, value in kvs.items():
-            peer = self._parse(key, value)
+            peer = self._parse(key, value, found)
             if peer is not None:
                 found[peer.name] = peer
         with self.lock:
@@ -311,7 +313,9 @@ class EtcdDiscovery:
             if not key.startswith(self.prefix):
                 continue
             name = key[len(self.prefix) :]
-            peer = None if deleted else self._parse(key, _unb64(kv.get("value", "")))
+            with self.lock:
+                accepted = dict(self._found)
+            peer = None if deleted else self._parse(key, _unb64(kv.get("value", "")), accepted)
             with self.lock:
                 before = self._found.get(name)
                 if peer is None:
@@ -323,6 +327,10 @@ class EtcdDiscovery:
                 changed = changed or before != self._found.get(name)
         with self.lock:
             self._revision = int(result.get("header", {}).get("revision", self._revision))
+            recheck = changed and bool(self._rejected)
+        if recheck:
+            # a node left: an entry rejected for overlapping it may be acceptable now
+            self._resync()
         if reput:
             self._reput()
         if changed:
@@ -337,7 +345,7 @@ class EtcdDiscovery:
 
     # ------------------------------------------------------------------------------- validation
 
-    def _parse(self, key: str, value: str) -> PeerConfig | None:
+    def _parse(self, key: str, value: str, accepted: dict[str, PeerConfig]) -> PeerConfig | None:
         """A discovered node, validated like a config peer; None (logged once) if unusable."""
         if key == self.key or not key.startswith(self.prefix):
             return None
@@ -359,7 +367,7 @@ class EtcdDiscovery:
             elif peer is not None and peer.name != name:
                 why = f"name {peer.name!r} does not match the key"
             elif peer is not None:
-                why = self._conflict(peer)
+                why = self._conflict(peer, accepted)
         with self.lock:
             if why is not None:
                 if self._rejected.get(key) != why:
@@ -369,7 +377,7 @@ class EtcdDiscovery:
             self._rejected.pop(key, None)
         return peer
 
-    def _conflict(self, peer: PeerConfig) -> str | None:
+    def _conflict(self, peer: PeerConfig, accepted: dict[str, PeerConfig]) -> str | None:
         cfg = self.cfg
         for net in peer.pod_cidrs:
             if not any(net.version == c.version and net.subnet_of(c) for c in cfg.cluster_cidrs):  # type: ignore[arg-type]
@@ -383,14 +391,13 @@ class EtcdDiscovery:
                     for o in other.pod_cidrs  # type: ignore[arg-type]
                 ):
                     return f"pod CIDR {net} overlaps static peer {other.name}"
-        with self.lock:
-            for other in self._found.values():
-                if other.name != peer.name and any(
-                    n.version == o.version and n.overlaps(o)  # type: ignore[arg-type]
-                    for n in peer.pod_cidrs
-                    for o in other.pod_cidrs
-                ):
-                    return f"pod CIDRs overlap those of {other.name}"
+        for other in accepted.values():
+            if other.name != peer.name and any(
+                n.version == o.version and n.overlaps(o)  # type: ignore[arg-type]
+                for n in peer.pod_cidrs
+                for o in other.pod_cidrs
+            ):
+                return f"pod CIDRs overlap those of {other.name}"
         return None
 
 

@@ -57,15 +57,23 @@ class NeighborWatcher:
         self.macs: dict[ipaddress.IPv4Address, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._ipr = IPRoute()  # requests (lookups, probes)
-        self._mon = IPRoute()  # notifications only
-        self._mon.bind(groups=RTMGRP_NEIGH | RTMGRP_LINK)
+        # Requests from the caller's thread (set_wanted, wait_resolved). The watcher thread opens its
+        # own sockets: a pyroute2 (0.9) socket bound to multicast groups delivers nothing when read
+        # from a thread other than the one that created it.
+        self._ipr = IPRoute()
+        self._thread_ipr: IPRoute | None = None
         self._last_probe: dict[ipaddress.IPv4Address, float] = {}
 
     # ------------------------------------------------------------------------------- lookups
 
+    def _req(self) -> IPRoute:
+        """The request socket of the calling thread."""
+        if self._thread_ipr is not None and threading.current_thread() is self._thread:
+            return self._thread_ipr
+        return self._ipr
+
     def lookup(self, ip: ipaddress.IPv4Address) -> str | None:
-        for n in self._ipr.get_neighbours(family=2, ifindex=self.ifindex, dst=str(ip)):
+        for n in self._req().get_neighbours(family=2, ifindex=self.ifindex, dst=str(ip)):
             if n["state"] & NUD_VALID and n.get_attr("NDA_LLADDR"):
                 return str(n.get_attr("NDA_LLADDR"))
         return None
@@ -73,7 +81,7 @@ class NeighborWatcher:
     def probe(self, ip: ipaddress.IPv4Address) -> None:
         self._last_probe[ip] = time.monotonic()
         try:
-            self._ipr.neigh("replace", dst=str(ip), ifindex=self.ifindex, flags=NTF_USE, state=0)
+            self._req().neigh("replace", dst=str(ip), ifindex=self.ifindex, flags=NTF_USE, state=0)
         except NetlinkError as e:
             log.debug("neighbour probe %s failed: %s", ip, e)
 
@@ -124,18 +132,30 @@ class NeighborWatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        for ipr in (self._mon, self._ipr):
-            with contextlib.suppress(Exception):
-                ipr.close()
+        with contextlib.suppress(Exception):
+            self._ipr.close()
 
     def _run(self) -> None:
+        mon = IPRoute()
+        mon.bind(groups=RTMGRP_NEIGH | RTMGRP_LINK)
+        self._thread_ipr = IPRoute()
+        try:
+            self._loop(mon)
+        finally:
+            for ipr in (mon, self._thread_ipr):
+                with contextlib.suppress(Exception):
+                    ipr.close()
+
+    def _loop(self, mon: IPRoute) -> None:
         last_refresh = time.monotonic()
+        # anything that changed between the caller's first lookup and the subscription above
+        self.on_change("neighbour watcher started")
         while not self._stop.is_set():
             try:
-                ready, _, _ = select.select([self._mon.fileno()], [], [], self.retry)
+                ready, _, _ = select.select([mon.fileno()], [], [], self.retry)
                 reasons: set[str] = set()
                 if ready:
-                    for msg in self._mon.get():
+                    for msg in mon.get():
                         reason = self._event(msg)
                         if reason:
                             reasons.add(reason)

@@ -12,8 +12,10 @@
 //!
 //! A new flow's node port starts at a seeded hash of the flow and probes upwards (wrapping in the
 //! range) for at most [`NatConfig::max_probe`] ports; a port held by an entry that has expired but
-//! not been swept yet is reclaimed on the way. No free port: [`NatError::Exhausted`] and existing
-//! flows are untouched.
+//! not been swept yet is reclaimed on the way, and so, for a new TCP connection (a SYN), is one
+//! held by a reset mapping (CLOSE). No such port: a SYN takes over a TIME-WAIT mapping's port
+//! towards the same endpoint, as Linux's SNAT does; otherwise [`NatError::Exhausted`] and
+//! existing flows are untouched.
 //!
 //! # Timeouts
 //!
@@ -548,7 +550,7 @@ impl NatTable {
                 return Err(NatError::TableFull);
             }
         }
-        let node_port = self.allocate(key, now)?;
+        let node_port = self.allocate(key, tcp_flags, now)?;
         let (state, fins) = next_state(key.proto, None, Dir::Orig, tcp_flags);
         let id = match self.free.pop() {
             Some(id) => {
@@ -572,26 +574,51 @@ impl NatTable {
         Ok(node_port)
     }
 
-    fn allocate(&mut self, key: &FlowKey, now: u64) -> Result<u16, NatError> {
+    /// A node port for the new flow `key`: the first port in probe order that is free (a port
+    /// held by an expired entry is free) or, when the flow opens a TCP connection (a SYN without
+    /// ACK or RST), held by a reset mapping (`TcpClose`: the RST left no state at either end; the
+    /// mapping only waited for stray packets). Failing both, an opening flow takes the first port
+    /// whose owner is in `TcpTimeWait`, as Linux's SNAT does when it runs out of ports
+    /// (`nf_nat_used_tuple_harder`): a remote still in TIME-WAIT accepts a new SYN with a newer
+    /// timestamp (RFC 6191) or answers it with an ACK that the client resets before retrying.
+    /// The owner taken over is forgotten. Without this, a client that opens and resets
+    /// connections to one server would pin every port of the range for the CLOSE timeout.
+    fn allocate(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Result<u16, NatError> {
         let (lo, hi) = (self.cfg.port_lo, self.cfg.port_hi);
         if lo > hi {
             return Err(NatError::BadConfig);
         }
+        let opening = key.proto == NatProto::Tcp
+            && tcp_flags & (tcp_flag::SYN | tcp_flag::ACK | tcp_flag::RST) == tcp_flag::SYN;
+        let mut closing: Option<(u16, FlowKey)> = None;
         let range = u32::from(hi - lo) + 1;
         let start = (self.fwd.hasher().hash_one(key) % u64::from(range)) as u32;
         for i in 0..range.min(self.cfg.max_probe.max(1)) {
             let port = lo + ((start + i) % range) as u16;
-            match self.rev.get(&RevKey::of(key, port)) {
-                None => return Ok(port),
-                Some(owner) if self.lookup(owner, now).is_none() => {
-                    let owner = *owner;
-                    self.remove(&owner);
-                    return Ok(port);
+            let Some(&owner) = self.rev.get(&RevKey::of(key, port)) else {
+                return Ok(port);
+            };
+            let reusable = match self.fwd.get(&owner) {
+                Some(h) if h.expires > now => {
+                    if opening && closing.is_none() && h.state == NatState::TcpTimeWait {
+                        closing = Some((port, owner));
+                    }
+                    opening && h.state == NatState::TcpClose
                 }
-                Some(_) => {}
+                _ => true,
+            };
+            if reusable {
+                self.remove(&owner);
+                return Ok(port);
             }
         }
-        Err(NatError::Exhausted)
+        match closing {
+            Some((port, owner)) => {
+                self.remove(&owner);
+                Ok(port)
+            }
+            None => Err(NatError::Exhausted),
+        }
     }
 
     /// A reply from `remote_ip:remote_port` to node port `node_port`: returns the flow it belongs
@@ -1100,6 +1127,51 @@ mod tests {
             t.egress(&flow(NatProto::Tcp, 1, "198.51.100.9", 1000), SYN, 1),
             Err(NatError::Exhausted)
         );
+    }
+
+    #[test]
+    fn a_new_tcp_connection_takes_over_a_closing_mapping_only_when_no_port_is_free() {
+        let mut t = NatTable::new(NatConfig {
+            port_lo: 61000,
+            port_hi: 61001,
+            ..NatConfig::default()
+        });
+        let a = flow(NatProto::Tcp, 40000, "203.0.113.1", 443);
+        let b = flow(NatProto::Tcp, 40001, "203.0.113.1", 443);
+        let pa = t.egress(&a, SYN, 0).unwrap();
+        let pb = t.egress(&b, SYN, 0).unwrap();
+        // `a` was reset (CLOSE, 10 s), `b` closed both ways (TIME_WAIT, 120 s).
+        t.egress(&a, RST, 1).unwrap();
+        t.egress(&b, FIN, 1).unwrap();
+        t.ingress(NatProto::Tcp, v4("203.0.113.1"), 443, pb, FIN, 1)
+            .unwrap();
+        assert_eq!(t.get(&b, 1).unwrap().state, NatState::TcpTimeWait);
+        // Not for anything but a SYN: a mid-stream packet, UDP and ICMP find the range full.
+        let c = flow(NatProto::Tcp, 40002, "203.0.113.1", 443);
+        assert_eq!(t.egress(&c, ACK, 2), Err(NatError::Exhausted));
+        assert_eq!(t.egress(&c, SYN | ACK, 2), Err(NatError::Exhausted));
+        assert_eq!(t.len(), 2);
+        // A SYN takes the reset mapping's port first; its owner is forgotten.
+        let pc = t.egress(&c, SYN, 2).unwrap();
+        assert_eq!(pc, pa);
+        assert_eq!(t.get(&a, 2), None);
+        // With no reset mapping left, the next SYN takes the TIME-WAIT one.
+        let c2 = flow(NatProto::Tcp, 40005, "203.0.113.1", 443);
+        assert_eq!(t.egress(&c2, SYN, 2), Ok(pb));
+        assert_eq!(t.get(&b, 2), None);
+        assert_eq!(
+            t.lookup_reverse(NatProto::Tcp, v4("203.0.113.1"), 443, pc, 2),
+            Some(c)
+        );
+        // Live connections are never taken over.
+        let e = flow(NatProto::Tcp, 40004, "203.0.113.1", 443);
+        assert_eq!(t.egress(&e, SYN, 3), Err(NatError::Exhausted));
+        assert_eq!(t.len(), 2);
+        // A free port is preferred to a reset mapping's only when it comes first in probe order;
+        // either way the port is not held by a live connection.
+        t.egress(&c, RST, 4).unwrap();
+        let d = flow(NatProto::Tcp, 40003, "203.0.113.1", 443);
+        assert_eq!(t.egress(&d, SYN, 5), Ok(pa));
     }
 
     #[test]

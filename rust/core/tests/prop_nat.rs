@@ -95,6 +95,22 @@ impl NatModel {
             .collect()
     }
 
+    /// Live flows towards `k`'s endpoint in `state`, with their ports: a new TCP connection (a
+    /// SYN) may take over a CLOSE one like a free port, and a TIME-WAIT one when nothing else is left.
+    fn in_state(&self, k: &FlowKey, state: NatState, now: u64) -> Vec<(FlowKey, u16)> {
+        self.map
+            .iter()
+            .filter(|(o, e)| {
+                e.expires > now
+                    && o.proto == k.proto
+                    && o.remote_ip == k.remote_ip
+                    && o.remote_port == k.remote_port
+                    && e.state == state
+            })
+            .map(|(o, e)| (*o, e.port))
+            .collect()
+    }
+
     fn owner(
         &self,
         proto: NatProto,
@@ -185,14 +201,112 @@ fn pool() -> Vec<FlowKey> {
     v
 }
 
+/// Runs `ops` against the table and the model over `flows`, checking after every step.
+fn check_model(flows: &[FlowKey], ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let c = cfg();
+    let mut t = NatTable::new(c.clone());
+    let mut m = NatModel::default();
+    let mut now = 1000u64;
+    for op in ops {
+        match op {
+            Op::Egress { flow, flags } => {
+                let k = flows[flow % flows.len()];
+                let got = t.egress(&k, flags, now);
+                if let Some(e) = m.live(&k, now) {
+                    prop_assert_eq!(got, Ok(e.port));
+                    m.touch(&k, false, flags, now, &c);
+                } else {
+                    let used = m.used_ports(&k, now);
+                    let free = usize::from(HI - LO + 1) - used.len();
+                    let opening = k.proto == NatProto::Tcp && flags & (SYN | ACK | RST) == SYN;
+                    let (reset, tw) = if opening {
+                        (
+                            m.in_state(&k, NatState::TcpClose, now),
+                            m.in_state(&k, NatState::TcpTimeWait, now),
+                        )
+                    } else {
+                        (vec![], vec![])
+                    };
+                    if free > 0 || !reset.is_empty() || !tw.is_empty() {
+                        let p = got.map_err(|e| {
+                            TestCaseError::fail(format!("{e:?} with {used:?} used"))
+                        })?;
+                        prop_assert!((LO..=HI).contains(&p));
+                        // a free port or a reset mapping's; a TIME-WAIT one only if neither exists
+                        let taken = reset
+                            .iter()
+                            .chain(if free == 0 && reset.is_empty() {
+                                &tw[..]
+                            } else {
+                                &[]
+                            })
+                            .find(|(_, cp)| *cp == p)
+                            .map(|(o, _)| *o);
+                        prop_assert!(
+                            taken.is_some() || !used.contains(&p),
+                            "port {} taken from {:?}",
+                            p,
+                            used
+                        );
+                        if let Some(old) = taken {
+                            m.map.remove(&old);
+                        }
+                        let (state, fins) = model_next(k.proto, None, false, flags);
+                        m.map.insert(
+                            k,
+                            MEntry {
+                                port: p,
+                                state,
+                                fins,
+                                expires: now + u64::from(c.timeout(state)),
+                            },
+                        );
+                    } else {
+                        prop_assert_eq!(got, Err(NatError::Exhausted));
+                    }
+                }
+            }
+            Op::Reply {
+                flow,
+                flags,
+                port_off,
+            } => {
+                let k = flows[flow % flows.len()];
+                let port = match m.live(&k, now) {
+                    Some(e) => LO + (e.port - LO + port_off) % (HI - LO + 1),
+                    None => LO + port_off,
+                };
+                let want = m.owner(k.proto, k.remote_ip, k.remote_port, port, now);
+                let got = t.ingress(k.proto, k.remote_ip, k.remote_port, port, flags, now);
+                prop_assert_eq!(got, want);
+                if let Some(owner) = want {
+                    m.touch(&owner, true, flags, now, &c);
+                }
+            }
+            Op::Advance(dt) => now += dt,
+            Op::Expire(budget) => {
+                t.expire(now, budget);
+                let live = m.map.values().filter(|e| e.expires > now).count();
+                prop_assert!(t.len() >= live);
+                if budget >= 1000 {
+                    prop_assert_eq!(t.len(), live, "a full sweep leaves only live entries");
+                }
+            }
+        }
+        for k in flows {
+            let got = t.get(k, now).map(|e| (e.node_port, e.state, e.expires));
+            let want = m.live(k, now).map(|e| (e.port, e.state, e.expires));
+            prop_assert_eq!(got, want, "flow {:?} at {}", k, now);
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
     fn table_matches_model(ops in prop::collection::vec(op(), 1..120), extra_pool in 0usize..8) {
-        let c = cfg();
-        let mut t = NatTable::new(c.clone());
-        let mut m = NatModel::default();
         let mut flows = pool();
         // Some extra flows to the first endpoint make exhaustion bite harder.
         for i in 0..extra_pool {
@@ -200,57 +314,23 @@ proptest! {
             f.pod_port = 50000 + i as u16;
             flows.push(f);
         }
-        let mut now = 1000u64;
-        for op in ops {
-            match op {
-                Op::Egress { flow, flags } => {
-                    let k = flows[flow % flows.len()];
-                    let got = t.egress(&k, flags, now);
-                    if let Some(e) = m.live(&k, now) {
-                        prop_assert_eq!(got, Ok(e.port));
-                        m.touch(&k, false, flags, now, &c);
-                    } else {
-                        let used = m.used_ports(&k, now);
-                        if used.len() == usize::from(HI - LO + 1) {
-                            prop_assert_eq!(got, Err(NatError::Exhausted));
-                        } else {
-                            let p = got.map_err(|e| TestCaseError::fail(format!("{e:?} with {used:?} used")))?;
-                            prop_assert!((LO..=HI).contains(&p));
-                            prop_assert!(!used.contains(&p), "port {} already used: {:?}", p, used);
-                            let (state, fins) = model_next(k.proto, None, false, flags);
-                            m.map.insert(k, MEntry { port: p, state, fins, expires: now + u64::from(c.timeout(state)) });
-                        }
-                    }
-                }
-                Op::Reply { flow, flags, port_off } => {
-                    let k = flows[flow % flows.len()];
-                    let port = match m.live(&k, now) {
-                        Some(e) => LO + (e.port - LO + port_off) % (HI - LO + 1),
-                        None => LO + port_off,
-                    };
-                    let want = m.owner(k.proto, k.remote_ip, k.remote_port, port, now);
-                    let got = t.ingress(k.proto, k.remote_ip, k.remote_port, port, flags, now);
-                    prop_assert_eq!(got, want);
-                    if let Some(owner) = want {
-                        m.touch(&owner, true, flags, now, &c);
-                    }
-                }
-                Op::Advance(dt) => now += dt,
-                Op::Expire(budget) => {
-                    t.expire(now, budget);
-                    let live = m.map.values().filter(|e| e.expires > now).count();
-                    prop_assert!(t.len() >= live);
-                    if budget >= 1000 {
-                        prop_assert_eq!(t.len(), live, "a full sweep leaves only live entries");
-                    }
-                }
-            }
-            for k in &flows {
-                let got = t.get(k, now).map(|e| (e.node_port, e.state, e.expires));
-                let want = m.live(k, now).map(|e| (e.port, e.state, e.expires));
-                prop_assert_eq!(got, want, "flow {:?} at {}", k, now);
-            }
-        }
+        check_model(&flows, ops)?;
+    }
+
+    /// TCP only, five connections for three ports towards one server: closing mappings, full
+    /// ranges and SYNs that take a closing port over are the common case here.
+    #[test]
+    fn tcp_port_takeover_matches_model(ops in prop::collection::vec(op(), 1..150)) {
+        let flows: Vec<FlowKey> = (0..5u16)
+            .map(|i| FlowKey {
+                proto: NatProto::Tcp,
+                pod_ip: Ipv4Addr::new(10, 244, 1, 10),
+                pod_port: 40000 + i,
+                remote_ip: Ipv4Addr::new(203, 0, 113, 1),
+                remote_port: 443,
+            })
+            .collect();
+        check_model(&flows, ops)?;
     }
 }
 

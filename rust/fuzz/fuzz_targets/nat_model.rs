@@ -83,11 +83,58 @@ fuzz_target!(|data: &[u8]| {
                         })
                         .map(|(_, e)| e.port)
                         .collect();
-                    if used.len() == usize::from(HI - LO + 1) {
+                    // A SYN may take a reset (CLOSE) mapping's port like a free one, and a
+                    // TIME-WAIT mapping's when neither is left; the owner is forgotten.
+                    let opening = k.proto == NatProto::Tcp && b & 0x16 == 0x02;
+                    let owned_in = |state: NatState| -> Vec<(FlowKey, u16)> {
+                        m.iter()
+                            .filter(|(o, e)| {
+                                opening
+                                    && e.expires > now
+                                    && e.state == state
+                                    && (o.proto, o.remote_ip, o.remote_port)
+                                        == (k.proto, k.remote_ip, k.remote_port)
+                            })
+                            .map(|(o, e)| (*o, e.port))
+                            .collect()
+                    };
+                    let (reset, tw) = (
+                        owned_in(NatState::TcpClose),
+                        owned_in(NatState::TcpTimeWait),
+                    );
+                    let free = usize::from(HI - LO + 1) - used.len();
+                    if free == 0 && (!reset.is_empty() || !tw.is_empty()) {
+                        let p = got.expect("a reset or TIME-WAIT port can be taken over");
+                        let pool = if reset.is_empty() { &tw } else { &reset };
+                        let (old, _) = *pool
+                            .iter()
+                            .find(|(_, cp)| *cp == p)
+                            .expect("the port taken over was a reset one, or TIME-WAIT if none");
+                        m.remove(&old);
+                        let (state, fins) = next_state(k.proto, None, Dir::Orig, b);
+                        let expires = now + u64::from(cfg.timeout(state));
+                        m.insert(
+                            k,
+                            M {
+                                port: p,
+                                state,
+                                fins,
+                                expires,
+                            },
+                        );
+                    } else if used.len() == usize::from(HI - LO + 1) {
                         assert_eq!(got, Err(NatError::Exhausted));
                     } else {
                         let p = got.expect("a free port exists");
-                        assert!((LO..=HI).contains(&p) && !used.contains(&p));
+                        assert!((LO..=HI).contains(&p));
+                        if used.contains(&p) {
+                            // probe order met a reset mapping before the free port
+                            let (old, _) = *reset
+                                .iter()
+                                .find(|(_, cp)| *cp == p)
+                                .expect("a live port is taken only from a reset mapping");
+                            m.remove(&old);
+                        }
                         let (state, fins) = next_state(k.proto, None, Dir::Orig, b);
                         let expires = now + u64::from(cfg.timeout(state));
                         m.insert(
