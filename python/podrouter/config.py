@@ -18,7 +18,7 @@ import difflib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -248,8 +248,6 @@ def loads(text: str, source: str = "<config>") -> Config:
 
 
 def _with_path(cfg: Config, source: str) -> Config:
-    from dataclasses import replace
-
     return replace(cfg, path=source)
 
 

@@ -924,6 +924,22 @@ class Daemon:
             self._reconcile_locked(f"pod {name} removed")
             return {"removed": name}
 
+    def _pods_status(self) -> list[dict[str, Any]]:
+        live: dict[str, Any] = {}
+        if self.bandwidth is not None:
+            try:
+                live = dict(self.bandwidth.status())  # with the tc counters of this moment
+            except Exception:  # noqa: BLE001 - status must answer even if tc cannot be read
+                log.exception("reading the shaping status failed")
+        out = []
+        with self.lock:
+            for e in sorted(self.pods.values(), key=lambda e: e.pod.name):
+                st = self._pod_status(e)
+                if e.pod.name in live:
+                    st["shaping"] = live[e.pod.name]
+                out.append(st)
+        return out
+
     def _pod_status(self, entry: PodEntry) -> dict[str, Any]:
         return {**entry.pod.as_dict(), "source": entry.source, "shaping": entry.shaping}
 
@@ -993,7 +1009,7 @@ class Daemon:
                 "routes": routes,
                 "route_errors": list(self.route_errors),
                 "rejected_peers": dict(self.peer_rejects),
-                "pods": [self._pod_status(e) for e in sorted(self.pods.values(), key=lambda e: e.pod.name)],
+                "pods": self._pods_status(),
                 "discovery": self.discovery.status() if self.discovery else {},
                 "counters": self._counters(),
             }
@@ -1021,7 +1037,7 @@ class Daemon:
             "status": lambda req: self.status(),
             "pod_add": lambda req: self.pod_add(req.get("pod")),
             "pod_del": lambda req: self.pod_del(req.get("name")),
-            "pod_list": lambda req: {"pods": self.status()["pods"]},
+            "pod_list": lambda req: {"pods": self._pods_status()},
             "explain": self.explain,
         }
 
