@@ -12,7 +12,7 @@ The reference plugin (/usr/lib/cni/bandwidth, Debian containernetworking-plugins
 CNI plugin on the pod's veth, with the same burst podrouter uses for the rate (max(rate * 1 ms,
 2 frames)); its TBF queue is then rate * 25 ms + burst (the plugin's fixed latency).
 
-    python bench/qos_bench.py --quick        # 4 s per measurement, ~2 minutes
+    python bench/qos_bench.py --quick        # 2 s per measurement, ~1 minute
     python bench/qos_bench.py                # 10 s per measurement
     python bench/qos_bench.py --json out.json
 
@@ -34,7 +34,7 @@ for p in (HERE, HERE.parent / "python"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from nettopo import Topology  # noqa: E402
+from podrouter.netns import Topology  # noqa: E402
 from qos.lab import (  # noqa: E402
     GOODPUT_PER_FRAME,
     SINK_ADDR,
@@ -107,8 +107,8 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    seconds = 4 if quick else 10
-    pings = 40 if quick else 150
+    seconds = 2 if quick else 10
+    pings = 25 if quick else 150
     rows = [
         _one(impl, direction, rate, seconds, pings)
         for rate in RATES for direction in DIRECTIONS for impl in IMPLS
@@ -157,7 +157,7 @@ def table(report: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="4 s measurements instead of 10 s")
+    ap.add_argument("--quick", action="store_true", help="2 s measurements instead of 10 s")
     ap.add_argument("--json", type=Path, help="also write the report here")
     args = ap.parse_args()
     report = run(quick=args.quick)

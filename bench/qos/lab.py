@@ -17,16 +17,10 @@ import re
 import shlex
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-_TESTS = Path(__file__).resolve().parents[2] / "tests"
-if str(_TESTS) not in sys.path:
-    sys.path.insert(0, str(_TESTS))
-
-from nettopo import Host, Topology  # noqa: E402
+from podrouter.netns import Host, Topology
 
 SINK_ADDR = "198.51.100.2"
 NODE_SINK_ADDR = "198.51.100.1"

@@ -36,10 +36,6 @@ def shaping(quick: bool, log: Any) -> dict[str, Any]:
     spec = importlib.util.spec_from_file_location("podrouter_qos_bench", path)
     if spec is None or spec.loader is None:
         return {"available": False, "reason": f"cannot load {path}"}
-    # qos_bench.py may still import the test-side name `nettopo` (now a re-export of podrouter.netns)
-    tests_dir = str(path.parent.parent / "tests")
-    if tests_dir not in sys.path:
-        sys.path.append(tests_dir)
     try:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
