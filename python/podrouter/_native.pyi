@@ -29,13 +29,18 @@ class Tables:
     def generation(self) -> int: ...
     @property
     def node_name(self) -> str: ...
+    @property
+    def vtep_mac(self) -> str:
+        """This node's VTEP MAC, ``02:70:<underlay IPv4 bytes>``: the inner Ethernet source of its
+        VXLAN frames (a Flannel-style kernel peer points its neighbour and FDB entries at it)."""
     def __new__(cls, spec: dict[str, Any]) -> Tables: ...
     def classify(self, packet: bytes) -> dict[str, Any]:
         """The verdict the datapath would give an IP packet leaving a local pod. Never raises for
         bad bytes: they are a drop verdict with the reason the datapath would count.
 
         Returns ``{"verdict": "tunnel", "peer": "node2", "protocol": "vxlan", "vni": 1,
-        "remote": "172.16.3.2", "port": 4789, "path": "vxlan", "src": ..., "dst": ...}``,
+        "remote": "172.16.3.2", "port": 4789, "vtep_mac": "02:70:ac:10:03:02", "path": "vxlan",
+        "src": ..., "dst": ...}`` (``vtep_mac``, the inner Ethernet destination, for VXLAN only),
         ``{"verdict": "native", "next_hop": "172.16.2.3", "next_hop_mac": "02:..." | None,
         "path": "native", ...}``, ``{"verdict": "local", "path": "local", ...}``,
         ``{"verdict": "masquerade", "address": "<node address>", "next_hop": ..., "next_hop_mac":

@@ -198,6 +198,7 @@ fn tables() -> Tables {
             tunnel_protocol: None,
             on_link: false,
             next_hop: None,
+            vtep_mac: None,
         })
         .collect();
     Tables::build(&TableSpec {

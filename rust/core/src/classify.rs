@@ -256,6 +256,11 @@ pub struct PeerSpec {
     /// Where native packets to this peer go: the peer itself when on-link, else the gateway.
     /// `None`: the gateway is used if the peer is not on-link.
     pub next_hop: Option<NextHop>,
+    /// The inner Ethernet destination of VXLAN frames to this peer: the MAC of the peer's VTEP
+    /// (a stock Linux vxlan device, as Flannel runs it, only accepts frames addressed to its own
+    /// MAC). `None`: the address podrouter synthesizes for the peer
+    /// ([`crate::datapath::vxlan_inner_mac`] of its underlay address), what a podrouter peer uses.
+    pub vtep_mac: Option<[u8; 6]>,
 }
 
 /// The plain-Rust mirror of the dict the control plane hands to `_native.Tables(spec)`
@@ -545,6 +550,9 @@ pub struct Peer {
     /// The effective tunnel protocol (override or node-wide).
     pub tunnel_protocol: TunnelProto,
     pub on_link: bool,
+    /// The inner Ethernet destination of VXLAN frames to this peer (the spec's `vtep_mac`, else
+    /// the synthesized one).
+    pub vtep_mac: [u8; 6],
     /// Verdict when this peer is reached natively (`Native` or a `Drop`).
     pub native: Verdict,
     /// Verdict when this peer is reached through the tunnel.
@@ -775,6 +783,9 @@ impl Tables {
                 mode: ps.mode.unwrap_or(spec.mode),
                 tunnel_protocol: proto,
                 on_link: ps.on_link,
+                vtep_mac: ps
+                    .vtep_mac
+                    .unwrap_or_else(|| crate::datapath::vxlan_inner_mac(ps.address)),
                 native,
                 tunnel: Verdict::Tunnel {
                     peer: PeerId(p as u32),
@@ -933,6 +944,19 @@ impl Tables {
         self.peers.get(id.0 as usize)
     }
 
+    /// The inner Ethernet destination for VXLAN frames to peer `id` (its configured VTEP MAC or
+    /// the synthesized one; the synthesized one of `remote` if `id` is out of range).
+    pub fn peer_vtep_mac(&self, id: PeerId, remote: Ipv4Addr) -> [u8; 6] {
+        self.peer(id)
+            .map_or_else(|| crate::datapath::vxlan_inner_mac(remote), |p| p.vtep_mac)
+    }
+
+    /// This node's VTEP MAC: the inner Ethernet source of every VXLAN frame it sends, the address
+    /// a kernel (Flannel-style) peer must point its neighbour and FDB entries for this node at.
+    pub fn vtep_mac(&self) -> [u8; 6] {
+        crate::datapath::vxlan_inner_mac(self.node_address)
+    }
+
     /// The peer whose underlay address is `addr`.
     pub fn peer_by_address(&self, addr: Ipv4Addr) -> Option<PeerId> {
         self.peer_by_addr.lookup(addr)
@@ -1009,6 +1033,7 @@ mod tests {
                         ip: ip("172.16.2.1"),
                         mac: Some(GW_MAC),
                     }),
+                    vtep_mac: None,
                 },
                 PeerSpec {
                     name: "node3".into(),
@@ -1021,6 +1046,7 @@ mod tests {
                         ip: ip("172.16.2.3"),
                         mac: Some(N3_MAC),
                     }),
+                    vtep_mac: None,
                 },
             ],
         }

@@ -96,9 +96,12 @@ impl IngressAction {
     }
 }
 
-/// The inner Ethernet address podrouter uses for a node inside VXLAN (RFC 7348 carries a whole
-/// L2 frame; podrouter's receiver ignores it, so any stable locally administered unicast address
-/// does): `02:70` followed by the node's underlay IPv4 address.
+/// The synthesized VTEP MAC of a node: `02:70` followed by its underlay IPv4 address (locally
+/// administered, unicast, stable across restarts). RFC 7348 carries a whole L2 frame; podrouter
+/// uses this as the inner source of every VXLAN frame it sends (so a Flannel-style kernel peer
+/// points its neighbour and FDB entries for this node at it; `podrouter status` shows it as
+/// `vtep_mac`) and as the inner destination towards a peer without a configured `vtep_mac`.
+/// podrouter's receiver ignores the inner Ethernet header.
 pub fn vxlan_inner_mac(node: Ipv4Addr) -> [u8; 6] {
     let [a, b, c, d] = node.octets();
     [0x02, 0x70, a, b, c, d]
@@ -176,11 +179,11 @@ fn egress_inner(
             })
         }
         Verdict::Tunnel {
+            peer,
             proto,
             vni,
             remote,
             port,
-            ..
         } => {
             let inner = &pkt[..len];
             let (src_port, tos) = (encap::udp_source_port(inner), encap::outer_tos(inner));
@@ -190,8 +193,8 @@ fn egress_inner(
                 src: tables.node_address(),
                 dst: remote,
                 dst_port: port,
-                inner_src_mac: vxlan_inner_mac(tables.node_address()),
-                inner_dst_mac: vxlan_inner_mac(remote),
+                inner_src_mac: tables.vtep_mac(),
+                inner_dst_mac: tables.peer_vtep_mac(peer, remote),
             };
             // Errors here mean the caller left no headroom: a bug, counted rather than hidden.
             let range = encap::encap_payload(buf, start, len, &params)
@@ -315,11 +318,16 @@ mod tests {
                 ip: IpAddr::V4(if on_link { v4(addr) } else { v4("172.16.2.1") }),
                 mac: Some(mac),
             }),
+            vtep_mac: None,
         }
     }
 
     /// The reference topology, hybrid with native_when_on_link (DESIGN.md §8), seen from `me`.
     fn tables_for(me: usize) -> Tables {
+        Tables::build(&spec_for(me)).unwrap()
+    }
+
+    fn spec_for(me: usize) -> TableSpec {
         let nodes = [
             ("node1", "172.16.2.2", "10.244.1.0/24", true),
             ("node2", "172.16.3.2", "10.244.2.0/24", false),
@@ -332,7 +340,7 @@ mod tests {
             .filter(|&(i, _)| i != me)
             .map(|(_, &(n, a, c, l))| peer(n, a, c, l && nodes[me].3, N3_MAC))
             .collect();
-        Tables::build(&TableSpec {
+        TableSpec {
             generation: 1,
             node: NodeSpec {
                 name: name.into(),
@@ -353,8 +361,7 @@ mod tests {
                 ..MasqueradeSpec::default()
             },
             peers,
-        })
-        .unwrap()
+        }
     }
 
     /// A UDP/IPv4 packet at offset MAX_HEADROOM of a buffer, plus 4 bytes of link padding.
@@ -418,6 +425,47 @@ mod tests {
         };
         assert_eq!((path, peer), (Path::Vxlan, Some(PeerId(0))));
         assert_eq!(&rx[range], &original[..]);
+    }
+
+    /// The inner Ethernet header of a VXLAN frame: our synthesized VTEP MAC as the source; the
+    /// peer's configured `vtep_mac` as the destination (a kernel vxlan device drops frames not
+    /// addressed to its own MAC), else the peer's synthesized one.
+    #[test]
+    fn vxlan_inner_macs_are_our_vtep_mac_and_the_peers() {
+        let inner_macs = |t: &Tables| {
+            let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", 63, 0);
+            let a = egress(t, None, &mut b, MAX_HEADROOM, len, 0);
+            let EgressAction::Tunnel { range, .. } = a else {
+                panic!("{a:?}")
+            };
+            let eth = &b[range.start + 8..range.start + 22];
+            (
+                <[u8; 6]>::try_from(&eth[..6]).unwrap(),
+                <[u8; 6]>::try_from(&eth[6..12]).unwrap(),
+                [eth[12], eth[13]],
+            )
+        };
+        let ours = [0x02, 0x70, 172, 16, 2, 2];
+        let t = tables_for(0);
+        assert_eq!(t.vtep_mac(), ours);
+        assert_eq!(
+            inner_macs(&t),
+            ([0x02, 0x70, 172, 16, 3, 2], ours, [0x08, 0x00])
+        );
+        let flannel = [0x3a, 0x1f, 0x9c, 0x44, 0x05, 0xe1];
+        let mut spec = spec_for(0);
+        let node2 = spec.peers.iter_mut().find(|p| p.name == "node2").unwrap();
+        node2.vtep_mac = Some(flannel);
+        let t = Tables::build(&spec).unwrap();
+        assert_eq!(inner_macs(&t), (flannel, ours, [0x08, 0x00]));
+        assert_eq!(
+            t.peers()
+                .iter()
+                .find(|p| p.name == "node2")
+                .unwrap()
+                .vtep_mac,
+            flannel
+        );
     }
 
     #[test]

@@ -231,10 +231,13 @@ fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 }
 
 /// Classic BPF (run on the Ethernet frame: the IPv4 header starts at [`ETH_HLEN`]) that accepts
-/// packets to `node` that may be masquerade replies: TCP/UDP with a destination port in
+/// the packets to `node` that can be masquerade replies: TCP/UDP with a destination port in
 /// `lo..=hi` (first fragments and unfragmented only), ICMP echo replies with an identifier in the
-/// range, and ICMP errors (destination unreachable, time exceeded, parameter problem), whose quoted
-/// packet the NAT checks.
+/// range, and ICMP errors (destination unreachable, time exceeded, parameter problem) quoting a
+/// packet we translated: a TCP/UDP source port or an echo request identifier in the range (RFC 792:
+/// the quote is the offending IP header plus at least 8 bytes, so both are present). Every other
+/// ICMP error to the node (about the node's own connections, whose ports lie outside the range)
+/// belongs to the node's stack alone and is not copied to us.
 pub fn masquerade_filter(node: std::net::Ipv4Addr, lo: u16, hi: u16) -> Vec<libc::sock_filter> {
     const LD_W_ABS: u16 = 0x20;
     const LD_H_ABS: u16 = 0x28;
@@ -242,38 +245,66 @@ pub fn masquerade_filter(node: std::net::Ipv4Addr, lo: u16, hi: u16) -> Vec<libc
     const LDX_MSH: u16 = 0xb1;
     const LD_H_IND: u16 = 0x48;
     const LD_B_IND: u16 = 0x50;
+    const AND_K: u16 = 0x54;
+    const LSH_K: u16 = 0x64;
+    const ADD_X: u16 = 0x0c;
+    const TAX: u16 = 0x07;
     const JEQ: u16 = 0x15;
     const JGE: u16 = 0x35;
     const JGT: u16 = 0x25;
     const JSET: u16 = 0x45;
     const RET: u16 = 0x06;
     let (lo, hi) = (u32::from(lo), u32::from(hi));
-    // Jump offsets count instructions after the current one: ACCEPT is 21, REJECT 22.
+    // Jump offsets count instructions after the current one: ACCEPT is 43, REJECT 44.
     const L2: u32 = ETH_HLEN as u32;
+    // The quoted IP header starts 8 bytes into the ICMP message (L2 + X + 8 with X = outer IHL).
+    const Q: u32 = L2 + 8;
     vec![
         /* 0 */ insn(LD_W_ABS, 0, 0, L2 + 16), // destination address
-        /* 1 */ insn(JEQ, 0, 20, u32::from(node)),
+        /* 1 */ insn(JEQ, 0, 42, u32::from(node)),
         /* 2 */ insn(LD_B_ABS, 0, 0, L2 + 9), // protocol
         /* 3 */ insn(JEQ, 2, 0, 6), // TCP -> 6
         /* 4 */ insn(JEQ, 1, 0, 17), // UDP -> 6
-        /* 5 */ insn(JEQ, 6, 16, 1), // ICMP -> 12, else REJECT
+        /* 5 */ insn(JEQ, 6, 38, 1), // ICMP -> 12, else REJECT
         /* 6 */ insn(LD_H_ABS, 0, 0, L2 + 6), // flags + fragment offset
-        /* 7 */ insn(JSET, 14, 0, 0x1fff), // a later fragment carries no ports: REJECT
+        /* 7 */ insn(JSET, 36, 0, 0x1fff), // a later fragment carries no ports: REJECT
         /* 8 */ insn(LDX_MSH, 0, 0, L2), // X = IP header length
         /* 9 */ insn(LD_H_IND, 0, 0, L2 + 2), // destination port
-        /* 10 */ insn(JGE, 0, 11, lo),
-        /* 11 */ insn(JGT, 10, 9, hi),
+        /* 10 */ insn(JGE, 0, 33, lo),
+        /* 11 */ insn(JGT, 32, 31, hi),
         /* 12 */ insn(LDX_MSH, 0, 0, L2),
         /* 13 */ insn(LD_B_IND, 0, 0, L2), // ICMP type
         /* 14 */ insn(JEQ, 0, 3, 0), // echo reply: check the identifier; else -> 18
         /* 15 */ insn(LD_H_IND, 0, 0, L2 + 4),
-        /* 16 */ insn(JGE, 0, 5, lo),
-        /* 17 */ insn(JGT, 4, 3, hi),
-        /* 18 */ insn(JEQ, 2, 0, 3), // destination unreachable
-        /* 19 */ insn(JEQ, 1, 0, 11), // time exceeded
-        /* 20 */ insn(JEQ, 0, 1, 12), // parameter problem
-        /* 21 */ insn(RET, 0, 0, 0x0004_0000), // ACCEPT (whole packet)
-        /* 22 */ insn(RET, 0, 0, 0), // REJECT
+        /* 16 */ insn(JGE, 0, 27, lo),
+        /* 17 */ insn(JGT, 26, 25, hi),
+        /* 18 */ insn(JEQ, 2, 0, 3), // destination unreachable -> 21
+        /* 19 */ insn(JEQ, 1, 0, 11), // time exceeded -> 21
+        /* 20 */ insn(JEQ, 0, 23, 12), // parameter problem -> 21, else REJECT
+        /* 21 */ insn(LD_B_IND, 0, 0, Q + 9), // quoted protocol
+        /* 22 */ insn(JEQ, 2, 0, 6), // TCP -> 25
+        /* 23 */ insn(JEQ, 1, 0, 17), // UDP -> 25
+        /* 24 */ insn(JEQ, 8, 19, 1), // ICMP -> 33, else REJECT
+        /* 25 */ insn(LD_B_IND, 0, 0, Q), // X += quoted IP header length
+        /* 26 */ insn(AND_K, 0, 0, 0x0f),
+        /* 27 */ insn(LSH_K, 0, 0, 2),
+        /* 28 */ insn(ADD_X, 0, 0, 0),
+        /* 29 */ insn(TAX, 0, 0, 0),
+        /* 30 */ insn(LD_H_IND, 0, 0, Q), // quoted source port: the node port we chose
+        /* 31 */ insn(JGE, 0, 12, lo),
+        /* 32 */ insn(JGT, 11, 10, hi),
+        /* 33 */ insn(LD_B_IND, 0, 0, Q), // X += quoted IP header length
+        /* 34 */ insn(AND_K, 0, 0, 0x0f),
+        /* 35 */ insn(LSH_K, 0, 0, 2),
+        /* 36 */ insn(ADD_X, 0, 0, 0),
+        /* 37 */ insn(TAX, 0, 0, 0),
+        /* 38 */ insn(LD_B_IND, 0, 0, Q), // quoted ICMP type: only our echo requests
+        /* 39 */ insn(JEQ, 0, 4, 8),
+        /* 40 */ insn(LD_H_IND, 0, 0, Q + 4), // quoted identifier
+        /* 41 */ insn(JGE, 0, 2, lo),
+        /* 42 */ insn(JGT, 1, 0, hi),
+        /* 43 */ insn(RET, 0, 0, 0x0004_0000), // ACCEPT (whole packet)
+        /* 44 */ insn(RET, 0, 0, 0), // REJECT
     ]
 }
 
@@ -359,6 +390,10 @@ mod tests {
                     Some(b) => x = u32::from(b & 0x0f) * 4,
                     None => return 0,
                 },
+                0x54 => a &= i.k,
+                0x64 => a <<= i.k,
+                0x0c => a = a.wrapping_add(x),
+                0x07 => x = a,
                 0x15 => pc += jump(a == i.k),
                 0x25 => pc += jump(a > i.k),
                 0x35 => pc += jump(a >= i.k),
@@ -429,9 +464,52 @@ mod tests {
             "echo reply out of range"
         );
         assert!(!accept(&ip(1, me, 0, &icmp(8, 61005))), "echo request");
+        // ICMP errors: only those quoting a packet we translated (source port / echo identifier
+        // in the range); the quoted header here has options (IHL 6) to exercise the offsets.
+        let error = |ty: u8, quoted_proto: u8, quoted_l4: &[u8]| {
+            let mut m = vec![ty, 0, 0, 0, 0, 0, 0, 0];
+            m.extend_from_slice(&[0x46, 0, 0, 60, 0, 0, 0x40, 0, 63, quoted_proto, 0, 0]);
+            m.extend_from_slice(&me);
+            m.extend_from_slice(&[203, 0, 113, 10, 1, 1, 0, 0]); // destination + NOP options
+            m.extend_from_slice(quoted_l4);
+            ip(1, me, 0, &m)
+        };
         for ty in [3, 11, 12] {
-            assert!(accept(&ip(1, me, 0, &icmp(ty, 0))), "ICMP error {ty}");
+            assert!(
+                accept(&error(ty, 6, &ports(61000, 443))),
+                "ICMP error {ty} about TCP"
+            );
+            assert!(
+                accept(&error(ty, 17, &ports(65000, 53))),
+                "ICMP error {ty} about UDP"
+            );
+            assert!(
+                accept(&error(ty, 1, &icmp(8, 61005))),
+                "ICMP error {ty} about a ping"
+            );
+            assert!(
+                !accept(&error(ty, 6, &ports(40000, 443))),
+                "ICMP error {ty} about a node connection"
+            );
+            assert!(
+                !accept(&error(ty, 17, &ports(65001, 53))),
+                "ICMP error {ty} above the range"
+            );
+            assert!(
+                !accept(&error(ty, 1, &icmp(8, 7))),
+                "ICMP error {ty} about the node's own ping"
+            );
+            assert!(
+                !accept(&error(ty, 1, &icmp(0, 61005))),
+                "ICMP error {ty} about an echo reply"
+            );
+            assert!(!accept(&error(ty, 47, &ports(61000, 443))), "quoted GRE");
         }
+        assert!(!accept(&error(4, 6, &ports(61000, 443))), "source quench");
+        assert!(
+            !accept(&error(3, 6, &[0xee])),
+            "quote too short for the port"
+        );
         assert!(!accept(&ip(6, me, 0, &[0xbb])), "truncated TCP header");
         assert!(!accept(&[0; 16]), "truncated IP header");
     }

@@ -301,8 +301,11 @@ impl Engine {
             }
             rx_sets.push(set);
         }
-        // Masquerade replies: one filtered AF_PACKET receive socket, served by worker 0. The filter
-        // is built from the tables at start; the node address and port range are restart-only.
+        // Masquerade replies: one filtered AF_PACKET receive socket, served by worker 0, open only
+        // while the tables enable masquerade (without it nothing of ours can come back, and the
+        // ICMP errors the filter would copy belong to the node's stack). Worker 0 opens or closes
+        // it when a table swap changes `masquerade.enabled`; the node address and port range of
+        // its filter are restart-only.
         let mut masq_rx = match cfg.underlay_ifindex {
             0 => None,
             idx => {
@@ -310,9 +313,12 @@ impl Engine {
                     .tables
                     .load_full()
                     .ok_or_else(|| io::Error::other("no tables"))?;
-                let (lo, hi) = t.masquerade().port_range;
-                let filter = af_packet::masquerade_filter(t.node_address(), lo, hi);
-                Some(PacketSocket::open_rx(idx, &filter, cfg.offload)?)
+                if t.masquerade().enabled {
+                    let (lo, hi) = t.masquerade().port_range;
+                    Some(open_masq_rx(idx, t.node_address(), lo, hi, cfg.offload)?)
+                } else {
+                    None
+                }
             }
         };
         self.offload.udp_gso = tx_pool.iter().all(UdpSocket::gso_enabled);
@@ -330,6 +336,7 @@ impl Engine {
                 tx: Arc::clone(&tx_pool),
                 pkt: pkt.clone(),
                 masq: masq_rx.take(),
+                masq_ifindex: if i == 0 { cfg.underlay_ifindex } else { 0 },
                 tables: Arc::clone(&self.tables),
                 counters: Arc::clone(&self.counters[i]),
                 stop: Arc::clone(&stop),
@@ -525,8 +532,11 @@ struct Worker {
     rx: Vec<(UdpSocket, TunnelProto)>,
     tx: Arc<[UdpSocket]>,
     pkt: Option<Arc<PacketSocket>>,
-    /// Masquerade replies (worker 0 only).
+    /// Masquerade replies (worker 0 only), as opened at start; `run` owns it from then on.
     masq: Option<PacketSocket>,
+    /// The underlay interface for the masquerade reply socket on worker 0 (0 elsewhere, or
+    /// without an underlay): worker 0 opens / closes the socket as `masquerade.enabled` changes.
+    masq_ifindex: u32,
     tables: Arc<ArcSwapOption<Tables>>,
     counters: Arc<WorkerCounters>,
     stop: Arc<AtomicBool>,
@@ -559,7 +569,8 @@ struct State {
 }
 
 impl Worker {
-    fn run(self) {
+    fn run(mut self) {
+        let mut masq = self.masq.take();
         let mut ep = match Epoll::new(4 + self.rx.len()) {
             Ok(e) => e,
             Err(_) => return,
@@ -569,7 +580,7 @@ impl Worker {
         for (i, (s, _)) in self.rx.iter().enumerate() {
             ok &= ep.add(s.as_raw_fd(), TOKEN_RX + i as u64).is_ok();
         }
-        if let Some(m) = &self.masq {
+        if let Some(m) = &masq {
             ok &= ep.add(m.as_raw_fd(), TOKEN_MASQ).is_ok();
         }
         if !ok {
@@ -593,6 +604,7 @@ impl Worker {
         };
         let mut ready = Vec::with_capacity(8);
         let mut last_expire = 0;
+        let mut masq_tried = None;
         while !self.stop.load(Ordering::Relaxed) {
             // The timeout is only a safety net; `stop` signals the eventfd.
             if ep.wait(500, &mut ready).is_err() {
@@ -601,6 +613,7 @@ impl Worker {
             if self.stop.load(Ordering::Relaxed) {
                 break;
             }
+            self.sync_masq(&mut ep, &mut masq, &mut masq_tried);
             for &t in &ready {
                 match t {
                     TOKEN_TUN => {
@@ -609,7 +622,11 @@ impl Worker {
                         }
                     }
                     TOKEN_WAKE => {}
-                    TOKEN_MASQ => self.masquerade_batch(&mut st),
+                    TOKEN_MASQ => {
+                        if let Some(m) = &masq {
+                            self.masquerade_batch(m, &mut st);
+                        }
+                    }
                     t => self.ingress_batch(&mut st, (t - TOKEN_RX) as usize),
                 }
             }
@@ -622,6 +639,42 @@ impl Worker {
                     nat.expire(now, 4096);
                 }
             }
+        }
+    }
+
+    /// Worker 0: keeps the masquerade reply socket open exactly while the current tables enable
+    /// masquerade (a SIGHUP may turn it on or off). Closing the fd also removes it from the epoll
+    /// set (it is never duplicated). A failed open is retried at most once a second.
+    fn sync_masq(&self, ep: &mut Epoll, masq: &mut Option<PacketSocket>, tried: &mut Option<u64>) {
+        if self.masq_ifindex == 0 {
+            return;
+        }
+        let guard = self.tables.load();
+        let Some(t) = guard.as_deref() else {
+            return;
+        };
+        match (t.masquerade().enabled, masq.is_some()) {
+            (true, false) => {
+                let now = self.epoch.elapsed().as_secs();
+                if *tried == Some(now) {
+                    return;
+                }
+                *tried = Some(now);
+                // The NAT table's range, fixed at start (a changed range waits for a restart).
+                let (lo, hi) = {
+                    let nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
+                    (nat.config().port_lo, nat.config().port_hi)
+                };
+                if let Ok(s) =
+                    open_masq_rx(self.masq_ifindex, t.node_address(), lo, hi, self.coalesce)
+                {
+                    if ep.add(s.as_raw_fd(), TOKEN_MASQ).is_ok() {
+                        *masq = Some(s);
+                    }
+                }
+            }
+            (false, true) => *masq = None,
+            _ => {}
         }
     }
 
@@ -737,21 +790,22 @@ impl Worker {
         }
         match verdict {
             Verdict::Tunnel {
+                peer,
                 proto,
                 vni,
                 remote,
                 port,
-                ..
             } => {
-                let node = tables.node_address();
                 let params = EncapParams {
                     proto,
                     vni,
-                    src: node,
+                    src: tables.node_address(),
                     dst: remote,
                     dst_port: port,
-                    inner_src_mac: datapath::vxlan_inner_mac(node),
-                    inner_dst_mac: datapath::vxlan_inner_mac(remote),
+                    // Our VTEP MAC and the peer's (its configured `vtep_mac`, which a kernel vxlan
+                    // device requires: it only accepts frames addressed to its own MAC).
+                    inner_src_mac: tables.vtep_mac(),
+                    inner_dst_mac: tables.peer_vtep_mac(peer, remote),
                 };
                 self.tunnel(k, slot, hdr, &params, udp_out)
             }
@@ -1143,10 +1197,7 @@ impl Worker {
 
     /// Masquerade replies from the filtered AF_PACKET socket: reverse-translate (core
     /// `datapath::masquerade_reply`) and write to the TUN.
-    fn masquerade_batch(&self, st: &mut State) {
-        let Some(sock) = &self.masq else {
-            return;
-        };
+    fn masquerade_batch(&self, sock: &PacketSocket, st: &mut State) {
         let c = &*self.counters;
         let now = self.epoch.elapsed().as_secs();
         let vnet = sock.vnet_hdr();
@@ -1206,6 +1257,18 @@ impl Worker {
             c.stat(Stat::Batches, 1);
         }
     }
+}
+
+/// The masquerade reply socket: AF_PACKET on `ifindex` with [`af_packet::masquerade_filter`].
+fn open_masq_rx(
+    ifindex: u32,
+    node: Ipv4Addr,
+    lo: u16,
+    hi: u16,
+    vnet_hdr: bool,
+) -> io::Result<PacketSocket> {
+    let filter = af_packet::masquerade_filter(node, lo, hi);
+    PacketSocket::open_rx(ifindex, &filter, vnet_hdr)
 }
 
 /// The vnet header to write a translated packet to the TUN with. A packet the kernel merged (GRO)

@@ -282,7 +282,15 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
             "tunnel_protocol",
             "on_link",
             "next_hop",
+            "vtep_mac",
         ])?;
+        let vtep_mac =
+            match p.opt_str("vtep_mac")? {
+                None => None,
+                Some(m) => Some(parse_mac(&m).ok_or_else(|| {
+                    bad(&p.key("vtep_mac"), format!("'{m}' is not a MAC address"))
+                })?),
+            };
         peers.push(PeerSpec {
             name: p.str_("name")?,
             address: p.ipv4("address")?,
@@ -291,6 +299,7 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
             tunnel_protocol: proto(&p, "tunnel_protocol")?,
             on_link: p.bool_or("on_link", false)?,
             next_hop: next_hop(p.child("next_hop")?)?,
+            vtep_mac,
         });
     }
     Ok(TableSpec {
@@ -361,6 +370,9 @@ fn verdict_dict<'py>(py: Python<'py>, t: &CoreTables, v: Verdict) -> PyResult<Bo
             d.set_item("vni", vni)?;
             d.set_item("remote", remote.to_string())?;
             d.set_item("port", port)?;
+            if proto == TunnelProto::Vxlan {
+                d.set_item("vtep_mac", format_mac(&t.peer_vtep_mac(peer, remote)))?;
+            }
         }
         Verdict::Drop(r) => return drop_dict(py, r),
     }
@@ -389,6 +401,13 @@ impl Tables {
     #[getter]
     fn node_name(&self) -> &str {
         self.inner.node_name()
+    }
+
+    /// This node's VTEP MAC ("02:70:<underlay IPv4>"): the inner Ethernet source of its VXLAN
+    /// frames, what a Flannel-style kernel peer's neighbour and FDB entries must point at.
+    #[getter]
+    fn vtep_mac(&self) -> String {
+        format_mac(&self.inner.vtep_mac())
     }
 
     /// The verdict the datapath gives `packet` (an IP packet from a local pod). Never raises for
