@@ -148,7 +148,7 @@ def format_status(s: dict[str, Any]) -> str:
         f"node {s.get('node')}  {'ready' if s.get('ready') else 'NOT READY'}  mode {s.get('mode')}  "
         f"tunnel {t.get('protocol')} vni {t.get('vni')}  tables generation {s.get('generation')}",
         f"underlay {u.get('interface')} {u.get('address')} mtu {u.get('mtu')} "
-        f"gateway {u.get('gateway') or '-'}",
+        f"gateway {u.get('gateway') or '-'}  vtep mac {s.get('vtep_mac') or '-'}",
         "",
         "peers:",
     ]
@@ -460,14 +460,20 @@ def _delegate(module: str, args: list[str]) -> None:
     sys.exit(int(rc or 0))
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+# add_help_option=False: `--help` / `-h` go through to the demo's own parser, which lists its options
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False
+)
 @click.pass_context
 def demo(ctx: click.Context) -> None:
     """Build a small cluster in network namespaces, show every pod-to-pod path, tear it down."""
     _delegate("demo", list(ctx.args))
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+# add_help_option=False: `--help` / `-h` go through to the bench's own parser, which lists its options
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False
+)
 @click.pass_context
 def bench(ctx: click.Context) -> None:
     """The benchmark suite (mode comparison, masquerade vs nftables, shaping accuracy)."""

@@ -40,6 +40,7 @@ DEFAULT_PORT_RANGE = (61000, 65535)
 _IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
 # node and pod names end up in etcd keys, metric labels and file names: keep them boring (RFC 1123-ish)
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$")
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 VNI_MAX = (1 << 24) - 1  # both VXLAN and Geneve carry a 24-bit VNI
 
 
@@ -120,6 +121,15 @@ class PeerConfig:
     pod_cidrs: tuple[IPNetwork, ...]
     mode: str | None = None
     tunnel_protocol: str | None = None
+    # the MAC of the peer's VXLAN device (lower case), the inner destination of our VXLAN frames to
+    # it; None: podrouter's synthesized one (vtep_mac_of), right for a podrouter peer
+    vtep_mac: str | None = None
+
+
+def vtep_mac_of(address: ipaddress.IPv4Address) -> str:
+    """The VTEP MAC podrouter synthesizes for a node: 02:70 and the underlay IPv4 address (the
+    datapath's `vxlan_inner_mac`; `_native.Tables.vtep_mac` gives the same for this node)."""
+    return "02:70:" + ":".join(f"{b:02x}" for b in address.packed)
 
 
 @dataclass(frozen=True)
@@ -370,6 +380,26 @@ class _Validator:
             return None
         return value
 
+    def mac(self, path: str, value: Any) -> str | None:
+        """A unicast Ethernet address, 'xx:xx:xx:xx:xx:xx'; returned in lower case."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            # YAML 1.1 reads an unquoted 12:34:56:... of decimal digits as a base-60 number
+            self.bad(
+                path, f"{_q(value)} is not a MAC address (quote it: YAML reads unquoted aa:bb:.. as a number)"
+            )
+            return None
+        if not isinstance(value, str) or not _MAC_RE.fullmatch(value):
+            self.bad(path, f"{_q(value)} is not a MAC address (xx:xx:xx:xx:xx:xx)")
+            return None
+        mac = value.lower()
+        if int(mac[:2], 16) & 1:
+            self.bad(path, f"{_q(value)} is a multicast address (a VTEP MAC is unicast)")
+            return None
+        if mac == "00:00:00:00:00:00":
+            self.bad(path, f"{_q(value)} is the zero address")
+            return None
+        return mac
+
     def ifname(self, path: str, value: Any) -> str | None:
         if not isinstance(value, str) or not _IFNAME_RE.fullmatch(value) or value in (".", ".."):
             self.bad(
@@ -606,7 +636,7 @@ class _Validator:
         m = self.mapping(
             path,
             value,
-            ("name", "address", "pod_cidr", "pod_cidrs", "mode", "tunnel_protocol"),
+            ("name", "address", "pod_cidr", "pod_cidrs", "mode", "tunnel_protocol", "vtep_mac"),
             ("name", "address"),
         )
         if m is None:
@@ -624,16 +654,20 @@ class _Validator:
             if m.get("tunnel_protocol") is not None
             else None
         )
+        vtep_mac = self.mac(f"{path}.vtep_mac", m["vtep_mac"]) if m.get("vtep_mac") is not None else None
         if (
             name is None
             or addr is None
             or cidrs is None
             or (m.get("mode") is not None and mode is None)
             or (m.get("tunnel_protocol") is not None and proto is None)
+            or (m.get("vtep_mac") is not None and vtep_mac is None)
         ):
             return None
         assert isinstance(addr, ipaddress.IPv4Address)
-        return PeerConfig(name=name, address=addr, pod_cidrs=cidrs, mode=mode, tunnel_protocol=proto)
+        return PeerConfig(
+            name=name, address=addr, pod_cidrs=cidrs, mode=mode, tunnel_protocol=proto, vtep_mac=vtep_mac
+        )
 
     def peers(self, value: Any) -> tuple[PeerConfig, ...] | None:
         return self._list("peers", value, self.peer)

@@ -34,7 +34,7 @@ from typing import Any
 from podrouter import api as apimod
 from podrouter import config as configmod
 from podrouter import state as statefile
-from podrouter.config import Config, IPNetwork, PeerConfig, PodConfig
+from podrouter.config import Config, IPNetwork, PeerConfig, PodConfig, vtep_mac_of
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import (
     ENCAP_OVERHEAD,
@@ -50,6 +50,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 NAT_LOG_INTERVAL = 10.0  # seconds between two "masquerade range exhausted" log lines
+NAT_DEFAULT_MAX_ENTRIES = 1 << 20  # the datapath's default masquerade.max_entries (docs/config.md)
 READY_NEIGHBOR_WAIT = 3.0  # seconds to wait for next-hop MACs before the first tables (bounded)
 
 
@@ -199,10 +200,30 @@ def build_spec(
                 "next_hop": (
                     {"ip": str(v.next_hop), "mac": v.next_hop_mac} if v.next_hop is not None else None
                 ),
+                "vtep_mac": v.peer.vtep_mac,
             }
             for v in peers
         ],
     }
+
+
+def nat_exhausted_message(cfg: Config, dropped: int, entries: int) -> str:
+    """The log line for new flows the datapath refused (`nat_exhausted`). The drop reason covers
+    two causes: no free port of masquerade.port_range towards one destination, and the table at
+    masquerade.max_entries; the live entry count tells them apart."""
+    lo, hi = cfg.masquerade.port_range
+    limit = cfg.masquerade.max_entries or NAT_DEFAULT_MAX_ENTRIES
+    if entries >= limit:
+        return (
+            f"masquerade: {dropped} new flows dropped (nat_exhausted): the translation table is full "
+            f"({entries} entries, masquerade.max_entries {limit}); raise masquerade.max_entries or "
+            "shorten masquerade.timeouts"
+        )
+    return (
+        f"masquerade: {dropped} new flows dropped (nat_exhausted): port range exhausted, every port of "
+        f"masquerade.port_range {lo}-{hi} is in use towards the same destination ({entries} entries in "
+        "the table); widen the range or shorten masquerade.timeouts"
+    )
 
 
 def read_local_port_range() -> tuple[int, int] | None:
@@ -386,8 +407,10 @@ class Daemon:
             raise StartError([f"the datapath did not create {TUN_NAME}"], EXIT_FAILURE)
         # the TUN carries inner packets up to the underlay MTU; the tunnel paths get their smaller MTU
         # per destination from the route (RTAX_MTU), so native destinations keep the full MTU
-        self.ipr.link("set", index=tun_idx, mtu=u.mtu, state="up")
+        # sysctls first: with IPv6 still enabled, bringing podr0 up sends MLD reports / router
+        # solicitations (hop limit 1) into the datapath, which would count them as ttl_exceeded
         self._node_sysctls()
+        self.ipr.link("set", index=tun_idx, mtu=u.mtu, state="up")
         self._sync_masquerade_guard(None, cfg)
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
@@ -500,19 +523,13 @@ class Daemon:
             return
         self._last_counter_check = now
         try:
-            n = int((self._counters().get("drops") or {}).get("nat_exhausted", 0))
+            counters = self._counters()
+            n = int((counters.get("drops") or {}).get("nat_exhausted", 0))
+            entries = int(counters.get("nat_entries", 0) or 0)
         except Exception:  # noqa: BLE001 - a closed datapath is noticed by is_running()
             return
         if n > self._nat_exhausted_logged and now - self._nat_log_at >= NAT_LOG_INTERVAL:
-            lo, hi = self.cfg.masquerade.port_range
-            log.warning(
-                "masquerade: %d new flows dropped (nat_exhausted): every port of masquerade.port_range "
-                "%d-%d is in use towards the same destination; widen the range or shorten "
-                "masquerade.timeouts",
-                n - self._nat_exhausted_logged,
-                lo,
-                hi,
-            )
+            log.warning("%s", nat_exhausted_message(self.cfg, n - self._nat_exhausted_logged, entries))
             self._nat_exhausted_logged = n
             self._nat_log_at = now
 
@@ -529,7 +546,13 @@ class Daemon:
         self._wake.set()
 
     def shutdown(self) -> None:
-        """Remove everything installed, in reverse order. Safe after a partial start."""
+        """Remove everything installed, in reverse order. Safe after a partial start.
+
+        The datapath's workers stop before the masquerade reply guard goes: while they run, a
+        reply to a translated flow reaches both them (AF_PACKET copy) and, without the guard, the
+        node's stack, which answers it with a RST / port unreachable that kills the flow. With the
+        workers stopped first, the guard keeps dropping replies until nothing forwards them any more.
+        The TUN itself is closed last, after the routes into it are gone."""
         self.ready = False
         for part, method in (
             (self.metrics, "close"),
@@ -544,6 +567,11 @@ class Daemon:
             except Exception:  # noqa: BLE001 - keep tearing down
                 log.exception("shutdown: %s.%s failed", type(part).__name__, method)
         with self.lock:
+            if self.datapath is not None:
+                try:
+                    self.datapath.stop()
+                except Exception:  # noqa: BLE001
+                    log.exception("stopping the datapath failed")
             if self.bandwidth is not None:
                 try:
                     self.bandwidth.close()
@@ -563,11 +591,10 @@ class Daemon:
                     log.exception("removing routes/rules failed")
             if self.datapath is not None:
                 try:
-                    self.datapath.stop()
                     # closing the TUN fd makes the kernel delete podr0 (it was never made persistent)
                     self.datapath.close()
                 except Exception:  # noqa: BLE001
-                    log.exception("stopping the datapath failed")
+                    log.exception("closing the datapath failed")
                 self.datapath = None
             if self.ipr is not None:
                 with contextlib.suppress(Exception):
@@ -982,6 +1009,8 @@ class Daemon:
                         "on_link": v.on_link,
                         "next_hop": str(v.next_hop) if v.next_hop else None,
                         "next_hop_mac": v.next_hop_mac,
+                        # the inner destination of VXLAN frames to it (configured or synthesized)
+                        "vtep_mac": v.peer.vtep_mac or vtep_mac_of(v.peer.address),
                         "source": v.source,
                     }
                 )
@@ -1004,6 +1033,9 @@ class Daemon:
                     "mtu": u.mtu,
                     "gateway": str(u.gateway) if u.gateway else None,
                 },
+                # our VTEP MAC: the inner source of every VXLAN frame we send; a Flannel-style
+                # kernel peer's neighbour and FDB entries for this node must use it
+                "vtep_mac": vtep_mac_of(u.address),
                 "generation": self.generation,
                 "peers": peers,
                 "routes": routes,

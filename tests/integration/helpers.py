@@ -237,3 +237,18 @@ def python_in(host: Host, code: str, timeout: float = 60) -> subprocess.Complete
         timeout=timeout,
         env=env,
     )
+
+
+def wait_listening(host: Host, port: int, timeout: float = 10) -> None:
+    """Waits until a TCP socket listens on `port` in `host` (a server started with popen is not
+    ready when popen returns; a fixed sleep is too short on a busy machine and wasted on an idle one)."""
+    wait_for(
+        lambda: any(
+            fields[3].endswith(f":{port}")
+            for fields in (line.split() for line in host.run(["ss", "-Htln"]).splitlines())
+            if len(fields) > 3
+        ),
+        timeout,
+        interval=0.05,
+        what=f"a listener on port {port}",
+    )

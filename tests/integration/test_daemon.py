@@ -285,7 +285,7 @@ def test_sighup_applies_a_good_config_and_keeps_the_old_one_on_a_bad_one(
     # a broken file: logged, the running config stays
     d.config.write_text(yaml.safe_dump({**cfg, "routing": {"mode": "sideways"}}))
     d.signal(signal.SIGHUP)
-    time.sleep(1.0)
+    wait_for(lambda: "reload refused:" in d.logs(), 10, what="the bad reload to be refused")
     assert d.alive()
     assert {p["name"] for p in d.status()["peers"]} == {"node2", "node3"}
     code, err = d.stop()
@@ -336,3 +336,19 @@ def test_a_second_daemon_on_the_same_socket_is_refused(ref: ReferenceTopology, d
     r = n1.try_run([*podrouter_argv(), "run", "--config", str(d.config)], timeout=30)
     assert r.returncode == 1 and "already listening" in r.stderr
     assert d.alive() and d.status()["ready"]
+
+
+def test_podr0_never_carries_ipv6_link_chatter(ref: ReferenceTopology, daemons: Daemons) -> None:
+    """IPv6 is disabled on podr0 before it comes up: with it enabled even briefly, the kernel's MLD
+    report for the new link-local address (hop limit 1) is queued into the TUN and the datapath
+    counts it as a ttl_exceeded drop."""
+    d = daemons.start(ref.nodes["node1"], ref_config(ref, "node1", daemons.sockdir))
+    n1 = ref.nodes["node1"]
+    assert n1.run(["cat", "/proc/sys/net/ipv6/conf/podr0/disable_ipv6"]).strip() == "1"
+    assert n1.ip("-6 addr show dev podr0").strip() == ""
+    # the workers drained whatever was queued when they started; a late router solicitation would
+    # come within rtr_solicit_delay (1 s) of the link coming up
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert d.counters()["drops"].get("ttl_exceeded", 0) == 0, d.counters()
+        time.sleep(0.1)

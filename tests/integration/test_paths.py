@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import DaemonHandle, Daemons, ref_config, short_dir, wait_for, write_config
+from helpers import DaemonHandle, Daemons, ref_config, short_dir, wait_for, wait_listening, write_config
 
 from nettopo import Host, ReferenceTopology, capture
 
@@ -49,7 +49,7 @@ def iperf(client: Host, server: Host, server_ip: str, seconds: int = 2, port: in
         stderr=subprocess.DEVNULL,
     )
     try:
-        time.sleep(0.4)
+        wait_listening(server, port)
         r = client.try_run(
             [
                 "iperf3",
@@ -223,7 +223,7 @@ def test_sighup_adds_and_removes_a_peer_while_a_stream_runs(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    time.sleep(0.4)
+    wait_listening(pod2, 5301)
     client = pod1.popen(
         # paced well below what the path carries, so a lost or stalled packet shows up as a
         # retransmission or a thin interval rather than being hidden in a saturated queue

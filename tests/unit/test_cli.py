@@ -269,3 +269,26 @@ def test_explain_offline_from_a_config() -> None:
     r = CliRunner().invoke(main, ["explain", "10.244.1.1", "10.244.99.1", "--config", cfg, "--json"])
     v = json.loads(r.stdout)["verdict"]
     assert (v["verdict"], v["reason"]) == ("drop", "no_route")  # cluster space without a peer
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [("demo", ("--seconds", "--no-throughput")), ("bench", ("--quick", "--reps", "--only", "--no-plots"))],
+)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_demo_and_bench_help_shows_their_own_options(
+    command: str, options: tuple[str, ...], flag: str
+) -> None:
+    # click would answer --help itself with the bare wrapper command (no options); the command's own
+    # argparse parser must get it, print its options and exit 0 without running anything
+    r = CliRunner().invoke(main, [command, flag])
+    assert r.exit_code == 0, r.output
+    assert f"usage: podrouter {command}" in r.output
+    for opt in options:
+        assert opt in r.output, (opt, r.output)
+
+
+def test_the_top_level_help_still_lists_demo_and_bench() -> None:
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    assert "demo" in r.output and "bench" in r.output

@@ -327,3 +327,35 @@ def test_masquerade_timeouts_reach_the_datapath_config_only_when_set() -> None:
     assert cfg.masquerade.nat_config() == {}
     cfg = config.loads(MINIMAL + "masquerade: {timeouts: {udp_unreplied: 5, icmp: 3}, max_entries: 4096}\n")
     assert cfg.masquerade.nat_config() == {"udp_unreplied": 5, "icmp": 3, "max_entries": 4096}
+
+
+def test_peer_vtep_mac_is_validated_and_normalised() -> None:
+    cfg = config.loads(
+        MINIMAL
+        + """
+peers:
+  - {name: node2, address: 172.16.3.2, pod_cidr: 10.244.2.0/24, vtep_mac: "3A:1F:9C:44:05:E1"}
+  - {name: node3, address: 172.16.3.3, pod_cidr: 10.244.3.0/24}
+"""
+    )
+    assert cfg.peers[0].vtep_mac == "3a:1f:9c:44:05:e1"
+    assert cfg.peers[1].vtep_mac is None  # the synthesized one is used
+    assert config.vtep_mac_of(ipaddress.IPv4Address("172.16.3.2")) == "02:70:ac:10:03:02"
+    got = problems(
+        MINIMAL
+        + """
+peers:
+  - {name: a, address: 172.16.3.2, pod_cidr: 10.244.2.0/24, vtep_mac: "3a:1f:9c:44:05"}
+  - {name: b, address: 172.16.3.3, pod_cidr: 10.244.3.0/24, vtep_mac: "01:00:5e:00:00:01"}
+  - {name: c, address: 172.16.3.4, pod_cidr: 10.244.4.0/24, vtep_mac: 12:34:56:12:34:56}
+  - {name: d, address: 172.16.3.5, pod_cidr: 10.244.5.0/24, vtep_mac: "00:00:00:00:00:00"}
+  - {name: e, address: 172.16.3.6, pod_cidr: 10.244.6.0/24, vtep_mac: "0g:00:00:00:00:01"}
+"""
+    )
+    assert got[0] == "peers[0].vtep_mac: '3a:1f:9c:44:05' is not a MAC address (xx:xx:xx:xx:xx:xx)"
+    assert got[1] == "peers[1].vtep_mac: '01:00:5e:00:00:01' is a multicast address (a VTEP MAC is unicast)"
+    # YAML 1.1 reads unquoted digit groups as a base-60 number: say so instead of a bare number
+    assert got[2].startswith("peers[2].vtep_mac: ") and "quote it" in got[2]
+    assert got[3] == "peers[3].vtep_mac: '00:00:00:00:00:00' is the zero address"
+    assert got[4].startswith("peers[4].vtep_mac: '0g:00:00:00:00:01' is not a MAC address")
+    assert len(got) == 5, got

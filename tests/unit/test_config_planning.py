@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
 from podrouter import config
 from podrouter.daemon import PeerView, build_spec, path_for, path_mtu, plan_routes, split_by
 
@@ -117,6 +119,7 @@ def test_spec_has_the_documented_shape() -> None:
         "tunnel_protocol": None,
         "on_link": True,
         "next_hop": {"ip": "172.16.2.3", "mac": "02:00:00:00:00:03"},
+        "vtep_mac": None,
     }
 
 
@@ -165,3 +168,24 @@ def test_route_paths_match_the_datapath_verdicts() -> None:
                 v = tables.classify(build_packet("10.244.1.1", str(addr), "udp", 53))
                 got = v["verdict"] if v["verdict"] == "native" else v.get("protocol")
                 assert got == r.path, (text, str(r.dst), addr, v)
+
+
+def test_peer_vtep_mac_reaches_the_tables_as_the_vxlan_inner_destination() -> None:
+    from podrouter import _native
+    from podrouter.cli import build_packet
+
+    cfg = config.loads(
+        REF.replace("pod_cidr: 10.244.2.0/24}", "pod_cidr: 10.244.2.0/24, vtep_mac: '3A:1F:9C:44:05:E1'}")
+    )
+    spec = build_spec(cfg, 1, "172.16.2.2", None, views(cfg))
+    assert [p["vtep_mac"] for p in spec["peers"]] == ["3a:1f:9c:44:05:e1", None]
+    tables = _native.Tables(spec)
+    # our own VTEP MAC: the synthesized one of our underlay address, as config.vtep_mac_of says
+    assert tables.vtep_mac == "02:70:ac:10:02:02" == config.vtep_mac_of(ipaddress.IPv4Address("172.16.2.2"))
+    v2 = tables.classify(build_packet("10.244.1.1", "10.244.2.1", "udp", 53))
+    v3 = tables.classify(build_packet("10.244.1.1", "10.244.3.1", "udp", 53))
+    assert (v2["protocol"], v2["vtep_mac"]) == ("vxlan", "3a:1f:9c:44:05:e1")
+    assert v3["vtep_mac"] == "02:70:ac:10:02:03"  # no vtep_mac: the peer's synthesized one
+    spec["peers"][0]["vtep_mac"] = "not-a-mac"
+    with pytest.raises(ValueError, match=r"peers\[0\]\.vtep_mac: 'not-a-mac' is not a MAC address"):
+        _native.Tables(spec)

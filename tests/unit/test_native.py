@@ -72,6 +72,7 @@ def test_off_link_peer_goes_through_the_tunnel(tables: Any) -> None:
     assert v == {
         "verdict": "tunnel", "peer": "node2", "protocol": "vxlan", "vni": 1, "remote": "172.16.3.2",
         "port": 4789, "path": "vxlan", "src": "10.244.1.1", "dst": "10.244.2.1",
+        "vtep_mac": "02:70:ac:10:03:02",  # the inner Ethernet destination: node2's synthesized VTEP MAC
     }
 
 

@@ -734,40 +734,11 @@ mod tests {
 
     /// 10.244.1.1 -> 10.244.2.1 UDP 5000 -> 53, 4 payload bytes, tos 0xb8 | `ecn`.
     fn inner_udp(ecn_bits: u8) -> Vec<u8> {
-        let mut v = vec![
-            0x45,
-            0xb8 | ecn_bits,
-            0,
-            32,
-            0,
-            7,
-            0x40,
-            0,
-            64,
-            17,
-            0,
-            0,
-            10,
-            244,
-            1,
-            1,
-            10,
-            244,
-            2,
-            1,
-            0x13,
-            0x88,
-            0,
-            53,
-            0,
-            12,
-            0,
-            0,
-            1,
-            2,
-            3,
-            4,
-        ];
+        // IPv4: tos, total length 32, id 7, DF, TTL 64, UDP, checksum filled below.
+        let mut v = vec![0x45, 0xb8 | ecn_bits, 0, 32, 0, 7, 0x40, 0, 64, 17, 0, 0];
+        v.extend_from_slice(&[10, 244, 1, 1, 10, 244, 2, 1]);
+        // UDP 5000 -> 53, length 12, checksum filled below, payload 1 2 3 4.
+        v.extend_from_slice(&[0x13, 0x88, 0, 53, 0, 12, 0, 0, 1, 2, 3, 4]);
         ipv4::Packet::new_unchecked(&mut v[..]).fill_checksum();
         udp::Packet::new_unchecked(&mut v[20..])
             .fill_checksum_v4(Ipv4Addr::new(10, 244, 1, 1), Ipv4Addr::new(10, 244, 2, 1));
@@ -778,6 +749,13 @@ mod tests {
         let mut b = vec![0u8; MAX_HEADROOM];
         b.extend_from_slice(inner);
         b
+    }
+
+    /// The whole outer packet `encap_full` builds around `inner`.
+    fn encapsulated(inner: &[u8], proto: TunnelProto) -> Vec<u8> {
+        let mut b = in_headroom(inner);
+        let r = encap_full(&mut b, MAX_HEADROOM, inner.len(), &params(proto)).unwrap();
+        b[r].to_vec()
     }
 
     // Expected VXLAN frame for inner_udp(0), built field by field from RFC 7348 Figure 1.
@@ -848,10 +826,9 @@ mod tests {
         for proto in [TunnelProto::Vxlan, TunnelProto::Geneve] {
             for e in 0..4 {
                 let inner = inner_udp(e);
-                let mut b = in_headroom(&inner);
-                let r = encap_full(&mut b, MAX_HEADROOM, inner.len(), &params(proto)).unwrap();
-                assert_eq!(r.len(), proto.overhead() + inner.len());
-                let d = decap_full(&b[r.clone()]).unwrap();
+                let o = encapsulated(&inner, proto);
+                assert_eq!(o.len(), proto.overhead() + inner.len());
+                let d = decap_full(&o).unwrap();
                 assert_eq!(
                     (d.src, d.dst, d.dst_port),
                     (NODE1, NODE2, proto.default_port())
@@ -860,7 +837,7 @@ mod tests {
                 assert_eq!(d.decap.vni, 1);
                 assert_eq!(d.decap.inner_ethertype, ethertype::IPV4);
                 assert_eq!(d.decap.ecn_action, EcnAction::Keep);
-                assert_eq!(&b[r][d.decap.inner.clone()], &inner[..]);
+                assert_eq!(&o[d.decap.inner.clone()], &inner[..]);
             }
         }
     }
@@ -921,16 +898,7 @@ mod tests {
 
     #[test]
     fn decap_applies_ce() {
-        let inner = inner_udp(ecn::ECT0);
-        let mut b = in_headroom(&inner);
-        let r = encap_full(
-            &mut b,
-            MAX_HEADROOM,
-            inner.len(),
-            &params(TunnelProto::Vxlan),
-        )
-        .unwrap();
-        let mut o = b[r].to_vec();
+        let mut o = encapsulated(&inner_udp(ecn::ECT0), TunnelProto::Vxlan);
         // A congested router marks the outer header CE.
         ipv4::Packet::new_unchecked(&mut o[..]).rewrite_tos(0xb8 | ecn::CE);
         let d = decap_full(&o).unwrap();
@@ -941,16 +909,7 @@ mod tests {
         assert_eq!(p.ecn(), ecn::CE);
         assert!(p.verify_checksum());
         // Not-ECT inner under an outer CE is dropped.
-        let inner = inner_udp(ecn::NOT_ECT);
-        let mut b = in_headroom(&inner);
-        let r = encap_full(
-            &mut b,
-            MAX_HEADROOM,
-            inner.len(),
-            &params(TunnelProto::Geneve),
-        )
-        .unwrap();
-        let mut o = b[r].to_vec();
+        let mut o = encapsulated(&inner_udp(ecn::NOT_ECT), TunnelProto::Geneve);
         ipv4::Packet::new_unchecked(&mut o[..]).rewrite_tos(0xb8 | ecn::CE);
         assert_eq!(decap_full(&o).unwrap_err(), DecapError::EcnDrop);
     }
@@ -978,22 +937,22 @@ mod tests {
             b.extend_from_slice(&inner);
             b
         };
-        assert_eq!(
-            encap_full(&mut at(49), 49, n, &p),
-            Err(EncapError::Headroom { need: 50, have: 49 })
-        );
-        assert_eq!(
-            encap_payload(&mut at(21), 21, n, &p),
-            Err(EncapError::Headroom { need: 22, have: 21 })
-        );
-        assert_eq!(
-            encap_full(&mut at(35), 35, n, &g),
-            Err(EncapError::Headroom { need: 36, have: 35 })
-        );
-        assert_eq!(
-            encap_payload(&mut at(7), 7, n, &g),
-            Err(EncapError::Headroom { need: 8, have: 7 })
-        );
+        type Encap = fn(&mut [u8], usize, usize, &EncapParams) -> Result<Range<usize>, EncapError>;
+        let cases: [(Encap, &EncapParams, usize); 4] = [
+            (encap_full, &p, 50),
+            (encap_payload, &p, 22),
+            (encap_full, &g, 36),
+            (encap_payload, &g, 8),
+        ];
+        for (f, params, need) in cases {
+            let have = need - 1;
+            assert_eq!(
+                f(&mut at(have), have, n, params),
+                Err(EncapError::Headroom { need, have }),
+                "{:?} need {need}",
+                params.proto
+            );
+        }
         // Exactly enough headroom works.
         assert_eq!(encap_full(&mut at(50), 50, n, &p), Ok(0..50 + n));
         assert_eq!(encap_payload(&mut at(8), 8, n, &g), Ok(0..8 + n));
@@ -1059,31 +1018,28 @@ mod tests {
             decap_payload(TunnelProto::Vxlan, &vxlan_payload(0x08, 0x0800, &inner), 0).unwrap();
         assert_eq!(ok.vni, 5);
         assert_eq!(ok.inner, 22..22 + inner.len());
-        let e = |p: &[u8]| decap_payload(TunnelProto::Vxlan, p, 0).unwrap_err();
-        assert_eq!(
-            e(&vxlan_payload(0x00, 0x0800, &inner)),
-            DecapError::BadVxlanFlags
-        );
-        assert_eq!(
-            e(&vxlan_payload(0x08, 0x0806, &inner)),
-            DecapError::UnsupportedInnerProtocol
-        );
-        assert_eq!(
-            e(&vxlan_payload(0x08, 0x86dd, &inner)),
-            DecapError::Malformed
-        );
-        assert_eq!(
-            e(&vxlan_payload(0x08, 0x0800, &inner[..30])),
-            DecapError::Truncated
-        );
-        assert_eq!(
-            e(&vxlan_payload(0x08, 0x0800, &inner)[..7]),
-            DecapError::Truncated
-        );
-        assert_eq!(
-            e(&vxlan_payload(0x08, 0x0800, &inner)[..21]),
-            DecapError::Truncated
-        );
+        let good = vxlan_payload(0x08, 0x0800, &inner);
+        let rejected = [
+            (
+                vxlan_payload(0x00, 0x0800, &inner),
+                DecapError::BadVxlanFlags,
+            ),
+            (
+                vxlan_payload(0x08, 0x0806, &inner),
+                DecapError::UnsupportedInnerProtocol,
+            ),
+            (vxlan_payload(0x08, 0x86dd, &inner), DecapError::Malformed),
+            (
+                vxlan_payload(0x08, 0x0800, &inner[..30]),
+                DecapError::Truncated,
+            ),
+            (good[..7].to_vec(), DecapError::Truncated),
+            (good[..21].to_vec(), DecapError::Truncated),
+        ];
+        for (i, (payload, want)) in rejected.iter().enumerate() {
+            let got = decap_payload(TunnelProto::Vxlan, payload, 0);
+            assert_eq!(got.unwrap_err(), *want, "case {i}");
+        }
         // Padding after the inner packet (a VTEP that pads frames to 60 bytes) is excluded.
         let mut padded = vxlan_payload(0x08, 0x0800, &inner);
         padded.extend_from_slice(&[0; 14]);
@@ -1122,57 +1078,56 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.inner, 22..22 + inner.len());
-        let e = |p: &[u8]| decap_payload(TunnelProto::Geneve, p, 0).unwrap_err();
-        assert_eq!(
-            e(&geneve_payload(0x40, 0, 0x0800, &[], &inner)),
-            DecapError::GeneveVersion
-        );
         let mut crit = opt;
         crit[2] = 0x83;
-        assert_eq!(
-            e(&geneve_payload(2, 0x40, 0x0800, &crit, &inner)),
-            DecapError::GeneveCriticalOption
-        );
-        assert_eq!(
-            e(&geneve_payload(2, 0x00, 0x0800, &crit, &inner)),
-            DecapError::GeneveCriticalOption
-        );
-        assert_eq!(
-            e(&geneve_payload(0, 0x80, 0x0800, &[], &inner)),
-            DecapError::GeneveOam
-        );
         let mut long = opt;
         long[3] = 2; // 8 data bytes in a 4-byte area
-        assert_eq!(
-            e(&geneve_payload(2, 0, 0x0800, &long, &inner)),
-            DecapError::Malformed
-        );
-        assert_eq!(
-            e(&geneve_payload(3, 0, 0x0800, &[], &[])),
-            DecapError::Truncated
-        );
-        assert_eq!(
-            e(&geneve_payload(0, 0, 0x0806, &[], &inner)),
-            DecapError::UnsupportedInnerProtocol
-        );
-        assert_eq!(
-            e(&geneve_payload(0, 0, 0x0800, &[], &[])),
-            DecapError::Truncated
-        );
+                     // (byte 0, byte 1, protocol type, options, inner, expected error)
+        #[allow(clippy::type_complexity)]
+        let rejected: [(u8, u8, u16, &[u8], &[u8], DecapError); 8] = [
+            (0x40, 0, 0x0800, &[], &inner, DecapError::GeneveVersion),
+            (
+                2,
+                0x40,
+                0x0800,
+                &crit,
+                &inner,
+                DecapError::GeneveCriticalOption,
+            ),
+            (
+                2,
+                0x00,
+                0x0800,
+                &crit,
+                &inner,
+                DecapError::GeneveCriticalOption,
+            ),
+            (0, 0x80, 0x0800, &[], &inner, DecapError::GeneveOam),
+            (2, 0, 0x0800, &long, &inner, DecapError::Malformed),
+            (3, 0, 0x0800, &[], &[], DecapError::Truncated),
+            (
+                0,
+                0,
+                0x0806,
+                &[],
+                &inner,
+                DecapError::UnsupportedInnerProtocol,
+            ),
+            (0, 0, 0x0800, &[], &[], DecapError::Truncated),
+        ];
+        for (i, &(b0, b1, proto, opts, inner, want)) in rejected.iter().enumerate() {
+            let got = decap_payload(
+                TunnelProto::Geneve,
+                &geneve_payload(b0, b1, proto, opts, inner),
+                0,
+            );
+            assert_eq!(got.unwrap_err(), want, "case {i}");
+        }
     }
 
     #[test]
     fn decap_full_rejections() {
-        let inner = inner_udp(0);
-        let mut b = in_headroom(&inner);
-        let r = encap_full(
-            &mut b,
-            MAX_HEADROOM,
-            inner.len(),
-            &params(TunnelProto::Vxlan),
-        )
-        .unwrap();
-        let good = b[r].to_vec();
+        let good = encapsulated(&inner_udp(0), TunnelProto::Vxlan);
         let mut o = good.clone();
         o[10] ^= 1;
         assert_eq!(decap_full(&o).unwrap_err(), DecapError::BadOuterChecksum);

@@ -419,6 +419,17 @@ struct Hot {
     fins: u8,
 }
 
+impl Hot {
+    /// A packet of the live flow `proto` went `dir`: step the state machine and restart the
+    /// timeout of the state it lands in.
+    fn advance(&mut self, proto: NatProto, dir: Dir, tcp_flags: u8, now: u64, cfg: &NatConfig) {
+        let (state, fins) = next_state(proto, Some((self.state, self.fins)), dir, tcp_flags);
+        self.state = state;
+        self.fins = fins;
+        self.expires = now + u64::from(cfg.timeout(state));
+    }
+}
+
 /// The masquerade table. See the module docs.
 ///
 /// * `fwd`: flow -> `Hot` (port, state, expiry): egress and lookups touch only this;
@@ -518,27 +529,34 @@ impl NatTable {
         node_port: u16,
         now: u64,
     ) -> Option<FlowKey> {
+        let key = self.reply_flow(proto, remote_ip, remote_port, node_port)?;
+        self.lookup(&key, now).map(|_| key)
+    }
+
+    /// The flow the reverse map names for a reply, live or not.
+    #[inline]
+    fn reply_flow(
+        &self,
+        proto: NatProto,
+        remote_ip: Ipv4Addr,
+        remote_port: u16,
+        node_port: u16,
+    ) -> Option<FlowKey> {
         let rk = RevKey {
             proto,
             remote_ip,
             remote_port,
             node_port,
         };
-        let key = self.rev.get(&rk)?;
-        self.lookup(key, now).map(|_| *key)
+        self.rev.get(&rk).copied()
     }
 
     /// A pod packet of flow `key`: returns the node port to use, creating the mapping if needed,
     /// and advances the flow's state and expiry.
     pub fn egress(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Result<u16, NatError> {
-        let timeouts = &self.cfg;
         if let Some(h) = self.fwd.get_mut(key) {
             if h.expires > now {
-                let (state, fins) =
-                    next_state(key.proto, Some((h.state, h.fins)), Dir::Orig, tcp_flags);
-                h.state = state;
-                h.fins = fins;
-                h.expires = now + u64::from(timeouts.timeout(state));
+                h.advance(key.proto, Dir::Orig, tcp_flags, now, &self.cfg);
                 return Ok(h.node_port);
             }
             self.remove(key);
@@ -632,23 +650,13 @@ impl NatTable {
         tcp_flags: u8,
         now: u64,
     ) -> Option<FlowKey> {
-        let rk = RevKey {
-            proto,
-            remote_ip,
-            remote_port,
-            node_port,
-        };
-        let key = *self.rev.get(&rk)?;
-        let timeouts = &self.cfg;
+        let key = self.reply_flow(proto, remote_ip, remote_port, node_port)?;
         let h = self.fwd.get_mut(&key)?;
         if h.expires <= now {
             self.remove(&key);
             return None;
         }
-        let (state, fins) = next_state(proto, Some((h.state, h.fins)), Dir::Reply, tcp_flags);
-        h.state = state;
-        h.fins = fins;
-        h.expires = now + u64::from(timeouts.timeout(state));
+        h.advance(proto, Dir::Reply, tcp_flags, now, &self.cfg);
         Some(key)
     }
 

@@ -39,6 +39,31 @@ fn flow(sel: u8) -> FlowKey {
     }
 }
 
+/// Both flows go to the same remote endpoint, so they draw node ports from one pool.
+fn same_remote(a: &FlowKey, b: &FlowKey) -> bool {
+    (a.proto, a.remote_ip, a.remote_port) == (b.proto, b.remote_ip, b.remote_port)
+}
+
+/// The model entry after a packet of flow `k` with TCP flags `flags` went `dir`: `cur` is the
+/// live entry, `None` for a mapping the packet creates.
+fn step(
+    cfg: &NatConfig,
+    k: &FlowKey,
+    cur: Option<M>,
+    port: u16,
+    dir: Dir,
+    flags: u8,
+    now: u64,
+) -> M {
+    let (state, fins) = next_state(k.proto, cur.map(|e| (e.state, e.fins)), dir, flags);
+    M {
+        port,
+        state,
+        fins,
+        expires: now + u64::from(cfg.timeout(state)),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let cfg = NatConfig {
         port_lo: LO,
@@ -62,25 +87,11 @@ fuzz_target!(|data: &[u8]| {
                 let got = t.egress(&k, b, now);
                 if let Some(e) = live(&m, &k, now) {
                     assert_eq!(got, Ok(e.port));
-                    let (state, fins) = next_state(k.proto, Some((e.state, e.fins)), Dir::Orig, b);
-                    let expires = now + u64::from(cfg.timeout(state));
-                    m.insert(
-                        k,
-                        M {
-                            port: e.port,
-                            state,
-                            fins,
-                            expires,
-                        },
-                    );
+                    m.insert(k, step(&cfg, &k, Some(e), e.port, Dir::Orig, b, now));
                 } else {
                     let used: Vec<u16> = m
                         .iter()
-                        .filter(|(o, e)| {
-                            e.expires > now
-                                && (o.proto, o.remote_ip, o.remote_port)
-                                    == (k.proto, k.remote_ip, k.remote_port)
-                        })
+                        .filter(|(o, e)| e.expires > now && same_remote(o, &k))
                         .map(|(_, e)| e.port)
                         .collect();
                     // A SYN may take a reset (CLOSE) mapping's port like a free one, and a
@@ -89,11 +100,7 @@ fuzz_target!(|data: &[u8]| {
                     let owned_in = |state: NatState| -> Vec<(FlowKey, u16)> {
                         m.iter()
                             .filter(|(o, e)| {
-                                opening
-                                    && e.expires > now
-                                    && e.state == state
-                                    && (o.proto, o.remote_ip, o.remote_port)
-                                        == (k.proto, k.remote_ip, k.remote_port)
+                                opening && e.expires > now && e.state == state && same_remote(o, &k)
                             })
                             .map(|(o, e)| (*o, e.port))
                             .collect()
@@ -111,17 +118,7 @@ fuzz_target!(|data: &[u8]| {
                             .find(|(_, cp)| *cp == p)
                             .expect("the port taken over was a reset one, or TIME-WAIT if none");
                         m.remove(&old);
-                        let (state, fins) = next_state(k.proto, None, Dir::Orig, b);
-                        let expires = now + u64::from(cfg.timeout(state));
-                        m.insert(
-                            k,
-                            M {
-                                port: p,
-                                state,
-                                fins,
-                                expires,
-                            },
-                        );
+                        m.insert(k, step(&cfg, &k, None, p, Dir::Orig, b, now));
                     } else if used.len() == usize::from(HI - LO + 1) {
                         assert_eq!(got, Err(NatError::Exhausted));
                     } else {
@@ -135,17 +132,7 @@ fuzz_target!(|data: &[u8]| {
                                 .expect("a live port is taken only from a reset mapping");
                             m.remove(&old);
                         }
-                        let (state, fins) = next_state(k.proto, None, Dir::Orig, b);
-                        let expires = now + u64::from(cfg.timeout(state));
-                        m.insert(
-                            k,
-                            M {
-                                port: p,
-                                state,
-                                fins,
-                                expires,
-                            },
-                        );
+                        m.insert(k, step(&cfg, &k, None, p, Dir::Orig, b, now));
                     }
                 }
             }
@@ -154,12 +141,7 @@ fuzz_target!(|data: &[u8]| {
                 let port = LO + u16::from(c) % (HI - LO + 1);
                 let owner = m
                     .iter()
-                    .find(|(o, e)| {
-                        e.expires > now
-                            && e.port == port
-                            && (o.proto, o.remote_ip, o.remote_port)
-                                == (k.proto, k.remote_ip, k.remote_port)
-                    })
+                    .find(|(o, e)| e.expires > now && e.port == port && same_remote(o, &k))
                     .map(|(o, _)| *o);
                 assert_eq!(
                     t.ingress(k.proto, k.remote_ip, k.remote_port, port, b, now),
@@ -167,17 +149,7 @@ fuzz_target!(|data: &[u8]| {
                 );
                 if let Some(o) = owner {
                     let e = m[&o];
-                    let (state, fins) = next_state(o.proto, Some((e.state, e.fins)), Dir::Reply, b);
-                    let expires = now + u64::from(cfg.timeout(state));
-                    m.insert(
-                        o,
-                        M {
-                            port: e.port,
-                            state,
-                            fins,
-                            expires,
-                        },
-                    );
+                    m.insert(o, step(&cfg, &o, Some(e), e.port, Dir::Reply, b, now));
                 }
             }
             3 => now += u64::from(a % 64),

@@ -65,21 +65,7 @@ impl PacketSocket {
             tv_usec: 200_000,
         };
         sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDTIMEO, tv)?;
-        if sys::setsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            4 << 20 as libc::c_int,
-        )
-        .is_err()
-        {
-            let _ = sys::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                4 << 20 as libc::c_int,
-            );
-        }
+        sys::grow_buffer(raw, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 4 << 20);
         Ok(PacketSocket {
             fd,
             ifindex,
@@ -104,29 +90,19 @@ impl PacketSocket {
         while i < frames.len() {
             let chunk = &frames[i..frames.len().min(i + scratch.cap)];
             for (j, f) in chunk.iter().enumerate() {
-                // SAFETY: all-zeroes is a valid sockaddr_ll.
-                let mut sa: libc::sockaddr_ll = unsafe { zeroed() };
-                sa.sll_family = libc::AF_PACKET as u16;
-                sa.sll_protocol = f.ethertype.to_be();
-                sa.sll_ifindex = self.ifindex as i32;
-                scratch.names[j] = sa;
-                scratch.iovs[j] = libc::iovec {
+                scratch.slots.names[j] = link_addr(self.ifindex, f.ethertype);
+                scratch.slots.iovs[j] = libc::iovec {
                     iov_base: f.data.as_ptr() as *mut libc::c_void,
                     iov_len: f.data.len(),
                 };
-                let h = &mut scratch.hdrs[j];
-                h.msg_hdr.msg_name = (&mut scratch.names[j] as *mut libc::sockaddr_ll).cast();
-                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                h.msg_hdr.msg_iov = &mut scratch.iovs[j];
-                h.msg_hdr.msg_iovlen = 1;
-                h.msg_len = 0;
+                scratch.slots.link(j);
             }
             // SAFETY: each header points at a live sockaddr_ll and iovec in `scratch` and at frame
             // data borrowed for this call; the kernel only reads them.
             let r = unsafe {
                 libc::sendmmsg(
                     self.fd.as_raw_fd(),
-                    scratch.hdrs.as_mut_ptr(),
+                    scratch.slots.hdrs.as_mut_ptr(),
                     chunk.len() as libc::c_uint,
                     0,
                 )
@@ -176,26 +152,8 @@ impl PacketSocket {
         let vnet =
             vnet_hdr && sys::setsockopt(raw, SOL_PACKET, PACKET_VNET_HDR, 1 as libc::c_int).is_ok();
         let _ = sys::setsockopt(raw, SOL_PACKET, PACKET_IGNORE_OUTGOING, 1 as libc::c_int);
-        if sys::setsockopt(
-            raw,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            8 << 20 as libc::c_int,
-        )
-        .is_err()
-        {
-            let _ = sys::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                8 << 20 as libc::c_int,
-            );
-        }
-        // SAFETY: all-zeroes is a valid sockaddr_ll.
-        let mut sa: libc::sockaddr_ll = unsafe { zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = ETHERTYPE_IPV4.to_be();
-        sa.sll_ifindex = ifindex as i32;
+        sys::grow_buffer(raw, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
+        let sa = link_addr(ifindex, ETHERTYPE_IPV4);
         // SAFETY: `sa` is a valid sockaddr_ll and its exact size is passed.
         sys::cvt(unsafe {
             libc::bind(
@@ -224,6 +182,16 @@ impl PacketSocket {
             )
         })
     }
+}
+
+/// The `sockaddr_ll` naming `ifindex` and `ethertype`, for bind(2) and as a sendmmsg `msg_name`.
+fn link_addr(ifindex: u32, ethertype: u16) -> libc::sockaddr_ll {
+    // SAFETY: all-zeroes is a valid sockaddr_ll.
+    let mut sa: libc::sockaddr_ll = unsafe { zeroed() };
+    sa.sll_family = libc::AF_PACKET as u16;
+    sa.sll_protocol = ethertype.to_be();
+    sa.sll_ifindex = ifindex as i32;
+    sa
 }
 
 fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
@@ -317,27 +285,15 @@ impl AsRawFd for PacketSocket {
 /// Headers for `sendmmsg` on a packet socket, reused across calls.
 pub struct FrameScratch {
     cap: usize,
-    names: Vec<libc::sockaddr_ll>,
-    iovs: Vec<libc::iovec>,
-    hdrs: Vec<libc::mmsghdr>,
+    slots: sys::MsgSlots<libc::sockaddr_ll>,
 }
 
 impl FrameScratch {
     pub fn new(frames: usize) -> FrameScratch {
         let n = frames.max(1);
-        // SAFETY: all-zeroes is a valid value for these plain C structs; `send` sets every pointer.
-        let (name, iov, hdr) = unsafe {
-            (
-                zeroed::<libc::sockaddr_ll>(),
-                zeroed::<libc::iovec>(),
-                zeroed::<libc::mmsghdr>(),
-            )
-        };
         FrameScratch {
             cap: n,
-            names: vec![name; n],
-            iovs: vec![iov; n],
-            hdrs: vec![hdr; n],
+            slots: sys::MsgSlots::new(n),
         }
     }
 }

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::sys;
+
 /// Hard cap on any load generator's running time.
 pub const MAX_SECONDS: f64 = 30.0;
 /// Largest batch handed to one `sendmmsg`/`recvmmsg` call (the kernel's UIO_MAXIOV is 1024).
@@ -86,42 +88,20 @@ impl SinkReport {
     }
 }
 
-fn set_int_sockopt(
-    fd: libc::c_int,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: `value` lives on this stack frame for the whole call and the length passed is exactly
-    // its size; setsockopt only reads it. An invalid fd or option yields an error return, not UB.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Ask for a big socket buffer. SO_*BUFFORCE (root) ignores net.core.{r,w}mem_max, which inside a
-/// fresh network namespace is the small default; fall back to the capped option without root.
-fn grow_buffer(fd: libc::c_int, receive: bool) {
-    let (force, plain) = if receive {
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF)
-    } else {
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)
-    };
-    if set_int_sockopt(fd, libc::SOL_SOCKET, force, SOCKET_BUFFER).is_err() {
-        // Best effort: the default buffer still works, it just drops more under bursts.
-        let _ = set_int_sockopt(fd, libc::SOL_SOCKET, plain, SOCKET_BUFFER);
-    }
+/// One `mmsghdr` per iovec, pointing at it and at nothing else: no name (the sender's socket is
+/// connected, the sink does not look at sources), no control data, zero flags. The headers hold
+/// raw pointers into `iovs`, which must stay in place while they are used.
+fn headers_for(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is a plain C struct of integers and pointers; all-zero is a valid
+            // value (null name, no control data, zero flags).
+            let mut msg: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            msg.msg_hdr.msg_iov = iov as *mut libc::iovec;
+            msg.msg_hdr.msg_iovlen = 1;
+            msg
+        })
+        .collect()
 }
 
 fn unspecified_for(dst: &SocketAddr) -> SocketAddr {
@@ -160,7 +140,7 @@ pub fn udp_blast(cfg: &BlastConfig) -> io::Result<BlastReport> {
     sock.connect(cfg.dst)?;
     sock.set_write_timeout(Some(POLL_INTERVAL))?;
     let fd = sock.as_raw_fd();
-    grow_buffer(fd, false);
+    sys::grow_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, SOCKET_BUFFER);
 
     // One payload shared by every message of a batch: the kernel copies it per datagram.
     let payload: Vec<u8> = (0..cfg.size).map(|i| (i % 251) as u8).collect();
@@ -171,15 +151,7 @@ pub fn udp_blast(cfg: &BlastConfig) -> io::Result<BlastReport> {
             iov_len: payload.len(),
         })
         .collect();
-    // SAFETY: mmsghdr is a plain C struct of integers and pointers; all-zero is a valid value
-    // (null name, no control data, zero flags) that is filled in below.
-    let mut msgs: Vec<libc::mmsghdr> = (0..cfg.batch)
-        .map(|_| unsafe { std::mem::zeroed() })
-        .collect();
-    for (msg, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-        msg.msg_hdr.msg_iov = iov as *mut libc::iovec;
-        msg.msg_hdr.msg_iovlen = 1;
-    }
+    let mut msgs = headers_for(&mut iovs);
 
     let mut report = BlastReport::default();
     let start = Instant::now();
@@ -240,7 +212,7 @@ pub fn udp_sink_with(
     let sock = UdpSocket::bind(bind)?;
     sock.set_read_timeout(Some(POLL_INTERVAL))?;
     let fd = sock.as_raw_fd();
-    grow_buffer(fd, true);
+    sys::grow_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, SOCKET_BUFFER);
     on_bound(sock.local_addr()?);
 
     let mut bufs = vec![0u8; BATCH * SLOT];
@@ -251,12 +223,7 @@ pub fn udp_sink_with(
             iov_len: SLOT,
         })
         .collect();
-    // SAFETY: as in udp_blast, an all-zero mmsghdr is a valid empty header.
-    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-    for (msg, iov) in msgs.iter_mut().zip(iovs.iter_mut()) {
-        msg.msg_hdr.msg_iov = iov as *mut libc::iovec;
-        msg.msg_hdr.msg_iovlen = 1;
-    }
+    let mut msgs = headers_for(&mut iovs);
 
     let mut report = SinkReport::default();
     let start = Instant::now();
@@ -367,22 +334,12 @@ fn set_linger_zero(stream: &TcpStream) -> io::Result<()> {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: `linger` lives on this stack frame for the call and the length is its exact size;
-    // setsockopt only reads it.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    sys::setsockopt(
+        stream.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        linger,
+    )
 }
 
 /// Accept and drop TCP connections on `bind` for `seconds`; returns how many were accepted.
@@ -407,20 +364,12 @@ pub fn tcp_accept_sink_with(
         tv_sec: 0,
         tv_usec: POLL_INTERVAL.as_micros() as libc::suseconds_t,
     };
-    // SAFETY: `tv` lives on this stack frame for the call and the length is its exact size;
-    // setsockopt only reads it.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    sys::setsockopt(
+        listener.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_RCVTIMEO,
+        tv,
+    )?;
     // std listens with a backlog of 128; a connect-rate client on a busy machine outruns that between
     // two scheduling slots of this thread, and SYNs arriving at a full accept queue are dropped
     // (retried after 1 s). Calling listen(2) again on a listening socket only resizes its queue; the
@@ -459,22 +408,34 @@ mod tests {
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
     }
 
-    #[test]
-    fn blast_reaches_sink_over_loopback() {
+    /// Runs a sink on loopback for `sink_seconds` (with `idle`), blasts `cfg` at it once it is
+    /// bound, and returns both reports.
+    fn blast_into_sink(
+        sink_seconds: f64,
+        idle: Option<Duration>,
+        size: usize,
+        seconds: f64,
+        batch: usize,
+        rate_pps: Option<u64>,
+    ) -> (BlastReport, SinkReport) {
         let (tx, rx) = mpsc::channel();
         let sink = std::thread::spawn(move || {
-            udp_sink_with(loopback(), 1.5, None, |a| tx.send(a).unwrap())
+            udp_sink_with(loopback(), sink_seconds, idle, |a| tx.send(a).unwrap())
         });
-        let addr = rx.recv().unwrap();
         let sent = udp_blast(&BlastConfig {
-            dst: addr,
-            size: 64,
-            seconds: 0.5,
-            batch: 64,
-            rate_pps: None,
+            dst: rx.recv().unwrap(),
+            size,
+            seconds,
+            batch,
+            rate_pps,
         })
         .unwrap();
-        let got = sink.join().unwrap().unwrap();
+        (sent, sink.join().unwrap().unwrap())
+    }
+
+    #[test]
+    fn blast_reaches_sink_over_loopback() {
+        let (sent, got) = blast_into_sink(1.5, None, 64, 0.5, 64, None);
         assert!(sent.packets > 0 && sent.calls > 0);
         assert_eq!(sent.bytes, sent.packets * 64);
         assert!(got.packets > 0, "sink counted nothing");
@@ -489,40 +450,14 @@ mod tests {
 
     #[test]
     fn sink_reports_real_length_of_datagrams_larger_than_its_slots() {
-        let (tx, rx) = mpsc::channel();
-        let sink = std::thread::spawn(move || {
-            udp_sink_with(loopback(), 1.0, None, |a| tx.send(a).unwrap())
-        });
-        let addr = rx.recv().unwrap();
-        let sent = udp_blast(&BlastConfig {
-            dst: addr,
-            size: 9000,
-            seconds: 0.2,
-            batch: 4,
-            rate_pps: Some(200),
-        })
-        .unwrap();
-        let got = sink.join().unwrap().unwrap();
+        let (sent, got) = blast_into_sink(1.0, None, 9000, 0.2, 4, Some(200));
         assert!(got.packets > 0 && got.packets <= sent.packets);
         assert_eq!(got.bytes, got.packets * 9000);
     }
 
     #[test]
     fn rate_limit_bounds_the_offered_load() {
-        let (tx, rx) = mpsc::channel();
-        let sink = std::thread::spawn(move || {
-            udp_sink_with(loopback(), 1.5, None, |a| tx.send(a).unwrap())
-        });
-        let addr = rx.recv().unwrap();
-        let sent = udp_blast(&BlastConfig {
-            dst: addr,
-            size: 32,
-            seconds: 1.0,
-            batch: 10,
-            rate_pps: Some(1000),
-        })
-        .unwrap();
-        sink.join().unwrap().unwrap();
+        let (sent, _) = blast_into_sink(1.5, None, 32, 1.0, 10, Some(1000));
         // 1000 pps for 1 s in batches of 10: about 1000, never wildly more.
         assert!(
             (500..=1100).contains(&sent.packets),
@@ -579,23 +514,15 @@ mod tests {
 
     #[test]
     fn idle_sink_stops_after_the_sender() {
-        let (tx, rx) = mpsc::channel();
-        let sink = std::thread::spawn(move || {
-            udp_sink_with(loopback(), 10.0, Some(Duration::from_millis(300)), |a| {
-                tx.send(a).unwrap()
-            })
-        });
-        let addr = rx.recv().unwrap();
         let t0 = Instant::now();
-        udp_blast(&BlastConfig {
-            dst: addr,
-            size: 64,
-            seconds: 0.3,
-            batch: 8,
-            rate_pps: Some(1000),
-        })
-        .unwrap();
-        let got = sink.join().unwrap().unwrap();
+        let (_, got) = blast_into_sink(
+            10.0,
+            Some(Duration::from_millis(300)),
+            64,
+            0.3,
+            8,
+            Some(1000),
+        );
         assert!(got.packets > 0);
         // 0.3 s of sending, then ~0.3-0.4 s of silence: far less than the 10 s asked for
         assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());

@@ -49,6 +49,16 @@ pub(crate) fn setsockopt<T: Copy>(
     cvt(r).map(drop)
 }
 
+/// Ask for a socket buffer of `bytes`: `force` (`SO_RCVBUFFORCE` / `SO_SNDBUFFORCE`, root only)
+/// ignores net.core.{r,w}mem_max, which inside a fresh network namespace is the small default;
+/// without the privilege fall back to `plain`, which the kernel caps. Best effort: the default
+/// buffer still works, it just drops more under bursts.
+pub(crate) fn grow_buffer(fd: RawFd, force: libc::c_int, plain: libc::c_int, bytes: libc::c_int) {
+    if setsockopt(fd, libc::SOL_SOCKET, force, bytes).is_err() {
+        let _ = setsockopt(fd, libc::SOL_SOCKET, plain, bytes);
+    }
+}
+
 pub(crate) fn getsockopt_int(
     fd: RawFd,
     level: libc::c_int,
@@ -232,4 +242,57 @@ pub(crate) fn if_index(name: &str) -> io::Result<u32> {
 pub(crate) fn ctl_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall with constant arguments; the result is checked by `owned`.
     owned(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
+}
+
+/// A socket address type that can be a `msg_name` in an [`MsgSlots`] batch.
+///
+/// # Safety
+///
+/// All-zero bytes must be a valid value of the type (a plain C struct of integers).
+pub(crate) unsafe trait SockAddr: Copy {}
+
+// SAFETY: sockaddr_in is a C struct of integers; all-zeroes is AF_UNSPEC 0.0.0.0:0.
+unsafe impl SockAddr for libc::sockaddr_in {}
+// SAFETY: sockaddr_ll is a C struct of integers and a byte array; all-zeroes is valid.
+unsafe impl SockAddr for libc::sockaddr_ll {}
+
+/// The C structs of a `sendmmsg` / `recvmmsg` batch, allocated once and reused: per message a
+/// name, one iovec, and the header that points at both. [`MsgSlots::link`] sets the header's
+/// pointers again before every call, so they never refer to a buffer a `Vec` has since moved.
+pub(crate) struct MsgSlots<N: SockAddr> {
+    pub(crate) names: Vec<N>,
+    pub(crate) iovs: Vec<libc::iovec>,
+    pub(crate) hdrs: Vec<libc::mmsghdr>,
+}
+
+impl<N: SockAddr> MsgSlots<N> {
+    pub(crate) fn new(n: usize) -> Self {
+        // SAFETY: all-zeroes is a valid `N` (the `SockAddr` contract), and a valid iovec and
+        // mmsghdr (plain C structs: null pointers, zero lengths); `link` sets every pointer
+        // before use.
+        let (name, iov, hdr) = unsafe {
+            (
+                std::mem::zeroed::<N>(),
+                std::mem::zeroed::<libc::iovec>(),
+                std::mem::zeroed::<libc::mmsghdr>(),
+            )
+        };
+        MsgSlots {
+            names: vec![name; n],
+            iovs: vec![iov; n],
+            hdrs: vec![hdr; n],
+        }
+    }
+
+    /// Points header `i` at name `i` and iovec `i` and clears its `msg_len`; the control buffer
+    /// and `msg_flags` are the caller's to set.
+    pub(crate) fn link(&mut self, i: usize) -> &mut libc::mmsghdr {
+        let h = &mut self.hdrs[i];
+        h.msg_hdr.msg_name = (&mut self.names[i] as *mut N).cast();
+        h.msg_hdr.msg_namelen = std::mem::size_of::<N>() as libc::socklen_t;
+        h.msg_hdr.msg_iov = &mut self.iovs[i];
+        h.msg_hdr.msg_iovlen = 1;
+        h.msg_len = 0;
+        h
+    }
 }

@@ -100,14 +100,6 @@ fn local_addr(fd: RawFd) -> io::Result<SocketAddrV4> {
     Ok(from_sockaddr(&sa))
 }
 
-/// Bigger socket buffers: the defaults (~208 KiB) hold only three 64 KiB GSO/GRO messages.
-/// `SO_*BUFFORCE` ignores `rmem_max`/`wmem_max` when we are privileged; otherwise fall back.
-fn grow_buffer(fd: RawFd, force: libc::c_int, plain: libc::c_int, bytes: libc::c_int) {
-    if sys::setsockopt(fd, libc::SOL_SOCKET, force, bytes).is_err() {
-        let _ = sys::setsockopt(fd, libc::SOL_SOCKET, plain, bytes);
-    }
-}
-
 impl UdpSocket {
     /// A receive socket for a tunnel port (non-blocking, GRO and TOS reporting on).
     pub fn bind_rx(addr: SocketAddrV4, reuseport: bool) -> io::Result<UdpSocket> {
@@ -119,7 +111,8 @@ impl UdpSocket {
         bind(raw, addr).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
         let gro = sys::setsockopt(raw, SOL_UDP, UDP_GRO, 1 as libc::c_int).is_ok();
         sys::setsockopt(raw, libc::IPPROTO_IP, libc::IP_RECVTOS, 1 as libc::c_int)?;
-        grow_buffer(raw, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
+        // Bigger socket buffers: the defaults (~208 KiB) hold only three 64 KiB GSO/GRO messages.
+        sys::grow_buffer(raw, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
         let local = local_addr(raw)?;
         Ok(UdpSocket {
             fd,
@@ -148,7 +141,7 @@ impl UdpSocket {
             tv_usec: 200_000,
         };
         sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDTIMEO, tv)?;
-        grow_buffer(raw, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 4 << 20);
+        sys::grow_buffer(raw, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, 4 << 20);
         // Setting the socket-wide segment size to 0 (= off) succeeds exactly when the kernel knows
         // UDP_SEGMENT (4.18+); the per-message cmsg is what we use.
         let gso = sys::setsockopt(raw, SOL_UDP, UDP_SEGMENT, 0 as libc::c_int).is_ok();
@@ -185,26 +178,21 @@ impl UdpSocket {
     pub fn recv(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         let n = batch.bufs.len();
         for i in 0..n {
-            batch.iovs[i] = libc::iovec {
+            batch.slots.iovs[i] = libc::iovec {
                 iov_base: batch.bufs[i].as_mut_ptr().cast(),
                 iov_len: batch.bufs[i].len(),
             };
-            let h = &mut batch.hdrs[i];
-            h.msg_hdr.msg_name = (&mut batch.names[i] as *mut libc::sockaddr_in).cast();
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut batch.iovs[i];
-            h.msg_hdr.msg_iovlen = 1;
+            let h = batch.slots.link(i);
             h.msg_hdr.msg_control = batch.ctrl[i].0.as_mut_ptr().cast();
             h.msg_hdr.msg_controllen = CTRL_LEN as _;
             h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
         }
         // SAFETY: every header points at buffers owned by `batch` (iovecs, names, control) that stay
         // alive and unaliased for the call; the kernel writes at most the lengths given.
         let r = unsafe {
             libc::recvmmsg(
                 self.fd.as_raw_fd(),
-                batch.hdrs.as_mut_ptr(),
+                batch.slots.hdrs.as_mut_ptr(),
                 n as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
@@ -222,10 +210,10 @@ impl UdpSocket {
         };
         batch.meta.clear();
         for i in 0..got {
-            let h = &batch.hdrs[i];
+            let h = &batch.slots.hdrs[i];
             let mut m = RxMeta {
                 len: h.msg_len as usize,
-                src: from_sockaddr(&batch.names[i]),
+                src: from_sockaddr(&batch.slots.names[i]),
                 segment: 0,
                 tos: 0,
                 truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
@@ -272,7 +260,7 @@ impl UdpSocket {
             let r = unsafe {
                 libc::sendmmsg(
                     self.fd.as_raw_fd(),
-                    scratch.hdrs.as_mut_ptr(),
+                    scratch.slots.hdrs.as_mut_ptr(),
                     chunk.len() as libc::c_uint,
                     0,
                 )
@@ -366,33 +354,20 @@ pub struct RxMeta {
 /// Buffers and headers for `recvmmsg`, reused across calls (one per worker).
 pub struct RecvBatch {
     bufs: Vec<Box<[u8]>>,
-    names: Vec<libc::sockaddr_in>,
-    iovs: Vec<libc::iovec>,
+    slots: sys::MsgSlots<libc::sockaddr_in>,
     ctrl: Vec<Ctrl>,
-    hdrs: Vec<libc::mmsghdr>,
     meta: Vec<RxMeta>,
 }
 
 impl RecvBatch {
     pub fn new(messages: usize) -> RecvBatch {
         let n = messages.max(1);
-        // SAFETY: sockaddr_in, iovec and mmsghdr are plain C structs for which all-zeroes (null
-        // pointers, zero lengths) is a valid value; `recv` sets every pointer before use.
-        let (name, iov, hdr) = unsafe {
-            (
-                zeroed::<libc::sockaddr_in>(),
-                zeroed::<libc::iovec>(),
-                zeroed::<libc::mmsghdr>(),
-            )
-        };
         RecvBatch {
             bufs: (0..n)
                 .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
                 .collect(),
-            names: vec![name; n],
-            iovs: vec![iov; n],
+            slots: sys::MsgSlots::new(n),
             ctrl: vec![Ctrl([0; CTRL_LEN]); n],
-            hdrs: vec![hdr; n],
             meta: Vec::with_capacity(n),
         }
     }
@@ -411,45 +386,29 @@ impl RecvBatch {
 /// Headers for `sendmmsg`, reused across calls.
 pub struct SendScratch {
     cap: usize,
-    names: Vec<libc::sockaddr_in>,
-    iovs: Vec<libc::iovec>,
+    slots: sys::MsgSlots<libc::sockaddr_in>,
     ctrl: Vec<Ctrl>,
-    hdrs: Vec<libc::mmsghdr>,
 }
 
 impl SendScratch {
     pub fn new(messages: usize) -> SendScratch {
         let n = messages.max(1);
-        // SAFETY: as in `RecvBatch::new`: all-zeroes is valid for these C structs.
-        let (name, iov, hdr) = unsafe {
-            (
-                zeroed::<libc::sockaddr_in>(),
-                zeroed::<libc::iovec>(),
-                zeroed::<libc::mmsghdr>(),
-            )
-        };
         SendScratch {
             cap: n,
-            names: vec![name; n],
-            iovs: vec![iov; n],
+            slots: sys::MsgSlots::new(n),
             ctrl: vec![Ctrl([0; CTRL_LEN]); n],
-            hdrs: vec![hdr; n],
         }
     }
 
     fn fill(&mut self, msgs: &[TxMsg<'_>]) {
         for (i, m) in msgs.iter().enumerate() {
-            self.names[i] = sockaddr(m.dst);
-            self.iovs[i] = libc::iovec {
+            self.slots.names[i] = sockaddr(m.dst);
+            self.slots.iovs[i] = libc::iovec {
                 iov_base: m.data.as_ptr() as *mut libc::c_void,
                 iov_len: m.data.len(),
             };
             let clen = write_cmsgs(&mut self.ctrl[i], m);
-            let h = &mut self.hdrs[i];
-            h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_in).cast();
-            h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            h.msg_hdr.msg_iov = &mut self.iovs[i];
-            h.msg_hdr.msg_iovlen = 1;
+            let h = self.slots.link(i);
             h.msg_hdr.msg_control = if clen == 0 {
                 std::ptr::null_mut()
             } else {
@@ -457,7 +416,6 @@ impl SendScratch {
             };
             h.msg_hdr.msg_controllen = clen as _;
             h.msg_hdr.msg_flags = 0;
-            h.msg_len = 0;
         }
     }
 }

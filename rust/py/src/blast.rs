@@ -25,6 +25,24 @@ fn to_py_err(e: std::io::Error) -> PyErr {
     }
 }
 
+/// `count` per second over `seconds`; 0 for an empty window (a run that ended at once).
+fn per_second(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// A dict of a report's fields, keys in the order given (the order the docstrings list).
+macro_rules! report_dict {
+    ($py:expr, { $($key:literal => $value:expr),* $(,)? }) => {{
+        let d = PyDict::new($py);
+        $(d.set_item($key, $value)?;)*
+        d
+    }};
+}
+
 /// Send `size`-byte UDP datagrams to dst:port in sendmmsg batches for `seconds` (capped at 30 s).
 ///
 /// Returns {"packets", "bytes", "errors", "calls", "seconds", "pps"} as seen by the sender.
@@ -49,21 +67,14 @@ fn udp_blast<'py>(
     let r = py
         .allow_threads(|| blast::udp_blast(&cfg))
         .map_err(to_py_err)?;
-    let d = PyDict::new(py);
-    d.set_item("packets", r.packets)?;
-    d.set_item("bytes", r.bytes)?;
-    d.set_item("errors", r.errors)?;
-    d.set_item("calls", r.calls)?;
-    d.set_item("seconds", r.seconds)?;
-    d.set_item(
-        "pps",
-        if r.seconds > 0.0 {
-            r.packets as f64 / r.seconds
-        } else {
-            0.0
-        },
-    )?;
-    Ok(d)
+    Ok(report_dict!(py, {
+        "packets" => r.packets,
+        "bytes" => r.bytes,
+        "errors" => r.errors,
+        "calls" => r.calls,
+        "seconds" => r.seconds,
+        "pps" => per_second(r.packets, r.seconds),
+    }))
 }
 
 /// Count UDP datagrams arriving on bind:port for `seconds` (capped at 30 s), recvmmsg in batches;
@@ -95,13 +106,13 @@ fn udp_sink<'py>(
     let r = py
         .allow_threads(|| blast::udp_sink(at, seconds, idle))
         .map_err(to_py_err)?;
-    let d = PyDict::new(py);
-    d.set_item("packets", r.packets)?;
-    d.set_item("bytes", r.bytes)?;
-    d.set_item("seconds", r.seconds)?;
-    d.set_item("active_seconds", r.active_seconds)?;
-    d.set_item("pps", r.pps())?;
-    Ok(d)
+    Ok(report_dict!(py, {
+        "packets" => r.packets,
+        "bytes" => r.bytes,
+        "seconds" => r.seconds,
+        "active_seconds" => r.active_seconds,
+        "pps" => r.pps(),
+    }))
 }
 
 /// Open and reset TCP connections to dst:port from `threads` threads for `seconds` (capped at 30 s).
@@ -120,19 +131,12 @@ fn tcp_connect_rate<'py>(
     let r = py
         .allow_threads(|| blast::tcp_connect_rate(at, seconds, threads))
         .map_err(to_py_err)?;
-    let d = PyDict::new(py);
-    d.set_item("connections", r.connections)?;
-    d.set_item("errors", r.errors)?;
-    d.set_item("seconds", r.seconds)?;
-    d.set_item(
-        "cps",
-        if r.seconds > 0.0 {
-            r.connections as f64 / r.seconds
-        } else {
-            0.0
-        },
-    )?;
-    Ok(d)
+    Ok(report_dict!(py, {
+        "connections" => r.connections,
+        "errors" => r.errors,
+        "seconds" => r.seconds,
+        "cps" => per_second(r.connections, r.seconds),
+    }))
 }
 
 /// Accept and drop TCP connections on bind:port for `seconds` (capped at 30 s); returns the count.

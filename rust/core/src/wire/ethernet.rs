@@ -3,7 +3,7 @@
 //! Used for the inner frame of VXLAN and for AF_PACKET. Panic rules: see [`crate::wire`]; a view
 //! from [`Frame::new_checked`] never panics.
 
-use super::{Error, Field, Rest, Result};
+use super::{Field, Rest};
 
 /// EtherType values podrouter meets.
 pub mod ethertype {
@@ -25,74 +25,51 @@ mod field {
 
 pub const HEADER_LEN: usize = field::PAYLOAD.start;
 
-/// A read/write view of an Ethernet II frame.
-#[derive(Debug, Clone)]
-pub struct Frame<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A read/write view of an Ethernet II frame.
+    pub struct Frame;
+    fixed_len = HEADER_LEN;
+    check_len = fixed;
 }
 
 impl<T: AsRef<[u8]>> Frame<T> {
-    /// Wrap without checking. Fixed-field accessors panic on a buffer shorter than 14 bytes.
-    pub const fn new_unchecked(buffer: T) -> Self {
-        Frame { buffer }
-    }
-
-    /// Wrap after [`Frame::check_len`]: every accessor of the result is panic-free.
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let f = Self::new_unchecked(buffer);
-        f.check_len()?;
-        Ok(f)
-    }
-
-    pub fn check_len(&self) -> Result<()> {
-        if self.buffer.as_ref().len() < HEADER_LEN {
-            Err(Error::Truncated)
-        } else {
-            Ok(())
-        }
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
     pub fn dst_addr(&self) -> [u8; 6] {
         let mut a = [0; 6];
-        a.copy_from_slice(&self.buffer.as_ref()[field::DST]);
+        a.copy_from_slice(&self.b()[field::DST]);
         a
     }
 
     pub fn src_addr(&self) -> [u8; 6] {
         let mut a = [0; 6];
-        a.copy_from_slice(&self.buffer.as_ref()[field::SRC]);
+        a.copy_from_slice(&self.b()[field::SRC]);
         a
     }
 
     pub fn ethertype(&self) -> u16 {
-        super::be16(self.buffer.as_ref(), field::ETHERTYPE.start)
+        super::be16(self.b(), field::ETHERTYPE.start)
     }
 
     pub fn payload(&self) -> &[u8] {
-        let d = self.buffer.as_ref();
+        let d = self.b();
         super::clamp(d, field::PAYLOAD.start, d.len())
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Frame<T> {
     pub fn set_dst_addr(&mut self, a: [u8; 6]) {
-        self.buffer.as_mut()[field::DST].copy_from_slice(&a);
+        self.bm()[field::DST].copy_from_slice(&a);
     }
 
     pub fn set_src_addr(&mut self, a: [u8; 6]) {
-        self.buffer.as_mut()[field::SRC].copy_from_slice(&a);
+        self.bm()[field::SRC].copy_from_slice(&a);
     }
 
     pub fn set_ethertype(&mut self, t: u16) {
-        self.buffer.as_mut()[field::ETHERTYPE].copy_from_slice(&t.to_be_bytes());
+        self.bm()[field::ETHERTYPE].copy_from_slice(&t.to_be_bytes());
     }
 
     pub fn payload_mut(&mut self) -> &mut [u8] {
-        let d = self.buffer.as_mut();
+        let d = self.bm();
         let n = d.len();
         super::clamp_mut(d, field::PAYLOAD.start, n)
     }
@@ -123,6 +100,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Error;
 
     // Broadcast ARP request header from 02:00:00:00:00:01.
     const FRAME: [u8; 18] = [

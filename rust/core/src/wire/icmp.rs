@@ -48,82 +48,14 @@ pub mod unreachable_code {
     pub const ADMIN_PROHIBITED: u8 = 13;
 }
 
-/// A read/write view of an ICMPv4 message.
-#[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+icmp_view! {
+    /// A read/write view of an ICMPv4 message.
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wrap without checking. Fixed-field accessors panic on a buffer shorter than 8 bytes.
-    pub const fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Self::new_unchecked(buffer);
-        p.check_len()?;
-        Ok(p)
-    }
-
-    pub fn check_len(&self) -> Result<()> {
-        if self.b().len() < HEADER_LEN {
-            Err(Error::Truncated)
-        } else {
-            Ok(())
-        }
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    fn b(&self) -> &[u8] {
-        self.buffer.as_ref()
-    }
-
-    pub fn msg_type(&self) -> u8 {
-        self.b()[field::TYPE]
-    }
-
-    pub fn code(&self) -> u8 {
-        self.b()[field::CODE]
-    }
-
-    pub fn checksum(&self) -> u16 {
-        super::be16(self.b(), field::CHECKSUM.start)
-    }
-
-    pub fn is_echo(&self) -> bool {
-        matches!(
-            self.msg_type(),
-            msg_type::ECHO_REQUEST | msg_type::ECHO_REPLY
-        )
-    }
-
-    pub fn is_error(&self) -> bool {
-        msg_type::is_error(self.msg_type())
-    }
-
-    /// Echo identifier (bytes 4..6; meaningful for echo request / reply).
-    pub fn echo_ident(&self) -> u16 {
-        super::be16(self.b(), field::ECHO_IDENT.start)
-    }
-
-    /// Echo sequence number (bytes 6..8; meaningful for echo request / reply).
-    pub fn echo_seq_no(&self) -> u16 {
-        super::be16(self.b(), field::ECHO_SEQNO.start)
-    }
-
     /// Next-hop MTU of a "fragmentation needed" message (RFC 1191 §4).
     pub fn next_hop_mtu(&self) -> u16 {
         super::be16(self.b(), field::NEXT_HOP_MTU.start)
-    }
-
-    /// Everything after the 8-byte header.
-    pub fn data(&self) -> &[u8] {
-        let d = self.b();
-        super::clamp(d, field::DATA, d.len())
     }
 
     /// The quoted IPv4 packet of an error message, checked with
@@ -141,38 +73,8 @@ impl<T: AsRef<[u8]>> Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    fn bm(&mut self) -> &mut [u8] {
-        self.buffer.as_mut()
-    }
-
-    pub fn set_msg_type(&mut self, t: u8) {
-        self.bm()[field::TYPE] = t;
-    }
-
-    pub fn set_code(&mut self, c: u8) {
-        self.bm()[field::CODE] = c;
-    }
-
-    pub fn set_checksum(&mut self, c: u16) {
-        self.bm()[field::CHECKSUM].copy_from_slice(&c.to_be_bytes());
-    }
-
-    pub fn set_echo_ident(&mut self, v: u16) {
-        self.bm()[field::ECHO_IDENT].copy_from_slice(&v.to_be_bytes());
-    }
-
-    pub fn set_echo_seq_no(&mut self, v: u16) {
-        self.bm()[field::ECHO_SEQNO].copy_from_slice(&v.to_be_bytes());
-    }
-
     pub fn set_next_hop_mtu(&mut self, v: u16) {
         self.bm()[field::NEXT_HOP_MTU].copy_from_slice(&v.to_be_bytes());
-    }
-
-    pub fn data_mut(&mut self) -> &mut [u8] {
-        let d = self.bm();
-        let n = d.len();
-        super::clamp_mut(d, field::DATA, n)
     }
 
     /// Compute the checksum over the whole buffer (ICMPv4 has no pseudo-header).

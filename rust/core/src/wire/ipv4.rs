@@ -42,25 +42,13 @@ pub mod option {
     pub const ROUTER_ALERT: u8 = 148;
 }
 
-/// A read/write view of an IPv4 packet.
-#[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A read/write view of an IPv4 packet.
+    pub struct Packet;
+    fixed_len = HEADER_LEN;
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wrap without checking. Fixed-field accessors panic on a buffer shorter than 20 bytes.
-    pub const fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
-    /// Wrap after [`Packet::check_len`].
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Self::new_unchecked(buffer);
-        p.check_len()?;
-        Ok(p)
-    }
-
     /// Wrap after checking the header only: for the IPv4 header quoted inside an ICMP error,
     /// whose payload is cut short (RFC 792: "Internet Header + 64 bits of Original Data").
     pub fn new_checked_header(buffer: T) -> Result<Self> {
@@ -73,7 +61,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 
     fn check_header(&self) -> Result<()> {
-        let len = self.buffer.as_ref().len();
+        let len = self.b().len();
         if len < HEADER_LEN {
             return Err(Error::Truncated);
         }
@@ -98,18 +86,10 @@ impl<T: AsRef<[u8]>> Packet<T> {
         if total < self.header_len() {
             return Err(Error::Malformed);
         }
-        if total > self.buffer.as_ref().len() {
+        if total > self.b().len() {
             return Err(Error::Truncated);
         }
         Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    fn b(&self) -> &[u8] {
-        self.buffer.as_ref()
     }
 
     pub fn version(&self) -> u8 {
@@ -231,10 +211,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    fn bm(&mut self) -> &mut [u8] {
-        self.buffer.as_mut()
-    }
-
     pub fn set_version(&mut self, v: u8) {
         let b = self.bm();
         b[field::VER_IHL] = (b[field::VER_IHL] & 0x0f) | (v << 4);

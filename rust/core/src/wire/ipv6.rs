@@ -26,10 +26,10 @@ pub const MAX_EXT_HEADERS: usize = 12;
 /// Length of the Fragment header (RFC 8200 §4.5).
 pub const FRAGMENT_HEADER_LEN: usize = 8;
 
-/// A read/write view of an IPv6 packet.
-#[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A read/write view of an IPv6 packet.
+    pub struct Packet;
+    fixed_len = HEADER_LEN;
 }
 
 /// What a Fragment header says.
@@ -69,17 +69,6 @@ pub struct ExtChain {
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wrap without checking. Fixed-field accessors panic on a buffer shorter than 40 bytes.
-    pub const fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Self::new_unchecked(buffer);
-        p.check_len()?;
-        Ok(p)
-    }
-
     /// Wrap after checking the fixed header only: for the quoted packet inside an ICMPv6 error,
     /// whose payload is cut short (RFC 4443 §3.1). `payload()` is clamped to the buffer.
     pub fn new_checked_header(buffer: T) -> Result<Self> {
@@ -106,14 +95,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return Err(Error::Truncated);
         }
         Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    fn b(&self) -> &[u8] {
-        self.buffer.as_ref()
     }
 
     pub fn version(&self) -> u8 {
@@ -266,10 +247,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    fn bm(&mut self) -> &mut [u8] {
-        self.buffer.as_mut()
-    }
-
     pub fn set_version(&mut self, v: u8) {
         let b = self.bm();
         b[0] = (b[0] & 0x0f) | (v << 4);
@@ -327,6 +304,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Walk the extension headers of a packet that must pass `new_checked`.
+    fn walk(v: &[u8]) -> Result<ExtChain> {
+        Packet::new_checked(v).unwrap().walk_extension_headers()
+    }
 
     fn base(next: u8, payload: &[u8]) -> Vec<u8> {
         let mut v = vec![0u8; 40];
@@ -394,10 +376,7 @@ mod tests {
         pl.extend_from_slice(&[ip_proto::UDP, 0, 0x00, 0x01, 0xde, 0xad, 0xbe, 0xef]);
         pl.extend_from_slice(&[0x13, 0x88, 0x00, 0x35, 0x00, 0x10, 0, 0]);
         let v = base(ip_proto::HOP_BY_HOP, &pl);
-        let c = Packet::new_checked(&v[..])
-            .unwrap()
-            .walk_extension_headers()
-            .unwrap();
+        let c = walk(&v).unwrap();
         assert_eq!(c.protocol, ip_proto::UDP);
         assert_eq!(c.l4_offset, 64);
         assert!(c.hop_by_hop);
@@ -413,10 +392,7 @@ mod tests {
     fn walk_later_fragment_stops() {
         let pl = [ip_proto::TCP, 0, 0x05, 0xc8, 0, 0, 0, 7, 0xaa, 0xbb];
         let v = base(ip_proto::IPV6_FRAGMENT, &pl);
-        let c = Packet::new_checked(&v[..])
-            .unwrap()
-            .walk_extension_headers()
-            .unwrap();
+        let c = walk(&v).unwrap();
         assert_eq!(c.protocol, ip_proto::TCP);
         assert_eq!(c.l4_offset, 48);
         let f = c.fragment.unwrap();
@@ -432,10 +408,7 @@ mod tests {
         pl.extend_from_slice(&[ip_proto::ICMPV6, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1]);
         pl.extend_from_slice(&[128, 0, 0, 0, 0, 1, 0, 1]);
         let v = base(ip_proto::IPV6_ROUTING, &pl);
-        let c = Packet::new_checked(&v[..])
-            .unwrap()
-            .walk_extension_headers()
-            .unwrap();
+        let c = walk(&v).unwrap();
         assert_eq!(
             (c.protocol, c.l4_offset, c.count),
             (ip_proto::ICMPV6, 60, 2)
@@ -444,12 +417,7 @@ mod tests {
         let mut w = v.clone();
         w[42] = 0;
         w[43] = 1;
-        assert_eq!(
-            Packet::new_checked(&w[..])
-                .unwrap()
-                .walk_extension_headers(),
-            Err(Error::Unsupported)
-        );
+        assert_eq!(walk(&w), Err(Error::Unsupported));
     }
 
     #[test]
@@ -474,77 +442,37 @@ mod tests {
             0,
         ];
         let v = base(ip_proto::IPV6_DEST_OPTS, &pl);
-        assert_eq!(
-            Packet::new_checked(&v[..])
-                .unwrap()
-                .walk_extension_headers(),
-            Err(Error::Malformed)
-        );
+        assert_eq!(walk(&v), Err(Error::Malformed));
         // Header length past the payload.
         let v = base(
             ip_proto::IPV6_DEST_OPTS,
             &[ip_proto::UDP, 1, 0, 0, 0, 0, 0, 0],
         );
-        assert_eq!(
-            Packet::new_checked(&v[..])
-                .unwrap()
-                .walk_extension_headers(),
-            Err(Error::Truncated)
-        );
+        assert_eq!(walk(&v), Err(Error::Truncated));
         // No room for even the next-header byte.
         let v = base(ip_proto::IPV6_DEST_OPTS, &[]);
-        assert_eq!(
-            Packet::new_checked(&v[..])
-                .unwrap()
-                .walk_extension_headers(),
-            Err(Error::Truncated)
-        );
+        assert_eq!(walk(&v), Err(Error::Truncated));
         let v = base(ip_proto::IPV6_FRAGMENT, &[ip_proto::UDP, 0, 0, 0]);
-        assert_eq!(
-            Packet::new_checked(&v[..])
-                .unwrap()
-                .walk_extension_headers(),
-            Err(Error::Truncated)
-        );
+        assert_eq!(walk(&v), Err(Error::Truncated));
         // Two fragment headers.
         let pl = [44, 0, 0, 1, 0, 0, 0, 1, 17, 0, 0, 1, 0, 0, 0, 1];
         let v = base(ip_proto::IPV6_FRAGMENT, &pl);
-        assert_eq!(
-            Packet::new_checked(&v[..])
-                .unwrap()
-                .walk_extension_headers(),
-            Err(Error::Malformed)
-        );
+        assert_eq!(walk(&v), Err(Error::Malformed));
         // A chain of 13 destination-options headers.
         let mut pl = Vec::new();
         for _ in 0..13 {
             pl.extend_from_slice(&[ip_proto::IPV6_DEST_OPTS, 0, 1, 4, 0, 0, 0, 0]);
         }
         let v = base(ip_proto::IPV6_DEST_OPTS, &pl);
-        assert_eq!(
-            Packet::new_checked(&v[..])
-                .unwrap()
-                .walk_extension_headers(),
-            Err(Error::Malformed)
-        );
+        assert_eq!(walk(&v), Err(Error::Malformed));
     }
 
     #[test]
     fn no_next_header_and_esp_end_walk() {
         let v = base(ip_proto::IPV6_NO_NEXT, &[]);
-        let c = Packet::new_checked(&v[..])
-            .unwrap()
-            .walk_extension_headers()
-            .unwrap();
+        let c = walk(&v).unwrap();
         assert_eq!((c.protocol, c.l4_offset), (ip_proto::IPV6_NO_NEXT, 40));
         let v = base(ip_proto::ESP, &[0; 16]);
-        assert_eq!(
-            Packet::new_checked(&v[..])
-                .unwrap()
-                .walk_extension_headers()
-                .unwrap()
-                .protocol,
-            ip_proto::ESP
-        );
+        assert_eq!(walk(&v).unwrap().protocol, ip_proto::ESP);
     }
 }

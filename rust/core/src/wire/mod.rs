@@ -18,6 +18,10 @@
 //!
 //! Untrusted bytes must therefore only ever enter through `new_checked` or [`parse_ip`].
 
+// Textually first: the view macros are used by every protocol module below.
+#[macro_use]
+mod macros;
+
 pub mod checksum;
 pub mod ethernet;
 pub mod geneve;

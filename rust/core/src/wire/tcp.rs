@@ -47,24 +47,13 @@ pub mod option_kind {
     pub const TIMESTAMP: u8 = 8;
 }
 
-/// A read/write view of a TCP segment.
-#[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A read/write view of a TCP segment.
+    pub struct Packet;
+    fixed_len = HEADER_LEN;
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wrap without checking. Fixed-field accessors panic on a buffer shorter than 20 bytes.
-    pub const fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Self::new_unchecked(buffer);
-        p.check_len()?;
-        Ok(p)
-    }
-
     pub fn check_len(&self) -> Result<()> {
         let len = self.b().len();
         if len < HEADER_LEN {
@@ -78,14 +67,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return Err(Error::Truncated);
         }
         Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    fn b(&self) -> &[u8] {
-        self.buffer.as_ref()
     }
 
     pub fn src_port(&self) -> u16 {
@@ -193,10 +174,6 @@ fn segment_sum(seg: &[u8], src: IpAddr, dst: IpAddr) -> u16 {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    fn bm(&mut self) -> &mut [u8] {
-        self.buffer.as_mut()
-    }
-
     pub fn set_src_port(&mut self, p: u16) {
         self.bm()[field::SRC_PORT].copy_from_slice(&p.to_be_bytes());
     }

@@ -17,24 +17,13 @@ mod field {
 
 pub const HEADER_LEN: usize = field::CHECKSUM.end;
 
-/// A read/write view of a UDP datagram.
-#[derive(Debug, Clone)]
-pub struct Packet<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A read/write view of a UDP datagram.
+    pub struct Packet;
+    fixed_len = HEADER_LEN;
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Wrap without checking. Fixed-field accessors panic on a buffer shorter than 8 bytes.
-    pub const fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Self::new_unchecked(buffer);
-        p.check_len()?;
-        Ok(p)
-    }
-
     /// The header is there and the length field covers it and stays inside the buffer. As Linux
     /// does (`__udp4_lib_rcv`), a buffer longer than the length field is accepted and
     /// [`Packet::payload`] stops at the length.
@@ -51,14 +40,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return Err(Error::Truncated);
         }
         Ok(())
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    fn b(&self) -> &[u8] {
-        self.buffer.as_ref()
     }
 
     pub fn src_port(&self) -> u16 {
@@ -129,10 +110,6 @@ fn to_v6(a: IpAddr) -> Ipv6Addr {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    fn bm(&mut self) -> &mut [u8] {
-        self.buffer.as_mut()
-    }
-
     pub fn set_src_port(&mut self, p: u16) {
         self.bm()[field::SRC_PORT].copy_from_slice(&p.to_be_bytes());
     }

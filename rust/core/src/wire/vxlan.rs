@@ -33,32 +33,14 @@ pub const FLAG_I: u8 = 0x08;
 /// Largest VNI: 24 bits.
 pub const MAX_VNI: u32 = 0x00ff_ffff;
 
-/// A read/write view of a VXLAN header and what follows it.
-#[derive(Debug, Clone)]
-pub struct Header<T: AsRef<[u8]>> {
-    buffer: T,
+view! {
+    /// A read/write view of a VXLAN header and what follows it.
+    pub struct Header;
+    fixed_len = HEADER_LEN;
+    check_len = fixed;
 }
 
 impl<T: AsRef<[u8]>> Header<T> {
-    /// Wrap without checking. Fixed-field accessors panic on a buffer shorter than 8 bytes.
-    pub const fn new_unchecked(buffer: T) -> Self {
-        Header { buffer }
-    }
-
-    pub fn new_checked(buffer: T) -> Result<Self> {
-        let h = Self::new_unchecked(buffer);
-        h.check_len()?;
-        Ok(h)
-    }
-
-    pub fn check_len(&self) -> Result<()> {
-        if self.b().len() < HEADER_LEN {
-            Err(Error::Truncated)
-        } else {
-            Ok(())
-        }
-    }
-
     /// The receive policy of the module docs: the I flag is set. Reserved bits are ignored.
     pub fn check_valid(&self) -> Result<()> {
         if self.i_flag() {
@@ -66,14 +48,6 @@ impl<T: AsRef<[u8]>> Header<T> {
         } else {
             Err(Error::Malformed)
         }
-    }
-
-    pub fn into_inner(self) -> T {
-        self.buffer
-    }
-
-    fn b(&self) -> &[u8] {
-        self.buffer.as_ref()
     }
 
     pub fn flags(&self) -> u8 {
@@ -108,7 +82,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Header<T> {
     /// Write a header as RFC 7348 asks a sender to: I set, every reserved bit zero. The VNI is
     /// truncated to 24 bits.
     pub fn emit(&mut self, vni: u32) {
-        let b = self.buffer.as_mut();
+        let b = self.bm();
         b[..HEADER_LEN].fill(0);
         b[field::FLAGS] = FLAG_I;
         let v = (vni & MAX_VNI).to_be_bytes();
@@ -116,16 +90,16 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Header<T> {
     }
 
     pub fn set_flags(&mut self, f: u8) {
-        self.buffer.as_mut()[field::FLAGS] = f;
+        self.bm()[field::FLAGS] = f;
     }
 
     pub fn set_vni(&mut self, vni: u32) {
         let v = (vni & MAX_VNI).to_be_bytes();
-        self.buffer.as_mut()[field::VNI].copy_from_slice(&v[1..]);
+        self.bm()[field::VNI].copy_from_slice(&v[1..]);
     }
 
     pub fn payload_mut(&mut self) -> &mut [u8] {
-        let d = self.buffer.as_mut();
+        let d = self.bm();
         let n = d.len();
         super::clamp_mut(d, field::PAYLOAD, n)
     }
