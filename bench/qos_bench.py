@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-for p in (HERE, HERE.parent / "python"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+if str(HERE) not in sys.path:  # for bench/qos/ (the installed podrouter package is used as is)
+    sys.path.insert(0, str(HERE))
 
 from podrouter.netns import Topology  # noqa: E402
 from qos.lab import (  # noqa: E402

@@ -29,7 +29,6 @@ from podrouter.cni import host_ifname  # noqa: E402
 from podrouter.qos import BandwidthManager  # noqa: E402
 from qos.lab import GOODPUT_PER_FRAME, SINK_ADDR, Lab, measure  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 CNI_PATH = "/usr/lib/cni"
 
 
@@ -117,7 +116,6 @@ def invoke(node: Host, command: str, conf: dict | None, container: str, netns: s
     env = {
         "CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_NETNS": netns, "CNI_IFNAME": ifname,
         "CNI_PATH": CNI_PATH, "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": str(REPO / "python"),
         "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={container}",
     }
     env.update(env_extra or {})
@@ -149,7 +147,7 @@ def sandbox(topo: Topology, name: str) -> tuple[Host, str]:
 
 def test_version() -> None:
     proc = subprocess.run(plugin_argv(), input='{"cniVersion": "1.0.0"}', capture_output=True, text=True,
-                          env={**os.environ, "CNI_COMMAND": "VERSION", "PYTHONPATH": str(REPO / "python")},
+                          env={**os.environ, "CNI_COMMAND": "VERSION"},
                           timeout=30, check=False)
     assert proc.returncode == 0
     assert json.loads(proc.stdout) == {"cniVersion": "1.0.0",
@@ -234,7 +232,7 @@ def test_errors_are_cni_json(env: tuple[Lab, FakeDaemon, Path], topo: Topology) 
     assert host_ifname("c4", "eth0") not in lab.node.ip("link show")
     assert not list((tmp / "ipam" / "podnet").glob("10.244.*"))
     proc = subprocess.run(plugin_argv(), input="{not json", capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "CNI_COMMAND": "ADD", "PYTHONPATH": str(REPO / "python")},
+                          env={**os.environ, "CNI_COMMAND": "ADD"},
                           check=False)
     assert proc.returncode == 1 and json.loads(proc.stdout)["code"] == 6
 

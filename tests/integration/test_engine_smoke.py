@@ -18,14 +18,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytestmark = pytest.mark.integration
 
-PYTHON_DIR = str(Path(__file__).resolve().parents[2] / "python")
 
 CHILD = r"""
 import json, sys
@@ -119,10 +117,9 @@ def launch(n: Node, spec: dict[str, Any], routes: list[str], mtu: int) -> None:
         "spec": spec,
         "routes": [{"dst": r, "src": n.pod_ip} for r in routes],
     }
-    env = dict(os.environ, PYTHONPATH=PYTHON_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
     n.proc = subprocess.Popen(
         ["ip", "netns", "exec", n.ns, sys.executable, "-c", CHILD, json.dumps(cfg)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert n.proc.stdout is not None
     line = n.proc.stdout.readline().strip()
