@@ -238,7 +238,7 @@ def test_sighup_adds_and_removes_a_peer_while_a_stream_runs(
             "-b",
             "200M",
             "-i",
-            "0.5",
+            "1",
             "-J",
             "--connect-timeout",
             "3000",
@@ -262,9 +262,11 @@ def test_sighup_adds_and_removes_a_peer_while_a_stream_runs(
             p.wait(timeout=5)
     report = json.loads(out)
     assert client.returncode == 0, report.get("error")
-    # the stream to node2 ran through both reloads without stalling
+    # the stream to node2 ran through both reloads without stalling: a stall of half a second or
+    # more would pull its one-second interval of this 200M-paced stream under 100M (one-second
+    # intervals, because iperf3's pacing itself is uneven over half-second windows on a busy machine)
     rates = [i["sum"]["bits_per_second"] for i in report["intervals"]]
-    assert len(rates) >= 10 and min(rates) > 100e6, [round(r / 1e6) for r in rates]
+    assert len(rates) >= 5 and min(rates) > 100e6, [round(r / 1e6) for r in rates]
     # (retransmissions are not asserted: a paced stream over veth + TUN shows a few even without
     # reloads, from slow start's first burst)
     assert d1.alive()
