@@ -211,7 +211,49 @@ pub fn encap_payload(
     Ok(begin..start + len)
 }
 
+/// [`encap_payload`] for an inner packet the caller has just parsed with [`wire::parse_ip`]:
+/// `v6` is its IP version, so the inner bytes are not read again. Writes the same bytes and
+/// fails the same way (a range outside `buf`, a VNI over 24 bits, too little headroom).
+#[inline]
+pub fn encap_payload_parsed(
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    v6: bool,
+    params: &EncapParams,
+) -> Result<Range<usize>, EncapError> {
+    let end = start
+        .checked_add(len)
+        .filter(|&end| end <= buf.len())
+        .ok_or(EncapError::BadRange)?;
+    let et = if v6 { ethertype::IPV6 } else { ethertype::IPV4 };
+    if params.vni > vxlan::MAX_VNI {
+        return Err(EncapError::BadVni);
+    }
+    let head = &mut buf[..start];
+    let need = params.proto.payload_overhead();
+    let headroom = EncapError::Headroom { need, have: start };
+    // Fixed-size views of the header bytes: every write below has a constant offset into an
+    // array of known length, so no bounds check is left in the per-packet path.
+    match params.proto {
+        TunnelProto::Vxlan => {
+            let hdr = head
+                .last_chunk_mut::<VXLAN_PAYLOAD_OVERHEAD>()
+                .ok_or(headroom)?;
+            write_tunnel_header(hdr, et, params);
+        }
+        TunnelProto::Geneve => {
+            let hdr = head
+                .last_chunk_mut::<GENEVE_PAYLOAD_OVERHEAD>()
+                .ok_or(headroom)?;
+            write_tunnel_header(hdr, et, params);
+        }
+    }
+    Ok(start - need..end)
+}
+
 /// `hdr` is exactly `params.proto.payload_overhead()` bytes.
+#[inline]
 fn write_tunnel_header(hdr: &mut [u8], et: u16, params: &EncapParams) {
     match params.proto {
         TunnelProto::Vxlan => {
@@ -338,50 +380,86 @@ fn flow_tuple(inner: &[u8]) -> Option<(IpAddr, IpAddr, u8, u16, u16)> {
         }
         _ => return None,
     };
+    let (sp, dp) = flow_ports(proto, l4);
+    Some((src, dst, proto, sp, dp))
+}
+
+/// The flow's "ports" from the start of the transport header `l4` (zero where it is too short).
+#[inline]
+fn flow_ports(proto: u8, l4: &[u8]) -> (u16, u16) {
     let be = |o: usize| {
         l4.get(o..o + 2)
             .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]))
     };
-    let (sp, dp) = match proto {
+    match proto {
         ip_proto::TCP | ip_proto::UDP | ip_proto::SCTP => (be(0), be(2)),
         ip_proto::ICMP | ip_proto::ICMPV6 => (be(4), 0),
         _ => (0, 0),
+    }
+}
+
+const FNV_OFFSET: u32 = 0x811c_9dc5;
+const FNV_PRIME: u32 = 0x0100_0193;
+
+#[inline(always)]
+fn fnv1a(mut h: u32, bytes: &[u8]) -> u32 {
+    for &b in bytes {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// FNV-1a over the tuple bytes (addresses as 4 bytes each when both are IPv4, else 16), then
+/// the MurmurHash3 finaliser.
+#[inline]
+fn hash_tuple(src: IpAddr, dst: IpAddr, proto: u8, sp: u16, dp: u16) -> u32 {
+    let h = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => fnv1a(fnv1a(FNV_OFFSET, &s.octets()), &d.octets()),
+        (s, d) => hash_v6_addrs(s, d),
     };
-    Some((src, dst, proto, sp, dp))
+    hash_ports(h, proto, sp, dp)
+}
+
+/// The address part of [`hash_tuple`] for IPv6 (or mixed) addresses. Kept out of line so the
+/// IPv4 path does not stage 32 address bytes it never hashes.
+#[inline(never)]
+fn hash_v6_addrs(s: IpAddr, d: IpAddr) -> u32 {
+    fnv1a(fnv1a(FNV_OFFSET, &to_v6(s).octets()), &to_v6(d).octets())
+}
+
+#[inline(always)]
+fn hash_ports(mut h: u32, proto: u8, sp: u16, dp: u16) -> u32 {
+    h = fnv1a(h, &[proto]);
+    h = fnv1a(h, &sp.to_be_bytes());
+    h = fnv1a(h, &dp.to_be_bytes());
+    fmix32(h)
 }
 
 /// A deterministic 32-bit hash of the inner 5-tuple: FNV-1a over the tuple bytes followed by the
 /// MurmurHash3 finaliser so that every input bit reaches the high bits the port is taken from.
 /// Unparseable input hashes its first 64 bytes.
 pub fn flow_hash(inner: &[u8]) -> u32 {
-    const FNV_OFFSET: u32 = 0x811c_9dc5;
-    const FNV_PRIME: u32 = 0x0100_0193;
-    let mut h = FNV_OFFSET;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= u32::from(b);
-            h = h.wrapping_mul(FNV_PRIME);
-        }
-    };
     match flow_tuple(inner) {
-        Some((s, d, p, sp, dp)) => {
-            match (s, d) {
-                (IpAddr::V4(s), IpAddr::V4(d)) => {
-                    eat(&s.octets());
-                    eat(&d.octets());
-                }
-                (s, d) => {
-                    eat(&to_v6(s).octets());
-                    eat(&to_v6(d).octets());
-                }
-            }
-            eat(&[p]);
-            eat(&sp.to_be_bytes());
-            eat(&dp.to_be_bytes());
-        }
-        None => eat(&inner[..inner.len().min(64)]),
+        Some((s, d, p, sp, dp)) => hash_tuple(s, d, p, sp, dp),
+        None => fmix32(fnv1a(FNV_OFFSET, &inner[..inner.len().min(64)])),
     }
-    fmix32(h)
+}
+
+/// [`flow_hash`] of a packet that [`wire::parse_ip`] accepted, computed from that parse instead
+/// of re-reading and re-validating the headers: `inner` is the packet cut at `meta.total_len` and
+/// `meta` its parse. Equal to `flow_hash(inner)` (the tests compare them): both read ports only
+/// from a packet that is not a fragment (an RFC 6946 atomic fragment counts as whole), from the
+/// same transport header offset.
+#[inline]
+pub fn flow_hash_parsed(inner: &[u8], meta: &wire::IpMeta) -> u32 {
+    let (sp, dp) = match meta.l4 {
+        _ if meta.is_fragment => (0, 0),
+        // TCP / UDP / SCTP of a whole packet: the parse read the same two words.
+        wire::L4Info::Ports { src, dst, .. } => (src, dst),
+        _ => flow_ports(meta.protocol, inner.get(meta.l4_offset..).unwrap_or(&[])),
+    };
+    hash_tuple(meta.src, meta.dst, meta.protocol, sp, dp)
 }
 
 fn to_v6(a: IpAddr) -> Ipv6Addr {
@@ -403,7 +481,18 @@ fn fmix32(mut h: u32) -> u32 {
 /// The outer UDP source port for an inner packet: 49152 + the top 14 bits of [`flow_hash`],
 /// i.e. the dynamic range RFC 7348 §5 recommends (RFC 8926 §3.3 asks the same of Geneve).
 pub fn udp_source_port(inner: &[u8]) -> u16 {
-    SOURCE_PORT_MIN + (flow_hash(inner) >> 18) as u16
+    source_port_of(flow_hash(inner))
+}
+
+/// [`udp_source_port`] of a parsed packet, from [`flow_hash_parsed`].
+#[inline]
+pub fn udp_source_port_parsed(inner: &[u8], meta: &wire::IpMeta) -> u16 {
+    source_port_of(flow_hash_parsed(inner, meta))
+}
+
+#[inline]
+fn source_port_of(hash: u32) -> u16 {
+    SOURCE_PORT_MIN + (hash >> 18) as u16
 }
 
 /// The inner TOS / traffic class byte, 0 if unreadable.
@@ -419,7 +508,12 @@ fn inner_tos(inner: &[u8]) -> u8 {
 /// inner ECN field copied, except that CE becomes ECT(0) so a congestion mark is not duplicated on
 /// decapsulation by routers that see only the outer header.
 pub fn outer_tos(inner: &[u8]) -> u8 {
-    let tos = inner_tos(inner);
+    outer_tos_for(inner_tos(inner))
+}
+
+/// [`outer_tos`] from the inner TOS / traffic class byte itself (`dscp << 2 | ecn` of a parse).
+#[inline]
+pub fn outer_tos_for(tos: u8) -> u8 {
     let e = match tos & 0x03 {
         ecn::CE => ecn::ECT0,
         e => e,

@@ -208,6 +208,7 @@ impl IpMeta {
 /// * a later fragment yields [`L4Info::None`].
 ///
 /// Never panics.
+#[inline]
 pub fn parse_ip(bytes: &[u8]) -> Result<IpMeta> {
     match bytes.first().map(|b| b >> 4) {
         None => Err(Error::Truncated),
@@ -217,6 +218,7 @@ pub fn parse_ip(bytes: &[u8]) -> Result<IpMeta> {
     }
 }
 
+#[inline]
 fn parse_ipv4(bytes: &[u8]) -> Result<IpMeta> {
     let ip = ipv4::Packet::new_checked(bytes)?;
     if !ip.verify_checksum() {
