@@ -149,7 +149,7 @@ def request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, 
                 raise ApiError("reply too large")
     try:
         reply = json.loads(buf)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(f"bad reply from the daemon: {e}") from None
     if not isinstance(reply, dict):
         raise ApiError("bad reply from the daemon: not an object")

@@ -43,6 +43,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from podrouter import api
+
 SUPPORTED_VERSIONS = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]
 GATEWAY = "169.254.1.1"
 DEFAULT_SOCKET = "/run/podrouter/podrouter.sock"
@@ -206,30 +208,16 @@ def _ipam_address(result: Mapping[str, Any]) -> ipaddress.IPv4Address | ipaddres
 
 
 def daemon_request(path: str, request: Mapping[str, Any], timeout: float = 30) -> dict[str, Any]:
-    """One newline-delimited JSON request on the daemon's API socket."""
+    """One request on the daemon's API socket (podrouter.api), with failures as CNI errors: an
+    absent or refusing daemon is "try again later" (the runtime retries), anything else is I/O."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(json.dumps(request).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
+        return api.request(path, dict(request), timeout)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise CniError(E_TRY_AGAIN, f"podrouter daemon not reachable at {path}: {exc.strerror}") from None
     except OSError as exc:
         raise CniError(E_IO, f"talking to the podrouter daemon at {path}: {exc}") from None
-    try:
-        reply = json.loads(buf.decode())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CniError(E_IO, "the podrouter daemon sent a reply that is not JSON",
-                       buf[:200].decode(errors="replace")) from None
-    if not isinstance(reply, dict):
-        raise CniError(E_IO, "the podrouter daemon sent a reply that is not an object")
-    return reply
+    except api.ApiError as exc:
+        raise CniError(E_IO, f"the podrouter daemon sent a bad reply: {exc}") from None
 
 
 # ------------------------------------------------------------------------------ netlink

@@ -28,11 +28,49 @@ __all__ = [
     "Host",
     "Pod",
     "ReferenceTopology",
+    "Terminated",
     "Topology",
     "capture",
+    "signals_unwind",
     "reference_topology",
     "sh",
 ]
+
+
+class Terminated(BaseException):
+    """SIGTERM turned into an exception, so the same `finally` (namespaces, daemons) runs as for
+    Ctrl-C (KeyboardInterrupt)."""
+
+
+_OWNER_PID = [os.getpid()]
+
+
+def _unwind(signum: int, _frame: object) -> None:
+    # Only the process that installed the handler unwinds. A child forked from it (pyroute2 forks
+    # helpers to work inside other namespaces) inherits the handler; if its parent stops it with
+    # SIGTERM it must simply die, not raise into a copy of our call stack and carry on as a second
+    # copy of the run.
+    if os.getpid() != _OWNER_PID[0]:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def signals_unwind() -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated` and SIGINT `KeyboardInterrupt` in this
+    process, so whatever built lab hosts tears them down on either."""
+    _OWNER_PID[0] = os.getpid()
+    old = signal.signal(signal.SIGTERM, _unwind)
+    old_int = signal.signal(signal.SIGINT, _unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def sh(*argv: str, check: bool = True, timeout: float = 30, input: str | None = None) -> str:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from helpers import Daemons, short_dir
 
 from nettopo import ReferenceTopology, Topology, reference_topology
 
@@ -35,3 +37,15 @@ def topo() -> Iterator[Topology]:
 def ref(topo: Topology) -> ReferenceTopology:
     """The DESIGN.md §8 reference topology with pod1 (node1), pod2 (node2), pod3 (node3)."""
     return reference_topology(topo)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Daemons]:
+    """podrouter daemons the test starts in node namespaces; all are stopped when the test ends, also
+    when it fails. Their API sockets live in a short directory (sun_path holds 108 bytes)."""
+    with short_dir() as d:
+        ds = Daemons(d, tmp_path)
+        try:
+            yield ds
+        finally:
+            ds.stop_all()

@@ -6,26 +6,14 @@ from __future__ import annotations
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from helpers import DaemonHandle, Daemons, python_in, ref_config, short_dir, wait_for
+from helpers import DaemonHandle, Daemons, python_in, ref_config, wait_for
 from scapy.layers.inet import ICMP, IP
 from scapy.layers.l2 import Ether
 from scapy.layers.vxlan import VXLAN
 
 from nettopo import Host, ReferenceTopology, capture
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    with short_dir() as d:
-        ds = Daemons(d, tmp_path)
-        try:
-            yield ds
-        finally:
-            ds.stop_all()
 
 
 def inner(src: str = "10.244.2.1", dst: str = "10.244.1.1", marker: bytes = b"podrouter-bad-input") -> bytes:

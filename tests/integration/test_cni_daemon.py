@@ -11,7 +11,6 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from helpers import Daemons, short_dir  # noqa: E402
+from helpers import Daemons  # noqa: E402
 from test_cni import invoke, netconf, sandbox  # noqa: E402
 
 from nettopo import Topology  # noqa: E402
@@ -39,15 +38,6 @@ def _sent(host: Any, klass: str) -> int:
     assert m, out
     return int(m.group(1))
 
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    with short_dir() as sockdir:
-        d = Daemons(sockdir, tmp_path)
-        try:
-            yield d
-        finally:
-            d.stop_all()
 
 
 def test_cni_with_real_daemon(topo: Topology, daemons: Daemons, tmp_path: Path) -> None:

@@ -9,10 +9,8 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 from helpers import (
     Daemons,
@@ -26,16 +24,6 @@ from helpers import (
 )
 
 from nettopo import ReferenceTopology
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    with short_dir() as d:
-        ds = Daemons(d, tmp_path)
-        try:
-            yield ds
-        finally:
-            ds.stop_all()
 
 
 def kernel_is_clean(ref: ReferenceTopology, node: str) -> None:

@@ -12,22 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import DaemonHandle, Daemons, python_in, ref_config, short_dir, wait_for
+from helpers import DaemonHandle, Daemons, python_in, ref_config, wait_for
 
 from nettopo import Host, ReferenceTopology
 
 ETCD_1 = "http://172.16.2.1:2379"  # R's address on node1/node3's segment
 ETCD_2 = "http://172.16.3.1:2379"  # R's address towards node2
 
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    with short_dir() as d:
-        ds = Daemons(d, tmp_path)
-        try:
-            yield ds
-        finally:
-            ds.stop_all()
 
 
 @pytest.fixture

@@ -10,23 +10,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-from helpers import Daemons, ref_config, short_dir, wait_for, wait_listening
+from helpers import Daemons, ref_config, wait_for, wait_listening
 
 from nettopo import Host, ReferenceTopology
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    with short_dir() as d:
-        ds = Daemons(d, tmp_path)
-        try:
-            yield ds
-        finally:
-            ds.stop_all()
 
 
 def flannel_vxlan_device(ref: ReferenceTopology) -> str:

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from helpers import (
     podrouter_argv,
     python_in,
     ref_config,
-    short_dir,
     wait_for,
     write_config,
 )
@@ -192,15 +190,6 @@ def nft_table(host: Host) -> str:
 
 # ---------------------------------------------------------------------------------------- fixtures
 
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    with short_dir() as d:
-        ds = Daemons(d, tmp_path)
-        try:
-            yield ds
-        finally:
-            ds.stop_all()
 
 
 @pytest.fixture

@@ -8,26 +8,16 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import DaemonHandle, Daemons, ref_config, short_dir, wait_for, wait_listening, write_config
+from helpers import DaemonHandle, Daemons, ref_config, wait_for, wait_listening, write_config
 
 from nettopo import Host, ReferenceTopology, capture
 
 POD_NET_BPF = "net 10.244.0.0/16"  # matches the *outer* header only: a pod address on the wire
 
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Daemons]:
-    with short_dir() as d:
-        ds = Daemons(d, tmp_path)
-        try:
-            yield ds
-        finally:
-            ds.stop_all()
 
 
 def start_all(

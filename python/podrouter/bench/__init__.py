@@ -19,7 +19,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,30 +26,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from podrouter.netns import Terminated, signals_unwind
+
 __all__ = ["build_parser", "main", "run_suite"]
 
 SECTIONS = ("masquerade", "shaping", "micro")
-
-
-class _Terminated(BaseException):
-    """SIGTERM turned into an exception so every `finally` (namespaces, daemons) runs."""
-
-
-_OWNER_PID = [os.getpid()]  # set again when the handlers are installed
-
-
-def _on_sigterm(signum: int, _frame: object) -> None:
-    # Only the process that installed the handler unwinds. A child forked from it (pyroute2 forks
-    # helpers to work inside other namespaces) inherits the handler; if its parent stops it with
-    # SIGTERM it must simply die, not raise into a copy of our call stack and carry on as a second
-    # copy of the run.
-    if os.getpid() != _OWNER_PID[0]:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise _Terminated(f"signal {signum}")
 
 
 def _machine() -> dict[str, Any]:
@@ -240,43 +220,38 @@ def run_suite(
     def save() -> None:
         json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
-    _OWNER_PID[0] = os.getpid()
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
-    old_int = signal.signal(signal.SIGINT, _on_sigterm)
     failed = False
     t0 = time.monotonic()
     log(f"profile {prof.name}, {nreps} rep(s), output {out_dir}")
-    try:
-        if setups:
-            _check_loadgen(log)
-            result["modes"] = run_modes(setups, prof, nreps, log)
-            failed |= any(m["errors"] or len(m["summary"]) < 6 for m in result["modes"].values())
-            save()
-        if "masquerade" in sections:
-            from podrouter.bench import masq
+    with signals_unwind():
+        try:
+            if setups:
+                _check_loadgen(log)
+                result["modes"] = run_modes(setups, prof, nreps, log)
+                failed |= any(m["errors"] or len(m["summary"]) < 6 for m in result["modes"].values())
+                save()
+            if "masquerade" in sections:
+                from podrouter.bench import masq
 
-            result["masquerade"] = masq.run(prof, nreps, log)
-            failed |= any(r["errors"] for r in result["masquerade"]["results"].values())
-            save()
-        if "shaping" in sections:
-            from podrouter.bench import extras
+                result["masquerade"] = masq.run(prof, nreps, log)
+                failed |= any(r["errors"] for r in result["masquerade"]["results"].values())
+                save()
+            if "shaping" in sections:
+                from podrouter.bench import extras
 
-            result["shaping"] = extras.shaping(quick, log)
-            save()
-        if "micro" in sections:
-            from podrouter.bench import extras
+                result["shaping"] = extras.shaping(quick, log)
+                save()
+            if "micro" in sections:
+                from podrouter.bench import extras
 
-            result["micro"] = extras.micro(quick, log)
-            failed |= "reason" in result["micro"]
+                result["micro"] = extras.micro(quick, log)
+                failed |= "reason" in result["micro"]
+                save()
+        except (KeyboardInterrupt, Terminated):
+            result["interrupted"] = True
             save()
-    except (KeyboardInterrupt, _Terminated):
-        result["interrupted"] = True
-        save()
-        print(f"\npodrouter bench: interrupted; partial results in {json_path}", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        signal.signal(signal.SIGINT, old_int)
+            print(f"\npodrouter bench: interrupted; partial results in {json_path}", file=sys.stderr)
+            return 130
     result["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     result["elapsed_s"] = round(time.monotonic() - t0, 1)
     save()

@@ -27,34 +27,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from podrouter.netns import Terminated, signals_unwind
 
 __all__ = ["main", "build_parser", "run_demo"]
 
 SHAPED_POD = ("shaped", "10.244.1.50", "50M")  # name, ip, kubernetes.io/egress-bandwidth
-
-
-class _Terminated(BaseException):
-    pass
-
-
-_OWNER_PID = [os.getpid()]  # set again when the handlers are installed
-
-
-def _raise_terminated(signum: int, _frame: object) -> None:
-    # Only the process that installed the handler unwinds. A child forked from it (pyroute2 forks
-    # helpers to work inside other namespaces) inherits the handler; if its parent stops it with
-    # SIGTERM it must simply die, not raise into a copy of our call stack and carry on as a second
-    # copy of the run.
-    if os.getpid() != _OWNER_PID[0]:
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise _Terminated(f"signal {signum}")
 
 
 @dataclass
@@ -106,19 +86,6 @@ def _why(src_node: str, dst: str, dst_node: str | None) -> str:
     return "across R, which cannot route pod IPs: tunnel (VXLAN, the default)"
 
 
-@contextlib.contextmanager
-def _signals() -> Iterator[None]:
-    """SIGTERM -> exception, so the same `finally` runs as for Ctrl-C (KeyboardInterrupt)."""
-    _OWNER_PID[0] = os.getpid()
-    old = signal.signal(signal.SIGTERM, _raise_terminated)
-    old_int = signal.signal(signal.SIGINT, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        signal.signal(signal.SIGINT, old_int)
-
-
 def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> int:
     from podrouter.bench import measure
     from podrouter.demo.cluster import Cluster, ClusterError, delta_path, node_config
@@ -139,7 +106,7 @@ def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> 
     topo: Topology | None = None
     cluster: Cluster | None = None
     status = 1
-    with _signals():
+    with signals_unwind():
         try:
             topo = Topology("demo")
             _say(f"podrouter demo: building the cluster in network namespaces {topo.prefix}-*")
@@ -242,7 +209,7 @@ def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> 
             status = 0 if ok else 1
             if not ok:
                 _say("\nsome pod pairs were unreachable: see the daemons' logs above the table")
-        except (KeyboardInterrupt, _Terminated):
+        except (KeyboardInterrupt, Terminated):
             _say("\ninterrupted: tearing down")
             status = 130
         except ClusterError as e:
