@@ -172,7 +172,7 @@ def format_status(s: dict[str, Any]) -> str:
     lines += ["", "pods:"]
     for p in s.get("pods", []):
         lines.append(
-            f"  {p['name']:<16} {p['ip']:<15} {p['host_interface']:<15} {_shaping_text(p.get('shaping'))}"
+            f"  {p['name']:<16} {_pod_ips(p):<15} {p['host_interface']:<15} {_shaping_text(p.get('shaping'))}"
         )
     if not s.get("pods"):
         lines.append("  (none)")
@@ -205,9 +205,19 @@ def pod() -> None:
     """Register pods with the running daemon (the CNI plugin uses the same API)."""
 
 
+def _pod_ips(p: dict[str, Any]) -> str:
+    return ",".join(p.get("ips") or [str(p.get("ip"))])
+
+
 @pod.command("add")
 @click.argument("name")
-@click.option("--ip", required=True, help="The pod's address (inside this node's pod CIDR).")
+@click.option(
+    "--ip",
+    "ips",
+    required=True,
+    multiple=True,
+    help="The pod's address (inside this node's pod CIDRs); dual stack: give it twice, v4 and v6.",
+)
 @click.option("--host-interface", required=True, help="The node end of the pod's veth.")
 @click.option(
     "--annotation",
@@ -221,7 +231,7 @@ def pod() -> None:
 @socket_option
 def pod_add(
     name: str,
-    ip: str,
+    ips: tuple[str, ...],
     host_interface: str,
     annotations: tuple[str, ...],
     config: str | None,
@@ -238,14 +248,21 @@ def pod_add(
         _socket_path(config, sock),
         {
             "op": "pod_add",
-            "pod": {"name": name, "ip": ip, "host_interface": host_interface, "annotations": ann},
+            "pod": {
+                "name": name,
+                "ip": ips[0],
+                **({"ips": list(ips)} if len(ips) > 1 else {}),
+                "host_interface": host_interface,
+                "annotations": ann,
+            },
         },
     )
     for w in reply.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     p = reply.get("pod", {})
     click.echo(
-        f"added {p.get('name')} {p.get('ip')} on {p.get('host_interface')}: {_shaping_text(p.get('shaping'))}"
+        f"added {p.get('name')} {','.join(p.get('ips') or [str(p.get('ip'))])} on {p.get('host_interface')}: "
+        f"{_shaping_text(p.get('shaping'))}"
     )
 
 
@@ -272,7 +289,7 @@ def pod_list(config: str | None, sock: str | None, as_json: bool) -> None:
         return
     for p in pods:
         click.echo(
-            f"{p['name']:<16} {p['ip']:<15} {p['host_interface']:<15} {p.get('source', ''):<7} "
+            f"{p['name']:<16} {_pod_ips(p):<15} {p['host_interface']:<15} {p.get('source', ''):<7} "
             f"{_shaping_text(p.get('shaping'))}"
         )
 

@@ -157,11 +157,19 @@ class PodConfig:
     ip: IPAddress
     host_interface: str
     annotations: Mapping[str, str] = field(default_factory=dict)
+    # every address of the pod, `ip` first, at most one per family (dual stack: `ips: [v4, v6]`);
+    # empty for a single-stack pod (just `ip`)
+    ips: tuple[IPAddress, ...] = ()
+
+    @property
+    def addresses(self) -> tuple[IPAddress, ...]:
+        return self.ips or (self.ip,)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "ip": str(self.ip),
+            "ips": [str(a) for a in self.addresses],
             "host_interface": self.host_interface,
             "annotations": dict(self.annotations),
         }
@@ -752,12 +760,13 @@ class _Validator:
 
     def pod(self, path: str, value: Any) -> PodConfig | None:
         m = self.mapping(
-            path, value, ("name", "ip", "host_interface", "annotations"), ("name", "ip", "host_interface")
+            path, value, ("name", "ip", "ips", "host_interface", "annotations"), ("name", "host_interface")
         )
         if m is None:
             return None
         name = self.name(f"{path}.name", m["name"]) if m.get("name") is not None else None
-        ip = self.address(f"{path}.ip", m["ip"]) if m.get("ip") is not None else None
+        ips = self.pod_addresses(path, m)
+        ip = ips[0] if ips else None
         iface = (
             self.ifname(f"{path}.host_interface", m["host_interface"]) if m.get("host_interface") else None
         )
@@ -778,7 +787,41 @@ class _Validator:
                     self.warnings.append(f"{path}.annotations: {msg} (the pod is added without shaping)")
         if name is None or ip is None or iface is None or not ann_ok:
             return None
-        return PodConfig(name=name, ip=ip, host_interface=iface, annotations=ann)
+        dual = ips if ips and len(ips) > 1 else ()
+        return PodConfig(name=name, ip=ip, host_interface=iface, annotations=ann, ips=dual)
+
+    def pod_addresses(self, path: str, m: dict[str, Any]) -> tuple[IPAddress, ...] | None:
+        """`ip` (one address) and/or `ips` (dual stack: at most one per family): all of the pod's
+        addresses, `ip` (else `ips[0]`) first. None after a problem."""
+        out: list[IPAddress] = []
+        ok = True
+        if m.get("ip") is not None:
+            a = self.address(f"{path}.ip", m["ip"])
+            ok = a is not None
+            if a is not None:
+                out.append(a)
+        raw = m.get("ips")
+        if raw is not None:
+            if not isinstance(raw, list) or not raw:
+                self.bad(f"{path}.ips", f"{_q(raw)} is not a non-empty list of IP addresses")
+                return None
+            for j, v in enumerate(raw):
+                a = self.address(f"{path}.ips[{j}]", v)
+                if a is None:
+                    ok = False
+                elif a not in out:
+                    if any(b.version == a.version for b in out):
+                        self.bad(
+                            f"{path}.ips[{j}]",
+                            f"'{a}': at most one address per family (one IPv4, one IPv6)",
+                        )
+                        ok = False
+                    else:
+                        out.append(a)
+        elif m.get("ip") is None:
+            self.bad(f"{path}.ip", "is required")
+            return None
+        return tuple(out) if ok and out else None
 
     def pods(self, value: Any) -> tuple[PodConfig, ...] | None:
         return self._list("pods", value, self.pod)
@@ -866,11 +909,13 @@ class _Validator:
             if pod.name in pod_names:
                 self.bad(f"{path}.name", f"{_q(pod.name)} is also pods[{pod_names[pod.name]}]")
             pod_names.setdefault(pod.name, i)
-            if pod.ip in pod_ips:
-                self.bad(f"{path}.ip", f"'{pod.ip}' is also pods[{pod_ips[pod.ip]}]")
-            pod_ips.setdefault(pod.ip, i)
-            if not any(pod.ip in n for n in node.pod_cidrs):
-                self.bad(f"{path}.ip", f"'{pod.ip}' is not inside this node's pod CIDRs")
+            key = "ip" if len(pod.addresses) == 1 else "ips"
+            for addr in pod.addresses:
+                if addr in pod_ips:
+                    self.bad(f"{path}.{key}", f"'{addr}' is also pods[{pod_ips[addr]}]")
+                pod_ips.setdefault(addr, i)
+                if not any(addr in n for n in node.pod_cidrs):
+                    self.bad(f"{path}.{key}", f"'{addr}' is not inside this node's pod CIDRs")
 
 
 # ---------------------------------------------------------------------------------------- QoS hooks
@@ -900,7 +945,13 @@ def pod_from_dict(
     """Validate a pod given through the API: (pod, problems, warnings)."""
     v = _Validator()
     pod = v.pod("pod", value)
-    if pod is not None and not any(pod.ip in n for n in node_pod_cidrs):
-        v.bad("pod.ip", f"'{pod.ip}' is not inside this node's pod CIDRs {[str(n) for n in node_pod_cidrs]}")
-        pod = None
+    if pod is not None:
+        for addr in pod.addresses:
+            if not any(addr in n for n in node_pod_cidrs):
+                v.bad(
+                    "pod.ip" if addr == pod.ip else "pod.ips",
+                    f"'{addr}' is not inside this node's pod CIDRs {[str(n) for n in node_pod_cidrs]}",
+                )
+                pod = None
+                break
     return (pod if not v.problems else None), v.problems, v.warnings

@@ -38,8 +38,11 @@ from podrouter.config import Config, IPNetwork, PeerConfig, PodConfig, vtep_mac_
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import (
     ENCAP_OVERHEAD,
+    IFF_MULTICAST,
+    IPV6_MIN_MTU,
     MASQ_RULE_PRIORITY,
     MASQ_TABLE,
+    POD_GATEWAY6,
     SUPPRESS_RULE_PRIORITY,
     TUN_NAME,
 )
@@ -157,9 +160,15 @@ def plan_routes(
     for cidr in cfg.node.pod_cidrs:
         out.append(RoutePlan(cidr, "local", None, None, None))
     for pod in pods:
-        host = ipaddress.ip_network(pod.ip)
-        out.append(RoutePlan(host, "pod", None, pod.name, pod.host_interface))
+        # DESIGN.md §4b: the pod's /32 (and, dual stack, its /128) to its veth
+        for addr in pod.addresses:
+            out.append(RoutePlan(ipaddress.ip_network(addr), "pod", None, pod.name, pod.host_interface))
     return out
+
+
+def has_ipv6(cfg: Config) -> bool:
+    """Dual stack: any IPv6 pod CIDR (this node's or the cluster's)."""
+    return any(n.version == 6 for n in (*cfg.node.pod_cidrs, *cfg.cluster_cidrs))
 
 
 def build_spec(
@@ -355,6 +364,18 @@ class Daemon:
                     f"minus {ENCAP_OVERHEAD[path]} bytes of {path} overhead is {limit}"
                 )
                 break
+        if has_ipv6(cfg):
+            # IPv6 links must carry 1280 bytes (RFC 8200 §5); the kernel refuses a smaller route MTU
+            for path in ("native", *ENCAP_OVERHEAD):
+                if path_mtu(cfg, path, u.mtu) < IPV6_MIN_MTU:
+                    tunnelled = cfg.tunnel.mtu is not None and path != "native"
+                    what = "tunnel.mtu" if tunnelled else "node.interface"
+                    problems.append(
+                        f"{what}: the {path} path MTU {path_mtu(cfg, path, u.mtu)} (underlay '{u.ifname}' "
+                        f"MTU {u.mtu}) is below IPv6's minimum {IPV6_MIN_MTU}, and IPv6 pod CIDRs are "
+                        "configured"
+                    )
+                    break
         for i, peer in enumerate(cfg.peers):
             if peer.address == u.address:
                 problems.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
@@ -409,7 +430,7 @@ class Daemon:
         # per destination from the route (RTAX_MTU), so native destinations keep the full MTU
         # sysctls first: with IPv6 still enabled, bringing podr0 up sends MLD reports / router
         # solicitations (hop limit 1) into the datapath, which would count them as ttl_exceeded
-        self._node_sysctls()
+        self._node_sysctls(tun_idx)
         self.ipr.link("set", index=tun_idx, mtu=u.mtu, state="up")
         self._sync_masquerade_guard(None, cfg)
 
@@ -442,7 +463,7 @@ class Daemon:
         for err in self.route_errors:
             log.warning("%s", err)
 
-    def _node_sysctls(self) -> None:
+    def _node_sysctls(self, tun_idx: int) -> None:
         u = self.underlay
         ps = self.plumbing
         ps.set_sysctl("net.ipv4.ip_forward", 1)
@@ -455,9 +476,37 @@ class Daemon:
         if sysctl.read(sysctl.conf(u.ifname, "rp_filter")) == "1":
             ps.set_sysctl(sysctl.conf(u.ifname, "rp_filter"), 2)
         ps.set_sysctl(sysctl.conf(TUN_NAME, "rp_filter"), 0)
-        # no IPv6 link-local chatter (router solicitations, MLD) into the datapath
-        if sysctl.read(sysctl.conf(TUN_NAME, "disable_ipv6", "ipv6")) is not None:
-            ps.set_sysctl(sysctl.conf(TUN_NAME, "disable_ipv6", "ipv6"), 1)
+        v6_knob = sysctl.conf(TUN_NAME, "disable_ipv6", "ipv6")
+        if sysctl.read(v6_knob) is None:
+            if has_ipv6(self.cfg):
+                raise StartError(["IPv6 pod CIDRs are configured but IPv6 is disabled in this namespace"])
+            return
+        if not has_ipv6(self.cfg):
+            # no IPv6 link-local chatter (router solicitations, MLD) into the datapath
+            ps.set_sysctl(v6_knob, 1)
+            return
+        # dual stack: the node forwards IPv6, and podr0 carries IPv6 routes, so IPv6 must be on there,
+        # but silent (podr0 is still down here, so nothing was sent yet). MLD: a forwarding IPv6
+        # device with IFF_MULTICAST joins the all-routers groups (ff02::2, ff05::2) and reports them
+        # (hop limit 1, into the datapath) once up. podr0 joined them when it was created if the
+        # namespace already forwarded IPv6, and clearing the flag does not leave them; turning
+        # forwarding off on podr0 while it still has the flag does. In MLDv2 a leave is itself
+        # reported (twice, even after the link comes up); in MLDv1 only a group we reported is left
+        # with a Done message, and podr0 never reported anything. Then the flag goes, and forwarding
+        # comes back without a join (dev_forward_change only joins on IFF_MULTICAST devices).
+        ps.set_sysctl(sysctl.conf(TUN_NAME, "force_mld_version", "ipv6"), 1)
+        fwd = sysctl.conf(TUN_NAME, "forwarding", "ipv6")
+        ps.set_sysctl(fwd, 0)
+        self.ipr.link("set", index=tun_idx, flags=0, change=IFF_MULTICAST)
+        ps.set_sysctl("net.ipv6.conf.all.forwarding", 1)
+        ps.set_sysctl(fwd, 1)
+        # no link-local address (so no DAD and no router solicitation), no RAs accepted
+        ps.set_sysctl(sysctl.conf(TUN_NAME, "addr_gen_mode", "ipv6"), 1)
+        ps.set_sysctl(sysctl.conf(TUN_NAME, "accept_ra", "ipv6"), 0)
+        ps.set_sysctl(sysctl.conf(TUN_NAME, "accept_dad", "ipv6"), 0)
+        ps.set_sysctl(sysctl.conf(TUN_NAME, "dad_transmits", "ipv6"), 0)
+        ps.set_sysctl(sysctl.conf(TUN_NAME, "router_solicitations", "ipv6"), 0)
+        ps.set_sysctl(v6_knob, 0)
 
     def _sync_masquerade_guard(self, old: Config | None, new: Config) -> None:
         """The nftables table that keeps masquerade replies from the node's own stack (nftables.py):
@@ -703,7 +752,7 @@ class Daemon:
         for entry in self.pods.values():
             # a veth that appeared (or was re-created) since the pod was registered needs its knobs
             if self.plumbing.ifindex(entry.pod.host_interface) is not None:
-                self._pod_sysctls(entry.pod.host_interface)
+                self._pod_sysctls(entry.pod)
         self.route_plan = plan_routes(
             cfg, self.peer_views, (e.pod for e in self.pods.values()), self.underlay.mtu
         )
@@ -879,8 +928,8 @@ class Daemon:
     def _pod_install(self, pod: PodConfig, source: str, raise_errors: bool) -> PodEntry:
         """Register (or update) a pod: proxy ARP on its veth, its /32 route, its shaping."""
         for other in self.pods.values():
-            if other.pod.name != pod.name and other.pod.ip == pod.ip:
-                msg = f"pod {pod.name}: ip {pod.ip} is already used by pod {other.pod.name}"
+            for addr in set(other.pod.addresses) & set(pod.addresses) if other.pod.name != pod.name else ():
+                msg = f"pod {pod.name}: ip {addr} is already used by pod {other.pod.name}"
                 if raise_errors:
                     raise apimod.ApiError(msg)
                 log.error("%s", msg)
@@ -893,7 +942,7 @@ class Daemon:
                 raise apimod.ApiError(msg)
             log.error("%s (registered; its route is installed when the interface appears)", msg)
         else:
-            self._pod_sysctls(pod.host_interface)
+            self._pod_sysctls(pod)
         entry = PodEntry(pod, source)
         self.pods[pod.name] = entry
         self.plumbing.state.pods[pod.name] = {**pod.as_dict(), "source": source}
@@ -901,8 +950,9 @@ class Daemon:
         self._shape(entry)
         return entry
 
-    def _pod_sysctls(self, ifname: str) -> None:
+    def _pod_sysctls(self, pod: PodConfig) -> None:
         ps = self.plumbing
+        ifname = pod.host_interface
         # DESIGN.md §4b: the pod's default gateway 169.254.1.1 exists nowhere; with proxy ARP the node
         # answers the pod's ARP for it (the kernel does because 169.254.1.1 routes out another device)
         ps.set_sysctl(sysctl.conf(ifname, "proxy_arp"), 1)
@@ -910,6 +960,13 @@ class Daemon:
         # the kernel delays proxy ARP replies by a random 0..proxy_delay (80 ms default); a pod's first
         # packet should not wait for that
         ps.set_sysctl(sysctl.neigh(ifname, "proxy_delay"), 0)
+        if any(a.version == 6 for a in pod.addresses) and has_ipv6(self.cfg):
+            # the IPv6 counterpart: the pod's default route is `via fe80::1 dev eth0`, and fe80::1 is
+            # an address of the node's end of the veth (nodad, so it answers at once), exactly one per
+            # veth (link-local addresses are per link). docs/architecture.md, "Pod attachment".
+            if sysctl.read(sysctl.conf(ifname, "disable_ipv6", "ipv6")) == "1":
+                ps.set_sysctl(sysctl.conf(ifname, "disable_ipv6", "ipv6"), 0)
+            ps.ensure_gateway6(ifname, POD_GATEWAY6)
 
     def _pod_remove(self, name: str) -> PodEntry | None:
         entry = self.pods.pop(name, None)
@@ -925,6 +982,8 @@ class Daemon:
             prefix = f"net.ipv4.conf.{iface}."
             self.plumbing.restore_sysctls(prefix)
             self.plumbing.restore_sysctls(f"net.ipv4.neigh.{iface}.")
+            self.plumbing.restore_sysctls(f"net.ipv6.conf.{iface}.")
+            self.plumbing.remove_gateway6(iface, POD_GATEWAY6)
         self.plumbing.state.pods.pop(name, None)
         self.plumbing.save()
         return entry
@@ -936,7 +995,8 @@ class Daemon:
         with self.lock:
             entry = self._pod_install(pod, "api", raise_errors=True)
             self._reconcile_locked(f"pod {pod.name} added")
-            errs = [e for e in self.route_errors if str(ipaddress.ip_network(pod.ip)) in e]
+            nets = [str(ipaddress.ip_network(a)) for a in pod.addresses]
+            errs = [e for e in self.route_errors if any(n in e for n in nets)]
             if errs:
                 raise apimod.ApiError("; ".join(errs))
             return {"pod": self._pod_status(entry), "warnings": warnings}

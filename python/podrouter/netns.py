@@ -196,6 +196,7 @@ class Pod:
     ip: str
     node: str
     host_interface: str
+    ip6: str | None = None  # dual stack: the pod's IPv6 address (eth0 holds it as a /128)
 
 
 @dataclass
@@ -205,7 +206,9 @@ class ReferenceTopology:
     R knows the node subnets only (never pod CIDRs). An external host lives on 203.0.113.0/24 behind R.
     Pods are namespaces of their own, attached as DESIGN.md §4b says: eth0 with a /32 and a default
     route via 169.254.1.1 onlink; the node-side veth is `veth-<pod>` (proxy ARP and the /32 route are
-    podrouter's job).
+    podrouter's job). Dual stack: every pod also holds an IPv6 /128 (`fd00:10:244:<n>::1`, in the
+    node's `node_pod_cidr6`) with an IPv6 default route via fe80::1 (podrouter puts fe80::1 on the
+    node's end of the veth when the pod is registered with that address; docs/architecture.md).
     """
 
     topo: Topology
@@ -215,21 +218,27 @@ class ReferenceTopology:
     node_addr: dict[str, str]
     node_pod_cidr: dict[str, str]
     pods: dict[str, Pod]
+    node_pod_cidr6: dict[str, str] = field(default_factory=dict)
 
     EXTERNAL_ADDR = "203.0.113.10"
     CLUSTER_CIDR = "10.244.0.0/16"
+    CLUSTER_CIDR6 = "fd00:10:244::/48"
 
     def node_of(self, pod: str) -> Host:
         return self.nodes[self.pods[pod].node]
 
-    def add_pod(self, node: str, name: str, ip: str) -> Pod:
+    def add_pod(self, node: str, name: str, ip: str, ip6: str | None = None) -> Pod:
         host = self.topo.host(name)
         ifname = f"veth-{name}"[:15]
         self.topo.link(self.nodes[node], ifname, host, "eth0")
         host.ip(f"addr add {ip}/32 dev eth0")
         host.ip("route add 169.254.1.1 dev eth0 scope link")
         host.ip("route add default via 169.254.1.1 dev eth0 onlink")
-        pod = Pod(name, host, ip, node, ifname)
+        if ip6 is not None:
+            # nodad: usable at once (a tentative address can neither send nor answer solicitations)
+            host.ip(f"-6 addr add {ip6}/128 dev eth0 nodad")
+            host.ip("-6 route add default via fe80::1 dev eth0")
+        pod = Pod(name, host, ip, node, ifname, ip6)
         self.pods[name] = pod
         return pod
 
@@ -264,11 +273,12 @@ def reference_topology(topo: Topology, mtu: int = 1500, with_pods: bool = True) 
         node_addr={"node1": "172.16.2.2", "node2": "172.16.3.2", "node3": "172.16.2.3"},
         node_pod_cidr={"node1": "10.244.1.0/24", "node2": "10.244.2.0/24", "node3": "10.244.3.0/24"},
         pods={},
+        node_pod_cidr6={n: f"fd00:10:244:{i}::/64" for i, n in enumerate(("node1", "node2", "node3"), 1)},
     )
     if with_pods:
-        ref.add_pod("node1", "pod1", "10.244.1.1")
-        ref.add_pod("node2", "pod2", "10.244.2.1")
-        ref.add_pod("node3", "pod3", "10.244.3.1")
+        ref.add_pod("node1", "pod1", "10.244.1.1", "fd00:10:244:1::1")
+        ref.add_pod("node2", "pod2", "10.244.2.1", "fd00:10:244:2::1")
+        ref.add_pod("node3", "pod3", "10.244.3.1", "fd00:10:244:3::1")
     return ref
 
 

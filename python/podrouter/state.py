@@ -30,8 +30,10 @@ class State:
     rules: list[dict[str, Any]] = field(default_factory=list)
     # sysctl key -> the value before podrouter changed it (restored on exit and by cleanup)
     sysctls: dict[str, str] = field(default_factory=dict)
-    # pod name -> {"ip", "host_interface", "annotations", "source"}
+    # pod name -> {"ip", "ips", "host_interface", "annotations", "source"}
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # interface -> the link-local pod gateway address podrouter put on it (dual-stack pods' veths)
+    gateways6: dict[str, str] = field(default_factory=dict)
     nft_guard: bool = False  # the masquerade reply guard (nftables table ip podrouter) is installed
     format: int = FORMAT
 

@@ -53,27 +53,38 @@ def ref_config(
     protocol: str = "vxlan",
     peers: list[str] | None = None,
     pods: bool = True,
+    dual_stack: bool = False,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A config for `node` of the reference topology (its pods registered through `pods:`)."""
+    """A config for `node` of the reference topology (its pods registered through `pods:`).
+    `dual_stack`: `pod_cidrs: [v4, v6]` everywhere and pods registered with `ips: [v4, v6]`."""
     others = [n for n in ref.nodes if n != node] if peers is None else peers
+
+    def cidrs(n: str) -> dict[str, Any]:
+        if dual_stack:
+            return {"pod_cidrs": [ref.node_pod_cidr[n], ref.node_pod_cidr6[n]]}
+        return {"pod_cidr": ref.node_pod_cidr[n]}
+
+    def pod_entry(p: Any) -> dict[str, Any]:
+        if dual_stack and p.ip6:
+            return {"name": p.name, "ips": [p.ip, p.ip6], "host_interface": p.host_interface}
+        return {"name": p.name, "ip": p.ip, "host_interface": p.host_interface}
+
     cfg: dict[str, Any] = {
         "node": {
             "name": node,
             "address": ref.node_addr[node],
             "interface": "eth0",
-            "pod_cidr": ref.node_pod_cidr[node],
+            **cidrs(node),
         },
-        "cluster": {"pod_cidr": ref.CLUSTER_CIDR},
+        "cluster": {"pod_cidrs": [ref.CLUSTER_CIDR, ref.CLUSTER_CIDR6]}
+        if dual_stack
+        else {"pod_cidr": ref.CLUSTER_CIDR},
         "routing": {"mode": mode},
         "tunnel": {"protocol": protocol},
         "masquerade": {"enabled": False},
-        "peers": [{"name": n, "address": ref.node_addr[n], "pod_cidr": ref.node_pod_cidr[n]} for n in others],
-        "pods": [
-            {"name": p.name, "ip": p.ip, "host_interface": p.host_interface}
-            for p in ref.pods.values()
-            if p.node == node
-        ]
+        "peers": [{"name": n, "address": ref.node_addr[n], **cidrs(n)} for n in others],
+        "pods": [pod_entry(p) for p in ref.pods.values() if p.node == node]
         if pods
         else [],
         "api": {"socket": str(sockdir / f"{node}.sock")},

@@ -359,3 +359,63 @@ peers:
     assert got[3] == "peers[3].vtep_mac: '00:00:00:00:00:00' is the zero address"
     assert got[4].startswith("peers[4].vtep_mac: '0g:00:00:00:00:01' is not a MAC address")
     assert len(got) == 5, got
+
+
+DUAL_HEAD = """
+node: {name: n1, pod_cidrs: [10.244.1.0/24, 'fd00:10:244:1::/64']}
+cluster: {pod_cidrs: [10.244.0.0/16, 'fd00:10:244::/48']}
+"""
+
+
+def test_dual_stack_pod_ips() -> None:
+    cfg = config.loads(
+        DUAL_HEAD
+        + "pods:\n"
+        + "  - {name: a, ips: [10.244.1.5, 'fd00:10:244:1::5'], host_interface: veth-a}\n"
+        + "  - {name: b, ip: 10.244.1.6, ips: ['fd00:10:244:1::6'], host_interface: veth-b}\n"
+        + "  - {name: c, ip: 10.244.1.7, host_interface: veth-c}\n"
+    )
+    a, b, c = cfg.pods
+    assert [str(x) for x in a.addresses] == ["10.244.1.5", "fd00:10:244:1::5"] and str(a.ip) == "10.244.1.5"
+    assert [str(x) for x in b.addresses] == ["10.244.1.6", "fd00:10:244:1::6"]
+    assert c.addresses == (c.ip,) and c.ips == ()
+    assert a.as_dict()["ips"] == ["10.244.1.5", "fd00:10:244:1::5"]
+
+
+@pytest.mark.parametrize(
+    ("pods", "expected"),
+    [
+        (
+            "[{name: a, ips: [10.244.1.5, 10.244.1.6], host_interface: veth-a}]",
+            "pods[0].ips[1]: '10.244.1.6': at most one address per family (one IPv4, one IPv6)",
+        ),
+        (
+            "[{name: a, ips: [], host_interface: veth-a}]",
+            "pods[0].ips: [] is not a non-empty list of IP addresses",
+        ),
+        (
+            "[{name: a, ips: [10.244.1.5, 'fd00:10:244:2::5'], host_interface: veth-a}]",
+            "pods[0].ips: 'fd00:10:244:2::5' is not inside this node's pod CIDRs",
+        ),
+        (
+            "[{name: a, ips: [10.244.1.5, 'fd00:10:244:1::5'], host_interface: veth-a},"
+            " {name: b, ips: [10.244.1.6, 'fd00:10:244:1::5'], host_interface: veth-b}]",
+            "pods[1].ips: 'fd00:10:244:1::5' is also pods[0]",
+        ),
+        ("[{name: a, host_interface: veth-a}]", "pods[0].ip: is required"),
+    ],
+)
+def test_dual_stack_pod_ip_problems(pods: str, expected: str) -> None:
+    with pytest.raises(config.ConfigError) as e:
+        config.loads(DUAL_HEAD + f"pods: {pods}\n")
+    assert expected in e.value.problems, e.value.problems
+
+
+def test_api_pod_with_two_families() -> None:
+    nets = (ipaddress.ip_network("10.244.1.0/24"), ipaddress.ip_network("fd00:10:244:1::/64"))
+    raw = {"name": "p", "ips": ["10.244.1.9", "fd00:10:244:1::9"], "host_interface": "veth-p"}
+    pod, errs, _ = config.pod_from_dict(raw, nets)
+    assert errs == [] and pod is not None and len(pod.addresses) == 2
+    pod, errs, _ = config.pod_from_dict({**raw, "ips": ["10.244.1.9", "fd00:10:244:7::9"]}, nets)
+    assert pod is None and len(errs) == 1
+    assert errs[0].startswith("pod.ips: 'fd00:10:244:7::9' is not inside this node's pod CIDRs")

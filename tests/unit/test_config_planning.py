@@ -189,3 +189,28 @@ def test_peer_vtep_mac_reaches_the_tables_as_the_vxlan_inner_destination() -> No
     spec["peers"][0]["vtep_mac"] = "not-a-mac"
     with pytest.raises(ValueError, match=r"peers\[0\]\.vtep_mac: 'not-a-mac' is not a MAC address"):
         _native.Tables(spec)
+
+
+DUAL = """
+node: {name: node1, address: 172.16.2.2, pod_cidrs: [10.244.1.0/24, 'fd00:10:244:1::/64']}
+cluster: {pod_cidrs: [10.244.0.0/16, 'fd00:10:244::/48']}
+routing: {mode: hybrid, native_when_on_link: true}
+peers:
+  - {name: node2, address: 172.16.3.2, pod_cidrs: [10.244.2.0/24, 'fd00:10:244:2::/64']}
+  - {name: node3, address: 172.16.2.3, pod_cidrs: [10.244.3.0/24, 'fd00:10:244:3::/64']}
+pods: [{name: web, ips: [10.244.1.10, 'fd00:10:244:1::a'], host_interface: veth-web}]
+"""
+
+
+def test_dual_stack_routes_carry_the_path_mtu_for_both_families() -> None:
+    cfg = config.loads(DUAL)
+    p = paths(cfg)
+    assert p["fd00:10:244:2::/64"] == ("vxlan", 1450)
+    assert p["fd00:10:244:3::/64"] == ("native", 1500)
+    assert p["fd00:10:244::/48"] == ("cluster", 1450)
+    assert p["fd00:10:244:1::/64"] == ("local", None)
+    pods = {str(r.dst): r.dev for r in plan_routes(cfg, views(cfg), cfg.pods, 1500) if r.path == "pod"}
+    assert pods == {"10.244.1.10/32": "veth-web", "fd00:10:244:1::a/128": "veth-web"}
+    spec = build_spec(cfg, 1, "172.16.2.2", None, views(cfg))
+    assert spec["node"]["pod_cidrs"] == ["10.244.1.0/24", "fd00:10:244:1::/64"]
+    assert spec["peers"][0]["pod_cidrs"] == ["10.244.2.0/24", "fd00:10:244:2::/64"]

@@ -24,3 +24,11 @@ TUN_NAME = "podr0"
 # VXLAN carries an inner Ethernet frame (RFC 7348 §5: +8 VXLAN +14 Ethernet = 50), Geneve carries the
 # IP packet directly (RFC 8926 §3.4 protocol type 0x0800: +8 base header, no options = 36).
 ENCAP_OVERHEAD = {"vxlan": 50, "geneve": 36}
+
+# IPv6 (dual stack): the minimum link MTU (RFC 8200 §5), and the pods' link-local default gateway. The
+# node's end of each dual-stack pod's veth holds POD_GATEWAY6/64 (nodad), the IPv6 twin of the proxy
+# ARP answer for 169.254.1.1 (docs/architecture.md, "Pod attachment").
+IPV6_MIN_MTU = 1280
+POD_GATEWAY6 = "fe80::1"
+IFF_MULTICAST = 0x1000
+IFA_F_NODAD = 0x02

@@ -24,7 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from podrouter import state as statefile
 from podrouter.netlink import sysctl
-from podrouter.netlink.constants import RTPROT_PODROUTER
+from podrouter.netlink.constants import IFA_F_NODAD, RTPROT_PODROUTER
 from podrouter.netlink.underlay import netns_id
 
 log = logging.getLogger("podrouter.netlink")
@@ -277,11 +277,39 @@ class Plumbing:
                     log.warning("could not restore %s=%s: %s", key, value, e)
             self.save()
 
+    # ------------------------------------------------------------------- IPv6 pod gateway address
+
+    def ensure_gateway6(self, ifname: str, address: str) -> None:
+        """`address`/64 on `ifname`, without DAD (it must answer the pod's neighbour solicitation at
+        once). Idempotent: the kernel drops manual IPv6 addresses when a link goes down, and the next
+        reconcile puts it back. Recorded first, so cleanup finds it after a crash."""
+        with self.lock:
+            idx = self.ifindex(ifname)
+            if idx is None:
+                return
+            if self.state.gateways6.get(ifname) != address:
+                self.state.gateways6[ifname] = address
+                self.save()
+            _addr_gateway6(self.ipr, "replace", idx, address)
+
+    def remove_gateway6(self, ifname: str, address: str | None = None) -> None:
+        with self.lock:
+            recorded = self.state.gateways6.pop(ifname, None)
+            address = address or recorded
+            if address is None:
+                return
+            idx = self.ifindex(ifname)
+            if idx is not None:
+                _addr_gateway6(self.ipr, "del", idx, address)
+            self.save()
+
     # ---------------------------------------------------------------------------------- teardown
 
     def teardown(self) -> None:
         """Remove every route and rule we own, restore sysctls, delete the state file."""
         with self.lock:
+            for ifname in list(self.state.gateways6):
+                self.remove_gateway6(ifname)
             for key in self.kernel_routes():
                 self._delete_route(key)
             for rule in self.kernel_rules():
@@ -324,6 +352,10 @@ def cleanup(ipr: IPRoute, recorded: statefile.State | None) -> list[str]:
         except NetlinkError as e:
             if e.code not in (errno.ENOENT, errno.ESRCH):
                 raise
+    for ifname, address in recorded.gateways6.items():
+        idx = ipr.link_lookup(ifname=ifname)
+        if idx and _addr_gateway6(ipr, "del", idx[0], address):
+            done.append(f"removed {address}/64 from {ifname}")
     for key, value in recorded.sysctls.items():
         if sysctl.read(key) is None:
             continue  # its interface is gone
@@ -333,3 +365,18 @@ def cleanup(ipr: IPRoute, recorded: statefile.State | None) -> list[str]:
         except OSError as e:
             done.append(f"could not restore {key}={value}: {e}")
     return done
+
+
+def _addr_gateway6(ipr: IPRoute, op: str, ifindex: int, address: str) -> bool:
+    """Add (replace) or delete the link-local pod gateway address; False when there was none to
+    delete (or the interface vanished meanwhile)."""
+    kw: dict[str, Any] = {"index": ifindex, "address": address, "prefixlen": 64, "family": socket.AF_INET6}
+    if op != "del":
+        kw["flags"] = IFA_F_NODAD
+    try:
+        ipr.addr(op, **kw)
+    except NetlinkError as e:
+        if e.code in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT, errno.ESRCH):
+            return False
+        raise
+    return True

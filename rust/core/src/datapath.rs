@@ -540,6 +540,152 @@ mod tests {
         assert_eq!(d.path(), Some(Path::Geneve));
     }
 
+    /// The reference topology in dual stack (fd00:10:244::/48, fd00:10:244:<n>::/64), seen from `me`.
+    fn dual_spec_for(me: usize) -> TableSpec {
+        let mut spec = spec_for(me);
+        spec.node
+            .pod_cidrs
+            .push(c(&format!("fd00:10:244:{}::/64", me + 1)));
+        spec.cluster_cidrs.push(c("fd00:10:244::/48"));
+        for p in &mut spec.peers {
+            let n = &p.name["node".len()..];
+            p.pod_cidrs.push(c(&format!("fd00:10:244:{n}::/64")));
+        }
+        spec
+    }
+
+    /// A UDP/IPv6 packet (valid checksum) at offset MAX_HEADROOM, plus 4 bytes of link padding.
+    fn udp6_buf(src: &str, dst: &str, hop_limit: u8) -> (Vec<u8>, usize) {
+        let payload = b"podrouter-v6";
+        let len = 40 + 8 + payload.len();
+        let mut b = vec![0u8; MAX_HEADROOM + len + 4];
+        let p = &mut b[MAX_HEADROOM..MAX_HEADROOM + len];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p[6] = ip_proto::UDP;
+        p[7] = hop_limit;
+        p[8..24].copy_from_slice(&v6_addr(src));
+        p[24..40].copy_from_slice(&v6_addr(dst));
+        {
+            let mut u = udp::Packet::new_unchecked(&mut p[40..]);
+            u.set_src_port(5000);
+            u.set_dst_port(6000);
+            u.set_len((8 + payload.len()) as u16);
+        }
+        p[48..].copy_from_slice(payload);
+        let (s, d): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+        udp::Packet::new_unchecked(&mut p[40..]).fill_checksum(s, d);
+        (b, len)
+    }
+
+    /// IPv6 pods over the IPv4 underlay: VXLAN and Geneve carry the inner IPv6 packet unchanged to
+    /// the peer, which validates the inner addresses against the v6 pod CIDRs; native goes to the
+    /// next hop's MAC; hop limit 1 and spoofed inner sources are dropped; no NAT66.
+    #[test]
+    fn dual_stack_egress_ingress() {
+        let (n1, n2) = (
+            Tables::build(&dual_spec_for(0)).unwrap(),
+            Tables::build(&dual_spec_for(1)).unwrap(),
+        );
+        let node1 = v4("172.16.2.2");
+        for proto in [TunnelProto::Vxlan, TunnelProto::Geneve] {
+            let mut spec = dual_spec_for(0);
+            spec.peers
+                .iter_mut()
+                .find(|p| p.name == "node2")
+                .unwrap()
+                .tunnel_protocol = Some(proto);
+            let t = Tables::build(&spec).unwrap();
+            let (mut b, len) = udp6_buf("fd00:10:244:1::a", "fd00:10:244:2::14", 63);
+            let original = b[MAX_HEADROOM..MAX_HEADROOM + len].to_vec();
+            let a = egress(&t, None, &mut b, MAX_HEADROOM, len + 4, 0);
+            let EgressAction::Tunnel { range, remote, .. } = a.clone() else {
+                panic!("{a:?}")
+            };
+            assert_eq!(a.path(), Some(Path::tunnel(proto)));
+            assert_eq!(remote.ip(), &v4("172.16.3.2"));
+            // the inner protocol is IPv6: VXLAN's inner ethertype, Geneve's protocol type
+            let hdr = &b[range.clone()];
+            match proto {
+                TunnelProto::Vxlan => assert_eq!(&hdr[8 + 12..8 + 14], &[0x86, 0xdd]),
+                TunnelProto::Geneve => assert_eq!(&hdr[2..4], &[0x86, 0xdd]),
+            }
+            let mut rx = hdr.to_vec();
+            let n = rx.len();
+            let port = remote.port();
+            let d = ingress(&n2, node1, port, 0, &mut rx, 0, n);
+            let IngressAction::Deliver { range, .. } = d else {
+                panic!("{d:?}")
+            };
+            assert_eq!(&rx[range], &original[..]);
+        }
+        // native to node3 on the shared L2: the unchanged IPv6 packet to node3's MAC
+        let (mut b, len) = udp6_buf("fd00:10:244:1::a", "fd00:10:244:3::1e", 64);
+        assert_eq!(
+            egress(&n1, None, &mut b, MAX_HEADROOM, len, 0),
+            EgressAction::Native {
+                range: MAX_HEADROOM..MAX_HEADROOM + len,
+                next_hop_mac: N3_MAC,
+                path: Path::Native
+            }
+        );
+        // hop limit exhausted: never sent on (it could not survive the peer's kernel), so no loop
+        for hl in [0, 1] {
+            let (mut b, len) = udp6_buf("fd00:10:244:1::a", "fd00:10:244:2::14", hl);
+            assert_eq!(
+                egress(&n1, None, &mut b, MAX_HEADROOM, len, 0),
+                EgressAction::Drop(DropReason::TtlExceeded)
+            );
+        }
+        // IPv6 leaving the cluster is routed natively via the gateway, with the pod's address
+        let (mut b, len) = udp6_buf("fd00:10:244:1::a", "2001:db8::1", 64);
+        assert_eq!(
+            egress(&n1, None, &mut b, MAX_HEADROOM, len, 0),
+            EgressAction::Native {
+                range: MAX_HEADROOM..MAX_HEADROOM + len,
+                next_hop_mac: GW_MAC,
+                path: Path::Native
+            }
+        );
+        // ingress from node2: inner sources outside node2's v6 CIDR, destinations not ours
+        let from_node2 = |src: &str, dst: &str| {
+            let (mut b, len) = udp6_buf(src, dst, 64);
+            let params = EncapParams {
+                proto: TunnelProto::Vxlan,
+                vni: 1,
+                src: v4("172.16.3.2"),
+                dst: node1,
+                dst_port: 4789,
+                inner_src_mac: [0; 6],
+                inner_dst_mac: [0; 6],
+            };
+            let r = encap::encap_payload(&mut b, MAX_HEADROOM, len, &params).unwrap();
+            let mut p = b[r].to_vec();
+            let n = p.len();
+            ingress(&n1, v4("172.16.3.2"), 4789, 0, &mut p, 0, n)
+        };
+        assert!(matches!(
+            from_node2("fd00:10:244:2::5", "fd00:10:244:1::a"),
+            IngressAction::Deliver { .. }
+        ));
+        for spoofed in [
+            "fd00:10:244:3::5",
+            "fd00:10:244:1::5",
+            "2001:db8::5",
+            "fd00:10:245:2::5",
+        ] {
+            assert_eq!(
+                from_node2(spoofed, "fd00:10:244:1::a"),
+                IngressAction::Drop(DropReason::SpoofedInnerSource),
+                "{spoofed}"
+            );
+        }
+        assert_eq!(
+            from_node2("fd00:10:244:2::5", "fd00:10:244:3::a"),
+            IngressAction::Drop(DropReason::NotLocalDestination)
+        );
+    }
+
     #[test]
     fn local_ttl_and_garbage() {
         let t = tables_for(0);
