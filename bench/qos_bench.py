@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # for bench/qos/ (the installed podrouter package is used as is)
     sys.path.insert(0, str(HERE))
 
-from podrouter.netns import Topology  # noqa: E402
+from podrouter.demo.netns import Topology  # noqa: E402
 from qos.lab import (  # noqa: E402
     GOODPUT_PER_FRAME,
     SINK_ADDR,

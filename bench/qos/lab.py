@@ -20,7 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from podrouter.netns import Host, Topology
+from podrouter.demo.netns import Host, Topology
 
 SINK_ADDR = "198.51.100.2"
 NODE_SINK_ADDR = "198.51.100.1"

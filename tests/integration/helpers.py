@@ -27,7 +27,11 @@ from nettopo import Host, ReferenceTopology
 
 
 def podrouter_argv() -> list[str]:
-    """The installed `podrouter` entry point if there is one, else the module of this interpreter."""
+    """The `podrouter` entry point installed beside this interpreter (a venv's), else the one on PATH,
+    else the module run by this interpreter."""
+    beside = Path(sys.executable).parent / "podrouter"
+    if beside.is_file():
+        return [str(beside)]
     exe = shutil.which("podrouter")
     return [exe] if exe else [sys.executable, "-m", "podrouter.cli"]
 

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import podrouter_argv
 
 from podrouter.bench.suite import LEG_NAMES, METRICS
-
-
-def _podrouter() -> list[str]:
-    exe = Path(sys.executable).parent / "podrouter"
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("podrouter")
-    assert found, "the podrouter command is not installed (pip install . / scripts/bootstrap.sh)"
-    return [found]
 
 
 def _namespaces() -> set[str]:
@@ -37,7 +27,7 @@ def _namespaces() -> set[str]:
 def test_bench_quick_measures_every_mode(tmp_path: Path) -> None:
     before = _namespaces()
     proc = subprocess.run(
-        [*_podrouter(), "bench", "--quick", "--out", str(tmp_path)],
+        [*podrouter_argv(), "bench", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=400,
@@ -89,7 +79,7 @@ def test_bench_quick_measures_every_mode(tmp_path: Path) -> None:
 
 def test_bench_rejects_unknown_part(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [*_podrouter(), "bench", "--only", "warp-drive", "--out", str(tmp_path)],
+        [*podrouter_argv(), "bench", "--only", "warp-drive", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -4,23 +4,12 @@ holds its limit, and nothing is left behind, also when the demo is interrupted."
 from __future__ import annotations
 
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-
-def _podrouter() -> list[str]:
-    exe = Path(sys.executable).parent / "podrouter"
-    if exe.is_file():
-        return [str(exe)]
-    found = shutil.which("podrouter")
-    assert found, "the podrouter command is not installed (pip install . / scripts/bootstrap.sh)"
-    return [found]
+from helpers import podrouter_argv
 
 
 def _demo_namespaces() -> list[str]:
@@ -37,7 +26,9 @@ def _path(out: str, src: str, dst: str) -> str:
 @pytest.mark.timeout(300)
 def test_demo_shows_paths_and_cleans_up() -> None:
     assert not _demo_namespaces(), "a previous demo left namespaces behind"
-    proc = subprocess.run([*_podrouter(), "demo"], capture_output=True, text=True, timeout=240, check=False)
+    proc = subprocess.run(
+        [*podrouter_argv(), "demo"], capture_output=True, text=True, timeout=240, check=False
+    )
     out = proc.stdout
     assert proc.returncode == 0, f"demo failed ({proc.returncode}):\n{out[-4000:]}\n{proc.stderr[-4000:]}"
     # the hybrid decision, read back from the daemons' counters
@@ -66,7 +57,7 @@ def test_demo_shows_paths_and_cleans_up() -> None:
 @pytest.mark.timeout(120)
 def test_demo_interrupted_leaves_nothing() -> None:
     proc = subprocess.Popen(
-        [*_podrouter(), "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*podrouter_argv(), "demo"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         # wait until the namespaces exist and the daemons are starting, then press Ctrl-C

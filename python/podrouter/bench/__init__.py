@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from podrouter.netns import Terminated, signals_unwind
+from podrouter.demo.netns import Terminated, signals_unwind
 
 __all__ = ["build_parser", "main", "run_suite"]
 

@@ -14,7 +14,7 @@ part differs between a baseline and the podrouter mode it is compared with.
 
 from __future__ import annotations
 
-from podrouter.netns import ReferenceTopology
+from podrouter.demo.netns import ReferenceTopology
 
 KERNEL_VXLAN_DEV = "kvx0"
 KERNEL_VXLAN_MTU = 1450  # 1500 - 50 bytes of outer Ethernet/IPv4/UDP/VXLAN (RFC 7348 §5)

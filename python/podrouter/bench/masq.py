@@ -19,7 +19,7 @@ from typing import Any
 from podrouter.bench import kernel, measure
 from podrouter.bench.suite import Profile, Progress, summarize
 from podrouter.demo.cluster import Cluster, delta_path, node_config
-from podrouter.netns import ReferenceTopology, Topology, reference_topology, sh
+from podrouter.demo.netns import ReferenceTopology, Topology, reference_topology, sh
 
 ACCEPT_PORT = 8080
 NFT_TABLE = "podrouter_bench_masq"

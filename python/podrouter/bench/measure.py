@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from podrouter.netns import Host
+from podrouter.demo.netns import Host
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

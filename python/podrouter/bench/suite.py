@@ -22,7 +22,7 @@ from typing import Any
 
 from podrouter.bench import kernel, measure
 from podrouter.demo.cluster import Cluster, delta_path, node_config
-from podrouter.netns import ReferenceTopology, Topology, reference_topology
+from podrouter.demo.netns import ReferenceTopology, Topology, reference_topology
 
 NATIVE_PAIR = ("pod1", "pod3")  # node1 -> node3, shared L2: where native routing works
 TUNNEL_PAIR = ("pod1", "pod2")  # node1 -> node2 across R, which knows no pod CIDRs: tunnels only

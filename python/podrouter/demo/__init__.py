@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from podrouter.netns import Terminated, signals_unwind
+from podrouter.demo.netns import Terminated, signals_unwind
 
 __all__ = ["main", "build_parser", "run_demo"]
 
@@ -89,7 +89,7 @@ def _why(src_node: str, dst: str, dst_node: str | None) -> str:
 def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> int:
     from podrouter.bench import measure
     from podrouter.demo.cluster import Cluster, ClusterError, delta_path, node_config
-    from podrouter.netns import Topology, reference_topology, sh
+    from podrouter.demo.netns import Topology, reference_topology, sh
 
     if os.geteuid() != 0:
         print("podrouter demo: needs root (it builds network namespaces)", file=sys.stderr)

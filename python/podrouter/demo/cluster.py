@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from podrouter.netns import Host, ReferenceTopology
+from podrouter.demo.netns import Host, ReferenceTopology
 
 PATHS = ("native", "vxlan", "geneve", "masquerade", "local")
 

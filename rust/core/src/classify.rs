@@ -957,6 +957,28 @@ impl Tables {
         crate::datapath::vxlan_inner_mac(self.node_address)
     }
 
+    /// What a `Verdict::Tunnel` encapsulates with: from this node's address and VTEP MAC to the
+    /// peer's underlay address, port and VTEP MAC.
+    pub fn encap_params(
+        &self,
+        peer: PeerId,
+        proto: TunnelProto,
+        vni: u32,
+        remote: Ipv4Addr,
+        port: u16,
+    ) -> crate::encap::EncapParams {
+        crate::encap::EncapParams {
+            proto,
+            vni,
+            src: self.node_address,
+            dst: remote,
+            dst_port: port,
+            inner_src_mac: self.vtep_mac(),
+            // a kernel vxlan peer only accepts frames addressed to its own MAC (`vtep_mac`)
+            inner_dst_mac: self.peer_vtep_mac(peer, remote),
+        }
+    }
+
     /// The peer whose underlay address is `addr`.
     pub fn peer_by_address(&self, addr: Ipv4Addr) -> Option<PeerId> {
         self.peer_by_addr.lookup(addr)

@@ -18,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
 
 pub use crate::classify::{DropReason, Path, PeerId, Tables, Verdict};
-use crate::encap::{self, EncapParams};
+use crate::encap;
 pub use crate::encap::{TunnelProto, MAX_HEADROOM};
 use crate::nat::{self, NatTable};
 use crate::wire::{self, IpMeta};
@@ -204,15 +204,7 @@ fn egress_inner(
             // Port and TOS from the parse just done: the inner headers are not read again.
             let src_port = encap::udp_source_port_parsed(&pkt[..len], meta);
             let tos = encap::outer_tos_for(meta.dscp << 2 | meta.ecn);
-            let params = EncapParams {
-                proto,
-                vni,
-                src: tables.node_address(),
-                dst: remote,
-                dst_port: port,
-                inner_src_mac: tables.vtep_mac(),
-                inner_dst_mac: tables.peer_vtep_mac(peer, remote),
-            };
+            let params = tables.encap_params(peer, proto, vni, remote, port);
             // Errors here mean the caller left no headroom: a bug, counted rather than hidden.
             let range = encap::encap_payload_parsed(buf, start, len, meta.dst.is_ipv6(), &params)
                 .map_err(|_| DropReason::Unsupported)?;
@@ -310,6 +302,7 @@ mod tests {
     use crate::classify::{
         Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, TunnelSpec,
     };
+    use crate::encap::EncapParams;
     use crate::nat::NatConfig;
     use crate::wire::{ecn, icmp, ip_proto, ipv4, udp};
     use std::net::IpAddr;

@@ -796,17 +796,7 @@ impl Worker {
                 remote,
                 port,
             } => {
-                let params = EncapParams {
-                    proto,
-                    vni,
-                    src: tables.node_address(),
-                    dst: remote,
-                    dst_port: port,
-                    // Our VTEP MAC and the peer's (its configured `vtep_mac`, which a kernel vxlan
-                    // device requires: it only accepts frames addressed to its own MAC).
-                    inner_src_mac: tables.vtep_mac(),
-                    inner_dst_mac: tables.peer_vtep_mac(peer, remote),
-                };
+                let params = tables.encap_params(peer, proto, vni, remote, port);
                 self.tunnel(k, slot, hdr, &params, udp_out)
             }
             Verdict::Native { next_hop } => {
