@@ -123,9 +123,7 @@ pub fn classify_packet(tables: &Tables, pkt: &[u8]) -> Result<(IpMeta, Verdict),
 /// (link padding after its total length is ignored); for tunnels, the headers are written into
 /// `buf[start - overhead..start]`. `nat` is required for masquerade (else `Drop(unsupported)`).
 ///
-/// The kernel already decremented the TTL when it routed the packet into the TUN; a packet that
-/// arrives with TTL / hop limit 1 or 0 could not survive the next router (or the peer's kernel
-/// forwarding it to the pod), so it is dropped here as `ttl_exceeded`.
+/// TTL / hop limit handling follows [`check_ttl`].
 pub fn egress(
     tables: &Tables,
     nat: Option<&mut NatTable>,
@@ -158,9 +156,6 @@ fn egress_inner(
     };
     let len = meta.total_len;
     let range = start..start + len;
-    if meta.ttl <= 1 {
-        return Err(DropReason::TtlExceeded);
-    }
     let next_hop_mac = |nh| {
         tables
             .next_hop(nh)
@@ -177,7 +172,9 @@ fn egress_inner(
         ),
         _ => (meta.src, meta.dst),
     };
-    match tables.classify(src, dst) {
+    let verdict = tables.classify(src, dst);
+    check_ttl(meta.ttl, &verdict)?;
+    match verdict {
         Verdict::Local => Ok(EgressAction::Local { range }),
         Verdict::Native { next_hop } => Ok(EgressAction::Native {
             range,
@@ -217,6 +214,22 @@ fn egress_inner(
             })
         }
         Verdict::Drop(r) => Err(r),
+    }
+}
+
+/// Whether a packet from a local pod with TTL / hop limit `ttl` may take `verdict`.
+///
+/// The kernel already decremented the TTL when it routed the packet into the TUN (podrouter is not
+/// a hop of its own). A packet at 1 or 0 could not survive the next router (or the peer's kernel
+/// forwarding it to the pod), so it is dropped as `ttl_exceeded`, except a masqueraded packet at 1:
+/// the next router answers it with ICMP time exceeded to the node address, which comes back
+/// translated to the pod, so the hop shows up in a pod's traceroute (RFC 5508 §7, RFC 4787 REQ-14).
+pub fn check_ttl(ttl: u8, verdict: &Verdict) -> Result<(), DropReason> {
+    match (ttl, verdict) {
+        (0, _) => Err(DropReason::TtlExceeded),
+        (1, Verdict::Masquerade { .. }) => Ok(()),
+        (1, _) => Err(DropReason::TtlExceeded),
+        _ => Ok(()),
     }
 }
 
@@ -723,6 +736,20 @@ mod tests {
     fn masquerade_out_and_back() {
         let t = tables_for(0);
         let mut nat = NatTable::new(NatConfig::default());
+        // TTL 1 is translated and sent on (traceroute through the NAT); TTL 0 never is
+        let (mut b1, len1) = udp_buf("10.244.1.10", "203.0.113.9", 1, 0);
+        assert!(matches!(
+            egress(&t, Some(&mut nat), &mut b1, MAX_HEADROOM, len1, 0),
+            EgressAction::Native {
+                path: Path::Masquerade,
+                ..
+            }
+        ));
+        let (mut b0, len0) = udp_buf("10.244.1.10", "203.0.113.9", 0, 0);
+        assert_eq!(
+            egress(&t, Some(&mut nat), &mut b0, MAX_HEADROOM, len0, 0),
+            EgressAction::Drop(DropReason::TtlExceeded)
+        );
         let (mut b, len) = udp_buf("10.244.1.10", "203.0.113.9", 64, 0);
         assert_eq!(
             egress(&t, None, &mut b.clone(), MAX_HEADROOM, len, 0),

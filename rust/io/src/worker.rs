@@ -779,15 +779,7 @@ impl Worker {
             datapath::classify_packet(tables, &slot.buf[HEADROOM..HEADROOM + slot.len])?;
         // Link padding after the IP total length is not part of the packet (datapath::egress does the same).
         slot.len = meta.total_len;
-        // The kernel already decremented the TTL on its way into the TUN (podrouter is not a hop of
-        // its own). A masqueraded packet at TTL 1 goes on: the next router answers it with ICMP
-        // time exceeded to the node address, which comes back translated to the pod, so the hop
-        // shows up in a pod's traceroute (RFC 5508 §7, RFC 4787 REQ-14). Elsewhere the rule of
-        // datapath::egress stands: a packet at 1 could not survive the next hop.
-        let masquerade = matches!(verdict, Verdict::Masquerade { .. });
-        if meta.ttl == 0 || (meta.ttl == 1 && !masquerade) {
-            return Err(DropReason::TtlExceeded);
-        }
+        datapath::check_ttl(meta.ttl, &verdict)?;
         match verdict {
             Verdict::Tunnel {
                 peer,
