@@ -86,6 +86,7 @@ BPF_HANDLE = 1
 # a pod's slot s names its class 1:s and its leaves 1:(s|SPARSE) and 1:(s|BULK)
 FIRST_SLOT, LAST_SLOT = 0x100, 0x3FFF
 SPARSE, BULK = 0x4000, 0x8000
+BULK_RATE_BPS = 8000  # the bulk leaf's own (level 0) rate: everything above is borrowed
 SPARSE_QUEUE_BYTES = 16 * 1024  # interactive leaf: up to ~64 small packets, never GSO
 INGRESS_TOP = 0x1  # on a pod veth: 1:1 the limit, 1:4001 interactive, 1:8001 bulk
 # TBF's rate is a 32-bit byte count (pyroute2 does not encode TCA_TBF_RATE64): ~34 Gbit/s.
@@ -345,8 +346,13 @@ class BandwidthManager:
         slot = top & 0xFFFF
         self._htb_class(ccmd, top, parent, rate_bps, ceil_bps, prio, ifindex)
         sparse, bulk = HTB_ROOT | slot | SPARSE, HTB_ROOT | slot | BULK
-        self._htb_class(ccmd, sparse, top, 8000, ceil_bps, prio, ifindex)
-        self._htb_class(ccmd, bulk, top, max(8000, rate_bps - 8000), ceil_bps, prio + 1, ifindex)
+        # HTB serves every class within its own rate (level 0) before any class that borrows, and
+        # prio only orders the borrowers. So the interactive leaf holds the pod's whole assured
+        # rate and the bulk leaf only a token one: bulk then always borrows, and small packets
+        # are never held behind it. (The other way round the interactive leaf had to borrow
+        # against a bulk leaf that spent the parent's tokens at level 0: seconds of ping delay.)
+        self._htb_class(ccmd, sparse, top, rate_bps, ceil_bps, prio, ifindex)
+        self._htb_class(ccmd, bulk, top, BULK_RATE_BPS, ceil_bps, prio + 1, ifindex)
         self._ipr.tc(cmd if create else "replace", "bfifo", ifindex, (sparse & 0xFFFF) << 16, parent=sparse,
                      limit=SPARSE_QUEUE_BYTES)
         self._segmenter(cmd if create else "replace", ifindex, bulk, ceil_bps,
