@@ -883,7 +883,7 @@ class Daemon:
             return None
         from pyroute2 import IPRoute
 
-        return BandwidthManager(IPRoute(), dict(cfg.bandwidth.raw))
+        return BandwidthManager(IPRoute(), dict(cfg.bandwidth.raw), owns_ipr=True)
 
     def _restart_bandwidth(self, cfg: Config) -> None:
         if self.bandwidth is not None:

@@ -128,8 +128,11 @@ def _gone(exc: BaseException) -> bool:
 class BandwidthManager:
     """Owns the node's IFB and every pod's tc state. Thread-safe (one lock; netlink calls are short)."""
 
-    def __init__(self, ipr: Any, config: Mapping[str, Any] | None) -> None:
+    def __init__(self, ipr: Any, config: Mapping[str, Any] | None, owns_ipr: bool = False) -> None:
+        """`ipr` is the netlink socket (IPRoute or NetNS) to program through. With `owns_ipr`, close()
+        closes it too: the daemon hands over a socket of its own at every (re)start of shaping."""
         self._ipr = ipr
+        self._owns_ipr = owns_ipr
         self.config: BandwidthConfig = parse_bandwidth_config(dict(config or {}))
         self._pods: dict[str, _Pod] = {}
         self._free_slots = list(range(LAST_SLOT, FIRST_SLOT - 1, -1))
@@ -186,6 +189,11 @@ class BandwidthManager:
                 self._remove_locked(pod)
             self._pods.clear()
             self._delete_ifb()
+            if self._owns_ipr and not self._closed:
+                # a bandwidth reload makes a new manager with a new socket: without this, every
+                # reload left one netlink socket open for the life of the daemon
+                with contextlib.suppress(OSError):
+                    self._ipr.close()
             self._closed = True
 
     # ------------------------------------------------------------------ programming
