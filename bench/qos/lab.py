@@ -116,6 +116,44 @@ def measure(sender: Host, receiver: Host, dst: str, seconds: int = 5, port: int 
                 p.wait()
 
 
+def measure_flow(
+    sender: Host, receiver: Host, dst: str, seconds: int = 5, port: int = 5201
+) -> dict[str, float]:
+    """One TCP flow sender -> receiver: goodput (bit/s, on the receiver, as measure()), the sender's
+    retransmitted segments and mean smoothed RTT (ms, from tcp_info: the standing queue the flow
+    sees), and the CE-marked packets the receiver's stack counted (IpExtInCEPkts) during the run."""
+    ce_before = ce_packets(receiver)
+    server = iperf_server(receiver, port)
+    client = iperf_client(sender, dst, port, seconds)
+    try:
+        out, _err = client.communicate(timeout=seconds + 20)
+        bps = receiver_bps(server, timeout=seconds + 20)
+    finally:
+        for p in (client, server):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    data = json.loads(out.decode() or "{}")
+    sent = data.get("end", {}).get("sum_sent", {})
+    streams = data.get("end", {}).get("streams", [{}])
+    rtt_us = streams[0].get("sender", {}).get("mean_rtt", 0) if streams else 0
+    return {
+        "bps": bps,
+        "retransmits": float(sent.get("retransmits", 0)),
+        "flow_rtt_ms": rtt_us / 1000,
+        "ce_packets": float(ce_packets(receiver) - ce_before),
+    }
+
+
+def ce_packets(host: Host) -> int:
+    """IP packets with the CE codepoint received by the host's stack so far (nstat IpExtInCEPkts)."""
+    out = host.run(["nstat", "-az", "--json", "IpExtInCEPkts"], check=False)
+    try:
+        return int(json.loads(out)["kernel"].get("IpExtInCEPkts", 0))
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
 def ping_rtts(host: Host, dst: str, count: int, interval: float = 0.05) -> list[float]:
     """RTTs in ms of `count` pings (lost ones are missing)."""
     out = host.run(["ping", "-n", "-c", str(count), "-i", str(interval), "-W", "2", dst], check=False,

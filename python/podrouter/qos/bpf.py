@@ -36,13 +36,23 @@ import platform
 import socket
 import struct
 import sys
+from dataclasses import dataclass
 
-__all__ = ["BpfError", "build_program", "load_program", "TC_ACT_UNSPEC"]
+__all__ = ["Aqm", "BpfError", "build_program", "create_state_map", "load_program", "read_state",
+           "TC_ACT_UNSPEC"]
 
 TC_ACT_UNSPEC = -1
+TC_ACT_SHOT = 2
 
 # uapi/linux/bpf.h
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
 BPF_PROG_LOAD = 5
+BPF_MAP_TYPE_ARRAY = 2
+BPF_PSEUDO_MAP_FD = 1
+_HELPER_MAP_LOOKUP_ELEM = 1
+_HELPER_KTIME_GET_NS = 5
+_HELPER_SKB_ECN_SET_CE = 97
 BPF_PROG_TYPE_SCHED_CLS = 3
 _HELPER_SKB_STORE_BYTES = 9
 _HELPER_L3_CSUM_REPLACE = 10
@@ -105,6 +115,44 @@ def _stx_h(dst: int, src: int, off: int) -> bytes:
     return _insn(0x6B, dst, src, off)
 
 
+def _ldx_dw(dst: int, src: int, off: int) -> bytes:
+    return _insn(0x79, dst, src, off)
+
+
+def _stx_dw(dst: int, src: int, off: int) -> bytes:
+    return _insn(0x7B, dst, src, off)
+
+
+def _st_w(dst: int, off: int, imm: int) -> bytes:
+    return _insn(0x62, dst, off=off, imm=imm)
+
+
+def _atomic_add_dw(dst: int, src: int, off: int) -> bytes:
+    return _insn(0xDB, dst, src, off, 0)  # STX | DW | ATOMIC, imm BPF_ADD: *(u64 *)(dst + off) += src
+
+
+def _add_reg(dst: int, src: int) -> bytes:
+    return _insn(0x0F, dst, src)
+
+
+def _sub_reg(dst: int, src: int) -> bytes:
+    return _insn(0x1F, dst, src)
+
+
+def _mul_reg(dst: int, src: int) -> bytes:
+    return _insn(0x2F, dst, src)
+
+
+def _rsh_imm(dst: int, imm: int) -> bytes:
+    return _insn(0x77, dst, imm=imm)
+
+
+def _ld_imm64(dst: int, value: int, src: int = 0) -> bytes:
+    """Two-slot 64-bit immediate load; src BPF_PSEUDO_MAP_FD makes `value` a map fd."""
+    lo, hi = value & 0xFFFFFFFF, (value >> 32) & 0xFFFFFFFF
+    return _insn(0x18, dst, src, 0, _imm32(lo)) + _insn(0, 0, 0, 0, _imm32(hi))
+
+
 def _call(helper: int) -> bytes:
     return _insn(0x85, imm=helper)
 
@@ -130,13 +178,17 @@ class _Asm:
         self.labels[name] = len(self.code)
 
     def assemble(self) -> bytes:
+        # instruction slots: an item of bytes may hold several (a 64-bit load takes two)
+        slot = [0]
+        for item in self.code:
+            slot.append(slot[-1] + (len(item) // 8 if isinstance(item, bytes) else 1))
         out = []
-        for pc, item in enumerate(self.code):
+        for i, item in enumerate(self.code):
             if isinstance(item, bytes):
                 out.append(item)
                 continue
             code, regs, imm, label = item
-            off = self.labels[label] - pc - 1
+            off = slot[self.labels[label]] - slot[i] - 1
             out.append(struct.pack("<BBhi", code, regs, off, imm))
         return b"".join(out)
 
@@ -166,17 +218,98 @@ def _imm32(value: int) -> int:
     return value if value < 1 << 31 else value - (1 << 32)
 
 
-def build_program(classes: tuple[int, int] | None, dscp: int | None) -> bytes:
+@dataclass(frozen=True)
+class Aqm:
+    """Congestion avoidance on a virtual queue (see _emit_aqm): a pod's shaped direction."""
+
+    map_fd: int  # BPF array map of one _STATE_SIZE-byte entry, from create_state_map()
+    rate_bps: int  # the shaper's rate: the virtual queue drains at exactly this rate
+    target_ns: int  # sojourn above which ECN-capable packets are CE-marked, others dropped early
+    interval_ns: int  # at most one early drop per interval (non-ECN packets)
+    limit_ns: int  # the real queue's byte limit as time at the rate: the virtual queue's cap
+
+
+# the state map's one value: u64 virtual finish time, u64 earliest next early drop, u64 CE marks,
+# u64 early drops
+_STATE_SIZE = 32
+_FP_SHIFT = 20  # ns per byte in fixed point, so that 10G (0.8 ns/byte) keeps 6 significant digits
+
+
+def _emit_aqm(asm: _Asm, aqm: Aqm) -> None:
+    """Account the packet in a virtual queue and mark or drop it when that queue is too long.
+
+    The virtual queue is the pod's shaper seen from outside: a clock `vt` that every packet pushes
+    forward by its transmission time at the pod's rate (len * 8 / rate), and that cannot fall
+    behind the present. `vt - now` is then the time this packet will wait behind the pod's earlier
+    packets in the shaper's queue -- the sojourn time CoDel or PIE would measure, known here at
+    enqueue, which eBPF cannot otherwise see (the HTB backlog is not readable from a program).
+
+    - interactive frames (<= SPARSE_MAX_LEN) are counted but never marked or dropped: they go to
+      their own leaf and do not wait behind the bulk queue;
+    - the clock never runs more than `limit` ahead: what the leaf's byte limit tail-drops (after
+      the TBF segmenter has split a GSO packet, so only the excess segments) leaves the real queue
+      at its limit, and the virtual one too. Dropping whole GSO packets here instead cost 40+
+      segments each;
+    - sojourn > target: an ECN-capable packet gets CE (bpf_skb_ecn_set_ce); any other packet is
+      dropped, but at most one per `interval` (CoDel's first drop; a sender halves its window
+      once per round trip anyway). A probabilistic ramp (RED/PIE-like) was tried first: it also
+      hit the flow's retransmissions, which are never ECN-capable, and cost 4% of the rate;
+    - per-CPU races on `vt` can lose an update (the clock then runs slightly slow): harmless.
+    """
+    ns_per_byte_fp = max(1, round(8e9 / aqm.rate_bps * (1 << _FP_SHIFT)))
+    asm.emit(
+        _st_w(10, -4, 0),
+        _ld_imm64(1, aqm.map_fd, BPF_PSEUDO_MAP_FD),
+        _mov_reg(2, 10), _add_imm(2, -4),
+        _call(_HELPER_MAP_LOOKUP_ELEM),
+    )
+    asm.jump(0x15, 0, 0, "aqm_out")  # JEQ r0, 0
+    asm.emit(_mov_reg(7, 0), _call(_HELPER_KTIME_GET_NS), _mov_reg(8, 0), _ldx_dw(9, 7, 0))
+    asm.jump(0x2D, 9, 0, "ahead", src=8)  # JGT r9, r8 (unsigned): the queue is not empty
+    asm.emit(_mov_reg(9, 8))
+    asm.label("ahead")
+    asm.emit(_mov_reg(2, 9), _sub_reg(2, 8), _ldx_w(3, 6, _SKB_LEN))  # r2 = sojourn, r3 = len
+    asm.jump(0xA5, 3, SPARSE_MAX_LEN + 1, "account")  # JLT r3, SPARSE_MAX_LEN + 1: interactive
+    asm.emit(_ld_imm64(4, aqm.target_ns))
+    asm.jump(0xBD, 2, 0, "account", src=4)  # JLE r2, r4: below target
+    asm.emit(_mov_reg(1, 6), _call(_HELPER_SKB_ECN_SET_CE))
+    asm.jump(0x55, 0, 0, "marked")  # JNE r0, 0
+    # not ECN-capable: one early drop per interval at most
+    asm.emit(_ldx_dw(1, 7, 8))
+    asm.jump(0x2D, 1, 0, "account", src=8)  # JGT r1, r8: the last early drop is less than an interval old
+    asm.emit(_ld_imm64(1, aqm.interval_ns), _add_reg(1, 8), _stx_dw(7, 1, 8))
+    asm.jump(0x05, 0, 0, "drop")
+    asm.label("marked")
+    asm.emit(_mov_imm(1, 1), _atomic_add_dw(7, 1, 16))
+    asm.label("account")
+    asm.emit(
+        _ldx_w(3, 6, _SKB_LEN), _ld_imm64(4, ns_per_byte_fp), _mul_reg(3, 4), _rsh_imm(3, _FP_SHIFT),
+        _add_reg(9, 3), _ld_imm64(4, aqm.limit_ns), _add_reg(4, 8),
+    )
+    asm.jump(0xBD, 9, 0, "store", src=4)  # JLE r9, r4: within the limit
+    asm.emit(_mov_reg(9, 4))  # the real queue tail-drops what is over its limit: so does the clock
+    asm.label("store")
+    asm.emit(_stx_dw(7, 9, 0))
+    asm.jump(0x05, 0, 0, "aqm_out")
+    asm.label("drop")
+    asm.emit(_mov_imm(1, 1), _atomic_add_dw(7, 1, 24), _mov_imm(0, TC_ACT_SHOT), _exit())
+    asm.label("aqm_out")
+
+
+def build_program(classes: tuple[int, int] | None, dscp: int | None, aqm: Aqm | None = None) -> bytes:
     """The bytecode for one pod hook.
 
     `classes` = (bulk classid, interactive classid): skb->priority becomes the interactive class for
     frames of at most SPARSE_MAX_LEN bytes and the bulk class otherwise. `dscp` (0..63) rewrites the
-    DSCP of IPv4/IPv6 packets. Either may be None.
+    DSCP of IPv4/IPv6 packets. `aqm` adds congestion avoidance (_emit_aqm). Any may be None.
     """
     if dscp is not None and not 0 <= dscp <= 63:
         raise ValueError(f"dscp {dscp} out of range")
     asm = _Asm()
     asm.emit(_mov_reg(6, 1))
+    if aqm is not None:
+        # first, so a dropped packet costs nothing else; the DSCP rewrite keeps the ECN bits
+        _emit_aqm(asm, aqm)
     if classes is not None:
         bulk, sparse = classes
         asm.emit(_ldx_w(2, 6, _SKB_LEN), _mov_imm(3, _imm32(bulk)))
@@ -263,3 +396,56 @@ def load_program(code: bytes, name: str = "podr_qos") -> int:
         verifier = log.value.decode(errors="replace").strip().splitlines()[-5:]
         raise BpfError(err, f"bpf(BPF_PROG_LOAD): {os.strerror(err)}; verifier: {' | '.join(verifier)}")
     return int(fd)
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("_rest", ctypes.c_uint8 * 108),
+    ]
+
+
+class _MapElemAttr(ctypes.Structure):
+    _fields_ = [
+        ("map_fd", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("_rest", ctypes.c_uint8 * 96),
+    ]
+
+
+def _bpf(cmd: int, attr: ctypes.Structure) -> int:
+    global _libc
+    nr = _SYSCALL_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfError(0, f"bpf(2) syscall number unknown for {platform.machine()}")
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, f"bpf({cmd}): {os.strerror(err)}")
+    return int(ret)
+
+
+def create_state_map() -> int:
+    """A one-entry array map holding an AQM program's state (zeroed); returns its fd."""
+    attr = _MapCreateAttr()
+    attr.map_type, attr.key_size, attr.value_size, attr.max_entries = BPF_MAP_TYPE_ARRAY, 4, _STATE_SIZE, 1
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def read_state(map_fd: int) -> dict[str, int]:
+    """The counters of an AQM state map: CE marks and drops so far."""
+    key = ctypes.c_uint32(0)
+    value = (ctypes.c_uint64 * (_STATE_SIZE // 8))()
+    attr = _MapElemAttr()
+    attr.map_fd, attr.key, attr.value = map_fd, ctypes.addressof(key), ctypes.addressof(value)
+    _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+    return {"ecn_marked": int(value[2]), "aqm_dropped": int(value[3])}

@@ -13,6 +13,7 @@ bandwidth:
   max_queue_delay: 5ms         # target queueing delay of one pod's own queue at its limit
   burst: 1ms                   # token-bucket depth of a pod's class, as time at the pod's rate
   mtu: 1500                    # the largest L3 packet a pod sends (sizes the minimum burst/queue)
+  congestion_avoidance: true   # eBPF CE marking / early drop when a pod's queue exceeds max_queue_delay
 ```
 """
 
@@ -29,7 +30,7 @@ __all__ = ["BandwidthConfig", "validate_bandwidth_config", "parse_bandwidth_conf
 
 _KEYS = {
     "enabled", "ifb_name", "node_egress_rate", "priority_shares", "default_priority",
-    "max_queue_delay", "burst", "mtu",
+    "max_queue_delay", "burst", "mtu", "congestion_avoidance",
 }
 _IFNAME = re.compile(r"[A-Za-z0-9_.\-]{1,15}\Z")
 _DURATION = re.compile(r"(?P<n>[0-9]+(?:\.[0-9]+)?)(?P<unit>us|ms|s)\Z")
@@ -48,6 +49,7 @@ class BandwidthConfig:
     max_queue_delay_s: float = 0.005
     burst_s: float = 0.001
     mtu: int = 1500
+    congestion_avoidance: bool = True
 
 
 def _duration(value: object) -> float:
@@ -79,6 +81,11 @@ def _parse(section: object) -> tuple[BandwidthConfig, list[str]]:
             kw["enabled"] = section["enabled"]
         else:
             problems.append(f"{p}.enabled: {section['enabled']!r} is not a boolean")
+    if "congestion_avoidance" in section:
+        if isinstance(section["congestion_avoidance"], bool):
+            kw["congestion_avoidance"] = section["congestion_avoidance"]
+        else:
+            problems.append(f"{p}.congestion_avoidance: {section['congestion_avoidance']!r} is not a boolean")
     if "ifb_name" in section:
         v = section["ifb_name"]
         if isinstance(v, str) and _IFNAME.match(v):

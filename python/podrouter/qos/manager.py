@@ -56,7 +56,7 @@ from pyroute2.netlink.rtnl.tcmsg import sched_pfifo
 
 from podrouter.qos import sizing
 from podrouter.qos.annotations import PRIORITIES, PodQoS, _parse
-from podrouter.qos.bpf import BpfError, build_program, load_program
+from podrouter.qos.bpf import Aqm, BpfError, build_program, create_state_map, load_program, read_state
 from podrouter.qos.config import BandwidthConfig, parse_bandwidth_config
 
 __all__ = ["BandwidthManager"]
@@ -95,6 +95,9 @@ TBF_MAX_Bps = (1 << 32) - 1
 # above it, GSO packets cost little queueing delay (64 KiB is 52 us at 10G) and a bfifo does.
 SEGMENT_UP_TO_BPS = 8 * TBF_MAX_Bps // 4
 
+# CoDel's interval: at most one early drop per interval for a pod's packets that are not ECN-capable
+AQM_INTERVAL_NS = 100_000_000
+
 _GONE = (errno.ENOENT, errno.ENODEV, errno.EINVAL, errno.ENXIO)
 
 
@@ -109,7 +112,8 @@ class _Pod:
     ifindex: int | None = None
     slot: int | None = None  # leaf class minor on the IFB
     slot_priority: str | None = None
-    bpf: tuple[tuple[int, int] | None, int | None] | None = None  # (classes, dscp) loaded now
+    bpf: tuple[tuple[int, int] | None, int | None, int | None] | None = None  # (classes, dscp, aqm rate)
+    aqm_maps: dict[str, int] = field(default_factory=dict)  # "egress"/"ingress" -> AQM state map fd
     clsact: bool = False
     redirect: bool = False
     ingress_root: bool = False
@@ -221,7 +225,8 @@ class BandwidthManager:
                 self._put_leaf(pod.slot, prio, ceil, create=False)
         # 2. the veth ingress hook: BPF (class + DSCP), then the redirect
         classes = _leaf_classes(pod.slot) if new.egress_shaped and pod.slot else None
-        want_bpf = (classes, new.dscp)
+        aqm_rate = (new.egress_bps or cfg.node_egress_bps) if new.egress_shaped else None
+        want_bpf = (classes, new.dscp, aqm_rate)
         if new.egress_shaped or new.dscp is not None:
             self._ensure_clsact(pod)
             if pod.bpf != want_bpf:
@@ -234,6 +239,7 @@ class BandwidthManager:
         if not new.egress_shaped and new.dscp is None and pod.bpf is not None:
             self._del_filter(pod.ifindex, TC_H_CLSACT_INGRESS, PREF_BPF)
             pod.bpf = None
+            self._close_aqm(pod, "egress")
         # 3. retire leaves nothing points at any more
         if old_slot is not None:
             self._del_leaf(old_slot)
@@ -262,6 +268,8 @@ class BandwidthManager:
                     self._del_ingress(pod)
         pod.clsact = pod.redirect = pod.ingress_root = False
         pod.bpf = pod.ingress_bps = None
+        for direction in list(pod.aqm_maps):
+            self._close_aqm(pod, direction)
         if pod.slot is not None:
             with self._tolerate(pod.name):
                 self._del_leaf(pod.slot)
@@ -418,16 +426,47 @@ class BandwidthManager:
                 self._del_filter(pod.ifindex, TC_H_CLSACT_INGRESS, PREF_REDIRECT)
         pod.clsact = True
 
-    def _put_bpf(self, pod: _Pod, classes: tuple[int, int] | None, dscp: int | None) -> None:
-        fd = load_program(build_program(classes, dscp))
-        try:
-            self._ipr.tc("replace-filter", "bpf", pod.ifindex, BPF_HANDLE, parent=TC_H_CLSACT_INGRESS,
-                         prio=PREF_BPF, protocol=ETH_P_ALL, fd=fd, name="podrouter-qos",
-                         direct_action=True)
-        finally:
-            # the filter holds its own reference to the program
+    def _aqm(self, pod: _Pod, direction: str, rate_bps: int | None) -> Aqm | None:
+        """A fresh AQM state map for one direction of the pod, or None (disabled / not shaped).
+        The previous map (if any) stays open until _swap_aqm: the old program still uses it."""
+        if rate_bps is None or not self.config.congestion_avoidance:
+            return None
+        cfg = self.config
+        target_s = max(cfg.max_queue_delay_s, 2 * sizing.frame(cfg) * 8 / rate_bps)
+        limit_s = max(sizing.egress_queue_bytes(rate_bps, cfg) * 8 / rate_bps, 2 * target_s)
+        target_ns = int(target_s * 1e9)
+        # the drop ramp's width must stay below 2^32 ns for the program's 64-bit arithmetic
+        limit_ns = min(int(limit_s * 1e9), target_ns + (1 << 31))
+        return Aqm(create_state_map(), rate_bps, target_ns, AQM_INTERVAL_NS, limit_ns)
+
+    def _swap_aqm(self, pod: _Pod, direction: str, aqm: Aqm | None) -> None:
+        self._close_aqm(pod, direction)
+        if aqm is not None:
+            pod.aqm_maps[direction] = aqm.map_fd
+
+    def _close_aqm(self, pod: _Pod, direction: str) -> None:
+        fd = pod.aqm_maps.pop(direction, None)
+        if fd is not None:
             os.close(fd)
-        pod.bpf = (classes, dscp)
+
+    def _put_bpf(self, pod: _Pod, classes: tuple[int, int] | None, dscp: int | None,
+                 aqm_rate: int | None) -> None:
+        aqm = self._aqm(pod, "egress", aqm_rate)
+        try:
+            fd = load_program(build_program(classes, dscp, aqm))
+            try:
+                self._ipr.tc("replace-filter", "bpf", pod.ifindex, BPF_HANDLE, parent=TC_H_CLSACT_INGRESS,
+                             prio=PREF_BPF, protocol=ETH_P_ALL, fd=fd, name="podrouter-qos",
+                             direct_action=True)
+            finally:
+                # the filter holds its own reference to the program (and the program to its map)
+                os.close(fd)
+        except BaseException:
+            if aqm is not None:
+                os.close(aqm.map_fd)
+            raise
+        self._swap_aqm(pod, "egress", aqm)
+        pod.bpf = (classes, dscp, aqm_rate)
 
     def _add_redirect(self, pod: _Pod) -> None:
         assert self._ifb_index is not None
@@ -452,22 +491,30 @@ class BandwidthManager:
             try:
                 self._pod_classes("add", ifindex, HTB_ROOT, HTB_ROOT | INGRESS_TOP, rate_bps, 0, rate_bps)
                 self._ensure_clsact(pod)
-                self._put_egress_bpf(pod)
+                self._put_egress_bpf(pod, rate_bps)
             except BaseException:
                 self._del_ingress(pod)
                 raise
         elif pod.ingress_bps != rate_bps:
             self._pod_classes("replace", ifindex, HTB_ROOT, HTB_ROOT | INGRESS_TOP, rate_bps, 0, rate_bps)
+            self._put_egress_bpf(pod, rate_bps)
         pod.ingress_bps = rate_bps
 
-    def _put_egress_bpf(self, pod: _Pod) -> None:
-        fd = load_program(build_program(_leaf_classes(INGRESS_TOP), None))
+    def _put_egress_bpf(self, pod: _Pod, rate_bps: int | None = None) -> None:
+        aqm = self._aqm(pod, "ingress", rate_bps or pod.ingress_bps)
         try:
-            self._ipr.tc("replace-filter", "bpf", pod.ifindex, BPF_HANDLE, parent=TC_H_CLSACT_EGRESS,
-                         prio=PREF_BPF, protocol=ETH_P_ALL, fd=fd, name="podrouter-qos-in",
-                         direct_action=True)
-        finally:
-            os.close(fd)
+            fd = load_program(build_program(_leaf_classes(INGRESS_TOP), None, aqm))
+            try:
+                self._ipr.tc("replace-filter", "bpf", pod.ifindex, BPF_HANDLE, parent=TC_H_CLSACT_EGRESS,
+                             prio=PREF_BPF, protocol=ETH_P_ALL, fd=fd, name="podrouter-qos-in",
+                             direct_action=True)
+            finally:
+                os.close(fd)
+        except BaseException:
+            if aqm is not None:
+                os.close(aqm.map_fd)
+            raise
+        self._swap_aqm(pod, "ingress", aqm)
 
     def _del_ingress(self, pod: _Pod) -> None:
         assert pod.ifindex is not None
@@ -475,6 +522,7 @@ class BandwidthManager:
             self._del_filter(pod.ifindex, TC_H_CLSACT_EGRESS, PREF_BPF)
         self._del_qdisc(pod.ifindex, TC_H_ROOT, 0)
         pod.ingress_root, pod.ingress_bps = False, None
+        self._close_aqm(pod, "ingress")
 
     # ------------------------------------------------------------------ netlink helpers
 
@@ -531,9 +579,21 @@ class BandwidthManager:
             "dscp": q.dscp,
             "error": pod.error,
             "egress_class": f"1:{pod.slot:x}" if pod.slot is not None else None,
-            "egress": _pod_counters(egress, HTB_ROOT | pod.slot) if pod.slot is not None else None,
-            "ingress": self._ingress_counters(pod),
+            "egress": self._with_aqm(
+                pod, "egress", _pod_counters(egress, HTB_ROOT | pod.slot) if pod.slot is not None else None
+            ),
+            "ingress": self._with_aqm(pod, "ingress", self._ingress_counters(pod)),
         }
+
+    @staticmethod
+    def _with_aqm(pod: _Pod, direction: str, counters: dict[str, int] | None) -> dict[str, int] | None:
+        """Add the congestion-avoidance counters (CE marks, early and over-limit drops) of one direction."""
+        fd = pod.aqm_maps.get(direction)
+        if counters is None or fd is None:
+            return counters
+        with contextlib.suppress(BpfError):
+            counters.update(read_state(fd))
+        return counters
 
 
 def _pod_counters(classes: dict[int, Any], top: int) -> dict[str, int] | None:
