@@ -431,7 +431,10 @@ class Daemon:
         # sysctls first: with IPv6 still enabled, bringing podr0 up sends MLD reports / router
         # solicitations (hop limit 1) into the datapath, which would count them as ttl_exceeded
         self._node_sysctls(tun_idx)
-        self.ipr.link("set", index=tun_idx, mtu=u.mtu, state="up")
+        # an explicit queue in front of the datapath (docs/qos.md), not the TUN's default 500 packets
+        from podrouter.qos.sizing import tun_txqlen
+
+        self.ipr.link("set", index=tun_idx, mtu=u.mtu, txqlen=tun_txqlen(dict(cfg.bandwidth.raw)), state="up")
         self._sync_masquerade_guard(None, cfg)
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)

@@ -301,7 +301,9 @@ class BandwidthManager:
         ipr.link("add", ifname=name, kind="ifb")
         idx = ipr.link_lookup(ifname=name)[0]
         try:
-            ipr.link("set", index=idx, mtu=max(cfg.mtu, 1500), state="up")
+            # explicit queue lengths: the IFB's own queue, and HTB's direct queue, which takes the
+            # device's txqueuelen when it is created (pyroute2 cannot send TCA_HTB_DIRECT_QLEN)
+            ipr.link("set", index=idx, mtu=max(cfg.mtu, 1500), txqlen=sizing.HTB_DIRECT_QLEN)
             self._ifb_index = idx
             node = cfg.node_egress_bps
             ipr.tc("add", "htb", idx, HTB_ROOT, default=UNCLASSIFIED_CLASS & 0xFFFF)
@@ -315,6 +317,7 @@ class BandwidthManager:
                             max(8000, node * be // 10000), node, PRIORITY_PRIO["besteffort"])
             self._ipr.tc("add", "bfifo", idx, (UNCLASSIFIED_CLASS & 0xFFFF) << 16, parent=UNCLASSIFIED_CLASS,
                          limit=sizing.egress_queue_bytes(node, cfg, segmented=False))
+            ipr.link("set", index=idx, txqlen=sizing.IFB_TXQLEN, state="up")
         except BaseException:
             self._delete_ifb()
             raise
@@ -486,7 +489,7 @@ class BandwidthManager:
             with contextlib.suppress(NetlinkError):
                 # a root HTB left by a previous daemon would make "add" fail; start clean
                 self._del_qdisc(ifindex, TC_H_ROOT, 0)
-            self._ipr.tc("add", "htb", ifindex, HTB_ROOT, default=(INGRESS_TOP | BULK) & 0xFFFF)
+            self._add_htb_root(ifindex, default=(INGRESS_TOP | BULK) & 0xFFFF)
             pod.ingress_root = True
             try:
                 self._pod_classes("add", ifindex, HTB_ROOT, HTB_ROOT | INGRESS_TOP, rate_bps, 0, rate_bps)
@@ -499,6 +502,18 @@ class BandwidthManager:
             self._pod_classes("replace", ifindex, HTB_ROOT, HTB_ROOT | INGRESS_TOP, rate_bps, 0, rate_bps)
             self._put_egress_bpf(pod, rate_bps)
         pod.ingress_bps = rate_bps
+
+    def _add_htb_root(self, ifindex: int, default: int) -> None:
+        """A root HTB whose direct queue is HTB_DIRECT_QLEN packets, not the veth's txqueuelen (1000):
+        HTB copies the device's txqueuelen when it is created, so lend it ours for that moment."""
+        link = self._ipr.get_links(ifindex)[0]
+        old = link.get_attr("IFLA_TXQLEN")
+        self._ipr.link("set", index=ifindex, txqlen=sizing.HTB_DIRECT_QLEN)
+        try:
+            self._ipr.tc("add", "htb", ifindex, HTB_ROOT, default=default)
+        finally:
+            if old is not None:
+                self._ipr.link("set", index=ifindex, txqlen=old)
 
     def _put_egress_bpf(self, pod: _Pod, rate_bps: int | None = None) -> None:
         aqm = self._aqm(pod, "ingress", rate_bps or pod.ingress_bps)

@@ -80,3 +80,28 @@ def egress_queue_bytes(ceil_bps: int, cfg: BandwidthConfig, segmented: bool = Tr
 
 def ingress_queue_bytes(rate_bps: int, cfg: BandwidthConfig) -> int:
     return int(max(rate_bps / 8 * cfg.max_queue_delay_s, QUEUE_MIN_FRAMES * frame(cfg)))
+
+
+# Queues that are not shaping queues, but would otherwise take a default (docs/qos.md, "Every queue"):
+# - HTB's direct queue (packets classified to the qdisc itself, 1:0): nothing of ours sends there,
+#   so it gets a token size instead of the device's txqueuelen (1000 on a veth);
+# - the IFB's own queue between HTB and the IFB tasklet: packets already shaped, drained at CPU speed.
+HTB_DIRECT_QLEN = 16
+IFB_TXQLEN = 32
+TUN_TXQLEN_MIN, TUN_TXQLEN_MAX = 64, 512
+
+
+def tun_queue_packets(node_rate_bps: int, cfg: BandwidthConfig) -> int:
+    """txqueuelen of the datapath's TUN (its qdisc and ring): the node's egress budget for
+    max_queue_delay in full frames, within [64, 512]. Pod traffic reaches the TUN already shaped, so
+    this queue only fills when the datapath falls behind; then it bounds that wait."""
+    packets = int(node_rate_bps / 8 * cfg.max_queue_delay_s / frame(cfg))
+    return max(TUN_TXQLEN_MIN, min(TUN_TXQLEN_MAX, packets))
+
+
+def tun_txqlen(bandwidth_section: object) -> int:
+    """tun_queue_packets for a node config's `bandwidth:` section (defaults if it is absent)."""
+    from podrouter.qos.config import parse_bandwidth_config
+
+    cfg = parse_bandwidth_config(bandwidth_section or {})
+    return tun_queue_packets(cfg.node_egress_bps, cfg)
