@@ -1,19 +1,29 @@
 """Shaping benchmark: podrouter's bandwidth manager beside the reference CNI `bandwidth` plugin.
 
 For each rate (10M, 100M, 1G) and direction (pod egress, pod ingress), on the same namespace lab
-(bench/qos/lab.py: a node, one pod attached as DESIGN.md §4b says, a sink), each implementation in
-turn shapes the pod; we measure
+(bench/qos/lab.py: a node, one pod attached as the daemon attaches it, a sink), each implementation
+in turn shapes the pod exactly as it does on a node (podrouter: the BandwidthManager the daemon runs,
+with its defaults; reference: the plugin binary run as a chained CNI plugin), and one TCP flow
+saturates the pod's limit. We measure
 
 - accuracy: TCP goodput measured by iperf3 on the receiver (`-O 1`), against the limit less the L2
   overhead (goodput = limit * 1448/1514); reported as the signed error in percent;
-- latency under load: ping RTT p50/p99 from the pod to the sink while the pod saturates its own limit.
+- latency of the pod's other traffic under that load: ping RTT and small TCP request/response
+  (64 bytes each way) p50/p99, from the pod to the sink;
+- the flow itself: its retransmits, its mean smoothed RTT (the standing queue it builds) and the
+  CE-marked packets its receiver got (both ends have net.ipv4.tcp_ecn=1).
 
-The reference plugin (/usr/lib/cni/bandwidth, Debian containernetworking-plugins) is run as a chained
-CNI plugin on the pod's veth, with the same burst podrouter uses for the rate (max(rate * 1 ms,
-2 frames)); its TBF queue is then rate * 25 ms + burst (the plugin's fixed latency).
+Latency is compared as podrouter / reference: below 1 is better, and "worse" is written out when it
+is above 1. The full profile measures each case for 10 s and for 60 s, and adds a 60 s priority
+contention (three pods of three priorities saturating a 100M node budget while the guaranteed pod
+pings).
 
-    python bench/qos_bench.py --quick        # 2 s per measurement, ~1 minute
-    python bench/qos_bench.py                # 10 s per measurement
+The reference plugin (/usr/lib/cni/bandwidth, Debian containernetworking-plugins) gets the same burst
+podrouter uses for the rate (max(rate * 1 ms, 2 frames)); its TBF queue is then rate * 25 ms + burst
+(the plugin's fixed latency).
+
+    python bench/qos_bench.py --quick        # 2 s per measurement, ~2 minutes (CI smoke)
+    python bench/qos_bench.py                # 10 s and 60 s per measurement, ~20 minutes
     python bench/qos_bench.py --json out.json
 
 `run(quick) -> dict` is the entry point for the suite runner.
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -38,10 +49,11 @@ from qos.lab import (  # noqa: E402
     GOODPUT_PER_FRAME,
     SINK_ADDR,
     Lab,
-    measure,
+    measure_flow,
     percentile,
     ping_rtts,
     reference_bandwidth,
+    rr_latencies,
 )
 
 RATES = {"10M": 10_000_000, "100M": 100_000_000, "1G": 1_000_000_000}
@@ -53,6 +65,22 @@ def _burst_bits(rate_bps: int) -> int:
     return max(rate_bps // 1000, 2 * 1514 * 8)
 
 
+def _latency(lab: Lab, pod: Any, seconds: int, pings: int, port: int) -> dict[str, list[float]]:
+    """Ping and request/response from the pod to the sink, side by side, over the measurement."""
+    interval = max(0.02, (seconds - 2.5) / pings)
+    out: dict[str, list[float]] = {}
+    t = threading.Thread(target=lambda: out.setdefault("rr", rr_latencies(pod.host, lab.sink, SINK_ADDR,
+                                                                          pings, interval, port)))
+    t.start()
+    out["ping"] = ping_rtts(pod.host, SINK_ADDR, pings, interval)
+    t.join(timeout=pings * (interval + 2) + 60)
+    return out
+
+
+def _stats(prefix: str, values: list[float]) -> dict[str, float]:
+    return {f"{prefix}_p{p}_ms": round(percentile(values, p), 3) for p in (50, 99)}
+
+
 def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) -> dict[str, Any]:
     from pyroute2 import NetNS
 
@@ -62,11 +90,12 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
     with Topology("qb") as topo:
         lab = Lab(topo)
         pod = lab.add_pod("pod", "10.244.1.2")
-        mgr = ipr = None
+        for host in (pod.host, lab.sink):
+            host.sysctl("net.ipv4.tcp_ecn", 1)
+        mgr = None
         try:
             if impl == "podrouter":
-                ipr = NetNS(lab.node.ns)
-                mgr = BandwidthManager(ipr, {"node_egress_rate": "10G"})
+                mgr = BandwidthManager(NetNS(lab.node.ns), {"node_egress_rate": "10G"}, owns_ipr=True)
                 key = f"kubernetes.io/{direction}-bandwidth"
                 st = mgr.apply("pod", pod.host_interface, pod.ip, {key: str(rate)})
                 if st["error"]:
@@ -75,88 +104,165 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
                 kw = {"egress_bps": rate} if direction == "egress" else {"ingress_bps": rate}
                 reference_bandwidth(lab, pod, "ADD", burst_bits=_burst_bits(rate), **kw)
             assert pod.host.ping(SINK_ADDR)
-            result: dict[str, float] = {}
+            flow: dict[str, float] = {}
 
             def load() -> None:
                 if direction == "egress":
-                    result["bps"] = measure(pod.host, lab.sink, SINK_ADDR, seconds=seconds)
+                    flow.update(measure_flow(pod.host, lab.sink, SINK_ADDR, seconds=seconds))
                 else:
-                    result["bps"] = measure(lab.sink, pod.host, pod.ip, seconds=seconds)
+                    flow.update(measure_flow(lab.sink, pod.host, pod.ip, seconds=seconds))
 
             t = threading.Thread(target=load)
             t.start()
             time.sleep(1.5)  # past iperf3's omitted second: the queue is at its steady state
-            interval = max(0.02, (seconds - 2.5) / pings)
-            rtts = ping_rtts(pod.host, SINK_ADDR, pings, interval)
+            lat = _latency(lab, pod, seconds, pings, 5400)
             t.join(timeout=seconds + 60)
-            bps = result["bps"]
+            bps = flow["bps"]
             expected = rate * GOODPUT_PER_FRAME
             return {
-                "impl": impl, "direction": direction, "rate": rate_name, "rate_bps": rate,
+                "impl": impl, "direction": direction, "rate": rate_name, "rate_bps": rate, "seconds": seconds,
                 "goodput_bps": round(bps), "expected_goodput_bps": round(expected),
                 "error_pct": round((bps / expected - 1) * 100, 2),
-                "ping_p50_ms": round(percentile(rtts, 50), 3), "ping_p99_ms": round(percentile(rtts, 99), 3),
-                "ping_sent": pings, "ping_received": len(rtts),
+                **_stats("ping", lat["ping"]), **_stats("rr", lat.get("rr", [])),
+                "ping_sent": pings, "ping_received": len(lat["ping"]), "rr_done": len(lat.get("rr", [])),
+                "retransmits": int(flow["retransmits"]), "flow_rtt_ms": round(flow["flow_rtt_ms"], 2),
+                "ce_packets": int(flow["ce_packets"]),
             }
         finally:
             if mgr is not None:
                 mgr.close()
-            if ipr is not None:
-                ipr.close()
+
+
+def _priorities(seconds: int, pings: int) -> dict[str, Any]:
+    """Three unlimited pods, guaranteed / burstable / besteffort, all saturating a 100M node budget
+    (shares 60/30/10) for `seconds`, while the guaranteed pod also pings and runs request/response.
+    Each pod's rate is read from its HTB class counters over the common window."""
+    from pyroute2 import NetNS
+
+    from podrouter.qos import BandwidthManager
+
+    budget = 100_000_000
+    shares = {"guaranteed": 60, "burstable": 30, "besteffort": 10}
+    with Topology("qp") as topo:
+        lab = Lab(topo)
+        pods = {prio: lab.add_pod(prio[:2], f"10.244.1.{i + 2}") for i, prio in enumerate(shares)}
+        mgr = BandwidthManager(NetNS(lab.node.ns), {"node_egress_rate": "100M", "priority_shares": shares},
+                               owns_ipr=True)
+        try:
+            for prio, pod in pods.items():
+                st = mgr.apply(pod.name, pod.host_interface, pod.ip, {"podrouter.io/priority": prio})
+                if st["error"]:
+                    raise RuntimeError(st["error"])
+            threads = [threading.Thread(target=measure_flow, args=(pod.host, lab.sink, SINK_ADDR, seconds + 3,
+                                                                   5501 + i))
+                       for i, pod in enumerate(pods.values())]
+            for t in threads:
+                t.start()
+            time.sleep(2.5)
+
+            def sent() -> dict[str, int]:
+                status = mgr.status()
+                return {prio: status[pod.name]["egress"]["sent_bytes"] for prio, pod in pods.items()}
+
+            b0, t0 = sent(), time.monotonic()
+            lat = _latency(lab, pods["guaranteed"], seconds, pings, 5410)
+            b1, t1 = sent(), time.monotonic()
+            for t in threads:
+                t.join(timeout=seconds + 60)
+            rates = {p: round((b1[p] - b0[p]) * 8 / (t1 - t0)) for p in shares}
+            return {
+                "budget_bps": budget, "shares_pct": shares, "seconds": round(t1 - t0, 1),
+                "rates_bps": rates,
+                "share_of_budget_pct": {p: round(r / budget * 100, 1) for p, r in rates.items()},
+                **{f"guaranteed_{k}": v for k, v in _stats("ping", lat["ping"]).items()},
+                **{f"guaranteed_{k}": v for k, v in _stats("rr", lat.get("rr", [])).items()},
+            }
+        finally:
+            mgr.close()
+
+
+def _ratio(ours: float, ref: float) -> str:
+    if not ref or ours != ours or ref != ref:
+        return "n/a"
+    r = ours / ref
+    return f"{r:.2f}x" + (" (worse)" if r > 1 else "")
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    seconds = 2 if quick else 10
-    pings = 25 if quick else 150
-    rows = [
-        _one(impl, direction, rate, seconds, pings)
-        for rate in RATES for direction in DIRECTIONS for impl in IMPLS
-    ]
+    durations = [2] if quick else [10, 60]
+    rows = []
+    for seconds in durations:
+        pings = 25 if quick else int((seconds - 2.5) * 20)
+        rows += [
+            _one(impl, direction, rate, seconds, pings)
+            for rate in RATES for direction in DIRECTIONS for impl in IMPLS
+        ]
     summary = []
-    for rate in RATES:
-        for direction in DIRECTIONS:
-            by_impl = {r["impl"]: r for r in rows if (r["rate"], r["direction"]) == (rate, direction)}
-            ours, ref = by_impl["podrouter"], by_impl["reference"]
-            summary.append({
-                "rate": rate, "direction": direction,
-                "podrouter_error_pct": ours["error_pct"], "reference_error_pct": ref["error_pct"],
-                "accuracy_at_least_as_good": abs(ours["error_pct"]) <= max(abs(ref["error_pct"]), 1.0),
-                "p99_ratio": (round(ref["ping_p99_ms"] / ours["ping_p99_ms"], 1)
-                              if ours["ping_p99_ms"] else None),
-            })
-    return {
+    for seconds in durations:
+        for rate in RATES:
+            for direction in DIRECTIONS:
+                by_impl = {r["impl"]: r for r in rows if (r["rate"], r["direction"], r["seconds"]) ==
+                           (rate, direction, seconds)}
+                ours, ref = by_impl["podrouter"], by_impl["reference"]
+                summary.append({
+                    "seconds": seconds, "rate": rate, "direction": direction,
+                    "podrouter_error_pct": ours["error_pct"], "reference_error_pct": ref["error_pct"],
+                    "accuracy_at_least_as_good": abs(ours["error_pct"]) <= max(abs(ref["error_pct"]), 1.0),
+                    "ping_p99_ratio": _ratio(ours["ping_p99_ms"], ref["ping_p99_ms"]),
+                    "rr_p99_ratio": _ratio(ours["rr_p99_ms"], ref["rr_p99_ms"]),
+                    "flow_rtt_ratio": _ratio(ours["flow_rtt_ms"], ref["flow_rtt_ms"]),
+                    "retransmits": f"{ours['retransmits']} vs {ref['retransmits']}",
+                })
+    report: dict[str, Any] = {
         "benchmark": "qos",
         "quick": quick,
-        "seconds_per_measurement": seconds,
+        "seconds_per_measurement": durations,
         "command": "python bench/qos_bench.py" + (" --quick" if quick else ""),
         "goodput_per_frame": GOODPUT_PER_FRAME,
+        "load_before": os.getloadavg(),
         "results": rows,
         "summary": summary,
     }
+    report["priorities"] = _priorities(4 if quick else 60, 25 if quick else 1150)
+    report["load_after"] = os.getloadavg()
+    return report
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"{'rate':>5} {'dir':>7} {'impl':>9} {'goodput':>12} {'error':>7} "
-             f"{'p50 ms':>8} {'p99 ms':>8} {'pings':>6}"]
+    lines = [f"load average before {report['load_before'][0]:.1f}, after {report['load_after'][0]:.1f}", "",
+             f"{'s':>3} {'rate':>5} {'dir':>7} {'impl':>9} {'goodput':>10} {'error':>7} "
+             f"{'ping p50/p99 ms':>17} {'rr p50/p99 ms':>15} {'flow rtt':>8} {'retx':>6} {'CE pkts':>8}"]
     for r in report["results"]:
         lines.append(
-            f"{r['rate']:>5} {r['direction']:>7} {r['impl']:>9} {r['goodput_bps'] / 1e6:>9.2f} M "
-            f"{r['error_pct']:>+6.2f}% {r['ping_p50_ms']:>8.3f} {r['ping_p99_ms']:>8.3f} "
-            f"{r['ping_received']:>3}/{r['ping_sent']}"
+            f"{r['seconds']:>3} {r['rate']:>5} {r['direction']:>7} {r['impl']:>9} "
+            f"{r['goodput_bps'] / 1e6:>8.2f} M "
+            f"{r['error_pct']:>+6.2f}% {r['ping_p50_ms']:>8.3f}/{r['ping_p99_ms']:<8.3f} "
+            f"{r['rr_p50_ms']:>7.3f}/{r['rr_p99_ms']:<7.3f} {r['flow_rtt_ms']:>8.2f} {r['retransmits']:>6} "
+            f"{r['ce_packets']:>8}"
         )
     lines.append("")
+    lines.append("podrouter / reference (below 1 is better):")
     for s in report["summary"]:
         lines.append(
-            f"{s['rate']:>5} {s['direction']:>7}: error {s['podrouter_error_pct']:+.2f}% "
-            f"vs {s['reference_error_pct']:+.2f}%"
-            f" ({'ok' if s['accuracy_at_least_as_good'] else 'WORSE'}), p99 {s['p99_ratio']}x lower"
+            f"{s['seconds']:>3}s {s['rate']:>5} {s['direction']:>7}: error {s['podrouter_error_pct']:+.2f}% "
+            f"vs {s['reference_error_pct']:+.2f}% ({'ok' if s['accuracy_at_least_as_good'] else 'worse'}), "
+            f"ping p99 {s['ping_p99_ratio']}, rr p99 {s['rr_p99_ratio']}, flow rtt {s['flow_rtt_ratio']}, "
+            f"retransmits {s['retransmits']}"
         )
+    p = report["priorities"]
+    lines.append("")
+    lines.append(
+        f"priorities over {p['seconds']} s, budget {p['budget_bps'] / 1e6:g}M, shares {p['shares_pct']}: "
+        f"got {p['share_of_budget_pct']} % of the budget; guaranteed pod ping p50/p99 "
+        f"{p['guaranteed_ping_p50_ms']}/{p['guaranteed_ping_p99_ms']} ms, rr "
+        f"{p['guaranteed_rr_p50_ms']}/{p['guaranteed_rr_p99_ms']} ms"
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 s measurements instead of 10 s")
+    ap.add_argument("--quick", action="store_true", help="2 s measurements instead of 10 s and 60 s")
     ap.add_argument("--json", type=Path, help="also write the report here")
     args = ap.parse_args()
     report = run(quick=args.quick)

@@ -161,6 +161,63 @@ def ping_rtts(host: Host, dst: str, count: int, interval: float = 0.05) -> list[
     return [float(m) for m in re.findall(r"time=([0-9.]+) ms", out)]
 
 
+_RR_SERVER = """
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(1)
+print("ready", flush=True)
+c, _ = s.accept()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while True:
+    d = c.recv(4096)
+    if not d:
+        break
+    c.sendall(d)
+"""
+
+_RR_CLIENT = """
+import json, socket, sys, time
+dst, port, count, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+c = socket.create_connection((dst, port), timeout=5)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+out = []
+for _ in range(count):
+    t = time.perf_counter()
+    c.sendall(b"q" * 64)
+    got = 0
+    while got < 64:
+        d = c.recv(64 - got)
+        if not d:
+            break
+        got += len(d)
+    out.append((time.perf_counter() - t) * 1000)
+    time.sleep(interval)
+print(json.dumps(out))
+"""
+
+
+def rr_latencies(client: Host, server: Host, dst: str, count: int, interval: float = 0.05,
+                 port: int = 5400) -> list[float]:
+    """Latencies in ms of `count` small TCP request/responses (64 bytes each way, TCP_NODELAY) on
+    one connection from `client` to an echo server on `server`."""
+    srv = server.popen(["python3", "-c", _RR_SERVER, str(port)])
+    try:
+        assert srv.stdout is not None
+        srv.stdout.readline()  # "ready"
+        out = client.run(["python3", "-c", _RR_CLIENT, dst, str(port), str(count), str(interval)],
+                         check=False, timeout=count * (interval + 2) + 30)
+        try:
+            return [float(x) for x in json.loads(out.strip().splitlines()[-1])]
+        except (ValueError, IndexError):
+            return []
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+        srv.wait()
+
+
 def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")

@@ -37,9 +37,9 @@ INGRESS = "kubernetes.io/ingress-bandwidth"
 
 
 def bound_bytes(rate_bps: int) -> int:
-    """The queue bound docs/qos.md promises for a pod's bulk leaf: its limit for max_queue_delay,
-    but never less than two GSO super-packets."""
-    return int(max(rate_bps / 8 * MAX_QUEUE_DELAY, 2 * GSO_MAX))
+    """The queue bound docs/qos.md promises for a pod's bulk leaf: its limit for twice max_queue_delay
+    (congestion avoidance keeps the standing queue near one), never less than two GSO super-packets."""
+    return int(max(rate_bps / 8 * MAX_QUEUE_DELAY * 2, 2 * GSO_MAX))
 
 
 @pytest.fixture

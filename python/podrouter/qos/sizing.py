@@ -13,7 +13,7 @@ Rules, for a class whose ceiling is R bytes/s (R = bits / 8):
   earned while the timer was late are capped at the bucket, so a bucket shorter than the timer slack
   would lose rate. 1 ms at R covers that with margin and keeps the overshoot after idle to 1 ms of
   traffic; two frames is the floor so a full-size frame always fits.
-- queue (the leaf bfifo / TBF limit, bytes) = max(R * max_queue_delay, 2 * gso_frame) for the
+- queue (the leaf bfifo / TBF limit, bytes) = max(2 * R * max_queue_delay, 2 * gso_frame) for the
   egress leaf, where gso_frame = 64 KiB is the largest GSO super-packet a veth hands over (HTB cannot
   segment, so a queue smaller than one super-packet would drop it whole). For ingress TBF segments
   GSO packets bigger than its bucket (tbf_segment), so its queue is max(R * max_queue_delay, 4 * frame).
@@ -69,13 +69,17 @@ def htb_class(rate_bps: int, ceil_bps: int, cfg: BandwidthConfig) -> ClassSizing
 
 
 QUEUE_MIN_FRAMES = 3
+# The bulk queue holds twice max_queue_delay: congestion avoidance (bpf.py) marks or drops from
+# max_queue_delay on, so TCP keeps a standing queue near it, and the second half absorbs the bursts
+# (GSO super-packets, a window's worth after a mark) that would otherwise be tail-dropped.
+QUEUE_LIMIT_TARGETS = 2
 
 
 def egress_queue_bytes(ceil_bps: int, cfg: BandwidthConfig, segmented: bool = True) -> int:
     """Bulk queue: must take a whole GSO burst (a sender's TCP hands the veth 64 KiB at once when
     its min RTT is below 512 us, tcp_tso_autosize) plus what is already queued, else TCP loses most
     of every burst; so at least two super-packets whatever the rate."""
-    return int(max(ceil_bps / 8 * cfg.max_queue_delay_s, 2 * GSO_MAX))
+    return int(max(ceil_bps / 8 * cfg.max_queue_delay_s * QUEUE_LIMIT_TARGETS, 2 * GSO_MAX))
 
 
 def ingress_queue_bytes(rate_bps: int, cfg: BandwidthConfig) -> int:
