@@ -262,12 +262,18 @@ def test_dscp_marking_of_pod_egress(lab: Lab, mgr: BandwidthManager) -> None:
     assert any("tos 0x0," in ln for ln in lines) and not any("tos 0x48" in ln for ln in lines), lines
 
 
-def test_shaped_pod_keeps_low_latency_at_its_limit(lab: Lab, mgr: BandwidthManager) -> None:
-    """A pod saturating its own 10M egress still pings with small RTT: small packets take the pod's
-    interactive leaf and never wait behind its bulk queue."""
+@pytest.mark.parametrize("direction", ["egress", "ingress"])
+def test_shaped_pod_keeps_low_latency_at_its_limit(lab: Lab, mgr: BandwidthManager, direction: str) -> None:
+    """A pod saturating its own 10M limit still pings with small RTT: small packets take the pod's
+    interactive leaf and never wait behind its bulk queue. 20 pings a second is more than the 8 kbit/s
+    the interactive leaf once had as its own rate (issue 16: it then waited seconds behind the bulk
+    leaf, which spent the parent's tokens at HTB level 0)."""
     pa = lab.pods["pa"]
-    mgr.apply("pa", pa.host_interface, pa.ip, {EGRESS: "10M"})
-    t = threading.Thread(target=lambda: measure(pa.host, lab.sink, SINK_ADDR, 6, 5321))
+    mgr.apply("pa", pa.host_interface, pa.ip, {EGRESS if direction == "egress" else INGRESS: "10M"})
+    if direction == "egress":
+        t = threading.Thread(target=lambda: measure(pa.host, lab.sink, SINK_ADDR, 6, 5321))
+    else:
+        t = threading.Thread(target=lambda: measure(lab.sink, pa.host, pa.ip, 6, 5322))
     t.start()
     try:
         time.sleep(2)

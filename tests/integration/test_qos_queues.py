@@ -37,9 +37,10 @@ INGRESS = "kubernetes.io/ingress-bandwidth"
 
 
 def bound_bytes(rate_bps: int) -> int:
-    """The queue bound docs/qos.md promises for a pod's bulk leaf: its limit for twice max_queue_delay
-    (congestion avoidance keeps the standing queue near one), never less than two GSO super-packets."""
-    return int(max(rate_bps / 8 * MAX_QUEUE_DELAY * 2, 2 * GSO_MAX))
+    """The queue bound docs/qos.md promises for a pod's bulk leaf: its limit for max_queue_delay (the
+    congestion-avoidance target) plus as much again, at least two GSO super-packets, as headroom."""
+    target = rate_bps / 8 * MAX_QUEUE_DELAY
+    return int(target + max(target, 2 * GSO_MAX))
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ def test_congestion_avoidance_key_is_a_boolean() -> None:
     assert problems == ["bandwidth.congestion_avoidance: 'yes' is not a boolean"]
 
 
-def test_bulk_queue_is_twice_the_target_with_a_two_gso_floor() -> None:
+def test_bulk_queue_is_the_target_plus_headroom_of_at_least_two_gso() -> None:
     cfg = BandwidthConfig()  # max_queue_delay 5 ms
-    assert sizing.egress_queue_bytes(10_000_000, cfg) == 2 * 65536
+    assert sizing.egress_queue_bytes(10_000_000, cfg) == 6250 + 2 * 65536
+    assert sizing.egress_queue_bytes(100_000_000, cfg) == 62500 + 2 * 65536
     assert sizing.egress_queue_bytes(1_000_000_000, cfg) == 1_250_000
     assert sizing.egress_queue_bytes(10_000_000_000, cfg) == 12_500_000
 

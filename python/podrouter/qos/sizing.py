@@ -13,7 +13,8 @@ Rules, for a class whose ceiling is R bytes/s (R = bits / 8):
   earned while the timer was late are capped at the bucket, so a bucket shorter than the timer slack
   would lose rate. 1 ms at R covers that with margin and keeps the overshoot after idle to 1 ms of
   traffic; two frames is the floor so a full-size frame always fits.
-- queue (the leaf bfifo / TBF limit, bytes) = max(2 * R * max_queue_delay, 2 * gso_frame) for the
+- queue (the leaf bfifo / TBF limit, bytes) = R * max_queue_delay + max(R * max_queue_delay,
+  2 * gso_frame) for the
   egress leaf, where gso_frame = 64 KiB is the largest GSO super-packet a veth hands over (HTB cannot
   segment, so a queue smaller than one super-packet would drop it whole). For ingress TBF segments
   GSO packets bigger than its bucket (tbf_segment), so its queue is max(R * max_queue_delay, 4 * frame).
@@ -69,9 +70,11 @@ def htb_class(rate_bps: int, ceil_bps: int, cfg: BandwidthConfig) -> ClassSizing
 
 
 QUEUE_MIN_FRAMES = 3
-# The bulk queue holds twice max_queue_delay: congestion avoidance (bpf.py) marks or drops from
-# max_queue_delay on, so TCP keeps a standing queue near it, and the second half absorbs the bursts
-# (GSO super-packets, a window's worth after a mark) that would otherwise be tail-dropped.
+# The bulk queue holds max_queue_delay plus headroom: congestion avoidance (bpf.py) marks or drops
+# from max_queue_delay on, so TCP keeps a standing queue near it, and the headroom (another
+# max_queue_delay, at least two GSO super-packets) absorbs the bursts that arrive before the sender
+# has reacted. With the headroom only max(2 x target, 2 GSO), a 100M flow lost ~1000 segments a
+# second to tail drops (target 62.5 KB + one 64 KiB burst filled the 128 KiB queue).
 QUEUE_LIMIT_TARGETS = 2
 
 
@@ -79,7 +82,8 @@ def egress_queue_bytes(ceil_bps: int, cfg: BandwidthConfig, segmented: bool = Tr
     """Bulk queue: must take a whole GSO burst (a sender's TCP hands the veth 64 KiB at once when
     its min RTT is below 512 us, tcp_tso_autosize) plus what is already queued, else TCP loses most
     of every burst; so at least two super-packets whatever the rate."""
-    return int(max(ceil_bps / 8 * cfg.max_queue_delay_s * QUEUE_LIMIT_TARGETS, 2 * GSO_MAX))
+    target = ceil_bps / 8 * cfg.max_queue_delay_s
+    return int(max(target * QUEUE_LIMIT_TARGETS, target + 2 * GSO_MAX))
 
 
 def ingress_queue_bytes(rate_bps: int, cfg: BandwidthConfig) -> int:
