@@ -346,8 +346,13 @@ pub enum DropReason {
     NeighborUnresolved,
     /// No free masquerade port for this remote endpoint, or the table is full.
     NatExhausted,
-    /// A packet to the masquerade address that matches no translation.
+    /// A packet to the masquerade address that matches no translation, or a pod packet of an
+    /// unknown flow that cannot open one (a TCP segment other than a SYN, an RST).
     NatNoMapping,
+    /// The pod already holds `masquerade.max_entries_per_pod` translations.
+    NatPodLimit,
+    /// A reply RST whose sequence number is outside the connection's window (RFC 5961 §3).
+    NatRstOutOfWindow,
     /// TTL / hop limit would reach zero.
     TtlExceeded,
     /// Well formed but not something podrouter handles (protocol, fragment through NAT, ...).
@@ -356,7 +361,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in declaration order (the I/O layer keeps one counter per entry).
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::NoRoute,
         DropReason::Malformed,
         DropReason::Truncated,
@@ -376,6 +381,8 @@ impl DropReason {
         DropReason::NeighborUnresolved,
         DropReason::NatExhausted,
         DropReason::NatNoMapping,
+        DropReason::NatPodLimit,
+        DropReason::NatRstOutOfWindow,
         DropReason::TtlExceeded,
         DropReason::Unsupported,
     ];
@@ -402,6 +409,8 @@ impl DropReason {
             DropReason::NeighborUnresolved => "neighbor_unresolved",
             DropReason::NatExhausted => "nat_exhausted",
             DropReason::NatNoMapping => "nat_no_mapping",
+            DropReason::NatPodLimit => "nat_pod_limit",
+            DropReason::NatRstOutOfWindow => "nat_rst_out_of_window",
             DropReason::TtlExceeded => "ttl_exceeded",
             DropReason::Unsupported => "unsupported",
         }
