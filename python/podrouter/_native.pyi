@@ -93,7 +93,8 @@ class Datapath:
     def counters(self) -> dict[str, Any]:
         """``{"packets": {"vxlan/egress": n, ... every path/direction}, "bytes": {...},
         "drops": {reason: n, ... every reason, incl. "tx_error"}, "nat_entries": n,
-        "nat_alloc_failures": n, "table_generation": n, "workers": n,
+        "nat_alloc_failures": n, "nat_evictions": n, "nat_pod_limit_drops": {"pod ip": n, ... at most
+        32, the highest}, "nat_pod_limit_drops_other": n, "table_generation": n, "workers": n,
         "offload": {"tun": ["csum", "tso4", ...], "udp_gso": bool, "udp_gro": bool,
         "packet_vnet_hdr": bool, "tun_reads": n, "tun_gso_reads": n, "tun_writes": n,
         "tun_gso_writes": n, "tun_coalesced_segments": n, "udp_rx_messages": n,

@@ -183,7 +183,10 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  {key}: {items or '-'}")
     drops = ", ".join(f"{k}={v}" for k, v in sorted((c.get("drops") or {}).items()) if v)
     lines.append(f"  drops: {drops or '-'}")
-    lines.append(f"  nat entries: {c.get('nat_entries', 0)}")
+    lines.append(f"  nat entries: {c.get('nat_entries', 0)}, evicted: {c.get('nat_evictions', 0)}")
+    capped = ", ".join(f"{k}={v}" for k, v in sorted((c.get("nat_pod_limit_drops") or {}).items()) if v)
+    if capped:
+        lines.append(f"  nat pod limit drops: {capped}")
     return "\n".join(lines)
 
 

@@ -96,6 +96,14 @@ NAT_TIMEOUTS = (
 )
 NAT_TIMEOUT_MAX = 366 * 86400
 NAT_MAX_ENTRIES = 1 << 26  # the datapath's bound (about 100 bytes per entry)
+NAT_DEFAULT_MAX_ENTRIES = 1 << 20  # the datapath's default
+
+
+def default_max_entries_per_pod(max_entries: int) -> int:
+    """`masquerade.max_entries_per_pod` when unset: an eighth of the table (at least eight pods can
+    be at their cap at once and the table still has room), at least 64, at most the table. The
+    datapath computes the same (core `NatConfig::default_per_pod`)."""
+    return min(max(max_entries // 8, 64), max_entries)
 
 
 @dataclass(frozen=True)
@@ -105,13 +113,23 @@ class MasqueradeConfig:
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
     timeouts: Mapping[str, int] = field(default_factory=dict)  # only the ones set; others: defaults
     max_entries: int | None = None
+    max_entries_per_pod: int | None = None
 
     def nat_config(self) -> dict[str, int]:
-        """The datapath's `nat` config (only what the config sets)."""
+        """The datapath's `nat` config (only what the config sets; the datapath derives the per-pod
+        cap from `max_entries` when it is not set, see `default_max_entries_per_pod`)."""
         out = dict(self.timeouts)
         if self.max_entries is not None:
             out["max_entries"] = self.max_entries
+        if self.max_entries_per_pod is not None:
+            out["max_entries_per_pod"] = self.max_entries_per_pod
         return out
+
+    def effective_max_entries_per_pod(self) -> int:
+        """The per-pod cap in force."""
+        if self.max_entries_per_pod is not None:
+            return self.max_entries_per_pod
+        return default_max_entries_per_pod(self.max_entries or NAT_DEFAULT_MAX_ENTRIES)
 
 
 @dataclass(frozen=True)
@@ -602,7 +620,9 @@ class _Validator:
 
     def masquerade(self, value: Any) -> MasqueradeConfig | None:
         m = self.mapping(
-            "masquerade", value, ("enabled", "non_masquerade_cidrs", "port_range", "timeouts", "max_entries")
+            "masquerade",
+            value,
+            ("enabled", "non_masquerade_cidrs", "port_range", "timeouts", "max_entries", "max_entries_per_pod"),
         )
         if m is None:
             return None
@@ -630,6 +650,12 @@ class _Validator:
             max_entries = self.integer("masquerade.max_entries", m["max_entries"], 1, NAT_MAX_ENTRIES)
             if max_entries is None:
                 return None
+        per_pod = None
+        if m.get("max_entries_per_pod") is not None:
+            table = max_entries or NAT_DEFAULT_MAX_ENTRIES
+            per_pod = self.integer("masquerade.max_entries_per_pod", m["max_entries_per_pod"], 1, table)
+            if per_pod is None:
+                return None
         if enabled is None or nonmasq is None or rng is None or timeouts is None:
             return None
         return MasqueradeConfig(
@@ -638,6 +664,7 @@ class _Validator:
             port_range=rng,
             timeouts=timeouts,
             max_entries=max_entries,
+            max_entries_per_pod=per_pod,
         )
 
     def peer(self, path: str, value: Any) -> PeerConfig | None:

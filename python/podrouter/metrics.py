@@ -71,6 +71,21 @@ class PodrouterCollector:
             drops.add_metric([reason], float(n))
         nat = GaugeMetricFamily("podrouter_nat_entries", "Live masquerade (SNAT) connection entries.")
         nat.add_metric([], float(counters.get("nat_entries", 0) or 0))
+        evictions = CounterMetricFamily(
+            "podrouter_nat_evictions",
+            "Masquerade entries that never saw a reply, evicted because the table was full.",
+        )
+        evictions.add_metric([], float(counters.get("nat_evictions", 0) or 0))
+        # Bounded label set: the datapath names at most 32 pod addresses (the highest counts) and
+        # sums the rest under pod="other".
+        pod_limit = CounterMetricFamily(
+            "podrouter_nat_pod_limit_drops",
+            "New masquerade flows refused because the pod held masquerade.max_entries_per_pod entries.",
+            labels=["pod"],
+        )
+        for pod, n in sorted((counters.get("nat_pod_limit_drops") or {}).items()):
+            pod_limit.add_metric([pod], float(n))
+        pod_limit.add_metric(["other"], float(counters.get("nat_pod_limit_drops_other", 0) or 0))
         peer_g = GaugeMetricFamily("podrouter_peers", "Peer nodes currently known.")
         peer_g.add_metric([], float(peers))
         rate = GaugeMetricFamily(
@@ -83,7 +98,7 @@ class PodrouterCollector:
                 rate.add_metric([pod], float(bits))
         gen = GaugeMetricFamily("podrouter_table_generation", "Generation of the tables the datapath runs.")
         gen.add_metric([], float(counters.get("table_generation", 0) or 0))
-        yield from (packets, nbytes, drops, nat, peer_g, rate, gen)
+        yield from (packets, nbytes, drops, nat, evictions, pod_limit, peer_g, rate, gen)
 
 
 class MetricsServer:

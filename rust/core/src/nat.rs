@@ -447,6 +447,12 @@ impl Default for NatConfig {
 }
 
 impl NatConfig {
+    /// The per-pod cap used when only `max_entries` is configured: an eighth of the table (so at
+    /// least eight pods can be at their cap together), at least 64, at most the table.
+    pub fn default_per_pod(max_entries: usize) -> usize {
+        (max_entries / 8).max(64).min(max_entries)
+    }
+
     /// The timeout of `state`.
     pub fn timeout(&self, state: NatState) -> u32 {
         match state {

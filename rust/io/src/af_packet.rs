@@ -173,14 +173,15 @@ impl PacketSocket {
     /// Reads one packet (vnet header first when enabled) without blocking.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-        sys::cvt_size(unsafe {
+        let ret = unsafe {
             libc::recv(
                 self.fd.as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 libc::MSG_DONTWAIT,
             )
-        })
+        };
+        sys::cvt_read(ret, buf.len())
     }
 }
 

@@ -19,4 +19,4 @@ pub mod udp;
 pub mod vnet;
 pub mod worker;
 
-pub use worker::{drop_reason_names, Engine, EngineConfig, OffloadInfo};
+pub use worker::{drop_reason_names, Engine, EngineConfig, NatPressure, OffloadInfo};

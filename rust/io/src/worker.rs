@@ -146,6 +146,12 @@ impl EngineConfig {
                 n.max_entries
             ));
         }
+        if n.max_entries_per_pod == 0 || n.max_entries_per_pod > n.max_entries {
+            return Err(format!(
+                "nat.max_entries_per_pod: {} is not in 1..={} (nat.max_entries)",
+                n.max_entries_per_pod, n.max_entries
+            ));
+        }
         for (key, t) in [
             ("tcp_syn_sent", n.tcp_syn_sent),
             ("tcp_established", n.tcp_established),
@@ -163,6 +169,14 @@ impl EngineConfig {
         }
         Ok(())
     }
+}
+
+/// See [`Engine::nat_pressure`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatPressure {
+    pub evictions: u64,
+    pub pod_limit_drops: Vec<(Ipv4Addr, u64)>,
+    pub pod_limit_other: u64,
 }
 
 /// Upper bound on `nat.max_entries` (the table costs about 100 bytes per entry).
@@ -202,10 +216,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Creates the TUN device (so the control plane can configure it before `start`).
-    pub fn new(cfg: EngineConfig) -> io::Result<Engine> {
+    /// Creates the TUN device (so the control plane can configure it before `start`). The NAT
+    /// hash seed in `cfg.nat` is replaced by a random one (per process: node ports must not be
+    /// predictable, nor flows choosable to collide in the table).
+    pub fn new(mut cfg: EngineConfig) -> io::Result<Engine> {
         cfg.validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        cfg.nat.seed = crate::sys::random_u64()?;
         let tun = Tun::open(&TunOptions {
             name: cfg.tun_name.clone(),
             queues: cfg.workers,
@@ -416,6 +433,21 @@ impl Engine {
     /// Live masquerade entries (`podrouter_nat_entries`).
     pub fn nat_entries(&self) -> usize {
         self.nat.lock().map_or(0, |n| n.len())
+    }
+
+    /// Masquerade pressure figures for `counters()`: entries evicted from a full table, and new
+    /// flows refused at the per-pod cap, per pod address (highest first, at most `top`) plus the
+    /// sum over all other pods.
+    pub fn nat_pressure(&self, top: usize) -> NatPressure {
+        let nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut pods, mut other) = nat.pod_limit_drops();
+        other += pods.iter().skip(top).map(|p| p.1).sum::<u64>();
+        pods.truncate(top);
+        NatPressure {
+            evictions: nat.evictions(),
+            pod_limit_drops: pods,
+            pod_limit_other: other,
+        }
     }
 
     pub fn offload(&self) -> &OffloadInfo {
@@ -696,6 +728,10 @@ impl Worker {
                     n += 1;
                 }
                 Ok(_) => c.drop_packets(DropReason::Truncated.index(), 1),
+                // A length beyond the buffer (sys::cvt_read): count, drop, keep reading.
+                Err(e) if crate::sys::is_overlong_read(&e) => {
+                    c.drop_packets(DropReason::Truncated.index(), 1)
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break, // drained
                 Err(_) => {
@@ -1192,6 +1228,11 @@ impl Worker {
             let len = match sock.recv(&mut slot.buf[at..]) {
                 Ok(len) if len >= HEADROOM - at => len - (HEADROOM - at),
                 Ok(_) => {
+                    n += 1;
+                    c.drop_packets(DropReason::Truncated.index(), 1);
+                    continue;
+                }
+                Err(e) if crate::sys::is_overlong_read(&e) => {
                     n += 1;
                     c.drop_packets(DropReason::Truncated.index(), 1);
                     continue;

@@ -529,6 +529,7 @@ fn nat_config(r: Option<Reader<'_>>, d: NatConfig) -> PyResult<NatConfig> {
     };
     r.only(&[
         "max_entries",
+        "max_entries_per_pod",
         "tcp_syn_sent",
         "tcp_established",
         "tcp_fin_wait",
@@ -538,8 +539,13 @@ fn nat_config(r: Option<Reader<'_>>, d: NatConfig) -> PyResult<NatConfig> {
         "udp_assured",
         "icmp",
     ])?;
+    let max_entries = r.int_or("max_entries", d.max_entries)?;
     Ok(NatConfig {
-        max_entries: r.int_or("max_entries", d.max_entries)?,
+        max_entries,
+        max_entries_per_pod: r.int_or(
+            "max_entries_per_pod",
+            NatConfig::default_per_pod(max_entries),
+        )?,
         tcp_syn_sent: r.int_or("tcp_syn_sent", d.tcp_syn_sent)?,
         tcp_established: r.int_or("tcp_established", d.tcp_established)?,
         tcp_fin_wait: r.int_or("tcp_fin_wait", d.tcp_fin_wait)?,
@@ -551,6 +557,10 @@ fn nat_config(r: Option<Reader<'_>>, d: NatConfig) -> PyResult<NatConfig> {
         ..d
     })
 }
+
+/// Pod addresses `counters()["nat_pod_limit_drops"]` names (the highest counts); the rest are
+/// summed in `nat_pod_limit_drops_other`, so the metric's label set stays bounded.
+const NAT_POD_LIMIT_TOP: usize = 32;
 
 fn os_err(what: &str, e: std::io::Error) -> PyErr {
     PyOSError::new_err((e.raw_os_error().unwrap_or(0), format!("{what}: {e}")))
@@ -621,7 +631,7 @@ impl Datapath {
     }
 
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (snap, off, gen, workers, nat) = py
+        let (snap, off, gen, workers, nat, pressure) = py
             .allow_threads(|| {
                 let g = self.lock();
                 g.as_ref().map(|e| {
@@ -632,6 +642,7 @@ impl Datapath {
                         gen,
                         e.config().workers,
                         e.nat_entries(),
+                        e.nat_pressure(NAT_POD_LIMIT_TOP),
                     )
                 })
             })
@@ -681,6 +692,13 @@ impl Datapath {
             "nat_alloc_failures",
             snap.drops[DropReason::NatExhausted.index()],
         )?;
+        d.set_item("nat_evictions", pressure.evictions)?;
+        let pods = PyDict::new(py);
+        for (ip, n) in &pressure.pod_limit_drops {
+            pods.set_item(ip.to_string(), *n)?;
+        }
+        d.set_item("nat_pod_limit_drops", pods)?;
+        d.set_item("nat_pod_limit_drops_other", pressure.pod_limit_other)?;
         d.set_item("table_generation", gen)?;
         d.set_item("workers", workers)?;
         d.set_item("offload", offload)?;
