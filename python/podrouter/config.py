@@ -622,7 +622,14 @@ class _Validator:
         m = self.mapping(
             "masquerade",
             value,
-            ("enabled", "non_masquerade_cidrs", "port_range", "timeouts", "max_entries", "max_entries_per_pod"),
+            (
+                "enabled",
+                "non_masquerade_cidrs",
+                "port_range",
+                "timeouts",
+                "max_entries",
+                "max_entries_per_pod",
+            ),
         )
         if m is None:
             return None
