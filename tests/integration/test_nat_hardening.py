@@ -110,21 +110,24 @@ def test_a_pod_at_its_cap_leaves_room_for_another_pod(ref: ReferenceTopology, da
 
 
 def test_a_full_table_evicts_unanswered_entries(ref: ReferenceTopology, daemons: Daemons) -> None:
+    flooder2 = ref.add_pod("node1", "pod1c", "10.244.1.3")
     other = ref.add_pod("node1", "pod1b", "10.244.1.2")
-    # no per-pod cap in the way: the flooding pod may fill the whole table
+    # two flooding pods, each under its cap of 1500, fill the 2000-entry table together
     d = daemons.start(
-        ref.nodes["node1"], masq_config(ref, daemons, max_entries=2000, max_entries_per_pod=2000)
+        ref.nodes["node1"], masq_config(ref, daemons, max_entries=2000, max_entries_per_pod=1500)
     )
     start_server(ref.external)
-    assert run_in(ref.pods["pod1"].host, UDP_FLOOD).strip() == "sent"
-    wait_for(lambda: d.counters()["nat_evictions"] >= 1000, 30, what="evictions")
+    for flooder in (ref.pods["pod1"].host, flooder2.host):
+        assert run_in(flooder, UDP_FLOOD).strip() == "sent"
+    # pod1 holds 1500, pod1c 500 when the table is full; its next 1000 flows evict pod1's oldest
+    wait_for(lambda: d.counters()["nat_evictions"] >= 1000, 30, what="1000 evictions")
     c = d.counters()
-    assert c["nat_entries"] <= 2000 and c["drops"]["nat_pod_limit"] == 0, c
+    assert c["nat_entries"] <= 2000 and c["drops"]["nat_exhausted"] == 0, c
     out = in_pod(
         other.host, f'c, f, seen = connect("{EXT}", {PORT})\nprint(json.dumps([seen, ask(c, f, "echo hi")]))'
     )
     assert peer_of(out[0])[0] == NODE and out[1] == "hi", out
-    assert metric(metrics(ref.nodes["node1"]), "podrouter_nat_evictions") >= 1000
+    assert metric(metrics(ref.nodes["node1"]), "podrouter_nat_evictions") >= 1001
 
 
 # A server that answers "wait N" after N seconds of silence: the connection is idle meanwhile, and the
@@ -226,8 +229,9 @@ for seq in (x, (x + (1 << 31)) % (1 << 32)):
     finally:
         if client.poll() is None:
             client.kill()
-        client.wait(timeout=10)
+        client.communicate(timeout=10)  # reaps it and closes the pipes
         srv.terminate()
+        srv.wait(timeout=10)
 
 
 def test_node_ports_differ_between_daemon_processes(ref: ReferenceTopology, daemons: Daemons) -> None:
