@@ -1653,7 +1653,7 @@ mod tests {
         // A mapping that expired is gone: a mid-stream segment does not revive it.
         assert!(t.egress(&a, SYN, 0).is_ok());
         assert_eq!(t.egress(&a, ACK, 120), Err(NatError::NoMapping));
-        let b = flow(NatProto::Tcp, 40001, "203.0.113.1", 443);
+        // A SYN-SENT mapping lives 120 s.
         let b = flow(NatProto::Tcp, 40001, "203.0.113.1", 443);
         t.egress(&b, SYN, 0).unwrap();
         assert!(t.get(&b, 119).is_some());
@@ -1870,7 +1870,7 @@ mod tests {
             len,
         };
         let p = t.egress_seg(&a, &seg(SYN, 1000, 0, 0), 0).unwrap();
-        let mut reply = |t: &mut NatTable, s: Seg| t.ingress_seg(NatProto::Tcp, rip, 443, p, &s, 1);
+        let reply = |t: &mut NatTable, s: Seg| t.ingress_seg(NatProto::Tcp, rip, 443, p, &s, 1);
         // SYN-SENT: an RST must acknowledge the SYN (ack 1001).
         for bad in [
             seg(RST, 0, 0, 0),

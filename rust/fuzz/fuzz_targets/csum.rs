@@ -29,13 +29,17 @@ fuzz_target!(|data: &[u8]| {
     }
     parts.push(&data[at..]);
     assert!(common::same_sum(csum::sum_parts(&parts), want));
-    let halves = csum::add(csum::sum(&data[..data.len() / 2 & !1]), csum::sum(&data[data.len() / 2 & !1..]));
+    let halves = csum::add(
+        csum::sum(&data[..data.len() / 2 & !1]),
+        csum::sum(&data[data.len() / 2 & !1..]),
+    );
     assert!(common::same_sum(halves, want));
-    assert!(common::same_sum(
-        !csum::finish(csum::sum(data)),
-        want
-    ));
-    assert_ne!(csum::finish(csum::sum(data)), 0, "a computed zero is sent as 0xffff");
+    assert!(common::same_sum(!csum::finish(csum::sum(data)), want));
+    assert_ne!(
+        csum::finish(csum::sum(data)),
+        0,
+        "a computed zero is sent as 0xffff"
+    );
     if data.len() >= 40 {
         let (s4, d4) = (
             <[u8; 4]>::try_from(&data[0..4]).unwrap(),

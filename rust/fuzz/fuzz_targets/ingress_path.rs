@@ -101,9 +101,11 @@ fuzz_target!(|data: &[u8]| {
             bytes.to_vec()
         } else {
             let cont = match (&last_inner, mode & 0x80 != 0, bytes.split_first()) {
-                (Some(prev), true, Some((&f, payload))) => {
-                    common::continuation(prev, payload, [0x10, 0x18, 0x10, 0x11][usize::from(f) & 3])
-                }
+                (Some(prev), true, Some((&f, payload))) => common::continuation(
+                    prev,
+                    payload,
+                    [0x10, 0x18, 0x10, 0x11][usize::from(f) & 3],
+                ),
                 _ => None,
             };
             let mut inner = cont.unwrap_or_else(|| bytes.to_vec());

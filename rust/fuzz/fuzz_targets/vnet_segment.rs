@@ -84,7 +84,12 @@ fuzz_target!(|data: &[u8]| {
         hdr.gso_kind(),
         vnet::gso_type::TCPV4 | vnet::gso_type::TCPV6
     );
-    let hdrs = l4 + if tcp { usize::from(pkt[l4 + 12] >> 4) * 4 } else { 8 };
+    let hdrs = l4
+        + if tcp {
+            usize::from(pkt[l4 + 12] >> 4) * 4
+        } else {
+            8
+        };
     let mut payload = Vec::new();
     let mut wire = 0;
     let mut prev_end = 0;

@@ -68,7 +68,10 @@ pub fn expand(hdr: &[u8; VNET_HDR_LEN], pkt: &[u8], segments: usize) -> Vec<Vec<
         assert_eq!(h, VnetHdr::default());
         return vec![pkt.to_vec()];
     }
-    assert!(h.needs_csum(), "a merged packet leaves the checksum to the kernel");
+    assert!(
+        h.needs_csum(),
+        "a merged packet leaves the checksum to the kernel"
+    );
     assert!(segments > 1);
     let (n, _) = vnet::wire_size(pkt, &h);
     assert_eq!(n, segments, "wire_size agrees with the segment count");
@@ -154,7 +157,11 @@ pub fn coalesce_check(packets: &[Vec<u8>]) {
         g.offer(p, &mut sink);
     }
     g.flush(&mut sink);
-    assert_eq!(written.len(), packets.len(), "one wire packet per offered packet");
+    assert_eq!(
+        written.len(),
+        packets.len(),
+        "one wire packet per offered packet"
+    );
     // Per flow (TCP 4-tuple), the order is kept; non-TCP packets keep their bytes.
     let by_flow = |v: &[Vec<u8>]| {
         let mut m: std::collections::BTreeMap<Option<Vec<u8>>, Vec<Vec<u8>>> = Default::default();
@@ -171,4 +178,3 @@ pub fn coalesce_check(packets: &[Vec<u8>]) {
     }
     assert_eq!(a, b);
 }
-
