@@ -94,6 +94,8 @@ def test_start_install_status_metrics_and_sigterm_removes_everything(
         "podrouter_bytes",
         "podrouter_drops",
         "podrouter_nat_entries",
+        "podrouter_nat_evictions",
+        "podrouter_nat_pod_limit_drops",
         "podrouter_peers",
         "podrouter_pod_egress_rate_limit_bits",
         "podrouter_table_generation",
