@@ -813,6 +813,7 @@ class Daemon:
                 port_range=self.cfg.masquerade.port_range,
                 timeouts=self.cfg.masquerade.timeouts,
                 max_entries=self.cfg.masquerade.max_entries,
+                max_entries_per_pod=self.cfg.masquerade.max_entries_per_pod,
             ),
         )
         for w in new.warnings:
@@ -867,7 +868,7 @@ class Daemon:
         if new.masquerade.port_range != old.masquerade.port_range:
             out.append("masquerade.port_range")
         if new.masquerade.nat_config() != old.masquerade.nat_config():
-            out.append("masquerade.timeouts/max_entries")
+            out.append("masquerade.timeouts/max_entries/max_entries_per_pod")
         return out
 
     # ------------------------------------------------------------------------------------- pods
