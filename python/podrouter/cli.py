@@ -1,4 +1,4 @@
-"""The `podrouter` command line (DESIGN.md §5).
+"""The `podrouter` command line (docs/design.md §5).
 
 Exit statuses: 0 success; 1 failure (daemon unreachable or not ready, API error, datapath trouble);
 2 bad input (config problems, bad arguments) -- always before anything in the kernel was touched.

@@ -14,7 +14,7 @@ A container runtime runs it with the CNI_* environment variables and the network
 
 ADD: veth pair (host end `pr<hash of the container id>`, pod end CNI_IFNAME created directly inside
 CNI_NETNS, so no name ever clashes on the node); the address from the IPAM plugin (the reference
-`host-local`, run as a CNI plugin from CNI_PATH with this same config); the pod wired as DESIGN.md §4b
+`host-local`, run as a CNI plugin from CNI_PATH with this same config); the pod wired as docs/design.md §4b
 says (its address as /32, `default via 169.254.1.1 dev eth0 onlink`; on the node a /32 route to the
 host veth and proxy ARP on it); then the pod registered with the podrouter daemon over its unix
 socket (`{"op": "pod_add", ...}`), with the runtime's `runtimeConfig.bandwidth` turned into the
@@ -274,7 +274,7 @@ def _wire_node(host_if: str, ip: Any, mtu: int) -> tuple[int, str]:
         ipr.route("replace", dst=f"{ip}/{plen}", oif=idx)
         mac = str(ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS"))
     if ip.version == 4:
-        # the node answers ARP for 169.254.1.1 on this veth (DESIGN.md §4b)
+        # the node answers ARP for 169.254.1.1 on this veth (docs/design.md §4b)
         _sysctl(f"/proc/sys/net/ipv4/conf/{host_if}/proxy_arp", "1")
     else:
         _sysctl(f"/proc/sys/net/ipv6/conf/{host_if}/proxy_ndp", "1")

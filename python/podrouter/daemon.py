@@ -160,7 +160,7 @@ def plan_routes(
     for cidr in cfg.node.pod_cidrs:
         out.append(RoutePlan(cidr, "local", None, None, None))
     for pod in pods:
-        # DESIGN.md §4b: the pod's /32 (and, dual stack, its /128) to its veth
+        # docs/design.md §4b: the pod's /32 (and, dual stack, its /128) to its veth
         for addr in pod.addresses:
             out.append(RoutePlan(ipaddress.ip_network(addr), "pod", None, pod.name, pod.host_interface))
     return out
@@ -244,7 +244,7 @@ def read_local_port_range() -> tuple[int, int] | None:
 
 
 def port_range_problem(cfg: Config) -> str | None:
-    """DESIGN.md §3: the masquerade ports must never collide with the kernel's own ephemeral ports,
+    """docs/design.md §3: the masquerade ports must never collide with the kernel's own ephemeral ports,
     or a reply to a node-local connection could be taken for a masqueraded one (and vice versa)."""
     if not cfg.masquerade.enabled:
         return None
@@ -953,7 +953,7 @@ class Daemon:
     def _pod_sysctls(self, pod: PodConfig) -> None:
         ps = self.plumbing
         ifname = pod.host_interface
-        # DESIGN.md §4b: the pod's default gateway 169.254.1.1 exists nowhere; with proxy ARP the node
+        # docs/design.md §4b: the pod's default gateway 169.254.1.1 exists nowhere; with proxy ARP the node
         # answers the pod's ARP for it (the kernel does because 169.254.1.1 routes out another device)
         ps.set_sysctl(sysctl.conf(ifname, "proxy_arp"), 1)
         ps.set_sysctl(sysctl.conf(ifname, "forwarding"), 1)

@@ -166,7 +166,7 @@ def test_add_check_del(env: tuple[Lab, FakeDaemon, Path], topo: Topology) -> Non
     assert result["interfaces"][0]["name"] == host_if and result["interfaces"][1] == {
         "name": "eth0", "mac": result["interfaces"][1]["mac"], "sandbox": netns}
     assert result["ips"] == [{"address": "10.244.1.10/32", "gateway": "169.254.1.1", "interface": 1}]
-    # the pod side, DESIGN.md §4b
+    # the pod side, docs/design.md §4b
     assert "inet 10.244.1.10/32" in pod.ip("addr show dev eth0")
     default = [ln for ln in pod.ip("route show").splitlines() if ln.startswith("default")]
     assert len(default) == 1 and "via 169.254.1.1 dev eth0" in default[0] and "onlink" in default[0]
