@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   iproute2 iputils-ping tcpdump tshark iperf3 sockperf nftables ethtool procps
   etcd-server containernetworking-plugins
-  podman busybox-static prometheus
+  podman runc busybox-static prometheus
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -2,6 +2,8 @@
 
 Requests are one JSON object per line, `{"op": "status"}`, `{"op": "pod_add", "pod": {...}}`,
 `{"op": "pod_del", "name": "web"}`, `{"op": "pod_list"}`, `{"op": "explain", "src": ..., "dst": ...}`;
+the CNI plugin adds `"cni": {"container_id": ..., "netns": ..., "ifname": ...}` to pod_add and
+`"container_id"` to pod_del, which then removes the pod only if that container registered it;
 each gets one line back, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. A connection may carry
 any number of requests. The socket is created mode 0600 (only root may register pods) and removed
 when the daemon exits.
@@ -15,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import socketserver
 import threading
@@ -25,6 +28,34 @@ from typing import Any
 log = logging.getLogger("podrouter.api")
 
 MAX_LINE = 1 << 20  # a request larger than 1 MiB is not a pod registration
+
+
+_CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,255}\Z")
+_IFNAME = re.compile(r"[^/\s:]{1,15}\Z")
+
+
+def valid_container_id(value: Any) -> bool:
+    """CNI spec: CNI_CONTAINERID is alphanumeric with underscore, dot and hyphen, non-empty."""
+    return isinstance(value, str) and _CONTAINER_ID.match(value) is not None
+
+
+def cni_attachment(raw: Any) -> dict[str, str] | None:
+    """The `cni` object of a pod_add request, checked (it comes from a runtime): None if absent."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ApiError(f"cni: {str(raw)[:80]!r} is not an object")
+    unknown = sorted(set(raw) - {"container_id", "netns", "ifname"})
+    if unknown:
+        raise ApiError(f"cni.{unknown[0][:40]}: unknown key")
+    cid, netns, ifname = raw.get("container_id"), raw.get("netns", ""), raw.get("ifname", "")
+    if not valid_container_id(cid):
+        raise ApiError(f"cni.container_id: {str(cid)[:80]!r} is not a CNI container ID")
+    if not isinstance(netns, str) or len(netns) > 4096 or "\0" in netns:
+        raise ApiError(f"cni.netns: {str(netns)[:80]!r} is not a path")
+    if not isinstance(ifname, str) or (ifname and _IFNAME.match(ifname) is None):
+        raise ApiError(f"cni.ifname: {str(ifname)[:80]!r} is not an interface name")
+    return {"container_id": str(cid), "netns": netns, "ifname": ifname}
 
 
 class ApiError(Exception):
