@@ -63,14 +63,18 @@ class ApiError(Exception):
 
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+# A streaming op: called with the request and a `send(obj) -> bool` (False once the client is gone);
+# it owns the connection until it returns, then the connection is closed (podrouter.monitor).
+StreamHandler = Callable[[dict[str, Any], Callable[[dict[str, Any]], bool]], None]
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+    def __init__(self, path: str, handlers: dict[str, Handler], streams: dict[str, StreamHandler]) -> None:
         self.handlers = handlers
+        self.streams = streams
         super().__init__(path, _Conn, bind_and_activate=False)
 
 
@@ -90,7 +94,39 @@ class _Conn(socketserver.StreamRequestHandler):
                 return
             if not line.strip():
                 continue
+            stream = self._stream_for(line)
+            if stream is not None:
+                self._run_stream(*stream)
+                return
             self._send(self.dispatch(line))
+
+    def _stream_for(self, line: bytes) -> tuple[dict[str, Any], StreamHandler] | None:
+        if not self.server.streams:
+            return None
+        try:
+            req = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if isinstance(req, dict) and isinstance(req.get("op"), str) and req["op"] in self.server.streams:
+            return req, self.server.streams[req["op"]]
+        return None
+
+    def _run_stream(self, req: dict[str, Any], fn: StreamHandler) -> None:
+        def send(obj: dict[str, Any]) -> bool:
+            try:
+                self.wfile.write(json.dumps(obj, separators=(",", ":"), default=str).encode() + b"\n")
+                self.wfile.flush()
+            except OSError:
+                return False
+            return True
+
+        try:
+            fn(req, send)
+        except (ApiError, ValueError) as e:
+            send({"ok": False, "error": str(e)})
+        except Exception as e:  # noqa: BLE001 - a bad stream request must never kill the daemon
+            log.exception("API stream %s failed", req["op"])
+            send({"ok": False, "error": f"internal error: {e}"})
 
     def dispatch(self, line: bytes) -> dict[str, Any]:
         try:
@@ -101,7 +137,7 @@ class _Conn(socketserver.StreamRequestHandler):
             return {"ok": False, "error": "bad request: expected an object with a string 'op'"}
         handler = self.server.handlers.get(req["op"])
         if handler is None:
-            ops = ", ".join(sorted(self.server.handlers))
+            ops = ", ".join(sorted({*self.server.handlers, *self.server.streams}))
             return {"ok": False, "error": f"unknown op {req['op']!r} (ops: {ops})"}
         try:
             reply = handler(req)
@@ -119,13 +155,15 @@ class _Conn(socketserver.StreamRequestHandler):
 
 
 class ApiServer:
-    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+    def __init__(
+        self, path: str, handlers: dict[str, Handler], streams: dict[str, StreamHandler] | None = None
+    ) -> None:
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if os.path.exists(path) and not socket_in_use(path):
             # left by a daemon that was killed: nobody listens on it any more
             os.unlink(path)
-        self._server = _Server(path, handlers)
+        self._server = _Server(path, handlers, streams or {})
         # bind under a umask that makes the socket 0600 from its first moment: a chmod after bind()
         # would leave a window in which any local user could connect and register pods
         old = os.umask(0o177)

@@ -35,6 +35,8 @@ from podrouter import api as apimod
 from podrouter import config as configmod
 from podrouter import state as statefile
 from podrouter.config import Config, IPNetwork, PeerConfig, PodConfig, vtep_mac_of
+from podrouter.monitor import MonitorHub
+from podrouter.monitor import stream as monitor_stream
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import (
     ENCAP_OVERHEAD,
@@ -304,6 +306,7 @@ class Daemon:
         self.discovery: Any = None
         self.bandwidth: Any = None
         self.api: apimod.ApiServer | None = None
+        self.monitor: MonitorHub | None = None
         self.metrics: Any = None
 
     # ------------------------------------------------------------------------------ start / stop
@@ -447,7 +450,8 @@ class Daemon:
             self._reconcile_locked("start")
         self.watcher.start()
         self.discovery.start(self._on_event)
-        self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers())
+        self.monitor = MonitorHub(lambda: self.datapath, self._pod_of)
+        self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers(), self._api_streams())
         if cfg.metrics.listen is not None:
             from podrouter.metrics import MetricsServer, make_source
 
@@ -609,6 +613,7 @@ class Daemon:
         for part, method in (
             (self.metrics, "close"),
             (self.api, "close"),
+            (self.monitor, "close"),
             (self.discovery, "stop"),
             (self.watcher, "stop"),
         ):
@@ -1154,6 +1159,26 @@ class Daemon:
             "pod_list": lambda req: {"pods": self._pods_status()},
             "explain": self.explain,
         }
+
+
+    def _api_streams(self) -> dict[str, apimod.StreamHandler]:
+        hub = self.monitor
+        assert hub is not None
+        return {"monitor": lambda req, send: monitor_stream(hub, req, self._native_drop_reasons(), send)}
+
+    def _native_drop_reasons(self) -> list[str]:
+        counters = self._counters()
+        return sorted((counters.get("drops") or {}).keys())
+
+    def _pod_of(self, address: str | None) -> str | None:
+        """The local pod holding `address` (the monitor names pods in its events)."""
+        if not address:
+            return None
+        with self.lock:
+            for e in self.pods.values():
+                if any(str(a) == address for a in e.pod.addresses):
+                    return e.pod.name
+        return None
 
 
 def _load_native() -> Any:
