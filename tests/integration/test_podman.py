@@ -328,6 +328,7 @@ def test_podman_containers_on_a_podrouter_node(
     assert paths == {"node2": "vxlan", "node3": "native"}
     assert pm.ping("web", ref.pods["pod3"].ip)
     assert pm.ping("web", ref.pods["pod2"].ip)
+    # R never routes pod CIDRs: a reply from the outside comes back only to the masqueraded address
     assert pm.ping("web", ref.EXTERNAL_ADDR)
     # and they reach it
     assert ref.pods["pod2"].host.ping(ip) and ref.pods["pod3"].host.ping(ip)
