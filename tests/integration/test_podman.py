@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from helpers import DaemonHandle, Daemons, ref_config, short_dir, wait_for
 
-from nettopo import Host, ReferenceTopology
+from nettopo import Host, ReferenceTopology, capture
 
 CNI_PLUGINS = "/usr/lib/cni"
 CNI_CACHE = Path("/var/lib/cni")
@@ -329,7 +329,11 @@ def test_podman_containers_on_a_podrouter_node(
     assert pm.ping("web", ref.pods["pod3"].ip)
     assert pm.ping("web", ref.pods["pod2"].ip)
     # R never routes pod CIDRs: a reply from the outside comes back only to the masqueraded address
-    assert pm.ping("web", ref.EXTERNAL_ADDR)
+    with capture(ref.external, "eth0", "icmp") as seen:
+        assert pm.ping("web", ref.EXTERNAL_ADDR)
+    translated = f"{ref.node_addr['node1']} > {ref.EXTERNAL_ADDR}: ICMP echo request"
+    assert any(translated in ln for ln in seen), seen
+    assert not any(ip in ln for ln in seen)
     # and they reach it
     assert ref.pods["pod2"].host.ping(ip) and ref.pods["pod3"].host.ping(ip)
     # CHECK on Podman's attachment, with the result libcni cached at ADD
