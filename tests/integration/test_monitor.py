@@ -126,3 +126,26 @@ def test_monitor_refuses_bad_filters(nodes: dict[str, DaemonHandle]) -> None:
     r = d1.host.try_run([*podrouter_argv(), "monitor", "--socket", d1.socket, "--timeout", "1"])
     assert r.returncode == 0, r.stderr
     assert d1.alive()
+
+
+def test_monitor_is_rate_limited_under_a_flood(
+    nodes: dict[str, DaemonHandle], ref: ReferenceTopology
+) -> None:
+    d1 = nodes["node1"]
+    before = int(d1.counters()["drops"]["unknown_peer"])
+    proc = monitor(d1, "--reason", "unknown_peer", "--timeout", "8")
+    time.sleep(3)  # connected and recording (the CLI starts in well under a second)
+    send_udp(ref.router, "172.16.2.1", "172.16.2.2", 4789, [vxlan(inner())] * 6000)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = out.decode().splitlines()
+    drops = [ln for ln in lines if "DROP unknown_peer" in ln]
+    limited = [ln for ln in lines if ln.startswith("# rate-limited")]
+    counted = int(d1.counters()["drops"]["unknown_peer"]) - before
+    # at most 1000 events a second are recorded; the rest are reported as rate-limited
+    assert 0 < len(drops) <= 1000 * 3, len(drops)
+    assert limited, lines[-5:]
+    suppressed = max(int(ln.split()[2].rstrip(",")) for ln in limited)
+    assert suppressed > 0
+    # every drop the counters saw was either shown or counted as rate-limited
+    assert counted >= len(drops) + suppressed > 1000, (counted, len(drops), suppressed)
