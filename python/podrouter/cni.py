@@ -96,10 +96,15 @@ def host_ifname(container_id: str, ifname: str) -> str:
 
 
 def pod_name(container_id: str) -> str:
+    """The pod's name in podrouter: `namespace.name` from a Kubernetes runtime's CNI_ARGS, the
+    container name alone when only K8S_POD_NAME is given (Podman passes just that), else `cni-` and
+    the start of the container ID."""
     args = _cni_args()
     ns, name = args.get("K8S_POD_NAMESPACE", ""), args.get("K8S_POD_NAME", "")
     if ns and name and _POD_NAME.match(f"{ns}.{name}"):
         return f"{ns}.{name}"
+    if name and not ns and _POD_NAME.match(name):
+        return name
     return f"cni-{re.sub(r'[^A-Za-z0-9]', '', container_id)[:12] or 'pod'}"
 
 
@@ -333,7 +338,7 @@ def cmd_add(conf: dict[str, Any]) -> dict[str, Any]:
         _host_idx, host_mac = _wire_node(host_if, ip, mtu)
         reply = daemon_request(sock, {"op": "pod_add", "pod": {
             "name": name, "ip": str(ip), "host_interface": host_if, "annotations": annotations,
-        }})
+        }, "cni": {"container_id": container_id, "netns": netns, "ifname": ifname}})
         if not reply.get("ok"):
             raise CniError(E_PLUGIN, f"podrouter refused pod {name}: {reply.get('error', 'no reason given')}")
     except BaseException:
@@ -368,9 +373,10 @@ def cmd_del(conf: dict[str, Any]) -> None:
     host_if = host_ifname(container_id, ifname)
     name = pod_name(container_id)
     sock = conf.get("podrouterSocket", DEFAULT_SOCKET)
-    # unregister first so the daemon removes its tc state while the veth still exists
+    # unregister first so the daemon removes its tc state while the veth still exists; the container
+    # ID makes a late DEL of a predecessor (same pod name, older sandbox) leave the successor alone
     if os.path.exists(sock):
-        reply = daemon_request(sock, {"op": "pod_del", "name": name})
+        reply = daemon_request(sock, {"op": "pod_del", "name": name, "container_id": container_id})
         if not reply.get("ok") and "no pod named" not in str(reply.get("error", "")):
             raise CniError(E_PLUGIN, f"podrouter refused to remove pod {name}: {reply.get('error')}")
     _delete_link(host_if)
@@ -402,9 +408,14 @@ def cmd_check(conf: dict[str, Any]) -> None:
     sock = conf.get("podrouterSocket", DEFAULT_SOCKET)
     reply = daemon_request(sock, {"op": "pod_list"})
     pods = reply.get("pods", [])
-    names = {p.get("name") for p in pods} if isinstance(pods, list) else set(pods)
-    if reply.get("ok") and pod_name(container_id) not in names:
+    mine = [p for p in pods if isinstance(p, dict) and p.get("name") == pod_name(container_id)] if isinstance(
+        pods, list) else []
+    if reply.get("ok") and not mine:
         raise CniError(E_PLUGIN, f"pod {pod_name(container_id)} is not registered with podrouter")
+    owner = (mine[0].get("cni") or {}).get("container_id") if mine else None
+    if owner is not None and owner != container_id:
+        raise CniError(E_PLUGIN, f"pod {pod_name(container_id)} is registered to container {owner}, "
+                       f"not {container_id}")
 
 
 def run(stdin: str) -> tuple[int, str]:

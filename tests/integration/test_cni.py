@@ -193,7 +193,8 @@ def test_add_check_del(env: tuple[Lab, FakeDaemon, Path], topo: Topology) -> Non
     # DEL: unregistered, veth gone, address released; a second DEL succeeds too
     rc, out = invoke(lab.node, "DEL", conf, "c1", netns)
     assert (rc, out) == (0, None)
-    assert "default.c1" not in daemon.pods and {"op": "pod_del", "name": "default.c1"} in daemon.requests
+    assert "default.c1" not in daemon.pods
+    assert {"op": "pod_del", "name": "default.c1", "container_id": "c1"} in daemon.requests
     assert host_if not in lab.node.ip("link show")
     assert not (tmp / "ipam" / "podnet" / "10.244.1.10").exists()
     assert invoke(lab.node, "DEL", conf, "c1", netns) == (0, None)
