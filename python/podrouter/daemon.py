@@ -382,9 +382,9 @@ class Daemon:
                         "configured"
                     )
                     break
-        for i, peer in enumerate(cfg.peers):
-            if peer.address == u.address:
-                problems.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
+        # pod space must not swallow the underlay (its subnet, our address, the gateway); no peer
+        # may be us (config.underlay_problems)
+        problems.extend(configmod.underlay_problems(cfg, u.address, u.network, u.gateway))
         return problems
 
     def _recorded_state(self) -> statefile.State | None:
