@@ -778,7 +778,10 @@ class _Validator:
                 out[key] = raw
         if ok and (out["cert_file"] is None) != (out["key_file"] is None):
             missing = "key_file" if out["key_file"] is None else "cert_file"
-            self.bad(f"discovery.etcd.{missing}", "is required with cert_file/key_file (a client certificate and its key)")
+            self.bad(
+                f"discovery.etcd.{missing}",
+                "is required with cert_file/key_file (a client certificate and its key)",
+            )
             ok = False
         if ok and any(out.values()):
             for i, ep in enumerate(endpoints):
@@ -794,7 +797,9 @@ class _Validator:
                 out[key] = None
             elif not isinstance(raw, str) or not raw or any(ord(c) < 32 for c in raw):
                 shown = _q(raw) if key == "username" else "(hidden)"
-                self.bad(f"discovery.etcd.{key}", f"{shown} is not a non-empty string without control characters")
+                self.bad(
+                    f"discovery.etcd.{key}", f"{shown} is not a non-empty string without control characters"
+                )
                 ok = False
             else:
                 out[key] = raw
