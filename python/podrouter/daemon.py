@@ -387,11 +387,22 @@ class Daemon:
         problems.extend(configmod.underlay_problems(cfg, u.address, u.network, u.gateway))
         return problems
 
-    def _recorded_state(self) -> statefile.State | None:
+    def _recorded_state(self, set_aside: bool = False) -> statefile.State | None:
+        """The predecessor's state file, validated (state.py). A corrupt or tampered one is never
+        acted on; at start it is renamed to `<file>.refused` (kept for inspection) so that this
+        daemon's own record can take its place."""
         try:
             return statefile.load(self.cfg.state_path)
         except ValueError as e:
-            log.warning("%s (ignored)", e)
+            if not set_aside:
+                log.warning("%s", e)
+                return None
+            aside = self.cfg.state_path.with_name(self.cfg.state_path.name + ".refused")
+            try:
+                os.replace(self.cfg.state_path, aside)
+            except OSError as err:
+                raise StartError([f"{e}; cannot move it aside: {err}"], EXIT_FAILURE) from None
+            log.error("%s; moved to %s, its leftovers (if any) are not undone", e, aside)
             return None
 
     def start(self) -> None:
@@ -401,7 +412,7 @@ class Daemon:
         from podrouter.netlink.plumbing import Plumbing, cleanup
 
         cfg, u = self.cfg, self.underlay
-        recorded = self._recorded_state()
+        recorded = self._recorded_state(set_aside=True)
         if recorded is not None:
             log.info("removing what a previous daemon (pid %d) left behind", recorded.pid)
             for line in cleanup(self.ipr, recorded):
