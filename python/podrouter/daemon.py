@@ -328,6 +328,10 @@ class Daemon:
             problems.extend(e.problems)
         if self.underlay is not None:
             problems.extend(self._underlay_problems(self.cfg))
+        if self.cfg.discovery.backend == "etcd":
+            from podrouter.discovery.etcd import start_problems
+
+            problems.extend(start_problems(self.cfg))  # the TLS files load
         if self.cfg.masquerade.enabled:
             from podrouter import nftables
 
