@@ -161,6 +161,7 @@ def format_status(s: dict[str, Any]) -> str:
         )
     if not s.get("peers"):
         lines.append("  (none)")
+    lines.extend(_discovery_lines(s.get("discovery") or {}))
     lines += ["", "routes:"]
     for r in s.get("routes", []):
         mtu = f"mtu {r['mtu']}" if r.get("mtu") else ""
@@ -185,6 +186,24 @@ def format_status(s: dict[str, Any]) -> str:
     lines.append(f"  drops: {drops or '-'}")
     lines.append(f"  nat entries: {c.get('nat_entries', 0)}")
     return "\n".join(lines)
+
+
+def _discovery_lines(d: dict[str, Any]) -> list[str]:
+    """etcd discovery health: its state, how fresh the peer set is, and the entries it refused."""
+    if d.get("backend") != "etcd":
+        return []
+    age = d.get("last_event_age")
+    fresh = f"last event {age}s ago" if age is not None else "no event yet"
+    line = (
+        f"discovery etcd {d.get('state')} via {d.get('endpoint')}  {fresh}  "
+        f"watch restarts {d.get('watch_restarts', 0)}"
+    )
+    if d.get("last_error") and d.get("state") != "connected":
+        line += f"  last error: {d['last_error']}"
+    out = [line]
+    for key, why in sorted((d.get("rejected") or {}).items()):
+        out.append(f"  refused {key}: {why}")
+    return out
 
 
 def _shaping_text(sh: Any) -> str:

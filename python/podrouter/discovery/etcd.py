@@ -248,7 +248,8 @@ class EtcdClient:
         try:
             reply = json.loads(raw)
         except (ValueError, RecursionError):
-            raise EtcdError(f"{path}: HTTP {resp.status}, not JSON") from None
+            text = "".join(c if c.isprintable() else " " for c in raw[:200].decode("utf-8", "replace"))
+            raise EtcdError(f"{path}: HTTP {resp.status}, not JSON: {text.strip()!r}") from None
         if not isinstance(reply, dict):
             raise EtcdError(f"{path}: HTTP {resp.status}, not a JSON object")
         if resp.status != 200 and "error" not in reply and "code" not in reply:
