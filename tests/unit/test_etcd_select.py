@@ -169,3 +169,111 @@ def test_client_bounds_size_and_time(
     with pytest.raises(EtcdError, match="no etcd endpoint answered"):
         client.call("/v3/kv/range", {}, timeout=0.5)
     assert time.monotonic() - t0 < 3
+
+
+# ------------------------------------------------------------- the backend's own resilience
+
+
+def backend(endpoint: str = "http://127.0.0.1:9") -> etcd.EtcdDiscovery:
+    cfg = config.loads(f"""
+node: {{name: node1, address: 172.16.2.2, pod_cidr: 10.244.1.0/24}}
+cluster: {{pod_cidr: 10.244.0.0/16}}
+discovery: {{backend: etcd, etcd: {{endpoints: ['{endpoint}'], lease_ttl: 2}}}}
+""")
+    return etcd.EtcdDiscovery(cfg, "172.16.2.2")
+
+
+def b64(s: str) -> str:
+    import base64
+
+    return base64.b64encode(s.encode()).decode()
+
+
+def test_bad_watch_messages_are_skipped_and_good_ones_applied() -> None:
+    d = backend()
+    calls: list[str] = []
+    d._on_change = calls.append
+    good = {"key": b64(PREFIX + "node2"), "value": b64(rec("node2", "172.16.3.2", "10.244.2.0/24"))}
+    good["create_revision"] = "7"
+    for line in (
+        b"garbage",
+        b"[1, 2]",
+        b'{"result": 5}',
+        b'{"result": {"events": "x"}}',
+        json.dumps(
+            {
+                "result": {
+                    "events": [5, {"kv": {"key": "%%%"}}, {"kv": {"key": b64("x"), "create_revision": []}}]
+                }
+            }
+        ).encode(),
+        json.dumps({"result": {"header": {"revision": "nope"}, "events": [{"kv": good}]}}).encode(),
+    ):
+        d._watch_message(line)
+    assert set(d._found) == {"node2"} and calls == ["etcd peers changed"]
+    with pytest.raises(EtcdError, match="compacted"):
+        d._watch_message(b'{"result": {"canceled": true, "compact_revision": "3"}}')
+    with pytest.raises(EtcdError):
+        d._watch_message(b'{"error": {"grpc_code": 16, "message": "etcdserver: invalid auth token"}}')
+    # a deletion takes the node away again
+    d._watch_message(
+        json.dumps({"result": {"events": [{"type": "DELETE", "kv": {"key": good["key"]}}]}}).encode()
+    )
+    assert d._found == {}
+
+
+def test_peer_set_notifications_are_rate_limited() -> None:
+    d = backend()
+    calls: list[float] = []
+    d._on_change = lambda _r: calls.append(time.monotonic())
+    t0 = time.monotonic()
+    for _ in range(50):
+        d._notify()
+    assert len(calls) == 1  # the first at once, the rest coalesced into one trailing call
+    deadline = time.monotonic() + 3
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(calls) == 2 and calls[1] - t0 >= etcd.NOTIFY_INTERVAL * 0.9
+    time.sleep(etcd.NOTIFY_INTERVAL * 1.5)
+    assert len(calls) == 2  # nothing pending: nothing more
+    d._stop.set()
+
+
+def test_threads_survive_a_server_that_answers_nonsense() -> None:
+    """Every request gets a 200 with a JSON reply of the wrong shape: the lease and watch threads log,
+    back off and keep going; status says reconnecting with the last error."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    stop = threading.Event()
+    served = [0]
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        replies = [b'{"result": [1]}', b'{"header": 7}', b'{"ID": {"x": 1}}', b'{"kvs": "no"}', b"null"]
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with c:
+                c.recv(65536)
+                c.sendall(http_reply(replies[served[0] % len(replies)]))
+                served[0] += 1
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    d = backend(f"http://127.0.0.1:{srv.getsockname()[1]}")
+    try:
+        d.start(lambda _r: None)
+        time.sleep(2.5)
+        assert all(th.is_alive() for th in d._threads)
+        st = d.status()
+        assert st["state"] == "reconnecting" and st["last_error"] and st["lease"] is None
+        assert served[0] >= 4
+    finally:
+        d.stop()
+        stop.set()
+        t.join(timeout=5)
+        srv.close()
+    assert not any(th.is_alive() for th in d._threads)
