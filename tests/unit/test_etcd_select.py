@@ -277,3 +277,19 @@ def test_threads_survive_a_server_that_answers_nonsense() -> None:
         t.join(timeout=5)
         srv.close()
     assert not any(th.is_alive() for th in d._threads)
+
+
+def test_the_resume_revision_never_runs_ahead_of_applied_events() -> None:
+    """A new watch resumes after `_revision`: only events actually applied (and progress
+    notifications, which promise everything up to their header) may advance it."""
+    d = backend()
+    d._on_change = lambda _r: None
+    d._revision = 10
+    d._watch_message(b'{"result": {"header": {"revision": "50"}, "created": true}}')
+    assert d._revision == 10  # created: the catch-up events are still to come
+    kv = {"key": b64(PREFIX + "node2"), "value": b64(rec("node2", "172.16.3.2", "10.244.2.0/24"))}
+    kv |= {"create_revision": "12", "mod_revision": "12"}
+    d._watch_message(json.dumps({"result": {"header": {"revision": "50"}, "events": [{"kv": kv}]}}).encode())
+    assert d._revision == 12  # not 50: events 13..50 may still be on their way
+    d._watch_message(b'{"result": {"header": {"revision": "60"}}}')
+    assert d._revision == 60  # a progress notification

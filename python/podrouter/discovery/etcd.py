@@ -12,9 +12,10 @@ Hardening (docs/security.md, "etcd"):
 * Every request has a connect and read timeout and a deadline for the whole reply; replies are read
   with a size limit (`MAX_REPLY`, one watch message `MAX_WATCH_MESSAGE`).
 * Watch liveness: a watch that stays silent for `watch_idle` seconds (the lease TTL, at most 30 s) is
-  dropped, the prefix re-listed and a new watch opened, since a half-open connection (a stalled
-  proxy, a frozen server) looks exactly like a quiet one. A failed re-list shows as discovery state
-  `reconnecting` in `status`, with the age of the last event and the restart count.
+  dropped and a new one opened on a new connection, from the last revision applied (etcd replays
+  what came since; a compacted history cancels it and the prefix is re-listed), since a half-open
+  connection (a stalled proxy, a frozen server) looks exactly like a quiet one. A failure shows as
+  discovery state `reconnecting` in `status`, with the age of the last event and the restart count.
 * Every reply and every entry is validated; a malformed one is logged and skipped. Both threads
   catch every exception, log it and retry with backoff: nothing an etcd writer sends can stop the
   lease keepalive (which would get this node dropped everywhere) or the watch.
@@ -574,15 +575,23 @@ class EtcdDiscovery:
 
     def _watch_loop(self) -> None:
         backoff = BACKOFF_MIN
+        need_list = True
         while not self._stop.is_set():
             try:
-                revision = self._resync()
-                self._set_state("connected")
+                if need_list:
+                    self._resync()
+                    need_list = False
+                    self._set_state("connected")
                 backoff = BACKOFF_MIN
+                with self.lock:
+                    revision = self._revision
+                # returns after watch_idle seconds of silence: watch again from the last revision
+                # applied (etcd replays what came since; a compacted one cancels -> re-list)
                 self._watch(revision + 1)
             except Exception as e:  # noqa: BLE001 - nothing may end this thread (logged, retried)
                 if self._stop.is_set():
                     return
+                need_list = True
                 self._set_state("reconnecting", str(e)[:300])
                 level = logging.WARNING if isinstance(e, EtcdError | OSError) else logging.ERROR
                 log.log(
@@ -661,15 +670,16 @@ class EtcdDiscovery:
                 if resp.status == 401:
                     self.client.forget_token()
                 raise EtcdError(f"watch: HTTP {resp.status}")
+            self._set_state("connected")
             assert conn.sock is not None
             # a quiet watch and a dead connection look the same: after watch_idle seconds without a
-            # message, re-list and watch again (a quiet prefix costs one range per watch_idle)
+            # message, watch again on a new connection (a frozen server then fails to answer that)
             conn.sock.settimeout(self.watch_idle)
             while not self._stop.is_set():
                 try:
                     line = resp.readline(MAX_WATCH_MESSAGE + 1)
                 except TimeoutError:
-                    log.debug("etcd watch quiet for %.0fs: re-listing", self.watch_idle)
+                    log.debug("etcd watch quiet for %.0fs: watching again", self.watch_idle)
                     return
                 if not line:
                     raise EtcdError("watch stream closed")
@@ -711,11 +721,13 @@ class EtcdDiscovery:
         reput = False
         touched = False
         with self.lock:
+            applied = self._revision
             for ev in events:
                 try:
                     if not isinstance(ev, dict):
                         raise ValueError("event is not an object")
                     key, rev, value = self._kv(ev.get("kv"))
+                    applied = max(applied, _int(ev["kv"].get("mod_revision", 0), "mod_revision"))
                 except ValueError as e:
                     log.warning("etcd watch: skipping a malformed event: %s", e)
                     continue
@@ -731,9 +743,13 @@ class EtcdDiscovery:
                     self._kvs[key] = (rev, value)
                     touched = True
             header = result.get("header")
-            with contextlib.suppress(ValueError, AttributeError):
-                if isinstance(header, dict):
-                    self._revision = _int(header.get("revision", self._revision), "revision")
+            if not events and not result.get("created") and isinstance(header, dict):
+                # a progress notification: every event up to the header's revision was sent
+                with contextlib.suppress(ValueError):
+                    applied = max(applied, _int(header.get("revision", 0), "revision"))
+            # the revision up to which every event has been applied (where a new watch resumes);
+            # not a message's header revision, which can run ahead of the events still to come
+            self._revision = applied
         if touched:
             self._recompute()
         if reput and self._lease is not None and not self._stop.is_set():
