@@ -292,8 +292,22 @@ def test_tls_auth_discovery_survives_hostile_entries(
     assert f"refused {PREFIX}thief: address 172.16.3.2 is already node2's" in text
     assert "ignoring etcd entry /podrouter/v1/nodes/thief" in d1.logs()
 
-    # the first writer keeps its claim for as long as it lives: node2 restarting keeps its address,
-    # and the thief only gets in once node2 is gone for good
+    # overwriting a live node's own record does not stick: the node writes it back at once
+    secure_etcd.must("put", PREFIX + "node2", node_record("node2", "172.16.2.3", "10.244.2.0/24"))
+
+    def node2_record() -> str:
+        return json.loads(secure_etcd.must("get", PREFIX + "node2", "--print-value-only"))["address"]
+
+    wait_for(lambda: node2_record() == "172.16.3.2", 10, what="node2 re-registers itself")
+    wait_for(
+        lambda: [p["address"] for p in d1.status()["peers"]] == ["172.16.3.2"],
+        10,
+        what="node1 sees node2 again",
+    )
+    assert "re-registered /podrouter/v1/nodes/node2" in d2.logs()
+
+    # the first writer keeps its claim for as long as it lives; the thief only gets in once node2 is
+    # gone for good
     code, _ = d2.stop()
     assert code == 0
     wait_for(lambda: "thief" in peer_names(d1), 10, what="the next claimant once node2 left")
