@@ -293,3 +293,38 @@ def test_the_resume_revision_never_runs_ahead_of_applied_events() -> None:
     assert d._revision == 12  # not 50: events 13..50 may still be on their way
     d._watch_message(b'{"result": {"header": {"revision": "60"}}}')
     assert d._revision == 60  # a progress notification
+
+
+def test_the_mirror_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer cannot make the daemon hold more than MAX_NODES + 1 entries of at most MAX_VALUE bytes."""
+    d = backend()
+    d._on_change = lambda _r: None
+    monkeypatch.setattr(etcd, "MAX_NODES", 3)
+
+    def put(name: str, rev: int, value: str) -> bytes:
+        kv = {
+            "key": b64(PREFIX + name),
+            "value": b64(value),
+            "create_revision": str(rev),
+            "mod_revision": str(rev),
+        }
+        return json.dumps({"result": {"events": [{"kv": kv}]}}).encode()
+
+    d._watch_message(put("big", 5, "x" * 100_000))
+    assert (
+        d._kvs[PREFIX + "big"][1] == ""
+        and d._rejected[PREFIX + "big"] == "value is 100000 bytes (limit 4096)"
+    )
+    for i in range(6):
+        d._watch_message(put(f"n{i}", 10 + i, rec(f"n{i}", f"172.20.0.{i + 1}", f"10.244.{100 + i}.0/24")))
+    assert len(d._kvs) == 4 and d._overflow and not d._relist_pending
+    d._watch_message(
+        json.dumps(
+            {
+                "result": {
+                    "events": [{"type": "DELETE", "kv": {"key": b64(PREFIX + "n0"), "mod_revision": "30"}}]
+                }
+            }
+        ).encode()
+    )
+    assert d._relist_pending  # a listing decides who moves into the window

@@ -307,9 +307,24 @@ class _NetIndex:
         self._items[net.version].insert(i, (s, int(net.broadcast_address), owner, net))
 
 
+class _Oversize(str):
+    """What the mirror keeps of a value over MAX_VALUE bytes: nothing but its size."""
+
+    size: int = 0
+
+
+def _mirror_value(value: str) -> str:
+    size = len(value.encode())
+    if size <= MAX_VALUE:
+        return value
+    big = _Oversize("")
+    big.size = size
+    return big
+
+
 def parse_entry(key: str, value: str, prefix: str) -> tuple[PeerConfig | None, str | None]:
     """One node record, validated like a config peer: (peer, None) or (None, why)."""
-    size = len(value.encode())
+    size = value.size if isinstance(value, _Oversize) else len(value.encode())
     if size > MAX_VALUE:
         return None, f"value is {size} bytes (limit {MAX_VALUE})"
     return _parse_small(key, value, prefix)
@@ -429,6 +444,9 @@ class EtcdDiscovery:
         self.lock = threading.Lock()
         self._static: PeerSet = cfg.peers
         self._kvs: dict[str, tuple[int, str]] = {}  # our mirror of the prefix: key -> (create rev, value)
+        self._overflow = False  # entries beyond MAX_NODES exist (the newest are not mirrored)
+        self._relist_pending = False  # the mirror needs a fresh listing (see _apply_events)
+        self._last_list = 0.0
         self._found: dict[str, PeerConfig] = {}
         self._rejected: dict[str, str] = {}  # key -> why (logged once per distinct reason)
         self._lease: str | None = None
@@ -578,7 +596,9 @@ class EtcdDiscovery:
         need_list = True
         while not self._stop.is_set():
             try:
-                if need_list:
+                if need_list or self._relist_pending:
+                    # at most one listing per NOTIFY_INTERVAL, however the prefix churns
+                    self._stop.wait(max(0.0, self._last_list + NOTIFY_INTERVAL - time.monotonic()))
                     self._resync()
                     need_list = False
                     self._set_state("connected")
@@ -630,8 +650,12 @@ class EtcdDiscovery:
                 malformed += 1
                 log.warning("etcd range: skipping a malformed entry: %s", e)
                 continue
-            kvs[key] = (rev, value)
+            kvs[key] = (rev, _mirror_value(value))
+        more = bool(reply.get("more"))
         with self.lock:
+            self._overflow = more
+            self._relist_pending = False
+            self._last_list = time.monotonic()
             self._kvs = kvs
             self._revision = revision
             self._last_event = time.monotonic()
@@ -688,6 +712,8 @@ class EtcdDiscovery:
                 with self.lock:
                     self._last_event = time.monotonic()
                 self._watch_message(line)
+                if self._relist_pending:
+                    return
         finally:
             self._watch_conn = None
             conn.close()
@@ -739,8 +765,19 @@ class EtcdDiscovery:
                     reput = reput or deleted or value != self.value
                 if deleted:
                     touched = self._kvs.pop(key, None) is not None or touched
+                    if self._overflow:
+                        # an entry ignored for the limit may be inside it now: list again (the
+                        # range is bounded to the oldest MAX_NODES + 1)
+                        self._relist_pending = True
+                elif key not in self._kvs and len(self._kvs) > MAX_NODES:
+                    # a new key has the newest create revision: beyond the limit, it loses anyway
+                    if not self._overflow:
+                        log.warning(
+                            "more than %d entries under %s: ignoring the newest", MAX_NODES, self.prefix
+                        )
+                    self._overflow = True
                 else:
-                    self._kvs[key] = (rev, value)
+                    self._kvs[key] = (rev, _mirror_value(value))
                     touched = True
             header = result.get("header")
             if not events and not result.get("created") and isinstance(header, dict):
