@@ -417,6 +417,16 @@ class Daemon:
 
         cfg, u = self.cfg, self.underlay
         recorded = self._recorded_state(set_aside=True)
+        from podrouter.netlink.underlay import netns_id
+
+        if recorded is not None and recorded.netns != netns_id():
+            # sysctls and rules are per namespace: a record from elsewhere says nothing about this one
+            log.warning(
+                "%s was written in another network namespace (%s): not acting on it (it is replaced)",
+                cfg.state_path,
+                recorded.netns,
+            )
+            recorded = None
         if recorded is not None:
             log.info("removing what a previous daemon (pid %d) left behind", recorded.pid)
             for line in cleanup(self.ipr, recorded):
