@@ -170,7 +170,7 @@ def _validate(d: dict[str, Any]) -> None:
     pods = d.get("pods", {})
     if not isinstance(pods, dict):
         raise _bad("pods", pods, "is not a mapping")
-    pod_keys = {"name", "ip", "ips", "host_interface", "annotations", "source"}
+    pod_keys = {"name", "ip", "ips", "host_interface", "annotations", "source", "cni"}
     for name, p in pods.items():
         _str("pods", name, _NAME_RE)
         if not isinstance(p, dict) or set(p) - pod_keys or "host_interface" not in p:
@@ -184,6 +184,13 @@ def _validate(d: dict[str, Any]) -> None:
         for k in ("name", "ip", "source"):
             if k in p and not isinstance(p[k], str):
                 raise _bad(f"pods[{name!r}].{k}", p[k], "is not a string")
+        cni = p.get("cni")
+        if cni is not None and (
+            not isinstance(cni, dict)
+            or set(cni) - {"container_id", "netns", "ifname"}
+            or not all(isinstance(v, str) and len(v) <= 4096 for v in cni.values())
+        ):
+            raise _bad(f"pods[{name!r}].cni", cni, "is not a CNI attachment record")
         if "ips" in p and (not isinstance(p["ips"], list) or not all(isinstance(a, str) for a in p["ips"])):
             raise _bad(f"pods[{name!r}].ips", p["ips"], "is not a list of addresses")
     gws = d.get("gateways6", {})

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers import Daemons, our_routes, podrouter_argv, ref_config, sysctl_value, write_config
+from helpers import Daemons, our_routes, podrouter_argv, python_in, ref_config, sysctl_value, write_config
 
 from nettopo import ReferenceTopology
+from podrouter import state as statefile
 
 
 def tampered_record(target: Path, netns_of: str) -> dict:
@@ -79,8 +80,27 @@ def test_daemon_start_sets_a_tampered_record_aside(
     assert aside.exists() and "net/../../.." in aside.read_text()
     assert "corrupt state file" in d.logs() and "moved to" in d.logs()
     assert d.status()["ready"] and "10.244.2.0/24" in our_routes(n1)  # the node runs normally
+    # a pod registered the way the CNI plugin does it (its attachment is recorded too)
+    n1.ip("link add veth-cni type veth peer name veth-cni-p")
+    n1.ip("link set veth-cni up")
+    pod = {"name": "cnipod", "ip": "10.244.1.77", "host_interface": "veth-cni"}
+    cni = {"container_id": "c0ffee01", "netns": "/run/netns/x", "ifname": "eth0"}
+    r = python_in(
+        n1,
+        "from podrouter import api\n"
+        f"print(api.request({d.socket!r}, {{'op': 'pod_add', 'pod': {pod!r}, 'cni': {cni!r}}}))",
+    )
+    assert r.returncode == 0 and "'ok': True" in r.stdout, r.stdout + r.stderr
     recorded = json.loads(state.read_text())  # the daemon's own record replaced it
     assert recorded["pid"] == d.proc.pid and all("/" not in k for k in recorded["sysctls"])
+    # and what the daemon writes passes the validation cleanup applies (the schema cannot drift)
+    loaded = statefile.load(state)
+    assert (
+        loaded is not None
+        and loaded.sysctls == recorded["sysctls"]
+        and set(loaded.pods) == {"pod1", "cnipod"}
+    )
+    assert loaded.pods["cnipod"]["cni"] == cni
     code, _ = d.stop()
     assert code == 0
     assert target.read_text() == "precious\n"

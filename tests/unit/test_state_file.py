@@ -51,7 +51,9 @@ def good_record() -> dict[str, Any]:
             "ips": ["10.244.1.1"],
             "host_interface": "veth-pod1",
             "annotations": {},
-            "source": "config",
+            "source": "api",
+            # what the CNI plugin's registration adds (docs/cni.md)
+            "cni": {"container_id": "0123abcd", "netns": "/run/netns/cni-1", "ifname": "eth0"},
         }
     }
     st.gateways6 = {"veth-pod1": "fe80::1"}
@@ -102,6 +104,7 @@ def traversal_key(target: Path) -> str:
         (lambda r, t: r["gateways6"].update({"eth0": "2001:db8::1"}), "pod gateway"),
         (lambda r, t: r["pods"]["pod1"].update({"host_interface": "../../x"}), "interface name"),
         (lambda r, t: r["routes"][0].update({"mtu": "big"}), "routes[0].mtu"),
+        (lambda r, t: r["pods"]["pod1"]["cni"].update({"evil": "x"}), "not a CNI attachment record"),
         (lambda r, t: r.update({"tun": "a/b"}), "tun: 'a/b'"),
     ],
 )
