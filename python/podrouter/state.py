@@ -119,6 +119,13 @@ def _validate(d: dict[str, Any]) -> None:
         _ifname("tun", d["tun"])
     if not isinstance(d.get("nft_guard", False), bool):
         raise _bad("nft_guard", d["nft_guard"], "is not a boolean")
+    # the route and rule records are `asdict` of plumbing's RouteSpec / RuleSpec: their fields are the
+    # allowed keys (the ones checked below by type and value, any other field a plain scalar)
+    from dataclasses import fields
+
+    from podrouter.netlink.plumbing import RouteSpec, RuleSpec
+
+    scalar = (str, int, bool, type(None))
     routes = d.get("routes", [])
     if not isinstance(routes, list):
         raise _bad("routes", routes, "is not a list")
@@ -132,10 +139,10 @@ def _validate(d: dict[str, Any]) -> None:
         "label": str,
     }
     for i, r in enumerate(routes):
-        if not isinstance(r, dict) or set(r) - set(route_types):
+        if not isinstance(r, dict) or set(r) - {f.name for f in fields(RouteSpec)}:
             raise _bad(f"routes[{i}]", r, "is not a route record")
         for k, v in r.items():
-            if not isinstance(v, route_types[k]):
+            if not isinstance(v, route_types.get(k, scalar)):
                 raise _bad(f"routes[{i}].{k}", v, "has the wrong type")
         _cidr(f"routes[{i}].dst", r.get("dst"))
         if r.get("oif") is not None:
@@ -144,9 +151,11 @@ def _validate(d: dict[str, Any]) -> None:
     if not isinstance(rules, list):
         raise _bad("rules", rules, "is not a list")
     for i, r in enumerate(rules):
-        allowed_keys = {"priority", "table", "src", "suppress_prefixlength", "family"}
+        allowed_keys = {f.name for f in fields(RuleSpec)}
         if not isinstance(r, dict) or set(r) - allowed_keys or not {"priority", "table"} <= set(r):
             raise _bad(f"rules[{i}]", r, "is not a rule record")
+        if not all(isinstance(v, scalar) for v in r.values()):
+            raise _bad(f"rules[{i}]", r, "has a value that is not a plain scalar")
         if r["priority"] not in _RULE_PRIORITIES or not _is_int(r["priority"]):
             raise _bad(f"rules[{i}].priority", r["priority"], f"is not one of podrouter's {_RULE_PRIORITIES}")
         if r["table"] not in _RULE_TABLES or not _is_int(r["table"]):

@@ -104,6 +104,8 @@ def traversal_key(target: Path) -> str:
         (lambda r, t: r["gateways6"].update({"eth0": "2001:db8::1"}), "pod gateway"),
         (lambda r, t: r["pods"]["pod1"].update({"host_interface": "../../x"}), "interface name"),
         (lambda r, t: r["routes"][0].update({"mtu": "big"}), "routes[0].mtu"),
+        (lambda r, t: r["routes"][0].update({"evil": 1}), "is not a route record"),
+        (lambda r, t: r["rules"][0].update({"evil": 1}), "is not a rule record"),
         (lambda r, t: r["pods"]["pod1"]["cni"].update({"evil": "x"}), "not a CNI attachment record"),
         (lambda r, t: r.update({"tun": "a/b"}), "tun: 'a/b'"),
     ],
