@@ -292,6 +292,7 @@ class Daemon:
         self._nat_exhausted_logged = 0
         self._nat_log_at = -NAT_LOG_INTERVAL
         self._spec_key: Any = None
+        self._pod_guard_key: Any = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._dirty: set[str] = set()
@@ -332,15 +333,13 @@ class Daemon:
             from podrouter.discovery.etcd import start_problems
 
             problems.extend(start_problems(self.cfg))  # the TLS files load
-        if self.cfg.masquerade.enabled:
-            from podrouter import nftables
+        problems.extend(self._route_conflict_problems())
+        from podrouter import nftables
 
-            why = nftables.unavailable()
-            if why is not None:
-                problems.append(
-                    f"masquerade.enabled: the reply guard needs libnftables ({why}); install nftables "
-                    "or set masquerade.enabled: false"
-                )
+        why = nftables.unavailable()
+        if why is not None:
+            # the pod egress guard (spoofed sources, tunnel ports) is not optional
+            problems.append(f"the pod egress guard needs libnftables ({why}); install nftables")
         if problems:
             raise StartError(problems, EXIT_CONFIG)
         if apimod.socket_in_use(self.cfg.api.socket):
@@ -389,6 +388,33 @@ class Daemon:
         # pod space must not swallow the underlay (its subnet, our address, the gateway); no peer
         # may be us (config.underlay_problems)
         problems.extend(configmod.underlay_problems(cfg, u.address, u.network, u.gateway))
+        return problems
+
+    def _route_conflict_problems(self) -> list[str]:
+        """Routes of another owner that make the config impossible (checked before anything is
+        installed): one holding the /32 or /128 of a pod listed in the config (its traffic would
+        go wherever that route says), or a default route in the masquerade table MASQ_TABLE (the
+        masquerade steering would send pod traffic to it). Other conflicts (a peer's pod CIDR,
+        this node's own pod CIDR) are reported while running and left alone (docs/config.md)."""
+        from podrouter.netlink.plumbing import RT_TABLE_MAIN, foreign_routes
+
+        foreign = foreign_routes(self.ipr, {RT_TABLE_MAIN, MASQ_TABLE})
+        problems = []
+        for i, pod in enumerate(self.cfg.pods):
+            for addr in pod.addresses:
+                key = (RT_TABLE_MAIN, str(ipaddress.ip_network(addr)))
+                if key in foreign:
+                    problems.append(
+                        f"pods[{i}].ip: '{addr}' (pod {pod.name}) is already routed by a route podrouter "
+                        f"did not make: {foreign[key]}; remove it or change the pod's address"
+                    )
+        if self.cfg.masquerade.enabled:
+            for dflt in sorted({"0.0.0.0/0" if c.version == 4 else "::/0" for c in self.cfg.node.pod_cidrs}):
+                if (MASQ_TABLE, dflt) in foreign:
+                    problems.append(
+                        f"masquerade.enabled: routing table {MASQ_TABLE} (podrouter's masquerade table) "
+                        f"already holds a route podrouter did not make: {foreign[(MASQ_TABLE, dflt)]}"
+                    )
         return problems
 
     def _recorded_state(self, set_aside: bool = False) -> statefile.State | None:
@@ -464,6 +490,7 @@ class Daemon:
         self._node_sysctls(tun_idx)
         self.ipr.link("set", index=tun_idx, mtu=u.mtu, state="up")
         self._sync_masquerade_guard(None, cfg)
+        self._install_pod_guard()
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
         self.discovery = discovery.make(cfg, str(u.address))
@@ -559,6 +586,46 @@ class Daemon:
             nftables.remove_guard()
             self.plumbing.state.nft_guard = False
             self.plumbing.save()
+
+    def _pod_guard_want(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, int]], list[str]]:
+        """What the pod egress guard's sets should hold now: each registered pod's host interface
+        with its addresses, every tunnel socket (each peer's and our own address, at both tunnel
+        ports) that no pod may send to, and this node's pod CIDRs."""
+        pods = sorted(
+            (e.pod.host_interface, sorted(str(a) for a in e.pod.addresses)) for e in self.pods.values()
+        )
+        # two pods on one interface (a re-registration under a new name) share its entry
+        merged: dict[str, list[str]] = {}
+        for ifname, pod_addrs in pods:
+            merged.setdefault(ifname, []).extend(pod_addrs)
+        ports = sorted({self.cfg.tunnel.port_for("vxlan"), self.cfg.tunnel.port_for("geneve")})
+        endpoints = {str(self.underlay.address)} | {str(v.peer.address) for v in self.peer_views}
+        return (
+            sorted(merged.items()),
+            [(a, p) for a in sorted(endpoints) for p in ports],
+            [str(c) for c in self.cfg.node.pod_cidrs],
+        )
+
+    def _install_pod_guard(self) -> None:
+        """The nftables table that drops pod packets with a source that is not the pod's own
+        (`spoofed_pod_source`) and pod packets to a tunnel socket (`pod_tunnel_port`); nftables.py.
+        Installed before the first pod route exists, its sets filled by every reconcile."""
+        from podrouter import nftables
+
+        # no state-file record needed: `podrouter cleanup` finds the table by its fixed name
+        want = self._pod_guard_want()
+        nftables.install_pod_guard(*want)
+        self._pod_guard_key = want
+        log.info("pod egress guard installed (nftables table %s %s)", nftables.POD_FAMILY, nftables.POD_TABLE)
+
+    def _sync_pod_guard(self) -> None:
+        from podrouter import nftables
+
+        want = self._pod_guard_want()
+        if want == self._pod_guard_key:
+            return
+        nftables.update_pod_guard(*want)
+        self._pod_guard_key = want
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
@@ -671,6 +738,15 @@ class Daemon:
                     self.plumbing.teardown()
                 except Exception:  # noqa: BLE001
                     log.exception("removing routes/rules failed")
+            if self._pod_guard_key is not None:
+                # after the routes: while a pod route exists, its pod's sources are checked
+                try:
+                    from podrouter import nftables
+
+                    nftables.remove_pod_guard()
+                except Exception:  # noqa: BLE001
+                    log.exception("removing the pod egress guard failed")
+                self._pod_guard_key = None
             if self.datapath is not None:
                 try:
                     # closing the TUN fd makes the kernel delete podr0 (it was never made persistent)
@@ -789,6 +865,8 @@ class Daemon:
         self.route_plan = plan_routes(
             cfg, self.peer_views, (e.pod for e in self.pods.values()), self.underlay.mtu
         )
+        # the guard learns a pod's addresses before its route makes the pod reachable
+        self._sync_pod_guard()
         self.route_errors = self.plumbing.sync_routes(self._desired_routes())
         self.plumbing.sync_rules(self._desired_rules())
         for err in self.route_errors:
@@ -998,6 +1076,11 @@ class Daemon:
         # the kernel delays proxy ARP replies by a random 0..proxy_delay (80 ms default); a pod's first
         # packet should not wait for that
         ps.set_sysctl(sysctl.neigh(ifname, "proxy_delay"), 0)
+        # strict reverse-path filtering on the pod's veth: its only source is the pod's /32 routed
+        # back out of it. The kernel applies max(conf/all, conf/<dev>), so this is effective only
+        # where conf/all stays at 0 or 1 (_node_sysctls lowers a strict `all` to loose); the
+        # nftables pod egress guard checks every source regardless (docs/architecture.md)
+        ps.set_sysctl(sysctl.conf(ifname, "rp_filter"), 1)
         if any(a.version == 6 for a in pod.addresses) and has_ipv6(self.cfg):
             # the IPv6 counterpart: the pod's default route is `via fe80::1 dev eth0`, and fe80::1 is
             # an address of the node's end of the veth (nodad, so it answers at once), exactly one per
@@ -1098,7 +1181,22 @@ class Daemon:
         dp = self.datapath
         if dp is None:
             return {}
-        return dict(dp.counters())
+        out = dict(dp.counters())
+        if self._pod_guard_key is not None:
+            # the pod egress guard drops in nftables, before the datapath sees anything; its two
+            # counters join the datapath's drop reasons (podrouter_drops_total{reason=...})
+            from podrouter import nftables
+
+            try:
+                guard = nftables.pod_guard_counters()
+            except Exception:  # noqa: BLE001 - status must answer even if nftables cannot be read
+                log.exception("reading the pod egress guard counters failed")
+                guard = {}
+            drops = dict(out.get("drops") or {})
+            for reason in (nftables.SPOOF_COUNTER, nftables.TUNNEL_COUNTER):
+                drops[reason] = int(drops.get(reason, 0)) + guard.get(reason, 0)
+            out["drops"] = drops
+        return out
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -1152,6 +1250,8 @@ class Daemon:
                 "peers": peers,
                 "routes": routes,
                 "route_errors": list(self.route_errors),
+                # routes podrouter wants but another owner's route holds (left alone, not installed)
+                "conflicts": list(self.plumbing.conflicts) if self.plumbing is not None else [],
                 "rejected_peers": dict(self.peer_rejects),
                 "pods": self._pods_status(),
                 "discovery": self.discovery.status() if self.discovery else {},
@@ -1276,12 +1376,17 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
     done: list[str] = []
     from podrouter import nftables
 
-    # the guard table has a fixed name, so it is found even without a state file
+    # the guard tables have fixed names, so they are found even without a state file
     try:
         if nftables.remove_guard():
             done.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
     except nftables.NftError as e:
         done.append(f"could not remove nftables table {nftables.FAMILY} {nftables.TABLE}: {e}")
+    try:
+        if nftables.remove_pod_guard():
+            done.append(f"removed nftables table {nftables.POD_FAMILY} {nftables.POD_TABLE}")
+    except nftables.NftError as e:
+        done.append(f"could not remove nftables table {nftables.POD_FAMILY} {nftables.POD_TABLE}: {e}")
     with IPRoute() as ipr:
         done.extend(netlink_cleanup(ipr, recorded))
         if recorded is not None:

@@ -352,11 +352,15 @@ pub enum DropReason {
     TtlExceeded,
     /// Well formed but not something podrouter handles (protocol, fragment through NAT, ...).
     Unsupported,
+    /// Encapsulated datagram whose outer UDP source port lies in this node's masquerade port
+    /// range: what a pod's hand-made tunnel datagram looks like after a peer masqueraded it
+    /// (tunnel senders use [`crate::encap::SOURCE_PORT_MIN`]..=[`crate::encap::SOURCE_PORT_MAX`]).
+    TunnelSourcePort,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (the I/O layer keeps one counter per entry).
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::NoRoute,
         DropReason::Malformed,
         DropReason::Truncated,
@@ -378,6 +382,7 @@ impl DropReason {
         DropReason::NatNoMapping,
         DropReason::TtlExceeded,
         DropReason::Unsupported,
+        DropReason::TunnelSourcePort,
     ];
 
     /// Stable snake_case name.
@@ -404,6 +409,7 @@ impl DropReason {
             DropReason::NatNoMapping => "nat_no_mapping",
             DropReason::TtlExceeded => "ttl_exceeded",
             DropReason::Unsupported => "unsupported",
+            DropReason::TunnelSourcePort => "tunnel_source_port",
         }
     }
 
