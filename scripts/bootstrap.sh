@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iproute2 iputils-ping tcpdump tshark iperf3 sockperf nftables ethtool procps
-  etcd-server containernetworking-plugins
+  etcd-server containernetworking-plugins bird2
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -19,6 +19,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# bird2's package enables a system-wide BIRD; podrouter and its tests start their own, one per
+# namespace (docs/bgp.md), and nothing may run BGP in the root namespace
+if command -v systemctl >/dev/null && systemctl is-enabled bird >/dev/null 2>&1; then
+  systemctl disable --now bird >/dev/null 2>&1 || true
 fi
 
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
