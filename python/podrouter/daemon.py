@@ -182,7 +182,9 @@ def build_spec(
     return {
         "generation": generation,
         "node": {"name": cfg.node.name, "address": node_address, "pod_cidrs": nets(cfg.node.pod_cidrs)},
-        "cluster_cidrs": nets(cfg.cluster_cidrs),
+        # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
+        # checked on ingress, never masqueraded
+        "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_cidrs(peers)),
         "mode": cfg.routing.mode,
         "native_cidrs": nets(cfg.routing.native_cidrs),
         "native_when_on_link": cfg.routing.native_when_on_link,
@@ -214,6 +216,11 @@ def build_spec(
             for v in peers
         ],
     }
+
+
+def mesh_cidrs(peers: Iterable[PeerView]) -> list[IPNetwork]:
+    """The pod CIDRs of peers from other clusters (source `cluster:<name>`)."""
+    return [c for v in peers if v.source.startswith("cluster:") for c in v.peer.pod_cidrs]
 
 
 def nat_exhausted_message(cfg: Config, dropped: int, entries: int) -> str:
@@ -302,6 +309,7 @@ class Daemon:
         self.bandwidth: Any = None
         self.api: apimod.ApiServer | None = None
         self.metrics: Any = None
+        self.bgp: Any = None  # podrouter.bgp.BgpSpeaker when bgp.enabled
 
     # ------------------------------------------------------------------------------ start / stop
 
@@ -331,6 +339,7 @@ class Daemon:
                     f"masquerade.enabled: the reply guard needs libnftables ({why}); install nftables "
                     "or set masquerade.enabled: false"
                 )
+        problems.extend(_bgp_problems(self.cfg, self.underlay))
         if problems:
             raise StartError(problems, EXIT_CONFIG)
         if apimod.socket_in_use(self.cfg.api.socket):
@@ -436,6 +445,10 @@ class Daemon:
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
         self.discovery = discovery.make(cfg, str(u.address))
+        if cfg.clustermesh.clusters:
+            from podrouter import clustermesh
+
+            self.discovery = clustermesh.MeshDiscovery(cfg, self.discovery)
         self.bandwidth = self._make_bandwidth(cfg)
         with self.lock:
             for pod in cfg.pods:
@@ -449,9 +462,10 @@ class Daemon:
             from podrouter.metrics import MetricsServer, make_source
 
             self.metrics = MetricsServer(
-                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits),
+                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits, self._bgp_status),
                 cfg.metrics.listen,
             )
+        self._start_bgp()
         self.ready = True
         log.info(
             "ready: %s mode, %d peers, %d pods, tables generation %d",
@@ -604,6 +618,7 @@ class Daemon:
         The TUN itself is closed last, after the routes into it are gone."""
         self.ready = False
         for part, method in (
+            (self.bgp, "stop"),
             (self.metrics, "close"),
             (self.api, "close"),
             (self.discovery, "stop"),
@@ -817,10 +832,14 @@ class Daemon:
         )
         for w in new.warnings:
             log.warning("%s", w)
+        if new.bgp.enabled != self.cfg.bgp.enabled:
+            log.warning("bgp.enabled changed: restart the daemon to apply it (keeping the running value)")
+            new = replace(new, bgp=self.cfg.bgp)
         with self.lock:
             old = self.cfg
             self.cfg = new
             self.discovery.update_config(new)
+            self._reload_bgp(old, new)
             try:
                 self._sync_masquerade_guard(old, new)
             except Exception:  # noqa: BLE001
@@ -1103,8 +1122,39 @@ class Daemon:
                 "rejected_peers": dict(self.peer_rejects),
                 "pods": self._pods_status(),
                 "discovery": self.discovery.status() if self.discovery else {},
+                "bgp": self._bgp_status(),
+                "clustermesh": getattr(self.discovery, "mesh_status", dict)(),
                 "counters": self._counters(),
             }
+
+    # ------------------------------------------------------------------------------------ BGP
+
+    def _start_bgp(self) -> None:
+        """Announce this node's pod CIDRs through BIRD (docs/bgp.md), once its routes are in place."""
+        if not self.cfg.bgp.enabled:
+            return
+        from podrouter import bgp
+
+        self.bgp = bgp.BgpSpeaker(self.cfg, self.underlay.address, self.underlay.on_link)
+        try:
+            self.bgp.start()
+        except bgp.BgpError as e:
+            raise StartError([f"bgp: {e}"], EXIT_FAILURE) from None
+
+    def _reload_bgp(self, old: Config, new: Config) -> None:
+        if self.bgp is None or (old.bgp == new.bgp and old.node.pod_cidrs == new.node.pod_cidrs):
+            return
+        from podrouter import bgp
+
+        try:
+            self.bgp.reconfigure(new)
+        except bgp.BgpError as e:
+            log.error("BGP reconfiguration failed: %s", e)
+
+    def _bgp_status(self) -> dict[str, Any]:
+        if self.bgp is None:
+            return {"enabled": False}
+        return dict(self.bgp.status())
 
     def explain(self, req: dict[str, Any]) -> dict[str, Any]:
         from podrouter.cli import build_packet
@@ -1132,6 +1182,18 @@ class Daemon:
             "pod_list": lambda req: {"pods": self._pods_status()},
             "explain": self.explain,
         }
+
+
+def _bgp_problems(cfg: Config, underlay: Any) -> list[str]:
+    if not cfg.bgp.enabled:
+        return []
+    from podrouter import bgp
+
+    out = bgp.path_problems(cfg)
+    for i, p in enumerate(cfg.bgp.peers):
+        if underlay is not None and p.address == underlay.address:
+            out.append(f"bgp.peers[{i}].address: '{p.address}' is this node's own address")
+    return out
 
 
 def _load_native() -> Any:
@@ -1225,6 +1287,8 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
                 done.append(
                     f"note: {recorded.tun or TUN_NAME} still exists (not created persistent by podrouter)"
                 )
+    if cfg.bgp.enabled:
+        done.extend(_cleanup_bgp(cfg))
     if recorded is not None:
         statefile.remove(cfg.state_path)
         done.append(f"removed {cfg.state_path}")
@@ -1233,6 +1297,21 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
         sock.unlink()
         done.append(f"removed stale socket {sock}")
     return done
+
+
+def _cleanup_bgp(cfg: Config) -> list[str]:
+    """Withdraw this node's prefixes from its BGP peers now (docs/bgp.md, "Stopping for good")."""
+    from pyroute2 import IPRoute
+
+    from podrouter import bgp
+    from podrouter.netlink.underlay import UnderlayError, resolve_underlay
+
+    try:
+        with IPRoute() as ipr:
+            u = resolve_underlay(ipr, cfg.node)
+        return bgp.withdraw(cfg, u.address, u.on_link)
+    except (UnderlayError, bgp.BgpError, OSError) as e:
+        return [f"BGP: could not withdraw (the routers drop our prefixes after the restart time): {e}"]
 
 
 __all__ = [
