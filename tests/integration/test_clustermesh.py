@@ -19,56 +19,21 @@ from typing import Any
 import pytest
 from helpers import DaemonHandle, Daemons, python_in, wait_for
 
-from nettopo import Host, ReferenceTopology, Topology, capture, reference_topology
-
-EAST_ETCD = ["http://172.16.2.1:2379", "http://172.16.3.1:2379", "http://172.16.4.1:2379"]
-WEST_ETCD = ["http://172.16.2.1:2479", "http://172.16.3.1:2479", "http://172.16.4.1:2479"]
-CLUSTERS = {
-    "east": {"id": 1, "cidr": "10.244.0.0/16", "etcd": EAST_ETCD, "nodes": ("node1", "node2")},
-    "west": {"id": 2, "cidr": "10.245.0.0/16", "etcd": WEST_ETCD, "nodes": ("node3", "node4")},
-}
-POD_CIDR = {
-    "node1": "10.244.1.0/24",
-    "node2": "10.244.2.0/24",
-    "node3": "10.245.3.0/24",
-    "node4": "10.245.4.0/24",
-}
-ADDR = {"node1": "172.16.2.2", "node2": "172.16.3.2", "node3": "172.16.2.3", "node4": "172.16.4.2"}
+from nettopo import Host, ReferenceTopology, Topology, capture
+from podrouter.demo.multi import (
+    EAST_ETCD,
+    NODE_ADDR,
+    WEST_ETCD,
+    mesh_config,
+    mesh_topology,
+    start_etcd,
+    stop_proc,
+)
 
 
 @pytest.fixture
 def mesh(topo: Topology) -> ReferenceTopology:
-    ref = reference_topology(topo, with_pods=False)
-    node4 = topo.host("node4", forwarding=True)
-    topo.link(ref.router, "p-node4", node4, "eth0", a_addr="172.16.4.1/24", b_addr="172.16.4.2/24")
-    node4.ip("route add default via 172.16.4.1")
-    ref.nodes["node4"] = node4
-    ref.node_addr["node4"] = ADDR["node4"]
-    for i, node in enumerate(("node1", "node2", "node3", "node4"), 1):
-        ref.node_pod_cidr[node] = POD_CIDR[node]
-        ref.add_pod(node, f"pod{i}", POD_CIDR[node].replace("0/24", "1"))
-    return ref
-
-
-def start_etcd(r: Host, name: str, data: Path, urls: list[str], peer_port: int) -> subprocess.Popen[bytes]:
-    peer = f"http://127.0.0.1:{peer_port}"
-    proc = r.popen(
-        [
-            "etcd",
-            "--name", name,
-            "--data-dir", str(data),
-            "--listen-client-urls", ",".join(urls),
-            "--advertise-client-urls", urls[0],
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{name}={peer}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    code = f"import urllib.request;urllib.request.urlopen('{urls[0]}/health',timeout=1)"
-    wait_for(lambda: r.try_run(["python3", "-c", code]).returncode == 0, 20, 0.3, f"etcd {name} healthy")
-    return proc
+    return mesh_topology(topo)
 
 
 @pytest.fixture
@@ -80,45 +45,7 @@ def etcds(mesh: ReferenceTopology, tmp_path: Path) -> Iterator[dict[str, subproc
         yield procs
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=5)
-
-
-def mesh_config(ref: ReferenceTopology, node: str, sockdir: Path) -> dict[str, Any]:
-    mine = next(n for n, c in CLUSTERS.items() if node in c["nodes"])
-    other = next(n for n in CLUSTERS if n != mine)
-    me, them = CLUSTERS[mine], CLUSTERS[other]
-    seg = {"node1": 0, "node2": 1, "node3": 0, "node4": 2}[node]  # the etcd address this node reaches
-    return {
-        "node": {"name": node, "address": ADDR[node], "interface": "eth0", "pod_cidr": POD_CIDR[node]},
-        "cluster": {"name": mine, "id": me["id"], "pod_cidr": me["cidr"]},
-        "routing": {"mode": "tunnel", "native_when_on_link": True},
-        "masquerade": {"enabled": True},
-        "discovery": {"backend": "etcd", "etcd": {"endpoints": [me["etcd"][seg]], "lease_ttl": 3}},
-        "clustermesh": {
-            "clusters": [
-                # hybrid + native_when_on_link: native to the other cluster's nodes on our L2
-                {
-                    "name": other,
-                    "id": them["id"],
-                    "etcd": {"endpoints": [them["etcd"][seg]]},
-                    "mode": "hybrid",
-                }
-            ]
-        },
-        "pods": [
-            {"name": p.name, "ip": p.ip, "host_interface": p.host_interface}
-            for p in ref.pods.values()
-            if p.node == node
-        ],
-        "api": {"socket": str(sockdir / f"{node}.sock")},
-        "metrics": {"listen": None},
-    }
+            stop_proc(p)
 
 
 def mesh_nodes(d: DaemonHandle, cluster: str) -> dict[str, Any]:
@@ -140,7 +67,7 @@ def put(host: Host, url: str, key: str, value: str) -> None:
 
 
 def test_two_clusters(mesh: ReferenceTopology, daemons: Daemons, etcds: dict[str, Any]) -> None:
-    ds = {n: daemons.start(mesh.nodes[n], mesh_config(mesh, n, daemons.sockdir)) for n in ADDR}
+    ds = {n: daemons.start(mesh.nodes[n], mesh_config(mesh, n, daemons.sockdir)) for n in NODE_ADDR}
     d1 = ds["node1"]
     wait_for(
         lambda: set(mesh_nodes(d1, "west")["nodes"]) == {"node3", "node4"}, 15, what="node1 sees west's nodes"
