@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from helpers import DaemonHandle, Daemons, python_in, wait_for
+from test_bad_input import inner, send_udp, vxlan
 
 from nettopo import Host, ReferenceTopology, Topology, capture
 from podrouter.demo.multi import (
@@ -110,6 +111,27 @@ def test_two_clusters(mesh: ReferenceTopology, daemons: Daemons, etcds: dict[str
         assert pods["pod1"].host.ping("10.245.3.1", count=2)
     assert any("10.244.1.1 > 10.245.3.1" in ln for ln in lines), lines
     assert d1.counters()["drops"].get("spoofed_inner_source", 0) == 0
+
+    # the ingress checks apply to mesh peers: west's node4 (a known peer) cannot send packets from
+    # east's pod addresses, nor from its fellow west node's, into node1's pods
+    before = {k: int(v) for k, v in d1.counters()["drops"].items()}
+    with capture(mesh.nodes["node1"], "veth-pod1", "icmp") as delivered:
+        send_udp(
+            mesh.nodes["node4"],
+            "172.16.4.2",
+            "172.16.2.2",
+            4789,
+            [vxlan(inner(src="10.244.2.1")), vxlan(inner(src="10.245.3.1")), vxlan(inner(src="10.244.1.9"))],
+        )
+        wait_for(
+            lambda: (
+                d1.counters()["drops"].get("spoofed_inner_source", 0) - before.get("spoofed_inner_source", 0)
+                >= 3
+            ),
+            5,
+            what="3 spoofed packets dropped",
+        )
+    assert delivered == []
 
     # a west node claiming east's pod CIDR is refused; the rest of the mesh keeps working
     put(
