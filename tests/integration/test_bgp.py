@@ -6,6 +6,7 @@ restart); a stopped-and-cleaned node's prefix is withdrawn."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -44,6 +45,20 @@ def bgp_cfg(ref: ReferenceTopology, node: str, sockdir: Path, **bgp: object) -> 
         peers=[n for n in ("node1", "node2") if n != node],
         bgp=node_bgp(R_ADDR[node], **bgp),
     )
+
+
+def bird_pids(ctl: str) -> list[int]:
+    """Processes whose command line names this control socket (a node's bird)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if ctl.encode() in argv and any(a.endswith(b"bird") for a in argv[:2]):
+                out.append(int(d.name))
+    return out
 
 
 def metrics_text(ref: ReferenceTopology, node: str) -> str:
@@ -90,7 +105,25 @@ def test_native_across_router_via_bgp(ref: ReferenceTopology, daemons: Daemons, 
     finally:
         srv.kill()
         srv.wait(timeout=5)
-    d2.stop()  # leave node2's routes to graceful restart; the fixture's R goes down with the test
+
+    # SIGHUP with a changed pod CIDR: the old prefix is withdrawn, the new one announced, the
+    # session stays up
+    cfg = yaml.safe_load(d1.config.read_text())
+    cfg["node"]["pod_cidr"] = "10.244.1.0/25"
+    d1.config.write_text(yaml.safe_dump(cfg))
+    d1.signal(signal.SIGHUP)
+    fabric.wait_routes({"10.244.1.0/24": None, "10.244.1.0/25": "172.16.2.2", "10.244.2.0/24": "172.16.3.2"})
+    assert d1.status()["bgp"]["prefixes"] == ["10.244.1.0/25"]
+    assert fabric.sessions()["172.16.2.2"] == "Established"
+
+    # a crash (SIGKILL): node2's bird dies with its daemon (parent-death signal), and R keeps
+    # node2's prefix for the graceful-restart window instead of dropping it
+    ctl = str(daemons.sockdir / "node2.bird.ctl")
+    assert bird_pids(ctl), "node2's bird is not running"
+    d2.kill()
+    wait_for(lambda: not bird_pids(ctl), 5, what="node2's bird gone with its daemon")
+    wait_for(lambda: fabric.sessions()["172.16.3.2"] != "Established", 10, what="R sees node2 gone")
+    assert fabric.routes().get("10.244.2.0/24") == "172.16.3.2"
 
 
 def test_restart_keeps_routes_and_cleanup_withdraws(
