@@ -835,6 +835,19 @@ class Daemon:
         if new.bgp.enabled != self.cfg.bgp.enabled:
             log.warning("bgp.enabled changed: restart the daemon to apply it (keeping the running value)")
             new = replace(new, bgp=self.cfg.bgp)
+        mesh_before = (self.cfg.cluster_name, self.cfg.cluster_id, self.cfg.clustermesh)
+        if (new.cluster_name, new.cluster_id, new.clustermesh) != mesh_before:
+            # the remote watches are set up once, at start (docs/clustermesh.md)
+            log.warning(
+                "cluster.name/cluster.id/clustermesh changed: restart the daemon to apply it "
+                "(keeping the running value)"
+            )
+            new = replace(
+                new,
+                cluster_name=self.cfg.cluster_name,
+                cluster_id=self.cfg.cluster_id,
+                clustermesh=self.cfg.clustermesh,
+            )
         with self.lock:
             old = self.cfg
             self.cfg = new
