@@ -41,6 +41,7 @@ log = logging.getLogger("podrouter.bgp")
 
 CONTROL_TIMEOUT = 3.0
 START_TIMEOUT = 10.0
+RESTART_INTERVAL = 5.0  # seconds between two attempts to restart a BIRD that died
 SUN_PATH_MAX = 107
 STATIC_PROTOCOL = "podr_pods4"
 # BIRD's reply codes (doc/reply_codes in BIRD's source): 0xxx end of a successful reply, 8xxx/9xxx
@@ -222,6 +223,7 @@ class BgpSpeaker:
         self.on_link = on_link
         self.paths = BirdPaths.for_config(cfg)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._last_restart = -RESTART_INTERVAL
 
     def start(self) -> None:
         kill_leftover(self.paths)
@@ -244,6 +246,24 @@ class BgpSpeaker:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def ensure_running(self) -> bool:
+        """Called from the daemon's loop: start BIRD again if it died (at most every RESTART_INTERVAL
+        seconds; with -R and graceful restart the routers keep our routes meanwhile). True if it
+        (re)started it."""
+        if self.proc is None or self.proc.poll() is None:
+            return False
+        now = time.monotonic()
+        if now - self._last_restart < RESTART_INTERVAL:
+            return False
+        self._last_restart = now
+        log.error("BGP: bird exited with status %s; starting it again", self.proc.returncode)
+        try:
+            self.proc = launch(self.paths)
+        except BgpError as e:
+            log.error("BGP: %s", e)
+            return False
+        return True
 
     def status(self) -> dict[str, Any]:
         b = self.cfg.bgp

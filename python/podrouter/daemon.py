@@ -572,6 +572,8 @@ class Daemon:
                             ", ".join(sorted(reasons)),
                         )
             self._watch_counters()
+            if self.bgp is not None:
+                self.bgp.ensure_running()
             if self.datapath is not None and not self.datapath.is_running():
                 log.error("the datapath stopped unexpectedly; shutting down")
                 self._exit_code = EXIT_FAILURE

@@ -6,6 +6,7 @@ restart); a stopped-and-cleaned node's prefix is withdrawn."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -105,6 +106,14 @@ def test_native_across_router_via_bgp(ref: ReferenceTopology, daemons: Daemons, 
     finally:
         srv.kill()
         srv.wait(timeout=5)
+
+    # BIRD dies under a running daemon: the daemon starts it again and the session comes back
+    (pid,) = bird_pids(str(daemons.sockdir / "node1.bird.ctl"))
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: fabric.sessions()["172.16.2.2"] != "Established", 10, what="R sees node1's bird gone")
+    wait_for(lambda: fabric.sessions()["172.16.2.2"] == "Established", 20, what="node1's bird back")
+    assert "starting it again" in d1.logs()
+    assert fabric.routes().get("10.244.1.0/24") == "172.16.2.2"
 
     # SIGHUP with a changed pod CIDR: the old prefix is withdrawn, the new one announced, the
     # session stays up
