@@ -573,6 +573,9 @@ class _Validator:
         bgp = self.bgp(m.get("bgp"), node)
         cluster_ident = self.cluster_identity(m.get("cluster"))
         mesh = self.clustermesh(m.get("clustermesh"), cluster_ident, cluster or ())
+        if mesh is not None and any(c.mode == "hybrid" for c in mesh.clusters):
+            # a hybrid mesh cluster uses routing.native_cidrs / native_when_on_link too
+            self.warnings = [w for w in self.warnings if not w.startswith("routing: native_cidrs and")]
         if node is not None and cluster is not None:
             # relations are checked on whatever parsed, so one run reports those problems too
             self.cross_checks(node, cluster, routing, peers or (), pods or (), masq)
