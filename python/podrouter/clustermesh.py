@@ -66,10 +66,15 @@ class RemoteCluster(EtcdDiscovery):
         return
 
     def _conflict(self, peer: PeerConfig, accepted: dict[str, PeerConfig]) -> str | None:
+        space = self.mesh.pod_cidrs
         for net in peer.pod_cidrs:
+            # a claim on our own space first: it is the one that matters
             for own in self.local_cluster_cidrs:
                 if _overlaps(net, own):
                     return f"pod CIDR {net} overlaps this cluster's ({self.local_name}) pod CIDR {own}"
+            if space and not any(net.version == s.version and net.subnet_of(s) for s in space):  # type: ignore[arg-type]
+                declared = ", ".join(str(s) for s in space)
+                return f"pod CIDR {net} is outside cluster {self.mesh.name}'s pod CIDRs ({declared})"
         for other in accepted.values():
             if other.name != peer.name and any(
                 _overlaps(n, o) for n in peer.pod_cidrs for o in other.pod_cidrs
@@ -98,6 +103,7 @@ class RemoteCluster(EtcdDiscovery):
                 "connected": connected,
                 "revision": self._revision,
                 "mode": self.mesh.mode,
+                "pod_cidrs": [str(c) for c in self.mesh.pod_cidrs],
                 "tunnel_protocol": self.mesh.tunnel_protocol,
                 "nodes": {
                     n: {"address": str(p.address), "pod_cidrs": [str(c) for c in p.pod_cidrs]}

@@ -223,6 +223,9 @@ class MeshClusterConfig:
     etcd: EtcdConfig
     mode: str = "tunnel"
     tunnel_protocol: str | None = None
+    # the remote cluster's whole pod space (optional): its nodes must lie inside, and it stays
+    # routed into the datapath (never masqueraded) even while none of its nodes is known
+    pod_cidrs: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -1022,8 +1025,14 @@ class _Validator:
         if ident[1] is not None:
             ids[ident[1]] = "cluster.id"
         idx = self.indices.get("clustermesh.clusters", [])
+        spaces: list[tuple[str, IPNetwork]] = [("cluster.pod_cidr", n) for n in cluster]
         for i, c in zip(idx, clusters, strict=True):
             path = f"clustermesh.clusters[{i}]"
+            for net in c.pod_cidrs:
+                for owner, other in spaces:
+                    if net.version == other.version and net.overlaps(other):  # type: ignore[arg-type]
+                        self.bad(f"{path}.pod_cidr", f"'{net}' overlaps {owner} '{other}'")
+                spaces.append((f"{path}.pod_cidr", net))
             if c.name in names:
                 self.bad(f"{path}.name", f"{_q(c.name)} is also {names[c.name]}")
             names.setdefault(c.name, f"{path}.name")
@@ -1034,7 +1043,10 @@ class _Validator:
 
     def mesh_cluster(self, path: str, value: Any) -> MeshClusterConfig | None:
         m = self.mapping(
-            path, value, ("name", "id", "etcd", "mode", "tunnel_protocol"), ("name", "id", "etcd")
+            path,
+            value,
+            ("name", "id", "etcd", "mode", "tunnel_protocol", "pod_cidr", "pod_cidrs"),
+            ("name", "id", "etcd"),
         )
         if m is None:
             return None
@@ -1054,11 +1066,16 @@ class _Validator:
             for msg in sub.problems:
                 self.problems.append(msg.replace("discovery.etcd", f"{path}.etcd", 1))
             etcd = d.etcd if d is not None and not sub.problems else None
-        if name is None or cid is None or mode is None or etcd is None:
+        space: tuple[IPNetwork, ...] | None = ()
+        if m.get("pod_cidr") is not None or m.get("pod_cidrs") is not None:
+            space = self.one_or_many_cidrs(path, m, required=False)
+        if name is None or cid is None or mode is None or etcd is None or space is None:
             return None
         if m.get("tunnel_protocol") is not None and proto is None:
             return None
-        return MeshClusterConfig(name=name, id=cid, etcd=etcd, mode=mode, tunnel_protocol=proto)
+        return MeshClusterConfig(
+            name=name, id=cid, etcd=etcd, mode=mode, tunnel_protocol=proto, pod_cidrs=space
+        )
 
     # --- relations between sections ---
 

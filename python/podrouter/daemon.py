@@ -153,7 +153,7 @@ def plan_routes(
                 out.append(RoutePlan(piece, path, path_mtu(cfg, path, underlay_mtu), view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
-    for cidr in cfg.cluster_cidrs:
+    for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
         out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu), None, tun))
     # addresses of our own pod CIDR without a registered pod: unreachable, so a packet to one gets an
     # ICMP error at once instead of bouncing TUN -> kernel -> TUN until its TTL runs out
@@ -184,7 +184,7 @@ def build_spec(
         "node": {"name": cfg.node.name, "address": node_address, "pod_cidrs": nets(cfg.node.pod_cidrs)},
         # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
         # checked on ingress, never masqueraded
-        "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_cidrs(peers)),
+        "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
         "mode": cfg.routing.mode,
         "native_cidrs": nets(cfg.routing.native_cidrs),
         "native_when_on_link": cfg.routing.native_when_on_link,
@@ -216,6 +216,11 @@ def build_spec(
             for v in peers
         ],
     }
+
+
+def mesh_space(cfg: Config) -> list[IPNetwork]:
+    """The pod CIDRs declared for the mesh's remote clusters (`clustermesh.clusters[].pod_cidr`)."""
+    return [n for c in cfg.clustermesh.clusters for n in c.pod_cidrs]
 
 
 def mesh_cidrs(peers: Iterable[PeerView]) -> list[IPNetwork]:

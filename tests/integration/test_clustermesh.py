@@ -146,6 +146,26 @@ def test_two_clusters(mesh: ReferenceTopology, daemons: Daemons, etcds: dict[str
     why = mesh_nodes(d1, "west")["rejected"]["/podrouter/v1/nodes/rogue"]
     assert "overlaps this cluster's (east) pod CIDR 10.244.0.0/16" in why, why
     assert "west.rogue" not in {p["name"] for p in d1.status()["peers"]}
+    # and so is one outside west's declared pod space (clustermesh.clusters[].pod_cidr)
+    put(
+        mesh.nodes["node3"],
+        WEST_ETCD[0],
+        "/podrouter/v1/nodes/stray",
+        json.dumps({"name": "stray", "address": "172.16.2.8", "pod_cidr": "10.246.0.0/24"}),
+    )
+    wait_for(
+        lambda: "/podrouter/v1/nodes/stray" in mesh_nodes(d1, "west")["rejected"], 10, what="stray refused"
+    )
+    assert "outside cluster west's pod CIDRs (10.245.0.0/16)" in (
+        mesh_nodes(d1, "west")["rejected"]["/podrouter/v1/nodes/stray"]
+    )
+    # west's space without a known node is dropped by the datapath (no_route), never masqueraded
+    assert "dev podr0" in mesh.nodes["node1"].ip("route show 10.245.0.0/16")
+    before = d1.counters()
+    assert not pods["pod1"].host.ping("10.245.9.1", count=2, timeout=1)
+    after = d1.counters()
+    assert after["drops"].get("no_route", 0) - before["drops"].get("no_route", 0) >= 2
+    assert after["packets"].get("masquerade/egress", 0) == before["packets"].get("masquerade/egress", 0)
     assert pods["pod1"].host.ping("10.245.4.1", count=2)
 
     # west's etcd goes away: east keeps the last known west nodes and keeps routing to them

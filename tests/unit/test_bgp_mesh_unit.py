@@ -97,6 +97,7 @@ def test_clustermesh_keys_and_refusals() -> None:
         - {name: east, id: 1, etcd: {endpoints: ["http://x:1"]}}
         - {name: north, id: 256, etcd: {endpoints: ["ftp://x"]}}
         - {name: south, id: 3, etcd: {endpoints: ["http://x:1"]}, mode: warp}
+        - {name: west, id: 4, etcd: {endpoints: ["http://x:1"]}, pod_cidr: 10.244.128.0/17}
     """
     got = problems(textwrap.dedent(bad))
     assert "clustermesh.clusters[0].name: 'east' is also cluster.name" in got
@@ -104,6 +105,9 @@ def test_clustermesh_keys_and_refusals() -> None:
     assert "clustermesh.clusters[1].id: 256 is out of range (1..255)" in got
     assert "clustermesh.clusters[1].etcd.endpoints[0]: 'ftp://x' is not an http(s)://host:port URL" in got
     assert "clustermesh.clusters[2].mode: 'warp' is not one of: tunnel, native, hybrid" in got
+    assert (
+        "clustermesh.clusters[3].pod_cidr: '10.244.128.0/17' overlaps cluster.pod_cidr '10.244.0.0/16'" in got
+    )
     no_ident = "node: {name: n, pod_cidr: 10.244.1.0/24}\ncluster: {pod_cidr: 10.244.0.0/16}\n"
     with pytest.raises(ConfigError) as exc:
         config.loads(no_ident + "clustermesh: {clusters: [{name: w, id: 2, etcd: {}}]}")

@@ -124,6 +124,7 @@ def mesh_config(ref: ReferenceTopology, node: str, sockdir: Path, metrics: bool 
                     "name": other,
                     "id": them["id"],
                     "etcd": {"endpoints": [them["etcd"][seg]]},
+                    "pod_cidr": them["cidr"],
                     "mode": "hybrid",
                 }
             ]
