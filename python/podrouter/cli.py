@@ -117,6 +117,12 @@ def check(config: str) -> None:
         f"{config}: ok (node {cfg.node.name}, {cfg.routing.mode} mode, {len(cfg.peers)} peers, "
         f"{len(cfg.pods)} pods)"
     )
+    if cfg.bgp.enabled:
+        peers = ", ".join(f"{p.address} (AS {p.asn})" for p in cfg.bgp.peers)
+        click.echo(f"  bgp: AS {cfg.bgp.asn} announcing to {peers}")
+    if cfg.clustermesh.clusters:
+        others = ", ".join(f"{c.name} (id {c.id})" for c in cfg.clustermesh.clusters)
+        click.echo(f"  cluster mesh: {cfg.cluster_name} (id {cfg.cluster_id}) with {others}")
 
 
 # ------------------------------------------------------------------------------------------- status
