@@ -329,6 +329,7 @@ class BgpSpeaker:
 
 def write_private(path: Path, text: str) -> None:
     """bird.conf may hold TCP-MD5 passwords: readable by root only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
