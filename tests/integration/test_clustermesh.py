@@ -156,8 +156,9 @@ def test_two_clusters(mesh: ReferenceTopology, daemons: Daemons, etcds: dict[str
     wait_for(
         lambda: "/podrouter/v1/nodes/stray" in mesh_nodes(d1, "west")["rejected"], 10, what="stray refused"
     )
-    assert "outside cluster west's pod CIDRs (10.245.0.0/16)" in (
-        mesh_nodes(d1, "west")["rejected"]["/podrouter/v1/nodes/stray"]
+    assert (
+        "outside cluster west's pod CIDRs (10.245.0.0/16)"
+        in (mesh_nodes(d1, "west")["rejected"]["/podrouter/v1/nodes/stray"])
     )
     # west's space without a known node is dropped by the datapath (no_route), never masqueraded
     assert "dev podr0" in mesh.nodes["node1"].ip("route show 10.245.0.0/16")

@@ -56,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seconds", type=float, default=2.0, help="iperf3 duration per pair (default 2)")
     p.add_argument("--no-throughput", dest="throughput", action="store_false", help="skip iperf3")
-    p.add_argument(
-        "--bgp", action="store_true", help="R runs BIRD 2; native across R via BGP (docs/bgp.md)"
-    )
+    p.add_argument("--bgp", action="store_true", help="R runs BIRD 2; native across R via BGP (docs/bgp.md)")
     p.add_argument(
         "--clusters",
         type=int,
