@@ -1,7 +1,7 @@
 """Shaping benchmark: podrouter's bandwidth manager beside the reference CNI `bandwidth` plugin.
 
 For each rate (10M, 100M, 1G) and direction (pod egress, pod ingress), on the same namespace lab
-(bench/qos/lab.py: a node, one pod attached as DESIGN.md §4b says, a sink), each implementation in
+(bench/qos/lab.py: a node, one pod attached as docs/design.md §4b says, a sink), each implementation in
 turn shapes the pod; we measure
 
 - accuracy: TCP goodput measured by iperf3 on the receiver (`-O 1`), against the limit less the L2

@@ -100,6 +100,16 @@ class Datapath:
         "udp_rx_gro_messages": n, "udp_tx_calls": n, "udp_tx_gso_messages": n,
         "packet_tx_calls": n, "packet_tx_gso_frames": n, "batches": n}}``.
         Packets are wire packets (a GSO super-packet counts once per segment)."""
+    def monitor_start(self, flows: bool = False, sample: int = 100, rate: int = 1000) -> None:
+        """Turn the event ring on: drops (and with ``flows`` one forwarded packet in ``sample``), at
+        most ``rate`` events a second. Older events are not read."""
+    def monitor_stop(self) -> None:
+        """Turn the event ring off (drop points go back to one flag check). Idempotent."""
+    def monitor_events(self, max: int = 1024) -> list[dict[str, Any]]:
+        """Up to ``max`` events, oldest first: ``{"kind": "drop"|"flow", "reason", "path",
+        "direction", "family", "proto", "src", "dst", "sport", "dport", "len", "outer", "time"}``."""
+    def monitor_stats(self) -> dict[str, int]:
+        """``{"suppressed": n, "lost": n}`` since the ring was turned on."""
     def stop(self) -> None:
         """Stop the workers and close the sockets; the TUN stays. Idempotent."""
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The `podrouter` command line (DESIGN.md §5).
+"""The `podrouter` command line (docs/design.md §5).
 
 Exit statuses: 0 success; 1 failure (daemon unreachable or not ready, API error, datapath trouble);
 2 bad input (config problems, bad arguments) -- always before anything in the kernel was touched.
@@ -515,6 +515,62 @@ def _delegate(module: str, args: list[str]) -> None:
         _fail(f"podrouter {module}: not built yet", EXIT_FAILURE)
     rc = fn(args)
     sys.exit(int(rc or 0))
+
+
+# ------------------------------------------------------------------------------------------ monitor
+
+
+@main.command()
+@config_option
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+@click.option("--flows", is_flag=True, help="Also show a sample of forwarded packets.")
+@click.option("--pod", help="Only events to or from this pod.")
+@click.option("--reason", help="Only drops for this reason (e.g. unknown_peer, ttl_exceeded).")
+@click.option("--address", help="Only events with this address (source, destination or tunnel sender).")
+@click.option("--count", type=click.IntRange(min=1), help="Exit after this many events.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), help="Exit after this many seconds.")
+def monitor(
+    config: str | None,
+    sock: str | None,
+    as_json: bool,
+    flows: bool,
+    pod: str | None,
+    reason: str | None,
+    address: str | None,
+    count: int | None,
+    timeout: float | None,
+) -> None:
+    """A live stream of dropped packets: reason, addresses, ports, protocol, path, pod.
+
+    Recording starts when the first monitor connects and stops when the last one leaves; the
+    datapath records at most 1000 events a second (the rest are reported as rate-limited).
+    """
+    from podrouter import monitor as mon
+
+    if address is not None:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            _fail(f"--address: {address!r} is not an IP address", EXIT_USAGE)
+    path = _socket_path(config, sock)
+    req: dict[str, Any] = {"flows": flows}
+    for key, value in (("pod", pod), ("reason", reason), ("address", address)):
+        if value is not None:
+            req[key] = value
+    try:
+        _shown, error = mon.run_client(path, req, as_json, count, sys.stdout, timeout)
+    except FileNotFoundError:
+        _fail(f"no daemon at {path} (is `podrouter run` running?)", EXIT_FAILURE)
+    except (ConnectionRefusedError, OSError) as e:
+        _fail(f"cannot reach the daemon at {path}: {e.strerror or e}", EXIT_FAILURE)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_OK)
+    except ValueError as e:
+        _fail(f"bad reply from the daemon: {e}", EXIT_FAILURE)
+    if error is not None:
+        _fail(f"error: {error}", EXIT_USAGE if error.startswith(("reason:", "pod:", "address:", "flows:"))
+              else EXIT_FAILURE)
 
 
 # add_help_option=False: `--help` / `-h` go through to the demo's own parser, which lists its options

@@ -1,4 +1,4 @@
-"""The node configuration (DESIGN.md §4): YAML in, typed frozen dataclasses out.
+"""The node configuration (docs/design.md §4): YAML in, typed frozen dataclasses out.
 
 `load(path)` validates *everything* before returning and collects every problem it finds, so a user
 fixes a broken file in one round. Each problem names the key path and the bad value, e.g.

@@ -35,6 +35,8 @@ from podrouter import api as apimod
 from podrouter import config as configmod
 from podrouter import state as statefile
 from podrouter.config import Config, IPNetwork, PeerConfig, PodConfig, vtep_mac_of
+from podrouter.monitor import MonitorHub
+from podrouter.monitor import stream as monitor_stream
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import (
     ENCAP_OVERHEAD,
@@ -160,7 +162,7 @@ def plan_routes(
     for cidr in cfg.node.pod_cidrs:
         out.append(RoutePlan(cidr, "local", None, None, None))
     for pod in pods:
-        # DESIGN.md §4b: the pod's /32 (and, dual stack, its /128) to its veth
+        # docs/design.md §4b: the pod's /32 (and, dual stack, its /128) to its veth
         for addr in pod.addresses:
             out.append(RoutePlan(ipaddress.ip_network(addr), "pod", None, pod.name, pod.host_interface))
     return out
@@ -256,7 +258,7 @@ def read_local_port_range() -> tuple[int, int] | None:
 
 
 def port_range_problem(cfg: Config) -> str | None:
-    """DESIGN.md §3: the masquerade ports must never collide with the kernel's own ephemeral ports,
+    """docs/design.md §3: the masquerade ports must never collide with the kernel's own ephemeral ports,
     or a reply to a node-local connection could be taken for a masqueraded one (and vice versa)."""
     if not cfg.masquerade.enabled:
         return None
@@ -281,6 +283,9 @@ class PodEntry:
     pod: PodConfig
     source: str  # config | api
     shaping: dict[str, Any] = field(default_factory=dict)
+    # the CNI attachment that registered it (container_id, netns, ifname), if a CNI plugin did: a DEL
+    # that names another container (a late DEL of a predecessor with the same pod name) leaves it be
+    cni: dict[str, str] | None = None
 
 
 class Daemon:
@@ -313,6 +318,7 @@ class Daemon:
         self.discovery: Any = None
         self.bandwidth: Any = None
         self.api: apimod.ApiServer | None = None
+        self.monitor: MonitorHub | None = None
         self.metrics: Any = None
         self.bgp: Any = None  # podrouter.bgp.BgpSpeaker when bgp.enabled
 
@@ -462,7 +468,8 @@ class Daemon:
             self._reconcile_locked("start")
         self.watcher.start()
         self.discovery.start(self._on_event)
-        self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers())
+        self.monitor = MonitorHub(lambda: self.datapath, self._pod_of)
+        self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers(), self._api_streams())
         if cfg.metrics.listen is not None:
             from podrouter.metrics import MetricsServer, make_source
 
@@ -628,6 +635,7 @@ class Daemon:
             (self.bgp, "stop"),
             (self.metrics, "close"),
             (self.api, "close"),
+            (self.monitor, "close"),
             (self.discovery, "stop"),
             (self.watcher, "stop"),
         ):
@@ -964,7 +972,9 @@ class Daemon:
             log.exception("shaping pod %s failed", pod.name)
             entry.shaping = {"error": str(e)}
 
-    def _pod_install(self, pod: PodConfig, source: str, raise_errors: bool) -> PodEntry:
+    def _pod_install(
+        self, pod: PodConfig, source: str, raise_errors: bool, cni: dict[str, str] | None = None
+    ) -> PodEntry:
         """Register (or update) a pod: proxy ARP on its veth, its /32 route, its shaping."""
         for other in self.pods.values():
             for addr in set(other.pod.addresses) & set(pod.addresses) if other.pod.name != pod.name else ():
@@ -982,9 +992,12 @@ class Daemon:
             log.error("%s (registered; its route is installed when the interface appears)", msg)
         else:
             self._pod_sysctls(pod)
-        entry = PodEntry(pod, source)
+        entry = PodEntry(pod, source, cni=cni)
         self.pods[pod.name] = entry
-        self.plumbing.state.pods[pod.name] = {**pod.as_dict(), "source": source}
+        recorded = {**pod.as_dict(), "source": source}
+        if cni:
+            recorded["cni"] = cni
+        self.plumbing.state.pods[pod.name] = recorded
         self.plumbing.save()
         self._shape(entry)
         return entry
@@ -992,7 +1005,7 @@ class Daemon:
     def _pod_sysctls(self, pod: PodConfig) -> None:
         ps = self.plumbing
         ifname = pod.host_interface
-        # DESIGN.md §4b: the pod's default gateway 169.254.1.1 exists nowhere; with proxy ARP the node
+        # docs/design.md §4b: the pod's default gateway 169.254.1.1 exists nowhere; with proxy ARP the node
         # answers the pod's ARP for it (the kernel does because 169.254.1.1 routes out another device)
         ps.set_sysctl(sysctl.conf(ifname, "proxy_arp"), 1)
         ps.set_sysctl(sysctl.conf(ifname, "forwarding"), 1)
@@ -1027,12 +1040,13 @@ class Daemon:
         self.plumbing.save()
         return entry
 
-    def pod_add(self, raw: Any) -> dict[str, Any]:
+    def pod_add(self, raw: Any, cni: Any = None) -> dict[str, Any]:
         pod, problems, warnings = configmod.pod_from_dict(raw, self.cfg.node.pod_cidrs)
         if pod is None:
             raise apimod.ApiError("; ".join(problems))
+        attachment = apimod.cni_attachment(cni)
         with self.lock:
-            entry = self._pod_install(pod, "api", raise_errors=True)
+            entry = self._pod_install(pod, "api", raise_errors=True, cni=attachment)
             self._reconcile_locked(f"pod {pod.name} added")
             nets = [str(ipaddress.ip_network(a)) for a in pod.addresses]
             errs = [e for e in self.route_errors if any(n in e for n in nets)]
@@ -1040,10 +1054,20 @@ class Daemon:
                 raise apimod.ApiError("; ".join(errs))
             return {"pod": self._pod_status(entry), "warnings": warnings}
 
-    def pod_del(self, name: Any) -> dict[str, Any]:
+    def pod_del(self, name: Any, container_id: Any = None) -> dict[str, Any]:
         if not isinstance(name, str):
             raise apimod.ApiError("pod_del needs a string 'name'")
+        if container_id is not None and not apimod.valid_container_id(container_id):
+            raise apimod.ApiError(f"pod_del: container_id {str(container_id)[:80]!r} is not a container ID")
         with self.lock:
+            current = self.pods.get(name)
+            if container_id is not None and current is not None:
+                owner = (current.cni or {}).get("container_id")
+                if owner != container_id:
+                    # a late DEL of a sandbox this pod name has since been given to: not ours to remove
+                    log.info("pod_del %s for container %s ignored: the pod belongs to %s", name,
+                             container_id, owner or f"the {current.source}")
+                    return {"removed": None, "kept": name, "owner": owner}
             entry = self._pod_remove(name)
             if entry is None:
                 raise apimod.ApiError(f"no pod named {name!r}")
@@ -1067,7 +1091,10 @@ class Daemon:
         return out
 
     def _pod_status(self, entry: PodEntry) -> dict[str, Any]:
-        return {**entry.pod.as_dict(), "source": entry.source, "shaping": entry.shaping}
+        out = {**entry.pod.as_dict(), "source": entry.source, "shaping": entry.shaping}
+        if entry.cni:
+            out["cni"] = dict(entry.cni)
+        return out
 
     def _pod_limits(self) -> dict[str, int | None]:
         with self.lock:
@@ -1197,11 +1224,31 @@ class Daemon:
     def _api_handlers(self) -> dict[str, apimod.Handler]:
         return {
             "status": lambda req: self.status(),
-            "pod_add": lambda req: self.pod_add(req.get("pod")),
-            "pod_del": lambda req: self.pod_del(req.get("name")),
+            "pod_add": lambda req: self.pod_add(req.get("pod"), req.get("cni")),
+            "pod_del": lambda req: self.pod_del(req.get("name"), req.get("container_id")),
             "pod_list": lambda req: {"pods": self._pods_status()},
             "explain": self.explain,
         }
+
+
+    def _api_streams(self) -> dict[str, apimod.StreamHandler]:
+        hub = self.monitor
+        assert hub is not None
+        return {"monitor": lambda req, send: monitor_stream(hub, req, self._native_drop_reasons(), send)}
+
+    def _native_drop_reasons(self) -> list[str]:
+        counters = self._counters()
+        return sorted((counters.get("drops") or {}).keys())
+
+    def _pod_of(self, address: str | None) -> str | None:
+        """The local pod holding `address` (the monitor names pods in its events)."""
+        if not address:
+            return None
+        with self.lock:
+            for e in self.pods.values():
+                if any(str(a) == address for a in e.pod.addresses):
+                    return e.pod.name
+        return None
 
 
 def _bgp_problems(cfg: Config, underlay: Any) -> list[str]:

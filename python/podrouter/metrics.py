@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN.md §6; the names are a contract).
+"""Prometheus metrics (docs/design.md §6; the names are a contract).
 
 A custom Collector on a registry of its own, so `/metrics` carries exactly the contract's families
 (no default process/platform collectors) and every scrape reads the datapath's counters at that

@@ -1,4 +1,4 @@
-"""Keeps masquerade replies away from the node's own stack (DESIGN.md §3), through libnftables.
+"""Keeps masquerade replies away from the node's own stack (docs/design.md §3), through libnftables.
 
 The datapath reads replies to masqueraded flows from a filtered AF_PACKET socket on the underlay
 (rust/io/src/af_packet.rs). AF_PACKET sees a *copy*: the original still goes up the node's stack,

@@ -156,7 +156,7 @@ def test_pods_through_the_api(ref: ReferenceTopology, daemons: Daemons) -> None:
     shaping = {p["name"]: p["shaping"] for p in d.status()["pods"]}["pod1"]
     assert shaping["egress_bps"] == 10_000_000 and not shaping["error"]
     assert sysctl_value(n1, "net.ipv4.conf.veth-pod1.proxy_arp") == "1"
-    # the node answers the pod's ARP for its link-local gateway (DESIGN.md §4b), so the pod reaches
+    # the node answers the pod's ARP for its link-local gateway (docs/design.md §4b), so the pod reaches
     # the node's own address
     assert ref.pods["pod1"].host.ping("172.16.2.2")
 

@@ -1,4 +1,4 @@
-"""metrics.py: the exposition has exactly DESIGN.md §6's names, built from the counters dict format of
+"""metrics.py: the exposition has exactly docs/design.md §6's names, built from the counters dict format of
 `_native.Datapath.counters()`, and is served over HTTP."""
 
 from __future__ import annotations

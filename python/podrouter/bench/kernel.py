@@ -7,7 +7,7 @@
   permanent neighbour entry for it and an FDB entry pointing its MAC at the remote node's underlay
   address (RFC 7348 framing done by the kernel).
 
-Pods are attached as DESIGN.md §4b says (a /32 route to the pod's host veth and proxy ARP so the node
+Pods are attached as docs/design.md §4b says (a /32 route to the pod's host veth and proxy ARP so the node
 answers for 169.254.1.1), which is what podrouter does for its own pods, so only the node-to-node
 part differs between a baseline and the podrouter mode it is compared with.
 """
@@ -21,7 +21,7 @@ KERNEL_VXLAN_MTU = 1450  # 1500 - 50 bytes of outer Ethernet/IPv4/UDP/VXLAN (RFC
 
 
 def attach_pods(ref: ReferenceTopology) -> None:
-    """What a node does for its local pods (DESIGN.md §4b), done with `ip`/`sysctl` for the baselines."""
+    """What a node does for its local pods (docs/design.md §4b), done with `ip`/`sysctl` for the baselines."""
     for pod in ref.pods.values():
         node = ref.nodes[pod.node]
         node.ip(f"route replace {pod.ip}/32 dev {pod.host_interface}")

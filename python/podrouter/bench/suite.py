@@ -1,6 +1,6 @@
 """The mode comparison: kernel baselines and podrouter's modes measured the same way in one run.
 
-Every (setup, repetition) gets a fresh reference topology (DESIGN.md §8), so no state leaks from one
+Every (setup, repetition) gets a fresh reference topology (docs/design.md §8), so no state leaks from one
 mode into the next, and the repetitions are interleaved across setups (rep 1 of every setup, then
 rep 2, ...) so that a slow phase of this shared machine spreads over all modes instead of penalising
 one.

@@ -1,6 +1,6 @@
 """`podrouter demo`: a small cluster in network namespaces on this machine, every path shown, then gone.
 
-What it builds (DESIGN.md §8, plus an external host and one shaped pod):
+What it builds (docs/design.md §8, plus an external host and one shaped pod):
 
     pod1 10.244.1.1 ─ node1 172.16.2.2 ──┐        ┌── R ── node2 172.16.3.2 ─ pod2 10.244.2.1
     shaped 10.244.1.50 ┘                 ├─ L2 ───┤    (R knows node subnets only, not pod CIDRs)

@@ -1,6 +1,6 @@
 //! The routing decision: a [`TableSpec`] from the control plane compiled into [`Tables`], and
 //! [`Tables::classify`] / [`Tables::validate_ingress`], the two questions the datapath asks per
-//! packet. The rules are DESIGN.md §2 as refined in docs/architecture.md ("Verdicts").
+//! packet. The rules are docs/design.md §2 as refined in docs/architecture.md ("Verdicts").
 //!
 //! # Compilation
 //!
@@ -1019,7 +1019,7 @@ mod tests {
     const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const N3_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
 
-    /// DESIGN.md §8: node1 (172.16.2.2, 10.244.1.0/24); node2 behind the router R
+    /// docs/design.md §8: node1 (172.16.2.2, 10.244.1.0/24); node2 behind the router R
     /// (172.16.3.2, 10.244.2.0/24); node3 on node1's L2 (172.16.2.3, 10.244.3.0/24).
     fn spec() -> TableSpec {
         TableSpec {

@@ -348,7 +348,7 @@ mod tests {
         }
     }
 
-    /// The reference topology, hybrid with native_when_on_link (DESIGN.md §8), seen from `me`.
+    /// The reference topology, hybrid with native_when_on_link (docs/design.md §8), seen from `me`.
     fn tables_for(me: usize) -> Tables {
         Tables::build(&spec_for(me)).unwrap()
     }

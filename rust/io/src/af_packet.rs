@@ -12,7 +12,7 @@
 //! socket (`PACKET_VNET_HDR` is refused on `SOCK_DGRAM`) on the underlay with a classic BPF filter ([`masquerade_filter`]) that lets through only
 //! IPv4 packets to the node address on the masquerade port range (and ICMP that may belong to a
 //! translated flow). AF_PACKET taps see a *copy*; the control plane drops the original before the
-//! kernel's own stack answers it (an nftables rule in prerouting), as DESIGN.md §3 suggests.
+//! kernel's own stack answers it (an nftables rule in prerouting), as docs/design.md §3 suggests.
 
 use crate::sys;
 use std::io;

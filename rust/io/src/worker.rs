@@ -27,6 +27,7 @@
 
 use crate::af_packet::{self, FrameScratch, PacketSocket, TxFrame};
 use crate::counters::{Dir, Path, Snapshot, Stat, WorkerCounters};
+use crate::events::{Direction, Event, EventRing, Kind};
 use crate::gro::Coalescer;
 use crate::sys::{Epoll, EventFd};
 use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
@@ -199,6 +200,8 @@ pub struct Engine {
     running: Option<Running>,
     nat: Arc<Mutex<NatTable>>,
     epoch: Instant,
+    /// Drop and sampled-flow events for `podrouter monitor` (off unless someone listens).
+    events: Arc<EventRing>,
 }
 
 impl Engine {
@@ -230,6 +233,7 @@ impl Engine {
             nat: Arc::new(Mutex::new(NatTable::new(cfg.nat.clone()))),
             cfg,
             epoch: Instant::now(),
+            events: Arc::new(EventRing::new()),
         })
     }
 
@@ -346,6 +350,7 @@ impl Engine {
                 coalesce: cfg.offload,
                 nat: Arc::clone(&self.nat),
                 epoch: self.epoch,
+                events: Arc::clone(&self.events),
             };
             alive.fetch_add(1, Ordering::SeqCst);
             let alive2 = Arc::clone(&alive);
@@ -416,6 +421,11 @@ impl Engine {
     /// Live masquerade entries (`podrouter_nat_entries`).
     pub fn nat_entries(&self) -> usize {
         self.nat.lock().map_or(0, |n| n.len())
+    }
+
+    /// The monitor's event ring (docs/monitoring.md).
+    pub fn events(&self) -> &EventRing {
+        &self.events
     }
 
     pub fn offload(&self) -> &OffloadInfo {
@@ -549,6 +559,7 @@ struct Worker {
     nat: Arc<Mutex<NatTable>>,
     /// NAT's clock: whole seconds since the engine started.
     epoch: Instant,
+    events: Arc<EventRing>,
 }
 
 const TOKEN_WAKE: u64 = 0;
@@ -749,6 +760,9 @@ impl Worker {
         }
         let (wire_pkts, wire_bytes) =
             vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], &hdr);
+        if self.events.sample_flow() {
+            self.record_flow(tables, &slot.buf[HEADROOM..HEADROOM + slot.len]);
+        }
         if let Err(r) = self.egress_inner(
             tables,
             now,
@@ -760,6 +774,24 @@ impl Worker {
             frames_out,
         ) {
             c.drop_packets(r.index(), wire_pkts as u64);
+            if self.events.enabled() {
+                let pkt = &slot.buf[HEADROOM..HEADROOM + slot.len.min(slot.buf.len() - HEADROOM)];
+                let mut e = Event::ip(Kind::Drop, Direction::Egress, pkt);
+                e.reason = r.index() as u16;
+                self.events.push(e);
+            }
+        }
+    }
+
+    /// A sampled forwarded packet from a pod, with the path the tables give it.
+    #[cold]
+    fn record_flow(&self, tables: &Tables, pkt: &[u8]) {
+        if let Ok((_, verdict)) = datapath::classify_packet(tables, pkt) {
+            if let Some(path) = verdict.path() {
+                let mut e = Event::ip(Kind::Flow, Direction::Egress, pkt);
+                e.path = Some(path);
+                self.events.push(e);
+            }
         }
     }
 
@@ -1132,6 +1164,7 @@ impl Worker {
             return;
         };
         let port = sock.local_addr().port();
+        let tunnel_proto = self.rx[idx].1;
         let tun = &*self.tun;
         let mut sink =
             |h: &[u8; VNET_HDR_LEN], p: &[u8], segments: usize| match tun.write_with_hdr(h, p) {
@@ -1149,6 +1182,13 @@ impl Worker {
             let meta = recv.meta()[m];
             if meta.truncated {
                 c.drop_packets(DropReason::Truncated.index(), 1);
+                if self.events.enabled() {
+                    let outer = (*meta.src.ip(), meta.src.port());
+                    let node = tables.node_address();
+                    let e =
+                        Event::tunnel(DropReason::Truncated, tunnel_proto, outer, node, port, &[]);
+                    self.events.push(e);
+                }
                 continue;
             }
             let seg = if meta.segment > 0 {
@@ -1163,12 +1203,27 @@ impl Worker {
                 match datapath::ingress(tables, *meta.src.ip(), port, meta.tos & 0x03, dg, 0, len) {
                     IngressAction::Deliver { range, path, .. } => {
                         c.count(path, Dir::Ingress, 1, range.len() as u64);
+                        if self.events.sample_flow() {
+                            let mut e =
+                                Event::ip(Kind::Flow, Direction::Ingress, &dg[range.clone()]);
+                            e.path = Some(path);
+                            e.outer = Some((*meta.src.ip(), meta.src.port()));
+                            self.events.push(e);
+                        }
                         match gro {
                             Some(g) => g.offer(&dg[range], &mut sink),
                             None => sink(&[0; VNET_HDR_LEN], &dg[range], 1),
                         }
                     }
-                    IngressAction::Drop(r) => c.drop_packets(r.index(), 1),
+                    IngressAction::Drop(r) => {
+                        c.drop_packets(r.index(), 1);
+                        if self.events.enabled() {
+                            let outer = (*meta.src.ip(), meta.src.port());
+                            let node = tables.node_address();
+                            self.events
+                                .push(Event::tunnel(r, tunnel_proto, outer, node, port, dg));
+                        }
+                    }
                 }
             }
         }
@@ -1232,7 +1287,16 @@ impl Worker {
                         Err(_) => c.drop_packets(TX_ERROR, segs as u64),
                     }
                 }
-                IngressAction::Drop(r) => c.drop_packets(r.index(), 1),
+                IngressAction::Drop(r) => {
+                    c.drop_packets(r.index(), 1);
+                    if self.events.enabled() {
+                        let pkt = slot.buf.get(HEADROOM..HEADROOM + len).unwrap_or(&[]);
+                        let mut e = Event::ip(Kind::Drop, Direction::Ingress, pkt);
+                        e.reason = r.index() as u16;
+                        e.path = Some(Path::Masquerade);
+                        self.events.push(e);
+                    }
+                }
             }
         }
         if n > 0 {

@@ -16,7 +16,8 @@ use podrouter_core::classify::{
 use podrouter_core::encap;
 use podrouter_core::nat::NatConfig;
 use podrouter_io::counters::{Dir, Path, DIRECTIONS, STATS};
-use podrouter_io::{drop_reason_names, Engine, EngineConfig};
+use podrouter_io::events::{Direction, Kind};
+use podrouter_io::{drop_reason_names, Engine, EngineConfig, Event};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -687,6 +688,59 @@ impl Datapath {
         Ok(d)
     }
 
+    /// Turns the monitor's event ring on: drops, and with `flows` one forwarded packet in `sample`,
+    /// at most `rate` events a second. Events older than this call are not read.
+    #[pyo3(signature = (flows=false, sample=100, rate=1000))]
+    fn monitor_start(&self, py: Python<'_>, flows: bool, sample: u64, rate: u32) -> PyResult<()> {
+        py.allow_threads(|| {
+            let g = self.lock();
+            let e = g
+                .as_ref()
+                .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            e.events().enable(flows, sample, rate);
+            Ok(())
+        })
+    }
+
+    /// Turns the event ring off: drop points go back to one flag check. Idempotent.
+    fn monitor_stop(&self, py: Python<'_>) {
+        py.allow_threads(|| {
+            if let Some(e) = self.lock().as_ref() {
+                e.events().disable();
+            }
+        });
+    }
+
+    /// Up to `max` events from the ring, oldest first: dicts with kind (drop/flow), reason, path,
+    /// direction, family, proto, src, dst, sport, dport, len, outer (the tunnel sender) and time.
+    #[pyo3(signature = (max=1024))]
+    fn monitor_events<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyList>> {
+        let events = py.allow_threads(|| {
+            let g = self.lock();
+            let mut out = Vec::new();
+            if let Some(e) = g.as_ref() {
+                e.events().drain(max.min(65536), &mut out);
+            }
+            out
+        });
+        let names = drop_reason_names();
+        let list = PyList::empty(py);
+        for ev in events {
+            list.append(event_dict(py, &ev, &names)?)?;
+        }
+        Ok(list)
+    }
+
+    /// `{"suppressed": n, "lost": n}` since the ring was turned on.
+    fn monitor_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = py.allow_threads(|| self.lock().as_ref().map(|e| e.events().stats()));
+        let d = PyDict::new(py);
+        let st = st.unwrap_or_default();
+        d.set_item("suppressed", st.suppressed)?;
+        d.set_item("lost", st.lost)?;
+        Ok(d)
+    }
+
     /// Stops the workers and closes the sockets; the TUN device stays (see `close`). Idempotent.
     fn stop(&self, py: Python<'_>) {
         py.allow_threads(|| {
@@ -712,6 +766,53 @@ impl Datapath {
             self.is_running(py)
         )
     }
+}
+
+fn event_dict<'py>(py: Python<'py>, ev: &Event, names: &[&str]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let addr = |b: &[u8; 16]| -> Option<String> {
+        match ev.family {
+            4 => Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
+            6 => Some(std::net::Ipv6Addr::from(*b).to_string()),
+            _ => None,
+        }
+    };
+    d.set_item(
+        "kind",
+        if ev.kind == Kind::Flow {
+            "flow"
+        } else {
+            "drop"
+        },
+    )?;
+    let reason = (ev.kind == Kind::Drop).then(|| names.get(usize::from(ev.reason)).copied());
+    d.set_item("reason", reason.flatten())?;
+    d.set_item("path", ev.path.map(|p| p.as_str()))?;
+    let dir = if ev.dir == Direction::Ingress {
+        "ingress"
+    } else {
+        "egress"
+    };
+    d.set_item("direction", dir)?;
+    d.set_item("family", (ev.family != 0).then_some(ev.family))?;
+    let proto = match ev.proto {
+        _ if ev.family == 0 => None,
+        1 => Some("icmp".to_string()),
+        6 => Some("tcp".to_string()),
+        17 => Some("udp".to_string()),
+        58 => Some("icmpv6".to_string()),
+        132 => Some("sctp".to_string()),
+        n => Some(n.to_string()),
+    };
+    d.set_item("proto", proto)?;
+    d.set_item("src", addr(&ev.src))?;
+    d.set_item("dst", addr(&ev.dst))?;
+    d.set_item("sport", ev.sport)?;
+    d.set_item("dport", ev.dport)?;
+    d.set_item("len", ev.len)?;
+    d.set_item("outer", ev.outer.map(|(a, p)| format!("{a}:{p}")))?;
+    d.set_item("time", ev.time_ns as f64 / 1e9)?;
+    Ok(d)
 }
 
 // ------------------------------------------------------------------------------------ module
