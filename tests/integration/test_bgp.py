@@ -87,6 +87,8 @@ def test_native_across_router_via_bgp(ref: ReferenceTopology, daemons: Daemons, 
     text = metrics_text(ref, "node1")
     assert 'podrouter_bgp_session_up{peer="172.16.2.1"} 1.0' in text
     assert "podrouter_bgp_announced_prefixes 1.0" in text
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
 
     # native across R: the pods' own addresses on R's wire towards node2, no tunnel port
     pod1, pod2 = ref.pods["pod1"].host, ref.pods["pod2"]
