@@ -67,7 +67,9 @@ def put(host: Host, url: str, key: str, value: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def test_two_clusters(mesh: ReferenceTopology, daemons: Daemons, etcds: dict[str, Any]) -> None:
+def test_two_clusters(
+    mesh: ReferenceTopology, daemons: Daemons, etcds: dict[str, Any], tmp_path: Path
+) -> None:
     ds = {n: daemons.start(mesh.nodes[n], mesh_config(mesh, n, daemons.sockdir)) for n in NODE_ADDR}
     d1 = ds["node1"]
     wait_for(
@@ -178,3 +180,12 @@ def test_two_clusters(mesh: ReferenceTopology, daemons: Daemons, etcds: dict[str
     assert {p["name"] for p in d1.status()["peers"]} == {"node2", "west.node3", "west.node4"}
     assert pods["pod1"].host.ping("10.245.4.1", count=2)
     assert pods["pod2"].host.ping("10.245.3.1", count=2)
+
+    # west's etcd comes back: the watch re-lists and the mesh is connected again
+    etcds["west"] = start_etcd(mesh.router, "west", tmp_path / "west", WEST_ETCD, 2480)
+    wait_for(lambda: mesh_nodes(d1, "west")["connected"], 20, what="node1 reconnects to west's etcd")
+    wait_for(
+        lambda: set(mesh_nodes(d1, "west")["nodes"]) == {"node3", "node4"}, 20, what="west's nodes after it"
+    )
+    assert mesh_nodes(d1, "west")["state"] == "connected"
+    assert pods["pod1"].host.ping("10.245.4.1", count=2)
