@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iproute2 iputils-ping tcpdump tshark iperf3 sockperf nftables ethtool procps
-  etcd-server containernetworking-plugins bird2
+  etcd-server etcd-client containernetworking-plugins bird2
   podman runc busybox-static prometheus
 )
 missing=()

@@ -167,6 +167,7 @@ def format_status(s: dict[str, Any]) -> str:
         )
     if not s.get("peers"):
         lines.append("  (none)")
+    lines.extend(_discovery_lines(s.get("discovery") or {}))
     lines += ["", "routes:"]
     for r in s.get("routes", []):
         mtu = f"mtu {r['mtu']}" if r.get("mtu") else ""
@@ -224,6 +225,24 @@ def _mesh_lines(m: dict[str, Any]) -> list[str]:
             out.append(f"    {n:<14} {v['address']:<15} {','.join(v['pod_cidrs'])}")
         for k, why in (c.get("rejected") or {}).items():
             out.append(f"    ! refused {k}: {why}")
+    return out
+
+
+def _discovery_lines(d: dict[str, Any]) -> list[str]:
+    """etcd discovery health: its state, how fresh the peer set is, and the entries it refused."""
+    if d.get("backend") != "etcd":
+        return []
+    age = d.get("last_event_age")
+    fresh = f"last event {age}s ago" if age is not None else "no event yet"
+    line = (
+        f"discovery etcd {d.get('state')} via {d.get('endpoint')}  {fresh}  "
+        f"watch restarts {d.get('watch_restarts', 0)}"
+    )
+    if d.get("last_error") and d.get("state") != "connected":
+        line += f"  last error: {d['last_error']}"
+    out = [line]
+    for key, why in sorted((d.get("rejected") or {}).items()):
+        out.append(f"  refused {key}: {why}")
     return out
 
 

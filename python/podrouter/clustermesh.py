@@ -25,7 +25,7 @@ from typing import Any
 
 from podrouter.config import Config, IPNetwork, MeshClusterConfig, PeerConfig
 from podrouter.discovery.base import Discovery, PeerSet
-from podrouter.discovery.etcd import EtcdDiscovery
+from podrouter.discovery.etcd import MAX_NODES, EtcdDiscovery, parse_entry
 
 log = logging.getLogger("podrouter.clustermesh")
 
@@ -65,6 +65,46 @@ class RemoteCluster(EtcdDiscovery):
     def _reput(self) -> None:  # read-only: never writes to a remote etcd
         return
 
+    def _recompute(self) -> None:
+        """The remote cluster's usable nodes from the mirrored registry (replaces the local-cluster
+        rules of etcd discovery: a remote node is judged against this cluster's space instead)."""
+        with self.lock:
+            entries = sorted(((k, rev, v) for k, (rev, v) in self._kvs.items()), key=lambda e: (e[1], e[0]))
+        found, rejected = self._select(entries)
+        with self.lock:
+            for key, why in rejected.items():
+                if self._rejected.get(key) != why:
+                    log.warning("cluster mesh %s: ignoring %s: %s", self.mesh.name, key, why)
+            changed = found != self._found
+            self._found = found
+            self._rejected = rejected
+        if changed:
+            self._notify()
+
+    def _select(self, entries: list[tuple[str, int, str]]) -> tuple[dict[str, PeerConfig], dict[str, str]]:
+        accepted: dict[str, PeerConfig] = {}
+        rejected: dict[str, str] = {}
+        addresses: dict[Any, str] = {}
+        for n, (key, _rev, value) in enumerate(entries):  # oldest registration first: it wins
+            if not key.startswith(self.prefix):
+                continue
+            if n >= MAX_NODES:
+                rejected[key] = f"more than {MAX_NODES} entries under {self.prefix} (the oldest are used)"
+                continue
+            peer, why = parse_entry(key, value, self.prefix)
+            if peer is None:
+                rejected[key] = why or "invalid"
+                continue
+            why = self._conflict(peer, accepted)
+            if why is None and peer.address in addresses:
+                why = f"address {peer.address} is already {addresses[peer.address]}'s"
+            if why is not None:
+                rejected[key] = why
+                continue
+            accepted[peer.name] = peer
+            addresses[peer.address] = peer.name
+        return accepted, rejected
+
     def _conflict(self, peer: PeerConfig, accepted: dict[str, PeerConfig]) -> str | None:
         space = self.mesh.pod_cidrs
         for net in peer.pod_cidrs:
@@ -88,7 +128,7 @@ class RemoteCluster(EtcdDiscovery):
 
     def view(self) -> dict[str, Any]:
         with self.lock:
-            connected = self._connected
+            connected = self._state == "connected"
             return {
                 "name": self.mesh.name,
                 "id": self.mesh.id,

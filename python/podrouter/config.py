@@ -36,6 +36,11 @@ BACKENDS = ("static", "etcd")
 DEFAULT_SOCKET = "/run/podrouter/podrouter.sock"
 DEFAULT_METRICS = "127.0.0.1:9965"
 DEFAULT_PORT_RANGE = (61000, 65535)
+# The outer UDP source ports of the tunnel sender (VXLAN/Geneve, RFC 7348 §5 / RFC 8926 §3.3: a hash
+# of the inner flow, for ECMP entropy). The datapath draws them from exactly this range, and the decap
+# path can then tell a peer's tunnel datagram from a masqueraded pod datagram by its source port; so
+# masquerade.port_range must stay disjoint from it (the default 61000-65535 is).
+TUNNEL_SOURCE_PORTS = (49152, 60999)
 # Linux interface names are at most IFNAMSIZ-1 = 15 bytes and may not contain '/', ':' or whitespace
 _IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
 # node and pod names end up in etcd keys, metric labels and file names: keep them boring (RFC 1123-ish)
@@ -137,6 +142,14 @@ class EtcdConfig:
     endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
     prefix: str = "/podrouter/v1"
     lease_ttl: int = 10
+    # TLS (https endpoints): the CA that signs etcd's server certificate (None: the system's CAs), and
+    # the client certificate + key for etcd's --client-cert-auth
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # etcd v3 authentication (a user with read/write on the prefix); both or neither
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -582,6 +595,8 @@ class _Validator:
         if node is not None and cluster is not None:
             # relations are checked on whatever parsed, so one run reports those problems too
             self.cross_checks(node, cluster, routing, peers or (), pods or (), masq)
+            self.address_space_checks(node, cluster, routing, peers or ())
+        self.port_checks(tunnel, masq, metrics)
         if self.problems:
             return None
         assert node is not None and cluster is not None and routing is not None and tunnel is not None
@@ -621,6 +636,10 @@ class _Validator:
         if name is None or cidrs is None or bad_address or bad_iface:
             return None
         assert address is None or isinstance(address, ipaddress.IPv4Address)
+        why = unusable_node_address(address) if address is not None else None
+        if why is not None:
+            self.bad("node.address", f"'{address}' {why}")
+            return None
         return NodeConfig(name=name, address=address, interface=iface, pod_cidrs=cidrs)
 
     def cluster(self, value: Any) -> tuple[IPNetwork, ...] | None:
@@ -737,6 +756,10 @@ class _Validator:
         ):
             return None
         assert isinstance(addr, ipaddress.IPv4Address)
+        why = unusable_node_address(addr)
+        if why is not None:
+            self.bad(f"{path}.address", f"'{addr}' {why}")
+            return None
         return PeerConfig(
             name=name, address=addr, pod_cidrs=cidrs, mode=mode, tunnel_protocol=proto, vtep_mac=vtep_mac
         )
@@ -761,7 +784,11 @@ class _Validator:
         if m is None:
             return None
         backend = self.choice("discovery.backend", m.get("backend", "static"), BACKENDS)
-        e = self.mapping("discovery.etcd", m.get("etcd"), ("endpoints", "prefix", "lease_ttl"))
+        e = self.mapping(
+            "discovery.etcd",
+            m.get("etcd"),
+            ("endpoints", "prefix", "lease_ttl", "ca_file", "cert_file", "key_file", "username", "password"),
+        )
         if e is None or backend is None:
             return None
         endpoints: list[str] = []
@@ -793,9 +820,62 @@ class _Validator:
             self.bad("discovery.etcd.prefix", f"{_q(prefix)} is not a key prefix starting with '/'")
         # etcd's minimum lease TTL is about 2 s (it is raised to the election timeout); an hour is plenty
         ttl = self.integer("discovery.etcd.lease_ttl", e.get("lease_ttl", EtcdConfig.lease_ttl), 2, 3600)
-        if not eps_ok or not prefix_ok or ttl is None:
+        secure = self.etcd_security(e, endpoints if eps_ok else [])
+        if not eps_ok or not prefix_ok or ttl is None or secure is None:
             return None
-        return DiscoveryConfig(backend=backend, etcd=EtcdConfig(tuple(endpoints), prefix.rstrip("/"), ttl))
+        return DiscoveryConfig(
+            backend=backend, etcd=EtcdConfig(tuple(endpoints), prefix.rstrip("/"), ttl, **secure)
+        )
+
+    def etcd_security(self, e: dict[str, Any], endpoints: list[str]) -> dict[str, str | None] | None:
+        """`discovery.etcd` TLS files and credentials (the files are opened at start, not here)."""
+        out: dict[str, str | None] = {}
+        ok = True
+        for key in ("ca_file", "cert_file", "key_file"):
+            raw = e.get(key)
+            if raw is None:
+                out[key] = None
+            elif not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
+                self.bad(f"discovery.etcd.{key}", f"{_q(raw)} is not an absolute file path")
+                ok = False
+            else:
+                out[key] = raw
+        if ok and (out["cert_file"] is None) != (out["key_file"] is None):
+            missing = "key_file" if out["key_file"] is None else "cert_file"
+            self.bad(
+                f"discovery.etcd.{missing}",
+                "is required with cert_file/key_file (a client certificate and its key)",
+            )
+            ok = False
+        if ok and any(out.values()):
+            for i, ep in enumerate(endpoints):
+                if not ep.startswith("https://"):
+                    self.bad(
+                        f"discovery.etcd.endpoints[{i}]",
+                        f"{_q(ep)} is not https:// but ca_file/cert_file/key_file are set",
+                    )
+                    ok = False
+        for key in ("username", "password"):
+            raw = e.get(key)
+            if raw is None:
+                out[key] = None
+            elif not isinstance(raw, str) or not raw or any(ord(c) < 32 for c in raw):
+                shown = _q(raw) if key == "username" else "(hidden)"
+                self.bad(
+                    f"discovery.etcd.{key}", f"{shown} is not a non-empty string without control characters"
+                )
+                ok = False
+            else:
+                out[key] = raw
+        if ok and (out["username"] is None) != (out["password"] is None):
+            missing = "password" if out["password"] is None else "username"
+            self.bad(f"discovery.etcd.{missing}", "is required with username/password (etcd authentication)")
+            ok = False
+        if ok and out["username"] is not None and any(ep.startswith("http://") for ep in endpoints):
+            self.warnings.append(
+                "discovery.etcd.password: sent over plain http:// endpoints (use https:// with ca_file)"
+            )
+        return out if ok else None
 
     def bandwidth(self, value: Any) -> BandwidthConfig | None:
         if value is None:
@@ -1079,6 +1159,60 @@ class _Validator:
 
     # --- relations between sections ---
 
+    def port_checks(
+        self, tunnel: TunnelConfig | None, masq: MasqueradeConfig | None, metrics: MetricsConfig | None
+    ) -> None:
+        """The masquerade ports are the node's own source ports towards the outside: a translated
+        flow on a port the node also listens or sends on would take that port's replies (or hand
+        them to the wrong place). Checked even with masquerade disabled (a reload can enable it)."""
+        if masq is None or masq.port_range is None:
+            return
+        lo, hi = masq.port_range
+        shown = f"'{lo}-{hi}'"
+        taken: list[tuple[int, int, str]] = []
+        if tunnel is not None:
+            for proto in PROTOCOLS:
+                port = tunnel.port_for(proto)
+                where = "tunnel.port" if proto == tunnel.protocol else f"the IANA {proto} port"
+                taken.append((port, port, f"the {proto} port {port} ({where})"))
+            taken.append(
+                (
+                    *TUNNEL_SOURCE_PORTS,
+                    "the tunnel sender's outer source ports "
+                    f"{TUNNEL_SOURCE_PORTS[0]}-{TUNNEL_SOURCE_PORTS[1]}",
+                )
+            )
+        if metrics is not None and metrics.listen is not None:
+            port = metrics.listen[1]
+            taken.append((port, port, f"the metrics port {port} (metrics.listen)"))
+        for a, b, what in taken:
+            if lo <= b and a <= hi:
+                self.bad("masquerade.port_range", f"{shown} overlaps {what}")
+
+    def address_space_checks(
+        self,
+        node: NodeConfig,
+        cluster: tuple[IPNetwork, ...],
+        routing: RoutingConfig | None,
+        peers: tuple[PeerConfig, ...],
+    ) -> None:
+        """Pod space that swallows underlay addresses would route the node's own traffic to its
+        peers (or into the datapath, which drops it): the node cuts itself off."""
+        for i, net in enumerate(cluster):
+            key = "cluster.pod_cidr" if len(cluster) == 1 else f"cluster.pod_cidrs[{i}]"
+            if net.prefixlen == 0:
+                self.bad(key, f"'{net}' covers every address (the node's and the internet's)")
+                continue
+            if node.address is not None and node.address in net:
+                self.bad(key, f"'{net}' contains this node's address {node.address} (node.address)")
+            peer_idx = self.indices.get("peers", list(range(len(peers))))
+            for j, p in zip(peer_idx, peers, strict=True):
+                if p.address in net:
+                    self.bad(key, f"'{net}' contains peers[{j}].address {p.address}")
+        for i, net in enumerate(routing.native_cidrs if routing else ()):
+            if net.prefixlen == 0:
+                self.bad(f"routing.native_cidrs[{i}]", f"'{net}' covers every address")
+
     def cross_checks(
         self,
         node: NodeConfig,
@@ -1143,6 +1277,51 @@ class _Validator:
                 pod_ips.setdefault(addr, i)
                 if not any(addr in n for n in node.pod_cidrs):
                     self.bad(f"{path}.{key}", f"'{addr}' is not inside this node's pod CIDRs")
+
+
+# ------------------------------------------------------------------------------ address-space rules
+
+
+def unusable_node_address(addr: IPAddress) -> str | None:
+    """Why `addr` cannot be a node's underlay address (ours, a peer's, or one from etcd), or None.
+    A tunnel or native next hop there would loop back into this node or spray a segment."""
+    if addr.is_unspecified:
+        return "is the unspecified address"
+    if addr.is_loopback:
+        return "is a loopback address"
+    if addr.is_multicast:
+        return "is a multicast address"
+    if addr.is_link_local:
+        return "is a link-local address"
+    if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
+        return "is the broadcast address"
+    return None
+
+
+def underlay_problems(
+    cfg: Config,
+    address: ipaddress.IPv4Address,
+    network: ipaddress.IPv4Network,
+    gateway: ipaddress.IPv4Address | None,
+) -> list[str]:
+    """Cluster pod space against the underlay as resolved at start (node.address/interface may be
+    defaults, known only in the node's namespace): it must not overlap the underlay's connected
+    subnet nor contain the node's address or its gateway. Checked before anything is installed."""
+    out: list[str] = []
+    for i, net in enumerate(cfg.cluster_cidrs):
+        if net.version != 4:
+            continue
+        key = "cluster.pod_cidr" if len(cfg.cluster_cidrs) == 1 else f"cluster.pod_cidrs[{i}]"
+        if address in net:
+            out.append(f"{key}: '{net}' contains this node's underlay address {address}")
+        elif net.overlaps(network):
+            out.append(f"{key}: '{net}' overlaps the underlay subnet {network}")
+        if gateway is not None and gateway in net:
+            out.append(f"{key}: '{net}' contains the underlay gateway {gateway}")
+    for i, peer in enumerate(cfg.peers):
+        if peer.address == address:
+            out.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- QoS hooks

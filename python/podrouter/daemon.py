@@ -341,6 +341,10 @@ class Daemon:
             problems.extend(e.problems)
         if self.underlay is not None:
             problems.extend(self._underlay_problems(self.cfg))
+        if self.cfg.discovery.backend == "etcd":
+            from podrouter.discovery.etcd import start_problems
+
+            problems.extend(start_problems(self.cfg))  # the TLS files load
         if self.cfg.masquerade.enabled:
             from podrouter import nftables
 
@@ -396,16 +400,27 @@ class Daemon:
                         "configured"
                     )
                     break
-        for i, peer in enumerate(cfg.peers):
-            if peer.address == u.address:
-                problems.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
+        # pod space must not swallow the underlay (its subnet, our address, the gateway); no peer
+        # may be us (config.underlay_problems)
+        problems.extend(configmod.underlay_problems(cfg, u.address, u.network, u.gateway))
         return problems
 
-    def _recorded_state(self) -> statefile.State | None:
+    def _recorded_state(self, set_aside: bool = False) -> statefile.State | None:
+        """The predecessor's state file, validated (state.py). A corrupt or tampered one is never
+        acted on; at start it is renamed to `<file>.refused` (kept for inspection) so that this
+        daemon's own record can take its place."""
         try:
             return statefile.load(self.cfg.state_path)
         except ValueError as e:
-            log.warning("%s (ignored)", e)
+            if not set_aside:
+                log.warning("%s", e)
+                return None
+            aside = self.cfg.state_path.with_name(self.cfg.state_path.name + ".refused")
+            try:
+                os.replace(self.cfg.state_path, aside)
+            except OSError as err:
+                raise StartError([f"{e}; cannot move it aside: {err}"], EXIT_FAILURE) from None
+            log.error("%s; moved to %s, its leftovers (if any) are not undone", e, aside)
             return None
 
     def start(self) -> None:
@@ -415,7 +430,17 @@ class Daemon:
         from podrouter.netlink.plumbing import Plumbing, cleanup
 
         cfg, u = self.cfg, self.underlay
-        recorded = self._recorded_state()
+        recorded = self._recorded_state(set_aside=True)
+        from podrouter.netlink.underlay import netns_id
+
+        if recorded is not None and recorded.netns != netns_id():
+            # sysctls and rules are per namespace: a record from elsewhere says nothing about this one
+            log.warning(
+                "%s was written in another network namespace (%s): not acting on it (it is replaced)",
+                cfg.state_path,
+                recorded.netns,
+            )
+            recorded = None
         if recorded is not None:
             log.info("removing what a previous daemon (pid %d) left behind", recorded.pid)
             for line in cleanup(self.ipr, recorded):
