@@ -155,7 +155,7 @@ def plan_routes(
                 out.append(RoutePlan(piece, path, path_mtu(cfg, path, underlay_mtu), view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
-    for cidr in cfg.cluster_cidrs:
+    for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
         out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu), None, tun))
     # addresses of our own pod CIDR without a registered pod: unreachable, so a packet to one gets an
     # ICMP error at once instead of bouncing TUN -> kernel -> TUN until its TTL runs out
@@ -184,7 +184,9 @@ def build_spec(
     return {
         "generation": generation,
         "node": {"name": cfg.node.name, "address": node_address, "pod_cidrs": nets(cfg.node.pod_cidrs)},
-        "cluster_cidrs": nets(cfg.cluster_cidrs),
+        # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
+        # checked on ingress, never masqueraded
+        "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
         "mode": cfg.routing.mode,
         "native_cidrs": nets(cfg.routing.native_cidrs),
         "native_when_on_link": cfg.routing.native_when_on_link,
@@ -216,6 +218,16 @@ def build_spec(
             for v in peers
         ],
     }
+
+
+def mesh_space(cfg: Config) -> list[IPNetwork]:
+    """The pod CIDRs declared for the mesh's remote clusters (`clustermesh.clusters[].pod_cidr`)."""
+    return [n for c in cfg.clustermesh.clusters for n in c.pod_cidrs]
+
+
+def mesh_cidrs(peers: Iterable[PeerView]) -> list[IPNetwork]:
+    """The pod CIDRs of peers from other clusters (source `cluster:<name>`)."""
+    return [c for v in peers if v.source.startswith("cluster:") for c in v.peer.pod_cidrs]
 
 
 def nat_exhausted_message(cfg: Config, dropped: int, entries: int) -> str:
@@ -309,6 +321,7 @@ class Daemon:
         self.api: apimod.ApiServer | None = None
         self.monitor: MonitorHub | None = None
         self.metrics: Any = None
+        self.bgp: Any = None  # podrouter.bgp.BgpSpeaker when bgp.enabled
 
     # ------------------------------------------------------------------------------ start / stop
 
@@ -340,6 +353,7 @@ class Daemon:
         if why is not None:
             # the pod egress guard (spoofed sources, tunnel ports) is not optional
             problems.append(f"the pod egress guard needs libnftables ({why}); install nftables")
+        problems.extend(_bgp_problems(self.cfg, self.underlay))
         if problems:
             raise StartError(problems, EXIT_CONFIG)
         if apimod.socket_in_use(self.cfg.api.socket):
@@ -494,6 +508,10 @@ class Daemon:
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
         self.discovery = discovery.make(cfg, str(u.address))
+        if cfg.clustermesh.clusters:
+            from podrouter import clustermesh
+
+            self.discovery = clustermesh.MeshDiscovery(cfg, self.discovery)
         self.bandwidth = self._make_bandwidth(cfg)
         with self.lock:
             for pod in cfg.pods:
@@ -508,9 +526,10 @@ class Daemon:
             from podrouter.metrics import MetricsServer, make_source
 
             self.metrics = MetricsServer(
-                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits),
+                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits, self._bgp_status),
                 cfg.metrics.listen,
             )
+        self._start_bgp()
         self.ready = True
         log.info(
             "ready: %s mode, %d peers, %d pods, tables generation %d",
@@ -657,6 +676,8 @@ class Daemon:
                             ", ".join(sorted(reasons)),
                         )
             self._watch_counters()
+            if self.bgp is not None:
+                self.bgp.ensure_running()
             if self.datapath is not None and not self.datapath.is_running():
                 log.error("the datapath stopped unexpectedly; shutting down")
                 self._exit_code = EXIT_FAILURE
@@ -703,6 +724,7 @@ class Daemon:
         The TUN itself is closed last, after the routes into it are gone."""
         self.ready = False
         for part, method in (
+            (self.bgp, "stop"),
             (self.metrics, "close"),
             (self.api, "close"),
             (self.monitor, "close"),
@@ -928,10 +950,27 @@ class Daemon:
         )
         for w in new.warnings:
             log.warning("%s", w)
+        if new.bgp.enabled != self.cfg.bgp.enabled:
+            log.warning("bgp.enabled changed: restart the daemon to apply it (keeping the running value)")
+            new = replace(new, bgp=self.cfg.bgp)
+        mesh_before = (self.cfg.cluster_name, self.cfg.cluster_id, self.cfg.clustermesh)
+        if (new.cluster_name, new.cluster_id, new.clustermesh) != mesh_before:
+            # the remote watches are set up once, at start (docs/clustermesh.md)
+            log.warning(
+                "cluster.name/cluster.id/clustermesh changed: restart the daemon to apply it "
+                "(keeping the running value)"
+            )
+            new = replace(
+                new,
+                cluster_name=self.cfg.cluster_name,
+                cluster_id=self.cfg.cluster_id,
+                clustermesh=self.cfg.clustermesh,
+            )
         with self.lock:
             old = self.cfg
             self.cfg = new
             self.discovery.update_config(new)
+            self._reload_bgp(old, new)
             try:
                 self._sync_masquerade_guard(old, new)
             except Exception:  # noqa: BLE001
@@ -1255,8 +1294,39 @@ class Daemon:
                 "rejected_peers": dict(self.peer_rejects),
                 "pods": self._pods_status(),
                 "discovery": self.discovery.status() if self.discovery else {},
+                "bgp": self._bgp_status(),
+                "clustermesh": getattr(self.discovery, "mesh_status", dict)(),
                 "counters": self._counters(),
             }
+
+    # ------------------------------------------------------------------------------------ BGP
+
+    def _start_bgp(self) -> None:
+        """Announce this node's pod CIDRs through BIRD (docs/bgp.md), once its routes are in place."""
+        if not self.cfg.bgp.enabled:
+            return
+        from podrouter import bgp
+
+        self.bgp = bgp.BgpSpeaker(self.cfg, self.underlay.address, self.underlay.on_link)
+        try:
+            self.bgp.start()
+        except bgp.BgpError as e:
+            raise StartError([f"bgp: {e}"], EXIT_FAILURE) from None
+
+    def _reload_bgp(self, old: Config, new: Config) -> None:
+        if self.bgp is None or (old.bgp == new.bgp and old.node.pod_cidrs == new.node.pod_cidrs):
+            return
+        from podrouter import bgp
+
+        try:
+            self.bgp.reconfigure(new)
+        except bgp.BgpError as e:
+            log.error("BGP reconfiguration failed: %s", e)
+
+    def _bgp_status(self) -> dict[str, Any]:
+        if self.bgp is None:
+            return {"enabled": False}
+        return dict(self.bgp.status())
 
     def explain(self, req: dict[str, Any]) -> dict[str, Any]:
         from podrouter.cli import build_packet
@@ -1304,6 +1374,18 @@ class Daemon:
                 if any(str(a) == address for a in e.pod.addresses):
                     return e.pod.name
         return None
+
+
+def _bgp_problems(cfg: Config, underlay: Any) -> list[str]:
+    if not cfg.bgp.enabled:
+        return []
+    from podrouter import bgp
+
+    out = bgp.path_problems(cfg)
+    for i, p in enumerate(cfg.bgp.peers):
+        if underlay is not None and p.address == underlay.address:
+            out.append(f"bgp.peers[{i}].address: '{p.address}' is this node's own address")
+    return out
 
 
 def _load_native() -> Any:
@@ -1402,6 +1484,8 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
                 done.append(
                     f"note: {recorded.tun or TUN_NAME} still exists (not created persistent by podrouter)"
                 )
+    if cfg.bgp.enabled:
+        done.extend(_cleanup_bgp(cfg))
     if recorded is not None:
         statefile.remove(cfg.state_path)
         done.append(f"removed {cfg.state_path}")
@@ -1410,6 +1494,21 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
         sock.unlink()
         done.append(f"removed stale socket {sock}")
     return done
+
+
+def _cleanup_bgp(cfg: Config) -> list[str]:
+    """Withdraw this node's prefixes from its BGP peers now (docs/bgp.md, "Stopping for good")."""
+    from pyroute2 import IPRoute
+
+    from podrouter import bgp
+    from podrouter.netlink.underlay import UnderlayError, resolve_underlay
+
+    try:
+        with IPRoute() as ipr:
+            u = resolve_underlay(ipr, cfg.node)
+        return bgp.withdraw(cfg, u.address, u.on_link)
+    except (UnderlayError, bgp.BgpError, OSError) as e:
+        return [f"BGP: could not withdraw (the routers drop our prefixes after the restart time): {e}"]
 
 
 __all__ = [
