@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iproute2 iputils-ping tcpdump tshark iperf3 sockperf nftables ethtool procps
-  etcd-server etcd-client containernetworking-plugins
+  etcd-server etcd-client containernetworking-plugins bird2
   podman runc busybox-static prometheus
 )
 missing=()
@@ -20,6 +20,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# bird2's package enables a system-wide BIRD as well; podrouter and its tests start their own, one per
+# namespace (docs/bgp.md), and nothing may run BGP in the root namespace.
+if [ -d /run/systemd/system ] && systemctl is-enabled bird >/dev/null 2>&1; then
+  systemctl disable --now bird >/dev/null 2>&1 || true
 fi
 
 # The Debian prometheus package enables a system-wide service; the tests start their own servers

@@ -8,6 +8,10 @@ the datapath's worker threads never touch Python.
 from typing import Any, final
 
 __version__: str
+# Outer UDP source ports of podrouter's tunnel senders (49152-60999); peers drop tunnel datagrams
+# whose source port lies in their masquerade.port_range (`tunnel_source_port`).
+TUNNEL_SOURCE_PORT_MIN: int
+TUNNEL_SOURCE_PORT_MAX: int
 __all__: list[str]
 
 ENCAP_MAX_HEADROOM: int

@@ -117,6 +117,12 @@ def check(config: str) -> None:
         f"{config}: ok (node {cfg.node.name}, {cfg.routing.mode} mode, {len(cfg.peers)} peers, "
         f"{len(cfg.pods)} pods)"
     )
+    if cfg.bgp.enabled:
+        peers = ", ".join(f"{p.address} (AS {p.asn})" for p in cfg.bgp.peers)
+        click.echo(f"  bgp: AS {cfg.bgp.asn} announcing to {peers}")
+    if cfg.clustermesh.clusters:
+        others = ", ".join(f"{c.name} (id {c.id})" for c in cfg.clustermesh.clusters)
+        click.echo(f"  cluster mesh: {cfg.cluster_name} (id {cfg.cluster_id}) with {others}")
 
 
 # ------------------------------------------------------------------------------------------- status
@@ -188,7 +194,41 @@ def format_status(s: dict[str, Any]) -> str:
     capped = ", ".join(f"{k}={v}" for k, v in sorted((c.get("nat_pod_limit_drops") or {}).items()) if v)
     if capped:
         lines.append(f"  nat pod limit drops: {capped}")
+    lines += _bgp_lines(s.get("bgp") or {}) + _mesh_lines(s.get("clustermesh") or {})
     return "\n".join(lines)
+
+
+def _bgp_lines(b: dict[str, Any]) -> list[str]:
+    if not b.get("enabled"):
+        return []
+    out = [
+        "",
+        f"bgp: AS {b.get('asn')}  router id {b.get('router_id')}  announcing "
+        f"{', '.join(b.get('prefixes') or []) or '-'} ({b.get('announced_prefixes', 0)} on the wire)"
+        f"  graceful restart {b.get('graceful_restart_time')}s",
+    ]
+    if b.get("not_announced"):
+        out.append(f"  not announced (IPv4 underlay): {', '.join(b['not_announced'])}")
+    if b.get("error"):
+        out.append(f"  ! {b['error']}")
+    for x in b.get("sessions") or []:
+        err = f"  last error: {x['last_error']}" if x.get("last_error") else ""
+        out.append(f"  {x['peer']:<15} AS {x['asn']:<10} {x['state']:<12} exported {x['exported']}{err}")
+    return out
+
+
+def _mesh_lines(m: dict[str, Any]) -> list[str]:
+    if not m.get("clusters"):
+        return []
+    me = m.get("cluster") or {}
+    out = ["", f"cluster mesh: this cluster {me.get('name')} (id {me.get('id')})"]
+    for c in m["clusters"]:
+        out.append(f"  {c['name']} (id {c['id']}) {c['state']}  {c['mode']}  etcd {c['endpoint']}")
+        for n, v in (c.get("nodes") or {}).items():
+            out.append(f"    {n:<14} {v['address']:<15} {','.join(v['pod_cidrs'])}")
+        for k, why in (c.get("rejected") or {}).items():
+            out.append(f"    ! refused {k}: {why}")
+    return out
 
 
 def _discovery_lines(d: dict[str, Any]) -> list[str]:

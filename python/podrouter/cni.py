@@ -272,11 +272,15 @@ def _wire_pod(netns: str, ifname: str, ip: Any, mtu: int) -> str:
 
 
 def _wire_node(host_if: str, ip: Any, mtu: int) -> tuple[int, str]:
+    from podrouter.netlink.constants import RTPROT_PODROUTER
+
     with _ipr() as ipr:
         idx = ipr.link_lookup(ifname=host_if)[0]
         ipr.link("set", index=idx, state="up", mtu=mtu)
         plen = 32 if ip.version == 4 else 128
-        ipr.route("replace", dst=f"{ip}/{plen}", oif=idx)
+        # podrouter's own protocol: the daemon takes this route over when the pod is registered (a
+        # route of any other protocol for the pod's address would be another owner's, left alone)
+        ipr.route("replace", dst=f"{ip}/{plen}", oif=idx, proto=RTPROT_PODROUTER)
         mac = str(ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS"))
     if ip.version == 4:
         # the node answers ARP for 169.254.1.1 on this veth (docs/design.md §4b)

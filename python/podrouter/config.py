@@ -216,6 +216,54 @@ class MetricsConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 9965)  # None: no metrics endpoint
 
 
+# BGP (docs/bgp.md). AS numbers: 0, 23456 (AS_TRANS, RFC 6793), 65535 and 4294967295 (RFC 7300) are
+# reserved and never a speaker's own AS
+ASN_MAX = (1 << 32) - 1
+ASN_RESERVED = (0, 23456, 65535, ASN_MAX)
+BGP_DEFAULT_HOLD = 90  # RFC 4271 §10 suggests 90 s
+BGP_DEFAULT_CONNECT_RETRY = 5
+BGP_DEFAULT_RESTART_TIME = 120
+# a TCP-MD5 key is at most 80 bytes (RFC 2385 implementations, TCP_MD5SIG_MAXKEYLEN); it is written
+# into bird.conf inside double quotes, so quotes and backslashes are refused
+_BGP_PASSWORD_RE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e ]{1,80}$")
+
+
+@dataclass(frozen=True)
+class BgpPeerConfig:
+    address: ipaddress.IPv4Address
+    asn: int
+    port: int = 179
+    password: str | None = None
+    hold_time: int = BGP_DEFAULT_HOLD
+    connect_retry: int = BGP_DEFAULT_CONNECT_RETRY
+
+
+@dataclass(frozen=True)
+class BgpConfig:
+    enabled: bool = False
+    asn: int | None = None
+    router_id: ipaddress.IPv4Address | None = None  # None: auto (the node's underlay address)
+    peers: tuple[BgpPeerConfig, ...] = ()
+    graceful_restart_time: int = BGP_DEFAULT_RESTART_TIME  # 0: no graceful restart
+
+
+@dataclass(frozen=True)
+class MeshClusterConfig:
+    name: str
+    id: int
+    etcd: EtcdConfig
+    mode: str = "tunnel"
+    tunnel_protocol: str | None = None
+    # the remote cluster's whole pod space (optional): its nodes must lie inside, and it stays
+    # routed into the datapath (never masqueraded) even while none of its nodes is known
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterMeshConfig:
+    clusters: tuple[MeshClusterConfig, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig
@@ -231,6 +279,10 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     warnings: tuple[str, ...] = ()  # problems that do not stop the daemon (bad pod annotations)
     path: str | None = None
+    bgp: BgpConfig = field(default_factory=BgpConfig)
+    cluster_name: str | None = None  # cluster.name, needed by clustermesh
+    cluster_id: int | None = None  # cluster.id (1..255)
+    clustermesh: ClusterMeshConfig = field(default_factory=ClusterMeshConfig)
 
     @property
     def state_path(self) -> Path:
@@ -529,6 +581,8 @@ class _Validator:
             "pods",
             "api",
             "metrics",
+            "bgp",
+            "clustermesh",
         )
         if data is None:
             self.bad("config", "the file is empty")
@@ -550,6 +604,12 @@ class _Validator:
         pods = self.pods(m.get("pods"))
         api = self.api(m.get("api"))
         metrics = self.metrics(m.get("metrics"))
+        bgp = self.bgp(m.get("bgp"), node)
+        cluster_ident = self.cluster_identity(m.get("cluster"))
+        mesh = self.clustermesh(m.get("clustermesh"), cluster_ident, cluster or ())
+        if mesh is not None and any(c.mode == "hybrid" for c in mesh.clusters):
+            # a hybrid mesh cluster uses routing.native_cidrs / native_when_on_link too
+            self.warnings = [w for w in self.warnings if not w.startswith("routing: native_cidrs and")]
         if node is not None and cluster is not None:
             # relations are checked on whatever parsed, so one run reports those problems too
             self.cross_checks(node, cluster, routing, peers or (), pods or (), masq)
@@ -573,6 +633,10 @@ class _Validator:
             api=api,
             metrics=metrics,
             warnings=tuple(self.warnings),
+            bgp=bgp or BgpConfig(),
+            cluster_name=cluster_ident[0],
+            cluster_id=cluster_ident[1],
+            clustermesh=mesh or ClusterMeshConfig(),
         )
 
     def node(self, value: Any) -> NodeConfig | None:
@@ -597,7 +661,7 @@ class _Validator:
         return NodeConfig(name=name, address=address, interface=iface, pod_cidrs=cidrs)
 
     def cluster(self, value: Any) -> tuple[IPNetwork, ...] | None:
-        m = self.mapping("cluster", value, ("pod_cidr", "pod_cidrs"))
+        m = self.mapping("cluster", value, ("pod_cidr", "pod_cidrs", "name", "id"))
         if m is None:
             return None
         return self.one_or_many_cidrs("cluster", m, required=True)
@@ -963,6 +1027,169 @@ class _Validator:
             self.bad("metrics.listen", f"{_q(raw)} is not host:port")
             return None
         return MetricsConfig(listen=listen)
+
+    # --- BGP and cluster mesh (docs/bgp.md, docs/clustermesh.md) ---
+
+    def asn(self, path: str, value: Any) -> int | None:
+        n = self.integer(path, value, 1, ASN_MAX - 1)
+        if n is not None and n in ASN_RESERVED:
+            self.bad(path, f"{_q(value)} is a reserved AS number (0, 23456, 65535, 4294967295)")
+            return None
+        return n
+
+    def bgp(self, value: Any, node: NodeConfig | None) -> BgpConfig | None:
+        m = self.mapping("bgp", value, ("enabled", "asn", "router_id", "peers", "graceful_restart_time"))
+        if m is None:
+            return None
+        enabled = self.boolean("bgp.enabled", m.get("enabled", False))
+        asn = self.asn("bgp.asn", m["asn"]) if m.get("asn") is not None else None
+        rid_raw = m.get("router_id", "auto")
+        router_id: ipaddress.IPv4Address | None = None
+        rid_ok = True
+        if rid_raw != "auto":
+            a = self.address("bgp.router_id", rid_raw, v4_only=True)
+            rid_ok = a is not None
+            if isinstance(a, ipaddress.IPv4Address):
+                router_id = a
+        gr = self.integer(
+            "bgp.graceful_restart_time", m.get("graceful_restart_time", BGP_DEFAULT_RESTART_TIME), 0, 4095
+        )  # the capability carries 12 bits (RFC 4724 §3)
+        peers = self._list("bgp.peers", m.get("peers"), self.bgp_peer)
+        if enabled:
+            if m.get("asn") is None:
+                self.bad("bgp.asn", "is required when bgp.enabled is true")
+            if not m.get("peers"):
+                self.bad("bgp.peers", "needs at least one peer when bgp.enabled is true")
+        seen: dict[ipaddress.IPv4Address, int] = {}
+        idx = self.indices.get("bgp.peers", [])
+        for i, p in zip(idx, peers or (), strict=True):
+            if p.address in seen:
+                self.bad(f"bgp.peers[{i}].address", f"'{p.address}' is also bgp.peers[{seen[p.address]}]")
+            seen.setdefault(p.address, i)
+            if node is not None and node.address is not None and p.address == node.address:
+                self.bad(f"bgp.peers[{i}].address", f"'{p.address}' is this node's own address")
+        if enabled is None or not rid_ok or gr is None or peers is None:
+            return None
+        if m.get("asn") is not None and asn is None:
+            return None
+        return BgpConfig(enabled=enabled, asn=asn, router_id=router_id, peers=peers, graceful_restart_time=gr)
+
+    def bgp_peer(self, path: str, value: Any) -> BgpPeerConfig | None:
+        m = self.mapping(
+            path,
+            value,
+            ("address", "asn", "port", "password", "hold_time", "connect_retry"),
+            ("address", "asn"),
+        )
+        if m is None:
+            return None
+        addr = (
+            self.address(f"{path}.address", m["address"], v4_only=True)
+            if m.get("address") is not None
+            else None
+        )
+        if addr is not None and (addr.is_unspecified or addr.is_multicast or addr.is_loopback):
+            self.bad(f"{path}.address", f"{_q(m['address'])} is not a unicast address of a router")
+            addr = None
+        asn = self.asn(f"{path}.asn", m["asn"]) if m.get("asn") is not None else None
+        port = self.integer(f"{path}.port", m.get("port", 179), 1, 65535)
+        password = m.get("password")
+        if password is not None and (
+            not isinstance(password, str) or not _BGP_PASSWORD_RE.fullmatch(password)
+        ):
+            # never echo a secret back: name the key and what is wrong only
+            self.bad(f"{path}.password", "is not 1-80 printable ASCII characters without '\"' or '\\'")
+            return None
+        # RFC 4271 §4.2: the hold time is 0 (no keepalives) or at least 3 seconds
+        hold = self.integer(f"{path}.hold_time", m.get("hold_time", BGP_DEFAULT_HOLD), 3, 65535)
+        retry = self.integer(
+            f"{path}.connect_retry", m.get("connect_retry", BGP_DEFAULT_CONNECT_RETRY), 1, 65535
+        )
+        if addr is None or asn is None or port is None or hold is None or retry is None:
+            return None
+        assert isinstance(addr, ipaddress.IPv4Address)
+        return BgpPeerConfig(
+            address=addr, asn=asn, port=port, password=password, hold_time=hold, connect_retry=retry
+        )
+
+    def cluster_identity(self, value: Any) -> tuple[str | None, int | None]:
+        if not isinstance(value, dict):
+            return None, None
+        name = self.name("cluster.name", value["name"]) if value.get("name") is not None else None
+        cid = self.integer("cluster.id", value["id"], 1, 255) if value.get("id") is not None else None
+        return name, cid
+
+    def clustermesh(
+        self, value: Any, ident: tuple[str | None, int | None], cluster: tuple[IPNetwork, ...]
+    ) -> ClusterMeshConfig | None:
+        m = self.mapping("clustermesh", value, ("clusters",))
+        if m is None:
+            return None
+        clusters = self._list("clustermesh.clusters", m.get("clusters"), self.mesh_cluster)
+        if clusters is None:
+            return None
+        if m.get("clusters"):
+            for key, v in (("cluster.name", ident[0]), ("cluster.id", ident[1])):
+                if v is None:
+                    self.bad(key, "is required when clustermesh.clusters is set (unique in the mesh)")
+        names: dict[str, str] = {}
+        ids: dict[int, str] = {}
+        if ident[0] is not None:
+            names[ident[0]] = "cluster.name"
+        if ident[1] is not None:
+            ids[ident[1]] = "cluster.id"
+        idx = self.indices.get("clustermesh.clusters", [])
+        spaces: list[tuple[str, IPNetwork]] = [("cluster.pod_cidr", n) for n in cluster]
+        for i, c in zip(idx, clusters, strict=True):
+            path = f"clustermesh.clusters[{i}]"
+            for net in c.pod_cidrs:
+                for owner, other in spaces:
+                    if net.version == other.version and net.overlaps(other):  # type: ignore[arg-type]
+                        self.bad(f"{path}.pod_cidr", f"'{net}' overlaps {owner} '{other}'")
+                spaces.append((f"{path}.pod_cidr", net))
+            if c.name in names:
+                self.bad(f"{path}.name", f"{_q(c.name)} is also {names[c.name]}")
+            names.setdefault(c.name, f"{path}.name")
+            if c.id in ids:
+                self.bad(f"{path}.id", f"{_q(c.id)} is also {ids[c.id]}")
+            ids.setdefault(c.id, f"{path}.id")
+        return ClusterMeshConfig(clusters=clusters)
+
+    def mesh_cluster(self, path: str, value: Any) -> MeshClusterConfig | None:
+        m = self.mapping(
+            path,
+            value,
+            ("name", "id", "etcd", "mode", "tunnel_protocol", "pod_cidr", "pod_cidrs"),
+            ("name", "id", "etcd"),
+        )
+        if m is None:
+            return None
+        name = self.name(f"{path}.name", m["name"]) if m.get("name") is not None else None
+        cid = self.integer(f"{path}.id", m["id"], 1, 255) if m.get("id") is not None else None
+        mode = self.choice(f"{path}.mode", m.get("mode", "tunnel"), MODES)
+        proto = (
+            self.choice(f"{path}.tunnel_protocol", m["tunnel_protocol"], PROTOCOLS)
+            if m.get("tunnel_protocol") is not None
+            else None
+        )
+        etcd = None
+        if m.get("etcd") is not None:
+            # the same keys and checks as discovery.etcd (TLS/auth included), reported under this path
+            sub = _Validator()
+            d = sub.discovery({"backend": "etcd", "etcd": m["etcd"]})
+            for msg in sub.problems:
+                self.problems.append(msg.replace("discovery.etcd", f"{path}.etcd", 1))
+            etcd = d.etcd if d is not None and not sub.problems else None
+        space: tuple[IPNetwork, ...] | None = ()
+        if m.get("pod_cidr") is not None or m.get("pod_cidrs") is not None:
+            space = self.one_or_many_cidrs(path, m, required=False)
+        if name is None or cid is None or mode is None or etcd is None or space is None:
+            return None
+        if m.get("tunnel_protocol") is not None and proto is None:
+            return None
+        return MeshClusterConfig(
+            name=name, id=cid, etcd=etcd, mode=mode, tunnel_protocol=proto, pod_cidrs=space
+        )
 
     # --- relations between sections ---
 

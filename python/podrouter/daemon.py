@@ -155,7 +155,7 @@ def plan_routes(
                 out.append(RoutePlan(piece, path, path_mtu(cfg, path, underlay_mtu), view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
-    for cidr in cfg.cluster_cidrs:
+    for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
         out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu), None, tun))
     # addresses of our own pod CIDR without a registered pod: unreachable, so a packet to one gets an
     # ICMP error at once instead of bouncing TUN -> kernel -> TUN until its TTL runs out
@@ -184,7 +184,9 @@ def build_spec(
     return {
         "generation": generation,
         "node": {"name": cfg.node.name, "address": node_address, "pod_cidrs": nets(cfg.node.pod_cidrs)},
-        "cluster_cidrs": nets(cfg.cluster_cidrs),
+        # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
+        # checked on ingress, never masqueraded
+        "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
         "mode": cfg.routing.mode,
         "native_cidrs": nets(cfg.routing.native_cidrs),
         "native_when_on_link": cfg.routing.native_when_on_link,
@@ -216,6 +218,16 @@ def build_spec(
             for v in peers
         ],
     }
+
+
+def mesh_space(cfg: Config) -> list[IPNetwork]:
+    """The pod CIDRs declared for the mesh's remote clusters (`clustermesh.clusters[].pod_cidr`)."""
+    return [n for c in cfg.clustermesh.clusters for n in c.pod_cidrs]
+
+
+def mesh_cidrs(peers: Iterable[PeerView]) -> list[IPNetwork]:
+    """The pod CIDRs of peers from other clusters (source `cluster:<name>`)."""
+    return [c for v in peers if v.source.startswith("cluster:") for c in v.peer.pod_cidrs]
 
 
 def nat_exhausted_message(cfg: Config, dropped: int, entries: int) -> str:
@@ -292,6 +304,7 @@ class Daemon:
         self._nat_exhausted_logged = 0
         self._nat_log_at = -NAT_LOG_INTERVAL
         self._spec_key: Any = None
+        self._pod_guard_key: Any = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._dirty: set[str] = set()
@@ -308,6 +321,7 @@ class Daemon:
         self.api: apimod.ApiServer | None = None
         self.monitor: MonitorHub | None = None
         self.metrics: Any = None
+        self.bgp: Any = None  # podrouter.bgp.BgpSpeaker when bgp.enabled
 
     # ------------------------------------------------------------------------------ start / stop
 
@@ -332,15 +346,14 @@ class Daemon:
             from podrouter.discovery.etcd import start_problems
 
             problems.extend(start_problems(self.cfg))  # the TLS files load
-        if self.cfg.masquerade.enabled:
-            from podrouter import nftables
+        problems.extend(self._route_conflict_problems())
+        from podrouter import nftables
 
-            why = nftables.unavailable()
-            if why is not None:
-                problems.append(
-                    f"masquerade.enabled: the reply guard needs libnftables ({why}); install nftables "
-                    "or set masquerade.enabled: false"
-                )
+        why = nftables.unavailable()
+        if why is not None:
+            # the pod egress guard (spoofed sources, tunnel ports) is not optional
+            problems.append(f"the pod egress guard needs libnftables ({why}); install nftables")
+        problems.extend(_bgp_problems(self.cfg, self.underlay))
         if problems:
             raise StartError(problems, EXIT_CONFIG)
         if apimod.socket_in_use(self.cfg.api.socket):
@@ -389,6 +402,33 @@ class Daemon:
         # pod space must not swallow the underlay (its subnet, our address, the gateway); no peer
         # may be us (config.underlay_problems)
         problems.extend(configmod.underlay_problems(cfg, u.address, u.network, u.gateway))
+        return problems
+
+    def _route_conflict_problems(self) -> list[str]:
+        """Routes of another owner that make the config impossible (checked before anything is
+        installed): one holding the /32 or /128 of a pod listed in the config (its traffic would
+        go wherever that route says), or a default route in the masquerade table MASQ_TABLE (the
+        masquerade steering would send pod traffic to it). Other conflicts (a peer's pod CIDR,
+        this node's own pod CIDR) are reported while running and left alone (docs/config.md)."""
+        from podrouter.netlink.plumbing import RT_TABLE_MAIN, foreign_routes
+
+        foreign = foreign_routes(self.ipr, {RT_TABLE_MAIN, MASQ_TABLE})
+        problems = []
+        for i, pod in enumerate(self.cfg.pods):
+            for addr in pod.addresses:
+                key = (RT_TABLE_MAIN, str(ipaddress.ip_network(addr)))
+                if key in foreign:
+                    problems.append(
+                        f"pods[{i}].ip: '{addr}' (pod {pod.name}) is already routed by a route podrouter "
+                        f"did not make: {foreign[key]}; remove it or change the pod's address"
+                    )
+        if self.cfg.masquerade.enabled:
+            for dflt in sorted({"0.0.0.0/0" if c.version == 4 else "::/0" for c in self.cfg.node.pod_cidrs}):
+                if (MASQ_TABLE, dflt) in foreign:
+                    problems.append(
+                        f"masquerade.enabled: routing table {MASQ_TABLE} (podrouter's masquerade table) "
+                        f"already holds a route podrouter did not make: {foreign[(MASQ_TABLE, dflt)]}"
+                    )
         return problems
 
     def _recorded_state(self, set_aside: bool = False) -> statefile.State | None:
@@ -464,9 +504,14 @@ class Daemon:
         self._node_sysctls(tun_idx)
         self.ipr.link("set", index=tun_idx, mtu=u.mtu, state="up")
         self._sync_masquerade_guard(None, cfg)
+        self._install_pod_guard()
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
         self.discovery = discovery.make(cfg, str(u.address))
+        if cfg.clustermesh.clusters:
+            from podrouter import clustermesh
+
+            self.discovery = clustermesh.MeshDiscovery(cfg, self.discovery)
         self.bandwidth = self._make_bandwidth(cfg)
         with self.lock:
             for pod in cfg.pods:
@@ -481,9 +526,10 @@ class Daemon:
             from podrouter.metrics import MetricsServer, make_source
 
             self.metrics = MetricsServer(
-                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits),
+                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits, self._bgp_status),
                 cfg.metrics.listen,
             )
+        self._start_bgp()
         self.ready = True
         log.info(
             "ready: %s mode, %d peers, %d pods, tables generation %d",
@@ -560,6 +606,46 @@ class Daemon:
             self.plumbing.state.nft_guard = False
             self.plumbing.save()
 
+    def _pod_guard_want(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, int]], list[str]]:
+        """What the pod egress guard's sets should hold now: each registered pod's host interface
+        with its addresses, every tunnel socket (each peer's and our own address, at both tunnel
+        ports) that no pod may send to, and this node's pod CIDRs."""
+        pods = sorted(
+            (e.pod.host_interface, sorted(str(a) for a in e.pod.addresses)) for e in self.pods.values()
+        )
+        # two pods on one interface (a re-registration under a new name) share its entry
+        merged: dict[str, list[str]] = {}
+        for ifname, pod_addrs in pods:
+            merged.setdefault(ifname, []).extend(pod_addrs)
+        ports = sorted({self.cfg.tunnel.port_for("vxlan"), self.cfg.tunnel.port_for("geneve")})
+        endpoints = {str(self.underlay.address)} | {str(v.peer.address) for v in self.peer_views}
+        return (
+            sorted(merged.items()),
+            [(a, p) for a in sorted(endpoints) for p in ports],
+            [str(c) for c in self.cfg.node.pod_cidrs],
+        )
+
+    def _install_pod_guard(self) -> None:
+        """The nftables table that drops pod packets with a source that is not the pod's own
+        (`spoofed_pod_source`) and pod packets to a tunnel socket (`pod_tunnel_port`); nftables.py.
+        Installed before the first pod route exists, its sets filled by every reconcile."""
+        from podrouter import nftables
+
+        # no state-file record needed: `podrouter cleanup` finds the table by its fixed name
+        want = self._pod_guard_want()
+        nftables.install_pod_guard(*want)
+        self._pod_guard_key = want
+        log.info("pod egress guard installed (nftables table %s %s)", nftables.POD_FAMILY, nftables.POD_TABLE)
+
+    def _sync_pod_guard(self) -> None:
+        from podrouter import nftables
+
+        want = self._pod_guard_want()
+        if want == self._pod_guard_key:
+            return
+        nftables.update_pod_guard(*want)
+        self._pod_guard_key = want
+
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -590,6 +676,8 @@ class Daemon:
                             ", ".join(sorted(reasons)),
                         )
             self._watch_counters()
+            if self.bgp is not None:
+                self.bgp.ensure_running()
             if self.datapath is not None and not self.datapath.is_running():
                 log.error("the datapath stopped unexpectedly; shutting down")
                 self._exit_code = EXIT_FAILURE
@@ -636,6 +724,7 @@ class Daemon:
         The TUN itself is closed last, after the routes into it are gone."""
         self.ready = False
         for part, method in (
+            (self.bgp, "stop"),
             (self.metrics, "close"),
             (self.api, "close"),
             (self.monitor, "close"),
@@ -671,6 +760,15 @@ class Daemon:
                     self.plumbing.teardown()
                 except Exception:  # noqa: BLE001
                     log.exception("removing routes/rules failed")
+            if self._pod_guard_key is not None:
+                # after the routes: while a pod route exists, its pod's sources are checked
+                try:
+                    from podrouter import nftables
+
+                    nftables.remove_pod_guard()
+                except Exception:  # noqa: BLE001
+                    log.exception("removing the pod egress guard failed")
+                self._pod_guard_key = None
             if self.datapath is not None:
                 try:
                     # closing the TUN fd makes the kernel delete podr0 (it was never made persistent)
@@ -789,6 +887,8 @@ class Daemon:
         self.route_plan = plan_routes(
             cfg, self.peer_views, (e.pod for e in self.pods.values()), self.underlay.mtu
         )
+        # the guard learns a pod's addresses before its route makes the pod reachable
+        self._sync_pod_guard()
         self.route_errors = self.plumbing.sync_routes(self._desired_routes())
         self.plumbing.sync_rules(self._desired_rules())
         for err in self.route_errors:
@@ -851,10 +951,27 @@ class Daemon:
         )
         for w in new.warnings:
             log.warning("%s", w)
+        if new.bgp.enabled != self.cfg.bgp.enabled:
+            log.warning("bgp.enabled changed: restart the daemon to apply it (keeping the running value)")
+            new = replace(new, bgp=self.cfg.bgp)
+        mesh_before = (self.cfg.cluster_name, self.cfg.cluster_id, self.cfg.clustermesh)
+        if (new.cluster_name, new.cluster_id, new.clustermesh) != mesh_before:
+            # the remote watches are set up once, at start (docs/clustermesh.md)
+            log.warning(
+                "cluster.name/cluster.id/clustermesh changed: restart the daemon to apply it "
+                "(keeping the running value)"
+            )
+            new = replace(
+                new,
+                cluster_name=self.cfg.cluster_name,
+                cluster_id=self.cfg.cluster_id,
+                clustermesh=self.cfg.clustermesh,
+            )
         with self.lock:
             old = self.cfg
             self.cfg = new
             self.discovery.update_config(new)
+            self._reload_bgp(old, new)
             try:
                 self._sync_masquerade_guard(old, new)
             except Exception:  # noqa: BLE001
@@ -999,6 +1116,11 @@ class Daemon:
         # the kernel delays proxy ARP replies by a random 0..proxy_delay (80 ms default); a pod's first
         # packet should not wait for that
         ps.set_sysctl(sysctl.neigh(ifname, "proxy_delay"), 0)
+        # strict reverse-path filtering on the pod's veth: its only source is the pod's /32 routed
+        # back out of it. The kernel applies max(conf/all, conf/<dev>), so this is effective only
+        # where conf/all stays at 0 or 1 (_node_sysctls lowers a strict `all` to loose); the
+        # nftables pod egress guard checks every source regardless (docs/architecture.md)
+        ps.set_sysctl(sysctl.conf(ifname, "rp_filter"), 1)
         if any(a.version == 6 for a in pod.addresses) and has_ipv6(self.cfg):
             # the IPv6 counterpart: the pod's default route is `via fe80::1 dev eth0`, and fe80::1 is
             # an address of the node's end of the veth (nodad, so it answers at once), exactly one per
@@ -1099,7 +1221,22 @@ class Daemon:
         dp = self.datapath
         if dp is None:
             return {}
-        return dict(dp.counters())
+        out = dict(dp.counters())
+        if self._pod_guard_key is not None:
+            # the pod egress guard drops in nftables, before the datapath sees anything; its two
+            # counters join the datapath's drop reasons (podrouter_drops_total{reason=...})
+            from podrouter import nftables
+
+            try:
+                guard = nftables.pod_guard_counters()
+            except Exception:  # noqa: BLE001 - status must answer even if nftables cannot be read
+                log.exception("reading the pod egress guard counters failed")
+                guard = {}
+            drops = dict(out.get("drops") or {})
+            for reason in (nftables.SPOOF_COUNTER, nftables.TUNNEL_COUNTER):
+                drops[reason] = int(drops.get(reason, 0)) + guard.get(reason, 0)
+            out["drops"] = drops
+        return out
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -1153,11 +1290,44 @@ class Daemon:
                 "peers": peers,
                 "routes": routes,
                 "route_errors": list(self.route_errors),
+                # routes podrouter wants but another owner's route holds (left alone, not installed)
+                "conflicts": list(self.plumbing.conflicts) if self.plumbing is not None else [],
                 "rejected_peers": dict(self.peer_rejects),
                 "pods": self._pods_status(),
                 "discovery": self.discovery.status() if self.discovery else {},
+                "bgp": self._bgp_status(),
+                "clustermesh": getattr(self.discovery, "mesh_status", dict)(),
                 "counters": self._counters(),
             }
+
+    # ------------------------------------------------------------------------------------ BGP
+
+    def _start_bgp(self) -> None:
+        """Announce this node's pod CIDRs through BIRD (docs/bgp.md), once its routes are in place."""
+        if not self.cfg.bgp.enabled:
+            return
+        from podrouter import bgp
+
+        self.bgp = bgp.BgpSpeaker(self.cfg, self.underlay.address, self.underlay.on_link)
+        try:
+            self.bgp.start()
+        except bgp.BgpError as e:
+            raise StartError([f"bgp: {e}"], EXIT_FAILURE) from None
+
+    def _reload_bgp(self, old: Config, new: Config) -> None:
+        if self.bgp is None or (old.bgp == new.bgp and old.node.pod_cidrs == new.node.pod_cidrs):
+            return
+        from podrouter import bgp
+
+        try:
+            self.bgp.reconfigure(new)
+        except bgp.BgpError as e:
+            log.error("BGP reconfiguration failed: %s", e)
+
+    def _bgp_status(self) -> dict[str, Any]:
+        if self.bgp is None:
+            return {"enabled": False}
+        return dict(self.bgp.status())
 
     def explain(self, req: dict[str, Any]) -> dict[str, Any]:
         from podrouter.cli import build_packet
@@ -1205,6 +1375,18 @@ class Daemon:
                 if any(str(a) == address for a in e.pod.addresses):
                     return e.pod.name
         return None
+
+
+def _bgp_problems(cfg: Config, underlay: Any) -> list[str]:
+    if not cfg.bgp.enabled:
+        return []
+    from podrouter import bgp
+
+    out = bgp.path_problems(cfg)
+    for i, p in enumerate(cfg.bgp.peers):
+        if underlay is not None and p.address == underlay.address:
+            out.append(f"bgp.peers[{i}].address: '{p.address}' is this node's own address")
+    return out
 
 
 def _load_native() -> Any:
@@ -1277,12 +1459,17 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
     done: list[str] = []
     from podrouter import nftables
 
-    # the guard table has a fixed name, so it is found even without a state file
+    # the guard tables have fixed names, so they are found even without a state file
     try:
         if nftables.remove_guard():
             done.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
     except nftables.NftError as e:
         done.append(f"could not remove nftables table {nftables.FAMILY} {nftables.TABLE}: {e}")
+    try:
+        if nftables.remove_pod_guard():
+            done.append(f"removed nftables table {nftables.POD_FAMILY} {nftables.POD_TABLE}")
+    except nftables.NftError as e:
+        done.append(f"could not remove nftables table {nftables.POD_FAMILY} {nftables.POD_TABLE}: {e}")
     with IPRoute() as ipr:
         done.extend(netlink_cleanup(ipr, recorded))
         if recorded is not None:
@@ -1298,6 +1485,8 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
                 done.append(
                     f"note: {recorded.tun or TUN_NAME} still exists (not created persistent by podrouter)"
                 )
+    if cfg.bgp.enabled:
+        done.extend(_cleanup_bgp(cfg))
     if recorded is not None:
         statefile.remove(cfg.state_path)
         done.append(f"removed {cfg.state_path}")
@@ -1306,6 +1495,21 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
         sock.unlink()
         done.append(f"removed stale socket {sock}")
     return done
+
+
+def _cleanup_bgp(cfg: Config) -> list[str]:
+    """Withdraw this node's prefixes from its BGP peers now (docs/bgp.md, "Stopping for good")."""
+    from pyroute2 import IPRoute
+
+    from podrouter import bgp
+    from podrouter.netlink.underlay import UnderlayError, resolve_underlay
+
+    try:
+        with IPRoute() as ipr:
+            u = resolve_underlay(ipr, cfg.node)
+        return bgp.withdraw(cfg, u.address, u.on_link)
+    except (UnderlayError, bgp.BgpError, OSError) as e:
+        return [f"BGP: could not withdraw (the routers drop our prefixes after the restart time): {e}"]
 
 
 __all__ = [

@@ -27,6 +27,23 @@ class Source(Protocol):
     def pod_egress_limits(self) -> dict[str, int | None]: ...
 
 
+def bgp_families(status: dict[str, Any]) -> Iterator[Metric]:
+    """podrouter_bgp_session_up{peer} and podrouter_bgp_announced_prefixes (docs/bgp.md); nothing
+    when BGP is off."""
+    if not status.get("enabled"):
+        return
+    up = GaugeMetricFamily(
+        "podrouter_bgp_session_up", "1 if the BGP session to the peer is established.", labels=["peer"]
+    )
+    for s in status.get("sessions") or []:
+        up.add_metric([str(s.get("peer"))], 1.0 if s.get("up") else 0.0)
+    ann = GaugeMetricFamily(
+        "podrouter_bgp_announced_prefixes", "Pod CIDRs this node announces on its established BGP sessions."
+    )
+    ann.add_metric([], float(status.get("announced_prefixes", 0) or 0))
+    yield from (up, ann)
+
+
 class PodrouterCollector:
     def __init__(self, source: Source) -> None:
         self.source = source
@@ -44,6 +61,12 @@ class PodrouterCollector:
             log.exception("metrics scrape failed")
             return
         yield from self._families(counters, peers, limits)
+        bgp = getattr(self.source, "bgp_status", None)
+        if bgp is not None:
+            try:
+                yield from bgp_families(bgp())
+            except Exception:  # noqa: BLE001 - a scrape must never take the daemon down
+                log.exception("metrics scrape of the BGP status failed")
 
     @staticmethod
     def _families(counters: dict[str, Any], peers: int, limits: dict[str, int | None]) -> Iterator[Metric]:
@@ -119,6 +142,7 @@ def make_source(
     counters: Callable[[], dict[str, Any]],
     peers: Callable[[], int],
     limits: Callable[[], dict[str, int | None]],
+    bgp: Callable[[], dict[str, Any]] | None = None,
 ) -> Source:
     class _S:
         def counters(self) -> dict[str, Any]:
@@ -129,6 +153,9 @@ def make_source(
 
         def pod_egress_limits(self) -> dict[str, int | None]:
             return limits()
+
+        def bgp_status(self) -> dict[str, Any]:
+            return bgp() if bgp is not None else {"enabled": False}
 
     return _S()
 

@@ -58,7 +58,7 @@ def test_cni_with_real_daemon(topo: Topology, daemons: Daemons, tmp_path: Path) 
     pod, netns = sandbox(topo, "c9")
     conf = netconf(tmp_path, sock, bandwidth={"egressRate": 20_000_000, "egressBurst": 4294967295})
     rc, result = invoke(lab.node, "ADD", conf, "c9", netns)
-    assert rc == 0, (result, d.stderr_so_far())
+    assert rc == 0, (result, d.logs()[-3000:])
     host_if = host_ifname("c9", "eth0")
     entry = _pods(d)["default.c9"]
     assert entry["host_interface"] == host_if

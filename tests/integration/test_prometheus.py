@@ -127,7 +127,7 @@ def test_alert_rules_check_and_unit_tests() -> None:
     r = subprocess.run(
         ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=30
     )
-    assert r.returncode == 0 and "SUCCESS: 6 rules found" in r.stdout, (r.stdout, r.stderr)
+    assert r.returncode == 0 and "SUCCESS: 7 rules found" in r.stdout, (r.stdout, r.stderr)
     r = subprocess.run(
         ["promtool", "test", "rules", ALERTS_TEST.name],
         cwd=ALERTS_TEST.parent,
@@ -142,6 +142,7 @@ def test_alert_rules_check_and_unit_tests() -> None:
         "PodrouterDropsRising",
         "PodrouterNatTableNearFull",
         "PodrouterPeersMissing",
+        "PodrouterBgpSessionDown",
     } <= names
 
 

@@ -37,6 +37,14 @@ def setup_kernel_routing(ref: ReferenceTopology) -> None:
     ref.nodes["node3"].ip(f"route replace {ref.node_pod_cidr['node1']} via {ref.node_addr['node1']} dev eth0")
 
 
+def setup_kernel_routing_across_r(ref: ReferenceTopology) -> None:
+    """Plain forwarding across R: R holds a route per pod CIDR via its node (what BGP gives it in the
+    native-bgp setup, here written by hand); the nodes reach R through their default routes."""
+    attach_pods(ref)
+    for name in ("node1", "node2"):
+        ref.router.ip(f"route replace {ref.node_pod_cidr[name]} via {ref.node_addr[name]}")
+
+
 def _vtep_mac(node: str) -> str:
     return f"02:76:78:00:00:{int(node.removeprefix('node')):02x}"
 

@@ -357,11 +357,15 @@ pub enum DropReason {
     TtlExceeded,
     /// Well formed but not something podrouter handles (protocol, fragment through NAT, ...).
     Unsupported,
+    /// Encapsulated datagram whose outer UDP source port lies in this node's masquerade port
+    /// range: what a pod's hand-made tunnel datagram looks like after a peer masqueraded it
+    /// (tunnel senders use [`crate::encap::SOURCE_PORT_MIN`]..=[`crate::encap::SOURCE_PORT_MAX`]).
+    TunnelSourcePort,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (the I/O layer keeps one counter per entry).
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::NoRoute,
         DropReason::Malformed,
         DropReason::Truncated,
@@ -385,6 +389,7 @@ impl DropReason {
         DropReason::NatRstOutOfWindow,
         DropReason::TtlExceeded,
         DropReason::Unsupported,
+        DropReason::TunnelSourcePort,
     ];
 
     /// Stable snake_case name.
@@ -413,6 +418,7 @@ impl DropReason {
             DropReason::NatRstOutOfWindow => "nat_rst_out_of_window",
             DropReason::TtlExceeded => "ttl_exceeded",
             DropReason::Unsupported => "unsupported",
+            DropReason::TunnelSourcePort => "tunnel_source_port",
         }
     }
 

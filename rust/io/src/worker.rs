@@ -500,12 +500,14 @@ impl Drop for AliveGuard {
     }
 }
 
-/// Binds `n` send sockets to distinct ports of 49152..=60999: the dynamic range RFC 7348 §5 asks
-/// tunnel source ports to come from, below podrouter's default masquerade range (61000-65535).
-/// Ports in use are skipped; the start is spread by pid so two daemons rarely probe the same ports.
+/// Binds `n` send sockets to distinct ports of `encap::SOURCE_PORT_MIN..=SOURCE_PORT_MAX`
+/// (49152-60999): the dynamic range RFC 7348 §5 asks tunnel source ports to come from, below
+/// podrouter's default masquerade range (61000-65535), which peers refuse as a tunnel source
+/// (`tunnel_source_port`). Ports in use are skipped; the start is spread by pid so two daemons
+/// rarely probe the same ports.
 fn bind_tx_pool(addr: Ipv4Addr, n: usize) -> io::Result<Vec<UdpSocket>> {
-    const LO: u32 = 49152;
-    const SPAN: u32 = 61000 - 49152;
+    const LO: u32 = encap::SOURCE_PORT_MIN as u32;
+    const SPAN: u32 = encap::SOURCE_PORT_MAX as u32 + 1 - LO;
     let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
     let mut out = Vec::with_capacity(n);
     let mut last_err = None;
@@ -1236,7 +1238,8 @@ impl Worker {
             let buf = &mut recv.buf_mut(m)[..meta.len];
             for dg in buf.chunks_mut(seg) {
                 let len = dg.len();
-                match datapath::ingress(tables, *meta.src.ip(), port, meta.tos & 0x03, dg, 0, len) {
+                let (src, sport) = (*meta.src.ip(), meta.src.port());
+                match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, dg, 0, len) {
                     IngressAction::Deliver { range, path, .. } => {
                         c.count(path, Dir::Ingress, 1, range.len() as u64);
                         if self.events.sample_flow() {

@@ -844,6 +844,16 @@ fn version() -> &'static str {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    // the outer UDP source ports podrouter's tunnel senders use (docs/architecture.md): the
+    // masquerade range must stay outside them, since peers drop tunnel datagrams from it
+    m.add(
+        "TUNNEL_SOURCE_PORT_MIN",
+        podrouter_core::encap::SOURCE_PORT_MIN,
+    )?;
+    m.add(
+        "TUNNEL_SOURCE_PORT_MAX",
+        podrouter_core::encap::SOURCE_PORT_MAX,
+    )?;
     m.add_class::<Tables>()?;
     m.add_class::<Datapath>()?;
     wire::register(m)?;
