@@ -8,7 +8,8 @@
 //! Input: records `[len_hi, len_lo, mode, bytes...]`. Mode bit 0: the bytes are the whole UDP
 //! payload (else a valid VXLAN + Ethernet header is put in front and an IPv4 inner packet gets
 //! the peer's and this node's pod addresses and a correct header checksum); bit 1: Geneve port
-//! instead of VXLAN; bits 2-3: outer ECN; bit 4: from an unknown underlay address; bit 7 (framed
+//! instead of VXLAN; bits 2-3: outer ECN; bit 4: from an unknown underlay address; bit 5: from a
+//! UDP source port inside the masquerade range (refused: `tunnel_source_port`); bit 7 (framed
 //! only): the inner packet continues the previous framed one's TCP flow (next sequence number).
 #![no_main]
 
@@ -119,11 +120,13 @@ fuzz_target!(|data: &[u8]| {
         } else {
             PEER
         };
+        let sport = if mode & 0x20 != 0 { 61000 } else { 40000 };
         let len = dg.len();
-        match datapath::ingress(t, src, port, (mode >> 2) & 3, &mut dg, 0, len) {
+        match datapath::ingress(t, src, sport, port, (mode >> 2) & 3, &mut dg, 0, len) {
             IngressAction::Deliver { range, .. } => {
                 assert!(range.start <= range.end && range.end <= len);
                 assert_eq!(src, PEER, "only the known peer's packets are delivered");
+                assert_eq!(sport, 40000, "never from a masquerade port");
                 let p = &dg[range];
                 let m = podrouter_core::wire::parse_ip(p).expect("a delivered packet parses");
                 assert!(cidr("10.244.2.0/24").contains(m.src), "{:?}", m.src);
