@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   iproute2 iputils-ping tcpdump tshark iperf3 sockperf nftables ethtool procps
-  etcd-server containernetworking-plugins
+  etcd-server etcd-client containernetworking-plugins bird2
+  podman runc busybox-static prometheus
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -21,13 +22,28 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
-  "rust-just>=1.30" "maturin>=1.5,<2" \
-  "pytest>=8" "pytest-timeout>=2.2" "hypothesis>=6" "scapy>=2.5" \
-  "click>=8.1" "PyYAML>=6" "pyroute2>=0.7.12" "prometheus-client>=0.19" "matplotlib>=3.7" \
-  "ruff>=0.5" "mypy>=1.8" types-PyYAML
+# bird2's package enables a system-wide BIRD as well; podrouter and its tests start their own, one per
+# namespace (docs/bgp.md), and nothing may run BGP in the root namespace.
+if [ -d /run/systemd/system ] && systemctl is-enabled bird >/dev/null 2>&1; then
+  systemctl disable --now bird >/dev/null 2>&1 || true
+fi
 
-# the wheel, built by maturin from rust/py (release profile), installed like a user would
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-build-isolation .
+# The Debian prometheus package enables a system-wide service; the tests start their own servers
+# (on loopback inside namespaces), so where systemd runs the packaged one is stopped and disabled.
+if [ -d /run/systemd/system ] && systemctl is-enabled prometheus >/dev/null 2>&1; then
+  systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+
+# Python: one dependency list, pyproject.toml. First its build requirements ([build-system] requires,
+# read from the file), because the wheel is built without isolation; then the wheel itself, built by
+# maturin from rust/py (release profile) and installed like a user would, with the extras the tests,
+# the benchmarks and the linters need ([project.optional-dependencies]).
+PIP=(python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore)
+mapfile -t build_requires < <(python3 -c '
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    print("\n".join(tomllib.load(f)["build-system"]["requires"]))')
+"${PIP[@]}" "${build_requires[@]}"
+"${PIP[@]}" --no-build-isolation ".[test,bench,dev]"
 hash -r
 echo "bootstrap: podrouter $(python3 -c 'import podrouter; print(podrouter.__version__)') installed"

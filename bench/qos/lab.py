@@ -1,4 +1,4 @@
-"""A QoS lab in network namespaces: one node, pods attached as DESIGN.md §4b says, and a sink.
+"""A QoS lab in network namespaces: one node, pods attached as docs/design.md §4b says, and a sink.
 
     pod-a 10.244.1.2 --veth--+
     pod-b 10.244.1.3 --veth--+-- node (forwarding) -- 198.51.100.1 ---- 198.51.100.2 sink
@@ -59,7 +59,7 @@ class Lab:
         host.ip("route add 169.254.1.1 dev eth0 scope link")
         host.ip("route add default via 169.254.1.1 dev eth0 onlink")
         if wire_node:
-            # what the daemon does per DESIGN.md §4b: /32 route to the host veth and proxy ARP
+            # what the daemon does per docs/design.md §4b: /32 route to the host veth and proxy ARP
             self.node.ip(f"route add {ip}/32 dev {ifname}")
             self.node.sysctl(f"net.ipv4.conf.{ifname}.proxy_arp", 1)
         pod = LabPod(name, host, ip, ifname)

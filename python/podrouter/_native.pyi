@@ -8,6 +8,10 @@ the datapath's worker threads never touch Python.
 from typing import Any, final
 
 __version__: str
+# Outer UDP source ports of podrouter's tunnel senders (49152-60999); peers drop tunnel datagrams
+# whose source port lies in their masquerade.port_range (`tunnel_source_port`).
+TUNNEL_SOURCE_PORT_MIN: int
+TUNNEL_SOURCE_PORT_MAX: int
 __all__: list[str]
 
 ENCAP_MAX_HEADROOM: int
@@ -93,13 +97,24 @@ class Datapath:
     def counters(self) -> dict[str, Any]:
         """``{"packets": {"vxlan/egress": n, ... every path/direction}, "bytes": {...},
         "drops": {reason: n, ... every reason, incl. "tx_error"}, "nat_entries": n,
-        "nat_alloc_failures": n, "table_generation": n, "workers": n,
+        "nat_alloc_failures": n, "nat_evictions": n, "nat_pod_limit_drops": {"pod ip": n, ... at most
+        32, the highest}, "nat_pod_limit_drops_other": n, "table_generation": n, "workers": n,
         "offload": {"tun": ["csum", "tso4", ...], "udp_gso": bool, "udp_gro": bool,
         "packet_vnet_hdr": bool, "tun_reads": n, "tun_gso_reads": n, "tun_writes": n,
         "tun_gso_writes": n, "tun_coalesced_segments": n, "udp_rx_messages": n,
         "udp_rx_gro_messages": n, "udp_tx_calls": n, "udp_tx_gso_messages": n,
         "packet_tx_calls": n, "packet_tx_gso_frames": n, "batches": n}}``.
         Packets are wire packets (a GSO super-packet counts once per segment)."""
+    def monitor_start(self, flows: bool = False, sample: int = 100, rate: int = 1000) -> None:
+        """Turn the event ring on: drops (and with ``flows`` one forwarded packet in ``sample``), at
+        most ``rate`` events a second. Older events are not read."""
+    def monitor_stop(self) -> None:
+        """Turn the event ring off (drop points go back to one flag check). Idempotent."""
+    def monitor_events(self, max: int = 1024) -> list[dict[str, Any]]:
+        """Up to ``max`` events, oldest first: ``{"kind": "drop"|"flow", "reason", "path",
+        "direction", "family", "proto", "src", "dst", "sport", "dport", "len", "outer", "time"}``."""
+    def monitor_stats(self) -> dict[str, int]:
+        """``{"suppressed": n, "lost": n}`` since the ring was turned on."""
     def stop(self) -> None:
         """Stop the workers and close the sockets; the TUN stays. Idempotent."""
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""The `podrouter` command line (DESIGN.md §5).
+"""The `podrouter` command line (docs/design.md §5).
 
 Exit statuses: 0 success; 1 failure (daemon unreachable or not ready, API error, datapath trouble);
 2 bad input (config problems, bad arguments) -- always before anything in the kernel was touched.
@@ -117,6 +117,12 @@ def check(config: str) -> None:
         f"{config}: ok (node {cfg.node.name}, {cfg.routing.mode} mode, {len(cfg.peers)} peers, "
         f"{len(cfg.pods)} pods)"
     )
+    if cfg.bgp.enabled:
+        peers = ", ".join(f"{p.address} (AS {p.asn})" for p in cfg.bgp.peers)
+        click.echo(f"  bgp: AS {cfg.bgp.asn} announcing to {peers}")
+    if cfg.clustermesh.clusters:
+        others = ", ".join(f"{c.name} (id {c.id})" for c in cfg.clustermesh.clusters)
+        click.echo(f"  cluster mesh: {cfg.cluster_name} (id {cfg.cluster_id}) with {others}")
 
 
 # ------------------------------------------------------------------------------------------- status
@@ -161,6 +167,7 @@ def format_status(s: dict[str, Any]) -> str:
         )
     if not s.get("peers"):
         lines.append("  (none)")
+    lines.extend(_discovery_lines(s.get("discovery") or {}))
     lines += ["", "routes:"]
     for r in s.get("routes", []):
         mtu = f"mtu {r['mtu']}" if r.get("mtu") else ""
@@ -183,8 +190,63 @@ def format_status(s: dict[str, Any]) -> str:
         lines.append(f"  {key}: {items or '-'}")
     drops = ", ".join(f"{k}={v}" for k, v in sorted((c.get("drops") or {}).items()) if v)
     lines.append(f"  drops: {drops or '-'}")
-    lines.append(f"  nat entries: {c.get('nat_entries', 0)}")
+    lines.append(f"  nat entries: {c.get('nat_entries', 0)}, evicted: {c.get('nat_evictions', 0)}")
+    capped = ", ".join(f"{k}={v}" for k, v in sorted((c.get("nat_pod_limit_drops") or {}).items()) if v)
+    if capped:
+        lines.append(f"  nat pod limit drops: {capped}")
+    lines += _bgp_lines(s.get("bgp") or {}) + _mesh_lines(s.get("clustermesh") or {})
     return "\n".join(lines)
+
+
+def _bgp_lines(b: dict[str, Any]) -> list[str]:
+    if not b.get("enabled"):
+        return []
+    out = [
+        "",
+        f"bgp: AS {b.get('asn')}  router id {b.get('router_id')}  announcing "
+        f"{', '.join(b.get('prefixes') or []) or '-'} ({b.get('announced_prefixes', 0)} on the wire)"
+        f"  graceful restart {b.get('graceful_restart_time')}s",
+    ]
+    if b.get("not_announced"):
+        out.append(f"  not announced (IPv4 underlay): {', '.join(b['not_announced'])}")
+    if b.get("error"):
+        out.append(f"  ! {b['error']}")
+    for x in b.get("sessions") or []:
+        err = f"  last error: {x['last_error']}" if x.get("last_error") else ""
+        out.append(f"  {x['peer']:<15} AS {x['asn']:<10} {x['state']:<12} exported {x['exported']}{err}")
+    return out
+
+
+def _mesh_lines(m: dict[str, Any]) -> list[str]:
+    if not m.get("clusters"):
+        return []
+    me = m.get("cluster") or {}
+    out = ["", f"cluster mesh: this cluster {me.get('name')} (id {me.get('id')})"]
+    for c in m["clusters"]:
+        out.append(f"  {c['name']} (id {c['id']}) {c['state']}  {c['mode']}  etcd {c['endpoint']}")
+        for n, v in (c.get("nodes") or {}).items():
+            out.append(f"    {n:<14} {v['address']:<15} {','.join(v['pod_cidrs'])}")
+        for k, why in (c.get("rejected") or {}).items():
+            out.append(f"    ! refused {k}: {why}")
+    return out
+
+
+def _discovery_lines(d: dict[str, Any]) -> list[str]:
+    """etcd discovery health: its state, how fresh the peer set is, and the entries it refused."""
+    if d.get("backend") != "etcd":
+        return []
+    age = d.get("last_event_age")
+    fresh = f"last event {age}s ago" if age is not None else "no event yet"
+    line = (
+        f"discovery etcd {d.get('state')} via {d.get('endpoint')}  {fresh}  "
+        f"watch restarts {d.get('watch_restarts', 0)}"
+    )
+    if d.get("last_error") and d.get("state") != "connected":
+        line += f"  last error: {d['last_error']}"
+    out = [line]
+    for key, why in sorted((d.get("rejected") or {}).items()):
+        out.append(f"  refused {key}: {why}")
+    return out
 
 
 def _shaping_text(sh: Any) -> str:
@@ -475,6 +537,62 @@ def _delegate(module: str, args: list[str]) -> None:
         _fail(f"podrouter {module}: not built yet", EXIT_FAILURE)
     rc = fn(args)
     sys.exit(int(rc or 0))
+
+
+# ------------------------------------------------------------------------------------------ monitor
+
+
+@main.command()
+@config_option
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
+@click.option("--flows", is_flag=True, help="Also show a sample of forwarded packets.")
+@click.option("--pod", help="Only events to or from this pod.")
+@click.option("--reason", help="Only drops for this reason (e.g. unknown_peer, ttl_exceeded).")
+@click.option("--address", help="Only events with this address (source, destination or tunnel sender).")
+@click.option("--count", type=click.IntRange(min=1), help="Exit after this many events.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), help="Exit after this many seconds.")
+def monitor(
+    config: str | None,
+    sock: str | None,
+    as_json: bool,
+    flows: bool,
+    pod: str | None,
+    reason: str | None,
+    address: str | None,
+    count: int | None,
+    timeout: float | None,
+) -> None:
+    """A live stream of dropped packets: reason, addresses, ports, protocol, path, pod.
+
+    Recording starts when the first monitor connects and stops when the last one leaves; the
+    datapath records at most 1000 events a second (the rest are reported as rate-limited).
+    """
+    from podrouter import monitor as mon
+
+    if address is not None:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            _fail(f"--address: {address!r} is not an IP address", EXIT_USAGE)
+    path = _socket_path(config, sock)
+    req: dict[str, Any] = {"flows": flows}
+    for key, value in (("pod", pod), ("reason", reason), ("address", address)):
+        if value is not None:
+            req[key] = value
+    try:
+        _shown, error = mon.run_client(path, req, as_json, count, sys.stdout, timeout)
+    except FileNotFoundError:
+        _fail(f"no daemon at {path} (is `podrouter run` running?)", EXIT_FAILURE)
+    except (ConnectionRefusedError, OSError) as e:
+        _fail(f"cannot reach the daemon at {path}: {e.strerror or e}", EXIT_FAILURE)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_OK)
+    except ValueError as e:
+        _fail(f"bad reply from the daemon: {e}", EXIT_FAILURE)
+    if error is not None:
+        _fail(f"error: {error}", EXIT_USAGE if error.startswith(("reason:", "pod:", "address:", "flows:"))
+              else EXIT_FAILURE)
 
 
 # add_help_option=False: `--help` / `-h` go through to the demo's own parser, which lists its options

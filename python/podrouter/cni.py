@@ -14,7 +14,7 @@ A container runtime runs it with the CNI_* environment variables and the network
 
 ADD: veth pair (host end `pr<hash of the container id>`, pod end CNI_IFNAME created directly inside
 CNI_NETNS, so no name ever clashes on the node); the address from the IPAM plugin (the reference
-`host-local`, run as a CNI plugin from CNI_PATH with this same config); the pod wired as DESIGN.md §4b
+`host-local`, run as a CNI plugin from CNI_PATH with this same config); the pod wired as docs/design.md §4b
 says (its address as /32, `default via 169.254.1.1 dev eth0 onlink`; on the node a /32 route to the
 host veth and proxy ARP on it); then the pod registered with the podrouter daemon over its unix
 socket (`{"op": "pod_add", ...}`), with the runtime's `runtimeConfig.bandwidth` turned into the
@@ -96,10 +96,15 @@ def host_ifname(container_id: str, ifname: str) -> str:
 
 
 def pod_name(container_id: str) -> str:
+    """The pod's name in podrouter: `namespace.name` from a Kubernetes runtime's CNI_ARGS, the
+    container name alone when only K8S_POD_NAME is given (Podman passes just that), else `cni-` and
+    the start of the container ID."""
     args = _cni_args()
     ns, name = args.get("K8S_POD_NAMESPACE", ""), args.get("K8S_POD_NAME", "")
     if ns and name and _POD_NAME.match(f"{ns}.{name}"):
         return f"{ns}.{name}"
+    if name and not ns and _POD_NAME.match(name):
+        return name
     return f"cni-{re.sub(r'[^A-Za-z0-9]', '', container_id)[:12] or 'pod'}"
 
 
@@ -267,14 +272,18 @@ def _wire_pod(netns: str, ifname: str, ip: Any, mtu: int) -> str:
 
 
 def _wire_node(host_if: str, ip: Any, mtu: int) -> tuple[int, str]:
+    from podrouter.netlink.constants import RTPROT_PODROUTER
+
     with _ipr() as ipr:
         idx = ipr.link_lookup(ifname=host_if)[0]
         ipr.link("set", index=idx, state="up", mtu=mtu)
         plen = 32 if ip.version == 4 else 128
-        ipr.route("replace", dst=f"{ip}/{plen}", oif=idx)
+        # podrouter's own protocol: the daemon takes this route over when the pod is registered (a
+        # route of any other protocol for the pod's address would be another owner's, left alone)
+        ipr.route("replace", dst=f"{ip}/{plen}", oif=idx, proto=RTPROT_PODROUTER)
         mac = str(ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS"))
     if ip.version == 4:
-        # the node answers ARP for 169.254.1.1 on this veth (DESIGN.md §4b)
+        # the node answers ARP for 169.254.1.1 on this veth (docs/design.md §4b)
         _sysctl(f"/proc/sys/net/ipv4/conf/{host_if}/proxy_arp", "1")
     else:
         _sysctl(f"/proc/sys/net/ipv6/conf/{host_if}/proxy_ndp", "1")
@@ -333,7 +342,7 @@ def cmd_add(conf: dict[str, Any]) -> dict[str, Any]:
         _host_idx, host_mac = _wire_node(host_if, ip, mtu)
         reply = daemon_request(sock, {"op": "pod_add", "pod": {
             "name": name, "ip": str(ip), "host_interface": host_if, "annotations": annotations,
-        }})
+        }, "cni": {"container_id": container_id, "netns": netns, "ifname": ifname}})
         if not reply.get("ok"):
             raise CniError(E_PLUGIN, f"podrouter refused pod {name}: {reply.get('error', 'no reason given')}")
     except BaseException:
@@ -368,9 +377,10 @@ def cmd_del(conf: dict[str, Any]) -> None:
     host_if = host_ifname(container_id, ifname)
     name = pod_name(container_id)
     sock = conf.get("podrouterSocket", DEFAULT_SOCKET)
-    # unregister first so the daemon removes its tc state while the veth still exists
+    # unregister first so the daemon removes its tc state while the veth still exists; the container
+    # ID makes a late DEL of a predecessor (same pod name, older sandbox) leave the successor alone
     if os.path.exists(sock):
-        reply = daemon_request(sock, {"op": "pod_del", "name": name})
+        reply = daemon_request(sock, {"op": "pod_del", "name": name, "container_id": container_id})
         if not reply.get("ok") and "no pod named" not in str(reply.get("error", "")):
             raise CniError(E_PLUGIN, f"podrouter refused to remove pod {name}: {reply.get('error')}")
     _delete_link(host_if)
@@ -402,9 +412,14 @@ def cmd_check(conf: dict[str, Any]) -> None:
     sock = conf.get("podrouterSocket", DEFAULT_SOCKET)
     reply = daemon_request(sock, {"op": "pod_list"})
     pods = reply.get("pods", [])
-    names = {p.get("name") for p in pods} if isinstance(pods, list) else set(pods)
-    if reply.get("ok") and pod_name(container_id) not in names:
+    mine = [p for p in pods if isinstance(p, dict) and p.get("name") == pod_name(container_id)] if isinstance(
+        pods, list) else []
+    if reply.get("ok") and not mine:
         raise CniError(E_PLUGIN, f"pod {pod_name(container_id)} is not registered with podrouter")
+    owner = (mine[0].get("cni") or {}).get("container_id") if mine else None
+    if owner is not None and owner != container_id:
+        raise CniError(E_PLUGIN, f"pod {pod_name(container_id)} is registered to container {owner}, "
+                       f"not {container_id}")
 
 
 def run(stdin: str) -> tuple[int, str]:

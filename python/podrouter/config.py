@@ -1,4 +1,4 @@
-"""The node configuration (DESIGN.md §4): YAML in, typed frozen dataclasses out.
+"""The node configuration (docs/design.md §4): YAML in, typed frozen dataclasses out.
 
 `load(path)` validates *everything* before returning and collects every problem it finds, so a user
 fixes a broken file in one round. Each problem names the key path and the bad value, e.g.
@@ -36,6 +36,11 @@ BACKENDS = ("static", "etcd")
 DEFAULT_SOCKET = "/run/podrouter/podrouter.sock"
 DEFAULT_METRICS = "127.0.0.1:9965"
 DEFAULT_PORT_RANGE = (61000, 65535)
+# The outer UDP source ports of the tunnel sender (VXLAN/Geneve, RFC 7348 §5 / RFC 8926 §3.3: a hash
+# of the inner flow, for ECMP entropy). The datapath draws them from exactly this range, and the decap
+# path can then tell a peer's tunnel datagram from a masqueraded pod datagram by its source port; so
+# masquerade.port_range must stay disjoint from it (the default 61000-65535 is).
+TUNNEL_SOURCE_PORTS = (49152, 60999)
 # Linux interface names are at most IFNAMSIZ-1 = 15 bytes and may not contain '/', ':' or whitespace
 _IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
 # node and pod names end up in etcd keys, metric labels and file names: keep them boring (RFC 1123-ish)
@@ -96,6 +101,14 @@ NAT_TIMEOUTS = (
 )
 NAT_TIMEOUT_MAX = 366 * 86400
 NAT_MAX_ENTRIES = 1 << 26  # the datapath's bound (about 100 bytes per entry)
+NAT_DEFAULT_MAX_ENTRIES = 1 << 20  # the datapath's default
+
+
+def default_max_entries_per_pod(max_entries: int) -> int:
+    """`masquerade.max_entries_per_pod` when unset: an eighth of the table (at least eight pods can
+    be at their cap at once and the table still has room), at least 64, at most the table. The
+    datapath computes the same (core `NatConfig::default_per_pod`)."""
+    return min(max(max_entries // 8, 64), max_entries)
 
 
 @dataclass(frozen=True)
@@ -105,13 +118,23 @@ class MasqueradeConfig:
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
     timeouts: Mapping[str, int] = field(default_factory=dict)  # only the ones set; others: defaults
     max_entries: int | None = None
+    max_entries_per_pod: int | None = None
 
     def nat_config(self) -> dict[str, int]:
-        """The datapath's `nat` config (only what the config sets)."""
+        """The datapath's `nat` config (only what the config sets; the datapath derives the per-pod
+        cap from `max_entries` when it is not set, see `default_max_entries_per_pod`)."""
         out = dict(self.timeouts)
         if self.max_entries is not None:
             out["max_entries"] = self.max_entries
+        if self.max_entries_per_pod is not None:
+            out["max_entries_per_pod"] = self.max_entries_per_pod
         return out
+
+    def effective_max_entries_per_pod(self) -> int:
+        """The per-pod cap in force."""
+        if self.max_entries_per_pod is not None:
+            return self.max_entries_per_pod
+        return default_max_entries_per_pod(self.max_entries or NAT_DEFAULT_MAX_ENTRIES)
 
 
 @dataclass(frozen=True)
@@ -137,6 +160,14 @@ class EtcdConfig:
     endpoints: tuple[str, ...] = ("http://127.0.0.1:2379",)
     prefix: str = "/podrouter/v1"
     lease_ttl: int = 10
+    # TLS (https endpoints): the CA that signs etcd's server certificate (None: the system's CAs), and
+    # the client certificate + key for etcd's --client-cert-auth
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # etcd v3 authentication (a user with read/write on the prefix); both or neither
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -185,6 +216,54 @@ class MetricsConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 9965)  # None: no metrics endpoint
 
 
+# BGP (docs/bgp.md). AS numbers: 0, 23456 (AS_TRANS, RFC 6793), 65535 and 4294967295 (RFC 7300) are
+# reserved and never a speaker's own AS
+ASN_MAX = (1 << 32) - 1
+ASN_RESERVED = (0, 23456, 65535, ASN_MAX)
+BGP_DEFAULT_HOLD = 90  # RFC 4271 §10 suggests 90 s
+BGP_DEFAULT_CONNECT_RETRY = 5
+BGP_DEFAULT_RESTART_TIME = 120
+# a TCP-MD5 key is at most 80 bytes (RFC 2385 implementations, TCP_MD5SIG_MAXKEYLEN); it is written
+# into bird.conf inside double quotes, so quotes and backslashes are refused
+_BGP_PASSWORD_RE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e ]{1,80}$")
+
+
+@dataclass(frozen=True)
+class BgpPeerConfig:
+    address: ipaddress.IPv4Address
+    asn: int
+    port: int = 179
+    password: str | None = None
+    hold_time: int = BGP_DEFAULT_HOLD
+    connect_retry: int = BGP_DEFAULT_CONNECT_RETRY
+
+
+@dataclass(frozen=True)
+class BgpConfig:
+    enabled: bool = False
+    asn: int | None = None
+    router_id: ipaddress.IPv4Address | None = None  # None: auto (the node's underlay address)
+    peers: tuple[BgpPeerConfig, ...] = ()
+    graceful_restart_time: int = BGP_DEFAULT_RESTART_TIME  # 0: no graceful restart
+
+
+@dataclass(frozen=True)
+class MeshClusterConfig:
+    name: str
+    id: int
+    etcd: EtcdConfig
+    mode: str = "tunnel"
+    tunnel_protocol: str | None = None
+    # the remote cluster's whole pod space (optional): its nodes must lie inside, and it stays
+    # routed into the datapath (never masqueraded) even while none of its nodes is known
+    pod_cidrs: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterMeshConfig:
+    clusters: tuple[MeshClusterConfig, ...] = ()
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig
@@ -200,6 +279,10 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     warnings: tuple[str, ...] = ()  # problems that do not stop the daemon (bad pod annotations)
     path: str | None = None
+    bgp: BgpConfig = field(default_factory=BgpConfig)
+    cluster_name: str | None = None  # cluster.name, needed by clustermesh
+    cluster_id: int | None = None  # cluster.id (1..255)
+    clustermesh: ClusterMeshConfig = field(default_factory=ClusterMeshConfig)
 
     @property
     def state_path(self) -> Path:
@@ -498,6 +581,8 @@ class _Validator:
             "pods",
             "api",
             "metrics",
+            "bgp",
+            "clustermesh",
         )
         if data is None:
             self.bad("config", "the file is empty")
@@ -519,9 +604,17 @@ class _Validator:
         pods = self.pods(m.get("pods"))
         api = self.api(m.get("api"))
         metrics = self.metrics(m.get("metrics"))
+        bgp = self.bgp(m.get("bgp"), node)
+        cluster_ident = self.cluster_identity(m.get("cluster"))
+        mesh = self.clustermesh(m.get("clustermesh"), cluster_ident, cluster or ())
+        if mesh is not None and any(c.mode == "hybrid" for c in mesh.clusters):
+            # a hybrid mesh cluster uses routing.native_cidrs / native_when_on_link too
+            self.warnings = [w for w in self.warnings if not w.startswith("routing: native_cidrs and")]
         if node is not None and cluster is not None:
             # relations are checked on whatever parsed, so one run reports those problems too
             self.cross_checks(node, cluster, routing, peers or (), pods or (), masq)
+            self.address_space_checks(node, cluster, routing, peers or ())
+        self.port_checks(tunnel, masq, metrics)
         if self.problems:
             return None
         assert node is not None and cluster is not None and routing is not None and tunnel is not None
@@ -540,6 +633,10 @@ class _Validator:
             api=api,
             metrics=metrics,
             warnings=tuple(self.warnings),
+            bgp=bgp or BgpConfig(),
+            cluster_name=cluster_ident[0],
+            cluster_id=cluster_ident[1],
+            clustermesh=mesh or ClusterMeshConfig(),
         )
 
     def node(self, value: Any) -> NodeConfig | None:
@@ -557,10 +654,14 @@ class _Validator:
         if name is None or cidrs is None or bad_address or bad_iface:
             return None
         assert address is None or isinstance(address, ipaddress.IPv4Address)
+        why = unusable_node_address(address) if address is not None else None
+        if why is not None:
+            self.bad("node.address", f"'{address}' {why}")
+            return None
         return NodeConfig(name=name, address=address, interface=iface, pod_cidrs=cidrs)
 
     def cluster(self, value: Any) -> tuple[IPNetwork, ...] | None:
-        m = self.mapping("cluster", value, ("pod_cidr", "pod_cidrs"))
+        m = self.mapping("cluster", value, ("pod_cidr", "pod_cidrs", "name", "id"))
         if m is None:
             return None
         return self.one_or_many_cidrs("cluster", m, required=True)
@@ -602,7 +703,16 @@ class _Validator:
 
     def masquerade(self, value: Any) -> MasqueradeConfig | None:
         m = self.mapping(
-            "masquerade", value, ("enabled", "non_masquerade_cidrs", "port_range", "timeouts", "max_entries")
+            "masquerade",
+            value,
+            (
+                "enabled",
+                "non_masquerade_cidrs",
+                "port_range",
+                "timeouts",
+                "max_entries",
+                "max_entries_per_pod",
+            ),
         )
         if m is None:
             return None
@@ -630,6 +740,12 @@ class _Validator:
             max_entries = self.integer("masquerade.max_entries", m["max_entries"], 1, NAT_MAX_ENTRIES)
             if max_entries is None:
                 return None
+        per_pod = None
+        if m.get("max_entries_per_pod") is not None:
+            table = max_entries or NAT_DEFAULT_MAX_ENTRIES
+            per_pod = self.integer("masquerade.max_entries_per_pod", m["max_entries_per_pod"], 1, table)
+            if per_pod is None:
+                return None
         if enabled is None or nonmasq is None or rng is None or timeouts is None:
             return None
         return MasqueradeConfig(
@@ -638,6 +754,7 @@ class _Validator:
             port_range=rng,
             timeouts=timeouts,
             max_entries=max_entries,
+            max_entries_per_pod=per_pod,
         )
 
     def peer(self, path: str, value: Any) -> PeerConfig | None:
@@ -673,6 +790,10 @@ class _Validator:
         ):
             return None
         assert isinstance(addr, ipaddress.IPv4Address)
+        why = unusable_node_address(addr)
+        if why is not None:
+            self.bad(f"{path}.address", f"'{addr}' {why}")
+            return None
         return PeerConfig(
             name=name, address=addr, pod_cidrs=cidrs, mode=mode, tunnel_protocol=proto, vtep_mac=vtep_mac
         )
@@ -697,7 +818,11 @@ class _Validator:
         if m is None:
             return None
         backend = self.choice("discovery.backend", m.get("backend", "static"), BACKENDS)
-        e = self.mapping("discovery.etcd", m.get("etcd"), ("endpoints", "prefix", "lease_ttl"))
+        e = self.mapping(
+            "discovery.etcd",
+            m.get("etcd"),
+            ("endpoints", "prefix", "lease_ttl", "ca_file", "cert_file", "key_file", "username", "password"),
+        )
         if e is None or backend is None:
             return None
         endpoints: list[str] = []
@@ -729,9 +854,62 @@ class _Validator:
             self.bad("discovery.etcd.prefix", f"{_q(prefix)} is not a key prefix starting with '/'")
         # etcd's minimum lease TTL is about 2 s (it is raised to the election timeout); an hour is plenty
         ttl = self.integer("discovery.etcd.lease_ttl", e.get("lease_ttl", EtcdConfig.lease_ttl), 2, 3600)
-        if not eps_ok or not prefix_ok or ttl is None:
+        secure = self.etcd_security(e, endpoints if eps_ok else [])
+        if not eps_ok or not prefix_ok or ttl is None or secure is None:
             return None
-        return DiscoveryConfig(backend=backend, etcd=EtcdConfig(tuple(endpoints), prefix.rstrip("/"), ttl))
+        return DiscoveryConfig(
+            backend=backend, etcd=EtcdConfig(tuple(endpoints), prefix.rstrip("/"), ttl, **secure)
+        )
+
+    def etcd_security(self, e: dict[str, Any], endpoints: list[str]) -> dict[str, str | None] | None:
+        """`discovery.etcd` TLS files and credentials (the files are opened at start, not here)."""
+        out: dict[str, str | None] = {}
+        ok = True
+        for key in ("ca_file", "cert_file", "key_file"):
+            raw = e.get(key)
+            if raw is None:
+                out[key] = None
+            elif not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
+                self.bad(f"discovery.etcd.{key}", f"{_q(raw)} is not an absolute file path")
+                ok = False
+            else:
+                out[key] = raw
+        if ok and (out["cert_file"] is None) != (out["key_file"] is None):
+            missing = "key_file" if out["key_file"] is None else "cert_file"
+            self.bad(
+                f"discovery.etcd.{missing}",
+                "is required with cert_file/key_file (a client certificate and its key)",
+            )
+            ok = False
+        if ok and any(out.values()):
+            for i, ep in enumerate(endpoints):
+                if not ep.startswith("https://"):
+                    self.bad(
+                        f"discovery.etcd.endpoints[{i}]",
+                        f"{_q(ep)} is not https:// but ca_file/cert_file/key_file are set",
+                    )
+                    ok = False
+        for key in ("username", "password"):
+            raw = e.get(key)
+            if raw is None:
+                out[key] = None
+            elif not isinstance(raw, str) or not raw or any(ord(c) < 32 for c in raw):
+                shown = _q(raw) if key == "username" else "(hidden)"
+                self.bad(
+                    f"discovery.etcd.{key}", f"{shown} is not a non-empty string without control characters"
+                )
+                ok = False
+            else:
+                out[key] = raw
+        if ok and (out["username"] is None) != (out["password"] is None):
+            missing = "password" if out["password"] is None else "username"
+            self.bad(f"discovery.etcd.{missing}", "is required with username/password (etcd authentication)")
+            ok = False
+        if ok and out["username"] is not None and any(ep.startswith("http://") for ep in endpoints):
+            self.warnings.append(
+                "discovery.etcd.password: sent over plain http:// endpoints (use https:// with ca_file)"
+            )
+        return out if ok else None
 
     def bandwidth(self, value: Any) -> BandwidthConfig | None:
         if value is None:
@@ -850,7 +1028,224 @@ class _Validator:
             return None
         return MetricsConfig(listen=listen)
 
+    # --- BGP and cluster mesh (docs/bgp.md, docs/clustermesh.md) ---
+
+    def asn(self, path: str, value: Any) -> int | None:
+        n = self.integer(path, value, 1, ASN_MAX - 1)
+        if n is not None and n in ASN_RESERVED:
+            self.bad(path, f"{_q(value)} is a reserved AS number (0, 23456, 65535, 4294967295)")
+            return None
+        return n
+
+    def bgp(self, value: Any, node: NodeConfig | None) -> BgpConfig | None:
+        m = self.mapping("bgp", value, ("enabled", "asn", "router_id", "peers", "graceful_restart_time"))
+        if m is None:
+            return None
+        enabled = self.boolean("bgp.enabled", m.get("enabled", False))
+        asn = self.asn("bgp.asn", m["asn"]) if m.get("asn") is not None else None
+        rid_raw = m.get("router_id", "auto")
+        router_id: ipaddress.IPv4Address | None = None
+        rid_ok = True
+        if rid_raw != "auto":
+            a = self.address("bgp.router_id", rid_raw, v4_only=True)
+            rid_ok = a is not None
+            if isinstance(a, ipaddress.IPv4Address):
+                router_id = a
+        gr = self.integer(
+            "bgp.graceful_restart_time", m.get("graceful_restart_time", BGP_DEFAULT_RESTART_TIME), 0, 4095
+        )  # the capability carries 12 bits (RFC 4724 §3)
+        peers = self._list("bgp.peers", m.get("peers"), self.bgp_peer)
+        if enabled:
+            if m.get("asn") is None:
+                self.bad("bgp.asn", "is required when bgp.enabled is true")
+            if not m.get("peers"):
+                self.bad("bgp.peers", "needs at least one peer when bgp.enabled is true")
+        seen: dict[ipaddress.IPv4Address, int] = {}
+        idx = self.indices.get("bgp.peers", [])
+        for i, p in zip(idx, peers or (), strict=True):
+            if p.address in seen:
+                self.bad(f"bgp.peers[{i}].address", f"'{p.address}' is also bgp.peers[{seen[p.address]}]")
+            seen.setdefault(p.address, i)
+            if node is not None and node.address is not None and p.address == node.address:
+                self.bad(f"bgp.peers[{i}].address", f"'{p.address}' is this node's own address")
+        if enabled is None or not rid_ok or gr is None or peers is None:
+            return None
+        if m.get("asn") is not None and asn is None:
+            return None
+        return BgpConfig(enabled=enabled, asn=asn, router_id=router_id, peers=peers, graceful_restart_time=gr)
+
+    def bgp_peer(self, path: str, value: Any) -> BgpPeerConfig | None:
+        m = self.mapping(
+            path,
+            value,
+            ("address", "asn", "port", "password", "hold_time", "connect_retry"),
+            ("address", "asn"),
+        )
+        if m is None:
+            return None
+        addr = (
+            self.address(f"{path}.address", m["address"], v4_only=True)
+            if m.get("address") is not None
+            else None
+        )
+        if addr is not None and (addr.is_unspecified or addr.is_multicast or addr.is_loopback):
+            self.bad(f"{path}.address", f"{_q(m['address'])} is not a unicast address of a router")
+            addr = None
+        asn = self.asn(f"{path}.asn", m["asn"]) if m.get("asn") is not None else None
+        port = self.integer(f"{path}.port", m.get("port", 179), 1, 65535)
+        password = m.get("password")
+        if password is not None and (
+            not isinstance(password, str) or not _BGP_PASSWORD_RE.fullmatch(password)
+        ):
+            # never echo a secret back: name the key and what is wrong only
+            self.bad(f"{path}.password", "is not 1-80 printable ASCII characters without '\"' or '\\'")
+            return None
+        # RFC 4271 §4.2: the hold time is 0 (no keepalives) or at least 3 seconds
+        hold = self.integer(f"{path}.hold_time", m.get("hold_time", BGP_DEFAULT_HOLD), 3, 65535)
+        retry = self.integer(
+            f"{path}.connect_retry", m.get("connect_retry", BGP_DEFAULT_CONNECT_RETRY), 1, 65535
+        )
+        if addr is None or asn is None or port is None or hold is None or retry is None:
+            return None
+        assert isinstance(addr, ipaddress.IPv4Address)
+        return BgpPeerConfig(
+            address=addr, asn=asn, port=port, password=password, hold_time=hold, connect_retry=retry
+        )
+
+    def cluster_identity(self, value: Any) -> tuple[str | None, int | None]:
+        if not isinstance(value, dict):
+            return None, None
+        name = self.name("cluster.name", value["name"]) if value.get("name") is not None else None
+        cid = self.integer("cluster.id", value["id"], 1, 255) if value.get("id") is not None else None
+        return name, cid
+
+    def clustermesh(
+        self, value: Any, ident: tuple[str | None, int | None], cluster: tuple[IPNetwork, ...]
+    ) -> ClusterMeshConfig | None:
+        m = self.mapping("clustermesh", value, ("clusters",))
+        if m is None:
+            return None
+        clusters = self._list("clustermesh.clusters", m.get("clusters"), self.mesh_cluster)
+        if clusters is None:
+            return None
+        if m.get("clusters"):
+            for key, v in (("cluster.name", ident[0]), ("cluster.id", ident[1])):
+                if v is None:
+                    self.bad(key, "is required when clustermesh.clusters is set (unique in the mesh)")
+        names: dict[str, str] = {}
+        ids: dict[int, str] = {}
+        if ident[0] is not None:
+            names[ident[0]] = "cluster.name"
+        if ident[1] is not None:
+            ids[ident[1]] = "cluster.id"
+        idx = self.indices.get("clustermesh.clusters", [])
+        spaces: list[tuple[str, IPNetwork]] = [("cluster.pod_cidr", n) for n in cluster]
+        for i, c in zip(idx, clusters, strict=True):
+            path = f"clustermesh.clusters[{i}]"
+            for net in c.pod_cidrs:
+                for owner, other in spaces:
+                    if net.version == other.version and net.overlaps(other):  # type: ignore[arg-type]
+                        self.bad(f"{path}.pod_cidr", f"'{net}' overlaps {owner} '{other}'")
+                spaces.append((f"{path}.pod_cidr", net))
+            if c.name in names:
+                self.bad(f"{path}.name", f"{_q(c.name)} is also {names[c.name]}")
+            names.setdefault(c.name, f"{path}.name")
+            if c.id in ids:
+                self.bad(f"{path}.id", f"{_q(c.id)} is also {ids[c.id]}")
+            ids.setdefault(c.id, f"{path}.id")
+        return ClusterMeshConfig(clusters=clusters)
+
+    def mesh_cluster(self, path: str, value: Any) -> MeshClusterConfig | None:
+        m = self.mapping(
+            path,
+            value,
+            ("name", "id", "etcd", "mode", "tunnel_protocol", "pod_cidr", "pod_cidrs"),
+            ("name", "id", "etcd"),
+        )
+        if m is None:
+            return None
+        name = self.name(f"{path}.name", m["name"]) if m.get("name") is not None else None
+        cid = self.integer(f"{path}.id", m["id"], 1, 255) if m.get("id") is not None else None
+        mode = self.choice(f"{path}.mode", m.get("mode", "tunnel"), MODES)
+        proto = (
+            self.choice(f"{path}.tunnel_protocol", m["tunnel_protocol"], PROTOCOLS)
+            if m.get("tunnel_protocol") is not None
+            else None
+        )
+        etcd = None
+        if m.get("etcd") is not None:
+            # the same keys and checks as discovery.etcd (TLS/auth included), reported under this path
+            sub = _Validator()
+            d = sub.discovery({"backend": "etcd", "etcd": m["etcd"]})
+            for msg in sub.problems:
+                self.problems.append(msg.replace("discovery.etcd", f"{path}.etcd", 1))
+            etcd = d.etcd if d is not None and not sub.problems else None
+        space: tuple[IPNetwork, ...] | None = ()
+        if m.get("pod_cidr") is not None or m.get("pod_cidrs") is not None:
+            space = self.one_or_many_cidrs(path, m, required=False)
+        if name is None or cid is None or mode is None or etcd is None or space is None:
+            return None
+        if m.get("tunnel_protocol") is not None and proto is None:
+            return None
+        return MeshClusterConfig(
+            name=name, id=cid, etcd=etcd, mode=mode, tunnel_protocol=proto, pod_cidrs=space
+        )
+
     # --- relations between sections ---
+
+    def port_checks(
+        self, tunnel: TunnelConfig | None, masq: MasqueradeConfig | None, metrics: MetricsConfig | None
+    ) -> None:
+        """The masquerade ports are the node's own source ports towards the outside: a translated
+        flow on a port the node also listens or sends on would take that port's replies (or hand
+        them to the wrong place). Checked even with masquerade disabled (a reload can enable it)."""
+        if masq is None or masq.port_range is None:
+            return
+        lo, hi = masq.port_range
+        shown = f"'{lo}-{hi}'"
+        taken: list[tuple[int, int, str]] = []
+        if tunnel is not None:
+            for proto in PROTOCOLS:
+                port = tunnel.port_for(proto)
+                where = "tunnel.port" if proto == tunnel.protocol else f"the IANA {proto} port"
+                taken.append((port, port, f"the {proto} port {port} ({where})"))
+            taken.append(
+                (
+                    *TUNNEL_SOURCE_PORTS,
+                    "the tunnel sender's outer source ports "
+                    f"{TUNNEL_SOURCE_PORTS[0]}-{TUNNEL_SOURCE_PORTS[1]}",
+                )
+            )
+        if metrics is not None and metrics.listen is not None:
+            port = metrics.listen[1]
+            taken.append((port, port, f"the metrics port {port} (metrics.listen)"))
+        for a, b, what in taken:
+            if lo <= b and a <= hi:
+                self.bad("masquerade.port_range", f"{shown} overlaps {what}")
+
+    def address_space_checks(
+        self,
+        node: NodeConfig,
+        cluster: tuple[IPNetwork, ...],
+        routing: RoutingConfig | None,
+        peers: tuple[PeerConfig, ...],
+    ) -> None:
+        """Pod space that swallows underlay addresses would route the node's own traffic to its
+        peers (or into the datapath, which drops it): the node cuts itself off."""
+        for i, net in enumerate(cluster):
+            key = "cluster.pod_cidr" if len(cluster) == 1 else f"cluster.pod_cidrs[{i}]"
+            if net.prefixlen == 0:
+                self.bad(key, f"'{net}' covers every address (the node's and the internet's)")
+                continue
+            if node.address is not None and node.address in net:
+                self.bad(key, f"'{net}' contains this node's address {node.address} (node.address)")
+            peer_idx = self.indices.get("peers", list(range(len(peers))))
+            for j, p in zip(peer_idx, peers, strict=True):
+                if p.address in net:
+                    self.bad(key, f"'{net}' contains peers[{j}].address {p.address}")
+        for i, net in enumerate(routing.native_cidrs if routing else ()):
+            if net.prefixlen == 0:
+                self.bad(f"routing.native_cidrs[{i}]", f"'{net}' covers every address")
 
     def cross_checks(
         self,
@@ -916,6 +1311,51 @@ class _Validator:
                 pod_ips.setdefault(addr, i)
                 if not any(addr in n for n in node.pod_cidrs):
                     self.bad(f"{path}.{key}", f"'{addr}' is not inside this node's pod CIDRs")
+
+
+# ------------------------------------------------------------------------------ address-space rules
+
+
+def unusable_node_address(addr: IPAddress) -> str | None:
+    """Why `addr` cannot be a node's underlay address (ours, a peer's, or one from etcd), or None.
+    A tunnel or native next hop there would loop back into this node or spray a segment."""
+    if addr.is_unspecified:
+        return "is the unspecified address"
+    if addr.is_loopback:
+        return "is a loopback address"
+    if addr.is_multicast:
+        return "is a multicast address"
+    if addr.is_link_local:
+        return "is a link-local address"
+    if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
+        return "is the broadcast address"
+    return None
+
+
+def underlay_problems(
+    cfg: Config,
+    address: ipaddress.IPv4Address,
+    network: ipaddress.IPv4Network,
+    gateway: ipaddress.IPv4Address | None,
+) -> list[str]:
+    """Cluster pod space against the underlay as resolved at start (node.address/interface may be
+    defaults, known only in the node's namespace): it must not overlap the underlay's connected
+    subnet nor contain the node's address or its gateway. Checked before anything is installed."""
+    out: list[str] = []
+    for i, net in enumerate(cfg.cluster_cidrs):
+        if net.version != 4:
+            continue
+        key = "cluster.pod_cidr" if len(cfg.cluster_cidrs) == 1 else f"cluster.pod_cidrs[{i}]"
+        if address in net:
+            out.append(f"{key}: '{net}' contains this node's underlay address {address}")
+        elif net.overlaps(network):
+            out.append(f"{key}: '{net}' overlaps the underlay subnet {network}")
+        if gateway is not None and gateway in net:
+            out.append(f"{key}: '{net}' contains the underlay gateway {gateway}")
+    for i, peer in enumerate(cfg.peers):
+        if peer.address == address:
+            out.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- QoS hooks

@@ -35,6 +35,8 @@ from podrouter import api as apimod
 from podrouter import config as configmod
 from podrouter import state as statefile
 from podrouter.config import Config, IPNetwork, PeerConfig, PodConfig, vtep_mac_of
+from podrouter.monitor import MonitorHub
+from podrouter.monitor import stream as monitor_stream
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import (
     ENCAP_OVERHEAD,
@@ -153,14 +155,14 @@ def plan_routes(
                 out.append(RoutePlan(piece, path, path_mtu(cfg, path, underlay_mtu), view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
-    for cidr in cfg.cluster_cidrs:
+    for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
         out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu), None, tun))
     # addresses of our own pod CIDR without a registered pod: unreachable, so a packet to one gets an
     # ICMP error at once instead of bouncing TUN -> kernel -> TUN until its TTL runs out
     for cidr in cfg.node.pod_cidrs:
         out.append(RoutePlan(cidr, "local", None, None, None))
     for pod in pods:
-        # DESIGN.md §4b: the pod's /32 (and, dual stack, its /128) to its veth
+        # docs/design.md §4b: the pod's /32 (and, dual stack, its /128) to its veth
         for addr in pod.addresses:
             out.append(RoutePlan(ipaddress.ip_network(addr), "pod", None, pod.name, pod.host_interface))
     return out
@@ -182,7 +184,9 @@ def build_spec(
     return {
         "generation": generation,
         "node": {"name": cfg.node.name, "address": node_address, "pod_cidrs": nets(cfg.node.pod_cidrs)},
-        "cluster_cidrs": nets(cfg.cluster_cidrs),
+        # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
+        # checked on ingress, never masqueraded
+        "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
         "mode": cfg.routing.mode,
         "native_cidrs": nets(cfg.routing.native_cidrs),
         "native_when_on_link": cfg.routing.native_when_on_link,
@@ -216,6 +220,16 @@ def build_spec(
     }
 
 
+def mesh_space(cfg: Config) -> list[IPNetwork]:
+    """The pod CIDRs declared for the mesh's remote clusters (`clustermesh.clusters[].pod_cidr`)."""
+    return [n for c in cfg.clustermesh.clusters for n in c.pod_cidrs]
+
+
+def mesh_cidrs(peers: Iterable[PeerView]) -> list[IPNetwork]:
+    """The pod CIDRs of peers from other clusters (source `cluster:<name>`)."""
+    return [c for v in peers if v.source.startswith("cluster:") for c in v.peer.pod_cidrs]
+
+
 def nat_exhausted_message(cfg: Config, dropped: int, entries: int) -> str:
     """The log line for new flows the datapath refused (`nat_exhausted`). The drop reason covers
     two causes: no free port of masquerade.port_range towards one destination, and the table at
@@ -244,7 +258,7 @@ def read_local_port_range() -> tuple[int, int] | None:
 
 
 def port_range_problem(cfg: Config) -> str | None:
-    """DESIGN.md §3: the masquerade ports must never collide with the kernel's own ephemeral ports,
+    """docs/design.md §3: the masquerade ports must never collide with the kernel's own ephemeral ports,
     or a reply to a node-local connection could be taken for a masqueraded one (and vice versa)."""
     if not cfg.masquerade.enabled:
         return None
@@ -269,6 +283,9 @@ class PodEntry:
     pod: PodConfig
     source: str  # config | api
     shaping: dict[str, Any] = field(default_factory=dict)
+    # the CNI attachment that registered it (container_id, netns, ifname), if a CNI plugin did: a DEL
+    # that names another container (a late DEL of a predecessor with the same pod name) leaves it be
+    cni: dict[str, str] | None = None
 
 
 class Daemon:
@@ -287,6 +304,7 @@ class Daemon:
         self._nat_exhausted_logged = 0
         self._nat_log_at = -NAT_LOG_INTERVAL
         self._spec_key: Any = None
+        self._pod_guard_key: Any = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._dirty: set[str] = set()
@@ -301,7 +319,9 @@ class Daemon:
         self.discovery: Any = None
         self.bandwidth: Any = None
         self.api: apimod.ApiServer | None = None
+        self.monitor: MonitorHub | None = None
         self.metrics: Any = None
+        self.bgp: Any = None  # podrouter.bgp.BgpSpeaker when bgp.enabled
 
     # ------------------------------------------------------------------------------ start / stop
 
@@ -322,15 +342,18 @@ class Daemon:
             problems.extend(e.problems)
         if self.underlay is not None:
             problems.extend(self._underlay_problems(self.cfg))
-        if self.cfg.masquerade.enabled:
-            from podrouter import nftables
+        if self.cfg.discovery.backend == "etcd":
+            from podrouter.discovery.etcd import start_problems
 
-            why = nftables.unavailable()
-            if why is not None:
-                problems.append(
-                    f"masquerade.enabled: the reply guard needs libnftables ({why}); install nftables "
-                    "or set masquerade.enabled: false"
-                )
+            problems.extend(start_problems(self.cfg))  # the TLS files load
+        problems.extend(self._route_conflict_problems())
+        from podrouter import nftables
+
+        why = nftables.unavailable()
+        if why is not None:
+            # the pod egress guard (spoofed sources, tunnel ports) is not optional
+            problems.append(f"the pod egress guard needs libnftables ({why}); install nftables")
+        problems.extend(_bgp_problems(self.cfg, self.underlay))
         if problems:
             raise StartError(problems, EXIT_CONFIG)
         if apimod.socket_in_use(self.cfg.api.socket):
@@ -376,16 +399,54 @@ class Daemon:
                         "configured"
                     )
                     break
-        for i, peer in enumerate(cfg.peers):
-            if peer.address == u.address:
-                problems.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
+        # pod space must not swallow the underlay (its subnet, our address, the gateway); no peer
+        # may be us (config.underlay_problems)
+        problems.extend(configmod.underlay_problems(cfg, u.address, u.network, u.gateway))
         return problems
 
-    def _recorded_state(self) -> statefile.State | None:
+    def _route_conflict_problems(self) -> list[str]:
+        """Routes of another owner that make the config impossible (checked before anything is
+        installed): one holding the /32 or /128 of a pod listed in the config (its traffic would
+        go wherever that route says), or a default route in the masquerade table MASQ_TABLE (the
+        masquerade steering would send pod traffic to it). Other conflicts (a peer's pod CIDR,
+        this node's own pod CIDR) are reported while running and left alone (docs/config.md)."""
+        from podrouter.netlink.plumbing import RT_TABLE_MAIN, foreign_routes
+
+        foreign = foreign_routes(self.ipr, {RT_TABLE_MAIN, MASQ_TABLE})
+        problems = []
+        for i, pod in enumerate(self.cfg.pods):
+            for addr in pod.addresses:
+                key = (RT_TABLE_MAIN, str(ipaddress.ip_network(addr)))
+                if key in foreign:
+                    problems.append(
+                        f"pods[{i}].ip: '{addr}' (pod {pod.name}) is already routed by a route podrouter "
+                        f"did not make: {foreign[key]}; remove it or change the pod's address"
+                    )
+        if self.cfg.masquerade.enabled:
+            for dflt in sorted({"0.0.0.0/0" if c.version == 4 else "::/0" for c in self.cfg.node.pod_cidrs}):
+                if (MASQ_TABLE, dflt) in foreign:
+                    problems.append(
+                        f"masquerade.enabled: routing table {MASQ_TABLE} (podrouter's masquerade table) "
+                        f"already holds a route podrouter did not make: {foreign[(MASQ_TABLE, dflt)]}"
+                    )
+        return problems
+
+    def _recorded_state(self, set_aside: bool = False) -> statefile.State | None:
+        """The predecessor's state file, validated (state.py). A corrupt or tampered one is never
+        acted on; at start it is renamed to `<file>.refused` (kept for inspection) so that this
+        daemon's own record can take its place."""
         try:
             return statefile.load(self.cfg.state_path)
         except ValueError as e:
-            log.warning("%s (ignored)", e)
+            if not set_aside:
+                log.warning("%s", e)
+                return None
+            aside = self.cfg.state_path.with_name(self.cfg.state_path.name + ".refused")
+            try:
+                os.replace(self.cfg.state_path, aside)
+            except OSError as err:
+                raise StartError([f"{e}; cannot move it aside: {err}"], EXIT_FAILURE) from None
+            log.error("%s; moved to %s, its leftovers (if any) are not undone", e, aside)
             return None
 
     def start(self) -> None:
@@ -395,7 +456,17 @@ class Daemon:
         from podrouter.netlink.plumbing import Plumbing, cleanup
 
         cfg, u = self.cfg, self.underlay
-        recorded = self._recorded_state()
+        recorded = self._recorded_state(set_aside=True)
+        from podrouter.netlink.underlay import netns_id
+
+        if recorded is not None and recorded.netns != netns_id():
+            # sysctls and rules are per namespace: a record from elsewhere says nothing about this one
+            log.warning(
+                "%s was written in another network namespace (%s): not acting on it (it is replaced)",
+                cfg.state_path,
+                recorded.netns,
+            )
+            recorded = None
         if recorded is not None:
             log.info("removing what a previous daemon (pid %d) left behind", recorded.pid)
             for line in cleanup(self.ipr, recorded):
@@ -436,9 +507,14 @@ class Daemon:
 
         self.ipr.link("set", index=tun_idx, mtu=u.mtu, txqlen=tun_txqlen(dict(cfg.bandwidth.raw)), state="up")
         self._sync_masquerade_guard(None, cfg)
+        self._install_pod_guard()
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
         self.discovery = discovery.make(cfg, str(u.address))
+        if cfg.clustermesh.clusters:
+            from podrouter import clustermesh
+
+            self.discovery = clustermesh.MeshDiscovery(cfg, self.discovery)
         self.bandwidth = self._make_bandwidth(cfg)
         with self.lock:
             for pod in cfg.pods:
@@ -447,14 +523,16 @@ class Daemon:
             self._reconcile_locked("start")
         self.watcher.start()
         self.discovery.start(self._on_event)
-        self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers())
+        self.monitor = MonitorHub(lambda: self.datapath, self._pod_of)
+        self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers(), self._api_streams())
         if cfg.metrics.listen is not None:
             from podrouter.metrics import MetricsServer, make_source
 
             self.metrics = MetricsServer(
-                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits),
+                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits, self._bgp_status),
                 cfg.metrics.listen,
             )
+        self._start_bgp()
         self.ready = True
         log.info(
             "ready: %s mode, %d peers, %d pods, tables generation %d",
@@ -531,6 +609,46 @@ class Daemon:
             self.plumbing.state.nft_guard = False
             self.plumbing.save()
 
+    def _pod_guard_want(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, int]], list[str]]:
+        """What the pod egress guard's sets should hold now: each registered pod's host interface
+        with its addresses, every tunnel socket (each peer's and our own address, at both tunnel
+        ports) that no pod may send to, and this node's pod CIDRs."""
+        pods = sorted(
+            (e.pod.host_interface, sorted(str(a) for a in e.pod.addresses)) for e in self.pods.values()
+        )
+        # two pods on one interface (a re-registration under a new name) share its entry
+        merged: dict[str, list[str]] = {}
+        for ifname, pod_addrs in pods:
+            merged.setdefault(ifname, []).extend(pod_addrs)
+        ports = sorted({self.cfg.tunnel.port_for("vxlan"), self.cfg.tunnel.port_for("geneve")})
+        endpoints = {str(self.underlay.address)} | {str(v.peer.address) for v in self.peer_views}
+        return (
+            sorted(merged.items()),
+            [(a, p) for a in sorted(endpoints) for p in ports],
+            [str(c) for c in self.cfg.node.pod_cidrs],
+        )
+
+    def _install_pod_guard(self) -> None:
+        """The nftables table that drops pod packets with a source that is not the pod's own
+        (`spoofed_pod_source`) and pod packets to a tunnel socket (`pod_tunnel_port`); nftables.py.
+        Installed before the first pod route exists, its sets filled by every reconcile."""
+        from podrouter import nftables
+
+        # no state-file record needed: `podrouter cleanup` finds the table by its fixed name
+        want = self._pod_guard_want()
+        nftables.install_pod_guard(*want)
+        self._pod_guard_key = want
+        log.info("pod egress guard installed (nftables table %s %s)", nftables.POD_FAMILY, nftables.POD_TABLE)
+
+    def _sync_pod_guard(self) -> None:
+        from podrouter import nftables
+
+        want = self._pod_guard_want()
+        if want == self._pod_guard_key:
+            return
+        nftables.update_pod_guard(*want)
+        self._pod_guard_key = want
+
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -561,6 +679,8 @@ class Daemon:
                             ", ".join(sorted(reasons)),
                         )
             self._watch_counters()
+            if self.bgp is not None:
+                self.bgp.ensure_running()
             if self.datapath is not None and not self.datapath.is_running():
                 log.error("the datapath stopped unexpectedly; shutting down")
                 self._exit_code = EXIT_FAILURE
@@ -607,8 +727,10 @@ class Daemon:
         The TUN itself is closed last, after the routes into it are gone."""
         self.ready = False
         for part, method in (
+            (self.bgp, "stop"),
             (self.metrics, "close"),
             (self.api, "close"),
+            (self.monitor, "close"),
             (self.discovery, "stop"),
             (self.watcher, "stop"),
         ):
@@ -641,6 +763,15 @@ class Daemon:
                     self.plumbing.teardown()
                 except Exception:  # noqa: BLE001
                     log.exception("removing routes/rules failed")
+            if self._pod_guard_key is not None:
+                # after the routes: while a pod route exists, its pod's sources are checked
+                try:
+                    from podrouter import nftables
+
+                    nftables.remove_pod_guard()
+                except Exception:  # noqa: BLE001
+                    log.exception("removing the pod egress guard failed")
+                self._pod_guard_key = None
             if self.datapath is not None:
                 try:
                     # closing the TUN fd makes the kernel delete podr0 (it was never made persistent)
@@ -759,6 +890,8 @@ class Daemon:
         self.route_plan = plan_routes(
             cfg, self.peer_views, (e.pod for e in self.pods.values()), self.underlay.mtu
         )
+        # the guard learns a pod's addresses before its route makes the pod reachable
+        self._sync_pod_guard()
         self.route_errors = self.plumbing.sync_routes(self._desired_routes())
         self.plumbing.sync_rules(self._desired_rules())
         for err in self.route_errors:
@@ -816,14 +949,32 @@ class Daemon:
                 port_range=self.cfg.masquerade.port_range,
                 timeouts=self.cfg.masquerade.timeouts,
                 max_entries=self.cfg.masquerade.max_entries,
+                max_entries_per_pod=self.cfg.masquerade.max_entries_per_pod,
             ),
         )
         for w in new.warnings:
             log.warning("%s", w)
+        if new.bgp.enabled != self.cfg.bgp.enabled:
+            log.warning("bgp.enabled changed: restart the daemon to apply it (keeping the running value)")
+            new = replace(new, bgp=self.cfg.bgp)
+        mesh_before = (self.cfg.cluster_name, self.cfg.cluster_id, self.cfg.clustermesh)
+        if (new.cluster_name, new.cluster_id, new.clustermesh) != mesh_before:
+            # the remote watches are set up once, at start (docs/clustermesh.md)
+            log.warning(
+                "cluster.name/cluster.id/clustermesh changed: restart the daemon to apply it "
+                "(keeping the running value)"
+            )
+            new = replace(
+                new,
+                cluster_name=self.cfg.cluster_name,
+                cluster_id=self.cfg.cluster_id,
+                clustermesh=self.cfg.clustermesh,
+            )
         with self.lock:
             old = self.cfg
             self.cfg = new
             self.discovery.update_config(new)
+            self._reload_bgp(old, new)
             try:
                 self._sync_masquerade_guard(old, new)
             except Exception:  # noqa: BLE001
@@ -870,7 +1021,7 @@ class Daemon:
         if new.masquerade.port_range != old.masquerade.port_range:
             out.append("masquerade.port_range")
         if new.masquerade.nat_config() != old.masquerade.nat_config():
-            out.append("masquerade.timeouts/max_entries")
+            out.append("masquerade.timeouts/max_entries/max_entries_per_pod")
         return out
 
     # ------------------------------------------------------------------------------------- pods
@@ -928,7 +1079,9 @@ class Daemon:
             log.exception("shaping pod %s failed", pod.name)
             entry.shaping = {"error": str(e)}
 
-    def _pod_install(self, pod: PodConfig, source: str, raise_errors: bool) -> PodEntry:
+    def _pod_install(
+        self, pod: PodConfig, source: str, raise_errors: bool, cni: dict[str, str] | None = None
+    ) -> PodEntry:
         """Register (or update) a pod: proxy ARP on its veth, its /32 route, its shaping."""
         for other in self.pods.values():
             for addr in set(other.pod.addresses) & set(pod.addresses) if other.pod.name != pod.name else ():
@@ -946,9 +1099,12 @@ class Daemon:
             log.error("%s (registered; its route is installed when the interface appears)", msg)
         else:
             self._pod_sysctls(pod)
-        entry = PodEntry(pod, source)
+        entry = PodEntry(pod, source, cni=cni)
         self.pods[pod.name] = entry
-        self.plumbing.state.pods[pod.name] = {**pod.as_dict(), "source": source}
+        recorded = {**pod.as_dict(), "source": source}
+        if cni:
+            recorded["cni"] = cni
+        self.plumbing.state.pods[pod.name] = recorded
         self.plumbing.save()
         self._shape(entry)
         return entry
@@ -956,13 +1112,18 @@ class Daemon:
     def _pod_sysctls(self, pod: PodConfig) -> None:
         ps = self.plumbing
         ifname = pod.host_interface
-        # DESIGN.md §4b: the pod's default gateway 169.254.1.1 exists nowhere; with proxy ARP the node
+        # docs/design.md §4b: the pod's default gateway 169.254.1.1 exists nowhere; with proxy ARP the node
         # answers the pod's ARP for it (the kernel does because 169.254.1.1 routes out another device)
         ps.set_sysctl(sysctl.conf(ifname, "proxy_arp"), 1)
         ps.set_sysctl(sysctl.conf(ifname, "forwarding"), 1)
         # the kernel delays proxy ARP replies by a random 0..proxy_delay (80 ms default); a pod's first
         # packet should not wait for that
         ps.set_sysctl(sysctl.neigh(ifname, "proxy_delay"), 0)
+        # strict reverse-path filtering on the pod's veth: its only source is the pod's /32 routed
+        # back out of it. The kernel applies max(conf/all, conf/<dev>), so this is effective only
+        # where conf/all stays at 0 or 1 (_node_sysctls lowers a strict `all` to loose); the
+        # nftables pod egress guard checks every source regardless (docs/architecture.md)
+        ps.set_sysctl(sysctl.conf(ifname, "rp_filter"), 1)
         if any(a.version == 6 for a in pod.addresses) and has_ipv6(self.cfg):
             # the IPv6 counterpart: the pod's default route is `via fe80::1 dev eth0`, and fe80::1 is
             # an address of the node's end of the veth (nodad, so it answers at once), exactly one per
@@ -991,12 +1152,13 @@ class Daemon:
         self.plumbing.save()
         return entry
 
-    def pod_add(self, raw: Any) -> dict[str, Any]:
+    def pod_add(self, raw: Any, cni: Any = None) -> dict[str, Any]:
         pod, problems, warnings = configmod.pod_from_dict(raw, self.cfg.node.pod_cidrs)
         if pod is None:
             raise apimod.ApiError("; ".join(problems))
+        attachment = apimod.cni_attachment(cni)
         with self.lock:
-            entry = self._pod_install(pod, "api", raise_errors=True)
+            entry = self._pod_install(pod, "api", raise_errors=True, cni=attachment)
             self._reconcile_locked(f"pod {pod.name} added")
             nets = [str(ipaddress.ip_network(a)) for a in pod.addresses]
             errs = [e for e in self.route_errors if any(n in e for n in nets)]
@@ -1004,10 +1166,20 @@ class Daemon:
                 raise apimod.ApiError("; ".join(errs))
             return {"pod": self._pod_status(entry), "warnings": warnings}
 
-    def pod_del(self, name: Any) -> dict[str, Any]:
+    def pod_del(self, name: Any, container_id: Any = None) -> dict[str, Any]:
         if not isinstance(name, str):
             raise apimod.ApiError("pod_del needs a string 'name'")
+        if container_id is not None and not apimod.valid_container_id(container_id):
+            raise apimod.ApiError(f"pod_del: container_id {str(container_id)[:80]!r} is not a container ID")
         with self.lock:
+            current = self.pods.get(name)
+            if container_id is not None and current is not None:
+                owner = (current.cni or {}).get("container_id")
+                if owner != container_id:
+                    # a late DEL of a sandbox this pod name has since been given to: not ours to remove
+                    log.info("pod_del %s for container %s ignored: the pod belongs to %s", name,
+                             container_id, owner or f"the {current.source}")
+                    return {"removed": None, "kept": name, "owner": owner}
             entry = self._pod_remove(name)
             if entry is None:
                 raise apimod.ApiError(f"no pod named {name!r}")
@@ -1031,7 +1203,10 @@ class Daemon:
         return out
 
     def _pod_status(self, entry: PodEntry) -> dict[str, Any]:
-        return {**entry.pod.as_dict(), "source": entry.source, "shaping": entry.shaping}
+        out = {**entry.pod.as_dict(), "source": entry.source, "shaping": entry.shaping}
+        if entry.cni:
+            out["cni"] = dict(entry.cni)
+        return out
 
     def _pod_limits(self) -> dict[str, int | None]:
         with self.lock:
@@ -1049,7 +1224,22 @@ class Daemon:
         dp = self.datapath
         if dp is None:
             return {}
-        return dict(dp.counters())
+        out = dict(dp.counters())
+        if self._pod_guard_key is not None:
+            # the pod egress guard drops in nftables, before the datapath sees anything; its two
+            # counters join the datapath's drop reasons (podrouter_drops_total{reason=...})
+            from podrouter import nftables
+
+            try:
+                guard = nftables.pod_guard_counters()
+            except Exception:  # noqa: BLE001 - status must answer even if nftables cannot be read
+                log.exception("reading the pod egress guard counters failed")
+                guard = {}
+            drops = dict(out.get("drops") or {})
+            for reason in (nftables.SPOOF_COUNTER, nftables.TUNNEL_COUNTER):
+                drops[reason] = int(drops.get(reason, 0)) + guard.get(reason, 0)
+            out["drops"] = drops
+        return out
 
     def status(self) -> dict[str, Any]:
         with self.lock:
@@ -1103,11 +1293,44 @@ class Daemon:
                 "peers": peers,
                 "routes": routes,
                 "route_errors": list(self.route_errors),
+                # routes podrouter wants but another owner's route holds (left alone, not installed)
+                "conflicts": list(self.plumbing.conflicts) if self.plumbing is not None else [],
                 "rejected_peers": dict(self.peer_rejects),
                 "pods": self._pods_status(),
                 "discovery": self.discovery.status() if self.discovery else {},
+                "bgp": self._bgp_status(),
+                "clustermesh": getattr(self.discovery, "mesh_status", dict)(),
                 "counters": self._counters(),
             }
+
+    # ------------------------------------------------------------------------------------ BGP
+
+    def _start_bgp(self) -> None:
+        """Announce this node's pod CIDRs through BIRD (docs/bgp.md), once its routes are in place."""
+        if not self.cfg.bgp.enabled:
+            return
+        from podrouter import bgp
+
+        self.bgp = bgp.BgpSpeaker(self.cfg, self.underlay.address, self.underlay.on_link)
+        try:
+            self.bgp.start()
+        except bgp.BgpError as e:
+            raise StartError([f"bgp: {e}"], EXIT_FAILURE) from None
+
+    def _reload_bgp(self, old: Config, new: Config) -> None:
+        if self.bgp is None or (old.bgp == new.bgp and old.node.pod_cidrs == new.node.pod_cidrs):
+            return
+        from podrouter import bgp
+
+        try:
+            self.bgp.reconfigure(new)
+        except bgp.BgpError as e:
+            log.error("BGP reconfiguration failed: %s", e)
+
+    def _bgp_status(self) -> dict[str, Any]:
+        if self.bgp is None:
+            return {"enabled": False}
+        return dict(self.bgp.status())
 
     def explain(self, req: dict[str, Any]) -> dict[str, Any]:
         from podrouter.cli import build_packet
@@ -1130,11 +1353,43 @@ class Daemon:
     def _api_handlers(self) -> dict[str, apimod.Handler]:
         return {
             "status": lambda req: self.status(),
-            "pod_add": lambda req: self.pod_add(req.get("pod")),
-            "pod_del": lambda req: self.pod_del(req.get("name")),
+            "pod_add": lambda req: self.pod_add(req.get("pod"), req.get("cni")),
+            "pod_del": lambda req: self.pod_del(req.get("name"), req.get("container_id")),
             "pod_list": lambda req: {"pods": self._pods_status()},
             "explain": self.explain,
         }
+
+
+    def _api_streams(self) -> dict[str, apimod.StreamHandler]:
+        hub = self.monitor
+        assert hub is not None
+        return {"monitor": lambda req, send: monitor_stream(hub, req, self._native_drop_reasons(), send)}
+
+    def _native_drop_reasons(self) -> list[str]:
+        counters = self._counters()
+        return sorted((counters.get("drops") or {}).keys())
+
+    def _pod_of(self, address: str | None) -> str | None:
+        """The local pod holding `address` (the monitor names pods in its events)."""
+        if not address:
+            return None
+        with self.lock:
+            for e in self.pods.values():
+                if any(str(a) == address for a in e.pod.addresses):
+                    return e.pod.name
+        return None
+
+
+def _bgp_problems(cfg: Config, underlay: Any) -> list[str]:
+    if not cfg.bgp.enabled:
+        return []
+    from podrouter import bgp
+
+    out = bgp.path_problems(cfg)
+    for i, p in enumerate(cfg.bgp.peers):
+        if underlay is not None and p.address == underlay.address:
+            out.append(f"bgp.peers[{i}].address: '{p.address}' is this node's own address")
+    return out
 
 
 def _load_native() -> Any:
@@ -1207,12 +1462,17 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
     done: list[str] = []
     from podrouter import nftables
 
-    # the guard table has a fixed name, so it is found even without a state file
+    # the guard tables have fixed names, so they are found even without a state file
     try:
         if nftables.remove_guard():
             done.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
     except nftables.NftError as e:
         done.append(f"could not remove nftables table {nftables.FAMILY} {nftables.TABLE}: {e}")
+    try:
+        if nftables.remove_pod_guard():
+            done.append(f"removed nftables table {nftables.POD_FAMILY} {nftables.POD_TABLE}")
+    except nftables.NftError as e:
+        done.append(f"could not remove nftables table {nftables.POD_FAMILY} {nftables.POD_TABLE}: {e}")
     with IPRoute() as ipr:
         done.extend(netlink_cleanup(ipr, recorded))
         if recorded is not None:
@@ -1228,6 +1488,8 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
                 done.append(
                     f"note: {recorded.tun or TUN_NAME} still exists (not created persistent by podrouter)"
                 )
+    if cfg.bgp.enabled:
+        done.extend(_cleanup_bgp(cfg))
     if recorded is not None:
         statefile.remove(cfg.state_path)
         done.append(f"removed {cfg.state_path}")
@@ -1236,6 +1498,21 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
         sock.unlink()
         done.append(f"removed stale socket {sock}")
     return done
+
+
+def _cleanup_bgp(cfg: Config) -> list[str]:
+    """Withdraw this node's prefixes from its BGP peers now (docs/bgp.md, "Stopping for good")."""
+    from pyroute2 import IPRoute
+
+    from podrouter import bgp
+    from podrouter.netlink.underlay import UnderlayError, resolve_underlay
+
+    try:
+        with IPRoute() as ipr:
+            u = resolve_underlay(ipr, cfg.node)
+        return bgp.withdraw(cfg, u.address, u.on_link)
+    except (UnderlayError, bgp.BgpError, OSError) as e:
+        return [f"BGP: could not withdraw (the routers drop our prefixes after the restart time): {e}"]
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN.md §6; the names are a contract).
+"""Prometheus metrics (docs/design.md §6; the names are a contract).
 
 A custom Collector on a registry of its own, so `/metrics` carries exactly the contract's families
 (no default process/platform collectors) and every scrape reads the datapath's counters at that
@@ -27,6 +27,23 @@ class Source(Protocol):
     def pod_egress_limits(self) -> dict[str, int | None]: ...
 
 
+def bgp_families(status: dict[str, Any]) -> Iterator[Metric]:
+    """podrouter_bgp_session_up{peer} and podrouter_bgp_announced_prefixes (docs/bgp.md); nothing
+    when BGP is off."""
+    if not status.get("enabled"):
+        return
+    up = GaugeMetricFamily(
+        "podrouter_bgp_session_up", "1 if the BGP session to the peer is established.", labels=["peer"]
+    )
+    for s in status.get("sessions") or []:
+        up.add_metric([str(s.get("peer"))], 1.0 if s.get("up") else 0.0)
+    ann = GaugeMetricFamily(
+        "podrouter_bgp_announced_prefixes", "Pod CIDRs this node announces on its established BGP sessions."
+    )
+    ann.add_metric([], float(status.get("announced_prefixes", 0) or 0))
+    yield from (up, ann)
+
+
 class PodrouterCollector:
     def __init__(self, source: Source) -> None:
         self.source = source
@@ -44,6 +61,12 @@ class PodrouterCollector:
             log.exception("metrics scrape failed")
             return
         yield from self._families(counters, peers, limits)
+        bgp = getattr(self.source, "bgp_status", None)
+        if bgp is not None:
+            try:
+                yield from bgp_families(bgp())
+            except Exception:  # noqa: BLE001 - a scrape must never take the daemon down
+                log.exception("metrics scrape of the BGP status failed")
 
     @staticmethod
     def _families(counters: dict[str, Any], peers: int, limits: dict[str, int | None]) -> Iterator[Metric]:
@@ -71,6 +94,21 @@ class PodrouterCollector:
             drops.add_metric([reason], float(n))
         nat = GaugeMetricFamily("podrouter_nat_entries", "Live masquerade (SNAT) connection entries.")
         nat.add_metric([], float(counters.get("nat_entries", 0) or 0))
+        evictions = CounterMetricFamily(
+            "podrouter_nat_evictions",
+            "Masquerade entries that never saw a reply, evicted because the table was full.",
+        )
+        evictions.add_metric([], float(counters.get("nat_evictions", 0) or 0))
+        # Bounded label set: the datapath names at most 32 pod addresses (the highest counts) and
+        # sums the rest under pod="other".
+        pod_limit = CounterMetricFamily(
+            "podrouter_nat_pod_limit_drops",
+            "New masquerade flows refused because the pod held masquerade.max_entries_per_pod entries.",
+            labels=["pod"],
+        )
+        for pod, n in sorted((counters.get("nat_pod_limit_drops") or {}).items()):
+            pod_limit.add_metric([pod], float(n))
+        pod_limit.add_metric(["other"], float(counters.get("nat_pod_limit_drops_other", 0) or 0))
         peer_g = GaugeMetricFamily("podrouter_peers", "Peer nodes currently known.")
         peer_g.add_metric([], float(peers))
         rate = GaugeMetricFamily(
@@ -83,7 +121,7 @@ class PodrouterCollector:
                 rate.add_metric([pod], float(bits))
         gen = GaugeMetricFamily("podrouter_table_generation", "Generation of the tables the datapath runs.")
         gen.add_metric([], float(counters.get("table_generation", 0) or 0))
-        yield from (packets, nbytes, drops, nat, peer_g, rate, gen)
+        yield from (packets, nbytes, drops, nat, evictions, pod_limit, peer_g, rate, gen)
 
 
 class MetricsServer:
@@ -104,6 +142,7 @@ def make_source(
     counters: Callable[[], dict[str, Any]],
     peers: Callable[[], int],
     limits: Callable[[], dict[str, int | None]],
+    bgp: Callable[[], dict[str, Any]] | None = None,
 ) -> Source:
     class _S:
         def counters(self) -> dict[str, Any]:
@@ -114,6 +153,9 @@ def make_source(
 
         def pod_egress_limits(self) -> dict[str, int | None]:
             return limits()
+
+        def bgp_status(self) -> dict[str, Any]:
+            return bgp() if bgp is not None else {"enabled": False}
 
     return _S()
 

@@ -1,4 +1,4 @@
-"""Keeps masquerade replies away from the node's own stack (DESIGN.md §3), through libnftables.
+"""Keeps masquerade replies away from the node's own stack (docs/design.md §3), through libnftables.
 
 The datapath reads replies to masqueraded flows from a filtered AF_PACKET socket on the underlay
 (rust/io/src/af_packet.rs). AF_PACKET sees a *copy*: the original still goes up the node's stack,
@@ -222,8 +222,274 @@ def guard_counters() -> dict[str, int]:
     return counts
 
 
+# ------------------------------------------------------------------------------ pod egress guard
+#
+# A second table, always present while the daemon runs (masquerade or not), checks what pods send
+# before the node routes it (issue 10; docs/architecture.md, "Pod egress guard"):
+#
+#     table inet podrouter_pods {
+#       set pod_ifaces  { type ifname; }                 # every registered pod's host interface
+#       set pod_src4    { type ifname . ipv4_addr; }     # (host interface, address) of every pod
+#       set pod_src6    { type ifname . ipv6_addr; }
+#       set tunnel_endpoints { type ipv4_addr . inet_service; }  # peers' and our tunnel sockets
+#       set node_cidrs4 { type ipv4_addr; flags interval; }       # this node's pod CIDRs
+#       set node_cidrs6 { type ipv6_addr; flags interval; }
+#       counter spoofed_pod_source {}
+#       counter pod_tunnel_port {}
+#       chain pod_egress {
+#         type filter hook prerouting priority raw; policy accept;
+#         iifname != @pod_ifaces ip saddr @node_cidrs4 counter name spoofed_pod_source drop
+#         iifname != @pod_ifaces ip6 saddr @node_cidrs6 counter name spoofed_pod_source drop
+#         iifname != @pod_ifaces accept
+#         ip6 saddr fe80::/10 accept                      # link-local: never forwarded
+#         ip6 saddr :: ip6 daddr ff02::/16 accept         # DAD, MLD: never forwarded
+#         meta nfproto ipv4 iifname . ip saddr != @pod_src4 counter name spoofed_pod_source drop
+#         meta nfproto ipv6 iifname . ip6 saddr != @pod_src6 counter name spoofed_pod_source drop
+#         ip daddr . udp dport @tunnel_endpoints counter name pod_tunnel_port drop
+#       }
+#     }
+#
+# The first two rules cover interfaces that are no (longer a) registered pod's: a source inside this
+# node's pod CIDRs is only ever legitimate from the veth of the pod that holds it (a remote peer's
+# tunnel or native packets carry *its* pods' sources, masquerade replies an outside source).
+# `prerouting` at `raw` runs before routing and conntrack, so a spoofed packet takes no path at
+# all (native, tunnel, masquerade or to a pod of this node) and creates no conntrack entry. The
+# table lives in family `inet` so one chain covers IPv4 and IPv6. Pod add/del rewrites the sets in
+# one transaction (flush + add elements), so the counters and the chain stay in place.
+
+POD_TABLE = "podrouter_pods"
+POD_FAMILY = "inet"
+POD_CHAIN = "pod_egress"
+SPOOF_COUNTER = "spoofed_pod_source"
+TUNNEL_COUNTER = "pod_tunnel_port"
+_POD_SETS = {
+    "pod_ifaces": "ifname",
+    "pod_src4": ["ifname", "ipv4_addr"],
+    "pod_src6": ["ifname", "ipv6_addr"],
+    "tunnel_endpoints": ["ipv4_addr", "inet_service"],
+    "node_cidrs4": "ipv4_addr",
+    "node_cidrs6": "ipv6_addr",
+}
+_INTERVAL_SETS = ("node_cidrs4", "node_cidrs6")
+
+
+def _pod_table() -> dict[str, str]:
+    return {"family": POD_FAMILY, "name": POD_TABLE}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> dict[str, Any]:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _payload(proto: str, field: str) -> dict[str, Any]:
+    return {"payload": {"protocol": proto, "field": field}}
+
+
+def _iifname() -> dict[str, Any]:
+    return {"meta": {"key": "iifname"}}
+
+
+def _pod_rule(comment: str, *expr: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "add": {
+            "rule": {
+                "family": POD_FAMILY,
+                "table": POD_TABLE,
+                "chain": POD_CHAIN,
+                "comment": comment,
+                "expr": list(expr),
+            }
+        }
+    }
+
+
+def _ifname(name: str) -> str:
+    # the kernel keeps at most IFNAMSIZ-1 bytes; config.py already refuses longer names
+    if not name or len(name.encode()) > 15 or any(c in name for c in '/ \t\n"*'):
+        raise ValueError(f"bad interface name {name!r}")
+    return name
+
+
+Pods = list[tuple[str, list[str]]]
+Endpoints = list[tuple[str, int]]
+
+
+def pod_guard_elements(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> list[dict[str, Any]]:
+    """The commands that make the guard's sets hold exactly `pods` ((host interface, addresses)
+    pairs), `endpoints` ((IPv4 address, UDP port) of every tunnel socket pods must not reach) and
+    `node_cidrs` (this node's pod CIDRs)."""
+    ifaces: set[str] = set()
+    src4: set[tuple[str, str]] = set()
+    src6: set[tuple[str, str]] = set()
+    for ifname, addrs in pods:
+        ifname = _ifname(ifname)
+        ifaces.add(ifname)
+        for a in addrs:
+            ip = ipaddress.ip_address(a)
+            (src4 if ip.version == 4 else src6).add((ifname, str(ip)))
+    eps = {(str(ipaddress.IPv4Address(a)), int(p)) for a, p in endpoints}
+    for _, port in eps:
+        if not 1 <= port <= 65535:
+            raise ValueError(f"bad port {port}")
+    nets = [ipaddress.ip_network(c) for c in node_cidrs]
+
+    def prefixes(version: int) -> list[Any]:
+        return [
+            {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
+            for n in sorted(x for x in nets if x.version == version)
+        ]
+
+    elems: dict[str, list[Any]] = {
+        "pod_ifaces": sorted(ifaces),
+        "pod_src4": [{"concat": list(x)} for x in sorted(src4)],
+        "pod_src6": [{"concat": list(x)} for x in sorted(src6)],
+        "tunnel_endpoints": [{"concat": [a, p]} for a, p in sorted(eps)],
+        "node_cidrs4": prefixes(4),
+        "node_cidrs6": prefixes(6),
+    }
+    cmds: list[dict[str, Any]] = []
+    for name, items in elems.items():
+        ref = {"family": POD_FAMILY, "table": POD_TABLE, "name": name}
+        cmds.append({"flush": {"set": ref}})
+        if items:
+            cmds.append({"add": {"element": {**ref, "elem": items}}})
+    return cmds
+
+
+def pod_guard_commands(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> list[dict[str, Any]]:
+    """The transaction `install_pod_guard` runs: the table (replaced if a dead daemon left one),
+    its sets filled, its counters, the chain and its rules (pure, for tests)."""
+    t = _pod_table()
+    cmds: list[dict[str, Any]] = [
+        {"add": {"table": t}},
+        {"delete": {"table": t}},
+        {"add": {"table": t}},
+    ]
+    for name, typ in _POD_SETS.items():
+        st: dict[str, Any] = {"family": POD_FAMILY, "table": POD_TABLE, "name": name, "type": typ}
+        if name in _INTERVAL_SETS:
+            st["flags"] = ["interval"]
+        cmds.append({"add": {"set": st}})
+    for name in (SPOOF_COUNTER, TUNNEL_COUNTER):
+        cmds.append({"add": {"counter": {"family": POD_FAMILY, "table": POD_TABLE, "name": name}}})
+    cmds.append(
+        {
+            "add": {
+                "chain": {
+                    "family": POD_FAMILY,
+                    "table": POD_TABLE,
+                    "name": POD_CHAIN,
+                    "type": "filter",
+                    "hook": "prerouting",
+                    "prio": PRIORITY_RAW,
+                    "policy": "accept",
+                }
+            }
+        }
+    )
+    ip6_saddr, ip6_daddr = _payload("ip6", "saddr"), _payload("ip6", "daddr")
+    not_pod = _match(_iifname(), "@pod_ifaces", "!=")
+    cmds += [
+        _pod_rule(
+            "a source of this node's pod CIDRs from no pod's interface",
+            not_pod,
+            _match(_payload("ip", "saddr"), "@node_cidrs4"),
+            {"counter": SPOOF_COUNTER},
+            {"drop": None},
+        ),
+        _pod_rule(
+            "an IPv6 source of this node's pod CIDRs from no pod's interface",
+            not_pod,
+            _match(ip6_saddr, "@node_cidrs6"),
+            {"counter": SPOOF_COUNTER},
+            {"drop": None},
+        ),
+        _pod_rule(
+            "not from a pod",
+            _match(_iifname(), "@pod_ifaces", "!="),
+            {"accept": None},
+        ),
+        _pod_rule(
+            "IPv6 link-local source: never forwarded (NDP with the node)",
+            _match(ip6_saddr, {"prefix": {"addr": "fe80::", "len": 10}}),
+            {"accept": None},
+        ),
+        _pod_rule(
+            "DAD / MLD from the unspecified address to link-scope multicast: never forwarded",
+            _match(ip6_saddr, "::"),
+            _match(ip6_daddr, {"prefix": {"addr": "ff02::", "len": 16}}),
+            {"accept": None},
+        ),
+        _pod_rule(
+            "IPv4 source is not the pod's own",
+            _match({"meta": {"key": "nfproto"}}, "ipv4"),
+            _match({"concat": [_iifname(), _payload("ip", "saddr")]}, "@pod_src4", "!="),
+            {"counter": SPOOF_COUNTER},
+            {"drop": None},
+        ),
+        _pod_rule(
+            "IPv6 source is not the pod's own",
+            _match({"meta": {"key": "nfproto"}}, "ipv6"),
+            _match({"concat": [_iifname(), ip6_saddr]}, "@pod_src6", "!="),
+            {"counter": SPOOF_COUNTER},
+            {"drop": None},
+        ),
+        _pod_rule(
+            "pods never reach a tunnel socket",
+            _match({"concat": [_payload("ip", "daddr"), _payload("udp", "dport")]}, "@tunnel_endpoints"),
+            {"counter": TUNNEL_COUNTER},
+            {"drop": None},
+        ),
+    ]
+    return cmds + pod_guard_elements(pods, endpoints, node_cidrs)
+
+
+def install_pod_guard(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> None:
+    """Installs (or atomically replaces) the pod egress guard in the current network namespace."""
+    run(pod_guard_commands(pods, endpoints, node_cidrs))
+
+
+def update_pod_guard(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> None:
+    """Rewrites the guard's sets in one transaction (the counters keep counting)."""
+    run(pod_guard_elements(pods, endpoints, node_cidrs))
+
+
+def remove_pod_guard() -> bool:
+    """Deletes the pod egress guard if it exists. Returns True if there was one."""
+    if unavailable() is not None:
+        return False
+    try:
+        run([{"list": {"table": _pod_table()}}])
+    except NftError:
+        return False
+    run([{"add": {"table": _pod_table()}}, {"delete": {"table": _pod_table()}}])
+    return True
+
+
+def pod_guard_counters() -> dict[str, int]:
+    """Packets the pod egress guard dropped, by reason (`{}` when the table is absent)."""
+    try:
+        out = run([{"list": {"table": _pod_table()}}])
+    except NftError:
+        return {}
+    counts: dict[str, int] = {}
+    for obj in out.get("nftables", []):
+        c = obj.get("counter") if isinstance(obj, dict) else None
+        if isinstance(c, dict) and c.get("name") in (SPOOF_COUNTER, TUNNEL_COUNTER):
+            counts[str(c["name"])] = int(c.get("packets", 0))
+    return counts
+
+
 __all__ = [
     "CHAIN",
+    "POD_FAMILY",
+    "POD_TABLE",
+    "install_pod_guard",
+    "pod_guard_commands",
+    "pod_guard_counters",
+    "pod_guard_elements",
+    "remove_pod_guard",
+    "update_pod_guard",
     "TABLE",
     "NftError",
     "guard_commands",

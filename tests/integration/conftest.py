@@ -35,7 +35,7 @@ def topo() -> Iterator[Topology]:
 
 @pytest.fixture
 def ref(topo: Topology) -> ReferenceTopology:
-    """The DESIGN.md §8 reference topology with pod1 (node1), pod2 (node2), pod3 (node3)."""
+    """The docs/design.md §8 reference topology with pod1 (node1), pod2 (node2), pod3 (node3)."""
     return reference_topology(topo)
 
 

@@ -195,7 +195,7 @@ class Daemons:
 
 
 def wait_ready(h: DaemonHandle, timeout: float) -> None:
-    """Poll `podrouter status` until it exits 0 (DESIGN.md §4b readiness); bounded."""
+    """Poll `podrouter status` until it exits 0 (docs/design.md §4b readiness); bounded."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:

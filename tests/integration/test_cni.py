@@ -166,7 +166,7 @@ def test_add_check_del(env: tuple[Lab, FakeDaemon, Path], topo: Topology) -> Non
     assert result["interfaces"][0]["name"] == host_if and result["interfaces"][1] == {
         "name": "eth0", "mac": result["interfaces"][1]["mac"], "sandbox": netns}
     assert result["ips"] == [{"address": "10.244.1.10/32", "gateway": "169.254.1.1", "interface": 1}]
-    # the pod side, DESIGN.md §4b
+    # the pod side, docs/design.md §4b
     assert "inet 10.244.1.10/32" in pod.ip("addr show dev eth0")
     default = [ln for ln in pod.ip("route show").splitlines() if ln.startswith("default")]
     assert len(default) == 1 and "via 169.254.1.1 dev eth0" in default[0] and "onlink" in default[0]
@@ -193,7 +193,8 @@ def test_add_check_del(env: tuple[Lab, FakeDaemon, Path], topo: Topology) -> Non
     # DEL: unregistered, veth gone, address released; a second DEL succeeds too
     rc, out = invoke(lab.node, "DEL", conf, "c1", netns)
     assert (rc, out) == (0, None)
-    assert "default.c1" not in daemon.pods and {"op": "pod_del", "name": "default.c1"} in daemon.requests
+    assert "default.c1" not in daemon.pods
+    assert {"op": "pod_del", "name": "default.c1", "container_id": "c1"} in daemon.requests
     assert host_if not in lab.node.ip("link show")
     assert not (tmp / "ipam" / "podnet" / "10.244.1.10").exists()
     assert invoke(lab.node, "DEL", conf, "c1", netns) == (0, None)

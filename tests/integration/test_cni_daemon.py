@@ -39,7 +39,6 @@ def _sent(host: Any, klass: str) -> int:
     return int(m.group(1))
 
 
-
 def test_cni_with_real_daemon(topo: Topology, daemons: Daemons, tmp_path: Path) -> None:
     lab = Lab(topo)
     sock = str(daemons.sockdir / "node.sock")
@@ -59,7 +58,7 @@ def test_cni_with_real_daemon(topo: Topology, daemons: Daemons, tmp_path: Path) 
     pod, netns = sandbox(topo, "c9")
     conf = netconf(tmp_path, sock, bandwidth={"egressRate": 20_000_000, "egressBurst": 4294967295})
     rc, result = invoke(lab.node, "ADD", conf, "c9", netns)
-    assert rc == 0, (result, d.stderr_so_far())
+    assert rc == 0, (result, d.logs()[-3000:])
     host_if = host_ifname("c9", "eth0")
     entry = _pods(d)["default.c9"]
     assert entry["host_interface"] == host_if
@@ -72,9 +71,9 @@ def test_cni_with_real_daemon(topo: Topology, daemons: Daemons, tmp_path: Path) 
     load.start()
     try:
         time.sleep(2)
-        b0, t0 = _sent(lab.node, entry['shaping']['egress_class']), time.monotonic()
+        b0, t0 = _sent(lab.node, entry["shaping"]["egress_class"]), time.monotonic()
         time.sleep(2)
-        b1, t1 = _sent(lab.node, entry['shaping']['egress_class']), time.monotonic()
+        b1, t1 = _sent(lab.node, entry["shaping"]["egress_class"]), time.monotonic()
     finally:
         load.join(timeout=60)
     assert (b1 - b0) * 8 / (t1 - t0) == pytest.approx(20e6, rel=0.05)
@@ -86,3 +85,47 @@ def test_cni_with_real_daemon(topo: Topology, daemons: Daemons, tmp_path: Path) 
     assert "default.c9" not in _pods(d)
     assert "ceil 20Mbit" not in tc(lab.node, "class show dev podr-e2e0")
     assert host_if not in lab.node.ip("link show")
+
+
+def test_late_del_of_a_predecessor_keeps_the_successor(
+    topo: Topology, daemons: Daemons, tmp_path: Path
+) -> None:
+    """A pod name handed to a new sandbox: the runtime's late DEL of the old one must not remove it."""
+    lab = Lab(topo)
+    sock = str(daemons.sockdir / "node.sock")
+    cfg = {
+        "node": {"name": "node", "address": NODE_SINK_ADDR, "interface": "eth0", "pod_cidr": "10.244.1.0/24"},
+        "cluster": {"pod_cidr": "10.244.0.0/16"},
+        "routing": {"mode": "tunnel"},
+        "masquerade": {"enabled": False},
+        "peers": [],
+        "api": {"socket": sock},
+        "metrics": {"listen": "127.0.0.1:9965"},
+    }
+    d = daemons.start(lab.node, cfg, extra_args=("--log-level", "info"))
+    conf = netconf(tmp_path, sock)
+    same_name = {"CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web"}
+    _old_host, old_ns = sandbox(topo, "s1")
+    rc, _ = invoke(lab.node, "ADD", conf, "sandbox-old", old_ns, env_extra=same_name)
+    assert rc == 0
+    assert _pods(d)["default.web"]["cni"]["container_id"] == "sandbox-old"
+    new_host, new_ns = sandbox(topo, "s2")
+    rc, result = invoke(lab.node, "ADD", conf, "sandbox-new", new_ns, env_extra=same_name)
+    assert rc == 0, result
+    entry = _pods(d)["default.web"]
+    assert entry["cni"] == {"container_id": "sandbox-new", "netns": new_ns, "ifname": "eth0"}
+    assert entry["host_interface"] == host_ifname("sandbox-new", "eth0")
+    # the late DEL of the old sandbox: succeeds (DEL is idempotent) and leaves the successor alone
+    assert invoke(lab.node, "DEL", conf, "sandbox-old", "", env_extra=same_name) == (0, None)
+    entry = _pods(d)["default.web"]
+    assert entry["cni"]["container_id"] == "sandbox-new"
+    assert f"{entry['ip']} dev {entry['host_interface']}" in lab.node.ip("route show")
+    assert host_ifname("sandbox-old", "eth0") not in lab.node.ip("link show")
+    assert new_host.ping(SINK_ADDR)
+    rc, out = invoke(
+        lab.node, "CHECK", {**conf, "prevResult": result}, "sandbox-new", new_ns, env_extra=same_name
+    )
+    assert (rc, out) == (0, None)
+    # the successor's own DEL removes it
+    assert invoke(lab.node, "DEL", conf, "sandbox-new", new_ns, env_extra=same_name) == (0, None)
+    assert "default.web" not in _pods(d)

@@ -94,6 +94,8 @@ def test_start_install_status_metrics_and_sigterm_removes_everything(
         "podrouter_bytes",
         "podrouter_drops",
         "podrouter_nat_entries",
+        "podrouter_nat_evictions",
+        "podrouter_nat_pod_limit_drops",
         "podrouter_peers",
         "podrouter_pod_egress_rate_limit_bits",
         "podrouter_table_generation",
@@ -156,7 +158,7 @@ def test_pods_through_the_api(ref: ReferenceTopology, daemons: Daemons) -> None:
     shaping = {p["name"]: p["shaping"] for p in d.status()["pods"]}["pod1"]
     assert shaping["egress_bps"] == 10_000_000 and not shaping["error"]
     assert sysctl_value(n1, "net.ipv4.conf.veth-pod1.proxy_arp") == "1"
-    # the node answers the pod's ARP for its link-local gateway (DESIGN.md §4b), so the pod reaches
+    # the node answers the pod's ARP for its link-local gateway (docs/design.md §4b), so the pod reaches
     # the node's own address
     assert ref.pods["pod1"].host.ping("172.16.2.2")
 

@@ -1,4 +1,4 @@
-"""Dual-stack pods across the reference topology (DESIGN.md §4 `pod_cidrs: [v4, v6]`, §4b "/32 (and
+"""Dual-stack pods across the reference topology (docs/design.md §4 `pod_cidrs: [v4, v6]`, §4b "/32 (and
 /128)"): IPv6 pod traffic over VXLAN and Geneve across R, native IPv6 on the shared L2, IPv4 at the same
 time, the pods' link-local gateway, per-destination MTU (ICMPv6 packet too big from the node's kernel),
 hop-limit handling and spoofed inner IPv6 sources.

@@ -1,4 +1,4 @@
-"""Masquerade end to end (issue 4, DESIGN.md §2-§3): `podrouter run` on node1 of the reference
+"""Masquerade end to end (issue 4, docs/design.md §2-§3): `podrouter run` on node1 of the reference
 topology translates pod traffic to the external host 203.0.113.10 behind R, which knows node
 subnets only, so every reply has to come back through node1's translation.
 

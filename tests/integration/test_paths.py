@@ -1,4 +1,4 @@
-"""Pod-to-pod paths across the reference topology (DESIGN.md §8) with real daemons on every node:
+"""Pod-to-pod paths across the reference topology (docs/design.md §8) with real daemons on every node:
 tunnel (VXLAN, Geneve) across R, native on the shared L2, hybrid choosing per destination, per-peer
 protocol overrides, MTU handling, and a live SIGHUP change under load."""
 

@@ -1,6 +1,6 @@
 """Bandwidth manager in network namespaces: accuracy, priorities, isolation, live changes, DSCP, cleanup.
 
-One node namespace with pods attached as DESIGN.md §4b says and a sink namespace behind the node
+One node namespace with pods attached as docs/design.md §4b says and a sink namespace behind the node
 (bench/qos/lab.py). Rates are measured by iperf3 on the receiver with `-O 1` (the first second, slow
 start and queue fill, is not counted).
 

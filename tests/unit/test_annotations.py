@@ -53,8 +53,8 @@ ACCEPTED = [
 
 REFUSED = [
     ("", "no digits"),
-    ("k", "no digits"),
-    (".", "no digits"),
+    ("k", "unreasonably small"),  # Kubernetes reads a missing number as zero
+    (".", "unreasonably small"),
     ("1K", "not a quantity"),  # suffixes are case-sensitive: K is not k
     ("1KI", "not a quantity"),
     ("1mi", "not a quantity"),
@@ -83,7 +83,7 @@ REFUSED = [
     ("1Pi", "unreasonably large"),  # 2^50 > 10^15
     ("2e15", "unreasonably large"),
     ("1e999999999", "unreasonably large"),
-    ("9" * 200, "too long"),
+    ("9" * 200, "unreasonably large"),
 ]
 
 
@@ -95,7 +95,7 @@ def test_quantity_accepted(text: str, value: int) -> None:
 def test_quantity_unbounded_grammar() -> None:
     assert parse_quantity("10.", minimum=None) == 10
     assert parse_quantity("1m", minimum=None) == 1  # 0.001 rounded up
-    assert parse_quantity("-1.5", minimum=None) == -1  # ceil, as Quantity.Value() does
+    assert parse_quantity("-1.5", minimum=None) == -2  # away from zero, as Quantity.Value() does
     assert parse_quantity("1E", maximum=None) == 10**18
     assert parse_quantity("1Ei", maximum=None) == 2**60
 

@@ -1,4 +1,4 @@
-"""metrics.py: the exposition has exactly DESIGN.md §6's names, built from the counters dict format of
+"""metrics.py: the exposition has exactly docs/design.md §6's names, built from the counters dict format of
 `_native.Datapath.counters()`, and is served over HTTP."""
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def test_exactly_the_contract_names() -> None:
         "podrouter_bytes_total",
         "podrouter_drops_total",
         "podrouter_nat_entries",
+        "podrouter_nat_evictions_total",
+        "podrouter_nat_pod_limit_drops_total",
         "podrouter_peers",
         "podrouter_pod_egress_rate_limit_bits",
         "podrouter_table_generation",
@@ -55,6 +57,22 @@ def test_values_and_labels() -> None:
     assert fams["podrouter_table_generation"].samples[0].value == 5
     [rate] = fams["podrouter_pod_egress_rate_limit_bits"].samples
     assert rate.labels == {"pod": "web"} and rate.value == 10_000_000
+
+
+def test_nat_pressure_series_have_a_bounded_pod_label() -> None:
+    counters = {
+        **COUNTERS,
+        "nat_evictions": 12,
+        "nat_pod_limit_drops": {"10.244.1.7": 300, "10.244.1.9": 2},
+        "nat_pod_limit_drops_other": 5,
+    }
+    fams = {f.name: f for f in text_string_to_metric_families(scrape(counters))}
+    assert fams["podrouter_nat_evictions"].samples[0].value == 12
+    per_pod = {s.labels["pod"]: s.value for s in fams["podrouter_nat_pod_limit_drops"].samples}
+    assert per_pod == {"10.244.1.7": 300, "10.244.1.9": 2, "other": 5}
+    # without any drop: one series, pod="other", at 0
+    fams = {f.name: f for f in text_string_to_metric_families(scrape(COUNTERS))}
+    assert {s.labels["pod"]: s.value for s in fams["podrouter_nat_pod_limit_drops"].samples} == {"other": 0}
 
 
 def test_a_failing_source_yields_an_empty_scrape_not_an_error() -> None:

@@ -126,6 +126,18 @@ pods: [{name: p, ip: 'fd00:10:244:1::5', host_interface: veth-p}]
             "masquerade.timeouts.tcp_estab: unknown key (did you mean 'tcp_established'?)",
         ),
         ("masquerade: {max_entries: 0}", "masquerade.max_entries: 0 is out of range (1..67108864)"),
+        (
+            "masquerade: {max_entries: 1000, max_entries_per_pod: 1001}",
+            "masquerade.max_entries_per_pod: 1001 is out of range (1..1000)",
+        ),
+        (
+            "masquerade: {max_entries_per_pod: 0}",
+            "masquerade.max_entries_per_pod: 0 is out of range (1..1048576)",
+        ),
+        (
+            "masquerade: {max_entries_per_pod: many}",
+            "masquerade.max_entries_per_pod: 'many' is not an integer",
+        ),
         ("discovery: {backend: consul}", "discovery.backend: 'consul' is not one of: static, etcd"),
         (
             "discovery: {etcd: {endpoints: ['127.0.0.1:2379']}}",
@@ -327,6 +339,20 @@ def test_masquerade_timeouts_reach_the_datapath_config_only_when_set() -> None:
     assert cfg.masquerade.nat_config() == {}
     cfg = config.loads(MINIMAL + "masquerade: {timeouts: {udp_unreplied: 5, icmp: 3}, max_entries: 4096}\n")
     assert cfg.masquerade.nat_config() == {"udp_unreplied": 5, "icmp": 3, "max_entries": 4096}
+
+
+def test_masquerade_per_pod_cap_defaults_to_an_eighth_of_the_table() -> None:
+    cfg = config.loads(MINIMAL)
+    assert "max_entries_per_pod" not in cfg.masquerade.nat_config()
+    assert cfg.masquerade.effective_max_entries_per_pod() == (1 << 20) // 8
+    cfg = config.loads(MINIMAL + "masquerade: {max_entries: 2000}\n")
+    assert cfg.masquerade.effective_max_entries_per_pod() == 250
+    cfg = config.loads(MINIMAL + "masquerade: {max_entries: 100}\n")
+    assert cfg.masquerade.effective_max_entries_per_pod() == 64  # at least 64 ...
+    cfg = config.loads(MINIMAL + "masquerade: {max_entries: 10}\n")
+    assert cfg.masquerade.effective_max_entries_per_pod() == 10  # ... at most the table
+    cfg = config.loads(MINIMAL + "masquerade: {max_entries: 4096, max_entries_per_pod: 100}\n")
+    assert cfg.masquerade.nat_config() == {"max_entries": 4096, "max_entries_per_pod": 100}
 
 
 def test_peer_vtep_mac_is_validated_and_normalised() -> None:

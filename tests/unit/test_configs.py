@@ -77,7 +77,7 @@ BAD = [
     ),
     (
         {"cluster": {"pod_cidr": "10.244.0.0/16", "service_cidr": "10.96.0.0/12"}},
-        "cluster.service_cidr: unknown key (allowed: pod_cidr, pod_cidrs)",
+        "cluster.service_cidr: unknown key (allowed: pod_cidr, pod_cidrs, name, id)",
     ),
     (
         {"peers": [{"name": "node2", "address": "172.16.3.2", "pod_cidr": "10.244.1.0/24"}]},

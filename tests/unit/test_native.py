@@ -1,5 +1,5 @@
 """podrouter._native without root: version, Tables from a spec dict, classify / classify_ingress on
-scapy-built packets for the DESIGN.md §8 reference topology, and the errors bad input gets."""
+scapy-built packets for the docs/design.md §8 reference topology, and the errors bad input gets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""podrouter.nftables: the transaction that keeps masquerade replies from the node's stack.
+"""podrouter.nftables: the masquerade reply guard and the pod egress guard transactions.
 
 The kernel side (the table really drops the originals, the daemon installs and removes it) is
 tested as root in tests/integration/test_masquerade.py; here only what needs no privileges.
@@ -45,3 +45,70 @@ def test_guard_refuses_what_is_not_an_ipv4_literal_and_a_port_range(
 ) -> None:
     with pytest.raises(ValueError):
         nftables.guard_commands(addr, ports)
+
+
+# ------------------------------------------------------------------------------ pod egress guard
+
+
+def test_pod_guard_is_one_prerouting_raw_chain_with_named_counters() -> None:
+    cmds = nftables.pod_guard_commands(
+        [("veth-pod1", ["10.244.1.1", "fd00:10:244:1::1"]), ("veth-pod4", ["10.244.1.2"])],
+        [("172.16.3.2", 4789), ("172.16.3.2", 6081)],
+        ["10.244.1.0/24", "fd00:10:244:1::/64"],
+    )
+    table = {"family": "inet", "name": "podrouter_pods"}
+    assert cmds[:3] == [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
+    chains = [c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})]
+    assert [(c["hook"], c["prio"], c["policy"]) for c in chains] == [("prerouting", -300, "accept")]
+    counters = {c["add"]["counter"]["name"] for c in cmds if "counter" in c.get("add", {})}
+    assert counters == {"spoofed_pod_source", "pod_tunnel_port"}
+    rules = [c["add"]["rule"]["expr"] for c in cmds if "rule" in c.get("add", {})]
+    # every drop is counted under one of the two reasons
+    for expr in rules:
+        if {"drop": None} in expr:
+            assert {"counter": "spoofed_pod_source"} in expr or {"counter": "pod_tunnel_port"} in expr
+    elems = {
+        c["add"]["element"]["name"]: c["add"]["element"]["elem"]
+        for c in cmds
+        if "element" in c.get("add", {})
+    }
+    assert elems["pod_ifaces"] == ["veth-pod1", "veth-pod4"]
+    assert elems["pod_src4"] == [
+        {"concat": ["veth-pod1", "10.244.1.1"]},
+        {"concat": ["veth-pod4", "10.244.1.2"]},
+    ]
+    assert elems["pod_src6"] == [{"concat": ["veth-pod1", "fd00:10:244:1::1"]}]
+    assert elems["tunnel_endpoints"] == [{"concat": ["172.16.3.2", 4789]}, {"concat": ["172.16.3.2", 6081]}]
+    assert elems["node_cidrs4"] == [{"prefix": {"addr": "10.244.1.0", "len": 24}}]
+
+
+def test_pod_guard_update_flushes_every_set_in_one_transaction() -> None:
+    cmds = nftables.pod_guard_elements([], [], [])
+    # nothing registered: every set flushed, nothing added (an empty element list is an error)
+    assert [c["flush"]["set"]["name"] for c in cmds] == [
+        "pod_ifaces",
+        "pod_src4",
+        "pod_src6",
+        "tunnel_endpoints",
+        "node_cidrs4",
+        "node_cidrs6",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pods", "endpoints"),
+    [
+        ([("veth-a", ["pod1.example"])], []),  # libnftables would resolve a name through DNS
+        ([("", ["10.244.1.1"])], []),
+        ([("a-name-longer-than-15", ["10.244.1.1"])], []),
+        ([('veth"x', ["10.244.1.1"])], []),
+        ([], [("node2.example", 4789)]),
+        ([], [("fd00::1", 4789)]),
+        ([], [("172.16.3.2", 0)]),
+    ],
+)
+def test_pod_guard_refuses_names_and_bad_values(
+    pods: list[tuple[str, list[str]]], endpoints: list[tuple[str, int]]
+) -> None:
+    with pytest.raises(ValueError):
+        nftables.pod_guard_elements(pods, endpoints, ["10.244.1.0/24"])

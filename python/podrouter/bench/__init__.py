@@ -1,4 +1,4 @@
-"""`podrouter bench`: the benchmark suite (DESIGN.md §5, docs/benchmarks.md).
+"""`podrouter bench`: the benchmark suite (docs/design.md §5, docs/benchmarks.md).
 
 In one run, on the reference topology built in network namespaces: kernel routing, kernel VXLAN,
 podrouter native, VXLAN, Geneve and hybrid, each measured the same way (TCP 1 and 4 streams, small

@@ -7,7 +7,7 @@
   permanent neighbour entry for it and an FDB entry pointing its MAC at the remote node's underlay
   address (RFC 7348 framing done by the kernel).
 
-Pods are attached as DESIGN.md §4b says (a /32 route to the pod's host veth and proxy ARP so the node
+Pods are attached as docs/design.md §4b says (a /32 route to the pod's host veth and proxy ARP so the node
 answers for 169.254.1.1), which is what podrouter does for its own pods, so only the node-to-node
 part differs between a baseline and the podrouter mode it is compared with.
 """
@@ -21,7 +21,7 @@ KERNEL_VXLAN_MTU = 1450  # 1500 - 50 bytes of outer Ethernet/IPv4/UDP/VXLAN (RFC
 
 
 def attach_pods(ref: ReferenceTopology) -> None:
-    """What a node does for its local pods (DESIGN.md §4b), done with `ip`/`sysctl` for the baselines."""
+    """What a node does for its local pods (docs/design.md §4b), done with `ip`/`sysctl` for the baselines."""
     for pod in ref.pods.values():
         node = ref.nodes[pod.node]
         node.ip(f"route replace {pod.ip}/32 dev {pod.host_interface}")
@@ -35,6 +35,14 @@ def setup_kernel_routing(ref: ReferenceTopology) -> None:
     # node1 <-> node3 share 172.16.2.0/24, so each is the other's on-link next hop
     ref.nodes["node1"].ip(f"route replace {ref.node_pod_cidr['node3']} via {ref.node_addr['node3']} dev eth0")
     ref.nodes["node3"].ip(f"route replace {ref.node_pod_cidr['node1']} via {ref.node_addr['node1']} dev eth0")
+
+
+def setup_kernel_routing_across_r(ref: ReferenceTopology) -> None:
+    """Plain forwarding across R: R holds a route per pod CIDR via its node (what BGP gives it in the
+    native-bgp setup, here written by hand); the nodes reach R through their default routes."""
+    attach_pods(ref)
+    for name in ("node1", "node2"):
+        ref.router.ip(f"route replace {ref.node_pod_cidr[name]} via {ref.node_addr[name]}")
 
 
 def _vtep_mac(node: str) -> str:

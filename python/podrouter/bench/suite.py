@@ -1,6 +1,6 @@
 """The mode comparison: kernel baselines and podrouter's modes measured the same way in one run.
 
-Every (setup, repetition) gets a fresh reference topology (DESIGN.md §8), so no state leaks from one
+Every (setup, repetition) gets a fresh reference topology (docs/design.md §8), so no state leaks from one
 mode into the next, and the repetitions are interleaved across setups (rep 1 of every setup, then
 rep 2, ...) so that a slow phase of this shared machine spreads over all modes instead of penalising
 one.
@@ -145,6 +145,35 @@ SETUPS: tuple[Setup, ...] = (
         {"mode": "hybrid", "protocol": "vxlan", "native_when_on_link": True},
     ),
 )
+SETUPS += (
+    Setup(
+        "kernel-routing-r",
+        (
+            Leg(
+                "kernel-routing-r",
+                TUNNEL_PAIR,
+                None,
+                "kernel",
+                "Linux forwarding across R, R holding a route per pod CIDR via its node",
+            ),
+        ),
+        "kernel-routing-r",
+    ),
+    Setup(
+        "native-bgp",
+        (
+            Leg(
+                "native-bgp",
+                TUNNEL_PAIR,
+                "kernel-routing-r",
+                "native",
+                "podrouter routing.mode native across R, pod CIDRs announced to R over BGP (BIRD 2)",
+            ),
+        ),
+        "podrouter",
+        {"mode": "native", "bgp": True},
+    ),
+)
 SETUP_NAMES = tuple(s.name for s in SETUPS)
 LEG_NAMES = tuple(leg.name for s in SETUPS for leg in s.legs)
 
@@ -246,19 +275,24 @@ def run_setup(setup: Setup, prof: Profile, log: Progress) -> dict[str, dict[str,
     with Topology("bn") as topo:
         ref = reference_topology(topo)
         cluster: Cluster | None = None
+        fabric: Any = None
         try:
             if setup.kind == "kernel-routing":
                 kernel.setup_kernel_routing(ref)
             elif setup.kind == "kernel-vxlan":
                 kernel.setup_kernel_vxlan(ref)
+            elif setup.kind == "kernel-routing-r":
+                kernel.setup_kernel_routing_across_r(ref)
             else:
                 cluster = Cluster(ref)
-                cfgs = {
-                    n: node_config(ref, n, cluster.workdir, masquerade=False, **setup.daemon)
-                    for n in ref.nodes
-                }
+                opts = {k: v for k, v in setup.daemon.items() if k != "bgp"}
+                cfgs = {n: node_config(ref, n, cluster.workdir, masquerade=False, **opts) for n in ref.nodes}
+                if setup.daemon.get("bgp"):
+                    fabric = _bgp_fabric(ref, cluster, cfgs)
                 t0 = time.monotonic()
                 cluster.start(cfgs)
+                if fabric is not None:
+                    fabric.wait_routes({ref.node_pod_cidr[n]: ref.node_addr[n] for n in ref.nodes})
                 log(f"{setup.name}: 3 daemons ready in {time.monotonic() - t0:.1f}s")
             background = measure.background_cpu(prof.background_seconds)
             for leg in setup.legs:
@@ -297,9 +331,24 @@ def run_setup(setup: Setup, prof: Profile, log: Progress) -> dict[str, dict[str,
             if not isinstance(e, RuntimeError | OSError):
                 traceback.print_exc(file=sys.stderr)
         finally:
+            if fabric is not None:
+                fabric.stop()
             if cluster is not None:
                 cluster.close()
     return out
+
+
+def _bgp_fabric(ref: ReferenceTopology, cluster: Cluster, cfgs: dict[str, dict[str, Any]]) -> Any:
+    """R runs BIRD 2 as the fabric router; every node config gets a `bgp:` section (docs/bgp.md)."""
+    from podrouter.demo.fabric import NODE_ASN, node_bgp, start_fabric
+
+    fabric = start_fabric(
+        ref.router, cluster.workdir / "r", "172.16.2.1", {a: NODE_ASN for a in ref.node_addr.values()}
+    )
+    gateway = {"node1": "172.16.2.1", "node2": "172.16.3.1", "node3": "172.16.2.1"}
+    for n, cfg in cfgs.items():
+        cfg["bgp"] = node_bgp(gateway[n])
+    return fabric
 
 
 def summarize(values: list[float]) -> dict[str, float | int]:

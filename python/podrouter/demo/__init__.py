@@ -1,6 +1,6 @@
 """`podrouter demo`: a small cluster in network namespaces on this machine, every path shown, then gone.
 
-What it builds (DESIGN.md §8, plus an external host and one shaped pod):
+What it builds (docs/design.md §8, plus an external host and one shaped pod):
 
     pod1 10.244.1.1 ─ node1 172.16.2.2 ──┐        ┌── R ── node2 172.16.3.2 ─ pod2 10.244.2.1
     shaped 10.244.1.50 ┘                 ├─ L2 ───┤    (R knows node subnets only, not pod CIDRs)
@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seconds", type=float, default=2.0, help="iperf3 duration per pair (default 2)")
     p.add_argument("--no-throughput", dest="throughput", action="store_false", help="skip iperf3")
+    p.add_argument("--bgp", action="store_true", help="R runs BIRD 2; native across R via BGP (docs/bgp.md)")
+    p.add_argument(
+        "--clusters",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: two meshed clusters of two nodes, each with its own etcd (docs/clustermesh.md)",
+    )
     return p
 
 
@@ -66,7 +74,13 @@ def main(argv: list[str] | None = None, **opts: Any) -> int:
             a = build_parser().parse_args(list(argv))
         except SystemExit as e:
             return int(e.code or 0)
-        opts = {"seconds": a.seconds, "throughput": a.throughput, **opts}
+        extra = {"bgp": a.bgp, "clusters": a.clusters}
+        opts = {"seconds": a.seconds, "throughput": a.throughput, **extra, **opts}
+    if opts.get("bgp") or opts.get("clusters", 1) == 2:
+        from podrouter.demo import multi
+
+        leg = multi.run_clusters_demo if opts.get("clusters", 1) == 2 else multi.run_bgp_demo
+        return leg(float(opts.get("seconds", 2.0)), bool(opts.get("throughput", True)))
     return run_demo(**opts)
 
 

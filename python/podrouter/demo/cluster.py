@@ -1,7 +1,7 @@
 """A podrouter cluster in network namespaces: one `podrouter run` per node of the reference topology.
 
 Shared by `podrouter demo` and `podrouter bench`. The cluster writes one YAML config per node into a
-private work directory (DESIGN.md §4 keys only), starts each daemon inside its node's namespace with
+private work directory (docs/design.md §4 keys only), starts each daemon inside its node's namespace with
 `ip netns exec NODE podrouter run --config FILE`, waits until each answers `status` with
 `ready: true`, and reads counters through the same API socket `podrouter status --json` uses.
 `close()` sends SIGTERM (the daemon removes what it installed), waits, kills what is still there after
@@ -62,7 +62,7 @@ def node_config(
     pods: list[dict[str, Any]] | None = None,
     annotations: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """One node's config (DESIGN.md §4) for the reference topology.
+    """One node's config (docs/design.md §4) for the reference topology.
 
     `peer_overrides` maps a peer name to `{"mode": ..., "tunnel_protocol": ...}`; `annotations` maps a
     pod name to its annotations. `pods` defaults to every pod of `ref` on this node.

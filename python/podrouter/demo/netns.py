@@ -201,10 +201,10 @@ class Pod:
 
 @dataclass
 class ReferenceTopology:
-    """DESIGN.md §8: node1 and node3 share 172.16.2.0/24; node2 sits behind R on 172.16.3.0/24.
+    """docs/design.md §8: node1 and node3 share 172.16.2.0/24; node2 sits behind R on 172.16.3.0/24.
 
     R knows the node subnets only (never pod CIDRs). An external host lives on 203.0.113.0/24 behind R.
-    Pods are namespaces of their own, attached as DESIGN.md §4b says: eth0 with a /32 and a default
+    Pods are namespaces of their own, attached as docs/design.md §4b says: eth0 with a /32 and a default
     route via 169.254.1.1 onlink; the node-side veth is `veth-<pod>` (proxy ARP and the /32 route are
     podrouter's job). Dual stack: every pod also holds an IPv6 /128 (`fd00:10:244:<n>::1`, in the
     node's `node_pod_cidr6`) with an IPv6 default route via fe80::1 (podrouter puts fe80::1 on the

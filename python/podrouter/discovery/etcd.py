@@ -1,4 +1,4 @@
-"""etcd discovery through etcd's v3 JSON gateway (plain HTTP, standard library only).
+"""etcd discovery through etcd's v3 JSON gateway (HTTP or HTTPS, standard library only).
 
 This node is registered as `<prefix>/nodes/<name>` = `{"name", "address", "pod_cidrs"}`, attached to a
 lease of `lease_ttl` seconds that a thread keeps alive (every ttl/3). If the daemon dies the lease
@@ -7,40 +7,94 @@ lists the prefix, then watches it from the next revision (a streaming POST /v3/w
 per line) and re-lists after any error or compaction, so a missed event can only delay an update,
 never lose it.
 
-Entries from etcd are untrusted input: each is validated like a `peers[]` entry of the config and
-ignored (with a log line) if it is malformed, claims a pod CIDR outside the cluster, or overlaps
-this node's or another peer's pod CIDRs.
+Hardening (docs/security.md, "etcd"):
+
+* Every request has a connect and read timeout and a deadline for the whole reply; replies are read
+  with a size limit (`MAX_REPLY`, one watch message `MAX_WATCH_MESSAGE`).
+* Watch liveness: a watch that stays silent for `watch_idle` seconds (the lease TTL, at most 30 s) is
+  dropped and a new one opened on a new connection, from the last revision applied (etcd replays
+  what came since; a compacted history cancels it and the prefix is re-listed), since a half-open
+  connection (a stalled proxy, a frozen server) looks exactly like a quiet one. A failure shows as
+  discovery state `reconnecting` in `status`, with the age of the last event and the restart count.
+* Every reply and every entry is validated; a malformed one is logged and skipped. Both threads
+  catch every exception, log it and retry with backoff: nothing an etcd writer sends can stop the
+  lease keepalive (which would get this node dropped everywhere) or the watch.
+* Entries are untrusted: each is validated like a `peers[]` entry of the config (and must be at
+  most `MAX_VALUE` bytes). Conflicts are settled by etcd's create revision, oldest first: an entry
+  whose address is this node's, a static peer's or an older entry's, or whose pod CIDRs overlap this
+  node's, a static peer's or an older entry's, is refused with a reason (`status`:
+  `discovery.rejected`). A newcomer therefore cannot take over or knock out a live node.
+* Peer-set notifications to the daemon (each a table rebuild) are rate-limited to one per
+  `NOTIFY_INTERVAL`, the last one always delivered.
+* TLS (`ca_file`, `cert_file`/`key_file`) and etcd v3 authentication (`username`/`password`: a token
+  from /v3/auth/authenticate sent as the `Authorization` header, fetched again when etcd says it
+  expired).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import bisect
 import contextlib
+import functools
 import http.client
+import ipaddress
 import json
 import logging
 import socket
+import ssl
 import threading
-import urllib.request
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from podrouter.config import Config, PeerConfig, _Validator
+from podrouter.config import Config, EtcdConfig, IPNetwork, PeerConfig, _Validator
 from podrouter.discovery.base import PeerSet
 
 log = logging.getLogger("podrouter.discovery.etcd")
 
-REQUEST_TIMEOUT = 3.0
+REQUEST_TIMEOUT = 3.0  # seconds: connect, each read, and the whole reply of one request
+BACKOFF_MIN = 0.2
 BACKOFF_MAX = 5.0
+MAX_REPLY = 16 << 20  # bytes of one reply (a range of MAX_NODES small records is far below)
+MAX_WATCH_MESSAGE = 4 << 20  # bytes of one watch message (etcd's default request limit is 1.5 MiB)
+MAX_VALUE = 4096  # bytes of one node record (ours is about 100)
+MAX_NODES = 4096  # entries under the prefix considered, oldest first
+WATCH_IDLE_MAX = 30.0  # seconds
+NOTIFY_INTERVAL = 1.0  # seconds between two peer-set notifications (table rebuilds)
+GRPC_UNAUTHENTICATED = 16
+
+
+class EtcdError(Exception):
+    pass
 
 
 def _b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
 
 
-def _unb64(s: str) -> str:
-    return base64.b64decode(s).decode()
+def _unb64(s: Any) -> str:
+    """A base64 field of a reply as text; raises ValueError if it is not base64 of UTF-8."""
+    if s is None:
+        return ""
+    if not isinstance(s, str):
+        raise ValueError(f"{s!r} is not a base64 string")
+    try:
+        return base64.b64decode(s, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as e:
+        raise ValueError(f"not base64 of UTF-8 text: {e}") from None
+
+
+def _int(v: Any, what: str) -> int:
+    """An int64 field of a reply (the gateway sends them as strings); raises ValueError."""
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise ValueError(f"{what}: {v!r} is not an integer")
+    n = int(v)
+    if not 0 <= n < 1 << 63:
+        raise ValueError(f"{what}: {v!r} is out of range")
+    return n
 
 
 def prefix_end(prefix: str) -> str:
@@ -53,16 +107,78 @@ def prefix_end(prefix: str) -> str:
     return "\0"
 
 
-class EtcdError(Exception):
-    pass
+def tls_context(e: EtcdConfig) -> ssl.SSLContext | None:
+    """The client TLS context for https endpoints (None if every endpoint is http). Raises
+    `EtcdError` naming the config key whose file cannot be used."""
+    if not any(ep.startswith("https://") for ep in e.endpoints):
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=e.ca_file)
+    except (OSError, ssl.SSLError) as err:
+        raise EtcdError(f"discovery.etcd.ca_file: {e.ca_file!r}: cannot load the CA: {err}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if e.cert_file is not None:
+        try:
+            ctx.load_cert_chain(e.cert_file, e.key_file)
+        except (OSError, ssl.SSLError) as err:
+            raise EtcdError(
+                f"discovery.etcd.cert_file: {e.cert_file!r} / key_file {e.key_file!r}: cannot load the "
+                f"client certificate: {err}"
+            ) from None
+    return ctx
+
+
+def start_problems(cfg: Config) -> list[str]:
+    """What `podrouter run` checks before touching anything (exit 2): the TLS files load."""
+    if cfg.discovery.backend != "etcd":
+        return []
+    try:
+        tls_context(cfg.discovery.etcd)
+    except EtcdError as err:
+        return [str(err)]
+    return []
+
+
+def _read_limited(resp: http.client.HTTPResponse, limit: int, deadline: float) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise EtcdError("reply not complete in time (a stalled or slow peer)")
+        chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise EtcdError(f"reply larger than {limit} bytes")
+        chunks.append(chunk)
+
+
+def _auth_failure(err: Any) -> bool:
+    """An etcd error that means "get a new token" (simple tokens expire, JWTs too)."""
+    if isinstance(err, dict):
+        code = err.get("code", err.get("grpc_code"))
+        text = f"{err.get('message', '')} {err.get('error', '')}"
+    else:
+        code, text = None, str(err)
+    return (
+        code == GRPC_UNAUTHENTICATED or "invalid auth token" in text or "token" in text and "expired" in text
+    )
 
 
 class EtcdClient:
     """The few v3 gateway calls we need, failing over between endpoints."""
 
-    def __init__(self, endpoints: tuple[str, ...]) -> None:
-        self.endpoints = list(endpoints)
+    def __init__(self, e: EtcdConfig | tuple[str, ...], tls: ssl.SSLContext | None = None) -> None:
+        if isinstance(e, tuple):
+            e = EtcdConfig(endpoints=e)
+        self.endpoints = list(e.endpoints)
         self._current = 0
+        self.tls = tls if tls is not None else tls_context(e)
+        self.username = e.username
+        self._password = e.password
+        self._token: str | None = None
+        self._token_lock = threading.Lock()
 
     @property
     def endpoint(self) -> str:
@@ -71,27 +187,238 @@ class EtcdClient:
     def rotate(self) -> None:
         self._current += 1
 
-    def call(self, path: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        parts = urlsplit(self.endpoint)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 2379
+        if parts.scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self.tls)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        token = self.token()
+        if token:
+            h["Authorization"] = token
+        return h
+
+    def token(self) -> str | None:
+        if self.username is None:
+            return None
+        with self._token_lock:
+            if self._token is None:
+                reply = self._post(
+                    "/v3/auth/authenticate",
+                    {"name": self.username, "password": self._password},
+                    {"Content-Type": "application/json"},
+                    REQUEST_TIMEOUT,
+                    64 << 10,
+                )
+                if "error" in reply or "code" in reply:
+                    raise EtcdError(f"authentication as {self.username!r} failed: {self._message(reply)}")
+                tok = reply.get("token")
+                if not isinstance(tok, str) or not tok or len(tok) > 8192 or not tok.isprintable():
+                    raise EtcdError("authentication: the reply has no usable token")
+                self._token = tok
+                log.info("authenticated to etcd as %s", self.username)
+            return self._token
+
+    def forget_token(self) -> None:
+        with self._token_lock:
+            self._token = None
+
+    @staticmethod
+    def _message(reply: dict[str, Any]) -> str:
+        msg = reply.get("message") or reply.get("error")
+        return str(msg)[:300]
+
+    def _post(
+        self, path: str, body: dict[str, Any], headers: dict[str, str], timeout: float, limit: int
+    ) -> dict[str, Any]:
+        conn = self.connection(timeout)
+        # `timeout` bounds the connect and each read; the whole reply gets a few of them
+        deadline = time.monotonic() + 3 * timeout
+        try:
+            conn.request("POST", path, body=json.dumps(body), headers=headers)
+            resp = conn.getresponse()
+            try:
+                raw = _read_limited(resp, limit, deadline)
+            finally:
+                resp.close()
+        finally:
+            conn.close()
+        try:
+            reply = json.loads(raw)
+        except (ValueError, RecursionError):
+            text = "".join(c if c.isprintable() else " " for c in raw[:200].decode("utf-8", "replace"))
+            raise EtcdError(f"{path}: HTTP {resp.status}, not JSON: {text.strip()!r}") from None
+        if not isinstance(reply, dict):
+            raise EtcdError(f"{path}: HTTP {resp.status}, not a JSON object")
+        if resp.status != 200 and "error" not in reply and "code" not in reply:
+            raise EtcdError(f"{path}: HTTP {resp.status}")
+        return reply
+
+    def call(
+        self, path: str, body: dict[str, Any], timeout: float = REQUEST_TIMEOUT, limit: int = MAX_REPLY
+    ) -> dict[str, Any]:
         last: Exception | None = None
         for _ in range(len(self.endpoints)):
-            req = urllib.request.Request(
-                self.endpoint + path,
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - configured http(s) URL
-                    reply = json.loads(r.read())
-            except (OSError, http.client.HTTPException, ValueError) as e:
-                last = e
-                self.rotate()
-                continue
-            if not isinstance(reply, dict):
-                raise EtcdError(f"{path}: unexpected reply {reply!r}")
-            if "error" in reply and "result" not in reply:
-                raise EtcdError(f"{path}: {reply.get('message') or reply['error']}")
-            return reply
+            for attempt in (0, 1):
+                try:
+                    reply = self._post(path, body, self.headers(), timeout, limit)
+                except (OSError, http.client.HTTPException, EtcdError) as e:
+                    last = e
+                    break  # the next endpoint
+                if ("error" in reply or "code" in reply) and "result" not in reply:
+                    if attempt == 0 and self.username is not None and _auth_failure(reply):
+                        log.info("etcd auth token expired; authenticating again")
+                        self.forget_token()
+                        continue
+                    raise EtcdError(f"{path}: {self._message(reply)}")
+                return reply
+            self.rotate()
+            if self.username is not None:
+                self.forget_token()  # tokens are per member (simple tokens are not replicated)
         raise EtcdError(f"{path}: no etcd endpoint answered ({last})")
+
+
+# ------------------------------------------------------------------------------- peer selection
+
+
+class _NetIndex:
+    """Disjoint networks per address family, for an O(log n) "does this overlap anything?"."""
+
+    def __init__(self) -> None:
+        self._starts: dict[int, list[int]] = {4: [], 6: []}
+        self._items: dict[int, list[tuple[int, int, str, IPNetwork]]] = {4: [], 6: []}
+
+    def find(self, net: IPNetwork) -> tuple[str, IPNetwork] | None:
+        s, e = int(net.network_address), int(net.broadcast_address)
+        starts, items = self._starts[net.version], self._items[net.version]
+        # the intervals are disjoint: only the last one starting at or before `e` can reach `s`
+        i = bisect.bisect_right(starts, e)
+        if i and items[i - 1][1] >= s:
+            return items[i - 1][2], items[i - 1][3]
+        return None
+
+    def add(self, net: IPNetwork, owner: str) -> None:
+        s = int(net.network_address)
+        i = bisect.bisect_right(self._starts[net.version], s)
+        self._starts[net.version].insert(i, s)
+        self._items[net.version].insert(i, (s, int(net.broadcast_address), owner, net))
+
+
+class _Oversize(str):
+    """What the mirror keeps of a value over MAX_VALUE bytes: nothing but its size."""
+
+    size: int = 0
+
+
+def _mirror_value(value: str) -> str:
+    size = len(value.encode())
+    if size <= MAX_VALUE:
+        return value
+    big = _Oversize("")
+    big.size = size
+    return big
+
+
+def parse_entry(key: str, value: str, prefix: str) -> tuple[PeerConfig | None, str | None]:
+    """One node record, validated like a config peer: (peer, None) or (None, why)."""
+    size = value.size if isinstance(value, _Oversize) else len(value.encode())
+    if size > MAX_VALUE:
+        return None, f"value is {size} bytes (limit {MAX_VALUE})"
+    return _parse_small(key, value, prefix)
+
+
+@functools.lru_cache(maxsize=2 * MAX_NODES)
+def _parse_small(key: str, value: str, prefix: str) -> tuple[PeerConfig | None, str | None]:
+    # cached: the peer set is recomputed from every entry after each change
+    name = key[len(prefix) :]
+    try:
+        data = json.loads(value)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        return None, "value is not a JSON object"
+    v = _Validator()
+    raw = {k: data[k] for k in ("name", "address", "pod_cidr", "pod_cidrs") if k in data}
+    peer = v.peer(key, raw)
+    if v.problems or peer is None:
+        return None, "; ".join(v.problems) or "not a node record"
+    if peer.name != name:
+        return None, f"name {peer.name!r} does not match the key"
+    return peer, None
+
+
+def select_peers(
+    entries: Iterable[tuple[str, int, str]],
+    cfg: Config,
+    prefix: str,
+    own_key: str,
+    own_address: str,
+) -> tuple[dict[str, PeerConfig], dict[str, str]]:
+    """The usable discovered peers (by name) and the refused entries (key -> why) from `entries` =
+    (key, create_revision, value). The oldest registration wins every conflict, and this node and the
+    static peers win over all of them."""
+    taken = _NetIndex()
+    for net in cfg.node.pod_cidrs:
+        taken.add(net, "this node")
+    addresses: dict[ipaddress.IPv4Address, str] = {}
+    with contextlib.suppress(ValueError):
+        addresses[ipaddress.IPv4Address(own_address)] = "this node"
+    static = {p.name for p in cfg.peers}
+    for p in cfg.peers:
+        addresses.setdefault(p.address, f"static peer {p.name}")
+        for net in p.pod_cidrs:
+            taken.add(net, f"static peer {p.name}")
+    accepted: dict[str, PeerConfig] = {}
+    rejected: dict[str, str] = {}
+    ordered = sorted(entries, key=lambda e: (e[1], e[0]))
+    for n, (key, _rev, value) in enumerate(ordered):
+        if key == own_key or not key.startswith(prefix):
+            continue
+        if n >= MAX_NODES:
+            rejected[key] = f"more than {MAX_NODES} entries under {prefix} (the oldest are used)"
+            continue
+        peer, why = parse_entry(key, value, prefix)
+        if peer is None:
+            rejected[key] = why or "invalid"
+            continue
+        if peer.name in static:
+            continue  # a static peer of that name wins (its per-peer overrides apply)
+        why = _conflict(peer, cfg, taken, addresses)
+        if why is not None:
+            rejected[key] = why
+            continue
+        accepted[peer.name] = peer
+        addresses[peer.address] = peer.name
+        for net in peer.pod_cidrs:
+            taken.add(net, peer.name)
+    return accepted, rejected
+
+
+def _conflict(
+    peer: PeerConfig, cfg: Config, taken: _NetIndex, addresses: dict[ipaddress.IPv4Address, str]
+) -> str | None:
+    owner = addresses.get(peer.address)
+    if owner == "this node":
+        return f"address {peer.address} is this node's"
+    if owner is not None:
+        return f"address {peer.address} is already {owner}'s"
+    for c in cfg.cluster_cidrs:
+        if peer.address in c:
+            return f"address {peer.address} is inside the cluster pod CIDR {c}"
+    for net in peer.pod_cidrs:
+        if not any(net.version == c.version and net.subnet_of(c) for c in cfg.cluster_cidrs):  # type: ignore[arg-type]
+            return f"pod CIDR {net} is outside the cluster pod CIDRs"
+        hit = taken.find(net)
+        if hit is not None:
+            who, other = hit
+            return f"pod CIDR {net} overlaps {who}'s {other}"
+    return None
+
+
+# -------------------------------------------------------------------------------------- backend
 
 
 class EtcdDiscovery:
@@ -102,7 +429,9 @@ class EtcdDiscovery:
         e = cfg.discovery.etcd
         self.prefix = e.prefix + "/nodes/"
         self.ttl = e.lease_ttl
+        self.watch_idle = float(min(WATCH_IDLE_MAX, max(2, e.lease_ttl)))
         self.key = self.prefix + cfg.node.name
+        self.node_address = node_address
         self.value = json.dumps(
             {
                 "name": cfg.node.name,
@@ -111,18 +440,28 @@ class EtcdDiscovery:
             },
             sort_keys=True,
         )
-        self.client = EtcdClient(e.endpoints)
+        self.client = EtcdClient(e)
         self.lock = threading.Lock()
         self._static: PeerSet = cfg.peers
+        self._kvs: dict[str, tuple[int, str]] = {}  # our mirror of the prefix: key -> (create rev, value)
+        self._overflow = False  # entries beyond MAX_NODES exist (the newest are not mirrored)
+        self._relist_pending = False  # the mirror needs a fresh listing (see _apply_events)
+        self._last_list = 0.0
         self._found: dict[str, PeerConfig] = {}
         self._rejected: dict[str, str] = {}  # key -> why (logged once per distinct reason)
         self._lease: str | None = None
         self._revision = 0
-        self._connected = False
+        self._state = "connecting"
+        self._last_event = 0.0  # monotonic time of the last watch message or successful re-list
+        self._watch_restarts = 0
+        self._last_error: str | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watch_conn: http.client.HTTPConnection | None = None
         self._on_change: Callable[[str], None] = lambda _r: None
+        self._notify_lock = threading.Lock()
+        self._last_notify = -NOTIFY_INTERVAL
+        self._notify_timer: threading.Timer | None = None
 
     # ------------------------------------------------------------------------------- interface
 
@@ -130,7 +469,7 @@ class EtcdDiscovery:
         self._on_change = on_change
         try:
             self._register()
-        except EtcdError as e:
+        except (EtcdError, OSError, http.client.HTTPException, ValueError) as e:
             # etcd being down must not keep the node from routing with what it knows (static peers)
             log.warning("etcd registration failed, retrying in the background: %s", e)
         for target, name in (
@@ -158,22 +497,34 @@ class EtcdDiscovery:
         with self.lock:
             self.cfg = cfg
             self._static = cfg.peers
+        self._recompute()
 
     def status(self) -> dict[str, object]:
         with self.lock:
+            age = round(time.monotonic() - self._last_event, 1) if self._last_event else None
             return {
                 "backend": "etcd",
                 "endpoint": self.client.endpoint,
-                "connected": self._connected,
+                "state": self._state,
+                "connected": self._state == "connected",
+                "tls": self.client.tls is not None,
+                "auth": self.client.username is not None,
                 "key": self.key,
                 "lease": self._lease,
                 "revision": self._revision,
+                "last_event_age": age,
+                "watch_idle": self.watch_idle,
+                "watch_restarts": self._watch_restarts,
+                "last_error": self._last_error,
                 "discovered": sorted(self._found),
                 "rejected": dict(self._rejected),
             }
 
     def stop(self) -> None:
         self._stop.set()
+        with self._notify_lock:
+            if self._notify_timer is not None:
+                self._notify_timer.cancel()
         conn = self._watch_conn
         if conn is not None and conn.sock is not None:
             # a blocked recv() in the watch thread returns once the socket is shut down
@@ -185,16 +536,18 @@ class EtcdDiscovery:
             try:
                 # revoking deletes our key now instead of after lease_ttl: peers drop us at once
                 self.client.call("/v3/lease/revoke", {"ID": self._lease}, timeout=2.0)
-            except EtcdError as e:
+            except (EtcdError, OSError, http.client.HTTPException, ValueError) as e:
                 log.warning("could not revoke the etcd lease (it expires in %ds): %s", self.ttl, e)
 
     # ------------------------------------------------------------------------------ registration
 
     def _register(self) -> None:
         grant = self.client.call("/v3/lease/grant", {"TTL": self.ttl})
-        lease = str(grant.get("ID", ""))
-        if not lease or lease == "0":
-            raise EtcdError(f"lease grant refused: {grant}")
+        lease = grant.get("ID")
+        if isinstance(lease, int | str) and not isinstance(lease, bool):
+            lease = str(lease)
+        if not isinstance(lease, str) or not lease.isdigit() or lease == "0":
+            raise EtcdError(f"lease grant refused: {str(grant)[:200]}")
         self.client.call("/v3/kv/put", {"key": _b64(self.key), "value": _b64(self.value), "lease": lease})
         with self.lock:
             self._lease = lease
@@ -202,69 +555,127 @@ class EtcdDiscovery:
 
     def _keepalive_loop(self) -> None:
         interval = max(0.5, self.ttl / 3)
-        while not self._stop.wait(interval if self._lease else 1.0):
+        delay = interval if self._lease else 1.0
+        backoff = BACKOFF_MIN
+        while not self._stop.wait(delay):
             try:
                 if self._lease is None:
                     self._register()
-                    continue
-                reply = self.client.call("/v3/lease/keepalive", {"ID": self._lease})
-                result = reply.get("result", reply)
-                if int(result.get("TTL", 0) or 0) <= 0:
-                    # the lease expired (etcd unreachable for longer than the TTL): our key is gone
-                    log.warning("etcd lease %s expired; registering again", self._lease)
-                    self._lease = None
-                    self._register()
-            except (EtcdError, ValueError) as e:
-                log.warning("etcd keepalive failed: %s", e)
+                else:
+                    reply = self.client.call("/v3/lease/keepalive", {"ID": self._lease})
+                    result = reply.get("result", reply)
+                    if not isinstance(result, dict):
+                        raise EtcdError(f"keepalive: unexpected reply {str(reply)[:200]}")
+                    if _int(result.get("TTL", 0) or 0, "TTL") <= 0:
+                        # the lease expired (etcd unreachable for longer than the TTL): our key is gone
+                        log.warning("etcd lease %s expired; registering again", self._lease)
+                        with self.lock:
+                            self._lease = None
+                        self._register()
+                delay = interval
+                backoff = BACKOFF_MIN
+            except Exception as e:  # noqa: BLE001 - nothing may end this thread: the lease would expire
+                if self._stop.is_set():
+                    return
+                log.warning("etcd keepalive failed: %s (retrying in %.1fs)", e, backoff)
+                delay = backoff
+                backoff = min(BACKOFF_MAX, backoff * 2, max(0.5, self.ttl / 3))
 
     # ------------------------------------------------------------------------------------ watch
 
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        with self.lock:
+            if self._state != state:
+                log.info("etcd discovery: %s%s", state, f" ({error})" if error else "")
+            self._state = state
+            if error is not None:
+                self._last_error = error
+
     def _watch_loop(self) -> None:
-        backoff = 0.2
+        backoff = BACKOFF_MIN
+        need_list = True
         while not self._stop.is_set():
             try:
-                revision = self._resync()
+                if need_list or self._relist_pending:
+                    # at most one listing per NOTIFY_INTERVAL, however the prefix churns
+                    self._stop.wait(max(0.0, self._last_list + NOTIFY_INTERVAL - time.monotonic()))
+                    self._resync()
+                    need_list = False
+                    self._set_state("connected")
+                backoff = BACKOFF_MIN
                 with self.lock:
-                    self._connected = True
-                backoff = 0.2
+                    revision = self._revision
+                # returns after watch_idle seconds of silence: watch again from the last revision
+                # applied (etcd replays what came since; a compacted one cancels -> re-list)
                 self._watch(revision + 1)
-            except (EtcdError, OSError, http.client.HTTPException, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - nothing may end this thread (logged, retried)
                 if self._stop.is_set():
                     return
-                with self.lock:
-                    self._connected = False
-                log.warning("etcd watch: %s (retrying in %.1fs)", e, backoff)
+                need_list = True
+                self._set_state("reconnecting", str(e)[:300])
+                level = logging.WARNING if isinstance(e, EtcdError | OSError) else logging.ERROR
+                log.log(
+                    level, "etcd watch: %s (retrying in %.1fs)", e, backoff, exc_info=level == logging.ERROR
+                )
                 self.client.rotate()
                 self._stop.wait(backoff)
                 backoff = min(BACKOFF_MAX, backoff * 2)
+            with self.lock:
+                self._watch_restarts += 1
 
     def _resync(self) -> int:
         reply = self.client.call(
-            "/v3/kv/range", {"key": _b64(self.prefix), "range_end": _b64(prefix_end(self.prefix))}
+            "/v3/kv/range",
+            {
+                "key": _b64(self.prefix),
+                "range_end": _b64(prefix_end(self.prefix)),
+                "sort_target": "CREATE",
+                "sort_order": "ASCEND",
+                "limit": MAX_NODES + 1,
+            },
         )
-        # the oldest registration wins a conflict (a newcomer cannot take over a live node's CIDR)
-        ordered = sorted(reply.get("kvs", []), key=lambda kv: int(kv.get("create_revision", 0)))
-        kvs = {_unb64(kv["key"]): _unb64(kv.get("value", "")) for kv in ordered}
-        revision = int(reply.get("header", {}).get("revision", 0))
-        found: dict[str, PeerConfig] = {}
-        for key, value in kvs.items():
-            peer = self._parse(key, value, found)
-            if peer is not None:
-                found[peer.name] = peer
+        header = reply.get("header")
+        if not isinstance(header, dict):
+            raise EtcdError(f"range: reply without a header: {str(reply)[:200]}")
+        revision = _int(header.get("revision", 0), "revision")
+        raw_kvs = reply.get("kvs") or []
+        if not isinstance(raw_kvs, list):
+            raise EtcdError("range: kvs is not a list")
+        kvs: dict[str, tuple[int, str]] = {}
+        malformed = 0
+        for kv in raw_kvs:
+            try:
+                key, rev, value = self._kv(kv)
+            except ValueError as e:
+                malformed += 1
+                log.warning("etcd range: skipping a malformed entry: %s", e)
+                continue
+            kvs[key] = (rev, _mirror_value(value))
+        more = bool(reply.get("more"))
         with self.lock:
-            changed = found != self._found
-            self._found = found
+            self._overflow = more
+            self._relist_pending = False
+            self._last_list = time.monotonic()
+            self._kvs = kvs
             self._revision = revision
-        if changed:
-            self._on_change("etcd peers changed")
-        if self.key not in kvs and self._lease is not None:
+            self._last_event = time.monotonic()
+        self._recompute()
+        own = kvs.get(self.key)
+        if (own is None or own[1] != self.value) and self._lease is not None:
             self._reput()
         return revision
 
+    @staticmethod
+    def _kv(kv: Any) -> tuple[str, int, str]:
+        if not isinstance(kv, dict):
+            raise ValueError(f"{str(kv)[:100]} is not a key-value object")
+        key = _unb64(kv.get("key"))
+        if not key:
+            raise ValueError("empty key")
+        return key, _int(kv.get("create_revision", 0), "create_revision"), _unb64(kv.get("value"))
+
     def _watch(self, start_revision: int) -> None:
-        parts = urlsplit(self.client.endpoint)
-        conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = conn_cls(parts.hostname or "127.0.0.1", parts.port or 2379, timeout=REQUEST_TIMEOUT)
+        conn = self.client.connection(REQUEST_TIMEOUT)
         self._watch_conn = conn
         try:
             body = json.dumps(
@@ -273,132 +684,169 @@ class EtcdDiscovery:
                         "key": _b64(self.prefix),
                         "range_end": _b64(prefix_end(self.prefix)),
                         "start_revision": str(start_revision),
+                        "progress_notify": True,
                     }
                 }
             )
-            conn.request("POST", "/v3/watch", body=body, headers={"Content-Type": "application/json"})
+            conn.request("POST", "/v3/watch", body=body, headers=self.client.headers())
             resp = conn.getresponse()
             if resp.status != 200:
+                if resp.status == 401:
+                    self.client.forget_token()
                 raise EtcdError(f"watch: HTTP {resp.status}")
+            self._set_state("connected")
             assert conn.sock is not None
-            conn.sock.settimeout(None)  # a watch is quiet for as long as nothing changes
+            # a quiet watch and a dead connection look the same: after watch_idle seconds without a
+            # message, watch again on a new connection (a frozen server then fails to answer that)
+            conn.sock.settimeout(self.watch_idle)
             while not self._stop.is_set():
-                line = resp.readline()
+                try:
+                    line = resp.readline(MAX_WATCH_MESSAGE + 1)
+                except TimeoutError:
+                    log.debug("etcd watch quiet for %.0fs: watching again", self.watch_idle)
+                    return
                 if not line:
                     raise EtcdError("watch stream closed")
-                msg = json.loads(line)
-                if "error" in msg:
-                    raise EtcdError(f"watch: {msg['error']}")
-                result = msg.get("result", {})
-                if result.get("canceled") or result.get("compact_revision"):
-                    raise EtcdError(f"watch canceled (compacted at {result.get('compact_revision')})")
-                self._apply_events(result)
+                if len(line) > MAX_WATCH_MESSAGE:
+                    raise EtcdError(f"watch message larger than {MAX_WATCH_MESSAGE} bytes")
+                with self.lock:
+                    self._last_event = time.monotonic()
+                self._watch_message(line)
+                if self._relist_pending:
+                    return
         finally:
             self._watch_conn = None
             conn.close()
 
+    def _watch_message(self, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except (ValueError, RecursionError):
+            log.warning("etcd watch: skipping a message that is not JSON (%d bytes)", len(line))
+            return
+        if not isinstance(msg, dict):
+            log.warning("etcd watch: skipping a message that is not an object")
+            return
+        if "error" in msg:
+            if _auth_failure(msg["error"]):
+                self.client.forget_token()
+            raise EtcdError(f"watch: {str(msg['error'])[:300]}")
+        result = msg.get("result")
+        if not isinstance(result, dict):
+            log.warning("etcd watch: skipping a message without a result")
+            return
+        if result.get("canceled") or result.get("compact_revision"):
+            raise EtcdError(f"watch canceled (compacted at {result.get('compact_revision')})")
+        self._apply_events(result)
+
     def _apply_events(self, result: dict[str, Any]) -> None:
         events = result.get("events") or []
-        if not events:
+        if not isinstance(events, list):
+            log.warning("etcd watch: events is not a list; skipped")
             return
-        changed = False
         reput = False
-        for ev in events:
-            kv = ev.get("kv", {})
-            key = _unb64(kv.get("key", ""))
-            deleted = ev.get("type") == "DELETE"
-            if key == self.key:
-                reput = deleted and self._lease is not None and not self._stop.is_set()
-                continue
-            if not key.startswith(self.prefix):
-                continue
-            name = key[len(self.prefix) :]
-            with self.lock:
-                accepted = dict(self._found)
-            peer = None if deleted else self._parse(key, _unb64(kv.get("value", "")), accepted)
-            with self.lock:
-                before = self._found.get(name)
-                if peer is None:
-                    self._found.pop(name, None)
-                    if deleted:
-                        self._rejected.pop(key, None)
-                else:
-                    self._found[peer.name] = peer
-                changed = changed or before != self._found.get(name)
+        touched = False
         with self.lock:
-            self._revision = int(result.get("header", {}).get("revision", self._revision))
-            recheck = changed and bool(self._rejected)
-        if recheck:
-            # a node left: an entry rejected for overlapping it may be acceptable now
-            self._resync()
-        if reput:
+            applied = self._revision
+            for ev in events:
+                try:
+                    if not isinstance(ev, dict):
+                        raise ValueError("event is not an object")
+                    key, rev, value = self._kv(ev.get("kv"))
+                    applied = max(applied, _int(ev["kv"].get("mod_revision", 0), "mod_revision"))
+                except ValueError as e:
+                    log.warning("etcd watch: skipping a malformed event: %s", e)
+                    continue
+                if not key.startswith(self.prefix):
+                    continue
+                deleted = ev.get("type") == "DELETE"
+                if key == self.key:
+                    # our registration deleted or overwritten by somebody: write it again
+                    reput = reput or deleted or value != self.value
+                if deleted:
+                    touched = self._kvs.pop(key, None) is not None or touched
+                    if self._overflow:
+                        # an entry ignored for the limit may be inside it now: list again (the
+                        # range is bounded to the oldest MAX_NODES + 1)
+                        self._relist_pending = True
+                elif key not in self._kvs and len(self._kvs) > MAX_NODES:
+                    # a new key has the newest create revision: beyond the limit, it loses anyway
+                    if not self._overflow:
+                        log.warning(
+                            "more than %d entries under %s: ignoring the newest", MAX_NODES, self.prefix
+                        )
+                    self._overflow = True
+                else:
+                    self._kvs[key] = (rev, _mirror_value(value))
+                    touched = True
+            header = result.get("header")
+            if not events and not result.get("created") and isinstance(header, dict):
+                # a progress notification: every event up to the header's revision was sent
+                with contextlib.suppress(ValueError):
+                    applied = max(applied, _int(header.get("revision", 0), "revision"))
+            # the revision up to which every event has been applied (where a new watch resumes);
+            # not a message's header revision, which can run ahead of the events still to come
+            self._revision = applied
+        if touched:
+            self._recompute()
+        if reput and self._lease is not None and not self._stop.is_set():
             self._reput()
+
+    def _recompute(self) -> None:
+        with self.lock:
+            entries = [(k, rev, v) for k, (rev, v) in self._kvs.items()]
+            cfg = self.cfg
+        found, rejected = select_peers(entries, cfg, self.prefix, self.key, self.node_address)
+        with self.lock:
+            for key, why in rejected.items():
+                if self._rejected.get(key) != why:
+                    log.warning("ignoring etcd entry %s: %s", key, why)
+            changed = found != self._found
+            self._found = found
+            self._rejected = rejected
         if changed:
+            self._notify()
+
+    def _notify(self) -> None:
+        """Tell the daemon, at most once per NOTIFY_INTERVAL (each call rebuilds its tables); a change
+        inside the interval is delivered when it ends."""
+        with self._notify_lock:
+            if self._notify_timer is not None:
+                return  # already scheduled: it reads the newest peer set when it fires
+            wait = self._last_notify + NOTIFY_INTERVAL - time.monotonic()
+            if wait > 0:
+                self._notify_timer = threading.Timer(wait, self._notify_fire)
+                self._notify_timer.daemon = True
+                self._notify_timer.start()
+                return
+            self._last_notify = time.monotonic()
+        self._on_change("etcd peers changed")
+
+    def _notify_fire(self) -> None:
+        with self._notify_lock:
+            self._notify_timer = None
+            self._last_notify = time.monotonic()
+        if not self._stop.is_set():
             self._on_change("etcd peers changed")
 
     def _reput(self) -> None:
-        # somebody deleted our key (or a compaction race): write it again under our lease
-        with contextlib.suppress(EtcdError):
+        # somebody deleted or overwrote our key (or a compaction race): write it again under our lease
+        try:
             self.client.call(
                 "/v3/kv/put", {"key": _b64(self.key), "value": _b64(self.value), "lease": self._lease}
             )
-
-    # ------------------------------------------------------------------------------- validation
-
-    def _parse(self, key: str, value: str, accepted: dict[str, PeerConfig]) -> PeerConfig | None:
-        """A discovered node, validated like a config peer; None (logged once) if unusable."""
-        if key == self.key or not key.startswith(self.prefix):
-            return None
-        name = key[len(self.prefix) :]
-        why = None
-        peer = None
-        try:
-            data = json.loads(value)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            why = "value is not a JSON object"
-        else:
-            v = _Validator()
-            raw = {k: data[k] for k in ("name", "address", "pod_cidr", "pod_cidrs") if k in data}
-            peer = v.peer(key, raw)
-            if v.problems:
-                why = "; ".join(v.problems)
-            elif peer is not None and peer.name != name:
-                why = f"name {peer.name!r} does not match the key"
-            elif peer is not None:
-                why = self._conflict(peer, accepted)
-        with self.lock:
-            if why is not None:
-                if self._rejected.get(key) != why:
-                    log.warning("ignoring etcd entry %s: %s", key, why)
-                self._rejected[key] = why
-                return None
-            self._rejected.pop(key, None)
-        return peer
-
-    def _conflict(self, peer: PeerConfig, accepted: dict[str, PeerConfig]) -> str | None:
-        cfg = self.cfg
-        for net in peer.pod_cidrs:
-            if not any(net.version == c.version and net.subnet_of(c) for c in cfg.cluster_cidrs):  # type: ignore[arg-type]
-                return f"pod CIDR {net} is outside the cluster pod CIDRs"
-            for own in cfg.node.pod_cidrs:
-                if net.version == own.version and net.overlaps(own):  # type: ignore[arg-type]
-                    return f"pod CIDR {net} overlaps this node's {own}"
-            for other in self._static:
-                if other.name != peer.name and any(
-                    net.version == o.version and net.overlaps(o)
-                    for o in other.pod_cidrs  # type: ignore[arg-type]
-                ):
-                    return f"pod CIDR {net} overlaps static peer {other.name}"
-        for other in accepted.values():
-            if other.name != peer.name and any(
-                n.version == o.version and n.overlaps(o)  # type: ignore[arg-type]
-                for n in peer.pod_cidrs
-                for o in other.pod_cidrs
-            ):
-                return f"pod CIDRs overlap those of {other.name}"
-        return None
+            log.warning("re-registered %s in etcd (it was deleted or overwritten)", self.key)
+        except (EtcdError, OSError, http.client.HTTPException, ValueError) as e:
+            log.warning("could not re-register %s: %s", self.key, e)
 
 
-__all__ = ["EtcdClient", "EtcdDiscovery", "EtcdError", "prefix_end"]
+__all__ = [
+    "EtcdClient",
+    "EtcdDiscovery",
+    "EtcdError",
+    "parse_entry",
+    "prefix_end",
+    "select_peers",
+    "start_problems",
+    "tls_context",
+]

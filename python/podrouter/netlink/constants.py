@@ -8,7 +8,7 @@ nothing another routing daemon installed is ever touched. 77 is unassigned in ip
 
 RTPROT_PODROUTER = 77
 
-# Masquerade egress steering (DESIGN.md §3): traffic from local pods whose only route in `main` is the
+# Masquerade egress steering (docs/design.md §3): traffic from local pods whose only route in `main` is the
 # default route goes to the TUN instead. Rule SUPPRESS_RULE_PRIORITY consults `main` but ignores
 # prefix length 0 (`suppress_prefixlength 0`, the wg-quick trick), so anything more specific (pod
 # /32s, peer pod CIDRs on podr0, node subnets) still routes as usual; only what would have taken the

@@ -1,7 +1,13 @@
 """Routes, policy rules and sysctls: install what the daemon wants, remove what it no longer wants.
 
 Routes are reconciled against the *kernel*, not against memory: `sync_routes(desired)` dumps every
-route carrying `proto 77` and replaces, adds or deletes until the kernel matches. This also repairs
+route carrying `proto 77` and replaces, adds or deletes until the kernel matches.
+
+Own only what we made: podrouter's routes carry `proto 77` (RTPROT_PODROUTER) and its policy rules
+`protocol 77` (FRA_PROTOCOL); deletes name that protocol, and the kernel then matches nothing else.
+A route of another owner with a prefix podrouter wants in the same table is a *conflict*: podrouter
+never `replace`s it (a replace would overwrite it), installs nothing for that prefix, and reports it
+(`sync_routes` returns it, `podrouter status` lists it under "route_conflicts"). This also repairs
 what the kernel removed behind our back (IPv4 drops every route through an interface that goes down,
 and a re-created pod veth comes back without its /32). Every change is recorded in the state file
 before the call returns, so a SIGKILL at any point leaves a record `podrouter cleanup` can undo.
@@ -40,6 +46,8 @@ RT_SCOPE_LINK = 253
 # scope 0 would match universe-scope routes only and leave a pod's link-scope /32 behind
 RT_SCOPE_NOWHERE = 255
 RT_TABLE_MAIN = 254
+# iproute2's names of the routing protocols a conflict report is likely to show (rtnetlink.h)
+_PROTO_NAMES = {1: "redirect", 2: "kernel", 3: "boot", 4: "static", 11: "zebra", 12: "bird", 16: "dhcp"}
 
 
 class PlumbingError(Exception):
@@ -79,7 +87,14 @@ class RuleSpec:
     family: int = socket.AF_INET
 
     def request(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {"family": self.family, "priority": self.priority, "table": self.table}
+        # FRA_PROTOCOL: the rule is recognised as ours by it, and a delete that names it matches
+        # only rules carrying it (fib_nl_delrule compares the protocol when one is given)
+        kw: dict[str, Any] = {
+            "family": self.family,
+            "priority": self.priority,
+            "table": self.table,
+            "protocol": RTPROT_PODROUTER,
+        }
         if self.src is not None:
             net = ipaddress.ip_network(self.src)
             kw.update(src=str(net.network_address), src_len=net.prefixlen)
@@ -113,6 +128,7 @@ class Plumbing:
         self.state = statefile.State(node=node, netns=netns_id(), pid=os.getpid(), socket=socket_path)
         self.routes: dict[tuple[int, str], RouteSpec] = {}
         self.rules: set[RuleSpec] = set()
+        self.conflicts: list[str] = []  # desired routes another owner's route holds (not installed)
 
     # ------------------------------------------------------------------------------ bookkeeping
 
@@ -140,6 +156,11 @@ class Plumbing:
                 out[_route_key(msg)] = (kind, oif, _route_mtu(msg))
         return out
 
+    def foreign_routes(self, tables: set[int]) -> dict[tuple[int, str], str]:
+        """Routes in `tables` that podrouter did not make (any protocol but ours): key -> a
+        description for the conflict report."""
+        return foreign_routes(self.ipr, tables)
+
     def _request(self, spec: RouteSpec, ifindex: int | None) -> dict[str, Any]:
         net = ipaddress.ip_network(spec.dst)
         kw: dict[str, Any] = {
@@ -158,11 +179,15 @@ class Plumbing:
         return kw
 
     def sync_routes(self, desired: dict[tuple[int, str], RouteSpec]) -> list[str]:
-        """Make the kernel's proto-77 routes equal `desired`. Returns one message per route it could not
-        install (e.g. its interface does not exist); the others are installed regardless."""
+        """Make the kernel's proto-77 routes equal `desired`, leaving every other owner's routes
+        alone. Returns one message per route it could not install (its interface does not exist,
+        or another owner's route holds the prefix: `self.conflicts`); the others are installed
+        regardless."""
         errors: list[str] = []
+        conflicts: list[str] = []
         with self.lock:
             actual = self.kernel_routes()
+            foreign = self.foreign_routes({k[0] for k in desired})
             # record intent first: if we die half-way, cleanup still knows about everything we touch
             self.routes = {**{k: v for k, v in self.routes.items() if k in actual}, **desired}
             self.save()
@@ -173,6 +198,16 @@ class Plumbing:
                     if ifindex is None:
                         errors.append(f"route {spec.dst}: interface '{spec.oif}' does not exist")
                         continue
+                if key in foreign:
+                    # never replace (or shadow) a route we did not make; one of ours for the same
+                    # prefix (installed before the other appeared) stays as it is
+                    conflicts.append(
+                        f"route {spec.dst}"
+                        + (f" table {spec.table}" if spec.table != RT_TABLE_MAIN else "")
+                        + f" ({spec.label or spec.kind}): not installed, the kernel already has "
+                        f"{foreign[key]} (not podrouter's; left alone)"
+                    )
+                    continue
                 if actual.get(key) == spec.kernel_view(ifindex):
                     continue
                 try:
@@ -183,7 +218,11 @@ class Plumbing:
                 self._delete_route(key)
             self.routes = dict(desired)
             self.save()
-        return errors
+            for c in conflicts:
+                if c not in self.conflicts:
+                    log.warning("%s", c)
+            self.conflicts = conflicts
+        return errors + conflicts
 
     def _delete_route(self, key: tuple[int, str]) -> None:
         table, dst = key
@@ -206,13 +245,14 @@ class Plumbing:
     # ------------------------------------------------------------------------------------- rules
 
     def kernel_rules(self) -> set[RuleSpec]:
-        ours = {r.priority for r in self.rules} | {r["priority"] for r in self.state.rules}
+        """Our policy rules in the kernel: those carrying protocol 77 (a rule of another owner at
+        the same priority is not ours, however alike)."""
         out = set()
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self.ipr.get_rules(family=family):
-                prio = msg.get_attr("FRA_PRIORITY") or 0
-                if prio not in ours:
+                if msg.get_attr("FRA_PROTOCOL") != RTPROT_PODROUTER:
                     continue
+                prio = msg.get_attr("FRA_PRIORITY") or 0
                 src = msg.get_attr("FRA_SRC")
                 sup = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
                 out.add(
@@ -320,6 +360,31 @@ class Plumbing:
             statefile.remove(self.state_path)
 
 
+def foreign_routes(ipr: IPRoute, tables: set[int]) -> dict[tuple[int, str], str]:
+    """Routes in `tables` of any protocol but podrouter's, keyed like RouteSpec.key, with a short
+    description (`10.244.2.0/24 dev eth9 proto static`)."""
+    out: dict[tuple[int, str], str] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_routes(family=family):
+            if msg["proto"] == RTPROT_PODROUTER:
+                continue
+            key = _route_key(msg)
+            if key[0] not in tables:
+                continue
+            kind = _TYPE_NAMES.get(msg["type"], f"type {msg['type']}")
+            desc = [key[1]] if kind == "unicast" else [kind, key[1]]
+            gw = msg.get_attr("RTA_GATEWAY")
+            if gw:
+                desc.append(f"via {gw}")
+            oif = msg.get_attr("RTA_OIF")
+            if oif:
+                names = ipr.get_links(oif)
+                desc.append(f"dev {names[0].get_attr('IFLA_IFNAME') if names else oif}")
+            desc.append(f"proto {_PROTO_NAMES.get(msg['proto'], msg['proto'])}")
+            out.setdefault(key, " ".join(desc))
+    return out
+
+
 def cleanup(ipr: IPRoute, recorded: statefile.State | None) -> list[str]:
     """Undo what a (dead) daemon left in *this* namespace. Returns a line per thing removed."""
     done: list[str] = []
@@ -345,7 +410,7 @@ def cleanup(ipr: IPRoute, recorded: statefile.State | None) -> list[str]:
     if recorded is None:
         return done
     for raw in recorded.rules:
-        rule = RuleSpec(**raw)
+        rule = RuleSpec(**raw)  # request() names protocol 77: another owner's rule never matches
         try:
             ipr.rule("del", **rule.request())
             done.append(f"removed rule priority {rule.priority}")

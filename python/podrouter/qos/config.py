@@ -1,4 +1,4 @@
-"""The `bandwidth:` section of the node config (DESIGN.md §4), validated and with defaults.
+"""The `bandwidth:` section of the node config (docs/design.md §4), validated and with defaults.
 
 ```yaml
 bandwidth:

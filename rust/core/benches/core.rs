@@ -286,6 +286,7 @@ fn bench_nat(c: &mut Criterion) {
     let mut t = NatTable::with_capacity(
         NatConfig {
             max_entries: 2 * N,
+            max_entries_per_pod: 2 * N,
             ..NatConfig::default()
         },
         N,
@@ -294,7 +295,7 @@ fn bench_nat(c: &mut Criterion) {
     let mut keys = Vec::with_capacity(N);
     while keys.len() < N {
         let k = flow(&mut r);
-        if t.lookup(&k, 0).is_none() && t.egress(&k, 0x10, 0).is_ok() {
+        if t.lookup(&k, 0).is_none() && t.egress(&k, 0x02, 0).is_ok() {
             keys.push(k);
         }
     }

@@ -1,6 +1,6 @@
 //! The routing decision: a [`TableSpec`] from the control plane compiled into [`Tables`], and
 //! [`Tables::classify`] / [`Tables::validate_ingress`], the two questions the datapath asks per
-//! packet. The rules are DESIGN.md §2 as refined in docs/architecture.md ("Verdicts").
+//! packet. The rules are docs/design.md §2 as refined in docs/architecture.md ("Verdicts").
 //!
 //! # Compilation
 //!
@@ -346,17 +346,26 @@ pub enum DropReason {
     NeighborUnresolved,
     /// No free masquerade port for this remote endpoint, or the table is full.
     NatExhausted,
-    /// A packet to the masquerade address that matches no translation.
+    /// A packet to the masquerade address that matches no translation, or a pod packet of an
+    /// unknown flow that cannot open one (a TCP segment other than a SYN, an RST).
     NatNoMapping,
+    /// The pod already holds `masquerade.max_entries_per_pod` translations.
+    NatPodLimit,
+    /// A reply RST whose sequence number is outside the connection's window (RFC 5961 §3).
+    NatRstOutOfWindow,
     /// TTL / hop limit would reach zero.
     TtlExceeded,
     /// Well formed but not something podrouter handles (protocol, fragment through NAT, ...).
     Unsupported,
+    /// Encapsulated datagram whose outer UDP source port lies in this node's masquerade port
+    /// range: what a pod's hand-made tunnel datagram looks like after a peer masqueraded it
+    /// (tunnel senders use [`crate::encap::SOURCE_PORT_MIN`]..=[`crate::encap::SOURCE_PORT_MAX`]).
+    TunnelSourcePort,
 }
 
 impl DropReason {
     /// Every reason, in declaration order (the I/O layer keeps one counter per entry).
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::NoRoute,
         DropReason::Malformed,
         DropReason::Truncated,
@@ -376,8 +385,11 @@ impl DropReason {
         DropReason::NeighborUnresolved,
         DropReason::NatExhausted,
         DropReason::NatNoMapping,
+        DropReason::NatPodLimit,
+        DropReason::NatRstOutOfWindow,
         DropReason::TtlExceeded,
         DropReason::Unsupported,
+        DropReason::TunnelSourcePort,
     ];
 
     /// Stable snake_case name.
@@ -402,8 +414,11 @@ impl DropReason {
             DropReason::NeighborUnresolved => "neighbor_unresolved",
             DropReason::NatExhausted => "nat_exhausted",
             DropReason::NatNoMapping => "nat_no_mapping",
+            DropReason::NatPodLimit => "nat_pod_limit",
+            DropReason::NatRstOutOfWindow => "nat_rst_out_of_window",
             DropReason::TtlExceeded => "ttl_exceeded",
             DropReason::Unsupported => "unsupported",
+            DropReason::TunnelSourcePort => "tunnel_source_port",
         }
     }
 
@@ -1019,7 +1034,7 @@ mod tests {
     const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const N3_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
 
-    /// DESIGN.md §8: node1 (172.16.2.2, 10.244.1.0/24); node2 behind the router R
+    /// docs/design.md §8: node1 (172.16.2.2, 10.244.1.0/24); node2 behind the router R
     /// (172.16.3.2, 10.244.2.0/24); node3 on node1's L2 (172.16.2.3, 10.244.3.0/24).
     fn spec() -> TableSpec {
         TableSpec {

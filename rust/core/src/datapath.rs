@@ -234,31 +234,46 @@ pub fn check_ttl(ttl: u8, verdict: &Verdict) -> Result<(), DropReason> {
 }
 
 /// Validates and decapsulates the payload `buf[start..start + len]` of a UDP datagram from
-/// `outer_src` to our port `udp_dst_port` whose outer IP header carried ECN field `outer_ecn`.
+/// `outer_src` port `udp_src_port` to our port `udp_dst_port` whose outer IP header carried ECN
+/// field `outer_ecn`.
 ///
 /// Checks, in order: the port is a configured tunnel port (`unsupported`), the sender is a known
-/// peer (`unknown_peer`), the tunnel header (the decap reasons), the inner packet parses, the VNI,
+/// peer (`unknown_peer`), the source port is not in our masquerade port range
+/// (`tunnel_source_port`, see [`check_tunnel_source_port`]), the tunnel header (the decap reasons), the inner packet parses, the VNI,
 /// inner source inside the sender's pod CIDRs, inner destination one of our pods
 /// (`validate_ingress`), then applies RFC 6040 §4.2 to the inner ECN field (outer CE over a
 /// Not-ECT inner packet: `ecn_drop`).
+#[allow(clippy::too_many_arguments)]
 pub fn ingress(
     tables: &Tables,
     outer_src: Ipv4Addr,
+    udp_src_port: u16,
     udp_dst_port: u16,
     outer_ecn: u8,
     buf: &mut [u8],
     start: usize,
     len: usize,
 ) -> IngressAction {
-    match ingress_inner(tables, outer_src, udp_dst_port, outer_ecn, buf, start, len) {
+    match ingress_inner(
+        tables,
+        outer_src,
+        udp_src_port,
+        udp_dst_port,
+        outer_ecn,
+        buf,
+        start,
+        len,
+    ) {
         Ok(a) => a,
         Err(r) => IngressAction::Drop(r),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn ingress_inner(
     tables: &Tables,
     outer_src: Ipv4Addr,
+    udp_src_port: u16,
     udp_dst_port: u16,
     outer_ecn: u8,
     buf: &mut [u8],
@@ -272,6 +287,7 @@ fn ingress_inner(
     tables
         .peer_by_address(outer_src)
         .ok_or(DropReason::UnknownPeer)?;
+    check_tunnel_source_port(tables, udp_src_port)?;
     let payload = packet(buf, start, len)?;
     let d = encap::decap_payload(proto, payload, outer_ecn)?;
     let inner = payload
@@ -285,6 +301,24 @@ fn ingress_inner(
         path: Path::tunnel(proto),
         peer: Some(peer),
     })
+}
+
+/// Refuses an encapsulated datagram whose outer UDP source port lies in this node's masquerade
+/// port range (`tunnel_source_port`).
+///
+/// A pod can build a VXLAN / Geneve datagram itself and send it to a peer's tunnel port; when
+/// that peer masquerades it, it leaves with the peer's address, so address checks alone would
+/// take it for the peer's tunnel sender. Its source port, though, is a masquerade port, and no
+/// tunnel sender uses one: podrouter sends from [`encap::SOURCE_PORT_MIN`]..=
+/// [`encap::SOURCE_PORT_MAX`], Linux's VXLAN driver from 32768-60999, and the masquerade range
+/// (61000-65535 by default) must not overlap the former. The node's own range stands for the
+/// peers' (one cluster, one setting). Checked whether or not masquerade is enabled here.
+pub fn check_tunnel_source_port(tables: &Tables, udp_src_port: u16) -> Result<(), DropReason> {
+    let (lo, hi) = tables.masquerade().port_range;
+    if (lo..=hi).contains(&udp_src_port) {
+        return Err(DropReason::TunnelSourcePort);
+    }
+    Ok(())
 }
 
 /// Reverse-translates a masquerade reply `buf[start..start + len]` (an IPv4 packet to the node
@@ -348,7 +382,7 @@ mod tests {
         }
     }
 
-    /// The reference topology, hybrid with native_when_on_link (DESIGN.md §8), seen from `me`.
+    /// The reference topology, hybrid with native_when_on_link (docs/design.md §8), seen from `me`.
     fn tables_for(me: usize) -> Tables {
         Tables::build(&spec_for(me)).unwrap()
     }
@@ -445,12 +479,58 @@ mod tests {
         // node2 receives the UDP payload.
         let mut rx = b[range].to_vec();
         let n = rx.len();
-        let d = ingress(&n2, v4("172.16.2.2"), 4789, ecn::ECT0, &mut rx, 0, n);
+        let d = ingress(&n2, v4("172.16.2.2"), 50000, 4789, ecn::ECT0, &mut rx, 0, n);
         let IngressAction::Deliver { range, path, peer } = d else {
             panic!("{d:?}")
         };
         assert_eq!((path, peer), (Path::Vxlan, Some(PeerId(0))));
         assert_eq!(&rx[range], &original[..]);
+    }
+
+    /// A tunnel datagram whose outer source port lies in the masquerade range (61000-65535 here)
+    /// is what a pod's hand-built VXLAN frame looks like after a peer masqueraded it: dropped as
+    /// `tunnel_source_port`, while the tunnel senders' range (podrouter 49152-60999, Linux's VXLAN
+    /// driver 32768-60999) still passes. Egress never picks a port outside its range.
+    #[test]
+    fn tunnel_source_port_in_masquerade_range_is_dropped() {
+        let (n1, n2) = (tables_for(0), tables_for(1));
+        let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", 63, 0);
+        let a = egress(&n1, None, &mut b, MAX_HEADROOM, len, 0);
+        let EgressAction::Tunnel {
+            range, src_port, ..
+        } = a
+        else {
+            panic!("{a:?}")
+        };
+        assert!((encap::SOURCE_PORT_MIN..=encap::SOURCE_PORT_MAX).contains(&src_port));
+        let frame = b[range].to_vec();
+        let (lo, hi) = n2.masquerade().port_range;
+        assert_eq!((lo, hi), (61000, 65535));
+        let from = |port: u16| {
+            let mut rx = frame.clone();
+            let n = rx.len();
+            ingress(&n2, v4("172.16.2.2"), port, 4789, 0, &mut rx, 0, n)
+        };
+        for port in [lo, 62000, hi] {
+            assert_eq!(
+                from(port),
+                IngressAction::Drop(DropReason::TunnelSourcePort),
+                "{port}"
+            );
+        }
+        for port in [32768, 49152, src_port, 60999] {
+            assert!(
+                matches!(from(port), IngressAction::Deliver { .. }),
+                "{port}"
+            );
+        }
+        // an unknown sender is still `unknown_peer`, whatever its port
+        let mut rx = frame.clone();
+        let n = rx.len();
+        assert_eq!(
+            ingress(&n2, v4("172.16.9.9"), 62000, 4789, 0, &mut rx, 0, n),
+            IngressAction::Drop(DropReason::UnknownPeer)
+        );
     }
 
     /// The inner Ethernet header of a VXLAN frame: our synthesized VTEP MAC as the source; the
@@ -542,7 +622,16 @@ mod tests {
         assert_eq!(range.start, MAX_HEADROOM - 8);
         let mut rx = b[range].to_vec();
         let n = rx.len();
-        let d = ingress(&tables_for(1), v4("172.16.2.2"), 6081, 0, &mut rx, 0, n);
+        let d = ingress(
+            &tables_for(1),
+            v4("172.16.2.2"),
+            50000,
+            6081,
+            0,
+            &mut rx,
+            0,
+            n,
+        );
         assert_eq!(d.path(), Some(Path::Geneve));
     }
 
@@ -619,7 +708,7 @@ mod tests {
             let mut rx = hdr.to_vec();
             let n = rx.len();
             let port = remote.port();
-            let d = ingress(&n2, node1, port, 0, &mut rx, 0, n);
+            let d = ingress(&n2, node1, 50000, port, 0, &mut rx, 0, n);
             let IngressAction::Deliver { range, .. } = d else {
                 panic!("{d:?}")
             };
@@ -668,7 +757,7 @@ mod tests {
             let r = encap::encap_payload(&mut b, MAX_HEADROOM, len, &params).unwrap();
             let mut p = b[r].to_vec();
             let n = p.len();
-            ingress(&n1, v4("172.16.3.2"), 4789, 0, &mut p, 0, n)
+            ingress(&n1, v4("172.16.3.2"), 50000, 4789, 0, &mut p, 0, n)
         };
         assert!(matches!(
             from_node2("fd00:10:244:2::5", "fd00:10:244:1::a"),
@@ -817,7 +906,7 @@ mod tests {
         let n2 = v4("172.16.3.2");
         let run = |src: Ipv4Addr, port: u16, ecn_bits: u8, mut p: Vec<u8>| {
             let n = p.len();
-            ingress(&t, src, port, ecn_bits, &mut p, 0, n)
+            ingress(&t, src, 50000, port, ecn_bits, &mut p, 0, n)
         };
         let ok = tunneled("10.244.2.20", "10.244.1.10", 0, 1);
         assert!(matches!(
@@ -855,7 +944,8 @@ mod tests {
         assert_eq!(run(n2, 4789, ecn::CE, ok), drop(DropReason::EcnDrop));
         let mut p = tunneled("10.244.2.20", "10.244.1.10", ecn::ECT0, 1);
         let n = p.len();
-        let IngressAction::Deliver { range, .. } = ingress(&t, n2, 4789, ecn::CE, &mut p, 0, n)
+        let IngressAction::Deliver { range, .. } =
+            ingress(&t, n2, 50000, 4789, ecn::CE, &mut p, 0, n)
         else {
             panic!()
         };
@@ -1120,7 +1210,16 @@ mod tests {
             let l = (next() as usize) % (n + 2);
             let _ = egress(&t, Some(&mut nat), &mut b, start, l, u64::from(i));
             let _ = egress(&t, Some(&mut nat), &mut b.clone(), MAX_HEADROOM, len, 0);
-            let _ = ingress(&t, v4("172.16.3.2"), 4789, (i % 4) as u8, &mut b, start, l);
+            let _ = ingress(
+                &t,
+                v4("172.16.3.2"),
+                50000,
+                4789,
+                (i % 4) as u8,
+                &mut b,
+                start,
+                l,
+            );
             let _ = masquerade_reply(&mut nat, &mut b, 0, n, u64::from(i));
         }
     }

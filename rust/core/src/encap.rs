@@ -107,6 +107,13 @@ pub const MAX_HEADROOM: usize = 64;
 pub const OUTER_TTL: u8 = 64;
 /// First port of the dynamic range both RFCs ask the source port to come from (RFC 7348 §5).
 pub const SOURCE_PORT_MIN: u16 = 49152;
+/// Last outer source port a podrouter tunnel sender uses: the dynamic range stops short of the
+/// default masquerade range (61000-65535), so that a peer can tell a tunnel sender's datagram
+/// from a masqueraded pod datagram by its source port (docs/architecture.md, "Tunnel ingress
+/// from pods"). Linux's own VXLAN driver picks from 32768-60999, also below 61000.
+pub const SOURCE_PORT_MAX: u16 = 60999;
+/// Number of ports in `SOURCE_PORT_MIN..=SOURCE_PORT_MAX`.
+const SOURCE_PORT_SPAN: u32 = (SOURCE_PORT_MAX - SOURCE_PORT_MIN) as u32 + 1;
 
 const _: () =
     assert!(VXLAN_OVERHEAD == 50 && GENEVE_OVERHEAD == 36 && MAX_HEADROOM >= VXLAN_OVERHEAD);
@@ -478,8 +485,9 @@ fn fmix32(mut h: u32) -> u32 {
     h
 }
 
-/// The outer UDP source port for an inner packet: 49152 + the top 14 bits of [`flow_hash`],
-/// i.e. the dynamic range RFC 7348 §5 recommends (RFC 8926 §3.3 asks the same of Geneve).
+/// The outer UDP source port for an inner packet: [`flow_hash`] scaled onto
+/// `SOURCE_PORT_MIN..=SOURCE_PORT_MAX` (multiply-shift, so every hash bit counts), inside the
+/// dynamic range RFC 7348 §5 recommends (RFC 8926 §3.3 asks the same of Geneve).
 pub fn udp_source_port(inner: &[u8]) -> u16 {
     source_port_of(flow_hash(inner))
 }
@@ -492,7 +500,8 @@ pub fn udp_source_port_parsed(inner: &[u8], meta: &wire::IpMeta) -> u16 {
 
 #[inline]
 fn source_port_of(hash: u32) -> u16 {
-    SOURCE_PORT_MIN + (hash >> 18) as u16
+    // (hash * span) >> 32 < span <= 11848, so the cast and the sum cannot overflow
+    SOURCE_PORT_MIN + ((u64::from(hash) * u64::from(SOURCE_PORT_SPAN)) >> 32) as u16
 }
 
 /// The inner TOS / traffic class byte, 0 if unreadable.
@@ -1093,8 +1102,23 @@ mod tests {
             udp_source_port(&[]),
             udp_source_port(&[0xff; 3]),
         ] {
-            assert!(p >= 49152);
+            assert!((SOURCE_PORT_MIN..=SOURCE_PORT_MAX).contains(&p));
         }
+    }
+
+    #[test]
+    fn source_port_range_ends() {
+        // the extreme hashes land on the first and the last port, never past 60999 (the default
+        // masquerade range starts at 61000)
+        assert_eq!(source_port_of(0), SOURCE_PORT_MIN);
+        assert_eq!(source_port_of(u32::MAX), SOURCE_PORT_MAX);
+        let mut seen_high = false;
+        for i in 0..100_000u32 {
+            let p = source_port_of(fmix32(i));
+            assert!((SOURCE_PORT_MIN..=SOURCE_PORT_MAX).contains(&p));
+            seen_high |= p > 60_000;
+        }
+        assert!(seen_high);
     }
 
     fn vxlan_payload(flags: u8, ethertype_: u16, inner: &[u8]) -> Vec<u8> {

@@ -25,10 +25,32 @@
 //! peers that vanished without a FIN for days; podrouter uses 7440 s (2 h 4 min), the RFC 5382
 //! REQ-5 minimum for an established TCP mapping (2 h idle + the 4 min of keep-alive probes), so a
 //! flow that keeps TCP keep-alives on survives. The TCP tracker is deliberately coarse (no window
-//! tracking): SYN -> `SynSent`; SYN+ACK from the remote -> `Established`; a FIN -> `FinWait`; FINs
-//! from both sides -> `TimeWait`; an RST -> `Close`. A packet without SYN for an unknown flow is
-//! picked up as established (Linux's default `nf_conntrack_tcp_loose = 1`), and a SYN on a closed
-//! mapping reopens it. UDP is `Unreplied` until the remote answers, then `Assured`.
+//! tracking of the pod's side): SYN -> `SynSent`; SYN+ACK from the remote -> `Established`; a FIN
+//! -> `FinWait`; FINs from both sides -> `TimeWait`; an RST -> `Close`. A SYN on a closed mapping
+//! reopens it. UDP is `Unreplied` until the remote answers, then `Assured`.
+//!
+//! # A pod is an untrusted tenant
+//!
+//! * Only a packet that opens a flow creates a mapping: a TCP SYN without ACK or RST, a UDP
+//!   datagram, an ICMP echo request. Any other TCP segment of an unknown flow (a bare ACK, an RST,
+//!   a FIN) is refused with [`NatError::NoMapping`] (`nat_no_mapping`), as Linux does with
+//!   `nf_conntrack_tcp_loose = 0`: a pod cannot fill the table with mid-stream garbage.
+//! * A pod (a source address) holds at most [`NatConfig::max_entries_per_pod`] entries; a new flow
+//!   beyond that is refused with [`NatError::PodLimit`] (`nat_pod_limit`, also counted per pod
+//!   address in [`NatTable::pod_limit_drops`]).
+//! * When the table is full, the oldest entry that never saw a reply is evicted to make room
+//!   (a queue in creation order, [`NatTable::evictions`]), so a flood of unanswered flows cannot
+//!   lock other pods out; only when every entry has been answered is a new flow refused
+//!   ([`NatError::TableFull`]).
+//! * A reply RST closes a mapping only if its sequence number is plausible (RFC 5961 §3 style,
+//!   as a middlebox can check it): once the remote's SYN+ACK was seen, within [`RST_WINDOW`] of
+//!   the span from the pod's last acknowledgement to the remote's next sequence number, both
+//!   tracked from the segments that pass; before that, only an RST whose ACK acknowledges the
+//!   pod's SYN (RFC 9293 §3.10.7.3). Anything else is refused with
+//!   [`NatError::RstOutOfWindow`] (`nat_rst_out_of_window`) and the mapping is left as it was.
+//! * The hash seed ([`NatConfig::seed`]) picks every new flow's first node port; the I/O engine
+//!   draws it from the kernel's random source per process, so node ports are not predictable
+//!   and flows cannot be chosen to collide.
 //!
 //! An expired entry is invisible to every lookup at once. Its memory is reclaimed either by a
 //! lookup that meets it or by [`NatTable::expire`], a sweep bounded by a budget per call so that
@@ -51,7 +73,7 @@
 //! Fragments are refused (`unsupported`): a later fragment carries no ports to translate, and
 //! podrouter does not reassemble.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr};
@@ -243,6 +265,74 @@ pub enum Dir {
 const FIN_ORIG: u8 = 1;
 /// A FIN was seen from the remote.
 const FIN_REPLY: u8 = 2;
+/// Both FIN bits.
+const FINS: u8 = FIN_ORIG | FIN_REPLY;
+/// The mapping has seen a reply (it is no eviction candidate any more).
+const REPLIED: u8 = 4;
+/// The mapping is in the eviction queue (used to drop duplicates when the queue is compacted).
+const QUEUED: u8 = 8;
+/// TCP: the remote's SYN+ACK was seen, `lo..hi` track the remote's sequence space (else the
+/// pod's: `hi` is the next sequence number after the pod's SYN).
+const SYNCED: u8 = 16;
+
+/// How far (in sequence numbers) outside the tracked span a reply RST may lie and still close
+/// the mapping: the largest window without scaling (RFC 7323), as RFC 5961 §3 measures a blind
+/// attacker's odds (about 1 in 32768 per guess).
+pub const RST_WINDOW: u32 = 65535;
+
+/// True if `x` lies in the wrapping range `[lo, hi]` of sequence numbers.
+#[inline]
+fn seq_in(x: u32, lo: u32, hi: u32) -> bool {
+    x.wrapping_sub(lo) <= hi.wrapping_sub(lo)
+}
+
+/// True if `a` comes after `b` in sequence space (RFC 9293 §3.4 comparisons).
+#[inline]
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// What the table needs of a packet: the TCP flags and, for TCP, sequence and acknowledgement
+/// numbers and the payload length (UDP and ICMP: all zero).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Seg {
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// Payload bytes.
+    pub len: u32,
+}
+
+impl Seg {
+    /// A segment with these flags and sequence / acknowledgement numbers 0 and no payload.
+    pub const fn flags(flags: u8) -> Seg {
+        Seg {
+            flags,
+            seq: 0,
+            ack: 0,
+            len: 0,
+        }
+    }
+
+    /// The sequence number after this segment (SYN and FIN count one each).
+    pub fn end(&self) -> u32 {
+        self.seq
+            .wrapping_add(self.len)
+            .wrapping_add(u32::from(self.flags & tcp_flag::SYN != 0))
+            .wrapping_add(u32::from(self.flags & tcp_flag::FIN != 0))
+    }
+}
+
+/// True if a packet with `tcp_flags` may create a mapping of `proto`: a TCP SYN without ACK or
+/// RST, any UDP datagram, an ICMP echo request (the translator only passes requests).
+pub const fn opens_flow(proto: NatProto, tcp_flags: u8) -> bool {
+    match proto {
+        NatProto::Tcp => {
+            tcp_flags & (tcp_flag::SYN | tcp_flag::ACK | tcp_flag::RST) == tcp_flag::SYN
+        }
+        NatProto::Udp | NatProto::Icmp => true,
+    }
+}
 
 /// TCP flag bits (RFC 9293 §3.1).
 mod tcp_flag {
@@ -318,9 +408,12 @@ pub struct NatConfig {
     pub port_hi: u16,
     /// Upper bound on live + not-yet-swept entries (memory bound).
     pub max_entries: usize,
+    /// Upper bound on the entries one pod (source address) holds.
+    pub max_entries_per_pod: usize,
     /// Ports tried per new flow before giving up.
     pub max_probe: u32,
-    /// Hash seed (allocation start and map hashing).
+    /// Hash seed (allocation start and map hashing). The default is a constant for tests; the
+    /// I/O engine replaces it with a random one per process.
     pub seed: u64,
     pub tcp_syn_sent: u32,
     pub tcp_established: u32,
@@ -338,6 +431,7 @@ impl Default for NatConfig {
             port_lo: 61000,
             port_hi: 65535,
             max_entries: 1 << 20,
+            max_entries_per_pod: (1 << 20) / 8,
             max_probe: 256,
             seed: 0x243f_6a88_85a3_08d3,
             tcp_syn_sent: 120,
@@ -353,6 +447,12 @@ impl Default for NatConfig {
 }
 
 impl NatConfig {
+    /// The per-pod cap used when only `max_entries` is configured: an eighth of the table (so at
+    /// least eight pods can be at their cap together), at least 64, at most the table.
+    pub fn default_per_pod(max_entries: usize) -> usize {
+        (max_entries / 8).max(64).min(max_entries)
+    }
+
     /// The timeout of `state`.
     pub fn timeout(&self, state: NatState) -> u32 {
         match state {
@@ -377,6 +477,13 @@ pub enum NatError {
     TableFull,
     /// The configured port range is empty (`lo > hi`).
     BadConfig,
+    /// No live mapping, and the packet cannot open one (a TCP segment other than a SYN), or a
+    /// reply that matches no mapping.
+    NoMapping,
+    /// The pod holds `max_entries_per_pod` entries already.
+    PodLimit,
+    /// A reply RST outside the connection's window.
+    RstOutOfWindow,
 }
 
 impl fmt::Display for NatError {
@@ -385,6 +492,9 @@ impl fmt::Display for NatError {
             NatError::Exhausted => "no free masquerade port for this remote endpoint",
             NatError::TableFull => "masquerade table full",
             NatError::BadConfig => "empty masquerade port range",
+            NatError::NoMapping => "no masquerade mapping and the packet cannot open one",
+            NatError::PodLimit => "the pod holds its maximum of masquerade entries",
+            NatError::RstOutOfWindow => "reset outside the connection's window",
         })
     }
 }
@@ -392,8 +502,15 @@ impl fmt::Display for NatError {
 impl std::error::Error for NatError {}
 
 impl From<NatError> for DropReason {
-    fn from(_: NatError) -> Self {
-        DropReason::NatExhausted
+    fn from(e: NatError) -> Self {
+        match e {
+            NatError::Exhausted | NatError::TableFull | NatError::BadConfig => {
+                DropReason::NatExhausted
+            }
+            NatError::NoMapping => DropReason::NatNoMapping,
+            NatError::PodLimit => DropReason::NatPodLimit,
+            NatError::RstOutOfWindow => DropReason::NatRstOutOfWindow,
+        }
     }
 }
 
@@ -414,19 +531,85 @@ struct Hot {
     expires: u64,
     /// Index of the key in the slab (for the sweep).
     id: u32,
+    /// TCP sequence tracking (see `SYNCED`): the lower and upper end of the span a reply RST is
+    /// measured against.
+    lo: u32,
+    hi: u32,
     node_port: u16,
     state: NatState,
-    fins: u8,
+    /// `FIN_ORIG`, `FIN_REPLY`, `REPLIED`, `QUEUED`, `SYNCED`.
+    bits: u8,
 }
 
 impl Hot {
-    /// A packet of the live flow `proto` went `dir`: step the state machine and restart the
-    /// timeout of the state it lands in.
-    fn advance(&mut self, proto: NatProto, dir: Dir, tcp_flags: u8, now: u64, cfg: &NatConfig) {
-        let (state, fins) = next_state(proto, Some((self.state, self.fins)), dir, tcp_flags);
+    /// A packet of the live flow `proto` went `dir`: step the state machine, track sequence
+    /// numbers and restart the timeout of the state it lands in.
+    fn advance(&mut self, proto: NatProto, dir: Dir, seg: &Seg, now: u64, cfg: &NatConfig) {
+        let (state, fins) = next_state(proto, Some((self.state, self.bits & FINS)), dir, seg.flags);
+        if proto == NatProto::Tcp {
+            self.track(dir, seg, state);
+        }
+        if dir == Dir::Reply {
+            self.bits |= REPLIED;
+        }
         self.state = state;
-        self.fins = fins;
+        self.bits = (self.bits & !FINS) | fins;
         self.expires = now + u64::from(cfg.timeout(state));
+    }
+
+    /// TCP sequence tracking for a segment that takes the mapping to `next`. A pod SYN that
+    /// (re)opens the connection starts over in the pod's space; the remote's SYN+ACK switches to
+    /// the remote's space; after that the pod's acknowledgements raise `lo` and the remote's
+    /// segments `hi`, but only from inside the window (a blindly spoofed segment cannot move it).
+    fn track(&mut self, dir: Dir, seg: &Seg, next: NatState) {
+        let syn = seg.flags & tcp_flag::SYN != 0;
+        let ack = seg.flags & tcp_flag::ACK != 0;
+        let synced = self.bits & SYNCED != 0;
+        match dir {
+            Dir::Orig if next == NatState::TcpSynSent && syn && !ack => {
+                self.lo = seg.end();
+                self.hi = self.lo;
+                self.bits &= !SYNCED;
+            }
+            Dir::Orig if synced && ack && self.in_window(seg.ack) => {
+                if seq_after(seg.ack, self.lo) {
+                    self.lo = seg.ack;
+                }
+                if seq_after(seg.ack, self.hi) {
+                    self.hi = seg.ack;
+                }
+            }
+            Dir::Reply if !synced && syn && ack && seg.flags & tcp_flag::RST == 0 => {
+                self.lo = seg.end();
+                self.hi = self.lo;
+                self.bits |= SYNCED;
+            }
+            Dir::Reply if synced && self.in_window(seg.seq) => {
+                let end = seg.end();
+                if seq_after(end, self.hi) {
+                    self.hi = end;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `x` within `RST_WINDOW` of the tracked span.
+    fn in_window(&self, x: u32) -> bool {
+        seq_in(
+            x,
+            self.lo.wrapping_sub(RST_WINDOW),
+            self.hi.wrapping_add(RST_WINDOW),
+        )
+    }
+
+    /// Whether a reply RST `seg` may act on this TCP mapping.
+    fn rst_acceptable(&self, seg: &Seg) -> bool {
+        if self.bits & SYNCED != 0 {
+            self.in_window(seg.seq)
+        } else {
+            seg.flags & tcp_flag::ACK != 0 && seq_in(seg.ack, self.lo, self.hi)
+        }
     }
 }
 
@@ -435,7 +618,10 @@ impl Hot {
 /// * `fwd`: flow -> `Hot` (port, state, expiry): egress and lookups touch only this;
 /// * `rev`: reply key -> flow: a reply costs this bucket plus the flow's `fwd` bucket;
 /// * `slab`: every flow once, in a flat `Vec` with a free list, so [`NatTable::expire`] can walk
-///   the table a bounded number of slots at a time (a hash map cannot be resumed mid-iteration).
+///   the table a bounded number of slots at a time (a hash map cannot be resumed mid-iteration);
+/// * `pods`: entries held per pod address (the per-pod cap);
+/// * `unreplied`: flows in creation order, the eviction candidates (stale items are skipped when
+///   met and dropped when the queue is compacted, at twice the table's size).
 #[derive(Debug, Clone)]
 pub struct NatTable {
     cfg: NatConfig,
@@ -444,7 +630,20 @@ pub struct NatTable {
     slab: Vec<Option<FlowKey>>,
     free: Vec<u32>,
     cursor: usize,
+    pods: FxHashMap<u32, u32>,
+    unreplied: VecDeque<FlowKey>,
+    /// The second of the last on-demand sweep (at most one per second).
+    reclaimed_at: Option<u64>,
+    pod_limit_drops: FxHashMap<u32, u64>,
+    pod_limit_other: u64,
+    evictions: u64,
 }
+
+/// Pod addresses [`NatTable::pod_limit_drops`] counts one by one; later ones share one counter.
+pub const MAX_TRACKED_PODS: usize = 1024;
+
+/// Queue items [`NatTable`] examines per eviction before giving up.
+const EVICT_SCAN: usize = 4096;
 
 impl NatTable {
     /// An empty table.
@@ -468,7 +667,95 @@ impl NatTable {
             slab: Vec::with_capacity(n),
             free: Vec::new(),
             cursor: 0,
+            pods: HashMap::with_hasher(FxBuildHasher {
+                seed: cfg.seed ^ 0x9e37_79b9_7f4a_7c15,
+            }),
+            unreplied: VecDeque::new(),
+            reclaimed_at: None,
+            pod_limit_drops: HashMap::with_hasher(FxBuildHasher {
+                seed: cfg.seed ^ 0x6a09_e667_f3bc_c908,
+            }),
+            pod_limit_other: 0,
+            evictions: 0,
             cfg,
+        }
+    }
+
+    /// Entries (live or not yet swept) held by `pod`.
+    pub fn pod_entries(&self, pod: Ipv4Addr) -> usize {
+        self.pods.get(&u32::from(pod)).map_or(0, |&n| n as usize)
+    }
+
+    /// New flows refused with [`NatError::PodLimit`], per pod address (at most
+    /// [`MAX_TRACKED_PODS`] addresses, highest count first), and the count of all other pods.
+    pub fn pod_limit_drops(&self) -> (Vec<(Ipv4Addr, u64)>, u64) {
+        let mut v: Vec<(Ipv4Addr, u64)> = self
+            .pod_limit_drops
+            .iter()
+            .map(|(&a, &n)| (Ipv4Addr::from(a), n))
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        (v, self.pod_limit_other)
+    }
+
+    /// Entries evicted because the table was full (oldest never-answered first).
+    pub fn evictions(&self) -> u64 {
+        self.evictions
+    }
+
+    fn count_pod_limit(&mut self, pod: Ipv4Addr) {
+        let a = u32::from(pod);
+        let full = self.pod_limit_drops.len() >= MAX_TRACKED_PODS;
+        match self.pod_limit_drops.get_mut(&a) {
+            Some(n) => *n += 1,
+            None if full => self.pod_limit_other += 1,
+            None => {
+                self.pod_limit_drops.insert(a, 1);
+            }
+        }
+    }
+
+    /// A bounded sweep on demand (a full table or a pod at its cap may be full of dead entries),
+    /// at most once per second so that a pod hammering its cap cannot make every packet pay it.
+    fn reclaim(&mut self, now: u64) {
+        if self.reclaimed_at != Some(now) {
+            self.reclaimed_at = Some(now);
+            self.expire(now, 256);
+        }
+    }
+
+    /// Frees one entry because the table is full: the oldest that never saw a reply (or is
+    /// dead). False if none was found within `EVICT_SCAN` queue items.
+    fn evict(&mut self, now: u64) -> bool {
+        for _ in 0..EVICT_SCAN {
+            let Some(k) = self.unreplied.pop_front() else {
+                return false;
+            };
+            if let Some(h) = self.fwd.get(&k) {
+                if h.bits & REPLIED == 0 || h.expires <= now {
+                    self.remove(&k);
+                    self.evictions += 1;
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Keeps, once each, the queue items that are still eviction candidates.
+    fn compact_queue(&mut self) {
+        let fwd = &mut self.fwd;
+        self.unreplied.retain(|k| match fwd.get_mut(k) {
+            Some(h) if h.bits & (REPLIED | QUEUED) == QUEUED => {
+                h.bits &= !QUEUED;
+                true
+            }
+            _ => false,
+        });
+        for k in &self.unreplied {
+            if let Some(h) = fwd.get_mut(k) {
+                h.bits |= QUEUED;
+            }
         }
     }
 
@@ -494,6 +781,13 @@ impl NatTable {
     fn remove(&mut self, key: &FlowKey) {
         if let Some(h) = self.fwd.remove(key) {
             self.rev.remove(&RevKey::of(key, h.node_port));
+            let pod = u32::from(key.pod_ip);
+            if let Some(n) = self.pods.get_mut(&pod) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pods.remove(&pod);
+                }
+            }
             if let Some(slot) = self.slab.get_mut(h.id as usize) {
                 *slot = None;
                 self.free.push(h.id);
@@ -551,25 +845,41 @@ impl NatTable {
         self.rev.get(&rk).copied()
     }
 
-    /// A pod packet of flow `key`: returns the node port to use, creating the mapping if needed,
-    /// and advances the flow's state and expiry.
+    /// [`NatTable::egress_seg`] for a packet with `tcp_flags` and sequence numbers 0.
     pub fn egress(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Result<u16, NatError> {
+        self.egress_seg(key, &Seg::flags(tcp_flags), now)
+    }
+
+    /// A pod packet of flow `key`: returns the node port to use, creating the mapping if the
+    /// packet may open one (see [`opens_flow`]; the pod is under its cap; the table has room or
+    /// an unanswered entry to evict), and advances the flow's state and expiry.
+    pub fn egress_seg(&mut self, key: &FlowKey, seg: &Seg, now: u64) -> Result<u16, NatError> {
         if let Some(h) = self.fwd.get_mut(key) {
             if h.expires > now {
-                h.advance(key.proto, Dir::Orig, tcp_flags, now, &self.cfg);
+                h.advance(key.proto, Dir::Orig, seg, now, &self.cfg);
                 return Ok(h.node_port);
             }
             self.remove(key);
         }
+        if !opens_flow(key.proto, seg.flags) {
+            return Err(NatError::NoMapping);
+        }
+        if self.pod_entries(key.pod_ip) >= self.cfg.max_entries_per_pod {
+            self.reclaim(now);
+            if self.pod_entries(key.pod_ip) >= self.cfg.max_entries_per_pod {
+                self.count_pod_limit(key.pod_ip);
+                return Err(NatError::PodLimit);
+            }
+        }
         if self.len() >= self.cfg.max_entries {
-            // Reclaim a little before refusing: the table may be full of dead entries.
-            self.expire(now, 256);
-            if self.len() >= self.cfg.max_entries {
+            // Reclaim a little before evicting: the table may be full of dead entries.
+            self.reclaim(now);
+            if self.len() >= self.cfg.max_entries && !self.evict(now) {
                 return Err(NatError::TableFull);
             }
         }
-        let node_port = self.allocate(key, tcp_flags, now)?;
-        let (state, fins) = next_state(key.proto, None, Dir::Orig, tcp_flags);
+        let node_port = self.allocate(key, seg.flags, now)?;
+        let (state, fins) = next_state(key.proto, None, Dir::Orig, seg.flags);
         let id = match self.free.pop() {
             Some(id) => {
                 self.slab[id as usize] = Some(*key);
@@ -580,15 +890,25 @@ impl NatTable {
                 (self.slab.len() - 1) as u32
             }
         };
-        let hot = Hot {
+        let mut hot = Hot {
             expires: now + self.timeout(state),
             id,
+            lo: 0,
+            hi: 0,
             node_port,
             state,
-            fins,
+            bits: fins | QUEUED,
         };
+        if key.proto == NatProto::Tcp {
+            hot.track(Dir::Orig, seg, state);
+        }
         self.fwd.insert(*key, hot);
         self.rev.insert(RevKey::of(key, node_port), *key);
+        *self.pods.entry(u32::from(key.pod_ip)).or_insert(0) += 1;
+        self.unreplied.push_back(*key);
+        if self.unreplied.len() > 2 * self.fwd.len() + 64 {
+            self.compact_queue();
+        }
         Ok(node_port)
     }
 
@@ -639,8 +959,8 @@ impl NatTable {
         }
     }
 
-    /// A reply from `remote_ip:remote_port` to node port `node_port`: returns the flow it belongs
-    /// to and advances its state and expiry; `None` if no live mapping matches.
+    /// [`NatTable::ingress_seg`] for a packet with `tcp_flags` and sequence numbers 0; `None`
+    /// for any refusal.
     pub fn ingress(
         &mut self,
         proto: NatProto,
@@ -650,14 +970,42 @@ impl NatTable {
         tcp_flags: u8,
         now: u64,
     ) -> Option<FlowKey> {
-        let key = self.reply_flow(proto, remote_ip, remote_port, node_port)?;
-        let h = self.fwd.get_mut(&key)?;
+        self.ingress_seg(
+            proto,
+            remote_ip,
+            remote_port,
+            node_port,
+            &Seg::flags(tcp_flags),
+            now,
+        )
+        .ok()
+    }
+
+    /// A reply from `remote_ip:remote_port` to node port `node_port`: returns the flow it belongs
+    /// to and advances its state and expiry. [`NatError::NoMapping`] if no live mapping matches,
+    /// [`NatError::RstOutOfWindow`] for a TCP RST outside the window (the mapping is untouched).
+    pub fn ingress_seg(
+        &mut self,
+        proto: NatProto,
+        remote_ip: Ipv4Addr,
+        remote_port: u16,
+        node_port: u16,
+        seg: &Seg,
+        now: u64,
+    ) -> Result<FlowKey, NatError> {
+        let key = self
+            .reply_flow(proto, remote_ip, remote_port, node_port)
+            .ok_or(NatError::NoMapping)?;
+        let h = self.fwd.get_mut(&key).ok_or(NatError::NoMapping)?;
         if h.expires <= now {
             self.remove(&key);
-            return None;
+            return Err(NatError::NoMapping);
         }
-        h.advance(proto, Dir::Reply, tcp_flags, now, &self.cfg);
-        Some(key)
+        if proto == NatProto::Tcp && seg.flags & tcp_flag::RST != 0 && !h.rst_acceptable(seg) {
+            return Err(NatError::RstOutOfWindow);
+        }
+        h.advance(proto, Dir::Reply, seg, now, &self.cfg);
+        Ok(key)
     }
 
     /// Examines at most `budget` slots (continuing where the previous call stopped) and removes
@@ -690,6 +1038,8 @@ impl NatTable {
             + self.rev.capacity() * (size_of::<(RevKey, FlowKey)>() + 1)
             + self.slab.capacity() * size_of::<Option<FlowKey>>()
             + self.free.capacity() * 4
+            + self.unreplied.capacity() * size_of::<FlowKey>()
+            + self.pods.capacity() * (size_of::<(u32, u32)>() + 1)
     }
 
     /// Measured bytes per held entry; with no entry, the cost at the maps' maximum load factor
@@ -847,12 +1197,29 @@ fn v4_meta(pkt: &[u8]) -> Result<(wire::IpMeta, Ipv4Addr, Ipv4Addr), DropReason>
     Ok((meta, src, dst))
 }
 
+/// The tracker's view of a packet: for TCP its flags, sequence and acknowledgement numbers and
+/// payload length (of the whole super-packet for a TSO / GRO one); for others flags only.
+fn tcp_seg(pkt: &[u8], meta: &wire::IpMeta, tcp_flags: u8) -> Result<Seg, DropReason> {
+    if meta.protocol != ip_proto::TCP {
+        return Ok(Seg::flags(tcp_flags));
+    }
+    let l4 = meta.l4_offset;
+    let doff = usize::from(pkt.get(l4 + 12).ok_or(DropReason::Truncated)? >> 4) * 4;
+    Ok(Seg {
+        flags: tcp_flags,
+        seq: rd32(pkt, l4 + 4)?,
+        ack: rd32(pkt, l4 + 8)?,
+        len: meta.total_len.saturating_sub(l4 + doff) as u32,
+    })
+}
+
 /// Translates a packet from a pod (`pkt` starts at its IPv4 header) to come from
 /// `node_addr`: TCP / UDP source port or ICMP echo identifier mapped through the table,
 /// checksums fixed incrementally. Returns the node port used.
 ///
 /// Drops: anything not IPv4 TCP / UDP / ICMP echo request or a fragment (`unsupported`), a
-/// malformed packet (its parse error), no port (`nat_exhausted`).
+/// malformed packet (its parse error), no port or no room (`nat_exhausted`), a TCP segment that
+/// cannot open a flow without a mapping (`nat_no_mapping`), the pod at its cap (`nat_pod_limit`).
 pub fn translate_egress(
     nat: &mut NatTable,
     pkt: &mut [u8],
@@ -897,7 +1264,8 @@ pub fn translate_egress(
         ),
         _ => return Err(DropReason::Unsupported),
     };
-    let node_port = nat.egress(&key, flags, now)?;
+    let seg = tcp_seg(pkt, &meta, flags)?;
+    let node_port = nat.egress_seg(&key, &seg, now)?;
     let old = rewrite_addr(pkt, 0, ADDR_SRC, node_addr)?;
     rewrite_l4(
         pkt,
@@ -917,8 +1285,9 @@ pub fn translate_egress(
 /// address, port and checksums are restored too. Returns the pod address, the packet's new
 /// destination.
 ///
-/// Drops: no live mapping (`nat_no_mapping`), anything else not translatable (`unsupported`), a
-/// malformed packet (its parse error).
+/// Drops: no live mapping (`nat_no_mapping`), a TCP RST outside the window
+/// (`nat_rst_out_of_window`), anything else not translatable (`unsupported`), a malformed packet
+/// (its parse error).
 pub fn translate_ingress(
     nat: &mut NatTable,
     pkt: &mut [u8],
@@ -936,9 +1305,8 @@ pub fn translate_ingress(
             },
         ) => {
             let proto = NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?;
-            let key = nat
-                .ingress(proto, src, sp, dp, tcp_flags, now)
-                .ok_or(DropReason::NatNoMapping)?;
+            let seg = tcp_seg(pkt, &meta, tcp_flags)?;
+            let key = nat.ingress_seg(proto, src, sp, dp, &seg, now)?;
             (key, proto)
         }
         (
@@ -949,9 +1317,7 @@ pub fn translate_ingress(
                 ..
             },
         ) => {
-            let key = nat
-                .ingress(NatProto::Icmp, src, 0, ident, 0, now)
-                .ok_or(DropReason::NatNoMapping)?;
+            let key = nat.ingress_seg(NatProto::Icmp, src, 0, ident, &Seg::default(), now)?;
             (key, NatProto::Icmp)
         }
         (ip_proto::ICMP, L4Info::IcmpError { .. }) => {
@@ -1154,10 +1520,13 @@ mod tests {
         t.ingress(NatProto::Tcp, v4("203.0.113.1"), 443, pb, FIN, 1)
             .unwrap();
         assert_eq!(t.get(&b, 1).unwrap().state, NatState::TcpTimeWait);
-        // Not for anything but a SYN: a mid-stream packet, UDP and ICMP find the range full.
+        // Not for anything but a SYN (a mid-stream packet opens nothing at all).
         let c = flow(NatProto::Tcp, 40002, "203.0.113.1", 443);
-        assert_eq!(t.egress(&c, ACK, 2), Err(NatError::Exhausted));
-        assert_eq!(t.egress(&c, SYN | ACK, 2), Err(NatError::Exhausted));
+        assert_eq!(t.egress(&c, ACK, 2), Err(NatError::NoMapping));
+        assert_eq!(t.egress(&c, SYN | ACK, 2), Err(NatError::NoMapping));
+        let u = flow(NatProto::Udp, 40002, "203.0.113.1", 443);
+        assert!(t.egress(&u, 0, 2).is_ok());
+        t.remove(&u);
         assert_eq!(t.len(), 2);
         // A SYN takes the reset mapping's port first; its owner is forgotten.
         let pc = t.egress(&c, SYN, 2).unwrap();
@@ -1236,7 +1605,16 @@ mod tests {
         // A new SYN on the same 5-tuple reopens the mapping with the same port.
         assert_eq!(t.egress(&a, SYN, 6003), Ok(p));
         assert_eq!(t.get(&a, 6003).unwrap().state, NatState::TcpSynSent);
-        r(&mut t, p, RST, 6004).unwrap();
+        // Before the remote answered, only an RST acknowledging the SYN counts.
+        assert_eq!(r(&mut t, p, RST, 6004), None);
+        assert_eq!(t.get(&a, 6004).unwrap().state, NatState::TcpSynSent);
+        let rst_ack = Seg {
+            flags: RST | ACK,
+            ack: 1,
+            ..Seg::default()
+        };
+        t.ingress_seg(NatProto::Tcp, v4("203.0.113.1"), 443, p, &rst_ack, 6004)
+            .unwrap();
         let e = t.get(&a, 6004).unwrap();
         assert_eq!((e.state, e.expires), (NatState::TcpClose, 6014));
         assert!(t.get(&a, 6013).is_some());
@@ -1245,11 +1623,37 @@ mod tests {
     }
 
     #[test]
-    fn tcp_mid_stream_pickup_and_syn_timeout() {
+    fn only_an_opening_packet_creates_a_mapping() {
         let mut t = NatTable::new(NatConfig::default());
         let a = flow(NatProto::Tcp, 40000, "203.0.113.1", 443);
-        t.egress(&a, ACK, 0).unwrap();
-        assert_eq!(t.get(&a, 0).unwrap().state, NatState::TcpEstablished);
+        for f in [
+            ACK,
+            RST,
+            RST | ACK,
+            FIN,
+            SYN | ACK,
+            SYN | RST,
+            0,
+            0x08 | ACK,
+        ] {
+            assert_eq!(t.egress(&a, f, 0), Err(NatError::NoMapping), "flags {f:#x}");
+        }
+        assert!(t.is_empty());
+        assert_eq!(
+            DropReason::from(NatError::NoMapping),
+            DropReason::NatNoMapping
+        );
+        // A bare ACK packet through the translator: dropped, nothing created.
+        let mut p = tcp_packet(POD, 40000, REMOTE, 443, ACK);
+        assert_eq!(
+            translate_egress(&mut t, &mut p, v4(NODE), 0),
+            Err(DropReason::NatNoMapping)
+        );
+        assert!(t.is_empty());
+        // A mapping that expired is gone: a mid-stream segment does not revive it.
+        assert!(t.egress(&a, SYN, 0).is_ok());
+        assert_eq!(t.egress(&a, ACK, 120), Err(NatError::NoMapping));
+        // A SYN-SENT mapping lives 120 s.
         let b = flow(NatProto::Tcp, 40001, "203.0.113.1", 443);
         t.egress(&b, SYN, 0).unwrap();
         assert!(t.get(&b, 119).is_some());
@@ -1308,7 +1712,11 @@ mod tests {
             ..NatConfig::default()
         });
         for i in 0..3 {
-            t.egress(&flow(NatProto::Udp, i, "203.0.113.1", 53), 0, 0)
+            let p = t
+                .egress(&flow(NatProto::Udp, i, "203.0.113.1", 53), 0, 0)
+                .unwrap();
+            // Answered: no eviction candidate.
+            t.ingress(NatProto::Udp, v4("203.0.113.1"), 53, p, 0, 0)
                 .unwrap();
         }
         let d = flow(NatProto::Udp, 9, "203.0.113.1", 53);
@@ -1318,8 +1726,234 @@ mod tests {
             DropReason::NatExhausted
         );
         // Once the others expired, room is made on demand.
-        assert!(t.egress(&d, 0, 31).is_ok());
+        assert!(t.egress(&d, 0, 121).is_ok());
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_unanswered_entry() {
+        let mut t = NatTable::new(NatConfig {
+            max_entries: 4,
+            ..NatConfig::default()
+        });
+        let pod_b = |port| FlowKey {
+            pod_ip: v4("10.244.1.20"),
+            ..flow(NatProto::Tcp, port, "203.0.113.9", 443)
+        };
+        // Two answered flows, then two unanswered ones from the same pod.
+        let mut flows = vec![];
+        for i in 0..4u16 {
+            let f = flow(NatProto::Udp, 1000 + i, "203.0.113.1", 53);
+            let p = t.egress(&f, 0, i.into()).unwrap();
+            if i % 2 == 0 {
+                t.ingress(NatProto::Udp, v4("203.0.113.1"), 53, p, 0, 5)
+                    .unwrap();
+            }
+            flows.push(f);
+        }
+        // Another pod's connection still gets in; the oldest unanswered flow (1001) goes.
+        assert!(t.egress(&pod_b(1), SYN, 6).is_ok());
+        assert_eq!(t.evictions(), 1);
+        assert_eq!(t.get(&flows[1], 6), None);
+        assert!(t.get(&flows[3], 6).is_some());
+        assert!(t.egress(&pod_b(2), SYN, 6).is_ok());
+        assert_eq!(t.get(&flows[3], 6), None);
+        // The new SYNs are unanswered too: the older of them goes next.
+        let third = pod_b(3);
+        assert!(t.egress(&third, SYN, 7).is_ok());
+        assert_eq!(t.get(&pod_b(1), 7), None);
+        assert_eq!(t.evictions(), 3);
+        // Answered entries are never evicted: with only those left, the table is full.
+        for f in [pod_b(2), third] {
+            let e = t.get(&f, 7).unwrap();
+            let synack = Seg {
+                flags: SYNACK,
+                ack: 1,
+                ..Seg::default()
+            };
+            t.ingress_seg(NatProto::Tcp, f.remote_ip, 443, e.node_port, &synack, 7)
+                .unwrap();
+        }
+        assert_eq!(
+            t.egress(&pod_b(4), SYN, 8),
+            Err(NatError::TableFull),
+            "{:?}",
+            t.unreplied
+        );
+        assert_eq!(t.len(), 4);
+    }
+
+    #[test]
+    fn eviction_queue_stays_bounded() {
+        let mut t = NatTable::new(NatConfig {
+            max_entries: 1000,
+            udp_unreplied: 1,
+            ..NatConfig::default()
+        });
+        for i in 0..100_000u32 {
+            let f = flow(
+                NatProto::Udp,
+                (i % 60000) as u16,
+                "203.0.113.1",
+                53 + (i / 60000) as u16,
+            );
+            t.egress(&f, 0, u64::from(i / 100)).unwrap();
+            t.expire(u64::from(i / 100), 4);
+        }
+        assert!(
+            t.unreplied.len() <= 2 * t.len() + 65,
+            "{} {}",
+            t.unreplied.len(),
+            t.len()
+        );
+    }
+
+    #[test]
+    fn per_pod_cap() {
+        let mut t = NatTable::new(NatConfig {
+            max_entries_per_pod: 3,
+            ..NatConfig::default()
+        });
+        let pod_b = FlowKey {
+            pod_ip: v4("10.244.1.20"),
+            ..flow(NatProto::Udp, 1, "203.0.113.1", 53)
+        };
+        for i in 0..3 {
+            t.egress(&flow(NatProto::Udp, i, "203.0.113.1", 53), 0, 0)
+                .unwrap();
+        }
+        assert_eq!(t.pod_entries(v4(POD_A)), 3);
+        let d = flow(NatProto::Udp, 9, "203.0.113.1", 53);
+        assert_eq!(t.egress(&d, 0, 1), Err(NatError::PodLimit));
+        assert_eq!(t.egress(&d, 0, 1), Err(NatError::PodLimit));
+        assert_eq!(
+            DropReason::from(NatError::PodLimit),
+            DropReason::NatPodLimit
+        );
+        // Existing flows go on; another pod is not affected.
+        assert!(t
+            .egress(&flow(NatProto::Udp, 0, "203.0.113.1", 53), 0, 1)
+            .is_ok());
+        assert!(t.egress(&pod_b, 0, 1).is_ok());
+        assert_eq!(t.pod_limit_drops(), (vec![(v4(POD_A), 2)], 0));
+        // Room again once the pod's entries expired (reclaimed on demand).
+        assert!(t.egress(&d, 0, 40).is_ok());
+        assert_eq!(t.pod_entries(v4(POD_A)), 1);
+    }
+
+    #[test]
+    fn pod_limit_drops_are_bounded() {
+        let mut t = NatTable::new(NatConfig {
+            max_entries_per_pod: 1,
+            ..NatConfig::default()
+        });
+        for i in 0..(MAX_TRACKED_PODS as u32 + 10) {
+            let mut f = flow(NatProto::Udp, 1, "203.0.113.1", 53);
+            f.pod_ip = Ipv4Addr::from(0x0a00_0000 + i);
+            t.egress(&f, 0, 0).unwrap();
+            f.pod_port = 2;
+            assert_eq!(t.egress(&f, 0, 0), Err(NatError::PodLimit));
+        }
+        let (v, other) = t.pod_limit_drops();
+        assert_eq!((v.len(), other), (MAX_TRACKED_PODS, 10));
+    }
+
+    #[test]
+    fn reply_rst_must_be_in_window() {
+        let mut t = NatTable::new(NatConfig::default());
+        let a = flow(NatProto::Tcp, 40000, "203.0.113.1", 443);
+        let rip = v4("203.0.113.1");
+        let seg = |flags, seq, ack, len| Seg {
+            flags,
+            seq,
+            ack,
+            len,
+        };
+        let p = t.egress_seg(&a, &seg(SYN, 1000, 0, 0), 0).unwrap();
+        let reply = |t: &mut NatTable, s: Seg| t.ingress_seg(NatProto::Tcp, rip, 443, p, &s, 1);
+        // SYN-SENT: an RST must acknowledge the SYN (ack 1001).
+        for bad in [
+            seg(RST, 0, 0, 0),
+            seg(RST | ACK, 0, 1000, 0),
+            seg(RST | ACK, 0, 1002, 0),
+        ] {
+            assert_eq!(reply(&mut t, bad), Err(NatError::RstOutOfWindow));
+        }
+        assert_eq!(t.get(&a, 1).unwrap().state, NatState::TcpSynSent);
+        // The remote's ISN is 4_000_000_000: sequence numbers wrap during the test.
+        let isn = 4_000_000_000u32;
+        reply(&mut t, seg(SYNACK, isn, 1001, 0)).unwrap();
+        t.egress_seg(&a, &seg(ACK, 1001, isn.wrapping_add(1), 0), 1)
+            .unwrap();
+        let mut next = isn.wrapping_add(1);
+        for _ in 0..1000 {
+            reply(&mut t, seg(ACK, next, 1001, 1400)).unwrap();
+            next = next.wrapping_add(1400);
+        }
+        t.egress_seg(&a, &seg(ACK, 1001, next, 0), 1).unwrap();
+        // A blind segment far ahead neither is refused (only RSTs are) nor moves the window.
+        let far = next.wrapping_add(3_000_000);
+        reply(&mut t, seg(ACK, far, 1001, 100)).unwrap();
+        for bad in [
+            far.wrapping_add(100),
+            next.wrapping_add(RST_WINDOW + 1),
+            next.wrapping_sub(1_400_000),
+            next.wrapping_add(1 << 31),
+        ] {
+            assert_eq!(
+                reply(&mut t, seg(RST, bad, 0, 0)),
+                Err(NatError::RstOutOfWindow)
+            );
+            assert_eq!(t.get(&a, 1).unwrap().state, NatState::TcpEstablished);
+        }
+        assert_eq!(
+            DropReason::from(NatError::RstOutOfWindow),
+            DropReason::NatRstOutOfWindow
+        );
+        // In the window (a little behind or ahead, as RST seq = the ACK the pod sent): closes.
+        reply(&mut t, seg(RST, next.wrapping_sub(20_000), 0, 0)).unwrap();
+        assert_eq!(t.get(&a, 1).unwrap().state, NatState::TcpClose);
+    }
+
+    #[test]
+    fn translated_out_of_window_rst_is_dropped() {
+        let mut t = NatTable::new(NatConfig::default());
+        let mut p = tcp_packet(POD, 40000, REMOTE, 443, SYN);
+        let port = translate_egress(&mut t, &mut p, v4(NODE), 0).unwrap();
+        // tcp_packet uses sequence number 0x01020304 and ack 0 for every segment.
+        let mut r = tcp_packet(REMOTE, 443, NODE, port, SYNACK);
+        translate_ingress(&mut t, &mut r, 1).unwrap();
+        let key = flow(NatProto::Tcp, 40000, REMOTE, 443);
+        let mut rst = tcp_packet(REMOTE, 443, NODE, port, RST);
+        rst[24..28].copy_from_slice(&0x7000_0000u32.to_be_bytes());
+        tcp::Packet::new_unchecked(&mut rst[20..])
+            .fill_checksum(IpAddr::V4(v4(REMOTE)), IpAddr::V4(v4(NODE)));
+        assert_eq!(
+            translate_ingress(&mut t, &mut rst, 2),
+            Err(DropReason::NatRstOutOfWindow)
+        );
+        assert_eq!(t.get(&key, 2).unwrap().state, NatState::TcpEstablished);
+        let mut rst = tcp_packet(REMOTE, 443, NODE, port, RST);
+        assert_eq!(translate_ingress(&mut t, &mut rst, 2), Ok(v4(POD)));
+        assert_eq!(t.get(&key, 2).unwrap().state, NatState::TcpClose);
+    }
+
+    #[test]
+    fn the_seed_moves_node_ports() {
+        let ports = |seed| {
+            let mut t = NatTable::new(NatConfig {
+                seed,
+                ..NatConfig::default()
+            });
+            (0..16u16)
+                .map(|i| {
+                    t.egress(&flow(NatProto::Udp, 5000 + i, "203.0.113.1", 53), 0, 0)
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ports(1), ports(1));
+        assert_ne!(ports(1), ports(2));
     }
 
     #[test]
@@ -1344,6 +1978,7 @@ mod tests {
     // ---- packets ----
 
     const POD: &str = "10.244.1.10";
+    const POD_A: &str = POD;
     const NODE: &str = "172.16.2.2";
     const REMOTE: &str = "203.0.113.7";
 

@@ -1,6 +1,10 @@
 //! The NAT table against `NatModel`, a plain map that implements the documented rules directly:
 //! random sequences of new flows, replies, time steps and sweeps must leave both agreeing on
 //! every mapping's node port, state and expiry, on every reply's owner, and on exhaustion.
+//! The untrusted-pod rules are modelled too: only an opening packet creates a mapping, a pod
+//! holds at most `max_entries_per_pod`, a full table evicts its oldest unanswered entry, and a
+//! reply RST counts only in the window (the table's wrappers send sequence numbers 0, so the
+//! window rule reduces to: before the remote's SYN+ACK, no reply RST is acceptable).
 //! A second property translates random packets out and back and checks every checksum.
 
 use std::collections::BTreeMap;
@@ -31,6 +35,11 @@ fn cfg() -> NatConfig {
         seed: 7,
         ..NatConfig::default()
     }
+}
+
+/// The documented creation rule, written out: a SYN without ACK or RST, UDP, ICMP echo.
+fn model_opens(proto: NatProto, f: u8) -> bool {
+    proto != NatProto::Tcp || (f & SYN != 0 && f & (ACK | RST) == 0)
 }
 
 /// The documented TCP / UDP / ICMP rules, written out independently of the table's code.
@@ -69,12 +78,19 @@ struct MEntry {
     state: NatState,
     fins: u8,
     expires: u64,
+    /// The remote's SYN+ACK was seen since the pod's last SYN.
+    synced: bool,
+    /// Any reply was seen (no eviction candidate).
+    replied: bool,
+    /// Creation order (eviction: the oldest unanswered first).
+    born: u64,
 }
 
 /// A plain ordered map from flow to mapping; an entry is live while `now < expires`.
 #[derive(Debug, Default)]
 struct NatModel {
     map: BTreeMap<FlowKey, MEntry>,
+    births: u64,
 }
 
 impl NatModel {
@@ -131,12 +147,46 @@ impl NatModel {
             .map(|(k, _)| *k)
     }
 
-    fn touch(&mut self, k: &FlowKey, reply: bool, flags: u8, now: u64, c: &NatConfig) {
+    /// Returns false if the packet was refused (a reply RST out of the window).
+    fn touch(&mut self, k: &FlowKey, reply: bool, flags: u8, now: u64, c: &NatConfig) -> bool {
         let e = self.map.get_mut(k).unwrap();
+        let tcp = k.proto == NatProto::Tcp;
+        if tcp && reply && flags & RST != 0 && !e.synced {
+            return false;
+        }
         let (state, fins) = model_next(k.proto, Some((e.state, e.fins)), reply, flags);
+        if tcp && reply && flags & (SYN | ACK | RST) == SYN | ACK {
+            e.synced = true;
+        }
+        if tcp && !reply && state == NatState::TcpSynSent && flags & (SYN | ACK) == SYN {
+            e.synced = false;
+        }
+        e.replied |= reply;
         e.state = state;
         e.fins = fins;
         e.expires = now + u64::from(c.timeout(state));
+        true
+    }
+
+    fn held_by(&self, pod: Ipv4Addr) -> usize {
+        self.map.keys().filter(|k| k.pod_ip == pod).count()
+    }
+
+    fn insert(&mut self, k: FlowKey, port: u16, flags: u8, now: u64, c: &NatConfig) {
+        let (state, fins) = model_next(k.proto, None, false, flags);
+        self.births += 1;
+        self.map.insert(
+            k,
+            MEntry {
+                port,
+                state,
+                fins,
+                expires: now + u64::from(c.timeout(state)),
+                synced: false,
+                replied: false,
+                born: self.births,
+            },
+        );
     }
 }
 
@@ -203,7 +253,10 @@ fn pool() -> Vec<FlowKey> {
 
 /// Runs `ops` against the table and the model over `flows`, checking after every step.
 fn check_model(flows: &[FlowKey], ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let c = cfg();
+    check_model_with(cfg(), flows, ops)
+}
+
+fn check_model_with(c: NatConfig, flows: &[FlowKey], ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut t = NatTable::new(c.clone());
     let mut m = NatModel::default();
     let mut now = 1000u64;
@@ -215,6 +268,8 @@ fn check_model(flows: &[FlowKey], ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if let Some(e) = m.live(&k, now) {
                     prop_assert_eq!(got, Ok(e.port));
                     m.touch(&k, false, flags, now, &c);
+                } else if !model_opens(k.proto, flags) {
+                    prop_assert_eq!(got, Err(NatError::NoMapping));
                 } else {
                     let used = m.used_ports(&k, now);
                     let free = usize::from(HI - LO + 1) - used.len();
@@ -251,16 +306,7 @@ fn check_model(flows: &[FlowKey], ops: Vec<Op>) -> Result<(), TestCaseError> {
                         if let Some(old) = taken {
                             m.map.remove(&old);
                         }
-                        let (state, fins) = model_next(k.proto, None, false, flags);
-                        m.map.insert(
-                            k,
-                            MEntry {
-                                port: p,
-                                state,
-                                fins,
-                                expires: now + u64::from(c.timeout(state)),
-                            },
-                        );
+                        m.insert(k, p, flags, now, &c);
                     } else {
                         prop_assert_eq!(got, Err(NatError::Exhausted));
                     }
@@ -278,9 +324,11 @@ fn check_model(flows: &[FlowKey], ops: Vec<Op>) -> Result<(), TestCaseError> {
                 };
                 let want = m.owner(k.proto, k.remote_ip, k.remote_port, port, now);
                 let got = t.ingress(k.proto, k.remote_ip, k.remote_port, port, flags, now);
-                prop_assert_eq!(got, want);
-                if let Some(owner) = want {
-                    m.touch(&owner, true, flags, now, &c);
+                match want {
+                    Some(owner) if m.touch(&owner, true, flags, now, &c) => {
+                        prop_assert_eq!(got, Some(owner));
+                    }
+                    _ => prop_assert_eq!(got, None),
                 }
             }
             Op::Advance(dt) => now += dt,
@@ -334,6 +382,113 @@ proptest! {
     }
 }
 
+/// Per-pod cap and eviction, without time passing (every entry is live, so "held" is "live"):
+/// 3 pods open flows to distinct endpoints (ports never run out) and get some replies.
+fn check_caps(cap: usize, max: usize, ops: Vec<(bool, u8, u8)>) -> Result<(), TestCaseError> {
+    let c = NatConfig {
+        port_lo: 61000,
+        port_hi: 61999,
+        max_entries: max,
+        max_entries_per_pod: cap,
+        ..cfg()
+    };
+    let flow = |sel: u8| FlowKey {
+        proto: if sel & 1 == 0 {
+            NatProto::Tcp
+        } else {
+            NatProto::Udp
+        },
+        pod_ip: Ipv4Addr::new(10, 244, 1, 10 + sel % 3),
+        pod_port: 40000,
+        remote_ip: Ipv4Addr::new(203, 0, 113, sel),
+        remote_port: 443,
+    };
+    let mut t = NatTable::new(c.clone());
+    let mut m = NatModel::default();
+    let mut evicted = 0;
+    for (reply, sel, f) in ops {
+        let k = flow(sel);
+        let flags = [SYN, ACK, SYN | ACK, RST][usize::from(f % 4)];
+        if reply {
+            let e = m.map.get(&k).copied();
+            let got = t.ingress(
+                k.proto,
+                k.remote_ip,
+                k.remote_port,
+                e.map_or(61000, |e| e.port),
+                SYN | ACK,
+                0,
+            );
+            prop_assert_eq!(got, e.map(|_| k));
+            if e.is_some() {
+                m.touch(&k, true, SYN | ACK, 0, &c);
+            }
+            continue;
+        }
+        let got = t.egress(&k, flags, 0);
+        if let Some(e) = m.map.get(&k).copied() {
+            prop_assert_eq!(got, Ok(e.port));
+            m.touch(&k, false, flags, 0, &c);
+        } else if !model_opens(k.proto, flags) {
+            prop_assert_eq!(got, Err(NatError::NoMapping));
+        } else if m.held_by(k.pod_ip) >= cap {
+            prop_assert_eq!(got, Err(NatError::PodLimit));
+        } else {
+            if m.map.len() >= max {
+                let victim = m
+                    .map
+                    .iter()
+                    .filter(|(_, e)| !e.replied)
+                    .min_by_key(|(_, e)| e.born)
+                    .map(|(k, _)| *k);
+                match victim {
+                    Some(v) => {
+                        m.map.remove(&v);
+                        evicted += 1;
+                    }
+                    None => {
+                        prop_assert_eq!(got, Err(NatError::TableFull));
+                        continue;
+                    }
+                }
+            }
+            let p = got.map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+            m.insert(k, p, flags, 0, &c);
+        }
+        prop_assert_eq!(t.len(), m.map.len());
+        prop_assert_eq!(t.evictions(), evicted);
+        for sel in 0..=255u8 {
+            let k = flow(sel);
+            prop_assert_eq!(
+                t.lookup(&k, 0),
+                m.map.get(&k).map(|e| e.port),
+                "flow {:?}",
+                k
+            );
+        }
+        for pod in 0..3 {
+            let a = Ipv4Addr::new(10, 244, 1, 10 + pod);
+            prop_assert_eq!(t.pod_entries(a), m.held_by(a));
+            prop_assert!(t.pod_entries(a) <= cap);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn caps_and_eviction_match_model(
+        cap in 1usize..12,
+        max in 1usize..20,
+        ops in prop::collection::vec((prop::bool::weighted(0.3), any::<u8>(), 0u8..6), 1..200),
+    ) {
+        // f in 4..6 maps to SYN / ACK again through `% 4`; SYN-heavy on purpose.
+        check_caps(cap, max, ops)?;
+    }
+}
+
 // ---- packets ----
 
 fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8], ident: u16) -> Vec<u8> {
@@ -371,7 +526,7 @@ fn build(
             l4[0..2].copy_from_slice(&sp.to_be_bytes());
             l4[2..4].copy_from_slice(&dp.to_be_bytes());
             l4[12] = 5 << 4;
-            l4[13] = ACK;
+            l4[13] = if echo_request { SYN } else { SYN | ACK };
             l4.extend_from_slice(payload);
             let mut p = ip_packet(src, dst, ip_proto::TCP, &l4, sp);
             tcp::Packet::new_unchecked(&mut p[20..]).fill_checksum(s, d);

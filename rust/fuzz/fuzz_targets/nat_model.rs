@@ -6,7 +6,10 @@
 //! independently by tests/prop_nat.rs). Checked after every step: a live flow keeps its port,
 //! a new flow gets a port in range that no live flow to the same remote endpoint holds, the
 //! table refuses only when every port towards that endpoint is taken, replies find exactly the
-//! model's owner, and a full sweep leaves exactly the live flows.
+//! model's owner, and a full sweep leaves exactly the live flows. The untrusted-pod rules: only an
+//! opening packet (`nat::opens_flow`) creates a mapping, and a reply RST before the remote's
+//! SYN+ACK is refused (the table's wrappers send sequence numbers 0, after which every RST lies in
+//! the window).
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -26,6 +29,7 @@ struct M {
     state: NatState,
     fins: u8,
     expires: u64,
+    synced: bool,
 }
 
 fn flow(sel: u8) -> FlowKey {
@@ -56,11 +60,20 @@ fn step(
     now: u64,
 ) -> M {
     let (state, fins) = next_state(k.proto, cur.map(|e| (e.state, e.fins)), dir, flags);
+    let tcp = k.proto == NatProto::Tcp;
+    let mut synced = cur.is_some_and(|e| e.synced);
+    if tcp && dir == Dir::Reply && flags & 0x16 == 0x12 {
+        synced = true;
+    }
+    if tcp && dir == Dir::Orig && state == NatState::TcpSynSent && flags & 0x12 == 0x02 {
+        synced = false;
+    }
     M {
         port,
         state,
         fins,
         expires: now + u64::from(cfg.timeout(state)),
+        synced,
     }
 }
 
@@ -88,6 +101,8 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(e) = live(&m, &k, now) {
                     assert_eq!(got, Ok(e.port));
                     m.insert(k, step(&cfg, &k, Some(e), e.port, Dir::Orig, b, now));
+                } else if !nat::opens_flow(k.proto, b) {
+                    assert_eq!(got, Err(NatError::NoMapping));
                 } else {
                     let used: Vec<u16> = m
                         .iter()
@@ -142,7 +157,8 @@ fuzz_target!(|data: &[u8]| {
                 let owner = m
                     .iter()
                     .find(|(o, e)| e.expires > now && e.port == port && same_remote(o, &k))
-                    .map(|(o, _)| *o);
+                    .map(|(o, _)| *o)
+                    .filter(|o| o.proto != NatProto::Tcp || b & 0x04 == 0 || m[o].synced);
                 assert_eq!(
                     t.ingress(k.proto, k.remote_ip, k.remote_port, port, b, now),
                     owner

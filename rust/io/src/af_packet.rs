@@ -12,7 +12,7 @@
 //! socket (`PACKET_VNET_HDR` is refused on `SOCK_DGRAM`) on the underlay with a classic BPF filter ([`masquerade_filter`]) that lets through only
 //! IPv4 packets to the node address on the masquerade port range (and ICMP that may belong to a
 //! translated flow). AF_PACKET taps see a *copy*; the control plane drops the original before the
-//! kernel's own stack answers it (an nftables rule in prerouting), as DESIGN.md §3 suggests.
+//! kernel's own stack answers it (an nftables rule in prerouting), as docs/design.md §3 suggests.
 
 use crate::sys;
 use std::io;
@@ -173,14 +173,15 @@ impl PacketSocket {
     /// Reads one packet (vnet header first when enabled) without blocking.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-        sys::cvt_size(unsafe {
+        let ret = unsafe {
             libc::recv(
                 self.fd.as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 libc::MSG_DONTWAIT,
             )
-        })
+        };
+        sys::cvt_read(ret, buf.len())
     }
 }
 

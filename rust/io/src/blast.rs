@@ -9,7 +9,7 @@
 //! delivers (the surplus is dropped in a queue on the way).
 //!
 //! Every run is bounded: durations are clamped to [`MAX_SECONDS`] and every blocking call has a
-//! timeout, so a benchmark that loses its peer still ends by itself (DESIGN.md §7).
+//! timeout, so a benchmark that loses its peer still ends by itself (docs/design.md §7).
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -12,6 +12,7 @@ pub mod af_packet;
 pub mod blast;
 pub mod counters;
 pub mod csum;
+pub mod events;
 pub mod gro;
 mod sys;
 pub mod tun;
@@ -19,4 +20,5 @@ pub mod udp;
 pub mod vnet;
 pub mod worker;
 
-pub use worker::{drop_reason_names, Engine, EngineConfig, OffloadInfo};
+pub use events::{Event, EventRing};
+pub use worker::{drop_reason_names, Engine, EngineConfig, NatPressure, OffloadInfo};

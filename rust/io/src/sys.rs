@@ -22,6 +22,53 @@ pub(crate) fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
     }
 }
 
+/// A read's return value checked against the buffer it filled: more than `cap` bytes (which a
+/// correct kernel never reports, but a slice `&buf[..n]` must not trust) is an `InvalidData` error
+/// that the caller counts and drops, instead of a panic that ends the worker.
+pub(crate) fn cvt_read(ret: libc::ssize_t, cap: usize) -> io::Result<usize> {
+    let n = cvt_size(ret)?;
+    if n > cap {
+        return Err(overlong_read(n, cap));
+    }
+    Ok(n)
+}
+
+/// The error [`cvt_read`] returns for a read longer than its buffer.
+pub(crate) fn overlong_read(n: usize, cap: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("read reported {n} bytes into a buffer of {cap}"),
+    )
+}
+
+/// True for the error of a read longer than its buffer (count it, drop the packet, go on).
+pub(crate) fn is_overlong_read(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::InvalidData
+}
+
+/// A `recvmmsg` message length checked against its buffer: the length to use and whether the
+/// message is to be treated as truncated.
+pub(crate) fn clamp_msg_len(msg_len: usize, cap: usize) -> (usize, bool) {
+    (msg_len.min(cap), msg_len > cap)
+}
+
+/// Eight bytes from the kernel's random source (`getrandom(2)`, blocking only until the pool is
+/// initialised at boot): the NAT hash seed, so node ports are not predictable across processes.
+pub(crate) fn random_u64() -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    let mut got = 0;
+    while got < b.len() {
+        // SAFETY: `b[got..]` is valid for writes of `b.len() - got` bytes for the call.
+        let r = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), b.len() - got, 0) };
+        match cvt_read(r, b.len() - got) {
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(u64::from_ne_bytes(b))
+}
+
 /// Wraps a freshly returned descriptor so it is closed exactly once.
 pub(crate) fn owned(fd: libc::c_int) -> io::Result<OwnedFd> {
     let fd = cvt(fd)?;
@@ -294,5 +341,31 @@ impl<N: SockAddr> MsgSlots<N> {
         h.msg_hdr.msg_iovlen = 1;
         h.msg_len = 0;
         h
+    }
+}
+
+#[cfg(test)]
+mod read_clamp_tests {
+    use super::*;
+
+    #[test]
+    fn reads_longer_than_the_buffer_are_errors_not_lengths() {
+        assert_eq!(cvt_read(10, 10).unwrap(), 10);
+        assert_eq!(cvt_read(0, 10).unwrap(), 0);
+        let e = cvt_read(11, 10).unwrap_err();
+        assert!(is_overlong_read(&e), "{e}");
+        assert!(e.to_string().contains("11 bytes into a buffer of 10"));
+        assert!(!is_overlong_read(&io::Error::from_raw_os_error(
+            libc::EAGAIN
+        )));
+        assert_eq!(clamp_msg_len(1500, 2048), (1500, false));
+        assert_eq!(clamp_msg_len(70000, 65536), (65536, true));
+    }
+
+    #[test]
+    fn random_seeds_differ() {
+        let a = random_u64().unwrap();
+        let b = random_u64().unwrap();
+        assert_ne!(a, b);
     }
 }

@@ -61,9 +61,9 @@ impl TunQueue {
     /// Reads one packet, vnet header included, into `buf` (size it [`MAX_READ`]).
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-        sys::cvt_size(unsafe {
-            libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-        })
+        let ret = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        // Never trust the length more than the buffer: see `sys::cvt_read`.
+        sys::cvt_read(ret, buf.len())
     }
 
     /// Writes one packet whose first [`VNET_HDR_LEN`] bytes are its vnet header.

@@ -209,14 +209,17 @@ impl UdpSocket {
             Err(e) => return Err(e),
         };
         batch.meta.clear();
-        for i in 0..got {
+        // Neither the message count nor a message length is trusted beyond the buffers given:
+        // an overlong one is clamped and marked truncated (the worker counts and drops it).
+        for i in 0..got.min(n) {
             let h = &batch.slots.hdrs[i];
+            let (len, overlong) = sys::clamp_msg_len(h.msg_len as usize, batch.bufs[i].len());
             let mut m = RxMeta {
-                len: h.msg_len as usize,
+                len,
                 src: from_sockaddr(&batch.slots.names[i]),
                 segment: 0,
                 tos: 0,
-                truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                truncated: overlong || h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
             };
             // SAFETY: the kernel filled `msg_control`/`msg_controllen` of this header; the CMSG_*
             // helpers only walk inside that length, and each data read is bounds-checked below.

@@ -27,6 +27,7 @@
 
 use crate::af_packet::{self, FrameScratch, PacketSocket, TxFrame};
 use crate::counters::{Dir, Path, Snapshot, Stat, WorkerCounters};
+use crate::events::{Direction, Event, EventRing, Kind};
 use crate::gro::Coalescer;
 use crate::sys::{Epoll, EventFd};
 use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
@@ -146,6 +147,12 @@ impl EngineConfig {
                 n.max_entries
             ));
         }
+        if n.max_entries_per_pod == 0 || n.max_entries_per_pod > n.max_entries {
+            return Err(format!(
+                "nat.max_entries_per_pod: {} is not in 1..={} (nat.max_entries)",
+                n.max_entries_per_pod, n.max_entries
+            ));
+        }
         for (key, t) in [
             ("tcp_syn_sent", n.tcp_syn_sent),
             ("tcp_established", n.tcp_established),
@@ -163,6 +170,14 @@ impl EngineConfig {
         }
         Ok(())
     }
+}
+
+/// See [`Engine::nat_pressure`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatPressure {
+    pub evictions: u64,
+    pub pod_limit_drops: Vec<(Ipv4Addr, u64)>,
+    pub pod_limit_other: u64,
 }
 
 /// Upper bound on `nat.max_entries` (the table costs about 100 bytes per entry).
@@ -199,13 +214,18 @@ pub struct Engine {
     running: Option<Running>,
     nat: Arc<Mutex<NatTable>>,
     epoch: Instant,
+    /// Drop and sampled-flow events for `podrouter monitor` (off unless someone listens).
+    events: Arc<EventRing>,
 }
 
 impl Engine {
-    /// Creates the TUN device (so the control plane can configure it before `start`).
-    pub fn new(cfg: EngineConfig) -> io::Result<Engine> {
+    /// Creates the TUN device (so the control plane can configure it before `start`). The NAT
+    /// hash seed in `cfg.nat` is replaced by a random one (per process: node ports must not be
+    /// predictable, nor flows choosable to collide in the table).
+    pub fn new(mut cfg: EngineConfig) -> io::Result<Engine> {
         cfg.validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        cfg.nat.seed = crate::sys::random_u64()?;
         let tun = Tun::open(&TunOptions {
             name: cfg.tun_name.clone(),
             queues: cfg.workers,
@@ -230,6 +250,7 @@ impl Engine {
             nat: Arc::new(Mutex::new(NatTable::new(cfg.nat.clone()))),
             cfg,
             epoch: Instant::now(),
+            events: Arc::new(EventRing::new()),
         })
     }
 
@@ -346,6 +367,7 @@ impl Engine {
                 coalesce: cfg.offload,
                 nat: Arc::clone(&self.nat),
                 epoch: self.epoch,
+                events: Arc::clone(&self.events),
             };
             alive.fetch_add(1, Ordering::SeqCst);
             let alive2 = Arc::clone(&alive);
@@ -418,6 +440,26 @@ impl Engine {
         self.nat.lock().map_or(0, |n| n.len())
     }
 
+    /// Masquerade pressure figures for `counters()`: entries evicted from a full table, and new
+    /// flows refused at the per-pod cap, per pod address (highest first, at most `top`) plus the
+    /// sum over all other pods.
+    pub fn nat_pressure(&self, top: usize) -> NatPressure {
+        let nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut pods, mut other) = nat.pod_limit_drops();
+        other += pods.iter().skip(top).map(|p| p.1).sum::<u64>();
+        pods.truncate(top);
+        NatPressure {
+            evictions: nat.evictions(),
+            pod_limit_drops: pods,
+            pod_limit_other: other,
+        }
+    }
+
+    /// The monitor's event ring (docs/monitoring.md).
+    pub fn events(&self) -> &EventRing {
+        &self.events
+    }
+
     pub fn offload(&self) -> &OffloadInfo {
         &self.offload
     }
@@ -458,12 +500,14 @@ impl Drop for AliveGuard {
     }
 }
 
-/// Binds `n` send sockets to distinct ports of 49152..=60999: the dynamic range RFC 7348 §5 asks
-/// tunnel source ports to come from, below podrouter's default masquerade range (61000-65535).
-/// Ports in use are skipped; the start is spread by pid so two daemons rarely probe the same ports.
+/// Binds `n` send sockets to distinct ports of `encap::SOURCE_PORT_MIN..=SOURCE_PORT_MAX`
+/// (49152-60999): the dynamic range RFC 7348 §5 asks tunnel source ports to come from, below
+/// podrouter's default masquerade range (61000-65535), which peers refuse as a tunnel source
+/// (`tunnel_source_port`). Ports in use are skipped; the start is spread by pid so two daemons
+/// rarely probe the same ports.
 fn bind_tx_pool(addr: Ipv4Addr, n: usize) -> io::Result<Vec<UdpSocket>> {
-    const LO: u32 = 49152;
-    const SPAN: u32 = 61000 - 49152;
+    const LO: u32 = encap::SOURCE_PORT_MIN as u32;
+    const SPAN: u32 = encap::SOURCE_PORT_MAX as u32 + 1 - LO;
     let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
     let mut out = Vec::with_capacity(n);
     let mut last_err = None;
@@ -549,6 +593,7 @@ struct Worker {
     nat: Arc<Mutex<NatTable>>,
     /// NAT's clock: whole seconds since the engine started.
     epoch: Instant,
+    events: Arc<EventRing>,
 }
 
 const TOKEN_WAKE: u64 = 0;
@@ -696,6 +741,10 @@ impl Worker {
                     n += 1;
                 }
                 Ok(_) => c.drop_packets(DropReason::Truncated.index(), 1),
+                // A length beyond the buffer (sys::cvt_read): count, drop, keep reading.
+                Err(e) if crate::sys::is_overlong_read(&e) => {
+                    c.drop_packets(DropReason::Truncated.index(), 1)
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break, // drained
                 Err(_) => {
@@ -749,6 +798,9 @@ impl Worker {
         }
         let (wire_pkts, wire_bytes) =
             vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], &hdr);
+        if self.events.sample_flow() {
+            self.record_flow(tables, &slot.buf[HEADROOM..HEADROOM + slot.len]);
+        }
         if let Err(r) = self.egress_inner(
             tables,
             now,
@@ -760,6 +812,24 @@ impl Worker {
             frames_out,
         ) {
             c.drop_packets(r.index(), wire_pkts as u64);
+            if self.events.enabled() {
+                let pkt = &slot.buf[HEADROOM..HEADROOM + slot.len.min(slot.buf.len() - HEADROOM)];
+                let mut e = Event::ip(Kind::Drop, Direction::Egress, pkt);
+                e.reason = r.index() as u16;
+                self.events.push(e);
+            }
+        }
+    }
+
+    /// A sampled forwarded packet from a pod, with the path the tables give it.
+    #[cold]
+    fn record_flow(&self, tables: &Tables, pkt: &[u8]) {
+        if let Ok((_, verdict)) = datapath::classify_packet(tables, pkt) {
+            if let Some(path) = verdict.path() {
+                let mut e = Event::ip(Kind::Flow, Direction::Egress, pkt);
+                e.path = Some(path);
+                self.events.push(e);
+            }
         }
     }
 
@@ -1132,6 +1202,7 @@ impl Worker {
             return;
         };
         let port = sock.local_addr().port();
+        let tunnel_proto = self.rx[idx].1;
         let tun = &*self.tun;
         let mut sink =
             |h: &[u8; VNET_HDR_LEN], p: &[u8], segments: usize| match tun.write_with_hdr(h, p) {
@@ -1149,6 +1220,13 @@ impl Worker {
             let meta = recv.meta()[m];
             if meta.truncated {
                 c.drop_packets(DropReason::Truncated.index(), 1);
+                if self.events.enabled() {
+                    let outer = (*meta.src.ip(), meta.src.port());
+                    let node = tables.node_address();
+                    let e =
+                        Event::tunnel(DropReason::Truncated, tunnel_proto, outer, node, port, &[]);
+                    self.events.push(e);
+                }
                 continue;
             }
             let seg = if meta.segment > 0 {
@@ -1160,15 +1238,31 @@ impl Worker {
             let buf = &mut recv.buf_mut(m)[..meta.len];
             for dg in buf.chunks_mut(seg) {
                 let len = dg.len();
-                match datapath::ingress(tables, *meta.src.ip(), port, meta.tos & 0x03, dg, 0, len) {
+                let (src, sport) = (*meta.src.ip(), meta.src.port());
+                match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, dg, 0, len) {
                     IngressAction::Deliver { range, path, .. } => {
                         c.count(path, Dir::Ingress, 1, range.len() as u64);
+                        if self.events.sample_flow() {
+                            let mut e =
+                                Event::ip(Kind::Flow, Direction::Ingress, &dg[range.clone()]);
+                            e.path = Some(path);
+                            e.outer = Some((*meta.src.ip(), meta.src.port()));
+                            self.events.push(e);
+                        }
                         match gro {
                             Some(g) => g.offer(&dg[range], &mut sink),
                             None => sink(&[0; VNET_HDR_LEN], &dg[range], 1),
                         }
                     }
-                    IngressAction::Drop(r) => c.drop_packets(r.index(), 1),
+                    IngressAction::Drop(r) => {
+                        c.drop_packets(r.index(), 1);
+                        if self.events.enabled() {
+                            let outer = (*meta.src.ip(), meta.src.port());
+                            let node = tables.node_address();
+                            self.events
+                                .push(Event::tunnel(r, tunnel_proto, outer, node, port, dg));
+                        }
+                    }
                 }
             }
         }
@@ -1192,6 +1286,11 @@ impl Worker {
             let len = match sock.recv(&mut slot.buf[at..]) {
                 Ok(len) if len >= HEADROOM - at => len - (HEADROOM - at),
                 Ok(_) => {
+                    n += 1;
+                    c.drop_packets(DropReason::Truncated.index(), 1);
+                    continue;
+                }
+                Err(e) if crate::sys::is_overlong_read(&e) => {
                     n += 1;
                     c.drop_packets(DropReason::Truncated.index(), 1);
                     continue;
@@ -1232,7 +1331,16 @@ impl Worker {
                         Err(_) => c.drop_packets(TX_ERROR, segs as u64),
                     }
                 }
-                IngressAction::Drop(r) => c.drop_packets(r.index(), 1),
+                IngressAction::Drop(r) => {
+                    c.drop_packets(r.index(), 1);
+                    if self.events.enabled() {
+                        let pkt = slot.buf.get(HEADROOM..HEADROOM + len).unwrap_or(&[]);
+                        let mut e = Event::ip(Kind::Drop, Direction::Ingress, pkt);
+                        e.reason = r.index() as u16;
+                        e.path = Some(Path::Masquerade);
+                        self.events.push(e);
+                    }
+                }
             }
         }
         if n > 0 {

@@ -16,7 +16,8 @@ use podrouter_core::classify::{
 use podrouter_core::encap;
 use podrouter_core::nat::NatConfig;
 use podrouter_io::counters::{Dir, Path, DIRECTIONS, STATS};
-use podrouter_io::{drop_reason_names, Engine, EngineConfig};
+use podrouter_io::events::{Direction, Kind};
+use podrouter_io::{drop_reason_names, Engine, EngineConfig, Event};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -529,6 +530,7 @@ fn nat_config(r: Option<Reader<'_>>, d: NatConfig) -> PyResult<NatConfig> {
     };
     r.only(&[
         "max_entries",
+        "max_entries_per_pod",
         "tcp_syn_sent",
         "tcp_established",
         "tcp_fin_wait",
@@ -538,8 +540,13 @@ fn nat_config(r: Option<Reader<'_>>, d: NatConfig) -> PyResult<NatConfig> {
         "udp_assured",
         "icmp",
     ])?;
+    let max_entries = r.int_or("max_entries", d.max_entries)?;
     Ok(NatConfig {
-        max_entries: r.int_or("max_entries", d.max_entries)?,
+        max_entries,
+        max_entries_per_pod: r.int_or(
+            "max_entries_per_pod",
+            NatConfig::default_per_pod(max_entries),
+        )?,
         tcp_syn_sent: r.int_or("tcp_syn_sent", d.tcp_syn_sent)?,
         tcp_established: r.int_or("tcp_established", d.tcp_established)?,
         tcp_fin_wait: r.int_or("tcp_fin_wait", d.tcp_fin_wait)?,
@@ -551,6 +558,10 @@ fn nat_config(r: Option<Reader<'_>>, d: NatConfig) -> PyResult<NatConfig> {
         ..d
     })
 }
+
+/// Pod addresses `counters()["nat_pod_limit_drops"]` names (the highest counts); the rest are
+/// summed in `nat_pod_limit_drops_other`, so the metric's label set stays bounded.
+const NAT_POD_LIMIT_TOP: usize = 32;
 
 fn os_err(what: &str, e: std::io::Error) -> PyErr {
     PyOSError::new_err((e.raw_os_error().unwrap_or(0), format!("{what}: {e}")))
@@ -621,7 +632,7 @@ impl Datapath {
     }
 
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (snap, off, gen, workers, nat) = py
+        let (snap, off, gen, workers, nat, pressure) = py
             .allow_threads(|| {
                 let g = self.lock();
                 g.as_ref().map(|e| {
@@ -632,6 +643,7 @@ impl Datapath {
                         gen,
                         e.config().workers,
                         e.nat_entries(),
+                        e.nat_pressure(NAT_POD_LIMIT_TOP),
                     )
                 })
             })
@@ -681,9 +693,69 @@ impl Datapath {
             "nat_alloc_failures",
             snap.drops[DropReason::NatExhausted.index()],
         )?;
+        d.set_item("nat_evictions", pressure.evictions)?;
+        let pods = PyDict::new(py);
+        for (ip, n) in &pressure.pod_limit_drops {
+            pods.set_item(ip.to_string(), *n)?;
+        }
+        d.set_item("nat_pod_limit_drops", pods)?;
+        d.set_item("nat_pod_limit_drops_other", pressure.pod_limit_other)?;
         d.set_item("table_generation", gen)?;
         d.set_item("workers", workers)?;
         d.set_item("offload", offload)?;
+        Ok(d)
+    }
+
+    /// Turns the monitor's event ring on: drops, and with `flows` one forwarded packet in `sample`,
+    /// at most `rate` events a second. Events older than this call are not read.
+    #[pyo3(signature = (flows=false, sample=100, rate=1000))]
+    fn monitor_start(&self, py: Python<'_>, flows: bool, sample: u64, rate: u32) -> PyResult<()> {
+        py.allow_threads(|| {
+            let g = self.lock();
+            let e = g
+                .as_ref()
+                .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            e.events().enable(flows, sample, rate);
+            Ok(())
+        })
+    }
+
+    /// Turns the event ring off: drop points go back to one flag check. Idempotent.
+    fn monitor_stop(&self, py: Python<'_>) {
+        py.allow_threads(|| {
+            if let Some(e) = self.lock().as_ref() {
+                e.events().disable();
+            }
+        });
+    }
+
+    /// Up to `max` events from the ring, oldest first: dicts with kind (drop/flow), reason, path,
+    /// direction, family, proto, src, dst, sport, dport, len, outer (the tunnel sender) and time.
+    #[pyo3(signature = (max=1024))]
+    fn monitor_events<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyList>> {
+        let events = py.allow_threads(|| {
+            let g = self.lock();
+            let mut out = Vec::new();
+            if let Some(e) = g.as_ref() {
+                e.events().drain(max.min(65536), &mut out);
+            }
+            out
+        });
+        let names = drop_reason_names();
+        let list = PyList::empty(py);
+        for ev in events {
+            list.append(event_dict(py, &ev, &names)?)?;
+        }
+        Ok(list)
+    }
+
+    /// `{"suppressed": n, "lost": n}` since the ring was turned on.
+    fn monitor_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = py.allow_threads(|| self.lock().as_ref().map(|e| e.events().stats()));
+        let d = PyDict::new(py);
+        let st = st.unwrap_or_default();
+        d.set_item("suppressed", st.suppressed)?;
+        d.set_item("lost", st.lost)?;
         Ok(d)
     }
 
@@ -714,6 +786,53 @@ impl Datapath {
     }
 }
 
+fn event_dict<'py>(py: Python<'py>, ev: &Event, names: &[&str]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let addr = |b: &[u8; 16]| -> Option<String> {
+        match ev.family {
+            4 => Some(Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()),
+            6 => Some(std::net::Ipv6Addr::from(*b).to_string()),
+            _ => None,
+        }
+    };
+    d.set_item(
+        "kind",
+        if ev.kind == Kind::Flow {
+            "flow"
+        } else {
+            "drop"
+        },
+    )?;
+    let reason = (ev.kind == Kind::Drop).then(|| names.get(usize::from(ev.reason)).copied());
+    d.set_item("reason", reason.flatten())?;
+    d.set_item("path", ev.path.map(|p| p.as_str()))?;
+    let dir = if ev.dir == Direction::Ingress {
+        "ingress"
+    } else {
+        "egress"
+    };
+    d.set_item("direction", dir)?;
+    d.set_item("family", (ev.family != 0).then_some(ev.family))?;
+    let proto = match ev.proto {
+        _ if ev.family == 0 => None,
+        1 => Some("icmp".to_string()),
+        6 => Some("tcp".to_string()),
+        17 => Some("udp".to_string()),
+        58 => Some("icmpv6".to_string()),
+        132 => Some("sctp".to_string()),
+        n => Some(n.to_string()),
+    };
+    d.set_item("proto", proto)?;
+    d.set_item("src", addr(&ev.src))?;
+    d.set_item("dst", addr(&ev.dst))?;
+    d.set_item("sport", ev.sport)?;
+    d.set_item("dport", ev.dport)?;
+    d.set_item("len", ev.len)?;
+    d.set_item("outer", ev.outer.map(|(a, p)| format!("{a}:{p}")))?;
+    d.set_item("time", ev.time_ns as f64 / 1e9)?;
+    Ok(d)
+}
+
 // ------------------------------------------------------------------------------------ module
 
 #[pyfunction]
@@ -725,6 +844,16 @@ fn version() -> &'static str {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    // the outer UDP source ports podrouter's tunnel senders use (docs/architecture.md): the
+    // masquerade range must stay outside them, since peers drop tunnel datagrams from it
+    m.add(
+        "TUNNEL_SOURCE_PORT_MIN",
+        podrouter_core::encap::SOURCE_PORT_MIN,
+    )?;
+    m.add(
+        "TUNNEL_SOURCE_PORT_MAX",
+        podrouter_core::encap::SOURCE_PORT_MAX,
+    )?;
     m.add_class::<Tables>()?;
     m.add_class::<Datapath>()?;
     wire::register(m)?;
