@@ -206,17 +206,20 @@ def test_ipv6_pod_cidrs_announced_and_native_across_router(
     ref: ReferenceTopology, daemons: Daemons, fabric: Fabric
 ) -> None:
     """Dual-stack pods: each node's IPv6 pod CIDR reaches R over the IPv4 session (ipv6 channel) with
-    the node's link-local address as next hop; native IPv6 pod traffic crosses R; a daemon restart
-    keeps R's IPv6 route and cleanup withdraws it."""
-    ll = {n: link_local(ref, n) for n in ("node1", "node2")}
+    the node's IPv6 address on its link as next hop: node1 has only its link-local one, node2 also a
+    global one (preferred); native IPv6 pod traffic crosses R both ways; a daemon restart keeps R's
+    IPv6 route and cleanup withdraws it."""
+    ref.router.ip("-6 addr add 2001:db8:3::1/64 dev p-node2 nodad")
+    ref.nodes["node2"].ip("-6 addr add 2001:db8:3::2/64 dev eth0 nodad")
+    ll1 = link_local(ref, "node1")
     cfg1 = bgp_cfg(ref, "node1", daemons.sockdir, dual_stack=True, graceful_restart_time=60)
     d1 = daemons.start(ref.nodes["node1"], cfg1)
     d2 = daemons.start(
         ref.nodes["node2"], bgp_cfg(ref, "node2", daemons.sockdir, dual_stack=True, graceful_restart_time=60)
     )
     want6 = {
-        "fd00:10:244:1::/64": f"{ll['node1']} dev {R_LINK['node1']}",
-        "fd00:10:244:2::/64": f"{ll['node2']} dev {R_LINK['node2']}",
+        "fd00:10:244:1::/64": f"{ll1} dev {R_LINK['node1']}",
+        "fd00:10:244:2::/64": f"2001:db8:3::2 dev {R_LINK['node2']}",
     }
     fabric.wait_routes(want6, family=6)
     fabric.wait_routes({"10.244.1.0/24": "172.16.2.2", "10.244.2.0/24": "172.16.3.2"})
@@ -227,7 +230,8 @@ def test_ipv6_pod_cidrs_announced_and_native_across_router(
         lambda: (s := d1.status()["bgp"])["announced_prefixes"] == 2 and s, 20, what="node1 announcing"
     )
     assert b["prefixes"] == ["10.244.1.0/24", "fd00:10:244:1::/64"] and b["not_announced"] == []
-    assert b["next_hop6"] == ll["node1"] and b["sessions"][0]["ipv6"] is True
+    assert b["next_hop6"] == ll1 and b["sessions"][0]["ipv6"] is True
+    assert d2.status()["bgp"]["next_hop6"] == "2001:db8:3::2"
     assert "podrouter_bgp_announced_prefixes 2.0" in metrics_text(ref, "node1")
     assert "not announced" not in d1.cli("status", "--socket", str(d1.socket)).stdout
 
