@@ -385,7 +385,9 @@ class BgpSpeaker:
                     and carries_ipv6(self.next_hop6, self.on_link(p.address)),
                 }
             )
-        cidrs = [str(n) for n in announced_cidrs(self.cfg, self.next_hop6)]
+        # IPv6 pod CIDRs count as announced if at least one session carries the ipv6 channel
+        carried6 = any(x["ipv6"] for x in sessions)
+        cidrs = [str(n) for n in announced_cidrs(self.cfg, self.next_hop6 if carried6 else None)]
         up = [s for s in sessions if s["up"]]
         return {
             "enabled": True,

@@ -173,6 +173,23 @@ def test_bird_conf_is_what_bird_accepts(tmp_path: Path) -> None:
         assert r.returncode == 0, (r.stderr, t)
 
 
+def test_status_lists_ipv6_cidrs_without_a_carrying_session(tmp_path: Path) -> None:
+    """What status reports before BIRD answers (no control socket here): IPv6 pod CIDRs count as
+    announced only if some session carries the ipv6 channel."""
+    cfg = config.loads(BASE + GOOD_BGP + f"api: {{socket: {tmp_path}/api.sock}}\n")
+    local = ipaddress.IPv4Address("172.16.2.2")
+    sp = bgp.BgpSpeaker(cfg, local, lambda a: str(a).startswith("172.16.2."))
+    sp.next_hop6 = ipaddress.IPv6Address("fe80::1")  # link-local: only the direct peer0 carries it
+    st = sp.status()
+    assert st["error"] and st["prefixes"] == ["10.244.1.0/24", "fd00:10:244:1::/64"] and st["not_announced"] == []
+    assert [x["ipv6"] for x in st["sessions"]] == [True, False] and st["next_hop6"] == "fe80::1"
+    sp.on_link = lambda a: False  # both peers multihop: nobody can use a link-local next hop
+    st = sp.status()
+    assert st["prefixes"] == ["10.244.1.0/24"] and st["not_announced"] == ["fd00:10:244:1::/64"]
+    sp.next_hop6 = None
+    assert sp.status()["not_announced"] == ["fd00:10:244:1::/64"] and sp.status()["next_hop6"] is None
+
+
 def test_control_reply_parser() -> None:
     import io
 
