@@ -5,10 +5,13 @@ node's namespace (foreground, with a parent-death signal so a killed daemon cann
 and talks to it over BIRD's control socket, the line protocol `birdc` uses (`NNNN-text` lines, a
 reply ends with a line whose four-digit code is followed by a space).
 
-What BIRD is told: one static protocol with this node's IPv4 pod CIDRs as `unreachable` routes (they
-exist only to be exported; BIRD has no kernel protocol here, so it never touches the node's routing
-tables), and one BGP session per `bgp.peers[]` entry exporting them with `next hop self`, i.e. the
-node's underlay address. Nothing is imported.
+What BIRD is told: two static protocols with this node's IPv4 and IPv6 pod CIDRs as `unreachable`
+routes (they exist only to be exported; BIRD has no kernel protocol here, so it never touches the
+node's routing tables), and one BGP session per `bgp.peers[]` entry, over IPv4, exporting the IPv4
+ones with `next hop self` (the node's underlay address) and, on an `ipv6` channel of the same session
+(multiprotocol BGP), the IPv6 ones with the node's IPv6 address on the underlay interface as next hop:
+a global one if the interface has one, else its link-local fe80:: address (direct sessions only).
+Nothing is imported.
 
 Restart without a flap: the sessions carry the graceful-restart capability. On SIGTERM the daemon
 asks BIRD for `graceful restart`: it closes its sessions without a NOTIFICATION and the routers keep
@@ -44,6 +47,10 @@ START_TIMEOUT = 10.0
 RESTART_INTERVAL = 5.0  # seconds between two attempts to restart a BIRD that died
 SUN_PATH_MAX = 107
 STATIC_PROTOCOL = "podr_pods4"
+STATIC_PROTOCOL6 = "podr_pods6"
+DAD_WAIT = 3.0  # seconds to wait for a tentative (DAD) IPv6 address of the underlay interface
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
 # BIRD's reply codes (doc/reply_codes in BIRD's source): 0xxx end of a successful reply, 8xxx/9xxx
 # errors; 1002 protocol summary lines, 1006 protocol details, 0014 a route count
 _LINE_RE = re.compile(r"^(\d{4})([ -])(.*)$")
@@ -89,10 +96,67 @@ def bird_binary() -> str | None:
     )
 
 
-def announced_cidrs(cfg: Config) -> list[ipaddress.IPv4Network]:
-    """The prefixes this node announces: its IPv4 pod CIDRs (the underlay, and so the BGP next hop,
-    is IPv4; docs/bgp.md says why IPv6 pod CIDRs are not announced)."""
-    return [n for n in cfg.node.pod_cidrs if isinstance(n, ipaddress.IPv4Network)]
+def announced_cidrs(
+    cfg: Config, next_hop6: ipaddress.IPv6Address | None = None
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The prefixes this node announces: its IPv4 pod CIDRs, and its IPv6 ones when the underlay
+    interface has an IPv6 address to give as their next hop (docs/bgp.md)."""
+    return [
+        n
+        for n in cfg.node.pod_cidrs
+        if isinstance(n, ipaddress.IPv4Network) or (next_hop6 is not None and n.version == 6)
+    ]
+
+
+def v6_pod_cidrs(cfg: Config) -> list[ipaddress.IPv6Network]:
+    return [n for n in cfg.node.pod_cidrs if isinstance(n, ipaddress.IPv6Network)]
+
+
+def carries_ipv6(next_hop6: ipaddress.IPv6Address | None, direct: bool) -> bool:
+    """A session gets the ipv6 channel when it has a usable IPv6 next hop: a global address works
+    for any session, a link-local one only towards an on-link (direct) peer."""
+    return next_hop6 is not None and (direct or not next_hop6.is_link_local)
+
+
+def underlay_ipv6(
+    local_address: ipaddress.IPv4Address, wait: float = DAD_WAIT
+) -> ipaddress.IPv6Address | None:
+    """The IPv6 next hop for our IPv6 pod CIDRs: an address of the interface that holds the
+    underlay address, global (scope universe) preferred over link-local; None if the interface has
+    no IPv6 address. A tentative address (duplicate address detection still running, ~1-2 s after
+    the link comes up) is waited for up to `wait` seconds, since BIRD ignores tentative addresses;
+    one whose DAD failed is never used."""
+    from pyroute2 import IPRoute
+
+    deadline = time.monotonic() + wait
+    with IPRoute() as ipr:
+        while True:
+            index = next(
+                (
+                    m["index"]
+                    for m in ipr.get_addr(family=socket.AF_INET)
+                    if m.get_attr("IFA_ADDRESS") == str(local_address)
+                ),
+                None,
+            )
+            if index is None:
+                return None
+            ready: list[tuple[int, ipaddress.IPv6Address]] = []
+            tentative = False
+            for m in ipr.get_addr(family=socket.AF_INET6, index=index):
+                flags = m.get_attr("IFA_FLAGS") or m["flags"]
+                addr = ipaddress.IPv6Address(m.get_attr("IFA_ADDRESS"))
+                if flags & IFA_F_DADFAILED:
+                    continue
+                if flags & IFA_F_TENTATIVE:
+                    tentative = True
+                    continue
+                if addr.is_link_local or (m["scope"] == 0 and not addr.is_loopback):
+                    ready.append((0 if not addr.is_link_local else 1, addr))
+            best = min(ready)[1] if ready else None
+            if not tentative or time.monotonic() >= deadline or (best and not best.is_link_local):
+                return best
+            time.sleep(0.1)
 
 
 def render_config(
@@ -100,9 +164,13 @@ def render_config(
     local_address: ipaddress.IPv4Address,
     on_link: Callable[[ipaddress.IPv4Address], bool],
     announce: bool = True,
+    next_hop6: ipaddress.IPv6Address | None = None,
 ) -> str:
-    """bird.conf for this node. `announce=False`: the same sessions with nothing to export (cleanup)."""
+    """bird.conf for this node. `announce=False`: the same sessions with nothing to export (cleanup).
+    `next_hop6`: the node's IPv6 address on the underlay interface (underlay_ipv6()); without one,
+    or without IPv6 pod CIDRs, the sessions carry no ipv6 channel."""
     b = cfg.bgp
+    six = bool(v6_pod_cidrs(cfg)) and next_hop6 is not None
     assert b.asn is not None
     router_id = b.router_id or local_address
     lines = [
@@ -115,10 +183,16 @@ def render_config(
         "  ipv4;",
     ]
     if announce:
-        lines += [f"  route {net} unreachable;" for net in announced_cidrs(cfg)]
+        lines += [f"  route {net} unreachable;" for net in announced_cidrs(cfg) if net.version == 4]
     lines.append("}")
+    if six:
+        lines += [f"protocol static {STATIC_PROTOCOL6} {{", "  ipv6;"]
+        if announce:
+            lines += [f"  route {net} unreachable;" for net in v6_pod_cidrs(cfg)]
+        lines.append("}")
     for i, p in enumerate(b.peers):
-        hop = "direct" if on_link(p.address) else "multihop"
+        direct = on_link(p.address)
+        hop = "direct" if direct else "multihop"
         lines += [
             f"protocol bgp {protocol_name(i)} {{",
             f'  description "podrouter peer {p.address}";',
@@ -142,8 +216,20 @@ def render_config(
             f'    export where proto = "{STATIC_PROTOCOL}";',
             "    next hop self;",
             "  };",
-            "}",
         ]
+        if six and carries_ipv6(next_hop6, direct):
+            # multiprotocol BGP over the IPv4 session. A link-local next hop goes out as the
+            # RFC 2545 pair (:: global, fe80:: link-local); BIRD takes the link-local half from the
+            # session's interface, so the router installs `via fe80::... dev <link>`
+            lines += [
+                "  ipv6 {",
+                "    import none;",
+                f'    export where proto = "{STATIC_PROTOCOL6}";',
+                "    next hop self;",
+                f"    next hop address {next_hop6};",
+                "  };",
+            ]
+        lines.append("}")
     return "\n".join(lines) + "\n"
 
 
@@ -204,8 +290,9 @@ def parse_protocols(reply: list[tuple[int, str]]) -> dict[str, dict[str, Any]]:
                 cur["bgp_state"] = t.split(":", 1)[1].strip()
             elif t.startswith("Routes:"):
                 m = re.search(r"(\d+) imported.*?(\d+) exported", t)
-                if m:
-                    cur["imported"], cur["exported"] = int(m.group(1)), int(m.group(2))
+                if m:  # one Routes line per channel (ipv4, ipv6): the protocol's total
+                    cur["imported"] = cur.get("imported", 0) + int(m.group(1))
+                    cur["exported"] = cur.get("exported", 0) + int(m.group(2))
             elif t.startswith("Last error:"):
                 cur["last_error"] = t.split(":", 1)[1].strip()
     return out
@@ -224,15 +311,24 @@ class BgpSpeaker:
         self.paths = BirdPaths.for_config(cfg)
         self.proc: subprocess.Popen[bytes] | None = None
         self._last_restart = -RESTART_INTERVAL
+        self.next_hop6: ipaddress.IPv6Address | None = None
+
+    def _render(self) -> str:
+        """bird.conf; the IPv6 next hop is looked up again each time (start, SIGHUP)."""
+        self.next_hop6 = underlay_ipv6(self.local_address) if v6_pod_cidrs(self.cfg) else None
+        if v6_pod_cidrs(self.cfg) and self.next_hop6 is None:
+            log.warning("BGP: the underlay interface has no IPv6 address: IPv6 pod CIDRs are not announced")
+        return render_config(self.cfg, self.local_address, self.on_link, next_hop6=self.next_hop6)
 
     def start(self) -> None:
         kill_leftover(self.paths)
-        write_private(self.paths.conf, render_config(self.cfg, self.local_address, self.on_link))
+        write_private(self.paths.conf, self._render())
         self.proc = launch(self.paths)
         log.info(
-            "BGP: bird pid %d announcing %s to %s",
+            "BGP: bird pid %d announcing %s (IPv6 next hop %s) to %s",
             self.proc.pid,
-            ", ".join(str(n) for n in announced_cidrs(self.cfg)) or "nothing",
+            ", ".join(str(n) for n in announced_cidrs(self.cfg, self.next_hop6)) or "nothing",
+            self.next_hop6 or "-",
             ", ".join(f"{p.address} (AS {p.asn})" for p in self.cfg.bgp.peers),
         )
 
@@ -240,7 +336,7 @@ class BgpSpeaker:
         """SIGHUP: rewrite bird.conf and let BIRD apply the difference (a changed pod CIDR is
         withdrawn / announced without touching the sessions; a changed peer restarts its session)."""
         self.cfg = cfg
-        write_private(self.paths.conf, render_config(cfg, self.local_address, self.on_link))
+        write_private(self.paths.conf, self._render())
         reply = control(self.paths.ctl, "configure")
         log.info("BGP: %s", "; ".join(t for _, t in reply if t))
 
@@ -285,9 +381,13 @@ class BgpSpeaker:
                     "up": state == "Established",
                     "exported": int(st.get("exported", 0)) if state == "Established" else 0,
                     "last_error": st.get("last_error"),
+                    "ipv6": bool(v6_pod_cidrs(self.cfg))
+                    and carries_ipv6(self.next_hop6, self.on_link(p.address)),
                 }
             )
-        cidrs = [str(n) for n in announced_cidrs(self.cfg)]
+        # IPv6 pod CIDRs count as announced if at least one session carries the ipv6 channel
+        carried6 = any(x["ipv6"] for x in sessions)
+        cidrs = [str(n) for n in announced_cidrs(self.cfg, self.next_hop6 if carried6 else None)]
         up = [s for s in sessions if s["up"]]
         return {
             "enabled": True,
@@ -297,6 +397,7 @@ class BgpSpeaker:
             "error": error,
             "graceful_restart_time": b.graceful_restart_time,
             "prefixes": cidrs,
+            "next_hop6": str(self.next_hop6) if self.next_hop6 is not None else None,
             "not_announced": [str(n) for n in self.cfg.node.pod_cidrs if str(n) not in cidrs],
             # what at least one established session carries
             "announced_prefixes": max((s["exported"] for s in up), default=0),
@@ -400,7 +501,9 @@ def withdraw(
     done = []
     if kill_leftover(paths):
         done.append("stopped a leftover bird")
-    write_private(paths.conf, render_config(cfg, local_address, on_link, announce=False))
+    # the same channels as the running daemon had (an empty ipv6 channel withdraws the IPv6 prefixes)
+    nh6 = underlay_ipv6(local_address) if v6_pod_cidrs(cfg) else None
+    write_private(paths.conf, render_config(cfg, local_address, on_link, announce=False, next_hop6=nh6))
     proc = launch(paths)
     try:
         deadline = time.monotonic() + timeout
@@ -439,9 +542,11 @@ __all__ = [
     "BgpSpeaker",
     "BirdPaths",
     "announced_cidrs",
+    "carries_ipv6",
     "control",
     "parse_protocols",
     "path_problems",
     "render_config",
+    "underlay_ipv6",
     "withdraw",
 ]

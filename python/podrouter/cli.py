@@ -208,7 +208,7 @@ def _bgp_lines(b: dict[str, Any]) -> list[str]:
         f"  graceful restart {b.get('graceful_restart_time')}s",
     ]
     if b.get("not_announced"):
-        out.append(f"  not announced (IPv4 underlay): {', '.join(b['not_announced'])}")
+        out.append(f"  not announced (no IPv6 next hop): {', '.join(b['not_announced'])}")
     if b.get("error"):
         out.append(f"  ! {b['error']}")
     for x in b.get("sessions") or []:

@@ -2,10 +2,13 @@
 topology runs BIRD as the fabric router (eBGP to every node, what they announce goes into R's kernel
 table). With BGP, routing.mode native crosses R: pod addresses on the wire, no tunnel port. R's
 table shows each pod CIDR via its node; a daemon restart does not flap R's routes (graceful
-restart); a stopped-and-cleaned node's prefix is withdrawn."""
+restart); a stopped-and-cleaned node's prefix is withdrawn. Dual-stack pods: the IPv6 pod CIDRs go
+over the same IPv4 sessions (ipv6 channel) with the node's link-local next hop, and native IPv6
+crosses R the same way."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import Daemons, podrouter_argv, python_in, ref_config, wait_for
+from test_paths import iperf
 
 from nettopo import ReferenceTopology, capture
 from podrouter.demo.fabric import NODE_ASN, Fabric, node_bgp, start_fabric
 
 R_ADDR = {"node1": "172.16.2.1", "node2": "172.16.3.1", "node3": "172.16.2.1"}
+POD6 = {"pod1": "fd00:10:244:1::1", "pod2": "fd00:10:244:2::1"}
+# R's side of each node's link: node1 hangs off the bridge br0, node2 off p-node2
+R_LINK = {"node1": "br0", "node2": "p-node2"}
 
 
 @pytest.fixture
@@ -37,7 +44,9 @@ def fabric(ref: ReferenceTopology, daemons: Daemons) -> Iterator[Fabric]:
         f.stop()
 
 
-def bgp_cfg(ref: ReferenceTopology, node: str, sockdir: Path, **bgp: object) -> dict:
+def bgp_cfg(
+    ref: ReferenceTopology, node: str, sockdir: Path, dual_stack: bool = False, **bgp: object
+) -> dict:
     return ref_config(
         ref,
         node,
@@ -45,7 +54,19 @@ def bgp_cfg(ref: ReferenceTopology, node: str, sockdir: Path, **bgp: object) -> 
         mode="native",
         peers=[n for n in ("node1", "node2") if n != node],
         bgp=node_bgp(R_ADDR[node], **bgp),
+        dual_stack=dual_stack,
     )
+
+
+def link_local(ref: ReferenceTopology, node: str) -> str:
+    """The node's fe80:: address on its underlay link (eth0), once DAD is done."""
+
+    def get() -> str | None:
+        out = json.loads(ref.nodes[node].ip("-6 -j addr show dev eth0 scope link") or "[]")
+        addrs = [a for i in out for a in i.get("addr_info", []) if not a.get("tentative")]
+        return addrs[0]["local"] if addrs else None
+
+    return str(wait_for(get, 10, what=f"{node}'s link-local address"))
 
 
 def bird_pids(ctl: str) -> list[int]:
@@ -178,6 +199,87 @@ def test_restart_keeps_routes_and_cleanup_withdraws(
     assert r.returncode == 0, r.stderr
     assert "withdrew this node's prefixes from 172.16.2.1" in r.stdout, r.stdout
     fabric.wait_routes({"10.244.1.0/24": None, "10.244.2.0/24": "172.16.3.2"}, timeout=10)
+    assert d2.alive()
+
+
+def test_ipv6_pod_cidrs_announced_and_native_across_router(
+    ref: ReferenceTopology, daemons: Daemons, fabric: Fabric
+) -> None:
+    """Dual-stack pods: each node's IPv6 pod CIDR reaches R over the IPv4 session (ipv6 channel) with
+    the node's IPv6 address on its link as next hop: node1 has only its link-local one, node2 also a
+    global one (preferred); native IPv6 pod traffic crosses R both ways; a daemon restart keeps R's
+    IPv6 route and cleanup withdraws it."""
+    ref.router.ip("-6 addr add 2001:db8:3::1/64 dev p-node2 nodad")
+    ref.nodes["node2"].ip("-6 addr add 2001:db8:3::2/64 dev eth0 nodad")
+    ll1 = link_local(ref, "node1")
+    cfg1 = bgp_cfg(ref, "node1", daemons.sockdir, dual_stack=True, graceful_restart_time=60)
+    d1 = daemons.start(ref.nodes["node1"], cfg1)
+    d2 = daemons.start(
+        ref.nodes["node2"], bgp_cfg(ref, "node2", daemons.sockdir, dual_stack=True, graceful_restart_time=60)
+    )
+    want6 = {
+        "fd00:10:244:1::/64": f"{ll1} dev {R_LINK['node1']}",
+        "fd00:10:244:2::/64": f"2001:db8:3::2 dev {R_LINK['node2']}",
+    }
+    fabric.wait_routes(want6, family=6)
+    fabric.wait_routes({"10.244.1.0/24": "172.16.2.2", "10.244.2.0/24": "172.16.3.2"})
+    # the sessions stay IPv4: R's neighbors are the nodes' IPv4 addresses
+    assert fabric.sessions() == {"172.16.2.2": "Established", "172.16.3.2": "Established"}
+
+    b = wait_for(
+        lambda: (s := d1.status()["bgp"])["announced_prefixes"] == 2 and s, 20, what="node1 announcing"
+    )
+    assert b["prefixes"] == ["10.244.1.0/24", "fd00:10:244:1::/64"] and b["not_announced"] == []
+    assert b["next_hop6"] == ll1 and b["sessions"][0]["ipv6"] is True
+    assert d2.status()["bgp"]["next_hop6"] == "2001:db8:3::2"
+    assert "podrouter_bgp_announced_prefixes 2.0" in metrics_text(ref, "node1")
+    assert "not announced" not in d1.cli("status", "--socket", str(d1.socket)).stdout
+
+    # native IPv6 across R: the pods' own addresses on R's wire towards node2, no tunnel port
+    pod1, pod2 = ref.pods["pod1"].host, ref.pods["pod2"].host
+    with (
+        capture(ref.router, "p-node2", "ip6 and net fd00:10:244::/48") as lines,
+        capture(ref.router, "p-node2", "udp port 4789 or udp port 6081") as tunnel,
+    ):
+        assert pod1.ping(POD6["pod2"], count=3)
+        assert pod2.ping(POD6["pod1"], count=3)
+        report = iperf(pod1, pod2, POD6["pod2"], seconds=1)
+    assert any("fd00:10:244:1::1 > fd00:10:244:2::1: ICMP6, echo request" in ln for ln in lines), lines[:5]
+    assert any("fd00:10:244:2::1 > fd00:10:244:1::1: ICMP6, echo reply" in ln for ln in lines), lines[:5]
+    assert any("fd00:10:244:1::1." in ln and "fd00:10:244:2::1.5201:" in ln for ln in lines), lines[:5]
+    assert report["end"]["sum_received"]["bytes"] > 0
+    assert tunnel == [], tunnel[:5]
+    packets = d1.counters().get("packets") or {}
+    assert packets.get("native/egress", 0) > 0, packets
+
+    # restart node1's daemon while R's IPv6 table is watched: its v6 prefix is never deleted
+    mon = ref.router.popen(
+        ["ip", "-6", "-o", "monitor", "route"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        time.sleep(0.3)
+        code, logs = d1.stop()
+        assert code == 0, logs[-2000:]
+        wait_for(lambda: fabric.sessions()["172.16.2.2"] != "Established", 10, what="R sees node1 gone")
+        assert fabric.routes(6).get("fd00:10:244:1::/64") == want6["fd00:10:244:1::/64"]
+        d1 = daemons.start(ref.nodes["node1"], cfg1)
+        wait_for(lambda: d1.status()["bgp"]["announced_prefixes"] == 2, 20, what="node1 announcing again")
+        time.sleep(1.0)
+    finally:
+        mon.terminate()
+        out, _ = mon.communicate(timeout=5)
+    events = out.decode(errors="replace").splitlines()
+    assert not [e for e in events if "fd00:10:244:1::/64" in e and e.startswith("Deleted")], events
+    assert fabric.routes(6) == want6
+    assert pod1.ping(POD6["pod2"], count=2)
+
+    # stopped and cleaned: the v6 prefix leaves R's table at once, like the v4 one
+    code, _ = d1.stop()
+    assert code == 0
+    r = d1.cli("cleanup", "--config", str(d1.config), timeout=40)
+    assert r.returncode == 0, r.stderr
+    fabric.wait_routes({"fd00:10:244:1::/64": None, "fd00:10:244:2::/64": want6["fd00:10:244:2::/64"]}, 10, 6)
+    fabric.wait_routes({"10.244.1.0/24": None, "10.244.2.0/24": "172.16.3.2"}, timeout=5)
     assert d2.alive()
 
 

@@ -119,23 +119,75 @@ def test_clustermesh_keys_and_refusals() -> None:
 
 def test_bird_conf_is_what_bird_accepts(tmp_path: Path) -> None:
     cfg = config.loads(BASE + GOOD_BGP)
-    text = bgp.render_config(
-        cfg, ipaddress.IPv4Address("172.16.2.2"), lambda a: str(a).startswith("172.16.2.")
-    )
+    local = ipaddress.IPv4Address("172.16.2.2")
+
+    def on_link(a: ipaddress.IPv4Address) -> bool:
+        return str(a).startswith("172.16.2.")
+
+    # no IPv6 address on the underlay interface: IPv4 only, no ipv6 channel
+    text = bgp.render_config(cfg, local, on_link)
     assert "route 10.244.1.0/24 unreachable;" in text
-    assert "fd00" not in text  # the underlay is IPv4: no IPv6 next hop to announce
+    assert "fd00" not in text and "ipv6" not in text
     assert "neighbor 172.16.2.1 port 179 as 64500;" in text and "  direct;" in text
     assert "neighbor 10.9.9.9 port 179 as 64512;" in text and "  multihop;" in text
     assert "graceful restart time 60;" in text and "next hop self;" in text and "import none;" in text
     assert bgp.announced_cidrs(cfg) == [ipaddress.ip_network("10.244.1.0/24")]
-    empty = bgp.render_config(cfg, ipaddress.IPv4Address("172.16.2.2"), lambda a: True, announce=False)
+    empty = bgp.render_config(cfg, local, lambda a: True, announce=False)
     assert "route " not in empty
+
+    # a link-local next hop: the v6 pod CIDR goes out on the ipv6 channel of the direct session only
+    # (a link-local address means nothing to a multihop peer)
+    ll = ipaddress.IPv6Address("fe80::a8c1:abff:fe00:1")
+    text6 = bgp.render_config(cfg, local, on_link, next_hop6=ll)
+    assert "protocol static podr_pods6 {\n  ipv6;\n  route fd00:10:244:1::/64 unreachable;\n}" in text6
+    peer0, peer1 = text6.split("protocol bgp peer0")[1].split("protocol bgp peer1")
+    assert "  ipv6 {" in peer0 and f"next hop address {ll};" in peer0
+    assert 'export where proto = "podr_pods6";' in peer0 and "local 172.16.2.2 as 64512;" in peer0
+    assert "ipv6" not in peer1
+    assert bgp.announced_cidrs(cfg, ll) == [
+        ipaddress.ip_network("10.244.1.0/24"),
+        ipaddress.ip_network("fd00:10:244:1::/64"),
+    ]
+    # a global one serves every session
+    glob = ipaddress.IPv6Address("2001:db8::2")
+    text6g = bgp.render_config(cfg, local, on_link, next_hop6=glob)
+    assert text6g.count("next hop address 2001:db8::2;") == 2
+    assert bgp.carries_ipv6(glob, direct=False) and not bgp.carries_ipv6(ll, direct=False)
+    assert not bgp.carries_ipv6(None, direct=True)
+    # cleanup: the same channels, nothing in them (End-of-RIB on ipv6 too drops the stale routes)
+    empty6 = bgp.render_config(cfg, local, on_link, announce=False, next_hop6=ll)
+    assert (
+        "route " not in empty6
+        and "protocol static podr_pods6" in empty6
+        and "next hop address fe80::" in empty6
+    )
+    # no IPv6 pod CIDR: no ipv6 channel even with an IPv6 address
+    v4only = config.loads(BASE.replace(', "fd00:10:244:1::/64"', "") + GOOD_BGP)
+    assert "ipv6" not in bgp.render_config(v4only, local, on_link, next_hop6=ll)
+
     bird = shutil.which("bird") or "/usr/sbin/bird"
-    for i, t in enumerate((text, empty)):
+    for i, t in enumerate((text, empty, text6, text6g, empty6)):
         f = tmp_path / f"b{i}.conf"
         f.write_text(t)
         r = subprocess.run([bird, "-p", "-c", str(f)], capture_output=True, text=True)
         assert r.returncode == 0, (r.stderr, t)
+
+
+def test_status_lists_ipv6_cidrs_without_a_carrying_session(tmp_path: Path) -> None:
+    """What status reports before BIRD answers (no control socket here): IPv6 pod CIDRs count as
+    announced only if some session carries the ipv6 channel."""
+    cfg = config.loads(BASE + GOOD_BGP + f"api: {{socket: {tmp_path}/api.sock}}\n")
+    local = ipaddress.IPv4Address("172.16.2.2")
+    sp = bgp.BgpSpeaker(cfg, local, lambda a: str(a).startswith("172.16.2."))
+    sp.next_hop6 = ipaddress.IPv6Address("fe80::1")  # link-local: only the direct peer0 carries it
+    st = sp.status()
+    assert st["error"] and st["prefixes"] == ["10.244.1.0/24", "fd00:10:244:1::/64"] and st["not_announced"] == []
+    assert [x["ipv6"] for x in st["sessions"]] == [True, False] and st["next_hop6"] == "fe80::1"
+    sp.on_link = lambda a: False  # both peers multihop: nobody can use a link-local next hop
+    st = sp.status()
+    assert st["prefixes"] == ["10.244.1.0/24"] and st["not_announced"] == ["fd00:10:244:1::/64"]
+    sp.next_hop6 = None
+    assert sp.status()["not_announced"] == ["fd00:10:244:1::/64"] and sp.status()["next_hop6"] is None
 
 
 def test_control_reply_parser() -> None:
@@ -146,6 +198,9 @@ def test_control_reply_parser() -> None:
         b"1002-peer0      BGP        ---        up     12:00:00.000  Established   \n"
         b"1006-  BGP state:          Established\n"
         b"        Neighbor address: 172.16.2.1\n"
+        b"      Channel ipv4\n"
+        b"      Routes:         0 imported, 1 exported, 0 preferred\n"
+        b"      Channel ipv6\n"
         b"      Routes:         0 imported, 1 exported, 0 preferred\n"
         b"1002-peer1      BGP        ---        start  12:00:00.000  Active        Socket: Connection refused\n"
         b"1006-  BGP state:          Active\n"
@@ -154,7 +209,7 @@ def test_control_reply_parser() -> None:
     )
     reply = bgp._read_reply(io.BytesIO(raw))
     protos = bgp.parse_protocols(reply)
-    assert protos["peer0"]["bgp_state"] == "Established" and protos["peer0"]["exported"] == 1
+    assert protos["peer0"]["bgp_state"] == "Established" and protos["peer0"]["exported"] == 2
     assert (
         protos["peer1"]["state"] == "start" and protos["peer1"]["last_error"] == "Socket: Connection refused"
     )

@@ -38,19 +38,24 @@ class Fabric:
             return {}
         return {addr: protos.get(_proto(addr), {}).get("bgp_state", "down") for addr in self.neighbors}
 
-    def routes(self) -> dict[str, str]:
-        """R's kernel routes learnt from BIRD: destination -> gateway."""
-        out = self.host.try_run(["ip", "-j", "route", "show", "proto", "bird"])
+    def routes(self, family: int = 4) -> dict[str, str]:
+        """R's kernel routes learnt from BIRD: destination -> gateway (IPv6: "gateway dev link",
+        the next hops being link-local)."""
+        out = self.host.try_run(["ip", f"-{family}", "-j", "route", "show", "proto", "bird"])
         if out.returncode != 0 or not out.stdout.strip():
             return {}
-        return {r["dst"]: r.get("gateway", "") for r in json.loads(out.stdout)}
+        if family == 4:
+            return {r["dst"]: r.get("gateway", "") for r in json.loads(out.stdout)}
+        return {r["dst"]: f"{r.get('gateway', '')} dev {r.get('dev', '')}" for r in json.loads(out.stdout)}
 
-    def wait_routes(self, want: dict[str, str | None], timeout: float = 30) -> dict[str, str]:
-        """Until R's table matches `want` (dst -> gateway; None: absent). Bounded."""
+    def wait_routes(
+        self, want: dict[str, str | None], timeout: float = 30, family: int = 4
+    ) -> dict[str, str]:
+        """Until R's table matches `want` (dst -> gateway as routes() shows it; None: absent). Bounded."""
         deadline = time.monotonic() + timeout
         got: dict[str, str] = {}
         while time.monotonic() < deadline:
-            got = self.routes()
+            got = self.routes(family)
             if all(got.get(d) == gw for d, gw in want.items()):
                 return got
             time.sleep(0.2)
@@ -76,8 +81,9 @@ def fabric_config(router_id: str, neighbors: dict[str, int], asn: int = FABRIC_A
         f"router id {router_id};",
         "log stderr { warning, error, fatal };",
         "protocol device { scan time 10; }",
-        # what BGP learns goes into R's main table; nothing of the kernel's goes back out
+        # what BGP learns goes into R's main tables; nothing of the kernel's goes back out
         "protocol kernel { ipv4 { import none; export all; }; }",
+        "protocol kernel { ipv6 { import none; export all; }; }",
     ]
     for addr, peer_as in neighbors.items():
         lines += [
@@ -87,6 +93,10 @@ def fabric_config(router_id: str, neighbors: dict[str, int], asn: int = FABRIC_A
             f"  hold time {HOLD_TIME}; connect retry time {CONNECT_RETRY}; error wait time 1, 5;",
             "  graceful restart on;",
             "  ipv4 { import all; export none; };",
+            # the nodes' IPv6 pod CIDRs over the same IPv4 session (multiprotocol BGP); their next
+            # hop is the node's link-local address, used as is (gateway direct, the default for a
+            # direct session): `via fe80::... dev <link>`
+            "  ipv6 { import all; export none; };",
             "}",
         ]
     return "\n".join(lines) + "\n"
