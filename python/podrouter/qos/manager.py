@@ -454,13 +454,22 @@ class BandwidthManager:
 
     def _put_bpf(self, pod: _Pod, classes: tuple[int, int] | None, dscp: int | None,
                  aqm_rate: int | None) -> None:
-        aqm = self._aqm(pod, "egress", aqm_rate)
+        self._attach_bpf(pod, "egress", classes, dscp, aqm_rate)
+        pod.bpf = (classes, dscp, aqm_rate)
+
+    def _attach_bpf(self, pod: _Pod, direction: str, classes: tuple[int, int] | None, dscp: int | None,
+                    aqm_rate: int | None) -> None:
+        """Load the pod's classifier (with its congestion-avoidance map, if any) and attach it to the
+        host veth's clsact hook for `direction`: the pod's egress is the veth's ingress hook, the pod's
+        ingress the veth's egress hook."""
+        aqm = self._aqm(pod, direction, aqm_rate)
+        parent, name = ((TC_H_CLSACT_INGRESS, "podrouter-qos") if direction == "egress"
+                        else (TC_H_CLSACT_EGRESS, "podrouter-qos-in"))
         try:
             fd = load_program(build_program(classes, dscp, aqm))
             try:
-                self._ipr.tc("replace-filter", "bpf", pod.ifindex, BPF_HANDLE, parent=TC_H_CLSACT_INGRESS,
-                             prio=PREF_BPF, protocol=ETH_P_ALL, fd=fd, name="podrouter-qos",
-                             direct_action=True)
+                self._ipr.tc("replace-filter", "bpf", pod.ifindex, BPF_HANDLE, parent=parent,
+                             prio=PREF_BPF, protocol=ETH_P_ALL, fd=fd, name=name, direct_action=True)
             finally:
                 # the filter holds its own reference to the program (and the program to its map)
                 os.close(fd)
@@ -468,8 +477,7 @@ class BandwidthManager:
             if aqm is not None:
                 os.close(aqm.map_fd)
             raise
-        self._swap_aqm(pod, "egress", aqm)
-        pod.bpf = (classes, dscp, aqm_rate)
+        self._swap_aqm(pod, direction, aqm)
 
     def _add_redirect(self, pod: _Pod) -> None:
         assert self._ifb_index is not None
@@ -516,20 +524,7 @@ class BandwidthManager:
                 self._ipr.link("set", index=ifindex, txqlen=old)
 
     def _put_egress_bpf(self, pod: _Pod, rate_bps: int | None = None) -> None:
-        aqm = self._aqm(pod, "ingress", rate_bps or pod.ingress_bps)
-        try:
-            fd = load_program(build_program(_leaf_classes(INGRESS_TOP), None, aqm))
-            try:
-                self._ipr.tc("replace-filter", "bpf", pod.ifindex, BPF_HANDLE, parent=TC_H_CLSACT_EGRESS,
-                             prio=PREF_BPF, protocol=ETH_P_ALL, fd=fd, name="podrouter-qos-in",
-                             direct_action=True)
-            finally:
-                os.close(fd)
-        except BaseException:
-            if aqm is not None:
-                os.close(aqm.map_fd)
-            raise
-        self._swap_aqm(pod, "ingress", aqm)
+        self._attach_bpf(pod, "ingress", _leaf_classes(INGRESS_TOP), None, rate_bps or pod.ingress_bps)
 
     def _del_ingress(self, pod: _Pod) -> None:
         assert pod.ifindex is not None
