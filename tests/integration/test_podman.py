@@ -252,14 +252,17 @@ def _pods(d: DaemonHandle) -> dict[str, Any]:
     return {p["name"]: p for p in d.status()["pods"]}
 
 
-def _late_del(pm: Podman, container_id: str, name: str) -> subprocess.CompletedProcess[str]:
-    """DEL for a container as a runtime sends it (the sandbox is gone: CNI_NETNS empty)."""
+def _invoke(
+    pm: Podman, command: str, container_id: str, name: str, netns: str, extra: dict[str, object] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run podrouter-cni the way a runtime does: this network's first plugin config on stdin, the CNI
+    variables in the environment, inside the node's network namespace."""
     conf = json.loads((pm.netconf_dir / f"{NET}.conflist").read_text())
-    plugin = {**conf["plugins"][0], "cniVersion": conf["cniVersion"], "name": conf["name"]}
+    plugin = {**conf["plugins"][0], "cniVersion": conf["cniVersion"], "name": conf["name"], **(extra or {})}
     env = {
-        "CNI_COMMAND": "DEL",
+        "CNI_COMMAND": command,
         "CNI_CONTAINERID": container_id,
-        "CNI_NETNS": "",
+        "CNI_NETNS": netns,
         "CNI_IFNAME": "eth0",
         "CNI_PATH": str(pm.base / "plugins"),
         "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAME={name}",
@@ -274,36 +277,17 @@ def _late_del(pm: Podman, container_id: str, name: str) -> subprocess.CompletedP
         timeout=60,
         check=False,
     )
+
+
+def _late_del(pm: Podman, container_id: str, name: str) -> subprocess.CompletedProcess[str]:
+    """DEL for a container as a runtime sends it (the sandbox is gone: CNI_NETNS empty)."""
+    return _invoke(pm, "DEL", container_id, name, "")
 
 
 def _check(pm: Podman, container_id: str, name: str) -> subprocess.CompletedProcess[str]:
     """CHECK as a runtime runs it: the config and the ADD result from libcni's cache for this attachment."""
     cached = json.loads((CNI_CACHE / "results" / f"{NET}-{container_id}-eth0").read_text())
-    conf = json.loads((pm.netconf_dir / f"{NET}.conflist").read_text())
-    plugin = {
-        **conf["plugins"][0],
-        "cniVersion": conf["cniVersion"],
-        "name": conf["name"],
-        "prevResult": cached["result"],
-    }
-    env = {
-        "CNI_COMMAND": "CHECK",
-        "CNI_CONTAINERID": container_id,
-        "CNI_NETNS": pm.sandbox(name),
-        "CNI_IFNAME": "eth0",
-        "CNI_PATH": str(pm.base / "plugins"),
-        "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAME={name}",
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-    }
-    return subprocess.run(
-        ["nsenter", f"--net=/run/netns/{pm.node.ns}", str(pm.base / "plugins/podrouter-cni")],
-        input=json.dumps(plugin),
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    return _invoke(pm, "CHECK", container_id, name, pm.sandbox(name), {"prevResult": cached["result"]})
 
 
 def test_podman_containers_on_a_podrouter_node(
