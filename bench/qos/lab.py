@@ -175,6 +175,7 @@ _RR_SERVER = """
 import socket, struct, sys, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, @TS@, 1)  # before any packet of the connection arrives
 s.bind(("0.0.0.0", int(sys.argv[1])))
 s.listen(1)
 print("ready", flush=True)
@@ -199,11 +200,15 @@ while True:
 _RR_CLIENT = """
 import json, socket, struct, sys, time
 dst, port, count, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-c = socket.create_connection((dst, port), timeout=5)
-c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c = socket.socket()
 c.setsockopt(socket.SOL_SOCKET, @TS@, 1)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c.settimeout(5)
+c.connect((dst, port))
 out = []
-for _ in range(count):
+# one untimed round trip first: the first exchange of a connection came without a receive
+# timestamp in our runs (the kernel enables timestamping when the first socket asks for it)
+for i in range(count + 1):
     t0 = time.time_ns()
     c.sendall(b"q" * @N@)
     got, rx = b"", 0
@@ -220,6 +225,8 @@ for _ in range(count):
     if len(got) < @N@:
         break
     turn = struct.unpack("<q", got[:8])[0]
+    if i == 0:
+        continue
     # total, the server's turnaround, the client's wake-up (ms); -1 where no timestamp came
     out.append([(t1 - t0) / 1e6, turn / 1e6 if turn >= 0 else -1, (t1 - rx) / 1e6 if rx else -1])
     time.sleep(interval)
@@ -266,7 +273,7 @@ def rr_samples(client: Host, server: Host, dst: str, count: int, interval: float
     finally:
         if srv.poll() is None:
             srv.kill()
-        srv.wait()
+        srv.communicate()
 
 
 def rr_latencies(client: Host, server: Host, dst: str, count: int, interval: float = 0.05,
