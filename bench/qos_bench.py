@@ -9,7 +9,13 @@ saturates the pod's limit. We measure
 - accuracy: TCP goodput measured by iperf3 on the receiver (`-O 1`), against the limit less the L2
   overhead (goodput = limit * 1448/1514); reported as the signed error in percent;
 - latency of the pod's other traffic under that load: ping RTT and small TCP request/response
-  (64 bytes each way) p50/p99, from the pod to the sink;
+  (64 bytes each way, one connection, TCP_NODELAY) p50/p99, from the pod to the sink. Ping's RTT
+  ends at the kernel's receive timestamp and the sink's kernel answers it; the request/response is
+  answered by a Python echo server and read by a Python client, so each round trip is split with
+  kernel receive timestamps (lab.RrSample): `rr` is what the client in the pod sees from a server
+  that answers at once (the lab echo server's turnaround, which shares the two CPUs with the load's
+  iperf3 ends, taken out; the client's own wake-up kept), `rr_app` what the lab's client process
+  measured (that turnaround included), `rr_net` kernel to kernel as for ping;
 - the flow itself: its retransmits, its mean smoothed RTT (the standing queue it builds) and the
   CE-marked packets its receiver got (both ends have net.ipv4.tcp_ecn=1).
 
@@ -49,11 +55,12 @@ from qos.lab import (  # noqa: E402
     GOODPUT_PER_FRAME,
     SINK_ADDR,
     Lab,
+    RrSample,
     measure_flow,
     percentile,
     ping_rtts,
     reference_bandwidth,
-    rr_latencies,
+    rr_samples,
 )
 
 RATES = {"10M": 10_000_000, "100M": 100_000_000, "1G": 1_000_000_000}
@@ -66,19 +73,35 @@ def _burst_bits(rate_bps: int) -> int:
 
 
 def _latency(lab: Lab, pod: Any, seconds: int, pings: int, port: int) -> dict[str, list[float]]:
-    """Ping and request/response from the pod to the sink, side by side, over the measurement."""
+    """Ping and request/response from the pod to the sink, side by side, over the measurement.
+
+    The request/response is reported three ways (lab.RrSample): `rr` as a client in the pod sees it
+    from a server that answers at once (the lab's echo server shares the two CPUs with the load's
+    iperf3 ends, so its own turnaround is taken out), `rr_app` as the lab's client process measured
+    it (that turnaround included), `rr_net` kernel to kernel as ping measures (client wake-up out too).
+    """
     interval = max(0.02, (seconds - 2.5) / pings)
-    out: dict[str, list[float]] = {}
-    t = threading.Thread(target=lambda: out.setdefault("rr", rr_latencies(pod.host, lab.sink, SINK_ADDR,
-                                                                          pings, interval, port)))
+    samples: list[RrSample] = []
+    t = threading.Thread(target=lambda: samples.extend(rr_samples(pod.host, lab.sink, SINK_ADDR,
+                                                                  pings, interval, port)))
     t.start()
-    out["ping"] = ping_rtts(pod.host, SINK_ADDR, pings, interval)
+    out: dict[str, list[float]] = {"ping": ping_rtts(pod.host, SINK_ADDR, pings, interval)}
     t.join(timeout=pings * (interval + 2) + 60)
+    out["rr"] = [s.client_seen for s in samples]
+    out["rr_app"] = [s.total for s in samples]
+    out["rr_net"] = [s.network for s in samples]
+    out["rr_server"] = [s.server for s in samples]
+    out["rr_wake"] = [s.client_wake for s in samples]
     return out
 
 
 def _stats(prefix: str, values: list[float]) -> dict[str, float]:
     return {f"{prefix}_p{p}_ms": round(percentile(values, p), 3) for p in (50, 99)}
+
+
+def _rr_stats(lat: dict[str, list[float]]) -> dict[str, float]:
+    return {k: v for name in ("rr", "rr_app", "rr_net", "rr_server", "rr_wake")
+            for k, v in _stats(name, lat.get(name, [])).items()}
 
 
 def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) -> dict[str, Any]:
@@ -123,7 +146,7 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
                 "impl": impl, "direction": direction, "rate": rate_name, "rate_bps": rate, "seconds": seconds,
                 "goodput_bps": round(bps), "expected_goodput_bps": round(expected),
                 "error_pct": round((bps / expected - 1) * 100, 2),
-                **_stats("ping", lat["ping"]), **_stats("rr", lat.get("rr", [])),
+                **_stats("ping", lat["ping"]), **_rr_stats(lat),
                 "ping_sent": pings, "ping_received": len(lat["ping"]), "rr_done": len(lat.get("rr", [])),
                 "retransmits": int(flow["retransmits"]), "flow_rtt_ms": round(flow["flow_rtt_ms"], 2),
                 "ce_packets": int(flow["ce_packets"]),
@@ -175,7 +198,7 @@ def _priorities(seconds: int, pings: int) -> dict[str, Any]:
                 "rates_bps": rates,
                 "share_of_budget_pct": {p: round(r / budget * 100, 1) for p, r in rates.items()},
                 **{f"guaranteed_{k}": v for k, v in _stats("ping", lat["ping"]).items()},
-                **{f"guaranteed_{k}": v for k, v in _stats("rr", lat.get("rr", [])).items()},
+                **{f"guaranteed_{k}": v for k, v in _rr_stats(lat).items()},
             }
         finally:
             mgr.close()
@@ -210,6 +233,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                     "accuracy_at_least_as_good": abs(ours["error_pct"]) <= max(abs(ref["error_pct"]), 1.0),
                     "ping_p99_ratio": _ratio(ours["ping_p99_ms"], ref["ping_p99_ms"]),
                     "rr_p99_ratio": _ratio(ours["rr_p99_ms"], ref["rr_p99_ms"]),
+                    "rr_app_p99_ratio": _ratio(ours["rr_app_p99_ms"], ref["rr_app_p99_ms"]),
                     "flow_rtt_ratio": _ratio(ours["flow_rtt_ms"], ref["flow_rtt_ms"]),
                     "retransmits": f"{ours['retransmits']} vs {ref['retransmits']}",
                 })
@@ -231,13 +255,17 @@ def run(quick: bool = False) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     lines = [f"load average before {report['load_before'][0]:.1f}, after {report['load_after'][0]:.1f}", "",
              f"{'s':>3} {'rate':>5} {'dir':>7} {'impl':>9} {'goodput':>10} {'error':>7} "
-             f"{'ping p50/p99 ms':>17} {'rr p50/p99 ms':>15} {'flow rtt':>8} {'retx':>6} {'CE pkts':>8}"]
+             f"{'ping p50/p99 ms':>17} {'rr p50/p99 ms':>15} {'rr_app p50/p99':>15} {'rr_net p50/p99':>15} "
+             f"{'flow rtt':>8} {'retx':>6} {'CE pkts':>8}"]
     for r in report["results"]:
         lines.append(
             f"{r['seconds']:>3} {r['rate']:>5} {r['direction']:>7} {r['impl']:>9} "
             f"{r['goodput_bps'] / 1e6:>8.2f} M "
             f"{r['error_pct']:>+6.2f}% {r['ping_p50_ms']:>8.3f}/{r['ping_p99_ms']:<8.3f} "
-            f"{r['rr_p50_ms']:>7.3f}/{r['rr_p99_ms']:<7.3f} {r['flow_rtt_ms']:>8.2f} {r['retransmits']:>6} "
+            f"{r['rr_p50_ms']:>7.3f}/{r['rr_p99_ms']:<7.3f} "
+            f"{r['rr_app_p50_ms']:>7.3f}/{r['rr_app_p99_ms']:<7.3f} "
+            f"{r['rr_net_p50_ms']:>7.3f}/{r['rr_net_p99_ms']:<7.3f} "
+            f"{r['flow_rtt_ms']:>8.2f} {r['retransmits']:>6} "
             f"{r['ce_packets']:>8}"
         )
     lines.append("")
@@ -246,7 +274,8 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"{s['seconds']:>3}s {s['rate']:>5} {s['direction']:>7}: error {s['podrouter_error_pct']:+.2f}% "
             f"vs {s['reference_error_pct']:+.2f}% ({'ok' if s['accuracy_at_least_as_good'] else 'worse'}), "
-            f"ping p99 {s['ping_p99_ratio']}, rr p99 {s['rr_p99_ratio']}, flow rtt {s['flow_rtt_ratio']}, "
+            f"ping p99 {s['ping_p99_ratio']}, rr p99 {s['rr_p99_ratio']} (rr_app {s['rr_app_p99_ratio']}), "
+            f"flow rtt {s['flow_rtt_ratio']}, "
             f"retransmits {s['retransmits']}"
         )
     p = report["priorities"]
@@ -255,8 +284,32 @@ def table(report: dict[str, Any]) -> str:
         f"priorities over {p['seconds']} s, budget {p['budget_bps'] / 1e6:g}M, shares {p['shares_pct']}: "
         f"got {p['share_of_budget_pct']} % of the budget; guaranteed pod ping p50/p99 "
         f"{p['guaranteed_ping_p50_ms']}/{p['guaranteed_ping_p99_ms']} ms, rr "
-        f"{p['guaranteed_rr_p50_ms']}/{p['guaranteed_rr_p99_ms']} ms"
+        f"{p['guaranteed_rr_p50_ms']}/{p['guaranteed_rr_p99_ms']} ms (rr_app "
+        f"{p['guaranteed_rr_app_p50_ms']}/{p['guaranteed_rr_app_p99_ms']} ms)"
     )
+    return "\n".join(lines)
+
+
+def points(rates: list[str], directions: list[str], impls: list[str], seconds: int) -> list[dict[str, Any]]:
+    """Single measurements (no summary, no priority contention): for looking at one case."""
+    pings = max(5, int((seconds - 2.5) * 20))
+    return [_one(impl, d, r, seconds, pings) for r in rates for d in directions for impl in impls]
+
+
+def points_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"load average {os.getloadavg()[0]:.1f}",
+             f"{'s':>3} {'rate':>5} {'dir':>7} {'impl':>9} {'error':>7} {'ping p50/p99':>13} "
+             f"{'rr p50/p99':>13} {'rr_app p50/p99':>15} {'rr_net p50/p99':>15} {'server p99':>10} "
+             f"{'wake p99':>8} {'retx':>6} {'CE pkts':>8}"]
+    for r in rows:
+        lines.append(
+            f"{r['seconds']:>3} {r['rate']:>5} {r['direction']:>7} {r['impl']:>9} {r['error_pct']:>+6.2f}% "
+            f"{r['ping_p50_ms']:>6.3f}/{r['ping_p99_ms']:<6.3f} "
+            f"{r['rr_p50_ms']:>6.3f}/{r['rr_p99_ms']:<6.3f} "
+            f"{r['rr_app_p50_ms']:>7.3f}/{r['rr_app_p99_ms']:<7.3f} {r['rr_net_p50_ms']:>7.3f}/"
+            f"{r['rr_net_p99_ms']:<7.3f} {r['rr_server_p99_ms']:>10.3f} {r['rr_wake_p99_ms']:>8.3f} "
+            f"{r['retransmits']:>6} {r['ce_packets']:>8}"
+        )
     return "\n".join(lines)
 
 
@@ -264,7 +317,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 s measurements instead of 10 s and 60 s")
     ap.add_argument("--json", type=Path, help="also write the report here")
+    ap.add_argument("--rate", choices=list(RATES), action="append",
+                    help="single measurements at this rate only (repeatable); no summary, no priorities")
+    ap.add_argument("--direction", choices=DIRECTIONS, action="append",
+                    help="with --rate: this direction only")
+    ap.add_argument("--impl", choices=IMPLS, action="append", help="with --rate: this implementation only")
+    ap.add_argument("--seconds", type=int, default=10, help="with --rate: seconds per measurement (10)")
     args = ap.parse_args()
+    if args.rate:
+        rows = points(args.rate, args.direction or list(DIRECTIONS), args.impl or list(IMPLS), args.seconds)
+        print(points_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
     report = run(quick=args.quick)
     print(table(report))
     if args.json:

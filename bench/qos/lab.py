@@ -161,47 +161,104 @@ def ping_rtts(host: Host, dst: str, count: int, interval: float = 0.05) -> list[
     return [float(m) for m in re.findall(r"time=([0-9.]+) ms", out)]
 
 
+# The request/response pair. Both ends enable SO_TIMESTAMPNS, so every TCP read also returns the
+# kernel's receive timestamp of the data (taken when the packet enters the receiving namespace's
+# backlog, as for ping's SO_TIMESTAMP; CLOCK_REALTIME, the clock of time.time_ns(), one clock for all
+# namespaces of the machine). The server writes its turnaround -- from the kernel's receipt of the
+# request to its own send of the reply -- into the reply's first 8 bytes, so the client can split
+# each round trip into: the network (both directions, shaping included), the server's turnaround
+# (its wake-up and Python), and its own wake-up (its namespace's softirq, scheduler, Python).
+_SO_TIMESTAMPNS = 35  # asm-generic/socket.h SO_TIMESTAMPNS_OLD, also the SCM type; not in Python's socket
+RR_BYTES = 64
+
 _RR_SERVER = """
-import socket, sys
+import socket, struct, sys, time
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, @TS@, 1)  # before any packet of the connection arrives
 s.bind(("0.0.0.0", int(sys.argv[1])))
 s.listen(1)
 print("ready", flush=True)
 c, _ = s.accept()
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c.setsockopt(socket.SOL_SOCKET, @TS@, 1)
 while True:
-    d = c.recv(4096)
-    if not d:
-        break
-    c.sendall(d)
-"""
+    got, rx = 0, 0
+    while got < @N@:
+        d, anc, _f, _a = c.recvmsg(@N@ - got, 256)
+        if not d:
+            sys.exit(0)
+        got += len(d)
+        for _lvl, typ, data in anc:
+            if typ == @TS@:
+                sec, ns = struct.unpack("qq", data[:16])
+                rx = sec * 10**9 + ns
+    turn = time.time_ns() - rx if rx else -1
+    c.sendall(struct.pack("<q", turn) + b"r" * (@N@ - 8))
+""".replace("@TS@", str(_SO_TIMESTAMPNS)).replace("@N@", str(RR_BYTES))
 
 _RR_CLIENT = """
-import json, socket, sys, time
+import json, socket, struct, sys, time
 dst, port, count, interval = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-c = socket.create_connection((dst, port), timeout=5)
+c = socket.socket()
+c.setsockopt(socket.SOL_SOCKET, @TS@, 1)
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+c.settimeout(5)
+c.connect((dst, port))
 out = []
-for _ in range(count):
-    t = time.perf_counter()
-    c.sendall(b"q" * 64)
-    got = 0
-    while got < 64:
-        d = c.recv(64 - got)
+# one untimed round trip first: the first exchange of a connection came without a receive
+# timestamp in our runs (the kernel enables timestamping when the first socket asks for it)
+for i in range(count + 1):
+    t0 = time.time_ns()
+    c.sendall(b"q" * @N@)
+    got, rx = b"", 0
+    while len(got) < @N@:
+        d, anc, _f, _a = c.recvmsg(@N@ - len(got), 256)
         if not d:
             break
-        got += len(d)
-    out.append((time.perf_counter() - t) * 1000)
+        got += d
+        for _lvl, typ, data in anc:
+            if typ == @TS@:
+                sec, ns = struct.unpack("qq", data[:16])
+                rx = sec * 10**9 + ns
+    t1 = time.time_ns()
+    if len(got) < @N@:
+        break
+    turn = struct.unpack("<q", got[:8])[0]
+    if i == 0:
+        continue
+    # total, the server's turnaround, the client's wake-up (ms); -1 where no timestamp came
+    out.append([(t1 - t0) / 1e6, turn / 1e6 if turn >= 0 else -1, (t1 - rx) / 1e6 if rx else -1])
     time.sleep(interval)
 print(json.dumps(out))
-"""
+""".replace("@TS@", str(_SO_TIMESTAMPNS)).replace("@N@", str(RR_BYTES))
 
 
-def rr_latencies(client: Host, server: Host, dst: str, count: int, interval: float = 0.05,
-                 port: int = 5400) -> list[float]:
-    """Latencies in ms of `count` small TCP request/responses (64 bytes each way, TCP_NODELAY) on
-    one connection from `client` to an echo server on `server`."""
+@dataclass
+class RrSample:
+    """One request/response round trip, ms."""
+
+    total: float  # what the client process measured: send() to the reply read
+    server: float  # the echo server's turnaround: kernel receipt of the request to its send()
+    client_wake: float  # kernel receipt of the reply in the client's namespace to the read's return
+
+    @property
+    def client_seen(self) -> float:
+        """The round trip as the client sees it from a server that answers at once (a server on a
+        machine of its own): the total less the lab echo server's turnaround."""
+        return self.total - self.server
+
+    @property
+    def network(self) -> float:
+        """Kernel to kernel, both directions, shaping included: what ping's RTT measures."""
+        return self.total - self.server - self.client_wake
+
+
+def rr_samples(client: Host, server: Host, dst: str, count: int, interval: float = 0.05,
+               port: int = 5400) -> list[RrSample]:
+    """`count` small TCP request/responses (64 bytes each way, TCP_NODELAY, one connection opened
+    before the first) from `client` to an echo server on `server`, each split with kernel receive
+    timestamps (see _RR_SERVER)."""
     srv = server.popen(["python3", "-c", _RR_SERVER, str(port)])
     try:
         assert srv.stdout is not None
@@ -209,13 +266,21 @@ def rr_latencies(client: Host, server: Host, dst: str, count: int, interval: flo
         out = client.run(["python3", "-c", _RR_CLIENT, dst, str(port), str(count), str(interval)],
                          check=False, timeout=count * (interval + 2) + 30)
         try:
-            return [float(x) for x in json.loads(out.strip().splitlines()[-1])]
+            rows = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError):
             return []
+        return [RrSample(float(t), float(s), float(w)) for t, s, w in rows if s >= 0 and w >= 0]
     finally:
         if srv.poll() is None:
             srv.kill()
-        srv.wait()
+        srv.communicate()
+
+
+def rr_latencies(client: Host, server: Host, dst: str, count: int, interval: float = 0.05,
+                 port: int = 5400) -> list[float]:
+    """The totals (ms) of rr_samples: what the client process measured, the lab server's
+    turnaround included."""
+    return [s.total for s in rr_samples(client, server, dst, count, interval, port)]
 
 
 def percentile(values: list[float], p: float) -> float:

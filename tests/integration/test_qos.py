@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from nettopo import Topology, capture  # noqa: E402
 from podrouter.qos import BandwidthManager, parse_quantity  # noqa: E402
-from qos.lab import GOODPUT_PER_FRAME, SINK_ADDR, Lab, measure, ping_rtts, tc  # noqa: E402
+from qos.lab import GOODPUT_PER_FRAME, SINK_ADDR, Lab, measure, ping_rtts, rr_samples, tc  # noqa: E402
 
 EGRESS = "kubernetes.io/egress-bandwidth"
 INGRESS = "kubernetes.io/ingress-bandwidth"
@@ -282,6 +282,38 @@ def test_shaped_pod_keeps_low_latency_at_its_limit(lab: Lab, mgr: BandwidthManag
         t.join(timeout=60)
     assert len(rtts) >= 38
     assert sorted(rtts)[int(0.99 * (len(rtts) - 1))] < 5.0, rtts
+
+
+def _leaf_packets(lab: Lab, dev: str) -> dict[str, int]:
+    """Packets sent by each interactive (minor & 0x4000) and bulk (minor & 0x8000) leaf of `dev`."""
+    out = {"interactive": 0, "bulk": 0}
+    for block in tc(lab.node, f"-s class show dev {dev}").split("\n\n"):
+        words = block.split()
+        if "htb" not in words or "Sent" not in words:
+            continue
+        minor = int(words[words.index("htb") + 1].split(":")[1], 16)
+        packets = int(words[words.index("Sent") + 3])
+        for kind, bit in (("interactive", 0x4000), ("bulk", 0x8000)):
+            if minor & bit:
+                out[kind] += packets
+    return out
+
+
+def test_request_response_is_interactive_both_ways(lab: Lab, mgr: BandwidthManager) -> None:
+    """The benchmark's small TCP request/response (its SYN, 64-byte requests and replies, ACKs) takes
+    the pod's interactive leaf in both directions and never its bulk leaf; and the benchmark's split
+    of each round trip by kernel receive timestamps (bench/qos/lab.py RrSample) is consistent."""
+    pa = lab.pods["pa"]
+    st = mgr.apply("pa", pa.host_interface, pa.ip, {EGRESS: "100M", INGRESS: "100M"})
+    assert st["error"] is None
+    samples = rr_samples(pa.host, lab.sink, SINK_ADDR, 50, 0.01, 5330)
+    assert len(samples) == 50  # every round trip came with both kernel timestamps
+    for s in samples:
+        assert s.server >= 0 and s.client_wake >= 0 and 0 < s.network < s.total, s
+        assert abs(s.client_seen - (s.network + s.client_wake)) < 1e-6
+    for dev in (mgr.config.ifb_name, pa.host_interface):
+        leaves = _leaf_packets(lab, dev)
+        assert leaves["interactive"] >= 51 and leaves["bulk"] == 0, (dev, leaves)
 
 
 def test_close_removes_every_object(lab: Lab, ipr: NetNS) -> None:
