@@ -31,6 +31,9 @@ INGRESS = "kubernetes.io/ingress-bandwidth"
 PRIORITY = "podrouter.io/priority"
 DSCP = "podrouter.io/dscp"
 TOLERANCE = 0.05
+# long enough that one loss-recovery episode of the shaped TCP flow (a congestion-avoidance drop at
+# 10M) does not decide the average; 5 s windows measured 92% now and then
+ACCURACY_SECONDS = 10
 
 
 @pytest.fixture
@@ -72,7 +75,7 @@ def test_egress_accuracy(lab: Lab, mgr: BandwidthManager, rate: str) -> None:
     pa = lab.pods["pa"]
     st = mgr.apply("pa", pa.host_interface, pa.ip, {EGRESS: rate})
     assert st["error"] is None and st["egress_bps"] == parse_quantity(rate)
-    _within(measure(pa.host, lab.sink, SINK_ADDR, seconds=5), parse_quantity(rate))
+    _within(measure(pa.host, lab.sink, SINK_ADDR, seconds=ACCURACY_SECONDS), parse_quantity(rate))
     counters = mgr.status()["pa"]["egress"]
     assert counters["sent_packets"] > 1000 and counters["overlimits"] > 0  # the shaper did the work
 
@@ -82,7 +85,7 @@ def test_ingress_accuracy(lab: Lab, mgr: BandwidthManager, rate: str) -> None:
     pa = lab.pods["pa"]
     st = mgr.apply("pa", pa.host_interface, pa.ip, {INGRESS: rate})
     assert st["error"] is None and st["ingress_bps"] == parse_quantity(rate)
-    _within(measure(lab.sink, pa.host, pa.ip, seconds=5), parse_quantity(rate))
+    _within(measure(lab.sink, pa.host, pa.ip, seconds=ACCURACY_SECONDS), parse_quantity(rate))
     assert mgr.status()["pa"]["ingress"]["sent_packets"] > 1000
 
 
