@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -103,7 +102,7 @@ def _why(src_node: str, dst: str, dst_node: str | None) -> str:
 def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> int:
     from podrouter.bench import measure
     from podrouter.demo.cluster import Cluster, ClusterError, delta_path, node_config
-    from podrouter.demo.netns import Topology, reference_topology, sh
+    from podrouter.demo.netns import Topology, reference_topology
 
     if os.geteuid() != 0:
         print("podrouter demo: needs root (it builds network namespaces)", file=sys.stderr)
@@ -230,26 +229,12 @@ def run_demo(seconds: float = 2.0, throughput: bool = True, **_ignored: Any) -> 
             print(f"podrouter demo: {e}", file=sys.stderr)
             status = 1
         finally:
-            # a second Ctrl-C must not cut the teardown short
-            old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
-                if cluster is not None:
-                    cluster.close()
-                prefix = topo.prefix if topo is not None else None
-                if topo is not None:
-                    topo.close()
-                if prefix:
-                    left = [n for n in sh("ip", "netns", "list", check=False).split() if n.startswith(prefix)]
-                    if left:
-                        _say(f"WARNING: namespaces left behind: {' '.join(left)}")
-                        status = status or 1
-                    else:
-                        _say(
-                            f"torn down: no namespace {prefix}-* left (ip netns list), "
-                            f"{time.monotonic() - t_start:.0f}s in all"
-                        )
-            finally:
-                signal.signal(signal.SIGINT, old_int)
+            # one teardown for every demo leg (a second Ctrl-C cannot cut it short)
+            from podrouter.demo.multi import _teardown
+
+            closers = [cluster.close] if cluster is not None else []
+            left = _teardown(topo, closers, t_start)
+            status = status or left
     return status
 
 
