@@ -267,3 +267,14 @@ def wait_listening(host: Host, port: int, timeout: float = 10) -> None:
         interval=0.05,
         what=f"a listener on port {port}",
     )
+
+
+def etcd_argv(data_dir: Path, client_urls: list[str], *extra: str) -> list[str]:
+    """A one-member etcd serving `client_urls` (the first one advertised), its peer port on loopback."""
+    peer = "http://127.0.0.1:2380"
+    return [
+        "etcd", "--name", "t", "--data-dir", str(data_dir),
+        "--listen-client-urls", ",".join(client_urls), "--advertise-client-urls", client_urls[0],
+        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", f"t={peer}",
+        *extra,
+    ]  # fmt: skip

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import DaemonHandle, Daemons, python_in, ref_config, wait_for
+from helpers import DaemonHandle, Daemons, etcd_argv, python_in, ref_config, wait_for
 
 from nettopo import Host, ReferenceTopology
 
@@ -25,23 +25,7 @@ ETCD_2 = "http://172.16.3.1:2379"  # R's address towards node2
 def etcd(ref: ReferenceTopology, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     r = ref.router
     proc = r.popen(
-        [
-            "etcd",
-            "--name",
-            "t",
-            "--data-dir",
-            str(tmp_path / "etcd"),
-            "--listen-client-urls",
-            f"{ETCD_1},{ETCD_2}",
-            "--advertise-client-urls",
-            ETCD_1,
-            "--listen-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-advertise-peer-urls",
-            "http://127.0.0.1:2380",
-            "--initial-cluster",
-            "t=http://127.0.0.1:2380",
-        ],
+        etcd_argv(tmp_path / "etcd", [ETCD_1, ETCD_2]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import DaemonHandle, Daemons, ref_config, wait_for
+from helpers import DaemonHandle, Daemons, etcd_argv, ref_config, wait_for
 
 from nettopo import ReferenceTopology
 
@@ -131,22 +131,9 @@ class SecureEtcd:
         p = self.pki
         with self.log.open("ab") as log:
             self.proc = self.r.popen(
-                [
-                    "etcd",
-                    "--name",
-                    "t",
-                    "--data-dir",
-                    str(self.data),
-                    "--listen-client-urls",
-                    f"{ETCD_1},{ETCD_2}",
-                    "--advertise-client-urls",
-                    ETCD_1,
-                    "--listen-peer-urls",
-                    "http://127.0.0.1:2380",
-                    "--initial-advertise-peer-urls",
-                    "http://127.0.0.1:2380",
-                    "--initial-cluster",
-                    "t=http://127.0.0.1:2380",
+                etcd_argv(
+                    self.data,
+                    [ETCD_1, ETCD_2],
                     "--cert-file",
                     str(p.server_cert),
                     "--key-file",
@@ -154,7 +141,7 @@ class SecureEtcd:
                     "--trusted-ca-file",
                     str(p.ca),
                     "--client-cert-auth",
-                ],
+                ),
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
