@@ -75,14 +75,27 @@ socket_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="podrouter", prog_name="podrouter", message="%(prog)s %(version)s")
 def main() -> None:
-    """podrouter: a per-node pod router (native, VXLAN, Geneve, masquerade)."""
+    """podrouter: a per-node pod router (native, VXLAN, Geneve, masquerade).
+
+    Every command that reports something takes --json (one JSON document on stdout); errors are one
+    line each on stderr; exit 0 success, 1 failure, 2 bad input (before any kernel change).
+    Shell completion: eval "$(_PODROUTER_COMPLETE=bash_source podrouter)" (zsh_source, fish_source).
+    """
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 
 
 # ------------------------------------------------------------------------------------------ run/check
 
 
-@main.command()
+@main.command(short_help="Run the node daemon until SIGTERM/SIGINT.")
 @click.option(
     "--config", "config", required=True, type=click.Path(dir_okay=False), help="The node's config file."
 )
@@ -106,12 +119,38 @@ def run(config: str, log_level: str) -> None:
     sys.exit(code)
 
 
-@main.command()
+@main.command(short_help="Validate a config file (exit 2 naming each problem).")
 @click.option(
     "--config", "config", required=True, type=click.Path(dir_okay=False), help="The node's config file."
 )
-def check(config: str) -> None:
-    """Validate a config file (exit 0 if it is good, 2 with one line per problem if not)."""
+@json_option
+def check(config: str, as_json: bool) -> None:
+    """Validate a config file (exit 0 if it is good, 2 with one line per problem if not).
+
+    With --json a bad config prints {"ok": false, "problems": [...]} on stdout (still exit 2).
+    """
+    if as_json:
+        try:
+            cfg = configmod.load(config)
+        except configmod.ConfigError as e:
+            _emit_json({"ok": False, "config": config, "problems": list(e.problems)})
+            sys.exit(EXIT_USAGE)
+        _emit_json(
+            {
+                "ok": True,
+                "config": config,
+                "node": cfg.node.name,
+                "mode": cfg.routing.mode,
+                "peers": len(cfg.peers),
+                "pods": len(cfg.pods),
+                "warnings": list(cfg.warnings),
+                "bgp": {"asn": cfg.bgp.asn, "peers": [str(p.address) for p in cfg.bgp.peers]}
+                if cfg.bgp.enabled
+                else None,
+                "clustermesh": [c.name for c in cfg.clustermesh.clusters],
+            }
+        )
+        return
     cfg = _load_config(config)
     click.echo(
         f"{config}: ok (node {cfg.node.name}, {cfg.routing.mode} mode, {len(cfg.peers)} peers, "
@@ -128,7 +167,7 @@ def check(config: str) -> None:
 # ------------------------------------------------------------------------------------------- status
 
 
-@main.command()
+@main.command(short_help="Mode, peers, routes, pods, counters (exit 0 once ready).")
 @config_option
 @socket_option
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's status as JSON.")
@@ -262,7 +301,7 @@ def _shaping_text(sh: Any) -> str:
 # ----------------------------------------------------------------------------------------------- pod
 
 
-@main.group()
+@main.group(short_help="Register, remove and list pods (add, del, list).")
 def pod() -> None:
     """Register pods with the running daemon (the CNI plugin uses the same API)."""
 
@@ -271,7 +310,7 @@ def _pod_ips(p: dict[str, Any]) -> str:
     return ",".join(p.get("ips") or [str(p.get("ip"))])
 
 
-@pod.command("add")
+@pod.command("add", short_help="Register a pod: route, proxy ARP, shaping.")
 @click.argument("name")
 @click.option(
     "--ip",
@@ -291,6 +330,7 @@ def _pod_ips(p: dict[str, Any]) -> str:
 )
 @config_option
 @socket_option
+@json_option
 def pod_add(
     name: str,
     ips: tuple[str, ...],
@@ -298,6 +338,7 @@ def pod_add(
     annotations: tuple[str, ...],
     config: str | None,
     sock: str | None,
+    as_json: bool,
 ) -> None:
     """Register a pod: its /32 route, proxy ARP on its veth, its bandwidth shaping."""
     ann: dict[str, str] = {}
@@ -319,6 +360,10 @@ def pod_add(
             },
         },
     )
+    if as_json:
+        reply.pop("ok", None)
+        _emit_json(reply)
+        return
     for w in reply.get("warnings", []):
         click.echo(f"warning: {w}", err=True)
     p = reply.get("pod", {})
@@ -328,20 +373,25 @@ def pod_add(
     )
 
 
-@pod.command("del")
+@pod.command("del", short_help="Unregister a pod (route, proxy ARP, shaping).")
 @click.argument("name")
 @config_option
 @socket_option
-def pod_del(name: str, config: str | None, sock: str | None) -> None:
+@json_option
+def pod_del(name: str, config: str | None, sock: str | None, as_json: bool) -> None:
     """Unregister a pod (removes its route, proxy ARP and shaping)."""
-    _call(_socket_path(config, sock), {"op": "pod_del", "name": name})
+    reply = _call(_socket_path(config, sock), {"op": "pod_del", "name": name})
+    if as_json:
+        reply.pop("ok", None)
+        _emit_json({"removed": name, **reply})
+        return
     click.echo(f"removed {name}")
 
 
-@pod.command("list")
+@pod.command("list", short_help="List registered pods.")
 @config_option
 @socket_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the pods as a JSON list.")
 def pod_list(config: str | None, sock: str | None, as_json: bool) -> None:
     """List registered pods."""
     reply = _call(_socket_path(config, sock), {"op": "pod_list"})
@@ -359,12 +409,13 @@ def pod_list(config: str | None, sock: str | None, as_json: bool) -> None:
 # ------------------------------------------------------------------------------------------- cleanup
 
 
-@main.command()
+@main.command(short_help="Remove everything podrouter installed on this node.")
 @click.option(
     "--config", "config", required=True, type=click.Path(dir_okay=False), help="The node's config file."
 )
 @click.option("--force", is_flag=True, help="Act even if the state was recorded in another namespace.")
-def cleanup(config: str, force: bool) -> None:
+@json_option
+def cleanup(config: str, force: bool, as_json: bool) -> None:
     """Remove whatever a crashed or killed daemon left behind (run it in the node's namespace)."""
     from podrouter import daemon
 
@@ -373,6 +424,9 @@ def cleanup(config: str, force: bool) -> None:
         done = daemon.cleanup(cfg, force=force)
     except daemon.StartError as e:
         _fail(e.problems, e.code)
+    if as_json:
+        _emit_json({"removed": list(done), "clean_before": not done})
+        return
     for line in done:
         click.echo(line)
     if not done:
@@ -479,14 +533,14 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
     return build_spec(cfg, 0, address, gateway, peers), notes
 
 
-@main.command()
+@main.command(short_help="Which path a packet from SRC to DST takes, and why.")
 @click.argument("src")
 @click.argument("dst")
 @click.option("--proto", default="icmp", type=click.Choice(sorted(PROTOS)), show_default=True)
 @click.option("--dport", default=0, type=click.IntRange(0, 65535), help="Destination port (tcp/udp).")
 @config_option
 @socket_option
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 def explain(
     src: str, dst: str, proto: str, dport: int, config: str | None, sock: str | None, as_json: bool
 ) -> None:
@@ -527,22 +581,15 @@ def explain(
 
 
 def _delegate(module: str, args: list[str]) -> None:
-    """Run `podrouter.<module>.main(args)`, written by other engineers; absent -> "not built yet"."""
-    try:
-        mod = importlib.import_module(f"podrouter.{module}")
-    except ImportError:
-        mod = None
-    fn = getattr(mod, "main", None)
-    if fn is None:
-        _fail(f"podrouter {module}: not built yet", EXIT_FAILURE)
-    rc = fn(args)
-    sys.exit(int(rc or 0))
+    """Run `podrouter.<module>.main(args)` (the demo and the bench parse their own arguments)."""
+    mod = importlib.import_module(f"podrouter.{module}")
+    sys.exit(int(mod.main(args) or 0))
 
 
 # ------------------------------------------------------------------------------------------ monitor
 
 
-@main.command()
+@main.command(short_help="Stream dropped packets live (reason, addresses, pod).")
 @config_option
 @socket_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per event.")
@@ -597,7 +644,9 @@ def monitor(
 
 # add_help_option=False: `--help` / `-h` go through to the demo's own parser, which lists its options
 @main.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+    short_help="A small cluster in namespaces: every path shown, then removed.",
 )
 @click.pass_context
 def demo(ctx: click.Context) -> None:
@@ -607,7 +656,9 @@ def demo(ctx: click.Context) -> None:
 
 # add_help_option=False: `--help` / `-h` go through to the bench's own parser, which lists its options
 @main.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+    short_help="The benchmark suite: modes, masquerade, shaping vs baselines.",
 )
 @click.pass_context
 def bench(ctx: click.Context) -> None:

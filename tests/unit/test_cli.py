@@ -68,6 +68,7 @@ def serve(path: Path, st: FakeDaemonState) -> api.ApiServer:
             "pod_add": pod_add,
             "boom": boom,
             "pod_list": lambda r: {"pods": list(st.pods.values())},
+            "pod_del": lambda r: {"pod": st.pods.pop(r["name"])},
         },
     )
 
@@ -292,3 +293,88 @@ def test_the_top_level_help_still_lists_demo_and_bench() -> None:
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0
     assert "demo" in r.output and "bench" in r.output
+
+
+# ------------------------------------------------------------------------------- CLI conventions
+
+
+def _commands() -> list[tuple[str, ...]]:
+    import click
+
+    out: list[tuple[str, ...]] = []
+
+    def walk(cmd: click.Command, path: tuple[str, ...]) -> None:
+        out.append(path)
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, (*path, name))
+
+    walk(main, ())
+    return out
+
+
+def test_version_names_the_package_version() -> None:
+    from importlib.metadata import version
+
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0
+    assert r.output.strip() == f"podrouter {version('podrouter')}"
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_every_command_has_a_whole_one_line_help(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # click cuts a docstring's first sentence with "..." when it does not fit the listing; every
+    # command carries a short_help that fits an 80-column terminal whole
+    monkeypatch.setenv("COLUMNS", str(width))
+    groups = [p for p in _commands() if p in {(), ("pod",)}]
+    assert len(_commands()) >= 12
+    for path in groups:
+        r = CliRunner().invoke(main, [*path, "--help"], terminal_width=width)
+        assert r.exit_code == 0, r.output
+        listing = r.output.split("Commands:", 1)[1]
+        lines = [ln for ln in listing.splitlines() if ln.strip()]
+        assert lines and all("..." not in ln and "…" not in ln for ln in lines), listing
+        assert all(len(ln.split(None, 1)) == 2 for ln in lines), listing
+
+
+def test_check_json_reports_a_good_and_a_bad_config(tmp_path: Path) -> None:
+    good = Path(__file__).resolve().parents[2] / "configs" / "native.yaml"
+    r = CliRunner().invoke(main, ["check", "--config", str(good), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is True and doc["node"] and doc["mode"] in {"tunnel", "native", "hybrid"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("  name: node1", "  name: node1\n  bogus_key: 7", 1))
+    r = CliRunner().invoke(main, ["check", "--config", str(bad), "--json"])
+    assert r.exit_code == 2
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and any("node.bogus_key" in p for p in doc["problems"])
+
+
+def test_pod_add_and_del_json(short_dir: Path) -> None:
+    path = short_dir / "j.sock"
+    st = FakeDaemonState()
+    srv = serve(path, st)
+    try:
+        r = CliRunner().invoke(
+            main,
+            ["pod", "add", "web", "--ip", "10.244.1.5", "--host-interface", "veth-web", "--socket",
+             str(path), "--json"],
+        )
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        assert doc["pod"]["name"] == "web" and doc["warnings"] == ["w1"]
+        r = CliRunner().invoke(main, ["pod", "del", "web", "--socket", str(path), "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["removed"] == "web" and "web" not in st.pods
+    finally:
+        srv.close()
+
+
+def test_bench_json_keeps_stdout_for_the_document(capsys: pytest.CaptureFixture[str]) -> None:
+    from podrouter.bench import main as bench_main
+
+    assert bench_main(["--json", "--only", "no-such-part"]) == 2
+    cap = capsys.readouterr()
+    assert json.loads(cap.out) == {"ok": False, "exit": 2}
+    assert "unknown part" in cap.err

@@ -13,6 +13,7 @@ produced every figure, 1 when something failed (the JSON says what), 2 on bad op
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -137,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--micro", action="store_true", help="also run and summarise the criterion benchmarks")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    p.add_argument(
+        "--json",
+        dest="as_json",
+        action="store_true",
+        help="print the result document (result.json) on stdout; progress and tables go to stderr",
+    )
     return p
 
 
@@ -156,7 +163,25 @@ def main(argv: list[str] | None = None, **opts: Any) -> int:
             "plots": a.plots,
             **opts,
         }
+        if a.as_json:
+            # the tables and the progress move to stderr; stdout carries exactly one JSON document
+            with contextlib.redirect_stdout(sys.stderr):
+                rc = run_suite(**opts)
+            out = opts.get("out")
+            doc = _last_result(Path(out) if out else None)
+            print(json.dumps(doc if doc is not None else {"ok": False, "exit": rc}, indent=2))
+            return rc
     return run_suite(**opts)
+
+
+_LAST_RESULT: list[Path] = []
+
+
+def _last_result(out: Path | None) -> Any:
+    path = out / "result.json" if out is not None else (_LAST_RESULT[-1] if _LAST_RESULT else None)
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
 
 
 def run_suite(
@@ -216,6 +241,7 @@ def run_suite(
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     json_path = out_dir / "result.json"
+    _LAST_RESULT.append(json_path)
 
     def save() -> None:
         json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
