@@ -25,6 +25,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from podrouter.qos.annotations import QoSRequest
+from podrouter.qos.config import BandwidthConfig, parse_bandwidth_config, validate_bandwidth_config
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -177,20 +180,20 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
-class BandwidthConfig:
-    enabled: bool = True
-    raw: Mapping[str, Any] = field(default_factory=dict)  # the section as written, for the QoS module
-
-
-@dataclass(frozen=True)
 class PodConfig:
     name: str
     ip: IPAddress
     host_interface: str
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    # the pod's annotations, parsed once here (podrouter.qos.QoSRequest): the bandwidth manager gets
+    # this value, never the raw mapping; a bad annotation is a warning and leaves previous shaping
+    qos: QoSRequest = field(default_factory=QoSRequest)
     # every address of the pod, `ip` first, at most one per family (dual stack: `ips: [v4, v6]`);
     # empty for a single-stack pod (just `ip`)
     ips: tuple[IPAddress, ...] = ()
+
+    @property
+    def annotations(self) -> Mapping[str, str]:
+        return self.qos.annotations
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:
@@ -917,24 +920,10 @@ class _Validator:
         if not isinstance(value, dict):
             self.bad("bandwidth", f"{_q(value)} is not a mapping")
             return None
-        qos_validate = _qos_hook("validate_bandwidth_config")
-        if qos_validate is not None:
-            before = len(self.problems)
-            for msg in qos_validate(dict(value)):
-                self.problems.append(msg if msg.startswith("bandwidth") else f"bandwidth: {msg}")
-            if len(self.problems) != before:
-                return None
-        else:
-            # until the QoS module exists, only `enabled` is understood
-            m = self.mapping("bandwidth", value, ("enabled",))
-            if m is None:
-                return None
-        enabled = value.get("enabled", True)
-        if not isinstance(enabled, bool):
-            if qos_validate is None:
-                self.bad("bandwidth.enabled", f"{_q(enabled)} is not a boolean (true or false)")
-            return None
-        return BandwidthConfig(enabled=enabled, raw=dict(value))
+        problems = validate_bandwidth_config(dict(value))
+        for msg in problems:
+            self.problems.append(msg if msg.startswith("bandwidth") else f"bandwidth: {msg}")
+        return None if problems else parse_bandwidth_config(dict(value))
 
     def pod(self, path: str, value: Any) -> PodConfig | None:
         m = self.mapping(
@@ -950,6 +939,7 @@ class _Validator:
         )
         ann = m.get("annotations") or {}
         ann_ok = True
+        request = QoSRequest()
         if not isinstance(ann, dict):
             self.bad(f"{path}.annotations", f"{_q(ann)} is not a mapping")
             ann_ok = False
@@ -960,13 +950,13 @@ class _Validator:
                     self.bad(f"{path}.annotations", f"{_q(k)}: {_q(v)} is not a string annotation")
                     ann_ok = False
             if ann_ok:
-                ann = {k: str(v) for k, v in ann.items()}
-                for msg in validate_annotations(ann):
+                request = QoSRequest.parse({k: str(v) for k, v in ann.items()})
+                for msg in request.problems:
                     self.warnings.append(f"{path}.annotations: {msg} (the pod is added without shaping)")
         if name is None or ip is None or iface is None or not ann_ok:
             return None
         dual = ips if ips and len(ips) > 1 else ()
-        return PodConfig(name=name, ip=ip, host_interface=iface, annotations=ann, ips=dual)
+        return PodConfig(name=name, ip=ip, host_interface=iface, qos=request, ips=dual)
 
     def pod_addresses(self, path: str, m: dict[str, Any]) -> tuple[IPAddress, ...] | None:
         """`ip` (one address) and/or `ips` (dual stack: at most one per family): all of the pod's
@@ -1356,27 +1346,6 @@ def underlay_problems(
         if peer.address == address:
             out.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
     return out
-
-
-# ---------------------------------------------------------------------------------------- QoS hooks
-
-
-def _qos_hook(name: str) -> Callable[[dict[str, Any]], list[str]] | None:
-    """A validator from podrouter.qos if that module provides it (it owns the annotation grammar)."""
-    try:
-        from podrouter import qos
-    except ImportError:
-        return None
-    fn = getattr(qos, name, None)
-    return fn if callable(fn) else None
-
-
-def validate_annotations(annotations: Mapping[str, str]) -> list[str]:
-    """Problems with a pod's bandwidth annotations (empty if fine or if no QoS module is installed)."""
-    fn = _qos_hook("validate_annotations")
-    if fn is None:
-        return []
-    return list(fn(dict(annotations)))
 
 
 def pod_from_dict(

@@ -505,7 +505,7 @@ class Daemon:
         # an explicit queue in front of the datapath (docs/qos.md), not the TUN's default 500 packets
         from podrouter.qos.sizing import tun_txqlen
 
-        self.ipr.link("set", index=tun_idx, mtu=u.mtu, txqlen=tun_txqlen(dict(cfg.bandwidth.raw)), state="up")
+        self.ipr.link("set", index=tun_idx, mtu=u.mtu, txqlen=tun_txqlen(cfg.bandwidth), state="up")
         self._sync_masquerade_guard(None, cfg)
         self._install_pod_guard()
 
@@ -1030,14 +1030,11 @@ class Daemon:
         if not cfg.bandwidth.enabled:
             log.info("bandwidth shaping disabled (bandwidth.enabled: false)")
             return None
-        try:
-            from podrouter.qos import BandwidthManager  # type: ignore[attr-defined]
-        except ImportError as e:
-            log.warning("bandwidth shaping unavailable (%s): pods are registered without shaping", e)
-            return None
         from pyroute2 import IPRoute
 
-        return BandwidthManager(IPRoute(), dict(cfg.bandwidth.raw), owns_ipr=True)
+        from podrouter.qos.manager import BandwidthManager
+
+        return BandwidthManager(IPRoute(), cfg.bandwidth, owns_ipr=True)
 
     def _restart_bandwidth(self, cfg: Config) -> None:
         if self.bandwidth is not None:
@@ -1048,22 +1045,13 @@ class Daemon:
 
     def _cleanup_shaping(self, recorded: statefile.State) -> list[str]:
         """Remove the tc objects a dead daemon's bandwidth manager left (the QoS module knows which)."""
-        try:
-            from podrouter import qos
-        except ImportError:
-            return []
-        fn = getattr(qos, "cleanup", None)
-        if fn is None:
-            return []
         from pyroute2 import IPRoute
 
-        kw: dict[str, Any] = {}
-        parse = getattr(qos, "parse_bandwidth_config", None)
-        if parse is not None:
-            with contextlib.suppress(ValueError):
-                kw["ifb_name"] = parse(dict(self.cfg.bandwidth.raw)).ifb_name
+        from podrouter.qos.manager import cleanup as qos_cleanup
+
         with IPRoute() as ipr:
-            removed = fn(ipr, [p["host_interface"] for p in recorded.pods.values()], **kw)
+            ifaces = [p["host_interface"] for p in recorded.pods.values()]
+            removed = qos_cleanup(ipr, ifaces, ifb_name=self.cfg.bandwidth.ifb_name)
         return [f"removed shaping: {r}" for r in removed or []]
 
     def _shape(self, entry: PodEntry) -> None:
@@ -1073,7 +1061,7 @@ class Daemon:
             return
         try:
             entry.shaping = dict(
-                self.bandwidth.apply(pod.name, pod.host_interface, str(pod.ip), dict(pod.annotations))
+                self.bandwidth.apply(pod.name, pod.host_interface, str(pod.ip), pod.qos)
             )
         except Exception as e:  # noqa: BLE001 - shaping trouble must not fail the pod's connectivity
             log.exception("shaping pod %s failed", pod.name)
