@@ -1321,7 +1321,7 @@ class Daemon:
         return dict(self.bgp.status())
 
     def explain(self, req: dict[str, Any]) -> dict[str, Any]:
-        from podrouter.cli import build_packet
+        from podrouter.packets import build_packet
 
         try:
             pkt = build_packet(
