@@ -461,8 +461,12 @@ mod tests {
         // The two bad ones leave byte for byte as they came, unmerged; the good ones around them
         // are merged (3, then 1, then 1) and every merged train re-segments with valid checksums.
         assert_eq!(w.iter().map(|x| x.2).sum::<usize>(), 7);
-        assert!(w.iter().any(|(h, p, n)| *n == 1 && !h.is_gso() && *p == bad[3]));
-        assert!(w.iter().any(|(h, p, n)| *n == 1 && !h.is_gso() && *p == bad[5]));
+        assert!(w
+            .iter()
+            .any(|(h, p, n)| *n == 1 && !h.is_gso() && *p == bad[3]));
+        assert!(w
+            .iter()
+            .any(|(h, p, n)| *n == 1 && !h.is_gso() && *p == bad[5]));
         assert_eq!(w[0].2, 3);
         for (h, p, n) in &w {
             if h.is_gso() {

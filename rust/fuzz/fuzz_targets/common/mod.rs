@@ -171,7 +171,9 @@ pub fn fix_checksums(p: &mut [u8]) {
 
 /// A TCP packet with payload whose IPv4 header or TCP checksum does not verify.
 fn bad_tcp(p: &[u8]) -> bool {
-    let Some(l4) = tcp_offset(p) else { return false };
+    let Some(l4) = tcp_offset(p) else {
+        return false;
+    };
     let thl = usize::from(p[l4 + 12] >> 4) * 4;
     let payload = p.len() > l4 + thl;
     payload && ((p[0] >> 4 == 4 && !ipv4_header_ok(p)) || !l4_checksum_ok(p, l4, 6))
