@@ -38,6 +38,12 @@ fuzz_target!(|data: &[u8]| {
             dst_port: o.decap.proto.default_port(),
             inner_src_mac: [2, 0, 0, 0, 0, 1],
             inner_dst_mac: [2, 0, 0, 0, 0, 2],
+            // the inner length picks the framing, so both are re-encapsulated over a run
+            geneve_payload: if inner.len() % 2 == 0 {
+                encap::GenevePayload::Ethernet
+            } else {
+                encap::GenevePayload::Ip
+            },
         };
         if let Ok(r) = encap::encap_full(&mut buf, encap::MAX_HEADROOM, inner.len(), &params) {
             let again = encap::decap_full(&buf[r.clone()])

@@ -944,7 +944,7 @@ impl Worker {
             });
             return Ok(());
         }
-        let ovh = params.proto.payload_overhead();
+        let ovh = params.payload_overhead();
         Self::segment(slot, hdr, ovh)?;
         for r in &slot.segs {
             encap::encap_payload(&mut slot.seg, r.start, r.len(), params)
