@@ -20,36 +20,9 @@ from helpers import Daemons, ref_config, wait_for
 from test_interop import iperf
 
 from nettopo import ReferenceTopology
-from podrouter.demo.ovs import OvsNode, offloads_off
+from podrouter.demo.ovs import INNER_MTU, ovs_vtep
 
-NODE1_VTEP_MAC = "02:70:ac:10:02:02"  # podrouter's synthesized VTEP MAC of 172.16.2.2
-NODE2_VTEP_MAC = "02:70:ac:10:03:02"  # what node1 addresses its frames to (peers[].vtep_mac default)
-INNER_MTU = 1450  # 1500 minus 50 bytes of VXLAN or Geneve+Ethernet overhead
-
-
-def ovs_node2(ref: ReferenceTopology, proto: str) -> OvsNode:
-    """node2 as an OVS VTEP with pod2 on br-int; the pod's gateway MAC is node1's VTEP MAC."""
-    n2, r = ref.nodes["node2"], ref.router
-    pod2 = ref.pods["pod2"]
-    # every veth end facing OVS, and the pod's own end, without offloads (see ovs.py)
-    offloads_off(r, "p-node2")
-    offloads_off(pod2.host, "eth0")
-    pod2.host.ip(f"link set eth0 mtu {INNER_MTU}")
-    n2.ip(f"link set {pod2.host_interface} mtu {INNER_MTU}")
-    pod2.host.ip(f"neigh replace 169.254.1.1 lladdr {NODE1_VTEP_MAC} dev eth0 nud permanent")
-    pod_mac = pod2.host.ip("-br link show eth0").split()[2]
-    gw_mac = r.ip("-br link show p-node2").split()[2]
-    return OvsNode(
-        host=n2,
-        proto=proto,
-        local_addr="172.16.3.2/24",
-        gateway="172.16.3.1",
-        gateway_mac=gw_mac,
-        remote="172.16.2.2",
-        pod_if=pod2.host_interface,
-        pod_mac=pod_mac,
-        vtep_mac=NODE2_VTEP_MAC,
-    ).start()
+NODE1_VTEP_MAC = "02:70:ac:10:02:02"  # podrouter's synthesized VTEP MAC of 172.16.2.2: pod2's gateway MAC
 
 
 def dissect(pcap: Path, proto: str) -> list[list[str]]:
@@ -65,7 +38,8 @@ def dissect(pcap: Path, proto: str) -> list[list[str]]:
 def test_podrouter_talks_to_open_vswitch_userspace(
     ref: ReferenceTopology, daemons: Daemons, tmp_path: Path, proto: str
 ) -> None:
-    ovs = ovs_node2(ref, proto)
+    # node2's frames carry 02:70:ac:10:03:02 as inner source, what node1 addresses its frames to
+    ovs = ovs_vtep(ref, "node2", "node1", proto)
     try:
         cfg = ref_config(ref, "node1", daemons.sockdir, mode="tunnel", protocol=proto, peers=["node2"])
         d1 = daemons.start(ref.nodes["node1"], cfg)

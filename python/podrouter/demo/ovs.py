@@ -22,17 +22,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from ipaddress import IPv4Address
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from podrouter.demo.netns import Host
+from podrouter.config import vtep_mac_of
+from podrouter.demo.netns import Host, ReferenceTopology
 
 SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
+# the pods' MTU behind an OVS VTEP: 1500 minus 50 bytes of VXLAN or Geneve+Ethernet overhead
+INNER_MTU = 1450
+# each node's underlay gateway in the reference topology, and R's interface that holds it
+GATEWAYS = {"node1": ("172.16.2.1", "br0"), "node2": ("172.16.3.1", "p-node2"), "node3": ("172.16.2.1", "br0")}
+# R's port facing each node
+R_PORTS = {"node1": "p-node1", "node2": "p-node2", "node3": "p-node3"}
 # offload features OVS's packet sockets cannot take (checksum, scatter-gather, segmentation, GRO)
 OFFLOADS_OFF = (
     "tx off sg off tso off gso off gro off tx-udp-segmentation off "
@@ -170,6 +179,12 @@ class OvsNode:
             "add-flow", "br-int", f"priority=10,in_port={self.pod_if},ip,actions=mod_dl_src:{self.vtep_mac},output:tun0"
         )
 
+    def tunnel_tx(self) -> int:
+        """Packets the pod-to-tunnel flow sent into the tunnel (the userspace datapath keeps no
+        interface statistics for tunnel ports)."""
+        out = self.ofctl("dump-flows", "br-int", f"in_port={self.pod_if}")
+        return sum(int(m) for m in re.findall(r"n_packets=(\d+)", out))
+
     def stats(self) -> str:
         """OVS's datapath coverage counters (drops and tunnel-pop errors show up here)."""
         return self.appctl("coverage/show")
@@ -189,3 +204,31 @@ class OvsNode:
         self.procs.clear()
         self.host.try_run(["nft", "delete", "table", "netdev", "ovslab"])
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def ovs_vtep(ref: ReferenceTopology, node: str, peer: str, proto: str, vni: int = 1) -> OvsNode:
+    """Make `node` of the reference topology an OVS VTEP towards `peer` (podrouter or OVS) and start
+    it. The node's pods must be attached already (only the first one is bridged); each gets MTU
+    `INNER_MTU`, no offloads, and the peer's VTEP MAC as its gateway's MAC. R's port facing the node
+    loses its offloads too."""
+    h, r = ref.nodes[node], ref.router
+    pod = next(p for p in ref.pods.values() if p.node == node)
+    offloads_off(r, R_PORTS[node])
+    offloads_off(pod.host, "eth0")
+    pod.host.ip(f"link set eth0 mtu {INNER_MTU}")
+    h.ip(f"link set {pod.host_interface} mtu {INNER_MTU}")
+    peer_addr = ref.node_addr[peer]
+    pod.host.ip(f"neigh replace 169.254.1.1 lladdr {vtep_mac_of(IPv4Address(peer_addr))} dev eth0 nud permanent")
+    gateway, r_if = GATEWAYS[node]
+    return OvsNode(
+        host=h,
+        proto=proto,
+        local_addr=f"{ref.node_addr[node]}/24",
+        gateway=gateway,
+        gateway_mac=_mac(r, r_if),
+        remote=peer_addr,
+        vni=vni,
+        pod_if=pod.host_interface,
+        pod_mac=_mac(pod.host, "eth0"),
+        vtep_mac=vtep_mac_of(IPv4Address(ref.node_addr[node])),
+    ).start()
