@@ -52,6 +52,16 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(&buf[r][again.decap.inner.clone()], inner);
         }
     }
+    // The option walk the datapath counts by (class, type) before validation: every option it
+    // yields lies inside the options area, whatever the bytes.
+    if let Ok(h) = wire::geneve::Header::new_checked(data) {
+        let area = h.options().len();
+        let mut seen = 0;
+        for o in h.options_iter().map_while(Result::ok) {
+            seen += wire::geneve::OPTION_HEADER_LEN + o.data.len();
+            assert!(seen <= area && o.data.len() <= 31 * 4);
+        }
+    }
     for proto in [TunnelProto::Vxlan, TunnelProto::Geneve] {
         for ecn in 0..4u8 {
             if let Ok(d) = encap::decap_payload(proto, data, ecn) {

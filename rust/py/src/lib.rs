@@ -724,6 +724,18 @@ impl Datapath {
         }
         d.set_item("nat_pod_limit_drops", pods)?;
         d.set_item("nat_pod_limit_drops_other", pressure.pod_limit_other)?;
+        // Geneve options received, by class and type (bounded: the rest in `..._other`)
+        let opts = PyList::empty(py);
+        for (class, opt_type, n) in &snap.geneve_options {
+            let o = PyDict::new(py);
+            o.set_item("class", *class)?;
+            o.set_item("type", *opt_type)?;
+            o.set_item("critical", opt_type & 0x80 != 0)?;
+            o.set_item("count", *n)?;
+            opts.append(o)?;
+        }
+        d.set_item("geneve_options", opts)?;
+        d.set_item("geneve_options_other", snap.geneve_options_other)?;
         d.set_item("table_generation", gen)?;
         d.set_item("workers", workers)?;
         d.set_item("offload", offload)?;
