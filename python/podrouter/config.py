@@ -771,7 +771,16 @@ class _Validator:
         m = self.mapping(
             path,
             value,
-            ("name", "address", "pod_cidr", "pod_cidrs", "mode", "tunnel_protocol", "vtep_mac", "geneve_payload"),
+            (
+                "name",
+                "address",
+                "pod_cidr",
+                "pod_cidrs",
+                "mode",
+                "tunnel_protocol",
+                "vtep_mac",
+                "geneve_payload",
+            ),
             ("name", "address"),
         )
         if m is None:

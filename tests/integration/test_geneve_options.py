@@ -90,7 +90,9 @@ def test_geneve_options_counted_noncritical_delivered_critical_dropped(
     assert got.count("noncritical-eth") == 3 and got.count("noncritical-ip") == 3, (got, err)
     assert "critical-eth" not in got
 
-    c = wait_for(lambda: (x := d1.counters()) and options(x).get((0x0102, 0x83)) == 3 and x, 10, what="counts")
+    c = wait_for(
+        lambda: (x := d1.counters()) and options(x).get((0x0102, 0x83)) == 3 and x, 10, what="counts"
+    )
     assert options(c) == {(0x0102, 0x03): 6, (0x0104, 0x7F): 6, (0x0102, 0x83): 3}
     assert [o["critical"] for o in c["geneve_options"] if o["type"] == 0x83] == [True]
     assert c["drops"]["geneve_critical_option"] - crit_before == 3

@@ -57,7 +57,9 @@ def test_podrouter_talks_to_open_vswitch_userspace(
             wait_for(pcap.exists, 15, what="tshark capturing")
             time.sleep(0.5)
             pod1, pod2 = ref.pods["pod1"].host, ref.pods["pod2"].host
-            wait_for(lambda: pod1.ping("10.244.2.1", count=1, timeout=1), 15, what=f"pod1 -> pod2 via OVS {proto}")
+            wait_for(
+                lambda: pod1.ping("10.244.2.1", count=1, timeout=1), 15, what=f"pod1 -> pod2 via OVS {proto}"
+            )
             assert pod1.ping("10.244.2.1", count=3), ovs.stats()
             assert pod2.ping("10.244.1.1", count=3), ovs.stats()
             assert pod1.ping("10.244.2.1", count=2, size=INNER_MTU - 28, df=True)
@@ -74,7 +76,9 @@ def test_podrouter_talks_to_open_vswitch_userspace(
         assert not bad, f"{len(bad)} of {len(rows)} frames do not decode as {want}: {bad[:5]}"
         # podrouter decapsulated what OVS sent, and dropped nothing as a malformed tunnel frame
         c = d1.counters()
-        assert c["packets"].get(f"{proto}/ingress", 0) > 100 and c["packets"].get(f"{proto}/egress", 0) > 100, c
+        assert (
+            c["packets"].get(f"{proto}/ingress", 0) > 100 and c["packets"].get(f"{proto}/egress", 0) > 100
+        ), c
         assert c["drops"].get("malformed", 0) == 0 and c["drops"].get("unsupported_inner_protocol", 0) == 0, c
     finally:
         ovs.stop()

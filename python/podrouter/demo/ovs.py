@@ -28,8 +28,8 @@ import signal
 import subprocess
 import tempfile
 import time
-from ipaddress import IPv4Address
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from podrouter.config import vtep_mac_of
@@ -39,7 +39,11 @@ SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
 # the pods' MTU behind an OVS VTEP: 1500 minus 50 bytes of VXLAN or Geneve+Ethernet overhead
 INNER_MTU = 1450
 # each node's underlay gateway in the reference topology, and R's interface that holds it
-GATEWAYS = {"node1": ("172.16.2.1", "br0"), "node2": ("172.16.3.1", "p-node2"), "node3": ("172.16.2.1", "br0")}
+GATEWAYS = {
+    "node1": ("172.16.2.1", "br0"),
+    "node2": ("172.16.3.1", "p-node2"),
+    "node3": ("172.16.2.1", "br0"),
+}
 # R's port facing each node
 R_PORTS = {"node1": "p-node1", "node2": "p-node2", "node3": "p-node3"}
 # offload features OVS's packet sockets cannot take (checksum, scatter-gather, segmentation, GRO)
@@ -85,7 +89,9 @@ class OvsNode:
         return ["env", f"OVS_RUNDIR={d}", f"OVS_DBDIR={d}", f"OVS_LOGDIR={d}", f"OVS_SYSCONFDIR={d}"]
 
     def vsctl(self, *args: str) -> str:
-        return self.host.run([*self._env(), "ovs-vsctl", f"--db=unix:{self.dir}/db.sock", "--timeout=10", *args])
+        return self.host.run(
+            [*self._env(), "ovs-vsctl", f"--db=unix:{self.dir}/db.sock", "--timeout=10", *args]
+        )
 
     def appctl(self, *args: str) -> str:
         return self.host.run([*self._env(), "ovs-appctl", "-t", f"{self.dir}/vswitchd.ctl", *args])
@@ -144,7 +150,13 @@ class OvsNode:
             offloads_off(h, ifname)
         # br-phy: the underlay interface as a port, its address, MAC and default route on the bridge
         self.vsctl(
-            "add-br", "br-phy", "--", "set", "bridge", "br-phy", "datapath_type=netdev",
+            "add-br",
+            "br-phy",
+            "--",
+            "set",
+            "bridge",
+            "br-phy",
+            "datapath_type=netdev",
             f"other_config:hwaddr={ul_mac}",
         )
         self.vsctl("add-port", "br-phy", ul)
@@ -167,16 +179,29 @@ class OvsNode:
         # br-int: the tunnel port and the pod
         self.vsctl("add-br", "br-int", "--", "set", "bridge", "br-int", "datapath_type=netdev")
         self.vsctl(
-            "add-port", "br-int", "tun0", "--", "set", "interface", "tun0", f"type={self.proto}",
-            f"options:remote_ip={self.remote}", f"options:key={self.vni}", f"options:dst_port={self.port}",
+            "add-port",
+            "br-int",
+            "tun0",
+            "--",
+            "set",
+            "interface",
+            "tun0",
+            f"type={self.proto}",
+            f"options:remote_ip={self.remote}",
+            f"options:key={self.vni}",
+            f"options:dst_port={self.port}",
         )
         self.vsctl("add-port", "br-int", self.pod_if)
         self.ofctl("del-flows", "br-int")
         self.ofctl(
-            "add-flow", "br-int", f"priority=10,in_port=tun0,ip,actions=mod_dl_dst:{self.pod_mac},output:{self.pod_if}"
+            "add-flow",
+            "br-int",
+            f"priority=10,in_port=tun0,ip,actions=mod_dl_dst:{self.pod_mac},output:{self.pod_if}",
         )
         self.ofctl(
-            "add-flow", "br-int", f"priority=10,in_port={self.pod_if},ip,actions=mod_dl_src:{self.vtep_mac},output:tun0"
+            "add-flow",
+            "br-int",
+            f"priority=10,in_port={self.pod_if},ip,actions=mod_dl_src:{self.vtep_mac},output:tun0",
         )
 
     def tunnel_tx(self) -> int:
@@ -218,7 +243,9 @@ def ovs_vtep(ref: ReferenceTopology, node: str, peer: str, proto: str, vni: int 
     pod.host.ip(f"link set eth0 mtu {INNER_MTU}")
     h.ip(f"link set {pod.host_interface} mtu {INNER_MTU}")
     peer_addr = ref.node_addr[peer]
-    pod.host.ip(f"neigh replace 169.254.1.1 lladdr {vtep_mac_of(IPv4Address(peer_addr))} dev eth0 nud permanent")
+    pod.host.ip(
+        f"neigh replace 169.254.1.1 lladdr {vtep_mac_of(IPv4Address(peer_addr))} dev eth0 nud permanent"
+    )
     gateway, r_if = GATEWAYS[node]
     return OvsNode(
         host=h,
