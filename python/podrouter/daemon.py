@@ -40,6 +40,7 @@ from podrouter.monitor import stream as monitor_stream
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import (
     ENCAP_OVERHEAD,
+    GENEVE_IP_OVERHEAD,
     IFF_MULTICAST,
     IPV6_MIN_MTU,
     MASQ_RULE_PRIORITY,
@@ -79,6 +80,11 @@ def tunnel_protocol(cfg: Config, peer: PeerConfig) -> str:
     return peer.tunnel_protocol or cfg.tunnel.protocol
 
 
+def geneve_payload(cfg: Config, peer: PeerConfig) -> str:
+    """ethernet | ip: what the Geneve frames sent to `peer` carry (override or node-wide)."""
+    return peer.geneve_payload or cfg.tunnel.geneve_payload
+
+
 def split_by(net: IPNetwork, cuts: Iterable[IPNetwork]) -> list[IPNetwork]:
     """`net` cut into pieces so that each piece lies wholly inside or wholly outside every cut."""
     pieces: list[IPNetwork] = [net]
@@ -110,12 +116,16 @@ def path_for(cfg: Config, peer: PeerConfig, dst: IPNetwork, on_link: bool) -> st
     return tunnel_protocol(cfg, peer)
 
 
-def path_mtu(cfg: Config, path: str, underlay_mtu: int) -> int:
-    """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU)."""
+def path_mtu(cfg: Config, path: str, underlay_mtu: int, peer: PeerConfig | None = None) -> int:
+    """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU); for
+    Geneve to `peer` with an IP payload 14 bytes more (no inner Ethernet header). Without a peer the
+    largest overhead of the path counts."""
     if path == "native":
         return underlay_mtu
     if cfg.tunnel.mtu is not None:
         return cfg.tunnel.mtu
+    if path == "geneve" and peer is not None and geneve_payload(cfg, peer) == "ip":
+        return underlay_mtu - GENEVE_IP_OVERHEAD
     return underlay_mtu - ENCAP_OVERHEAD[path]
 
 
@@ -152,7 +162,8 @@ def plan_routes(
             cuts = cfg.routing.native_cidrs if effective_mode(cfg, view.peer) == "hybrid" else ()
             for piece in split_by(cidr, cuts):
                 path = path_for(cfg, view.peer, piece, view.on_link)
-                out.append(RoutePlan(piece, path, path_mtu(cfg, path, underlay_mtu), view.peer.name, tun))
+                mtu = path_mtu(cfg, path, underlay_mtu, view.peer)
+                out.append(RoutePlan(piece, path, mtu, view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
     for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
@@ -195,6 +206,7 @@ def build_spec(
             "vni": cfg.tunnel.vni,
             "vxlan_port": cfg.tunnel.port_for("vxlan"),
             "geneve_port": cfg.tunnel.port_for("geneve"),
+            "geneve_payload": cfg.tunnel.geneve_payload,
         },
         "gateway": gateway,
         "masquerade": {
@@ -214,6 +226,7 @@ def build_spec(
                     {"ip": str(v.next_hop), "mac": v.next_hop_mac} if v.next_hop is not None else None
                 ),
                 "vtep_mac": v.peer.vtep_mac,
+                "geneve_payload": v.peer.geneve_payload,
             }
             for v in peers
         ],
@@ -1247,6 +1260,7 @@ class Daemon:
                         "path": "/".join(paths),
                         "mode": v.peer.mode,
                         "tunnel_protocol": v.peer.tunnel_protocol,
+                        "geneve_payload": geneve_payload(self.cfg, v.peer),
                         "on_link": v.on_link,
                         "next_hop": str(v.next_hop) if v.next_hop else None,
                         "next_hop_mac": v.next_hop_mac,
@@ -1267,6 +1281,7 @@ class Daemon:
                     "vni": self.cfg.tunnel.vni,
                     "vxlan_port": self.cfg.tunnel.port_for("vxlan"),
                     "geneve_port": self.cfg.tunnel.port_for("geneve"),
+                    "geneve_payload": self.cfg.tunnel.geneve_payload,
                 },
                 "underlay": {
                     "interface": u.ifname,

@@ -379,6 +379,7 @@ mod tests {
                 mac: Some(mac),
             }),
             vtep_mac: None,
+            geneve_payload: None,
         }
     }
 
@@ -619,7 +620,33 @@ mod tests {
             panic!("{a:?}")
         };
         assert_eq!((proto, remote.port()), (TunnelProto::Geneve, 6081));
+        // Geneve carries an inner Ethernet frame by default (Protocol Type 0x6558)
+        assert_eq!(range.start, MAX_HEADROOM - 22);
+        assert_eq!(&b[range.start + 2..range.start + 4], &[0x65, 0x58]);
+        let mut rx = b[range].to_vec();
+        let n = rx.len();
+        let d = ingress(
+            &tables_for(1),
+            v4("172.16.2.2"),
+            50000,
+            6081,
+            0,
+            &mut rx,
+            0,
+            n,
+        );
+        assert_eq!(d.path(), Some(Path::Geneve));
+        // a per-peer `ip` override: the inner IP packet straight after the Geneve header, still
+        // accepted by a receiver whose own default is `ethernet`
+        spec.peers[0].geneve_payload = Some(crate::encap::GenevePayload::Ip);
+        spec_tables = Tables::build(&spec).unwrap();
+        let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", 64, 0);
+        let a = egress(&spec_tables, None, &mut b, MAX_HEADROOM, len, 0);
+        let EgressAction::Tunnel { range, .. } = a else {
+            panic!("{a:?}")
+        };
         assert_eq!(range.start, MAX_HEADROOM - 8);
+        assert_eq!(&b[range.start + 2..range.start + 4], &[0x08, 0x00]);
         let mut rx = b[range].to_vec();
         let n = rx.len();
         let d = ingress(
@@ -703,7 +730,10 @@ mod tests {
             let hdr = &b[range.clone()];
             match proto {
                 TunnelProto::Vxlan => assert_eq!(&hdr[8 + 12..8 + 14], &[0x86, 0xdd]),
-                TunnelProto::Geneve => assert_eq!(&hdr[2..4], &[0x86, 0xdd]),
+                TunnelProto::Geneve => {
+                    assert_eq!(&hdr[2..4], &[0x65, 0x58]);
+                    assert_eq!(&hdr[8 + 12..8 + 14], &[0x86, 0xdd]);
+                }
             }
             let mut rx = hdr.to_vec();
             let n = rx.len();
@@ -753,6 +783,7 @@ mod tests {
                 dst_port: 4789,
                 inner_src_mac: [0; 6],
                 inner_dst_mac: [0; 6],
+                geneve_payload: Default::default(),
             };
             let r = encap::encap_payload(&mut b, MAX_HEADROOM, len, &params).unwrap();
             let mut p = b[r].to_vec();
@@ -895,6 +926,7 @@ mod tests {
             dst_port: 4789,
             inner_src_mac: [0; 6],
             inner_dst_mac: [0; 6],
+            geneve_payload: Default::default(),
         };
         let r = encap::encap_payload(&mut b, MAX_HEADROOM, len, &params).unwrap();
         b[r].to_vec()
@@ -995,15 +1027,7 @@ mod tests {
             };
             let inner = &pkt[..meta.total_len];
             let (src_port, tos) = (encap::udp_source_port(inner), encap::outer_tos(inner));
-            let params = EncapParams {
-                proto,
-                vni,
-                src: t.node_address(),
-                dst: remote,
-                dst_port: port,
-                inner_src_mac: t.vtep_mac(),
-                inner_dst_mac: t.peer_vtep_mac(peer, remote),
-            };
+            let params = t.encap_params(peer, proto, vni, remote, port);
             let range = encap::encap_payload(b, MAX_HEADROOM, meta.total_len, &params).ok()?;
             Some(EgressAction::Tunnel {
                 range,
