@@ -742,11 +742,7 @@ impl<A: NatAddr> NatTable<A> {
     /// New flows refused with [`NatError::PodLimit`], per pod address (at most
     /// [`MAX_TRACKED_PODS`] addresses, highest count first), and the count of all other pods.
     pub fn pod_limit_drops(&self) -> (Vec<(A, u64)>, u64) {
-        let mut v: Vec<(A, u64)> = self
-            .pod_limit_drops
-            .iter()
-            .map(|(&a, &n)| (a, n))
-            .collect();
+        let mut v: Vec<(A, u64)> = self.pod_limit_drops.iter().map(|(&a, &n)| (a, n)).collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         (v, self.pod_limit_other)
     }
