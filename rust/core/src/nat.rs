@@ -72,6 +72,15 @@
 //! RFC 5382 REQ-9 / RFC 4787 REQ-14: errors must be translated for the flows they belong to).
 //! Fragments are refused (`unsupported`): a later fragment carries no ports to translate, and
 //! podrouter does not reassemble.
+//!
+//! # IPv6
+//!
+//! The table is generic over the address family ([`NatAddr`]): [`NatTable`] / [`FlowKey`] default
+//! to IPv4, [`NatTable6`] / [`FlowKey6`] are the IPv6 forms, one table (one node port pool) per
+//! family, every rule above shared. [`translate_egress_v6`] and [`translate_ingress_v6`] are the
+//! IPv6 packet rewriters: no header checksum, but TCP, UDP and ICMPv6 checksums all cover the
+//! 128-bit addresses through the pseudo-header, and ICMPv6 errors (RFC 4443) quoting a translated
+//! packet are restored like ICMP ones.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
