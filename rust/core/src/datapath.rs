@@ -20,7 +20,7 @@ use std::ops::Range;
 pub use crate::classify::{DropReason, Path, PeerId, Tables, Verdict};
 use crate::encap;
 pub use crate::encap::{TunnelProto, MAX_HEADROOM};
-use crate::nat::{self, NatTable};
+use crate::nat::{self, NatTable, NatTable6};
 use crate::wire::{self, IpMeta};
 
 /// What to do with a packet from a local pod.
@@ -334,6 +334,28 @@ pub fn masquerade_reply(
         let pkt = packet(buf, start, len)?;
         let total = wire::parse_ip(pkt)?.total_len;
         nat::translate_ingress(nat, pkt, now)?;
+        Ok(IngressAction::Deliver {
+            range: start..start + total,
+            path: Path::Masquerade,
+            peer: None,
+        })
+    };
+    run().unwrap_or_else(IngressAction::Drop)
+}
+
+/// [`masquerade_reply`] for IPv6: a reply to the node's IPv6 masquerade address, translated back
+/// with the IPv6 table ([`nat::translate_ingress_v6`]).
+pub fn masquerade_reply_v6(
+    nat: &mut NatTable6,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    now: u64,
+) -> IngressAction {
+    let mut run = || -> Result<IngressAction, DropReason> {
+        let pkt = packet(buf, start, len)?;
+        let total = wire::parse_ip(pkt)?.total_len;
+        nat::translate_ingress_v6(nat, pkt, now)?;
         Ok(IngressAction::Deliver {
             range: start..start + total,
             path: Path::Masquerade,
@@ -911,6 +933,53 @@ mod tests {
         let (mut r, rlen) = udp_buf("203.0.113.9", "172.16.2.2", 50, 0);
         assert_eq!(
             masquerade_reply(&mut nat, &mut r, MAX_HEADROOM, rlen, 1),
+            IngressAction::Drop(DropReason::NatNoMapping)
+        );
+    }
+
+    /// An IPv6 reply behind `headroom` bytes with trailing junk: translated in place to the pod,
+    /// delivered range = the IPv6 packet; an unknown one is dropped `nat_no_mapping`.
+    #[test]
+    fn masquerade_reply_v6_translates_in_place() {
+        use std::net::Ipv6Addr;
+        let (pod, node, remote): (Ipv6Addr, Ipv6Addr, Ipv6Addr) = (
+            "fd00:244:1::10".parse().unwrap(),
+            "2001:db8:0:1::2".parse().unwrap(),
+            "2001:db8:ff::7".parse().unwrap(),
+        );
+        let udp6 = |src: Ipv6Addr, sp: u16, dst: Ipv6Addr, dp: u16| {
+            let mut p = vec![0x60, 0, 0, 0, 0, 12, ip_proto::UDP, 64];
+            p.extend_from_slice(&src.octets());
+            p.extend_from_slice(&dst.octets());
+            p.extend_from_slice(&sp.to_be_bytes());
+            p.extend_from_slice(&dp.to_be_bytes());
+            p.extend_from_slice(&[0, 12, 0, 0, b'd', b'a', b't', b'a']);
+            udp::Packet::new_unchecked(&mut p[40..]).fill_checksum(src.into(), dst.into());
+            p
+        };
+        let mut nat = NatTable6::new_v6(NatConfig::default());
+        let mut out = udp6(pod, 5000, remote, 53);
+        let np = nat::translate_egress_v6(&mut nat, &mut out, node, 0).unwrap();
+        let r = udp6(remote, 53, node, np);
+        let mut b = vec![0u8; MAX_HEADROOM];
+        b.extend_from_slice(&r);
+        b.extend_from_slice(&[0xee; 4]);
+        let d = masquerade_reply_v6(&mut nat, &mut b, MAX_HEADROOM, r.len() + 4, 1);
+        let IngressAction::Deliver { range, path, peer } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!((path, peer), (Path::Masquerade, None));
+        assert_eq!(range, MAX_HEADROOM..MAX_HEADROOM + r.len());
+        let m = wire::parse_ip(&b[range.clone()]).unwrap();
+        assert_eq!((m.src, m.dst), (IpAddr::V6(remote), IpAddr::V6(pod)));
+        assert_eq!(m.ports(), Some((53, 5000)));
+        assert!(udp::Packet::new_checked(&b[range.start + 40..range.end])
+            .unwrap()
+            .verify_checksum(remote.into(), pod.into()));
+        let mut b = vec![0u8; MAX_HEADROOM];
+        b.extend_from_slice(&udp6(remote, 53, node, np.wrapping_add(1)));
+        assert_eq!(
+            masquerade_reply_v6(&mut nat, &mut b, MAX_HEADROOM, r.len(), 1),
             IngressAction::Drop(DropReason::NatNoMapping)
         );
     }
