@@ -1526,6 +1526,17 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
     if sock.exists() and sock.is_socket():
         sock.unlink()
         done.append(f"removed stale socket {sock}")
+    done.extend(_cleanup_nat_snapshot(cfg))
+    return done
+
+
+def _cleanup_nat_snapshot(cfg: Config) -> list[str]:
+    """`podrouter cleanup` starts the next daemon from an empty masquerade table."""
+    done = []
+    for p in (nat_snapshot_path(cfg), nat_snapshot_path(cfg).with_name(f"{cfg.node.name}.nat.tmp")):
+        if p.is_file():
+            p.unlink()
+            done.append(f"removed {p}")
     return done
 
 

@@ -140,3 +140,10 @@ def test_a_corrupt_snapshot_is_reported_and_ignored(ref: ReferenceTopology, daem
         assert client.echo("fresh").get("ok") == "fresh"
     finally:
         client.close()
+    # `podrouter cleanup` after a SIGKILL also removes the snapshot: the next start has an empty table
+    time.sleep(1)
+    d.kill()
+    assert path.exists()
+    r = d.cli("cleanup", "--config", str(d.config))
+    assert r.returncode == 0, r.stderr
+    assert not path.exists() and f"removed {path}" in r.stdout, r.stdout
