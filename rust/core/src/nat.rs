@@ -974,19 +974,30 @@ impl NatTable {
 
     /// Every live mapping (expired ones left out), in no particular order.
     pub fn export(&self, now: u64) -> Vec<NatRecord> {
-        self.fwd
-            .iter()
-            .filter(|(_, h)| h.expires > now)
-            .map(|(k, h)| NatRecord {
-                key: *k,
-                node_port: h.node_port,
-                state: h.state,
-                ttl: u32::try_from(h.expires - now).unwrap_or(u32::MAX),
-                lo: h.lo,
-                hi: h.hi,
-                flags: h.bits & NatRecord::FLAGS,
-            })
-            .collect()
+        let mut v = Vec::with_capacity(self.len());
+        self.export_into(now, &mut v);
+        v
+    }
+
+    /// [`NatTable::export`] into `out` (cleared first): reusing its allocation keeps page faults
+    /// out of the time the caller holds the table's lock.
+    pub fn export_into(&self, now: u64, out: &mut Vec<NatRecord>) {
+        out.clear();
+        out.reserve(self.len());
+        out.extend(
+            self.fwd
+                .iter()
+                .filter(|(_, h)| h.expires > now)
+                .map(|(k, h)| NatRecord {
+                    key: *k,
+                    node_port: h.node_port,
+                    state: h.state,
+                    ttl: u32::try_from(h.expires - now).unwrap_or(u32::MAX),
+                    lo: h.lo,
+                    hi: h.hi,
+                    flags: h.bits & NatRecord::FLAGS,
+                }),
+        );
     }
 
     /// Adds a mapping exported by another table (another process). Everything in `r` is checked

@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use podrouter_core::classify::Cidr;
-use podrouter_core::nat::NatTable;
+use podrouter_core::nat::{NatRecord, NatTable};
 use podrouter_core::nat_snapshot::{self, LoadReport};
 
 /// Time between two writes of a changing table.
@@ -111,20 +111,21 @@ fn write_once(
     nat: &Mutex<NatTable>,
     epoch: Instant,
     last_gen: Option<u64>,
-    buf: &mut Vec<u8>,
+    (records, buf): (&mut Vec<NatRecord>, &mut Vec<u8>),
     stats: &Mutex<PersistStats>,
 ) -> Option<u64> {
     let t0 = Instant::now();
-    let (gen, records) = {
+    let gen = {
         let t = nat.lock().unwrap_or_else(|p| p.into_inner());
         let gen = t.generation();
         if last_gen == Some(gen) {
             return last_gen;
         }
-        (gen, t.export(epoch.elapsed().as_secs()))
+        t.export_into(epoch.elapsed().as_secs(), records);
+        gen
     };
     let lock_us = t0.elapsed().as_micros() as u64;
-    nat_snapshot::encode_into(&records, wall_secs(), buf);
+    nat_snapshot::encode_into(records, wall_secs(), buf);
     let res = write_atomic(path, buf);
     let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
     match res {
@@ -181,7 +182,7 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("podr-natsnap".into())
             .spawn(move || {
-                let mut buf = Vec::new();
+                let (mut records, mut buf) = (Vec::new(), Vec::new());
                 let (lock, cv) = &*stop2;
                 loop {
                     let stopped = {
@@ -193,10 +194,10 @@ impl Writer {
                     };
                     if stopped {
                         // The final write: always, so that the file matches the table at stop.
-                        write_once(&path, &nat, epoch, None, &mut buf, &stats);
+                        write_once(&path, &nat, epoch, None, (&mut records, &mut buf), &stats);
                         return;
                     }
-                    gen = write_once(&path, &nat, epoch, gen, &mut buf, &stats);
+                    gen = write_once(&path, &nat, epoch, gen, (&mut records, &mut buf), &stats);
                 }
             })?;
         Ok(Writer {
