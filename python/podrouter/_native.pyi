@@ -118,6 +118,15 @@ class Datapath:
         "direction", "family", "proto", "src", "dst", "sport", "dport", "len", "outer", "time"}``."""
     def monitor_stats(self) -> dict[str, int]:
         """``{"suppressed": n, "lost": n}`` since the ring was turned on."""
+    def set_nat_snapshot(self, path: str | None) -> None:
+        """Keep the NAT table in the snapshot file ``path`` (None: memory only); before ``start``.
+        The first start restores it before the workers run; a thread rewrites it (write + rename,
+        at most every 0.5 s while the table changes); ``stop`` writes it once more."""
+    def nat_snapshot_stats(self) -> dict[str, Any]:
+        """``{"path", "loaded": None | {"restored", "expired", "rejected", "outside_cidrs",
+        "port_range", "duplicate", "invalid", "full"}, "load_error": None | str, "writes",
+        "write_errors", "last_write_error", "last_entries", "last_bytes", "last_write_us",
+        "last_lock_us"}``."""
     def stop(self) -> None:
         """Stop the workers and close the sockets; the TUN stays. Idempotent."""
     def close(self) -> None:

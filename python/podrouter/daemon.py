@@ -270,6 +270,11 @@ def read_local_port_range() -> tuple[int, int] | None:
     return lo, hi
 
 
+def nat_snapshot_path(cfg: Config) -> Path:
+    """The NAT snapshot file: next to the state file, `<api.socket dir>/<node>.nat`."""
+    return cfg.state_path.with_name(f"{cfg.node.name}.nat")
+
+
 def port_range_problem(cfg: Config) -> str | None:
     """docs/design.md §3: the masquerade ports must never collide with the kernel's own ephemeral ports,
     or a reply to a node-local connection could be taken for a masqueraded one (and vice versa)."""
@@ -507,6 +512,7 @@ class Daemon:
                 "offload": True,
             }
         )
+        self._nat_snapshot_setup()
         tun_idx = getattr(self.datapath, "tun_ifindex", None) or self.plumbing.ifindex(TUN_NAME)
         if tun_idx is None:
             raise StartError([f"the datapath did not create {TUN_NAME}"], EXIT_FAILURE)
@@ -534,6 +540,7 @@ class Daemon:
                 self._pod_install(pod, "config", raise_errors=False)
             self._refresh_peers(wait=True)
             self._reconcile_locked("start")
+        self._nat_snapshot_report()
         self.watcher.start()
         self.discovery.start(self._on_event)
         self.monitor = MonitorHub(lambda: self.datapath, self._pod_of)
@@ -724,6 +731,38 @@ class Daemon:
         else:
             self._stop.set()
         self._wake.set()
+
+    # ------------------------------------------------------------------------- NAT persistence
+
+    def _nat_snapshot_setup(self) -> None:
+        """Keep the masquerade table in `<api.socket dir>/<node>.nat` (docs/architecture.md, "NAT
+        state across restarts"): restored by the datapath's first start, before its workers run."""
+        path = nat_snapshot_path(self.cfg)
+        self.datapath.set_nat_snapshot(str(path))
+
+    def _nat_snapshot_report(self) -> None:
+        """Log what the restore did: a refused snapshot (or refused entries) is reported, counted
+        (podrouter_nat_snapshot_rejected) and otherwise ignored."""
+        st = self.datapath.nat_snapshot_stats()
+        if st.get("load_error"):
+            log.error("NAT snapshot refused, starting with an empty table: %s", st["load_error"])
+            return
+        loaded = st.get("loaded")
+        if not loaded:
+            return
+        log.info(
+            "NAT snapshot %s: %d mappings restored, %d expired while stopped",
+            st.get("path"),
+            loaded["restored"],
+            loaded["expired"],
+        )
+        if loaded["rejected"]:
+            reasons = ", ".join(
+                f"{k} {loaded[k]}"
+                for k in ("outside_cidrs", "port_range", "duplicate", "invalid", "full")
+                if loaded[k]
+            )
+            log.warning("NAT snapshot: %d entries refused (%s)", loaded["rejected"], reasons)
 
     def _on_event(self, reason: str) -> None:
         with self.lock:
@@ -1226,6 +1265,8 @@ class Daemon:
         if dp is None:
             return {}
         out = dict(dp.counters())
+        with contextlib.suppress(Exception):
+            out["nat_snapshot"] = dict(dp.nat_snapshot_stats())
         if self._pod_guard_key is not None:
             # the pod egress guard drops in nftables, before the datapath sees anything; its two
             # counters join the datapath's drop reasons (podrouter_drops_total{reason=...})
@@ -1500,6 +1541,17 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
     if sock.exists() and sock.is_socket():
         sock.unlink()
         done.append(f"removed stale socket {sock}")
+    done.extend(_cleanup_nat_snapshot(cfg))
+    return done
+
+
+def _cleanup_nat_snapshot(cfg: Config) -> list[str]:
+    """`podrouter cleanup` starts the next daemon from an empty masquerade table."""
+    done = []
+    for p in (nat_snapshot_path(cfg), nat_snapshot_path(cfg).with_name(f"{cfg.node.name}.nat.tmp")):
+        if p.is_file():
+            p.unlink()
+            done.append(f"removed {p}")
     return done
 
 

@@ -122,6 +122,26 @@ class PodrouterCollector:
                 float(o["count"]),
             )
         gopts.add_metric(["other", "other", "unknown"], float(counters.get("geneve_options_other", 0) or 0))
+        snap = counters.get("nat_snapshot") or {}
+        loaded = snap.get("loaded") or {}
+        restored = GaugeMetricFamily(
+            "podrouter_nat_snapshot_restored", "Masquerade entries restored from the NAT snapshot at start."
+        )
+        restored.add_metric([], float(loaded.get("restored", 0) or 0))
+        # a snapshot refused as a whole counts 1 (its entries were never looked at)
+        rejected = GaugeMetricFamily(
+            "podrouter_nat_snapshot_rejected",
+            "NAT snapshot entries refused at start (1 for a snapshot refused as a whole).",
+        )
+        whole = 1.0 if snap.get("load_error") else 0.0
+        rejected.add_metric([], float(loaded.get("rejected", 0) or 0) + whole)
+        writes = CounterMetricFamily("podrouter_nat_snapshot_writes", "NAT snapshot files written.")
+        writes.add_metric([], float(snap.get("writes", 0) or 0))
+        write_errors = CounterMetricFamily(
+            "podrouter_nat_snapshot_write_errors", "NAT snapshot writes that failed."
+        )
+        write_errors.add_metric([], float(snap.get("write_errors", 0) or 0))
+        yield from (restored, rejected, writes, write_errors)
         peer_g = GaugeMetricFamily("podrouter_peers", "Peer nodes currently known.")
         peer_g.add_metric([], float(peers))
         rate = GaugeMetricFamily(

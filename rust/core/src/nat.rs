@@ -565,6 +565,44 @@ pub struct NatEntry<A: NatAddr = Ipv4Addr> {
     pub expires: u64,
 }
 
+/// A live mapping as [`NatTable::export`] hands it out and [`NatTable::restore`] takes it back:
+/// everything needed to rebuild it in another process (the NAT snapshot, `nat_snapshot.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatRecord<A: NatAddr = Ipv4Addr> {
+    pub key: FlowKey<A>,
+    pub node_port: u16,
+    pub state: NatState,
+    /// Seconds the mapping has left to live (at least 1).
+    pub ttl: u32,
+    /// TCP sequence tracking (see `Hot`), carried as is.
+    pub lo: u32,
+    pub hi: u32,
+    /// [`NatRecord::FLAGS`] bits only.
+    pub flags: u8,
+}
+
+impl<A: NatAddr> NatRecord<A> {
+    /// The flag bits a record may carry: FIN from the pod (1), FIN from the remote (2), replied
+    /// (4), remote sequence space tracked (16).
+    pub const FLAGS: u8 = RECORD_FLAGS;
+}
+
+/// [`NatRecord::FLAGS`], for either family.
+const RECORD_FLAGS: u8 = FINS | REPLIED | SYNCED;
+
+/// Why [`NatTable::restore`] refused a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RestoreError {
+    /// The node port is outside the configured range.
+    PortRange,
+    /// The flow, or its reply key (remote endpoint + node port), is held already.
+    Duplicate,
+    /// `max_entries` or the pod's `max_entries_per_pod` reached.
+    Full,
+    /// Unknown flag bits, a zero TTL, or a state of another protocol.
+    Invalid,
+}
+
 /// What a forward lookup needs, stored inline in the forward map so that a hit costs one cache
 /// miss (the bucket) rather than two (bucket, then slab).
 #[derive(Debug, Clone, Copy)]
@@ -678,6 +716,9 @@ pub struct NatTable<A: NatAddr = Ipv4Addr> {
     pod_limit_drops: FxHashMap<A, u64>,
     pod_limit_other: u64,
     evictions: u64,
+    /// Bumped by every change (an entry added, removed or advanced), under the table's lock, so
+    /// the snapshot writer can tell whether the table changed since its last write.
+    generation: u64,
 }
 
 /// Pod addresses [`NatTable::pod_limit_drops`] counts one by one; later ones share one counter.
@@ -739,6 +780,7 @@ impl<A: NatAddr> NatTable<A> {
             }),
             pod_limit_other: 0,
             evictions: 0,
+            generation: 0,
             cfg,
         }
     }
@@ -838,6 +880,7 @@ impl<A: NatAddr> NatTable<A> {
 
     fn remove(&mut self, key: &FlowKey<A>) {
         if let Some(h) = self.fwd.remove(key) {
+            self.generation = self.generation.wrapping_add(1);
             self.rev.remove(&RevKey::of(key, h.node_port));
             let pod = key.pod_ip;
             if let Some(n) = self.pods.get_mut(&pod) {
@@ -915,6 +958,7 @@ impl<A: NatAddr> NatTable<A> {
         if let Some(h) = self.fwd.get_mut(key) {
             if h.expires > now {
                 h.advance(key.proto, Dir::Orig, seg, now, &self.cfg);
+                self.generation = self.generation.wrapping_add(1);
                 return Ok(h.node_port);
             }
             self.remove(key);
@@ -938,16 +982,7 @@ impl<A: NatAddr> NatTable<A> {
         }
         let node_port = self.allocate(key, seg.flags, now)?;
         let (state, fins) = next_state(key.proto, None, Dir::Orig, seg.flags);
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.slab[id as usize] = Some(*key);
-                id
-            }
-            None => {
-                self.slab.push(Some(*key));
-                (self.slab.len() - 1) as u32
-            }
-        };
+        let id = self.slot(key);
         let mut hot = Hot {
             expires: now + self.timeout(state),
             id,
@@ -960,14 +995,110 @@ impl<A: NatAddr> NatTable<A> {
         if key.proto == NatProto::Tcp {
             hot.track(Dir::Orig, seg, state);
         }
-        self.fwd.insert(*key, hot);
-        self.rev.insert(RevKey::of(key, node_port), *key);
-        *self.pods.entry(key.pod_ip).or_insert(0) += 1;
-        self.unreplied.push_back(*key);
+        self.insert(key, hot);
         if self.unreplied.len() > 2 * self.fwd.len() + 64 {
             self.compact_queue();
         }
         Ok(node_port)
+    }
+
+    /// A slab slot holding `key`.
+    fn slot(&mut self, key: &FlowKey<A>) -> u32 {
+        match self.free.pop() {
+            Some(id) => {
+                self.slab[id as usize] = Some(*key);
+                id
+            }
+            None => {
+                self.slab.push(Some(*key));
+                (self.slab.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Adds a new entry (its slab slot taken already) to both maps, the pod count and, while
+    /// unanswered, the eviction queue.
+    fn insert(&mut self, key: &FlowKey<A>, hot: Hot) {
+        self.fwd.insert(*key, hot);
+        self.rev.insert(RevKey::of(key, hot.node_port), *key);
+        *self.pods.entry(key.pod_ip).or_insert(0) += 1;
+        if hot.bits & QUEUED != 0 {
+            self.unreplied.push_back(*key);
+        }
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    /// Changes so far (see the field); equal values mean an unchanged table.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Every live mapping (expired ones left out), in no particular order.
+    pub fn export(&self, now: u64) -> Vec<NatRecord<A>> {
+        let mut v = Vec::with_capacity(self.len());
+        self.export_into(now, &mut v);
+        v
+    }
+
+    /// [`NatTable::export`] into `out` (cleared first): reusing its allocation keeps page faults
+    /// out of the time the caller holds the table's lock.
+    pub fn export_into(&self, now: u64, out: &mut Vec<NatRecord<A>>) {
+        out.clear();
+        out.reserve(self.len());
+        out.extend(
+            self.fwd
+                .iter()
+                .filter(|(_, h)| h.expires > now)
+                .map(|(k, h)| NatRecord {
+                    key: *k,
+                    node_port: h.node_port,
+                    state: h.state,
+                    ttl: u32::try_from(h.expires - now).unwrap_or(u32::MAX),
+                    lo: h.lo,
+                    hi: h.hi,
+                    flags: h.bits & RECORD_FLAGS,
+                }),
+        );
+    }
+
+    /// Adds a mapping exported by another table (another process). Everything in `r` is checked
+    /// against this table's configuration and contents; nothing is replaced.
+    pub fn restore(&mut self, r: &NatRecord<A>, now: u64) -> Result<(), RestoreError> {
+        let proto_ok = match r.state {
+            NatState::UdpUnreplied | NatState::UdpAssured => r.key.proto == NatProto::Udp,
+            NatState::Icmp => r.key.proto == NatProto::Icmp,
+            _ => r.key.proto == NatProto::Tcp,
+        };
+        if !proto_ok || r.flags & !RECORD_FLAGS != 0 || r.ttl == 0 {
+            return Err(RestoreError::Invalid);
+        }
+        // A timeout lowered since the export applies to the restored mapping too.
+        let ttl = r.ttl.min(self.cfg.timeout(r.state));
+        if r.node_port < self.cfg.port_lo || r.node_port > self.cfg.port_hi {
+            return Err(RestoreError::PortRange);
+        }
+        if self.fwd.contains_key(&r.key) || self.rev.contains_key(&RevKey::of(&r.key, r.node_port))
+        {
+            return Err(RestoreError::Duplicate);
+        }
+        if self.len() >= self.cfg.max_entries
+            || self.pod_entries(r.key.pod_ip) >= self.cfg.max_entries_per_pod
+        {
+            return Err(RestoreError::Full);
+        }
+        let id = self.slot(&r.key);
+        let queued = if r.flags & REPLIED == 0 { QUEUED } else { 0 };
+        let hot = Hot {
+            expires: now + u64::from(ttl),
+            id,
+            lo: r.lo,
+            hi: r.hi,
+            node_port: r.node_port,
+            state: r.state,
+            bits: r.flags | queued,
+        };
+        self.insert(&r.key, hot);
+        Ok(())
     }
 
     /// A node port for the new flow `key`: the first port in probe order that is free (a port
@@ -1063,6 +1194,7 @@ impl<A: NatAddr> NatTable<A> {
             return Err(NatError::RstOutOfWindow);
         }
         h.advance(proto, Dir::Reply, seg, now, &self.cfg);
+        self.generation = self.generation.wrapping_add(1);
         Ok(key)
     }
 

@@ -795,6 +795,56 @@ impl Datapath {
         Ok(d)
     }
 
+    /// Keeps the NAT table in the snapshot file `path` (`None`: memory only). Before `start`:
+    /// the first start restores the file, a writer thread rewrites it (at most every 0.5 s,
+    /// write + rename) and `stop` writes it once more.
+    #[pyo3(signature = (path))]
+    fn set_nat_snapshot(&self, py: Python<'_>, path: Option<std::path::PathBuf>) -> PyResult<()> {
+        py.allow_threads(|| {
+            let mut g = self.lock();
+            let e = g
+                .as_mut()
+                .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            e.set_nat_snapshot(path);
+            Ok(())
+        })
+    }
+
+    /// What loading and writing the NAT snapshot did: `path`, `loaded` (None, or a dict of
+    /// `restored`, `expired`, `rejected` and the rejection reasons), `load_error` (None or the
+    /// reason the whole file was refused), `writes`, `write_errors`, `last_write_error`,
+    /// `last_entries`, `last_bytes`, `last_write_us`, `last_lock_us`.
+    fn nat_snapshot_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = py.allow_threads(|| self.lock().as_ref().map(Engine::nat_snapshot_stats));
+        let st = st.ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+        let d = PyDict::new(py);
+        d.set_item("path", st.path.to_string_lossy().into_owned())?;
+        match &st.loaded {
+            None => d.set_item("loaded", py.None())?,
+            Some(r) => {
+                let l = PyDict::new(py);
+                l.set_item("restored", r.restored)?;
+                l.set_item("expired", r.expired)?;
+                l.set_item("rejected", r.rejected())?;
+                l.set_item("outside_cidrs", r.outside_cidrs)?;
+                l.set_item("port_range", r.port_range)?;
+                l.set_item("duplicate", r.duplicate)?;
+                l.set_item("invalid", r.invalid)?;
+                l.set_item("full", r.full)?;
+                d.set_item("loaded", l)?;
+            }
+        }
+        d.set_item("load_error", st.load_error.clone())?;
+        d.set_item("writes", st.writes)?;
+        d.set_item("write_errors", st.write_errors)?;
+        d.set_item("last_write_error", st.last_write_error.clone())?;
+        d.set_item("last_entries", st.last_entries)?;
+        d.set_item("last_bytes", st.last_bytes)?;
+        d.set_item("last_write_us", st.last_write_us)?;
+        d.set_item("last_lock_us", st.last_lock_us)?;
+        Ok(d)
+    }
+
     /// Stops the workers and closes the sockets; the TUN device stays (see `close`). Idempotent.
     fn stop(&self, py: Python<'_>) {
         py.allow_threads(|| {
