@@ -249,6 +249,24 @@ def guard_counters() -> dict[str, int]:
 #       }
 #     }
 #
+#       counter pod_unrouted {}
+#       chain pod_unrouted {
+#         type filter hook forward priority filter; policy accept;
+#         oifname "podr0" accept                          # into the datapath
+#         oifname @pod_ifaces accept                      # pod to pod on this node
+#         ip saddr @node_cidrs4 counter name pod_unrouted drop
+#         ip6 saddr @node_cidrs6 counter name pod_unrouted drop
+#       }
+#     }
+#
+# The leak guard (`pod_unrouted`): the kernel never has a reason to forward a packet with a source of
+# this node's pod CIDRs out of any interface but the TUN or a pod's veth -- the datapath encapsulates,
+# translates and sends native itself (AF_PACKET transmits bypass the forward hook, so its own sends
+# are not seen here). Such a packet only appears when podrouter's routes are missing (no daemon ran
+# yet, a TUN that vanished, a route removed behind its back): it would follow the node's default
+# route untranslated. The chain is left in place when the daemon stops (docs/operations.md), so a
+# restart never leaks either.
+#
 # The first two rules cover interfaces that are no (longer a) registered pod's: a source inside this
 # node's pod CIDRs is only ever legitimate from the veth of the pod that holds it (a remote peer's
 # tunnel or native packets carry *its* pods' sources, masquerade replies an outside source).
@@ -262,6 +280,9 @@ POD_FAMILY = "inet"
 POD_CHAIN = "pod_egress"
 SPOOF_COUNTER = "spoofed_pod_source"
 TUNNEL_COUNTER = "pod_tunnel_port"
+LEAK_COUNTER = "pod_unrouted"
+LEAK_CHAIN = "pod_unrouted"
+PRIORITY_FILTER = 0  # NF_IP_PRI_FILTER
 _POD_SETS = {
     "pod_ifaces": "ifname",
     "pod_src4": ["ifname", "ipv4_addr"],
@@ -289,13 +310,13 @@ def _iifname() -> dict[str, Any]:
     return {"meta": {"key": "iifname"}}
 
 
-def _pod_rule(comment: str, *expr: dict[str, Any]) -> dict[str, Any]:
+def _pod_rule(comment: str, *expr: dict[str, Any], chain: str = POD_CHAIN) -> dict[str, Any]:
     return {
         "add": {
             "rule": {
                 "family": POD_FAMILY,
                 "table": POD_TABLE,
-                "chain": POD_CHAIN,
+                "chain": chain,
                 "comment": comment,
                 "expr": list(expr),
             }
@@ -356,7 +377,9 @@ def pod_guard_elements(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) 
     return cmds
 
 
-def pod_guard_commands(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> list[dict[str, Any]]:
+def pod_guard_commands(
+    pods: Pods, endpoints: Endpoints, node_cidrs: list[str], tun: str = "podr0"
+) -> list[dict[str, Any]]:
     """The transaction `install_pod_guard` runs: the table (replaced if a dead daemon left one),
     its sets filled, its counters, the chain and its rules (pure, for tests)."""
     t = _pod_table()
@@ -370,7 +393,7 @@ def pod_guard_commands(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) 
         if name in _INTERVAL_SETS:
             st["flags"] = ["interval"]
         cmds.append({"add": {"set": st}})
-    for name in (SPOOF_COUNTER, TUNNEL_COUNTER):
+    for name in (SPOOF_COUNTER, TUNNEL_COUNTER, LEAK_COUNTER):
         cmds.append({"add": {"counter": {"family": POD_FAMILY, "table": POD_TABLE, "name": name}}})
     cmds.append(
         {
@@ -441,12 +464,47 @@ def pod_guard_commands(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) 
             {"drop": None},
         ),
     ]
+    oifname = {"meta": {"key": "oifname"}}
+    cmds += [
+        {
+            "add": {
+                "chain": {
+                    "family": POD_FAMILY,
+                    "table": POD_TABLE,
+                    "name": LEAK_CHAIN,
+                    "type": "filter",
+                    "hook": "forward",
+                    "prio": PRIORITY_FILTER,
+                    "policy": "accept",
+                }
+            }
+        },
+        _pod_rule("into the datapath", _match(oifname, _ifname(tun)), {"accept": None}, chain=LEAK_CHAIN),
+        _pod_rule(
+            "pod to pod on this node", _match(oifname, "@pod_ifaces"), {"accept": None}, chain=LEAK_CHAIN
+        ),
+        _pod_rule(
+            "a pod's packet the kernel would forward untranslated (podrouter's routes are missing)",
+            _match(_payload("ip", "saddr"), "@node_cidrs4"),
+            {"counter": LEAK_COUNTER},
+            {"drop": None},
+            chain=LEAK_CHAIN,
+        ),
+        _pod_rule(
+            "a pod's IPv6 packet the kernel would forward untranslated (podrouter's routes are missing)",
+            _match(ip6_saddr, "@node_cidrs6"),
+            {"counter": LEAK_COUNTER},
+            {"drop": None},
+            chain=LEAK_CHAIN,
+        ),
+    ]
     return cmds + pod_guard_elements(pods, endpoints, node_cidrs)
 
 
-def install_pod_guard(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> None:
-    """Installs (or atomically replaces) the pod egress guard in the current network namespace."""
-    run(pod_guard_commands(pods, endpoints, node_cidrs))
+def install_pod_guard(pods: Pods, endpoints: Endpoints, node_cidrs: list[str], tun: str = "podr0") -> None:
+    """Installs (or atomically replaces) the pod egress guard and the leak guard in the current
+    network namespace."""
+    run(pod_guard_commands(pods, endpoints, node_cidrs, tun))
 
 
 def update_pod_guard(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> None:
@@ -475,13 +533,14 @@ def pod_guard_counters() -> dict[str, int]:
     counts: dict[str, int] = {}
     for obj in out.get("nftables", []):
         c = obj.get("counter") if isinstance(obj, dict) else None
-        if isinstance(c, dict) and c.get("name") in (SPOOF_COUNTER, TUNNEL_COUNTER):
+        if isinstance(c, dict) and c.get("name") in (SPOOF_COUNTER, TUNNEL_COUNTER, LEAK_COUNTER):
             counts[str(c["name"])] = int(c.get("packets", 0))
     return counts
 
 
 __all__ = [
     "CHAIN",
+    "LEAK_COUNTER",
     "POD_FAMILY",
     "POD_TABLE",
     "install_pod_guard",
