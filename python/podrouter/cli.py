@@ -442,7 +442,7 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
     peers: list[PeerView] = []
     underlay = None
     try:
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.netlink.neigh import NUD_VALID
         from podrouter.netlink.underlay import UnderlayError, next_hop_for, resolve_underlay

@@ -325,6 +325,7 @@ class Daemon:
         self.metrics: Any = None
         self.bgp: Any = None  # podrouter.bgp.BgpSpeaker when bgp.enabled
         self.adopted = False  # started on a predecessor's state (lifecycle.py)
+        self.ready_after = 0.0  # seconds from process start to ready (status, the restart bench)
         # adopting with etcd discovery: the predecessor's routes kept until discovery has listed the
         # peers once (else the first reconcile would delete every discovered peer's route: a flap)
         self._adopt_keep: dict[Any, Any] = {}
@@ -334,7 +335,7 @@ class Daemon:
 
     def preflight(self) -> None:
         """Everything that can refuse to start, checked before anything is installed."""
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.netlink.underlay import UnderlayError, resolve_underlay
 
@@ -549,12 +550,15 @@ class Daemon:
             )
         self._start_bgp()
         self.ready = True
+        self.ready_after = lifecycle.process_age()
         log.info(
-            "ready: %s mode, %d peers, %d pods, tables generation %d",
+            "ready: %s mode, %d peers, %d pods, tables generation %d (%.2f s after the process started%s)",
             cfg.routing.mode,
             len(self.peer_views),
             len(self.pods),
             self.generation,
+            self.ready_after,
+            ", adopted" if self.adopted else "",
         )
         for err in self.route_errors:
             log.warning("%s", err)
@@ -1141,7 +1145,7 @@ class Daemon:
         except ImportError as e:
             log.warning("bandwidth shaping unavailable (%s): pods are registered without shaping", e)
             return None
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         return BandwidthManager(IPRoute(), dict(cfg.bandwidth.raw), owns_ipr=True)
 
@@ -1161,7 +1165,7 @@ class Daemon:
         fn = getattr(qos, "cleanup", None)
         if fn is None:
             return []
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         kw: dict[str, Any] = {}
         parse = getattr(qos, "parse_bandwidth_config", None)
@@ -1375,6 +1379,8 @@ class Daemon:
                 )
             return {
                 "ready": self.ready,
+                "ready_after": round(self.ready_after, 3),
+                "adopted": self.adopted,
                 "node": self.cfg.node.name,
                 "pid": _getpid(),
                 "uptime": round(time.time() - self.started_at, 1),
@@ -1554,7 +1560,7 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
     """`podrouter cleanup`: remove what a stopped or killed daemon left (the stop contract leaves
     the node's forwarding state for a successor; this is the full removal). Refuses while the
     daemon runs."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     from podrouter.netlink.plumbing import cleanup as netlink_cleanup
     from podrouter.netlink.underlay import netns_id
@@ -1621,7 +1627,7 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
 
 def _cleanup_bgp(cfg: Config) -> list[str]:
     """Withdraw this node's prefixes from its BGP peers now (docs/bgp.md, "Stopping for good")."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     from podrouter import bgp
     from podrouter.netlink.underlay import UnderlayError, resolve_underlay

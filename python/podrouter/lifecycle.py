@@ -79,6 +79,21 @@ def recorded_api_pods(
     return out
 
 
+def process_age() -> float:
+    """Seconds since this process started (from /proc: imports included), 0.0 if unknown."""
+    import os
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            # the command name may hold spaces and parentheses: fields count from the last ')'
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def mark_stopped(plumbing: Any) -> None:
     """The record stays for a successor; pid 0 says no daemon runs (a reused pid cannot be
     mistaken for a live predecessor)."""
@@ -129,6 +144,7 @@ __all__ = [
     "adopt",
     "deregister_etcd",
     "mark_stopped",
+    "process_age",
     "recorded_api_pods",
     "remove_tun",
     "tun_kind",
