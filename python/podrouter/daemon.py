@@ -788,23 +788,34 @@ class Daemon:
         the workers stopped first, the guard keeps dropping replies until nothing forwards them any
         more. The TUN itself is deleted last, after the routes into it are gone."""
         self.ready = False
-        for part, method in (
-            (self.bgp, "stop"),
-            (self.metrics, "close"),
-            (self.api, "close"),
-            (self.monitor, "close"),
-            (self.discovery, "stop"),
-            (self.watcher, "stop"),
-        ):
-            if part is None:
-                continue
+
+        def stop_part(part: Any, method: str) -> None:
             try:
-                if method == "stop" and part is self.discovery:
+                if part is self.discovery:
                     part.stop(revoke=not keep)
                 else:
                     getattr(part, method)()
             except Exception:  # noqa: BLE001 - keep tearing down
                 log.exception("shutdown: %s.%s failed", type(part).__name__, method)
+
+        # in parallel: each waits for its own thread (a server's poll interval, the neighbour
+        # monitor's select timeout), and a successor can start only once this process is gone
+        stoppers = [
+            threading.Thread(target=stop_part, args=(part, method), name=f"stop-{method}", daemon=True)
+            for part, method in (
+                (self.bgp, "stop"),
+                (self.metrics, "close"),
+                (self.api, "close"),
+                (self.monitor, "close"),
+                (self.discovery, "stop"),
+                (self.watcher, "stop"),
+            )
+            if part is not None
+        ]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(timeout=15)
         with self.lock:
             if self.datapath is not None:
                 try:
@@ -826,11 +837,6 @@ class Daemon:
                 self.bandwidth.detach()
             except Exception:  # noqa: BLE001
                 log.exception("bandwidth manager detach failed")
-        if self.plumbing is not None:
-            try:
-                lifecycle.mark_stopped(self.plumbing)
-            except Exception:  # noqa: BLE001
-                log.exception("recording the stop in the state file failed")
         if self.datapath is not None:
             try:
                 # the TUN is persistent: closing the queues detaches them, the device and the routes
@@ -840,6 +846,13 @@ class Daemon:
                 log.exception("closing the datapath failed")
             self.datapath = None
         self._pod_guard_key = None
+        if self.plumbing is not None:
+            # last: once the record says pid 0 a successor may start (its TUN attach needs our
+            # queues closed, and nothing here writes the state file any more)
+            try:
+                lifecycle.mark_stopped(self.plumbing)
+            except Exception:  # noqa: BLE001
+                log.exception("recording the stop in the state file failed")
 
     def _teardown(self) -> None:
         if self.bandwidth is not None:
