@@ -665,7 +665,7 @@ class Daemon:
             self.plumbing.state.nft_guard = False
             self.plumbing.save()
 
-    def _pod_guard_want(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, int]], list[str]]:
+    def _pod_guard_want(self) -> tuple[Any, ...]:
         """What the pod egress guard's sets should hold now: each registered pod's host interface
         with its addresses, every tunnel socket (each peer's and our own address, at both tunnel
         ports) that no pod may send to, and this node's pod CIDRs."""
@@ -678,10 +678,17 @@ class Daemon:
             merged.setdefault(ifname, []).extend(pod_addrs)
         ports = sorted({self.cfg.tunnel.port_for("vxlan"), self.cfg.tunnel.port_for("geneve")})
         endpoints = {str(self.underlay.address)} | {str(v.peer.address) for v in self.peer_views}
+        cfg, u = self.cfg, self.underlay
+        # the leak guard (nftables.py): the cluster's pod CIDRs (and the mesh's), and, with
+        # masquerade, the default gateway no pod packet may reach untranslated
+        masq_gw = [str(u.gateway)] if cfg.masquerade.enabled and u.gateway is not None else []
         return (
             sorted(merged.items()),
             [(a, p) for a in sorted(endpoints) for p in ports],
-            [str(c) for c in self.cfg.node.pod_cidrs],
+            [str(c) for c in cfg.node.pod_cidrs],
+            [str(c) for c in (*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(self.peer_views))],
+            masq_gw,
+            [str(c) for c in cfg.masquerade.non_masquerade_cidrs if c.version == 4],
         )
 
     def _install_pod_guard(self) -> None:

@@ -182,12 +182,15 @@ def test_leak_guard_drops_unrouted_pod_packets(ref: ReferenceTopology, daemons: 
     pre-persistence daemon left), pod packets follow node1's default route; the leak guard in
     `inet podrouter_pods` drops and counts them instead of letting them out untranslated."""
     n1 = ref.nodes["node1"]
-    d1 = daemons.start(n1, ref_config(ref, "node1", daemons.sockdir, mode="tunnel"))
+    cfg = ref_config(ref, "node1", daemons.sockdir, mode="tunnel", masquerade={"enabled": True})
+    d1 = daemons.start(n1, cfg)
     assert d1.terminate() == 0
-    n1.ip("link del podr0")  # every route into it goes with it
+    n1.ip("link del podr0")  # every route into it goes with it (the masquerade default route too)
     assert "10.244.2.0/24" not in our_routes(n1)
+    pod1 = ref.pods["pod1"].host
     with capture(n1, "eth0", POD_SRC_BPF) as wire:
-        assert not ref.pods["pod1"].host.ping("10.244.2.1", count=3, timeout=1)
+        assert not pod1.ping("10.244.2.1", count=3, timeout=1)  # another node's pod
+        assert not pod1.ping(ref.EXTERNAL_ADDR, count=3, timeout=1)  # the outside, by the gateway
     assert wire == [], wire[:5]
     table = n1.run(["nft", "list", "table", "inet", "podrouter_pods"])
     counter = table[table.index("counter pod_unrouted") :].splitlines()[1]
