@@ -88,7 +88,8 @@ def main() -> None:
 )
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def run(config: str, log_level: str) -> None:
-    """Run the node daemon until SIGTERM/SIGINT (then remove everything it installed)."""
+    """Run the node daemon until SIGTERM/SIGINT. Stopping leaves the node's routes, TUN and guards for
+    the next `run`, which adopts them; `podrouter cleanup` removes them."""
     from podrouter import daemon
 
     cfg = _load_config(config)
@@ -365,7 +366,7 @@ def pod_list(config: str | None, sock: str | None, as_json: bool) -> None:
 )
 @click.option("--force", is_flag=True, help="Act even if the state was recorded in another namespace.")
 def cleanup(config: str, force: bool) -> None:
-    """Remove whatever a crashed or killed daemon left behind (run it in the node's namespace)."""
+    """Remove everything a stopped, crashed or killed daemon left (run it in the node's namespace)."""
     from podrouter import daemon
 
     cfg = _load_config(config)
