@@ -67,6 +67,7 @@ class Datapath:
     config keys (unknown keys are a ``ValueError`` naming them):
       underlay_address (str, required): IPv4 address the tunnel ports are bound on (outer source);
       tun_name (str, default "podr0"); tun_mtu (int | None: MTU set at creation);
+      tun_persist (bool, default False: TUNSETPERSIST, the device outlives the Datapath);
       underlay_ifindex (int, default 0 = no native/masquerade path); underlay_mac (str);
       vxlan_port (int, default 4789; 0 = no listener); geneve_port (int, default 6081; 0 = none);
       workers (int, default 1: one TUN queue each, IFF_MULTI_QUEUE above 1);

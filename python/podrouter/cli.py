@@ -100,7 +100,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 )
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def run(config: str, log_level: str) -> None:
-    """Run the node daemon until SIGTERM/SIGINT (then remove everything it installed)."""
+    """Run the node daemon until SIGTERM/SIGINT. Stopping leaves the node's routes, TUN and guards for
+    the next `run`, which adopts them; `podrouter cleanup` removes them."""
     from podrouter import daemon
 
     cfg = _load_config(config)
@@ -423,7 +424,7 @@ def pod_list(config: str | None, sock: str | None, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Act even if the state was recorded in another namespace.")
 @json_option
 def cleanup(config: str, force: bool, as_json: bool) -> None:
-    """Remove whatever a crashed or killed daemon left behind (run it in the node's namespace)."""
+    """Remove everything a stopped, crashed or killed daemon left (run it in the node's namespace)."""
     from podrouter import daemon
 
     cfg = _load_config(config)
@@ -469,7 +470,7 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
     peers: list[PeerView] = []
     underlay = None
     try:
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.netlink.neigh import NUD_VALID
         from podrouter.netlink.underlay import UnderlayError, next_hop_for, resolve_underlay

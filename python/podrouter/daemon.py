@@ -33,6 +33,7 @@ from typing import Any
 
 from podrouter import api as apimod
 from podrouter import config as configmod
+from podrouter import lifecycle
 from podrouter import state as statefile
 from podrouter.config import Config, IPNetwork, PeerConfig, PodConfig, vtep_mac_of
 from podrouter.monitor import MonitorHub
@@ -58,6 +59,7 @@ EXIT_CONFIG = 2
 NAT_LOG_INTERVAL = 10.0  # seconds between two "masquerade range exhausted" log lines
 NAT_DEFAULT_MAX_ENTRIES = 1 << 20  # the datapath's default masquerade.max_entries (docs/config.md)
 READY_NEIGHBOR_WAIT = 3.0  # seconds to wait for next-hop MACs before the first tables (bounded)
+ADOPT_DISCOVERY_WAIT = 30.0  # at most this long a predecessor's routes wait for etcd's first listing
 
 
 class StartError(Exception):
@@ -340,12 +342,18 @@ class Daemon:
         self.monitor: MonitorHub | None = None
         self.metrics: Any = None
         self.bgp: Any = None  # podrouter.bgp.BgpSpeaker when bgp.enabled
+        self.adopted = False  # started on a predecessor's state (lifecycle.py)
+        self.ready_after = 0.0  # seconds from process start to ready (status, the restart bench)
+        # adopting with etcd discovery: the predecessor's routes kept until discovery has listed the
+        # peers once (else the first reconcile would delete every discovered peer's route: a flap)
+        self._adopt_keep: dict[Any, Any] = {}
+        self._adopt_keep_until = 0.0
 
     # ------------------------------------------------------------------------------ start / stop
 
     def preflight(self) -> None:
         """Everything that can refuse to start, checked before anything is installed."""
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.netlink.underlay import UnderlayError, resolve_underlay
 
@@ -471,7 +479,7 @@ class Daemon:
 
         from podrouter import discovery
         from podrouter.netlink.neigh import NeighborWatcher
-        from podrouter.netlink.plumbing import Plumbing, cleanup
+        from podrouter.netlink.plumbing import Plumbing
 
         cfg, u = self.cfg, self.underlay
         recorded = self._recorded_state(set_aside=True)
@@ -485,33 +493,29 @@ class Daemon:
                 recorded.netns,
             )
             recorded = None
-        if recorded is not None:
-            log.info("removing what a previous daemon (pid %d) left behind", recorded.pid)
-            for line in cleanup(self.ipr, recorded):
-                log.info("  %s", line)
-            for line in self._cleanup_shaping(recorded):
-                log.info("  %s", line)
         self.plumbing = Plumbing(self.ipr, cfg.state_path, cfg.node.name, cfg.api.socket)
         self.plumbing.state.tun = TUN_NAME
+        if recorded is not None:
+            # the stop contract (lifecycle.py): take the predecessor's state over in place; the first
+            # reconcile changes only what differs
+            log.info(
+                "adopting what the previous daemon (%s) left: %d routes, %d rules, %d pods",
+                f"pid {recorded.pid}" if recorded.pid else "stopped",
+                len(recorded.routes),
+                len(recorded.rules),
+                len(recorded.pods),
+            )
+            lifecycle.adopt(self.plumbing, recorded)
+            self.adopted = True
+            if cfg.discovery.backend == "etcd":
+                self._adopt_keep = dict(self.plumbing.routes)
+                self._adopt_keep_until = time.monotonic() + ADOPT_DISCOVERY_WAIT
+            # tc is rebuilt by the bandwidth manager (it does not adopt qdiscs): remove the old first
+            for line in self._cleanup_shaping(recorded):
+                log.info("  %s", line)
         self.plumbing.save()
 
-        native = _load_native()
-        self.datapath = native.Datapath(
-            {
-                "tun_name": TUN_NAME,
-                "tun_mtu": u.mtu,
-                "underlay_ifindex": u.ifindex,
-                "underlay_mac": u.mac,
-                "underlay_address": str(u.address),
-                "vxlan_port": cfg.tunnel.port_for("vxlan"),
-                "geneve_port": cfg.tunnel.port_for("geneve"),
-                # one worker per two cores, at most four: the rest is for the kernel's side of the
-                # TUN, veth and UDP paths, which costs about as much again
-                "workers": max(1, min(4, (os.cpu_count() or 2) // 2)),
-                "nat": cfg.masquerade.nat_config(),
-                "offload": True,
-            }
-        )
+        self.datapath = self._open_datapath()
         self._nat_snapshot_setup()
         tun_idx = getattr(self.datapath, "tun_ifindex", None) or self.plumbing.ifindex(TUN_NAME)
         if tun_idx is None:
@@ -525,8 +529,14 @@ class Daemon:
         from podrouter.qos.sizing import tun_txqlen
 
         self.ipr.link("set", index=tun_idx, mtu=u.mtu, txqlen=tun_txqlen(cfg.bandwidth), state="up")
+        if self.plumbing.state.nft_guard and not cfg.masquerade.enabled:
+            # a predecessor's masquerade reply guard that this config no longer wants
+            from podrouter import nftables
+
+            nftables.remove_guard()
+            self.plumbing.state.nft_guard = False
+            self.plumbing.save()
         self._sync_masquerade_guard(None, cfg)
-        self._install_pod_guard()
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
         self.discovery = discovery.make(cfg, str(u.address))
@@ -538,6 +548,12 @@ class Daemon:
         with self.lock:
             for pod in cfg.pods:
                 self._pod_install(pod, "config", raise_errors=False)
+            if recorded is not None:
+                for pod, cni in lifecycle.recorded_api_pods(recorded, cfg):
+                    self._pod_install(pod, "api", raise_errors=False, cni=cni)
+            # the guards go in before the first route (and, when adopting, with the pods already in
+            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced)
+            self._install_pod_guard()
             self._refresh_peers(wait=True)
             self._reconcile_locked("start")
         self._nat_snapshot_report()
@@ -554,15 +570,55 @@ class Daemon:
             )
         self._start_bgp()
         self.ready = True
+        self.ready_after = lifecycle.process_age()
         log.info(
-            "ready: %s mode, %d peers, %d pods, tables generation %d",
+            "ready: %s mode, %d peers, %d pods, tables generation %d (%.2f s after the process started%s)",
             cfg.routing.mode,
             len(self.peer_views),
             len(self.pods),
             self.generation,
+            self.ready_after,
+            ", adopted" if self.adopted else "",
         )
         for err in self.route_errors:
             log.warning("%s", err)
+
+    def _datapath_config(self) -> dict[str, Any]:
+        cfg, u = self.cfg, self.underlay
+        return {
+            "tun_name": TUN_NAME,
+            "tun_mtu": u.mtu,
+            # persistent: the TUN (and every route into it) outlives this process, so pod traffic
+            # never follows the default route while the daemon restarts (lifecycle.py)
+            "tun_persist": True,
+            "underlay_ifindex": u.ifindex,
+            "underlay_mac": u.mac,
+            "underlay_address": str(u.address),
+            "vxlan_port": cfg.tunnel.port_for("vxlan"),
+            "geneve_port": cfg.tunnel.port_for("geneve"),
+            # one worker per two cores, at most four: the rest is for the kernel's side of the
+            # TUN, veth and UDP paths, which costs about as much again
+            "workers": max(1, min(4, (os.cpu_count() or 2) // 2)),
+            "nat": cfg.masquerade.nat_config(),
+            "offload": True,
+        }
+
+    def _open_datapath(self) -> Any:
+        """Create or reattach the persistent TUN. A leftover `podr0` whose flags do not match this
+        daemon's (IFF_MULTI_QUEUE: a different worker count) cannot be attached (EINVAL): it is
+        deleted and made again (its routes go with it and come back with the first reconcile; the
+        leak guard drops pod traffic meanwhile)."""
+        import errno
+
+        native = _load_native()
+        try:
+            return native.Datapath(self._datapath_config())
+        except OSError as e:
+            if e.errno != errno.EINVAL or lifecycle.tun_kind(self.ipr, TUN_NAME) != "tun":
+                raise
+            log.warning("%s exists with other flags (%s): deleting and re-creating it", TUN_NAME, e)
+            lifecycle.remove_tun(self.ipr, TUN_NAME)
+            return native.Datapath(self._datapath_config())
 
     def _node_sysctls(self, tun_idx: int) -> None:
         u = self.underlay
@@ -629,7 +685,7 @@ class Daemon:
             self.plumbing.state.nft_guard = False
             self.plumbing.save()
 
-    def _pod_guard_want(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, int]], list[str]]:
+    def _pod_guard_want(self) -> tuple[Any, ...]:
         """What the pod egress guard's sets should hold now: each registered pod's host interface
         with its addresses, every tunnel socket (each peer's and our own address, at both tunnel
         ports) that no pod may send to, and this node's pod CIDRs."""
@@ -642,10 +698,17 @@ class Daemon:
             merged.setdefault(ifname, []).extend(pod_addrs)
         ports = sorted({self.cfg.tunnel.port_for("vxlan"), self.cfg.tunnel.port_for("geneve")})
         endpoints = {str(self.underlay.address)} | {str(v.peer.address) for v in self.peer_views}
+        cfg, u = self.cfg, self.underlay
+        # the leak guard (nftables.py): the cluster's pod CIDRs (and the mesh's), and, with
+        # masquerade, the default gateway no pod packet may reach untranslated
+        masq_gw = [str(u.gateway)] if cfg.masquerade.enabled and u.gateway is not None else []
         return (
             sorted(merged.items()),
             [(a, p) for a in sorted(endpoints) for p in ports],
-            [str(c) for c in self.cfg.node.pod_cidrs],
+            [str(c) for c in cfg.node.pod_cidrs],
+            [str(c) for c in (*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(self.peer_views))],
+            masq_gw,
+            [str(c) for c in cfg.masquerade.non_masquerade_cidrs if c.version == 4],
         )
 
     def _install_pod_guard(self) -> None:
@@ -698,6 +761,8 @@ class Daemon:
                             "reconcile failed (%s); the datapath keeps its current tables",
                             ", ".join(sorted(reasons)),
                         )
+            if self._adopt_keep and (self._discovery_synced() or time.monotonic() > self._adopt_keep_until):
+                self._on_event("adopted routes")
             self._watch_counters()
             if self.bgp is not None:
                 self.bgp.ensure_running()
@@ -769,71 +834,123 @@ class Daemon:
             self._dirty.add(reason)
         self._wake.set()
 
-    def shutdown(self) -> None:
-        """Remove everything installed, in reverse order. Safe after a partial start.
+    def shutdown(self, keep: bool = False) -> None:
+        """Stop. With `keep` (SIGTERM/SIGINT, the stop contract in lifecycle.py) the node's
+        forwarding state stays for a successor: the persistent TUN, routes, rules, sysctls, the
+        nftables tables, shaping, the etcd registration (left to its lease TTL) and the state file
+        (pid 0). Without it (`podrouter cleanup`, a start that failed without a predecessor)
+        everything installed is removed, in reverse order. Safe after a partial start.
 
-        The datapath's workers stop before the masquerade reply guard goes: while they run, a
-        reply to a translated flow reaches both them (AF_PACKET copy) and, without the guard, the
-        node's stack, which answers it with a RST / port unreachable that kills the flow. With the
-        workers stopped first, the guard keeps dropping replies until nothing forwards them any more.
-        The TUN itself is closed last, after the routes into it are gone."""
+        Full removal: the datapath's workers stop before the masquerade reply guard goes: while they
+        run, a reply to a translated flow reaches both them (AF_PACKET copy) and, without the guard,
+        the node's stack, which answers it with a RST / port unreachable that kills the flow. With
+        the workers stopped first, the guard keeps dropping replies until nothing forwards them any
+        more. The TUN itself is deleted last, after the routes into it are gone."""
         self.ready = False
-        for part, method in (
-            (self.bgp, "stop"),
-            (self.metrics, "close"),
-            (self.api, "close"),
-            (self.monitor, "close"),
-            (self.discovery, "stop"),
-            (self.watcher, "stop"),
-        ):
-            if part is None:
-                continue
+
+        def stop_part(part: Any, method: str) -> None:
             try:
-                getattr(part, method)()
+                if part is self.discovery:
+                    part.stop(revoke=not keep)
+                else:
+                    getattr(part, method)()
             except Exception:  # noqa: BLE001 - keep tearing down
                 log.exception("shutdown: %s.%s failed", type(part).__name__, method)
+
+        # in parallel: each waits for its own thread (a server's poll interval, the neighbour
+        # monitor's select timeout), and a successor can start only once this process is gone
+        stoppers = [
+            threading.Thread(target=stop_part, args=(part, method), name=f"stop-{method}", daemon=True)
+            for part, method in (
+                (self.bgp, "stop"),
+                (self.metrics, "close"),
+                (self.api, "close"),
+                (self.monitor, "close"),
+                (self.discovery, "stop"),
+                (self.watcher, "stop"),
+            )
+            if part is not None
+        ]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(timeout=15)
         with self.lock:
             if self.datapath is not None:
                 try:
                     self.datapath.stop()
                 except Exception:  # noqa: BLE001
                     log.exception("stopping the datapath failed")
-            if self.bandwidth is not None:
-                try:
-                    self.bandwidth.close()
-                except Exception:  # noqa: BLE001
-                    log.exception("bandwidth manager close failed")
-            if self.plumbing is not None and self.plumbing.state.nft_guard:
-                try:
-                    from podrouter import nftables
-
-                    nftables.remove_guard()
-                except Exception:  # noqa: BLE001
-                    log.exception("removing the masquerade reply guard failed")
-            if self.plumbing is not None:
-                try:
-                    self.plumbing.teardown()
-                except Exception:  # noqa: BLE001
-                    log.exception("removing routes/rules failed")
-            if self._pod_guard_key is not None:
-                # after the routes: while a pod route exists, its pod's sources are checked
-                try:
-                    from podrouter import nftables
-
-                    nftables.remove_pod_guard()
-                except Exception:  # noqa: BLE001
-                    log.exception("removing the pod egress guard failed")
-                self._pod_guard_key = None
-            if self.datapath is not None:
-                try:
-                    # closing the TUN fd makes the kernel delete podr0 (it was never made persistent)
-                    self.datapath.close()
-                except Exception:  # noqa: BLE001
-                    log.exception("closing the datapath failed")
-                self.datapath = None
+            if keep:
+                self._release()
+            else:
+                self._teardown()
             if self.ipr is not None:
                 with contextlib.suppress(Exception):
                     self.ipr.close()
+
+    def _release(self) -> None:
+        """The stop contract: close what belongs to this process only, leave the kernel state."""
+        if self.bandwidth is not None:
+            try:
+                self.bandwidth.detach()
+            except Exception:  # noqa: BLE001
+                log.exception("bandwidth manager detach failed")
+        if self.datapath is not None:
+            try:
+                # the TUN is persistent: closing the queues detaches them, the device and the routes
+                # into it stay (pod packets are dropped by the detached device until a successor)
+                self.datapath.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the datapath failed")
+            self.datapath = None
+        self._pod_guard_key = None
+        if self.plumbing is not None:
+            # last: once the record says pid 0 a successor may start (its TUN attach needs our
+            # queues closed, and nothing here writes the state file any more)
+            try:
+                lifecycle.mark_stopped(self.plumbing)
+            except Exception:  # noqa: BLE001
+                log.exception("recording the stop in the state file failed")
+
+    def _teardown(self) -> None:
+        if self.bandwidth is not None:
+            try:
+                self.bandwidth.close()
+            except Exception:  # noqa: BLE001
+                log.exception("bandwidth manager close failed")
+        if self.plumbing is not None and self.plumbing.state.nft_guard:
+            try:
+                from podrouter import nftables
+
+                nftables.remove_guard()
+            except Exception:  # noqa: BLE001
+                log.exception("removing the masquerade reply guard failed")
+        if self.plumbing is not None:
+            try:
+                self.plumbing.teardown()
+            except Exception:  # noqa: BLE001
+                log.exception("removing routes/rules failed")
+        if self._pod_guard_key is not None:
+            # after the routes: while a pod route exists, its pod's sources are checked
+            try:
+                from podrouter import nftables
+
+                nftables.remove_pod_guard()
+            except Exception:  # noqa: BLE001
+                log.exception("removing the pod egress guard failed")
+            self._pod_guard_key = None
+        if self.datapath is not None:
+            try:
+                self.datapath.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the datapath failed")
+            self.datapath = None
+        if self.ipr is not None:
+            try:
+                lifecycle.remove_tun(self.ipr, TUN_NAME)  # persistent: it outlives the fd
+            except Exception:  # noqa: BLE001
+                log.exception("deleting %s failed", TUN_NAME)
 
     # ------------------------------------------------------------------------------- reconcile
 
@@ -933,6 +1050,12 @@ class Daemon:
             rules.add(RuleSpec(priority=MASQ_RULE_PRIORITY, table=MASQ_TABLE, src=str(cidr), family=fam))
         return rules
 
+    def _discovery_synced(self) -> bool:
+        try:
+            return bool(self.discovery.status().get("connected", True))
+        except Exception:  # noqa: BLE001
+            return True
+
     def _reconcile_locked(self, reason: str) -> None:
         cfg = self.cfg
         for entry in self.pods.values():
@@ -944,7 +1067,14 @@ class Daemon:
         )
         # the guard learns a pod's addresses before its route makes the pod reachable
         self._sync_pod_guard()
-        self.route_errors = self.plumbing.sync_routes(self._desired_routes())
+        desired = self._desired_routes()
+        if self._adopt_keep:
+            if self._discovery_synced() or time.monotonic() > self._adopt_keep_until:
+                self._adopt_keep = {}
+                log.info("discovery has listed its peers: the predecessor's routes are reconciled")
+            else:
+                desired = {**self._adopt_keep, **desired}
+        self.route_errors = self.plumbing.sync_routes(desired)
         self.plumbing.sync_rules(self._desired_rules())
         for err in self.route_errors:
             log.warning("%s", err)
@@ -1082,7 +1212,7 @@ class Daemon:
         if not cfg.bandwidth.enabled:
             log.info("bandwidth shaping disabled (bandwidth.enabled: false)")
             return None
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.qos.manager import BandwidthManager
 
@@ -1097,7 +1227,7 @@ class Daemon:
 
     def _cleanup_shaping(self, recorded: statefile.State) -> list[str]:
         """Remove the tc objects a dead daemon's bandwidth manager left (the QoS module knows which)."""
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.qos.manager import cleanup as qos_cleanup
 
@@ -1268,7 +1398,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             out["nat_snapshot"] = dict(dp.nat_snapshot_stats())
         if self._pod_guard_key is not None:
-            # the pod egress guard drops in nftables, before the datapath sees anything; its two
+            # the pod egress guard drops in nftables, before the datapath sees anything; its
             # counters join the datapath's drop reasons (podrouter_drops_total{reason=...})
             from podrouter import nftables
 
@@ -1278,7 +1408,7 @@ class Daemon:
                 log.exception("reading the pod egress guard counters failed")
                 guard = {}
             drops = dict(out.get("drops") or {})
-            for reason in (nftables.SPOOF_COUNTER, nftables.TUNNEL_COUNTER):
+            for reason in (nftables.SPOOF_COUNTER, nftables.TUNNEL_COUNTER, nftables.LEAK_COUNTER):
                 drops[reason] = int(drops.get(reason, 0)) + guard.get(reason, 0)
             out["drops"] = drops
         return out
@@ -1312,6 +1442,8 @@ class Daemon:
                 )
             return {
                 "ready": self.ready,
+                "ready_after": round(self.ready_after, 3),
+                "adopted": self.adopted,
                 "node": self.cfg.node.name,
                 "pid": _getpid(),
                 "uptime": round(time.time() - self.started_at, 1),
@@ -1459,30 +1591,40 @@ def run(cfg: Config) -> int:
         if d.ipr is not None:
             d.ipr.close()
         raise
+    # a start that fails on a predecessor's state leaves it (it still forwards, and the leak guard
+    # stays); one that fails from scratch removes what it installed
+    def what() -> str:
+        return "leaving the adopted state" if d.adopted else "removing what was installed"
+
     try:
         d.start()
     except StartError:
-        log.error("start failed; removing what was installed")
-        d.shutdown()
+        log.error("start failed; %s", what())
+        d.shutdown(keep=d.adopted)
         raise
     except Exception as e:
-        log.exception("start failed; removing what was installed")
-        d.shutdown()
+        log.exception("start failed; %s", what())
+        d.shutdown(keep=d.adopted)
         raise StartError([f"start failed: {e}"], EXIT_FAILURE) from None
     except BaseException:
-        d.shutdown()
+        d.shutdown(keep=d.adopted)
         raise
     try:
         code = d.run()
     finally:
-        log.info("shutting down: removing routes, rules, shaping and the TUN")
-        d.shutdown()
+        log.info(
+            "stopping: the TUN, routes, rules, guards and shaping stay for the next daemon "
+            "(`podrouter cleanup` removes them)"
+        )
+        d.shutdown(keep=True)
     return code
 
 
 def cleanup(cfg: Config, force: bool = False) -> list[str]:
-    """`podrouter cleanup`: remove what a killed daemon left. Refuses while the daemon runs."""
-    from pyroute2 import IPRoute
+    """`podrouter cleanup`: remove what a stopped or killed daemon left (the stop contract leaves
+    the node's forwarding state for a successor; this is the full removal). Refuses while the
+    daemon runs."""
+    from pyroute2.iproute import IPRoute
 
     from podrouter.netlink.plumbing import cleanup as netlink_cleanup
     from podrouter.netlink.underlay import netns_id
@@ -1525,13 +1667,16 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
                 done.extend(d._cleanup_shaping(recorded))
             except Exception as e:  # noqa: BLE001
                 done.append(f"removing shaping failed: {e}")
-            tun = ipr.link_lookup(ifname=recorded.tun or TUN_NAME)
-            if tun:
-                # a TUN outlives its daemon only if it was made persistent; podrouter never does that,
-                # but a stale one from a different tool must not be deleted by us: report it
-                done.append(
-                    f"note: {recorded.tun or TUN_NAME} still exists (not created persistent by podrouter)"
-                )
+        tun = (recorded.tun if recorded is not None else None) or TUN_NAME
+        kind = lifecycle.tun_kind(ipr, tun)
+        if kind == "tun":
+            # podrouter's TUN is persistent (the stop contract): cleanup is what deletes it
+            lifecycle.remove_tun(ipr, tun)
+            done.append(f"removed TUN {tun}")
+        elif kind is not None:
+            done.append(f"note: {tun} exists but is a {kind} link, not podrouter's TUN: left alone")
+    if cfg.discovery.backend == "etcd":
+        done.extend(lifecycle.deregister_etcd(cfg))
     if cfg.bgp.enabled:
         done.extend(_cleanup_bgp(cfg))
     if recorded is not None:
@@ -1557,7 +1702,7 @@ def _cleanup_nat_snapshot(cfg: Config) -> list[str]:
 
 def _cleanup_bgp(cfg: Config) -> list[str]:
     """Withdraw this node's prefixes from its BGP peers now (docs/bgp.md, "Stopping for good")."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     from podrouter import bgp
     from podrouter.netlink.underlay import UnderlayError, resolve_underlay

@@ -31,7 +31,7 @@ from podrouter.demo.netns import Terminated, signals_unwind
 
 __all__ = ["build_parser", "main", "run_suite"]
 
-SECTIONS = ("masquerade", "shaping", "micro")
+SECTIONS = ("masquerade", "shaping", "micro", "restart")
 
 
 def _machine() -> dict[str, Any]:
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         help="comma-separated parts: kernel-routing, kernel-vxlan, native, vxlan, geneve, hybrid, "
-        "kernel, podrouter, modes, masquerade, shaping, micro",
+        "kernel, podrouter, modes, masquerade, shaping, micro, restart (not run by default)",
     )
     p.add_argument("--micro", action="store_true", help="also run and summarise the criterion benchmarks")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
@@ -207,7 +207,7 @@ def run_suite(
     except ValueError as e:
         print(f"podrouter bench: {e}", file=sys.stderr)
         return 2
-    needs_netns = bool(setups) or bool(sections & {"masquerade", "shaping"})
+    needs_netns = bool(setups) or bool(sections & {"masquerade", "shaping", "restart"})
     problems = _preflight() if needs_netns else []
     if problems:
         for p in problems:
@@ -220,6 +220,7 @@ def run_suite(
         nreps * len(setups)
         + (nreps if "masquerade" in sections else 0)
         + len(sections & {"shaping", "micro"})
+        + (nreps if "restart" in sections else 0)
     )
     log = Progress(max(1, steps))
     result: dict[str, Any] = {
@@ -267,6 +268,12 @@ def run_suite(
 
                 result["shaping"] = extras.shaping(quick, log)
                 save()
+            if "restart" in sections:
+                from podrouter.bench import restart
+
+                result["restart"] = restart.run(prof, nreps, log)
+                failed |= bool(result["restart"]["errors"])
+                save()
             if "micro" in sections:
                 from podrouter.bench import extras
 
@@ -298,6 +305,11 @@ def run_suite(
         print()
     if "shaping" in result:
         print(report.shaping_text(result["shaping"]))
+        print()
+    if "restart" in result:
+        from podrouter.bench import restart
+
+        print(restart.table(result["restart"]))
         print()
     if "micro" in result:
         print(report.micro_table(result["micro"]))

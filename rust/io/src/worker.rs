@@ -79,6 +79,8 @@ pub struct EngineConfig {
     pub tun_name: String,
     /// MTU to set on the TUN when it is created (`None`: leave the kernel default).
     pub tun_mtu: Option<u32>,
+    /// Make the TUN persistent (it outlives the engine; a successor attaches to it).
+    pub tun_persist: bool,
     /// Underlay interface for native sends (0: no native path; such packets are dropped `no_route`).
     pub underlay_ifindex: u32,
     pub underlay_mac: [u8; 6],
@@ -104,6 +106,7 @@ impl Default for EngineConfig {
         EngineConfig {
             tun_name: "podr0".into(),
             tun_mtu: None,
+            tun_persist: false,
             underlay_ifindex: 0,
             underlay_mac: [0; 6],
             underlay_address: Ipv4Addr::UNSPECIFIED,
@@ -240,6 +243,7 @@ impl Engine {
             queues: cfg.workers,
             offload: cfg.offload,
             mtu: cfg.tun_mtu,
+            persist: cfg.tun_persist,
         })?;
         let n_drops = drop_reason_names().len();
         let counters = (0..cfg.workers)

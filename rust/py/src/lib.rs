@@ -508,6 +508,7 @@ fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
     r.only(&[
         "tun_name",
         "tun_mtu",
+        "tun_persist",
         "underlay_ifindex",
         "underlay_mac",
         "underlay_address",
@@ -531,6 +532,7 @@ fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
             None => None,
             Some(v) => Some(r.int("tun_mtu", &v)?),
         },
+        tun_persist: r.bool_or("tun_persist", d.tun_persist)?,
         underlay_ifindex: r.int_or("underlay_ifindex", 0u32)?,
         underlay_mac,
         underlay_address: r.ipv4("underlay_address")?,
