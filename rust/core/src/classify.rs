@@ -13,11 +13,11 @@
 //! classification is two or three lookups and a few branches, with no allocation.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 pub use crate::encap::TunnelProto;
-use crate::lpm::{IpLpm, Lpm4};
+use crate::lpm::IpLpm;
 
 /// Index of a peer in [`TableSpec::peers`] (and [`Tables::peers`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -177,8 +177,12 @@ pub struct NextHop {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
     pub name: String,
-    /// Underlay address: the outer source of tunnels and the masquerade address.
-    pub address: Ipv4Addr,
+    /// Underlay address (IPv4 or IPv6): the outer source of tunnels to peers of its family, the
+    /// address the node registers, and (IPv4) the masquerade address.
+    pub address: IpAddr,
+    /// Dual-stack underlay: the node's IPv6 underlay address when `address` is IPv4 (the outer
+    /// source of tunnels to IPv6 peers). Must be `None` when `address` is IPv6.
+    pub address6: Option<Ipv6Addr>,
     pub pod_cidrs: Vec<Cidr>,
 }
 
@@ -246,8 +250,9 @@ impl Default for MasqueradeSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerSpec {
     pub name: String,
-    /// The peer's underlay address (tunnel destination, expected outer source on ingress).
-    pub address: Ipv4Addr,
+    /// The peer's underlay address (tunnel destination, expected outer source on ingress), IPv4 or
+    /// IPv6: its family picks the outer header family towards this peer.
+    pub address: IpAddr,
     pub pod_cidrs: Vec<Cidr>,
     pub mode: Option<RoutingMode>,
     pub tunnel_protocol: Option<TunnelProto>,
@@ -531,7 +536,7 @@ pub enum Verdict {
         peer: PeerId,
         proto: TunnelProto,
         vni: u32,
-        remote: Ipv4Addr,
+        remote: IpAddr,
         port: u16,
     },
     /// Source-NAT to the node address, then out natively via the gateway.
@@ -558,7 +563,7 @@ impl Verdict {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub pod_cidrs: Vec<Cidr>,
     /// The effective mode (override or node-wide).
     pub mode: RoutingMode,
@@ -588,12 +593,13 @@ enum Dest {
 pub struct Tables {
     generation: u64,
     node_name: String,
-    node_address: Ipv4Addr,
+    node_address: IpAddr,
+    node_address6: Option<Ipv6Addr>,
     node_pod_cidrs: Vec<Cidr>,
     dest: IpLpm<Dest>,
     native: IpLpm<()>,
     non_masq: IpLpm<()>,
-    peer_by_addr: Lpm4<PeerId>,
+    peer_by_addr: IpLpm<PeerId>,
     peers: Vec<Peer>,
     next_hops: Vec<NextHop>,
     /// Verdict for a destination outside the cluster when masquerade applies / does not.
@@ -668,11 +674,34 @@ impl Tables {
             }
             owned.push((*c, path));
         }
+        if let (IpAddr::V6(_), Some(a6)) = (spec.node.address, spec.node.address6) {
+            return Err(SpecError::new(
+                "node.address6",
+                format!("{a6}: node.address is already IPv6"),
+            ));
+        }
+        let node_v6 = spec.node.address6.map(IpAddr::V6);
         for (p, peer) in spec.peers.iter().enumerate() {
-            if peer.address == spec.node.address {
+            if peer.address == spec.node.address || Some(peer.address) == node_v6 {
                 return Err(SpecError::new(
                     format!("peers[{p}].address"),
                     format!("{} is this node's address", peer.address),
+                ));
+            }
+            let has_family = match (spec.node.address, peer.address) {
+                (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => true,
+                (IpAddr::V4(_), IpAddr::V6(_)) => spec.node.address6.is_some(),
+                (IpAddr::V6(_), IpAddr::V4(_)) => false,
+            };
+            if !has_family {
+                let fam = if peer.address.is_ipv4() {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                };
+                return Err(SpecError::new(
+                    format!("peers[{p}].address"),
+                    format!("{}: this node has no {fam} underlay address", peer.address),
                 ));
             }
             if let Some(q) = spec.peers[..p]
@@ -755,13 +784,16 @@ impl Tables {
             IpLpm::build(&lpm_entries(&spec.native_cidrs)).map_err(lpm_err("native_cidrs"))?;
         let non_masq = IpLpm::build(&lpm_entries(&spec.masquerade.non_masquerade_cidrs))
             .map_err(lpm_err("masquerade.non_masquerade_cidrs"))?;
-        let peer_by_addr = Lpm4::from_prefixes(
-            spec.peers
-                .iter()
-                .enumerate()
-                .map(|(p, peer)| (peer.address, 32, PeerId(p as u32))),
-        )
-        .map_err(lpm_err("peers"))?;
+        let peer_addrs: Vec<(IpAddr, u8, PeerId)> = spec
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(p, peer)| {
+                let len = if peer.address.is_ipv4() { 32 } else { 128 };
+                (peer.address, len, PeerId(p as u32))
+            })
+            .collect();
+        let peer_by_addr = IpLpm::build(&peer_addrs).map_err(lpm_err("peers"))?;
 
         let mut next_hops = Vec::new();
         let gateway = spec.gateway.map(|g| {
@@ -815,6 +847,7 @@ impl Tables {
             generation: spec.generation,
             node_name: spec.node.name.clone(),
             node_address: spec.node.address,
+            node_address6: spec.node.address6,
             node_pod_cidrs: spec.node.pod_cidrs.clone(),
             dest,
             native,
@@ -885,7 +918,7 @@ impl Tables {
     /// Returns the sending peer.
     pub fn validate_ingress(
         &self,
-        outer_src: Ipv4Addr,
+        outer_src: IpAddr,
         vni: u32,
         inner_src: IpAddr,
         inner_dst: IpAddr,
@@ -919,9 +952,35 @@ impl Tables {
         &self.node_name
     }
 
-    /// This node's underlay address (tunnel source, masquerade address).
+    /// This node's IPv4 underlay address: the masquerade address and the filter of the
+    /// masquerade reply socket. `0.0.0.0` on an IPv6-only underlay (the control plane refuses
+    /// masquerade there: config `masquerade.enabled`).
     pub fn node_address(&self) -> Ipv4Addr {
+        match self.node_address {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        }
+    }
+
+    /// This node's primary underlay address (`node.address`, either family).
+    pub fn underlay_address(&self) -> IpAddr {
         self.node_address
+    }
+
+    /// The dual-stack underlay's IPv6 address (`node.address6`), if any.
+    pub fn underlay_address6(&self) -> Option<Ipv6Addr> {
+        self.node_address6
+    }
+
+    /// The outer source towards an underlay address of `remote`'s family, if this node has one.
+    pub fn underlay_source_for(&self, remote: IpAddr) -> Option<IpAddr> {
+        match (self.node_address, remote) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                Some(self.node_address)
+            }
+            (IpAddr::V4(_), IpAddr::V6(_)) => self.node_address6.map(IpAddr::V6),
+            (IpAddr::V6(_), IpAddr::V4(_)) => None,
+        }
     }
 
     /// This node's pod CIDRs.
@@ -961,7 +1020,7 @@ impl Tables {
 
     /// The inner Ethernet destination for VXLAN frames to peer `id` (its configured VTEP MAC or
     /// the synthesized one; the synthesized one of `remote` if `id` is out of range).
-    pub fn peer_vtep_mac(&self, id: PeerId, remote: Ipv4Addr) -> [u8; 6] {
+    pub fn peer_vtep_mac(&self, id: PeerId, remote: IpAddr) -> [u8; 6] {
         self.peer(id)
             .map_or_else(|| crate::datapath::vxlan_inner_mac(remote), |p| p.vtep_mac)
     }
@@ -979,13 +1038,16 @@ impl Tables {
         peer: PeerId,
         proto: TunnelProto,
         vni: u32,
-        remote: Ipv4Addr,
+        remote: IpAddr,
         port: u16,
     ) -> crate::encap::EncapParams {
         crate::encap::EncapParams {
             proto,
             vni,
-            src: self.node_address,
+            // A peer of a family we have no address in is refused when the tables are built.
+            src: self
+                .underlay_source_for(remote)
+                .unwrap_or(self.node_address),
             dst: remote,
             dst_port: port,
             inner_src_mac: self.vtep_mac(),
@@ -995,7 +1057,7 @@ impl Tables {
     }
 
     /// The peer whose underlay address is `addr`.
-    pub fn peer_by_address(&self, addr: Ipv4Addr) -> Option<PeerId> {
+    pub fn peer_by_address(&self, addr: IpAddr) -> Option<PeerId> {
         self.peer_by_addr.lookup(addr)
     }
 
@@ -1028,9 +1090,6 @@ mod tests {
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
-    fn v4(s: &str) -> Ipv4Addr {
-        s.parse().unwrap()
-    }
     const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const N3_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
 
@@ -1041,7 +1100,8 @@ mod tests {
             generation: 7,
             node: NodeSpec {
                 name: "node1".into(),
-                address: v4("172.16.2.2"),
+                address: ip("172.16.2.2"),
+                address6: None,
                 pod_cidrs: vec![c("10.244.1.0/24"), c("fd00:10:244:1::/64")],
             },
             cluster_cidrs: vec![c("10.244.0.0/16"), c("fd00:10:244::/48")],
@@ -1061,7 +1121,7 @@ mod tests {
             peers: vec![
                 PeerSpec {
                     name: "node2".into(),
-                    address: v4("172.16.3.2"),
+                    address: ip("172.16.3.2"),
                     pod_cidrs: vec![c("10.244.2.0/24"), c("fd00:10:244:2::/64")],
                     mode: None,
                     tunnel_protocol: None,
@@ -1074,7 +1134,7 @@ mod tests {
                 },
                 PeerSpec {
                     name: "node3".into(),
-                    address: v4("172.16.2.3"),
+                    address: ip("172.16.2.3"),
                     pod_cidrs: vec![c("10.244.3.0/24")],
                     mode: None,
                     tunnel_protocol: None,
@@ -1167,7 +1227,7 @@ mod tests {
                 peer: PeerId(0),
                 proto: TunnelProto::Geneve,
                 vni: 42,
-                remote: v4("172.16.3.2"),
+                remote: ip("172.16.3.2"),
                 port: 16081
             }
         );
@@ -1399,7 +1459,7 @@ mod tests {
     #[test]
     fn ingress_validation() {
         let t = tables(|_| {});
-        let n2 = v4("172.16.3.2");
+        let n2 = ip("172.16.3.2");
         assert_eq!(
             t.validate_ingress(n2, 1, ip("10.244.2.5"), ip(POD)),
             Ok(PeerId(0))
@@ -1409,7 +1469,7 @@ mod tests {
             Ok(PeerId(0))
         );
         assert_eq!(
-            t.validate_ingress(v4("172.16.9.9"), 1, ip("10.244.2.5"), ip(POD)),
+            t.validate_ingress(ip("172.16.9.9"), 1, ip("10.244.2.5"), ip(POD)),
             Err(DropReason::UnknownPeer)
         );
         assert_eq!(
