@@ -1090,6 +1090,9 @@ mod tests {
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
     const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const N3_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
 
@@ -1454,6 +1457,88 @@ mod tests {
             t.classify(ip(POD), ip("fd00:10:244:2::1")),
             Verdict::Drop(DropReason::Malformed)
         );
+    }
+
+    /// IPv6 underlay: an IPv6 node with an IPv6 peer tunnels to it from the IPv6 address; a
+    /// dual-stack node (address + address6) reaches a v4 peer from the v4 address and a v6 peer
+    /// from the v6 one; a peer of a family the node has no address in, a v6 `address6` next to a
+    /// v6 `address`, and a peer at the node's `address6` are refused with the key.
+    #[test]
+    fn ipv6_and_dual_stack_underlay() {
+        let v6_only = tables(|s| {
+            s.node.address = ip("2001:db8:2::2");
+            s.peers[0].address = ip("2001:db8:3::2");
+            s.peers[1].address = ip("2001:db8:2::3");
+        });
+        let Verdict::Tunnel { peer, remote, .. } = v6_only.classify(ip(POD), ip("10.244.2.9"))
+        else {
+            panic!("not a tunnel verdict");
+        };
+        assert_eq!(remote, ip("2001:db8:3::2"));
+        let p = v6_only.encap_params(peer, TunnelProto::Vxlan, 1, remote, 4789);
+        assert_eq!((p.src, p.dst), (ip("2001:db8:2::2"), remote));
+        assert_eq!(
+            v6_only.peer_by_address(ip("2001:db8:3::2")),
+            Some(PeerId(0))
+        );
+        assert_eq!(v6_only.peer_by_address(ip("172.16.3.2")), None);
+        assert_eq!(v6_only.node_address(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(v6_only.vtep_mac(), [0x02, 0x76, 0, 0, 0, 2]);
+        assert_eq!(
+            v6_only.validate_ingress(ip("2001:db8:3::2"), 1, ip("10.244.2.5"), ip(POD)),
+            Ok(PeerId(0))
+        );
+        assert_eq!(
+            v6_only.validate_ingress(ip("2001:db8:3::9"), 1, ip("10.244.2.5"), ip(POD)),
+            Err(DropReason::UnknownPeer)
+        );
+
+        let dual = tables(|s| {
+            s.node.address6 = Some("2001:db8:2::2".parse().unwrap());
+            s.peers[0].address = ip("2001:db8:3::2");
+        });
+        let src_for = |t: &Tables, remote: &str| {
+            let r = ip(remote);
+            t.encap_params(PeerId(0), TunnelProto::Geneve, 1, r, 6081)
+                .src
+        };
+        assert_eq!(src_for(&dual, "2001:db8:3::2"), ip("2001:db8:2::2"));
+        assert_eq!(src_for(&dual, "172.16.2.3"), ip("172.16.2.2"));
+        assert_eq!(dual.node_address(), v4("172.16.2.2"));
+        assert_eq!(dual.peer_by_address(ip("172.16.2.3")), Some(PeerId(1)));
+
+        let e = Tables::build(&{
+            let mut s = spec();
+            s.peers[0].address = ip("2001:db8:3::2");
+            s
+        })
+        .unwrap_err();
+        assert_eq!(e.path, "peers[0].address");
+        assert!(e.message.contains("no IPv6 underlay address"), "{e:?}");
+        let e = Tables::build(&{
+            let mut s = spec();
+            s.node.address = ip("2001:db8:2::2");
+            s
+        })
+        .unwrap_err();
+        assert_eq!(e.path, "peers[0].address");
+        assert!(e.message.contains("no IPv4 underlay address"), "{e:?}");
+        let e = Tables::build(&{
+            let mut s = spec();
+            s.node.address = ip("2001:db8:2::2");
+            s.node.address6 = Some("2001:db8:2::3".parse().unwrap());
+            s
+        })
+        .unwrap_err();
+        assert_eq!(e.path, "node.address6");
+        let e = Tables::build(&{
+            let mut s = spec();
+            s.node.address6 = Some("2001:db8:2::2".parse().unwrap());
+            s.peers[1].address = ip("2001:db8:2::2");
+            s
+        })
+        .unwrap_err();
+        assert_eq!(e.path, "peers[1].address");
     }
 
     #[test]

@@ -955,6 +955,91 @@ mod tests {
         b[r].to_vec()
     }
 
+    fn params6(proto: TunnelProto) -> EncapParams {
+        EncapParams {
+            src: "2001:db8:2::2".parse().unwrap(),
+            dst: "2001:db8:3::2".parse().unwrap(),
+            ..params(proto)
+        }
+    }
+
+    /// IPv6 outer header: version 6, the inner DSCP/ECN as traffic class, the inner flow's label,
+    /// UDP next header, hop limit 64, a non-zero UDP checksum that verifies, 70 / 56 bytes of
+    /// overhead; and `decap_full` reads the same packet back (addresses, ports, inner range).
+    #[test]
+    fn ipv6_outer_encap_and_decap() {
+        for (proto, overhead) in [
+            (TunnelProto::Vxlan, VXLAN6_OVERHEAD),
+            (TunnelProto::Geneve, GENEVE6_OVERHEAD),
+        ] {
+            assert_eq!(params6(proto).overhead(), overhead);
+            let inner = inner_udp(ecn::ECT0);
+            let mut b = vec![0u8; 80];
+            b.extend_from_slice(&inner);
+            let r = encap_full(&mut b, 80, inner.len(), &params6(proto)).unwrap();
+            assert_eq!(r, 80 - overhead..80 + inner.len());
+            let o = b[r].to_vec();
+            let ip = ipv6::Packet::new_checked(&o[..]).unwrap();
+            assert_eq!(ip.version(), 6);
+            assert_eq!(ip.traffic_class(), 0xb8 | ecn::ECT0);
+            assert_eq!(ip.flow_label(), outer_flow_label(&inner));
+            assert_ne!(ip.flow_label(), 0);
+            assert_eq!(ip.next_header(), ip_proto::UDP);
+            assert_eq!(ip.hop_limit(), OUTER_TTL);
+            assert_eq!(usize::from(ip.payload_len()), o.len() - 40);
+            let u = udp::Packet::new_checked(ip.payload()).unwrap();
+            assert_ne!(u.checksum(), 0);
+            let (s, d) = (params6(proto).src, params6(proto).dst);
+            assert!(u.verify_checksum(s, d));
+            assert_eq!(u.dst_port(), proto.default_port());
+            let dec = decap_full(&o).unwrap();
+            assert_eq!((dec.src, dec.dst), (s, d));
+            assert_eq!(dec.src_port, udp_source_port(&inner));
+            assert_eq!(&o[dec.decap.inner.clone()], &inner[..]);
+            assert_eq!(dec.decap.vni, 1);
+            // Mandatory checksum over IPv6: zero is refused, so is a wrong one.
+            let mut zero = o.clone();
+            zero[46..48].fill(0);
+            assert_eq!(decap_full(&zero), Err(DecapError::BadOuterChecksum));
+            let mut bad = o.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 0x55;
+            assert_eq!(decap_full(&bad), Err(DecapError::BadOuterChecksum));
+            // An extension header in front of UDP (here: hop-by-hop) is not a tunnel packet.
+            let mut ext = o.clone();
+            ext[6] = 0;
+            assert_eq!(decap_full(&ext), Err(DecapError::Unsupported));
+            // Truncations never panic and never succeed.
+            for n in 0..o.len() {
+                assert!(decap_full(&o[..n]).is_err(), "cut at {n}");
+            }
+        }
+        // Mixed outer families are refused.
+        let inner = inner_udp(0);
+        let mut b = in_headroom(&inner);
+        let mixed = EncapParams {
+            dst: NODE2,
+            ..params6(TunnelProto::Geneve)
+        };
+        assert_eq!(
+            encap_full(&mut b, MAX_HEADROOM, inner.len(), &mixed),
+            Err(EncapError::MixedFamilies)
+        );
+        // VXLAN over IPv6 needs 70 bytes of headroom, more than MAX_HEADROOM.
+        assert_eq!(
+            encap_full(
+                &mut b,
+                MAX_HEADROOM,
+                inner.len(),
+                &params6(TunnelProto::Vxlan)
+            ),
+            Err(EncapError::Headroom {
+                need: 70,
+                have: MAX_HEADROOM
+            })
+        );
+    }
+
     // Expected VXLAN frame for inner_udp(0), built field by field from RFC 7348 Figure 1.
     #[test]
     fn vxlan_golden_bytes() {
