@@ -508,8 +508,9 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
                 underlay = None
             if underlay is not None:
 
-                def mac_of(ip: ipaddress.IPv4Address) -> str | None:
-                    for n in ipr.get_neighbours(family=socket.AF_INET, dst=str(ip)):
+                def mac_of(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+                    fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+                    for n in ipr.get_neighbours(family=fam, dst=str(ip)):
                         if n["state"] & NUD_VALID and n.get_attr("NDA_LLADDR"):
                             return str(n.get_attr("NDA_LLADDR"))
                     return None

@@ -24,6 +24,8 @@ TUN_NAME = "podr0"
 # VXLAN carries an inner Ethernet frame (RFC 7348 §5: +8 VXLAN +14 Ethernet = 50), Geneve carries the
 # IP packet directly (RFC 8926 §3.4 protocol type 0x0800: +8 base header, no options = 36).
 ENCAP_OVERHEAD = {"vxlan": 50, "geneve": 36}
+# Over an IPv6 underlay the outer IP header is 40 bytes instead of 20: VXLAN 70, Geneve 56.
+OUTER_V6_EXTRA = 20
 
 # IPv6 (dual stack): the minimum link MTU (RFC 8200 §5), and the pods' link-local default gateway. The
 # node's end of each dual-stack pod's veth holds POD_GATEWAY6/64 (nodad), the IPv6 twin of the proxy
