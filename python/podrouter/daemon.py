@@ -45,6 +45,7 @@ from podrouter.netlink.constants import (
     MASQ_RULE_PRIORITY,
     MASQ_TABLE,
     OUTER_V6_EXTRA,
+    POD_GATEWAY4,
     POD_GATEWAY6,
     SUPPRESS_RULE_PRIORITY,
     TUN_NAME,
@@ -898,6 +899,12 @@ class Daemon:
                 spec = RouteSpec(dst=str(r.dst), oif=r.dev, scope_link=True, label=f"pod {r.peer}")
             else:
                 spec = RouteSpec(dst=str(r.dst), oif=r.dev, mtu=r.mtu, label=r.path)
+            out[spec.key] = spec
+        if self.underlay.address.version == 6 and any(c.version == 4 for c in self.cfg.node.pod_cidrs):
+            # IPv6 underlay: the node may have no IPv4 route at all, and proxy ARP only answers for
+            # an address that routes out another device; the pods' gateway 169.254.1.1 gets one into
+            # the datapath (which drops what is addressed to it; docs/architecture.md)
+            spec = RouteSpec(dst=f"{POD_GATEWAY4}/32", oif=TUN_NAME, label="pod gateway")
             out[spec.key] = spec
         if self.cfg.masquerade.enabled:
             # the masquerade egress table: a default route into the datapath (see constants.py)

@@ -31,6 +31,8 @@ OUTER_V6_EXTRA = 20
 # node's end of each dual-stack pod's veth holds POD_GATEWAY6/64 (nodad), the IPv6 twin of the proxy
 # ARP answer for 169.254.1.1 (docs/architecture.md, "Pod attachment").
 IPV6_MIN_MTU = 1280
+# The IPv4 pods' default gateway (docs/design.md §4b), answered by proxy ARP on each pod's veth.
+POD_GATEWAY4 = "169.254.1.1"
 POD_GATEWAY6 = "fe80::1"
 IFF_MULTICAST = 0x1000
 IFA_F_NODAD = 0x02
