@@ -335,6 +335,9 @@ def test_interop_with_the_kernel_vxlan_device_over_ipv6(ref6: ReferenceTopology,
     n2.ip(f"neigh add 10.244.1.0 lladdr {n1_mac} dev vx6 nud permanent")
     n2.run(["bridge", "fdb", "add", n1_mac, "dev", "vx6", "dst", N1])
     n2.ip("route add 10.244.2.1/32 dev veth-pod2 scope link")
+    # node2 has no IPv4 route at all: proxy ARP answers for the pod gateway only if it routes out
+    # another device (the same route podrouter installs on an IPv6 underlay, here into vx6)
+    n2.ip("route add 169.254.1.1/32 dev vx6")
     n2.sysctl("net.ipv4.conf.veth-pod2.proxy_arp", 1)
     n2.sysctl("net.ipv4.neigh.veth-pod2.proxy_delay", 0)
 
