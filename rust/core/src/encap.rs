@@ -1075,7 +1075,7 @@ mod tests {
         assert!(ip.verify_checksum());
         let u = udp::Packet::new_checked(ip.payload()).unwrap();
         assert_ne!(u.checksum(), 0);
-        assert!(u.verify_checksum(NODE1.into(), NODE2.into()));
+        assert!(u.verify_checksum(NODE1, NODE2));
     }
 
     #[test]
