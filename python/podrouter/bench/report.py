@@ -68,7 +68,7 @@ LEGEND = (
     "Each cell: the median over the repetitions, ±half the min-max range in % of the median (shown when\n"
     "there is more than one repetition), and in parentheses the ratio to the matching kernel baseline\n"
     "(podrouter native and hybrid-native vs kernel-routing; vxlan, geneve, hybrid-tunnel vs kernel-vxlan;\n"
-    "native-bgp vs kernel-routing-r, both across R).\n"
+    "native-bgp vs kernel-routing-r, both across R; vxlan6 vs kernel-vxlan6 over the IPv6 underlay).\n"
     "Higher is better for TCP and UDP, lower is better for RTT and CPU per Gbit. UDP counts what the\n"
     "receiver got from the batched sender (18-byte payload = 64-byte Ethernet frames). CPU per Gbit is\n"
     "system-wide busy CPU time (all processes, softirq, the daemons, iperf3 itself) during the TCP runs\n"
