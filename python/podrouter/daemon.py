@@ -1348,9 +1348,10 @@ class Daemon:
                 "underlay": {
                     "interface": u.ifname,
                     "address": str(u.address),
-                    "address6": str(u.address6) if u.address6 is not None else None,
                     "mtu": u.mtu,
                     "gateway": str(u.gateway) if u.gateway else None,
+                    # dual-stack underlay only (node.address6)
+                    **({"address6": str(u.address6)} if u.address6 is not None else {}),
                 },
                 # our VTEP MAC: the inner source of every VXLAN frame we send; a Flannel-style
                 # kernel peer's neighbour and FDB entries for this node must use it
