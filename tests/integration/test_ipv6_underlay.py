@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import DaemonHandle, Daemons, ref_config, wait_for
+from helpers import DaemonHandle, Daemons, etcd_argv, ref_config, wait_for
 from test_interop import iperf as iperf_port
 from test_paths import iperf
 
@@ -314,6 +314,57 @@ def test_config_refuses_a_peer_of_a_family_the_node_has_no_address_in(
     r = ref6.nodes["node1"].try_run([*podrouter_argv(), "check", "--config", str(path)])
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "peers[0].address" in r.stderr + r.stdout and "172.16.3.2" in r.stderr + r.stdout
+
+
+# ---------------------------------------------------------------------------------- etcd discovery
+
+
+def test_etcd_registrations_carry_ipv6_addresses(
+    ref6: ReferenceTopology, daemons: Daemons, tmp_path: Path
+) -> None:
+    """etcd on R, reached over the IPv6 underlay; each node registers its IPv6 address and the other
+    finds it there and tunnels to it."""
+    urls = ["http://[2001:db8:2::1]:2379", "http://[2001:db8:3::1]:2379"]
+    proc = ref6.router.popen(
+        etcd_argv(tmp_path / "etcd", urls), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        probe = f"import urllib.request;urllib.request.urlopen('{urls[0]}/health',timeout=1)"
+        wait_for(
+            lambda: ref6.router.try_run(["python3", "-c", probe]).returncode == 0,
+            20,
+            interval=0.3,
+            what="etcd",
+        )
+        ds = {}
+        for node, url in (("node1", urls[0]), ("node2", urls[1])):
+            cfg = ref_config(
+                ref6,
+                node,
+                daemons.sockdir,
+                dual_stack=True,
+                peers=[],
+                discovery={"backend": "etcd", "etcd": {"endpoints": [url], "lease_ttl": 3}},
+            )
+            ds[node] = daemons.start(ref6.nodes[node], cfg)
+
+        def peers(d: DaemonHandle) -> dict[str, Any]:
+            return {p["name"]: p for p in d.status()["peers"]}
+
+        wait_for(lambda: "node2" in peers(ds["node1"]), 10, what="node1 discovers node2")
+        wait_for(lambda: "node1" in peers(ds["node2"]), 10, what="node2 discovers node1")
+        assert (
+            peers(ds["node1"])["node2"]["address"] == N2 and peers(ds["node1"])["node2"]["source"] == "etcd"
+        )
+        assert peers(ds["node2"])["node1"]["address"] == N1
+        ping_all(ref6, "pod1", "pod2")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 # ----------------------------------------------------------------------------- kernel VXLAN interop
