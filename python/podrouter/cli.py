@@ -531,7 +531,8 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
         peers = [PeerView(p, False, None, None) for p in cfg.peers]
     if address is None:
         address = "0.0.0.0"
-    return build_spec(cfg, 0, address, gateway, peers), notes
+    a6 = underlay.address6 if underlay is not None else cfg.node.address6
+    return build_spec(cfg, 0, address, gateway, peers, str(a6) if a6 is not None else None), notes
 
 
 @main.command(short_help="Which path a packet from SRC to DST takes, and why.")
