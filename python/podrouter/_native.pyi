@@ -17,6 +17,7 @@ __all__: list[str]
 ENCAP_MAX_HEADROOM: int
 VXLAN_OVERHEAD: int
 GENEVE_OVERHEAD: int
+GENEVE_IP_OVERHEAD: int
 
 def version() -> str:
     """The crate version, same as ``__version__``."""
@@ -101,7 +102,9 @@ class Datapath:
         """``{"packets": {"vxlan/egress": n, ... every path/direction}, "bytes": {...},
         "drops": {reason: n, ... every reason, incl. "tx_error"}, "nat_entries": n,
         "nat_alloc_failures": n, "nat_evictions": n, "nat_pod_limit_drops": {"pod ip": n, ... at most
-        32, the highest}, "nat_pod_limit_drops_other": n, "table_generation": n, "workers": n,
+        32, the highest}, "nat_pod_limit_drops_other": n, "geneve_options": [{"class": n,
+        "type": n, "critical": bool, "count": n}, ... at most 16, by key], "geneve_options_other": n,
+        "table_generation": n, "workers": n,
         "offload": {"tun": ["csum", "tso4", ...], "udp_gso": bool, "udp_gro": bool,
         "packet_vnet_hdr": bool, "tun_reads": n, "tun_gso_reads": n, "tun_writes": n,
         "tun_gso_writes": n, "tun_coalesced_segments": n, "udp_rx_messages": n,

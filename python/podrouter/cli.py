@@ -12,7 +12,6 @@ import ipaddress
 import json
 import logging
 import socket
-import struct
 import sys
 from typing import Any, NoReturn
 
@@ -20,9 +19,9 @@ import click
 
 from podrouter import api as apimod
 from podrouter import config as configmod
+from podrouter.packets import PROTOS, build_packet
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-PROTOS = {"icmp": 1, "tcp": 6, "udp": 17}
 
 
 def _fail(lines: list[str] | str, code: int) -> NoReturn:
@@ -135,9 +134,14 @@ def check(config: str, as_json: bool) -> None:
         except configmod.ConfigError as e:
             _emit_json({"ok": False, "config": config, "problems": list(e.problems)})
             sys.exit(EXIT_USAGE)
+        problems = compile_problems(cfg)
+        if problems:
+            _emit_json({"ok": False, "config": config, "problems": problems})
+            sys.exit(EXIT_USAGE)
         _emit_json(
             {
                 "ok": True,
+                "tables": "compiled",
                 "config": config,
                 "node": cfg.node.name,
                 "mode": cfg.routing.mode,
@@ -152,9 +156,12 @@ def check(config: str, as_json: bool) -> None:
         )
         return
     cfg = _load_config(config)
+    problems = compile_problems(cfg)
+    if problems:
+        _fail(problems, EXIT_USAGE)
     click.echo(
         f"{config}: ok (node {cfg.node.name}, {cfg.routing.mode} mode, {len(cfg.peers)} peers, "
-        f"{len(cfg.pods)} pods)"
+        f"{len(cfg.pods)} pods; tables compiled)"
     )
     if cfg.bgp.enabled:
         peers = ", ".join(f"{p.address} (AS {p.asn})" for p in cfg.bgp.peers)
@@ -436,54 +443,20 @@ def cleanup(config: str, force: bool, as_json: bool) -> None:
 # ------------------------------------------------------------------------------------------- explain
 
 
-def _csum(data: bytes) -> int:
-    """RFC 1071 Internet checksum."""
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+def compile_problems(cfg: configmod.Config) -> list[str]:
+    """Compile the config's tables offline with the datapath's own compiler (the core's rulebook):
+    the problems it finds, or []. Nothing on this machine is read or changed; every peer is taken
+    as off-link, as a node sees them before its underlay is up."""
+    from podrouter import _native  # type: ignore[attr-defined]
+    from podrouter.daemon import PeerView, build_spec
 
-
-def build_packet(src: str, dst: str, proto: str = "icmp", dport: int = 0, sport: int = 40000) -> bytes:
-    """A minimal, valid IPv4/IPv6 packet (TCP SYN, UDP with 4 bytes, or ICMP echo request)."""
+    address = str(cfg.node.address) if cfg.node.address else "0.0.0.0"
+    spec = build_spec(cfg, 0, address, None, [PeerView(p, False, None, None) for p in cfg.peers])
     try:
-        s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        _native.Tables(spec)
     except ValueError as e:
-        raise ValueError(str(e)) from None
-    if s.version != d.version:
-        raise ValueError(f"{src} and {dst} are not the same address family")
-    if proto not in PROTOS:
-        raise ValueError(f"protocol {proto!r} is not one of {', '.join(PROTOS)}")
-    if not 0 <= dport <= 65535:
-        raise ValueError(f"port {dport} is out of range")
-    v6 = s.version == 6
-    if proto == "tcp":
-        l4 = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
-        nh = 6
-    elif proto == "udp":
-        body = b"pr\0\0"
-        l4 = struct.pack("!HHHH", sport, dport, 8 + len(body), 0) + body
-        nh = 17
-    else:
-        nh = 58 if v6 else 1
-        l4 = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, 0x5052, 1) + b"podrouter"
-    if v6:
-        pseudo = s.packed + d.packed + struct.pack("!IxxxB", len(l4), nh)
-    else:
-        pseudo = s.packed + d.packed + struct.pack("!xBH", nh, len(l4))
-    # ICMPv4 has no pseudo-header (RFC 792); TCP, UDP and ICMPv6 do (RFC 793, 768, 4443 §2.3)
-    cs = _csum(l4) if (nh == 1) else _csum(pseudo + l4)
-    off = {6: 16, 17: 6}.get(nh, 2)
-    if nh == 17 and cs == 0:
-        cs = 0xFFFF  # RFC 768: a computed zero is sent as all ones
-    l4 = l4[:off] + struct.pack("!H", cs) + l4[off + 2 :]
-    if v6:
-        return struct.pack("!IHBB", 6 << 28, len(l4), nh, 64) + s.packed + d.packed + l4
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0x5052, 0x4000, 64, nh, 0, s.packed, d.packed)
-    hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
-    return hdr + l4
+        return [f"tables: {e}"]
+    return []
 
 
 def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:

@@ -136,11 +136,14 @@ def bandwidth_annotations(conf: Mapping[str, Any]) -> dict[str, str]:
             out[annotation] = str(rate)
     if out:
         # same bounds as the annotations (kubelet: 1k..1P); fail at ADD, not silently later
-        from podrouter.qos import validate_annotations
+        # parsed here once, at the runtime's boundary; what crosses the API socket is the request's
+        # annotations, which the daemon parses again only because it trusts no client (API boundary)
+        from podrouter.qos.annotations import QoSRequest
 
-        problems = validate_annotations(out)
-        if problems:
-            raise CniError(E_INVALID_CONFIG, "runtimeConfig.bandwidth: " + "; ".join(problems))
+        request = QoSRequest.parse(out)
+        if request.problems:
+            raise CniError(E_INVALID_CONFIG, "runtimeConfig.bandwidth: " + "; ".join(request.problems))
+        return dict(request.annotations)
     return out
 
 

@@ -25,12 +25,18 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from podrouter.qos.annotations import QoSRequest
+from podrouter.qos.config import BandwidthConfig, parse_bandwidth_config, validate_bandwidth_config
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MODES = ("tunnel", "native", "hybrid")
 PEER_MODES = ("native", "tunnel")
 PROTOCOLS = ("vxlan", "geneve")
+# what a Geneve frame carries: an inner Ethernet frame (protocol type 0x6558, what OVS/OVN, Cilium,
+# Antrea and Linux geneve devices speak) or the inner IP packet directly (podrouter peers only)
+GENEVE_PAYLOADS = ("ethernet", "ip")
 DEFAULT_PORTS = {"vxlan": 4789, "geneve": 6081}  # IANA: RFC 7348 §5, RFC 8926 §3.3
 BACKENDS = ("static", "etcd")
 DEFAULT_SOCKET = "/run/podrouter/podrouter.sock"
@@ -86,6 +92,7 @@ class TunnelConfig:
     port: int = DEFAULT_PORTS["vxlan"]
     vni: int = 1
     mtu: int | None = None  # None = auto: underlay MTU minus the encapsulation overhead
+    geneve_payload: str = "ethernet"
 
     def port_for(self, protocol: str) -> int:
         """The UDP port of `protocol`: `tunnel.port` for the configured one, the IANA port otherwise."""
@@ -152,6 +159,8 @@ class PeerConfig:
     # the MAC of the peer's VXLAN device (lower case), the inner destination of our VXLAN frames to
     # it; None: podrouter's synthesized one (vtep_mac_of), right for a podrouter peer
     vtep_mac: str | None = None
+    # override of tunnel.geneve_payload for the Geneve frames sent to this peer
+    geneve_payload: str | None = None
 
 
 def vtep_mac_of(address: IPAddress) -> str:
@@ -185,20 +194,20 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
-class BandwidthConfig:
-    enabled: bool = True
-    raw: Mapping[str, Any] = field(default_factory=dict)  # the section as written, for the QoS module
-
-
-@dataclass(frozen=True)
 class PodConfig:
     name: str
     ip: IPAddress
     host_interface: str
-    annotations: Mapping[str, str] = field(default_factory=dict)
+    # the pod's annotations, parsed once here (podrouter.qos.QoSRequest): the bandwidth manager gets
+    # this value, never the raw mapping; a bad annotation is a warning and leaves previous shaping
+    qos: QoSRequest = field(default_factory=QoSRequest)
     # every address of the pod, `ip` first, at most one per family (dual stack: `ips: [v4, v6]`);
     # empty for a single-stack pod (just `ip`)
     ips: tuple[IPAddress, ...] = ()
+
+    @property
+    def annotations(self) -> Mapping[str, str]:
+        return self.qos.annotations
 
     @property
     def addresses(self) -> tuple[IPAddress, ...]:
@@ -262,6 +271,7 @@ class MeshClusterConfig:
     etcd: EtcdConfig
     mode: str = "tunnel"
     tunnel_protocol: str | None = None
+    geneve_payload: str | None = None
     # the remote cluster's whole pod space (optional): its nodes must lie inside, and it stays
     # routed into the datapath (never masqueraded) even while none of its nodes is known
     pod_cidrs: tuple[IPNetwork, ...] = ()
@@ -703,12 +713,13 @@ class _Validator:
         return RoutingConfig(mode=mode, native_cidrs=native, native_when_on_link=on_link)
 
     def tunnel(self, value: Any) -> TunnelConfig | None:
-        m = self.mapping("tunnel", value, ("protocol", "port", "vni", "mtu"))
+        m = self.mapping("tunnel", value, ("protocol", "port", "vni", "mtu", "geneve_payload"))
         if m is None:
             return None
         proto = self.choice("tunnel.protocol", m.get("protocol", "vxlan"), PROTOCOLS)
         port = self.integer("tunnel.port", m["port"], 1, 65535) if m.get("port") is not None else 0
         vni = self.integer("tunnel.vni", m.get("vni", 1), 0, VNI_MAX)
+        payload = self.choice("tunnel.geneve_payload", m.get("geneve_payload", "ethernet"), GENEVE_PAYLOADS)
         raw_mtu = m.get("mtu", "auto")
         mtu: int | None = None
         mtu_ok = True
@@ -718,9 +729,11 @@ class _Validator:
             if isinstance(raw_mtu, str):
                 self.bad("tunnel.mtu", f"{_q(raw_mtu)} is not 'auto' or an integer")
             mtu_ok = mtu is not None
-        if proto is None or port is None or vni is None or not mtu_ok:
+        if proto is None or port is None or vni is None or not mtu_ok or payload is None:
             return None
-        return TunnelConfig(protocol=proto, port=port or DEFAULT_PORTS[proto], vni=vni, mtu=mtu)
+        return TunnelConfig(
+            protocol=proto, port=port or DEFAULT_PORTS[proto], vni=vni, mtu=mtu, geneve_payload=payload
+        )
 
     def masquerade(self, value: Any) -> MasqueradeConfig | None:
         m = self.mapping(
@@ -782,7 +795,16 @@ class _Validator:
         m = self.mapping(
             path,
             value,
-            ("name", "address", "pod_cidr", "pod_cidrs", "mode", "tunnel_protocol", "vtep_mac"),
+            (
+                "name",
+                "address",
+                "pod_cidr",
+                "pod_cidrs",
+                "mode",
+                "tunnel_protocol",
+                "vtep_mac",
+                "geneve_payload",
+            ),
             ("name", "address"),
         )
         if m is None:
@@ -797,6 +819,7 @@ class _Validator:
             else None
         )
         vtep_mac = self.mac(f"{path}.vtep_mac", m["vtep_mac"]) if m.get("vtep_mac") is not None else None
+        payload = self.geneve_payload(path, m)
         if (
             name is None
             or addr is None
@@ -804,6 +827,7 @@ class _Validator:
             or (m.get("mode") is not None and mode is None)
             or (m.get("tunnel_protocol") is not None and proto is None)
             or (m.get("vtep_mac") is not None and vtep_mac is None)
+            or (m.get("geneve_payload") is not None and payload is None)
         ):
             return None
         why = unusable_node_address(addr)
@@ -811,8 +835,20 @@ class _Validator:
             self.bad(f"{path}.address", f"'{addr}' {why}")
             return None
         return PeerConfig(
-            name=name, address=addr, pod_cidrs=cidrs, mode=mode, tunnel_protocol=proto, vtep_mac=vtep_mac
+            name=name,
+            address=addr,
+            pod_cidrs=cidrs,
+            mode=mode,
+            tunnel_protocol=proto,
+            vtep_mac=vtep_mac,
+            geneve_payload=payload,
         )
+
+    def geneve_payload(self, path: str, m: dict[str, Any]) -> str | None:
+        """The optional per-peer / per-cluster `geneve_payload` override."""
+        if m.get("geneve_payload") is None:
+            return None
+        return self.choice(f"{path}.geneve_payload", m["geneve_payload"], GENEVE_PAYLOADS)
 
     def peers(self, value: Any) -> tuple[PeerConfig, ...] | None:
         return self._list("peers", value, self.peer)
@@ -933,24 +969,10 @@ class _Validator:
         if not isinstance(value, dict):
             self.bad("bandwidth", f"{_q(value)} is not a mapping")
             return None
-        qos_validate = _qos_hook("validate_bandwidth_config")
-        if qos_validate is not None:
-            before = len(self.problems)
-            for msg in qos_validate(dict(value)):
-                self.problems.append(msg if msg.startswith("bandwidth") else f"bandwidth: {msg}")
-            if len(self.problems) != before:
-                return None
-        else:
-            # until the QoS module exists, only `enabled` is understood
-            m = self.mapping("bandwidth", value, ("enabled",))
-            if m is None:
-                return None
-        enabled = value.get("enabled", True)
-        if not isinstance(enabled, bool):
-            if qos_validate is None:
-                self.bad("bandwidth.enabled", f"{_q(enabled)} is not a boolean (true or false)")
-            return None
-        return BandwidthConfig(enabled=enabled, raw=dict(value))
+        problems = validate_bandwidth_config(dict(value))
+        for msg in problems:
+            self.problems.append(msg if msg.startswith("bandwidth") else f"bandwidth: {msg}")
+        return None if problems else parse_bandwidth_config(dict(value))
 
     def pod(self, path: str, value: Any) -> PodConfig | None:
         m = self.mapping(
@@ -966,6 +988,7 @@ class _Validator:
         )
         ann = m.get("annotations") or {}
         ann_ok = True
+        request = QoSRequest()
         if not isinstance(ann, dict):
             self.bad(f"{path}.annotations", f"{_q(ann)} is not a mapping")
             ann_ok = False
@@ -976,13 +999,13 @@ class _Validator:
                     self.bad(f"{path}.annotations", f"{_q(k)}: {_q(v)} is not a string annotation")
                     ann_ok = False
             if ann_ok:
-                ann = {k: str(v) for k, v in ann.items()}
-                for msg in validate_annotations(ann):
+                request = QoSRequest.parse({k: str(v) for k, v in ann.items()})
+                for msg in request.problems:
                     self.warnings.append(f"{path}.annotations: {msg} (the pod is added without shaping)")
         if name is None or ip is None or iface is None or not ann_ok:
             return None
         dual = ips if ips and len(ips) > 1 else ()
-        return PodConfig(name=name, ip=ip, host_interface=iface, annotations=ann, ips=dual)
+        return PodConfig(name=name, ip=ip, host_interface=iface, qos=request, ips=dual)
 
     def pod_addresses(self, path: str, m: dict[str, Any]) -> tuple[IPAddress, ...] | None:
         """`ip` (one address) and/or `ips` (dual stack: at most one per family): all of the pod's
@@ -1175,7 +1198,7 @@ class _Validator:
         m = self.mapping(
             path,
             value,
-            ("name", "id", "etcd", "mode", "tunnel_protocol", "pod_cidr", "pod_cidrs"),
+            ("name", "id", "etcd", "mode", "tunnel_protocol", "geneve_payload", "pod_cidr", "pod_cidrs"),
             ("name", "id", "etcd"),
         )
         if m is None:
@@ -1201,10 +1224,19 @@ class _Validator:
             space = self.one_or_many_cidrs(path, m, required=False)
         if name is None or cid is None or mode is None or etcd is None or space is None:
             return None
+        payload = self.geneve_payload(path, m)
         if m.get("tunnel_protocol") is not None and proto is None:
             return None
+        if m.get("geneve_payload") is not None and payload is None:
+            return None
         return MeshClusterConfig(
-            name=name, id=cid, etcd=etcd, mode=mode, tunnel_protocol=proto, pod_cidrs=space
+            name=name,
+            id=cid,
+            etcd=etcd,
+            mode=mode,
+            tunnel_protocol=proto,
+            geneve_payload=payload,
+            pod_cidrs=space,
         )
 
     # --- relations between sections ---
@@ -1419,27 +1451,6 @@ def underlay_problems(
             f"and the underlay address is {address}: set masquerade.enabled: false on an IPv6 underlay"
         )
     return out
-
-
-# ---------------------------------------------------------------------------------------- QoS hooks
-
-
-def _qos_hook(name: str) -> Callable[[dict[str, Any]], list[str]] | None:
-    """A validator from podrouter.qos if that module provides it (it owns the annotation grammar)."""
-    try:
-        from podrouter import qos
-    except ImportError:
-        return None
-    fn = getattr(qos, name, None)
-    return fn if callable(fn) else None
-
-
-def validate_annotations(annotations: Mapping[str, str]) -> list[str]:
-    """Problems with a pod's bandwidth annotations (empty if fine or if no QoS module is installed)."""
-    fn = _qos_hook("validate_annotations")
-    if fn is None:
-        return []
-    return list(fn(dict(annotations)))
 
 
 def pod_from_dict(

@@ -40,6 +40,7 @@ from podrouter.monitor import stream as monitor_stream
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import (
     ENCAP_OVERHEAD,
+    GENEVE_IP_OVERHEAD,
     IFF_MULTICAST,
     IPV6_MIN_MTU,
     MASQ_RULE_PRIORITY,
@@ -81,6 +82,11 @@ def tunnel_protocol(cfg: Config, peer: PeerConfig) -> str:
     return peer.tunnel_protocol or cfg.tunnel.protocol
 
 
+def geneve_payload(cfg: Config, peer: PeerConfig) -> str:
+    """ethernet | ip: what the Geneve frames sent to `peer` carry (override or node-wide)."""
+    return peer.geneve_payload or cfg.tunnel.geneve_payload
+
+
 def split_by(net: IPNetwork, cuts: Iterable[IPNetwork]) -> list[IPNetwork]:
     """`net` cut into pieces so that each piece lies wholly inside or wholly outside every cut."""
     pieces: list[IPNetwork] = [net]
@@ -113,22 +119,29 @@ def path_for(cfg: Config, peer: PeerConfig, dst: IPNetwork, on_link: bool) -> st
 
 
 def encap_overhead(path: str, v6_outer: bool = False) -> int:
-    """Outer bytes of a tunnel path: 50 / 36 over IPv4, 20 more over an IPv6 underlay."""
+    """Outer bytes of a tunnel path (the larger Geneve payload), 20 more over an IPv6 underlay."""
     return ENCAP_OVERHEAD[path] + (OUTER_V6_EXTRA if v6_outer else 0)
 
 
-def path_mtu(cfg: Config, path: str, underlay_mtu: int, v6_outer: bool = False) -> int:
-    """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU);
-    `v6_outer`: the peer is reached over the IPv6 underlay (20 more bytes of outer header)."""
+def path_mtu(
+    cfg: Config, path: str, underlay_mtu: int, peer: PeerConfig | None = None, v6_outer: bool = False
+) -> int:
+    """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU); for
+    Geneve to `peer` with an IP payload 14 bytes more (no inner Ethernet header). Without a peer the
+    largest overhead of the path counts. `v6_outer`: the peer is reached over the IPv6 underlay (20
+    more bytes of outer header)."""
     if path == "native":
         return underlay_mtu
     if cfg.tunnel.mtu is not None:
         return cfg.tunnel.mtu
-    return underlay_mtu - encap_overhead(path, v6_outer)
+    extra = OUTER_V6_EXTRA if v6_outer else 0
+    if path == "geneve" and peer is not None and geneve_payload(cfg, peer) == "ip":
+        return underlay_mtu - GENEVE_IP_OVERHEAD - extra
+    return underlay_mtu - ENCAP_OVERHEAD[path] - extra
 
 
 def min_tunnel_mtu(cfg: Config, underlay_mtu: int, v6_outer: bool = False) -> int:
-    return min(path_mtu(cfg, p, underlay_mtu, v6_outer) for p in ENCAP_OVERHEAD)
+    return min(path_mtu(cfg, p, underlay_mtu, v6_outer=v6_outer) for p in ENCAP_OVERHEAD)
 
 
 @dataclass(frozen=True)
@@ -168,7 +181,7 @@ def plan_routes(
             cuts = cfg.routing.native_cidrs if effective_mode(cfg, view.peer) == "hybrid" else ()
             for piece in split_by(cidr, cuts):
                 path = path_for(cfg, view.peer, piece, view.on_link)
-                mtu = path_mtu(cfg, path, underlay_mtu, v6_outer)
+                mtu = path_mtu(cfg, path, underlay_mtu, view.peer, v6_outer)
                 out.append(RoutePlan(piece, path, mtu, view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
@@ -224,6 +237,7 @@ def build_spec(
             "vni": cfg.tunnel.vni,
             "vxlan_port": cfg.tunnel.port_for("vxlan"),
             "geneve_port": cfg.tunnel.port_for("geneve"),
+            "geneve_payload": cfg.tunnel.geneve_payload,
         },
         "gateway": gateway,
         "masquerade": {
@@ -243,6 +257,7 @@ def build_spec(
                     {"ip": str(v.next_hop), "mac": v.next_hop_mac} if v.next_hop is not None else None
                 ),
                 "vtep_mac": v.peer.vtep_mac,
+                "geneve_payload": v.peer.geneve_payload,
             }
             for v in peers
         ],
@@ -422,11 +437,11 @@ class Daemon:
         if has_ipv6(cfg) or v6:
             # IPv6 links must carry 1280 bytes (RFC 8200 §5); the kernel refuses a smaller route MTU
             for path in ("native", *ENCAP_OVERHEAD):
-                if path_mtu(cfg, path, u.mtu, v6) < IPV6_MIN_MTU:
+                if path_mtu(cfg, path, u.mtu, v6_outer=v6) < IPV6_MIN_MTU:
                     tunnelled = cfg.tunnel.mtu is not None and path != "native"
                     what = "tunnel.mtu" if tunnelled else "node.interface"
                     problems.append(
-                        f"{what}: the {path} path MTU {path_mtu(cfg, path, u.mtu, v6)} (underlay "
+                        f"{what}: the {path} path MTU {path_mtu(cfg, path, u.mtu, v6_outer=v6)} (underlay "
                         f"'{u.ifname}' MTU {u.mtu}) is below IPv6's minimum {IPV6_MIN_MTU}, and IPv6 pod "
                         "CIDRs or an IPv6 underlay are configured"
                     )
@@ -540,7 +555,7 @@ class Daemon:
         # an explicit queue in front of the datapath (docs/qos.md), not the TUN's default 500 packets
         from podrouter.qos.sizing import tun_txqlen
 
-        self.ipr.link("set", index=tun_idx, mtu=u.mtu, txqlen=tun_txqlen(dict(cfg.bandwidth.raw)), state="up")
+        self.ipr.link("set", index=tun_idx, mtu=u.mtu, txqlen=tun_txqlen(cfg.bandwidth), state="up")
         self._sync_masquerade_guard(None, cfg)
         self._install_pod_guard()
 
@@ -1091,14 +1106,11 @@ class Daemon:
         if not cfg.bandwidth.enabled:
             log.info("bandwidth shaping disabled (bandwidth.enabled: false)")
             return None
-        try:
-            from podrouter.qos import BandwidthManager  # type: ignore[attr-defined]
-        except ImportError as e:
-            log.warning("bandwidth shaping unavailable (%s): pods are registered without shaping", e)
-            return None
         from pyroute2 import IPRoute
 
-        return BandwidthManager(IPRoute(), dict(cfg.bandwidth.raw), owns_ipr=True)
+        from podrouter.qos.manager import BandwidthManager
+
+        return BandwidthManager(IPRoute(), cfg.bandwidth, owns_ipr=True)
 
     def _restart_bandwidth(self, cfg: Config) -> None:
         if self.bandwidth is not None:
@@ -1109,22 +1121,13 @@ class Daemon:
 
     def _cleanup_shaping(self, recorded: statefile.State) -> list[str]:
         """Remove the tc objects a dead daemon's bandwidth manager left (the QoS module knows which)."""
-        try:
-            from podrouter import qos
-        except ImportError:
-            return []
-        fn = getattr(qos, "cleanup", None)
-        if fn is None:
-            return []
         from pyroute2 import IPRoute
 
-        kw: dict[str, Any] = {}
-        parse = getattr(qos, "parse_bandwidth_config", None)
-        if parse is not None:
-            with contextlib.suppress(ValueError):
-                kw["ifb_name"] = parse(dict(self.cfg.bandwidth.raw)).ifb_name
+        from podrouter.qos.manager import cleanup as qos_cleanup
+
         with IPRoute() as ipr:
-            removed = fn(ipr, [p["host_interface"] for p in recorded.pods.values()], **kw)
+            ifaces = [p["host_interface"] for p in recorded.pods.values()]
+            removed = qos_cleanup(ipr, ifaces, ifb_name=self.cfg.bandwidth.ifb_name)
         return [f"removed shaping: {r}" for r in removed or []]
 
     def _shape(self, entry: PodEntry) -> None:
@@ -1134,7 +1137,7 @@ class Daemon:
             return
         try:
             entry.shaping = dict(
-                self.bandwidth.apply(pod.name, pod.host_interface, str(pod.ip), dict(pod.annotations))
+                self.bandwidth.apply(pod.name, pod.host_interface, str(pod.ip), pod.qos)
             )
         except Exception as e:  # noqa: BLE001 - shaping trouble must not fail the pod's connectivity
             log.exception("shaping pod %s failed", pod.name)
@@ -1324,6 +1327,7 @@ class Daemon:
                         "path": "/".join(paths),
                         "mode": v.peer.mode,
                         "tunnel_protocol": v.peer.tunnel_protocol,
+                        "geneve_payload": geneve_payload(self.cfg, v.peer),
                         "on_link": v.on_link,
                         "next_hop": str(v.next_hop) if v.next_hop else None,
                         "next_hop_mac": v.next_hop_mac,
@@ -1344,6 +1348,7 @@ class Daemon:
                     "vni": self.cfg.tunnel.vni,
                     "vxlan_port": self.cfg.tunnel.port_for("vxlan"),
                     "geneve_port": self.cfg.tunnel.port_for("geneve"),
+                    "geneve_payload": self.cfg.tunnel.geneve_payload,
                 },
                 "underlay": {
                     "interface": u.ifname,
@@ -1401,7 +1406,7 @@ class Daemon:
         return dict(self.bgp.status())
 
     def explain(self, req: dict[str, Any]) -> dict[str, Any]:
-        from podrouter.cli import build_packet
+        from podrouter.packets import build_packet
 
         try:
             pkt = build_packet(

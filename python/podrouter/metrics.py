@@ -109,6 +109,19 @@ class PodrouterCollector:
         for pod, n in sorted((counters.get("nat_pod_limit_drops") or {}).items()):
             pod_limit.add_metric([pod], float(n))
         pod_limit.add_metric(["other"], float(counters.get("nat_pod_limit_drops_other", 0) or 0))
+        # Bounded label set: the datapath names the first 16 (class, type) keys it saw and sums the
+        # rest under class="other", type="other" (the keys come from the underlay, i.e. from anyone).
+        gopts = CounterMetricFamily(
+            "podrouter_geneve_options",
+            "Geneve options received, by option class and type (critical: the type's high bit).",
+            labels=["class", "type", "critical"],
+        )
+        for o in counters.get("geneve_options") or []:
+            gopts.add_metric(
+                [f"0x{o['class']:04x}", f"0x{o['type']:02x}", "true" if o["critical"] else "false"],
+                float(o["count"]),
+            )
+        gopts.add_metric(["other", "other", "unknown"], float(counters.get("geneve_options_other", 0) or 0))
         peer_g = GaugeMetricFamily("podrouter_peers", "Peer nodes currently known.")
         peer_g.add_metric([], float(peers))
         rate = GaugeMetricFamily(
@@ -121,7 +134,7 @@ class PodrouterCollector:
                 rate.add_metric([pod], float(bits))
         gen = GaugeMetricFamily("podrouter_table_generation", "Generation of the tables the datapath runs.")
         gen.add_metric([], float(counters.get("table_generation", 0) or 0))
-        yield from (packets, nbytes, drops, nat, evictions, pod_limit, peer_g, rate, gen)
+        yield from (packets, nbytes, drops, nat, evictions, pod_limit, gopts, peer_g, rate, gen)
 
 
 class MetricsServer:

@@ -6,7 +6,8 @@ test_dual_stack.py.
 * VXLAN and Geneve across R over an IPv6 outer header, IPv4 and IPv6 pods, ping and a short iperf3
   TCP run, the outer headers decoded by tshark (addresses, UDP checksum present and correct, a flow
   label, the tunnel header and the inner pod addresses), the route MTU with the IPv6 overhead (VXLAN
-  70, Geneve 56) and the pods learning it (ICMPv6 packet too big, ICMP fragmentation needed);
+  70, Geneve with its default Ethernet payload 70) and the pods learning it (ICMPv6 packet too big,
+  ICMP fragmentation needed);
 * native on the shared L2 with the next hop resolved over NDP, and hybrid (native on-link, tunnel
   across R);
 * a dual-stack underlay: node1 holds both families and reaches node2 over IPv6 and node3 over IPv4;
@@ -140,7 +141,7 @@ def routes(host: Host, family: str) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ tunnel
 
 
-@pytest.mark.parametrize(("protocol", "port", "mtu"), [("vxlan", 4789, 1430), ("geneve", 6081, 1444)])
+@pytest.mark.parametrize(("protocol", "port", "mtu"), [("vxlan", 4789, 1430), ("geneve", 6081, 1430)])
 def test_tunnel_over_an_ipv6_underlay(
     ref6: ReferenceTopology, daemons: Daemons, tmp_path: Path, protocol: str, port: int, mtu: int
 ) -> None:
@@ -149,7 +150,7 @@ def test_tunnel_over_an_ipv6_underlay(
     st = d1.status()
     assert st["underlay"]["address"] == N1
     assert st["vtep_mac"] == "02:76:00:00:00:02"  # 02:76 + the last four bytes of 2001:db8:2::2
-    # per-destination MTU with the IPv6 outer header: 1500 - 70 (VXLAN) / 1500 - 56 (Geneve)
+    # per-destination MTU with the IPv6 outer header: 1500 - 70 (VXLAN, Geneve with Ethernet)
     r4, r6 = routes(ref6.nodes["node1"], "-4"), routes(ref6.nodes["node1"], "-6")
     assert r4["10.244.2.0/24"]["metrics"][0]["mtu"] == mtu, r4
     assert r6["fd00:10:244:2::/64"]["metrics"][0]["mtu"] == mtu, r6
@@ -244,7 +245,7 @@ def test_hybrid_over_an_ipv6_underlay(ref6: ReferenceTopology, daemons: Daemons,
     )
     r4 = routes(ref6.nodes["node1"], "-4")
     assert r4["10.244.3.0/24"]["metrics"][0]["mtu"] == 1500  # native
-    assert r4["10.244.2.0/24"]["metrics"][0]["mtu"] == 1444  # Geneve over IPv6
+    assert r4["10.244.2.0/24"]["metrics"][0]["mtu"] == 1430  # Geneve (Ethernet payload) over IPv6
     cap = tmp_path / "hybrid.pcap"
     with pcap(ref6.router, "p-node2", "udp port 6081", cap):
         ping_all(ref6, "pod1", "pod2")

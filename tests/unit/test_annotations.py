@@ -5,6 +5,8 @@ kubelet bandwidth bounds (1k..1P, checked on the value rounded up)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from podrouter.qos import (
@@ -203,3 +205,31 @@ def test_bpf_program_shapes() -> None:
         assert code[-16:-8] == bytes([0xB7, 0, 0, 0]) + (-1).to_bytes(4, "little", signed=True)
     with pytest.raises(ValueError):
         build_program(None, 64)
+
+
+def test_a_pod_config_carries_its_request_parsed_once(tmp_path: Path) -> None:
+    # the config parses a pod's annotations into one typed QoSRequest; the bandwidth manager is
+    # handed that value (daemon._shape), so nothing downstream parses the raw mapping again
+    from podrouter import config as configmod
+    from podrouter.qos import QoSRequest
+    from podrouter.qos.config import BandwidthConfig
+
+    base = (Path(__file__).resolve().parents[2] / "configs" / "native.yaml").read_text()
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        base
+        + "\nbandwidth:\n  node_egress_rate: 1G\npods:\n  - name: web\n    ip: 10.244.1.5\n"
+        "    host_interface: veth-web\n    annotations:\n      kubernetes.io/egress-bandwidth: 10M\n"
+        "      podrouter.io/priority: Guaranteed\n      example.com/other: x\n"
+    )
+    cfg = configmod.load(str(good))
+    assert isinstance(cfg.bandwidth, BandwidthConfig) and cfg.bandwidth.node_egress_bps == 10**9
+    req = cfg.pods[0].qos
+    assert isinstance(req, QoSRequest) and req.ok
+    assert req.qos.egress_bps == 10_000_000 and req.qos.priority == "guaranteed"
+    assert cfg.pods[0].annotations["example.com/other"] == "x"  # the pod's own words are kept
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("egress-bandwidth: 10M", "egress-bandwidth: 10Q"))
+    cfg = configmod.load(str(bad))
+    assert not cfg.pods[0].qos.ok and "10Q" in cfg.pods[0].qos.problems[0]
+    assert any("pods[0].annotations" in w and "10Q" in w for w in cfg.warnings)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,3 +136,13 @@ def test_tables_and_plots(tmp_path: Path) -> None:
     written = report.plots(r, tmp_path)
     assert [p.name for p in written] == ["modes.png", "masquerade.png"]
     assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_ovs_comparison_writes_worse_out() -> None:
+    def leg(tcp1: float, rtt: float) -> dict[str, Any]:
+        return {"summary": {"tcp1_gbps": {"median": tcp1}, "rtt_p50_us": {"median": rtt}}}
+
+    text = report.ovs_comparison({"vxlan": leg(1.0, 30.0), "ovs": leg(0.5, 20.0)})
+    assert text.startswith("podrouter vxlan vs OVS userspace vxlan:")
+    assert "TCP 1 stream 2.00x (better)" in text and "RTT p50 1.50x (worse)" in text
+    assert report.ovs_comparison({"vxlan": leg(1.0, 30.0)}) == ""

@@ -38,6 +38,7 @@ def test_exactly_the_contract_names() -> None:
         "podrouter_nat_entries",
         "podrouter_nat_evictions_total",
         "podrouter_nat_pod_limit_drops_total",
+        "podrouter_geneve_options_total",
         "podrouter_peers",
         "podrouter_pod_egress_rate_limit_bits",
         "podrouter_table_generation",
@@ -73,6 +74,30 @@ def test_nat_pressure_series_have_a_bounded_pod_label() -> None:
     # without any drop: one series, pod="other", at 0
     fams = {f.name: f for f in text_string_to_metric_families(scrape(COUNTERS))}
     assert {s.labels["pod"]: s.value for s in fams["podrouter_nat_pod_limit_drops"].samples} == {"other": 0}
+
+
+def test_geneve_options_by_class_and_type_with_a_bounded_label_set() -> None:
+    counters = {
+        **COUNTERS,
+        "geneve_options": [
+            {"class": 0x0102, "type": 0x03, "critical": False, "count": 9},
+            {"class": 0xFFFF, "type": 0x80, "critical": True, "count": 2},
+        ],
+        "geneve_options_other": 4,
+    }
+    fams = {f.name: f for f in text_string_to_metric_families(scrape(counters))}
+    got = {
+        (s.labels["class"], s.labels["type"], s.labels["critical"]): s.value
+        for s in fams["podrouter_geneve_options"].samples
+    }
+    assert got == {
+        ("0x0102", "0x03", "false"): 9,
+        ("0xffff", "0x80", "true"): 2,
+        ("other", "other", "unknown"): 4,
+    }
+    # nothing seen yet: one series at 0
+    fams = {f.name: f for f in text_string_to_metric_families(scrape(COUNTERS))}
+    assert [s.value for s in fams["podrouter_geneve_options"].samples] == [0]
 
 
 def test_a_failing_source_yields_an_empty_scrape_not_an_error() -> None:

@@ -129,13 +129,14 @@ def test_route_mtu_takes_the_ipv6_outer_header_per_peer() -> None:
         DUAL_NODE
         + "peers: [{name: node2, address: '2001:db8:3::2', pod_cidr: 10.244.2.0/24},"
         + " {name: node3, address: 172.16.3.3, pod_cidr: 10.244.3.0/24, tunnel_protocol: geneve},"
-        + " {name: node4, address: '2001:db8:3::4', pod_cidr: 10.244.4.0/24, tunnel_protocol: geneve}]\n"
+        + " {name: node4, address: '2001:db8:3::4', pod_cidr: 10.244.4.0/24, tunnel_protocol: geneve,"
+        + " geneve_payload: ip}]\n"
     )
     views = [PeerView(p, False, None, None) for p in cfg.peers]
     plan = {str(r.dst): r.mtu for r in plan_routes(cfg, views, (), 1500, v6_underlay=True)}
     assert plan["10.244.2.0/24"] == 1430  # VXLAN over IPv6: 1500 - 70
-    assert plan["10.244.3.0/24"] == 1464  # Geneve over IPv4: 1500 - 36
-    assert plan["10.244.4.0/24"] == 1444  # Geneve over IPv6: 1500 - 56
+    assert plan["10.244.3.0/24"] == 1450  # Geneve (Ethernet payload) over IPv4: 1500 - 50
+    assert plan["10.244.4.0/24"] == 1444  # Geneve with an IP payload over IPv6: 1500 - 36 - 20
     assert plan["10.244.0.0/16"] == 1430  # the cluster catch-all: the smallest
     spec = build_spec(cfg, 1, "172.16.2.2", None, views, "2001:db8:2::2")
     assert spec["node"]["address6"] == "2001:db8:2::2"

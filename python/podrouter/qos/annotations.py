@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from podrouter.qos.quantity import QuantityError, parse_quantity
 
@@ -26,6 +26,7 @@ __all__ = [
     "DSCP",
     "PRIORITIES",
     "PodQoS",
+    "QoSRequest",
     "parse_annotations",
     "parse_dscp",
     "validate_annotations",
@@ -88,7 +89,7 @@ def _parse(annotations: Mapping[str, object]) -> tuple[PodQoS, list[str]]:
     if not isinstance(annotations, Mapping):
         return PodQoS(), [f"annotations: {annotations!r} is not a mapping"]
     fields: dict[str, object] = {}
-    for key, field in ((EGRESS_BANDWIDTH, "egress_bps"), (INGRESS_BANDWIDTH, "ingress_bps")):
+    for key, attr in ((EGRESS_BANDWIDTH, "egress_bps"), (INGRESS_BANDWIDTH, "ingress_bps")):
         if key not in annotations:
             continue
         raw = annotations[key]
@@ -96,7 +97,7 @@ def _parse(annotations: Mapping[str, object]) -> tuple[PodQoS, list[str]]:
             problems.append(f"{key}: {raw!r} is not a string")
             continue
         try:
-            fields[field] = parse_quantity(raw)
+            fields[attr] = parse_quantity(raw)
         except QuantityError as exc:
             problems.append(f"{key}: {exc}")
     if PRIORITY in annotations:
@@ -117,14 +118,39 @@ def _parse(annotations: Mapping[str, object]) -> tuple[PodQoS, list[str]]:
     return PodQoS(**fields), problems  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class QoSRequest:
+    """A pod's annotations parsed once, at the boundary where they enter (config, API, CNI).
+
+    `annotations` keeps the pod's own words (status shows them); `qos` is the validated request;
+    `problems` names every bad annotation and its value. A request with problems is still carried to
+    the bandwidth manager, which reports them and keeps the pod's previous shaping.
+    """
+
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    qos: PodQoS = field(default_factory=PodQoS)
+    problems: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, annotations: Mapping[str, object] | None) -> QoSRequest:
+        raw = annotations if annotations is not None else {}
+        qos, problems = _parse(raw)
+        kept = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, Mapping) else {}
+        return cls(annotations=kept, qos=qos, problems=tuple(problems))
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
 def validate_annotations(annotations: Mapping[str, object]) -> list[str]:
     """Problems with the pod's QoS annotations, each naming the key and the bad value; [] if fine."""
-    return _parse(annotations)[1]
+    return list(QoSRequest.parse(annotations).problems)
 
 
 def parse_annotations(annotations: Mapping[str, object]) -> PodQoS:
     """The pod's validated request; raises ValueError with every problem if any annotation is bad."""
-    qos, problems = _parse(annotations)
-    if problems:
-        raise ValueError("; ".join(problems))
-    return qos
+    req = QoSRequest.parse(annotations)
+    if req.problems:
+        raise ValueError("; ".join(req.problems))
+    return req.qos

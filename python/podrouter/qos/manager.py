@@ -55,7 +55,7 @@ from pyroute2.netlink.rtnl.tcmsg import plugins as _tc_plugins
 from pyroute2.netlink.rtnl.tcmsg import sched_pfifo
 
 from podrouter.qos import sizing
-from podrouter.qos.annotations import PRIORITIES, PodQoS, _parse
+from podrouter.qos.annotations import PRIORITIES, PodQoS, QoSRequest
 from podrouter.qos.bpf import Aqm, BpfError, build_program, create_state_map, load_program, read_state
 from podrouter.qos.config import BandwidthConfig, parse_bandwidth_config
 
@@ -132,12 +132,17 @@ def _gone(exc: BaseException) -> bool:
 class BandwidthManager:
     """Owns the node's IFB and every pod's tc state. Thread-safe (one lock; netlink calls are short)."""
 
-    def __init__(self, ipr: Any, config: Mapping[str, Any] | None, owns_ipr: bool = False) -> None:
-        """`ipr` is the netlink socket (IPRoute or NetNS) to program through. With `owns_ipr`, close()
-        closes it too: the daemon hands over a socket of its own at every (re)start of shaping."""
+    def __init__(
+        self, ipr: Any, config: BandwidthConfig | Mapping[str, Any] | None, owns_ipr: bool = False
+    ) -> None:
+        """`ipr` is the netlink socket (IPRoute or NetNS) to program through; `config` the node's
+        parsed `bandwidth:` section (a raw mapping is parsed here). With `owns_ipr`, close() closes
+        it too: the daemon hands over a socket of its own at every (re)start of shaping."""
         self._ipr = ipr
         self._owns_ipr = owns_ipr
-        self.config: BandwidthConfig = parse_bandwidth_config(dict(config or {}))
+        self.config: BandwidthConfig = (
+            config if isinstance(config, BandwidthConfig) else parse_bandwidth_config(dict(config or {}))
+        )
         self._pods: dict[str, _Pod] = {}
         self._free_slots = list(range(LAST_SLOT, FIRST_SLOT - 1, -1))
         self._lock = threading.RLock()
@@ -146,9 +151,17 @@ class BandwidthManager:
 
     # ------------------------------------------------------------------ public API
 
-    def apply(self, name: str, host_interface: str, ip: str, annotations: Mapping[str, str] | None) -> dict:
-        """Make the pod's tc state match its annotations; returns the pod's status entry."""
-        annotations = dict(annotations or {})
+    def apply(
+        self, name: str, host_interface: str, ip: str, request: QoSRequest | Mapping[str, str] | None
+    ) -> dict:
+        """Make the pod's tc state match its request; returns the pod's status entry.
+
+        The daemon passes the QoSRequest parsed where the pod entered (config, API, CNI); a plain
+        annotation mapping (tests, the QoS benchmark) goes through the same QoSRequest.parse.
+        """
+        if not isinstance(request, QoSRequest):
+            request = QoSRequest.parse(request)
+        annotations = dict(request.annotations)
         with self._lock:
             pod = self._pods.get(name)
             if pod is not None and pod.host_interface != host_interface:
@@ -159,7 +172,7 @@ class BandwidthManager:
                 pod = _Pod(name=name, host_interface=host_interface, ip=ip)
                 self._pods[name] = pod
             pod.ip = ip
-            qos, problems = _parse(annotations)
+            qos, problems = request.qos, request.problems
             if problems:
                 pod.error = "; ".join(problems)
                 log.warning("pod %s: bad QoS annotations, keeping the previous shaping: %s", name, pod.error)

@@ -111,5 +111,9 @@ def tun_txqlen(bandwidth_section: object) -> int:
     """tun_queue_packets for a node config's `bandwidth:` section (defaults if it is absent)."""
     from podrouter.qos.config import parse_bandwidth_config
 
-    cfg = parse_bandwidth_config(bandwidth_section or {})
+    cfg = (
+        bandwidth_section
+        if isinstance(bandwidth_section, BandwidthConfig)
+        else parse_bandwidth_config(bandwidth_section or {})
+    )
     return tun_queue_packets(cfg.node_egress_bps, cfg)

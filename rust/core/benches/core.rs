@@ -199,6 +199,7 @@ fn tables() -> Tables {
             on_link: false,
             next_hop: None,
             vtep_mac: None,
+            geneve_payload: None,
         })
         .collect();
     Tables::build(&TableSpec {

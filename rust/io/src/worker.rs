@@ -1007,7 +1007,7 @@ impl Worker {
             });
             return Ok(());
         }
-        let ovh = params.proto.payload_overhead();
+        let ovh = params.payload_overhead();
         Self::segment(slot, hdr, ovh)?;
         for r in &slot.segs {
             encap::encap_payload(&mut slot.seg, r.start, r.len(), params)
@@ -1304,6 +1304,9 @@ impl Worker {
             let buf = &mut recv.buf_mut(m)[..meta.len];
             for dg in buf.chunks_mut(seg) {
                 let len = dg.len();
+                if tunnel_proto == TunnelProto::Geneve {
+                    count_geneve_options(c, dg);
+                }
                 let (src, sport) = (meta.src.ip(), meta.src.port());
                 match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, dg, 0, len) {
                     IngressAction::Deliver { range, path, .. } => {
@@ -1472,4 +1475,18 @@ fn offload_for_tun(pkt: &mut [u8], hdr: Option<VnetHdr>) -> Result<VnetHdr, Drop
     vnet::complete_csum(&mut pkt[..end], ihl, usize::from(offset))
         .map_err(|_| DropReason::Malformed)?;
     Ok(VnetHdr::default())
+}
+
+/// Count the options of a Geneve header at the start of `dg` (RFC 8926 §3.5), before validation:
+/// what arrives is counted whether it is then delivered or dropped. A frame without options costs
+/// one byte test; the walk stops at the first option that runs past the options area.
+#[inline]
+fn count_geneve_options(c: &WorkerCounters, dg: &[u8]) {
+    if dg.first().is_some_and(|b| b & 0x3f != 0) {
+        if let Ok(h) = podrouter_core::wire::geneve::Header::new_checked(dg) {
+            for o in h.options_iter().map_while(Result::ok) {
+                c.geneve_option(o.class, o.opt_type);
+            }
+        }
+    }
 }

@@ -10,8 +10,8 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use podrouter_core::classify::{
-    format_mac, parse_mac, Cidr, DropReason, MasqueradeSpec, NextHop, NodeSpec, PeerSpec,
-    RoutingMode, TableSpec, Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
+    format_mac, parse_mac, Cidr, DropReason, GenevePayload, MasqueradeSpec, NextHop, NodeSpec,
+    PeerSpec, RoutingMode, TableSpec, Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
 };
 use podrouter_core::encap;
 use podrouter_core::nat::NatConfig;
@@ -220,6 +220,15 @@ fn proto(r: &Reader<'_>, key: &str) -> PyResult<Option<TunnelProto>> {
     }
 }
 
+fn geneve_payload(r: &Reader<'_>, key: &str) -> PyResult<Option<GenevePayload>> {
+    match r.opt_str(key)? {
+        None => Ok(None),
+        Some(s) => GenevePayload::parse(&s)
+            .map(Some)
+            .ok_or_else(|| bad(&r.key(key), format!("'{s}' is not one of ethernet, ip"))),
+    }
+}
+
 fn next_hop(r: Option<Reader<'_>>) -> PyResult<Option<NextHop>> {
     let Some(r) = r else {
         return Ok(None);
@@ -264,11 +273,18 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
     };
     let mut tunnel = TunnelSpec::default();
     if let Some(t) = r.child("tunnel")? {
-        t.only(&["protocol", "vni", "vxlan_port", "geneve_port"])?;
+        t.only(&[
+            "protocol",
+            "vni",
+            "vxlan_port",
+            "geneve_port",
+            "geneve_payload",
+        ])?;
         tunnel.protocol = proto(&t, "protocol")?.unwrap_or(tunnel.protocol);
         tunnel.vni = t.int_or("vni", tunnel.vni)?;
         tunnel.vxlan_port = t.int_or("vxlan_port", tunnel.vxlan_port)?;
         tunnel.geneve_port = t.int_or("geneve_port", tunnel.geneve_port)?;
+        tunnel.geneve_payload = geneve_payload(&t, "geneve_payload")?.unwrap_or_default();
     }
     let mut masquerade = MasqueradeSpec::default();
     if let Some(m) = r.child("masquerade")? {
@@ -295,6 +311,7 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
             "on_link",
             "next_hop",
             "vtep_mac",
+            "geneve_payload",
         ])?;
         let vtep_mac =
             match p.opt_str("vtep_mac")? {
@@ -312,6 +329,7 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
             on_link: p.bool_or("on_link", false)?,
             next_hop: next_hop(p.child("next_hop")?)?,
             vtep_mac,
+            geneve_payload: geneve_payload(&p, "geneve_payload")?,
         });
     }
     Ok(TableSpec {
@@ -382,7 +400,13 @@ fn verdict_dict<'py>(py: Python<'py>, t: &CoreTables, v: Verdict) -> PyResult<Bo
             d.set_item("vni", vni)?;
             d.set_item("remote", remote.to_string())?;
             d.set_item("port", port)?;
-            if proto == TunnelProto::Vxlan {
+            let gp = t
+                .peer(peer)
+                .map_or(t.tunnel().geneve_payload, |p| p.geneve_payload);
+            if proto == TunnelProto::Geneve {
+                d.set_item("geneve_payload", gp.as_str())?;
+            }
+            if proto == TunnelProto::Vxlan || gp == GenevePayload::Ethernet {
                 d.set_item("vtep_mac", format_mac(&t.peer_vtep_mac(peer, remote)))?;
             }
         }
@@ -714,6 +738,18 @@ impl Datapath {
         }
         d.set_item("nat_pod_limit_drops", pods)?;
         d.set_item("nat_pod_limit_drops_other", pressure.pod_limit_other)?;
+        // Geneve options received, by class and type (bounded: the rest in `..._other`)
+        let opts = PyList::empty(py);
+        for (class, opt_type, n) in &snap.geneve_options {
+            let o = PyDict::new(py);
+            o.set_item("class", *class)?;
+            o.set_item("type", *opt_type)?;
+            o.set_item("critical", opt_type & 0x80 != 0)?;
+            o.set_item("count", *n)?;
+            opts.append(o)?;
+        }
+        d.set_item("geneve_options", opts)?;
+        d.set_item("geneve_options_other", snap.geneve_options_other)?;
         d.set_item("table_generation", gen)?;
         d.set_item("workers", workers)?;
         d.set_item("offload", offload)?;
