@@ -451,7 +451,16 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
     from podrouter.daemon import PeerView, build_spec
 
     address = str(cfg.node.address) if cfg.node.address else "0.0.0.0"
-    spec = build_spec(cfg, 0, address, None, [PeerView(p, False, None, None) for p in cfg.peers])
+    # node.address unset: its family is known only at start (peers of both families may fit then)
+    a6 = cfg.node.address6 if cfg.node.address else ipaddress.IPv6Address("::")
+    spec = build_spec(
+        cfg,
+        0,
+        address,
+        None,
+        [PeerView(p, False, None, None) for p in cfg.peers],
+        str(a6) if a6 is not None else None,
+    )
     try:
         _native.Tables(spec)
     except ValueError as e:
