@@ -46,6 +46,8 @@ from podrouter.netlink.constants import (
     IPV6_MIN_MTU,
     MASQ_RULE_PRIORITY,
     MASQ_TABLE,
+    OUTER_V6_EXTRA,
+    POD_GATEWAY4,
     POD_GATEWAY6,
     SUPPRESS_RULE_PRIORITY,
     TUN_NAME,
@@ -118,21 +120,30 @@ def path_for(cfg: Config, peer: PeerConfig, dst: IPNetwork, on_link: bool) -> st
     return tunnel_protocol(cfg, peer)
 
 
-def path_mtu(cfg: Config, path: str, underlay_mtu: int, peer: PeerConfig | None = None) -> int:
+def encap_overhead(path: str, v6_outer: bool = False) -> int:
+    """Outer bytes of a tunnel path (the larger Geneve payload), 20 more over an IPv6 underlay."""
+    return ENCAP_OVERHEAD[path] + (OUTER_V6_EXTRA if v6_outer else 0)
+
+
+def path_mtu(
+    cfg: Config, path: str, underlay_mtu: int, peer: PeerConfig | None = None, v6_outer: bool = False
+) -> int:
     """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU); for
     Geneve to `peer` with an IP payload 14 bytes more (no inner Ethernet header). Without a peer the
-    largest overhead of the path counts."""
+    largest overhead of the path counts. `v6_outer`: the peer is reached over the IPv6 underlay (20
+    more bytes of outer header)."""
     if path == "native":
         return underlay_mtu
     if cfg.tunnel.mtu is not None:
         return cfg.tunnel.mtu
+    extra = OUTER_V6_EXTRA if v6_outer else 0
     if path == "geneve" and peer is not None and geneve_payload(cfg, peer) == "ip":
-        return underlay_mtu - GENEVE_IP_OVERHEAD
-    return underlay_mtu - ENCAP_OVERHEAD[path]
+        return underlay_mtu - GENEVE_IP_OVERHEAD - extra
+    return underlay_mtu - ENCAP_OVERHEAD[path] - extra
 
 
-def min_tunnel_mtu(cfg: Config, underlay_mtu: int) -> int:
-    return min(path_mtu(cfg, p, underlay_mtu) for p in ENCAP_OVERHEAD)
+def min_tunnel_mtu(cfg: Config, underlay_mtu: int, v6_outer: bool = False) -> int:
+    return min(path_mtu(cfg, p, underlay_mtu, v6_outer=v6_outer) for p in ENCAP_OVERHEAD)
 
 
 @dataclass(frozen=True)
@@ -141,7 +152,7 @@ class PeerView:
 
     peer: PeerConfig
     on_link: bool
-    next_hop: ipaddress.IPv4Address | None
+    next_hop: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     next_hop_mac: str | None
     source: str = "static"
 
@@ -156,20 +167,28 @@ class RoutePlan:
 
 
 def plan_routes(
-    cfg: Config, peers: list[PeerView], pods: Iterable[PodConfig], underlay_mtu: int, tun: str = TUN_NAME
+    cfg: Config,
+    peers: list[PeerView],
+    pods: Iterable[PodConfig],
+    underlay_mtu: int,
+    tun: str = TUN_NAME,
+    v6_underlay: bool = False,
 ) -> list[RoutePlan]:
+    """`v6_underlay`: this node has an IPv6 underlay address (the cluster catch-all then assumes the
+    larger IPv6 outer overhead); each peer's routes use the overhead of its own address family."""
     out: list[RoutePlan] = []
     for view in peers:
+        v6_outer = view.peer.address.version == 6
         for cidr in view.peer.pod_cidrs:
             cuts = cfg.routing.native_cidrs if effective_mode(cfg, view.peer) == "hybrid" else ()
             for piece in split_by(cidr, cuts):
                 path = path_for(cfg, view.peer, piece, view.on_link)
-                mtu = path_mtu(cfg, path, underlay_mtu, view.peer)
+                mtu = path_mtu(cfg, path, underlay_mtu, view.peer, v6_outer)
                 out.append(RoutePlan(piece, path, mtu, view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
     for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
-        out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu), None, tun))
+        out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu, v6_underlay), None, tun))
     # addresses of our own pod CIDR without a registered pod: unreachable, so a packet to one gets an
     # ICMP error at once instead of bouncing TUN -> kernel -> TUN until its TTL runs out
     for cidr in cfg.node.pod_cidrs:
@@ -187,16 +206,28 @@ def has_ipv6(cfg: Config) -> bool:
 
 
 def build_spec(
-    cfg: Config, generation: int, node_address: str, gateway: dict[str, Any] | None, peers: list[PeerView]
+    cfg: Config,
+    generation: int,
+    node_address: str,
+    gateway: dict[str, Any] | None,
+    peers: list[PeerView],
+    node_address6: str | None = None,
 ) -> dict[str, Any]:
     """The table spec dict `_native.Tables(spec)` takes (docs/architecture.md)."""
 
     def nets(xs: Iterable[IPNetwork]) -> list[str]:
         return [str(x) for x in xs]
 
+    node: dict[str, Any] = {
+        "name": cfg.node.name,
+        "address": node_address,
+        "pod_cidrs": nets(cfg.node.pod_cidrs),
+    }
+    if node_address6 is not None:
+        node["address6"] = node_address6
     return {
         "generation": generation,
-        "node": {"name": cfg.node.name, "address": node_address, "pod_cidrs": nets(cfg.node.pod_cidrs)},
+        "node": node,
         # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
         # checked on ingress, never masqueraded
         "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
@@ -404,30 +435,35 @@ class Daemon:
     def _underlay_problems(self, cfg: Config) -> list[str]:
         problems = []
         u = self.underlay
+        v6 = any(a.version == 6 for a in u.addresses())
         for path in ("vxlan", "geneve"):
             # the outer packet must never be fragmented: the inner MTU plus the headers has to fit
-            limit = u.mtu - ENCAP_OVERHEAD[path]
+            # (over an IPv6 underlay the outer header is 20 bytes longer)
+            overhead = encap_overhead(path, v6)
+            limit = u.mtu - overhead
             if cfg.tunnel.mtu is not None and cfg.tunnel.mtu > limit:
                 problems.append(
                     f"tunnel.mtu: {cfg.tunnel.mtu} does not fit the underlay: '{u.ifname}' MTU {u.mtu} "
-                    f"minus {ENCAP_OVERHEAD[path]} bytes of {path} overhead is {limit}"
+                    f"minus {overhead} bytes of {path} overhead{' (IPv6 outer)' if v6 else ''} is {limit}"
                 )
                 break
-        if has_ipv6(cfg):
+        if has_ipv6(cfg) or v6:
             # IPv6 links must carry 1280 bytes (RFC 8200 §5); the kernel refuses a smaller route MTU
             for path in ("native", *ENCAP_OVERHEAD):
-                if path_mtu(cfg, path, u.mtu) < IPV6_MIN_MTU:
+                if path_mtu(cfg, path, u.mtu, v6_outer=v6) < IPV6_MIN_MTU:
                     tunnelled = cfg.tunnel.mtu is not None and path != "native"
                     what = "tunnel.mtu" if tunnelled else "node.interface"
                     problems.append(
-                        f"{what}: the {path} path MTU {path_mtu(cfg, path, u.mtu)} (underlay '{u.ifname}' "
-                        f"MTU {u.mtu}) is below IPv6's minimum {IPV6_MIN_MTU}, and IPv6 pod CIDRs are "
-                        "configured"
+                        f"{what}: the {path} path MTU {path_mtu(cfg, path, u.mtu, v6_outer=v6)} (underlay "
+                        f"'{u.ifname}' MTU {u.mtu}) is below IPv6's minimum {IPV6_MIN_MTU}, and IPv6 pod "
+                        "CIDRs or an IPv6 underlay are configured"
                     )
                     break
         # pod space must not swallow the underlay (its subnet, our address, the gateway); no peer
-        # may be us (config.underlay_problems)
-        problems.extend(configmod.underlay_problems(cfg, u.address, u.network, u.gateway))
+        # may be us or of a family we have no underlay address in (config.underlay_problems)
+        problems.extend(
+            configmod.underlay_problems(cfg, u.address, u.network, u.gateway, u.address6, u.network6)
+        )
         return problems
 
     def _route_conflict_problems(self) -> list[str]:
@@ -594,6 +630,7 @@ class Daemon:
             "underlay_ifindex": u.ifindex,
             "underlay_mac": u.mac,
             "underlay_address": str(u.address),
+            "underlay_address6": str(u.address6) if u.address6 is not None else None,
             "vxlan_port": cfg.tunnel.port_for("vxlan"),
             "geneve_port": cfg.tunnel.port_for("geneve"),
             # one worker per two cores, at most four: the rest is for the kernel's side of the
@@ -697,7 +734,9 @@ class Daemon:
         for ifname, pod_addrs in pods:
             merged.setdefault(ifname, []).extend(pod_addrs)
         ports = sorted({self.cfg.tunnel.port_for("vxlan"), self.cfg.tunnel.port_for("geneve")})
-        endpoints = {str(self.underlay.address)} | {str(v.peer.address) for v in self.peer_views}
+        endpoints = {str(a) for a in self.underlay.addresses()} | {
+            str(v.peer.address) for v in self.peer_views
+        }
         cfg, u = self.cfg, self.underlay
         # the leak guard (nftables.py): the cluster's pod CIDRs (and the mesh's), and, with
         # masquerade, the default gateway no pod packet may reach untranslated
@@ -958,11 +997,13 @@ class Daemon:
         from podrouter.netlink.underlay import next_hop_for
 
         u = self.underlay
-        wanted: dict[str, tuple[PeerConfig, bool, ipaddress.IPv4Address | None, str]] = {}
+        wanted: dict[
+            str, tuple[PeerConfig, bool, ipaddress.IPv4Address | ipaddress.IPv6Address | None, str]
+        ] = {}
         sources: dict[str, str] = getattr(self.discovery, "sources", dict)()
         rejected: dict[str, str] = {}
         for peer in self.discovery.peers():
-            if peer.address == u.address or peer.name == self.cfg.node.name:
+            if peer.address in u.addresses() or peer.name == self.cfg.node.name:
                 continue  # ourselves, as seen by discovery
             # the tables refuse overlapping pod CIDRs; a discovery source that slipped one through
             # must cost that peer, not the whole update (static peers come first and win)
@@ -979,6 +1020,8 @@ class Daemon:
         hops = {nh for (_, _, nh, _) in wanted.values() if nh is not None}
         if u.gateway is not None:
             hops.add(u.gateway)
+        if u.gateway6 is not None:
+            hops.add(u.gateway6)
         self.watcher.set_wanted(hops)
         if wait and hops and not self.watcher.wait_resolved(READY_NEIGHBOR_WAIT):
             log.warning(
@@ -992,6 +1035,10 @@ class Daemon:
         ]
 
     def _peer_conflict(self, peer: PeerConfig, accepted: list[PeerConfig]) -> str | None:
+        u = self.underlay
+        why = configmod.peer_family_problem(peer.address, u.address, u.address6)
+        if why is not None:
+            return f"address {peer.address} {why}"
         for net in peer.pod_cidrs:
             for own in self.cfg.node.pod_cidrs:
                 if net.version == own.version and net.overlaps(own):  # type: ignore[arg-type]
@@ -1023,6 +1070,12 @@ class Daemon:
                 spec = RouteSpec(dst=str(r.dst), oif=r.dev, scope_link=True, label=f"pod {r.peer}")
             else:
                 spec = RouteSpec(dst=str(r.dst), oif=r.dev, mtu=r.mtu, label=r.path)
+            out[spec.key] = spec
+        if self.underlay.address.version == 6 and any(c.version == 4 for c in self.cfg.node.pod_cidrs):
+            # IPv6 underlay: the node may have no IPv4 route at all, and proxy ARP only answers for
+            # an address that routes out another device; the pods' gateway 169.254.1.1 gets one into
+            # the datapath (which drops what is addressed to it; docs/architecture.md)
+            spec = RouteSpec(dst=f"{POD_GATEWAY4}/32", oif=TUN_NAME, label="pod gateway")
             out[spec.key] = spec
         if self.cfg.masquerade.enabled:
             # the masquerade egress table: a default route into the datapath (see constants.py)
@@ -1063,7 +1116,11 @@ class Daemon:
             if self.plumbing.ifindex(entry.pod.host_interface) is not None:
                 self._pod_sysctls(entry.pod)
         self.route_plan = plan_routes(
-            cfg, self.peer_views, (e.pod for e in self.pods.values()), self.underlay.mtu
+            cfg,
+            self.peer_views,
+            (e.pod for e in self.pods.values()),
+            self.underlay.mtu,
+            v6_underlay=any(a.version == 6 for a in self.underlay.addresses()),
         )
         # the guard learns a pod's addresses before its route makes the pod reachable
         self._sync_pod_guard()
@@ -1079,10 +1136,11 @@ class Daemon:
         for err in self.route_errors:
             log.warning("%s", err)
         gateway = self._gateway()
-        key = repr(build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views))
+        a6 = str(self.underlay.address6) if self.underlay.address6 is not None else None
+        key = repr(build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views, a6))
         if key == self._spec_key:
             return
-        spec = build_spec(cfg, self.generation + 1, str(self.underlay.address), gateway, self.peer_views)
+        spec = build_spec(cfg, self.generation + 1, str(self.underlay.address), gateway, self.peer_views, a6)
         native = _load_native()
         tables = native.Tables(spec)
         if self.tables is None:
@@ -1120,6 +1178,7 @@ class Daemon:
                 new.node,
                 name=self.cfg.node.name,
                 address=self.cfg.node.address,
+                address6=self.cfg.node.address6,
                 interface=self.cfg.node.interface,
             ),
             api=self.cfg.api,
@@ -1185,8 +1244,12 @@ class Daemon:
         out = []
         if new.node.name != old.node.name:
             out.append("node.name")
-        if new.node.address != old.node.address or new.node.interface != old.node.interface:
-            out.append("node.address/node.interface")
+        if (new.node.address, new.node.address6, new.node.interface) != (
+            old.node.address,
+            old.node.address6,
+            old.node.interface,
+        ):
+            out.append("node.address/node.address6/node.interface")
         if new.api != old.api:
             out.append("api.socket")
         if new.metrics != old.metrics:
@@ -1347,8 +1410,12 @@ class Daemon:
                 owner = (current.cni or {}).get("container_id")
                 if owner != container_id:
                     # a late DEL of a sandbox this pod name has since been given to: not ours to remove
-                    log.info("pod_del %s for container %s ignored: the pod belongs to %s", name,
-                             container_id, owner or f"the {current.source}")
+                    log.info(
+                        "pod_del %s for container %s ignored: the pod belongs to %s",
+                        name,
+                        container_id,
+                        owner or f"the {current.source}",
+                    )
                     return {"removed": None, "kept": name, "owner": owner}
             entry = self._pod_remove(name)
             if entry is None:
@@ -1461,6 +1528,8 @@ class Daemon:
                     "address": str(u.address),
                     "mtu": u.mtu,
                     "gateway": str(u.gateway) if u.gateway else None,
+                    # dual-stack underlay only (node.address6)
+                    **({"address6": str(u.address6)} if u.address6 is not None else {}),
                 },
                 # our VTEP MAC: the inner source of every VXLAN frame we send; a Flannel-style
                 # kernel peer's neighbour and FDB entries for this node must use it
@@ -1487,6 +1556,7 @@ class Daemon:
             return
         from podrouter import bgp
 
+        assert isinstance(self.underlay.address, ipaddress.IPv4Address)  # underlay_problems: bgp needs it
         self.bgp = bgp.BgpSpeaker(self.cfg, self.underlay.address, self.underlay.on_link)
         try:
             self.bgp.start()
@@ -1534,7 +1604,6 @@ class Daemon:
             "pod_list": lambda req: {"pods": self._pods_status()},
             "explain": self.explain,
         }
-
 
     def _api_streams(self) -> dict[str, apimod.StreamHandler]:
         hub = self.monitor
@@ -1710,6 +1779,8 @@ def _cleanup_bgp(cfg: Config) -> list[str]:
     try:
         with IPRoute() as ipr:
             u = resolve_underlay(ipr, cfg.node)
+        if not isinstance(u.address, ipaddress.IPv4Address):
+            return [f"BGP: nothing to withdraw: the underlay address {u.address} is not IPv4"]
         return bgp.withdraw(cfg, u.address, u.on_link)
     except (UnderlayError, bgp.BgpError, OSError) as e:
         return [f"BGP: could not withdraw (the routers drop our prefixes after the restart time): {e}"]

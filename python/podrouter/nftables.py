@@ -232,6 +232,7 @@ def guard_counters() -> dict[str, int]:
 #       set pod_src4    { type ifname . ipv4_addr; }     # (host interface, address) of every pod
 #       set pod_src6    { type ifname . ipv6_addr; }
 #       set tunnel_endpoints { type ipv4_addr . inet_service; }  # peers' and our tunnel sockets
+#       set tunnel_endpoints6 { type ipv6_addr . inet_service; } # the same on an IPv6 underlay
 #       set node_cidrs4 { type ipv4_addr; flags interval; }       # this node's pod CIDRs
 #       set node_cidrs6 { type ipv6_addr; flags interval; }
 #       counter spoofed_pod_source {}
@@ -246,6 +247,7 @@ def guard_counters() -> dict[str, int]:
 #         meta nfproto ipv4 iifname . ip saddr != @pod_src4 counter name spoofed_pod_source drop
 #         meta nfproto ipv6 iifname . ip6 saddr != @pod_src6 counter name spoofed_pod_source drop
 #         ip daddr . udp dport @tunnel_endpoints counter name pod_tunnel_port drop
+#         ip6 daddr . udp dport @tunnel_endpoints6 counter name pod_tunnel_port drop
 #       }
 #     }
 #
@@ -297,6 +299,7 @@ _POD_SETS = {
     "pod_src4": ["ifname", "ipv4_addr"],
     "pod_src6": ["ifname", "ipv6_addr"],
     "tunnel_endpoints": ["ipv4_addr", "inet_service"],
+    "tunnel_endpoints6": ["ipv6_addr", "inet_service"],
     "node_cidrs4": "ipv4_addr",
     "node_cidrs6": "ipv6_addr",
     "cluster_cidrs4": "ipv4_addr",
@@ -357,7 +360,7 @@ def pod_guard_elements(
     non_masq: list[str] | tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
     """The commands that make the guard's sets hold exactly `pods` ((host interface, addresses)
-    pairs), `endpoints` ((IPv4 address, UDP port) of every tunnel socket pods must not reach),
+    pairs), `endpoints` ((IPv4 or IPv6 address, UDP port) of every tunnel socket pods must not reach),
     `node_cidrs` (this node's pod CIDRs) and, for the leak guard, `cluster_cidrs` (every pod CIDR of
     the cluster and the mesh), `masq_gateways` (the underlay gateway when masquerade is enabled, else
     empty) and `non_masq` (masquerade.non_masquerade_cidrs, IPv4)."""
@@ -370,7 +373,7 @@ def pod_guard_elements(
         for a in addrs:
             ip = ipaddress.ip_address(a)
             (src4 if ip.version == 4 else src6).add((ifname, str(ip)))
-    eps = {(str(ipaddress.IPv4Address(a)), int(p)) for a, p in endpoints}
+    eps = {(str(ipaddress.ip_address(a)), int(p)) for a, p in endpoints}
     for _, port in eps:
         if not 1 <= port <= 65535:
             raise ValueError(f"bad port {port}")
@@ -389,7 +392,8 @@ def pod_guard_elements(
         "pod_ifaces": sorted(ifaces),
         "pod_src4": [{"concat": list(x)} for x in sorted(src4)],
         "pod_src6": [{"concat": list(x)} for x in sorted(src6)],
-        "tunnel_endpoints": [{"concat": [a, p]} for a, p in sorted(eps)],
+        "tunnel_endpoints": [{"concat": [a, p]} for a, p in sorted(eps) if ":" not in a],
+        "tunnel_endpoints6": [{"concat": [a, p]} for a, p in sorted(eps) if ":" in a],
         "node_cidrs4": prefixes(4),
         "node_cidrs6": prefixes(6),
         "cluster_cidrs4": prefixes(4, cluster),
@@ -504,6 +508,12 @@ def pod_guard_commands(
         _pod_rule(
             "pods never reach a tunnel socket",
             _match({"concat": [_payload("ip", "daddr"), _payload("udp", "dport")]}, "@tunnel_endpoints"),
+            {"counter": TUNNEL_COUNTER},
+            {"drop": None},
+        ),
+        _pod_rule(
+            "pods never reach a tunnel socket (IPv6 underlay)",
+            _match({"concat": [ip6_daddr, _payload("udp", "dport")]}, "@tunnel_endpoints6"),
             {"counter": TUNNEL_COUNTER},
             {"drop": None},
         ),

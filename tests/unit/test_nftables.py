@@ -112,6 +112,17 @@ def test_pod_guard_is_a_prerouting_raw_chain_and_a_forward_leak_guard_with_named
     assert elems["non_masq4"] == [{"prefix": {"addr": "192.0.2.0", "len": 24}}]
 
 
+def test_pod_guard_ipv6_tunnel_endpoints_go_to_their_own_set() -> None:
+    cmds = nftables.pod_guard_elements([], [("2001:db8:3::2", 4789), ("172.16.3.2", 6081)], [])
+    elems = {
+        c["add"]["element"]["name"]: c["add"]["element"]["elem"]
+        for c in cmds
+        if "element" in c.get("add", {})
+    }
+    assert elems["tunnel_endpoints"] == [{"concat": ["172.16.3.2", 6081]}]
+    assert elems["tunnel_endpoints6"] == [{"concat": ["2001:db8:3::2", 4789]}]
+
+
 def test_pod_guard_update_flushes_every_set_in_one_transaction() -> None:
     cmds = nftables.pod_guard_elements([], [], [])
     # nothing registered: every set flushed, nothing added (an empty element list is an error)
@@ -120,6 +131,7 @@ def test_pod_guard_update_flushes_every_set_in_one_transaction() -> None:
         "pod_src4",
         "pod_src6",
         "tunnel_endpoints",
+        "tunnel_endpoints6",
         "node_cidrs4",
         "node_cidrs6",
         "cluster_cidrs4",
@@ -137,7 +149,7 @@ def test_pod_guard_update_flushes_every_set_in_one_transaction() -> None:
         ([("a-name-longer-than-15", ["10.244.1.1"])], []),
         ([('veth"x', ["10.244.1.1"])], []),
         ([], [("node2.example", 4789)]),
-        ([], [("fd00::1", 4789)]),
+        ([], [("fd00::1", 0)]),
         ([], [("172.16.3.2", 0)]),
     ],
 )

@@ -78,7 +78,7 @@ def _machine() -> dict[str, Any]:
 
 
 def _select(only: str | Iterable[str] | None, micro: bool) -> tuple[list[Any], set[str]]:
-    from podrouter.bench.suite import SETUPS
+    from podrouter.bench.suite import ALL_SETUPS, SETUPS, UNDERLAY6_SETUPS
 
     if only is None or only == "" or only == ():
         return list(SETUPS), {"masquerade", "shaping"} | ({"micro"} if micro else set())
@@ -95,14 +95,17 @@ def _select(only: str | Iterable[str] | None, micro: bool) -> tuple[list[Any], s
             matched = [s for s in SETUPS if s.kind != "podrouter"]
         elif n == "podrouter":
             matched = [s for s in SETUPS if s.kind == "podrouter"]
+        elif n == "underlay6":
+            matched = list(UNDERLAY6_SETUPS)
         else:
-            matched = [s for s in SETUPS if n == s.name or n in (leg.name for leg in s.legs)]
+            matched = [s for s in ALL_SETUPS if n == s.name or n in (leg.name for leg in s.legs)]
         if not matched:
-            known = ", ".join([s.name for s in SETUPS] + ["modes", "kernel", "podrouter", *SECTIONS])
+            names = [s.name for s in ALL_SETUPS]
+            known = ", ".join([*names, "modes", "kernel", "podrouter", "underlay6", *SECTIONS])
             raise ValueError(f"--only: unknown part {n!r} (known: {known})")
         setups.extend(s for s in matched if s not in setups)
     # canonical order: the baselines first, so the table reads top-down
-    return sorted(setups, key=list(SETUPS).index), sections
+    return sorted(setups, key=list(ALL_SETUPS).index), sections
 
 
 def _default_out() -> Path:
@@ -134,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         help="comma-separated parts: kernel-routing, kernel-vxlan, native, vxlan, geneve, hybrid, "
+        "kernel-vxlan6, vxlan6 (underlay6: both; IPv6 underlay, not in the default run), "
         "kernel, podrouter, modes, masquerade, shaping, micro, restart (not run by default)",
     )
     p.add_argument("--micro", action="store_true", help="also run and summarise the criterion benchmarks")

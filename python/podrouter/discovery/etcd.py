@@ -365,9 +365,9 @@ def select_peers(
     taken = _NetIndex()
     for net in cfg.node.pod_cidrs:
         taken.add(net, "this node")
-    addresses: dict[ipaddress.IPv4Address, str] = {}
+    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
     with contextlib.suppress(ValueError):
-        addresses[ipaddress.IPv4Address(own_address)] = "this node"
+        addresses[ipaddress.ip_address(own_address)] = "this node"
     static = {p.name for p in cfg.peers}
     for p in cfg.peers:
         addresses.setdefault(p.address, f"static peer {p.name}")
@@ -400,7 +400,10 @@ def select_peers(
 
 
 def _conflict(
-    peer: PeerConfig, cfg: Config, taken: _NetIndex, addresses: dict[ipaddress.IPv4Address, str]
+    peer: PeerConfig,
+    cfg: Config,
+    taken: _NetIndex,
+    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str],
 ) -> str | None:
     owner = addresses.get(peer.address)
     if owner == "this node":
