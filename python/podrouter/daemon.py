@@ -168,6 +168,10 @@ def plan_routes(
     return out
 
 
+def _ms_since(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
 def has_ipv6(cfg: Config) -> bool:
     """Dual stack: any IPv6 pod CIDR (this node's or the cluster's)."""
     return any(n.version == 6 for n in (*cfg.node.pod_cidrs, *cfg.cluster_cidrs))
@@ -288,6 +292,42 @@ class PodEntry:
     cni: dict[str, str] | None = None
 
 
+class _PeerIndex:
+    """The peers accepted so far in one refresh, indexed so that checking the next one costs
+    O(log n) instead of a scan of every accepted peer (thousands with etcd discovery)."""
+
+    def __init__(self, cfg: Config) -> None:
+        from podrouter.discovery.base import NetIndex
+
+        self.own = NetIndex()
+        for net in cfg.node.pod_cidrs:
+            self.own.add(net, "this node")
+        self.nets = NetIndex()
+        self.names: set[str] = set()
+        self.addresses: dict[ipaddress.IPv4Address, str] = {}
+
+    def conflict(self, peer: PeerConfig) -> str | None:
+        for net in peer.pod_cidrs:
+            hit = self.own.find(net)
+            if hit is not None:
+                return f"pod CIDR {net} overlaps this node's {hit[1]}"
+        if peer.name in self.names:
+            return "duplicate name"
+        if peer.address in self.addresses:
+            return f"address {peer.address} is also peer {self.addresses[peer.address]}'s"
+        for net in peer.pod_cidrs:
+            hit = self.nets.find(net)
+            if hit is not None:
+                return f"pod CIDR {net} overlaps peer {hit[0]}'s {hit[1]}"
+        return None
+
+    def add(self, peer: PeerConfig) -> None:
+        self.names.add(peer.name)
+        self.addresses[peer.address] = peer.name
+        for net in peer.pod_cidrs:
+            self.nets.add(net, peer.name)
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -304,6 +344,8 @@ class Daemon:
         self._nat_exhausted_logged = 0
         self._nat_log_at = -NAT_LOG_INTERVAL
         self._spec_key: Any = None
+        # how long the last reconcile's steps took (status "timings"; docs/benchmarks.md, scale)
+        self.timings: dict[str, Any] = {}
         self._pod_guard_key: Any = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -671,8 +713,11 @@ class Daemon:
                     reasons |= self._dirty
                     self._dirty = set()
                     try:
+                        t0 = time.perf_counter()
                         self._refresh_peers(wait=False)
+                        self.timings["last_refresh_peers_ms"] = _ms_since(t0)
                         self._reconcile_locked(", ".join(sorted(reasons)))
+                        self.timings["last_reconcile_ms"] = _ms_since(t0)
                     except Exception:  # noqa: BLE001 - the running tables stay; the next event retries
                         log.exception(
                             "reconcile failed (%s); the datapath keeps its current tables",
@@ -792,15 +837,17 @@ class Daemon:
         wanted: dict[str, tuple[PeerConfig, bool, ipaddress.IPv4Address | None, str]] = {}
         sources: dict[str, str] = getattr(self.discovery, "sources", dict)()
         rejected: dict[str, str] = {}
+        taken = _PeerIndex(self.cfg)
         for peer in self.discovery.peers():
             if peer.address == u.address or peer.name == self.cfg.node.name:
                 continue  # ourselves, as seen by discovery
             # the tables refuse overlapping pod CIDRs; a discovery source that slipped one through
             # must cost that peer, not the whole update (static peers come first and win)
-            why = self._peer_conflict(peer, [w[0] for w in wanted.values()])
+            why = taken.conflict(peer)
             if why:
                 rejected[peer.name] = why
                 continue
+            taken.add(peer)
             nh = next_hop_for(self.ipr, u, peer.address)
             wanted[peer.name] = (peer, u.on_link(peer.address), nh, sources.get(peer.name, "static"))
         for name, why in rejected.items():
@@ -821,21 +868,6 @@ class Daemon:
             PeerView(peer, on_link, nh, macs.get(nh) if nh is not None else None, src)
             for (peer, on_link, nh, src) in sorted(wanted.values(), key=lambda w: w[0].name)
         ]
-
-    def _peer_conflict(self, peer: PeerConfig, accepted: list[PeerConfig]) -> str | None:
-        for net in peer.pod_cidrs:
-            for own in self.cfg.node.pod_cidrs:
-                if net.version == own.version and net.overlaps(own):  # type: ignore[arg-type]
-                    return f"pod CIDR {net} overlaps this node's {own}"
-            for other in accepted:
-                if other.name == peer.name:
-                    return "duplicate name"
-                if other.address == peer.address:
-                    return f"address {peer.address} is also peer {other.name}'s"
-                for o in other.pod_cidrs:
-                    if net.version == o.version and net.overlaps(o):  # type: ignore[arg-type]
-                        return f"pod CIDR {net} overlaps peer {other.name}'s {o}"
-        return None
 
     def _gateway(self) -> dict[str, Any] | None:
         u = self.underlay
@@ -892,7 +924,10 @@ class Daemon:
         )
         # the guard learns a pod's addresses before its route makes the pod reachable
         self._sync_pod_guard()
+        t0 = time.perf_counter()
         self.route_errors = self.plumbing.sync_routes(self._desired_routes())
+        self.timings["last_routes_ms"] = _ms_since(t0)
+        self.timings["last_routes_changed"] = self.plumbing.last_changes
         self.plumbing.sync_rules(self._desired_rules())
         for err in self.route_errors:
             log.warning("%s", err)
@@ -900,17 +935,28 @@ class Daemon:
         key = repr(build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views))
         if key == self._spec_key:
             return
+        t0 = time.perf_counter()
         spec = build_spec(cfg, self.generation + 1, str(self.underlay.address), gateway, self.peer_views)
         native = _load_native()
         tables = native.Tables(spec)
+        t1 = time.perf_counter()
         if self.tables is None:
             self.datapath.start(tables)
         else:
             self.datapath.swap_tables(tables)
+        self.timings["last_compile_ms"] = round((t1 - t0) * 1000, 3)
+        self.timings["last_swap_ms"] = _ms_since(t1)
         self.tables = tables
         self.generation += 1
         self._spec_key = key
-        log.info("tables generation %d installed (%s)", self.generation, reason)
+        log.info(
+            "tables generation %d installed (%s): %d peers, compiled in %.1f ms, swapped in %.2f ms",
+            self.generation,
+            reason,
+            len(self.peer_views),
+            self.timings["last_compile_ms"],
+            self.timings["last_swap_ms"],
+        )
 
     # ------------------------------------------------------------------------------------- SIGHUP
 
@@ -1236,9 +1282,13 @@ class Daemon:
                 {"dst": str(r.dst), "path": r.path, "dev": r.dev, "mtu": r.mtu, "peer": r.peer}
                 for r in self.route_plan
             ]
+            peer_paths: dict[str | None, set[str]] = {}
+            for r in self.route_plan:
+                if r.path != "pod":
+                    peer_paths.setdefault(r.peer, set()).add(r.path)
             peers = []
             for v in self.peer_views:
-                paths = sorted({r.path for r in self.route_plan if r.peer == v.peer.name and r.path != "pod"})
+                paths = sorted(peer_paths.get(v.peer.name, ()))
                 peers.append(
                     {
                         "name": v.peer.name,
@@ -1289,6 +1339,7 @@ class Daemon:
                 "bgp": self._bgp_status(),
                 "clustermesh": getattr(self.discovery, "mesh_status", dict)(),
                 "counters": self._counters(),
+                "timings": dict(self.timings),
             }
 
     # ------------------------------------------------------------------------------------ BGP

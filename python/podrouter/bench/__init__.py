@@ -31,7 +31,7 @@ from podrouter.demo.netns import Terminated, signals_unwind
 
 __all__ = ["build_parser", "main", "run_suite"]
 
-SECTIONS = ("masquerade", "shaping", "micro")
+SECTIONS = ("masquerade", "shaping", "scale", "micro")
 
 
 def _machine() -> dict[str, Any]:
@@ -81,7 +81,7 @@ def _select(only: str | Iterable[str] | None, micro: bool) -> tuple[list[Any], s
     from podrouter.bench.suite import SETUPS
 
     if only is None or only == "" or only == ():
-        return list(SETUPS), {"masquerade", "shaping"} | ({"micro"} if micro else set())
+        return list(SETUPS), {"masquerade", "shaping", "scale"} | ({"micro"} if micro else set())
     names = [n.strip() for part in ([only] if isinstance(only, str) else only) for n in part.split(",")]
     setups: list[Any] = []
     sections: set[str] = {"micro"} if micro else set()
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         help="comma-separated parts: kernel-routing, kernel-vxlan, native, vxlan, geneve, hybrid, "
-        "kernel, podrouter, modes, masquerade, shaping, micro",
+        "kernel, podrouter, modes, masquerade, shaping, scale, micro",
     )
     p.add_argument("--micro", action="store_true", help="also run and summarise the criterion benchmarks")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
@@ -207,7 +207,7 @@ def run_suite(
     except ValueError as e:
         print(f"podrouter bench: {e}", file=sys.stderr)
         return 2
-    needs_netns = bool(setups) or bool(sections & {"masquerade", "shaping"})
+    needs_netns = bool(setups) or bool(sections & {"masquerade", "shaping", "scale"})
     problems = _preflight() if needs_netns else []
     if problems:
         for p in problems:
@@ -219,7 +219,7 @@ def run_suite(
     steps = (
         nreps * len(setups)
         + (nreps if "masquerade" in sections else 0)
-        + len(sections & {"shaping", "micro"})
+        + len(sections & {"shaping", "scale", "micro"})
     )
     log = Progress(max(1, steps))
     result: dict[str, Any] = {
@@ -267,6 +267,14 @@ def run_suite(
 
                 result["shaping"] = extras.shaping(quick, log)
                 save()
+            if "scale" in sections:
+                from podrouter.bench import scale
+
+                result["scale"] = scale.run(quick, log)
+                log("scale done", step=True)
+                lost = result["scale"].get("stream", {}).get("lost")
+                failed |= bool(result["scale"]["errors"]) or lost != 0
+                save()
             if "micro" in sections:
                 from podrouter.bench import extras
 
@@ -297,12 +305,23 @@ def run_suite(
     if "shaping" in result:
         print(report.shaping_text(result["shaping"]))
         print()
+    if "scale" in result:
+        from podrouter.bench import scale
+
+        print(scale.table(result["scale"]))
+        print()
     if "micro" in result:
         print(report.micro_table(result["micro"]))
         print()
     if plots:
         try:
             written = report.plots(result, out_dir)
+            if "scale" in result:
+                from podrouter.bench import scale
+
+                png = scale.plot(result["scale"], out_dir)
+                if png is not None:
+                    written.append(png)
             result["plots"] = [p.name for p in written]
             save()
         except ImportError as e:

@@ -129,6 +129,7 @@ class Plumbing:
         self.routes: dict[tuple[int, str], RouteSpec] = {}
         self.rules: set[RuleSpec] = set()
         self.conflicts: list[str] = []  # desired routes another owner's route holds (not installed)
+        self.last_changes = 0  # routes the last sync_routes added, replaced or deleted
 
     # ------------------------------------------------------------------------------ bookkeeping
 
@@ -191,10 +192,15 @@ class Plumbing:
             # record intent first: if we die half-way, cleanup still knows about everything we touch
             self.routes = {**{k: v for k, v in self.routes.items() if k in actual}, **desired}
             self.save()
+            changes = 0
+            # one lookup per interface, not per route (thousands of peer routes share podr0)
+            indexes: dict[str, int | None] = {}
             for key, spec in desired.items():
                 ifindex = None
                 if spec.kind == "unicast":
-                    ifindex = self.ifindex(spec.oif) if spec.oif else None
+                    if spec.oif and spec.oif not in indexes:
+                        indexes[spec.oif] = self.ifindex(spec.oif)
+                    ifindex = indexes.get(spec.oif) if spec.oif else None
                     if ifindex is None:
                         errors.append(f"route {spec.dst}: interface '{spec.oif}' does not exist")
                         continue
@@ -212,10 +218,13 @@ class Plumbing:
                     continue
                 try:
                     self.ipr.route("replace", **self._request(spec, ifindex))
+                    changes += 1
                 except NetlinkError as e:
                     errors.append(f"route {spec.dst} dev {spec.oif}: {e.args[1] if len(e.args) > 1 else e}")
             for key in actual.keys() - desired.keys():
                 self._delete_route(key)
+                changes += 1
+            self.last_changes = changes
             self.routes = dict(desired)
             self.save()
             for c in conflicts:
