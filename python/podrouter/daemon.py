@@ -831,14 +831,17 @@ class Daemon:
     # ------------------------------------------------------------------------------- reconcile
 
     def _refresh_peers(self, wait: bool) -> None:
-        from podrouter.netlink.underlay import next_hop_for
+        from podrouter.netlink.underlay import next_hops_for
 
         u = self.underlay
         wanted: dict[str, tuple[PeerConfig, bool, ipaddress.IPv4Address | None, str]] = {}
         sources: dict[str, str] = getattr(self.discovery, "sources", dict)()
         rejected: dict[str, str] = {}
         taken = _PeerIndex(self.cfg)
-        for peer in self.discovery.peers():
+        all_peers = self.discovery.peers()
+        # the kernel's next hop of every peer, asked in bulk (thousands of peers with etcd)
+        next_hops = next_hops_for(u, [p.address for p in all_peers])
+        for peer in all_peers:
             if peer.address == u.address or peer.name == self.cfg.node.name:
                 continue  # ourselves, as seen by discovery
             # the tables refuse overlapping pod CIDRs; a discovery source that slipped one through
@@ -848,7 +851,7 @@ class Daemon:
                 rejected[peer.name] = why
                 continue
             taken.add(peer)
-            nh = next_hop_for(self.ipr, u, peer.address)
+            nh = next_hops[peer.address]
             wanted[peer.name] = (peer, u.on_link(peer.address), nh, sources.get(peer.name, "static"))
         for name, why in rejected.items():
             if self.peer_rejects.get(name) != why:

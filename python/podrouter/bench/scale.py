@@ -179,6 +179,30 @@ def _wait_line(proc: subprocess.Popen[bytes], what: str, timeout: float = 10) ->
     return line
 
 
+def _start_etcd(r: Any, data: Path) -> subprocess.Popen[bytes]:
+    """A one-member etcd in R's namespace that takes a whole size step (up to 5000 puts, about 1.5 MB)
+    in one transaction (the defaults are 128 operations and 1.5 MiB)."""
+    peer = "http://127.0.0.1:2380"
+    proc = r.popen(
+        [
+            "etcd", "--name", "scale", "--data-dir", str(data),
+            "--listen-client-urls", f"{ETCD_URL},{ETCD_LOCAL}", "--advertise-client-urls", ETCD_URL,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"scale={peer}",
+            "--max-txn-ops", "10000", "--max-request-bytes", str(16 << 20),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    code = f"import urllib.request;urllib.request.urlopen('{ETCD_LOCAL}/health',timeout=1)"
+    deadline = time.monotonic() + 20
+    while r.try_run([sys.executable, "-c", code]).returncode != 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise ScaleError("etcd did not become healthy in 20s")
+        time.sleep(0.3)
+    return proc
+
+
 def _configs(ref: Any, workdir: Path) -> dict[str, dict[str, Any]]:
     from podrouter.demo.cluster import node_config
 
@@ -277,7 +301,7 @@ def run(
     quick: bool, log: Any, sizes: tuple[int, ...] | None = None, churn: int | None = None
 ) -> dict[str, Any]:
     from podrouter.demo.cluster import Cluster
-    from podrouter.demo.multi import start_etcd, stop_proc
+    from podrouter.demo.multi import stop_proc
     from podrouter.demo.netns import Topology, reference_topology
 
     sizes = sizes or (QUICK_SIZES if quick else FULL_SIZES)
@@ -300,7 +324,7 @@ def run(
         cluster = Cluster(ref)
         rx = tx = None
         try:
-            etcd = start_etcd(ref.router, "scale", data, [ETCD_URL, ETCD_LOCAL], 2380)
+            etcd = _start_etcd(ref.router, data)
             t0 = time.monotonic()
             cluster.start(_configs(ref, cluster.workdir), ready_timeout=60)
             log(f"scale: etcd and 2 daemons ready in {time.monotonic() - t0:.1f}s")

@@ -133,3 +133,28 @@ def next_hop_for(
         if gw and r.get_attr("RTA_OIF") == underlay.ifindex:
             return ipaddress.IPv4Address(gw)
     return underlay.gateway
+
+
+def next_hops_for(
+    underlay: Underlay, peers: list[ipaddress.IPv4Address]
+) -> dict[ipaddress.IPv4Address, ipaddress.IPv4Address | None]:
+    """`next_hop_for` of many peers at once: the kernel is asked about every off-link peer in bulk
+    (a few hundred RTM_GETROUTE per system call; netlink/rtnl.py), which matters with thousands."""
+    from podrouter.netlink.rtnl import Rtnl
+
+    out: dict[ipaddress.IPv4Address, ipaddress.IPv4Address | None] = {}
+    far = []
+    for p in dict.fromkeys(peers):
+        if underlay.on_link(p):
+            out[p] = p
+        else:
+            far.append(p)
+    if far:
+        with Rtnl() as nl:
+            answers = nl.next_hops([str(p) for p in far])
+        for p, ans in zip(far, answers, strict=True):
+            if ans is not None and ans[1] is not None and ans[0] == underlay.ifindex:
+                out[p] = ipaddress.IPv4Address(ans[1])
+            else:
+                out[p] = underlay.gateway
+    return out
