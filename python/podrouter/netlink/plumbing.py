@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,9 @@ def _route_mtu(msg: Any) -> int | None:
     return int(mtu) if mtu else None
 
 
+_ROUTE_FIELDS = tuple(f.name for f in fields(RouteSpec))
+
+
 class Plumbing:
     """Owns every kernel object the daemon creates in its namespace (except the TUN and tc objects)."""
 
@@ -136,7 +139,8 @@ class Plumbing:
 
     def save(self) -> None:
         with self.lock:
-            self.state.routes = [asdict(r) for r in self.routes.values()]
+            # not asdict(): its deep copy costs more than everything else with thousands of routes
+            self.state.routes = [{n: getattr(r, n) for n in _ROUTE_FIELDS} for r in self.routes.values()]
             self.state.rules = [asdict(r) for r in sorted(self.rules, key=lambda r: r.priority)]
             statefile.save(self.state_path, self.state)
 
@@ -199,8 +203,10 @@ class Plumbing:
             actual, foreign_raw = self._kernel_view(_dump_all(), {k[0] for k in desired})
             foreign = {k: _describe(self.ipr, r) for k, r in foreign_raw.items() if k in desired}
             # record intent first: if we die half-way, cleanup still knows about everything we touch
-            self.routes = {**{k: v for k, v in self.routes.items() if k in actual}, **desired}
-            self.save()
+            intent = {**{k: v for k, v in self.routes.items() if k in actual}, **desired}
+            if intent != self.routes:
+                self.routes = intent
+                self.save()
             # one lookup per interface, not per route (thousands of peer routes share podr0)
             indexes: dict[str, int | None] = {}
             requests: list[RouteRequest] = []
@@ -247,8 +253,9 @@ class Plumbing:
                     table, dst = stale[i - len(specs)]
                     raise PlumbingError(f"deleting route {dst} table {table}: {os.strerror(code)}")
             self.last_changes = changes
-            self.routes = dict(desired)
-            self.save()
+            if self.routes != desired:
+                self.routes = dict(desired)
+                self.save()
             for c in conflicts:
                 if c not in self.conflicts:
                     log.warning("%s", c)
