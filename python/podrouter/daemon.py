@@ -20,6 +20,7 @@ link changes, discovery updates, pod registrations and SIGHUP all end in it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -206,21 +207,23 @@ def build_spec(
             "non_masquerade_cidrs": nets(cfg.masquerade.non_masquerade_cidrs),
             "port_range": list(cfg.masquerade.port_range),
         },
-        "peers": [
-            {
-                "name": v.peer.name,
-                "address": str(v.peer.address),
-                "pod_cidrs": nets(v.peer.pod_cidrs),
-                "mode": v.peer.mode,
-                "tunnel_protocol": v.peer.tunnel_protocol,
-                "on_link": v.on_link,
-                "next_hop": (
-                    {"ip": str(v.next_hop), "mac": v.next_hop_mac} if v.next_hop is not None else None
-                ),
-                "vtep_mac": v.peer.vtep_mac,
-            }
-            for v in peers
-        ],
+        "peers": [_peer_spec(v) for v in peers],
+    }
+
+
+@functools.lru_cache(maxsize=16384)
+def _peer_spec(v: PeerView) -> dict[str, Any]:
+    # cached (a view is immutable): with thousands of peers, formatting their addresses was most of
+    # a rebuild's time. Callers only read the dict (Tables() copies it, repr() formats it).
+    return {
+        "name": v.peer.name,
+        "address": str(v.peer.address),
+        "pod_cidrs": [str(x) for x in v.peer.pod_cidrs],
+        "mode": v.peer.mode,
+        "tunnel_protocol": v.peer.tunnel_protocol,
+        "on_link": v.on_link,
+        "next_hop": ({"ip": str(v.next_hop), "mac": v.next_hop_mac} if v.next_hop is not None else None),
+        "vtep_mac": v.peer.vtep_mac,
     }
 
 
@@ -935,11 +938,14 @@ class Daemon:
         for err in self.route_errors:
             log.warning("%s", err)
         gateway = self._gateway()
-        key = repr(build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views))
+        t0 = time.perf_counter()
+        spec = build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views)
+        # the peers' part of the spec is a function of the (immutable) views: compare those instead
+        # of formatting thousands of peer entries
+        key = (repr({k: v for k, v in spec.items() if k != "peers"}), tuple(self.peer_views))
         if key == self._spec_key:
             return
-        t0 = time.perf_counter()
-        spec = build_spec(cfg, self.generation + 1, str(self.underlay.address), gateway, self.peer_views)
+        spec["generation"] = self.generation + 1
         native = _load_native()
         tables = native.Tables(spec)
         t1 = time.perf_counter()
