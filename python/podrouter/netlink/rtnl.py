@@ -228,8 +228,14 @@ class Rtnl:
                 if RTA_TABLE in at and len(at[RTA_TABLE]) == 4:
                     table = struct.unpack("=I", at[RTA_TABLE])[0]
                 raw = at.get(RTA_DST, b"\0" * alen)
-                addr = ipaddress.ip_address(raw if len(raw) == alen else b"\0" * alen)
-                dst = str(ipaddress.ip_network(f"{addr}/{dst_len}", strict=False))
+                if len(raw) != alen:
+                    raw = b"\0" * alen
+                if alen == 4 and dst_len <= 32:
+                    # the kernel refuses host bits under the prefix, so this is ip_network's form
+                    # (and ten times cheaper, which counts with thousands of routes)
+                    dst = f"{socket.inet_ntoa(raw)}/{dst_len}"
+                else:
+                    dst = str(ipaddress.ip_network(f"{ipaddress.ip_address(raw)}/{dst_len}", strict=False))
                 oif = struct.unpack("=I", at[RTA_OIF])[0] if len(at.get(RTA_OIF, b"")) == 4 else None
                 gwraw = at.get(RTA_GATEWAY)
                 gw = str(ipaddress.ip_address(gwraw)) if gwraw and len(gwraw) == alen else None
