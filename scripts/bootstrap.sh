@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   iproute2 iputils-ping tcpdump tshark iperf3 sockperf nftables ethtool procps
   etcd-server etcd-client containernetworking-plugins bird2
-  podman runc busybox-static prometheus
+  podman runc busybox-static prometheus openvswitch-switch
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -66,6 +66,14 @@ class Lab:
         self.pods[name] = pod
         return pod
 
+    @classmethod
+    def two_pods(cls, topo: Topology) -> Lab:
+        """The node with pods pa (10.244.1.2) and pb (10.244.1.3) that the shaping tests share."""
+        lab = cls(topo)
+        lab.add_pod("pa", "10.244.1.2")
+        lab.add_pod("pb", "10.244.1.3")
+        return lab
+
 
 def iperf_server(host: Host, port: int) -> subprocess.Popen[bytes]:
     proc = host.popen(["iperf3", "-s", "-1", "-p", str(port), "-J"], stdout=subprocess.PIPE,

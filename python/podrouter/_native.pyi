@@ -17,6 +17,7 @@ __all__: list[str]
 ENCAP_MAX_HEADROOM: int
 VXLAN_OVERHEAD: int
 GENEVE_OVERHEAD: int
+GENEVE_IP_OVERHEAD: int
 
 def version() -> str:
     """The crate version, same as ``__version__``."""
@@ -98,7 +99,9 @@ class Datapath:
         """``{"packets": {"vxlan/egress": n, ... every path/direction}, "bytes": {...},
         "drops": {reason: n, ... every reason, incl. "tx_error"}, "nat_entries": n,
         "nat_alloc_failures": n, "nat_evictions": n, "nat_pod_limit_drops": {"pod ip": n, ... at most
-        32, the highest}, "nat_pod_limit_drops_other": n, "table_generation": n, "workers": n,
+        32, the highest}, "nat_pod_limit_drops_other": n, "geneve_options": [{"class": n,
+        "type": n, "critical": bool, "count": n}, ... at most 16, by key], "geneve_options_other": n,
+        "table_generation": n, "workers": n,
         "offload": {"tun": ["csum", "tso4", ...], "udp_gso": bool, "udp_gro": bool,
         "packet_vnet_hdr": bool, "tun_reads": n, "tun_gso_reads": n, "tun_writes": n,
         "tun_gso_writes": n, "tun_coalesced_segments": n, "udp_rx_messages": n,
@@ -115,6 +118,15 @@ class Datapath:
         "direction", "family", "proto", "src", "dst", "sport", "dport", "len", "outer", "time"}``."""
     def monitor_stats(self) -> dict[str, int]:
         """``{"suppressed": n, "lost": n}`` since the ring was turned on."""
+    def set_nat_snapshot(self, path: str | None) -> None:
+        """Keep the NAT table in the snapshot file ``path`` (None: memory only); before ``start``.
+        The first start restores it before the workers run; a thread rewrites it (write + rename,
+        at most every 0.5 s while the table changes); ``stop`` writes it once more."""
+    def nat_snapshot_stats(self) -> dict[str, Any]:
+        """``{"path", "loaded": None | {"restored", "expired", "rejected", "outside_cidrs",
+        "port_range", "duplicate", "invalid", "full"}, "load_error": None | str, "writes",
+        "write_errors", "last_write_error", "last_entries", "last_bytes", "last_write_us",
+        "last_lock_us"}``."""
     def stop(self) -> None:
         """Stop the workers and close the sockets; the TUN stays. Idempotent."""
     def close(self) -> None:

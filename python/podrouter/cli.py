@@ -134,9 +134,14 @@ def check(config: str, as_json: bool) -> None:
         except configmod.ConfigError as e:
             _emit_json({"ok": False, "config": config, "problems": list(e.problems)})
             sys.exit(EXIT_USAGE)
+        problems = compile_problems(cfg)
+        if problems:
+            _emit_json({"ok": False, "config": config, "problems": problems})
+            sys.exit(EXIT_USAGE)
         _emit_json(
             {
                 "ok": True,
+                "tables": "compiled",
                 "config": config,
                 "node": cfg.node.name,
                 "mode": cfg.routing.mode,
@@ -151,9 +156,12 @@ def check(config: str, as_json: bool) -> None:
         )
         return
     cfg = _load_config(config)
+    problems = compile_problems(cfg)
+    if problems:
+        _fail(problems, EXIT_USAGE)
     click.echo(
         f"{config}: ok (node {cfg.node.name}, {cfg.routing.mode} mode, {len(cfg.peers)} peers, "
-        f"{len(cfg.pods)} pods)"
+        f"{len(cfg.pods)} pods; tables compiled)"
     )
     if cfg.bgp.enabled:
         peers = ", ".join(f"{p.address} (AS {p.asn})" for p in cfg.bgp.peers)
@@ -433,6 +441,22 @@ def cleanup(config: str, force: bool, as_json: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------- explain
+
+
+def compile_problems(cfg: configmod.Config) -> list[str]:
+    """Compile the config's tables offline with the datapath's own compiler (the core's rulebook):
+    the problems it finds, or []. Nothing on this machine is read or changed; every peer is taken
+    as off-link, as a node sees them before its underlay is up."""
+    from podrouter import _native  # type: ignore[attr-defined]
+    from podrouter.daemon import PeerView, build_spec
+
+    address = str(cfg.node.address) if cfg.node.address else "0.0.0.0"
+    spec = build_spec(cfg, 0, address, None, [PeerView(p, False, None, None) for p in cfg.peers])
+    try:
+        _native.Tables(spec)
+    except ValueError as e:
+        return [f"tables: {e}"]
+    return []
 
 
 def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:

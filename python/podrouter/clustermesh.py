@@ -190,7 +190,15 @@ class MeshDiscovery:
                     rejects[name] = f"pod CIDRs overlap {clash[0]}'s {clash[1]} (an earlier cluster wins)"
                     continue
                 taken.extend((name, n) for n in p.pod_cidrs)
-                out.append(replace(p, name=name, mode=c.mode, tunnel_protocol=c.tunnel_protocol))
+                out.append(
+                    replace(
+                        p,
+                        name=name,
+                        mode=c.mode,
+                        tunnel_protocol=c.tunnel_protocol,
+                        geneve_payload=c.geneve_payload,
+                    )
+                )
         return out, rejects
 
     def peers(self) -> PeerSet:

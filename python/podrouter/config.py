@@ -34,6 +34,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MODES = ("tunnel", "native", "hybrid")
 PEER_MODES = ("native", "tunnel")
 PROTOCOLS = ("vxlan", "geneve")
+# what a Geneve frame carries: an inner Ethernet frame (protocol type 0x6558, what OVS/OVN, Cilium,
+# Antrea and Linux geneve devices speak) or the inner IP packet directly (podrouter peers only)
+GENEVE_PAYLOADS = ("ethernet", "ip")
 DEFAULT_PORTS = {"vxlan": 4789, "geneve": 6081}  # IANA: RFC 7348 §5, RFC 8926 §3.3
 BACKENDS = ("static", "etcd")
 DEFAULT_SOCKET = "/run/podrouter/podrouter.sock"
@@ -84,6 +87,7 @@ class TunnelConfig:
     port: int = DEFAULT_PORTS["vxlan"]
     vni: int = 1
     mtu: int | None = None  # None = auto: underlay MTU minus the encapsulation overhead
+    geneve_payload: str = "ethernet"
 
     def port_for(self, protocol: str) -> int:
         """The UDP port of `protocol`: `tunnel.port` for the configured one, the IANA port otherwise."""
@@ -150,6 +154,8 @@ class PeerConfig:
     # the MAC of the peer's VXLAN device (lower case), the inner destination of our VXLAN frames to
     # it; None: podrouter's synthesized one (vtep_mac_of), right for a podrouter peer
     vtep_mac: str | None = None
+    # override of tunnel.geneve_payload for the Geneve frames sent to this peer
+    geneve_payload: str | None = None
 
 
 def vtep_mac_of(address: ipaddress.IPv4Address) -> str:
@@ -257,6 +263,7 @@ class MeshClusterConfig:
     etcd: EtcdConfig
     mode: str = "tunnel"
     tunnel_protocol: str | None = None
+    geneve_payload: str | None = None
     # the remote cluster's whole pod space (optional): its nodes must lie inside, and it stays
     # routed into the datapath (never masqueraded) even while none of its nodes is known
     pod_cidrs: tuple[IPNetwork, ...] = ()
@@ -685,12 +692,13 @@ class _Validator:
         return RoutingConfig(mode=mode, native_cidrs=native, native_when_on_link=on_link)
 
     def tunnel(self, value: Any) -> TunnelConfig | None:
-        m = self.mapping("tunnel", value, ("protocol", "port", "vni", "mtu"))
+        m = self.mapping("tunnel", value, ("protocol", "port", "vni", "mtu", "geneve_payload"))
         if m is None:
             return None
         proto = self.choice("tunnel.protocol", m.get("protocol", "vxlan"), PROTOCOLS)
         port = self.integer("tunnel.port", m["port"], 1, 65535) if m.get("port") is not None else 0
         vni = self.integer("tunnel.vni", m.get("vni", 1), 0, VNI_MAX)
+        payload = self.choice("tunnel.geneve_payload", m.get("geneve_payload", "ethernet"), GENEVE_PAYLOADS)
         raw_mtu = m.get("mtu", "auto")
         mtu: int | None = None
         mtu_ok = True
@@ -700,9 +708,11 @@ class _Validator:
             if isinstance(raw_mtu, str):
                 self.bad("tunnel.mtu", f"{_q(raw_mtu)} is not 'auto' or an integer")
             mtu_ok = mtu is not None
-        if proto is None or port is None or vni is None or not mtu_ok:
+        if proto is None or port is None or vni is None or not mtu_ok or payload is None:
             return None
-        return TunnelConfig(protocol=proto, port=port or DEFAULT_PORTS[proto], vni=vni, mtu=mtu)
+        return TunnelConfig(
+            protocol=proto, port=port or DEFAULT_PORTS[proto], vni=vni, mtu=mtu, geneve_payload=payload
+        )
 
     def masquerade(self, value: Any) -> MasqueradeConfig | None:
         m = self.mapping(
@@ -764,7 +774,16 @@ class _Validator:
         m = self.mapping(
             path,
             value,
-            ("name", "address", "pod_cidr", "pod_cidrs", "mode", "tunnel_protocol", "vtep_mac"),
+            (
+                "name",
+                "address",
+                "pod_cidr",
+                "pod_cidrs",
+                "mode",
+                "tunnel_protocol",
+                "vtep_mac",
+                "geneve_payload",
+            ),
             ("name", "address"),
         )
         if m is None:
@@ -783,6 +802,7 @@ class _Validator:
             else None
         )
         vtep_mac = self.mac(f"{path}.vtep_mac", m["vtep_mac"]) if m.get("vtep_mac") is not None else None
+        payload = self.geneve_payload(path, m)
         if (
             name is None
             or addr is None
@@ -790,6 +810,7 @@ class _Validator:
             or (m.get("mode") is not None and mode is None)
             or (m.get("tunnel_protocol") is not None and proto is None)
             or (m.get("vtep_mac") is not None and vtep_mac is None)
+            or (m.get("geneve_payload") is not None and payload is None)
         ):
             return None
         assert isinstance(addr, ipaddress.IPv4Address)
@@ -798,8 +819,20 @@ class _Validator:
             self.bad(f"{path}.address", f"'{addr}' {why}")
             return None
         return PeerConfig(
-            name=name, address=addr, pod_cidrs=cidrs, mode=mode, tunnel_protocol=proto, vtep_mac=vtep_mac
+            name=name,
+            address=addr,
+            pod_cidrs=cidrs,
+            mode=mode,
+            tunnel_protocol=proto,
+            vtep_mac=vtep_mac,
+            geneve_payload=payload,
         )
+
+    def geneve_payload(self, path: str, m: dict[str, Any]) -> str | None:
+        """The optional per-peer / per-cluster `geneve_payload` override."""
+        if m.get("geneve_payload") is None:
+            return None
+        return self.choice(f"{path}.geneve_payload", m["geneve_payload"], GENEVE_PAYLOADS)
 
     def peers(self, value: Any) -> tuple[PeerConfig, ...] | None:
         return self._list("peers", value, self.peer)
@@ -1149,7 +1182,7 @@ class _Validator:
         m = self.mapping(
             path,
             value,
-            ("name", "id", "etcd", "mode", "tunnel_protocol", "pod_cidr", "pod_cidrs"),
+            ("name", "id", "etcd", "mode", "tunnel_protocol", "geneve_payload", "pod_cidr", "pod_cidrs"),
             ("name", "id", "etcd"),
         )
         if m is None:
@@ -1175,10 +1208,19 @@ class _Validator:
             space = self.one_or_many_cidrs(path, m, required=False)
         if name is None or cid is None or mode is None or etcd is None or space is None:
             return None
+        payload = self.geneve_payload(path, m)
         if m.get("tunnel_protocol") is not None and proto is None:
             return None
+        if m.get("geneve_payload") is not None and payload is None:
+            return None
         return MeshClusterConfig(
-            name=name, id=cid, etcd=etcd, mode=mode, tunnel_protocol=proto, pod_cidrs=space
+            name=name,
+            id=cid,
+            etcd=etcd,
+            mode=mode,
+            tunnel_protocol=proto,
+            geneve_payload=payload,
+            pod_cidrs=space,
         )
 
     # --- relations between sections ---

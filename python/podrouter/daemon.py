@@ -41,6 +41,7 @@ from podrouter.monitor import stream as monitor_stream
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import (
     ENCAP_OVERHEAD,
+    GENEVE_IP_OVERHEAD,
     IFF_MULTICAST,
     IPV6_MIN_MTU,
     MASQ_RULE_PRIORITY,
@@ -80,6 +81,11 @@ def tunnel_protocol(cfg: Config, peer: PeerConfig) -> str:
     return peer.tunnel_protocol or cfg.tunnel.protocol
 
 
+def geneve_payload(cfg: Config, peer: PeerConfig) -> str:
+    """ethernet | ip: what the Geneve frames sent to `peer` carry (override or node-wide)."""
+    return peer.geneve_payload or cfg.tunnel.geneve_payload
+
+
 def split_by(net: IPNetwork, cuts: Iterable[IPNetwork]) -> list[IPNetwork]:
     """`net` cut into pieces so that each piece lies wholly inside or wholly outside every cut."""
     pieces: list[IPNetwork] = [net]
@@ -111,12 +117,16 @@ def path_for(cfg: Config, peer: PeerConfig, dst: IPNetwork, on_link: bool) -> st
     return tunnel_protocol(cfg, peer)
 
 
-def path_mtu(cfg: Config, path: str, underlay_mtu: int) -> int:
-    """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU)."""
+def path_mtu(cfg: Config, path: str, underlay_mtu: int, peer: PeerConfig | None = None) -> int:
+    """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU); for
+    Geneve to `peer` with an IP payload 14 bytes more (no inner Ethernet header). Without a peer the
+    largest overhead of the path counts."""
     if path == "native":
         return underlay_mtu
     if cfg.tunnel.mtu is not None:
         return cfg.tunnel.mtu
+    if path == "geneve" and peer is not None and geneve_payload(cfg, peer) == "ip":
+        return underlay_mtu - GENEVE_IP_OVERHEAD
     return underlay_mtu - ENCAP_OVERHEAD[path]
 
 
@@ -153,7 +163,8 @@ def plan_routes(
             cuts = cfg.routing.native_cidrs if effective_mode(cfg, view.peer) == "hybrid" else ()
             for piece in split_by(cidr, cuts):
                 path = path_for(cfg, view.peer, piece, view.on_link)
-                out.append(RoutePlan(piece, path, path_mtu(cfg, path, underlay_mtu), view.peer.name, tun))
+                mtu = path_mtu(cfg, path, underlay_mtu, view.peer)
+                out.append(RoutePlan(piece, path, mtu, view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
     for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
@@ -200,6 +211,7 @@ def build_spec(
             "vni": cfg.tunnel.vni,
             "vxlan_port": cfg.tunnel.port_for("vxlan"),
             "geneve_port": cfg.tunnel.port_for("geneve"),
+            "geneve_payload": cfg.tunnel.geneve_payload,
         },
         "gateway": gateway,
         "masquerade": {
@@ -224,6 +236,7 @@ def _peer_spec(v: PeerView) -> dict[str, Any]:
         "on_link": v.on_link,
         "next_hop": ({"ip": str(v.next_hop), "mac": v.next_hop_mac} if v.next_hop is not None else None),
         "vtep_mac": v.peer.vtep_mac,
+        "geneve_payload": v.peer.geneve_payload,
     }
 
 
@@ -262,6 +275,11 @@ def read_local_port_range() -> tuple[int, int] | None:
         return None
     lo, hi = (int(x) for x in raw.split())
     return lo, hi
+
+
+def nat_snapshot_path(cfg: Config) -> Path:
+    """The NAT snapshot file: next to the state file, `<api.socket dir>/<node>.nat`."""
+    return cfg.state_path.with_name(f"{cfg.node.name}.nat")
 
 
 def port_range_problem(cfg: Config) -> str | None:
@@ -539,6 +557,7 @@ class Daemon:
                 "offload": True,
             }
         )
+        self._nat_snapshot_setup()
         tun_idx = getattr(self.datapath, "tun_ifindex", None) or self.plumbing.ifindex(TUN_NAME)
         if tun_idx is None:
             raise StartError([f"the datapath did not create {TUN_NAME}"], EXIT_FAILURE)
@@ -566,6 +585,7 @@ class Daemon:
                 self._pod_install(pod, "config", raise_errors=False)
             self._refresh_peers(wait=True)
             self._reconcile_locked("start")
+        self._nat_snapshot_report()
         self.watcher.start()
         self.discovery.start(self._on_event)
         self.monitor = MonitorHub(lambda: self.datapath, self._pod_of)
@@ -759,6 +779,38 @@ class Daemon:
         else:
             self._stop.set()
         self._wake.set()
+
+    # ------------------------------------------------------------------------- NAT persistence
+
+    def _nat_snapshot_setup(self) -> None:
+        """Keep the masquerade table in `<api.socket dir>/<node>.nat` (docs/architecture.md, "NAT
+        state across restarts"): restored by the datapath's first start, before its workers run."""
+        path = nat_snapshot_path(self.cfg)
+        self.datapath.set_nat_snapshot(str(path))
+
+    def _nat_snapshot_report(self) -> None:
+        """Log what the restore did: a refused snapshot (or refused entries) is reported, counted
+        (podrouter_nat_snapshot_rejected) and otherwise ignored."""
+        st = self.datapath.nat_snapshot_stats()
+        if st.get("load_error"):
+            log.error("NAT snapshot refused, starting with an empty table: %s", st["load_error"])
+            return
+        loaded = st.get("loaded")
+        if not loaded:
+            return
+        log.info(
+            "NAT snapshot %s: %d mappings restored, %d expired while stopped",
+            st.get("path"),
+            loaded["restored"],
+            loaded["expired"],
+        )
+        if loaded["rejected"]:
+            reasons = ", ".join(
+                f"{k} {loaded[k]}"
+                for k in ("outside_cidrs", "port_range", "duplicate", "invalid", "full")
+                if loaded[k]
+            )
+            log.warning("NAT snapshot: %d entries refused (%s)", loaded["rejected"], reasons)
 
     def _on_event(self, reason: str) -> None:
         with self.lock:
@@ -1268,6 +1320,8 @@ class Daemon:
         if dp is None:
             return {}
         out = dict(dp.counters())
+        with contextlib.suppress(Exception):
+            out["nat_snapshot"] = dict(dp.nat_snapshot_stats())
         if self._pod_guard_key is not None:
             # the pod egress guard drops in nftables, before the datapath sees anything; its two
             # counters join the datapath's drop reasons (podrouter_drops_total{reason=...})
@@ -1306,6 +1360,7 @@ class Daemon:
                         "path": "/".join(paths),
                         "mode": v.peer.mode,
                         "tunnel_protocol": v.peer.tunnel_protocol,
+                        "geneve_payload": geneve_payload(self.cfg, v.peer),
                         "on_link": v.on_link,
                         "next_hop": str(v.next_hop) if v.next_hop else None,
                         "next_hop_mac": v.next_hop_mac,
@@ -1326,6 +1381,7 @@ class Daemon:
                     "vni": self.cfg.tunnel.vni,
                     "vxlan_port": self.cfg.tunnel.port_for("vxlan"),
                     "geneve_port": self.cfg.tunnel.port_for("geneve"),
+                    "geneve_payload": self.cfg.tunnel.geneve_payload,
                 },
                 "underlay": {
                     "interface": u.ifname,
@@ -1545,6 +1601,17 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
     if sock.exists() and sock.is_socket():
         sock.unlink()
         done.append(f"removed stale socket {sock}")
+    done.extend(_cleanup_nat_snapshot(cfg))
+    return done
+
+
+def _cleanup_nat_snapshot(cfg: Config) -> list[str]:
+    """`podrouter cleanup` starts the next daemon from an empty masquerade table."""
+    done = []
+    for p in (nat_snapshot_path(cfg), nat_snapshot_path(cfg).with_name(f"{cfg.node.name}.nat.tmp")):
+        if p.is_file():
+            p.unlink()
+            done.append(f"removed {p}")
     return done
 
 

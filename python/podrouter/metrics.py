@@ -109,6 +109,39 @@ class PodrouterCollector:
         for pod, n in sorted((counters.get("nat_pod_limit_drops") or {}).items()):
             pod_limit.add_metric([pod], float(n))
         pod_limit.add_metric(["other"], float(counters.get("nat_pod_limit_drops_other", 0) or 0))
+        # Bounded label set: the datapath names the first 16 (class, type) keys it saw and sums the
+        # rest under class="other", type="other" (the keys come from the underlay, i.e. from anyone).
+        gopts = CounterMetricFamily(
+            "podrouter_geneve_options",
+            "Geneve options received, by option class and type (critical: the type's high bit).",
+            labels=["class", "type", "critical"],
+        )
+        for o in counters.get("geneve_options") or []:
+            gopts.add_metric(
+                [f"0x{o['class']:04x}", f"0x{o['type']:02x}", "true" if o["critical"] else "false"],
+                float(o["count"]),
+            )
+        gopts.add_metric(["other", "other", "unknown"], float(counters.get("geneve_options_other", 0) or 0))
+        snap = counters.get("nat_snapshot") or {}
+        loaded = snap.get("loaded") or {}
+        restored = GaugeMetricFamily(
+            "podrouter_nat_snapshot_restored", "Masquerade entries restored from the NAT snapshot at start."
+        )
+        restored.add_metric([], float(loaded.get("restored", 0) or 0))
+        # a snapshot refused as a whole counts 1 (its entries were never looked at)
+        rejected = GaugeMetricFamily(
+            "podrouter_nat_snapshot_rejected",
+            "NAT snapshot entries refused at start (1 for a snapshot refused as a whole).",
+        )
+        whole = 1.0 if snap.get("load_error") else 0.0
+        rejected.add_metric([], float(loaded.get("rejected", 0) or 0) + whole)
+        writes = CounterMetricFamily("podrouter_nat_snapshot_writes", "NAT snapshot files written.")
+        writes.add_metric([], float(snap.get("writes", 0) or 0))
+        write_errors = CounterMetricFamily(
+            "podrouter_nat_snapshot_write_errors", "NAT snapshot writes that failed."
+        )
+        write_errors.add_metric([], float(snap.get("write_errors", 0) or 0))
+        yield from (restored, rejected, writes, write_errors)
         peer_g = GaugeMetricFamily("podrouter_peers", "Peer nodes currently known.")
         peer_g.add_metric([], float(peers))
         rate = GaugeMetricFamily(
@@ -121,7 +154,7 @@ class PodrouterCollector:
                 rate.add_metric([pod], float(bits))
         gen = GaugeMetricFamily("podrouter_table_generation", "Generation of the tables the datapath runs.")
         gen.add_metric([], float(counters.get("table_generation", 0) or 0))
-        yield from (packets, nbytes, drops, nat, evictions, pod_limit, peer_g, rate, gen)
+        yield from (packets, nbytes, drops, nat, evictions, pod_limit, gopts, peer_g, rate, gen)
 
 
 class MetricsServer:

@@ -66,7 +66,7 @@ def ping_both_families(ref: ReferenceTopology, a: str, b: str) -> None:
 # ------------------------------------------------------------------------------------------ tunnel
 
 
-@pytest.mark.parametrize(("protocol", "port", "mtu"), [("vxlan", 4789, 1450), ("geneve", 6081, 1464)])
+@pytest.mark.parametrize(("protocol", "port", "mtu"), [("vxlan", 4789, 1450), ("geneve", 6081, 1450)])
 def test_ipv6_over_tunnel_across_r(
     ref: ReferenceTopology, daemons: Daemons, protocol: str, port: int, mtu: int
 ) -> None:

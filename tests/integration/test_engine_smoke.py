@@ -208,7 +208,7 @@ class Pair:
               specs: dict[str, Any] | None = None) -> None:
         for n in (self.a, self.b):
             spec = (specs or {}).get(n.name) or self.spec(n, mode, protocol)
-            # tunnel paths lose 50 (VXLAN) / 36 (Geneve) bytes to the outer headers
+            # tunnel paths lose 50 bytes (VXLAN, Geneve with an Ethernet payload) to the outer headers
             launch(n, spec, [self.peer_of(n).pod_cidr], 1500 if mode == "native" else 1450)
 
     def ping(self, count: int = 3) -> bool:

@@ -38,10 +38,7 @@ ACCURACY_SECONDS = 10
 
 @pytest.fixture
 def lab(topo: Topology) -> Lab:
-    lab = Lab(topo)
-    lab.add_pod("pa", "10.244.1.2")
-    lab.add_pod("pb", "10.244.1.3")
-    return lab
+    return Lab.two_pods(topo)
 
 
 @pytest.fixture

@@ -45,10 +45,7 @@ def bound_bytes(rate_bps: int) -> int:
 
 @pytest.fixture
 def lab(topo: Topology) -> Lab:
-    lab = Lab(topo)
-    lab.add_pod("pa", "10.244.1.2")
-    lab.add_pod("pb", "10.244.1.3")
-    return lab
+    return Lab.two_pods(topo)
 
 
 @pytest.fixture

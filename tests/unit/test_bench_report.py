@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -180,3 +181,13 @@ def test_scale_sim_nodes_are_distinct_and_outside_the_reference() -> None:
         net = ipaddress.ip_network(cidr)
         assert net.subnet_of(cluster) and not net.overlaps(ref)
         assert ipaddress.ip_address(addr) in ipaddress.ip_network("172.20.0.0/14")
+
+
+def test_ovs_comparison_writes_worse_out() -> None:
+    def leg(tcp1: float, rtt: float) -> dict[str, Any]:
+        return {"summary": {"tcp1_gbps": {"median": tcp1}, "rtt_p50_us": {"median": rtt}}}
+
+    text = report.ovs_comparison({"vxlan": leg(1.0, 30.0), "ovs": leg(0.5, 20.0)})
+    assert text.startswith("podrouter vxlan vs OVS userspace vxlan:")
+    assert "TCP 1 stream 2.00x (better)" in text and "RTT p50 1.50x (worse)" in text
+    assert report.ovs_comparison({"vxlan": leg(1.0, 30.0)}) == ""

@@ -254,7 +254,7 @@ def test_mesh_refuses_claims_on_our_space_and_cross_cluster_overlaps() -> None:
     clustermesh:
       clusters:
         - {name: west, id: 2, etcd: {endpoints: ["http://127.0.0.1:1"]}}
-        - {name: north, id: 3, etcd: {endpoints: ["http://127.0.0.1:1"]}, mode: native, tunnel_protocol: geneve}
+        - {name: north, id: 3, etcd: {endpoints: ["http://127.0.0.1:1"]}, mode: native, tunnel_protocol: geneve, geneve_payload: ip}
     """)  # fmt: skip
     cfg = config.loads(text)
     m = clustermesh.MeshDiscovery(cfg, _Local((_peer("node2", "172.16.3.2", "10.244.2.0/24"),)))  # type: ignore[arg-type]
@@ -271,6 +271,7 @@ def test_mesh_refuses_claims_on_our_space_and_cross_cluster_overlaps() -> None:
     peers = {p.name: p for p in m.peers()}
     assert set(peers) == {"node2", "west.node3", "north.n2"}
     assert peers["north.n2"].mode == "native" and peers["north.n2"].tunnel_protocol == "geneve"
+    assert peers["north.n2"].geneve_payload == "ip" and peers["west.node3"].geneve_payload is None
     assert peers["west.node3"].mode == "tunnel"
     assert m.sources()["west.node3"] == "cluster:west" and m.sources()["node2"] == "static"
     st = m.mesh_status()

@@ -38,6 +38,11 @@ def test_exactly_the_contract_names() -> None:
         "podrouter_nat_entries",
         "podrouter_nat_evictions_total",
         "podrouter_nat_pod_limit_drops_total",
+        "podrouter_geneve_options_total",
+        "podrouter_nat_snapshot_restored",
+        "podrouter_nat_snapshot_rejected",
+        "podrouter_nat_snapshot_writes_total",
+        "podrouter_nat_snapshot_write_errors_total",
         "podrouter_peers",
         "podrouter_pod_egress_rate_limit_bits",
         "podrouter_table_generation",
@@ -75,6 +80,30 @@ def test_nat_pressure_series_have_a_bounded_pod_label() -> None:
     assert {s.labels["pod"]: s.value for s in fams["podrouter_nat_pod_limit_drops"].samples} == {"other": 0}
 
 
+def test_geneve_options_by_class_and_type_with_a_bounded_label_set() -> None:
+    counters = {
+        **COUNTERS,
+        "geneve_options": [
+            {"class": 0x0102, "type": 0x03, "critical": False, "count": 9},
+            {"class": 0xFFFF, "type": 0x80, "critical": True, "count": 2},
+        ],
+        "geneve_options_other": 4,
+    }
+    fams = {f.name: f for f in text_string_to_metric_families(scrape(counters))}
+    got = {
+        (s.labels["class"], s.labels["type"], s.labels["critical"]): s.value
+        for s in fams["podrouter_geneve_options"].samples
+    }
+    assert got == {
+        ("0x0102", "0x03", "false"): 9,
+        ("0xffff", "0x80", "true"): 2,
+        ("other", "other", "unknown"): 4,
+    }
+    # nothing seen yet: one series at 0
+    fams = {f.name: f for f in text_string_to_metric_families(scrape(COUNTERS))}
+    assert [s.value for s in fams["podrouter_geneve_options"].samples] == [0]
+
+
 def test_a_failing_source_yields_an_empty_scrape_not_an_error() -> None:
     def broken() -> dict[str, Any]:
         raise RuntimeError("datapath gone")
@@ -92,3 +121,18 @@ def test_served_over_http() -> None:
         assert 'podrouter_packets_total{direction="egress",path="vxlan"} 10.0' in body
     finally:
         srv.close()
+
+
+def test_nat_snapshot_families() -> None:
+    snap = {"loaded": {"restored": 9, "rejected": 2}, "load_error": None, "writes": 4, "write_errors": 1}
+    fams = {f.name: f for f in text_string_to_metric_families(scrape({**COUNTERS, "nat_snapshot": snap}))}
+    assert fams["podrouter_nat_snapshot_restored"].samples[0].value == 9
+    assert fams["podrouter_nat_snapshot_rejected"].samples[0].value == 2
+    assert fams["podrouter_nat_snapshot_writes"].samples[0].value == 4
+    assert fams["podrouter_nat_snapshot_write_errors"].samples[0].value == 1
+    # a snapshot refused as a whole counts once; no snapshot at all counts nothing
+    refused = {"loaded": None, "load_error": "checksum mismatch", "writes": 0, "write_errors": 0}
+    fams = {f.name: f for f in text_string_to_metric_families(scrape({**COUNTERS, "nat_snapshot": refused}))}
+    assert fams["podrouter_nat_snapshot_rejected"].samples[0].value == 1
+    fams = {f.name: f for f in text_string_to_metric_families(scrape(COUNTERS))}
+    assert fams["podrouter_nat_snapshot_rejected"].samples[0].value == 0

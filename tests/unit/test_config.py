@@ -108,6 +108,7 @@ pods: [{name: p, ip: 'fd00:10:244:1::5', host_interface: veth-p}]
         ("routing: {nativ_cidrs: []}", "routing.nativ_cidrs: unknown key (did you mean 'native_cidrs'?)"),
         ("routing: {mode: fast}", "routing.mode: 'fast' is not one of: tunnel, native, hybrid"),
         ("tunnel: {protocol: gre}", "tunnel.protocol: 'gre' is not one of: vxlan, geneve"),
+        ("tunnel: {geneve_payload: eth}", "tunnel.geneve_payload: 'eth' is not one of: ethernet, ip"),
         ("tunnel: {vni: 16777216}", "tunnel.vni: 16777216 is out of range (0..16777215)"),
         ("tunnel: {vni: true}", "tunnel.vni: True is not an integer"),
         ("tunnel: {port: 0}", "tunnel.port: 0 is out of range (1..65535)"),
@@ -161,6 +162,10 @@ pods: [{name: p, ip: 'fd00:10:244:1::5', host_interface: veth-p}]
         (
             "peers: [{name: node2, address: 172.16.3.2, pod_cidr: 10.244.2.0/24, tunnel_protocol: ipip}]",
             "peers[0].tunnel_protocol: 'ipip' is not one of: vxlan, geneve",
+        ),
+        (
+            "peers: [{name: node2, address: 172.16.3.2, pod_cidr: 10.244.2.0/24, geneve_payload: 0x6558}]",
+            "peers[0].geneve_payload: 25944 is not one of: ethernet, ip",
         ),
         (
             "peers: [{name: node2, address: 172.16.3.2, pod_cidr: 10.244.1.128/25}]",

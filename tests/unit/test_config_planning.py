@@ -5,8 +5,10 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from scapy.compat import raw
+from scapy.layers.inet import IP, UDP
 
-from podrouter import config
+from podrouter import _native, config
 from podrouter.daemon import PeerView, build_spec, path_for, path_mtu, plan_routes, split_by
 
 REF = """
@@ -46,8 +48,13 @@ def test_tunnel_mode_mtus_are_underlay_minus_overhead() -> None:
     assert got["10.244.1.0/24"] == ("local", None)
     # the cluster catch-all takes the smallest tunnel MTU (the datapath drops it as no_route anyway)
     assert got["10.244.0.0/16"] == ("cluster", 1450)
+    # Geneve carries an inner Ethernet frame by default: 50 bytes like VXLAN; 36 with an IP payload
     cfg = config.loads(REF + "tunnel: {protocol: geneve}\n")
+    assert paths(cfg)["10.244.2.0/24"] == ("geneve", 1450)
+    cfg = config.loads(REF + "tunnel: {protocol: geneve, geneve_payload: ip}\n")
     assert paths(cfg)["10.244.2.0/24"] == ("geneve", 1464)
+    # the catch-all takes the largest overhead whatever the payload
+    assert paths(cfg)["10.244.0.0/16"] == ("cluster", 1450)
 
 
 def test_hybrid_on_link_goes_native_with_the_full_mtu() -> None:
@@ -75,10 +82,34 @@ peers:
   - {name: node3, address: 172.16.2.3, pod_cidr: 10.244.3.0/24}
 """)
     got = paths(cfg)
-    assert got["10.244.2.0/24"] == ("geneve", 1464)
+    assert got["10.244.2.0/24"] == ("geneve", 1450)
     assert got["10.244.3.0/24"] == ("native", 1500)
     peer2 = cfg.peers[0]
     assert path_for(cfg, peer2, N("10.244.2.0/24"), on_link=True) == "geneve"
+
+
+def test_per_peer_geneve_payload_override_sets_the_route_mtu_and_the_spec() -> None:
+    cfg = config.loads("""
+node: {name: node1, pod_cidr: 10.244.1.0/24}
+cluster: {pod_cidr: 10.244.0.0/16}
+tunnel: {protocol: geneve}
+peers:
+  - {name: node2, address: 172.16.3.2, pod_cidr: 10.244.2.0/24, geneve_payload: ip}
+  - {name: node3, address: 172.16.2.3, pod_cidr: 10.244.3.0/24}
+""")
+    assert cfg.tunnel.geneve_payload == "ethernet"
+    assert [p.geneve_payload for p in cfg.peers] == ["ip", None]
+    got = paths(cfg)
+    assert got["10.244.2.0/24"] == ("geneve", 1464)
+    assert got["10.244.3.0/24"] == ("geneve", 1450)
+    spec = build_spec(cfg, 1, "172.16.2.2", None, views(cfg))
+    assert [p["geneve_payload"] for p in spec["peers"]] == ["ip", None]
+    # the datapath takes the spec and encapsulates per peer
+    t = _native.Tables(spec)
+    v2 = t.classify(raw(IP(src="10.244.1.5", dst="10.244.2.5") / UDP(sport=1000, dport=53)))
+    v3 = t.classify(raw(IP(src="10.244.1.5", dst="10.244.3.5") / UDP(sport=1000, dport=53)))
+    assert (v2["geneve_payload"], v3["geneve_payload"]) == ("ip", "ethernet")
+    assert "vtep_mac" not in v2 and v3["vtep_mac"] == "02:70:ac:10:02:03"
 
 
 def test_tunnel_mtu_override_applies_to_tunnel_paths_only() -> None:
@@ -104,7 +135,13 @@ def test_spec_has_the_documented_shape() -> None:
     assert spec["node"] == {"name": "node1", "address": "172.16.2.2", "pod_cidrs": ["10.244.1.0/24"]}
     assert spec["cluster_cidrs"] == ["10.244.0.0/16"]
     assert spec["mode"] == "hybrid" and spec["native_when_on_link"] is True
-    assert spec["tunnel"] == {"protocol": "vxlan", "vni": 1, "vxlan_port": 4789, "geneve_port": 6081}
+    assert spec["tunnel"] == {
+        "protocol": "vxlan",
+        "vni": 1,
+        "vxlan_port": 4789,
+        "geneve_port": 6081,
+        "geneve_payload": "ethernet",
+    }
     assert spec["masquerade"] == {
         "enabled": True,
         "non_masquerade_cidrs": ["198.51.100.0/24"],
@@ -120,6 +157,7 @@ def test_spec_has_the_documented_shape() -> None:
         "on_link": True,
         "next_hop": {"ip": "172.16.2.3", "mac": "02:00:00:00:00:03"},
         "vtep_mac": None,
+        "geneve_payload": None,
     }
 
 

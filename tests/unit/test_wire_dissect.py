@@ -137,10 +137,18 @@ def inner_packets() -> list[tuple[str, bytes]]:
     ]
 
 
-@pytest.mark.parametrize(("protocol", "port"), [("vxlan", 4789), ("geneve", 6081)])
-def test_tshark_and_scapy_agree_with_encapsulate(tmp_path: Path, protocol: str, port: int) -> None:
+@pytest.mark.parametrize(
+    ("protocol", "port", "payload"),
+    [("vxlan", 4789, "ethernet"), ("geneve", 6081, "ethernet"), ("geneve", 6081, "ip")],
+)
+def test_tshark_and_scapy_agree_with_encapsulate(
+    tmp_path: Path, protocol: str, port: int, payload: str
+) -> None:
     inners = inner_packets()
-    outers = [_native.encapsulate(raw, params(protocol, 0xABCDE)) for _, raw in inners]
+    outers = [
+        _native.encapsulate(raw, {**params(protocol, 0xABCDE), "geneve_payload": payload})
+        for _, raw in inners
+    ]
     rows = dissect(tmp_path, outers)
 
     for (kind, inner), outer, row in zip(inners, outers, rows, strict=True):
@@ -161,8 +169,14 @@ def test_tshark_and_scapy_agree_with_encapsulate(tmp_path: Path, protocol: str, 
         else:
             assert [num(v) for v in row["geneve.vni"]] == [0xABCDE]
             assert row["geneve.version"] == ["0"]
-            assert [num(v) for v in row["geneve.proto_type"]] == [0x86DD if kind == "udp6" else 0x0800]
-            assert row["eth.type"] == []  # Geneve carries the inner IP packet directly
+            et = 0x86DD if kind == "udp6" else 0x0800
+            if payload == "ethernet":
+                # Transparent Ethernet Bridging, then the same inner Ethernet header as VXLAN's
+                assert [num(v) for v in row["geneve.proto_type"]] == [0x6558]
+                assert num(row["eth.type"][0]) == et
+            else:
+                assert [num(v) for v in row["geneve.proto_type"]] == [et]
+                assert row["eth.type"] == []  # the inner IP packet directly
         # Inner packet as tshark sees it.
         if kind == "udp6":
             assert row["ipv6.src"] == [POD1_V6] and row["ipv6.dst"] == [POD2_V6]
@@ -190,7 +204,10 @@ def test_tshark_and_scapy_agree_with_encapsulate(tmp_path: Path, protocol: str, 
             assert bytes(o[VXLAN].payload.payload) == inner
         else:
             assert o[GENEVE].vni == 0xABCDE and o[GENEVE].optionlen == 0
-            assert bytes(o[GENEVE].payload) == inner
+            if payload == "ethernet":
+                assert o[GENEVE].proto == 0x6558 and bytes(o[GENEVE].payload.payload) == inner
+            else:
+                assert bytes(o[GENEVE].payload) == inner
 
 
 def test_udp_source_port_follows_inner_flow() -> None:

@@ -295,6 +295,8 @@ def run_suite(
         print(report.modes_table(result["modes"]))
         print()
         print(report.LEGEND)
+        if report.ovs_comparison(result["modes"]):
+            print(report.ovs_comparison(result["modes"]))
         for name, m in result["modes"].items():
             for err in dict.fromkeys(m["errors"]):
                 print(f"  ! {name}: {err}")

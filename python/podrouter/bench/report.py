@@ -68,13 +68,31 @@ LEGEND = (
     "Each cell: the median over the repetitions, ±half the min-max range in % of the median (shown when\n"
     "there is more than one repetition), and in parentheses the ratio to the matching kernel baseline\n"
     "(podrouter native and hybrid-native vs kernel-routing; vxlan, geneve, hybrid-tunnel vs kernel-vxlan;\n"
-    "native-bgp vs kernel-routing-r, both across R).\n"
+    "native-bgp vs kernel-routing-r, both across R; ovs, Open vSwitch's userspace VXLAN, vs kernel-vxlan).\n"
     "Higher is better for TCP and UDP, lower is better for RTT and CPU per Gbit. UDP counts what the\n"
     "receiver got from the batched sender (18-byte payload = 64-byte Ethernet frames). CPU per Gbit is\n"
     "system-wide busy CPU time (all processes, softirq, the daemons, iperf3 itself) during the TCP runs\n"
     "divided by the gigabits delivered; * = the machine was already busy (> 0.25 CPU) before the\n"
     "setup started, so that figure includes someone else's work."
 )
+
+
+def ovs_comparison(modes: dict[str, Any]) -> str:
+    """podrouter's VXLAN against Open vSwitch's userspace VXLAN, metric by metric, with the verdict
+    written out ("worse" where podrouter is worse); empty unless both legs were measured."""
+    pr, ovs = modes.get("vxlan"), modes.get("ovs")
+    if not pr or not ovs:
+        return ""
+    parts = []
+    for key, (label, _, higher_better) in METRICS.items():
+        a, b = pr["summary"].get(key), ovs["summary"].get(key)
+        if not a or not b or not b["median"]:
+            continue
+        r = a["median"] / b["median"]
+        better = r > 1 if higher_better else r < 1
+        verdict = "equal" if abs(r - 1) < 0.005 else ("better" if better else "worse")
+        parts.append(f"{label} {r:.2f}x ({verdict})")
+    return "podrouter vxlan vs OVS userspace vxlan: " + ", ".join(parts) if parts else ""
 
 
 def masquerade_table(masq: dict[str, Any]) -> str:

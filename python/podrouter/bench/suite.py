@@ -74,7 +74,7 @@ class Leg:
 class Setup:
     name: str
     legs: tuple[Leg, ...]
-    kind: str  # kernel-routing | kernel-vxlan | podrouter
+    kind: str  # kernel-routing | kernel-vxlan | kernel-routing-r | ovs | podrouter
     daemon: dict[str, Any] = field(default_factory=dict)  # node_config() keyword arguments
 
 
@@ -172,6 +172,22 @@ SETUPS += (
         ),
         "podrouter",
         {"mode": "native", "bgp": True},
+    ),
+)
+SETUPS += (
+    Setup(
+        "ovs",
+        (
+            Leg(
+                "ovs",
+                TUNNEL_PAIR,
+                "kernel-vxlan",
+                "ovs-vxlan",
+                "Open vSwitch userspace datapath (netdev) VXLAN on node1 and node2, offloads off on the "
+                "veths facing OVS, pod MTU 1450",
+            ),
+        ),
+        "ovs",
     ),
 )
 SETUP_NAMES = tuple(s.name for s in SETUPS)
@@ -276,6 +292,7 @@ def run_setup(setup: Setup, prof: Profile, log: Progress) -> dict[str, dict[str,
         ref = reference_topology(topo)
         cluster: Cluster | None = None
         fabric: Any = None
+        vteps: list[Any] = []
         try:
             if setup.kind == "kernel-routing":
                 kernel.setup_kernel_routing(ref)
@@ -283,6 +300,11 @@ def run_setup(setup: Setup, prof: Profile, log: Progress) -> dict[str, dict[str,
                 kernel.setup_kernel_vxlan(ref)
             elif setup.kind == "kernel-routing-r":
                 kernel.setup_kernel_routing_across_r(ref)
+            elif setup.kind == "ovs":
+                from podrouter.demo.ovs import ovs_vtep
+
+                vteps.append(ovs_vtep(ref, "node1", "node2", "vxlan"))
+                vteps.append(ovs_vtep(ref, "node2", "node1", "vxlan"))
             else:
                 cluster = Cluster(ref)
                 opts = {k: v for k, v in setup.daemon.items() if k != "bgp"}
@@ -318,6 +340,15 @@ def run_setup(setup: Setup, prof: Profile, log: Progress) -> dict[str, dict[str,
                     def check(before: Any, n: str = src_node) -> tuple[bool, str]:
                         d = _kernel_vxlan_tx(ref, n) - before
                         return d >= 100, f"{kernel.KERNEL_VXLAN_DEV} sent only {d} packets"
+                elif vteps:
+                    vtep = vteps[0]
+
+                    def snapshot(v: Any = vtep) -> Any:
+                        return v.tunnel_tx()
+
+                    def check(before: Any, v: Any = vtep) -> tuple[bool, str]:
+                        d = v.tunnel_tx() - before
+                        return d >= 100, f"OVS's tunnel port sent only {d} packets"
                 else:
                     snapshot = check = None
                 res = measure_leg(ref, leg, prof, log, snapshot, check, background)
@@ -331,6 +362,8 @@ def run_setup(setup: Setup, prof: Profile, log: Progress) -> dict[str, dict[str,
             if not isinstance(e, RuntimeError | OSError):
                 traceback.print_exc(file=sys.stderr)
         finally:
+            for v in vteps:
+                v.stop()
             if fabric is not None:
                 fabric.stop()
             if cluster is not None:

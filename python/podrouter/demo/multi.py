@@ -224,59 +224,25 @@ def _teardown(topo: Topology | None, closers: list[Callable[[], None]], t_start:
     return status
 
 
-def run_bgp_demo(seconds: float = 2.0, throughput: bool = True) -> int:
-    """`podrouter demo --bgp`."""
-    from podrouter.demo.cluster import Cluster, ClusterError, node_config
-    from podrouter.demo.fabric import NODE_ASN, node_bgp, start_fabric
+Closers = list[Callable[[], None]]
 
-    rc = _preflight(("ip", "ping", "iperf3", "bird"))
+
+def _run_leg(tools: tuple[str, ...], body: Callable[[Topology, Closers], int]) -> int:
+    """One demo leg: preflight, a `demo` topology, `body(topo, closers)` for the status, and always
+    the same teardown (closers last-first, then no namespace left), interrupted or failed."""
+    from podrouter.demo.cluster import ClusterError
+
+    rc = _preflight(tools)
     if rc:
         return rc
     t_start = time.monotonic()
     topo: Topology | None = None
-    closers: list[Callable[[], None]] = []
+    closers: Closers = []
     status = 1
     with signals_unwind():
         try:
             topo = Topology("demo")
-            _say(f"podrouter demo --bgp: building the cluster in network namespaces {topo.prefix}-*")
-            ref = reference_topology(topo)
-            cluster = Cluster(ref)
-            closers.append(cluster.close)
-            fabric = start_fabric(
-                ref.router, cluster.workdir / "r", "172.16.2.1", {a: NODE_ASN for a in ref.node_addr.values()}
-            )
-            closers.append(fabric.stop)
-            gw = {"node1": "172.16.2.1", "node2": "172.16.3.1", "node3": "172.16.2.1"}
-            configs = {}
-            for n in ref.nodes:
-                cfg = node_config(ref, n, cluster.workdir, mode="native", native_when_on_link=False)
-                cfg["bgp"] = node_bgp(gw[n])
-                configs[n] = cfg
-            _say("  R runs BIRD 2 (AS 64500) as the fabric router; every node runs podrouter in routing.mode")
-            _say("  native with bgp.enabled (AS 64512), announcing its pod CIDR with itself as next hop")
-            cluster.start(configs)
-            want = {ref.node_pod_cidr[n]: ref.node_addr[n] for n in ref.nodes}
-            _wait(lambda: all(fabric.routes().get(d) == gw_ for d, gw_ in want.items()), 30, "R's BGP routes")
-            _say("\nR's routing table, learnt over BGP (ip route show proto bird):")
-            for dst, via in sorted(fabric.routes().items()):
-                _say(f"  {dst:<16} via {via}")
-            st = cluster.status("node1")["bgp"]
-            _say(
-                f"node1: sessions {', '.join(s['peer'] + ' ' + s['state'] for s in st['sessions'])}; "
-                f"announced {', '.join(st['prefixes'])}\n"
-            )
-            pairs = [
-                (
-                    "pod1",
-                    "pod2",
-                    "across R: native, R learnt 10.244.2.0/24 via node2 over BGP (the plain demo tunnels)",
-                ),
-                ("pod2", "pod1", "across R: native, R learnt 10.244.1.0/24 via node1 over BGP"),
-                ("pod3", "pod2", "across R: native via BGP"),
-                ("pod1", "pod3", "shared L2: native (on-link next hop)"),
-            ]
-            status = 0 if _table(cluster, ref, pairs, throughput, seconds) else 1
+            status = body(topo, closers)
         except (KeyboardInterrupt, Terminated):
             _say("\ninterrupted: tearing down")
             status = 130
@@ -288,64 +254,103 @@ def run_bgp_demo(seconds: float = 2.0, throughput: bool = True) -> int:
     return status
 
 
+def run_bgp_demo(seconds: float = 2.0, throughput: bool = True) -> int:
+    """`podrouter demo --bgp`."""
+    return _run_leg(
+        ("ip", "ping", "iperf3", "bird"), lambda topo, closers: _bgp_leg(topo, closers, seconds, throughput)
+    )
+
+
+def _bgp_leg(topo: Topology, closers: Closers, seconds: float, throughput: bool) -> int:
+    from podrouter.demo.cluster import Cluster, node_config
+    from podrouter.demo.fabric import NODE_ASN, node_bgp, start_fabric
+
+    _say(f"podrouter demo --bgp: building the cluster in network namespaces {topo.prefix}-*")
+    ref = reference_topology(topo)
+    cluster = Cluster(ref)
+    closers.append(cluster.close)
+    fabric = start_fabric(
+        ref.router, cluster.workdir / "r", "172.16.2.1", {a: NODE_ASN for a in ref.node_addr.values()}
+    )
+    closers.append(fabric.stop)
+    gw = {"node1": "172.16.2.1", "node2": "172.16.3.1", "node3": "172.16.2.1"}
+    configs = {}
+    for n in ref.nodes:
+        cfg = node_config(ref, n, cluster.workdir, mode="native", native_when_on_link=False)
+        cfg["bgp"] = node_bgp(gw[n])
+        configs[n] = cfg
+    _say("  R runs BIRD 2 (AS 64500) as the fabric router; every node runs podrouter in routing.mode")
+    _say("  native with bgp.enabled (AS 64512), announcing its pod CIDR with itself as next hop")
+    cluster.start(configs)
+    want = {ref.node_pod_cidr[n]: ref.node_addr[n] for n in ref.nodes}
+    _wait(lambda: all(fabric.routes().get(d) == gw_ for d, gw_ in want.items()), 30, "R's BGP routes")
+    _say("\nR's routing table, learnt over BGP (ip route show proto bird):")
+    for dst, via in sorted(fabric.routes().items()):
+        _say(f"  {dst:<16} via {via}")
+    st = cluster.status("node1")["bgp"]
+    _say(
+        f"node1: sessions {', '.join(s['peer'] + ' ' + s['state'] for s in st['sessions'])}; "
+        f"announced {', '.join(st['prefixes'])}\n"
+    )
+    pairs = [
+        (
+            "pod1",
+            "pod2",
+            "across R: native, R learnt 10.244.2.0/24 via node2 over BGP (the plain demo tunnels)",
+        ),
+        ("pod2", "pod1", "across R: native, R learnt 10.244.1.0/24 via node1 over BGP"),
+        ("pod3", "pod2", "across R: native via BGP"),
+        ("pod1", "pod3", "shared L2: native (on-link next hop)"),
+    ]
+    return 0 if _table(cluster, ref, pairs, throughput, seconds) else 1
+
+
 def run_clusters_demo(seconds: float = 2.0, throughput: bool = True) -> int:
     """`podrouter demo --clusters 2`."""
+    return _run_leg(
+        ("ip", "ping", "iperf3", "etcd"),
+        lambda topo, closers: _clusters_leg(topo, closers, seconds, throughput),
+    )
+
+
+def _clusters_leg(topo: Topology, closers: Closers, seconds: float, throughput: bool) -> int:
     import tempfile
 
-    from podrouter.demo.cluster import Cluster, ClusterError
+    from podrouter.cli import _mesh_lines
+    from podrouter.demo.cluster import Cluster
 
-    rc = _preflight(("ip", "ping", "iperf3", "etcd"))
-    if rc:
-        return rc
-    t_start = time.monotonic()
-    topo: Topology | None = None
-    closers: list[Callable[[], None]] = []
-    status = 1
-    with signals_unwind():
-        try:
-            topo = Topology("demo")
-            _say(f"podrouter demo --clusters 2: building two clusters in network namespaces {topo.prefix}-*")
-            ref = mesh_topology(topo)
-            data = Path(tempfile.mkdtemp(prefix="podrouter-etcd-"))
-            closers.append(lambda: shutil.rmtree(data, ignore_errors=True))
-            for name, urls, port in (("east", EAST_ETCD, 2380), ("west", WEST_ETCD, 2480)):
-                p = start_etcd(ref.router, name, data / name, urls, port)
-                closers.append(functools.partial(stop_proc, p))
-            cluster = Cluster(ref)
-            closers.append(cluster.close)  # closers run last-first: the daemons stop before the etcds
-            _say("  east (id 1, 10.244.0.0/16): node1 172.16.2.2 (pod1), node2 172.16.3.2 (pod2), etcd :2379")
-            _say("  west (id 2, 10.245.0.0/16): node3 172.16.2.3 (pod3), node4 172.16.4.2 (pod4), etcd :2479")
-            _say("  node1/node3 share an L2; node2 and node4 are behind R. Each node watches the other")
-            _say("  cluster's etcd read-only; across clusters: hybrid, native_when_on_link")
-            cluster.start({n: mesh_config(ref, n, cluster.workdir) for n in ref.nodes})
+    _say(f"podrouter demo --clusters 2: building two clusters in network namespaces {topo.prefix}-*")
+    ref = mesh_topology(topo)
+    data = Path(tempfile.mkdtemp(prefix="podrouter-etcd-"))
+    closers.append(lambda: shutil.rmtree(data, ignore_errors=True))
+    for name, urls, port in (("east", EAST_ETCD, 2380), ("west", WEST_ETCD, 2480)):
+        p = start_etcd(ref.router, name, data / name, urls, port)
+        closers.append(functools.partial(stop_proc, p))
+    cluster = Cluster(ref)
+    closers.append(cluster.close)  # closers run last-first: the daemons stop before the etcds
+    _say("  east (id 1, 10.244.0.0/16): node1 172.16.2.2 (pod1), node2 172.16.3.2 (pod2), etcd :2379")
+    _say("  west (id 2, 10.245.0.0/16): node3 172.16.2.3 (pod3), node4 172.16.4.2 (pod4), etcd :2479")
+    _say("  node1/node3 share an L2; node2 and node4 are behind R. Each node watches the other")
+    _say("  cluster's etcd read-only; across clusters: hybrid, native_when_on_link")
+    cluster.start({n: mesh_config(ref, n, cluster.workdir) for n in ref.nodes})
 
-            def meshed() -> bool:
-                return all(len(cluster.status(n).get("peers", [])) == 3 for n in ref.nodes)
+    def meshed() -> bool:
+        return all(len(cluster.status(n).get("peers", [])) == 3 for n in ref.nodes)
 
-            _wait(meshed, 20, "every node to know the 3 others")
-            from podrouter.cli import _mesh_lines
-
-            for line in _mesh_lines(cluster.status("node1")["clustermesh"]):
-                _say(line.replace("cluster mesh:", "node1's cluster mesh:", 1))
-            _say()
-            pairs = [
-                ("pod1", "pod3", "east -> west, shared L2: native (hybrid, native_when_on_link)"),
-                ("pod3", "pod1", "west -> east, shared L2: native"),
-                ("pod1", "pod4", "east -> west, across R: VXLAN"),
-                ("pod2", "pod3", "east -> west, across R: VXLAN"),
-                ("pod4", "pod2", "west -> east, across R: VXLAN"),
-                ("pod1", "pod2", "inside east: VXLAN (routing.mode tunnel)"),
-            ]
-            status = 0 if _table(cluster, ref, pairs, throughput, seconds) else 1
-            _say("\n(no masquerade across clusters: pods see each other's pod IPs)")
-        except (KeyboardInterrupt, Terminated):
-            _say("\ninterrupted: tearing down")
-            status = 130
-        except (ClusterError, RuntimeError) as e:
-            print(f"podrouter demo: {e}", file=sys.stderr)
-            status = 1
-        finally:
-            status = _teardown(topo, closers, t_start) or status
+    _wait(meshed, 20, "every node to know the 3 others")
+    for line in _mesh_lines(cluster.status("node1")["clustermesh"]):
+        _say(line.replace("cluster mesh:", "node1's cluster mesh:", 1))
+    _say()
+    pairs = [
+        ("pod1", "pod3", "east -> west, shared L2: native (hybrid, native_when_on_link)"),
+        ("pod3", "pod1", "west -> east, shared L2: native"),
+        ("pod1", "pod4", "east -> west, across R: VXLAN"),
+        ("pod2", "pod3", "east -> west, across R: VXLAN"),
+        ("pod4", "pod2", "west -> east, across R: VXLAN"),
+        ("pod1", "pod2", "inside east: VXLAN (routing.mode tunnel)"),
+    ]
+    status = 0 if _table(cluster, ref, pairs, throughput, seconds) else 1
+    _say("\n(no masquerade across clusters: pods see each other's pod IPs)")
     return status
 
 

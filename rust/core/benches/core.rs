@@ -5,6 +5,8 @@
 //!   half inside a random prefix, so deep paths are exercised too).
 //! * `datapath/egress_vxlan/{64,1400}`: parse + classify + VXLAN encapsulation of one packet.
 //! * `nat/{lookup_hit,lookup_miss,egress_hit}/1M`: the masquerade table holding 1M flows.
+//! * `nat_snapshot/{export,encode}/{10k,65k}`: one NAT snapshot write's copy (under the NAT lock)
+//!   and encoding (outside it).
 //!
 //! `PODROUTER_BENCH_QUICK=1` shortens every measurement (about a minute in all) for smoke runs.
 //! Table sizes and NAT bytes per entry are printed to stderr.
@@ -22,6 +24,7 @@ use podrouter_core::classify::{
 use podrouter_core::datapath::{self, EgressAction, MAX_HEADROOM};
 use podrouter_core::lpm::{Lpm4, Lpm6};
 use podrouter_core::nat::{FlowKey, NatConfig, NatProto, NatTable};
+use podrouter_core::nat_snapshot;
 use podrouter_core::wire::{ip_proto, ipv4, udp};
 
 /// xorshift64: deterministic inputs without a rand dependency.
@@ -199,6 +202,7 @@ fn tables() -> Tables {
             on_link: false,
             next_hop: None,
             vtep_mac: None,
+            geneve_payload: None,
         })
         .collect();
     Tables::build(&TableSpec {
@@ -337,5 +341,43 @@ fn bench_nat(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_lpm, bench_datapath, bench_nat);
+/// The NAT snapshot writer's work per write: `export_into` (into a reused vector, as the writer does) (the part done under the NAT lock, which
+/// the packet path waits for) and `encode` (done outside it), for tables of 10k and 65k flows.
+fn bench_nat_snapshot(c: &mut Criterion) {
+    let mut g = c.benchmark_group("nat_snapshot");
+    configure(&mut g);
+    for n in [10_000usize, 65_536] {
+        let mut t = NatTable::with_capacity(NatConfig::default(), n);
+        let mut r = Rng(0x2545_f491_4f6c_dd1d);
+        while t.len() < n {
+            let k = flow(&mut r);
+            let _ = t.egress(&k, 0x02, 0);
+        }
+        let label = if n == 10_000 { "10k" } else { "65k" };
+        let recs = t.export(1);
+        let mut buf = Vec::new();
+        nat_snapshot::encode_into(&recs, 1, &mut buf);
+        eprintln!("nat_snapshot: {} entries, {} bytes", recs.len(), buf.len());
+        g.throughput(Throughput::Elements(n as u64));
+        let mut out = Vec::new();
+        g.bench_function(format!("export/{label}"), |b| {
+            b.iter(|| {
+                t.export_into(1, &mut out);
+                black_box(out.len())
+            })
+        });
+        g.bench_function(format!("encode/{label}"), |b| {
+            b.iter(|| nat_snapshot::encode_into(black_box(&recs), 1, &mut buf))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_lpm,
+    bench_datapath,
+    bench_nat,
+    bench_nat_snapshot
+);
 criterion_main!(benches);

@@ -16,7 +16,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::str::FromStr;
 
-pub use crate::encap::TunnelProto;
+pub use crate::encap::{GenevePayload, TunnelProto};
 use crate::lpm::{IpLpm, Lpm4};
 
 /// Index of a peer in [`TableSpec::peers`] (and [`Tables::peers`]).
@@ -189,6 +189,9 @@ pub struct TunnelSpec {
     pub vni: u32,
     pub vxlan_port: u16,
     pub geneve_port: u16,
+    /// What Geneve frames this node sends carry (peers may override it); both kinds are always
+    /// received.
+    pub geneve_payload: GenevePayload,
 }
 
 impl Default for TunnelSpec {
@@ -198,6 +201,7 @@ impl Default for TunnelSpec {
             vni: 1,
             vxlan_port: TunnelProto::Vxlan.default_port(),
             geneve_port: TunnelProto::Geneve.default_port(),
+            geneve_payload: GenevePayload::Ethernet,
         }
     }
 }
@@ -261,6 +265,8 @@ pub struct PeerSpec {
     /// MAC). `None`: the address podrouter synthesizes for the peer
     /// ([`crate::datapath::vxlan_inner_mac`] of its underlay address), what a podrouter peer uses.
     pub vtep_mac: Option<[u8; 6]>,
+    /// Override of `tunnel.geneve_payload` for Geneve frames sent to this peer.
+    pub geneve_payload: Option<GenevePayload>,
 }
 
 /// The plain-Rust mirror of the dict the control plane hands to `_native.Tables(spec)`
@@ -568,6 +574,8 @@ pub struct Peer {
     /// The inner Ethernet destination of VXLAN frames to this peer (the spec's `vtep_mac`, else
     /// the synthesized one).
     pub vtep_mac: [u8; 6],
+    /// The effective Geneve payload kind (override or node-wide).
+    pub geneve_payload: GenevePayload,
     /// Verdict when this peer is reached natively (`Native` or a `Drop`).
     pub native: Verdict,
     /// Verdict when this peer is reached through the tunnel.
@@ -801,6 +809,7 @@ impl Tables {
                 vtep_mac: ps
                     .vtep_mac
                     .unwrap_or_else(|| crate::datapath::vxlan_inner_mac(ps.address)),
+                geneve_payload: ps.geneve_payload.unwrap_or(spec.tunnel.geneve_payload),
                 native,
                 tunnel: Verdict::Tunnel {
                     peer: PeerId(p as u32),
@@ -973,7 +982,8 @@ impl Tables {
     }
 
     /// What a `Verdict::Tunnel` encapsulates with: from this node's address and VTEP MAC to the
-    /// peer's underlay address, port and VTEP MAC.
+    /// peer's underlay address, port and VTEP MAC, with the peer's Geneve payload kind (the
+    /// node-wide one if `peer` is out of range).
     pub fn encap_params(
         &self,
         peer: PeerId,
@@ -991,6 +1001,9 @@ impl Tables {
             inner_src_mac: self.vtep_mac(),
             // a kernel vxlan peer only accepts frames addressed to its own MAC (`vtep_mac`)
             inner_dst_mac: self.peer_vtep_mac(peer, remote),
+            geneve_payload: self
+                .peer(peer)
+                .map_or(self.tunnel.geneve_payload, |p| p.geneve_payload),
         }
     }
 
@@ -1071,6 +1084,7 @@ mod tests {
                         mac: Some(GW_MAC),
                     }),
                     vtep_mac: None,
+                    geneve_payload: None,
                 },
                 PeerSpec {
                     name: "node3".into(),
@@ -1084,6 +1098,7 @@ mod tests {
                         mac: Some(N3_MAC),
                     }),
                     vtep_mac: None,
+                    geneve_payload: None,
                 },
             ],
         }

@@ -20,7 +20,7 @@ use std::ops::Range;
 pub use crate::classify::{DropReason, Path, PeerId, Tables, Verdict};
 use crate::encap;
 pub use crate::encap::{TunnelProto, MAX_HEADROOM};
-use crate::nat::{self, NatTable};
+use crate::nat::{self, NatTable, NatTable6};
 use crate::wire::{self, IpMeta};
 
 /// What to do with a packet from a local pod.
@@ -343,6 +343,28 @@ pub fn masquerade_reply(
     run().unwrap_or_else(IngressAction::Drop)
 }
 
+/// [`masquerade_reply`] for IPv6: a reply to the node's IPv6 masquerade address, translated back
+/// with the IPv6 table ([`nat::translate_ingress_v6`]).
+pub fn masquerade_reply_v6(
+    nat: &mut NatTable6,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    now: u64,
+) -> IngressAction {
+    let mut run = || -> Result<IngressAction, DropReason> {
+        let pkt = packet(buf, start, len)?;
+        let total = wire::parse_ip(pkt)?.total_len;
+        nat::translate_ingress_v6(nat, pkt, now)?;
+        Ok(IngressAction::Deliver {
+            range: start..start + total,
+            path: Path::Masquerade,
+            peer: None,
+        })
+    };
+    run().unwrap_or_else(IngressAction::Drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,6 +401,7 @@ mod tests {
                 mac: Some(mac),
             }),
             vtep_mac: None,
+            geneve_payload: None,
         }
     }
 
@@ -619,7 +642,33 @@ mod tests {
             panic!("{a:?}")
         };
         assert_eq!((proto, remote.port()), (TunnelProto::Geneve, 6081));
+        // Geneve carries an inner Ethernet frame by default (Protocol Type 0x6558)
+        assert_eq!(range.start, MAX_HEADROOM - 22);
+        assert_eq!(&b[range.start + 2..range.start + 4], &[0x65, 0x58]);
+        let mut rx = b[range].to_vec();
+        let n = rx.len();
+        let d = ingress(
+            &tables_for(1),
+            v4("172.16.2.2"),
+            50000,
+            6081,
+            0,
+            &mut rx,
+            0,
+            n,
+        );
+        assert_eq!(d.path(), Some(Path::Geneve));
+        // a per-peer `ip` override: the inner IP packet straight after the Geneve header, still
+        // accepted by a receiver whose own default is `ethernet`
+        spec.peers[0].geneve_payload = Some(crate::encap::GenevePayload::Ip);
+        spec_tables = Tables::build(&spec).unwrap();
+        let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", 64, 0);
+        let a = egress(&spec_tables, None, &mut b, MAX_HEADROOM, len, 0);
+        let EgressAction::Tunnel { range, .. } = a else {
+            panic!("{a:?}")
+        };
         assert_eq!(range.start, MAX_HEADROOM - 8);
+        assert_eq!(&b[range.start + 2..range.start + 4], &[0x08, 0x00]);
         let mut rx = b[range].to_vec();
         let n = rx.len();
         let d = ingress(
@@ -703,7 +752,10 @@ mod tests {
             let hdr = &b[range.clone()];
             match proto {
                 TunnelProto::Vxlan => assert_eq!(&hdr[8 + 12..8 + 14], &[0x86, 0xdd]),
-                TunnelProto::Geneve => assert_eq!(&hdr[2..4], &[0x86, 0xdd]),
+                TunnelProto::Geneve => {
+                    assert_eq!(&hdr[2..4], &[0x65, 0x58]);
+                    assert_eq!(&hdr[8 + 12..8 + 14], &[0x86, 0xdd]);
+                }
             }
             let mut rx = hdr.to_vec();
             let n = rx.len();
@@ -753,6 +805,7 @@ mod tests {
                 dst_port: 4789,
                 inner_src_mac: [0; 6],
                 inner_dst_mac: [0; 6],
+                geneve_payload: Default::default(),
             };
             let r = encap::encap_payload(&mut b, MAX_HEADROOM, len, &params).unwrap();
             let mut p = b[r].to_vec();
@@ -884,6 +937,53 @@ mod tests {
         );
     }
 
+    /// An IPv6 reply behind `headroom` bytes with trailing junk: translated in place to the pod,
+    /// delivered range = the IPv6 packet; an unknown one is dropped `nat_no_mapping`.
+    #[test]
+    fn masquerade_reply_v6_translates_in_place() {
+        use std::net::Ipv6Addr;
+        let (pod, node, remote): (Ipv6Addr, Ipv6Addr, Ipv6Addr) = (
+            "fd00:244:1::10".parse().unwrap(),
+            "2001:db8:0:1::2".parse().unwrap(),
+            "2001:db8:ff::7".parse().unwrap(),
+        );
+        let udp6 = |src: Ipv6Addr, sp: u16, dst: Ipv6Addr, dp: u16| {
+            let mut p = vec![0x60, 0, 0, 0, 0, 12, ip_proto::UDP, 64];
+            p.extend_from_slice(&src.octets());
+            p.extend_from_slice(&dst.octets());
+            p.extend_from_slice(&sp.to_be_bytes());
+            p.extend_from_slice(&dp.to_be_bytes());
+            p.extend_from_slice(&[0, 12, 0, 0, b'd', b'a', b't', b'a']);
+            udp::Packet::new_unchecked(&mut p[40..]).fill_checksum(src.into(), dst.into());
+            p
+        };
+        let mut nat = NatTable6::new_v6(NatConfig::default());
+        let mut out = udp6(pod, 5000, remote, 53);
+        let np = nat::translate_egress_v6(&mut nat, &mut out, node, 0).unwrap();
+        let r = udp6(remote, 53, node, np);
+        let mut b = vec![0u8; MAX_HEADROOM];
+        b.extend_from_slice(&r);
+        b.extend_from_slice(&[0xee; 4]);
+        let d = masquerade_reply_v6(&mut nat, &mut b, MAX_HEADROOM, r.len() + 4, 1);
+        let IngressAction::Deliver { range, path, peer } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!((path, peer), (Path::Masquerade, None));
+        assert_eq!(range, MAX_HEADROOM..MAX_HEADROOM + r.len());
+        let m = wire::parse_ip(&b[range.clone()]).unwrap();
+        assert_eq!((m.src, m.dst), (IpAddr::V6(remote), IpAddr::V6(pod)));
+        assert_eq!(m.ports(), Some((53, 5000)));
+        assert!(udp::Packet::new_checked(&b[range.start + 40..range.end])
+            .unwrap()
+            .verify_checksum(remote.into(), pod.into()));
+        let mut b = vec![0u8; MAX_HEADROOM];
+        b.extend_from_slice(&udp6(remote, 53, node, np.wrapping_add(1)));
+        assert_eq!(
+            masquerade_reply_v6(&mut nat, &mut b, MAX_HEADROOM, r.len(), 1),
+            IngressAction::Drop(DropReason::NatNoMapping)
+        );
+    }
+
     /// node2 tunnels `inner` to node1 and returns the UDP payload.
     fn tunneled(src: &str, dst: &str, tos: u8, vni: u32) -> Vec<u8> {
         let (mut b, len) = udp_buf(src, dst, 64, tos);
@@ -895,6 +995,7 @@ mod tests {
             dst_port: 4789,
             inner_src_mac: [0; 6],
             inner_dst_mac: [0; 6],
+            geneve_payload: Default::default(),
         };
         let r = encap::encap_payload(&mut b, MAX_HEADROOM, len, &params).unwrap();
         b[r].to_vec()
@@ -995,15 +1096,7 @@ mod tests {
             };
             let inner = &pkt[..meta.total_len];
             let (src_port, tos) = (encap::udp_source_port(inner), encap::outer_tos(inner));
-            let params = EncapParams {
-                proto,
-                vni,
-                src: t.node_address(),
-                dst: remote,
-                dst_port: port,
-                inner_src_mac: t.vtep_mac(),
-                inner_dst_mac: t.peer_vtep_mac(peer, remote),
-            };
+            let params = t.encap_params(peer, proto, vni, remote, port);
             let range = encap::encap_payload(b, MAX_HEADROOM, meta.total_len, &params).ok()?;
             Some(EgressAction::Tunnel {
                 range,

@@ -13,9 +13,12 @@
 //!   (Linux UDP GRO does not aggregate zero-checksum tunnel datagrams), DF set, TTL 64, DSCP copied
 //!   from the inner header, ECN per RFC 6040 §4.1 normal mode.
 //!
-//! Geneve is sent without options and with the inner IP packet directly after the base header
-//! (Protocol Type 0x0800 / 0x86DD, RFC 8926 §3.4), which saves the 14-byte inner Ethernet header
-//! VXLAN has to carry.
+//! Geneve is sent without options. By default ([`GenevePayload::Ethernet`]) it carries an inner
+//! Ethernet frame (Protocol Type 0x6558, Transparent Ethernet Bridging) built exactly like
+//! VXLAN's, which is what Open vSwitch, OVN, Cilium, Antrea and Linux geneve devices expect; with
+//! [`GenevePayload::Ip`] the inner IP packet follows the base header directly (Protocol Type
+//! 0x0800 / 0x86DD, RFC 8926 §3.4), 14 bytes shorter, understood by podrouter peers only.
+//! Decapsulation accepts both.
 //!
 //! # Decapsulation
 //!
@@ -66,7 +69,8 @@ impl TunnelProto {
         }
     }
 
-    /// Bytes [`encap_full`] puts in front of the inner packet.
+    /// Bytes [`encap_full`] puts in front of the inner packet with the default framing (the
+    /// largest: [`EncapParams::overhead`] is never more).
     pub const fn overhead(self) -> usize {
         match self {
             TunnelProto::Vxlan => VXLAN_OVERHEAD,
@@ -74,7 +78,8 @@ impl TunnelProto {
         }
     }
 
-    /// Bytes [`encap_payload`] puts in front of the inner packet (the UDP payload prefix).
+    /// Bytes [`encap_payload`] puts in front of the inner packet (the UDP payload prefix) with the
+    /// default framing (the largest: [`EncapParams::payload_overhead`] is never more).
     pub const fn payload_overhead(self) -> usize {
         match self {
             TunnelProto::Vxlan => VXLAN_PAYLOAD_OVERHEAD,
@@ -89,16 +94,49 @@ impl fmt::Display for TunnelProto {
     }
 }
 
+/// What a Geneve header is followed by (`tunnel.geneve_payload` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GenevePayload {
+    /// Protocol Type 0x6558 and an inner Ethernet header (the interoperable default).
+    #[default]
+    Ethernet,
+    /// Protocol Type 0x0800 / 0x86DD and the inner IP packet directly.
+    Ip,
+}
+
+impl GenevePayload {
+    /// `"ethernet"` / `"ip"`: the config spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            GenevePayload::Ethernet => "ethernet",
+            GenevePayload::Ip => "ip",
+        }
+    }
+
+    /// Parse the config spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ethernet" => Some(GenevePayload::Ethernet),
+            "ip" => Some(GenevePayload::Ip),
+            _ => None,
+        }
+    }
+}
+
 /// Outer IPv4 + UDP.
 pub const OUTER_HEADERS_LEN: usize = ipv4::HEADER_LEN + udp::HEADER_LEN;
 /// VXLAN header + inner Ethernet header.
 pub const VXLAN_PAYLOAD_OVERHEAD: usize = vxlan::HEADER_LEN + ethernet::HEADER_LEN;
-/// Geneve base header, no options, inner IP directly.
-pub const GENEVE_PAYLOAD_OVERHEAD: usize = geneve::HEADER_LEN;
+/// Geneve base header, no options, inner Ethernet header ([`GenevePayload::Ethernet`]).
+pub const GENEVE_PAYLOAD_OVERHEAD: usize = geneve::HEADER_LEN + ethernet::HEADER_LEN;
+/// Geneve base header, no options, inner IP directly ([`GenevePayload::Ip`]).
+pub const GENEVE_IP_PAYLOAD_OVERHEAD: usize = geneve::HEADER_LEN;
 /// 20 + 8 + 8 + 14 = 50.
 pub const VXLAN_OVERHEAD: usize = OUTER_HEADERS_LEN + VXLAN_PAYLOAD_OVERHEAD;
-/// 20 + 8 + 8 = 36.
+/// 20 + 8 + 8 + 14 = 50, like VXLAN.
 pub const GENEVE_OVERHEAD: usize = OUTER_HEADERS_LEN + GENEVE_PAYLOAD_OVERHEAD;
+/// 20 + 8 + 8 = 36.
+pub const GENEVE_IP_OVERHEAD: usize = OUTER_HEADERS_LEN + GENEVE_IP_PAYLOAD_OVERHEAD;
 /// Headroom to leave in front of every inner packet so that either encapsulation fits: the
 /// largest overhead rounded up to 64 bytes, which also keeps the inner packet cache-line aligned
 /// when the buffer is.
@@ -115,8 +153,12 @@ pub const SOURCE_PORT_MAX: u16 = 60999;
 /// Number of ports in `SOURCE_PORT_MIN..=SOURCE_PORT_MAX`.
 const SOURCE_PORT_SPAN: u32 = (SOURCE_PORT_MAX - SOURCE_PORT_MIN) as u32 + 1;
 
-const _: () =
-    assert!(VXLAN_OVERHEAD == 50 && GENEVE_OVERHEAD == 36 && MAX_HEADROOM >= VXLAN_OVERHEAD);
+const _: () = assert!(
+    VXLAN_OVERHEAD == 50
+        && GENEVE_OVERHEAD == 50
+        && GENEVE_IP_OVERHEAD == 36
+        && MAX_HEADROOM >= VXLAN_OVERHEAD
+);
 
 /// What to write in front of an inner packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -130,9 +172,28 @@ pub struct EncapParams {
     pub dst: Ipv4Addr,
     /// Outer UDP destination port (the configured tunnel port).
     pub dst_port: u16,
-    /// VXLAN only: addresses of the inner Ethernet header.
+    /// VXLAN and Geneve with [`GenevePayload::Ethernet`]: addresses of the inner Ethernet header.
     pub inner_src_mac: [u8; 6],
     pub inner_dst_mac: [u8; 6],
+    /// Geneve only: what follows the Geneve header.
+    pub geneve_payload: GenevePayload,
+}
+
+impl EncapParams {
+    /// Bytes [`encap_payload`] puts in front of the inner packet for these parameters.
+    #[inline]
+    pub const fn payload_overhead(&self) -> usize {
+        match (self.proto, self.geneve_payload) {
+            (TunnelProto::Geneve, GenevePayload::Ip) => GENEVE_IP_PAYLOAD_OVERHEAD,
+            (p, _) => p.payload_overhead(),
+        }
+    }
+
+    /// Bytes [`encap_full`] puts in front of the inner packet for these parameters.
+    #[inline]
+    pub const fn overhead(&self) -> usize {
+        OUTER_HEADERS_LEN + self.payload_overhead()
+    }
 }
 
 /// Why encapsulation refused to write anything.
@@ -211,7 +272,7 @@ pub fn encap_payload(
     len: usize,
     params: &EncapParams,
 ) -> Result<Range<usize>, EncapError> {
-    let need = params.proto.payload_overhead();
+    let need = params.payload_overhead();
     let et = check_args(buf, start, len, params, need)?;
     let begin = start - need;
     write_tunnel_header(&mut buf[begin..start], et, params);
@@ -238,7 +299,7 @@ pub fn encap_payload_parsed(
         return Err(EncapError::BadVni);
     }
     let head = &mut buf[..start];
-    let need = params.proto.payload_overhead();
+    let need = params.payload_overhead();
     let headroom = EncapError::Headroom { need, have: start };
     // Fixed-size views of the header bytes: every write below has a constant offset into an
     // array of known length, so no bounds check is left in the per-packet path.
@@ -249,32 +310,51 @@ pub fn encap_payload_parsed(
                 .ok_or(headroom)?;
             write_tunnel_header(hdr, et, params);
         }
-        TunnelProto::Geneve => {
-            let hdr = head
-                .last_chunk_mut::<GENEVE_PAYLOAD_OVERHEAD>()
-                .ok_or(headroom)?;
-            write_tunnel_header(hdr, et, params);
-        }
+        TunnelProto::Geneve => match params.geneve_payload {
+            GenevePayload::Ethernet => {
+                let hdr = head
+                    .last_chunk_mut::<GENEVE_PAYLOAD_OVERHEAD>()
+                    .ok_or(headroom)?;
+                write_tunnel_header(hdr, et, params);
+            }
+            GenevePayload::Ip => {
+                let hdr = head
+                    .last_chunk_mut::<GENEVE_IP_PAYLOAD_OVERHEAD>()
+                    .ok_or(headroom)?;
+                write_tunnel_header(hdr, et, params);
+            }
+        },
     }
     Ok(start - need..end)
 }
 
-/// `hdr` is exactly `params.proto.payload_overhead()` bytes.
+/// `hdr` is exactly `params.payload_overhead()` bytes.
 #[inline]
 fn write_tunnel_header(hdr: &mut [u8], et: u16, params: &EncapParams) {
-    match params.proto {
-        TunnelProto::Vxlan => {
+    match (params.proto, params.geneve_payload) {
+        (TunnelProto::Vxlan, _) => {
             let (vx, eth) = hdr.split_at_mut(vxlan::HEADER_LEN);
             vxlan::Header::new_unchecked(vx).emit(params.vni);
-            let mut f = ethernet::Frame::new_unchecked(eth);
-            f.set_dst_addr(params.inner_dst_mac);
-            f.set_src_addr(params.inner_src_mac);
-            f.set_ethertype(et);
+            write_inner_ethernet(eth, et, params);
         }
-        TunnelProto::Geneve => {
+        (TunnelProto::Geneve, GenevePayload::Ethernet) => {
+            let (gn, eth) = hdr.split_at_mut(geneve::HEADER_LEN);
+            geneve::Header::new_unchecked(gn).emit(params.vni, ethertype::TEB, 0);
+            write_inner_ethernet(eth, et, params);
+        }
+        (TunnelProto::Geneve, GenevePayload::Ip) => {
             geneve::Header::new_unchecked(hdr).emit(params.vni, et, 0);
         }
     }
+}
+
+/// The inner Ethernet header of VXLAN and Geneve-with-Ethernet: the same VTEP MAC rule for both.
+#[inline]
+fn write_inner_ethernet(eth: &mut [u8], et: u16, params: &EncapParams) {
+    let mut f = ethernet::Frame::new_unchecked(eth);
+    f.set_dst_addr(params.inner_dst_mac);
+    f.set_src_addr(params.inner_src_mac);
+    f.set_ethertype(et);
 }
 
 /// Write outer IPv4 + UDP + tunnel header in front of `buf[start..start + len]`. Returns the range
@@ -285,7 +365,7 @@ pub fn encap_full(
     len: usize,
     params: &EncapParams,
 ) -> Result<Range<usize>, EncapError> {
-    let need = params.proto.overhead();
+    let need = params.overhead();
     let et = check_args(buf, start, len, params, need)?;
     let total = need + len;
     if total > usize::from(u16::MAX) {
@@ -298,7 +378,7 @@ pub fn encap_full(
     };
     let pkt = &mut buf[begin..start + len];
     let (outer, rest) = pkt.split_at_mut(OUTER_HEADERS_LEN);
-    write_tunnel_header(&mut rest[..params.proto.payload_overhead()], et, params);
+    write_tunnel_header(&mut rest[..params.payload_overhead()], et, params);
 
     let udp_len = total - ipv4::HEADER_LEN;
     {
@@ -832,6 +912,14 @@ mod tests {
             dst_port: proto.default_port(),
             inner_src_mac: [0x02, 0, 0, 0, 0, 0x01],
             inner_dst_mac: [0x02, 0, 0, 0, 0, 0x02],
+            geneve_payload: GenevePayload::Ethernet,
+        }
+    }
+
+    fn geneve_ip_params() -> EncapParams {
+        EncapParams {
+            geneve_payload: GenevePayload::Ip,
+            ..params(TunnelProto::Geneve)
         }
     }
 
@@ -902,6 +990,7 @@ mod tests {
     #[test]
     fn geneve_golden_bytes() {
         let inner = inner_udp(0);
+        // Default: Transparent Ethernet Bridging, then the same inner Ethernet header as VXLAN.
         let mut b = in_headroom(&inner);
         let r = encap_payload(
             &mut b,
@@ -910,8 +999,43 @@ mod tests {
             &params(TunnelProto::Geneve),
         )
         .unwrap();
+        assert_eq!(r.start, MAX_HEADROOM - 22);
+        assert_eq!(&b[r.clone()][..8], &[0x00, 0x00, 0x65, 0x58, 0, 0, 1, 0]);
+        assert_eq!(
+            &b[r.clone()][8..22],
+            &[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]
+        );
+        assert_eq!(&b[r][22..], &inner[..]);
+        // The parsed-packet variant writes the same bytes.
+        let mut b2 = in_headroom(&inner);
+        let r2 = encap_payload_parsed(
+            &mut b2,
+            MAX_HEADROOM,
+            inner.len(),
+            false,
+            &params(TunnelProto::Geneve),
+        )
+        .unwrap();
+        assert_eq!(b2, b);
+        assert_eq!(r2.start, MAX_HEADROOM - 22);
+        // `ip`: the inner IP packet right after the base header.
+        let mut b = in_headroom(&inner);
+        let r = encap_payload(&mut b, MAX_HEADROOM, inner.len(), &geneve_ip_params()).unwrap();
+        assert_eq!(r.start, MAX_HEADROOM - 8);
         assert_eq!(&b[r.clone()][..8], &[0x00, 0x00, 0x08, 0x00, 0, 0, 1, 0]);
         assert_eq!(&b[r][8..], &inner[..]);
+        let mut b2 = in_headroom(&inner);
+        let r2 = encap_payload_parsed(
+            &mut b2,
+            MAX_HEADROOM,
+            inner.len(),
+            false,
+            &geneve_ip_params(),
+        )
+        .unwrap();
+        assert_eq!((b2, r2.start), (b, MAX_HEADROOM - 8));
+        assert_eq!(geneve_ip_params().overhead(), GENEVE_IP_OVERHEAD);
+        assert_eq!(params(TunnelProto::Geneve).overhead(), 50);
         let mut b = in_headroom(&inner);
         let r = encap_payload(
             &mut b,
@@ -926,11 +1050,21 @@ mod tests {
 
     #[test]
     fn roundtrip_both_protocols() {
-        for proto in [TunnelProto::Vxlan, TunnelProto::Geneve] {
+        for (proto, gp) in [
+            (TunnelProto::Vxlan, GenevePayload::Ethernet),
+            (TunnelProto::Geneve, GenevePayload::Ethernet),
+            (TunnelProto::Geneve, GenevePayload::Ip),
+        ] {
             for e in 0..4 {
                 let inner = inner_udp(e);
-                let o = encapsulated(&inner, proto);
-                assert_eq!(o.len(), proto.overhead() + inner.len());
+                let p = EncapParams {
+                    geneve_payload: gp,
+                    ..params(proto)
+                };
+                let mut b = in_headroom(&inner);
+                let r = encap_full(&mut b, MAX_HEADROOM, inner.len(), &p).unwrap();
+                let o = b[r].to_vec();
+                assert_eq!(o.len(), p.overhead() + inner.len());
                 let d = decap_full(&o).unwrap();
                 assert_eq!(
                     (d.src, d.dst, d.dst_port),
@@ -1041,11 +1175,14 @@ mod tests {
             b
         };
         type Encap = fn(&mut [u8], usize, usize, &EncapParams) -> Result<Range<usize>, EncapError>;
-        let cases: [(Encap, &EncapParams, usize); 4] = [
+        let gi = geneve_ip_params();
+        let cases: [(Encap, &EncapParams, usize); 6] = [
             (encap_full, &p, 50),
             (encap_payload, &p, 22),
-            (encap_full, &g, 36),
-            (encap_payload, &g, 8),
+            (encap_full, &g, 50),
+            (encap_payload, &g, 22),
+            (encap_full, &gi, 36),
+            (encap_payload, &gi, 8),
         ];
         for (f, params, need) in cases {
             let have = need - 1;
@@ -1058,7 +1195,8 @@ mod tests {
         }
         // Exactly enough headroom works.
         assert_eq!(encap_full(&mut at(50), 50, n, &p), Ok(0..50 + n));
-        assert_eq!(encap_payload(&mut at(8), 8, n, &g), Ok(0..8 + n));
+        assert_eq!(encap_payload(&mut at(22), 22, n, &g), Ok(0..22 + n));
+        assert_eq!(encap_payload(&mut at(8), 8, n, &gi), Ok(0..8 + n));
         let mut b = in_headroom(&inner);
         assert_eq!(
             encap_full(&mut b, MAX_HEADROOM, n + 1, &p),

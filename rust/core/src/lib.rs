@@ -10,4 +10,5 @@ pub mod datapath;
 pub mod encap;
 pub mod lpm;
 pub mod nat;
+pub mod nat_snapshot;
 pub mod wire;

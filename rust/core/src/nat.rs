@@ -72,11 +72,20 @@
 //! RFC 5382 REQ-9 / RFC 4787 REQ-14: errors must be translated for the flows they belong to).
 //! Fragments are refused (`unsupported`): a later fragment carries no ports to translate, and
 //! podrouter does not reassemble.
+//!
+//! # IPv6
+//!
+//! The table is generic over the address family ([`NatAddr`]): [`NatTable`] / [`FlowKey`] default
+//! to IPv4, [`NatTable6`] / [`FlowKey6`] are the IPv6 forms, one table (one node port pool) per
+//! family, every rule above shared. [`translate_egress_v6`] and [`translate_ingress_v6`] are the
+//! IPv6 packet rewriters: no header checksum, but TCP, UDP and ICMPv6 checksums all cover the
+//! 128-bit addresses through the pseudo-header, and ICMPv6 errors (RFC 4443) quoting a translated
+//! packet are restored like ICMP ones.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::classify::DropReason;
 use crate::wire::{self, checksum, ip_proto, ipv4, L4Info};
@@ -152,6 +161,34 @@ impl BuildHasher for FxBuildHasher {
 /// A `HashMap` with [`FxBuildHasher`].
 pub type FxHashMap<K, V> = HashMap<K, V, FxBuildHasher>;
 
+/// An address family the table can key on: [`Ipv4Addr`] (the default everywhere) or
+/// [`Ipv6Addr`]. Each family has its own [`NatTable`] (and so its own node port pool); the IPv4
+/// instantiation hashes exactly as before the table became generic, so its hot path is unchanged.
+pub trait NatAddr: Copy + Eq + Ord + Hash + fmt::Debug + Send + Sync + 'static {
+    /// Feeds the address and `low` (bits below `shift`, which the IPv4 form packs into one word
+    /// with the address) to `state`.
+    fn hash_with<H: Hasher>(self, shift: u32, low: u64, state: &mut H);
+}
+
+impl NatAddr for Ipv4Addr {
+    #[inline]
+    fn hash_with<H: Hasher>(self, shift: u32, low: u64, state: &mut H) {
+        state.write_u64(u64::from(u32::from(self)) << shift | low);
+    }
+}
+
+impl NatAddr for Ipv6Addr {
+    /// Both halves separately (folding them first would let a pod pick remote addresses that
+    /// collide whatever the seed), then the low word.
+    #[inline]
+    fn hash_with<H: Hasher>(self, _shift: u32, low: u64, state: &mut H) {
+        let a = u128::from(self);
+        state.write_u64((a >> 64) as u64);
+        state.write_u64(a as u64);
+        state.write_u64(low);
+    }
+}
+
 /// The transports podrouter translates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
@@ -185,51 +222,55 @@ impl NatProto {
 
 /// A flow as the pod sent it (the forward key).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct FlowKey {
+pub struct FlowKey<A: NatAddr = Ipv4Addr> {
     pub proto: NatProto,
-    pub pod_ip: Ipv4Addr,
+    pub pod_ip: A,
     /// Source port, or the ICMP echo identifier.
     pub pod_port: u16,
-    pub remote_ip: Ipv4Addr,
+    pub remote_ip: A,
     /// Destination port, 0 for ICMP.
     pub remote_port: u16,
 }
 
-impl Hash for FlowKey {
+/// A [`FlowKey`] of the IPv6 table.
+pub type FlowKey6 = FlowKey<Ipv6Addr>;
+
+impl<A: NatAddr> Hash for FlowKey<A> {
     #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(
-            u64::from(u32::from(self.pod_ip)) << 32
-                | u64::from(self.pod_port) << 16
-                | self.proto as u64,
+        self.pod_ip.hash_with(
+            32,
+            u64::from(self.pod_port) << 16 | self.proto as u64,
+            state,
         );
-        state.write_u64(u64::from(u32::from(self.remote_ip)) << 16 | u64::from(self.remote_port));
+        self.remote_ip
+            .hash_with(16, u64::from(self.remote_port), state);
     }
 }
 
 /// The reverse key: what a reply carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct RevKey {
+struct RevKey<A: NatAddr> {
     proto: NatProto,
-    remote_ip: Ipv4Addr,
+    remote_ip: A,
     remote_port: u16,
     node_port: u16,
 }
 
-impl Hash for RevKey {
+impl<A: NatAddr> Hash for RevKey<A> {
     #[inline]
     fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(
-            u64::from(u32::from(self.remote_ip)) << 32
-                | u64::from(self.remote_port) << 16
-                | u64::from(self.node_port),
+        self.remote_ip.hash_with(
+            32,
+            u64::from(self.remote_port) << 16 | u64::from(self.node_port),
+            state,
         );
         state.write_u8(self.proto as u8);
     }
 }
 
-impl RevKey {
-    fn of(key: &FlowKey, node_port: u16) -> Self {
+impl<A: NatAddr> RevKey<A> {
+    fn of(key: &FlowKey<A>, node_port: u16) -> Self {
         RevKey {
             proto: key.proto,
             remote_ip: key.remote_ip,
@@ -516,12 +557,50 @@ impl From<NatError> for DropReason {
 
 /// A mapping as [`NatTable::get`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct NatEntry {
-    pub key: FlowKey,
+pub struct NatEntry<A: NatAddr = Ipv4Addr> {
+    pub key: FlowKey<A>,
     pub node_port: u16,
     pub state: NatState,
     /// The entry is dead from this second on.
     pub expires: u64,
+}
+
+/// A live mapping as [`NatTable::export`] hands it out and [`NatTable::restore`] takes it back:
+/// everything needed to rebuild it in another process (the NAT snapshot, `nat_snapshot.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatRecord<A: NatAddr = Ipv4Addr> {
+    pub key: FlowKey<A>,
+    pub node_port: u16,
+    pub state: NatState,
+    /// Seconds the mapping has left to live (at least 1).
+    pub ttl: u32,
+    /// TCP sequence tracking (see `Hot`), carried as is.
+    pub lo: u32,
+    pub hi: u32,
+    /// [`NatRecord::FLAGS`] bits only.
+    pub flags: u8,
+}
+
+impl<A: NatAddr> NatRecord<A> {
+    /// The flag bits a record may carry: FIN from the pod (1), FIN from the remote (2), replied
+    /// (4), remote sequence space tracked (16).
+    pub const FLAGS: u8 = RECORD_FLAGS;
+}
+
+/// [`NatRecord::FLAGS`], for either family.
+const RECORD_FLAGS: u8 = FINS | REPLIED | SYNCED;
+
+/// Why [`NatTable::restore`] refused a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RestoreError {
+    /// The node port is outside the configured range.
+    PortRange,
+    /// The flow, or its reply key (remote endpoint + node port), is held already.
+    Duplicate,
+    /// `max_entries` or the pod's `max_entries_per_pod` reached.
+    Full,
+    /// Unknown flag bits, a zero TTL, or a state of another protocol.
+    Invalid,
 }
 
 /// What a forward lookup needs, stored inline in the forward map so that a hit costs one cache
@@ -623,20 +702,23 @@ impl Hot {
 /// * `unreplied`: flows in creation order, the eviction candidates (stale items are skipped when
 ///   met and dropped when the queue is compacted, at twice the table's size).
 #[derive(Debug, Clone)]
-pub struct NatTable {
+pub struct NatTable<A: NatAddr = Ipv4Addr> {
     cfg: NatConfig,
-    fwd: FxHashMap<FlowKey, Hot>,
-    rev: FxHashMap<RevKey, FlowKey>,
-    slab: Vec<Option<FlowKey>>,
+    fwd: FxHashMap<FlowKey<A>, Hot>,
+    rev: FxHashMap<RevKey<A>, FlowKey<A>>,
+    slab: Vec<Option<FlowKey<A>>>,
     free: Vec<u32>,
     cursor: usize,
-    pods: FxHashMap<u32, u32>,
-    unreplied: VecDeque<FlowKey>,
+    pods: FxHashMap<A, u32>,
+    unreplied: VecDeque<FlowKey<A>>,
     /// The second of the last on-demand sweep (at most one per second).
     reclaimed_at: Option<u64>,
-    pod_limit_drops: FxHashMap<u32, u64>,
+    pod_limit_drops: FxHashMap<A, u64>,
     pod_limit_other: u64,
     evictions: u64,
+    /// Bumped by every change (an entry added, removed or advanced), under the table's lock, so
+    /// the snapshot writer can tell whether the table changed since its last write.
+    generation: u64,
 }
 
 /// Pod addresses [`NatTable::pod_limit_drops`] counts one by one; later ones share one counter.
@@ -645,15 +727,36 @@ pub const MAX_TRACKED_PODS: usize = 1024;
 /// Queue items [`NatTable`] examines per eviction before giving up.
 const EVICT_SCAN: usize = 4096;
 
+/// The IPv6 masquerade table (its own node port pool).
+pub type NatTable6 = NatTable<Ipv6Addr>;
+
 impl NatTable {
-    /// An empty table.
+    /// An empty IPv4 table.
     pub fn new(cfg: NatConfig) -> Self {
         Self::with_capacity(cfg, 0)
     }
 
-    /// An empty table with room for `n` entries before any reallocation (growing a map of a
+    /// An empty IPv4 table with room for `n` entries before any reallocation (growing a map of a
     /// million entries rehashes it, which takes milliseconds; reserving avoids that stall).
     pub fn with_capacity(cfg: NatConfig, n: usize) -> Self {
+        Self::build(cfg, n)
+    }
+}
+
+impl NatTable6 {
+    /// An empty IPv6 table.
+    pub fn new_v6(cfg: NatConfig) -> Self {
+        Self::build(cfg, 0)
+    }
+
+    /// [`NatTable::with_capacity`] for IPv6.
+    pub fn with_capacity_v6(cfg: NatConfig, n: usize) -> Self {
+        Self::build(cfg, n)
+    }
+}
+
+impl<A: NatAddr> NatTable<A> {
+    fn build(cfg: NatConfig, n: usize) -> Self {
         let h = FxBuildHasher { seed: cfg.seed };
         NatTable {
             fwd: HashMap::with_capacity_and_hasher(n, h),
@@ -677,23 +780,20 @@ impl NatTable {
             }),
             pod_limit_other: 0,
             evictions: 0,
+            generation: 0,
             cfg,
         }
     }
 
     /// Entries (live or not yet swept) held by `pod`.
-    pub fn pod_entries(&self, pod: Ipv4Addr) -> usize {
-        self.pods.get(&u32::from(pod)).map_or(0, |&n| n as usize)
+    pub fn pod_entries(&self, pod: A) -> usize {
+        self.pods.get(&pod).map_or(0, |&n| n as usize)
     }
 
     /// New flows refused with [`NatError::PodLimit`], per pod address (at most
     /// [`MAX_TRACKED_PODS`] addresses, highest count first), and the count of all other pods.
-    pub fn pod_limit_drops(&self) -> (Vec<(Ipv4Addr, u64)>, u64) {
-        let mut v: Vec<(Ipv4Addr, u64)> = self
-            .pod_limit_drops
-            .iter()
-            .map(|(&a, &n)| (Ipv4Addr::from(a), n))
-            .collect();
+    pub fn pod_limit_drops(&self) -> (Vec<(A, u64)>, u64) {
+        let mut v: Vec<(A, u64)> = self.pod_limit_drops.iter().map(|(&a, &n)| (a, n)).collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         (v, self.pod_limit_other)
     }
@@ -703,8 +803,8 @@ impl NatTable {
         self.evictions
     }
 
-    fn count_pod_limit(&mut self, pod: Ipv4Addr) {
-        let a = u32::from(pod);
+    fn count_pod_limit(&mut self, pod: A) {
+        let a = pod;
         let full = self.pod_limit_drops.len() >= MAX_TRACKED_PODS;
         match self.pod_limit_drops.get_mut(&a) {
             Some(n) => *n += 1,
@@ -778,10 +878,11 @@ impl NatTable {
         u64::from(self.cfg.timeout(s))
     }
 
-    fn remove(&mut self, key: &FlowKey) {
+    fn remove(&mut self, key: &FlowKey<A>) {
         if let Some(h) = self.fwd.remove(key) {
+            self.generation = self.generation.wrapping_add(1);
             self.rev.remove(&RevKey::of(key, h.node_port));
-            let pod = u32::from(key.pod_ip);
+            let pod = key.pod_ip;
             if let Some(n) = self.pods.get_mut(&pod) {
                 *n -= 1;
                 if *n == 0 {
@@ -796,7 +897,7 @@ impl NatTable {
     }
 
     /// The live mapping of `key`, if any.
-    pub fn get(&self, key: &FlowKey, now: u64) -> Option<NatEntry> {
+    pub fn get(&self, key: &FlowKey<A>, now: u64) -> Option<NatEntry<A>> {
         let h = self.fwd.get(key)?;
         (h.expires > now).then_some(NatEntry {
             key: *key,
@@ -808,7 +909,7 @@ impl NatTable {
 
     /// The node port of a live mapping (no state change).
     #[inline]
-    pub fn lookup(&self, key: &FlowKey, now: u64) -> Option<u16> {
+    pub fn lookup(&self, key: &FlowKey<A>, now: u64) -> Option<u16> {
         let h = self.fwd.get(key)?;
         (h.expires > now).then_some(h.node_port)
     }
@@ -818,11 +919,11 @@ impl NatTable {
     pub fn lookup_reverse(
         &self,
         proto: NatProto,
-        remote_ip: Ipv4Addr,
+        remote_ip: A,
         remote_port: u16,
         node_port: u16,
         now: u64,
-    ) -> Option<FlowKey> {
+    ) -> Option<FlowKey<A>> {
         let key = self.reply_flow(proto, remote_ip, remote_port, node_port)?;
         self.lookup(&key, now).map(|_| key)
     }
@@ -832,10 +933,10 @@ impl NatTable {
     fn reply_flow(
         &self,
         proto: NatProto,
-        remote_ip: Ipv4Addr,
+        remote_ip: A,
         remote_port: u16,
         node_port: u16,
-    ) -> Option<FlowKey> {
+    ) -> Option<FlowKey<A>> {
         let rk = RevKey {
             proto,
             remote_ip,
@@ -846,17 +947,18 @@ impl NatTable {
     }
 
     /// [`NatTable::egress_seg`] for a packet with `tcp_flags` and sequence numbers 0.
-    pub fn egress(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Result<u16, NatError> {
+    pub fn egress(&mut self, key: &FlowKey<A>, tcp_flags: u8, now: u64) -> Result<u16, NatError> {
         self.egress_seg(key, &Seg::flags(tcp_flags), now)
     }
 
     /// A pod packet of flow `key`: returns the node port to use, creating the mapping if the
     /// packet may open one (see [`opens_flow`]; the pod is under its cap; the table has room or
     /// an unanswered entry to evict), and advances the flow's state and expiry.
-    pub fn egress_seg(&mut self, key: &FlowKey, seg: &Seg, now: u64) -> Result<u16, NatError> {
+    pub fn egress_seg(&mut self, key: &FlowKey<A>, seg: &Seg, now: u64) -> Result<u16, NatError> {
         if let Some(h) = self.fwd.get_mut(key) {
             if h.expires > now {
                 h.advance(key.proto, Dir::Orig, seg, now, &self.cfg);
+                self.generation = self.generation.wrapping_add(1);
                 return Ok(h.node_port);
             }
             self.remove(key);
@@ -880,16 +982,7 @@ impl NatTable {
         }
         let node_port = self.allocate(key, seg.flags, now)?;
         let (state, fins) = next_state(key.proto, None, Dir::Orig, seg.flags);
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.slab[id as usize] = Some(*key);
-                id
-            }
-            None => {
-                self.slab.push(Some(*key));
-                (self.slab.len() - 1) as u32
-            }
-        };
+        let id = self.slot(key);
         let mut hot = Hot {
             expires: now + self.timeout(state),
             id,
@@ -902,14 +995,110 @@ impl NatTable {
         if key.proto == NatProto::Tcp {
             hot.track(Dir::Orig, seg, state);
         }
-        self.fwd.insert(*key, hot);
-        self.rev.insert(RevKey::of(key, node_port), *key);
-        *self.pods.entry(u32::from(key.pod_ip)).or_insert(0) += 1;
-        self.unreplied.push_back(*key);
+        self.insert(key, hot);
         if self.unreplied.len() > 2 * self.fwd.len() + 64 {
             self.compact_queue();
         }
         Ok(node_port)
+    }
+
+    /// A slab slot holding `key`.
+    fn slot(&mut self, key: &FlowKey<A>) -> u32 {
+        match self.free.pop() {
+            Some(id) => {
+                self.slab[id as usize] = Some(*key);
+                id
+            }
+            None => {
+                self.slab.push(Some(*key));
+                (self.slab.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Adds a new entry (its slab slot taken already) to both maps, the pod count and, while
+    /// unanswered, the eviction queue.
+    fn insert(&mut self, key: &FlowKey<A>, hot: Hot) {
+        self.fwd.insert(*key, hot);
+        self.rev.insert(RevKey::of(key, hot.node_port), *key);
+        *self.pods.entry(key.pod_ip).or_insert(0) += 1;
+        if hot.bits & QUEUED != 0 {
+            self.unreplied.push_back(*key);
+        }
+        self.generation = self.generation.wrapping_add(1);
+    }
+
+    /// Changes so far (see the field); equal values mean an unchanged table.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Every live mapping (expired ones left out), in no particular order.
+    pub fn export(&self, now: u64) -> Vec<NatRecord<A>> {
+        let mut v = Vec::with_capacity(self.len());
+        self.export_into(now, &mut v);
+        v
+    }
+
+    /// [`NatTable::export`] into `out` (cleared first): reusing its allocation keeps page faults
+    /// out of the time the caller holds the table's lock.
+    pub fn export_into(&self, now: u64, out: &mut Vec<NatRecord<A>>) {
+        out.clear();
+        out.reserve(self.len());
+        out.extend(
+            self.fwd
+                .iter()
+                .filter(|(_, h)| h.expires > now)
+                .map(|(k, h)| NatRecord {
+                    key: *k,
+                    node_port: h.node_port,
+                    state: h.state,
+                    ttl: u32::try_from(h.expires - now).unwrap_or(u32::MAX),
+                    lo: h.lo,
+                    hi: h.hi,
+                    flags: h.bits & RECORD_FLAGS,
+                }),
+        );
+    }
+
+    /// Adds a mapping exported by another table (another process). Everything in `r` is checked
+    /// against this table's configuration and contents; nothing is replaced.
+    pub fn restore(&mut self, r: &NatRecord<A>, now: u64) -> Result<(), RestoreError> {
+        let proto_ok = match r.state {
+            NatState::UdpUnreplied | NatState::UdpAssured => r.key.proto == NatProto::Udp,
+            NatState::Icmp => r.key.proto == NatProto::Icmp,
+            _ => r.key.proto == NatProto::Tcp,
+        };
+        if !proto_ok || r.flags & !RECORD_FLAGS != 0 || r.ttl == 0 {
+            return Err(RestoreError::Invalid);
+        }
+        // A timeout lowered since the export applies to the restored mapping too.
+        let ttl = r.ttl.min(self.cfg.timeout(r.state));
+        if r.node_port < self.cfg.port_lo || r.node_port > self.cfg.port_hi {
+            return Err(RestoreError::PortRange);
+        }
+        if self.fwd.contains_key(&r.key) || self.rev.contains_key(&RevKey::of(&r.key, r.node_port))
+        {
+            return Err(RestoreError::Duplicate);
+        }
+        if self.len() >= self.cfg.max_entries
+            || self.pod_entries(r.key.pod_ip) >= self.cfg.max_entries_per_pod
+        {
+            return Err(RestoreError::Full);
+        }
+        let id = self.slot(&r.key);
+        let queued = if r.flags & REPLIED == 0 { QUEUED } else { 0 };
+        let hot = Hot {
+            expires: now + u64::from(ttl),
+            id,
+            lo: r.lo,
+            hi: r.hi,
+            node_port: r.node_port,
+            state: r.state,
+            bits: r.flags | queued,
+        };
+        self.insert(&r.key, hot);
+        Ok(())
     }
 
     /// A node port for the new flow `key`: the first port in probe order that is free (a port
@@ -921,14 +1110,14 @@ impl NatTable {
     /// timestamp (RFC 6191) or answers it with an ACK that the client resets before retrying.
     /// The owner taken over is forgotten. Without this, a client that opens and resets
     /// connections to one server would pin every port of the range for the CLOSE timeout.
-    fn allocate(&mut self, key: &FlowKey, tcp_flags: u8, now: u64) -> Result<u16, NatError> {
+    fn allocate(&mut self, key: &FlowKey<A>, tcp_flags: u8, now: u64) -> Result<u16, NatError> {
         let (lo, hi) = (self.cfg.port_lo, self.cfg.port_hi);
         if lo > hi {
             return Err(NatError::BadConfig);
         }
         let opening = key.proto == NatProto::Tcp
             && tcp_flags & (tcp_flag::SYN | tcp_flag::ACK | tcp_flag::RST) == tcp_flag::SYN;
-        let mut closing: Option<(u16, FlowKey)> = None;
+        let mut closing: Option<(u16, FlowKey<A>)> = None;
         let range = u32::from(hi - lo) + 1;
         let start = (self.fwd.hasher().hash_one(key) % u64::from(range)) as u32;
         for i in 0..range.min(self.cfg.max_probe.max(1)) {
@@ -964,12 +1153,12 @@ impl NatTable {
     pub fn ingress(
         &mut self,
         proto: NatProto,
-        remote_ip: Ipv4Addr,
+        remote_ip: A,
         remote_port: u16,
         node_port: u16,
         tcp_flags: u8,
         now: u64,
-    ) -> Option<FlowKey> {
+    ) -> Option<FlowKey<A>> {
         self.ingress_seg(
             proto,
             remote_ip,
@@ -987,12 +1176,12 @@ impl NatTable {
     pub fn ingress_seg(
         &mut self,
         proto: NatProto,
-        remote_ip: Ipv4Addr,
+        remote_ip: A,
         remote_port: u16,
         node_port: u16,
         seg: &Seg,
         now: u64,
-    ) -> Result<FlowKey, NatError> {
+    ) -> Result<FlowKey<A>, NatError> {
         let key = self
             .reply_flow(proto, remote_ip, remote_port, node_port)
             .ok_or(NatError::NoMapping)?;
@@ -1005,6 +1194,7 @@ impl NatTable {
             return Err(NatError::RstOutOfWindow);
         }
         h.advance(proto, Dir::Reply, seg, now, &self.cfg);
+        self.generation = self.generation.wrapping_add(1);
         Ok(key)
     }
 
@@ -1034,12 +1224,12 @@ impl NatTable {
     /// control byte per slot of capacity).
     pub fn memory_bytes(&self) -> usize {
         use std::mem::size_of;
-        self.fwd.capacity() * (size_of::<(FlowKey, Hot)>() + 1)
-            + self.rev.capacity() * (size_of::<(RevKey, FlowKey)>() + 1)
-            + self.slab.capacity() * size_of::<Option<FlowKey>>()
+        self.fwd.capacity() * (size_of::<(FlowKey<A>, Hot)>() + 1)
+            + self.rev.capacity() * (size_of::<(RevKey<A>, FlowKey<A>)>() + 1)
+            + self.slab.capacity() * size_of::<Option<FlowKey<A>>>()
             + self.free.capacity() * 4
-            + self.unreplied.capacity() * size_of::<FlowKey>()
-            + self.pods.capacity() * (size_of::<(u32, u32)>() + 1)
+            + self.unreplied.capacity() * size_of::<FlowKey<A>>()
+            + self.pods.capacity() * (size_of::<(A, u32)>() + 1)
     }
 
     /// Measured bytes per held entry; with no entry, the cost at the maps' maximum load factor
@@ -1048,9 +1238,9 @@ impl NatTable {
         use std::mem::size_of;
         match self.len() {
             0 => {
-                size_of::<Option<FlowKey>>()
-                    + (size_of::<(FlowKey, Hot)>() + 1) * 8 / 7
-                    + (size_of::<(RevKey, FlowKey)>() + 1) * 8 / 7
+                size_of::<Option<FlowKey<A>>>()
+                    + (size_of::<(FlowKey<A>, Hot)>() + 1) * 8 / 7
+                    + (size_of::<(RevKey<A>, FlowKey<A>)>() + 1) * 8 / 7
             }
             n => self.memory_bytes() / n,
         }
@@ -1404,6 +1594,265 @@ fn translate_icmp_error(
     }
     wr16(b, l4 + 2, c)?;
     rewrite_addr(b, 0, ADDR_DST, key.pod_ip)?;
+    Ok(key.pod_ip)
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6 (NAT66 masquerade). No IP header checksum, but every transport checksum — ICMPv6's too —
+// covers a pseudo-header with both 128-bit addresses (RFC 8200 §8.1), so an address change is
+// folded into TCP, UDP and ICMPv6 checksums alike, eight 16-bit words at a time (RFC 1624).
+
+/// Offsets of the source and destination address in the IPv6 header.
+const ADDR6_SRC: usize = 8;
+const ADDR6_DST: usize = 24;
+
+fn rd_addr6(b: &[u8], at: usize) -> Result<[u8; 16], DropReason> {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(b.get(at..at + 16).ok_or(DropReason::Truncated)?);
+    Ok(a)
+}
+
+/// Writes `new` over the IPv6 address at `at`; returns the old one.
+fn rewrite_addr6(b: &mut [u8], at: usize, new: Ipv6Addr) -> Result<[u8; 16], DropReason> {
+    let old = rd_addr6(b, at)?;
+    b.get_mut(at..at + 16)
+        .ok_or(DropReason::Truncated)?
+        .copy_from_slice(&new.octets());
+    Ok(old)
+}
+
+/// An incrementally updated IPv6 transport checksum: UDP over IPv6 has no "no checksum" (RFC
+/// 8200 §8.1), but a computed zero is still sent as 0xffff; TCP and ICMPv6 take the value as is.
+fn v6_check(udp: bool, c: u16) -> u16 {
+    if udp && c == 0 {
+        0xffff
+    } else {
+        c
+    }
+}
+
+/// The IP protocol number of `proto` inside IPv6.
+const fn ip_proto6(proto: NatProto) -> u8 {
+    match proto {
+        NatProto::Icmp => ip_proto::ICMPV6,
+        p => p.ip_proto(),
+    }
+}
+
+/// Rewrites the port / identifier at `l4 + port_off` and fixes the transport checksum for it and
+/// for the pseudo-header address change `old -> new`. Returns the (old, new) checksum, or `None`
+/// when the checksum field lies beyond the buffer (a truncated quote inside an ICMPv6 error).
+fn rewrite_l4_v6(
+    b: &mut [u8],
+    l4: usize,
+    proto: NatProto,
+    port_off: usize,
+    new_port: u16,
+    old: &[u8; 16],
+    new: Ipv6Addr,
+) -> Result<(u16, Option<(u16, u16)>), DropReason> {
+    let old_port = rd16(b, l4 + port_off)?;
+    wr16(b, l4 + port_off, new_port)?;
+    let (at, udp) = l4_checksum_at(proto);
+    let Ok(c) = rd16(b, l4 + at) else {
+        return Ok((old_port, None));
+    };
+    let n = checksum::update_bytes(c, old, &new.octets());
+    let n = v6_check(udp, checksum::update16(n, old_port, new_port));
+    wr16(b, l4 + at, n)?;
+    Ok((old_port, Some((c, n))))
+}
+
+/// The IPv6 packet's addresses, or `Unsupported`. Fragments are refused, as for IPv4.
+fn v6_meta(pkt: &[u8]) -> Result<(wire::IpMeta, Ipv6Addr, Ipv6Addr), DropReason> {
+    let meta = wire::parse_ip(pkt)?;
+    let (IpAddr::V6(src), IpAddr::V6(dst)) = (meta.src, meta.dst) else {
+        return Err(DropReason::Unsupported);
+    };
+    if meta.is_fragment {
+        return Err(DropReason::Unsupported);
+    }
+    Ok((meta, src, dst))
+}
+
+/// [`translate_egress`] for IPv6: a pod's TCP / UDP packet or ICMPv6 echo request (its
+/// identifier is the port) leaves from `node_addr` and a node port of the IPv6 table. The
+/// transport checksum is fixed for the address (pseudo-header) and port change. Same drops as
+/// [`translate_egress`]; anything else (NDP, MLD, other ICMPv6, fragments) is `unsupported`.
+pub fn translate_egress_v6(
+    nat: &mut NatTable6,
+    pkt: &mut [u8],
+    node_addr: Ipv6Addr,
+    now: u64,
+) -> Result<u16, DropReason> {
+    let (meta, src, dst) = v6_meta(pkt)?;
+    let (key, flags) = match (meta.protocol, meta.l4) {
+        (
+            ip_proto::TCP | ip_proto::UDP,
+            L4Info::Ports {
+                src: sp,
+                dst: dp,
+                tcp_flags,
+            },
+        ) => (
+            FlowKey {
+                proto: NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?,
+                pod_ip: src,
+                pod_port: sp,
+                remote_ip: dst,
+                remote_port: dp,
+            },
+            tcp_flags,
+        ),
+        (
+            ip_proto::ICMPV6,
+            L4Info::IcmpEcho {
+                ident,
+                request: true,
+                ..
+            },
+        ) => (
+            FlowKey {
+                proto: NatProto::Icmp,
+                pod_ip: src,
+                pod_port: ident,
+                remote_ip: dst,
+                remote_port: 0,
+            },
+            0,
+        ),
+        _ => return Err(DropReason::Unsupported),
+    };
+    let seg = tcp_seg(pkt, &meta, flags)?;
+    let node_port = nat.egress_seg(&key, &seg, now)?;
+    let old = rewrite_addr6(pkt, ADDR6_SRC, node_addr)?;
+    rewrite_l4_v6(
+        pkt,
+        meta.l4_offset,
+        key.proto,
+        port_at(key.proto, true),
+        node_port,
+        &old,
+        node_addr,
+    )?;
+    Ok(node_port)
+}
+
+/// [`translate_ingress`] for IPv6: a TCP / UDP reply, an ICMPv6 echo reply, or an ICMPv6 error
+/// (Destination Unreachable, Packet Too Big, Time Exceeded, Parameter Problem) quoting a
+/// translated packet, whose quoted source address, port and transport checksum are restored.
+/// Returns the pod address, the packet's new destination.
+pub fn translate_ingress_v6(
+    nat: &mut NatTable6,
+    pkt: &mut [u8],
+    now: u64,
+) -> Result<Ipv6Addr, DropReason> {
+    let (meta, src, _dst) = v6_meta(pkt)?;
+    let l4 = meta.l4_offset;
+    let (key, proto) = match (meta.protocol, meta.l4) {
+        (
+            ip_proto::TCP | ip_proto::UDP,
+            L4Info::Ports {
+                src: sp,
+                dst: dp,
+                tcp_flags,
+            },
+        ) => {
+            let proto = NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?;
+            let seg = tcp_seg(pkt, &meta, tcp_flags)?;
+            (nat.ingress_seg(proto, src, sp, dp, &seg, now)?, proto)
+        }
+        (
+            ip_proto::ICMPV6,
+            L4Info::IcmpEcho {
+                ident,
+                request: false,
+                ..
+            },
+        ) => {
+            let key = nat.ingress_seg(NatProto::Icmp, src, 0, ident, &Seg::default(), now)?;
+            (key, NatProto::Icmp)
+        }
+        (ip_proto::ICMPV6, L4Info::IcmpError { .. }) => {
+            return translate_icmp6_error(nat, pkt, l4, meta.total_len, now);
+        }
+        _ => return Err(DropReason::Unsupported),
+    };
+    let old = rewrite_addr6(pkt, ADDR6_DST, key.pod_ip)?;
+    rewrite_l4_v6(
+        pkt,
+        l4,
+        proto,
+        port_at(proto, false),
+        key.pod_port,
+        &old,
+        key.pod_ip,
+    )?;
+    Ok(key.pod_ip)
+}
+
+/// RFC 4443 §2.4(c) / RFC 6146 §3.5.3 style: the error quotes as much of the translated packet
+/// as fits (source = node address and node port). The quote must be a bare IPv6 header followed
+/// by TCP, UDP or an ICMPv6 echo request (a quote with extension headers is `unsupported`).
+/// Restores the quote's source address, port and transport checksum, then fixes the ICMPv6
+/// checksum for every word changed inside the quote and for its own pseudo-header's destination
+/// (node -> pod), and sends the error to the pod.
+fn translate_icmp6_error(
+    nat: &NatTable6,
+    pkt: &mut [u8],
+    l4: usize,
+    total_len: usize,
+    now: u64,
+) -> Result<Ipv6Addr, DropReason> {
+    let quote = l4 + 8;
+    let b = pkt.get_mut(..total_len).ok_or(DropReason::Truncated)?;
+    if b.get(quote).map(|v| v >> 4) != Some(6) {
+        return Err(DropReason::Unsupported);
+    }
+    let inner_next = *b.get(quote + 6).ok_or(DropReason::Truncated)?;
+    let inner_dst = Ipv6Addr::from(rd_addr6(b, quote + ADDR6_DST)?);
+    let proto = match inner_next {
+        ip_proto::TCP => NatProto::Tcp,
+        ip_proto::UDP => NatProto::Udp,
+        ip_proto::ICMPV6 => NatProto::Icmp,
+        _ => return Err(DropReason::Unsupported),
+    };
+    let il4 = quote + 40;
+    let key = match proto {
+        NatProto::Tcp | NatProto::Udp => {
+            let (sp, dp) = (rd16(b, il4)?, rd16(b, il4 + 2)?);
+            nat.lookup_reverse(proto, inner_dst, dp, sp, now)
+        }
+        NatProto::Icmp => {
+            if b.get(il4).copied() != Some(crate::wire::icmpv6::msg_type::ECHO_REQUEST) {
+                return Err(DropReason::Unsupported);
+            }
+            nat.lookup_reverse(NatProto::Icmp, inner_dst, 0, rd16(b, il4 + 4)?, now)
+        }
+    }
+    .ok_or(DropReason::NatNoMapping)?;
+    debug_assert_eq!(ip_proto6(key.proto), inner_next);
+
+    let pod = key.pod_ip.octets();
+    let old_src = rewrite_addr6(b, quote + ADDR6_SRC, key.pod_ip)?;
+    let (old_port, csum) = rewrite_l4_v6(
+        b,
+        il4,
+        proto,
+        port_at(proto, true),
+        key.pod_port,
+        &old_src,
+        key.pod_ip,
+    )?;
+    let old_dst = rewrite_addr6(b, ADDR6_DST, key.pod_ip)?;
+    let mut c = rd16(b, l4 + 2)?;
+    c = checksum::update_bytes(c, &old_src, &pod);
+    c = checksum::update16(c, old_port, key.pod_port);
+    if let Some((old, new)) = csum {
+        c = checksum::update16(c, old, new);
+    }
+    c = checksum::update_bytes(c, &old_dst, &pod);
+    wr16(b, l4 + 2, c)?;
     Ok(key.pod_ip)
 }
 

@@ -321,6 +321,7 @@ fn our_vxlan_matches_linux_layout() {
         dst_port: 4789,
         inner_src_mac: [2, 0, 0, 0, 1, 1],
         inner_dst_mac: [2, 0, 0, 0, 2, 1],
+        geneve_payload: encap::GenevePayload::Ethernet,
     };
     let r = encap::encap_full(&mut buf, encap::MAX_HEADROOM, inner.len(), &params).unwrap();
     let ours = &buf[r];

@@ -156,6 +156,13 @@ fn tunnel() -> impl Strategy<Value = TunnelProto> {
     prop_oneof![Just(TunnelProto::Vxlan), Just(TunnelProto::Geneve)]
 }
 
+fn geneve_payload() -> impl Strategy<Value = encap::GenevePayload> {
+    prop_oneof![
+        Just(encap::GenevePayload::Ethernet),
+        Just(encap::GenevePayload::Ip)
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
@@ -170,6 +177,7 @@ proptest! {
     fn no_panics_on_mutated_tunnel_packets(
         inner in inner_packet(),
         proto in tunnel(),
+        gp in geneve_payload(),
         edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
         cut in any::<usize>(),
     ) {
@@ -178,6 +186,7 @@ proptest! {
         let params = EncapParams {
             proto, vni: 7, src: Ipv4Addr::new(172, 16, 2, 2), dst: Ipv4Addr::new(172, 16, 3, 2),
             dst_port: proto.default_port(), inner_src_mac: [2, 0, 0, 0, 0, 1], inner_dst_mac: [2, 0, 0, 0, 0, 2],
+            geneve_payload: gp,
         };
         let r = encap::encap_full(&mut buf, encap::MAX_HEADROOM, inner.len(), &params).unwrap();
         let mut pkt = buf[r].to_vec();
@@ -196,19 +205,22 @@ proptest! {
     fn encap_full_then_decap_full_is_identity(
         inner in inner_packet(),
         proto in tunnel(),
+        gp in geneve_payload(),
         vni in 0u32..=0xff_ffff,
         src in any::<[u8; 4]>(),
         dst in any::<[u8; 4]>(),
         extra_headroom in 0usize..16,
     ) {
-        let start = proto.overhead() + extra_headroom;
-        let mut buf = vec![0xa5u8; start];
-        buf.extend_from_slice(&inner);
-        buf.extend_from_slice(&[0x5a; 3]); // bytes after the packet must not matter
         let params = EncapParams {
             proto, vni, src: Ipv4Addr::from(src), dst: Ipv4Addr::from(dst),
             dst_port: proto.default_port(), inner_src_mac: [2, 0, 0, 0, 0, 1], inner_dst_mac: [2, 0, 0, 0, 0, 2],
+            geneve_payload: gp,
         };
+        prop_assert!(params.overhead() <= proto.overhead());
+        let start = params.overhead() + extra_headroom;
+        let mut buf = vec![0xa5u8; start];
+        buf.extend_from_slice(&inner);
+        buf.extend_from_slice(&[0x5a; 3]); // bytes after the packet must not matter
         let r = encap::encap_full(&mut buf, start, inner.len(), &params).unwrap();
         prop_assert_eq!(r.clone(), extra_headroom..start + inner.len());
         let outer = &buf[r];
@@ -229,15 +241,17 @@ proptest! {
     }
 
     #[test]
-    fn encap_payload_then_decap_payload_is_identity(inner in inner_packet(), proto in tunnel(), vni in 0u32..=0xff_ffff) {
+    fn encap_payload_then_decap_payload_is_identity(
+        inner in inner_packet(), proto in tunnel(), gp in geneve_payload(), vni in 0u32..=0xff_ffff,
+    ) {
         let mut buf = vec![0u8; encap::MAX_HEADROOM];
         buf.extend_from_slice(&inner);
         let params = EncapParams {
             proto, vni, src: Ipv4Addr::UNSPECIFIED, dst: Ipv4Addr::UNSPECIFIED, dst_port: 0,
-            inner_src_mac: [0; 6], inner_dst_mac: [0; 6],
+            inner_src_mac: [0; 6], inner_dst_mac: [0; 6], geneve_payload: gp,
         };
         let r = encap::encap_payload(&mut buf, encap::MAX_HEADROOM, inner.len(), &params).unwrap();
-        prop_assert_eq!(r.len(), proto.payload_overhead() + inner.len());
+        prop_assert_eq!(r.len(), params.payload_overhead() + inner.len());
         let payload = &buf[r];
         let d = encap::decap_payload(proto, payload, wire::ecn::NOT_ECT).unwrap();
         prop_assert_eq!(d.vni, vni);

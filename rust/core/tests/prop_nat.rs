@@ -8,11 +8,12 @@
 //! A second property translates random packets out and back and checks every checksum.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use podrouter_core::classify::DropReason;
 use podrouter_core::nat::{
-    translate_egress, translate_ingress, FlowKey, NatConfig, NatError, NatProto, NatState, NatTable,
+    translate_egress, translate_ingress, FlowKey, NatAddr, NatConfig, NatError, NatProto, NatState,
+    NatTable,
 };
 use podrouter_core::wire::{self, icmp, ip_proto, ipv4, tcp, udp};
 use proptest::prelude::*;
@@ -86,19 +87,46 @@ struct MEntry {
     born: u64,
 }
 
-/// A plain ordered map from flow to mapping; an entry is live while `now < expires`.
-#[derive(Debug, Default)]
-struct NatModel {
-    map: BTreeMap<FlowKey, MEntry>,
+/// An address family under test: how to make its table.
+trait Fam: NatAddr {
+    fn table(c: NatConfig) -> NatTable<Self>;
+}
+
+impl Fam for Ipv4Addr {
+    fn table(c: NatConfig) -> NatTable<Self> {
+        NatTable::new(c)
+    }
+}
+
+impl Fam for Ipv6Addr {
+    fn table(c: NatConfig) -> NatTable<Self> {
+        NatTable::new_v6(c)
+    }
+}
+
+/// A plain ordered map from flow to mapping; an entry is live while `now < expires`. The same
+/// model serves both address families: the rules do not depend on the family.
+#[derive(Debug)]
+struct NatModel<A: NatAddr = Ipv4Addr> {
+    map: BTreeMap<FlowKey<A>, MEntry>,
     births: u64,
 }
 
-impl NatModel {
-    fn live(&self, k: &FlowKey, now: u64) -> Option<MEntry> {
+impl<A: NatAddr> Default for NatModel<A> {
+    fn default() -> Self {
+        NatModel {
+            map: BTreeMap::new(),
+            births: 0,
+        }
+    }
+}
+
+impl<A: NatAddr> NatModel<A> {
+    fn live(&self, k: &FlowKey<A>, now: u64) -> Option<MEntry> {
         self.map.get(k).copied().filter(|e| e.expires > now)
     }
 
-    fn used_ports(&self, k: &FlowKey, now: u64) -> Vec<u16> {
+    fn used_ports(&self, k: &FlowKey<A>, now: u64) -> Vec<u16> {
         self.map
             .iter()
             .filter(|(o, e)| {
@@ -113,7 +141,7 @@ impl NatModel {
 
     /// Live flows towards `k`'s endpoint in `state`, with their ports: a new TCP connection (a
     /// SYN) may take over a CLOSE one like a free port, and a TIME-WAIT one when nothing else is left.
-    fn in_state(&self, k: &FlowKey, state: NatState, now: u64) -> Vec<(FlowKey, u16)> {
+    fn in_state(&self, k: &FlowKey<A>, state: NatState, now: u64) -> Vec<(FlowKey<A>, u16)> {
         self.map
             .iter()
             .filter(|(o, e)| {
@@ -130,11 +158,11 @@ impl NatModel {
     fn owner(
         &self,
         proto: NatProto,
-        rip: Ipv4Addr,
+        rip: A,
         rport: u16,
         port: u16,
         now: u64,
-    ) -> Option<FlowKey> {
+    ) -> Option<FlowKey<A>> {
         self.map
             .iter()
             .find(|(k, e)| {
@@ -148,7 +176,7 @@ impl NatModel {
     }
 
     /// Returns false if the packet was refused (a reply RST out of the window).
-    fn touch(&mut self, k: &FlowKey, reply: bool, flags: u8, now: u64, c: &NatConfig) -> bool {
+    fn touch(&mut self, k: &FlowKey<A>, reply: bool, flags: u8, now: u64, c: &NatConfig) -> bool {
         let e = self.map.get_mut(k).unwrap();
         let tcp = k.proto == NatProto::Tcp;
         if tcp && reply && flags & RST != 0 && !e.synced {
@@ -168,11 +196,11 @@ impl NatModel {
         true
     }
 
-    fn held_by(&self, pod: Ipv4Addr) -> usize {
+    fn held_by(&self, pod: A) -> usize {
         self.map.keys().filter(|k| k.pod_ip == pod).count()
     }
 
-    fn insert(&mut self, k: FlowKey, port: u16, flags: u8, now: u64, c: &NatConfig) {
+    fn insert(&mut self, k: FlowKey<A>, port: u16, flags: u8, now: u64, c: &NatConfig) {
         let (state, fins) = model_next(k.proto, None, false, flags);
         self.births += 1;
         self.map.insert(
@@ -252,13 +280,17 @@ fn pool() -> Vec<FlowKey> {
 }
 
 /// Runs `ops` against the table and the model over `flows`, checking after every step.
-fn check_model(flows: &[FlowKey], ops: Vec<Op>) -> Result<(), TestCaseError> {
+fn check_model<A: Fam>(flows: &[FlowKey<A>], ops: Vec<Op>) -> Result<(), TestCaseError> {
     check_model_with(cfg(), flows, ops)
 }
 
-fn check_model_with(c: NatConfig, flows: &[FlowKey], ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let mut t = NatTable::new(c.clone());
-    let mut m = NatModel::default();
+fn check_model_with<A: Fam>(
+    c: NatConfig,
+    flows: &[FlowKey<A>],
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
+    let mut t = A::table(c.clone());
+    let mut m = NatModel::<A>::default();
     let mut now = 1000u64;
     for op in ops {
         match op {
@@ -365,6 +397,27 @@ proptest! {
         check_model(&flows, ops)?;
     }
 
+    /// The same rules on the IPv6 table: the pool with every address mapped into IPv6.
+    #[test]
+    fn v6_table_matches_model(ops in prop::collection::vec(op(), 1..120), extra_pool in 0usize..8) {
+        let mut flows: Vec<FlowKey<Ipv6Addr>> = pool()
+            .into_iter()
+            .map(|f| FlowKey {
+                proto: f.proto,
+                pod_ip: v6_of(f.pod_ip, 0xfd00),
+                pod_port: f.pod_port,
+                remote_ip: v6_of(f.remote_ip, 0x2001),
+                remote_port: f.remote_port,
+            })
+            .collect();
+        for i in 0..extra_pool {
+            let mut f = flows[0];
+            f.pod_port = 50000 + i as u16;
+            flows.push(f);
+        }
+        check_model(&flows, ops)?;
+    }
+
     /// TCP only, five connections for three ports towards one server: closing mappings, full
     /// ranges and SYNs that take a closing port over are the common case here.
     #[test]
@@ -380,6 +433,22 @@ proptest! {
             .collect();
         check_model(&flows, ops)?;
     }
+}
+
+/// `a` in the last 32 bits of an IPv6 address whose first 16 bits are `top` (the middle bits are
+/// set too, so the two halves the table hashes both vary).
+fn v6_of(a: Ipv4Addr, top: u16) -> Ipv6Addr {
+    let [w, x, y, z] = a.octets();
+    Ipv6Addr::new(
+        top,
+        0xdb8,
+        0,
+        u16::from(z),
+        0,
+        0,
+        u16::from_be_bytes([w, x]),
+        u16::from_be_bytes([y, z]),
+    )
 }
 
 /// Per-pod cap and eviction, without time passing (every entry is live, so "held" is "live"):

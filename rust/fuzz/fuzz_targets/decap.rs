@@ -38,12 +38,28 @@ fuzz_target!(|data: &[u8]| {
             dst_port: o.decap.proto.default_port(),
             inner_src_mac: [2, 0, 0, 0, 0, 1],
             inner_dst_mac: [2, 0, 0, 0, 0, 2],
+            // the inner length picks the framing, so both are re-encapsulated over a run
+            geneve_payload: if inner.len() % 2 == 0 {
+                encap::GenevePayload::Ethernet
+            } else {
+                encap::GenevePayload::Ip
+            },
         };
         if let Ok(r) = encap::encap_full(&mut buf, encap::MAX_HEADROOM, inner.len(), &params) {
             let again = encap::decap_full(&buf[r.clone()])
                 .expect("re-encapsulated packet must decapsulate");
             assert_eq!(again.decap.vni, o.decap.vni);
             assert_eq!(&buf[r][again.decap.inner.clone()], inner);
+        }
+    }
+    // The option walk the datapath counts by (class, type) before validation: every option it
+    // yields lies inside the options area, whatever the bytes.
+    if let Ok(h) = wire::geneve::Header::new_checked(data) {
+        let area = h.options().len();
+        let mut seen = 0;
+        for o in h.options_iter().map_while(Result::ok) {
+            seen += wire::geneve::OPTION_HEADER_LEN + o.data.len();
+            assert!(seen <= area && o.data.len() <= 31 * 4);
         }
     }
     for proto in [TunnelProto::Vxlan, TunnelProto::Geneve] {

@@ -55,6 +55,7 @@ fn tables() -> Tables {
             on_link: false,
             next_hop: None,
             vtep_mac: None,
+            geneve_payload: None,
         }],
     })
     .unwrap()

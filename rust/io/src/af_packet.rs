@@ -277,6 +277,94 @@ pub fn masquerade_filter(node: std::net::Ipv4Addr, lo: u16, hi: u16) -> Vec<libc
     ]
 }
 
+/// [`masquerade_filter`] for IPv6 (the NAT66 core, `nat::translate_ingress_v6`): accepts IPv6
+/// frames (EtherType checked, so it is correct on a socket bound to any protocol) to `node` whose
+/// Next Header is directly TCP / UDP with a destination port in `lo..=hi`, an ICMPv6 echo reply
+/// with an identifier in the range, or an ICMPv6 error (destination unreachable, packet too big,
+/// time exceeded, parameter problem) quoting a bare IPv6 header followed by TCP / UDP with a
+/// source port, or an echo request with an identifier, in the range. IPv6 has a fixed 40-byte
+/// header, so every load is at an absolute offset; a packet with extension headers (fragments
+/// included) is not a reply the core translates and is rejected. Not attached to a socket yet:
+/// the I/O engine has no IPv6 masquerade path (docs/masquerade.md).
+pub fn masquerade_filter_v6(node: std::net::Ipv6Addr, lo: u16, hi: u16) -> Vec<libc::sock_filter> {
+    const LD_W_ABS: u16 = 0x20;
+    const LD_H_ABS: u16 = 0x28;
+    const LD_B_ABS: u16 = 0x30;
+    const JEQ: u16 = 0x15;
+    const JGE: u16 = 0x35;
+    const JGT: u16 = 0x25;
+    const RET: u16 = 0x06;
+    const L2: u32 = ETH_HLEN as u32;
+    const L4: u32 = L2 + 40;
+    // The quoted IPv6 header starts 8 bytes into the ICMPv6 message, its transport 40 later.
+    const Q: u32 = L4 + 8;
+    const QL4: u32 = Q + 40;
+    #[derive(Clone, Copy, PartialEq)]
+    enum T {
+        Next,
+        L(&'static str),
+    }
+    use T::{Next, L};
+    let (lo, hi) = (u32::from(lo), u32::from(hi));
+    let w = node.octets();
+    let word = |i: usize| u32::from_be_bytes([w[i], w[i + 1], w[i + 2], w[i + 3]]);
+    // (label, code, jump if true, jump if false, k)
+    let prog: Vec<(Option<&str>, u16, T, T, u32)> = vec![
+        (None, LD_H_ABS, Next, Next, 12), // EtherType
+        (None, JEQ, Next, L("rej"), 0x86dd),
+        (None, LD_W_ABS, Next, Next, L2 + 24), // destination address, 4 words
+        (None, JEQ, Next, L("rej"), word(0)),
+        (None, LD_W_ABS, Next, Next, L2 + 28),
+        (None, JEQ, Next, L("rej"), word(4)),
+        (None, LD_W_ABS, Next, Next, L2 + 32),
+        (None, JEQ, Next, L("rej"), word(8)),
+        (None, LD_W_ABS, Next, Next, L2 + 36),
+        (None, JEQ, Next, L("rej"), word(12)),
+        (None, LD_B_ABS, Next, Next, L2 + 6), // Next Header
+        (None, JEQ, L("dport"), Next, 6),
+        (None, JEQ, L("dport"), Next, 17),
+        (None, JEQ, L("icmp"), L("rej"), 58),
+        (Some("dport"), LD_H_ABS, Next, Next, L4 + 2),
+        (None, JGE, L("top"), L("rej"), lo),
+        (Some("icmp"), LD_B_ABS, Next, Next, L4), // ICMPv6 type
+        (None, JEQ, Next, L("err"), 129),         // echo reply: its identifier
+        (None, LD_H_ABS, Next, Next, L4 + 4),
+        (None, JGE, L("top"), L("rej"), lo),
+        (Some("err"), JGT, L("rej"), Next, 4), // errors are types 1..=4
+        (None, JGE, Next, L("rej"), 1),
+        (None, LD_B_ABS, Next, Next, Q + 6), // quoted Next Header
+        (None, JEQ, L("sport"), Next, 6),
+        (None, JEQ, L("sport"), Next, 17),
+        (None, JEQ, Next, L("rej"), 58),
+        (None, LD_B_ABS, Next, Next, QL4), // quoted ICMPv6 type: only our echo requests
+        (None, JEQ, Next, L("rej"), 128),
+        (None, LD_H_ABS, Next, Next, QL4 + 4),
+        (None, JGE, L("top"), L("rej"), lo),
+        (Some("sport"), LD_H_ABS, Next, Next, QL4), // quoted source port: the node port
+        (None, JGE, L("top"), L("rej"), lo),
+        (Some("top"), JGT, L("rej"), L("acc"), hi),
+        (Some("acc"), RET, Next, Next, 0x0004_0000), // ACCEPT (whole packet)
+        (Some("rej"), RET, Next, Next, 0),           // REJECT
+    ];
+    let at = |t: T, pc: usize| -> u8 {
+        match t {
+            Next => 0,
+            L(name) => {
+                let target = prog
+                    .iter()
+                    .position(|i| i.0 == Some(name))
+                    .expect("label defined");
+                // Classic BPF jumps forward only, relative to the next instruction.
+                u8::try_from(target - pc - 1).expect("jump fits")
+            }
+        }
+    };
+    prog.iter()
+        .enumerate()
+        .map(|(pc, &(_, code, jt, jf, k))| insn(code, at(jt, pc), at(jf, pc), k))
+        .collect()
+}
+
 impl AsRawFd for PacketSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
@@ -384,6 +472,114 @@ mod tests {
         p.extend_from_slice(&dst);
         p.extend_from_slice(l4);
         p
+    }
+
+    /// An Ethernet + IPv6 frame to `dst` with Next Header `nh`.
+    fn ip6(nh: u8, dst: std::net::Ipv6Addr, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x86, 0xdd];
+        p.extend_from_slice(&[0x60, 0, 0, 0]);
+        p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        p.extend_from_slice(&[nh, 64]);
+        p.extend_from_slice(
+            &"2001:db8:ff::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        );
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(l4);
+        p
+    }
+
+    #[test]
+    fn v6_filter_takes_only_masquerade_replies() {
+        let node: std::net::Ipv6Addr = "2001:db8:0:1::2".parse().unwrap();
+        let other: std::net::Ipv6Addr = "2001:db8:0:1::3".parse().unwrap();
+        let f = masquerade_filter_v6(node, 61000, 65000);
+        let accept = |p: &[u8]| run(&f, p) != 0;
+        let ports =
+            |sp: u16, dp: u16| [sp.to_be_bytes(), dp.to_be_bytes(), [0, 8], [0, 0]].concat();
+        assert!(accept(&ip6(6, node, &ports(443, 61000))));
+        assert!(accept(&ip6(17, node, &ports(53, 65000))));
+        assert!(!accept(&ip6(6, node, &ports(443, 60999))));
+        assert!(!accept(&ip6(17, node, &ports(53, 65001))));
+        assert!(
+            !accept(&ip6(6, other, &ports(443, 61000))),
+            "another address"
+        );
+        assert!(
+            !accept(&ip6(44, node, &ports(443, 61000))),
+            "fragment header"
+        );
+        let mut v4 = ip6(6, node, &ports(443, 61000));
+        v4[12..14].copy_from_slice(&[8, 0]);
+        assert!(!accept(&v4), "not an IPv6 frame");
+        let icmp =
+            |ty: u8, id: u16| [[ty, 0, 0, 0].as_slice(), &id.to_be_bytes(), &[0, 1]].concat();
+        assert!(
+            accept(&ip6(58, node, &icmp(129, 61005))),
+            "echo reply in range"
+        );
+        assert!(
+            !accept(&ip6(58, node, &icmp(129, 7))),
+            "echo reply out of range"
+        );
+        assert!(!accept(&ip6(58, node, &icmp(128, 61005))), "echo request");
+        assert!(
+            !accept(&ip6(58, node, &icmp(135, 61005))),
+            "neighbour solicitation"
+        );
+        let error = |ty: u8, quoted_nh: u8, quoted_l4: &[u8]| {
+            let mut m = vec![ty, 0, 0, 0, 0, 0, 5, 0];
+            m.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, quoted_nh, 63]);
+            m.extend_from_slice(&node.octets());
+            m.extend_from_slice(
+                &"2001:db8:ff::7"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+            );
+            m.extend_from_slice(quoted_l4);
+            ip6(58, node, &m)
+        };
+        for ty in [1, 2, 3, 4] {
+            assert!(
+                accept(&error(ty, 6, &ports(61000, 443))),
+                "error {ty} about TCP"
+            );
+            assert!(
+                accept(&error(ty, 17, &ports(65000, 53))),
+                "error {ty} about UDP"
+            );
+            assert!(
+                accept(&error(ty, 58, &icmp(128, 61005))),
+                "error {ty} about a ping"
+            );
+            assert!(
+                !accept(&error(ty, 6, &ports(40000, 443))),
+                "error {ty}: node's own"
+            );
+            assert!(
+                !accept(&error(ty, 17, &ports(65001, 53))),
+                "error {ty} above the range"
+            );
+            assert!(
+                !accept(&error(ty, 58, &icmp(129, 61005))),
+                "error {ty} about a reply"
+            );
+            assert!(
+                !accept(&error(ty, 43, &ports(61000, 443))),
+                "error {ty}: ext header"
+            );
+        }
+        assert!(
+            !accept(&error(5, 6, &ports(61000, 443))),
+            "not an error type"
+        );
+        assert!(!accept(&error(0, 6, &ports(61000, 443))), "type 0");
+        // Cut short: the kernel's out-of-bounds load rejects.
+        let e = error(1, 6, &ports(61000, 443));
+        assert!(!accept(&e[..e.len() - 8]));
     }
 
     #[test]

@@ -1,5 +1,10 @@
-//! Per-worker counters: packets and bytes per (path, direction), drops per reason, and offload
-//! statistics.
+//! Per-worker counters: packets and bytes per (path, direction), drops per reason, offload
+//! statistics, and the Geneve options received by (class, type).
+//!
+//! Geneve options come from the underlay, so their (class, type) keys are attacker-chosen: each
+//! worker keeps the first [`GENEVE_OPTION_SLOTS`] distinct keys it sees and counts every later one
+//! as "other", and the sum over workers is cut to the same bound, so the metric's label set never
+//! grows past it.
 //!
 //! Each worker owns one cache-line-aligned block and is its only writer, so an increment is a
 //! relaxed load + store (no locked read-modify-write on the packet path); readers (`counters()` from
@@ -7,7 +12,10 @@
 //! monotonic metrics. Packets are counted as wire packets: a GSO super-packet counts once per segment.
 
 pub use podrouter_core::classify::Path;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+/// Distinct Geneve option (class, type) keys counted by name; the rest count as "other".
+pub const GENEVE_OPTION_SLOTS: usize = 16;
 
 /// The `direction` label values, in index order.
 pub const DIRECTIONS: [&str; 2] = ["egress", "ingress"];
@@ -58,6 +66,14 @@ pub struct WorkerCounters {
     bytes: [AtomicU64; N_PATHS * 2],
     stats: [AtomicU64; STATS.len()],
     drops: Box<[AtomicU64]>,
+    /// 0 = free, else `1 << 24 | class << 8 | type`.
+    geneve_opt_keys: [AtomicU32; GENEVE_OPTION_SLOTS],
+    geneve_opt_counts: [AtomicU64; GENEVE_OPTION_SLOTS],
+    geneve_opt_other: AtomicU64,
+}
+
+const fn option_key(class: u16, opt_type: u8) -> u32 {
+    1 << 24 | (class as u32) << 8 | opt_type as u32
 }
 
 #[inline]
@@ -73,7 +89,32 @@ impl WorkerCounters {
             bytes: Default::default(),
             stats: Default::default(),
             drops: (0..drop_reasons).map(|_| AtomicU64::new(0)).collect(),
+            geneve_opt_keys: Default::default(),
+            geneve_opt_counts: Default::default(),
+            geneve_opt_other: AtomicU64::new(0),
         }
+    }
+
+    /// One Geneve option of `class` / `opt_type` received (delivered or not).
+    #[inline]
+    pub fn geneve_option(&self, class: u16, opt_type: u8) {
+        let key = option_key(class, opt_type);
+        for (k, n) in self.geneve_opt_keys.iter().zip(&self.geneve_opt_counts) {
+            match k.load(Relaxed) {
+                0 => {
+                    // single writer: claim the free slot, then count
+                    k.store(key, Relaxed);
+                    bump(n, 1);
+                    return;
+                }
+                x if x == key => {
+                    bump(n, 1);
+                    return;
+                }
+                _ => {}
+            }
+        }
+        bump(&self.geneve_opt_other, 1);
     }
 
     #[inline]
@@ -106,6 +147,11 @@ pub struct Snapshot {
     pub drops: Vec<u64>,
     /// Indexed like [`STATS`].
     pub stats: [u64; STATS.len()],
+    /// Geneve options received: `(class, type, count)`, at most [`GENEVE_OPTION_SLOTS`] keys,
+    /// sorted by key.
+    pub geneve_options: Vec<(u16, u8, u64)>,
+    /// Geneve options whose key did not get a slot.
+    pub geneve_options_other: u64,
 }
 
 impl Snapshot {
@@ -128,7 +174,26 @@ impl Snapshot {
             for (d, c) in s.stats.iter_mut().zip(b.stats.iter()) {
                 *d += c.load(Relaxed);
             }
+            s.geneve_options_other += b.geneve_opt_other.load(Relaxed);
+            for (k, n) in b.geneve_opt_keys.iter().zip(&b.geneve_opt_counts) {
+                let (k, n) = (k.load(Relaxed), n.load(Relaxed));
+                if k == 0 {
+                    break;
+                }
+                let (class, opt_type) = ((k >> 8) as u16, k as u8);
+                let full = s.geneve_options.len() >= GENEVE_OPTION_SLOTS;
+                match s
+                    .geneve_options
+                    .iter_mut()
+                    .find(|(c, t, _)| (*c, *t) == (class, opt_type))
+                {
+                    Some(e) => e.2 += n,
+                    None if full => s.geneve_options_other += n,
+                    None => s.geneve_options.push((class, opt_type, n)),
+                }
+            }
         }
+        s.geneve_options.sort_unstable();
         s
     }
 
@@ -162,5 +227,29 @@ mod tests {
         assert_eq!(s.drops, vec![0, 6, 0]);
         assert_eq!(s.stats[Stat::TunGsoReads as usize], 4);
         assert_eq!(std::mem::align_of::<WorkerCounters>(), 64);
+        assert!(s.geneve_options.is_empty() && s.geneve_options_other == 0);
+    }
+
+    #[test]
+    fn geneve_options_are_bounded() {
+        let a = WorkerCounters::new(0);
+        let b = WorkerCounters::new(0);
+        a.geneve_option(0x0102, 0x03);
+        a.geneve_option(0x0102, 0x03);
+        b.geneve_option(0x0102, 0x03);
+        b.geneve_option(0xffff, 0x80);
+        let s = Snapshot::sum([&a, &b], 0);
+        assert_eq!(s.geneve_options, vec![(0x0102, 0x03, 3), (0xffff, 0x80, 1)]);
+        assert_eq!(s.geneve_options_other, 0);
+        // a flood of distinct keys: the first GENEVE_OPTION_SLOTS per worker, the rest "other"
+        for i in 0..100u16 {
+            a.geneve_option(i, 1);
+            b.geneve_option(1000 + i, 1);
+        }
+        let s = Snapshot::sum([&a, &b], 0);
+        assert_eq!(s.geneve_options.len(), GENEVE_OPTION_SLOTS);
+        let named: u64 = s.geneve_options.iter().map(|e| e.2).sum();
+        assert_eq!(named + s.geneve_options_other, 4 + 200);
+        assert!(s.geneve_options.contains(&(0x0102, 0x03, 3)));
     }
 }

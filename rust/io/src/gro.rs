@@ -18,6 +18,13 @@
 //! The merged packet's TCP checksum field holds the pseudo-header sum (virtio `NEEDS_CSUM`
 //! semantics) and its IPv4 header checksum is recomputed. Packets are copied into per-flow buffers;
 //! anything not mergeable is written through unchanged. Safe code; never panics on any input.
+//!
+//! Checksums are verified before a segment joins a train, as Linux GRO validates them before it
+//! merges: a merged packet leaves with `NEEDS_CSUM`, so the pod's stack trusts it, and merging a
+//! segment that was corrupted on the underlay (VXLAN peers usually send a zero outer UDP checksum,
+//! which covers nothing) would launder the corruption into a packet with a good checksum. A
+//! segment whose IPv4 header or TCP checksum does not verify is written through unchanged, after
+//! its flow's open train, and the pod's stack drops it as it would on a wire.
 
 use crate::csum;
 use crate::vnet::{flags, gso_type, VnetHdr, VNET_HDR_LEN};
@@ -164,11 +171,32 @@ impl Train {
 pub struct Coalescer {
     open: Vec<Train>,
     spare: Vec<Vec<u8>>,
+    bad_checksums: u64,
+}
+
+/// Whether the IPv4 header checksum (IPv4) and the TCP checksum of a packet `inspect` accepted
+/// verify.
+fn checksums_ok(pkt: &[u8], i: &Info) -> bool {
+    let l4_len = pkt.len() - i.l4;
+    let pseudo = if i.v4 {
+        if csum::sum(&pkt[..i.l4]) != 0xffff {
+            return false;
+        }
+        csum::pseudo_v4(&pkt[12..16], &pkt[16..20], 6, l4_len as u16)
+    } else {
+        csum::pseudo_v6(&pkt[8..24], &pkt[24..40], 6, l4_len as u32)
+    };
+    csum::add(pseudo, csum::sum(&pkt[i.l4..])) == 0xffff
 }
 
 impl Coalescer {
     pub fn new() -> Coalescer {
         Coalescer::default()
+    }
+
+    /// TCP segments written through unmerged because a checksum did not verify.
+    pub fn bad_checksums(&self) -> u64 {
+        self.bad_checksums
     }
 
     /// Takes `pkt` into a train, or writes it through `sink` unchanged (after writing out its
@@ -182,6 +210,12 @@ impl Coalescer {
             }
             return sink.write(&NO_OFFLOAD, pkt, 1);
         };
+        if i.payload > 0 && !checksums_ok(pkt, &i) {
+            // Never merged (see the module docs); its flow's train goes first to keep the order.
+            self.bad_checksums += 1;
+            self.flush_key(&i.key, sink);
+            return sink.write(&NO_OFFLOAD, pkt, 1);
+        }
         let pos = self.open.iter().position(|t| t.key == i.key);
         if let Some(p) = pos {
             if self.open[p].accepts(pkt, &i) {
@@ -391,7 +425,10 @@ mod tests {
         let a = segments(4000, 1000, 0x10);
         let mut b = segments(4000, 1000, 0x10);
         for s in &mut b {
-            s[20..22].copy_from_slice(&40001u16.to_be_bytes()); // another source port
+            // another flow: the ports swapped (which leaves every checksum valid)
+            let (sport, dport) = ([s[20], s[21]], [s[22], s[23]]);
+            s[20..22].copy_from_slice(&dport);
+            s[22..24].copy_from_slice(&sport);
         }
         let mixed: Vec<Vec<u8>> = a
             .iter()
@@ -401,6 +438,46 @@ mod tests {
         let w = run(&mixed);
         assert_eq!(w.len(), 2);
         assert!(w.iter().all(|x| x.2 == 4));
+    }
+
+    #[test]
+    fn a_segment_with_a_bad_checksum_is_never_merged() {
+        let segs = segments(7000, 1000, 0x10);
+        // One payload byte of segment 3 corrupted on the way (checksum not updated), and the
+        // TTL of segment 5 changed without fixing the IPv4 header checksum.
+        let mut bad = segs.clone();
+        bad[3][100] ^= 0x5a;
+        bad[5][8] = bad[5][8].wrapping_sub(1);
+        let mut c = Coalescer::new();
+        let mut w: Written = Vec::new();
+        let mut sink = |h: &[u8; VNET_HDR_LEN], p: &[u8], n: usize| {
+            w.push((VnetHdr::parse(h).unwrap(), p.to_vec(), n))
+        };
+        for p in &bad {
+            c.offer(p, &mut sink);
+        }
+        c.flush(&mut sink);
+        assert_eq!(c.bad_checksums(), 2);
+        // The two bad ones leave byte for byte as they came, unmerged; the good ones around them
+        // are merged (3, then 1, then 1) and every merged train re-segments with valid checksums.
+        assert_eq!(w.iter().map(|x| x.2).sum::<usize>(), 7);
+        assert!(w
+            .iter()
+            .any(|(h, p, n)| *n == 1 && !h.is_gso() && *p == bad[3]));
+        assert!(w
+            .iter()
+            .any(|(h, p, n)| *n == 1 && !h.is_gso() && *p == bad[5]));
+        assert_eq!(w[0].2, 3);
+        for (h, p, n) in &w {
+            if h.is_gso() {
+                let (mut out, mut rs) = (Vec::new(), Vec::new());
+                segment(p, h, 0, &mut out, &mut rs).unwrap();
+                assert_eq!(rs.len(), *n);
+                assert!(rs.iter().all(|r| tcp_v4_ok(&out[r.clone()])));
+            }
+        }
+        // The untouched train still merges whole.
+        assert_eq!(run(&segs).len(), 1);
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::af_packet::{self, FrameScratch, PacketSocket, TxFrame};
 use crate::counters::{Dir, Path, Snapshot, Stat, WorkerCounters};
 use crate::events::{Direction, Event, EventRing, Kind};
 use crate::gro::Coalescer;
+use crate::nat_persist::PersistStats;
 use crate::sys::{Epoll, EventFd};
 use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
 use crate::udp::{self, RecvBatch, SendScratch, TxMsg, UdpSocket};
@@ -42,6 +43,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -200,6 +202,8 @@ struct Running {
     threads: Vec<JoinHandle<()>>,
     tx_pool: Arc<[UdpSocket]>,
     pkt: Option<Arc<PacketSocket>>,
+    /// The NAT snapshot writer (with `Engine::set_nat_snapshot`).
+    writer: Option<crate::nat_persist::Writer>,
 }
 
 /// The running datapath of one node.
@@ -216,6 +220,11 @@ pub struct Engine {
     epoch: Instant,
     /// Drop and sampled-flow events for `podrouter monitor` (off unless someone listens).
     events: Arc<EventRing>,
+    /// The NAT snapshot file (`None`: NAT state lives only in memory), whether it was loaded
+    /// (at the first start only), and what loading and writing it did.
+    nat_snapshot: Option<PathBuf>,
+    nat_loaded: bool,
+    persist: Arc<Mutex<PersistStats>>,
 }
 
 impl Engine {
@@ -251,6 +260,9 @@ impl Engine {
             cfg,
             epoch: Instant::now(),
             events: Arc::new(EventRing::new()),
+            nat_snapshot: None,
+            nat_loaded: false,
+            persist: Arc::new(Mutex::new(PersistStats::default())),
         })
     }
 
@@ -267,6 +279,23 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Keeps the NAT table in the snapshot file `path` (see `nat_persist`): the first `start`
+    /// restores it before any worker runs, a writer thread rewrites it while the workers run,
+    /// and `stop` writes it a last time. Call before `start`.
+    pub fn set_nat_snapshot(&mut self, path: Option<PathBuf>) {
+        self.persist.lock().unwrap_or_else(|p| p.into_inner()).path =
+            path.clone().unwrap_or_default();
+        self.nat_snapshot = path;
+    }
+
+    /// What loading and writing the NAT snapshot did.
+    pub fn nat_snapshot_stats(&self) -> PersistStats {
+        self.persist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Opens the sockets and starts the workers. Errors (a tunnel port in use, no permission for
@@ -290,6 +319,12 @@ impl Engine {
                     ..self.cfg.nat.clone()
                 });
             }
+        }
+        if let (Some(path), false) = (&self.nat_snapshot, self.nat_loaded) {
+            // Before any worker runs: no packet can create a mapping that a restored one collides with.
+            self.nat_loaded = true;
+            let now = self.epoch.elapsed().as_secs();
+            crate::nat_persist::load(path, tables.node_pod_cidrs(), &self.nat, now, &self.persist);
         }
         self.tables.store(Some(tables));
         let cfg = &self.cfg;
@@ -388,6 +423,7 @@ impl Engine {
                         threads,
                         tx_pool,
                         pkt,
+                        writer: None,
                     };
                     self.running = Some(r);
                     self.stop();
@@ -395,6 +431,15 @@ impl Engine {
                 }
             }
         }
+        let writer = match &self.nat_snapshot {
+            Some(path) => Some(crate::nat_persist::Writer::start(
+                path.clone(),
+                Arc::clone(&self.nat),
+                self.epoch,
+                Arc::clone(&self.persist),
+            )?),
+            None => None,
+        };
         self.running = Some(Running {
             stop,
             wake,
@@ -402,6 +447,7 @@ impl Engine {
             threads,
             tx_pool,
             pkt,
+            writer,
         });
         Ok(())
     }
@@ -431,6 +477,10 @@ impl Engine {
         r.wake.signal();
         for t in r.threads {
             let _ = t.join();
+        }
+        // After the workers: the last snapshot holds every mapping they made.
+        if let Some(w) = r.writer {
+            w.finish();
         }
         self.past_tx_errors += tx_errors(&r.tx_pool, r.pkt.as_deref());
     }
@@ -944,7 +994,7 @@ impl Worker {
             });
             return Ok(());
         }
-        let ovh = params.proto.payload_overhead();
+        let ovh = params.payload_overhead();
         Self::segment(slot, hdr, ovh)?;
         for r in &slot.segs {
             encap::encap_payload(&mut slot.seg, r.start, r.len(), params)
@@ -1238,6 +1288,9 @@ impl Worker {
             let buf = &mut recv.buf_mut(m)[..meta.len];
             for dg in buf.chunks_mut(seg) {
                 let len = dg.len();
+                if tunnel_proto == TunnelProto::Geneve {
+                    count_geneve_options(c, dg);
+                }
                 let (src, sport) = (*meta.src.ip(), meta.src.port());
                 match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, dg, 0, len) {
                     IngressAction::Deliver { range, path, .. } => {
@@ -1403,4 +1456,18 @@ fn offload_for_tun(pkt: &mut [u8], hdr: Option<VnetHdr>) -> Result<VnetHdr, Drop
     vnet::complete_csum(&mut pkt[..end], ihl, usize::from(offset))
         .map_err(|_| DropReason::Malformed)?;
     Ok(VnetHdr::default())
+}
+
+/// Count the options of a Geneve header at the start of `dg` (RFC 8926 §3.5), before validation:
+/// what arrives is counted whether it is then delivered or dropped. A frame without options costs
+/// one byte test; the walk stops at the first option that runs past the options area.
+#[inline]
+fn count_geneve_options(c: &WorkerCounters, dg: &[u8]) {
+    if dg.first().is_some_and(|b| b & 0x3f != 0) {
+        if let Ok(h) = podrouter_core::wire::geneve::Header::new_checked(dg) {
+            for o in h.options_iter().map_while(Result::ok) {
+                c.geneve_option(o.class, o.opt_type);
+            }
+        }
+    }
 }

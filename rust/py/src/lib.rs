@@ -10,8 +10,8 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use podrouter_core::classify::{
-    format_mac, parse_mac, Cidr, DropReason, MasqueradeSpec, NextHop, NodeSpec, PeerSpec,
-    RoutingMode, TableSpec, Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
+    format_mac, parse_mac, Cidr, DropReason, GenevePayload, MasqueradeSpec, NextHop, NodeSpec,
+    PeerSpec, RoutingMode, TableSpec, Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
 };
 use podrouter_core::encap;
 use podrouter_core::nat::NatConfig;
@@ -210,6 +210,15 @@ fn proto(r: &Reader<'_>, key: &str) -> PyResult<Option<TunnelProto>> {
     }
 }
 
+fn geneve_payload(r: &Reader<'_>, key: &str) -> PyResult<Option<GenevePayload>> {
+    match r.opt_str(key)? {
+        None => Ok(None),
+        Some(s) => GenevePayload::parse(&s)
+            .map(Some)
+            .ok_or_else(|| bad(&r.key(key), format!("'{s}' is not one of ethernet, ip"))),
+    }
+}
+
 fn next_hop(r: Option<Reader<'_>>) -> PyResult<Option<NextHop>> {
     let Some(r) = r else {
         return Ok(None);
@@ -253,11 +262,18 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
     };
     let mut tunnel = TunnelSpec::default();
     if let Some(t) = r.child("tunnel")? {
-        t.only(&["protocol", "vni", "vxlan_port", "geneve_port"])?;
+        t.only(&[
+            "protocol",
+            "vni",
+            "vxlan_port",
+            "geneve_port",
+            "geneve_payload",
+        ])?;
         tunnel.protocol = proto(&t, "protocol")?.unwrap_or(tunnel.protocol);
         tunnel.vni = t.int_or("vni", tunnel.vni)?;
         tunnel.vxlan_port = t.int_or("vxlan_port", tunnel.vxlan_port)?;
         tunnel.geneve_port = t.int_or("geneve_port", tunnel.geneve_port)?;
+        tunnel.geneve_payload = geneve_payload(&t, "geneve_payload")?.unwrap_or_default();
     }
     let mut masquerade = MasqueradeSpec::default();
     if let Some(m) = r.child("masquerade")? {
@@ -284,6 +300,7 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
             "on_link",
             "next_hop",
             "vtep_mac",
+            "geneve_payload",
         ])?;
         let vtep_mac =
             match p.opt_str("vtep_mac")? {
@@ -301,6 +318,7 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
             on_link: p.bool_or("on_link", false)?,
             next_hop: next_hop(p.child("next_hop")?)?,
             vtep_mac,
+            geneve_payload: geneve_payload(&p, "geneve_payload")?,
         });
     }
     Ok(TableSpec {
@@ -371,7 +389,13 @@ fn verdict_dict<'py>(py: Python<'py>, t: &CoreTables, v: Verdict) -> PyResult<Bo
             d.set_item("vni", vni)?;
             d.set_item("remote", remote.to_string())?;
             d.set_item("port", port)?;
-            if proto == TunnelProto::Vxlan {
+            let gp = t
+                .peer(peer)
+                .map_or(t.tunnel().geneve_payload, |p| p.geneve_payload);
+            if proto == TunnelProto::Geneve {
+                d.set_item("geneve_payload", gp.as_str())?;
+            }
+            if proto == TunnelProto::Vxlan || gp == GenevePayload::Ethernet {
                 d.set_item("vtep_mac", format_mac(&t.peer_vtep_mac(peer, remote)))?;
             }
         }
@@ -700,6 +724,18 @@ impl Datapath {
         }
         d.set_item("nat_pod_limit_drops", pods)?;
         d.set_item("nat_pod_limit_drops_other", pressure.pod_limit_other)?;
+        // Geneve options received, by class and type (bounded: the rest in `..._other`)
+        let opts = PyList::empty(py);
+        for (class, opt_type, n) in &snap.geneve_options {
+            let o = PyDict::new(py);
+            o.set_item("class", *class)?;
+            o.set_item("type", *opt_type)?;
+            o.set_item("critical", opt_type & 0x80 != 0)?;
+            o.set_item("count", *n)?;
+            opts.append(o)?;
+        }
+        d.set_item("geneve_options", opts)?;
+        d.set_item("geneve_options_other", snap.geneve_options_other)?;
         d.set_item("table_generation", gen)?;
         d.set_item("workers", workers)?;
         d.set_item("offload", offload)?;
@@ -756,6 +792,56 @@ impl Datapath {
         let st = st.unwrap_or_default();
         d.set_item("suppressed", st.suppressed)?;
         d.set_item("lost", st.lost)?;
+        Ok(d)
+    }
+
+    /// Keeps the NAT table in the snapshot file `path` (`None`: memory only). Before `start`:
+    /// the first start restores the file, a writer thread rewrites it (at most every 0.5 s,
+    /// write + rename) and `stop` writes it once more.
+    #[pyo3(signature = (path))]
+    fn set_nat_snapshot(&self, py: Python<'_>, path: Option<std::path::PathBuf>) -> PyResult<()> {
+        py.allow_threads(|| {
+            let mut g = self.lock();
+            let e = g
+                .as_mut()
+                .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            e.set_nat_snapshot(path);
+            Ok(())
+        })
+    }
+
+    /// What loading and writing the NAT snapshot did: `path`, `loaded` (None, or a dict of
+    /// `restored`, `expired`, `rejected` and the rejection reasons), `load_error` (None or the
+    /// reason the whole file was refused), `writes`, `write_errors`, `last_write_error`,
+    /// `last_entries`, `last_bytes`, `last_write_us`, `last_lock_us`.
+    fn nat_snapshot_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = py.allow_threads(|| self.lock().as_ref().map(Engine::nat_snapshot_stats));
+        let st = st.ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+        let d = PyDict::new(py);
+        d.set_item("path", st.path.to_string_lossy().into_owned())?;
+        match &st.loaded {
+            None => d.set_item("loaded", py.None())?,
+            Some(r) => {
+                let l = PyDict::new(py);
+                l.set_item("restored", r.restored)?;
+                l.set_item("expired", r.expired)?;
+                l.set_item("rejected", r.rejected())?;
+                l.set_item("outside_cidrs", r.outside_cidrs)?;
+                l.set_item("port_range", r.port_range)?;
+                l.set_item("duplicate", r.duplicate)?;
+                l.set_item("invalid", r.invalid)?;
+                l.set_item("full", r.full)?;
+                d.set_item("loaded", l)?;
+            }
+        }
+        d.set_item("load_error", st.load_error.clone())?;
+        d.set_item("writes", st.writes)?;
+        d.set_item("write_errors", st.write_errors)?;
+        d.set_item("last_write_error", st.last_write_error.clone())?;
+        d.set_item("last_entries", st.last_entries)?;
+        d.set_item("last_bytes", st.last_bytes)?;
+        d.set_item("last_write_us", st.last_write_us)?;
+        d.set_item("last_lock_us", st.last_lock_us)?;
         Ok(d)
     }
 

@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-use podrouter_core::encap::{self, EcnAction, EncapParams, TunnelProto};
+use podrouter_core::encap::{self, EcnAction, EncapParams, GenevePayload, TunnelProto};
 use podrouter_core::wire::{self, ethernet, L4Info};
 
 /// Register `encapsulate`, `decapsulate` and `parse` on the native module.
@@ -22,10 +22,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ENCAP_MAX_HEADROOM", encap::MAX_HEADROOM)?;
     m.add("VXLAN_OVERHEAD", encap::VXLAN_OVERHEAD)?;
     m.add("GENEVE_OVERHEAD", encap::GENEVE_OVERHEAD)?;
+    m.add("GENEVE_IP_OVERHEAD", encap::GENEVE_IP_OVERHEAD)?;
     Ok(())
 }
 
-const PARAM_KEYS: [&str; 7] = [
+const PARAM_KEYS: [&str; 8] = [
     "protocol",
     "vni",
     "src",
@@ -33,6 +34,7 @@ const PARAM_KEYS: [&str; 7] = [
     "dst_port",
     "inner_src_mac",
     "inner_dst_mac",
+    "geneve_payload",
 ];
 /// Inner Ethernet addresses used when the caller gives none (locally administered, RFC 7042 §2.1).
 const DEFAULT_INNER_SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -104,13 +106,27 @@ fn encap_params(params: &Bound<'_, PyDict>) -> PyResult<EncapParams> {
         dst_port,
         inner_src_mac: mac_param(params, "inner_src_mac", DEFAULT_INNER_SRC_MAC)?,
         inner_dst_mac: mac_param(params, "inner_dst_mac", DEFAULT_INNER_DST_MAC)?,
+        geneve_payload: match params.get_item("geneve_payload")? {
+            None => GenevePayload::default(),
+            Some(v) => {
+                let s: String = v
+                    .extract()
+                    .map_err(|_| PyTypeError::new_err("geneve_payload: must be a str"))?;
+                GenevePayload::parse(&s).ok_or_else(|| {
+                    PyValueError::new_err(format!(
+                        "geneve_payload: {s:?} is not 'ethernet' or 'ip'"
+                    ))
+                })?
+            }
+        },
     })
 }
 
 /// Encapsulate an inner IPv4/IPv6 packet and return the complete outer IPv4 packet.
 ///
 /// `params`: `protocol` ('vxlan' | 'geneve'), `vni`, `src`, `dst` (outer IPv4 addresses), optional
-/// `dst_port` (default 4789 / 6081), `inner_src_mac` / `inner_dst_mac` (VXLAN inner Ethernet).
+/// `dst_port` (default 4789 / 6081), `inner_src_mac` / `inner_dst_mac` (the inner Ethernet header
+/// of VXLAN and Geneve-with-Ethernet), `geneve_payload` ('ethernet' default | 'ip').
 /// Raises `ValueError` for bad parameters or an inner packet that is not IP.
 #[pyfunction]
 fn encapsulate<'py>(
