@@ -223,21 +223,30 @@ def build_spec(
     }
 
 
-@functools.lru_cache(maxsize=16384)
 def _peer_spec(v: PeerView) -> dict[str, Any]:
-    # cached (a view is immutable): with thousands of peers, formatting their addresses was most of
-    # a rebuild's time. Callers only read the dict (Tables() copies it, repr() formats it).
+    address, cidrs, next_hop = _peer_strings(v)
     return {
         "name": v.peer.name,
-        "address": str(v.peer.address),
-        "pod_cidrs": [str(x) for x in v.peer.pod_cidrs],
+        "address": address,
+        "pod_cidrs": list(cidrs),
         "mode": v.peer.mode,
         "tunnel_protocol": v.peer.tunnel_protocol,
         "on_link": v.on_link,
-        "next_hop": ({"ip": str(v.next_hop), "mac": v.next_hop_mac} if v.next_hop is not None else None),
+        "next_hop": ({"ip": next_hop, "mac": v.next_hop_mac} if next_hop is not None else None),
         "vtep_mac": v.peer.vtep_mac,
         "geneve_payload": v.peer.geneve_payload,
     }
+
+
+@functools.lru_cache(maxsize=16384)
+def _peer_strings(v: PeerView) -> tuple[str, tuple[str, ...], str | None]:
+    # cached (a view is immutable): with thousands of peers, formatting their addresses was most of
+    # a rebuild's time. Only strings are cached: every spec gets dicts of its own to change.
+    return (
+        str(v.peer.address),
+        tuple(str(x) for x in v.peer.pod_cidrs),
+        str(v.next_hop) if v.next_hop is not None else None,
+    )
 
 
 def mesh_space(cfg: Config) -> list[IPNetwork]:
