@@ -36,7 +36,8 @@ class Tables:
     def node_name(self) -> str: ...
     @property
     def vtep_mac(self) -> str:
-        """This node's VTEP MAC, ``02:70:<underlay IPv4 bytes>``: the inner Ethernet source of its
+        """This node's VTEP MAC, ``02:70:<underlay IPv4 bytes>`` (IPv6 underlay: ``02:76:<last four
+        bytes>``): the inner Ethernet source of its
         VXLAN frames (a Flannel-style kernel peer points its neighbour and FDB entries at it)."""
     def __new__(cls, spec: dict[str, Any]) -> Tables: ...
     def classify(self, packet: bytes) -> dict[str, Any]:
@@ -65,8 +66,11 @@ class Datapath:
     """The I/O engine: a TUN device, tunnel UDP sockets, AF_PACKET on the underlay, worker threads.
 
     config keys (unknown keys are a ``ValueError`` naming them):
-      underlay_address (str, required): IPv4 address the tunnel ports are bound on (outer source);
+      underlay_address (str, required): IPv4 or IPv6 address the tunnel ports are bound on (outer
+      source towards peers of its family); underlay_address6 (str | None): dual-stack underlay,
+      the IPv6 address next to an IPv4 underlay_address (a second set of tunnel sockets);
       tun_name (str, default "podr0"); tun_mtu (int | None: MTU set at creation);
+      tun_persist (bool, default False: TUNSETPERSIST, the device outlives the Datapath);
       underlay_ifindex (int, default 0 = no native/masquerade path); underlay_mac (str);
       vxlan_port (int, default 4789; 0 = no listener); geneve_port (int, default 6081; 0 = none);
       workers (int, default 1: one TUN queue each, IFF_MULTI_QUEUE above 1);
@@ -136,7 +140,7 @@ class Datapath:
 
 # Wire helpers (rust/py/src/wire.rs): tests, tooling, `explain`.
 def encapsulate(inner: bytes, params: dict[str, Any]) -> bytes:
-    """Outer IPv4 + UDP + VXLAN/Geneve around ``inner``. params: protocol, vni, src, dst,
+    """Outer IPv4 or IPv6 (by src/dst) + UDP + VXLAN/Geneve around ``inner``. params: protocol, vni, src, dst,
     dst_port?, inner_src_mac?, inner_dst_mac?. ``ValueError`` for bad params."""
 def decapsulate(outer: bytes, protocol: str | None = None) -> dict[str, Any]:
     """``{"ok": True, "protocol", "vni", "inner", "inner_ethertype", "ecn_action", "outer_src",

@@ -126,7 +126,7 @@ def underlay_ipv6(
     no IPv6 address. A tentative address (duplicate address detection still running, ~1-2 s after
     the link comes up) is waited for up to `wait` seconds, since BIRD ignores tentative addresses;
     one whose DAD failed is never used."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     deadline = time.monotonic() + wait
     with IPRoute() as ipr:

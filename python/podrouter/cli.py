@@ -100,7 +100,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 )
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def run(config: str, log_level: str) -> None:
-    """Run the node daemon until SIGTERM/SIGINT (then remove everything it installed)."""
+    """Run the node daemon until SIGTERM/SIGINT. Stopping leaves the node's routes, TUN and guards for
+    the next `run`, which adopts them; `podrouter cleanup` removes them."""
     from podrouter import daemon
 
     cfg = _load_config(config)
@@ -423,7 +424,7 @@ def pod_list(config: str | None, sock: str | None, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Act even if the state was recorded in another namespace.")
 @json_option
 def cleanup(config: str, force: bool, as_json: bool) -> None:
-    """Remove whatever a crashed or killed daemon left behind (run it in the node's namespace)."""
+    """Remove everything a stopped, crashed or killed daemon left (run it in the node's namespace)."""
     from podrouter import daemon
 
     cfg = _load_config(config)
@@ -451,7 +452,16 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
     from podrouter.daemon import PeerView, build_spec
 
     address = str(cfg.node.address) if cfg.node.address else "0.0.0.0"
-    spec = build_spec(cfg, 0, address, None, [PeerView(p, False, None, None) for p in cfg.peers])
+    # node.address unset: its family is known only at start (peers of both families may fit then)
+    a6 = cfg.node.address6 if cfg.node.address else ipaddress.IPv6Address("::")
+    spec = build_spec(
+        cfg,
+        0,
+        address,
+        None,
+        [PeerView(p, False, None, None) for p in cfg.peers],
+        str(a6) if a6 is not None else None,
+    )
     try:
         _native.Tables(spec)
     except ValueError as e:
@@ -469,7 +479,7 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
     peers: list[PeerView] = []
     underlay = None
     try:
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.netlink.neigh import NUD_VALID
         from podrouter.netlink.underlay import UnderlayError, next_hop_for, resolve_underlay
@@ -481,8 +491,9 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
                 underlay = None
             if underlay is not None:
 
-                def mac_of(ip: ipaddress.IPv4Address) -> str | None:
-                    for n in ipr.get_neighbours(family=socket.AF_INET, dst=str(ip)):
+                def mac_of(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+                    fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+                    for n in ipr.get_neighbours(family=fam, dst=str(ip)):
                         if n["state"] & NUD_VALID and n.get_attr("NDA_LLADDR"):
                             return str(n.get_attr("NDA_LLADDR"))
                     return None
@@ -503,7 +514,8 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
         peers = [PeerView(p, False, None, None) for p in cfg.peers]
     if address is None:
         address = "0.0.0.0"
-    return build_spec(cfg, 0, address, gateway, peers), notes
+    a6 = underlay.address6 if underlay is not None else cfg.node.address6
+    return build_spec(cfg, 0, address, gateway, peers, str(a6) if a6 is not None else None), notes
 
 
 @main.command(short_help="Which path a packet from SRC to DST takes, and why.")

@@ -238,10 +238,10 @@ class MeshDiscovery:
             clusters.append(v)
         return {"cluster": {"name": self.cfg.cluster_name, "id": self.cfg.cluster_id}, "clusters": clusters}
 
-    def stop(self) -> None:
+    def stop(self, revoke: bool = True) -> None:
         for r in self.remotes:
             r.stop()
-        self.local.stop()
+        self.local.stop(revoke=revoke)
 
 
 __all__ = ["MeshDiscovery", "RemoteCluster", "is_mesh_source", "peer_name"]

@@ -69,9 +69,14 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class NodeConfig:
     name: str
-    address: ipaddress.IPv4Address | None  # None: the primary address of `interface`, at start
+    # IPv4 or IPv6 (an IPv6 underlay); None: the primary address of `interface`, at start (IPv4 if it
+    # has one, else its first global IPv6 address)
+    address: IPAddress | None
     interface: str | None  # None: the interface holding the default route, at start
     pod_cidrs: tuple[IPNetwork, ...]
+    # a dual-stack underlay: the node's IPv6 underlay address next to an IPv4 `address` (tunnels to
+    # IPv6 peers leave from it); None: tunnels go to peers of `address`'s family only
+    address6: ipaddress.IPv6Address | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,7 @@ class MasqueradeConfig:
 @dataclass(frozen=True)
 class PeerConfig:
     name: str
-    address: ipaddress.IPv4Address
+    address: IPAddress  # IPv4 or IPv6: its family picks the outer header family towards this peer
     pod_cidrs: tuple[IPNetwork, ...]
     mode: str | None = None
     tunnel_protocol: str | None = None
@@ -158,9 +163,12 @@ class PeerConfig:
     geneve_payload: str | None = None
 
 
-def vtep_mac_of(address: ipaddress.IPv4Address) -> str:
-    """The VTEP MAC podrouter synthesizes for a node: 02:70 and the underlay IPv4 address (the
-    datapath's `vxlan_inner_mac`; `_native.Tables.vtep_mac` gives the same for this node)."""
+def vtep_mac_of(address: IPAddress) -> str:
+    """The VTEP MAC podrouter synthesizes for a node: 02:70 and the underlay IPv4 address, or 02:76
+    and the last four bytes of an IPv6 one (the datapath's `vxlan_inner_mac`;
+    `_native.Tables.vtep_mac` gives the same for this node)."""
+    if address.version == 6:
+        return "02:76:" + ":".join(f"{b:02x}" for b in address.packed[12:])
     return "02:70:" + ":".join(f"{b:02x}" for b in address.packed)
 
 
@@ -650,25 +658,38 @@ class _Validator:
         )
 
     def node(self, value: Any) -> NodeConfig | None:
-        m = self.mapping("node", value, ("name", "address", "interface", "pod_cidr", "pod_cidrs"), ("name",))
+        m = self.mapping(
+            "node", value, ("name", "address", "address6", "interface", "pod_cidr", "pod_cidrs"), ("name",)
+        )
         if m is None:
             return None
         name = self.name("node.name", m["name"]) if m.get("name") is not None else None
-        address = (
-            self.address("node.address", m["address"], v4_only=True) if m.get("address") is not None else None
-        )
+        address = self.address("node.address", m["address"]) if m.get("address") is not None else None
         bad_address = m.get("address") is not None and address is None
+        address6 = self.address("node.address6", m["address6"]) if m.get("address6") is not None else None
+        bad_address = bad_address or (m.get("address6") is not None and address6 is None)
+        if address6 is not None and address6.version != 6:
+            self.bad("node.address6", f"'{address6}' is not an IPv6 address")
+            bad_address = True
+        elif address6 is not None and address is not None and address.version == 6:
+            self.bad(
+                "node.address6",
+                f"'{address6}': node.address '{address}' is already IPv6 (address6 is the IPv6 address "
+                "of a dual-stack underlay whose node.address is IPv4)",
+            )
+            bad_address = True
         iface = self.ifname("node.interface", m["interface"]) if m.get("interface") is not None else None
         bad_iface = m.get("interface") is not None and iface is None
         cidrs = self.one_or_many_cidrs("node", m, required=True)
         if name is None or cidrs is None or bad_address or bad_iface:
             return None
-        assert address is None or isinstance(address, ipaddress.IPv4Address)
-        why = unusable_node_address(address) if address is not None else None
-        if why is not None:
-            self.bad("node.address", f"'{address}' {why}")
-            return None
-        return NodeConfig(name=name, address=address, interface=iface, pod_cidrs=cidrs)
+        for key, a in (("node.address", address), ("node.address6", address6)):
+            why = unusable_node_address(a) if a is not None else None
+            if why is not None:
+                self.bad(key, f"'{a}' {why}")
+                return None
+        assert address6 is None or isinstance(address6, ipaddress.IPv6Address)
+        return NodeConfig(name=name, address=address, interface=iface, pod_cidrs=cidrs, address6=address6)
 
     def cluster(self, value: Any) -> tuple[IPNetwork, ...] | None:
         m = self.mapping("cluster", value, ("pod_cidr", "pod_cidrs", "name", "id"))
@@ -789,11 +810,7 @@ class _Validator:
         if m is None:
             return None
         name = self.name(f"{path}.name", m["name"]) if m.get("name") is not None else None
-        addr = (
-            self.address(f"{path}.address", m["address"], v4_only=True)
-            if m.get("address") is not None
-            else None
-        )
+        addr = self.address(f"{path}.address", m["address"]) if m.get("address") is not None else None
         cidrs = self.one_or_many_cidrs(path, m, required=True)
         mode = self.choice(f"{path}.mode", m["mode"], PEER_MODES) if m.get("mode") is not None else None
         proto = (
@@ -813,7 +830,6 @@ class _Validator:
             or (m.get("geneve_payload") is not None and payload is None)
         ):
             return None
-        assert isinstance(addr, ipaddress.IPv4Address)
         why = unusable_node_address(addr)
         if why is not None:
             self.bad(f"{path}.address", f"'{addr}' {why}")
@@ -1269,8 +1285,9 @@ class _Validator:
             if net.prefixlen == 0:
                 self.bad(key, f"'{net}' covers every address (the node's and the internet's)")
                 continue
-            if node.address is not None and node.address in net:
-                self.bad(key, f"'{net}' contains this node's address {node.address} (node.address)")
+            for nkey, na in (("node.address", node.address), ("node.address6", node.address6)):
+                if na is not None and na in net:
+                    self.bad(key, f"'{net}' contains this node's address {na} ({nkey})")
             peer_idx = self.indices.get("peers", list(range(len(peers))))
             for j, p in zip(peer_idx, peers, strict=True):
                 if p.address in net:
@@ -1304,10 +1321,16 @@ class _Validator:
                     f"masquerade.non_masquerade_cidrs[{i}]: '{net}' is cluster pod space "
                     "(never masqueraded anyway)"
                 )
+        if masq is not None and masq.enabled and node.address is not None and node.address.version == 6:
+            self.bad(
+                "masquerade.enabled",
+                f"true needs an IPv4 node address (IPv4 pods are translated to it), and node.address "
+                f"'{node.address}' is IPv6: set masquerade.enabled: false on an IPv6 underlay",
+            )
         # every pod CIDR (this node's and each peer's) must be disjoint: LPM would otherwise pick one
         owners: list[tuple[str, IPNetwork]] = [("node", n) for n in node.pod_cidrs]
         names: dict[str, int] = {}
-        addresses: dict[ipaddress.IPv4Address, int] = {}
+        addresses: dict[IPAddress, int] = {}
         peer_idx = self.indices.get("peers", list(range(len(peers))))
         for i, p in zip(peer_idx, peers, strict=True):
             path = f"peers[{i}]"
@@ -1316,8 +1339,11 @@ class _Validator:
             if p.name in names:
                 self.bad(f"{path}.name", f"{_q(p.name)} is also peers[{names[p.name]}]")
             names.setdefault(p.name, i)
-            if node.address is not None and p.address == node.address:
+            if p.address in (node.address, node.address6):
                 self.bad(f"{path}.address", f"'{p.address}' is this node's own address")
+            why = peer_family_problem(p.address, node.address, node.address6)
+            if why is not None:
+                self.bad(f"{path}.address", f"'{p.address}' {why}")
             if p.address in addresses:
                 self.bad(f"{path}.address", f"'{p.address}' is also peers[{addresses[p.address]}]")
             addresses.setdefault(p.address, i)
@@ -1364,29 +1390,66 @@ def unusable_node_address(addr: IPAddress) -> str | None:
     return None
 
 
+def peer_family_problem(
+    peer: IPAddress, address: IPAddress | None, address6: ipaddress.IPv6Address | None
+) -> str | None:
+    """Why this node cannot reach a peer at `peer` over the underlay, or None: it needs an underlay
+    address of the peer's family (`node.address`, or `node.address6` for an IPv6 peer). An unset
+    `node.address` is resolved at start and checked again then."""
+    if address is None:
+        return None
+    if peer.version == address.version or (peer.version == 6 and address6 is not None):
+        return None
+    if peer.version == 6:
+        return (
+            f"is IPv6, and this node has no IPv6 underlay address (node.address {address}; set node.address6)"
+        )
+    return f"is IPv4, and this node's underlay is IPv6 only (node.address {address})"
+
+
 def underlay_problems(
     cfg: Config,
-    address: ipaddress.IPv4Address,
-    network: ipaddress.IPv4Network,
-    gateway: ipaddress.IPv4Address | None,
+    address: IPAddress,
+    network: IPNetwork,
+    gateway: IPAddress | None,
+    address6: ipaddress.IPv6Address | None = None,
+    network6: ipaddress.IPv6Network | None = None,
 ) -> list[str]:
     """Cluster pod space against the underlay as resolved at start (node.address/interface may be
     defaults, known only in the node's namespace): it must not overlap the underlay's connected
-    subnet nor contain the node's address or its gateway. Checked before anything is installed."""
+    subnet nor contain the node's address or its gateway; every static peer must be of a family the
+    node has an underlay address in; masquerade needs an IPv4 node address. Checked before anything
+    is installed."""
     out: list[str] = []
+    sides: list[tuple[IPAddress, IPNetwork]] = [(address, network)]
+    if address6 is not None and network6 is not None:
+        sides.append((address6, network6))
     for i, net in enumerate(cfg.cluster_cidrs):
-        if net.version != 4:
-            continue
         key = "cluster.pod_cidr" if len(cfg.cluster_cidrs) == 1 else f"cluster.pod_cidrs[{i}]"
-        if address in net:
-            out.append(f"{key}: '{net}' contains this node's underlay address {address}")
-        elif net.overlaps(network):
-            out.append(f"{key}: '{net}' overlaps the underlay subnet {network}")
-        if gateway is not None and gateway in net:
+        for addr, subnet in sides:
+            if net.version != addr.version:
+                continue
+            if addr in net:
+                out.append(f"{key}: '{net}' contains this node's underlay address {addr}")
+            elif net.overlaps(subnet):  # type: ignore[arg-type]
+                out.append(f"{key}: '{net}' overlaps the underlay subnet {subnet}")
+        if gateway is not None and gateway.version == net.version and gateway in net:
             out.append(f"{key}: '{net}' contains the underlay gateway {gateway}")
     for i, peer in enumerate(cfg.peers):
-        if peer.address == address:
+        if peer.address in (address, address6):
             out.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
+        why = peer_family_problem(peer.address, address, address6)
+        if why is not None:
+            out.append(f"peers[{i}].address: '{peer.address}' {why}")
+    if cfg.bgp.enabled and address.version != 4:
+        out.append(
+            f"bgp.enabled: BGP speaks from an IPv4 node address, and the underlay address is {address}"
+        )
+    if cfg.masquerade.enabled and address.version != 4:
+        out.append(
+            f"masquerade.enabled: true needs an IPv4 node address (IPv4 pods are translated to it), "
+            f"and the underlay address is {address}: set masquerade.enabled: false on an IPv6 underlay"
+        )
     return out
 
 

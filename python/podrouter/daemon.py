@@ -34,6 +34,7 @@ from typing import Any
 
 from podrouter import api as apimod
 from podrouter import config as configmod
+from podrouter import lifecycle
 from podrouter import state as statefile
 from podrouter.config import Config, IPNetwork, PeerConfig, PodConfig, vtep_mac_of
 from podrouter.monitor import MonitorHub
@@ -46,6 +47,8 @@ from podrouter.netlink.constants import (
     IPV6_MIN_MTU,
     MASQ_RULE_PRIORITY,
     MASQ_TABLE,
+    OUTER_V6_EXTRA,
+    POD_GATEWAY4,
     POD_GATEWAY6,
     SUPPRESS_RULE_PRIORITY,
     TUN_NAME,
@@ -59,6 +62,7 @@ EXIT_CONFIG = 2
 NAT_LOG_INTERVAL = 10.0  # seconds between two "masquerade range exhausted" log lines
 NAT_DEFAULT_MAX_ENTRIES = 1 << 20  # the datapath's default masquerade.max_entries (docs/config.md)
 READY_NEIGHBOR_WAIT = 3.0  # seconds to wait for next-hop MACs before the first tables (bounded)
+ADOPT_DISCOVERY_WAIT = 30.0  # at most this long a predecessor's routes wait for etcd's first listing
 
 
 class StartError(Exception):
@@ -117,21 +121,30 @@ def path_for(cfg: Config, peer: PeerConfig, dst: IPNetwork, on_link: bool) -> st
     return tunnel_protocol(cfg, peer)
 
 
-def path_mtu(cfg: Config, path: str, underlay_mtu: int, peer: PeerConfig | None = None) -> int:
+def encap_overhead(path: str, v6_outer: bool = False) -> int:
+    """Outer bytes of a tunnel path (the larger Geneve payload), 20 more over an IPv6 underlay."""
+    return ENCAP_OVERHEAD[path] + (OUTER_V6_EXTRA if v6_outer else 0)
+
+
+def path_mtu(
+    cfg: Config, path: str, underlay_mtu: int, peer: PeerConfig | None = None, v6_outer: bool = False
+) -> int:
     """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU); for
     Geneve to `peer` with an IP payload 14 bytes more (no inner Ethernet header). Without a peer the
-    largest overhead of the path counts."""
+    largest overhead of the path counts. `v6_outer`: the peer is reached over the IPv6 underlay (20
+    more bytes of outer header)."""
     if path == "native":
         return underlay_mtu
     if cfg.tunnel.mtu is not None:
         return cfg.tunnel.mtu
+    extra = OUTER_V6_EXTRA if v6_outer else 0
     if path == "geneve" and peer is not None and geneve_payload(cfg, peer) == "ip":
-        return underlay_mtu - GENEVE_IP_OVERHEAD
-    return underlay_mtu - ENCAP_OVERHEAD[path]
+        return underlay_mtu - GENEVE_IP_OVERHEAD - extra
+    return underlay_mtu - ENCAP_OVERHEAD[path] - extra
 
 
-def min_tunnel_mtu(cfg: Config, underlay_mtu: int) -> int:
-    return min(path_mtu(cfg, p, underlay_mtu) for p in ENCAP_OVERHEAD)
+def min_tunnel_mtu(cfg: Config, underlay_mtu: int, v6_outer: bool = False) -> int:
+    return min(path_mtu(cfg, p, underlay_mtu, v6_outer=v6_outer) for p in ENCAP_OVERHEAD)
 
 
 @dataclass(frozen=True)
@@ -140,7 +153,7 @@ class PeerView:
 
     peer: PeerConfig
     on_link: bool
-    next_hop: ipaddress.IPv4Address | None
+    next_hop: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     next_hop_mac: str | None
     source: str = "static"
 
@@ -155,20 +168,28 @@ class RoutePlan:
 
 
 def plan_routes(
-    cfg: Config, peers: list[PeerView], pods: Iterable[PodConfig], underlay_mtu: int, tun: str = TUN_NAME
+    cfg: Config,
+    peers: list[PeerView],
+    pods: Iterable[PodConfig],
+    underlay_mtu: int,
+    tun: str = TUN_NAME,
+    v6_underlay: bool = False,
 ) -> list[RoutePlan]:
+    """`v6_underlay`: this node has an IPv6 underlay address (the cluster catch-all then assumes the
+    larger IPv6 outer overhead); each peer's routes use the overhead of its own address family."""
     out: list[RoutePlan] = []
     for view in peers:
+        v6_outer = view.peer.address.version == 6
         for cidr in view.peer.pod_cidrs:
             cuts = cfg.routing.native_cidrs if effective_mode(cfg, view.peer) == "hybrid" else ()
             for piece in split_by(cidr, cuts):
                 path = path_for(cfg, view.peer, piece, view.on_link)
-                mtu = path_mtu(cfg, path, underlay_mtu, view.peer)
+                mtu = path_mtu(cfg, path, underlay_mtu, view.peer, v6_outer)
                 out.append(RoutePlan(piece, path, mtu, view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
     for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
-        out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu), None, tun))
+        out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu, v6_underlay), None, tun))
     # addresses of our own pod CIDR without a registered pod: unreachable, so a packet to one gets an
     # ICMP error at once instead of bouncing TUN -> kernel -> TUN until its TTL runs out
     for cidr in cfg.node.pod_cidrs:
@@ -190,16 +211,28 @@ def has_ipv6(cfg: Config) -> bool:
 
 
 def build_spec(
-    cfg: Config, generation: int, node_address: str, gateway: dict[str, Any] | None, peers: list[PeerView]
+    cfg: Config,
+    generation: int,
+    node_address: str,
+    gateway: dict[str, Any] | None,
+    peers: list[PeerView],
+    node_address6: str | None = None,
 ) -> dict[str, Any]:
     """The table spec dict `_native.Tables(spec)` takes (docs/architecture.md)."""
 
     def nets(xs: Iterable[IPNetwork]) -> list[str]:
         return [str(x) for x in xs]
 
+    node: dict[str, Any] = {
+        "name": cfg.node.name,
+        "address": node_address,
+        "pod_cidrs": nets(cfg.node.pod_cidrs),
+    }
+    if node_address6 is not None:
+        node["address6"] = node_address6
     return {
         "generation": generation,
-        "node": {"name": cfg.node.name, "address": node_address, "pod_cidrs": nets(cfg.node.pod_cidrs)},
+        "node": node,
         # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
         # checked on ingress, never masqueraded
         "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
@@ -334,7 +367,7 @@ class _PeerIndex:
             self.own.add(net, "this node")
         self.nets = NetIndex()
         self.names: set[str] = set()
-        self.addresses: dict[ipaddress.IPv4Address, str] = {}
+        self.addresses: dict[Any, str] = {}
 
     def conflict(self, peer: PeerConfig) -> str | None:
         for net in peer.pod_cidrs:
@@ -394,12 +427,18 @@ class Daemon:
         self.monitor: MonitorHub | None = None
         self.metrics: Any = None
         self.bgp: Any = None  # podrouter.bgp.BgpSpeaker when bgp.enabled
+        self.adopted = False  # started on a predecessor's state (lifecycle.py)
+        self.ready_after = 0.0  # seconds from process start to ready (status, the restart bench)
+        # adopting with etcd discovery: the predecessor's routes kept until discovery has listed the
+        # peers once (else the first reconcile would delete every discovered peer's route: a flap)
+        self._adopt_keep: dict[Any, Any] = {}
+        self._adopt_keep_until = 0.0
 
     # ------------------------------------------------------------------------------ start / stop
 
     def preflight(self) -> None:
         """Everything that can refuse to start, checked before anything is installed."""
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.netlink.underlay import UnderlayError, resolve_underlay
 
@@ -450,30 +489,35 @@ class Daemon:
     def _underlay_problems(self, cfg: Config) -> list[str]:
         problems = []
         u = self.underlay
+        v6 = any(a.version == 6 for a in u.addresses())
         for path in ("vxlan", "geneve"):
             # the outer packet must never be fragmented: the inner MTU plus the headers has to fit
-            limit = u.mtu - ENCAP_OVERHEAD[path]
+            # (over an IPv6 underlay the outer header is 20 bytes longer)
+            overhead = encap_overhead(path, v6)
+            limit = u.mtu - overhead
             if cfg.tunnel.mtu is not None and cfg.tunnel.mtu > limit:
                 problems.append(
                     f"tunnel.mtu: {cfg.tunnel.mtu} does not fit the underlay: '{u.ifname}' MTU {u.mtu} "
-                    f"minus {ENCAP_OVERHEAD[path]} bytes of {path} overhead is {limit}"
+                    f"minus {overhead} bytes of {path} overhead{' (IPv6 outer)' if v6 else ''} is {limit}"
                 )
                 break
-        if has_ipv6(cfg):
+        if has_ipv6(cfg) or v6:
             # IPv6 links must carry 1280 bytes (RFC 8200 §5); the kernel refuses a smaller route MTU
             for path in ("native", *ENCAP_OVERHEAD):
-                if path_mtu(cfg, path, u.mtu) < IPV6_MIN_MTU:
+                if path_mtu(cfg, path, u.mtu, v6_outer=v6) < IPV6_MIN_MTU:
                     tunnelled = cfg.tunnel.mtu is not None and path != "native"
                     what = "tunnel.mtu" if tunnelled else "node.interface"
                     problems.append(
-                        f"{what}: the {path} path MTU {path_mtu(cfg, path, u.mtu)} (underlay '{u.ifname}' "
-                        f"MTU {u.mtu}) is below IPv6's minimum {IPV6_MIN_MTU}, and IPv6 pod CIDRs are "
-                        "configured"
+                        f"{what}: the {path} path MTU {path_mtu(cfg, path, u.mtu, v6_outer=v6)} (underlay "
+                        f"'{u.ifname}' MTU {u.mtu}) is below IPv6's minimum {IPV6_MIN_MTU}, and IPv6 pod "
+                        "CIDRs or an IPv6 underlay are configured"
                     )
                     break
         # pod space must not swallow the underlay (its subnet, our address, the gateway); no peer
-        # may be us (config.underlay_problems)
-        problems.extend(configmod.underlay_problems(cfg, u.address, u.network, u.gateway))
+        # may be us or of a family we have no underlay address in (config.underlay_problems)
+        problems.extend(
+            configmod.underlay_problems(cfg, u.address, u.network, u.gateway, u.address6, u.network6)
+        )
         return problems
 
     def _route_conflict_problems(self) -> list[str]:
@@ -525,7 +569,7 @@ class Daemon:
 
         from podrouter import discovery
         from podrouter.netlink.neigh import NeighborWatcher
-        from podrouter.netlink.plumbing import Plumbing, cleanup
+        from podrouter.netlink.plumbing import Plumbing
 
         cfg, u = self.cfg, self.underlay
         recorded = self._recorded_state(set_aside=True)
@@ -539,33 +583,29 @@ class Daemon:
                 recorded.netns,
             )
             recorded = None
-        if recorded is not None:
-            log.info("removing what a previous daemon (pid %d) left behind", recorded.pid)
-            for line in cleanup(self.ipr, recorded):
-                log.info("  %s", line)
-            for line in self._cleanup_shaping(recorded):
-                log.info("  %s", line)
         self.plumbing = Plumbing(self.ipr, cfg.state_path, cfg.node.name, cfg.api.socket)
         self.plumbing.state.tun = TUN_NAME
+        if recorded is not None:
+            # the stop contract (lifecycle.py): take the predecessor's state over in place; the first
+            # reconcile changes only what differs
+            log.info(
+                "adopting what the previous daemon (%s) left: %d routes, %d rules, %d pods",
+                f"pid {recorded.pid}" if recorded.pid else "stopped",
+                len(recorded.routes),
+                len(recorded.rules),
+                len(recorded.pods),
+            )
+            lifecycle.adopt(self.plumbing, recorded)
+            self.adopted = True
+            if cfg.discovery.backend == "etcd":
+                self._adopt_keep = dict(self.plumbing.routes)
+                self._adopt_keep_until = time.monotonic() + ADOPT_DISCOVERY_WAIT
+            # tc is rebuilt by the bandwidth manager (it does not adopt qdiscs): remove the old first
+            for line in self._cleanup_shaping(recorded):
+                log.info("  %s", line)
         self.plumbing.save()
 
-        native = _load_native()
-        self.datapath = native.Datapath(
-            {
-                "tun_name": TUN_NAME,
-                "tun_mtu": u.mtu,
-                "underlay_ifindex": u.ifindex,
-                "underlay_mac": u.mac,
-                "underlay_address": str(u.address),
-                "vxlan_port": cfg.tunnel.port_for("vxlan"),
-                "geneve_port": cfg.tunnel.port_for("geneve"),
-                # one worker per two cores, at most four: the rest is for the kernel's side of the
-                # TUN, veth and UDP paths, which costs about as much again
-                "workers": max(1, min(4, (os.cpu_count() or 2) // 2)),
-                "nat": cfg.masquerade.nat_config(),
-                "offload": True,
-            }
-        )
+        self.datapath = self._open_datapath()
         self._nat_snapshot_setup()
         tun_idx = getattr(self.datapath, "tun_ifindex", None) or self.plumbing.ifindex(TUN_NAME)
         if tun_idx is None:
@@ -579,8 +619,14 @@ class Daemon:
         from podrouter.qos.sizing import tun_txqlen
 
         self.ipr.link("set", index=tun_idx, mtu=u.mtu, txqlen=tun_txqlen(cfg.bandwidth), state="up")
+        if self.plumbing.state.nft_guard and not cfg.masquerade.enabled:
+            # a predecessor's masquerade reply guard that this config no longer wants
+            from podrouter import nftables
+
+            nftables.remove_guard()
+            self.plumbing.state.nft_guard = False
+            self.plumbing.save()
         self._sync_masquerade_guard(None, cfg)
-        self._install_pod_guard()
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
         self.discovery = discovery.make(cfg, str(u.address))
@@ -592,6 +638,12 @@ class Daemon:
         with self.lock:
             for pod in cfg.pods:
                 self._pod_install(pod, "config", raise_errors=False)
+            if recorded is not None:
+                for pod, cni in lifecycle.recorded_api_pods(recorded, cfg):
+                    self._pod_install(pod, "api", raise_errors=False, cni=cni)
+            # the guards go in before the first route (and, when adopting, with the pods already in
+            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced)
+            self._install_pod_guard()
             self._refresh_peers(wait=True)
             self._reconcile_locked("start")
         self._nat_snapshot_report()
@@ -608,15 +660,56 @@ class Daemon:
             )
         self._start_bgp()
         self.ready = True
+        self.ready_after = lifecycle.process_age()
         log.info(
-            "ready: %s mode, %d peers, %d pods, tables generation %d",
+            "ready: %s mode, %d peers, %d pods, tables generation %d (%.2f s after the process started%s)",
             cfg.routing.mode,
             len(self.peer_views),
             len(self.pods),
             self.generation,
+            self.ready_after,
+            ", adopted" if self.adopted else "",
         )
         for err in self.route_errors:
             log.warning("%s", err)
+
+    def _datapath_config(self) -> dict[str, Any]:
+        cfg, u = self.cfg, self.underlay
+        return {
+            "tun_name": TUN_NAME,
+            "tun_mtu": u.mtu,
+            # persistent: the TUN (and every route into it) outlives this process, so pod traffic
+            # never follows the default route while the daemon restarts (lifecycle.py)
+            "tun_persist": True,
+            "underlay_ifindex": u.ifindex,
+            "underlay_mac": u.mac,
+            "underlay_address": str(u.address),
+            "underlay_address6": str(u.address6) if u.address6 is not None else None,
+            "vxlan_port": cfg.tunnel.port_for("vxlan"),
+            "geneve_port": cfg.tunnel.port_for("geneve"),
+            # one worker per two cores, at most four: the rest is for the kernel's side of the
+            # TUN, veth and UDP paths, which costs about as much again
+            "workers": max(1, min(4, (os.cpu_count() or 2) // 2)),
+            "nat": cfg.masquerade.nat_config(),
+            "offload": True,
+        }
+
+    def _open_datapath(self) -> Any:
+        """Create or reattach the persistent TUN. A leftover `podr0` whose flags do not match this
+        daemon's (IFF_MULTI_QUEUE: a different worker count) cannot be attached (EINVAL): it is
+        deleted and made again (its routes go with it and come back with the first reconcile; the
+        leak guard drops pod traffic meanwhile)."""
+        import errno
+
+        native = _load_native()
+        try:
+            return native.Datapath(self._datapath_config())
+        except OSError as e:
+            if e.errno != errno.EINVAL or lifecycle.tun_kind(self.ipr, TUN_NAME) != "tun":
+                raise
+            log.warning("%s exists with other flags (%s): deleting and re-creating it", TUN_NAME, e)
+            lifecycle.remove_tun(self.ipr, TUN_NAME)
+            return native.Datapath(self._datapath_config())
 
     def _node_sysctls(self, tun_idx: int) -> None:
         u = self.underlay
@@ -683,7 +776,7 @@ class Daemon:
             self.plumbing.state.nft_guard = False
             self.plumbing.save()
 
-    def _pod_guard_want(self) -> tuple[list[tuple[str, list[str]]], list[tuple[str, int]], list[str]]:
+    def _pod_guard_want(self) -> tuple[Any, ...]:
         """What the pod egress guard's sets should hold now: each registered pod's host interface
         with its addresses, every tunnel socket (each peer's and our own address, at both tunnel
         ports) that no pod may send to, and this node's pod CIDRs."""
@@ -695,11 +788,20 @@ class Daemon:
         for ifname, pod_addrs in pods:
             merged.setdefault(ifname, []).extend(pod_addrs)
         ports = sorted({self.cfg.tunnel.port_for("vxlan"), self.cfg.tunnel.port_for("geneve")})
-        endpoints = {str(self.underlay.address)} | {str(v.peer.address) for v in self.peer_views}
+        endpoints = {str(a) for a in self.underlay.addresses()} | {
+            str(v.peer.address) for v in self.peer_views
+        }
+        cfg, u = self.cfg, self.underlay
+        # the leak guard (nftables.py): the cluster's pod CIDRs (and the mesh's), and, with
+        # masquerade, the default gateway no pod packet may reach untranslated
+        masq_gw = [str(u.gateway)] if cfg.masquerade.enabled and u.gateway is not None else []
         return (
             sorted(merged.items()),
             [(a, p) for a in sorted(endpoints) for p in ports],
-            [str(c) for c in self.cfg.node.pod_cidrs],
+            [str(c) for c in cfg.node.pod_cidrs],
+            [str(c) for c in (*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(self.peer_views))],
+            masq_gw,
+            [str(c) for c in cfg.masquerade.non_masquerade_cidrs if c.version == 4],
         )
 
     def _install_pod_guard(self) -> None:
@@ -755,6 +857,8 @@ class Daemon:
                             "reconcile failed (%s); the datapath keeps its current tables",
                             ", ".join(sorted(reasons)),
                         )
+            if self._adopt_keep and (self._discovery_synced() or time.monotonic() > self._adopt_keep_until):
+                self._on_event("adopted routes")
             self._watch_counters()
             if self.bgp is not None:
                 self.bgp.ensure_running()
@@ -826,71 +930,123 @@ class Daemon:
             self._dirty.add(reason)
         self._wake.set()
 
-    def shutdown(self) -> None:
-        """Remove everything installed, in reverse order. Safe after a partial start.
+    def shutdown(self, keep: bool = False) -> None:
+        """Stop. With `keep` (SIGTERM/SIGINT, the stop contract in lifecycle.py) the node's
+        forwarding state stays for a successor: the persistent TUN, routes, rules, sysctls, the
+        nftables tables, shaping, the etcd registration (left to its lease TTL) and the state file
+        (pid 0). Without it (`podrouter cleanup`, a start that failed without a predecessor)
+        everything installed is removed, in reverse order. Safe after a partial start.
 
-        The datapath's workers stop before the masquerade reply guard goes: while they run, a
-        reply to a translated flow reaches both them (AF_PACKET copy) and, without the guard, the
-        node's stack, which answers it with a RST / port unreachable that kills the flow. With the
-        workers stopped first, the guard keeps dropping replies until nothing forwards them any more.
-        The TUN itself is closed last, after the routes into it are gone."""
+        Full removal: the datapath's workers stop before the masquerade reply guard goes: while they
+        run, a reply to a translated flow reaches both them (AF_PACKET copy) and, without the guard,
+        the node's stack, which answers it with a RST / port unreachable that kills the flow. With
+        the workers stopped first, the guard keeps dropping replies until nothing forwards them any
+        more. The TUN itself is deleted last, after the routes into it are gone."""
         self.ready = False
-        for part, method in (
-            (self.bgp, "stop"),
-            (self.metrics, "close"),
-            (self.api, "close"),
-            (self.monitor, "close"),
-            (self.discovery, "stop"),
-            (self.watcher, "stop"),
-        ):
-            if part is None:
-                continue
+
+        def stop_part(part: Any, method: str) -> None:
             try:
-                getattr(part, method)()
+                if part is self.discovery:
+                    part.stop(revoke=not keep)
+                else:
+                    getattr(part, method)()
             except Exception:  # noqa: BLE001 - keep tearing down
                 log.exception("shutdown: %s.%s failed", type(part).__name__, method)
+
+        # in parallel: each waits for its own thread (a server's poll interval, the neighbour
+        # monitor's select timeout), and a successor can start only once this process is gone
+        stoppers = [
+            threading.Thread(target=stop_part, args=(part, method), name=f"stop-{method}", daemon=True)
+            for part, method in (
+                (self.bgp, "stop"),
+                (self.metrics, "close"),
+                (self.api, "close"),
+                (self.monitor, "close"),
+                (self.discovery, "stop"),
+                (self.watcher, "stop"),
+            )
+            if part is not None
+        ]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join(timeout=15)
         with self.lock:
             if self.datapath is not None:
                 try:
                     self.datapath.stop()
                 except Exception:  # noqa: BLE001
                     log.exception("stopping the datapath failed")
-            if self.bandwidth is not None:
-                try:
-                    self.bandwidth.close()
-                except Exception:  # noqa: BLE001
-                    log.exception("bandwidth manager close failed")
-            if self.plumbing is not None and self.plumbing.state.nft_guard:
-                try:
-                    from podrouter import nftables
-
-                    nftables.remove_guard()
-                except Exception:  # noqa: BLE001
-                    log.exception("removing the masquerade reply guard failed")
-            if self.plumbing is not None:
-                try:
-                    self.plumbing.teardown()
-                except Exception:  # noqa: BLE001
-                    log.exception("removing routes/rules failed")
-            if self._pod_guard_key is not None:
-                # after the routes: while a pod route exists, its pod's sources are checked
-                try:
-                    from podrouter import nftables
-
-                    nftables.remove_pod_guard()
-                except Exception:  # noqa: BLE001
-                    log.exception("removing the pod egress guard failed")
-                self._pod_guard_key = None
-            if self.datapath is not None:
-                try:
-                    # closing the TUN fd makes the kernel delete podr0 (it was never made persistent)
-                    self.datapath.close()
-                except Exception:  # noqa: BLE001
-                    log.exception("closing the datapath failed")
-                self.datapath = None
+            if keep:
+                self._release()
+            else:
+                self._teardown()
             if self.ipr is not None:
                 with contextlib.suppress(Exception):
                     self.ipr.close()
+
+    def _release(self) -> None:
+        """The stop contract: close what belongs to this process only, leave the kernel state."""
+        if self.bandwidth is not None:
+            try:
+                self.bandwidth.detach()
+            except Exception:  # noqa: BLE001
+                log.exception("bandwidth manager detach failed")
+        if self.datapath is not None:
+            try:
+                # the TUN is persistent: closing the queues detaches them, the device and the routes
+                # into it stay (pod packets are dropped by the detached device until a successor)
+                self.datapath.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the datapath failed")
+            self.datapath = None
+        self._pod_guard_key = None
+        if self.plumbing is not None:
+            # last: once the record says pid 0 a successor may start (its TUN attach needs our
+            # queues closed, and nothing here writes the state file any more)
+            try:
+                lifecycle.mark_stopped(self.plumbing)
+            except Exception:  # noqa: BLE001
+                log.exception("recording the stop in the state file failed")
+
+    def _teardown(self) -> None:
+        if self.bandwidth is not None:
+            try:
+                self.bandwidth.close()
+            except Exception:  # noqa: BLE001
+                log.exception("bandwidth manager close failed")
+        if self.plumbing is not None and self.plumbing.state.nft_guard:
+            try:
+                from podrouter import nftables
+
+                nftables.remove_guard()
+            except Exception:  # noqa: BLE001
+                log.exception("removing the masquerade reply guard failed")
+        if self.plumbing is not None:
+            try:
+                self.plumbing.teardown()
+            except Exception:  # noqa: BLE001
+                log.exception("removing routes/rules failed")
+        if self._pod_guard_key is not None:
+            # after the routes: while a pod route exists, its pod's sources are checked
+            try:
+                from podrouter import nftables
+
+                nftables.remove_pod_guard()
+            except Exception:  # noqa: BLE001
+                log.exception("removing the pod egress guard failed")
+            self._pod_guard_key = None
+        if self.datapath is not None:
+            try:
+                self.datapath.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing the datapath failed")
+            self.datapath = None
+        if self.ipr is not None:
+            try:
+                lifecycle.remove_tun(self.ipr, TUN_NAME)  # persistent: it outlives the fd
+            except Exception:  # noqa: BLE001
+                log.exception("deleting %s failed", TUN_NAME)
 
     # ------------------------------------------------------------------------------- reconcile
 
@@ -898,19 +1054,22 @@ class Daemon:
         from podrouter.netlink.underlay import next_hops_for
 
         u = self.underlay
-        wanted: dict[str, tuple[PeerConfig, bool, ipaddress.IPv4Address | None, str]] = {}
+        wanted: dict[
+            str, tuple[PeerConfig, bool, ipaddress.IPv4Address | ipaddress.IPv6Address | None, str]
+        ] = {}
         sources: dict[str, str] = getattr(self.discovery, "sources", dict)()
         rejected: dict[str, str] = {}
         taken = _PeerIndex(self.cfg)
         all_peers = self.discovery.peers()
         # the kernel's next hop of every peer, asked in bulk (thousands of peers with etcd)
-        next_hops = next_hops_for(u, [p.address for p in all_peers])
+        next_hops = next_hops_for(self.ipr, u, [p.address for p in all_peers])
         for peer in all_peers:
-            if peer.address == u.address or peer.name == self.cfg.node.name:
+            if peer.address in u.addresses() or peer.name == self.cfg.node.name:
                 continue  # ourselves, as seen by discovery
             # the tables refuse overlapping pod CIDRs; a discovery source that slipped one through
             # must cost that peer, not the whole update (static peers come first and win)
-            why = taken.conflict(peer)
+            why = configmod.peer_family_problem(peer.address, u.address, u.address6)
+            why = f"address {peer.address} {why}" if why is not None else taken.conflict(peer)
             if why:
                 rejected[peer.name] = why
                 continue
@@ -924,6 +1083,8 @@ class Daemon:
         hops = {nh for (_, _, nh, _) in wanted.values() if nh is not None}
         if u.gateway is not None:
             hops.add(u.gateway)
+        if u.gateway6 is not None:
+            hops.add(u.gateway6)
         self.watcher.set_wanted(hops)
         if wait and hops and not self.watcher.wait_resolved(READY_NEIGHBOR_WAIT):
             log.warning(
@@ -954,6 +1115,12 @@ class Daemon:
             else:
                 spec = RouteSpec(dst=str(r.dst), oif=r.dev, mtu=r.mtu, label=r.path)
             out[spec.key] = spec
+        if self.underlay.address.version == 6 and any(c.version == 4 for c in self.cfg.node.pod_cidrs):
+            # IPv6 underlay: the node may have no IPv4 route at all, and proxy ARP only answers for
+            # an address that routes out another device; the pods' gateway 169.254.1.1 gets one into
+            # the datapath (which drops what is addressed to it; docs/architecture.md)
+            spec = RouteSpec(dst=f"{POD_GATEWAY4}/32", oif=TUN_NAME, label="pod gateway")
+            out[spec.key] = spec
         if self.cfg.masquerade.enabled:
             # the masquerade egress table: a default route into the datapath (see constants.py)
             for cidr in self.cfg.node.pod_cidrs:
@@ -980,6 +1147,12 @@ class Daemon:
             rules.add(RuleSpec(priority=MASQ_RULE_PRIORITY, table=MASQ_TABLE, src=str(cidr), family=fam))
         return rules
 
+    def _discovery_synced(self) -> bool:
+        try:
+            return bool(self.discovery.status().get("connected", True))
+        except Exception:  # noqa: BLE001
+            return True
+
     def _reconcile_locked(self, reason: str) -> None:
         cfg = self.cfg
         for entry in self.pods.values():
@@ -987,12 +1160,23 @@ class Daemon:
             if self.plumbing.ifindex(entry.pod.host_interface) is not None:
                 self._pod_sysctls(entry.pod)
         self.route_plan = plan_routes(
-            cfg, self.peer_views, (e.pod for e in self.pods.values()), self.underlay.mtu
+            cfg,
+            self.peer_views,
+            (e.pod for e in self.pods.values()),
+            self.underlay.mtu,
+            v6_underlay=any(a.version == 6 for a in self.underlay.addresses()),
         )
         # the guard learns a pod's addresses before its route makes the pod reachable
         self._sync_pod_guard()
         t0 = time.perf_counter()
-        self.route_errors = self.plumbing.sync_routes(self._desired_routes())
+        desired = self._desired_routes()
+        if self._adopt_keep:
+            if self._discovery_synced() or time.monotonic() > self._adopt_keep_until:
+                self._adopt_keep = {}
+                log.info("discovery has listed its peers: the predecessor's routes are reconciled")
+            else:
+                desired = {**self._adopt_keep, **desired}
+        self.route_errors = self.plumbing.sync_routes(desired)
         self.timings["last_routes_ms"] = _ms_since(t0)
         self.timings["last_routes_changed"] = self.plumbing.last_changes
         self.plumbing.sync_rules(self._desired_rules())
@@ -1000,7 +1184,8 @@ class Daemon:
             log.warning("%s", err)
         gateway = self._gateway()
         t0 = time.perf_counter()
-        spec = build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views)
+        a6 = str(self.underlay.address6) if self.underlay.address6 is not None else None
+        spec = build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views, a6)
         # the peers' part of the spec is a function of the (immutable) views: compare those instead
         # of formatting thousands of peer entries
         key = (repr({k: v for k, v in spec.items() if k != "peers"}), tuple(self.peer_views))
@@ -1054,6 +1239,7 @@ class Daemon:
                 new.node,
                 name=self.cfg.node.name,
                 address=self.cfg.node.address,
+                address6=self.cfg.node.address6,
                 interface=self.cfg.node.interface,
             ),
             api=self.cfg.api,
@@ -1119,8 +1305,12 @@ class Daemon:
         out = []
         if new.node.name != old.node.name:
             out.append("node.name")
-        if new.node.address != old.node.address or new.node.interface != old.node.interface:
-            out.append("node.address/node.interface")
+        if (new.node.address, new.node.address6, new.node.interface) != (
+            old.node.address,
+            old.node.address6,
+            old.node.interface,
+        ):
+            out.append("node.address/node.address6/node.interface")
         if new.api != old.api:
             out.append("api.socket")
         if new.metrics != old.metrics:
@@ -1146,7 +1336,7 @@ class Daemon:
         if not cfg.bandwidth.enabled:
             log.info("bandwidth shaping disabled (bandwidth.enabled: false)")
             return None
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.qos.manager import BandwidthManager
 
@@ -1161,7 +1351,7 @@ class Daemon:
 
     def _cleanup_shaping(self, recorded: statefile.State) -> list[str]:
         """Remove the tc objects a dead daemon's bandwidth manager left (the QoS module knows which)."""
-        from pyroute2 import IPRoute
+        from pyroute2.iproute import IPRoute
 
         from podrouter.qos.manager import cleanup as qos_cleanup
 
@@ -1281,8 +1471,12 @@ class Daemon:
                 owner = (current.cni or {}).get("container_id")
                 if owner != container_id:
                     # a late DEL of a sandbox this pod name has since been given to: not ours to remove
-                    log.info("pod_del %s for container %s ignored: the pod belongs to %s", name,
-                             container_id, owner or f"the {current.source}")
+                    log.info(
+                        "pod_del %s for container %s ignored: the pod belongs to %s",
+                        name,
+                        container_id,
+                        owner or f"the {current.source}",
+                    )
                     return {"removed": None, "kept": name, "owner": owner}
             entry = self._pod_remove(name)
             if entry is None:
@@ -1332,7 +1526,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             out["nat_snapshot"] = dict(dp.nat_snapshot_stats())
         if self._pod_guard_key is not None:
-            # the pod egress guard drops in nftables, before the datapath sees anything; its two
+            # the pod egress guard drops in nftables, before the datapath sees anything; its
             # counters join the datapath's drop reasons (podrouter_drops_total{reason=...})
             from podrouter import nftables
 
@@ -1342,7 +1536,7 @@ class Daemon:
                 log.exception("reading the pod egress guard counters failed")
                 guard = {}
             drops = dict(out.get("drops") or {})
-            for reason in (nftables.SPOOF_COUNTER, nftables.TUNNEL_COUNTER):
+            for reason in (nftables.SPOOF_COUNTER, nftables.TUNNEL_COUNTER, nftables.LEAK_COUNTER):
                 drops[reason] = int(drops.get(reason, 0)) + guard.get(reason, 0)
             out["drops"] = drops
         return out
@@ -1380,6 +1574,8 @@ class Daemon:
                 )
             return {
                 "ready": self.ready,
+                "ready_after": round(self.ready_after, 3),
+                "adopted": self.adopted,
                 "node": self.cfg.node.name,
                 "pid": _getpid(),
                 "uptime": round(time.time() - self.started_at, 1),
@@ -1397,6 +1593,8 @@ class Daemon:
                     "address": str(u.address),
                     "mtu": u.mtu,
                     "gateway": str(u.gateway) if u.gateway else None,
+                    # dual-stack underlay only (node.address6)
+                    **({"address6": str(u.address6)} if u.address6 is not None else {}),
                 },
                 # our VTEP MAC: the inner source of every VXLAN frame we send; a Flannel-style
                 # kernel peer's neighbour and FDB entries for this node must use it
@@ -1424,6 +1622,7 @@ class Daemon:
             return
         from podrouter import bgp
 
+        assert isinstance(self.underlay.address, ipaddress.IPv4Address)  # underlay_problems: bgp needs it
         self.bgp = bgp.BgpSpeaker(self.cfg, self.underlay.address, self.underlay.on_link)
         try:
             self.bgp.start()
@@ -1471,7 +1670,6 @@ class Daemon:
             "pod_list": lambda req: {"pods": self._pods_status()},
             "explain": self.explain,
         }
-
 
     def _api_streams(self) -> dict[str, apimod.StreamHandler]:
         hub = self.monitor
@@ -1528,30 +1726,40 @@ def run(cfg: Config) -> int:
         if d.ipr is not None:
             d.ipr.close()
         raise
+    # a start that fails on a predecessor's state leaves it (it still forwards, and the leak guard
+    # stays); one that fails from scratch removes what it installed
+    def what() -> str:
+        return "leaving the adopted state" if d.adopted else "removing what was installed"
+
     try:
         d.start()
     except StartError:
-        log.error("start failed; removing what was installed")
-        d.shutdown()
+        log.error("start failed; %s", what())
+        d.shutdown(keep=d.adopted)
         raise
     except Exception as e:
-        log.exception("start failed; removing what was installed")
-        d.shutdown()
+        log.exception("start failed; %s", what())
+        d.shutdown(keep=d.adopted)
         raise StartError([f"start failed: {e}"], EXIT_FAILURE) from None
     except BaseException:
-        d.shutdown()
+        d.shutdown(keep=d.adopted)
         raise
     try:
         code = d.run()
     finally:
-        log.info("shutting down: removing routes, rules, shaping and the TUN")
-        d.shutdown()
+        log.info(
+            "stopping: the TUN, routes, rules, guards and shaping stay for the next daemon "
+            "(`podrouter cleanup` removes them)"
+        )
+        d.shutdown(keep=True)
     return code
 
 
 def cleanup(cfg: Config, force: bool = False) -> list[str]:
-    """`podrouter cleanup`: remove what a killed daemon left. Refuses while the daemon runs."""
-    from pyroute2 import IPRoute
+    """`podrouter cleanup`: remove what a stopped or killed daemon left (the stop contract leaves
+    the node's forwarding state for a successor; this is the full removal). Refuses while the
+    daemon runs."""
+    from pyroute2.iproute import IPRoute
 
     from podrouter.netlink.plumbing import cleanup as netlink_cleanup
     from podrouter.netlink.underlay import netns_id
@@ -1594,13 +1802,16 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
                 done.extend(d._cleanup_shaping(recorded))
             except Exception as e:  # noqa: BLE001
                 done.append(f"removing shaping failed: {e}")
-            tun = ipr.link_lookup(ifname=recorded.tun or TUN_NAME)
-            if tun:
-                # a TUN outlives its daemon only if it was made persistent; podrouter never does that,
-                # but a stale one from a different tool must not be deleted by us: report it
-                done.append(
-                    f"note: {recorded.tun or TUN_NAME} still exists (not created persistent by podrouter)"
-                )
+        tun = (recorded.tun if recorded is not None else None) or TUN_NAME
+        kind = lifecycle.tun_kind(ipr, tun)
+        if kind == "tun":
+            # podrouter's TUN is persistent (the stop contract): cleanup is what deletes it
+            lifecycle.remove_tun(ipr, tun)
+            done.append(f"removed TUN {tun}")
+        elif kind is not None:
+            done.append(f"note: {tun} exists but is a {kind} link, not podrouter's TUN: left alone")
+    if cfg.discovery.backend == "etcd":
+        done.extend(lifecycle.deregister_etcd(cfg))
     if cfg.bgp.enabled:
         done.extend(_cleanup_bgp(cfg))
     if recorded is not None:
@@ -1626,7 +1837,7 @@ def _cleanup_nat_snapshot(cfg: Config) -> list[str]:
 
 def _cleanup_bgp(cfg: Config) -> list[str]:
     """Withdraw this node's prefixes from its BGP peers now (docs/bgp.md, "Stopping for good")."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     from podrouter import bgp
     from podrouter.netlink.underlay import UnderlayError, resolve_underlay
@@ -1634,6 +1845,8 @@ def _cleanup_bgp(cfg: Config) -> list[str]:
     try:
         with IPRoute() as ipr:
             u = resolve_underlay(ipr, cfg.node)
+        if not isinstance(u.address, ipaddress.IPv4Address):
+            return [f"BGP: nothing to withdraw: the underlay address {u.address} is not IPv4"]
         return bgp.withdraw(cfg, u.address, u.on_link)
     except (UnderlayError, bgp.BgpError, OSError) as e:
         return [f"BGP: could not withdraw (the routers drop our prefixes after the restart time): {e}"]

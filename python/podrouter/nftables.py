@@ -232,6 +232,7 @@ def guard_counters() -> dict[str, int]:
 #       set pod_src4    { type ifname . ipv4_addr; }     # (host interface, address) of every pod
 #       set pod_src6    { type ifname . ipv6_addr; }
 #       set tunnel_endpoints { type ipv4_addr . inet_service; }  # peers' and our tunnel sockets
+#       set tunnel_endpoints6 { type ipv6_addr . inet_service; } # the same on an IPv6 underlay
 #       set node_cidrs4 { type ipv4_addr; flags interval; }       # this node's pod CIDRs
 #       set node_cidrs6 { type ipv6_addr; flags interval; }
 #       counter spoofed_pod_source {}
@@ -246,8 +247,36 @@ def guard_counters() -> dict[str, int]:
 #         meta nfproto ipv4 iifname . ip saddr != @pod_src4 counter name spoofed_pod_source drop
 #         meta nfproto ipv6 iifname . ip6 saddr != @pod_src6 counter name spoofed_pod_source drop
 #         ip daddr . udp dport @tunnel_endpoints counter name pod_tunnel_port drop
+#         ip6 daddr . udp dport @tunnel_endpoints6 counter name pod_tunnel_port drop
 #       }
 #     }
+#
+#       set cluster_cidrs4 { type ipv4_addr; flags interval; }    # cluster (+ clustermesh) pod CIDRs
+#       set cluster_cidrs6 { type ipv6_addr; flags interval; }
+#       set masq_gateways4 { type ipv4_addr; }   # the underlay gateway, when masquerade is enabled
+#       set non_masq4 { type ipv4_addr; flags interval; }        # masquerade.non_masquerade_cidrs
+#       counter pod_unrouted {}
+#       chain pod_unrouted {
+#         type filter hook forward priority filter; policy accept;
+#         oifname "podr0" accept                          # into the datapath
+#         oifname @pod_ifaces accept                      # pod to pod on this node
+#         ip saddr @node_cidrs4 ip daddr @cluster_cidrs4 counter name pod_unrouted drop
+#         ip6 saddr @node_cidrs6 ip6 daddr @cluster_cidrs6 counter name pod_unrouted drop
+#         ip saddr @node_cidrs4 ip daddr != @non_masq4 rt ip nexthop @masq_gateways4
+#             counter name pod_unrouted drop
+#       }
+#     }
+#
+# The leak guard (`pod_unrouted`): the kernel never forwards a pod's packet for another pod CIDR of
+# the cluster itself (podrouter routes every one into the TUN; the datapath encapsulates or sends
+# native by AF_PACKET, whose transmits bypass the forward hook), and with masquerade enabled never
+# sends one to the default gateway (the masquerade steering puts every pod packet that would take
+# the default route into the TUN). Such a packet only appears when podrouter's routes are missing (no
+# daemon ran yet, a TUN that vanished, a route removed behind its back): it would leave untranslated
+# or unencapsulated by the node's default route. Pod traffic the kernel forwards by design is not
+# touched: to on-link hosts of the underlay, to more specific routes of the node, and to the outside
+# when masquerade is disabled (pod addresses routable outside). The chain is left in place when the
+# daemon stops (docs/operations.md), so a restart never leaks either.
 #
 # The first two rules cover interfaces that are no (longer a) registered pod's: a source inside this
 # node's pod CIDRs is only ever legitimate from the veth of the pod that holds it (a remote peer's
@@ -262,15 +291,23 @@ POD_FAMILY = "inet"
 POD_CHAIN = "pod_egress"
 SPOOF_COUNTER = "spoofed_pod_source"
 TUNNEL_COUNTER = "pod_tunnel_port"
+LEAK_COUNTER = "pod_unrouted"
+LEAK_CHAIN = "pod_unrouted"
+PRIORITY_FILTER = 0  # NF_IP_PRI_FILTER
 _POD_SETS = {
     "pod_ifaces": "ifname",
     "pod_src4": ["ifname", "ipv4_addr"],
     "pod_src6": ["ifname", "ipv6_addr"],
     "tunnel_endpoints": ["ipv4_addr", "inet_service"],
+    "tunnel_endpoints6": ["ipv6_addr", "inet_service"],
     "node_cidrs4": "ipv4_addr",
     "node_cidrs6": "ipv6_addr",
+    "cluster_cidrs4": "ipv4_addr",
+    "cluster_cidrs6": "ipv6_addr",
+    "masq_gateways4": "ipv4_addr",
+    "non_masq4": "ipv4_addr",
 }
-_INTERVAL_SETS = ("node_cidrs4", "node_cidrs6")
+_INTERVAL_SETS = ("node_cidrs4", "node_cidrs6", "cluster_cidrs4", "cluster_cidrs6", "non_masq4")
 
 
 def _pod_table() -> dict[str, str]:
@@ -289,13 +326,13 @@ def _iifname() -> dict[str, Any]:
     return {"meta": {"key": "iifname"}}
 
 
-def _pod_rule(comment: str, *expr: dict[str, Any]) -> dict[str, Any]:
+def _pod_rule(comment: str, *expr: dict[str, Any], chain: str = POD_CHAIN) -> dict[str, Any]:
     return {
         "add": {
             "rule": {
                 "family": POD_FAMILY,
                 "table": POD_TABLE,
-                "chain": POD_CHAIN,
+                "chain": chain,
                 "comment": comment,
                 "expr": list(expr),
             }
@@ -314,10 +351,19 @@ Pods = list[tuple[str, list[str]]]
 Endpoints = list[tuple[str, int]]
 
 
-def pod_guard_elements(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> list[dict[str, Any]]:
+def pod_guard_elements(
+    pods: Pods,
+    endpoints: Endpoints,
+    node_cidrs: list[str],
+    cluster_cidrs: list[str] | tuple[str, ...] = (),
+    masq_gateways: list[str] | tuple[str, ...] = (),
+    non_masq: list[str] | tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
     """The commands that make the guard's sets hold exactly `pods` ((host interface, addresses)
-    pairs), `endpoints` ((IPv4 address, UDP port) of every tunnel socket pods must not reach) and
-    `node_cidrs` (this node's pod CIDRs)."""
+    pairs), `endpoints` ((IPv4 or IPv6 address, UDP port) of every tunnel socket pods must not reach),
+    `node_cidrs` (this node's pod CIDRs) and, for the leak guard, `cluster_cidrs` (every pod CIDR of
+    the cluster and the mesh), `masq_gateways` (the underlay gateway when masquerade is enabled, else
+    empty) and `non_masq` (masquerade.non_masquerade_cidrs, IPv4)."""
     ifaces: set[str] = set()
     src4: set[tuple[str, str]] = set()
     src6: set[tuple[str, str]] = set()
@@ -327,25 +373,33 @@ def pod_guard_elements(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) 
         for a in addrs:
             ip = ipaddress.ip_address(a)
             (src4 if ip.version == 4 else src6).add((ifname, str(ip)))
-    eps = {(str(ipaddress.IPv4Address(a)), int(p)) for a, p in endpoints}
+    eps = {(str(ipaddress.ip_address(a)), int(p)) for a, p in endpoints}
     for _, port in eps:
         if not 1 <= port <= 65535:
             raise ValueError(f"bad port {port}")
     nets = [ipaddress.ip_network(c) for c in node_cidrs]
+    cluster = _collapse(cluster_cidrs)
+    gateways = sorted({str(ipaddress.IPv4Address(g)) for g in masq_gateways})
+    nonmasq = [n for n in _collapse(non_masq) if n.version == 4]
 
-    def prefixes(version: int) -> list[Any]:
+    def prefixes(version: int, among: list[Any] | None = None) -> list[Any]:
         return [
             {"prefix": {"addr": str(n.network_address), "len": n.prefixlen}}
-            for n in sorted(x for x in nets if x.version == version)
+            for n in sorted(x for x in (nets if among is None else among) if x.version == version)
         ]
 
     elems: dict[str, list[Any]] = {
         "pod_ifaces": sorted(ifaces),
         "pod_src4": [{"concat": list(x)} for x in sorted(src4)],
         "pod_src6": [{"concat": list(x)} for x in sorted(src6)],
-        "tunnel_endpoints": [{"concat": [a, p]} for a, p in sorted(eps)],
+        "tunnel_endpoints": [{"concat": [a, p]} for a, p in sorted(eps) if ":" not in a],
+        "tunnel_endpoints6": [{"concat": [a, p]} for a, p in sorted(eps) if ":" in a],
         "node_cidrs4": prefixes(4),
         "node_cidrs6": prefixes(6),
+        "cluster_cidrs4": prefixes(4, cluster),
+        "cluster_cidrs6": prefixes(6, cluster),
+        "masq_gateways4": gateways,
+        "non_masq4": prefixes(4, nonmasq),
     }
     cmds: list[dict[str, Any]] = []
     for name, items in elems.items():
@@ -356,7 +410,24 @@ def pod_guard_elements(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) 
     return cmds
 
 
-def pod_guard_commands(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> list[dict[str, Any]]:
+def _collapse(cidrs: list[str] | tuple[str, ...]) -> list[Any]:
+    """Overlapping prefixes merged (an interval set refuses overlapping elements)."""
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    out: list[Any] = []
+    for version in (4, 6):
+        out.extend(ipaddress.collapse_addresses([n for n in nets if n.version == version]))  # type: ignore[misc]
+    return out
+
+
+def pod_guard_commands(
+    pods: Pods,
+    endpoints: Endpoints,
+    node_cidrs: list[str],
+    cluster_cidrs: list[str] | tuple[str, ...] = (),
+    masq_gateways: list[str] | tuple[str, ...] = (),
+    non_masq: list[str] | tuple[str, ...] = (),
+    tun: str = "podr0",
+) -> list[dict[str, Any]]:
     """The transaction `install_pod_guard` runs: the table (replaced if a dead daemon left one),
     its sets filled, its counters, the chain and its rules (pure, for tests)."""
     t = _pod_table()
@@ -370,7 +441,7 @@ def pod_guard_commands(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) 
         if name in _INTERVAL_SETS:
             st["flags"] = ["interval"]
         cmds.append({"add": {"set": st}})
-    for name in (SPOOF_COUNTER, TUNNEL_COUNTER):
+    for name in (SPOOF_COUNTER, TUNNEL_COUNTER, LEAK_COUNTER):
         cmds.append({"add": {"counter": {"family": POD_FAMILY, "table": POD_TABLE, "name": name}}})
     cmds.append(
         {
@@ -440,18 +511,79 @@ def pod_guard_commands(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) 
             {"counter": TUNNEL_COUNTER},
             {"drop": None},
         ),
+        _pod_rule(
+            "pods never reach a tunnel socket (IPv6 underlay)",
+            _match({"concat": [ip6_daddr, _payload("udp", "dport")]}, "@tunnel_endpoints6"),
+            {"counter": TUNNEL_COUNTER},
+            {"drop": None},
+        ),
     ]
-    return cmds + pod_guard_elements(pods, endpoints, node_cidrs)
+    oifname = {"meta": {"key": "oifname"}}
+    cmds += [
+        {
+            "add": {
+                "chain": {
+                    "family": POD_FAMILY,
+                    "table": POD_TABLE,
+                    "name": LEAK_CHAIN,
+                    "type": "filter",
+                    "hook": "forward",
+                    "prio": PRIORITY_FILTER,
+                    "policy": "accept",
+                }
+            }
+        },
+        _pod_rule("into the datapath", _match(oifname, _ifname(tun)), {"accept": None}, chain=LEAK_CHAIN),
+        _pod_rule(
+            "pod to pod on this node", _match(oifname, "@pod_ifaces"), {"accept": None}, chain=LEAK_CHAIN
+        ),
+        _pod_rule(
+            "a pod's packet for the cluster outside the datapath (podrouter's routes are missing)",
+            _match(_payload("ip", "saddr"), "@node_cidrs4"),
+            _match(_payload("ip", "daddr"), "@cluster_cidrs4"),
+            {"counter": LEAK_COUNTER},
+            {"drop": None},
+            chain=LEAK_CHAIN,
+        ),
+        _pod_rule(
+            "a pod's IPv6 packet for the cluster outside the datapath (podrouter's routes are missing)",
+            _match(ip6_saddr, "@node_cidrs6"),
+            _match(ip6_daddr, "@cluster_cidrs6"),
+            {"counter": LEAK_COUNTER},
+            {"drop": None},
+            chain=LEAK_CHAIN,
+        ),
+        _pod_rule(
+            "a pod's packet to the default gateway unmasqueraded (podrouter's steering is missing)",
+            _match(_payload("ip", "saddr"), "@node_cidrs4"),
+            _match(_payload("ip", "daddr"), "@non_masq4", "!="),
+            _match({"rt": {"key": "nexthop", "family": "ip"}}, "@masq_gateways4"),
+            {"counter": LEAK_COUNTER},
+            {"drop": None},
+            chain=LEAK_CHAIN,
+        ),
+    ]
+    return cmds + pod_guard_elements(pods, endpoints, node_cidrs, cluster_cidrs, masq_gateways, non_masq)
 
 
-def install_pod_guard(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> None:
-    """Installs (or atomically replaces) the pod egress guard in the current network namespace."""
-    run(pod_guard_commands(pods, endpoints, node_cidrs))
+def install_pod_guard(
+    pods: Pods,
+    endpoints: Endpoints,
+    node_cidrs: list[str],
+    cluster_cidrs: list[str] | tuple[str, ...] = (),
+    masq_gateways: list[str] | tuple[str, ...] = (),
+    non_masq: list[str] | tuple[str, ...] = (),
+    tun: str = "podr0",
+) -> None:
+    """Installs (or atomically replaces) the pod egress guard and the leak guard in the current
+    network namespace (arguments as `pod_guard_commands`)."""
+    run(pod_guard_commands(pods, endpoints, node_cidrs, cluster_cidrs, masq_gateways, non_masq, tun))
 
 
-def update_pod_guard(pods: Pods, endpoints: Endpoints, node_cidrs: list[str]) -> None:
-    """Rewrites the guard's sets in one transaction (the counters keep counting)."""
-    run(pod_guard_elements(pods, endpoints, node_cidrs))
+def update_pod_guard(*args: Any) -> None:
+    """Rewrites the guard's sets in one transaction (the counters keep counting; arguments as
+    `pod_guard_elements`)."""
+    run(pod_guard_elements(*args))
 
 
 def remove_pod_guard() -> bool:
@@ -475,13 +607,14 @@ def pod_guard_counters() -> dict[str, int]:
     counts: dict[str, int] = {}
     for obj in out.get("nftables", []):
         c = obj.get("counter") if isinstance(obj, dict) else None
-        if isinstance(c, dict) and c.get("name") in (SPOOF_COUNTER, TUNNEL_COUNTER):
+        if isinstance(c, dict) and c.get("name") in (SPOOF_COUNTER, TUNNEL_COUNTER, LEAK_COUNTER):
             counts[str(c["name"])] = int(c.get("packets", 0))
     return counts
 
 
 __all__ = [
     "CHAIN",
+    "LEAK_COUNTER",
     "POD_FAMILY",
     "POD_TABLE",
     "install_pod_guard",

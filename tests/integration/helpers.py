@@ -139,8 +139,19 @@ class DaemonHandle:
         self.proc.kill()
         self.proc.wait(timeout=10)
 
-    def stop(self, timeout: float = 15) -> tuple[int, str]:
-        """SIGTERM, wait (bounded), return (exit status, everything the daemon logged)."""
+    def stop(self, timeout: float = 15, cleanup: bool = True) -> tuple[int, str]:
+        """SIGTERM, wait (bounded), then (unless `cleanup=False`) `podrouter cleanup`: a stopped
+        daemon leaves the node's forwarding state for a successor (docs/operations.md), cleanup is
+        the full removal. Returns (the daemon's exit status, everything it logged)."""
+        self.terminate(timeout)
+        if cleanup:
+            r = self.cli("cleanup", "--config", str(self.config), timeout=30)
+            if r.returncode != 0:
+                raise AssertionError(f"cleanup after stop failed ({r.returncode}): {r.stderr}{r.stdout}")
+        return self.proc.returncode, self.logs()
+
+    def terminate(self, timeout: float = 15) -> int:
+        """SIGTERM and wait (bounded); the daemon's state stays (no cleanup). Returns its exit status."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -151,7 +162,7 @@ class DaemonHandle:
             raise AssertionError(
                 f"daemon did not exit within {timeout}s of SIGTERM:\n{self.logs()[-3000:]}"
             ) from None
-        return self.proc.returncode, self.logs()
+        return self.proc.returncode
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -188,10 +199,20 @@ class Daemons:
         return h
 
     def stop_all(self) -> None:
+        """Stop what still runs, then clean up every node a daemon ran on (a stopped or killed
+        daemon leaves its state for a successor; the namespaces may outlive this fixture)."""
         for h in self.handles:
             if h.alive():
                 with contextlib.suppress(Exception):
-                    h.stop()
+                    h.terminate()
+        done: set[tuple[str, str]] = set()
+        for h in reversed(self.handles):
+            key = (h.host.ns, h.socket)
+            if key in done:
+                continue
+            done.add(key)
+            with contextlib.suppress(Exception):
+                h.cli("cleanup", "--config", str(h.config), timeout=30)
 
 
 def wait_ready(h: DaemonHandle, timeout: float) -> None:

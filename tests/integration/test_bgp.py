@@ -174,7 +174,7 @@ def test_restart_keeps_routes_and_cleanup_withdraws(
     )
     try:
         time.sleep(0.3)
-        code, logs = d1.stop()
+        code, logs = d1.stop(cleanup=False)  # a restart: the state (and the prefix) stays
         assert code == 0, logs[-2000:]
         assert "graceful restart" in logs
         # the session is gone, the route stays (stale) for the restart window
@@ -193,7 +193,7 @@ def test_restart_keeps_routes_and_cleanup_withdraws(
     assert ref.pods["pod1"].host.ping(ref.pods["pod2"].ip)
 
     # stopped and cleaned: the prefix leaves R's table at once, not after the restart window
-    code, _ = d1.stop()
+    code, _ = d1.stop(cleanup=False)
     assert code == 0
     r = d1.cli("cleanup", "--config", str(d1.config), timeout=40)
     assert r.returncode == 0, r.stderr
@@ -258,7 +258,7 @@ def test_ipv6_pod_cidrs_announced_and_native_across_router(
     )
     try:
         time.sleep(0.3)
-        code, logs = d1.stop()
+        code, logs = d1.stop(cleanup=False)  # a restart: the state (and the prefix) stays
         assert code == 0, logs[-2000:]
         wait_for(lambda: fabric.sessions()["172.16.2.2"] != "Established", 10, what="R sees node1 gone")
         assert fabric.routes(6).get("fd00:10:244:1::/64") == want6["fd00:10:244:1::/64"]
@@ -274,7 +274,7 @@ def test_ipv6_pod_cidrs_announced_and_native_across_router(
     assert pod1.ping(POD6["pod2"], count=2)
 
     # stopped and cleaned: the v6 prefix leaves R's table at once, like the v4 one
-    code, _ = d1.stop()
+    code, _ = d1.stop(cleanup=False)
     assert code == 0
     r = d1.cli("cleanup", "--config", str(d1.config), timeout=40)
     assert r.returncode == 0, r.stderr

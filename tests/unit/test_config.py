@@ -152,8 +152,8 @@ pods: [{name: p, ip: 'fd00:10:244:1::5', host_interface: veth-p}]
         ("bandwidth: {enabled: maybe}", "bandwidth.enabled"),
         ("peers: [{name: node2, address: 172.16.3.2}]", "peers[0].pod_cidr: is required"),
         (
-            "peers: [{name: node2, address: '2001:db8::1', pod_cidr: 10.244.2.0/24}]",
-            "peers[0].address: '2001:db8::1' is not an IPv4 address",
+            "peers: [{name: node2, address: '2001:db8::zz', pod_cidr: 10.244.2.0/24}]",
+            "peers[0].address: '2001:db8::zz' is not an IP address",
         ),
         (
             "peers: [{name: node2, address: 172.16.3.2, pod_cidr: 10.244.2.0/24, mode: hybrid}]",

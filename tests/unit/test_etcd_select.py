@@ -328,3 +328,30 @@ def test_the_mirror_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         ).encode()
     )
     assert d._relist_pending  # a listing decides who moves into the window
+
+
+def test_ipv6_registrations_are_discovered() -> None:
+    """An IPv6 underlay: a node registers an IPv6 address and peers find it like an IPv4 one; the same
+    conflict rules apply (our own address, an older registration's)."""
+    cfg = config.loads("""
+node: {name: node1, address: '2001:db8:2::2', pod_cidr: 10.244.1.0/24}
+cluster: {pod_cidr: 10.244.0.0/16}
+masquerade: {enabled: false}
+""")
+    found, rejected = select_peers(
+        [
+            (PREFIX + "node2", 5, rec("node2", "2001:db8:3::2", "10.244.2.0/24")),
+            (PREFIX + "node3", 6, rec("node3", "2001:db8:2::2", "10.244.3.0/24")),
+            (PREFIX + "node4", 7, rec("node4", "2001:db8:3::2", "10.244.4.0/24")),
+            (PREFIX + "node5", 8, rec("node5", "fe80::5", "10.244.5.0/24")),
+        ],
+        cfg,
+        PREFIX,
+        PREFIX + "node1",
+        "2001:db8:2::2",
+    )
+    assert str(found["node2"].address) == "2001:db8:3::2"
+    assert set(found) == {"node2"}
+    assert "this node's" in rejected[PREFIX + "node3"]
+    assert "already node2's" in rejected[PREFIX + "node4"]
+    assert "link-local" in rejected[PREFIX + "node5"]

@@ -50,23 +50,48 @@ def test_guard_refuses_what_is_not_an_ipv4_literal_and_a_port_range(
 # ------------------------------------------------------------------------------ pod egress guard
 
 
-def test_pod_guard_is_one_prerouting_raw_chain_with_named_counters() -> None:
+def test_pod_guard_is_a_prerouting_raw_chain_and_a_forward_leak_guard_with_named_counters() -> None:
     cmds = nftables.pod_guard_commands(
         [("veth-pod1", ["10.244.1.1", "fd00:10:244:1::1"]), ("veth-pod4", ["10.244.1.2"])],
         [("172.16.3.2", 4789), ("172.16.3.2", 6081)],
         ["10.244.1.0/24", "fd00:10:244:1::/64"],
+        ["10.244.0.0/16", "10.244.2.0/24", "fd00:10:244::/48"],
+        ["172.16.2.1"],
+        ["192.0.2.0/24"],
     )
     table = {"family": "inet", "name": "podrouter_pods"}
     assert cmds[:3] == [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
     chains = [c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})]
-    assert [(c["hook"], c["prio"], c["policy"]) for c in chains] == [("prerouting", -300, "accept")]
+    assert [(c["hook"], c["prio"], c["policy"]) for c in chains] == [
+        ("prerouting", -300, "accept"),
+        ("forward", 0, "accept"),
+    ]
     counters = {c["add"]["counter"]["name"] for c in cmds if "counter" in c.get("add", {})}
-    assert counters == {"spoofed_pod_source", "pod_tunnel_port"}
-    rules = [c["add"]["rule"]["expr"] for c in cmds if "rule" in c.get("add", {})]
-    # every drop is counted under one of the two reasons
-    for expr in rules:
+    assert counters == {"spoofed_pod_source", "pod_tunnel_port", "pod_unrouted"}
+    rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+    # every drop is counted under one of the three reasons; the leak guard's in its own chain
+    for rule in rules:
+        expr = rule["expr"]
         if {"drop": None} in expr:
-            assert {"counter": "spoofed_pod_source"} in expr or {"counter": "pod_tunnel_port"} in expr
+            reason = {
+                "pod_egress": ("spoofed_pod_source", "pod_tunnel_port"),
+                "pod_unrouted": ("pod_unrouted",),
+            }
+            assert any({"counter": r} in expr for r in reason[rule["chain"]]), rule
+    leak = [r["expr"] for r in rules if r["chain"] == "pod_unrouted"]
+    # first the two ways out that are the datapath's or a local pod's, then the drops
+    assert leak[0][0]["match"]["right"] == "podr0" and leak[1][0]["match"]["right"] == "@pod_ifaces"
+    assert any(
+        {
+            "match": {
+                "op": "==",
+                "left": {"rt": {"key": "nexthop", "family": "ip"}},
+                "right": "@masq_gateways4",
+            }
+        }
+        in e
+        for e in leak
+    )
     elems = {
         c["add"]["element"]["name"]: c["add"]["element"]["elem"]
         for c in cmds
@@ -80,6 +105,22 @@ def test_pod_guard_is_one_prerouting_raw_chain_with_named_counters() -> None:
     assert elems["pod_src6"] == [{"concat": ["veth-pod1", "fd00:10:244:1::1"]}]
     assert elems["tunnel_endpoints"] == [{"concat": ["172.16.3.2", 4789]}, {"concat": ["172.16.3.2", 6081]}]
     assert elems["node_cidrs4"] == [{"prefix": {"addr": "10.244.1.0", "len": 24}}]
+    # overlapping prefixes are merged (an interval set refuses them)
+    assert elems["cluster_cidrs4"] == [{"prefix": {"addr": "10.244.0.0", "len": 16}}]
+    assert elems["cluster_cidrs6"] == [{"prefix": {"addr": "fd00:10:244::", "len": 48}}]
+    assert elems["masq_gateways4"] == ["172.16.2.1"]
+    assert elems["non_masq4"] == [{"prefix": {"addr": "192.0.2.0", "len": 24}}]
+
+
+def test_pod_guard_ipv6_tunnel_endpoints_go_to_their_own_set() -> None:
+    cmds = nftables.pod_guard_elements([], [("2001:db8:3::2", 4789), ("172.16.3.2", 6081)], [])
+    elems = {
+        c["add"]["element"]["name"]: c["add"]["element"]["elem"]
+        for c in cmds
+        if "element" in c.get("add", {})
+    }
+    assert elems["tunnel_endpoints"] == [{"concat": ["172.16.3.2", 6081]}]
+    assert elems["tunnel_endpoints6"] == [{"concat": ["2001:db8:3::2", 4789]}]
 
 
 def test_pod_guard_update_flushes_every_set_in_one_transaction() -> None:
@@ -90,8 +131,13 @@ def test_pod_guard_update_flushes_every_set_in_one_transaction() -> None:
         "pod_src4",
         "pod_src6",
         "tunnel_endpoints",
+        "tunnel_endpoints6",
         "node_cidrs4",
         "node_cidrs6",
+        "cluster_cidrs4",
+        "cluster_cidrs6",
+        "masq_gateways4",
+        "non_masq4",
     ]
 
 
@@ -103,7 +149,7 @@ def test_pod_guard_update_flushes_every_set_in_one_transaction() -> None:
         ([("a-name-longer-than-15", ["10.244.1.1"])], []),
         ([('veth"x', ["10.244.1.1"])], []),
         ([], [("node2.example", 4789)]),
-        ([], [("fd00::1", 4789)]),
+        ([], [("fd00::1", 0)]),
         ([], [("172.16.3.2", 0)]),
     ],
 )

@@ -210,6 +210,38 @@ def test_tshark_and_scapy_agree_with_encapsulate(
                 assert bytes(o[GENEVE].payload) == inner
 
 
+@pytest.mark.parametrize(("protocol", "port"), [("vxlan", 4789), ("geneve", 6081)])
+def test_tshark_reads_an_ipv6_outer_header(tmp_path: Path, protocol: str, port: int) -> None:
+    """IPv6 underlay: outer IPv6 between the node addresses, hop limit 64, the inner DSCP/ECN as
+    traffic class, a non-zero flow label from the inner flow, and a present, correct UDP checksum."""
+    n1, n2 = "2001:db8:2::2", "2001:db8:3::2"
+    inners = inner_packets()
+    outers = [
+        _native.encapsulate(raw, {"protocol": protocol, "vni": 7, "src": n1, "dst": n2}) for _, raw in inners
+    ]
+    cmd = [tshark_path(), "-n", "-r", str(tmp_path / "v6.pcap"), "-o", "udp.check_checksum:TRUE"]
+    write_pcap(tmp_path / "v6.pcap", outers)
+    fields = ["ipv6.src", "ipv6.dst", "ipv6.hlim", "ipv6.tclass", "ipv6.flow", "udp.dstport"]
+    fields += ["udp.checksum.status", "vxlan.vni" if protocol == "vxlan" else "geneve.vni"]
+    cmd += ["-T", "fields", "-E", "separator=\t", "-E", "occurrence=f"]
+    for f in fields:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    assert len(out) == len(outers)
+    labels = set()
+    for (kind, _), line in zip(inners, out, strict=True):
+        src, dst, hlim, tclass, flow, dport, csum, vni = line.split("\t")
+        assert (src, dst, hlim, dport, csum) == (n1, n2, "64", str(port), "1"), line
+        assert num(vni) == 7
+        assert num(tclass) == (0xB8 if kind == "icmp" else 0)
+        assert num(flow) != 0
+        labels.add(num(flow))
+    assert len(labels) >= 3, labels  # different inner flows, different labels
+    # and decapsulate() reads it back
+    d = _native.decapsulate(outers[0])
+    assert d["ok"] and d["outer_src"] == n1 and d["vni"] == 7
+
+
 def test_udp_source_port_follows_inner_flow() -> None:
     a = bytes(IP(src=POD1, dst=POD2) / UDP(sport=1000, dport=53))
     b = bytes(IP(src=POD1, dst=POD2) / UDP(sport=1001, dport=53))

@@ -31,7 +31,7 @@ from podrouter.demo.netns import Terminated, signals_unwind
 
 __all__ = ["build_parser", "main", "run_suite"]
 
-SECTIONS = ("masquerade", "shaping", "scale", "micro")
+SECTIONS = ("masquerade", "shaping", "scale", "micro", "restart")
 
 
 def _machine() -> dict[str, Any]:
@@ -78,7 +78,7 @@ def _machine() -> dict[str, Any]:
 
 
 def _select(only: str | Iterable[str] | None, micro: bool) -> tuple[list[Any], set[str]]:
-    from podrouter.bench.suite import SETUPS
+    from podrouter.bench.suite import ALL_SETUPS, SETUPS, UNDERLAY6_SETUPS
 
     if only is None or only == "" or only == ():
         return list(SETUPS), {"masquerade", "shaping", "scale"} | ({"micro"} if micro else set())
@@ -95,14 +95,17 @@ def _select(only: str | Iterable[str] | None, micro: bool) -> tuple[list[Any], s
             matched = [s for s in SETUPS if s.kind != "podrouter"]
         elif n == "podrouter":
             matched = [s for s in SETUPS if s.kind == "podrouter"]
+        elif n == "underlay6":
+            matched = list(UNDERLAY6_SETUPS)
         else:
-            matched = [s for s in SETUPS if n == s.name or n in (leg.name for leg in s.legs)]
+            matched = [s for s in ALL_SETUPS if n == s.name or n in (leg.name for leg in s.legs)]
         if not matched:
-            known = ", ".join([s.name for s in SETUPS] + ["modes", "kernel", "podrouter", *SECTIONS])
+            names = [s.name for s in ALL_SETUPS]
+            known = ", ".join([*names, "modes", "kernel", "podrouter", "underlay6", *SECTIONS])
             raise ValueError(f"--only: unknown part {n!r} (known: {known})")
         setups.extend(s for s in matched if s not in setups)
     # canonical order: the baselines first, so the table reads top-down
-    return sorted(setups, key=list(SETUPS).index), sections
+    return sorted(setups, key=list(ALL_SETUPS).index), sections
 
 
 def _default_out() -> Path:
@@ -134,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         help="comma-separated parts: kernel-routing, kernel-vxlan, native, vxlan, geneve, hybrid, "
-        "kernel, podrouter, modes, masquerade, shaping, scale, micro",
+        "kernel-vxlan6, vxlan6 (underlay6: both; IPv6 underlay, not in the default run), "
+        "kernel, podrouter, modes, masquerade, shaping, scale, micro, restart (not run by default)",
     )
     p.add_argument("--micro", action="store_true", help="also run and summarise the criterion benchmarks")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
@@ -207,7 +211,7 @@ def run_suite(
     except ValueError as e:
         print(f"podrouter bench: {e}", file=sys.stderr)
         return 2
-    needs_netns = bool(setups) or bool(sections & {"masquerade", "shaping", "scale"})
+    needs_netns = bool(setups) or bool(sections & {"masquerade", "shaping", "scale", "restart"})
     problems = _preflight() if needs_netns else []
     if problems:
         for p in problems:
@@ -220,6 +224,7 @@ def run_suite(
         nreps * len(setups)
         + (nreps if "masquerade" in sections else 0)
         + len(sections & {"shaping", "scale", "micro"})
+        + (nreps if "restart" in sections else 0)
     )
     log = Progress(max(1, steps))
     result: dict[str, Any] = {
@@ -275,6 +280,12 @@ def run_suite(
                 lost = result["scale"].get("stream", {}).get("lost")
                 failed |= bool(result["scale"]["errors"]) or lost != 0
                 save()
+            if "restart" in sections:
+                from podrouter.bench import restart
+
+                result["restart"] = restart.run(prof, nreps, log)
+                failed |= bool(result["restart"]["errors"])
+                save()
             if "micro" in sections:
                 from podrouter.bench import extras
 
@@ -311,6 +322,11 @@ def run_suite(
         from podrouter.bench import scale
 
         print(scale.table(result["scale"]))
+        print()
+    if "restart" in result:
+        from podrouter.bench import restart
+
+        print(restart.table(result["restart"]))
         print()
     if "micro" in result:
         print(report.micro_table(result["micro"]))

@@ -18,6 +18,7 @@ from podrouter.demo.netns import ReferenceTopology
 
 KERNEL_VXLAN_DEV = "kvx0"
 KERNEL_VXLAN_MTU = 1450  # 1500 - 50 bytes of outer Ethernet/IPv4/UDP/VXLAN (RFC 7348 §5)
+KERNEL_VXLAN6_MTU = 1430  # over an IPv6 underlay the outer IP header is 20 bytes longer
 
 
 def attach_pods(ref: ReferenceTopology) -> None:
@@ -64,8 +65,13 @@ def setup_kernel_vxlan(
             f"link add {KERNEL_VXLAN_DEV} address {_vtep_mac(name)} type vxlan id {vni} "
             f"local {ref.node_addr[name]} dev eth0 dstport {port} nolearning"
         )
-        h.ip(f"link set {KERNEL_VXLAN_DEV} mtu {KERNEL_VXLAN_MTU} up")
+        v6 = ":" in ref.node_addr[name]
+        h.ip(f"link set {KERNEL_VXLAN_DEV} mtu {KERNEL_VXLAN6_MTU if v6 else KERNEL_VXLAN_MTU} up")
         h.ip(f"addr add {_vtep_ip(ref, name)}/32 dev {KERNEL_VXLAN_DEV}")
+        if v6:
+            # an IPv6 underlay leaves the node without IPv4 routes: proxy ARP answers for the pods'
+            # gateway only if it routes out another device (podrouter does the same into podr0)
+            h.ip(f"route replace 169.254.1.1/32 dev {KERNEL_VXLAN_DEV}")
     for name in nodes:
         h = ref.nodes[name]
         for peer in nodes:

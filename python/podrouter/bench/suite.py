@@ -76,6 +76,7 @@ class Setup:
     legs: tuple[Leg, ...]
     kind: str  # kernel-routing | kernel-vxlan | kernel-routing-r | ovs | podrouter
     daemon: dict[str, Any] = field(default_factory=dict)  # node_config() keyword arguments
+    underlay: str = "v4"  # reference_topology(underlay=...): v4 | v6
 
 
 SETUPS: tuple[Setup, ...] = (
@@ -190,6 +191,40 @@ SETUPS += (
         "ovs",
     ),
 )
+# The IPv6 underlay (2001:db8::/32, docs/config.md "IPv6 underlay"): opt-in (`--only underlay6`, or a
+# setup's name), not part of the default run, which must stay short enough for CI's quick smoke test.
+UNDERLAY6_SETUPS: tuple[Setup, ...] = (
+    Setup(
+        "kernel-vxlan6",
+        (
+            Leg(
+                "kernel-vxlan6",
+                TUNNEL_PAIR,
+                None,
+                "kernel-vxlan",
+                "Linux vxlan device per node over the IPv6 underlay (local 2001:db8::), Flannel-style",
+            ),
+        ),
+        "kernel-vxlan",
+        underlay="v6",
+    ),
+    Setup(
+        "vxlan6",
+        (
+            Leg(
+                "vxlan6",
+                TUNNEL_PAIR,
+                "kernel-vxlan6",
+                "vxlan",
+                "podrouter routing.mode tunnel, VXLAN over the IPv6 underlay",
+            ),
+        ),
+        "podrouter",
+        {"mode": "tunnel", "protocol": "vxlan"},
+        underlay="v6",
+    ),
+)
+ALL_SETUPS = SETUPS + UNDERLAY6_SETUPS
 SETUP_NAMES = tuple(s.name for s in SETUPS)
 LEG_NAMES = tuple(leg.name for s in SETUPS for leg in s.legs)
 
@@ -289,7 +324,7 @@ def run_setup(setup: Setup, prof: Profile, log: Progress) -> dict[str, dict[str,
     """Build `setup` on a fresh topology, measure each leg once, tear everything down."""
     out: dict[str, dict[str, Any]] = {}
     with Topology("bn") as topo:
-        ref = reference_topology(topo)
+        ref = reference_topology(topo, underlay=setup.underlay)
         cluster: Cluster | None = None
         fabric: Any = None
         vteps: list[Any] = []

@@ -4,7 +4,7 @@ Shared by `podrouter demo` and `podrouter bench`. The cluster writes one YAML co
 private work directory (docs/design.md §4 keys only), starts each daemon inside its node's namespace with
 `ip netns exec NODE podrouter run --config FILE`, waits until each answers `status` with
 `ready: true`, and reads counters through the same API socket `podrouter status --json` uses.
-`close()` sends SIGTERM (the daemon removes what it installed), waits, kills what is still there after
+`close()` sends SIGTERM (the daemon stops, leaving its node state), waits, kills what is still there after
 a grace period, and removes the work directory; it is idempotent.
 """
 
@@ -199,7 +199,7 @@ class Cluster:
         procs = [d.proc for d in self.daemons.values() if d.proc is not None and d.proc.poll() is None]
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)  # the daemon removes its routes, rules, TUN and shaping
+                p.send_signal(signal.SIGTERM)  # the daemon stops; its node state stays (the stop contract)
         deadline = time.monotonic() + 10
         for p in procs:
             try:
@@ -207,6 +207,10 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=5)
+        for d in self.daemons.values():
+            # then the full removal (routes, rules, guards, shaping, the persistent TUN), bounded
+            with contextlib.suppress(Exception):
+                d.host.try_run([*podrouter_argv(), "cleanup", "--config", str(d.config_path)], timeout=30)
         for d in self.daemons.values():
             if d.proc is not None:
                 with contextlib.suppress(ValueError):

@@ -219,6 +219,9 @@ class ReferenceTopology:
     node_pod_cidr: dict[str, str]
     pods: dict[str, Pod]
     node_pod_cidr6: dict[str, str] = field(default_factory=dict)
+    # the IPv6 underlay addresses (2001:db8::/32) when built with underlay "v6" or "dual" (for "v6"
+    # node_addr holds the same addresses: there is no IPv4 underlay then)
+    node_addr6: dict[str, str] = field(default_factory=dict)
 
     EXTERNAL_ADDR = "203.0.113.10"
     CLUSTER_CIDR = "10.244.0.0/16"
@@ -243,24 +246,47 @@ class ReferenceTopology:
         return pod
 
 
-def reference_topology(topo: Topology, mtu: int = 1500, with_pods: bool = True) -> ReferenceTopology:
+# The reference topology re-addressed for an IPv6 underlay (documentation prefix, RFC 3849): the shared
+# L2 is 2001:db8:2::/64 (R ::1, node1 ::2, node3 ::3), node2's link 2001:db8:3::/64 (R ::1, node2 ::2).
+UNDERLAY6 = {"node1": "2001:db8:2::2", "node2": "2001:db8:3::2", "node3": "2001:db8:2::3"}
+
+
+def reference_topology(
+    topo: Topology, mtu: int = 1500, with_pods: bool = True, underlay: str = "v4"
+) -> ReferenceTopology:
+    """`underlay`: "v4" (docs/design.md §8), "v6" (the same links with IPv6 addresses only, see
+    UNDERLAY6) or "dual" (both on every underlay link)."""
+    if underlay not in ("v4", "v6", "dual"):
+        raise ValueError(f"underlay must be v4, v6 or dual, not {underlay!r}")
+    v4, v6 = underlay != "v6", underlay != "v4"
     r = topo.host("r", forwarding=True)
     ext = topo.host("ext")
     nodes = {n: topo.host(n, forwarding=True) for n in ("node1", "node2", "node3")}
     # the shared L2 segment 172.16.2.0/24 is a bridge inside R, with R's address on it
     r.ip("link add br0 type bridge")
     r.ip(f"link set br0 mtu {mtu}")
-    r.ip("addr add 172.16.2.1/24 dev br0")
     r.ip("link set br0 up")
     for n, port in (("node1", "p-node1"), ("node3", "p-node3")):
         topo.link(r, port, nodes[n], "eth0", mtu=mtu)
         r.ip(f"link set {port} master br0")
-    topo.link(r, "p-node2", nodes["node2"], "eth0", a_addr="172.16.3.1/24", b_addr="172.16.3.2/24", mtu=mtu)
-    nodes["node1"].ip("addr add 172.16.2.2/24 dev eth0")
-    nodes["node3"].ip("addr add 172.16.2.3/24 dev eth0")
-    nodes["node1"].ip("route add default via 172.16.2.1")
-    nodes["node3"].ip("route add default via 172.16.2.1")
-    nodes["node2"].ip("route add default via 172.16.3.1")
+    topo.link(r, "p-node2", nodes["node2"], "eth0", mtu=mtu)
+    if v4:
+        r.ip("addr add 172.16.2.1/24 dev br0")
+        r.ip("addr add 172.16.3.1/24 dev p-node2")
+        nodes["node2"].ip("addr add 172.16.3.2/24 dev eth0")
+        nodes["node1"].ip("addr add 172.16.2.2/24 dev eth0")
+        nodes["node3"].ip("addr add 172.16.2.3/24 dev eth0")
+        nodes["node1"].ip("route add default via 172.16.2.1")
+        nodes["node3"].ip("route add default via 172.16.2.1")
+        nodes["node2"].ip("route add default via 172.16.3.1")
+    if v6:
+        # nodad: usable at once (no duplicate address detection in a lab of our own)
+        r.ip("-6 addr add 2001:db8:2::1/64 dev br0 nodad")
+        r.ip("-6 addr add 2001:db8:3::1/64 dev p-node2 nodad")
+        for n, host in nodes.items():
+            host.ip(f"-6 addr add {UNDERLAY6[n]}/64 dev eth0 nodad")
+            gw = "2001:db8:3::1" if n == "node2" else "2001:db8:2::1"
+            host.ip(f"-6 route add default via {gw}")
     topo.link(
         r, "p-ext", ext, "eth0", a_addr="203.0.113.1/24", b_addr=f"{ReferenceTopology.EXTERNAL_ADDR}/24"
     )
@@ -270,10 +296,13 @@ def reference_topology(topo: Topology, mtu: int = 1500, with_pods: bool = True) 
         router=r,
         external=ext,
         nodes=nodes,
-        node_addr={"node1": "172.16.2.2", "node2": "172.16.3.2", "node3": "172.16.2.3"},
+        node_addr=dict(UNDERLAY6)
+        if not v4
+        else {"node1": "172.16.2.2", "node2": "172.16.3.2", "node3": "172.16.2.3"},
         node_pod_cidr={"node1": "10.244.1.0/24", "node2": "10.244.2.0/24", "node3": "10.244.3.0/24"},
         pods={},
         node_pod_cidr6={n: f"fd00:10:244:{i}::/64" for i, n in enumerate(("node1", "node2", "node3"), 1)},
+        node_addr6=dict(UNDERLAY6) if v6 else {},
     )
     if with_pods:
         ref.add_pod("node1", "pod1", "10.244.1.1", "fd00:10:244:1::1")

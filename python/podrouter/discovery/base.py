@@ -22,7 +22,10 @@ class Discovery(Protocol):
 
     def status(self) -> dict[str, object]: ...
 
-    def stop(self) -> None: ...
+    def stop(self, revoke: bool = True) -> None:
+        """Stop watching. `revoke=False` (a daemon stopping for a successor) leaves this node's
+        registration to run out its TTL instead of withdrawing it at once."""
+        ...
 
 
 class NetIndex:

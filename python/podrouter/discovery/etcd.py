@@ -2,7 +2,9 @@
 
 This node is registered as `<prefix>/nodes/<name>` = `{"name", "address", "pod_cidrs"}`, attached to a
 lease of `lease_ttl` seconds that a thread keeps alive (every ttl/3). If the daemon dies the lease
-expires and every other node drops it; on a clean exit the lease is revoked at once. A second thread
+expires and every other node drops it. A daemon stopping for a successor (SIGTERM, docs/operations.md)
+leaves the lease to run out (the successor re-registers the key under its own lease, so peers see
+no change); `podrouter cleanup` deletes the key at once. A second thread
 lists the prefix, then watches it from the next revision (a streaming POST /v3/watch, one JSON object
 per line) and re-lists after any error or compaction, so a missed event can only delay an update,
 never lose it.
@@ -342,9 +344,9 @@ def select_peers(
     taken = _NetIndex()
     for net in cfg.node.pod_cidrs:
         taken.add(net, "this node")
-    addresses: dict[ipaddress.IPv4Address, str] = {}
+    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
     with contextlib.suppress(ValueError):
-        addresses[ipaddress.IPv4Address(own_address)] = "this node"
+        addresses[ipaddress.ip_address(own_address)] = "this node"
     static = {p.name for p in cfg.peers}
     for p in cfg.peers:
         addresses.setdefault(p.address, f"static peer {p.name}")
@@ -377,7 +379,10 @@ def select_peers(
 
 
 def _conflict(
-    peer: PeerConfig, cfg: Config, taken: _NetIndex, addresses: dict[ipaddress.IPv4Address, str]
+    peer: PeerConfig,
+    cfg: Config,
+    taken: _NetIndex,
+    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str],
 ) -> str | None:
     owner = addresses.get(peer.address)
     if owner == "this node":
@@ -499,7 +504,7 @@ class EtcdDiscovery:
                 "rejected": dict(self._rejected),
             }
 
-    def stop(self) -> None:
+    def stop(self, revoke: bool = True) -> None:
         self._stop.set()
         with self._notify_lock:
             if self._notify_timer is not None:
@@ -511,7 +516,7 @@ class EtcdDiscovery:
                 conn.sock.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(timeout=5)
-        if self._lease is not None:
+        if self._lease is not None and revoke:
             try:
                 # revoking deletes our key now instead of after lease_ttl: peers drop us at once
                 self.client.call("/v3/lease/revoke", {"ID": self._lease}, timeout=2.0)

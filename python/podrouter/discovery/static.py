@@ -27,5 +27,5 @@ class StaticDiscovery:
     def status(self) -> dict[str, object]:
         return {"backend": "static", "peers": len(self._peers)}
 
-    def stop(self) -> None:
+    def stop(self, revoke: bool = True) -> None:
         pass

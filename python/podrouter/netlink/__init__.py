@@ -9,15 +9,19 @@ written to /proc/sys directly, which is per network namespace.
 - `neigh`: resolve native next hops to MACs and follow changes (a monitor thread).
 """
 
-from podrouter.netlink.constants import (
+from podrouter.netlink import _pyroute2
+
+_pyroute2.light()  # before the first pyroute2 import: the parts podrouter uses only (start-up time)
+
+from podrouter.netlink.constants import (  # noqa: E402
     MASQ_RULE_PRIORITY,
     MASQ_TABLE,
     RTPROT_PODROUTER,
     SUPPRESS_RULE_PRIORITY,
 )
-from podrouter.netlink.neigh import NeighborWatcher
-from podrouter.netlink.plumbing import Plumbing, RouteSpec, RuleSpec
-from podrouter.netlink.underlay import Underlay, UnderlayError, netns_id, resolve_underlay
+from podrouter.netlink.neigh import NeighborWatcher  # noqa: E402
+from podrouter.netlink.plumbing import Plumbing, RouteSpec, RuleSpec  # noqa: E402
+from podrouter.netlink.underlay import Underlay, UnderlayError, netns_id, resolve_underlay  # noqa: E402
 
 __all__ = [
     "MASQ_RULE_PRIORITY",

@@ -26,11 +26,15 @@ TUN_NAME = "podr0"
 ENCAP_OVERHEAD = {"vxlan": 50, "geneve": 50}
 # Geneve with tunnel.geneve_payload: ip (RFC 8926 §3.4 protocol type 0x0800: +8, no options = 36).
 GENEVE_IP_OVERHEAD = 36
+# Over an IPv6 underlay the outer IP header is 40 bytes instead of 20: 20 more on every tunnel path.
+OUTER_V6_EXTRA = 20
 
 # IPv6 (dual stack): the minimum link MTU (RFC 8200 §5), and the pods' link-local default gateway. The
 # node's end of each dual-stack pod's veth holds POD_GATEWAY6/64 (nodad), the IPv6 twin of the proxy
 # ARP answer for 169.254.1.1 (docs/architecture.md, "Pod attachment").
 IPV6_MIN_MTU = 1280
+# The IPv4 pods' default gateway (docs/design.md §4b), answered by proxy ARP on each pod's veth.
+POD_GATEWAY4 = "169.254.1.1"
 POD_GATEWAY6 = "fe80::1"
 IFF_MULTICAST = 0x1000
 IFA_F_NODAD = 0x02

@@ -4,7 +4,8 @@ The datapath writes native frames straight onto the underlay with AF_PACKET, so 
 kernel's neighbour subsystem: the kernel never learns that we "use" an entry, lets it go STALE and
 may garbage-collect it. We therefore (1) ask the kernel to resolve each next hop with an
 RTM_NEWNEIGH carrying NTF_USE (the same as `ip neigh replace ... use`: it runs neigh_event_send(),
-which starts ARP for an unknown address and re-probes a STALE one), (2) listen on RTNLGRP_NEIGH
+which starts ARP for an unknown address and re-probes a STALE one; for an IPv6 next hop the same
+request starts neighbour discovery, NDP, RFC 4861), (2) listen on RTNLGRP_NEIGH
 and RTNLGRP_LINK for changes, and (3) re-probe every `refresh` seconds so that a peer that moved
 (a new MAC) is noticed even when nothing else talks to it.
 """
@@ -15,15 +16,23 @@ import contextlib
 import ipaddress
 import logging
 import select
+import socket
 import threading
 import time
 from collections.abc import Callable
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
 
 log = logging.getLogger("podrouter.neigh")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _family(ip: IPAddress) -> int:
+    return socket.AF_INET if ip.version == 4 else socket.AF_INET6
+
 
 NTF_USE = 0x01
 NUD_INCOMPLETE = 0x01
@@ -39,7 +48,7 @@ NUD_VALID = NUD_PERMANENT | NUD_NOARP | NUD_REACHABLE | NUD_PROBE | NUD_STALE | 
 
 
 class NeighborWatcher:
-    """Keeps `macs` (next hop IP -> MAC) current for the addresses in `wanted`.
+    """Keeps `macs` (next hop IP -> MAC) current for the addresses in `wanted` (IPv4: ARP, IPv6: NDP).
 
     `on_change(reason)` is called from the watcher thread whenever a wanted MAC appears, changes or
     disappears, or a link changes (MTU, state); the daemon then rebuilds and swaps its tables.
@@ -53,8 +62,8 @@ class NeighborWatcher:
         self.refresh = refresh
         self.retry = retry
         self.lock = threading.Lock()
-        self.wanted: set[ipaddress.IPv4Address] = set()
-        self.macs: dict[ipaddress.IPv4Address, str] = {}
+        self.wanted: set[IPAddress] = set()
+        self.macs: dict[IPAddress, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Requests from the caller's thread (set_wanted, wait_resolved). The watcher thread opens its
@@ -62,7 +71,7 @@ class NeighborWatcher:
         # from a thread other than the one that created it.
         self._ipr = IPRoute()
         self._thread_ipr: IPRoute | None = None
-        self._last_probe: dict[ipaddress.IPv4Address, float] = {}
+        self._last_probe: dict[IPAddress, float] = {}
 
     # ------------------------------------------------------------------------------- lookups
 
@@ -72,20 +81,22 @@ class NeighborWatcher:
             return self._thread_ipr
         return self._ipr
 
-    def lookup(self, ip: ipaddress.IPv4Address) -> str | None:
-        for n in self._req().get_neighbours(family=2, ifindex=self.ifindex, dst=str(ip)):
+    def lookup(self, ip: IPAddress) -> str | None:
+        for n in self._req().get_neighbours(family=_family(ip), ifindex=self.ifindex, dst=str(ip)):
             if n["state"] & NUD_VALID and n.get_attr("NDA_LLADDR"):
                 return str(n.get_attr("NDA_LLADDR"))
         return None
 
-    def probe(self, ip: ipaddress.IPv4Address) -> None:
+    def probe(self, ip: IPAddress) -> None:
         self._last_probe[ip] = time.monotonic()
         try:
-            self._req().neigh("replace", dst=str(ip), ifindex=self.ifindex, flags=NTF_USE, state=0)
+            self._req().neigh(
+                "replace", dst=str(ip), ifindex=self.ifindex, flags=NTF_USE, state=0, family=_family(ip)
+            )
         except NetlinkError as e:
             log.debug("neighbour probe %s failed: %s", ip, e)
 
-    def set_wanted(self, ips: set[ipaddress.IPv4Address]) -> dict[ipaddress.IPv4Address, str | None]:
+    def set_wanted(self, ips: set[IPAddress]) -> dict[IPAddress, str | None]:
         """Track exactly `ips`; returns their current MACs (None = not resolved yet, probing)."""
         with self.lock:
             self.wanted = set(ips)
@@ -101,7 +112,7 @@ class NeighborWatcher:
                     self.probe(ip)
             return {ip: self.macs.get(ip) for ip in self.wanted}
 
-    def snapshot(self) -> dict[ipaddress.IPv4Address, str]:
+    def snapshot(self) -> dict[IPAddress, str]:
         with self.lock:
             return dict(self.macs)
 
@@ -180,12 +191,12 @@ class NeighborWatcher:
             return f"link {msg.get_attr('IFLA_IFNAME')} changed"  # type: ignore[attr-defined]
         if event not in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
             return None
-        if msg["ifindex"] != self.ifindex or msg["family"] != 2:  # type: ignore[index]
+        if msg["ifindex"] != self.ifindex or msg["family"] not in (socket.AF_INET, socket.AF_INET6):  # type: ignore[index]
             return None
         dst = msg.get_attr("NDA_DST")  # type: ignore[attr-defined]
         if not dst:
             return None
-        ip = ipaddress.IPv4Address(dst)
+        ip = ipaddress.ip_address(dst)
         with self.lock:
             if ip not in self.wanted:
                 return None

@@ -12,12 +12,15 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from podrouter.config import NodeConfig
+from podrouter.config import IPAddress, IPNetwork, NodeConfig
 
 IFA_F_SECONDARY = 0x01
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
+RT_SCOPE_UNIVERSE = 0
 RT_TABLE_MAIN = 254
 
 
@@ -31,14 +34,31 @@ class UnderlayError(Exception):
 class Underlay:
     ifname: str
     ifindex: int
-    address: ipaddress.IPv4Address
-    network: ipaddress.IPv4Network  # the connected subnet of `address` (who is on-link)
+    address: IPAddress  # IPv4, or IPv6 on an IPv6-only underlay
+    network: IPNetwork  # the connected subnet of `address` (who is on-link)
     mtu: int
     mac: str
-    gateway: ipaddress.IPv4Address | None  # the default route's gateway, if it leaves via this interface
+    # the default route's gateway (of `address`'s family), if it leaves via this interface
+    gateway: IPAddress | None
+    # dual-stack underlay (node.address6): the IPv6 address, its subnet and the IPv6 default gateway
+    address6: ipaddress.IPv6Address | None = None
+    network6: ipaddress.IPv6Network | None = None
+    gateway6: ipaddress.IPv6Address | None = None
 
-    def on_link(self, addr: ipaddress.IPv4Address) -> bool:
-        return addr in self.network
+    def on_link(self, addr: IPAddress) -> bool:
+        if addr.version == self.network.version:
+            return addr in self.network
+        return self.network6 is not None and addr in self.network6
+
+    def gateway_for(self, addr: IPAddress) -> IPAddress | None:
+        """The default gateway towards an off-link underlay address of `addr`'s family."""
+        if addr.version == self.address.version:
+            return self.gateway
+        return self.gateway6 if addr.version == 6 else None
+
+    def addresses(self) -> list[IPAddress]:
+        """The addresses the tunnel sockets are bound on."""
+        return [self.address] + ([self.address6] if self.address6 is not None else [])
 
 
 def netns_id() -> str:
@@ -47,10 +67,10 @@ def netns_id() -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def _default_route(ipr: IPRoute) -> Any | None:
+def _default_route(ipr: IPRoute, family: int = socket.AF_INET) -> Any | None:
     routes = [
         r
-        for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN)
+        for r in ipr.get_routes(family=family, table=RT_TABLE_MAIN)
         if r["dst_len"] == 0 and r.get_attr("RTA_OIF") is not None
     ]
     # lowest metric wins, as in the kernel's FIB for equal prefixes
@@ -58,9 +78,34 @@ def _default_route(ipr: IPRoute) -> Any | None:
     return routes[0] if routes else None
 
 
+def _addresses(ipr: IPRoute, family: int, ifindex: int) -> list[tuple[IPAddress, int, bool]]:
+    """(address, prefix length, secondary) of `ifindex` in `family`; for IPv6 only global ones that
+    passed DAD (a link-local or tentative address cannot be a tunnel end point)."""
+    out: list[tuple[IPAddress, int, bool]] = []
+    for a in ipr.get_addr(family=family, index=ifindex):
+        raw = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+        if not raw:
+            continue
+        ip = ipaddress.ip_address(raw)
+        flags = a.get_attr("IFA_FLAGS") or a["flags"]
+        if ip.version == 6 and (
+            a["scope"] != RT_SCOPE_UNIVERSE or flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)
+        ):
+            continue
+        out.append((ip, a["prefixlen"], bool(a["flags"] & IFA_F_SECONDARY)))
+    return out
+
+
+def _gateway(ipr: IPRoute, family: int, ifindex: int) -> Any | None:
+    default = _default_route(ipr, family)
+    if default is not None and default.get_attr("RTA_OIF") == ifindex and default.get_attr("RTA_GATEWAY"):
+        return ipaddress.ip_address(default.get_attr("RTA_GATEWAY"))
+    return None
+
+
 def resolve_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
     problems: list[str] = []
-    default = _default_route(ipr)
+    default = _default_route(ipr) or _default_route(ipr, socket.AF_INET6)
     if node.interface is not None:
         idx = ipr.link_lookup(ifname=node.interface)
         if not idx:
@@ -72,7 +117,7 @@ def resolve_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
     else:
         if default is None:
             raise UnderlayError(
-                ["node.interface: not set, and there is no IPv4 default route to take it from"]
+                ["node.interface: not set, and there is no IPv4 or IPv6 default route to take it from"]
             )
         ifindex = default.get_attr("RTA_OIF")
         ifname = ipr.get_links(ifindex)[0].get_attr("IFLA_IFNAME")
@@ -84,69 +129,97 @@ def resolve_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
     if not link["flags"] & 0x1:  # IFF_UP
         problems.append(f"node.interface: '{ifname}' is down")
 
-    addrs = []
-    for a in ipr.get_addr(family=socket.AF_INET, index=ifindex):
-        ip = ipaddress.IPv4Address(a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL"))
-        addrs.append((ip, a["prefixlen"], bool(a["flags"] & IFA_F_SECONDARY)))
-    address: ipaddress.IPv4Address | None = None
-    network: ipaddress.IPv4Network | None = None
+    addrs4 = _addresses(ipr, socket.AF_INET, ifindex)
+    addrs6 = _addresses(ipr, socket.AF_INET6, ifindex)
+
+    def find(key: str, want: IPAddress) -> tuple[IPAddress, IPNetwork] | None:
+        for ip, plen, _ in addrs4 if want.version == 4 else addrs6:
+            if ip == want:
+                return ip, ipaddress.ip_network(f"{ip}/{plen}", strict=False)
+        problems.append(f"{key}: '{want}' is not an address of '{ifname}'")
+        return None
+
+    found: tuple[IPAddress, IPNetwork] | None = None
     if node.address is not None:
-        for ip, plen, _ in addrs:
-            if ip == node.address:
-                address, network = ip, ipaddress.IPv4Network(f"{ip}/{plen}", strict=False)
-        if address is None:
-            problems.append(f"node.address: '{node.address}' is not an address of '{ifname}'")
+        found = find("node.address", node.address)
     else:
-        primary = [x for x in addrs if not x[2]] or addrs
+        # IPv4 first (as before IPv6 underlays existed), else the first global IPv6 address
+        primary = [x for x in addrs4 if not x[2]] or addrs4 or addrs6
         if not primary:
-            problems.append(f"node.address: not set, and '{ifname}' has no IPv4 address")
+            problems.append(f"node.address: not set, and '{ifname}' has no IPv4 or global IPv6 address")
         else:
             ip, plen, _ = primary[0]
-            address, network = ip, ipaddress.IPv4Network(f"{ip}/{plen}", strict=False)
-    gateway = None
-    if default is not None and default.get_attr("RTA_OIF") == ifindex and default.get_attr("RTA_GATEWAY"):
-        gateway = ipaddress.IPv4Address(default.get_attr("RTA_GATEWAY"))
+            found = ip, ipaddress.ip_network(f"{ip}/{plen}", strict=False)
+    found6: tuple[IPAddress, IPNetwork] | None = None
+    if node.address6 is not None:
+        found6 = find("node.address6", node.address6)
+        if found is not None and found[0].version == 6:
+            problems.append(
+                f"node.address6: '{node.address6}' given, but the node address {found[0]} is IPv6"
+            )
     if problems:
         raise UnderlayError(problems)
-    assert address is not None and network is not None
+    assert found is not None
+    address, network = found
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    a6: ipaddress.IPv6Address | None = None
+    n6: ipaddress.IPv6Network | None = None
+    g6: Any = None
+    if found6 is not None:
+        f_addr, f_net = found6
+        assert isinstance(f_addr, ipaddress.IPv6Address) and isinstance(f_net, ipaddress.IPv6Network)
+        a6, n6 = f_addr, f_net
+        g6 = _gateway(ipr, socket.AF_INET6, ifindex)
     return Underlay(
-        ifname=ifname, ifindex=ifindex, address=address, network=network, mtu=mtu, mac=mac, gateway=gateway
+        ifname=ifname,
+        ifindex=ifindex,
+        address=address,
+        network=network,
+        mtu=mtu,
+        mac=mac,
+        gateway=_gateway(ipr, family, ifindex),
+        address6=a6,
+        network6=n6,
+        gateway6=g6,
     )
 
 
-def next_hop_for(
-    ipr: IPRoute, underlay: Underlay, peer: ipaddress.IPv4Address
-) -> ipaddress.IPv4Address | None:
+def next_hop_for(ipr: IPRoute, underlay: Underlay, peer: IPAddress) -> IPAddress | None:
     """The native next hop towards a peer node: the peer itself on-link, else the kernel's gateway.
+    An IPv6 peer gets an IPv6 next hop (its MAC is then resolved over NDP).
 
     The kernel's own answer (RTM_GETROUTE) is used for off-link peers so that a more specific underlay
     route than the default (e.g. a rack route) is honoured; without one, the default gateway.
     """
     if underlay.on_link(peer):
         return peer
+    fallback = underlay.gateway_for(peer)
     try:
         routes = ipr.route("get", dst=str(peer))
     except NetlinkError:  # ENETUNREACH and friends: fall back to the default gateway
-        return underlay.gateway
+        return fallback
     for r in routes:
         gw = r.get_attr("RTA_GATEWAY")
         if gw and r.get_attr("RTA_OIF") == underlay.ifindex:
-            return ipaddress.IPv4Address(gw)
-    return underlay.gateway
+            return ipaddress.ip_address(gw)
+    return fallback
 
 
 def next_hops_for(
-    underlay: Underlay, peers: list[ipaddress.IPv4Address]
-) -> dict[ipaddress.IPv4Address, ipaddress.IPv4Address | None]:
-    """`next_hop_for` of many peers at once: the kernel is asked about every off-link peer in bulk
-    (a few hundred RTM_GETROUTE per system call; netlink/rtnl.py), which matters with thousands."""
+    ipr: IPRoute, underlay: Underlay, peers: list[IPAddress]
+) -> dict[IPAddress, IPAddress | None]:
+    """`next_hop_for` of many peers at once: the kernel is asked about every off-link IPv4 peer in bulk
+    (a few hundred RTM_GETROUTE per system call; netlink/rtnl.py), which matters with thousands.
+    IPv6 peers are asked one at a time (`next_hop_for`)."""
     from podrouter.netlink.rtnl import Rtnl
 
-    out: dict[ipaddress.IPv4Address, ipaddress.IPv4Address | None] = {}
-    far = []
+    out: dict[IPAddress, IPAddress | None] = {}
+    far: list[IPAddress] = []
     for p in dict.fromkeys(peers):
         if underlay.on_link(p):
             out[p] = p
+        elif p.version == 6:
+            out[p] = next_hop_for(ipr, underlay, p)
         else:
             far.append(p)
     if far:
@@ -154,7 +227,7 @@ def next_hops_for(
             answers = nl.next_hops([str(p) for p in far])
         for p, ans in zip(far, answers, strict=True):
             if ans is not None and ans[1] is not None and ans[0] == underlay.ifindex:
-                out[p] = ipaddress.IPv4Address(ans[1])
+                out[p] = ipaddress.ip_address(ans[1])
             else:
-                out[p] = underlay.gateway
+                out[p] = underlay.gateway_for(p)
     return out

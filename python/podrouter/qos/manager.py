@@ -200,6 +200,15 @@ class BandwidthManager:
             egress = self._class_counters()
             return {name: self._status_of(pod, egress) for name, pod in self._pods.items()}
 
+    def detach(self) -> None:
+        """Stop managing without removing anything: the tc objects stay (a daemon stopping for a
+        successor, docs/operations.md); only the netlink socket is closed."""
+        with self._lock:
+            if self._owns_ipr and not self._closed:
+                with contextlib.suppress(OSError):
+                    self._ipr.close()
+            self._closed = True
+
     def close(self) -> None:
         with self._lock:
             for pod in list(self._pods.values()):

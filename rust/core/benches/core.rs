@@ -195,7 +195,7 @@ fn tables() -> Tables {
     let peers = (2..252u32)
         .map(|i| PeerSpec {
             name: format!("node{i}"),
-            address: Ipv4Addr::new(172, 16, (i >> 8) as u8 + 3, i as u8),
+            address: Ipv4Addr::new(172, 16, (i >> 8) as u8 + 3, i as u8).into(),
             pod_cidrs: vec![cidr(&format!("10.244.{i}.0/24"))],
             mode: None,
             tunnel_protocol: None,
@@ -209,7 +209,8 @@ fn tables() -> Tables {
         generation: 1,
         node: NodeSpec {
             name: "node1".into(),
-            address: Ipv4Addr::new(172, 16, 2, 2),
+            address: Ipv4Addr::new(172, 16, 2, 2).into(),
+            address6: None,
             pod_cidrs: vec![cidr("10.244.1.0/24")],
         },
         cluster_cidrs: vec![cidr("10.244.0.0/16")],

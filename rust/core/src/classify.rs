@@ -13,11 +13,11 @@
 //! classification is two or three lookups and a few branches, with no allocation.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 pub use crate::encap::{GenevePayload, TunnelProto};
-use crate::lpm::{IpLpm, Lpm4};
+use crate::lpm::IpLpm;
 
 /// Index of a peer in [`TableSpec::peers`] (and [`Tables::peers`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -177,8 +177,12 @@ pub struct NextHop {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
     pub name: String,
-    /// Underlay address: the outer source of tunnels and the masquerade address.
-    pub address: Ipv4Addr,
+    /// Underlay address (IPv4 or IPv6): the outer source of tunnels to peers of its family, the
+    /// address the node registers, and (IPv4) the masquerade address.
+    pub address: IpAddr,
+    /// Dual-stack underlay: the node's IPv6 underlay address when `address` is IPv4 (the outer
+    /// source of tunnels to IPv6 peers). Must be `None` when `address` is IPv6.
+    pub address6: Option<Ipv6Addr>,
     pub pod_cidrs: Vec<Cidr>,
 }
 
@@ -250,8 +254,9 @@ impl Default for MasqueradeSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerSpec {
     pub name: String,
-    /// The peer's underlay address (tunnel destination, expected outer source on ingress).
-    pub address: Ipv4Addr,
+    /// The peer's underlay address (tunnel destination, expected outer source on ingress), IPv4 or
+    /// IPv6: its family picks the outer header family towards this peer.
+    pub address: IpAddr,
     pub pod_cidrs: Vec<Cidr>,
     pub mode: Option<RoutingMode>,
     pub tunnel_protocol: Option<TunnelProto>,
@@ -537,7 +542,7 @@ pub enum Verdict {
         peer: PeerId,
         proto: TunnelProto,
         vni: u32,
-        remote: Ipv4Addr,
+        remote: IpAddr,
         port: u16,
     },
     /// Source-NAT to the node address, then out natively via the gateway.
@@ -564,7 +569,7 @@ impl Verdict {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub name: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub pod_cidrs: Vec<Cidr>,
     /// The effective mode (override or node-wide).
     pub mode: RoutingMode,
@@ -596,12 +601,13 @@ enum Dest {
 pub struct Tables {
     generation: u64,
     node_name: String,
-    node_address: Ipv4Addr,
+    node_address: IpAddr,
+    node_address6: Option<Ipv6Addr>,
     node_pod_cidrs: Vec<Cidr>,
     dest: IpLpm<Dest>,
     native: IpLpm<()>,
     non_masq: IpLpm<()>,
-    peer_by_addr: Lpm4<PeerId>,
+    peer_by_addr: IpLpm<PeerId>,
     peers: Vec<Peer>,
     next_hops: Vec<NextHop>,
     /// Verdict for a destination outside the cluster when masquerade applies / does not.
@@ -676,11 +682,34 @@ impl Tables {
             }
             owned.push((*c, path));
         }
+        if let (IpAddr::V6(_), Some(a6)) = (spec.node.address, spec.node.address6) {
+            return Err(SpecError::new(
+                "node.address6",
+                format!("{a6}: node.address is already IPv6"),
+            ));
+        }
+        let node_v6 = spec.node.address6.map(IpAddr::V6);
         for (p, peer) in spec.peers.iter().enumerate() {
-            if peer.address == spec.node.address {
+            if peer.address == spec.node.address || Some(peer.address) == node_v6 {
                 return Err(SpecError::new(
                     format!("peers[{p}].address"),
                     format!("{} is this node's address", peer.address),
+                ));
+            }
+            let has_family = match (spec.node.address, peer.address) {
+                (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => true,
+                (IpAddr::V4(_), IpAddr::V6(_)) => spec.node.address6.is_some(),
+                (IpAddr::V6(_), IpAddr::V4(_)) => false,
+            };
+            if !has_family {
+                let fam = if peer.address.is_ipv4() {
+                    "IPv4"
+                } else {
+                    "IPv6"
+                };
+                return Err(SpecError::new(
+                    format!("peers[{p}].address"),
+                    format!("{}: this node has no {fam} underlay address", peer.address),
                 ));
             }
             if let Some(q) = spec.peers[..p]
@@ -763,13 +792,16 @@ impl Tables {
             IpLpm::build(&lpm_entries(&spec.native_cidrs)).map_err(lpm_err("native_cidrs"))?;
         let non_masq = IpLpm::build(&lpm_entries(&spec.masquerade.non_masquerade_cidrs))
             .map_err(lpm_err("masquerade.non_masquerade_cidrs"))?;
-        let peer_by_addr = Lpm4::from_prefixes(
-            spec.peers
-                .iter()
-                .enumerate()
-                .map(|(p, peer)| (peer.address, 32, PeerId(p as u32))),
-        )
-        .map_err(lpm_err("peers"))?;
+        let peer_addrs: Vec<(IpAddr, u8, PeerId)> = spec
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(p, peer)| {
+                let len = if peer.address.is_ipv4() { 32 } else { 128 };
+                (peer.address, len, PeerId(p as u32))
+            })
+            .collect();
+        let peer_by_addr = IpLpm::build(&peer_addrs).map_err(lpm_err("peers"))?;
 
         let mut next_hops = Vec::new();
         let gateway = spec.gateway.map(|g| {
@@ -824,6 +856,7 @@ impl Tables {
             generation: spec.generation,
             node_name: spec.node.name.clone(),
             node_address: spec.node.address,
+            node_address6: spec.node.address6,
             node_pod_cidrs: spec.node.pod_cidrs.clone(),
             dest,
             native,
@@ -894,7 +927,7 @@ impl Tables {
     /// Returns the sending peer.
     pub fn validate_ingress(
         &self,
-        outer_src: Ipv4Addr,
+        outer_src: IpAddr,
         vni: u32,
         inner_src: IpAddr,
         inner_dst: IpAddr,
@@ -928,9 +961,35 @@ impl Tables {
         &self.node_name
     }
 
-    /// This node's underlay address (tunnel source, masquerade address).
+    /// This node's IPv4 underlay address: the masquerade address and the filter of the
+    /// masquerade reply socket. `0.0.0.0` on an IPv6-only underlay (the control plane refuses
+    /// masquerade there: config `masquerade.enabled`).
     pub fn node_address(&self) -> Ipv4Addr {
+        match self.node_address {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        }
+    }
+
+    /// This node's primary underlay address (`node.address`, either family).
+    pub fn underlay_address(&self) -> IpAddr {
         self.node_address
+    }
+
+    /// The dual-stack underlay's IPv6 address (`node.address6`), if any.
+    pub fn underlay_address6(&self) -> Option<Ipv6Addr> {
+        self.node_address6
+    }
+
+    /// The outer source towards an underlay address of `remote`'s family, if this node has one.
+    pub fn underlay_source_for(&self, remote: IpAddr) -> Option<IpAddr> {
+        match (self.node_address, remote) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
+                Some(self.node_address)
+            }
+            (IpAddr::V4(_), IpAddr::V6(_)) => self.node_address6.map(IpAddr::V6),
+            (IpAddr::V6(_), IpAddr::V4(_)) => None,
+        }
     }
 
     /// This node's pod CIDRs.
@@ -970,7 +1029,7 @@ impl Tables {
 
     /// The inner Ethernet destination for VXLAN frames to peer `id` (its configured VTEP MAC or
     /// the synthesized one; the synthesized one of `remote` if `id` is out of range).
-    pub fn peer_vtep_mac(&self, id: PeerId, remote: Ipv4Addr) -> [u8; 6] {
+    pub fn peer_vtep_mac(&self, id: PeerId, remote: IpAddr) -> [u8; 6] {
         self.peer(id)
             .map_or_else(|| crate::datapath::vxlan_inner_mac(remote), |p| p.vtep_mac)
     }
@@ -989,13 +1048,16 @@ impl Tables {
         peer: PeerId,
         proto: TunnelProto,
         vni: u32,
-        remote: Ipv4Addr,
+        remote: IpAddr,
         port: u16,
     ) -> crate::encap::EncapParams {
         crate::encap::EncapParams {
             proto,
             vni,
-            src: self.node_address,
+            // A peer of a family we have no address in is refused when the tables are built.
+            src: self
+                .underlay_source_for(remote)
+                .unwrap_or(self.node_address),
             dst: remote,
             dst_port: port,
             inner_src_mac: self.vtep_mac(),
@@ -1008,7 +1070,7 @@ impl Tables {
     }
 
     /// The peer whose underlay address is `addr`.
-    pub fn peer_by_address(&self, addr: Ipv4Addr) -> Option<PeerId> {
+    pub fn peer_by_address(&self, addr: IpAddr) -> Option<PeerId> {
         self.peer_by_addr.lookup(addr)
     }
 
@@ -1054,7 +1116,8 @@ mod tests {
             generation: 7,
             node: NodeSpec {
                 name: "node1".into(),
-                address: v4("172.16.2.2"),
+                address: ip("172.16.2.2"),
+                address6: None,
                 pod_cidrs: vec![c("10.244.1.0/24"), c("fd00:10:244:1::/64")],
             },
             cluster_cidrs: vec![c("10.244.0.0/16"), c("fd00:10:244::/48")],
@@ -1074,7 +1137,7 @@ mod tests {
             peers: vec![
                 PeerSpec {
                     name: "node2".into(),
-                    address: v4("172.16.3.2"),
+                    address: ip("172.16.3.2"),
                     pod_cidrs: vec![c("10.244.2.0/24"), c("fd00:10:244:2::/64")],
                     mode: None,
                     tunnel_protocol: None,
@@ -1088,7 +1151,7 @@ mod tests {
                 },
                 PeerSpec {
                     name: "node3".into(),
-                    address: v4("172.16.2.3"),
+                    address: ip("172.16.2.3"),
                     pod_cidrs: vec![c("10.244.3.0/24")],
                     mode: None,
                     tunnel_protocol: None,
@@ -1182,7 +1245,7 @@ mod tests {
                 peer: PeerId(0),
                 proto: TunnelProto::Geneve,
                 vni: 42,
-                remote: v4("172.16.3.2"),
+                remote: ip("172.16.3.2"),
                 port: 16081
             }
         );
@@ -1411,10 +1474,92 @@ mod tests {
         );
     }
 
+    /// IPv6 underlay: an IPv6 node with an IPv6 peer tunnels to it from the IPv6 address; a
+    /// dual-stack node (address + address6) reaches a v4 peer from the v4 address and a v6 peer
+    /// from the v6 one; a peer of a family the node has no address in, a v6 `address6` next to a
+    /// v6 `address`, and a peer at the node's `address6` are refused with the key.
+    #[test]
+    fn ipv6_and_dual_stack_underlay() {
+        let v6_only = tables(|s| {
+            s.node.address = ip("2001:db8:2::2");
+            s.peers[0].address = ip("2001:db8:3::2");
+            s.peers[1].address = ip("2001:db8:2::3");
+        });
+        let Verdict::Tunnel { peer, remote, .. } = v6_only.classify(ip(POD), ip("10.244.2.9"))
+        else {
+            panic!("not a tunnel verdict");
+        };
+        assert_eq!(remote, ip("2001:db8:3::2"));
+        let p = v6_only.encap_params(peer, TunnelProto::Vxlan, 1, remote, 4789);
+        assert_eq!((p.src, p.dst), (ip("2001:db8:2::2"), remote));
+        assert_eq!(
+            v6_only.peer_by_address(ip("2001:db8:3::2")),
+            Some(PeerId(0))
+        );
+        assert_eq!(v6_only.peer_by_address(ip("172.16.3.2")), None);
+        assert_eq!(v6_only.node_address(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(v6_only.vtep_mac(), [0x02, 0x76, 0, 0, 0, 2]);
+        assert_eq!(
+            v6_only.validate_ingress(ip("2001:db8:3::2"), 1, ip("10.244.2.5"), ip(POD)),
+            Ok(PeerId(0))
+        );
+        assert_eq!(
+            v6_only.validate_ingress(ip("2001:db8:3::9"), 1, ip("10.244.2.5"), ip(POD)),
+            Err(DropReason::UnknownPeer)
+        );
+
+        let dual = tables(|s| {
+            s.node.address6 = Some("2001:db8:2::2".parse().unwrap());
+            s.peers[0].address = ip("2001:db8:3::2");
+        });
+        let src_for = |t: &Tables, remote: &str| {
+            let r = ip(remote);
+            t.encap_params(PeerId(0), TunnelProto::Geneve, 1, r, 6081)
+                .src
+        };
+        assert_eq!(src_for(&dual, "2001:db8:3::2"), ip("2001:db8:2::2"));
+        assert_eq!(src_for(&dual, "172.16.2.3"), ip("172.16.2.2"));
+        assert_eq!(dual.node_address(), v4("172.16.2.2"));
+        assert_eq!(dual.peer_by_address(ip("172.16.2.3")), Some(PeerId(1)));
+
+        let e = Tables::build(&{
+            let mut s = spec();
+            s.peers[0].address = ip("2001:db8:3::2");
+            s
+        })
+        .unwrap_err();
+        assert_eq!(e.path, "peers[0].address");
+        assert!(e.message.contains("no IPv6 underlay address"), "{e:?}");
+        let e = Tables::build(&{
+            let mut s = spec();
+            s.node.address = ip("2001:db8:2::2");
+            s
+        })
+        .unwrap_err();
+        assert_eq!(e.path, "peers[0].address");
+        assert!(e.message.contains("no IPv4 underlay address"), "{e:?}");
+        let e = Tables::build(&{
+            let mut s = spec();
+            s.node.address = ip("2001:db8:2::2");
+            s.node.address6 = Some("2001:db8:2::3".parse().unwrap());
+            s
+        })
+        .unwrap_err();
+        assert_eq!(e.path, "node.address6");
+        let e = Tables::build(&{
+            let mut s = spec();
+            s.node.address6 = Some("2001:db8:2::2".parse().unwrap());
+            s.peers[1].address = ip("2001:db8:2::2");
+            s
+        })
+        .unwrap_err();
+        assert_eq!(e.path, "peers[1].address");
+    }
+
     #[test]
     fn ingress_validation() {
         let t = tables(|_| {});
-        let n2 = v4("172.16.3.2");
+        let n2 = ip("172.16.3.2");
         assert_eq!(
             t.validate_ingress(n2, 1, ip("10.244.2.5"), ip(POD)),
             Ok(PeerId(0))
@@ -1424,7 +1569,7 @@ mod tests {
             Ok(PeerId(0))
         );
         assert_eq!(
-            t.validate_ingress(v4("172.16.9.9"), 1, ip("10.244.2.5"), ip(POD)),
+            t.validate_ingress(ip("172.16.9.9"), 1, ip("10.244.2.5"), ip(POD)),
             Err(DropReason::UnknownPeer)
         );
         assert_eq!(

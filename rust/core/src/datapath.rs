@@ -14,7 +14,7 @@
 //! `podrouter_packets_total{path,direction}` without knowing how it was decided, and every drop
 //! carries a [`DropReason`] for `podrouter_drops_total{reason}`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 
 pub use crate::classify::{DropReason, Path, PeerId, Tables, Verdict};
@@ -31,7 +31,7 @@ pub enum EgressAction {
     /// (inner DSCP copied, ECN per RFC 6040 normal mode).
     Tunnel {
         range: Range<usize>,
-        remote: SocketAddrV4,
+        remote: SocketAddr,
         src_port: u16,
         tos: u8,
         proto: TunnelProto,
@@ -96,15 +96,24 @@ impl IngressAction {
     }
 }
 
-/// The synthesized VTEP MAC of a node: `02:70` followed by its underlay IPv4 address (locally
+/// The synthesized VTEP MAC of a node: `02:70` followed by its underlay IPv4 address, or for an
+/// IPv6 underlay address `02:76` followed by its last four bytes (locally
 /// administered, unicast, stable across restarts). RFC 7348 carries a whole L2 frame; podrouter
 /// uses this as the inner source of every VXLAN frame it sends (so a Flannel-style kernel peer
 /// points its neighbour and FDB entries for this node at it; `podrouter status` shows it as
 /// `vtep_mac`) and as the inner destination towards a peer without a configured `vtep_mac`.
 /// podrouter's receiver ignores the inner Ethernet header.
-pub fn vxlan_inner_mac(node: Ipv4Addr) -> [u8; 6] {
-    let [a, b, c, d] = node.octets();
-    [0x02, 0x70, a, b, c, d]
+pub fn vxlan_inner_mac(node: IpAddr) -> [u8; 6] {
+    match node {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            [0x02, 0x70, a, b, c, d]
+        }
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            [0x02, 0x76, o[12], o[13], o[14], o[15]]
+        }
+    }
 }
 
 fn packet(buf: &mut [u8], start: usize, len: usize) -> Result<&mut [u8], DropReason> {
@@ -207,7 +216,7 @@ fn egress_inner(
                 .map_err(|_| DropReason::Unsupported)?;
             Ok(EgressAction::Tunnel {
                 range,
-                remote: SocketAddrV4::new(remote, port),
+                remote: SocketAddr::new(remote, port),
                 src_port,
                 tos,
                 proto,
@@ -246,7 +255,7 @@ pub fn check_ttl(ttl: u8, verdict: &Verdict) -> Result<(), DropReason> {
 #[allow(clippy::too_many_arguments)]
 pub fn ingress(
     tables: &Tables,
-    outer_src: Ipv4Addr,
+    outer_src: IpAddr,
     udp_src_port: u16,
     udp_dst_port: u16,
     outer_ecn: u8,
@@ -272,7 +281,7 @@ pub fn ingress(
 #[allow(clippy::too_many_arguments)]
 fn ingress_inner(
     tables: &Tables,
-    outer_src: Ipv4Addr,
+    outer_src: IpAddr,
     udp_src_port: u16,
     udp_dst_port: u16,
     outer_ecn: u8,
@@ -376,6 +385,9 @@ mod tests {
     use crate::wire::{ecn, icmp, ip_proto, ipv4, udp};
     use std::net::IpAddr;
 
+    fn a4(s: &str) -> IpAddr {
+        IpAddr::V4(v4(s))
+    }
     fn v4(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
     }
@@ -391,7 +403,7 @@ mod tests {
     fn peer(name: &str, addr: &str, cidr: &str, on_link: bool, mac: [u8; 6]) -> PeerSpec {
         PeerSpec {
             name: name.into(),
-            address: v4(addr),
+            address: a4(addr),
             pod_cidrs: vec![c(cidr)],
             mode: None,
             tunnel_protocol: None,
@@ -427,7 +439,8 @@ mod tests {
             generation: 1,
             node: NodeSpec {
                 name: name.into(),
-                address: v4(addr),
+                address: a4(addr),
+                address6: None,
                 pod_cidrs: vec![c(cidr)],
             },
             cluster_cidrs: vec![c("10.244.0.0/16")],
@@ -502,7 +515,7 @@ mod tests {
         // node2 receives the UDP payload.
         let mut rx = b[range].to_vec();
         let n = rx.len();
-        let d = ingress(&n2, v4("172.16.2.2"), 50000, 4789, ecn::ECT0, &mut rx, 0, n);
+        let d = ingress(&n2, a4("172.16.2.2"), 50000, 4789, ecn::ECT0, &mut rx, 0, n);
         let IngressAction::Deliver { range, path, peer } = d else {
             panic!("{d:?}")
         };
@@ -532,7 +545,7 @@ mod tests {
         let from = |port: u16| {
             let mut rx = frame.clone();
             let n = rx.len();
-            ingress(&n2, v4("172.16.2.2"), port, 4789, 0, &mut rx, 0, n)
+            ingress(&n2, a4("172.16.2.2"), port, 4789, 0, &mut rx, 0, n)
         };
         for port in [lo, 62000, hi] {
             assert_eq!(
@@ -551,7 +564,7 @@ mod tests {
         let mut rx = frame.clone();
         let n = rx.len();
         assert_eq!(
-            ingress(&n2, v4("172.16.9.9"), 62000, 4789, 0, &mut rx, 0, n),
+            ingress(&n2, a4("172.16.9.9"), 62000, 4789, 0, &mut rx, 0, n),
             IngressAction::Drop(DropReason::UnknownPeer)
         );
     }
@@ -616,7 +629,8 @@ mod tests {
             generation: 2,
             node: NodeSpec {
                 name: "node1".into(),
-                address: v4("172.16.2.2"),
+                address: a4("172.16.2.2"),
+                address6: None,
                 pod_cidrs: vec![c("10.244.1.0/24")],
             },
             cluster_cidrs: vec![c("10.244.0.0/16")],
@@ -649,7 +663,7 @@ mod tests {
         let n = rx.len();
         let d = ingress(
             &tables_for(1),
-            v4("172.16.2.2"),
+            a4("172.16.2.2"),
             50000,
             6081,
             0,
@@ -673,7 +687,7 @@ mod tests {
         let n = rx.len();
         let d = ingress(
             &tables_for(1),
-            v4("172.16.2.2"),
+            a4("172.16.2.2"),
             50000,
             6081,
             0,
@@ -731,7 +745,7 @@ mod tests {
             Tables::build(&dual_spec_for(0)).unwrap(),
             Tables::build(&dual_spec_for(1)).unwrap(),
         );
-        let node1 = v4("172.16.2.2");
+        let node1 = a4("172.16.2.2");
         for proto in [TunnelProto::Vxlan, TunnelProto::Geneve] {
             let mut spec = dual_spec_for(0);
             spec.peers
@@ -747,7 +761,7 @@ mod tests {
                 panic!("{a:?}")
             };
             assert_eq!(a.path(), Some(Path::tunnel(proto)));
-            assert_eq!(remote.ip(), &v4("172.16.3.2"));
+            assert_eq!(remote.ip(), a4("172.16.3.2"));
             // the inner protocol is IPv6: VXLAN's inner ethertype, Geneve's protocol type
             let hdr = &b[range.clone()];
             match proto {
@@ -800,7 +814,7 @@ mod tests {
             let params = EncapParams {
                 proto: TunnelProto::Vxlan,
                 vni: 1,
-                src: v4("172.16.3.2"),
+                src: a4("172.16.3.2"),
                 dst: node1,
                 dst_port: 4789,
                 inner_src_mac: [0; 6],
@@ -810,7 +824,7 @@ mod tests {
             let r = encap::encap_payload(&mut b, MAX_HEADROOM, len, &params).unwrap();
             let mut p = b[r].to_vec();
             let n = p.len();
-            ingress(&n1, v4("172.16.3.2"), 50000, 4789, 0, &mut p, 0, n)
+            ingress(&n1, a4("172.16.3.2"), 50000, 4789, 0, &mut p, 0, n)
         };
         assert!(matches!(
             from_node2("fd00:10:244:2::5", "fd00:10:244:1::a"),
@@ -990,8 +1004,8 @@ mod tests {
         let params = EncapParams {
             proto: TunnelProto::Vxlan,
             vni,
-            src: v4("172.16.3.2"),
-            dst: v4("172.16.2.2"),
+            src: a4("172.16.3.2"),
+            dst: a4("172.16.2.2"),
             dst_port: 4789,
             inner_src_mac: [0; 6],
             inner_dst_mac: [0; 6],
@@ -1004,8 +1018,8 @@ mod tests {
     #[test]
     fn ingress_drops() {
         let t = tables_for(0);
-        let n2 = v4("172.16.3.2");
-        let run = |src: Ipv4Addr, port: u16, ecn_bits: u8, mut p: Vec<u8>| {
+        let n2 = a4("172.16.3.2");
+        let run = |src: IpAddr, port: u16, ecn_bits: u8, mut p: Vec<u8>| {
             let n = p.len();
             ingress(&t, src, 50000, port, ecn_bits, &mut p, 0, n)
         };
@@ -1017,7 +1031,7 @@ mod tests {
         let drop = |r| IngressAction::Drop(r);
         assert_eq!(run(n2, 9999, 0, ok.clone()), drop(DropReason::Unsupported));
         assert_eq!(
-            run(v4("172.16.9.9"), 4789, 0, ok.clone()),
+            run(a4("172.16.9.9"), 4789, 0, ok.clone()),
             drop(DropReason::UnknownPeer)
         );
         // VXLAN payload on the Geneve port.
@@ -1100,7 +1114,7 @@ mod tests {
             let range = encap::encap_payload(b, MAX_HEADROOM, meta.total_len, &params).ok()?;
             Some(EgressAction::Tunnel {
                 range,
-                remote: SocketAddrV4::new(remote, port),
+                remote: SocketAddr::new(remote, port),
                 src_port,
                 tos,
                 proto,
@@ -1305,7 +1319,7 @@ mod tests {
             let _ = egress(&t, Some(&mut nat), &mut b.clone(), MAX_HEADROOM, len, 0);
             let _ = ingress(
                 &t,
-                v4("172.16.3.2"),
+                a4("172.16.3.2"),
                 50000,
                 4789,
                 (i % 4) as u8,

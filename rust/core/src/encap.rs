@@ -29,7 +29,7 @@
 //! Nothing here panics on any input: lengths are checked before any header is read or written.
 
 use core::fmt;
-use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use core::net::{IpAddr, Ipv6Addr};
 use core::ops::Range;
 
 use crate::wire::ethernet::{self, ethertype};
@@ -166,10 +166,10 @@ pub struct EncapParams {
     pub proto: TunnelProto,
     /// 24-bit virtual network identifier.
     pub vni: u32,
-    /// Outer source: this node's underlay address.
-    pub src: Ipv4Addr,
-    /// Outer destination: the peer's underlay address.
-    pub dst: Ipv4Addr,
+    /// Outer source: this node's underlay address (of `dst`'s family).
+    pub src: IpAddr,
+    /// Outer destination: the peer's underlay address; its family is the outer header's.
+    pub dst: IpAddr,
     /// Outer UDP destination port (the configured tunnel port).
     pub dst_port: u16,
     /// VXLAN and Geneve with [`GenevePayload::Ethernet`]: addresses of the inner Ethernet header.
@@ -189,10 +189,17 @@ impl EncapParams {
         }
     }
 
-    /// Bytes [`encap_full`] puts in front of the inner packet for these parameters.
+    /// Bytes [`encap_full`] puts in front of the inner packet for these parameters: an IPv6
+    /// outer header (`dst` IPv6) is 20 bytes longer than the IPv4 one.
     #[inline]
     pub const fn overhead(&self) -> usize {
-        OUTER_HEADERS_LEN + self.payload_overhead()
+        OUTER_HEADERS_LEN
+            + self.payload_overhead()
+            + if self.dst.is_ipv6() {
+                OUTER_V6_EXTRA
+            } else {
+                0
+            }
     }
 }
 
@@ -209,6 +216,8 @@ pub enum EncapError {
     TooBig,
     /// The VNI does not fit in 24 bits.
     BadVni,
+    /// Outer source and destination are of different address families.
+    MixedFamilies,
 }
 
 impl EncapError {
@@ -219,6 +228,7 @@ impl EncapError {
             EncapError::InnerNotIp => "inner_not_ip",
             EncapError::TooBig => "too_big",
             EncapError::BadVni => "bad_vni",
+            EncapError::MixedFamilies => "mixed_families",
         }
     }
 }
@@ -357,32 +367,60 @@ fn write_inner_ethernet(eth: &mut [u8], et: u16, params: &EncapParams) {
     f.set_ethertype(et);
 }
 
-/// Write outer IPv4 + UDP + tunnel header in front of `buf[start..start + len]`. Returns the range
-/// of the complete outer packet.
+/// Extra outer bytes of an IPv6 outer header over an IPv4 one (40 - 20).
+pub const OUTER_V6_EXTRA: usize = ipv6::HEADER_LEN - ipv4::HEADER_LEN;
+/// VXLAN over an IPv6 underlay: 40 + 8 + 8 + 14 = 70.
+pub const VXLAN6_OVERHEAD: usize = VXLAN_OVERHEAD + OUTER_V6_EXTRA;
+/// Geneve (inner Ethernet) over an IPv6 underlay: 40 + 8 + 8 + 14 = 70.
+pub const GENEVE6_OVERHEAD: usize = GENEVE_OVERHEAD + OUTER_V6_EXTRA;
+
+/// The outer IPv6 flow label of an inner packet: the low 20 bits of its flow hash (RFC 6438 §3:
+/// a tunnel end point sets the label from the inner flow so ECMP/LAG can spread flows). Never
+/// zero (zero means "no label").
+pub fn outer_flow_label(inner: &[u8]) -> u32 {
+    match flow_hash(inner) & 0x000f_ffff {
+        0 => 1,
+        l => l,
+    }
+}
+
+/// Write the outer IP (IPv4 or IPv6, by `params.dst`) + UDP + tunnel header in front of
+/// `buf[start..start + len]`. Returns the range of the complete outer packet. The UDP checksum is
+/// always computed (mandatory over IPv6, RFC 8200 §8.1); an IPv6 outer carries the inner flow's
+/// label ([`outer_flow_label`]) and the traffic class [`outer_tos`] gives the IPv4 TOS.
 pub fn encap_full(
     buf: &mut [u8],
     start: usize,
     len: usize,
     params: &EncapParams,
 ) -> Result<Range<usize>, EncapError> {
+    let ip_len = match (params.src, params.dst) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => ipv4::HEADER_LEN,
+        (IpAddr::V6(_), IpAddr::V6(_)) => ipv6::HEADER_LEN,
+        _ => return Err(EncapError::MixedFamilies),
+    };
     let need = params.overhead();
     let et = check_args(buf, start, len, params, need)?;
     let total = need + len;
-    if total > usize::from(u16::MAX) {
+    let udp_len = total - ip_len;
+    if udp_len > usize::from(u16::MAX) || (ip_len == ipv4::HEADER_LEN && total > 65535) {
         return Err(EncapError::TooBig);
     }
     let begin = start - need;
-    let (sport, tos) = {
+    let (sport, tos, label) = {
         let inner = &buf[start..start + len];
-        (udp_source_port(inner), outer_tos(inner))
+        (
+            udp_source_port(inner),
+            outer_tos(inner),
+            outer_flow_label(inner),
+        )
     };
     let pkt = &mut buf[begin..start + len];
-    let (outer, rest) = pkt.split_at_mut(OUTER_HEADERS_LEN);
+    let (outer, rest) = pkt.split_at_mut(ip_len + udp::HEADER_LEN);
     write_tunnel_header(&mut rest[..params.payload_overhead()], et, params);
 
-    let udp_len = total - ipv4::HEADER_LEN;
     {
-        let mut u = udp::Packet::new_unchecked(&mut outer[ipv4::HEADER_LEN..]);
+        let mut u = udp::Packet::new_unchecked(&mut outer[ip_len..]);
         u.set_src_port(sport);
         u.set_dst_port(params.dst_port);
         u.set_len(udp_len as u16);
@@ -390,32 +428,57 @@ pub fn encap_full(
     }
     // The UDP checksum covers the pseudo-header, the UDP header and the whole payload
     // (tunnel header + inner packet), which lives in `rest`.
+    let pseudo = match (params.src, params.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            checksum::pseudo_header_v4(s, d, ip_proto::UDP, udp_len as u16)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            checksum::pseudo_header_v6(s, d, ip_proto::UDP, udp_len as u32)
+        }
+        _ => return Err(EncapError::MixedFamilies),
+    };
     let sum = checksum::combine(&[
-        checksum::pseudo_header_v4(params.src, params.dst, ip_proto::UDP, udp_len as u16),
-        checksum::data(&outer[ipv4::HEADER_LEN..]),
+        pseudo,
+        checksum::data(&outer[ip_len..]),
         checksum::data(rest),
     ]);
     let c = match !sum {
         0 => 0xffff, // RFC 768: a computed zero is sent as all ones
         c => c,
     };
-    udp::Packet::new_unchecked(&mut outer[ipv4::HEADER_LEN..]).set_checksum(c);
+    udp::Packet::new_unchecked(&mut outer[ip_len..]).set_checksum(c);
 
-    let repr = ipv4::Repr {
-        src: params.src,
-        dst: params.dst,
-        protocol: ip_proto::UDP,
-        payload_len: udp_len,
-        ttl: OUTER_TTL,
-        tos,
-        // RFC 6864 §4.1: the ID of an atomic datagram (DF set, never fragmented) has no meaning.
-        ident: 0,
-        dont_frag: true,
-    };
-    repr.emit(&mut ipv4::Packet::new_unchecked(
-        &mut outer[..ipv4::HEADER_LEN],
-    ))
-    .map_err(|_| EncapError::TooBig)?;
+    match (params.src, params.dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let repr = ipv4::Repr {
+                src,
+                dst,
+                protocol: ip_proto::UDP,
+                payload_len: udp_len,
+                ttl: OUTER_TTL,
+                tos,
+                // RFC 6864 §4.1: the ID of an atomic datagram (DF set, never fragmented) has no meaning.
+                ident: 0,
+                dont_frag: true,
+            };
+            repr.emit(&mut ipv4::Packet::new_unchecked(
+                &mut outer[..ipv4::HEADER_LEN],
+            ))
+            .map_err(|_| EncapError::TooBig)?;
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut ip = ipv6::Packet::new_unchecked(&mut outer[..ipv6::HEADER_LEN]);
+            ip.set_version(6);
+            ip.set_traffic_class(tos);
+            ip.set_flow_label(label);
+            ip.set_payload_len(udp_len as u16);
+            ip.set_next_header(ip_proto::UDP);
+            ip.set_hop_limit(OUTER_TTL);
+            ip.set_src_addr(src);
+            ip.set_dst_addr(dst);
+        }
+        _ => return Err(EncapError::MixedFamilies),
+    }
     Ok(begin..start + len)
 }
 
@@ -844,16 +907,16 @@ fn inner_err(e: wire::Error) -> DecapError {
 /// A validated outer packet.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OuterDecap {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub src_port: u16,
     pub dst_port: u16,
     /// `decap.inner` is relative to the outer packet.
     pub decap: Decap,
 }
 
-/// Validate an outer IPv4 + UDP packet and its tunnel payload; the protocol is chosen from the
-/// UDP destination port (4789 VXLAN, 6081 Geneve).
+/// Validate an outer IPv4 or IPv6 + UDP packet and its tunnel payload; the protocol is chosen
+/// from the UDP destination port (4789 VXLAN, 6081 Geneve).
 pub fn decap_full(outer: &[u8]) -> Result<OuterDecap, DecapError> {
     decap_full_with(outer, |port| match port {
         vxlan::UDP_PORT => Some(TunnelProto::Vxlan),
@@ -862,30 +925,54 @@ pub fn decap_full(outer: &[u8]) -> Result<OuterDecap, DecapError> {
     })
 }
 
-/// [`decap_full`] with a caller-chosen port map (configured tunnel ports).
+/// [`decap_full`] with a caller-chosen port map (configured tunnel ports). An IPv6 outer packet
+/// must carry UDP directly (extension headers, fragments included, are `unsupported`: a tunnel
+/// sender has no reason to add any) and a non-zero, correct UDP checksum (RFC 8200 §8.1; the
+/// zero-checksum exception of RFC 6935 is not taken, as the Linux default).
 pub fn decap_full_with(
     outer: &[u8],
     proto_for_port: impl Fn(u16) -> Option<TunnelProto>,
 ) -> Result<OuterDecap, DecapError> {
-    let ip = ipv4::Packet::new_checked(outer)?;
-    if !ip.verify_checksum() {
-        return Err(DecapError::BadOuterChecksum);
-    }
-    if ip.is_fragment() {
-        return Err(DecapError::OuterFragment);
-    }
-    if ip.protocol() != ip_proto::UDP {
-        return Err(DecapError::Unsupported);
-    }
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
-    let u = udp::Packet::new_checked(ip.payload())?;
-    // A zero checksum is "none" over IPv4 (RFC 768); anything else must verify.
-    if !u.verify_checksum(IpAddr::V4(src), IpAddr::V4(dst)) {
+    let (src, dst, l4, ecn_bits, base): (IpAddr, IpAddr, &[u8], u8, usize) =
+        match outer.first().map(|b| b >> 4) {
+            Some(6) => {
+                let ip = ipv6::Packet::new_checked(outer)?;
+                if ip.next_header() != ip_proto::UDP {
+                    return Err(DecapError::Unsupported);
+                }
+                let (s, d) = (IpAddr::V6(ip.src_addr()), IpAddr::V6(ip.dst_addr()));
+                (
+                    s,
+                    d,
+                    &outer[ipv6::HEADER_LEN..ip.total_len()],
+                    ip.ecn(),
+                    ipv6::HEADER_LEN,
+                )
+            }
+            _ => {
+                let ip = ipv4::Packet::new_checked(outer)?;
+                if !ip.verify_checksum() {
+                    return Err(DecapError::BadOuterChecksum);
+                }
+                if ip.is_fragment() {
+                    return Err(DecapError::OuterFragment);
+                }
+                if ip.protocol() != ip_proto::UDP {
+                    return Err(DecapError::Unsupported);
+                }
+                let (s, d) = (IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()));
+                let (h, t) = (ip.header_len(), usize::from(ip.total_len()));
+                (s, d, &outer[h..t], ip.ecn(), h)
+            }
+        };
+    let u = udp::Packet::new_checked(l4)?;
+    // A zero checksum is "none" over IPv4 (RFC 768) and refused over IPv6; anything else must verify.
+    if !u.verify_checksum(src, dst) {
         return Err(DecapError::BadOuterChecksum);
     }
     let proto = proto_for_port(u.dst_port()).ok_or(DecapError::Unsupported)?;
-    let mut decap = decap_payload(proto, u.payload(), ip.ecn())?;
-    let base = ip.header_len() + udp::HEADER_LEN;
+    let mut decap = decap_payload(proto, u.payload(), ecn_bits)?;
+    let base = base + udp::HEADER_LEN;
     decap.inner = decap.inner.start + base..decap.inner.end + base;
     Ok(OuterDecap {
         src,
@@ -899,9 +986,10 @@ pub fn decap_full_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use core::net::Ipv4Addr;
 
-    const NODE1: Ipv4Addr = Ipv4Addr::new(172, 16, 2, 2);
-    const NODE2: Ipv4Addr = Ipv4Addr::new(172, 16, 3, 2);
+    const NODE1: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 16, 2, 2));
+    const NODE2: IpAddr = IpAddr::V4(Ipv4Addr::new(172, 16, 3, 2));
 
     fn params(proto: TunnelProto) -> EncapParams {
         EncapParams {
@@ -949,6 +1037,91 @@ mod tests {
         b[r].to_vec()
     }
 
+    fn params6(proto: TunnelProto) -> EncapParams {
+        EncapParams {
+            src: "2001:db8:2::2".parse().unwrap(),
+            dst: "2001:db8:3::2".parse().unwrap(),
+            ..params(proto)
+        }
+    }
+
+    /// IPv6 outer header: version 6, the inner DSCP/ECN as traffic class, the inner flow's label,
+    /// UDP next header, hop limit 64, a non-zero UDP checksum that verifies, 70 bytes of
+    /// overhead; and `decap_full` reads the same packet back (addresses, ports, inner range).
+    #[test]
+    fn ipv6_outer_encap_and_decap() {
+        for (proto, overhead) in [
+            (TunnelProto::Vxlan, VXLAN6_OVERHEAD),
+            (TunnelProto::Geneve, GENEVE6_OVERHEAD),
+        ] {
+            assert_eq!(params6(proto).overhead(), overhead);
+            let inner = inner_udp(ecn::ECT0);
+            let mut b = vec![0u8; 80];
+            b.extend_from_slice(&inner);
+            let r = encap_full(&mut b, 80, inner.len(), &params6(proto)).unwrap();
+            assert_eq!(r, 80 - overhead..80 + inner.len());
+            let o = b[r].to_vec();
+            let ip = ipv6::Packet::new_checked(&o[..]).unwrap();
+            assert_eq!(ip.version(), 6);
+            assert_eq!(ip.traffic_class(), 0xb8 | ecn::ECT0);
+            assert_eq!(ip.flow_label(), outer_flow_label(&inner));
+            assert_ne!(ip.flow_label(), 0);
+            assert_eq!(ip.next_header(), ip_proto::UDP);
+            assert_eq!(ip.hop_limit(), OUTER_TTL);
+            assert_eq!(usize::from(ip.payload_len()), o.len() - 40);
+            let u = udp::Packet::new_checked(ip.payload()).unwrap();
+            assert_ne!(u.checksum(), 0);
+            let (s, d) = (params6(proto).src, params6(proto).dst);
+            assert!(u.verify_checksum(s, d));
+            assert_eq!(u.dst_port(), proto.default_port());
+            let dec = decap_full(&o).unwrap();
+            assert_eq!((dec.src, dec.dst), (s, d));
+            assert_eq!(dec.src_port, udp_source_port(&inner));
+            assert_eq!(&o[dec.decap.inner.clone()], &inner[..]);
+            assert_eq!(dec.decap.vni, 1);
+            // Mandatory checksum over IPv6: zero is refused, so is a wrong one.
+            let mut zero = o.clone();
+            zero[46..48].fill(0);
+            assert_eq!(decap_full(&zero), Err(DecapError::BadOuterChecksum));
+            let mut bad = o.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 0x55;
+            assert_eq!(decap_full(&bad), Err(DecapError::BadOuterChecksum));
+            // An extension header in front of UDP (here: hop-by-hop) is not a tunnel packet.
+            let mut ext = o.clone();
+            ext[6] = 0;
+            assert_eq!(decap_full(&ext), Err(DecapError::Unsupported));
+            // Truncations never panic and never succeed.
+            for n in 0..o.len() {
+                assert!(decap_full(&o[..n]).is_err(), "cut at {n}");
+            }
+        }
+        // Mixed outer families are refused.
+        let inner = inner_udp(0);
+        let mut b = in_headroom(&inner);
+        let mixed = EncapParams {
+            dst: NODE2,
+            ..params6(TunnelProto::Geneve)
+        };
+        assert_eq!(
+            encap_full(&mut b, MAX_HEADROOM, inner.len(), &mixed),
+            Err(EncapError::MixedFamilies)
+        );
+        // VXLAN over IPv6 needs 70 bytes of headroom, more than MAX_HEADROOM.
+        assert_eq!(
+            encap_full(
+                &mut b,
+                MAX_HEADROOM,
+                inner.len(),
+                &params6(TunnelProto::Vxlan)
+            ),
+            Err(EncapError::Headroom {
+                need: 70,
+                have: MAX_HEADROOM
+            })
+        );
+    }
+
     // Expected VXLAN frame for inner_udp(0), built field by field from RFC 7348 Figure 1.
     #[test]
     fn vxlan_golden_bytes() {
@@ -984,7 +1157,7 @@ mod tests {
         assert!(ip.verify_checksum());
         let u = udp::Packet::new_checked(ip.payload()).unwrap();
         assert_ne!(u.checksum(), 0);
-        assert!(u.verify_checksum(NODE1.into(), NODE2.into()));
+        assert!(u.verify_checksum(NODE1, NODE2));
     }
 
     #[test]

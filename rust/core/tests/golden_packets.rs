@@ -90,7 +90,12 @@ fn linux_vxlan_ping() {
     let d = encap::decap_full(&pkt).unwrap();
     assert_eq!(
         (d.src, d.dst, d.src_port, d.dst_port),
-        (v4([172, 16, 2, 2]), v4([172, 16, 2, 3]), 0xde37, 4789)
+        (
+            v4([172, 16, 2, 2]).into(),
+            v4([172, 16, 2, 3]).into(),
+            0xde37,
+            4789
+        )
     );
     assert_eq!(
         (d.decap.proto, d.decap.vni, d.decap.inner.clone()),
@@ -316,8 +321,8 @@ fn our_vxlan_matches_linux_layout() {
     let params = EncapParams {
         proto: TunnelProto::Vxlan,
         vni: 42,
-        src: v4([172, 16, 2, 2]),
-        dst: v4([172, 16, 2, 3]),
+        src: v4([172, 16, 2, 2]).into(),
+        dst: v4([172, 16, 2, 3]).into(),
         dst_port: 4789,
         inner_src_mac: [2, 0, 0, 0, 1, 1],
         inner_dst_mac: [2, 0, 0, 0, 2, 1],

@@ -184,7 +184,7 @@ proptest! {
         let mut buf = vec![0u8; encap::MAX_HEADROOM];
         buf.extend_from_slice(&inner);
         let params = EncapParams {
-            proto, vni: 7, src: Ipv4Addr::new(172, 16, 2, 2), dst: Ipv4Addr::new(172, 16, 3, 2),
+            proto, vni: 7, src: Ipv4Addr::new(172, 16, 2, 2).into(), dst: Ipv4Addr::new(172, 16, 3, 2).into(),
             dst_port: proto.default_port(), inner_src_mac: [2, 0, 0, 0, 0, 1], inner_dst_mac: [2, 0, 0, 0, 0, 2],
             geneve_payload: gp,
         };
@@ -212,7 +212,7 @@ proptest! {
         extra_headroom in 0usize..16,
     ) {
         let params = EncapParams {
-            proto, vni, src: Ipv4Addr::from(src), dst: Ipv4Addr::from(dst),
+            proto, vni, src: Ipv4Addr::from(src).into(), dst: Ipv4Addr::from(dst).into(),
             dst_port: proto.default_port(), inner_src_mac: [2, 0, 0, 0, 0, 1], inner_dst_mac: [2, 0, 0, 0, 0, 2],
             geneve_payload: gp,
         };
@@ -247,7 +247,7 @@ proptest! {
         let mut buf = vec![0u8; encap::MAX_HEADROOM];
         buf.extend_from_slice(&inner);
         let params = EncapParams {
-            proto, vni, src: Ipv4Addr::UNSPECIFIED, dst: Ipv4Addr::UNSPECIFIED, dst_port: 0,
+            proto, vni, src: Ipv4Addr::UNSPECIFIED.into(), dst: Ipv4Addr::UNSPECIFIED.into(), dst_port: 0,
             inner_src_mac: [0; 6], inner_dst_mac: [0; 6], geneve_payload: gp,
         };
         let r = encap::encap_payload(&mut buf, encap::MAX_HEADROOM, inner.len(), &params).unwrap();

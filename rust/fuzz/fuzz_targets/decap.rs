@@ -33,8 +33,8 @@ fuzz_target!(|data: &[u8]| {
         let params = EncapParams {
             proto: o.decap.proto,
             vni: o.decap.vni,
-            src: Ipv4Addr::new(172, 16, 2, 2),
-            dst: Ipv4Addr::new(172, 16, 3, 2),
+            src: Ipv4Addr::new(172, 16, 2, 2).into(),
+            dst: Ipv4Addr::new(172, 16, 3, 2).into(),
             dst_port: o.decap.proto.default_port(),
             inner_src_mac: [2, 0, 0, 0, 0, 1],
             inner_dst_mac: [2, 0, 0, 0, 0, 2],

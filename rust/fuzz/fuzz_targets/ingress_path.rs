@@ -36,7 +36,8 @@ fn tables() -> Tables {
         generation: 1,
         node: NodeSpec {
             name: "node1".into(),
-            address: Ipv4Addr::new(172, 16, 2, 2),
+            address: Ipv4Addr::new(172, 16, 2, 2).into(),
+            address6: None,
             pod_cidrs: vec![cidr("10.244.1.0/24")],
         },
         cluster_cidrs: vec![cidr("10.244.0.0/16")],
@@ -48,7 +49,7 @@ fn tables() -> Tables {
         masquerade: MasqueradeSpec::default(),
         peers: vec![PeerSpec {
             name: "node2".into(),
-            address: PEER,
+            address: PEER.into(),
             pod_cidrs: vec![cidr("10.244.2.0/24")],
             mode: None,
             tunnel_protocol: None,
@@ -120,7 +121,8 @@ fuzz_target!(|data: &[u8]| {
             Ipv4Addr::new(172, 16, 9, 9)
         } else {
             PEER
-        };
+        }
+        .into();
         let sport = if mode & 0x20 != 0 { 61000 } else { 40000 };
         let len = dg.len();
         match datapath::ingress(t, src, sport, port, (mode >> 2) & 3, &mut dg, 0, len) {

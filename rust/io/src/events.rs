@@ -16,7 +16,7 @@
 
 use podrouter_core::classify::TunnelProto;
 use podrouter_core::classify::{DropReason, Path};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -56,7 +56,8 @@ pub struct Event {
     pub dport: u16,
     /// Bytes of the packet as seen at the drop point.
     pub len: u32,
-    /// For packets that arrived over a tunnel: the sender's underlay address and port.
+    /// For packets that arrived over a tunnel from an IPv4 underlay address: the sender's address
+    /// and port (the event ring has no room for an IPv6 one; such events carry `None`).
     pub outer: Option<(Ipv4Addr, u16)>,
     /// Unix time in nanoseconds.
     pub time_ns: u64,
@@ -95,15 +96,18 @@ impl Event {
     pub fn tunnel(
         reason: DropReason,
         proto: TunnelProto,
-        outer: (Ipv4Addr, u16),
-        node: Ipv4Addr,
+        outer: (IpAddr, u16),
+        node: IpAddr,
         port: u16,
         dg: &[u8],
     ) -> Event {
         let mut e = Event::blank(Kind::Drop, Direction::Ingress);
         e.reason = reason.index() as u16;
         e.path = Some(Path::tunnel(proto));
-        e.outer = Some(outer);
+        e.outer = match outer.0 {
+            IpAddr::V4(a) => Some((a, outer.1)),
+            IpAddr::V6(_) => None,
+        };
         e.len = dg.len().min(u32::MAX as usize) as u32;
         let inner = match proto {
             TunnelProto::Vxlan => dg.get(8 + 14..),
@@ -112,10 +116,21 @@ impl Event {
                 .and_then(|b| dg.get(8 + usize::from(b & 0x3f) * 4..)),
         };
         if !inner.is_some_and(|p| e.fill_ip(p)) {
-            e.family = 4;
             e.proto = 17;
-            e.src[..4].copy_from_slice(&outer.0.octets());
-            e.dst[..4].copy_from_slice(&node.octets());
+            match outer.0 {
+                IpAddr::V4(a) => {
+                    e.family = 4;
+                    e.src[..4].copy_from_slice(&a.octets());
+                }
+                IpAddr::V6(a) => {
+                    e.family = 6;
+                    e.src.copy_from_slice(&a.octets());
+                }
+            }
+            match node {
+                IpAddr::V4(a) => e.dst[..4].copy_from_slice(&a.octets()),
+                IpAddr::V6(a) => e.dst.copy_from_slice(&a.octets()),
+            }
             e.sport = outer.1;
             e.dport = port;
         }
@@ -450,8 +465,9 @@ mod tests {
 
     #[test]
     fn tunnel_drops_fall_back_to_outer_addresses() {
-        let peer = (Ipv4Addr::new(172, 16, 2, 1), 40000);
-        let node = Ipv4Addr::new(172, 16, 2, 2);
+        let peer4 = (Ipv4Addr::new(172, 16, 2, 1), 40000);
+        let peer = (IpAddr::V4(peer4.0), peer4.1);
+        let node = IpAddr::V4(Ipv4Addr::new(172, 16, 2, 2));
         let e = Event::tunnel(
             DropReason::Truncated,
             TunnelProto::Vxlan,
@@ -477,8 +493,21 @@ mod tests {
         );
         assert_eq!(
             (&e.src[..4], e.dport, e.outer),
-            (&[10, 244, 1, 5][..], 53, Some(peer))
+            (&[10, 244, 1, 5][..], 53, Some(peer4))
         );
+        // An IPv6 underlay: the fallback addresses are the outer IPv6 ones; no `outer` (v4 only).
+        let p6: IpAddr = "2001:db8::1".parse().unwrap();
+        let n6: IpAddr = "2001:db8::2".parse().unwrap();
+        let e = Event::tunnel(
+            DropReason::Truncated,
+            TunnelProto::Geneve,
+            (p6, 40000),
+            n6,
+            6081,
+            &[],
+        );
+        assert_eq!((e.family, e.proto, e.outer), (6, 17, None));
+        assert_eq!((IpAddr::from(e.src), IpAddr::from(e.dst)), (p6, n6));
         // garbage never panics
         for n in 0..64 {
             let junk: Vec<u8> = (0..n).map(|i| (i * 37 + 0x40) as u8).collect();

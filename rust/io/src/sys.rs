@@ -300,6 +300,8 @@ pub(crate) unsafe trait SockAddr: Copy {}
 
 // SAFETY: sockaddr_in is a C struct of integers; all-zeroes is AF_UNSPEC 0.0.0.0:0.
 unsafe impl SockAddr for libc::sockaddr_in {}
+// SAFETY: sockaddr_in6 is a C struct of integers and a byte array; all-zeroes is valid.
+unsafe impl SockAddr for libc::sockaddr_in6 {}
 // SAFETY: sockaddr_ll is a C struct of integers and a byte array; all-zeroes is valid.
 unsafe impl SockAddr for libc::sockaddr_ll {}
 

@@ -8,8 +8,12 @@
 //! sender's 64 KiB TSO skb reaches us as one read instead of ~45, which is the single biggest win
 //! for egress throughput (the same trick as wireguard-go and tailscale).
 //!
-//! The device exists while at least one queue fd is open (we never set `TUNSETPERSIST`), so a crashed
-//! daemon leaves no TUN behind.
+//! With [`TunOptions::persist`] the device is made persistent (`TUNSETPERSIST`, owner uid 0 by
+//! `TUNSETOWNER`): it outlives the daemon, so the routes into it stay and a pod's packets wait in
+//! (or are dropped by) the detached device instead of following the node's default route while the
+//! daemon restarts. A successor attaches to the same device with the same flags; `IFF_MULTI_QUEUE`
+//! must match what the device was created with (the kernel answers `EINVAL` otherwise). Without
+//! `persist` the device exists while at least one queue fd is open.
 
 use crate::sys::{self, IfReq};
 use crate::vnet::VNET_HDR_LEN;
@@ -20,6 +24,8 @@ use std::sync::Arc;
 const TUNSETIFF: libc::c_ulong = sys::iow(b'T', 202, 4);
 const TUNSETOFFLOAD: libc::c_ulong = sys::iow(b'T', 208, 4);
 const TUNSETVNETHDRSZ: libc::c_ulong = sys::iow(b'T', 216, 4);
+const TUNSETPERSIST: libc::c_ulong = sys::iow(b'T', 203, 4);
+const TUNSETOWNER: libc::c_ulong = sys::iow(b'T', 204, 4);
 
 const IFF_TUN: i16 = 0x0001;
 const IFF_NO_PI: i16 = 0x1000;
@@ -49,6 +55,8 @@ pub struct TunOptions {
     pub offload: bool,
     /// Set the device MTU (`SIOCSIFMTU`) right after creating it.
     pub mtu: Option<u32>,
+    /// Make the device persistent (`TUNSETPERSIST`, owner root): it survives the daemon.
+    pub persist: bool,
 }
 
 /// One queue of the TUN device. Reads and writes are non-blocking.
@@ -124,6 +132,12 @@ impl Tun {
             ifr.set_short(flags);
             sys::ioctl_ifreq(fd.as_raw_fd(), TUNSETIFF, &mut ifr)
                 .map_err(|e| io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")))?;
+            if opts.persist && queues.is_empty() {
+                // owner first: a persistent device nobody owns could be attached by any user
+                // with CAP_NET_ADMIN anyway, but the owner makes the intent visible (`ip tuntap`)
+                sys::ioctl_val(fd.as_raw_fd(), TUNSETOWNER, 0)?;
+                sys::ioctl_val(fd.as_raw_fd(), TUNSETPERSIST, 1)?;
+            }
             // The kernel writes back the final name (resolving `%d`); later queues attach to it.
             name = ifr.name();
             let mut sz = VNET_HDR_LEN as libc::c_int;

@@ -40,7 +40,7 @@ use podrouter_core::datapath::{self, IngressAction};
 use podrouter_core::encap::{self, EncapParams};
 use podrouter_core::nat::{self, NatConfig, NatTable};
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -79,11 +79,17 @@ pub struct EngineConfig {
     pub tun_name: String,
     /// MTU to set on the TUN when it is created (`None`: leave the kernel default).
     pub tun_mtu: Option<u32>,
+    /// Make the TUN persistent (it outlives the engine; a successor attaches to it).
+    pub tun_persist: bool,
     /// Underlay interface for native sends (0: no native path; such packets are dropped `no_route`).
     pub underlay_ifindex: u32,
     pub underlay_mac: [u8; 6],
-    /// Outer source of tunnels; the tunnel ports are bound on it.
-    pub underlay_address: Ipv4Addr,
+    /// Outer source of tunnels to peers of its family (IPv4 or IPv6); the tunnel ports are bound
+    /// on it.
+    pub underlay_address: IpAddr,
+    /// Dual-stack underlay: the IPv6 address when `underlay_address` is IPv4 (a second set of
+    /// tunnel sockets is bound on it, for IPv6 peers).
+    pub underlay_address6: Option<Ipv6Addr>,
     /// 0 disables the listener.
     pub vxlan_port: u16,
     pub geneve_port: u16,
@@ -104,9 +110,11 @@ impl Default for EngineConfig {
         EngineConfig {
             tun_name: "podr0".into(),
             tun_mtu: None,
+            tun_persist: false,
             underlay_ifindex: 0,
             underlay_mac: [0; 6],
-            underlay_address: Ipv4Addr::UNSPECIFIED,
+            underlay_address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            underlay_address6: None,
             vxlan_port: TunnelProto::Vxlan.default_port(),
             geneve_port: TunnelProto::Geneve.default_port(),
             workers: 1,
@@ -119,6 +127,15 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// The addresses tunnel sockets are bound on: `underlay_address`, then `underlay_address6`.
+    pub fn underlay_addresses(&self) -> Vec<IpAddr> {
+        let mut v = vec![self.underlay_address];
+        if let (IpAddr::V4(_), Some(a6)) = (self.underlay_address, self.underlay_address6) {
+            v.push(IpAddr::V6(a6));
+        }
+        v
+    }
+
     /// Checks values the kernel would otherwise reject later with a less helpful error; the
     /// `String` names the config key.
     pub fn validate(&self) -> Result<(), String> {
@@ -200,7 +217,7 @@ struct Running {
     wake: Arc<EventFd>,
     alive: Arc<AtomicUsize>,
     threads: Vec<JoinHandle<()>>,
-    tx_pool: Arc<[UdpSocket]>,
+    tx_pool: Arc<TxPools>,
     pkt: Option<Arc<PacketSocket>>,
     /// The NAT snapshot writer (with `Engine::set_nat_snapshot`).
     writer: Option<crate::nat_persist::Writer>,
@@ -240,6 +257,7 @@ impl Engine {
             queues: cfg.workers,
             offload: cfg.offload,
             mtu: cfg.tun_mtu,
+            persist: cfg.tun_persist,
         })?;
         let n_drops = drop_reason_names().len();
         let counters = (0..cfg.workers)
@@ -328,7 +346,19 @@ impl Engine {
         }
         self.tables.store(Some(tables));
         let cfg = &self.cfg;
-        let tx_pool: Arc<[UdpSocket]> = bind_tx_pool(cfg.underlay_address, cfg.tx_sockets)?.into();
+        let addrs = cfg.underlay_addresses();
+        let mut pools = TxPools {
+            v4: Vec::new().into(),
+            v6: Vec::new().into(),
+        };
+        for &a in &addrs {
+            let pool = bind_tx_pool(a, cfg.tx_sockets)?.into();
+            match a {
+                IpAddr::V4(_) => pools.v4 = pool,
+                IpAddr::V6(_) => pools.v6 = pool,
+            }
+        }
+        let tx_pool = Arc::new(pools);
         let pkt = if cfg.underlay_ifindex != 0 {
             Some(Arc::new(PacketSocket::open(
                 cfg.underlay_ifindex,
@@ -348,12 +378,11 @@ impl Engine {
         let mut rx_sets = Vec::with_capacity(cfg.workers);
         for _ in 0..cfg.workers {
             let mut set = Vec::new();
-            for &(port, proto) in &ports {
-                let s = UdpSocket::bind_rx(
-                    SocketAddrV4::new(cfg.underlay_address, port),
-                    cfg.workers > 1,
-                )?;
-                set.push((s, proto));
+            for &addr in &addrs {
+                for &(port, proto) in &ports {
+                    let s = UdpSocket::bind_rx(SocketAddr::new(addr, port), cfg.workers > 1)?;
+                    set.push((s, proto));
+                }
             }
             rx_sets.push(set);
         }
@@ -377,7 +406,7 @@ impl Engine {
                 }
             }
         };
-        self.offload.udp_gso = tx_pool.iter().all(UdpSocket::gso_enabled);
+        self.offload.udp_gso = tx_pool.all().all(UdpSocket::gso_enabled);
         self.offload.udp_gro = rx_sets.iter().flatten().all(|(s, _)| s.gro_enabled());
         self.offload.packet_vnet_hdr = pkt.as_ref().is_some_and(|p| p.vnet_hdr());
 
@@ -535,8 +564,8 @@ impl Drop for Engine {
     }
 }
 
-fn tx_errors(pool: &[UdpSocket], pkt: Option<&PacketSocket>) -> u64 {
-    pool.iter()
+fn tx_errors(pool: &TxPools, pkt: Option<&PacketSocket>) -> u64 {
+    pool.all()
         .map(|s| s.tx_errors.load(Ordering::Relaxed))
         .sum::<u64>()
         + pkt.map_or(0, |p| p.tx_errors.load(Ordering::Relaxed))
@@ -555,7 +584,7 @@ impl Drop for AliveGuard {
 /// podrouter's default masquerade range (61000-65535), which peers refuse as a tunnel source
 /// (`tunnel_source_port`). Ports in use are skipped; the start is spread by pid so two daemons
 /// rarely probe the same ports.
-fn bind_tx_pool(addr: Ipv4Addr, n: usize) -> io::Result<Vec<UdpSocket>> {
+fn bind_tx_pool(addr: IpAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
     const LO: u32 = encap::SOURCE_PORT_MIN as u32;
     const SPAN: u32 = encap::SOURCE_PORT_MAX as u32 + 1 - LO;
     let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
@@ -566,7 +595,7 @@ fn bind_tx_pool(addr: Ipv4Addr, n: usize) -> io::Result<Vec<UdpSocket>> {
             break;
         }
         let port = (LO + (start + k * 97) % SPAN) as u16;
-        match UdpSocket::bind_tx(SocketAddrV4::new(addr, port)) {
+        match UdpSocket::bind_tx(SocketAddr::new(addr, port)) {
             Ok(s) => out.push(s),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => last_err = Some(e),
             Err(e) => {
@@ -590,13 +619,38 @@ enum Buf {
     Seg(usize),
 }
 
+/// The tunnel send sockets, one pool per underlay family this node has an address in (an empty
+/// pool: no address of that family).
+#[derive(Debug)]
+pub(crate) struct TxPools {
+    v4: Arc<[UdpSocket]>,
+    v6: Arc<[UdpSocket]>,
+}
+
+impl TxPools {
+    fn all(&self) -> impl Iterator<Item = &UdpSocket> {
+        self.v4.iter().chain(self.v6.iter())
+    }
+
+    /// The pool for outer packets to `dst`'s family.
+    fn for_dst(&self, v6: bool) -> &[UdpSocket] {
+        if v6 {
+            &self.v6
+        } else {
+            &self.v4
+        }
+    }
+}
+
 #[derive(Clone)]
 struct UdpOut {
+    /// Index into the pool of `dst`'s family.
     sock: usize,
     buf: Buf,
     range: Range<usize>,
-    dst: SocketAddrV4,
+    dst: SocketAddr,
     tos: u8,
+    flow_label: u32,
     segment: u16,
     path: Path,
     pkts: u64,
@@ -624,7 +678,7 @@ struct Slot {
 struct Worker {
     tun: Arc<TunQueue>,
     rx: Vec<(UdpSocket, TunnelProto)>,
-    tx: Arc<[UdpSocket]>,
+    tx: Arc<TxPools>,
     pkt: Option<Arc<PacketSocket>>,
     /// Masquerade replies (worker 0 only), as opened at start; `run` owns it from then on.
     masq: Option<PacketSocket>,
@@ -970,13 +1024,26 @@ impl Worker {
         let inner = &slot.buf[HEADROOM..HEADROOM + slot.len];
         // The outer source port is the bound port of the pool socket, picked by the inner flow hash
         // (the same hash encap::udp_source_port uses), so one flow always leaves from one port.
-        let sock = encap::flow_hash(inner) as usize % self.tx.len();
+        // The pool is the one of the peer's address family (none: this node has no underlay
+        // address of that family, which the tables refuse to build, so only a race gets here).
+        let v6 = params.dst.is_ipv6();
+        let pool = self.tx.for_dst(v6);
+        if pool.is_empty() {
+            return Err(DropReason::NoRoute);
+        }
+        let hash = encap::flow_hash(inner);
+        let sock = hash as usize % pool.len();
         let out = UdpOut {
             sock,
             buf: Buf::Tun(k),
             range: 0..0,
-            dst: SocketAddrV4::new(params.dst, params.dst_port),
+            dst: SocketAddr::new(params.dst, params.dst_port),
             tos: encap::outer_tos(inner),
+            flow_label: if v6 {
+                encap::outer_flow_label(inner)
+            } else {
+                0
+            },
             segment: 0,
             path: Path::tunnel(params.proto),
             pkts: 1,
@@ -1187,19 +1254,22 @@ impl Worker {
         };
         if !st.udp_out.is_empty() {
             // One sendmmsg per send socket; stable sort keeps each flow's order.
-            st.udp_out.sort_by_key(|o| o.sock);
+            st.udp_out.sort_by_key(|o| (o.dst.is_ipv6(), o.sock));
             let mut msgs: Vec<TxMsg<'_>> = Vec::with_capacity(st.udp_out.len());
             let mut i = 0;
             while i < st.udp_out.len() {
-                let sock = st.udp_out[i].sock;
+                let key = (st.udp_out[i].dst.is_ipv6(), st.udp_out[i].sock);
                 msgs.clear();
                 let mut j = i;
-                while j < st.udp_out.len() && st.udp_out[j].sock == sock {
+                while j < st.udp_out.len()
+                    && (st.udp_out[j].dst.is_ipv6(), st.udp_out[j].sock) == key
+                {
                     let o = &st.udp_out[j];
                     msgs.push(TxMsg {
                         data: &bytes_of(o.buf)[o.range.clone()],
                         dst: o.dst,
                         tos: o.tos,
+                        flow_label: o.flow_label,
                         segment: o.segment,
                     });
                     if o.segment > 0 {
@@ -1209,7 +1279,7 @@ impl Worker {
                     j += 1;
                 }
                 c.stat(Stat::UdpTxCalls, 1);
-                self.tx[sock].send(&mut st.send, &msgs);
+                self.tx.for_dst(key.0)[key.1].send(&mut st.send, &msgs);
                 i = j;
             }
         }
@@ -1271,8 +1341,8 @@ impl Worker {
             if meta.truncated {
                 c.drop_packets(DropReason::Truncated.index(), 1);
                 if self.events.enabled() {
-                    let outer = (*meta.src.ip(), meta.src.port());
-                    let node = tables.node_address();
+                    let outer = (meta.src.ip(), meta.src.port());
+                    let node = sock.local_addr().ip();
                     let e =
                         Event::tunnel(DropReason::Truncated, tunnel_proto, outer, node, port, &[]);
                     self.events.push(e);
@@ -1291,7 +1361,7 @@ impl Worker {
                 if tunnel_proto == TunnelProto::Geneve {
                     count_geneve_options(c, dg);
                 }
-                let (src, sport) = (*meta.src.ip(), meta.src.port());
+                let (src, sport) = (meta.src.ip(), meta.src.port());
                 match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, dg, 0, len) {
                     IngressAction::Deliver { range, path, .. } => {
                         c.count(path, Dir::Ingress, 1, range.len() as u64);
@@ -1299,7 +1369,10 @@ impl Worker {
                             let mut e =
                                 Event::ip(Kind::Flow, Direction::Ingress, &dg[range.clone()]);
                             e.path = Some(path);
-                            e.outer = Some((*meta.src.ip(), meta.src.port()));
+                            e.outer = match meta.src {
+                                SocketAddr::V4(a) => Some((*a.ip(), a.port())),
+                                SocketAddr::V6(_) => None,
+                            };
                             self.events.push(e);
                         }
                         match gro {
@@ -1310,8 +1383,8 @@ impl Worker {
                     IngressAction::Drop(r) => {
                         c.drop_packets(r.index(), 1);
                         if self.events.enabled() {
-                            let outer = (*meta.src.ip(), meta.src.port());
-                            let node = tables.node_address();
+                            let outer = (meta.src.ip(), meta.src.port());
+                            let node = sock.local_addr().ip();
                             self.events
                                 .push(Event::tunnel(r, tunnel_proto, outer, node, port, dg));
                         }

@@ -5,7 +5,7 @@
 //! can take time (starting or stopping workers, compiling tables) release the GIL; worker threads
 //! never touch Python.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -141,10 +141,20 @@ impl<'py> Reader<'py> {
         }
     }
 
-    fn ipv4(&self, key: &str) -> PyResult<Ipv4Addr> {
+    fn ip(&self, key: &str) -> PyResult<IpAddr> {
         let s = self.str_(key)?;
         s.parse()
-            .map_err(|_| bad(&self.key(key), format!("'{s}' is not an IPv4 address")))
+            .map_err(|_| bad(&self.key(key), format!("'{s}' is not an IP address")))
+    }
+
+    fn opt_ipv6(&self, key: &str) -> PyResult<Option<Ipv6Addr>> {
+        match self.opt_str(key)? {
+            None => Ok(None),
+            Some(s) => s
+                .parse()
+                .map(Some)
+                .map_err(|_| bad(&self.key(key), format!("'{s}' is not an IPv6 address"))),
+        }
     }
 
     fn list(&self, key: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
@@ -254,10 +264,11 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
         "peers",
     ])?;
     let node = r.child("node")?.ok_or_else(|| bad("node", "missing"))?;
-    node.only(&["name", "address", "pod_cidrs"])?;
+    node.only(&["name", "address", "address6", "pod_cidrs"])?;
     let node = NodeSpec {
         name: node.str_("name")?,
-        address: node.ipv4("address")?,
+        address: node.ip("address")?,
+        address6: node.opt_ipv6("address6")?,
         pod_cidrs: node.cidrs("pod_cidrs")?,
     };
     let mut tunnel = TunnelSpec::default();
@@ -311,7 +322,7 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
             };
         peers.push(PeerSpec {
             name: p.str_("name")?,
-            address: p.ipv4("address")?,
+            address: p.ip("address")?,
             pod_cidrs: p.cidrs("pod_cidrs")?,
             mode: mode(&p, "mode")?,
             tunnel_protocol: proto(&p, "tunnel_protocol")?,
@@ -428,7 +439,8 @@ impl Tables {
         self.inner.node_name()
     }
 
-    /// This node's VTEP MAC ("02:70:<underlay IPv4>"): the inner Ethernet source of its VXLAN
+    /// This node's VTEP MAC ("02:70:<underlay IPv4>", "02:76:<last 4 bytes of the IPv6
+    /// underlay address>"): the inner Ethernet source of its VXLAN
     /// frames, what a Flannel-style kernel peer's neighbour and FDB entries must point at.
     #[getter]
     fn vtep_mac(&self) -> String {
@@ -460,9 +472,9 @@ impl Tables {
         payload: &[u8],
         outer_tos: u8,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let outer: Ipv4Addr = outer_src
+        let outer: IpAddr = outer_src
             .parse()
-            .map_err(|_| bad("outer_src", format!("'{outer_src}' is not an IPv4 address")))?;
+            .map_err(|_| bad("outer_src", format!("'{outer_src}' is not an IP address")))?;
         let t = &self.inner;
         let Some(proto) = t.tunnel().proto_for_port(udp_port) else {
             return drop_dict(py, DropReason::Unsupported);
@@ -508,9 +520,11 @@ fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
     r.only(&[
         "tun_name",
         "tun_mtu",
+        "tun_persist",
         "underlay_ifindex",
         "underlay_mac",
         "underlay_address",
+        "underlay_address6",
         "vxlan_port",
         "geneve_port",
         "workers",
@@ -531,9 +545,11 @@ fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
             None => None,
             Some(v) => Some(r.int("tun_mtu", &v)?),
         },
+        tun_persist: r.bool_or("tun_persist", d.tun_persist)?,
         underlay_ifindex: r.int_or("underlay_ifindex", 0u32)?,
         underlay_mac,
-        underlay_address: r.ipv4("underlay_address")?,
+        underlay_address: r.ip("underlay_address")?,
+        underlay_address6: r.opt_ipv6("underlay_address6")?,
         vxlan_port: r.int_or("vxlan_port", d.vxlan_port)?,
         geneve_port: r.int_or("geneve_port", d.geneve_port)?,
         workers: r.int_or("workers", d.workers)?,

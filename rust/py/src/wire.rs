@@ -5,7 +5,7 @@
 //! panics: malformed packets come back as a `reason` (the same snake_case strings as the
 //! `podrouter_drops_total{reason}` label) or a `ValueError` whose message is that reason.
 
-use core::net::{IpAddr, Ipv4Addr};
+use core::net::IpAddr;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -51,12 +51,12 @@ fn required<'py>(params: &Bound<'py, PyDict>, key: &str) -> PyResult<Bound<'py, 
         .ok_or_else(|| PyValueError::new_err(format!("params: missing key {key:?}")))
 }
 
-fn ipv4_param(params: &Bound<'_, PyDict>, key: &str) -> PyResult<Ipv4Addr> {
+fn ip_param(params: &Bound<'_, PyDict>, key: &str) -> PyResult<IpAddr> {
     let s: String = required(params, key)?
         .extract()
         .map_err(|_| PyTypeError::new_err(format!("{key}: must be a str")))?;
     s.parse()
-        .map_err(|_| PyValueError::new_err(format!("{key}: {s:?} is not an IPv4 address")))
+        .map_err(|_| PyValueError::new_err(format!("{key}: {s:?} is not an IP address")))
 }
 
 fn mac_param(params: &Bound<'_, PyDict>, key: &str, default: [u8; 6]) -> PyResult<[u8; 6]> {
@@ -101,8 +101,8 @@ fn encap_params(params: &Bound<'_, PyDict>) -> PyResult<EncapParams> {
     Ok(EncapParams {
         proto,
         vni,
-        src: ipv4_param(params, "src")?,
-        dst: ipv4_param(params, "dst")?,
+        src: ip_param(params, "src")?,
+        dst: ip_param(params, "dst")?,
         dst_port,
         inner_src_mac: mac_param(params, "inner_src_mac", DEFAULT_INNER_SRC_MAC)?,
         inner_dst_mac: mac_param(params, "inner_dst_mac", DEFAULT_INNER_DST_MAC)?,
@@ -122,9 +122,10 @@ fn encap_params(params: &Bound<'_, PyDict>) -> PyResult<EncapParams> {
     })
 }
 
-/// Encapsulate an inner IPv4/IPv6 packet and return the complete outer IPv4 packet.
+/// Encapsulate an inner IPv4/IPv6 packet and return the complete outer IPv4 or IPv6 packet.
 ///
-/// `params`: `protocol` ('vxlan' | 'geneve'), `vni`, `src`, `dst` (outer IPv4 addresses), optional
+/// `params`: `protocol` ('vxlan' | 'geneve'), `vni`, `src`, `dst` (outer addresses, both IPv4 or
+/// both IPv6), optional
 /// `dst_port` (default 4789 / 6081), `inner_src_mac` / `inner_dst_mac` (the inner Ethernet header
 /// of VXLAN and Geneve-with-Ethernet), `geneve_payload` ('ethernet' default | 'ip').
 /// Raises `ValueError` for bad parameters or an inner packet that is not IP.
@@ -135,7 +136,7 @@ fn encapsulate<'py>(
     params: &Bound<'py, PyDict>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let p = encap_params(params)?;
-    let start = p.proto.overhead();
+    let start = p.overhead();
     let mut buf = vec![0u8; start + inner.len()];
     buf[start..].copy_from_slice(inner);
     let r = encap::encap_full(&mut buf, start, inner.len(), &p)

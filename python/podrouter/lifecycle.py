@@ -1,0 +1,151 @@
+"""The stop contract: how a daemon hands the node's forwarding state to its successor
+(docs/operations.md, "Stopping, restarting, cleaning up").
+
+* **stop** (SIGTERM / SIGINT, `release`): the daemon's threads, sockets and workers stop, but what
+  forwards pod traffic stays in the kernel: the persistent TUN (so every route into it stays), the
+  routes, rules and sysctls, the nftables tables (pod egress guard, leak guard, masquerade reply
+  guard), tc shaping, the etcd registration (its lease runs out its TTL) and the BGP announcements
+  (graceful restart when configured). The state file stays too, with pid 0 ("stopped, nothing
+  running"). While no daemon runs, a pod's packet for another node or the outside goes into the
+  detached TUN and is dropped there (the kernel drops what it cannot queue to a reader); the leak
+  guard drops any that the kernel would forward elsewhere.
+* **adopt** (`podrouter run` finding a state file of a predecessor that is gone): the successor takes
+  the record over (the sysctls' original values, routes, rules, pod addresses, registered pods),
+  reattaches the TUN by name and lets the ordinary reconcile change only the difference: routes and
+  rules are compared with the kernel and replaced only where they differ, so a pod route that is
+  still wanted is never deleted (no flap). What the config no longer wants (a peer removed between
+  runs) is deleted by the same reconcile.
+* **cleanup** (`podrouter cleanup --config FILE`, and a start that fails without a predecessor): the
+  full removal, TUN included.
+
+A SIGKILLed daemon leaves the same state as a stopped one (only its pid in the record is stale);
+the successor adopts it in the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from podrouter import state as statefile
+
+if TYPE_CHECKING:
+    from podrouter.config import Config, PodConfig
+
+log = logging.getLogger("podrouter")
+
+
+def adopt(plumbing: Any, recorded: statefile.State) -> None:
+    """Take a predecessor's record over in `plumbing` (a fresh Plumbing of this daemon): the
+    original values of the sysctls it changed (so a stop-and-cleanup later restores the node's, not
+    the predecessor's), its routes and rules (so the first reconcile deletes only the ones no longer
+    wanted), its IPv6 pod gateway addresses and its masquerade guard flag."""
+    from podrouter.netlink.plumbing import RouteSpec, RuleSpec
+
+    st = plumbing.state
+    st.sysctls = dict(recorded.sysctls)
+    st.gateways6 = dict(recorded.gateways6)
+    st.nft_guard = recorded.nft_guard
+    with plumbing.lock:
+        for raw in recorded.routes:
+            spec = RouteSpec(**raw)
+            plumbing.routes[spec.key] = spec
+        plumbing.rules = {RuleSpec(**raw) for raw in recorded.rules}
+    plumbing.save()
+
+
+def recorded_api_pods(
+    recorded: statefile.State, cfg: Config
+) -> list[tuple[PodConfig, dict[str, str] | None]]:
+    """The pods a predecessor had registered through the API (the CNI plugin), validated again like
+    an API request (the record is untrusted input): they keep their routes across the restart.
+    Pods of the config are registered from the config; a recorded one that no longer validates is
+    logged and dropped (its route goes with the first reconcile)."""
+    from podrouter import config as configmod
+
+    out: list[tuple[PodConfig, dict[str, str] | None]] = []
+    names = {p.name for p in cfg.pods}
+    for name, rec in recorded.pods.items():
+        if rec.get("source") != "api" or name in names:
+            continue
+        raw = {k: v for k, v in rec.items() if k not in ("source", "cni")}
+        raw.setdefault("name", name)
+        pod, problems, _ = configmod.pod_from_dict(raw, cfg.node.pod_cidrs)
+        if pod is None:
+            log.warning("recorded pod %s not taken over: %s", name, "; ".join(problems))
+            continue
+        cni = rec.get("cni")
+        out.append((pod, dict(cni) if isinstance(cni, dict) else None))
+    return out
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc: imports included), 0.0 if unknown."""
+    import os
+
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            # the command name may hold spaces and parentheses: fields count from the last ')'
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def mark_stopped(plumbing: Any) -> None:
+    """The record stays for a successor; pid 0 says no daemon runs (a reused pid cannot be
+    mistaken for a live predecessor)."""
+    plumbing.state.pid = 0
+    plumbing.save()
+
+
+def tun_kind(ipr: Any, name: str) -> str | None:
+    """The link kind of interface `name` ("tun" for podrouter's), None if it does not exist."""
+    links = ipr.get_links(ifname=name) if ipr.link_lookup(ifname=name) else []
+    if not links:
+        return None
+    info = links[0].get_attr("IFLA_LINKINFO")
+    kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+    return str(kind) if kind else "unknown"
+
+
+def remove_tun(ipr: Any, name: str) -> bool:
+    """Delete the persistent TUN `name` (only a TUN: another kind of link with that name is not
+    ours). True if one was deleted."""
+    if tun_kind(ipr, name) != "tun":
+        return False
+    idx = ipr.link_lookup(ifname=name)
+    if not idx:
+        return False
+    ipr.link("del", index=idx[0])
+    return True
+
+
+def deregister_etcd(cfg: Config) -> list[str]:
+    """`podrouter cleanup` with etcd discovery: delete this node's key now (a stopped daemon left it
+    to its lease's TTL), so every peer drops the node at once."""
+    from podrouter.discovery.etcd import EtcdClient, _b64
+
+    key = cfg.discovery.etcd.prefix + "/nodes/" + cfg.node.name
+    try:
+        reply = EtcdClient(cfg.discovery.etcd).call("/v3/kv/deleterange", {"key": _b64(key)}, timeout=3.0)
+    except Exception as e:  # noqa: BLE001 - cleanup goes on; the lease runs out anyway
+        return [f"etcd: could not delete {key} (it expires with its lease): {e}"]
+    try:
+        deleted = int(reply.get("deleted", 0) or 0)
+    except (TypeError, ValueError):
+        deleted = 0
+    return [f"removed etcd key {key}"] if deleted else []
+
+
+__all__ = [
+    "adopt",
+    "deregister_etcd",
+    "mark_stopped",
+    "process_age",
+    "recorded_api_pods",
+    "remove_tun",
+    "tun_kind",
+]
