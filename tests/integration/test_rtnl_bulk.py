@@ -37,7 +37,7 @@ with Rtnl() as nl:
 node = NodeConfig(name="n", address=ipaddress.IPv4Address("172.16.2.2"), interface="eth0", pod_cidrs=())
 u = resolve_underlay(ipr, node)
 peers = [ipaddress.IPv4Address(a) for a in ("172.16.2.7", "172.30.1.1", "172.31.0.5", "192.0.2.1")]
-bulk = next_hops_for(u, peers)
+bulk = next_hops_for(ipr, u, peers)
 out["hops"] = {str(p): [str(bulk[p]), str(next_hop_for(ipr, u, p))] for p in peers}
 print(json.dumps(out))
 """
