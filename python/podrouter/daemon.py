@@ -20,6 +20,7 @@ link changes, discovery updates, pod registrations and SIGHUP all end in it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -200,6 +201,10 @@ def plan_routes(
     return out
 
 
+def _ms_since(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
 def has_ipv6(cfg: Config) -> bool:
     """Dual stack: any IPv6 pod CIDR (this node's or the cluster's)."""
     return any(n.version == 6 for n in (*cfg.node.pod_cidrs, *cfg.cluster_cidrs))
@@ -247,23 +252,34 @@ def build_spec(
             "non_masquerade_cidrs": nets(cfg.masquerade.non_masquerade_cidrs),
             "port_range": list(cfg.masquerade.port_range),
         },
-        "peers": [
-            {
-                "name": v.peer.name,
-                "address": str(v.peer.address),
-                "pod_cidrs": nets(v.peer.pod_cidrs),
-                "mode": v.peer.mode,
-                "tunnel_protocol": v.peer.tunnel_protocol,
-                "on_link": v.on_link,
-                "next_hop": (
-                    {"ip": str(v.next_hop), "mac": v.next_hop_mac} if v.next_hop is not None else None
-                ),
-                "vtep_mac": v.peer.vtep_mac,
-                "geneve_payload": v.peer.geneve_payload,
-            }
-            for v in peers
-        ],
+        "peers": [_peer_spec(v) for v in peers],
     }
+
+
+def _peer_spec(v: PeerView) -> dict[str, Any]:
+    address, cidrs, next_hop = _peer_strings(v)
+    return {
+        "name": v.peer.name,
+        "address": address,
+        "pod_cidrs": list(cidrs),
+        "mode": v.peer.mode,
+        "tunnel_protocol": v.peer.tunnel_protocol,
+        "on_link": v.on_link,
+        "next_hop": ({"ip": next_hop, "mac": v.next_hop_mac} if next_hop is not None else None),
+        "vtep_mac": v.peer.vtep_mac,
+        "geneve_payload": v.peer.geneve_payload,
+    }
+
+
+@functools.lru_cache(maxsize=16384)
+def _peer_strings(v: PeerView) -> tuple[str, tuple[str, ...], str | None]:
+    # cached (a view is immutable): with thousands of peers, formatting their addresses was most of
+    # a rebuild's time. Only strings are cached: every spec gets dicts of its own to change.
+    return (
+        str(v.peer.address),
+        tuple(str(x) for x in v.peer.pod_cidrs),
+        str(v.next_hop) if v.next_hop is not None else None,
+    )
 
 
 def mesh_space(cfg: Config) -> list[IPNetwork]:
@@ -339,6 +355,42 @@ class PodEntry:
     cni: dict[str, str] | None = None
 
 
+class _PeerIndex:
+    """The peers accepted so far in one refresh, indexed so that checking the next one costs
+    O(log n) instead of a scan of every accepted peer (thousands with etcd discovery)."""
+
+    def __init__(self, cfg: Config) -> None:
+        from podrouter.discovery.base import NetIndex
+
+        self.own = NetIndex()
+        for net in cfg.node.pod_cidrs:
+            self.own.add(net, "this node")
+        self.nets = NetIndex()
+        self.names: set[str] = set()
+        self.addresses: dict[Any, str] = {}
+
+    def conflict(self, peer: PeerConfig) -> str | None:
+        for net in peer.pod_cidrs:
+            hit = self.own.find(net)
+            if hit is not None:
+                return f"pod CIDR {net} overlaps this node's {hit[1]}"
+        if peer.name in self.names:
+            return "duplicate name"
+        if peer.address in self.addresses:
+            return f"address {peer.address} is also peer {self.addresses[peer.address]}'s"
+        for net in peer.pod_cidrs:
+            hit = self.nets.find(net)
+            if hit is not None:
+                return f"pod CIDR {net} overlaps peer {hit[0]}'s {hit[1]}"
+        return None
+
+    def add(self, peer: PeerConfig) -> None:
+        self.names.add(peer.name)
+        self.addresses[peer.address] = peer.name
+        for net in peer.pod_cidrs:
+            self.nets.add(net, peer.name)
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -355,6 +407,8 @@ class Daemon:
         self._nat_exhausted_logged = 0
         self._nat_log_at = -NAT_LOG_INTERVAL
         self._spec_key: Any = None
+        # how long the last reconcile's steps took (status "timings"; docs/benchmarks.md, scale)
+        self.timings: dict[str, Any] = {}
         self._pod_guard_key: Any = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -793,8 +847,11 @@ class Daemon:
                     reasons |= self._dirty
                     self._dirty = set()
                     try:
+                        t0 = time.perf_counter()
                         self._refresh_peers(wait=False)
+                        self.timings["last_refresh_peers_ms"] = _ms_since(t0)
                         self._reconcile_locked(", ".join(sorted(reasons)))
+                        self.timings["last_reconcile_ms"] = _ms_since(t0)
                     except Exception:  # noqa: BLE001 - the running tables stay; the next event retries
                         log.exception(
                             "reconcile failed (%s); the datapath keeps its current tables",
@@ -994,7 +1051,7 @@ class Daemon:
     # ------------------------------------------------------------------------------- reconcile
 
     def _refresh_peers(self, wait: bool) -> None:
-        from podrouter.netlink.underlay import next_hop_for
+        from podrouter.netlink.underlay import next_hops_for
 
         u = self.underlay
         wanted: dict[
@@ -1002,16 +1059,22 @@ class Daemon:
         ] = {}
         sources: dict[str, str] = getattr(self.discovery, "sources", dict)()
         rejected: dict[str, str] = {}
-        for peer in self.discovery.peers():
+        taken = _PeerIndex(self.cfg)
+        all_peers = self.discovery.peers()
+        # the kernel's next hop of every peer, asked in bulk (thousands of peers with etcd)
+        next_hops = next_hops_for(self.ipr, u, [p.address for p in all_peers])
+        for peer in all_peers:
             if peer.address in u.addresses() or peer.name == self.cfg.node.name:
                 continue  # ourselves, as seen by discovery
             # the tables refuse overlapping pod CIDRs; a discovery source that slipped one through
             # must cost that peer, not the whole update (static peers come first and win)
-            why = self._peer_conflict(peer, [w[0] for w in wanted.values()])
+            why = configmod.peer_family_problem(peer.address, u.address, u.address6)
+            why = f"address {peer.address} {why}" if why is not None else taken.conflict(peer)
             if why:
                 rejected[peer.name] = why
                 continue
-            nh = next_hop_for(self.ipr, u, peer.address)
+            taken.add(peer)
+            nh = next_hops[peer.address]
             wanted[peer.name] = (peer, u.on_link(peer.address), nh, sources.get(peer.name, "static"))
         for name, why in rejected.items():
             if self.peer_rejects.get(name) != why:
@@ -1033,25 +1096,6 @@ class Daemon:
             PeerView(peer, on_link, nh, macs.get(nh) if nh is not None else None, src)
             for (peer, on_link, nh, src) in sorted(wanted.values(), key=lambda w: w[0].name)
         ]
-
-    def _peer_conflict(self, peer: PeerConfig, accepted: list[PeerConfig]) -> str | None:
-        u = self.underlay
-        why = configmod.peer_family_problem(peer.address, u.address, u.address6)
-        if why is not None:
-            return f"address {peer.address} {why}"
-        for net in peer.pod_cidrs:
-            for own in self.cfg.node.pod_cidrs:
-                if net.version == own.version and net.overlaps(own):  # type: ignore[arg-type]
-                    return f"pod CIDR {net} overlaps this node's {own}"
-            for other in accepted:
-                if other.name == peer.name:
-                    return "duplicate name"
-                if other.address == peer.address:
-                    return f"address {peer.address} is also peer {other.name}'s"
-                for o in other.pod_cidrs:
-                    if net.version == o.version and net.overlaps(o):  # type: ignore[arg-type]
-                        return f"pod CIDR {net} overlaps peer {other.name}'s {o}"
-        return None
 
     def _gateway(self) -> dict[str, Any] | None:
         u = self.underlay
@@ -1124,6 +1168,7 @@ class Daemon:
         )
         # the guard learns a pod's addresses before its route makes the pod reachable
         self._sync_pod_guard()
+        t0 = time.perf_counter()
         desired = self._desired_routes()
         if self._adopt_keep:
             if self._discovery_synced() or time.monotonic() > self._adopt_keep_until:
@@ -1132,25 +1177,41 @@ class Daemon:
             else:
                 desired = {**self._adopt_keep, **desired}
         self.route_errors = self.plumbing.sync_routes(desired)
+        self.timings["last_routes_ms"] = _ms_since(t0)
+        self.timings["last_routes_changed"] = self.plumbing.last_changes
         self.plumbing.sync_rules(self._desired_rules())
         for err in self.route_errors:
             log.warning("%s", err)
         gateway = self._gateway()
+        t0 = time.perf_counter()
         a6 = str(self.underlay.address6) if self.underlay.address6 is not None else None
-        key = repr(build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views, a6))
+        spec = build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views, a6)
+        # the peers' part of the spec is a function of the (immutable) views: compare those instead
+        # of formatting thousands of peer entries
+        key = (repr({k: v for k, v in spec.items() if k != "peers"}), tuple(self.peer_views))
         if key == self._spec_key:
             return
-        spec = build_spec(cfg, self.generation + 1, str(self.underlay.address), gateway, self.peer_views, a6)
+        spec["generation"] = self.generation + 1
         native = _load_native()
         tables = native.Tables(spec)
+        t1 = time.perf_counter()
         if self.tables is None:
             self.datapath.start(tables)
         else:
             self.datapath.swap_tables(tables)
+        self.timings["last_compile_ms"] = round((t1 - t0) * 1000, 3)
+        self.timings["last_swap_ms"] = _ms_since(t1)
         self.tables = tables
         self.generation += 1
         self._spec_key = key
-        log.info("tables generation %d installed (%s)", self.generation, reason)
+        log.info(
+            "tables generation %d installed (%s): %d peers, compiled in %.1f ms, swapped in %.2f ms",
+            self.generation,
+            reason,
+            len(self.peer_views),
+            self.timings["last_compile_ms"],
+            self.timings["last_swap_ms"],
+        )
 
     # ------------------------------------------------------------------------------------- SIGHUP
 
@@ -1487,9 +1548,13 @@ class Daemon:
                 {"dst": str(r.dst), "path": r.path, "dev": r.dev, "mtu": r.mtu, "peer": r.peer}
                 for r in self.route_plan
             ]
+            peer_paths: dict[str | None, set[str]] = {}
+            for r in self.route_plan:
+                if r.path != "pod":
+                    peer_paths.setdefault(r.peer, set()).add(r.path)
             peers = []
             for v in self.peer_views:
-                paths = sorted({r.path for r in self.route_plan if r.peer == v.peer.name and r.path != "pod"})
+                paths = sorted(peer_paths.get(v.peer.name, ()))
                 peers.append(
                     {
                         "name": v.peer.name,
@@ -1546,6 +1611,7 @@ class Daemon:
                 "bgp": self._bgp_status(),
                 "clustermesh": getattr(self.discovery, "mesh_status", dict)(),
                 "counters": self._counters(),
+                "timings": dict(self.timings),
             }
 
     # ------------------------------------------------------------------------------------ BGP

@@ -23,7 +23,7 @@ import os
 import re
 import stat
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,10 @@ class State:
     format: int = FORMAT
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        # shallow (every field is plain JSON already) and one key per line at the top only: asdict()'s
+        # deep copy and an indented dump (pure Python) took seconds with thousands of routes
+        top = {f.name: getattr(self, f.name) for f in fields(self)}
+        return "{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(top[k])}" for k in sorted(top)) + "\n}\n"
 
     @classmethod
     def from_dict(cls, data: Any) -> State:

@@ -23,14 +23,14 @@ def _namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(480)
 def test_bench_quick_measures_every_mode(tmp_path: Path) -> None:
     before = _namespaces()
     proc = subprocess.run(
         [*podrouter_argv(), "bench", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=460,
         check=False,
     )
     assert proc.returncode == 0, (
@@ -73,8 +73,21 @@ def test_bench_quick_measures_every_mode(tmp_path: Path) -> None:
     shaping = result["shaping"]
     assert shaping["available"] is True or shaping["reason"]
 
+    # the control-plane scale leg at its quick size: simulated nodes in a real etcd, one daemon
+    sc = result["scale"]
+    assert sc["errors"] == [], sc["errors"]
+    assert [s["nodes"] for s in sc["steps"]] == [100, 200]
+    for s in sc["steps"]:
+        assert s["serve_ms"] > 0 and s["compile_ms"] > 0 and s["swap_ms"] >= 0, s
+        assert s["routes_changed"] == 100 and s["routes_per_s"] > 0 and s["rss_mb"] > 0, s
+    assert sc["churn"]["swaps"] == 3
+    assert sc["stream"]["sent"] > 0 and sc["stream"]["lost"] == 0, sc["stream"]
+    assert "Control-plane scale" in proc.stdout
+    assert (tmp_path / "scale.png").stat().st_size > 10_000
+
     assert (tmp_path / "modes.png").stat().st_size > 10_000
-    assert not {n for n in _namespaces() - before if n.startswith(("prbn", "prbm"))}, "namespaces left behind"
+    left = {n for n in _namespaces() - before if n.startswith(("prbn", "prbm", "prbs"))}
+    assert not left, f"namespaces left behind: {left}"
 
 
 def test_bench_rejects_unknown_part(tmp_path: Path) -> None:

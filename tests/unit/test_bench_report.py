@@ -54,13 +54,15 @@ def test_path_counters_and_delta() -> None:
 
 def test_select_parts() -> None:
     setups, sections = _select(None, micro=False)
-    assert [s.name for s in setups] == list(SETUP_NAMES) and sections == {"masquerade", "shaping"}
+    assert [s.name for s in setups] == list(SETUP_NAMES) and sections == {"masquerade", "shaping", "scale"}
     setups, sections = _select(["native,kernel-routing", "masquerade"], micro=True)
     assert [s.name for s in setups] == ["kernel-routing", "native"] and sections == {"masquerade", "micro"}
     setups, _ = _select("hybrid-tunnel", micro=False)
     assert [s.name for s in setups] == ["hybrid"]
     setups, sections = _select("micro", micro=False)
     assert setups == [] and sections == {"micro"}
+    setups, sections = _select("scale", micro=False)
+    assert setups == [] and sections == {"scale"}
     with pytest.raises(ValueError, match="warp"):
         _select("warp", micro=False)
 
@@ -136,6 +138,49 @@ def test_tables_and_plots(tmp_path: Path) -> None:
     written = report.plots(r, tmp_path)
     assert [p.name for p in written] == ["modes.png", "masquerade.png"]
     assert all(p.stat().st_size > 5000 and p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_scale_table_and_plot(tmp_path: Path) -> None:
+    from podrouter.bench import scale
+
+    step = {
+        "nodes": 1000,
+        "serve_ms": 900.0,
+        "compile_ms": 12.5,
+        "swap_ms": 0.05,
+        "routes_changed": 1000,
+        "routes_ms": 80.0,
+        "routes_per_s": 12500,
+        "refresh_peers_ms": 40.0,
+        "rss_mb": 60.1,
+    }
+    res = {
+        "steps": [step, {**step, "nodes": 2000, "rss_mb": 70.2}],
+        "churn": {"swaps": 2, "serve_ms": [500.0, 600.0], "compile_ms": [20.0, 21.0], "swap_ms": [0.1, 0.2]},
+        "stream": {"pair": "pod1->pod2", "sent": 10, "received": 10, "lost": 0},
+        "stream_pps": 2000,
+        "errors": [],
+    }
+    text = scale.table(res)
+    assert "12500" in text and "70.2" in text and "0 lost" in text and "2 swaps" in text
+    png = scale.plot(res, tmp_path)
+    assert png is not None and png.stat().st_size > 10_000
+    assert scale.plot({"steps": []}, tmp_path) is None
+
+
+def test_scale_sim_nodes_are_distinct_and_outside_the_reference() -> None:
+    import ipaddress
+
+    from podrouter.bench import scale
+
+    nodes = [scale.sim_node(i) for i in range(5000)]
+    assert len({n[1] for n in nodes}) == len({n[2] for n in nodes}) == 5000
+    ref = ipaddress.ip_network("10.244.0.0/16")
+    cluster = ipaddress.ip_network(scale.CLUSTER)
+    for _, addr, cidr in nodes:
+        net = ipaddress.ip_network(cidr)
+        assert net.subnet_of(cluster) and not net.overlaps(ref)
+        assert ipaddress.ip_address(addr) in ipaddress.ip_network("172.20.0.0/14")
 
 
 def test_ovs_comparison_writes_worse_out() -> None:

@@ -31,7 +31,7 @@ from podrouter.demo.netns import Terminated, signals_unwind
 
 __all__ = ["build_parser", "main", "run_suite"]
 
-SECTIONS = ("masquerade", "shaping", "micro", "restart")
+SECTIONS = ("masquerade", "shaping", "scale", "micro", "restart")
 
 
 def _machine() -> dict[str, Any]:
@@ -81,7 +81,7 @@ def _select(only: str | Iterable[str] | None, micro: bool) -> tuple[list[Any], s
     from podrouter.bench.suite import ALL_SETUPS, SETUPS, UNDERLAY6_SETUPS
 
     if only is None or only == "" or only == ():
-        return list(SETUPS), {"masquerade", "shaping"} | ({"micro"} if micro else set())
+        return list(SETUPS), {"masquerade", "shaping", "scale"} | ({"micro"} if micro else set())
     names = [n.strip() for part in ([only] if isinstance(only, str) else only) for n in part.split(",")]
     setups: list[Any] = []
     sections: set[str] = {"micro"} if micro else set()
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="comma-separated parts: kernel-routing, kernel-vxlan, native, vxlan, geneve, hybrid, "
         "kernel-vxlan6, vxlan6 (underlay6: both; IPv6 underlay, not in the default run), "
-        "kernel, podrouter, modes, masquerade, shaping, micro, restart (not run by default)",
+        "kernel, podrouter, modes, masquerade, shaping, scale, micro, restart (not run by default)",
     )
     p.add_argument("--micro", action="store_true", help="also run and summarise the criterion benchmarks")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
@@ -211,7 +211,7 @@ def run_suite(
     except ValueError as e:
         print(f"podrouter bench: {e}", file=sys.stderr)
         return 2
-    needs_netns = bool(setups) or bool(sections & {"masquerade", "shaping", "restart"})
+    needs_netns = bool(setups) or bool(sections & {"masquerade", "shaping", "scale", "restart"})
     problems = _preflight() if needs_netns else []
     if problems:
         for p in problems:
@@ -223,7 +223,7 @@ def run_suite(
     steps = (
         nreps * len(setups)
         + (nreps if "masquerade" in sections else 0)
-        + len(sections & {"shaping", "micro"})
+        + len(sections & {"shaping", "scale", "micro"})
         + (nreps if "restart" in sections else 0)
     )
     log = Progress(max(1, steps))
@@ -272,6 +272,14 @@ def run_suite(
 
                 result["shaping"] = extras.shaping(quick, log)
                 save()
+            if "scale" in sections:
+                from podrouter.bench import scale
+
+                result["scale"] = scale.run(quick, log)
+                log("scale done", step=True)
+                lost = result["scale"].get("stream", {}).get("lost")
+                failed |= bool(result["scale"]["errors"]) or lost != 0
+                save()
             if "restart" in sections:
                 from podrouter.bench import restart
 
@@ -310,6 +318,11 @@ def run_suite(
     if "shaping" in result:
         print(report.shaping_text(result["shaping"]))
         print()
+    if "scale" in result:
+        from podrouter.bench import scale
+
+        print(scale.table(result["scale"]))
+        print()
     if "restart" in result:
         from podrouter.bench import restart
 
@@ -321,6 +334,12 @@ def run_suite(
     if plots:
         try:
             written = report.plots(result, out_dir)
+            if "scale" in result:
+                from podrouter.bench import scale
+
+                png = scale.plot(result["scale"], out_dir)
+                if png is not None:
+                    written.append(png)
             result["plots"] = [p.name for p in written]
             save()
         except ImportError as e:

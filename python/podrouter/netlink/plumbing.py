@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from podrouter import state as statefile
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import IFA_F_NODAD, RTPROT_PODROUTER
+from podrouter.netlink.rtnl import Route, RouteRequest, Rtnl
 from podrouter.netlink.underlay import netns_id
 
 log = logging.getLogger("podrouter.netlink")
@@ -118,6 +119,9 @@ def _route_mtu(msg: Any) -> int | None:
     return int(mtu) if mtu else None
 
 
+_ROUTE_FIELDS = tuple(f.name for f in fields(RouteSpec))
+
+
 class Plumbing:
     """Owns every kernel object the daemon creates in its namespace (except the TUN and tc objects)."""
 
@@ -129,12 +133,14 @@ class Plumbing:
         self.routes: dict[tuple[int, str], RouteSpec] = {}
         self.rules: set[RuleSpec] = set()
         self.conflicts: list[str] = []  # desired routes another owner's route holds (not installed)
+        self.last_changes = 0  # routes the last sync_routes added, replaced or deleted
 
     # ------------------------------------------------------------------------------ bookkeeping
 
     def save(self) -> None:
         with self.lock:
-            self.state.routes = [asdict(r) for r in self.routes.values()]
+            # not asdict(): its deep copy costs more than everything else with thousands of routes
+            self.state.routes = [{n: getattr(r, n) for n in _ROUTE_FIELDS} for r in self.routes.values()]
             self.state.rules = [asdict(r) for r in sorted(self.rules, key=lambda r: r.priority)]
             statefile.save(self.state_path, self.state)
 
@@ -146,15 +152,23 @@ class Plumbing:
 
     def kernel_routes(self) -> dict[tuple[int, str], tuple[str, int | None, int | None]]:
         """Every route in the namespace carrying our protocol: key -> (kind, oif, mtu)."""
-        out: dict[tuple[int, str], tuple[str, int | None, int | None]] = {}
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in self.ipr.get_routes(family=family):
-                if msg["proto"] != RTPROT_PODROUTER:
-                    continue
-                kind = _TYPE_NAMES.get(msg["type"], str(msg["type"]))
-                oif = msg.get_attr("RTA_OIF") if kind == "unicast" else None
-                out[_route_key(msg)] = (kind, oif, _route_mtu(msg))
-        return out
+        return self._kernel_view(_dump_all())[0]
+
+    @staticmethod
+    def _kernel_view(
+        routes: list[Route], tables: set[int] | None = None
+    ) -> tuple[dict[tuple[int, str], tuple[str, int | None, int | None]], dict[tuple[int, str], Route]]:
+        """Our routes (key -> (kind, oif, mtu)) and, in `tables`, every other owner's (key -> route)."""
+        ours: dict[tuple[int, str], tuple[str, int | None, int | None]] = {}
+        foreign: dict[tuple[int, str], Route] = {}
+        for r in routes:
+            key = (r.table, r.dst)
+            if r.proto == RTPROT_PODROUTER:
+                kind = _TYPE_NAMES.get(r.type, str(r.type))
+                ours[key] = (kind, r.oif if kind == "unicast" else None, r.mtu)
+            elif tables is not None and r.table in tables:
+                foreign.setdefault(key, r)
+        return ours, foreign
 
     def foreign_routes(self, tables: set[int]) -> dict[tuple[int, str], str]:
         """Routes in `tables` that podrouter did not make (any protocol but ours): key -> a
@@ -186,15 +200,23 @@ class Plumbing:
         errors: list[str] = []
         conflicts: list[str] = []
         with self.lock:
-            actual = self.kernel_routes()
-            foreign = self.foreign_routes({k[0] for k in desired})
+            actual, foreign_raw = self._kernel_view(_dump_all(), {k[0] for k in desired})
+            foreign = {k: _describe(self.ipr, r) for k, r in foreign_raw.items() if k in desired}
             # record intent first: if we die half-way, cleanup still knows about everything we touch
-            self.routes = {**{k: v for k, v in self.routes.items() if k in actual}, **desired}
-            self.save()
+            intent = {**{k: v for k, v in self.routes.items() if k in actual}, **desired}
+            if intent != self.routes:
+                self.routes = intent
+                self.save()
+            # one lookup per interface, not per route (thousands of peer routes share podr0)
+            indexes: dict[str, int | None] = {}
+            requests: list[RouteRequest] = []
+            specs: list[RouteSpec] = []
             for key, spec in desired.items():
                 ifindex = None
                 if spec.kind == "unicast":
-                    ifindex = self.ifindex(spec.oif) if spec.oif else None
+                    if spec.oif and spec.oif not in indexes:
+                        indexes[spec.oif] = self.ifindex(spec.oif)
+                    ifindex = indexes.get(spec.oif) if spec.oif else None
                     if ifindex is None:
                         errors.append(f"route {spec.dst}: interface '{spec.oif}' does not exist")
                         continue
@@ -210,14 +232,30 @@ class Plumbing:
                     continue
                 if actual.get(key) == spec.kernel_view(ifindex):
                     continue
-                try:
-                    self.ipr.route("replace", **self._request(spec, ifindex))
-                except NetlinkError as e:
-                    errors.append(f"route {spec.dst} dev {spec.oif}: {e.args[1] if len(e.args) > 1 else e}")
-            for key in actual.keys() - desired.keys():
-                self._delete_route(key)
-            self.routes = dict(desired)
-            self.save()
+                requests.append(_replace_request(spec, ifindex))
+                specs.append(spec)
+            stale = sorted(actual.keys() - desired.keys())
+            requests.extend(_delete_request(key) for key in stale)
+            # thousands of peer routes: in bulk, a few hundred per system call (netlink/rtnl.py)
+            with Rtnl() as nl:
+                codes = nl.change(requests)
+            changes = 0
+            for i, code in enumerate(codes):
+                if i < len(specs):
+                    if code:
+                        spec = specs[i]
+                        errors.append(f"route {spec.dst} dev {spec.oif}: {os.strerror(code)}")
+                    else:
+                        changes += 1
+                elif code in (0, errno.ESRCH, errno.ENOENT):
+                    changes += 1
+                else:
+                    table, dst = stale[i - len(specs)]
+                    raise PlumbingError(f"deleting route {dst} table {table}: {os.strerror(code)}")
+            self.last_changes = changes
+            if self.routes != desired:
+                self.routes = dict(desired)
+                self.save()
             for c in conflicts:
                 if c not in self.conflicts:
                     log.warning("%s", c)
@@ -360,29 +398,48 @@ class Plumbing:
             statefile.remove(self.state_path)
 
 
+def _dump_all() -> list[Route]:
+    with Rtnl() as nl:
+        return nl.dump_routes(socket.AF_INET) + nl.dump_routes(socket.AF_INET6)
+
+
+def _replace_request(spec: RouteSpec, ifindex: int | None) -> RouteRequest:
+    unicast = spec.kind == "unicast"
+    return RouteRequest(
+        "replace",
+        spec.dst,
+        spec.table,
+        RTPROT_PODROUTER,
+        type=_TYPES[spec.kind],
+        scope=RT_SCOPE_LINK if unicast and spec.scope_link else RT_SCOPE_UNIVERSE,
+        oif=ifindex if unicast else None,
+        mtu=spec.mtu,
+    )
+
+
+def _delete_request(key: tuple[int, str]) -> RouteRequest:
+    # naming our protocol: the kernel then matches nothing of another owner's
+    return RouteRequest("del", key[1], key[0], RTPROT_PODROUTER, scope=RT_SCOPE_NOWHERE)
+
+
+def _describe(ipr: IPRoute, r: Route) -> str:
+    """`10.244.2.0/24 dev eth9 proto static` (the conflict report's view of a foreign route)."""
+    kind = _TYPE_NAMES.get(r.type, f"type {r.type}")
+    desc = [r.dst] if kind == "unicast" else [kind, r.dst]
+    if r.gateway:
+        desc.append(f"via {r.gateway}")
+    if r.oif:
+        names = ipr.get_links(r.oif)
+        desc.append(f"dev {names[0].get_attr('IFLA_IFNAME') if names else r.oif}")
+    desc.append(f"proto {_PROTO_NAMES.get(r.proto, r.proto)}")
+    return " ".join(desc)
+
+
 def foreign_routes(ipr: IPRoute, tables: set[int]) -> dict[tuple[int, str], str]:
     """Routes in `tables` of any protocol but podrouter's, keyed like RouteSpec.key, with a short
     description (`10.244.2.0/24 dev eth9 proto static`)."""
-    out: dict[tuple[int, str], str] = {}
-    for family in (socket.AF_INET, socket.AF_INET6):
-        for msg in ipr.get_routes(family=family):
-            if msg["proto"] == RTPROT_PODROUTER:
-                continue
-            key = _route_key(msg)
-            if key[0] not in tables:
-                continue
-            kind = _TYPE_NAMES.get(msg["type"], f"type {msg['type']}")
-            desc = [key[1]] if kind == "unicast" else [kind, key[1]]
-            gw = msg.get_attr("RTA_GATEWAY")
-            if gw:
-                desc.append(f"via {gw}")
-            oif = msg.get_attr("RTA_OIF")
-            if oif:
-                names = ipr.get_links(oif)
-                desc.append(f"dev {names[0].get_attr('IFLA_IFNAME') if names else oif}")
-            desc.append(f"proto {_PROTO_NAMES.get(msg['proto'], msg['proto'])}")
-            out.setdefault(key, " ".join(desc))
-    return out
+    _, foreign = Plumbing._kernel_view(_dump_all(), tables)
+    return {k: _describe(ipr, r) for k, r in foreign.items()}
 
 
 def cleanup(ipr: IPRoute, recorded: statefile.State | None) -> list[str]:

@@ -203,3 +203,31 @@ def next_hop_for(ipr: IPRoute, underlay: Underlay, peer: IPAddress) -> IPAddress
         if gw and r.get_attr("RTA_OIF") == underlay.ifindex:
             return ipaddress.ip_address(gw)
     return fallback
+
+
+def next_hops_for(
+    ipr: IPRoute, underlay: Underlay, peers: list[IPAddress]
+) -> dict[IPAddress, IPAddress | None]:
+    """`next_hop_for` of many peers at once: the kernel is asked about every off-link IPv4 peer in bulk
+    (a few hundred RTM_GETROUTE per system call; netlink/rtnl.py), which matters with thousands.
+    IPv6 peers are asked one at a time (`next_hop_for`)."""
+    from podrouter.netlink.rtnl import Rtnl
+
+    out: dict[IPAddress, IPAddress | None] = {}
+    far: list[IPAddress] = []
+    for p in dict.fromkeys(peers):
+        if underlay.on_link(p):
+            out[p] = p
+        elif p.version == 6:
+            out[p] = next_hop_for(ipr, underlay, p)
+        else:
+            far.append(p)
+    if far:
+        with Rtnl() as nl:
+            answers = nl.next_hops([str(p) for p in far])
+        for p, ans in zip(far, answers, strict=True):
+            if ans is not None and ans[1] is not None and ans[0] == underlay.ifindex:
+                out[p] = ipaddress.ip_address(ans[1])
+            else:
+                out[p] = underlay.gateway_for(p)
+    return out
