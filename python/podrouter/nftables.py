@@ -55,6 +55,7 @@ NFT_CTX_OUTPUT_JSON = 1 << 4  # enum nft_ctx_output_flags (libnftables.h)
 _lock = threading.Lock()
 _lib: Any = None
 _lib_error: str | None = None
+_run_lock = threading.Lock()  # every libnftables call (see run)
 
 
 class NftError(Exception):
@@ -103,18 +104,23 @@ def run(commands: list[dict[str, Any]]) -> dict[str, Any]:
     lib = _load()
     if lib is None:
         raise NftError(str(_lib_error))
-    ctx = lib.nft_ctx_new(0)
-    if not ctx:
-        raise NftError("nft_ctx_new failed")
-    try:
-        lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON)
-        lib.nft_ctx_buffer_output(ctx)
-        lib.nft_ctx_buffer_error(ctx)
-        rc = lib.nft_run_cmd_from_buffer(ctx, json.dumps({"nftables": commands}).encode())
-        out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
-        err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
-    finally:
-        lib.nft_ctx_free(ctx)
+    # One call at a time in the whole process: libnftables 1.0.6 (Debian 12) sets up and tears down
+    # global tables (datatypes, realms) in nft_ctx_new/nft_ctx_free, so two threads with contexts of
+    # their own (a metrics scrape reading counters while the reconcile loop syncs the guard sets)
+    # crashed the daemon with an assertion in set_dtype_json. ctypes drops the GIL during the call.
+    with _run_lock:
+        ctx = lib.nft_ctx_new(0)
+        if not ctx:
+            raise NftError("nft_ctx_new failed")
+        try:
+            lib.nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_JSON)
+            lib.nft_ctx_buffer_output(ctx)
+            lib.nft_ctx_buffer_error(ctx)
+            rc = lib.nft_run_cmd_from_buffer(ctx, json.dumps({"nftables": commands}).encode())
+            out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
+            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+        finally:
+            lib.nft_ctx_free(ctx)
     if rc != 0:
         msg = " ".join(line.strip() for line in err.splitlines() if line.strip())
         raise NftError(msg or f"libnftables returned {rc}")

@@ -272,7 +272,7 @@ print(json.dumps(out))
         seen.append([peer_of(p) for p in in_pod(pod, code)])
         assert d.stop()[0] == 0
         # fresh tables: the NAT snapshot (test_nat_persist.py) would restore the same mappings
-        (daemons.sockdir / "node1.nat").unlink()
+        (daemons.sockdir / "node1.nat").unlink(missing_ok=True)
     assert all(ip == NODE for run in seen for ip, _ in run), seen
     # same flows, fresh tables: with a constant seed the node ports would repeat exactly
     assert [p for _, p in seen[0]] != [p for _, p in seen[1]], seen
