@@ -27,7 +27,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -973,10 +973,7 @@ class Daemon:
             t.join(timeout=15)
         with self.lock:
             if self.datapath is not None:
-                try:
-                    self.datapath.stop()
-                except Exception:  # noqa: BLE001
-                    log.exception("stopping the datapath failed")
+                _go_on("stopping the datapath", self.datapath.stop)
             if keep:
                 self._release()
             else:
@@ -988,65 +985,37 @@ class Daemon:
     def _release(self) -> None:
         """The stop contract: close what belongs to this process only, leave the kernel state."""
         if self.bandwidth is not None:
-            try:
-                self.bandwidth.detach()
-            except Exception:  # noqa: BLE001
-                log.exception("bandwidth manager detach failed")
+            _go_on("bandwidth manager detach", self.bandwidth.detach)
         if self.datapath is not None:
-            try:
-                # the TUN is persistent: closing the queues detaches them, the device and the routes
-                # into it stay (pod packets are dropped by the detached device until a successor)
-                self.datapath.close()
-            except Exception:  # noqa: BLE001
-                log.exception("closing the datapath failed")
+            # the TUN is persistent: closing the queues detaches them, the device and the routes
+            # into it stay (pod packets are dropped by the detached device until a successor)
+            _go_on("closing the datapath", self.datapath.close)
             self.datapath = None
         self._pod_guard_key = None
         if self.plumbing is not None:
             # last: once the record says pid 0 a successor may start (its TUN attach needs our
             # queues closed, and nothing here writes the state file any more)
-            try:
-                lifecycle.mark_stopped(self.plumbing)
-            except Exception:  # noqa: BLE001
-                log.exception("recording the stop in the state file failed")
+            _go_on("recording the stop in the state file", lifecycle.mark_stopped, self.plumbing)
 
     def _teardown(self) -> None:
-        if self.bandwidth is not None:
-            try:
-                self.bandwidth.close()
-            except Exception:  # noqa: BLE001
-                log.exception("bandwidth manager close failed")
-        if self.plumbing is not None and self.plumbing.state.nft_guard:
-            try:
-                from podrouter import nftables
+        from podrouter import nftables
 
-                nftables.remove_guard()
-            except Exception:  # noqa: BLE001
-                log.exception("removing the masquerade reply guard failed")
+        if self.bandwidth is not None:
+            _go_on("bandwidth manager close", self.bandwidth.close)
+        if self.plumbing is not None and self.plumbing.state.nft_guard:
+            _go_on("removing the masquerade reply guard", nftables.remove_guard)
         if self.plumbing is not None:
-            try:
-                self.plumbing.teardown()
-            except Exception:  # noqa: BLE001
-                log.exception("removing routes/rules failed")
+            _go_on("removing routes/rules", self.plumbing.teardown)
         if self._pod_guard_key is not None:
             # after the routes: while a pod route exists, its pod's sources are checked
-            try:
-                from podrouter import nftables
-
-                nftables.remove_pod_guard()
-            except Exception:  # noqa: BLE001
-                log.exception("removing the pod egress guard failed")
+            _go_on("removing the pod egress guard", nftables.remove_pod_guard)
             self._pod_guard_key = None
         if self.datapath is not None:
-            try:
-                self.datapath.close()
-            except Exception:  # noqa: BLE001
-                log.exception("closing the datapath failed")
+            _go_on("closing the datapath", self.datapath.close)
             self.datapath = None
         if self.ipr is not None:
-            try:
-                lifecycle.remove_tun(self.ipr, TUN_NAME)  # persistent: it outlives the fd
-            except Exception:  # noqa: BLE001
-                log.exception("deleting %s failed", TUN_NAME)
+            # persistent: the TUN outlives the fd
+            _go_on(f"deleting {TUN_NAME}", lifecycle.remove_tun, self.ipr, TUN_NAME)
 
     # ------------------------------------------------------------------------------- reconcile
 
@@ -1689,6 +1658,15 @@ class Daemon:
                 if any(str(a) == address for a in e.pod.addresses):
                     return e.pod.name
         return None
+
+
+def _go_on(what: str, fn: Callable[..., object], *args: object) -> None:
+    """One step of stopping or tearing down: a failure is logged ("<what> failed") and the next
+    step still runs."""
+    try:
+        fn(*args)
+    except Exception:  # noqa: BLE001 - keep tearing down
+        log.exception("%s failed", what)
 
 
 def _bgp_problems(cfg: Config, underlay: Any) -> list[str]:

@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from podrouter import config, daemon, nftables
+from recorder import Recorder
 
 CFG = """
 node: {name: node1, address: 172.16.2.2, pod_cidr: 10.244.1.0/24}
 cluster: {pod_cidr: 10.244.0.0/16}
 masquerade: {port_range: 61000-61099, max_entries: 5000}
 """
-
-
-class Recorder:
-    """Stands in for the parts shutdown() calls, writing each call into one shared list."""
-
-    def __init__(self, name: str, calls: list[str], **attrs: Any) -> None:
-        self._name, self._calls = name, calls
-        self.__dict__.update(attrs)
-
-    def __getattr__(self, method: str) -> Any:
-        if method.startswith("_"):
-            raise AttributeError(method)
-        return lambda *a, **k: self._calls.append(f"{self._name}.{method}")
 
 
 def test_shutdown_stops_the_datapath_before_removing_the_masquerade_guard(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from podrouter import config, daemon, lifecycle, nftables
 from podrouter import state as statefile
 from podrouter.netlink.plumbing import Plumbing, RouteSpec, RuleSpec
+from recorder import Recorder
 
 CFG = """
 node: {name: node1, address: 172.16.2.2, pod_cidr: 10.244.1.0/24}
@@ -18,17 +18,6 @@ masquerade: {enabled: true}
 pods:
   - {name: cfgpod, ip: 10.244.1.9, host_interface: veth-cfg}
 """
-
-
-class Recorder:
-    def __init__(self, name: str, calls: list[str], **attrs: Any) -> None:
-        self._name, self._calls = name, calls
-        self.__dict__.update(attrs)
-
-    def __getattr__(self, method: str) -> Any:
-        if method.startswith("_"):
-            raise AttributeError(method)
-        return lambda *a, **k: self._calls.append(f"{self._name}.{method}{k or ''}")
 
 
 def test_stop_for_a_successor_removes_nothing_and_marks_the_record_last(
