@@ -129,16 +129,22 @@ def check(config: str, as_json: bool) -> None:
 
     With --json a bad config prints {"ok": false, "problems": [...]} on stdout (still exit 2).
     """
-    if as_json:
-        try:
-            cfg = configmod.load(config)
-        except configmod.ConfigError as e:
-            _emit_json({"ok": False, "config": config, "problems": list(e.problems)})
-            sys.exit(EXIT_USAGE)
-        problems = compile_problems(cfg)
-        if problems:
+    cfg: configmod.Config | None = None
+    try:
+        loaded = configmod.load(config)
+    except configmod.ConfigError as e:
+        problems = list(e.problems)
+    else:
+        if not as_json:
+            for w in loaded.warnings:
+                click.echo(f"warning: {w}", err=True)
+        cfg, problems = loaded, compile_problems(loaded)
+    if problems or cfg is None:
+        if as_json:
             _emit_json({"ok": False, "config": config, "problems": problems})
             sys.exit(EXIT_USAGE)
+        _fail(problems, EXIT_USAGE)
+    if as_json:
         _emit_json(
             {
                 "ok": True,
@@ -156,10 +162,6 @@ def check(config: str, as_json: bool) -> None:
             }
         )
         return
-    cfg = _load_config(config)
-    problems = compile_problems(cfg)
-    if problems:
-        _fail(problems, EXIT_USAGE)
     click.echo(
         f"{config}: ok (node {cfg.node.name}, {cfg.routing.mode} mode, {len(cfg.peers)} peers, "
         f"{len(cfg.pods)} pods; tables compiled)"
