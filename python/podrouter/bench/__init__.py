@@ -168,24 +168,16 @@ def main(argv: list[str] | None = None, **opts: Any) -> int:
             **opts,
         }
         if a.as_json:
-            # the tables and the progress move to stderr; stdout carries exactly one JSON document
+            # the tables and the progress move to stderr; stdout carries exactly one JSON document,
+            # the run's result.json (its directory fixed here, so it is known afterwards)
+            out = Path(opts["out"]) if opts.get("out") else _default_out()
             with contextlib.redirect_stdout(sys.stderr):
-                rc = run_suite(**opts)
-            out = opts.get("out")
-            doc = _last_result(Path(out) if out else None)
-            print(json.dumps(doc if doc is not None else {"ok": False, "exit": rc}, indent=2))
+                rc = run_suite(**{**opts, "out": out})
+            path = out / "result.json"
+            doc = json.loads(path.read_text()) if path.is_file() else {"ok": False, "exit": rc}
+            print(json.dumps(doc, indent=2))
             return rc
     return run_suite(**opts)
-
-
-_LAST_RESULT: list[Path] = []
-
-
-def _last_result(out: Path | None) -> Any:
-    path = out / "result.json" if out is not None else (_LAST_RESULT[-1] if _LAST_RESULT else None)
-    if path is None or not path.is_file():
-        return None
-    return json.loads(path.read_text())
 
 
 def run_suite(
@@ -246,7 +238,6 @@ def run_suite(
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     json_path = out_dir / "result.json"
-    _LAST_RESULT.append(json_path)
 
     def save() -> None:
         json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
