@@ -18,14 +18,14 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use ip_network::{Ipv4Network, Ipv6Network};
 use ip_network_table::IpNetworkTable;
-use podrouter_core::classify::{
-    Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, Tables, TunnelSpec,
-};
 use podrouter_core::datapath::{self, EgressAction, MAX_HEADROOM};
 use podrouter_core::lpm::{Lpm4, Lpm6};
 use podrouter_core::nat::{FlowKey, NatConfig, NatProto, NatTable};
 use podrouter_core::nat_snapshot;
 use podrouter_core::wire::{ip_proto, ipv4, udp};
+use podrouter_core::{
+    Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, Tables, TunnelSpec,
+};
 
 /// xorshift64: deterministic inputs without a rand dependency.
 struct Rng(u64);

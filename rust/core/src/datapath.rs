@@ -17,10 +17,13 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
 
-pub use crate::classify::{DropReason, Path, PeerId, Tables, Verdict};
+pub use crate::classify::Tables;
+pub use crate::drop::DropReason;
 use crate::encap;
-pub use crate::encap::{TunnelProto, MAX_HEADROOM};
+pub use crate::encap::{vxlan_inner_mac, TunnelProto, MAX_HEADROOM};
 use crate::nat::{self, NatTable, NatTable6};
+pub use crate::spec::PeerId;
+pub use crate::verdict::{Path, Verdict};
 use crate::wire::{self, IpMeta};
 
 /// What to do with a packet from a local pod.
@@ -92,26 +95,6 @@ impl IngressAction {
         match self {
             IngressAction::Deliver { path, .. } => Some(*path),
             IngressAction::Drop(_) => None,
-        }
-    }
-}
-
-/// The synthesized VTEP MAC of a node: `02:70` followed by its underlay IPv4 address, or for an
-/// IPv6 underlay address `02:76` followed by its last four bytes (locally
-/// administered, unicast, stable across restarts). RFC 7348 carries a whole L2 frame; podrouter
-/// uses this as the inner source of every VXLAN frame it sends (so a Flannel-style kernel peer
-/// points its neighbour and FDB entries for this node at it; `podrouter status` shows it as
-/// `vtep_mac`) and as the inner destination towards a peer without a configured `vtep_mac`.
-/// podrouter's receiver ignores the inner Ethernet header.
-pub fn vxlan_inner_mac(node: IpAddr) -> [u8; 6] {
-    match node {
-        IpAddr::V4(v4) => {
-            let [a, b, c, d] = v4.octets();
-            [0x02, 0x70, a, b, c, d]
-        }
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            [0x02, 0x76, o[12], o[13], o[14], o[15]]
         }
     }
 }
@@ -377,11 +360,11 @@ pub fn masquerade_reply_v6(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::classify::{
-        Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, TunnelSpec,
-    };
     use crate::encap::EncapParams;
     use crate::nat::NatConfig;
+    use crate::spec::{
+        Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, TunnelSpec,
+    };
     use crate::wire::{ecn, icmp, ip_proto, ipv4, udp};
     use std::net::IpAddr;
 

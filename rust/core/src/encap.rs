@@ -367,6 +367,26 @@ fn write_inner_ethernet(eth: &mut [u8], et: u16, params: &EncapParams) {
     f.set_ethertype(et);
 }
 
+/// The synthesized VTEP MAC of a node: `02:70` followed by its underlay IPv4 address, or for an
+/// IPv6 underlay address `02:76` followed by its last four bytes (locally
+/// administered, unicast, stable across restarts). RFC 7348 carries a whole L2 frame; podrouter
+/// uses this as the inner source of every VXLAN frame it sends (so a Flannel-style kernel peer
+/// points its neighbour and FDB entries for this node at it; `podrouter status` shows it as
+/// `vtep_mac`) and as the inner destination towards a peer without a configured `vtep_mac`.
+/// podrouter's receiver ignores the inner Ethernet header.
+pub fn vxlan_inner_mac(node: IpAddr) -> [u8; 6] {
+    match node {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            [0x02, 0x70, a, b, c, d]
+        }
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            [0x02, 0x76, o[12], o[13], o[14], o[15]]
+        }
+    }
+}
+
 /// Extra outer bytes of an IPv6 outer header over an IPv4 one (40 - 20).
 pub const OUTER_V6_EXTRA: usize = ipv6::HEADER_LEN - ipv4::HEADER_LEN;
 /// VXLAN over an IPv6 underlay: 40 + 8 + 8 + 14 = 70.

@@ -7,8 +7,20 @@
 
 pub mod classify;
 pub mod datapath;
+pub mod drop;
 pub mod encap;
 pub mod lpm;
 pub mod nat;
 pub mod nat_snapshot;
+pub mod spec;
+pub mod verdict;
 pub mod wire;
+
+pub use classify::{Peer, Tables};
+pub use drop::DropReason;
+pub use encap::{vxlan_inner_mac, GenevePayload, TunnelProto};
+pub use spec::{
+    format_mac, parse_mac, Cidr, MasqueradeSpec, NextHop, NextHopId, NodeSpec, PeerId, PeerSpec,
+    RoutingMode, SpecError, TableSpec, TunnelSpec,
+};
+pub use verdict::{Path, Verdict};

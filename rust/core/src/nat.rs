@@ -87,7 +87,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::classify::DropReason;
+use crate::drop::DropReason;
 use crate::wire::{self, checksum, ip_proto, ipv4, L4Info};
 
 const FX_K: u64 = 0xf135_7aea_2e62_a9c5;

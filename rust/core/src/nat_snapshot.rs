@@ -37,8 +37,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::classify::Cidr;
 use crate::nat::{FlowKey, NatProto, NatRecord, NatState, NatTable, RestoreError};
+use crate::spec::Cidr;
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"PODRNAT\n";

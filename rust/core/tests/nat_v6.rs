@@ -4,12 +4,12 @@
 
 use std::net::Ipv6Addr;
 
-use podrouter_core::classify::DropReason;
 use podrouter_core::nat::{
     translate_egress, translate_egress_v6, translate_ingress_v6, FlowKey6, NatConfig, NatError,
     NatProto, NatState, NatTable, NatTable6,
 };
 use podrouter_core::wire::{self, checksum, ip_proto};
+use podrouter_core::DropReason;
 use proptest::prelude::*;
 
 const POD: &str = "fd00:244:1::10";

@@ -10,12 +10,12 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use podrouter_core::classify::DropReason;
 use podrouter_core::nat::{
     translate_egress, translate_ingress, FlowKey, NatAddr, NatConfig, NatError, NatProto, NatState,
     NatTable,
 };
 use podrouter_core::wire::{self, icmp, ip_proto, ipv4, tcp, udp};
+use podrouter_core::DropReason;
 use proptest::prelude::*;
 
 const LO: u16 = 61000;

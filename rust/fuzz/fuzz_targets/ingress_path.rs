@@ -19,7 +19,7 @@ use core::net::Ipv4Addr;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use podrouter_core::classify::{
+use podrouter_core::{
     Cidr, MasqueradeSpec, NodeSpec, PeerSpec, RoutingMode, TableSpec, Tables, TunnelSpec,
 };
 use podrouter_core::datapath::{self, IngressAction};

@@ -11,7 +11,7 @@
 //! Python) sum the blocks with relaxed loads and may see a batch half-applied, which is fine for
 //! monotonic metrics. Packets are counted as wire packets: a GSO super-packet counts once per segment.
 
-pub use podrouter_core::classify::Path;
+pub use podrouter_core::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// Distinct Geneve option (class, type) keys counted by name; the rest count as "other".

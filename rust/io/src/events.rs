@@ -14,8 +14,7 @@
 //! the ring to wrap during one write, which the rate limit rules out; even then a reader can only
 //! see a garbled event, never undefined behaviour.
 
-use podrouter_core::classify::TunnelProto;
-use podrouter_core::classify::{DropReason, Path};
+use podrouter_core::{DropReason, Path, TunnelProto};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -23,9 +23,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use podrouter_core::classify::Cidr;
 use podrouter_core::nat::{NatRecord, NatTable};
 use podrouter_core::nat_snapshot::{self, LoadReport};
+use podrouter_core::Cidr;
 
 /// Time between two writes of a changing table.
 pub const INTERVAL: Duration = Duration::from_millis(500);

@@ -1,7 +1,7 @@
 //! `podrouter._native`: the PyO3 bindings (see python/podrouter/_native.pyi for the contract).
 //!
 //! `Tables(spec)` compiles the control plane's table spec dict (docs/architecture.md) into
-//! `podrouter_core::classify::Tables`; `Datapath(config)` wraps `podrouter_io::Engine`. Calls that
+//! `podrouter_core::Tables`; `Datapath(config)` wraps `podrouter_io::Engine`. Calls that
 //! can take time (starting or stopping workers, compiling tables) release the GIL; worker threads
 //! never touch Python.
 
@@ -9,12 +9,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use podrouter_core::classify::{
+use podrouter_core::encap;
+use podrouter_core::nat::NatConfig;
+use podrouter_core::{
     format_mac, parse_mac, Cidr, DropReason, GenevePayload, MasqueradeSpec, NextHop, NodeSpec,
     PeerSpec, RoutingMode, TableSpec, Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
 };
-use podrouter_core::encap;
-use podrouter_core::nat::NatConfig;
 use podrouter_io::counters::{Dir, Path, DIRECTIONS, STATS};
 use podrouter_io::events::{Direction, Kind};
 use podrouter_io::{drop_reason_names, Engine, EngineConfig, Event};
