@@ -15,9 +15,31 @@ TUNNEL_SOURCE_PORT_MAX: int
 __all__: list[str]
 
 ENCAP_MAX_HEADROOM: int
+# Bytes each encapsulation adds in front of the inner IP packet over an IPv4 underlay: VXLAN and
+# Geneve with an inner Ethernet frame 50, Geneve with an IP payload 36; an IPv6 outer header adds
+# OUTER_V6_EXTRA (20) more.
 VXLAN_OVERHEAD: int
 GENEVE_OVERHEAD: int
 GENEVE_IP_OVERHEAD: int
+OUTER_V6_EXTRA: int
+# The core's defaults and limits the control plane copies for validation without loading this
+# module (python/podrouter/config.py; tests/unit/test_native_constants.py keeps them equal).
+VXLAN_PORT: int  # 4789, IANA (RFC 7348 §5)
+GENEVE_PORT: int  # 6081, IANA (RFC 8926 §3.3)
+MAX_VNI: int  # 2**24 - 1
+MASQUERADE_PORT_RANGE: tuple[int, int]  # the default masquerade.port_range, inclusive
+NAT_DEFAULT_MAX_ENTRIES: int  # the default masquerade.max_entries
+NAT_MAX_ENTRIES: int  # the largest masquerade.max_entries the datapath accepts
+NAT_DEFAULT_TIMEOUTS: dict[str, int]  # masquerade.timeouts key -> default seconds
+
+def vtep_mac(address: str) -> str:
+    """The VTEP MAC podrouter synthesizes for a node with underlay address ``address``:
+    ``02:70:<IPv4 bytes>`` or ``02:76:<last four bytes of the IPv6 address>``. ``ValueError`` if
+    ``address`` is not an IP address."""
+
+def default_max_entries_per_pod(max_entries: int) -> int:
+    """``masquerade.max_entries_per_pod`` when only ``masquerade.max_entries`` is set: an eighth of
+    the table, at least 64, at most the table."""
 
 def version() -> str:
     """The crate version, same as ``__version__``."""

@@ -37,22 +37,26 @@ PROTOCOLS = ("vxlan", "geneve")
 # what a Geneve frame carries: an inner Ethernet frame (protocol type 0x6558, what OVS/OVN, Cilium,
 # Antrea and Linux geneve devices speak) or the inner IP packet directly (podrouter peers only)
 GENEVE_PAYLOADS = ("ethernet", "ip")
-DEFAULT_PORTS = {"vxlan": 4789, "geneve": 6081}  # IANA: RFC 7348 §5, RFC 8926 §3.3
+# Copies of the core's defaults and limits (this module validates configs without loading
+# podrouter._native); tests/unit/test_native_constants.py checks each equals the _native value named
+# beside it.
+# IANA: RFC 7348 §5, RFC 8926 §3.3 (VXLAN_PORT, GENEVE_PORT)
+DEFAULT_PORTS = {"vxlan": 4789, "geneve": 6081}
 BACKENDS = ("static", "etcd")
 DEFAULT_SOCKET = "/run/podrouter/podrouter.sock"
 DEFAULT_METRICS = "127.0.0.1:9965"
-DEFAULT_PORT_RANGE = (61000, 65535)
+DEFAULT_PORT_RANGE = (61000, 65535)  # MASQUERADE_PORT_RANGE
 # The outer UDP source ports of the tunnel sender (VXLAN/Geneve, RFC 7348 §5 / RFC 8926 §3.3: a hash
 # of the inner flow, for ECMP entropy). The datapath draws them from exactly this range, and the decap
 # path can then tell a peer's tunnel datagram from a masqueraded pod datagram by its source port; so
 # masquerade.port_range must stay disjoint from it (the default 61000-65535 is).
-TUNNEL_SOURCE_PORTS = (49152, 60999)
+TUNNEL_SOURCE_PORTS = (49152, 60999)  # TUNNEL_SOURCE_PORT_MIN, TUNNEL_SOURCE_PORT_MAX
 # Linux interface names are at most IFNAMSIZ-1 = 15 bytes and may not contain '/', ':' or whitespace
 _IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
 # node and pod names end up in etcd keys, metric labels and file names: keep them boring (RFC 1123-ish)
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$")
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
-VNI_MAX = (1 << 24) - 1  # both VXLAN and Geneve carry a 24-bit VNI
+VNI_MAX = (1 << 24) - 1  # both VXLAN and Geneve carry a 24-bit VNI (MAX_VNI)
 
 
 class ConfigError(Exception):
@@ -100,7 +104,8 @@ class TunnelConfig:
 
 
 # Masquerade entry timeouts in seconds (the datapath's defaults follow Linux conntrack; see
-# docs/config.md). 0 would make every mapping dead on arrival; a year is past any sane timeout.
+# docs/config.md). 0 would make every mapping dead on arrival; a year is past any sane timeout. The
+# keys are those of NAT_DEFAULT_TIMEOUTS.
 NAT_TIMEOUTS = (
     "tcp_syn_sent",
     "tcp_established",
@@ -112,14 +117,14 @@ NAT_TIMEOUTS = (
     "icmp",
 )
 NAT_TIMEOUT_MAX = 366 * 86400
-NAT_MAX_ENTRIES = 1 << 26  # the datapath's bound (about 100 bytes per entry)
-NAT_DEFAULT_MAX_ENTRIES = 1 << 20  # the datapath's default
+NAT_MAX_ENTRIES = 1 << 26  # the datapath's bound, about 100 bytes per entry (NAT_MAX_ENTRIES)
+NAT_DEFAULT_MAX_ENTRIES = 1 << 20  # the datapath's default (NAT_DEFAULT_MAX_ENTRIES)
 
 
 def default_max_entries_per_pod(max_entries: int) -> int:
     """`masquerade.max_entries_per_pod` when unset: an eighth of the table (at least eight pods can
     be at their cap at once and the table still has room), at least 64, at most the table. The
-    datapath computes the same (core `NatConfig::default_per_pod`)."""
+    datapath computes the same (core `NatConfig::default_per_pod`, `_native.default_max_entries_per_pod`)."""
     return min(max(max_entries // 8, 64), max_entries)
 
 
@@ -165,11 +170,12 @@ class PeerConfig:
 
 def vtep_mac_of(address: IPAddress) -> str:
     """The VTEP MAC podrouter synthesizes for a node: 02:70 and the underlay IPv4 address, or 02:76
-    and the last four bytes of an IPv6 one (the datapath's `vxlan_inner_mac`;
-    `_native.Tables.vtep_mac` gives the same for this node)."""
-    if address.version == 6:
-        return "02:76:" + ":".join(f"{b:02x}" for b in address.packed[12:])
-    return "02:70:" + ":".join(f"{b:02x}" for b in address.packed)
+    and the last four bytes of an IPv6 one. The rule is the core's (`encap::vxlan_inner_mac`, as
+    `_native.vtep_mac`); the native module is loaded on first use, so validating a config does not
+    load it."""
+    from podrouter import _native  # type: ignore[attr-defined]
+
+    return str(_native.vtep_mac(str(address)))
 
 
 @dataclass(frozen=True)

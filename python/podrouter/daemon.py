@@ -41,13 +41,10 @@ from podrouter.monitor import MonitorHub
 from podrouter.monitor import stream as monitor_stream
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import (
-    ENCAP_OVERHEAD,
-    GENEVE_IP_OVERHEAD,
     IFF_MULTICAST,
     IPV6_MIN_MTU,
     MASQ_RULE_PRIORITY,
     MASQ_TABLE,
-    OUTER_V6_EXTRA,
     POD_GATEWAY4,
     POD_GATEWAY6,
     SUPPRESS_RULE_PRIORITY,
@@ -60,7 +57,6 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 NAT_LOG_INTERVAL = 10.0  # seconds between two "masquerade range exhausted" log lines
-NAT_DEFAULT_MAX_ENTRIES = 1 << 20  # the datapath's default masquerade.max_entries (docs/config.md)
 READY_NEIGHBOR_WAIT = 3.0  # seconds to wait for next-hop MACs before the first tables (bounded)
 ADOPT_DISCOVERY_WAIT = 30.0  # at most this long a predecessor's routes wait for etcd's first listing
 
@@ -121,9 +117,13 @@ def path_for(cfg: Config, peer: PeerConfig, dst: IPNetwork, on_link: bool) -> st
     return tunnel_protocol(cfg, peer)
 
 
-def encap_overhead(path: str, v6_outer: bool = False) -> int:
-    """Outer bytes of a tunnel path (the larger Geneve payload), 20 more over an IPv6 underlay."""
-    return ENCAP_OVERHEAD[path] + (OUTER_V6_EXTRA if v6_outer else 0)
+def encap_overhead(path: str, v6_outer: bool = False, ip_payload: bool = False) -> int:
+    """Outer bytes of a tunnel path (VXLAN, Geneve with an inner Ethernet frame or with
+    `ip_payload`), 20 more over an IPv6 underlay: the core's numbers, from `_native`."""
+    native = _load_native()
+    geneve = native.GENEVE_IP_OVERHEAD if ip_payload else native.GENEVE_OVERHEAD
+    base: int = {"vxlan": native.VXLAN_OVERHEAD, "geneve": geneve}[path]
+    return base + (native.OUTER_V6_EXTRA if v6_outer else 0)
 
 
 def path_mtu(
@@ -137,14 +137,12 @@ def path_mtu(
         return underlay_mtu
     if cfg.tunnel.mtu is not None:
         return cfg.tunnel.mtu
-    extra = OUTER_V6_EXTRA if v6_outer else 0
-    if path == "geneve" and peer is not None and geneve_payload(cfg, peer) == "ip":
-        return underlay_mtu - GENEVE_IP_OVERHEAD - extra
-    return underlay_mtu - ENCAP_OVERHEAD[path] - extra
+    ip_payload = path == "geneve" and peer is not None and geneve_payload(cfg, peer) == "ip"
+    return underlay_mtu - encap_overhead(path, v6_outer, ip_payload)
 
 
 def min_tunnel_mtu(cfg: Config, underlay_mtu: int, v6_outer: bool = False) -> int:
-    return min(path_mtu(cfg, p, underlay_mtu, v6_outer=v6_outer) for p in ENCAP_OVERHEAD)
+    return min(path_mtu(cfg, p, underlay_mtu, v6_outer=v6_outer) for p in configmod.PROTOCOLS)
 
 
 @dataclass(frozen=True)
@@ -297,7 +295,7 @@ def nat_exhausted_message(cfg: Config, dropped: int, entries: int) -> str:
     two causes: no free port of masquerade.port_range towards one destination, and the table at
     masquerade.max_entries; the live entry count tells them apart."""
     lo, hi = cfg.masquerade.port_range
-    limit = cfg.masquerade.max_entries or NAT_DEFAULT_MAX_ENTRIES
+    limit = cfg.masquerade.max_entries or configmod.NAT_DEFAULT_MAX_ENTRIES
     if entries >= limit:
         return (
             f"masquerade: {dropped} new flows dropped (nat_exhausted): the translation table is full "
@@ -503,7 +501,7 @@ class Daemon:
                 break
         if has_ipv6(cfg) or v6:
             # IPv6 links must carry 1280 bytes (RFC 8200 §5); the kernel refuses a smaller route MTU
-            for path in ("native", *ENCAP_OVERHEAD):
+            for path in ("native", *configmod.PROTOCOLS):
                 if path_mtu(cfg, path, u.mtu, v6_outer=v6) < IPV6_MIN_MTU:
                     tunnelled = cfg.tunnel.mtu is not None and path != "native"
                     what = "tunnel.mtu" if tunnelled else "node.interface"

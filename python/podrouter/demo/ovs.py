@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 
-from podrouter.config import vtep_mac_of
+from podrouter.config import DEFAULT_PORTS, vtep_mac_of
 from podrouter.demo.netns import Host, ReferenceTopology
 
 SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema"
@@ -82,7 +82,7 @@ class OvsNode:
 
     @property
     def port(self) -> int:
-        return {"geneve": 6081, "vxlan": 4789}[self.proto]
+        return DEFAULT_PORTS[self.proto]
 
     def _env(self) -> list[str]:
         d = self.dir

@@ -20,15 +20,6 @@ MASQ_RULE_PRIORITY = 7701
 
 TUN_NAME = "podr0"
 
-# Bytes each encapsulation adds in front of the inner IP packet (outer IPv4 20 + UDP 8 + header):
-# VXLAN carries an inner Ethernet frame (RFC 7348 §5: +8 VXLAN +14 Ethernet = 50), and so does Geneve
-# by default (tunnel.geneve_payload: ethernet, protocol type 0x6558: +8 base header +14 = 50).
-ENCAP_OVERHEAD = {"vxlan": 50, "geneve": 50}
-# Geneve with tunnel.geneve_payload: ip (RFC 8926 §3.4 protocol type 0x0800: +8, no options = 36).
-GENEVE_IP_OVERHEAD = 36
-# Over an IPv6 underlay the outer IP header is 40 bytes instead of 20: 20 more on every tunnel path.
-OUTER_V6_EXTRA = 20
-
 # IPv6 (dual stack): the minimum link MTU (RFC 8200 §5), and the pods' link-local default gateway. The
 # node's end of each dual-stack pod's veth holds POD_GATEWAY6/64 (nodad), the IPv6 twin of the proxy
 # ARP answer for 169.254.1.1 (docs/architecture.md, "Pod attachment").

@@ -466,13 +466,20 @@ pub struct NatConfig {
     pub icmp: u32,
 }
 
+/// The default masquerade port range (`masquerade.port_range`), above the tunnel senders' source
+/// ports ([`crate::encap::SOURCE_PORT_MAX`]) and Linux's default ephemeral range.
+pub const DEFAULT_PORT_RANGE: (u16, u16) = (61000, 65535);
+
+/// The default size of the translation table (`masquerade.max_entries`).
+pub const DEFAULT_MAX_ENTRIES: usize = 1 << 20;
+
 impl Default for NatConfig {
     fn default() -> Self {
         NatConfig {
-            port_lo: 61000,
-            port_hi: 65535,
-            max_entries: 1 << 20,
-            max_entries_per_pod: (1 << 20) / 8,
+            port_lo: DEFAULT_PORT_RANGE.0,
+            port_hi: DEFAULT_PORT_RANGE.1,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_entries_per_pod: DEFAULT_MAX_ENTRIES / 8,
             max_probe: 256,
             seed: 0x243f_6a88_85a3_08d3,
             tcp_syn_sent: 120,
@@ -492,6 +499,21 @@ impl NatConfig {
     /// least eight pods can be at their cap together), at least 64, at most the table.
     pub fn default_per_pod(max_entries: usize) -> usize {
         (max_entries / 8).max(64).min(max_entries)
+    }
+
+    /// The timeouts in seconds by their configuration key (`masquerade.timeouts.<key>`), in
+    /// declaration order.
+    pub fn timeouts(&self) -> [(&'static str, u32); 8] {
+        [
+            ("tcp_syn_sent", self.tcp_syn_sent),
+            ("tcp_established", self.tcp_established),
+            ("tcp_fin_wait", self.tcp_fin_wait),
+            ("tcp_time_wait", self.tcp_time_wait),
+            ("tcp_close", self.tcp_close),
+            ("udp_unreplied", self.udp_unreplied),
+            ("udp_assured", self.udp_assured),
+            ("icmp", self.icmp),
+        ]
     }
 
     /// The timeout of `state`.

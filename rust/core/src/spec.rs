@@ -235,7 +235,7 @@ impl Default for MasqueradeSpec {
         MasqueradeSpec {
             enabled: false,
             non_masquerade_cidrs: Vec::new(),
-            port_range: (61000, 65535),
+            port_range: crate::nat::DEFAULT_PORT_RANGE,
         }
     }
 }

@@ -942,6 +942,44 @@ fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
 
+/// The synthesized VTEP MAC of a node with underlay address `address`
+/// (core `encap::vxlan_inner_mac`): the one rule the control plane shows and configures peers with.
+#[pyfunction]
+fn vtep_mac(address: &str) -> PyResult<String> {
+    let ip: IpAddr = address
+        .parse()
+        .map_err(|_| PyValueError::new_err(format!("{address:?} is not an IP address")))?;
+    Ok(format_mac(&podrouter_core::vxlan_inner_mac(ip)))
+}
+
+/// `masquerade.max_entries_per_pod` when only `masquerade.max_entries` is set.
+#[pyfunction]
+fn default_max_entries_per_pod(max_entries: usize) -> usize {
+    NatConfig::default_per_pod(max_entries)
+}
+
+/// The defaults and limits the core decides and the control plane must agree with
+/// (docs/architecture.md, "Constants"): tunnel ports, the VNI width, the masquerade defaults.
+fn register_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("VXLAN_PORT", TunnelProto::Vxlan.default_port())?;
+    m.add("GENEVE_PORT", TunnelProto::Geneve.default_port())?;
+    m.add("MAX_VNI", podrouter_core::wire::vxlan::MAX_VNI)?;
+    m.add(
+        "MASQUERADE_PORT_RANGE",
+        MasqueradeSpec::default().port_range,
+    )?;
+    m.add("NAT_DEFAULT_MAX_ENTRIES", NatConfig::default().max_entries)?;
+    m.add("NAT_MAX_ENTRIES", podrouter_io::worker::MAX_NAT_ENTRIES)?;
+    let timeouts = PyDict::new(m.py());
+    for (key, seconds) in NatConfig::default().timeouts() {
+        timeouts.set_item(key, seconds)?;
+    }
+    m.add("NAT_DEFAULT_TIMEOUTS", timeouts)?;
+    m.add_function(wrap_pyfunction!(vtep_mac, m)?)?;
+    m.add_function(wrap_pyfunction!(default_max_entries_per_pod, m)?)?;
+    Ok(())
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -956,6 +994,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "TUNNEL_SOURCE_PORT_MAX",
         podrouter_core::encap::SOURCE_PORT_MAX,
     )?;
+    register_constants(m)?;
     m.add_class::<Tables>()?;
     m.add_class::<Datapath>()?;
     wire::register(m)?;

@@ -23,6 +23,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VXLAN_OVERHEAD", encap::VXLAN_OVERHEAD)?;
     m.add("GENEVE_OVERHEAD", encap::GENEVE_OVERHEAD)?;
     m.add("GENEVE_IP_OVERHEAD", encap::GENEVE_IP_OVERHEAD)?;
+    m.add("OUTER_V6_EXTRA", encap::OUTER_V6_EXTRA)?;
     Ok(())
 }
 
