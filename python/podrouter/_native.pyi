@@ -31,6 +31,7 @@ MASQUERADE_PORT_RANGE: tuple[int, int]  # the default masquerade.port_range, inc
 NAT_DEFAULT_MAX_ENTRIES: int  # the default masquerade.max_entries
 NAT_MAX_ENTRIES: int  # the largest masquerade.max_entries the datapath accepts
 NAT_DEFAULT_TIMEOUTS: dict[str, int]  # masquerade.timeouts key -> default seconds
+PATHS: tuple[str, ...]  # the `path` label values of podrouter_packets_total
 
 def vtep_mac(address: str) -> str:
     """The VTEP MAC podrouter synthesizes for a node with underlay address ``address``:

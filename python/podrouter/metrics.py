@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("podrouter.metrics")
 
-PATHS = ("native", "vxlan", "geneve", "masquerade", "local")
+PATHS = ("native", "vxlan", "geneve", "masquerade", "local")  # _native.PATHS (test_native_constants)
 DIRECTIONS = ("egress", "ingress")
 
 

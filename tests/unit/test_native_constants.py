@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from podrouter import _native, config, daemon
+from podrouter import _native, config, daemon, metrics
+from podrouter.demo import cluster
 
 
 def test_config_copies_equal_the_native_values() -> None:
@@ -21,6 +22,7 @@ def test_config_copies_equal_the_native_values() -> None:
     assert config.NAT_DEFAULT_MAX_ENTRIES == _native.NAT_DEFAULT_MAX_ENTRIES
     assert config.NAT_MAX_ENTRIES == _native.NAT_MAX_ENTRIES
     assert tuple(_native.NAT_DEFAULT_TIMEOUTS) == config.NAT_TIMEOUTS
+    assert metrics.PATHS == cluster.PATHS == _native.PATHS
     for n in (0, 1, 63, 64, 65, 511, 512, 513, 4096, config.NAT_DEFAULT_MAX_ENTRIES, config.NAT_MAX_ENTRIES):
         assert config.default_max_entries_per_pod(n) == _native.default_max_entries_per_pod(n), n
 

@@ -26,7 +26,7 @@ import yaml
 
 from podrouter.demo.netns import Host, ReferenceTopology
 
-PATHS = ("native", "vxlan", "geneve", "masquerade", "local")
+PATHS = ("native", "vxlan", "geneve", "masquerade", "local")  # _native.PATHS (test_native_constants)
 
 
 class ClusterError(RuntimeError):

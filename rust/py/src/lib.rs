@@ -20,7 +20,7 @@ use podrouter_io::events::{Direction, Kind};
 use podrouter_io::{drop_reason_names, Engine, EngineConfig, Event};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
 mod blast;
 mod wire;
@@ -959,7 +959,8 @@ fn default_max_entries_per_pod(max_entries: usize) -> usize {
 }
 
 /// The defaults and limits the core decides and the control plane must agree with
-/// (docs/architecture.md, "Constants"): tunnel ports, the VNI width, the masquerade defaults.
+/// (docs/architecture.md, "Constants"): tunnel ports, the VNI width, the masquerade defaults, the
+/// metrics' path labels.
 fn register_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VXLAN_PORT", TunnelProto::Vxlan.default_port())?;
     m.add("GENEVE_PORT", TunnelProto::Geneve.default_port())?;
@@ -975,6 +976,8 @@ fn register_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
         timeouts.set_item(key, seconds)?;
     }
     m.add("NAT_DEFAULT_TIMEOUTS", timeouts)?;
+    // the `path` label values of podrouter_packets_total, in the core's order
+    m.add("PATHS", PyTuple::new(m.py(), Path::ALL.map(Path::as_str))?)?;
     m.add_function(wrap_pyfunction!(vtep_mac, m)?)?;
     m.add_function(wrap_pyfunction!(default_max_entries_per_pod, m)?)?;
     Ok(())
