@@ -1912,6 +1912,39 @@ mod tests {
     const RST: u8 = tcp_flag::RST;
 
     #[test]
+    fn timeouts_by_key_are_the_states_timeouts() {
+        let c = NatConfig {
+            tcp_syn_sent: 1,
+            tcp_established: 2,
+            tcp_fin_wait: 3,
+            tcp_time_wait: 4,
+            tcp_close: 5,
+            udp_unreplied: 6,
+            udp_assured: 7,
+            icmp: 8,
+            ..NatConfig::default()
+        };
+        let states = [
+            NatState::TcpSynSent,
+            NatState::TcpEstablished,
+            NatState::TcpFinWait,
+            NatState::TcpTimeWait,
+            NatState::TcpClose,
+            NatState::UdpUnreplied,
+            NatState::UdpAssured,
+            NatState::Icmp,
+        ];
+        assert_eq!(c.timeouts().map(|(_, s)| s), states.map(|st| c.timeout(st)));
+        assert_eq!(c.timeouts().map(|(_, s)| s), [1, 2, 3, 4, 5, 6, 7, 8]);
+        let keys = c.timeouts().map(|(k, _)| k);
+        assert_eq!(keys[0], "tcp_syn_sent");
+        assert_eq!(keys[7], "icmp");
+        let d = NatConfig::default();
+        assert_eq!((d.port_lo, d.port_hi), DEFAULT_PORT_RANGE);
+        assert_eq!(d.max_entries, DEFAULT_MAX_ENTRIES);
+    }
+
+    #[test]
     fn same_flow_same_port_distinct_flows_distinct_ports() {
         let mut t = NatTable::new(cfg());
         let a = flow(NatProto::Udp, 5000, "203.0.113.1", 53);
