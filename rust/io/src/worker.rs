@@ -350,7 +350,14 @@ impl Engine {
             // Before any worker runs: no packet can create a mapping that a restored one collides with.
             self.nat_loaded = true;
             let now = self.epoch.elapsed().as_secs();
-            crate::nat_persist::load(path, tables.node_pod_cidrs(), &self.nat, now, &self.persist);
+            crate::nat_persist::load(
+                path,
+                tables.node_pod_cidrs(),
+                &self.nat,
+                &self.nat6,
+                now,
+                &self.persist,
+            );
         }
         self.tables.store(Some(tables));
         let cfg = &self.cfg;
@@ -478,6 +485,7 @@ impl Engine {
             Some(path) => Some(crate::nat_persist::Writer::start(
                 path.clone(),
                 Arc::clone(&self.nat),
+                Arc::clone(&self.nat6),
                 self.epoch,
                 Arc::clone(&self.persist),
             )?),
