@@ -462,7 +462,14 @@ impl Tables {
             Ok(a) => a,
             Err(r) => return drop_dict(py, r),
         };
-        let d = verdict_dict(py, &self.inner, self.inner.classify(src, dst))?;
+        let v = self.inner.classify(src, dst);
+        let d = verdict_dict(py, &self.inner, v)?;
+        if let (Verdict::Masquerade { .. }, IpAddr::V6(_), Some(a6)) =
+            (v, dst, self.inner.masquerade().address6)
+        {
+            // IPv6 is translated to the IPv6 masquerade address
+            d.set_item("address", a6.to_string())?;
+        }
         d.set_item("src", src.to_string())?;
         d.set_item("dst", dst.to_string())?;
         Ok(d)
