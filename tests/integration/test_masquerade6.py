@@ -10,7 +10,7 @@ so the last test can reach the cap): TCP (a line server that reports the peer it
 2), UDP, ping6 with the echo identifier translated, an ICMPv6 port unreachable for a closed port
 reaching the pod's socket, a capture on R's external link read by tshark (only the node's IPv6
 address, never a pod address), IPv4 on each underlay (translated on the dual stack, dropped on
-IPv6-only), the per-pod limit, and the `ip6 podrouter` guard removed by `podrouter cleanup`.
+IPv6-only), an IPv6 connection kept across a daemon restart (NAT snapshot), the per-pod limit, and the `ip6 podrouter` guard removed by `podrouter cleanup`.
 """
 
 from __future__ import annotations
@@ -149,6 +149,27 @@ while err is None and time.monotonic() < deadline:
 print(json.dumps(dict(err=err, refused=refused, local=s.getsockname()[0])))
 """
 
+# One TCP connection held across a daemon restart: an echo before, then (once the file GO exists)
+# another on the same connection.
+HOLD_CLIENT = r"""
+import json, os, socket, time
+c = socket.create_connection((DST, PORT), timeout=5)
+f = c.makefile("rwb", buffering=0)
+seen = f.readline().decode().split()[1]
+c.sendall(b"before\n")
+print(json.dumps(dict(seen=seen, echo=f.readline().decode().strip())), flush=True)
+deadline = time.monotonic() + 40
+while not os.path.exists(GO) and time.monotonic() < deadline:
+    time.sleep(0.1)
+c.settimeout(10)
+try:
+    c.sendall(b"after\n")
+    echo = f.readline().decode().strip()
+except OSError as e:
+    echo = f"error {e}"
+print(json.dumps(dict(echo=echo)), flush=True)
+"""
+
 # UDP to many external ports from one pod: each is a new mapping until the pod's cap.
 FLOOD_CLIENT = r"""
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -165,6 +186,8 @@ class Lab:
     ref: ReferenceTopology
     daemon: DaemonHandle
     server: subprocess.Popen[bytes]
+    daemons: Daemons
+    cfg: dict[str, Any]
 
 
 def add_external_ipv6(ref: ReferenceTopology) -> None:
@@ -204,7 +227,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                     masquerade={"enabled": True, "max_entries_per_pod": PER_POD},
                 )
                 d = daemons.start(ref.nodes["node1"], cfg)
-                yield Lab(kind, ref, d, server)
+                yield Lab(kind, ref, d, server, daemons, cfg)
             finally:
                 daemons.stop_all()
     finally:
@@ -334,6 +357,32 @@ def test_ipv4_pods_on_each_underlay(lab: Lab) -> None:
     assert reply.startswith("error") or reply == "", reply
     assert not [ln for ln in on_r if POD4 in ln], on_r
     assert lab.daemon.counters()["drops"]["no_route"] > before
+
+
+def test_an_ipv6_connection_survives_a_daemon_restart(lab: Lab, tmp_path: Path) -> None:
+    """The NAT snapshot holds the IPv6 table too: SIGTERM and `podrouter run` again (1.5 s after the
+    last packet, so the periodic snapshot has the mapping), and the connection still echoes."""
+    go = tmp_path / "go"
+    code = f"DST, PORT, GO = {EXT6!r}, {PORT}, {str(go)!r}\n" + HOLD_CLIENT
+    proc = lab.ref.pods["pod1"].host.popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline() or b"{}")  # bounded: the client's 5 s timeouts
+        assert first.get("echo") == "before" and first["seen"].startswith(f"{NODE6}:"), first
+        time.sleep(1.5)
+        code_, logs = lab.daemon.stop(cleanup=False)
+        assert code_ == 0, logs[-3000:]
+        lab.daemon = lab.daemons.start(lab.ref.nodes["node1"], lab.cfg)
+        st = lab.daemon.counters()["nat_snapshot"]
+        assert st["load_error"] is None and st["loaded"]["rejected"] == 0, st
+        assert st["loaded"]["restored"] >= 1, st
+        go.touch()
+        out, _ = proc.communicate(timeout=30)
+        assert json.loads(out or b"{}").get("echo") == "after", (out, lab.daemon.logs()[-3000:])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_the_per_pod_limit_holds_for_ipv6(lab: Lab) -> None:
