@@ -10,7 +10,8 @@ so the last test can reach the cap): TCP (a line server that reports the peer it
 2), UDP, ping6 with the echo identifier translated, an ICMPv6 port unreachable for a closed port
 reaching the pod's socket, a capture on R's external link read by tshark (only the node's IPv6
 address, never a pod address), IPv4 on each underlay (translated on the dual stack, dropped on
-IPv6-only), an IPv6 connection kept across a daemon restart (NAT snapshot), the per-pod limit, and the `ip6 podrouter` guard removed by `podrouter cleanup`.
+IPv6-only), an IPv6 connection kept across a daemon restart (NAT snapshot), the per-pod limit,
+and the `ip6 podrouter` guard removed by `podrouter cleanup`.
 """
 
 from __future__ import annotations
