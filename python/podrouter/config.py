@@ -136,6 +136,9 @@ class MasqueradeConfig:
     timeouts: Mapping[str, int] = field(default_factory=dict)  # only the ones set; others: defaults
     max_entries: int | None = None
     max_entries_per_pod: int | None = None
+    # the node's IPv6 masquerade address: "auto" (the underlay interface's global IPv6 address,
+    # resolved at start), "none" (IPv6 pods are not translated) or an address of that interface
+    address6: ipaddress.IPv6Address | str = "auto"
 
     def nat_config(self) -> dict[str, int]:
         """The datapath's `nat` config (only what the config sets; the datapath derives the per-pod
@@ -752,10 +755,31 @@ class _Validator:
                 "timeouts",
                 "max_entries",
                 "max_entries_per_pod",
+                "address6",
             ),
         )
         if m is None:
             return None
+        address6: ipaddress.IPv6Address | str | None = "auto"
+        raw6 = m.get("address6", "auto")
+        if raw6 is None or raw6 in ("auto", "none"):
+            address6 = "auto" if raw6 is None else raw6
+        else:
+            a6 = None
+            if isinstance(raw6, str):
+                try:
+                    a6 = ipaddress.IPv6Address(raw6)
+                except ValueError:
+                    a6 = None
+            why = unusable_node_address(a6) if a6 is not None else None
+            if a6 is None:
+                self.bad("masquerade.address6", f"{_q(raw6)} is not 'auto', 'none' or an IPv6 address")
+                address6 = None
+            elif why is not None:
+                self.bad("masquerade.address6", f"'{a6}' {why}")
+                address6 = None
+            else:
+                address6 = a6
         enabled = self.boolean("masquerade.enabled", m.get("enabled", True))
         nonmasq = self.cidr_list("masquerade.non_masquerade_cidrs", m.get("non_masquerade_cidrs"))
         rng: tuple[int, int] | None = DEFAULT_PORT_RANGE
@@ -786,7 +810,7 @@ class _Validator:
             per_pod = self.integer("masquerade.max_entries_per_pod", m["max_entries_per_pod"], 1, table)
             if per_pod is None:
                 return None
-        if enabled is None or nonmasq is None or rng is None or timeouts is None:
+        if enabled is None or nonmasq is None or rng is None or timeouts is None or address6 is None:
             return None
         return MasqueradeConfig(
             enabled=enabled,
@@ -795,6 +819,7 @@ class _Validator:
             timeouts=timeouts,
             max_entries=max_entries,
             max_entries_per_pod=per_pod,
+            address6=address6,
         )
 
     def peer(self, path: str, value: Any) -> PeerConfig | None:
@@ -1327,12 +1352,12 @@ class _Validator:
                     f"masquerade.non_masquerade_cidrs[{i}]: '{net}' is cluster pod space "
                     "(never masqueraded anyway)"
                 )
-        if masq is not None and masq.enabled and node.address is not None and node.address.version == 6:
-            self.bad(
-                "masquerade.enabled",
-                f"true needs an IPv4 node address (IPv4 pods are translated to it), and node.address "
-                f"'{node.address}' is IPv6: set masquerade.enabled: false on an IPv6 underlay",
-            )
+        if masq is not None and isinstance(masq.address6, ipaddress.IPv6Address):
+            for net in cluster:
+                if masq.address6 in net:
+                    self.bad(
+                        "masquerade.address6", f"'{masq.address6}' is inside the cluster pod CIDR '{net}'"
+                    )
         # every pod CIDR (this node's and each peer's) must be disjoint: LPM would otherwise pick one
         owners: list[tuple[str, IPNetwork]] = [("node", n) for n in node.pod_cidrs]
         names: dict[str, int] = {}
@@ -1424,8 +1449,8 @@ def underlay_problems(
     """Cluster pod space against the underlay as resolved at start (node.address/interface may be
     defaults, known only in the node's namespace): it must not overlap the underlay's connected
     subnet nor contain the node's address or its gateway; every static peer must be of a family the
-    node has an underlay address in; masquerade needs an IPv4 node address. Checked before anything
-    is installed."""
+    node has an underlay address in. Checked before anything is installed. (Masquerade on an
+    IPv6-only underlay translates IPv6 pods only: docs/masquerade.md.)"""
     out: list[str] = []
     sides: list[tuple[IPAddress, IPNetwork]] = [(address, network)]
     if address6 is not None and network6 is not None:
@@ -1450,11 +1475,6 @@ def underlay_problems(
     if cfg.bgp.enabled and address.version != 4:
         out.append(
             f"bgp.enabled: BGP speaks from an IPv4 node address, and the underlay address is {address}"
-        )
-    if cfg.masquerade.enabled and address.version != 4:
-        out.append(
-            f"masquerade.enabled: true needs an IPv4 node address (IPv4 pods are translated to it), "
-            f"and the underlay address is {address}: set masquerade.enabled: false on an IPv6 underlay"
         )
     return out
 

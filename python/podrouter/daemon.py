@@ -215,8 +215,12 @@ def build_spec(
     gateway: dict[str, Any] | None,
     peers: list[PeerView],
     node_address6: str | None = None,
+    masq_address6: str | None = None,
+    masq_gateway6: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The table spec dict `_native.Tables(spec)` takes (docs/architecture.md)."""
+    """The table spec dict `_native.Tables(spec)` takes (docs/architecture.md). `masq_address6` /
+    `masq_gateway6`: where IPv6 pods are translated to and the IPv6 next hop (`masquerade.address6`;
+    None: IPv6 pods are not translated)."""
 
     def nets(xs: Iterable[IPNetwork]) -> list[str]:
         return [str(x) for x in xs]
@@ -249,6 +253,8 @@ def build_spec(
             "enabled": cfg.masquerade.enabled,
             "non_masquerade_cidrs": nets(cfg.masquerade.non_masquerade_cidrs),
             "port_range": list(cfg.masquerade.port_range),
+            "address6": masq_address6,
+            "gateway6": masq_gateway6,
         },
         "peers": [_peer_spec(v) for v in peers],
     }
@@ -415,6 +421,8 @@ class Daemon:
         self._exit_code = EXIT_OK
         self.ipr: Any = None
         self.underlay: Any = None
+        # IPv6 masquerade (masquerade.address6 resolved at start; None: IPv6 pods not translated)
+        self.masq6: Any = None
         self.plumbing: Any = None
         self.watcher: Any = None
         self.datapath: Any = None
@@ -451,6 +459,7 @@ class Daemon:
             problems.extend(e.problems)
         if self.underlay is not None:
             problems.extend(self._underlay_problems(self.cfg))
+            problems.extend(self._resolve_masquerade6())
         if self.cfg.discovery.backend == "etcd":
             from podrouter.discovery.etcd import start_problems
 
@@ -517,6 +526,47 @@ class Daemon:
             configmod.underlay_problems(cfg, u.address, u.network, u.gateway, u.address6, u.network6)
         )
         return problems
+
+    def _resolve_masquerade6(self) -> list[str]:
+        """`masquerade.address6` and the IPv6 gateway, when this node has IPv6 pods (resolved even
+        with masquerade disabled: a reload may enable it). Problems are exit-2 start errors."""
+        from podrouter.netlink.underlay import UnderlayError, resolve_masquerade6
+
+        self.masq6 = None
+        if not any(c.version == 6 for c in self.cfg.node.pod_cidrs):
+            return []
+        try:
+            self.masq6 = resolve_masquerade6(self.ipr, self.underlay, self.cfg.masquerade.address6)
+        except UnderlayError as e:
+            return e.problems
+        return []
+
+    def _masquerade_notes(self) -> None:
+        """Log what masquerade does for each family of this node's pods (docs/masquerade.md)."""
+        cfg, u = self.cfg, self.underlay
+        if not cfg.masquerade.enabled:
+            return
+        fams = {c.version for c in cfg.node.pod_cidrs}
+        if 4 in fams and u.address.version == 6:
+            log.warning(
+                "masquerade: the underlay is IPv6 only, so IPv4 pods are not masqueraded (their "
+                "packets leaving the cluster are dropped as no_route, never sent untranslated)"
+            )
+        if 6 in fams:
+            m = self.masq6
+            if m is None:
+                why = (
+                    "masquerade.address6 is 'none'"
+                    if cfg.masquerade.address6 == "none"
+                    else f"'{u.ifname}' has no global IPv6 address"
+                )
+                log.warning("masquerade: IPv6 pods are not translated (%s)", why)
+            else:
+                log.info(
+                    "masquerade: IPv6 pods are translated to %s (next hop %s)",
+                    m.address,
+                    m.gateway if m.gateway is not None else "none: dropped as no_route",
+                )
 
     def _route_conflict_problems(self) -> list[str]:
         """Routes of another owner that make the config impossible (checked before anything is
@@ -625,6 +675,7 @@ class Daemon:
             self.plumbing.state.nft_guard = False
             self.plumbing.save()
         self._sync_masquerade_guard(None, cfg)
+        self._masquerade_notes()
 
         self.watcher = NeighborWatcher(u.ifindex, self._on_event)
         self.discovery = discovery.make(cfg, str(u.address))
@@ -754,23 +805,40 @@ class Daemon:
         ps.set_sysctl(sysctl.conf(TUN_NAME, "router_solicitations", "ipv6"), 0)
         ps.set_sysctl(v6_knob, 0)
 
+    def _guard_addresses(self, cfg: Config) -> list[str]:
+        """The masquerade addresses of the families `cfg` translates: the IPv4 node address
+        (none on an IPv6-only underlay) and `masquerade.address6` (with IPv6 pods)."""
+        if not cfg.masquerade.enabled:
+            return []
+        out = [str(self.underlay.address)] if self.underlay.address.version == 4 else []
+        if self.masq6 is not None:
+            out.append(str(self.masq6.address))
+        return out
+
     def _sync_masquerade_guard(self, old: Config | None, new: Config) -> None:
-        """The nftables table that keeps masquerade replies from the node's own stack (nftables.py):
-        present exactly while masquerade is enabled, for the current node address and port range."""
+        """The nftables tables that keep masquerade replies from the node's own stack (nftables.py):
+        one per masqueraded family (`ip`, `ip6`), present exactly while masquerade is enabled, for
+        the current masquerade address and port range."""
         from podrouter import nftables
 
-        before = (old.masquerade.enabled, old.masquerade.port_range) if old else (False, None)
-        after = (new.masquerade.enabled, new.masquerade.port_range)
+        before = (self._guard_addresses(old), old.masquerade.port_range) if old else ([], None)
+        after = (self._guard_addresses(new), new.masquerade.port_range)
         if before == after:
             return
-        if new.masquerade.enabled:
+        if after[0]:
             # recorded first, so that a crash right after still gets it removed by cleanup
             self.plumbing.state.nft_guard = True
             self.plumbing.save()
-            nftables.install_guard(str(self.underlay.address), new.masquerade.port_range)
-            log.info("masquerade reply guard installed (ports %d-%d)", *new.masquerade.port_range)
-        elif old is not None:
-            nftables.remove_guard()
+            for addr in after[0]:
+                nftables.install_guard(addr, new.masquerade.port_range)
+                log.info(
+                    "masquerade reply guard installed for %s (ports %d-%d)", addr, *new.masquerade.port_range
+                )
+        wanted = {nftables.family_of(a) for a in after[0]}
+        for fam in nftables.FAMILIES:
+            if fam not in wanted and (old is not None or self.plumbing.state.nft_guard):
+                nftables.remove_guard(fam)
+        if not after[0] and old is not None:
             self.plumbing.state.nft_guard = False
             self.plumbing.save()
 
@@ -792,7 +860,9 @@ class Daemon:
         cfg, u = self.cfg, self.underlay
         # the leak guard (nftables.py): the cluster's pod CIDRs (and the mesh's), and, with
         # masquerade, the default gateway no pod packet may reach untranslated
-        masq_gw = [str(u.gateway)] if cfg.masquerade.enabled and u.gateway is not None else []
+        # (IPv4 only: an IPv6-only underlay's gateway is IPv6, and its IPv4 pods are never masqueraded)
+        gw4 = u.gateway if u.gateway is not None and u.gateway.version == 4 else None
+        masq_gw = [str(gw4)] if cfg.masquerade.enabled and gw4 is not None else []
         return (
             sorted(merged.items()),
             [(a, p) for a in sorted(endpoints) for p in ports],
@@ -1052,6 +1122,8 @@ class Daemon:
             hops.add(u.gateway)
         if u.gateway6 is not None:
             hops.add(u.gateway6)
+        if self.masq6 is not None and self.masq6.gateway is not None:
+            hops.add(self.masq6.gateway)  # resolved over NDP
         self.watcher.set_wanted(hops)
         if wait and hops and not self.watcher.wait_resolved(READY_NEIGHBOR_WAIT):
             log.warning(
@@ -1069,6 +1141,15 @@ class Daemon:
         if u.gateway is None:
             return None
         return {"ip": str(u.gateway), "mac": self.watcher.snapshot().get(u.gateway)}
+
+    def _masq6_spec(self) -> tuple[str | None, dict[str, Any] | None]:
+        """`masquerade.address6` and `masquerade.gateway6` of the table spec."""
+        m = self.masq6
+        if m is None:
+            return None, None
+        if m.gateway is None:
+            return str(m.address), None
+        return str(m.address), {"ip": str(m.gateway), "mac": self.watcher.snapshot().get(m.gateway)}
 
     def _desired_routes(self) -> dict[Any, Any]:
         from podrouter.netlink.plumbing import RouteSpec
@@ -1152,7 +1233,9 @@ class Daemon:
         gateway = self._gateway()
         t0 = time.perf_counter()
         a6 = str(self.underlay.address6) if self.underlay.address6 is not None else None
-        spec = build_spec(cfg, 0, str(self.underlay.address), gateway, self.peer_views, a6)
+        spec = build_spec(
+            cfg, 0, str(self.underlay.address), gateway, self.peer_views, a6, *self._masq6_spec()
+        )
         # the peers' part of the spec is a function of the (immutable) views: compare those instead
         # of formatting thousands of peer entries
         key = (repr({k: v for k, v in spec.items() if k != "peers"}), tuple(self.peer_views))
@@ -1219,6 +1302,7 @@ class Daemon:
                 timeouts=self.cfg.masquerade.timeouts,
                 max_entries=self.cfg.masquerade.max_entries,
                 max_entries_per_pod=self.cfg.masquerade.max_entries_per_pod,
+                address6=self.cfg.masquerade.address6,
             ),
         )
         for w in new.warnings:
@@ -1295,6 +1379,9 @@ class Daemon:
             out.append("masquerade.port_range")
         if new.masquerade.nat_config() != old.masquerade.nat_config():
             out.append("masquerade.timeouts/max_entries/max_entries_per_pod")
+        # resolved (and its gateway watched) at start, like node.address
+        if new.masquerade.address6 != old.masquerade.address6:
+            out.append("masquerade.address6")
         return out
 
     # ------------------------------------------------------------------------------------- pods
@@ -1563,6 +1650,12 @@ class Daemon:
                     # dual-stack underlay only (node.address6)
                     **({"address6": str(u.address6)} if u.address6 is not None else {}),
                 },
+                # where IPv6 pods are masqueraded to (masquerade.address6), if anywhere
+                "masquerade_address6": (
+                    str(self.masq6.address)
+                    if self.masq6 is not None and self.cfg.masquerade.enabled
+                    else None
+                ),
                 # our VTEP MAC: the inner source of every VXLAN frame we send; a Flannel-style
                 # kernel peer's neighbour and FDB entries for this node must use it
                 "vtep_mac": vtep_mac_of(u.address),
@@ -1760,11 +1853,12 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
     from podrouter import nftables
 
     # the guard tables have fixed names, so they are found even without a state file
-    try:
-        if nftables.remove_guard():
-            done.append(f"removed nftables table {nftables.FAMILY} {nftables.TABLE}")
-    except nftables.NftError as e:
-        done.append(f"could not remove nftables table {nftables.FAMILY} {nftables.TABLE}: {e}")
+    for fam in nftables.FAMILIES:
+        try:
+            if nftables.remove_guard(fam):
+                done.append(f"removed nftables table {fam} {nftables.TABLE}")
+        except nftables.NftError as e:
+            done.append(f"could not remove nftables table {fam} {nftables.TABLE}: {e}")
     try:
         if nftables.remove_pod_guard():
             done.append(f"removed nftables table {nftables.POD_FAMILY} {nftables.POD_TABLE}")

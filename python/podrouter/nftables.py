@@ -15,6 +15,11 @@ node's namespace whose only rules drop those originals:
       }
     }
 
+With IPv6 masquerade (`masquerade.address6`) the same table exists in family `ip6` (`table ip6
+podrouter`, rules on `ip6 daddr NODE6`): the IPv6 reply socket is bound to ETH_P_IPV6 and gets its
+copy before `ipv6_rcv` runs the hook. Each family's table is present exactly while that family is
+masqueraded; `remove_guard()` without a family removes both.
+
 Why these choices:
 
 * `prerouting` at priority `raw` (-300) runs before connection tracking (-200), so a node that has
@@ -49,6 +54,8 @@ from typing import Any
 TABLE = "podrouter"
 CHAIN = "masquerade_replies"
 FAMILY = "ip"
+FAMILY6 = "ip6"
+FAMILIES = (FAMILY, FAMILY6)
 PRIORITY_RAW = -300  # NF_IP_PRI_RAW
 NFT_CTX_OUTPUT_JSON = 1 << 4  # enum nft_ctx_output_flags (libnftables.h)
 
@@ -127,22 +134,22 @@ def run(commands: list[dict[str, Any]]) -> dict[str, Any]:
     return json.loads(out) if out.strip() else {}
 
 
-def _table() -> dict[str, str]:
-    return {"family": FAMILY, "name": TABLE}
+def _table(family: str = FAMILY) -> dict[str, str]:
+    return {"family": family, "name": TABLE}
 
 
-def _drop_rule(node_address: str, proto: str, lo: int, hi: int) -> dict[str, Any]:
+def _drop_rule(node_address: str, proto: str, lo: int, hi: int, family: str = FAMILY) -> dict[str, Any]:
     def match(left: dict[str, Any], right: Any) -> dict[str, Any]:
         return {"match": {"op": "==", "left": left, "right": right}}
 
     return {
         "rule": {
-            "family": FAMILY,
+            "family": family,
             "table": TABLE,
             "chain": CHAIN,
             "comment": f"masquerade replies ({proto}) go to the datapath only",
             "expr": [
-                match({"payload": {"protocol": "ip", "field": "daddr"}}, node_address),
+                match({"payload": {"protocol": family, "field": "daddr"}}, node_address),
                 match({"payload": {"protocol": proto, "field": "dport"}}, {"range": [lo, hi]}),
                 {"counter": None},
                 {"drop": None},
@@ -151,16 +158,24 @@ def _drop_rule(node_address: str, proto: str, lo: int, hi: int) -> dict[str, Any
     }
 
 
-def guard_commands(node_address: str, port_range: tuple[int, int]) -> list[dict[str, Any]]:
+def guard_commands(
+    node_address: str, port_range: tuple[int, int], family: str = FAMILY
+) -> list[dict[str, Any]]:
     """The transaction `install_guard` runs (pure, for tests and `--dry-run` style inspection).
 
-    The address must be a literal: libnftables would resolve a name through DNS."""
-    node_address = str(ipaddress.IPv4Address(node_address))
+    The address must be a literal of the family's version (`ip`: IPv4, `ip6`: IPv6): libnftables
+    would resolve a name through DNS."""
+    if family == FAMILY:
+        node_address = str(ipaddress.IPv4Address(node_address))
+    elif family == FAMILY6:
+        node_address = str(ipaddress.IPv6Address(node_address))
+    else:
+        raise ValueError(f"bad family {family!r}")
     lo, hi = (int(p) for p in port_range)
     if not 1 <= lo <= hi <= 65535:
         raise ValueError(f"bad port range {lo}-{hi}")
     chain = {
-        "family": FAMILY,
+        "family": family,
         "table": TABLE,
         "name": CHAIN,
         "type": "filter",
@@ -168,44 +183,54 @@ def guard_commands(node_address: str, port_range: tuple[int, int]) -> list[dict[
         "prio": PRIORITY_RAW,
         "policy": "accept",
     }
+    t = _table(family)
     return [
-        {"add": {"table": _table()}},
-        {"delete": {"table": _table()}},
-        {"add": {"table": _table()}},
+        {"add": {"table": t}},
+        {"delete": {"table": t}},
+        {"add": {"table": t}},
         {"add": {"chain": chain}},
-        {"add": _drop_rule(node_address, "tcp", lo, hi)},
-        {"add": _drop_rule(node_address, "udp", lo, hi)},
+        {"add": _drop_rule(node_address, "tcp", lo, hi, family)},
+        {"add": _drop_rule(node_address, "udp", lo, hi, family)},
     ]
 
 
+def family_of(address: str) -> str:
+    """The guard's family for a node address: `ip` or `ip6`."""
+    return FAMILY6 if ipaddress.ip_address(address).version == 6 else FAMILY
+
+
 def install_guard(node_address: str, port_range: tuple[int, int]) -> None:
-    """Installs (or atomically replaces) the table in the current network namespace."""
-    run(guard_commands(node_address, port_range))
+    """Installs (or atomically replaces) the table of the address's family in the current network
+    namespace."""
+    run(guard_commands(node_address, port_range, family_of(node_address)))
 
 
-def remove_guard() -> bool:
-    """Deletes the table if it exists. Returns True if there was one."""
+def remove_guard(family: str | None = None) -> bool:
+    """Deletes the table of `family` (None: of both families) if it exists. Returns True if there
+    was one."""
     if unavailable() is not None:
         return False
-    present = guard_present()
-    if present:
-        # add + delete: deleting a table that vanished meanwhile must not fail the teardown
-        run([{"add": {"table": _table()}}, {"delete": {"table": _table()}}])
-    return present
+    found = False
+    for fam in (family,) if family is not None else FAMILIES:
+        if guard_present(fam):
+            found = True
+            # add + delete: deleting a table that vanished meanwhile must not fail the teardown
+            run([{"add": {"table": _table(fam)}}, {"delete": {"table": _table(fam)}}])
+    return found
 
 
-def guard_present() -> bool:
+def guard_present(family: str = FAMILY) -> bool:
     try:
-        run([{"list": {"table": _table()}}])
+        run([{"list": {"table": _table(family)}}])
     except NftError:
         return False
     return True
 
 
-def guard_counters() -> dict[str, int]:
+def guard_counters(family: str = FAMILY) -> dict[str, int]:
     """Packets dropped so far by each rule, by protocol (`{}` when the table is absent)."""
     try:
-        out = run([{"list": {"table": _table()}}])
+        out = run([{"list": {"table": _table(family)}}])
     except NftError:
         return {}
     counts: dict[str, int] = {}
@@ -620,6 +645,10 @@ def pod_guard_counters() -> dict[str, int]:
 
 __all__ = [
     "CHAIN",
+    "FAMILIES",
+    "FAMILY",
+    "FAMILY6",
+    "family_of",
     "LEAK_COUNTER",
     "POD_FAMILY",
     "POD_TABLE",

@@ -13,8 +13,7 @@ test_dual_stack.py.
 * a dual-stack underlay: node1 holds both families and reaches node2 over IPv6 and node3 over IPv4;
 * interop with the Linux VXLAN device over IPv6 (`local 2001:db8:3::2`), both directions.
 
-Masquerade is left out: this topology has no IPv4 external link on the IPv6 underlay (and masquerade
-needs an IPv4 node address; config refuses it).
+Masquerade is left out here: test_masquerade6.py covers it on the IPv6-only and dual-stack underlays.
 """
 
 from __future__ import annotations

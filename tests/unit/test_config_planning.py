@@ -146,6 +146,8 @@ def test_spec_has_the_documented_shape() -> None:
         "enabled": True,
         "non_masquerade_cidrs": ["198.51.100.0/24"],
         "port_range": [62000, 63000],
+        "address6": None,
+        "gateway6": None,
     }
     node3 = spec["peers"][1]
     assert node3 == {

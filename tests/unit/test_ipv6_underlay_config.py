@@ -1,6 +1,7 @@
 """Config rules of an IPv6 / dual-stack underlay (docs/config.md, "IPv6 underlay"): IPv6 node and peer
 addresses are accepted, `node.address6` only next to an IPv4 `node.address`, a peer must be of a family
-the node has an underlay address in, masquerade needs an IPv4 node address, and every bad value is
+the node has an underlay address in, masquerade is accepted on an IPv6 underlay (it translates IPv6
+pods there, docs/masquerade.md), `masquerade.address6` is checked, and every bad value is
 refused naming the key and the value. Also the MTU planning with the 20 bytes of IPv6 outer header."""
 
 from __future__ import annotations
@@ -92,9 +93,21 @@ def test_dual_stack_underlay_accepts_peers_of_both_families() -> None:
             "node.address: '::1' is a loopback address",
         ),
         (
-            "node: {name: node1, address: '2001:db8:2::2', pod_cidr: 10.244.1.0/24}\n"
-            "cluster: {pod_cidr: 10.244.0.0/16}\n",
-            "masquerade.enabled: true needs an IPv4 node address",
+            "node: {name: node1, address: '2001:db8:2::2', pod_cidr: 'fd00:10:244:1::/64'}\n"
+            "cluster: {pod_cidr: 'fd00:10:244::/48'}\nmasquerade: {address6: 'fd00:10:244:1::9'}\n",
+            "masquerade.address6: 'fd00:10:244:1::9' is inside the cluster pod CIDR 'fd00:10:244::/48'",
+        ),
+        (
+            DUAL_NODE + "masquerade: {address6: 10.0.0.1}\n",
+            "masquerade.address6: '10.0.0.1' is not 'auto', 'none' or an IPv6 address",
+        ),
+        (
+            DUAL_NODE + "masquerade: {address6: 'fe80::1'}\n",
+            "masquerade.address6: 'fe80::1' is a link-local address",
+        ),
+        (
+            DUAL_NODE + "masquerade: {address6: 6}\n",
+            "masquerade.address6: 6 is not 'auto', 'none' or an IPv6 address",
         ),
         (
             DUAL_NODE + "peers: [{name: node2, address: '2001:db8:2::2', pod_cidr: 10.244.2.0/24}]\n",
@@ -112,8 +125,9 @@ def test_ipv6_underlay_problems_name_the_key_and_value(text: str, expected: str)
     assert any(p.startswith(expected) for p in found), found
 
 
-def test_underlay_problems_at_start_check_families_and_masquerade() -> None:
-    """node.address unset (resolved at start): the families and masquerade are checked then."""
+def test_underlay_problems_at_start_check_families_not_masquerade() -> None:
+    """node.address unset (resolved at start): the families are checked then; masquerade on an
+    IPv6 underlay is no problem (it translates the IPv6 pods)."""
     cfg = config.loads(
         "node: {name: node1, pod_cidr: 10.244.1.0/24}\ncluster: {pod_cidr: 10.244.0.0/16}\n"
         "peers: [{name: node2, address: 172.16.3.2, pod_cidr: 10.244.2.0/24}]\n"
@@ -121,7 +135,29 @@ def test_underlay_problems_at_start_check_families_and_masquerade() -> None:
     addr = ipaddress.IPv6Address("2001:db8:2::2")
     out = config.underlay_problems(cfg, addr, ipaddress.IPv6Network("2001:db8:2::/64"), None)
     assert any(p.startswith("peers[0].address: '172.16.3.2' is IPv4") for p in out), out
-    assert any(p.startswith("masquerade.enabled: true needs an IPv4 node address") for p in out), out
+    assert not any(p.startswith("masquerade") for p in out), out
+
+
+def test_masquerade_on_an_ipv6_underlay_is_accepted_and_address6_parsed() -> None:
+    cfg = config.loads(
+        "node: {name: node1, address: '2001:db8:2::2', pod_cidrs: [10.244.1.0/24, 'fd00:10:244:1::/64']}\n"
+        "cluster: {pod_cidrs: [10.244.0.0/16, 'fd00:10:244::/48']}\n"
+    )
+    assert cfg.masquerade.enabled and cfg.masquerade.address6 == "auto"
+    cfg = config.loads(DUAL_NODE + "masquerade: {address6: none}\n")
+    assert cfg.masquerade.address6 == "none"
+    cfg = config.loads(DUAL_NODE + "masquerade: {address6: '2001:db8:2::9'}\n")
+    assert cfg.masquerade.address6 == ipaddress.IPv6Address("2001:db8:2::9")
+
+
+def test_the_spec_carries_the_ipv6_masquerade_address_and_next_hop() -> None:
+    cfg = config.loads(DUAL_NODE)
+    gw6 = {"ip": "2001:db8:2::1", "mac": "02:00:00:00:00:06"}
+    spec = build_spec(cfg, 1, "172.16.2.2", None, [], "2001:db8:2::2", "2001:db8:2::2", gw6)
+    assert spec["masquerade"]["address6"] == "2001:db8:2::2"
+    assert spec["masquerade"]["gateway6"] == gw6
+    spec = build_spec(cfg, 1, "172.16.2.2", None, [])
+    assert spec["masquerade"]["address6"] is None and spec["masquerade"]["gateway6"] is None
 
 
 def test_route_mtu_takes_the_ipv6_outer_header_per_peer() -> None:

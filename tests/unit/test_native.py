@@ -89,6 +89,33 @@ def test_outside_the_cluster_is_masqueraded_via_the_gateway(tables: Any) -> None
     assert (v["next_hop"], v["next_hop_mac"]) == ("172.16.2.1", GW_MAC)
 
 
+def test_ipv6_outside_the_cluster_is_masqueraded_to_address6_via_gateway6() -> None:
+    from scapy.layers.inet6 import IPv6
+
+    spec = copy.deepcopy(node1_spec())
+    spec["node"]["pod_cidrs"].append("fd00:10:244:1::/64")
+    spec["cluster_cidrs"].append("fd00:10:244::/48")
+    gw6 = {"ip": "2001:db8:2::1", "mac": "02:00:00:00:00:06"}
+    spec["masquerade"].update(address6="2001:db8:2::2", gateway6=gw6)
+    t = _native.Tables(spec)
+    pkt = raw(IPv6(src="fd00:10:244:1::1", dst="2001:db8:ff::10") / UDP(sport=5000, dport=53))
+    v = t.classify(pkt)
+    assert v["verdict"] == "masquerade" and v["address"] == "2001:db8:2::2", v
+    assert (v["next_hop"], v["next_hop_mac"]) == (gw6["ip"], gw6["mac"])
+    # without address6: untranslated, natively via the gateway
+    spec["masquerade"].update(address6=None, gateway6=None)
+    assert _native.Tables(spec).classify(pkt)["verdict"] == "native"
+    # an IPv6-only underlay: IPv4 pods have no address to be translated to
+    spec["node"]["address"] = "2001:db8:2::2"
+    spec["gateway"] = gw6
+    spec["peers"] = []
+    spec["masquerade"].update(address6="2001:db8:2::2", gateway6=gw6)
+    t = _native.Tables(spec)
+    assert t.classify(pkt)["verdict"] == "masquerade"
+    v4 = t.classify(raw(IP(src="10.244.1.1", dst="203.0.113.10") / UDP(sport=5000, dport=53)))
+    assert (v4["verdict"], v4["reason"]) == ("drop", "no_route"), v4
+
+
 def test_peer_protocol_override_and_mode_override() -> None:
     spec = node1_spec()
     spec["peers"][0]["tunnel_protocol"] = "geneve"

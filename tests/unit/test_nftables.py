@@ -47,6 +47,25 @@ def test_guard_refuses_what_is_not_an_ipv4_literal_and_a_port_range(
         nftables.guard_commands(addr, ports)
 
 
+def test_the_ipv6_guard_is_the_same_table_in_family_ip6() -> None:
+    cmds = nftables.guard_commands("2001:db8:2::2", (61000, 65535), nftables.FAMILY6)
+    table = {"family": "ip6", "name": "podrouter"}
+    assert cmds[:3] == [{"add": {"table": table}}, {"delete": {"table": table}}, {"add": {"table": table}}]
+    assert cmds[3]["add"]["chain"]["family"] == "ip6"
+    rules = [c["add"]["rule"] for c in cmds[4:]]
+    assert [r["family"] for r in rules] == ["ip6", "ip6"]
+    for rule, proto in zip(rules, ("tcp", "udp"), strict=True):
+        e = rule["expr"]
+        assert e[0]["match"]["left"] == {"payload": {"protocol": "ip6", "field": "daddr"}}
+        assert e[0]["match"]["right"] == "2001:db8:2::2"
+        assert e[1]["match"]["left"] == {"payload": {"protocol": proto, "field": "dport"}}
+        assert e[-1] == {"drop": None}
+    assert nftables.family_of("2001:db8:2::2") == "ip6" and nftables.family_of("172.16.2.2") == "ip"
+    for bad, fam in (("172.16.2.2", "ip6"), ("node1.example", "ip6"), ("2001:db8::1", "inet")):
+        with pytest.raises(ValueError):
+            nftables.guard_commands(bad, (61000, 65535), fam)
+
+
 # ------------------------------------------------------------------------------ pod egress guard
 
 

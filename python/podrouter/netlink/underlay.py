@@ -184,6 +184,48 @@ def resolve_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
     )
 
 
+@dataclass(frozen=True)
+class Masquerade6:
+    """Where IPv6 pods are translated to (`masquerade.address6`) and the IPv6 next hop their
+    translated packets take (the IPv6 default gateway on the underlay interface, if any)."""
+
+    address: ipaddress.IPv6Address
+    gateway: ipaddress.IPv6Address | None
+
+
+def resolve_masquerade6(ipr: IPRoute, underlay: Underlay, want: Any) -> Masquerade6 | None:
+    """`masquerade.address6` in this namespace: "none" -> None; "auto" -> the node's IPv6
+    underlay address (node.address on an IPv6 underlay, else node.address6), else the interface's
+    first global IPv6 address, else None (nothing to translate IPv6 pods to); an explicit address
+    must be a global IPv6 address of the underlay interface (replies must reach it there and the
+    kernel must answer NDP for it), else UnderlayError."""
+    if want == "none":
+        return None
+    own = [a for a, _, _ in _addresses(ipr, socket.AF_INET6, underlay.ifindex)]
+    addr: Any
+    if want == "auto":
+        if underlay.address.version == 6:
+            addr = underlay.address
+        elif underlay.address6 is not None:
+            addr = underlay.address6
+        elif own:
+            addr = own[0]
+        else:
+            return None
+    else:
+        addr = ipaddress.IPv6Address(str(want))
+        if addr not in own:
+            raise UnderlayError(
+                [f"masquerade.address6: '{addr}' is not a global IPv6 address of '{underlay.ifname}'"]
+            )
+    if underlay.address.version == 6:
+        gw = underlay.gateway
+    else:
+        gw = underlay.gateway6 or _gateway(ipr, socket.AF_INET6, underlay.ifindex)
+    assert isinstance(addr, ipaddress.IPv6Address)
+    return Masquerade6(addr, gw if isinstance(gw, ipaddress.IPv6Address) else None)
+
+
 def next_hop_for(ipr: IPRoute, underlay: Underlay, peer: IPAddress) -> IPAddress | None:
     """The native next hop towards a peer node: the peer itself on-link, else the kernel's gateway.
     An IPv6 peer gets an IPv6 next hop (its MAC is then resolved over NDP).

@@ -70,6 +70,8 @@ pub struct Tables {
     /// Verdict for a destination outside the cluster when masquerade applies / does not.
     outside_masq: Verdict,
     outside_native: Verdict,
+    /// Verdict for an IPv6 destination outside the cluster when IPv6 masquerade applies.
+    outside_masq6: Verdict,
     mode: RoutingMode,
     native_when_on_link: bool,
     tunnel: TunnelSpec,
@@ -265,6 +267,14 @@ impl Tables {
             next_hops.push(g);
             NextHopId(0)
         });
+        // The IPv6 masquerade next hop (shares the gateway's entry when it is the same).
+        let gateway6 = spec.masquerade.gateway6.map(|g| {
+            let id = next_hops.iter().position(|x| *x == g).unwrap_or_else(|| {
+                next_hops.push(g);
+                next_hops.len() - 1
+            });
+            NextHopId(id as u32)
+        });
         let mut peers = Vec::with_capacity(spec.peers.len());
         for (p, ps) in spec.peers.iter().enumerate() {
             let nh = match ps.next_hop {
@@ -321,6 +331,7 @@ impl Tables {
             peer_by_addr,
             outside_masq: native_via(&next_hops, gateway, true),
             outside_native: native_via(&next_hops, gateway, false),
+            outside_masq6: native_via(&next_hops, gateway6, true),
             peers,
             next_hops,
             mode: spec.mode,
@@ -336,10 +347,12 @@ impl Tables {
     /// 2. `dst` in the cluster: the owning peer (none: `Drop(no_route)`), then its mode (override
     ///    or node-wide): native -> `Native`, tunnel -> `Tunnel`, hybrid -> `Native` if `dst` is in
     ///    `native_cidrs` or (`native_when_on_link` and the peer is on-link), else `Tunnel`.
-    /// 3. Outside the cluster: `Masquerade` via the gateway when masquerade is enabled, `dst` is
-    ///    not in `non_masquerade_cidrs`, `src` is one of our pods (only they are translated; the
-    ///    node's own traffic keeps its address) and the packet is IPv4 (podrouter does NAT44 only;
-    ///    IPv6 pods are expected to hold routable addresses). Otherwise `Native` via the gateway.
+    /// 3. Outside the cluster: `Masquerade` when masquerade is enabled, `dst` is not in
+    ///    `non_masquerade_cidrs` and `src` is one of our pods (only they are translated; the
+    ///    node's own traffic keeps its address): IPv4 via the gateway to the IPv4 node address
+    ///    (`Drop(no_route)` on an IPv6-only underlay, which has none), IPv6 via
+    ///    `masquerade.gateway6` to `masquerade.address6` (unset: IPv6 leaves untranslated).
+    ///    Otherwise `Native` via the gateway.
     ///
     /// A native verdict whose next hop has no MAC yet is `Drop(neighbor_unresolved)`; no gateway is
     /// `Drop(no_route)`. Mixed address families are `Drop(malformed)`.
@@ -366,14 +379,19 @@ impl Tables {
             }
             Some(Dest::Cluster) => Verdict::Drop(DropReason::NoRoute),
             None => {
-                if self.masquerade.enabled
-                    && dst.is_ipv4()
-                    && !self.non_masq.contains(dst)
-                    && self.dest.lookup(src) == Some(Dest::Local)
+                if !self.masquerade.enabled
+                    || self.non_masq.contains(dst)
+                    || self.dest.lookup(src) != Some(Dest::Local)
                 {
-                    self.outside_masq
-                } else {
-                    self.outside_native
+                    return self.outside_native;
+                }
+                match (dst, self.node_address) {
+                    (IpAddr::V4(_), IpAddr::V4(_)) => self.outside_masq,
+                    // an IPv6-only underlay has no IPv4 address to translate to: never let an
+                    // IPv4 pod packet out untranslated (docs/masquerade.md)
+                    (IpAddr::V4(_), IpAddr::V6(_)) => Verdict::Drop(DropReason::NoRoute),
+                    (IpAddr::V6(_), _) if self.masquerade.address6.is_some() => self.outside_masq6,
+                    (IpAddr::V6(_), _) => self.outside_native,
                 }
             }
         }
@@ -419,8 +437,8 @@ impl Tables {
     }
 
     /// This node's IPv4 underlay address: the masquerade address and the filter of the
-    /// masquerade reply socket. `0.0.0.0` on an IPv6-only underlay (the control plane refuses
-    /// masquerade there: config `masquerade.enabled`).
+    /// masquerade reply socket. `0.0.0.0` on an IPv6-only underlay (which has no IPv4 masquerade:
+    /// `classify` drops IPv4 pod packets leaving the cluster there).
     pub fn node_address(&self) -> Ipv4Addr {
         match self.node_address {
             IpAddr::V4(a) => a,
@@ -592,6 +610,8 @@ mod tests {
                 enabled: true,
                 non_masquerade_cidrs: vec![c("192.168.0.0/16")],
                 port_range: (61000, 65535),
+                address6: None,
+                gateway6: None,
             },
             peers: vec![
                 PeerSpec {
@@ -896,7 +916,7 @@ mod tests {
                 next_hop: NextHopId(0)
             }
         );
-        // IPv6: no NAT66.
+        // IPv6 without masquerade.address6: untranslated.
         assert_eq!(
             t.classify(ip("fd00:10:244:1::a"), ip("2001:db8::1")),
             Verdict::Native {
@@ -921,6 +941,80 @@ mod tests {
         assert_eq!(
             t.classify(ip(POD), ip("203.0.113.7")),
             Verdict::Drop(DropReason::NeighborUnresolved)
+        );
+    }
+
+    #[test]
+    fn masquerade6_outside_cluster() {
+        const GW6_MAC: [u8; 6] = [2, 0, 0, 0, 0, 6];
+        let with6 = |s: &mut TableSpec| {
+            s.masquerade.address6 = Some("2001:db8:2::2".parse().unwrap());
+            s.masquerade.gateway6 = Some(NextHop {
+                ip: ip("2001:db8:2::1"),
+                mac: Some(GW6_MAC),
+            });
+            s.masquerade
+                .non_masquerade_cidrs
+                .push(c("2001:db8:99::/48"));
+        };
+        let t = tables(with6);
+        let v = t.classify(ip("fd00:10:244:1::a"), ip("2001:db8::1"));
+        let Verdict::Masquerade { next_hop } = v else {
+            panic!("{v:?}");
+        };
+        assert_eq!(t.next_hop(next_hop).unwrap().mac, Some(GW6_MAC));
+        // IPv4 is unchanged: the IPv4 gateway.
+        assert_eq!(
+            t.classify(ip(POD), ip("203.0.113.7")),
+            Verdict::Masquerade {
+                next_hop: NextHopId(0)
+            }
+        );
+        // An IPv6 non_masquerade_cidrs destination and the node's own source stay native.
+        let native = Verdict::Native {
+            next_hop: NextHopId(0),
+        };
+        assert_eq!(
+            t.classify(ip("fd00:10:244:1::a"), ip("2001:db8:99::1")),
+            native
+        );
+        assert_eq!(t.classify(ip("2001:db8:2::2"), ip("2001:db8::1")), native);
+        // Cluster destinations are never masqueraded.
+        assert!(matches!(
+            t.classify(ip("fd00:10:244:1::a"), ip("fd00:10:244:2::1")),
+            Verdict::Tunnel { .. }
+        ));
+        // The IPv6 gateway unresolved (NDP pending) or missing.
+        let t = tables(|s| {
+            with6(s);
+            s.masquerade.gateway6.as_mut().unwrap().mac = None;
+        });
+        assert_eq!(
+            t.classify(ip("fd00:10:244:1::a"), ip("2001:db8::1")),
+            Verdict::Drop(DropReason::NeighborUnresolved)
+        );
+        let t = tables(|s| {
+            with6(s);
+            s.masquerade.gateway6 = None;
+        });
+        assert_eq!(
+            t.classify(ip("fd00:10:244:1::a"), ip("2001:db8::1")),
+            Verdict::Drop(DropReason::NoRoute)
+        );
+        // An IPv6-only underlay: IPv6 pods are translated, an IPv4 pod's packet has no IPv4
+        // address to take and is dropped rather than leaving untranslated.
+        let t = tables(|s| {
+            with6(s);
+            s.node.address = ip("2001:db8:2::2");
+            s.peers.clear();
+        });
+        assert!(matches!(
+            t.classify(ip("fd00:10:244:1::a"), ip("2001:db8::1")),
+            Verdict::Masquerade { .. }
+        ));
+        assert_eq!(
+            t.classify(ip(POD), ip("203.0.113.7")),
+            Verdict::Drop(DropReason::NoRoute)
         );
     }
 

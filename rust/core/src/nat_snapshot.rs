@@ -20,9 +20,11 @@
 //! | 40 | 8 | checksum of every other byte of the file ([`checksum`]) |
 //!
 //! Then `count` entries of [`ENTRY_LEN`] bytes: protocol (1 TCP, 2 UDP, 3 ICMP), state (1..=8),
-//! flags ([`NatRecord::FLAGS`]), address family (4), pod address and remote address (16 bytes
-//! each, IPv4-mapped IPv6, so that the layout need not change for IPv6 keys), pod port, remote
-//! port, node port, 2 reserved bytes (0), seconds to live, TCP tracking `lo` and `hi`.
+//! flags ([`NatRecord::FLAGS`]), address family (4 or 6), pod address and remote address (16 bytes
+//! each: IPv4-mapped IPv6 for family 4, the IPv6 address for family 6), pod port, remote port,
+//! node port, 2 reserved bytes (0), seconds to live, TCP tracking `lo` and `hi`. The IPv4 table's
+//! entries come first, then the IPv6 table's ([`encode_both_into`], [`load_both`]); the header's
+//! count covers both.
 //!
 //! # Trust
 //!
@@ -37,8 +39,46 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::nat::{FlowKey, NatProto, NatRecord, NatState, NatTable, RestoreError};
 use crate::spec::Cidr;
+use crate::nat::{
+    FlowKey, NatAddr, NatProto, NatRecord, NatState, NatTable, NatTable6, RestoreError,
+};
+
+/// An address family the snapshot stores: its family byte and its 16-byte form.
+pub trait SnapAddr: NatAddr {
+    const FAMILY: u8;
+    fn to16(self) -> [u8; 16];
+    fn from16(b: [u8; 16]) -> Option<Self>;
+    fn ip(self) -> IpAddr;
+}
+
+impl SnapAddr for Ipv4Addr {
+    const FAMILY: u8 = 4;
+    fn to16(self) -> [u8; 16] {
+        self.to_ipv6_mapped().octets()
+    }
+    fn from16(b: [u8; 16]) -> Option<Self> {
+        Ipv6Addr::from(b).to_ipv4_mapped()
+    }
+    fn ip(self) -> IpAddr {
+        IpAddr::V4(self)
+    }
+}
+
+impl SnapAddr for Ipv6Addr {
+    const FAMILY: u8 = 6;
+    fn to16(self) -> [u8; 16] {
+        self.octets()
+    }
+    fn from16(b: [u8; 16]) -> Option<Self> {
+        let a = Ipv6Addr::from(b);
+        // an IPv4-mapped address is an IPv4 key written as IPv6: refused
+        a.to_ipv4_mapped().is_none().then_some(a)
+    }
+    fn ip(self) -> IpAddr {
+        IpAddr::V6(self)
+    }
+}
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"PODRNAT\n";
@@ -123,32 +163,50 @@ pub fn encode(records: &[NatRecord], wall_secs: u64) -> Vec<u8> {
 
 /// [`encode`] into `b` (cleared first), reusing its allocation.
 pub fn encode_into(records: &[NatRecord], wall_secs: u64, b: &mut Vec<u8>) {
+    encode_both_into(records, &[], wall_secs, b);
+}
+
+/// [`encode_into`] for both tables: the IPv4 records, then the IPv6 ones.
+pub fn encode_both_into(
+    records: &[NatRecord],
+    records6: &[NatRecord<Ipv6Addr>],
+    wall_secs: u64,
+    b: &mut Vec<u8>,
+) {
+    let n = records.len() + records6.len();
     b.clear();
-    b.reserve(file_len(records.len()));
+    b.reserve(file_len(n));
     b.extend_from_slice(&MAGIC);
     b.extend_from_slice(&VERSION.to_le_bytes());
     b.extend_from_slice(&(ENTRY_LEN as u32).to_le_bytes());
-    b.extend_from_slice(&(records.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(n as u64).to_le_bytes());
     b.extend_from_slice(&wall_secs.to_le_bytes());
     b.extend_from_slice(&0u64.to_le_bytes());
     b.extend_from_slice(&0u64.to_le_bytes());
     for r in records {
-        b.push(r.key.proto as u8);
-        b.push(state_code(r.state));
-        b.push(r.flags);
-        b.push(4);
-        b.extend_from_slice(&r.key.pod_ip.to_ipv6_mapped().octets());
-        b.extend_from_slice(&r.key.remote_ip.to_ipv6_mapped().octets());
-        b.extend_from_slice(&r.key.pod_port.to_le_bytes());
-        b.extend_from_slice(&r.key.remote_port.to_le_bytes());
-        b.extend_from_slice(&r.node_port.to_le_bytes());
-        b.extend_from_slice(&[0, 0]);
-        b.extend_from_slice(&r.ttl.to_le_bytes());
-        b.extend_from_slice(&r.lo.to_le_bytes());
-        b.extend_from_slice(&r.hi.to_le_bytes());
+        push_entry(b, r);
+    }
+    for r in records6 {
+        push_entry(b, r);
     }
     let c = checksum(b);
     b[CSUM_AT..CSUM_AT + 8].copy_from_slice(&c.to_le_bytes());
+}
+
+fn push_entry<A: SnapAddr>(b: &mut Vec<u8>, r: &NatRecord<A>) {
+    b.push(r.key.proto as u8);
+    b.push(state_code(r.state));
+    b.push(r.flags);
+    b.push(A::FAMILY);
+    b.extend_from_slice(&r.key.pod_ip.to16());
+    b.extend_from_slice(&r.key.remote_ip.to16());
+    b.extend_from_slice(&r.key.pod_port.to_le_bytes());
+    b.extend_from_slice(&r.key.remote_port.to_le_bytes());
+    b.extend_from_slice(&r.node_port.to_le_bytes());
+    b.extend_from_slice(&[0, 0]);
+    b.extend_from_slice(&r.ttl.to_le_bytes());
+    b.extend_from_slice(&r.lo.to_le_bytes());
+    b.extend_from_slice(&r.hi.to_le_bytes());
 }
 
 /// Why a whole snapshot was refused.
@@ -234,10 +292,10 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-fn v4_at(b: &[u8], at: usize) -> Option<Ipv4Addr> {
+fn addr_at<A: SnapAddr>(b: &[u8], at: usize) -> Option<A> {
     let mut w = [0u8; 16];
     w.copy_from_slice(&b[at..at + 16]);
-    Ipv6Addr::from(w).to_ipv4_mapped()
+    A::from16(w)
 }
 
 /// Checks the header, length and checksum; returns the entry count and the write's wall-clock
@@ -281,18 +339,18 @@ pub fn check_header(b: &[u8], max_entries: usize) -> Result<(usize, u64), Snapsh
 }
 
 /// One entry, structurally: `None` for an unknown code or a nonzero reserved field.
-fn decode_entry(e: &[u8]) -> Option<NatRecord> {
+fn decode_entry<A: SnapAddr>(e: &[u8]) -> Option<NatRecord<A>> {
     let proto = proto_of(e[0])?;
     let state = state_of(e[1])?;
-    if e[3] != 4 || e[42..44] != [0, 0] {
+    if e[3] != A::FAMILY || e[42..44] != [0, 0] {
         return None;
     }
     Some(NatRecord {
         key: FlowKey {
             proto,
-            pod_ip: v4_at(e, 4)?,
+            pod_ip: addr_at(e, 4)?,
             pod_port: u16_at(e, 36),
-            remote_ip: v4_at(e, 20)?,
+            remote_ip: addr_at(e, 20)?,
             remote_port: u16_at(e, 38),
         },
         node_port: u16_at(e, 40),
@@ -307,6 +365,7 @@ fn decode_entry(e: &[u8]) -> Option<NatRecord> {
 /// Restores the snapshot `b` into `table` (normally empty, before the workers start) at the
 /// table's second `now`, wall-clock second `wall_now`: every entry loses the seconds that passed
 /// since the write. Pod addresses must lie inside `pod_cidrs`; ports inside the table's range.
+/// IPv6 entries are refused (`invalid`); [`load_both`] restores them.
 pub fn load(
     b: &[u8],
     pod_cidrs: &[Cidr],
@@ -314,39 +373,64 @@ pub fn load(
     now: u64,
     wall_now: u64,
 ) -> Result<LoadReport, SnapshotError> {
-    let (count, written) = check_header(b, table.config().max_entries)?;
+    load_both(b, pod_cidrs, table, None, now, wall_now)
+}
+
+/// [`load`] into both tables: IPv4 entries into `table`, IPv6 entries into `table6` (without
+/// one, IPv6 entries are `invalid`). The entry count may reach both tables' `max_entries`.
+pub fn load_both(
+    b: &[u8],
+    pod_cidrs: &[Cidr],
+    table: &mut NatTable,
+    mut table6: Option<&mut NatTable6>,
+    now: u64,
+    wall_now: u64,
+) -> Result<LoadReport, SnapshotError> {
+    let max = table.config().max_entries + table6.as_ref().map_or(0, |t| t.config().max_entries);
+    let (count, written) = check_header(b, max)?;
     let elapsed = wall_now.saturating_sub(written);
     let mut rep = LoadReport::default();
     for e in b[HEADER_LEN..].chunks_exact(ENTRY_LEN).take(count) {
-        let Some(mut r) = decode_entry(e) else {
-            rep.invalid += 1;
-            continue;
-        };
-        if !pod_cidrs
-            .iter()
-            .any(|c| c.contains(IpAddr::V4(r.key.pod_ip)))
-        {
-            rep.outside_cidrs += 1;
-            continue;
-        }
-        if u64::from(r.ttl) <= elapsed {
-            if r.ttl == 0 {
-                rep.invalid += 1;
-            } else {
-                rep.expired += 1;
-            }
-            continue;
-        }
-        r.ttl -= elapsed as u32;
-        match table.restore(&r, now) {
-            Ok(()) => rep.restored += 1,
-            Err(RestoreError::PortRange) => rep.port_range += 1,
-            Err(RestoreError::Duplicate) => rep.duplicate += 1,
-            Err(RestoreError::Full) => rep.full += 1,
-            Err(RestoreError::Invalid) => rep.invalid += 1,
+        match (e[3], table6.as_deref_mut()) {
+            (6, Some(t6)) => restore_entry::<Ipv6Addr>(e, pod_cidrs, t6, now, elapsed, &mut rep),
+            _ => restore_entry::<Ipv4Addr>(e, pod_cidrs, table, now, elapsed, &mut rep),
         }
     }
     Ok(rep)
+}
+
+fn restore_entry<A: SnapAddr>(
+    e: &[u8],
+    pod_cidrs: &[Cidr],
+    table: &mut NatTable<A>,
+    now: u64,
+    elapsed: u64,
+    rep: &mut LoadReport,
+) {
+    let Some(mut r) = decode_entry::<A>(e) else {
+        rep.invalid += 1;
+        return;
+    };
+    if !pod_cidrs.iter().any(|c| c.contains(r.key.pod_ip.ip())) {
+        rep.outside_cidrs += 1;
+        return;
+    }
+    if u64::from(r.ttl) <= elapsed {
+        if r.ttl == 0 {
+            rep.invalid += 1;
+        } else {
+            rep.expired += 1;
+        }
+        return;
+    }
+    r.ttl -= elapsed as u32;
+    match table.restore(&r, now) {
+        Ok(()) => rep.restored += 1,
+        Err(RestoreError::PortRange) => rep.port_range += 1,
+        Err(RestoreError::Duplicate) => rep.duplicate += 1,
+        Err(RestoreError::Full) => rep.full += 1,
+        Err(RestoreError::Invalid) => rep.invalid += 1,
+    }
 }
 
 #[cfg(test)]
@@ -399,6 +483,55 @@ mod tests {
             }
         }
         t
+    }
+
+    #[test]
+    fn ipv6_entries_round_trip_next_to_ipv4_ones() {
+        let key6 = |i: u16| FlowKey {
+            proto: NatProto::Udp,
+            pod_ip: "fd00:10:244:1::7".parse::<Ipv6Addr>().unwrap(),
+            pod_port: 2000 + i,
+            remote_ip: "2001:db8::53".parse::<Ipv6Addr>().unwrap(),
+            remote_port: 53,
+        };
+        let old4 = filled(20);
+        let mut old6 = NatTable::new_v6(NatConfig {
+            seed: 3,
+            ..NatConfig::default()
+        });
+        for i in 0..30 {
+            old6.egress(&key6(i), 0, 5).unwrap();
+        }
+        let mut snap = Vec::new();
+        encode_both_into(&old4.export(10), &old6.export(10), 1000, &mut snap);
+        assert_eq!(snap.len(), file_len(50));
+        let cidrs = [cidr("10.0.1.0", 24), cidr("fd00:10:244:1::", 64)];
+        let (mut new4, mut new6) = (table(7), NatTable::new_v6(NatConfig::default()));
+        let rep = load_both(&snap, &cidrs, &mut new4, Some(&mut new6), 0, 1001).unwrap();
+        assert_eq!((rep.restored, rep.rejected()), (50, 0), "{rep:?}");
+        assert_eq!((new4.len(), new6.len()), (20, 30));
+        for i in 0..30 {
+            let (a, b) = (
+                old6.get(&key6(i), 10).unwrap(),
+                new6.get(&key6(i), 0).unwrap(),
+            );
+            assert_eq!((a.node_port, a.state), (b.node_port, b.state));
+        }
+        // An IPv6 pod outside the pod CIDRs is refused; an IPv4-only load counts IPv6 as invalid.
+        let mut other = NatTable::new_v6(NatConfig::default());
+        let rep = load_both(&snap, &cidrs[..1], &mut table(1), Some(&mut other), 0, 1001).unwrap();
+        assert_eq!((rep.restored, rep.outside_cidrs), (20, 30));
+        let rep = load(&snap, &cidrs, &mut table(1), 0, 1001).unwrap();
+        assert_eq!((rep.restored, rep.invalid), (20, 30));
+        // An IPv4-mapped address written with family 6 is not an IPv6 key.
+        let mut bad = snap.clone();
+        let at = HEADER_LEN + 20 * ENTRY_LEN;
+        bad[at + 4..at + 20].copy_from_slice(&Ipv4Addr::new(10, 0, 1, 9).to_ipv6_mapped().octets());
+        let c = checksum(&bad);
+        bad[CSUM_AT..CSUM_AT + 8].copy_from_slice(&c.to_le_bytes());
+        let mut t6 = NatTable::new_v6(NatConfig::default());
+        let rep = load_both(&bad, &cidrs, &mut table(1), Some(&mut t6), 0, 1001).unwrap();
+        assert_eq!((rep.restored, rep.invalid), (49, 1));
     }
 
     #[test]

@@ -228,6 +228,12 @@ pub struct MasqueradeSpec {
     pub non_masquerade_cidrs: Vec<Cidr>,
     /// Inclusive node port range for translated flows.
     pub port_range: (u16, u16),
+    /// The node's IPv6 masquerade address (config `masquerade.address6`). `None`: IPv6 pods are
+    /// not translated (their packets leave with their own address, as before NAT66 was wired).
+    pub address6: Option<Ipv6Addr>,
+    /// The IPv6 next hop of translated IPv6 packets (the underlay's IPv6 default gateway, its MAC
+    /// resolved over NDP). `None` with `address6` set: such packets are dropped `no_route`.
+    pub gateway6: Option<NextHop>,
 }
 
 impl Default for MasqueradeSpec {
@@ -236,6 +242,8 @@ impl Default for MasqueradeSpec {
             enabled: false,
             non_masquerade_cidrs: Vec::new(),
             port_range: crate::nat::DEFAULT_PORT_RANGE,
+            address6: None,
+            gateway6: None,
         }
     }
 }

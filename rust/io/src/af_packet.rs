@@ -124,7 +124,8 @@ impl PacketSocket {
 }
 
 impl PacketSocket {
-    /// A non-blocking receive socket for IPv4 on `ifindex` that only sees what `filter` accepts.
+    /// A non-blocking receive socket for `ethertype` ([`ETHERTYPE_IPV4`] or [`ETHERTYPE_IPV6`])
+    /// on `ifindex` that only sees what `filter` accepts.
     /// Reads return the Ethernet header and the packet ([`ETH_HLEN`] + IP).
     /// The filter is attached before the socket is bound, so no unfiltered packet is ever queued.
     /// With `vnet_hdr`, each packet read starts with a vnet header (GRO'd packets keep their GSO
@@ -133,6 +134,7 @@ impl PacketSocket {
         ifindex: u32,
         filter: &[libc::sock_filter],
         vnet_hdr: bool,
+        ethertype: u16,
     ) -> io::Result<PacketSocket> {
         // SAFETY: plain syscall with constant arguments; the result is checked by `owned`.
         let fd = sys::owned(unsafe {
@@ -153,7 +155,7 @@ impl PacketSocket {
             vnet_hdr && sys::setsockopt(raw, SOL_PACKET, PACKET_VNET_HDR, 1 as libc::c_int).is_ok();
         let _ = sys::setsockopt(raw, SOL_PACKET, PACKET_IGNORE_OUTGOING, 1 as libc::c_int);
         sys::grow_buffer(raw, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
-        let sa = link_addr(ifindex, ETHERTYPE_IPV4);
+        let sa = link_addr(ifindex, ethertype);
         // SAFETY: `sa` is a valid sockaddr_ll and its exact size is passed.
         sys::cvt(unsafe {
             libc::bind(
@@ -284,8 +286,8 @@ pub fn masquerade_filter(node: std::net::Ipv4Addr, lo: u16, hi: u16) -> Vec<libc
 /// time exceeded, parameter problem) quoting a bare IPv6 header followed by TCP / UDP with a
 /// source port, or an echo request with an identifier, in the range. IPv6 has a fixed 40-byte
 /// header, so every load is at an absolute offset; a packet with extension headers (fragments
-/// included) is not a reply the core translates and is rejected. Not attached to a socket yet:
-/// the I/O engine has no IPv6 masquerade path (docs/masquerade.md).
+/// included) is not a reply the core translates and is rejected. The engine's IPv6 reply socket
+/// (bound to ETH_P_IPV6) runs it.
 pub fn masquerade_filter_v6(node: std::net::Ipv6Addr, lo: u16, hi: u16) -> Vec<libc::sock_filter> {
     const LD_W_ABS: u16 = 0x20;
     const LD_H_ABS: u16 = 0x28;

@@ -23,9 +23,10 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use podrouter_core::nat::{NatRecord, NatTable};
+use podrouter_core::nat::{NatRecord, NatTable, NatTable6};
 use podrouter_core::nat_snapshot::{self, LoadReport};
 use podrouter_core::Cidr;
+use std::net::Ipv6Addr;
 
 /// Time between two writes of a changing table.
 pub const INTERVAL: Duration = Duration::from_millis(500);
@@ -57,23 +58,27 @@ pub struct PersistStats {
     pub last_lock_us: u64,
 }
 
-/// Reads and restores the snapshot at `path` into `nat` (the table's clock reads `now`).
-/// Updates `stats` (`loaded` / `load_error`); never fails.
+/// Reads and restores the snapshot at `path` into `nat` and (IPv6 entries) `nat6` (the tables'
+/// clock reads `now`). Updates `stats` (`loaded` / `load_error`); never fails.
 pub fn load(
     path: &Path,
     pod_cidrs: &[Cidr],
     nat: &Mutex<NatTable>,
+    nat6: &Mutex<NatTable6>,
     now: u64,
     stats: &Mutex<PersistStats>,
 ) {
     let mut t = nat.lock().unwrap_or_else(|p| p.into_inner());
-    let cap = nat_snapshot::file_len(t.config().max_entries);
+    let mut t6 = nat6.lock().unwrap_or_else(|p| p.into_inner());
+    let cap = nat_snapshot::file_len(t.config().max_entries + t6.config().max_entries);
     let res = read_capped(path, cap).map_err(|e| format!("cannot read {}: {e}", path.display()));
     let outcome = match res {
         Ok(None) => Ok(None),
-        Ok(Some(bytes)) => nat_snapshot::load(&bytes, pod_cidrs, &mut t, now, wall_secs())
-            .map(Some)
-            .map_err(|e| format!("{}: {e}", path.display())),
+        Ok(Some(bytes)) => {
+            nat_snapshot::load_both(&bytes, pod_cidrs, &mut t, Some(&mut t6), now, wall_secs())
+                .map(Some)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        }
         Err(e) => Err(e),
     };
     let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -106,36 +111,50 @@ fn read_capped(path: &Path, cap: usize) -> io::Result<Option<Vec<u8>>> {
 
 /// One snapshot write: copy under the lock, then encode + write + rename outside it. Returns
 /// the new generation on success.
+/// The generations of both tables (a write is due when either moved).
+type Gen = (u64, u64);
+
+/// Reused export buffers of both tables and the encoded file.
+type Scratch = (Vec<NatRecord>, Vec<NatRecord<Ipv6Addr>>, Vec<u8>);
+
 fn write_once(
     path: &Path,
-    nat: &Mutex<NatTable>,
+    (nat, nat6): (&Mutex<NatTable>, &Mutex<NatTable6>),
     epoch: Instant,
-    last_gen: Option<u64>,
-    (records, buf): (&mut Vec<NatRecord>, &mut Vec<u8>),
+    last_gen: Option<Gen>,
+    (records, records6, buf): &mut Scratch,
     stats: &Mutex<PersistStats>,
-) -> Option<u64> {
+) -> Option<Gen> {
     let t0 = Instant::now();
-    let gen = {
+    let now = epoch.elapsed().as_secs();
+    // One table's lock at a time: the packet path never holds both either.
+    let g4 = nat.lock().unwrap_or_else(|p| p.into_inner()).generation();
+    let g6 = nat6.lock().unwrap_or_else(|p| p.into_inner()).generation();
+    if last_gen == Some((g4, g6)) {
+        return last_gen;
+    }
+    let gen4 = {
         let t = nat.lock().unwrap_or_else(|p| p.into_inner());
-        let gen = t.generation();
-        if last_gen == Some(gen) {
-            return last_gen;
-        }
-        t.export_into(epoch.elapsed().as_secs(), records);
-        gen
+        t.export_into(now, records);
+        t.generation()
     };
     let lock_us = t0.elapsed().as_micros() as u64;
-    nat_snapshot::encode_into(records, wall_secs(), buf);
+    let gen6 = {
+        let t = nat6.lock().unwrap_or_else(|p| p.into_inner());
+        t.export_into(now, records6);
+        t.generation()
+    };
+    nat_snapshot::encode_both_into(records, records6, wall_secs(), buf);
     let res = write_atomic(path, buf);
     let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
     match res {
         Ok(()) => {
             s.writes += 1;
-            s.last_entries = records.len();
+            s.last_entries = records.len() + records6.len();
             s.last_bytes = buf.len();
             s.last_write_us = t0.elapsed().as_micros() as u64;
             s.last_lock_us = lock_us;
-            Some(gen)
+            Some((gen4, gen6))
         }
         Err(e) => {
             s.write_errors += 1;
@@ -173,16 +192,21 @@ impl Writer {
     pub fn start(
         path: PathBuf,
         nat: Arc<Mutex<NatTable>>,
+        nat6: Arc<Mutex<NatTable6>>,
         epoch: Instant,
         stats: Arc<Mutex<PersistStats>>,
     ) -> io::Result<Writer> {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let stop2 = Arc::clone(&stop);
-        let mut gen = Some(nat.lock().unwrap_or_else(|p| p.into_inner()).generation());
+        let mut gen = Some((
+            nat.lock().unwrap_or_else(|p| p.into_inner()).generation(),
+            nat6.lock().unwrap_or_else(|p| p.into_inner()).generation(),
+        ));
         let thread = std::thread::Builder::new()
             .name("podr-natsnap".into())
             .spawn(move || {
-                let (mut records, mut buf) = (Vec::new(), Vec::new());
+                let mut scratch: Scratch = (Vec::new(), Vec::new(), Vec::new());
+                let tables = (&*nat, &*nat6);
                 let (lock, cv) = &*stop2;
                 loop {
                     let stopped = {
@@ -194,10 +218,10 @@ impl Writer {
                     };
                     if stopped {
                         // The final write: always, so that the file matches the table at stop.
-                        write_once(&path, &nat, epoch, None, (&mut records, &mut buf), &stats);
+                        write_once(&path, tables, epoch, None, &mut scratch, &stats);
                         return;
                     }
-                    gen = write_once(&path, &nat, epoch, gen, (&mut records, &mut buf), &stats);
+                    gen = write_once(&path, tables, epoch, gen, &mut scratch, &stats);
                 }
             })?;
         Ok(Writer {
@@ -243,6 +267,16 @@ mod tests {
         }
     }
 
+    fn key6(i: u16) -> FlowKey<std::net::Ipv6Addr> {
+        FlowKey {
+            proto: NatProto::Udp,
+            pod_ip: "fd00::2".parse().unwrap(),
+            pod_port: 1000 + i,
+            remote_ip: "2001:db8::1".parse().unwrap(),
+            remote_port: 53,
+        }
+    }
+
     #[test]
     fn writer_then_load_in_another_table() {
         let dir = std::env::temp_dir().join(format!("podr-natsnap-{}", std::process::id()));
@@ -250,12 +284,24 @@ mod tests {
         let path = dir.join("n.nat");
         let _ = fs::remove_file(&path);
         let nat = Arc::new(Mutex::new(NatTable::new(NatConfig::default())));
+        let nat6 = Arc::new(Mutex::new(NatTable::new_v6(NatConfig::default())));
         let stats = Arc::new(Mutex::new(PersistStats::default()));
         let epoch = Instant::now();
-        let w = Writer::start(path.clone(), Arc::clone(&nat), epoch, Arc::clone(&stats)).unwrap();
+        let w = Writer::start(
+            path.clone(),
+            Arc::clone(&nat),
+            Arc::clone(&nat6),
+            epoch,
+            Arc::clone(&stats),
+        )
+        .unwrap();
         let mut ports = Vec::new();
+        let mut ports6 = Vec::new();
         for i in 0..100 {
             ports.push(nat.lock().unwrap().egress(&key(i), 0, 0).unwrap());
+        }
+        for i in 0..10 {
+            ports6.push(nat6.lock().unwrap().egress(&key6(i), 0, 0).unwrap());
         }
         // Written by the periodic write, before any stop.
         let t0 = Instant::now();
@@ -263,7 +309,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         let seen = stats.lock().unwrap().clone();
-        assert_eq!(seen.last_entries, 100, "{seen:?}");
+        assert_eq!(seen.last_entries, 110, "{seen:?}");
         w.finish();
         assert_eq!(stats.lock().unwrap().writes, 2);
         let meta = fs::metadata(&path).unwrap();
@@ -274,12 +320,19 @@ mod tests {
             seed: 99,
             ..NatConfig::default()
         }));
+        let other6 = Mutex::new(NatTable::new_v6(NatConfig::default()));
         let st2 = Mutex::new(PersistStats::default());
-        let cidrs = [Cidr::new("10.0.0.0".parse().unwrap(), 24).unwrap()];
-        load(&path, &cidrs, &other, 0, &st2);
-        assert_eq!(st2.lock().unwrap().loaded.as_ref().unwrap().restored, 100);
+        let cidrs = [
+            Cidr::new("10.0.0.0".parse().unwrap(), 24).unwrap(),
+            Cidr::new("fd00::".parse().unwrap(), 64).unwrap(),
+        ];
+        load(&path, &cidrs, &other, &other6, 0, &st2);
+        assert_eq!(st2.lock().unwrap().loaded.as_ref().unwrap().restored, 110);
         for (i, p) in ports.iter().enumerate() {
             assert_eq!(other.lock().unwrap().lookup(&key(i as u16), 0), Some(*p));
+        }
+        for (i, p) in ports6.iter().enumerate() {
+            assert_eq!(other6.lock().unwrap().lookup(&key6(i as u16), 0), Some(*p));
         }
 
         // A corrupt file: reported, the table stays empty.
@@ -287,8 +340,9 @@ mod tests {
         b[60] ^= 1;
         fs::write(&path, &b).unwrap();
         let empty = Mutex::new(NatTable::new(NatConfig::default()));
+        let empty6 = Mutex::new(NatTable::new_v6(NatConfig::default()));
         let st3 = Mutex::new(PersistStats::default());
-        load(&path, &cidrs, &empty, 0, &st3);
+        load(&path, &cidrs, &empty, &empty6, 0, &st3);
         assert!(st3
             .lock()
             .unwrap()
@@ -300,7 +354,7 @@ mod tests {
         // A missing file: nothing to report.
         fs::remove_file(&path).unwrap();
         let st4 = Mutex::new(PersistStats::default());
-        load(&path, &cidrs, &empty, 0, &st4);
+        load(&path, &cidrs, &empty, &empty6, 0, &st4);
         assert!(st4.lock().unwrap().loaded.is_none() && st4.lock().unwrap().load_error.is_none());
         let _ = fs::remove_dir_all(&dir);
     }

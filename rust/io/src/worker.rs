@@ -37,7 +37,7 @@ use crate::vnet::{self, VnetHdr, VNET_HDR_LEN};
 use arc_swap::ArcSwapOption;
 use podrouter_core::datapath::{self, IngressAction};
 use podrouter_core::encap::{self, EncapParams};
-use podrouter_core::nat::{self, NatConfig, NatTable};
+use podrouter_core::nat::{self, NatConfig, NatTable, NatTable6};
 use podrouter_core::{DropReason, Tables, TunnelProto, Verdict};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -195,7 +195,7 @@ impl EngineConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatPressure {
     pub evictions: u64,
-    pub pod_limit_drops: Vec<(Ipv4Addr, u64)>,
+    pub pod_limit_drops: Vec<(IpAddr, u64)>,
     pub pod_limit_other: u64,
 }
 
@@ -234,6 +234,8 @@ pub struct Engine {
     offload: OffloadInfo,
     running: Option<Running>,
     nat: Arc<Mutex<NatTable>>,
+    /// The IPv6 masquerade table: its own node port pool over the same range (docs/masquerade.md).
+    nat6: Arc<Mutex<NatTable6>>,
     epoch: Instant,
     /// Drop and sampled-flow events for `podrouter monitor` (off unless someone listens).
     events: Arc<EventRing>,
@@ -275,6 +277,7 @@ impl Engine {
             offload,
             running: None,
             nat: Arc::new(Mutex::new(NatTable::new(cfg.nat.clone()))),
+            nat6: Arc::new(Mutex::new(NatTable::new_v6(cfg.nat.clone()))),
             cfg,
             epoch: Instant::now(),
             events: Arc::new(EventRing::new()),
@@ -329,20 +332,32 @@ impl Engine {
             // The NAT port range comes from the tables (masquerade.port_range); a later swap that
             // changes it takes effect at the next start, since live mappings hold ports of the old one.
             let (lo, hi) = tables.masquerade().port_range;
+            let cfg = NatConfig {
+                port_lo: lo,
+                port_hi: hi,
+                ..self.cfg.nat.clone()
+            };
             let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
             if (nat.config().port_lo, nat.config().port_hi) != (lo, hi) {
-                *nat = NatTable::new(NatConfig {
-                    port_lo: lo,
-                    port_hi: hi,
-                    ..self.cfg.nat.clone()
-                });
+                *nat = NatTable::new(cfg.clone());
+            }
+            let mut nat6 = self.nat6.lock().unwrap_or_else(|p| p.into_inner());
+            if (nat6.config().port_lo, nat6.config().port_hi) != (lo, hi) {
+                *nat6 = NatTable::new_v6(cfg);
             }
         }
         if let (Some(path), false) = (&self.nat_snapshot, self.nat_loaded) {
             // Before any worker runs: no packet can create a mapping that a restored one collides with.
             self.nat_loaded = true;
             let now = self.epoch.elapsed().as_secs();
-            crate::nat_persist::load(path, tables.node_pod_cidrs(), &self.nat, now, &self.persist);
+            crate::nat_persist::load(
+                path,
+                tables.node_pod_cidrs(),
+                &self.nat,
+                &self.nat6,
+                now,
+                &self.persist,
+            );
         }
         self.tables.store(Some(tables));
         let cfg = &self.cfg;
@@ -391,19 +406,23 @@ impl Engine {
         // ICMP errors the filter would copy belong to the node's stack). Worker 0 opens or closes
         // it when a table swap changes `masquerade.enabled`; the node address and port range of
         // its filter are restart-only.
-        let mut masq_rx = match cfg.underlay_ifindex {
-            0 => None,
+        let (mut masq_rx, mut masq6_rx) = match cfg.underlay_ifindex {
+            0 => (None, None),
             idx => {
                 let t = self
                     .tables
                     .load_full()
                     .ok_or_else(|| io::Error::other("no tables"))?;
-                if t.masquerade().enabled {
-                    let (lo, hi) = t.masquerade().port_range;
-                    Some(open_masq_rx(idx, t.node_address(), lo, hi, cfg.offload)?)
-                } else {
-                    None
-                }
+                let (lo, hi) = t.masquerade().port_range;
+                let v4 = match masq_wanted(&t) {
+                    Some(node) => Some(open_masq_rx(idx, node, lo, hi, cfg.offload)?),
+                    None => None,
+                };
+                let v6 = match masq6_wanted(&t) {
+                    Some(node) => Some(open_masq6_rx(idx, node, lo, hi, cfg.offload)?),
+                    None => None,
+                };
+                (v4, v6)
             }
         };
         self.offload.udp_gso = tx_pool.all().all(UdpSocket::gso_enabled);
@@ -421,6 +440,7 @@ impl Engine {
                 tx: Arc::clone(&tx_pool),
                 pkt: pkt.clone(),
                 masq: masq_rx.take(),
+                masq6: masq6_rx.take(),
                 masq_ifindex: if i == 0 { cfg.underlay_ifindex } else { 0 },
                 tables: Arc::clone(&self.tables),
                 counters: Arc::clone(&self.counters[i]),
@@ -430,6 +450,7 @@ impl Engine {
                 batch: cfg.batch,
                 coalesce: cfg.offload,
                 nat: Arc::clone(&self.nat),
+                nat6: Arc::clone(&self.nat6),
                 epoch: self.epoch,
                 events: Arc::clone(&self.events),
             };
@@ -464,6 +485,7 @@ impl Engine {
             Some(path) => Some(crate::nat_persist::Writer::start(
                 path.clone(),
                 Arc::clone(&self.nat),
+                Arc::clone(&self.nat6),
                 self.epoch,
                 Arc::clone(&self.persist),
             )?),
@@ -516,7 +538,7 @@ impl Engine {
 
     /// Live masquerade entries (`podrouter_nat_entries`).
     pub fn nat_entries(&self) -> usize {
-        self.nat.lock().map_or(0, |n| n.len())
+        self.nat.lock().map_or(0, |n| n.len()) + self.nat6.lock().map_or(0, |n| n.len())
     }
 
     /// Masquerade pressure figures for `counters()`: entries evicted from a full table, and new
@@ -524,11 +546,20 @@ impl Engine {
     /// sum over all other pods.
     pub fn nat_pressure(&self, top: usize) -> NatPressure {
         let nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
-        let (mut pods, mut other) = nat.pod_limit_drops();
+        let nat6 = self.nat6.lock().unwrap_or_else(|p| p.into_inner());
+        let (pods4, other4) = nat.pod_limit_drops();
+        let (pods6, other6) = nat6.pod_limit_drops();
+        let mut pods: Vec<(IpAddr, u64)> = pods4
+            .into_iter()
+            .map(|(a, n)| (IpAddr::V4(a), n))
+            .chain(pods6.into_iter().map(|(a, n)| (IpAddr::V6(a), n)))
+            .collect();
+        pods.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut other = other4 + other6;
         other += pods.iter().skip(top).map(|p| p.1).sum::<u64>();
         pods.truncate(top);
         NatPressure {
-            evictions: nat.evictions(),
+            evictions: nat.evictions() + nat6.evictions(),
             pod_limit_drops: pods,
             pod_limit_other: other,
         }
@@ -682,6 +713,8 @@ struct Worker {
     pkt: Option<Arc<PacketSocket>>,
     /// Masquerade replies (worker 0 only), as opened at start; `run` owns it from then on.
     masq: Option<PacketSocket>,
+    /// IPv6 masquerade replies (worker 0 only, with `masquerade.address6`), likewise.
+    masq6: Option<PacketSocket>,
     /// The underlay interface for the masquerade reply socket on worker 0 (0 elsewhere, or
     /// without an underlay): worker 0 opens / closes the socket as `masquerade.enabled` changes.
     masq_ifindex: u32,
@@ -695,6 +728,8 @@ struct Worker {
     /// Masquerade connections, shared by all workers (a reply may land on any of them). Only
     /// masquerade packets take this lock.
     nat: Arc<Mutex<NatTable>>,
+    /// The IPv6 masquerade connections, likewise.
+    nat6: Arc<Mutex<NatTable6>>,
     /// NAT's clock: whole seconds since the engine started.
     epoch: Instant,
     events: Arc<EventRing>,
@@ -703,7 +738,8 @@ struct Worker {
 const TOKEN_WAKE: u64 = 0;
 const TOKEN_TUN: u64 = 1;
 const TOKEN_MASQ: u64 = 2;
-const TOKEN_RX: u64 = 3;
+const TOKEN_MASQ6: u64 = 3;
+const TOKEN_RX: u64 = 4;
 
 /// Per-thread buffers, allocated once.
 struct State {
@@ -720,7 +756,8 @@ struct State {
 impl Worker {
     fn run(mut self) {
         let mut masq = self.masq.take();
-        let mut ep = match Epoll::new(4 + self.rx.len()) {
+        let mut masq6 = self.masq6.take();
+        let mut ep = match Epoll::new(5 + self.rx.len()) {
             Ok(e) => e,
             Err(_) => return,
         };
@@ -731,6 +768,9 @@ impl Worker {
         }
         if let Some(m) = &masq {
             ok &= ep.add(m.as_raw_fd(), TOKEN_MASQ).is_ok();
+        }
+        if let Some(m) = &masq6 {
+            ok &= ep.add(m.as_raw_fd(), TOKEN_MASQ6).is_ok();
         }
         if !ok {
             return;
@@ -754,6 +794,7 @@ impl Worker {
         let mut ready = Vec::with_capacity(8);
         let mut last_expire = 0;
         let mut masq_tried = None;
+        let mut masq6_tried = None;
         while !self.stop.load(Ordering::Relaxed) {
             // The timeout is only a safety net; `stop` signals the eventfd.
             if ep.wait(500, &mut ready).is_err() {
@@ -762,7 +803,8 @@ impl Worker {
             if self.stop.load(Ordering::Relaxed) {
                 break;
             }
-            self.sync_masq(&mut ep, &mut masq, &mut masq_tried);
+            self.sync_masq(&mut ep, &mut masq, &mut masq_tried, false);
+            self.sync_masq(&mut ep, &mut masq6, &mut masq6_tried, true);
             for &t in &ready {
                 match t {
                     TOKEN_TUN => {
@@ -773,7 +815,12 @@ impl Worker {
                     TOKEN_WAKE => {}
                     TOKEN_MASQ => {
                         if let Some(m) = &masq {
-                            self.masquerade_batch(m, &mut st);
+                            self.masquerade_batch(m, &mut st, false);
+                        }
+                    }
+                    TOKEN_MASQ6 => {
+                        if let Some(m) = &masq6 {
+                            self.masquerade_batch(m, &mut st, true);
                         }
                     }
                     t => self.ingress_batch(&mut st, (t - TOKEN_RX) as usize),
@@ -787,14 +834,24 @@ impl Worker {
                 if let Ok(mut nat) = self.nat.try_lock() {
                     nat.expire(now, 4096);
                 }
+                if let Ok(mut nat6) = self.nat6.try_lock() {
+                    nat6.expire(now, 4096);
+                }
             }
         }
     }
 
-    /// Worker 0: keeps the masquerade reply socket open exactly while the current tables enable
-    /// masquerade (a SIGHUP may turn it on or off). Closing the fd also removes it from the epoll
-    /// set (it is never duplicated). A failed open is retried at most once a second.
-    fn sync_masq(&self, ep: &mut Epoll, masq: &mut Option<PacketSocket>, tried: &mut Option<u64>) {
+    /// Worker 0: keeps the masquerade reply socket of one family (`v6`) open exactly while the
+    /// current tables masquerade that family (a SIGHUP may turn it on or off). Closing the fd also
+    /// removes it from the epoll set (it is never duplicated). A failed open is retried at most
+    /// once a second.
+    fn sync_masq(
+        &self,
+        ep: &mut Epoll,
+        masq: &mut Option<PacketSocket>,
+        tried: &mut Option<u64>,
+        v6: bool,
+    ) {
         if self.masq_ifindex == 0 {
             return;
         }
@@ -802,7 +859,12 @@ impl Worker {
         let Some(t) = guard.as_deref() else {
             return;
         };
-        match (t.masquerade().enabled, masq.is_some()) {
+        let wanted = if v6 {
+            masq6_wanted(t).is_some()
+        } else {
+            masq_wanted(t).is_some()
+        };
+        match (wanted, masq.is_some()) {
             (true, false) => {
                 let now = self.epoch.elapsed().as_secs();
                 if *tried == Some(now) {
@@ -814,10 +876,18 @@ impl Worker {
                     let nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
                     (nat.config().port_lo, nat.config().port_hi)
                 };
-                if let Ok(s) =
-                    open_masq_rx(self.masq_ifindex, t.node_address(), lo, hi, self.coalesce)
-                {
-                    if ep.add(s.as_raw_fd(), TOKEN_MASQ).is_ok() {
+                let opened = match (masq_wanted(t), masq6_wanted(t)) {
+                    (_, Some(a6)) if v6 => {
+                        open_masq6_rx(self.masq_ifindex, a6, lo, hi, self.coalesce)
+                    }
+                    (Some(a4), _) if !v6 => {
+                        open_masq_rx(self.masq_ifindex, a4, lo, hi, self.coalesce)
+                    }
+                    _ => return,
+                };
+                let token = if v6 { TOKEN_MASQ6 } else { TOKEN_MASQ };
+                if let Ok(s) = opened {
+                    if ep.add(s.as_raw_fd(), token).is_ok() {
                         *masq = Some(s);
                     }
                 }
@@ -1176,34 +1246,52 @@ impl Worker {
     ) -> Result<(), DropReason> {
         let pkt_sock = self.pkt.as_deref().ok_or(DropReason::NoRoute)?;
         let lh = Self::link_headroom(pkt_sock);
-        let node = tables.node_address();
-        let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
+        let mut nat = if slot.buf[HEADROOM] >> 4 == 6 {
+            // the classifier gives IPv6 the masquerade verdict only with masquerade.address6
+            let node = tables.masquerade().address6.ok_or(DropReason::NoRoute)?;
+            NatGuard::V6(self.nat6.lock().unwrap_or_else(|p| p.into_inner()), node)
+        } else {
+            let node = tables.node_address();
+            NatGuard::V4(self.nat.lock().unwrap_or_else(|p| p.into_inner()), node)
+        };
         if pkt_sock.vnet_hdr() && hdr.needs_csum() {
             // Offloaded checksum (and maybe TSO): translate the (super-)packet once, rewrite the
             // checksum field as the pseudo-header sum of the translated addresses, and let the
             // kernel segment and checksum it behind the AF_PACKET socket, as on the native path.
             let wire = vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], hdr);
             let pkt = &mut slot.buf[HEADROOM..HEADROOM + slot.len];
-            nat::translate_egress(&mut nat, pkt, node, now)?;
+            nat.translate_egress(pkt, now)?;
             drop(nat);
             let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
             let field = start + off;
-            if pkt.len() < 20 || field + 2 > pkt.len() || start > pkt.len() {
-                return Err(DropReason::Malformed);
-            }
-            let pseudo = crate::csum::pseudo_v4(
-                &pkt[12..16],
-                &pkt[16..20],
-                pkt[9],
-                (pkt.len() - start) as u16,
-            );
+            let pseudo = if pkt[0] >> 4 == 6 {
+                if pkt.len() < 40 || field + 2 > pkt.len() || start > pkt.len() {
+                    return Err(DropReason::Malformed);
+                }
+                crate::csum::pseudo_v6(
+                    &pkt[8..24],
+                    &pkt[24..40],
+                    pkt[6],
+                    (pkt.len() - start) as u32,
+                )
+            } else {
+                if pkt.len() < 20 || field + 2 > pkt.len() || start > pkt.len() {
+                    return Err(DropReason::Malformed);
+                }
+                crate::csum::pseudo_v4(
+                    &pkt[12..16],
+                    &pkt[16..20],
+                    pkt[9],
+                    (pkt.len() - start) as u16,
+                )
+            };
             pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
             return self.native(k, slot, hdr, mac, Path::Masquerade, wire, frames_out);
         }
         let mut one =
             |buf: &mut [u8], start: usize, len: usize, b: Buf| -> Result<(), DropReason> {
                 let range = start..start + len;
-                nat::translate_egress(&mut nat, &mut buf[range.clone()], node, now)?;
+                nat.translate_egress(&mut buf[range.clone()], now)?;
                 let et = if buf[start] >> 4 == 4 {
                     af_packet::ETHERTYPE_IPV4
                 } else {
@@ -1399,7 +1487,7 @@ impl Worker {
 
     /// Masquerade replies from the filtered AF_PACKET socket: reverse-translate (core
     /// `datapath::masquerade_reply`) and write to the TUN.
-    fn masquerade_batch(&self, sock: &PacketSocket, st: &mut State) {
+    fn masquerade_batch(&self, sock: &PacketSocket, st: &mut State, v6: bool) {
         let c = &*self.counters;
         let now = self.epoch.elapsed().as_secs();
         let vnet = sock.vnet_hdr();
@@ -1434,7 +1522,10 @@ impl Worker {
             } else {
                 None
             };
-            let action = {
+            let action = if v6 {
+                let mut nat6 = self.nat6.lock().unwrap_or_else(|p| p.into_inner());
+                datapath::masquerade_reply_v6(&mut nat6, &mut slot.buf, HEADROOM, len, now)
+            } else {
                 let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
                 datapath::masquerade_reply(&mut nat, &mut slot.buf, HEADROOM, len, now)
             };
@@ -1484,7 +1575,49 @@ fn open_masq_rx(
     vnet_hdr: bool,
 ) -> io::Result<PacketSocket> {
     let filter = af_packet::masquerade_filter(node, lo, hi);
-    PacketSocket::open_rx(ifindex, &filter, vnet_hdr)
+    PacketSocket::open_rx(ifindex, &filter, vnet_hdr, af_packet::ETHERTYPE_IPV4)
+}
+
+/// The IPv6 masquerade reply socket: AF_PACKET (ETH_P_IPV6) on `ifindex` with
+/// [`af_packet::masquerade_filter_v6`].
+fn open_masq6_rx(
+    ifindex: u32,
+    node: Ipv6Addr,
+    lo: u16,
+    hi: u16,
+    vnet_hdr: bool,
+) -> io::Result<PacketSocket> {
+    let filter = af_packet::masquerade_filter_v6(node, lo, hi);
+    PacketSocket::open_rx(ifindex, &filter, vnet_hdr, af_packet::ETHERTYPE_IPV6)
+}
+
+/// The IPv4 masquerade address when the tables masquerade IPv4 (enabled, and the node has an
+/// IPv4 underlay address: an IPv6-only underlay has none).
+fn masq_wanted(t: &Tables) -> Option<Ipv4Addr> {
+    let a = t.node_address();
+    (t.masquerade().enabled && !a.is_unspecified()).then_some(a)
+}
+
+/// The IPv6 masquerade address when the tables masquerade IPv6 (`masquerade.address6`).
+fn masq6_wanted(t: &Tables) -> Option<Ipv6Addr> {
+    t.masquerade().address6.filter(|_| t.masquerade().enabled)
+}
+
+/// The locked NAT table of a masqueraded packet's family, with the node address it translates to.
+enum NatGuard<'a> {
+    V4(std::sync::MutexGuard<'a, NatTable>, Ipv4Addr),
+    V6(std::sync::MutexGuard<'a, NatTable6>, Ipv6Addr),
+}
+
+impl NatGuard<'_> {
+    /// `nat::translate_egress` / `nat::translate_egress_v6`.
+    #[inline]
+    fn translate_egress(&mut self, pkt: &mut [u8], now: u64) -> Result<(), DropReason> {
+        match self {
+            NatGuard::V4(nat, node) => nat::translate_egress(nat, pkt, *node, now).map(|_| ()),
+            NatGuard::V6(nat, node) => nat::translate_egress_v6(nat, pkt, *node, now).map(|_| ()),
+        }
+    }
 }
 
 /// The vnet header to write a translated packet to the TUN with. A packet the kernel merged (GRO)
@@ -1500,11 +1633,20 @@ fn offload_for_tun(pkt: &mut [u8], hdr: Option<VnetHdr>) -> Result<VnetHdr, Drop
         Some(h) => h,
         None => VnetHdr::default(),
     };
-    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+    let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+    if v6 && pkt.len() < 40 {
         return Err(DropReason::Malformed);
     }
-    let ihl = usize::from(pkt[0] & 0x0f) * 4;
-    let offset = match pkt[9] {
+    if !v6 && (pkt.len() < 20 || pkt[0] >> 4 != 4) {
+        return Err(DropReason::Malformed);
+    }
+    // IPv6: the core translates only a transport directly after the fixed header
+    let (ihl, proto) = if v6 {
+        (40, pkt[6])
+    } else {
+        (usize::from(pkt[0] & 0x0f) * 4, pkt[9])
+    };
+    let offset = match proto {
         6 => 16,
         17 => 6,
         _ => return Err(DropReason::Unsupported),
@@ -1516,12 +1658,20 @@ fn offload_for_tun(pkt: &mut [u8], hdr: Option<VnetHdr>) -> Result<VnetHdr, Drop
     h.flags &= !vnet::flags::DATA_VALID;
     h.csum_start = ihl as u16;
     h.csum_offset = offset;
-    let end = usize::from(u16::from_be_bytes([pkt[2], pkt[3]])).min(pkt.len());
+    let end = if v6 {
+        (40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]]))).min(pkt.len())
+    } else {
+        usize::from(u16::from_be_bytes([pkt[2], pkt[3]])).min(pkt.len())
+    };
     let field = ihl + offset as usize;
     if field + 2 > end {
         return Err(DropReason::Truncated);
     }
-    let pseudo = crate::csum::pseudo_v4(&pkt[12..16], &pkt[16..20], pkt[9], (end - ihl) as u16);
+    let pseudo = if v6 {
+        crate::csum::pseudo_v6(&pkt[8..24], &pkt[24..40], proto, (end - ihl) as u32)
+    } else {
+        crate::csum::pseudo_v4(&pkt[12..16], &pkt[16..20], proto, (end - ihl) as u16)
+    };
     pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
     if h.is_gso() || hdr.needs_csum() {
         return Ok(h);
@@ -1542,5 +1692,117 @@ fn count_geneve_options(c: &WorkerCounters, dg: &[u8]) {
                 c.geneve_option(o.class, o.opt_type);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podrouter_core::{Cidr, MasqueradeSpec, NodeSpec, TableSpec, TunnelSpec};
+
+    /// An IPv6 UDP datagram 2001:db8::1:53 -> fd00::a:5000 with `payload` and a wrong checksum.
+    fn udp6(payload: &[u8]) -> Vec<u8> {
+        let src: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let dst: Ipv6Addr = "fd00::a".parse().unwrap();
+        let ulen = 8 + payload.len();
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(ulen as u16).to_be_bytes());
+        p.extend_from_slice(&[17, 64]);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&53u16.to_be_bytes());
+        p.extend_from_slice(&5000u16.to_be_bytes());
+        p.extend_from_slice(&(ulen as u16).to_be_bytes());
+        p.extend_from_slice(&[0xde, 0xad]);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn udp6_csum_ok(p: &[u8]) -> bool {
+        let len = (p.len() - 40) as u32;
+        let pseudo = crate::csum::pseudo_v6(&p[8..24], &p[24..40], 17, len);
+        crate::csum::add(pseudo, crate::csum::sum(&p[40..])) == 0xffff
+    }
+
+    #[test]
+    fn offload_for_tun_fixes_ipv6_checksums() {
+        // Without a vnet header the checksum is computed from scratch, no offload left.
+        let mut p = udp6(b"hello, v6!");
+        let h = offload_for_tun(&mut p, None).unwrap();
+        assert_eq!(h, VnetHdr::default());
+        assert!(udp6_csum_ok(&p));
+        // NEEDS_CSUM from the kernel: the field becomes the new pseudo-header sum, for the TUN
+        // to finish at the transport header right after the 40-byte IPv6 header.
+        let mut p = udp6(b"partial");
+        let mut hdr = VnetHdr {
+            flags: vnet::flags::NEEDS_CSUM,
+            csum_start: 40,
+            csum_offset: 6,
+            ..VnetHdr::default()
+        };
+        let h = offload_for_tun(&mut p, Some(hdr)).unwrap();
+        assert!(h.needs_csum());
+        assert_eq!((h.csum_start, h.csum_offset), (40, 6));
+        vnet::complete_csum(&mut p, 40, 6).unwrap();
+        assert!(udp6_csum_ok(&p));
+        // A complete checksum (no offload flags) is left to NAT's incremental update.
+        hdr.flags = 0;
+        let mut p = udp6(b"x");
+        assert_eq!(
+            offload_for_tun(&mut p, Some(hdr)).unwrap(),
+            VnetHdr::default()
+        );
+        assert_eq!(&p[46..48], &[0xde, 0xad]);
+        // Truncated or unsupported.
+        assert_eq!(
+            offload_for_tun(&mut udp6(b"")[..30].to_vec(), None),
+            Err(DropReason::Malformed)
+        );
+        let mut p = udp6(b"icmp");
+        p[6] = 58;
+        assert_eq!(offload_for_tun(&mut p, None), Err(DropReason::Unsupported));
+    }
+
+    fn tables(address: &str, enabled: bool, address6: Option<&str>) -> Tables {
+        let c = |s: &str| -> Cidr { s.parse().unwrap() };
+        Tables::build(&TableSpec {
+            generation: 1,
+            node: NodeSpec {
+                name: "n".into(),
+                address: address.parse().unwrap(),
+                address6: None,
+                pod_cidrs: vec![c("10.244.1.0/24"), c("fd00:10:244:1::/64")],
+            },
+            cluster_cidrs: vec![c("10.244.0.0/16"), c("fd00:10:244::/48")],
+            mode: podrouter_core::RoutingMode::Tunnel,
+            native_cidrs: vec![],
+            native_when_on_link: false,
+            tunnel: TunnelSpec::default(),
+            gateway: None,
+            masquerade: MasqueradeSpec {
+                enabled,
+                address6: address6.map(|a| a.parse().unwrap()),
+                ..MasqueradeSpec::default()
+            },
+            peers: vec![],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn reply_sockets_follow_the_families_masqueraded() {
+        let t = tables("172.16.2.2", true, Some("2001:db8:2::2"));
+        assert_eq!(masq_wanted(&t), Some("172.16.2.2".parse().unwrap()));
+        assert_eq!(masq6_wanted(&t), Some("2001:db8:2::2".parse().unwrap()));
+        // no IPv6 masquerade address: no IPv6 socket
+        let t = tables("172.16.2.2", true, None);
+        assert_eq!(masq6_wanted(&t), None);
+        // an IPv6-only underlay has no IPv4 masquerade address
+        let t = tables("2001:db8:2::2", true, Some("2001:db8:2::2"));
+        assert_eq!(masq_wanted(&t), None);
+        assert!(masq6_wanted(&t).is_some());
+        // disabled: neither
+        let t = tables("172.16.2.2", false, Some("2001:db8:2::2"));
+        assert_eq!((masq_wanted(&t), masq6_wanted(&t)), (None, None));
     }
 }

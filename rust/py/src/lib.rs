@@ -288,9 +288,17 @@ fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
     }
     let mut masquerade = MasqueradeSpec::default();
     if let Some(m) = r.child("masquerade")? {
-        m.only(&["enabled", "non_masquerade_cidrs", "port_range"])?;
+        m.only(&[
+            "enabled",
+            "non_masquerade_cidrs",
+            "port_range",
+            "address6",
+            "gateway6",
+        ])?;
         masquerade.enabled = m.bool_or("enabled", masquerade.enabled)?;
         masquerade.non_masquerade_cidrs = m.cidrs("non_masquerade_cidrs")?;
+        masquerade.address6 = m.opt_ipv6("address6")?;
+        masquerade.gateway6 = next_hop(m.child("gateway6")?)?;
         if m.opt("port_range")?.is_some() {
             let pr = m.list("port_range")?;
             if pr.len() != 2 {
@@ -454,7 +462,14 @@ impl Tables {
             Ok(a) => a,
             Err(r) => return drop_dict(py, r),
         };
-        let d = verdict_dict(py, &self.inner, self.inner.classify(src, dst))?;
+        let v = self.inner.classify(src, dst);
+        let d = verdict_dict(py, &self.inner, v)?;
+        if let (Verdict::Masquerade { .. }, IpAddr::V6(_), Some(a6)) =
+            (v, dst, self.inner.masquerade().address6)
+        {
+            // IPv6 is translated to the IPv6 masquerade address
+            d.set_item("address", a6.to_string())?;
+        }
         d.set_item("src", src.to_string())?;
         d.set_item("dst", dst.to_string())?;
         Ok(d)
