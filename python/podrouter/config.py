@@ -342,13 +342,14 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 # libyaml's parser when PyYAML was built with it (about 8x faster on a node config: start-up time,
 # docs/benchmarks.md); the constructor, and so the duplicate-key check, is the same Python code
-_StrictCLoader: type | None = None
+_StrictCLoader: Any = None
 if getattr(yaml, "__with_libyaml__", False):
 
-    class _StrictCLoader(yaml.CSafeLoader):  # type: ignore[no-redef]
+    class _StrictCParser(yaml.CSafeLoader):
         """The C-parser twin of _StrictLoader."""
 
-    _StrictCLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    _StrictCParser.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+    _StrictCLoader = _StrictCParser
 
 
 def _parse(text: str) -> Any:

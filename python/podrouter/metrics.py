@@ -208,7 +208,7 @@ def _http_server(sock: socket.socket, app: Any) -> Any:
             self.socket = sock
             self.server_address = sock.getsockname()
             host, port = self.server_address[:2]
-            self.server_name = socket.getfqdn(host)
+            self.server_name = socket.getfqdn(str(host))
             self.server_port = port
             self.setup_environ()
 
