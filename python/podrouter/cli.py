@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import json
-import logging
 import socket
 import sys
 from typing import Any, NoReturn
@@ -102,21 +101,10 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
 def run(config: str, log_level: str) -> None:
     """Run the node daemon until SIGTERM/SIGINT. Stopping leaves the node's routes, TUN and guards for
     the next `run`, which adopts them; `podrouter cleanup` removes them."""
-    from podrouter import daemon
+    # the console script runs a plain `run` without click (podrouter/entry.py); both end here
+    from podrouter.entry import run_daemon
 
-    cfg = _load_config(config)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, log_level.upper()),
-        format=f"%(asctime)s podrouter[{cfg.node.name}] %(levelname)s %(message)s",
-    )
-    # pyroute2 logs every netlink message at DEBUG: far too much even for --log-level debug
-    logging.getLogger("pyroute2").setLevel(max(logging.WARNING, logging.getLogger().level))
-    try:
-        code = daemon.run(cfg)
-    except daemon.StartError as e:
-        _fail(e.problems, e.code)
-    sys.exit(code)
+    run_daemon(config, log_level)
 
 
 @main.command(short_help="Validate a config file (exit 2 naming each problem).")

@@ -8,8 +8,9 @@ Start-up order (nothing in the kernel is touched before step 3):
    no other daemon may own the API socket -- exit 2 (1 if a daemon is already running);
 3. clean up a dead predecessor's leftovers (its state file), create the Datapath (the TUN `podr0`),
    set the TUN up with the underlay MTU, write the sysctls, install routes, start the datapath with
-   the first tables, then open the API socket and the metrics port. `podrouter status` reports ready
-   only after that.
+   the first tables, then open the API socket and take the metrics port. `podrouter status` reports
+   ready only after that; /metrics is served from just after ready (prometheus_client's import is
+   not part of the start; a scrape meanwhile waits in the port's backlog).
 
 Everything is driven by one idempotent `reconcile()`: it recomputes routes and tables from the
 config, the discovered peers, the registered pods and the resolved next-hop MACs, makes the kernel
@@ -432,6 +433,7 @@ class Daemon:
         self.api: apimod.ApiServer | None = None
         self.monitor: MonitorHub | None = None
         self.metrics: Any = None
+        self._metrics_sock: Any = None  # the metrics port, taken before ready, served after it
         self.bgp: Any = None  # podrouter.bgp.BgpSpeaker when bgp.enabled
         self.adopted = False  # started on a predecessor's state (lifecycle.py)
         self.ready_after = 0.0  # seconds from process start to ready (status, the restart bench)
@@ -701,12 +703,10 @@ class Daemon:
         self.monitor = MonitorHub(lambda: self.datapath, self._pod_of)
         self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers(), self._api_streams())
         if cfg.metrics.listen is not None:
-            from podrouter.metrics import MetricsServer, make_source
+            from podrouter.metrics import listen_socket
 
-            self.metrics = MetricsServer(
-                make_source(self._counters, lambda: len(self.peer_views), self._pod_limits, self._bgp_status),
-                cfg.metrics.listen,
-            )
+            # the port now (a clash stops the start), the HTTP server just after ready (below)
+            self._metrics_sock = listen_socket(cfg.metrics.listen)
         self._start_bgp()
         self.ready = True
         self.ready_after = lifecycle.process_age()
@@ -721,6 +721,20 @@ class Daemon:
         )
         for err in self.route_errors:
             log.warning("%s", err)
+        self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        """Serve /metrics on the socket taken before ready: importing prometheus_client and
+        starting its server are not part of the start (a scrape meanwhile waits in the backlog)."""
+        if self._metrics_sock is None:
+            return
+        from podrouter.metrics import MetricsServer, make_source
+
+        self.metrics = MetricsServer(
+            make_source(self._counters, lambda: len(self.peer_views), self._pod_limits, self._bgp_status),
+            sock=self._metrics_sock,
+        )
+        self._metrics_sock = None  # the server's now
 
     def _datapath_config(self) -> dict[str, Any]:
         cfg, u = self.cfg, self.underlay
@@ -1039,6 +1053,10 @@ class Daemon:
             t.start()
         for t in stoppers:
             t.join(timeout=15)
+        if self._metrics_sock is not None:  # a start that failed between taking the port and serving
+            with contextlib.suppress(OSError):
+                self._metrics_sock.close()
+            self._metrics_sock = None
         with self.lock:
             if self.datapath is not None:
                 _go_on("stopping the datapath", self.datapath.stop)

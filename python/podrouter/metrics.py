@@ -3,17 +3,24 @@
 A custom Collector on a registry of its own, so `/metrics` carries exactly the contract's families
 (no default process/platform collectors) and every scrape reads the datapath's counters at that
 moment instead of mirroring them into client-side counters.
+
+prometheus_client is imported only when something is collected or served, not with this module:
+the daemon takes its port with `listen_socket` before it is ready (a clash is still a start error)
+and starts serving on that socket just after (`MetricsServer(sock=...)`), so the library's import
+is not part of the start (docs/benchmarks.md, "Start-up time"). A scrape that arrives in between
+waits in the socket's backlog.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger("podrouter.metrics")
 
@@ -32,6 +39,8 @@ def bgp_families(status: dict[str, Any]) -> Iterator[Metric]:
     when BGP is off."""
     if not status.get("enabled"):
         return
+    from prometheus_client.core import GaugeMetricFamily
+
     up = GaugeMetricFamily(
         "podrouter_bgp_session_up", "1 if the BGP session to the peer is established.", labels=["peer"]
     )
@@ -70,6 +79,8 @@ class PodrouterCollector:
 
     @staticmethod
     def _families(counters: dict[str, Any], peers: int, limits: dict[str, int | None]) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         packets = CounterMetricFamily(
             "podrouter_packets",
             "Packets through the datapath, by path and direction.",
@@ -157,12 +168,82 @@ class PodrouterCollector:
         yield from (packets, nbytes, drops, nat, evictions, pod_limit, gopts, peer_g, rate, gen)
 
 
+def listen_socket(listen: tuple[str, int]) -> socket.socket:
+    """A TCP socket bound to `listen` (host, port) and listening, as the HTTP server would make it
+    (the address family from getaddrinfo, SO_REUSEADDR, a backlog of 5), with the standard library
+    only. Raises OSError (the port is taken, the address is not ours)."""
+    host, port = listen
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(5)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _http_server(sock: socket.socket, app: Any) -> Any:
+    """A threading WSGI server (one daemon thread per request, no request log) on the already
+    listening `sock`."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    class _Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's signature
+            pass
+
+    class _Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = sock.family
+
+        def server_bind(self) -> None:
+            # adopt `sock` in place of the fresh socket TCPServer made; what HTTPServer's and
+            # WSGIServer's server_bind set besides binding is set here the same way
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
+            host, port = self.server_address[:2]
+            self.server_name = socket.getfqdn(str(host))
+            self.server_port = port
+            self.setup_environ()
+
+        def server_activate(self) -> None:
+            pass  # `sock` is listening already
+
+    server = _Server(sock.getsockname()[:2], _Quiet)
+    server.set_app(app)
+    return server
+
+
 class MetricsServer:
-    def __init__(self, source: Source, listen: tuple[str, int]) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(PodrouterCollector(source))  # type: ignore[arg-type]
-        host, port = listen
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+    """`/metrics` over HTTP on `listen` (host, port), or on `sock` from `listen_socket`, served by a
+    daemon thread."""
+
+    def __init__(
+        self, source: Source, listen: tuple[str, int] | None = None, sock: socket.socket | None = None
+    ) -> None:
+        if sock is None:
+            if listen is None:
+                raise ValueError("MetricsServer needs listen or sock")
+            sock = listen_socket(listen)
+        try:
+            from prometheus_client import CollectorRegistry, make_wsgi_app
+
+            self.registry = CollectorRegistry(auto_describe=False)
+            self.registry.register(PodrouterCollector(source))  # type: ignore[arg-type]
+            self._server = _http_server(sock, make_wsgi_app(self.registry))
+        except BaseException:
+            sock.close()
+            raise
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="podrouter-metrics", daemon=True
+        )
+        self._thread.start()
         self.address = self._server.server_address
 
     def close(self) -> None:
@@ -193,4 +274,12 @@ def make_source(
     return _S()
 
 
-__all__ = ["DIRECTIONS", "PATHS", "MetricsServer", "PodrouterCollector", "Source", "make_source"]
+__all__ = [
+    "DIRECTIONS",
+    "PATHS",
+    "MetricsServer",
+    "PodrouterCollector",
+    "Source",
+    "listen_socket",
+    "make_source",
+]
