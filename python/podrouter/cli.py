@@ -99,9 +99,15 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
     "--config", "config", required=True, type=click.Path(dir_okay=False), help="The node's config file."
 )
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def run(config: str, log_level: str) -> None:
+@click.option(
+    "--handover",
+    is_flag=True,
+    help="Take over from the daemon on the same api.socket without a forwarding gap (docs/handover.md).",
+)
+def run(config: str, log_level: str, handover: bool) -> None:
     """Run the node daemon until SIGTERM/SIGINT. Stopping leaves the node's routes, TUN and guards for
-    the next `run`, which adopts them; `podrouter cleanup` removes them."""
+    the next `run`, which adopts them; `podrouter cleanup` removes them. With --handover it starts
+    while the old daemon runs and takes its datapath over; the old one then exits 0."""
     from podrouter import daemon
 
     cfg = _load_config(config)
@@ -113,7 +119,7 @@ def run(config: str, log_level: str) -> None:
     # pyroute2 logs every netlink message at DEBUG: far too much even for --log-level debug
     logging.getLogger("pyroute2").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        code = daemon.run(cfg)
+        code = daemon.run(cfg, handover)
     except daemon.StartError as e:
         _fail(e.problems, e.code)
     sys.exit(code)
