@@ -3,9 +3,10 @@
 For each path (native pod1 -> pod3 on the shared L2; VXLAN and Geneve pod1 -> pod2 across R) and each
 restart kind (`sigterm`: the stop contract, SIGTERM then `podrouter run`; `sigkill`: a crash, then
 `podrouter run`; `handover`: `podrouter run --handover` started while the old daemon runs, which
-takes its datapath fds over and makes it exit, docs/handover.md), one paced TCP flow (python/podrouter/bench/flow.py: 1 KiB every millisecond) runs
-from pod1 while node1's daemon is restarted once, the successor started as soon as the predecessor
-has exited. Reported per case and repetition: whether the flow survived (same connection, every byte
+takes its datapath fds over and makes it exit, docs/handover.md), one paced TCP flow
+(python/podrouter/bench/flow.py: 1 KiB every millisecond) runs from pod1 while node1's daemon is
+restarted once, the successor started as soon as the predecessor has exited (with `handover`: at
+once). Reported per case and repetition: whether the flow survived (same connection, every byte
 delivered), its longest stall (the longest gap between two reads at the receiver: the time node1 had
 no daemon plus TCP's retransmission backoff) and the successor's time to ready (`ready_after`, from
 its process start, imports included).
@@ -50,10 +51,9 @@ def _restart(cluster: Cluster, node: str, kind: str) -> float:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    if kind == "handover":
-        # the old daemon answers status until the successor has taken over and it has exited
-        if old.wait(timeout=60) != 0:
-            raise measure.MeasureError(f"the old daemon exited {old.returncode} after the handover")
+    # handover: the old daemon answers status until the successor has taken over and it has exited
+    if kind == "handover" and old.wait(timeout=60) != 0:
+        raise measure.MeasureError(f"the old daemon exited {old.returncode} after the handover")
     with contextlib.suppress(ValueError):
         d.host.procs.remove(old)
     cluster.wait_ready(30)
