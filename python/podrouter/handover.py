@@ -164,9 +164,15 @@ class Server:
         d = self.d
         dp = d.datapath
         with d.lock:  # no table swap or reconcile while the workers stop
-            d.handing_over = True
             t0 = time.monotonic()
-            dp.quiesce()
+            d.handing_over = True
+            try:
+                dp.quiesce()
+            except OSError as e:
+                # a worker had died: the run loop notices the stopped datapath and exits
+                d.handing_over = False
+                _send(conn, {"ok": False, "error": f"the running daemon cannot hand over: {e}"})
+                return
         why = ""
         try:
             fds = dp.handover_fds()
@@ -195,8 +201,11 @@ class Server:
             ok, why = False, f"{e}" if not isinstance(e, TimeoutError) else f"no answer within {TIMEOUT:g} s"
         if not ok:
             with d.lock:
-                dp.resume()
-                d.handing_over = False
+                try:
+                    dp.resume()
+                except OSError:
+                    log.exception("resuming the datapath after a failed handover")
+                d.handing_over = False  # a datapath that did not resume ends the daemon (run loop)
                 # the successor rewrote the state file while preparing: this daemon's record again
                 with contextlib.suppress(Exception):
                     d.plumbing.save()
@@ -360,14 +369,20 @@ class Pending:
         d = self.d
         dp_config = d._datapath_config()
         t0 = time.monotonic()
-        dp, self.conn = take_over(
-            d.cfg.api.socket,
-            expectations(d.cfg.node.name, dp_config),
-            dp_config,
-            tables,
-            self.nat_snapshot,
-            self.native,
-        )
+        try:
+            dp, self.conn = take_over(
+                d.cfg.api.socket,
+                expectations(d.cfg.node.name, dp_config),
+                dp_config,
+                tables,
+                self.nat_snapshot,
+                self.native,
+            )
+        except HandoverError as e:
+            from podrouter.daemon import EXIT_CONFIG, StartError
+
+            why = f"handover refused, the running daemon keeps forwarding: {e}"
+            raise StartError([why], EXIT_CONFIG) from None
         d.datapath = dp
         log.info("took the datapath over from the running daemon (%.1f ms)", (time.monotonic() - t0) * 1000)
 
