@@ -159,8 +159,8 @@ mod tests {
     #[test]
     fn non_sockets_and_non_tun_devices_are_refused() {
         let f = std::fs::File::open("/dev/null").unwrap();
-        let e = check_socket("x", f.as_raw_fd(), libc::AF_INET, libc::SOCK_DGRAM, None)
-            .unwrap_err();
+        let e =
+            check_socket("x", f.as_raw_fd(), libc::AF_INET, libc::SOCK_DGRAM, None).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
         // a character device that is not a TUN queue fails TUNGETIFF
         assert!(tun_info(f.as_raw_fd()).is_err());

@@ -174,7 +174,10 @@ impl Tun {
         if fds.len() != nq {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{} TUN queues passed, this config has {nq} workers", fds.len()),
+                format!(
+                    "{} TUN queues passed, this config has {nq} workers",
+                    fds.len()
+                ),
             ));
         }
         let mut want = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR;
@@ -201,7 +204,11 @@ impl Tun {
             sys::ioctl_int_ptr(fd.as_raw_fd(), TUNSETVNETHDRSZ, &mut sz)?;
             // SAFETY: F_SETFL with an int argument touches no memory.
             sys::cvt(unsafe {
-                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_RDWR | libc::O_NONBLOCK)
+                libc::fcntl(
+                    fd.as_raw_fd(),
+                    libc::F_SETFL,
+                    libc::O_RDWR | libc::O_NONBLOCK,
+                )
             })?;
             queues.push(Arc::new(TunQueue { fd }));
         }

@@ -236,7 +236,12 @@ impl UdpSocket {
         sys::cvt(unsafe { libc::fcntl(raw, libc::F_SETFL, libc::O_RDWR | libc::O_NONBLOCK) })?;
         let gro = sys::setsockopt(raw, SOL_UDP, UDP_GRO, 1 as libc::c_int).is_ok();
         if addr.is_ipv6() {
-            sys::setsockopt(raw, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 1 as libc::c_int)?;
+            sys::setsockopt(
+                raw,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVTCLASS,
+                1 as libc::c_int,
+            )?;
         } else {
             sys::setsockopt(raw, libc::IPPROTO_IP, libc::IP_RECVTOS, 1 as libc::c_int)?;
         }

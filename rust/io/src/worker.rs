@@ -528,7 +528,9 @@ impl Engine {
         }
         let mut rx_sets = Vec::with_capacity(cfg.workers);
         for w in 0..cfg.workers {
-            let mut passed = passed_rx.as_mut().map(|rx| std::mem::take(&mut rx[w]).into_iter());
+            let mut passed = passed_rx
+                .as_mut()
+                .map(|rx| std::mem::take(&mut rx[w]).into_iter());
             let mut set = Vec::new();
             for &addr in &addrs {
                 for &(port, proto) in &ports {

@@ -644,7 +644,11 @@ impl Datapath {
     /// The fds are the caller's (duplicated here, so close yours afterwards) and untrusted: each
     /// is checked against `config` (and the rest at `start`); a mismatch raises `OSError`.
     #[staticmethod]
-    fn adopt(py: Python<'_>, config: &Bound<'_, PyAny>, fds: &Bound<'_, PyAny>) -> PyResult<Datapath> {
+    fn adopt(
+        py: Python<'_>,
+        config: &Bound<'_, PyAny>,
+        fds: &Bound<'_, PyAny>,
+    ) -> PyResult<Datapath> {
         let cfg = engine_config(config)?;
         let r = Reader::new(fds, "fds")?;
         r.only(&["tun", "rx", "masq"])?;
@@ -675,7 +679,10 @@ impl Datapath {
             + passed.rx.iter().map(Vec::len).sum::<usize>()
             + usize::from(passed.masq.is_some());
         if n > podrouter_io::handover::MAX_FDS {
-            return Err(bad("fds", format!("{n} fds is more than a handover carries")));
+            return Err(bad(
+                "fds",
+                format!("{n} fds is more than a handover carries"),
+            ));
         }
         let e = py
             .allow_threads(|| Engine::adopt(cfg, passed))
