@@ -47,6 +47,9 @@ def handover(daemons: Daemons, old: DaemonHandle, cfg: dict[str, Any]) -> Daemon
     assert new.status()["pid"] == new.proc.pid
     assert "took the datapath over" in new.logs(), new.logs()[-3000:]
     assert "handed over to pid" in old.logs(), old.logs()[-3000:]
+    for line in (*old.logs().splitlines(), *new.logs().splitlines()):
+        if "handed over to pid" in line or "took the datapath over" in line:
+            print(line.split(" INFO ")[-1])
     return new
 
 
