@@ -113,6 +113,17 @@ class Datapath:
     """
 
     def __new__(cls, config: dict[str, Any]) -> Datapath: ...
+    @staticmethod
+    def adopt(config: dict[str, Any], fds: dict[str, Any]) -> Datapath:
+        """A datapath on fds a running predecessor passed (docs/handover.md): fds is
+        {"tun": [fd per worker], "rx": [[fd, ...] per worker], "masq": fd | None}; duplicated
+        (close your own), each checked against config (OSError on a mismatch)."""
+    def quiesce(self) -> None:
+        """Stop the workers at a batch boundary, keeping every fd open (handover, old side)."""
+    def resume(self) -> None:
+        """Restart the workers quiesce() stopped, on the same fds."""
+    def handover_fds(self) -> dict[str, Any]:
+        """While quiesced: the fds to pass, shaped like adopt()'s fds (still the datapath's)."""
     @property
     def tun_name(self) -> str: ...
     @property

@@ -66,15 +66,25 @@ Handler = Callable[[dict[str, Any]], dict[str, Any]]
 # A streaming op: called with the request and a `send(obj) -> bool` (False once the client is gone);
 # it owns the connection until it returns, then the connection is closed (podrouter.monitor).
 StreamHandler = Callable[[dict[str, Any], Callable[[dict[str, Any]], bool]], None]
+# A raw op: called with the request and the connected socket itself (SCM_RIGHTS; podrouter.handover);
+# it owns the connection until it returns.
+RawHandler = Callable[[dict[str, Any], socket.socket], None]
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, path: str, handlers: dict[str, Handler], streams: dict[str, StreamHandler]) -> None:
+    def __init__(
+        self,
+        path: str,
+        handlers: dict[str, Handler],
+        streams: dict[str, StreamHandler],
+        raws: dict[str, RawHandler] | None = None,
+    ) -> None:
         self.handlers = handlers
         self.streams = streams
+        self.raws = raws or {}
         super().__init__(path, _Conn, bind_and_activate=False)
 
 
@@ -94,6 +104,13 @@ class _Conn(socketserver.StreamRequestHandler):
                 return
             if not line.strip():
                 continue
+            raw = self._raw_for(line)
+            if raw is not None:
+                try:
+                    raw[1](raw[0], self.connection)
+                except Exception:  # noqa: BLE001 - a bad raw request must never kill the daemon
+                    log.exception("API op %s failed", raw[0]["op"])
+                return
             stream = self._stream_for(line)
             if stream is not None:
                 self._run_stream(*stream)
@@ -109,6 +126,17 @@ class _Conn(socketserver.StreamRequestHandler):
             return None
         if isinstance(req, dict) and isinstance(req.get("op"), str) and req["op"] in self.server.streams:
             return req, self.server.streams[req["op"]]
+        return None
+
+    def _raw_for(self, line: bytes) -> tuple[dict[str, Any], RawHandler] | None:
+        if not self.server.raws or b'"op"' not in line:
+            return None
+        try:
+            req = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if isinstance(req, dict) and isinstance(req.get("op"), str) and req["op"] in self.server.raws:
+            return req, self.server.raws[req["op"]]
         return None
 
     def _run_stream(self, req: dict[str, Any], fn: StreamHandler) -> None:
@@ -156,14 +184,18 @@ class _Conn(socketserver.StreamRequestHandler):
 
 class ApiServer:
     def __init__(
-        self, path: str, handlers: dict[str, Handler], streams: dict[str, StreamHandler] | None = None
+        self,
+        path: str,
+        handlers: dict[str, Handler],
+        streams: dict[str, StreamHandler] | None = None,
+        raws: dict[str, RawHandler] | None = None,
     ) -> None:
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if os.path.exists(path) and not socket_in_use(path):
             # left by a daemon that was killed: nobody listens on it any more
             os.unlink(path)
-        self._server = _Server(path, handlers, streams or {})
+        self._server = _Server(path, handlers, streams or {}, raws)
         # bind under a umask that makes the socket 0600 from its first moment: a chmod after bind()
         # would leave a window in which any local user could connect and register pods
         old = os.umask(0o177)

@@ -98,13 +98,19 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print the re
     "--config", "config", required=True, type=click.Path(dir_okay=False), help="The node's config file."
 )
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-def run(config: str, log_level: str) -> None:
+@click.option(
+    "--handover",
+    is_flag=True,
+    help="Take over from the daemon on the same api.socket without a forwarding gap (docs/handover.md).",
+)
+def run(config: str, log_level: str, handover: bool) -> None:
     """Run the node daemon until SIGTERM/SIGINT. Stopping leaves the node's routes, TUN and guards for
-    the next `run`, which adopts them; `podrouter cleanup` removes them."""
+    the next `run`, which adopts them; `podrouter cleanup` removes them. With --handover it starts
+    while the old daemon runs and takes its datapath over; the old one then exits 0."""
     # the console script runs a plain `run` without click (podrouter/entry.py); both end here
     from podrouter.entry import run_daemon
 
-    run_daemon(config, log_level)
+    run_daemon(config, log_level, handover)
 
 
 @main.command(short_help="Validate a config file (exit 2 naming each problem).")

@@ -397,8 +397,16 @@ class _PeerIndex:
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, handover: bool = False) -> None:
         self.cfg = cfg
+        # handover (docs/handover.md): `handover_mode` takes the datapath of a running daemon over;
+        # `handing_over` is set while this daemon's workers are stopped for a successor; the state
+        # file is this daemon's to mark stopped only while `owns_record`
+        self.handover_mode = handover
+        self.handing_over = False
+        self.owns_record = not handover
+        self.handover_server: Any = None
+        self._pending: Any = None
         self.lock = threading.RLock()
         self.ready = False
         self.generation = 0
@@ -476,6 +484,9 @@ class Daemon:
         problems.extend(_bgp_problems(self.cfg, self.underlay))
         if problems:
             raise StartError(problems, EXIT_CONFIG)
+        if self.handover_mode:
+            self._handover_check()
+            return
         if apimod.socket_in_use(self.cfg.api.socket):
             raise StartError(
                 [f"api.socket: a daemon is already listening on {self.cfg.api.socket}"], EXIT_FAILURE
@@ -494,6 +505,24 @@ class Daemon:
                 ],
                 EXIT_FAILURE,
             )
+
+    def _handover_check(self) -> None:
+        """--handover: a daemon must answer on api.socket and accept this config, before anything
+        is changed (the fds themselves are checked when they come)."""
+        from podrouter import handover
+
+        try:
+            want = handover.expectations(self.cfg.node.name, self._datapath_config())
+            handover.check(self.cfg.api.socket, want)
+        except handover.HandoverError as e:
+            raise StartError([f"handover: {e}"], EXIT_CONFIG) from None
+
+    def handed_over(self) -> None:
+        """A successor runs on this daemon's datapath: stop (the stop contract) and leave the state
+        file to it."""
+        self.owns_record = False
+        self._stop.set()
+        self._wake.set()
 
     def _underlay_problems(self, cfg: Config) -> list[str]:
         problems = []
@@ -697,11 +726,21 @@ class Daemon:
             self._install_pod_guard()
             self._refresh_peers(wait=True)
             self._reconcile_locked("start")
+        if self._pending is not None:
+            # the old daemon closes its API socket and metrics port once we run: wait for that
+            self._pending.finish()
+            self._pending = None
+            self.owns_record = True
+            self.plumbing.save()
         self._nat_snapshot_report()
         self.watcher.start()
         self.discovery.start(self._on_event)
         self.monitor = MonitorHub(lambda: self.datapath, self._pod_of)
-        self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers(), self._api_streams())
+        from podrouter import handover
+
+        self.handover_server = handover.Server(self)
+        raws = {"handover": self.handover_server.handle}
+        self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers(), self._api_streams(), raws)
         if cfg.metrics.listen is not None:
             from podrouter.metrics import listen_socket
 
@@ -765,6 +804,12 @@ class Daemon:
         import errno
 
         native = _load_native()
+        if self.handover_mode:
+            from podrouter import handover
+
+            # the old daemon's datapath, taken over at the first tables (reconcile)
+            self._pending = handover.Pending(self, native)
+            return self._pending
         try:
             return native.Datapath(self._datapath_config())
         except OSError as e:
@@ -944,7 +989,7 @@ class Daemon:
             self._watch_counters()
             if self.bgp is not None:
                 self.bgp.ensure_running()
-            if self.datapath is not None and not self.datapath.is_running():
+            if self.datapath is not None and not self.datapath.is_running() and not self.handing_over:
                 log.error("the datapath stopped unexpectedly; shutting down")
                 self._exit_code = EXIT_FAILURE
                 break
@@ -1057,6 +1102,8 @@ class Daemon:
             with contextlib.suppress(OSError):
                 self._metrics_sock.close()
             self._metrics_sock = None
+        if self.handover_server is not None:
+            self.handover_server.released()
         with self.lock:
             if self.datapath is not None:
                 _go_on("stopping the datapath", self.datapath.stop)
@@ -1078,9 +1125,10 @@ class Daemon:
             _go_on("closing the datapath", self.datapath.close)
             self.datapath = None
         self._pod_guard_key = None
-        if self.plumbing is not None:
+        if self.plumbing is not None and self.owns_record:
             # last: once the record says pid 0 a successor may start (its TUN attach needs our
-            # queues closed, and nothing here writes the state file any more)
+            # queues closed, and nothing here writes the state file any more); after a handover
+            # (either side of a failed one) the record is the other daemon's
             _go_on("recording the stop in the state file", lifecycle.mark_stopped, self.plumbing)
 
     def _teardown(self) -> None:
@@ -1804,9 +1852,10 @@ def _getpid() -> int:
     return os.getpid()
 
 
-def run(cfg: Config) -> int:
-    """`podrouter run`: preflight, start, serve, tear down. Returns the exit status."""
-    d = Daemon(cfg)
+def run(cfg: Config, handover: bool = False) -> int:
+    """`podrouter run`: preflight, start, serve, tear down. Returns the exit status. With
+    `handover`, take over from the daemon running on the same API socket (docs/handover.md)."""
+    d = Daemon(cfg, handover)
     try:
         d.preflight()
     except StartError:
@@ -1816,20 +1865,20 @@ def run(cfg: Config) -> int:
     # a start that fails on a predecessor's state leaves it (it still forwards, and the leak guard
     # stays); one that fails from scratch removes what it installed
     def what() -> str:
-        return "leaving the adopted state" if d.adopted else "removing what was installed"
+        return "leaving the adopted state" if d.adopted or handover else "removing what was installed"
 
     try:
         d.start()
     except StartError:
         log.error("start failed; %s", what())
-        d.shutdown(keep=d.adopted)
+        d.shutdown(keep=d.adopted or handover)
         raise
     except Exception as e:
         log.exception("start failed; %s", what())
-        d.shutdown(keep=d.adopted)
+        d.shutdown(keep=d.adopted or handover)
         raise StartError([f"start failed: {e}"], EXIT_FAILURE) from None
     except BaseException:
-        d.shutdown(keep=d.adopted)
+        d.shutdown(keep=d.adopted or handover)
         raise
     try:
         code = d.run()
@@ -1839,6 +1888,8 @@ def run(cfg: Config) -> int:
             "(`podrouter cleanup` removes them)"
         )
         d.shutdown(keep=True)
+        if d.handover_server is not None:
+            d.handover_server.wait_sent()
     return code
 
 

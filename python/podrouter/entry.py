@@ -65,7 +65,7 @@ def _fail(lines: list[str], code: int) -> NoReturn:
     sys.exit(code)
 
 
-def run_daemon(config: str, log_level: str) -> NoReturn:
+def run_daemon(config: str, log_level: str, handover: bool = False) -> NoReturn:
     """`podrouter run`: load the config (exit 2 naming each problem), set up logging, run the
     daemon until SIGTERM/SIGINT and exit with its status."""
     from podrouter import config as configmod
@@ -85,7 +85,7 @@ def run_daemon(config: str, log_level: str) -> NoReturn:
     # pyroute2 logs every netlink message at DEBUG: far too much even for --log-level debug
     logging.getLogger("pyroute2").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
-        code = daemon.run(cfg)
+        code = daemon.run(cfg, handover)
     except daemon.StartError as e:
         _fail(e.problems, e.code)
     sys.exit(code)

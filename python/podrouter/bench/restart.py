@@ -2,9 +2,11 @@
 
 For each path (native pod1 -> pod3 on the shared L2; VXLAN and Geneve pod1 -> pod2 across R) and each
 restart kind (`sigterm`: the stop contract, SIGTERM then `podrouter run`; `sigkill`: a crash, then
-`podrouter run`), one paced TCP flow (python/podrouter/bench/flow.py: 1 KiB every millisecond) runs
-from pod1 while node1's daemon is restarted once, the successor started as soon as the predecessor
-has exited. Reported per case and repetition: whether the flow survived (same connection, every byte
+`podrouter run`; `handover`: `podrouter run --handover` started while the old daemon runs, which
+takes its datapath fds over and makes it exit, docs/handover.md), one paced TCP flow
+(python/podrouter/bench/flow.py: 1 KiB every millisecond) runs from pod1 while node1's daemon is
+restarted once, the successor started as soon as the predecessor has exited (with `handover`: at
+once). Reported per case and repetition: whether the flow survived (same connection, every byte
 delivered), its longest stall (the longest gap between two reads at the receiver: the time node1 had
 no daemon plus TCP's retransmission backoff) and the successor's time to ready (`ready_after`, from
 its process start, imports included).
@@ -29,7 +31,7 @@ CASES = (
     ("vxlan", "pod2", "tunnel", "vxlan"),
     ("geneve", "pod2", "tunnel", "geneve"),
 )
-KINDS = ("sigterm", "sigkill")
+KINDS = ("sigterm", "sigkill", "handover")
 PORT = 7000
 
 
@@ -37,17 +39,23 @@ def _restart(cluster: Cluster, node: str, kind: str) -> float:
     """Restart `node`'s daemon; returns the successor's ready_after (seconds)."""
     d = cluster.daemons[node]
     assert d.proc is not None
-    d.proc.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
-    d.proc.wait(timeout=20)
-    with contextlib.suppress(ValueError):
-        d.host.procs.remove(d.proc)
+    old = d.proc
+    if kind != "handover":
+        old.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
+        old.wait(timeout=20)
+    extra = ["--handover"] if kind == "handover" else []
     with open(d.log_path, "ab") as log:
         d.proc = d.host.popen(
-            [*podrouter_argv(), "run", "--config", str(d.config_path)],
+            [*podrouter_argv(), "run", "--config", str(d.config_path), *extra],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+    # handover: the old daemon answers status until the successor has taken over and it has exited
+    if kind == "handover" and old.wait(timeout=60) != 0:
+        raise measure.MeasureError(f"the old daemon exited {old.returncode} after the handover")
+    with contextlib.suppress(ValueError):
+        d.host.procs.remove(old)
     cluster.wait_ready(30)
     return float(cluster.status(node).get("ready_after") or 0.0)
 

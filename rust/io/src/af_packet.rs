@@ -172,6 +172,49 @@ impl PacketSocket {
         })
     }
 
+    /// Adopts a masquerade reply socket a predecessor passed (`crate::handover`): it must be an
+    /// AF_PACKET `SOCK_RAW` socket bound to `ifindex` for IPv4. `filter` replaces whatever
+    /// filter it carries (ours, not the sender's, decides what it sees); packets already queued
+    /// on it stay queued.
+    pub fn adopt_rx(
+        fd: OwnedFd,
+        ifindex: u32,
+        filter: &[libc::sock_filter],
+    ) -> io::Result<PacketSocket> {
+        let raw = fd.as_raw_fd();
+        crate::handover::check_socket(
+            "masquerade reply socket",
+            raw,
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            None,
+        )?;
+        let (idx, proto) = crate::handover::packet_binding(raw)?;
+        if idx != ifindex || proto != ETHERTYPE_IPV4 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "masquerade reply socket: bound to ifindex {idx} protocol {proto:#06x}, \
+                     expected {ifindex} {ETHERTYPE_IPV4:#06x}"
+                ),
+            ));
+        }
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, prog)?;
+        // SAFETY: F_SETFL with an int argument touches no memory.
+        sys::cvt(unsafe { libc::fcntl(raw, libc::F_SETFL, libc::O_RDWR | libc::O_NONBLOCK) })?;
+        let vnet = sys::getsockopt_int(raw, SOL_PACKET, PACKET_VNET_HDR).is_ok_and(|v| v != 0);
+        Ok(PacketSocket {
+            fd,
+            ifindex,
+            vnet,
+            tx_errors: AtomicU64::new(0),
+        })
+    }
+
     /// Reads one packet (vnet header first when enabled) without blocking.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.

@@ -14,6 +14,7 @@ pub mod counters;
 pub mod csum;
 pub mod events;
 pub mod gro;
+pub mod handover;
 pub mod nat_persist;
 mod sys;
 pub mod tun;

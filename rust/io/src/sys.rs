@@ -272,6 +272,11 @@ pub(crate) const fn iow(ty: u8, nr: u8, size: usize) -> libc::c_ulong {
     ((1 << 30) | (size << 16) | ((ty as usize) << 8) | nr as usize) as libc::c_ulong
 }
 
+/// `_IOR(type, nr, size)` from `<asm-generic/ioctl.h>`.
+pub(crate) const fn ior(ty: u8, nr: u8, size: usize) -> libc::c_ulong {
+    ((2 << 30) | (size << 16) | ((ty as usize) << 8) | nr as usize) as libc::c_ulong
+}
+
 /// Interface index of `name` in the calling thread's network namespace.
 pub(crate) fn if_index(name: &str) -> io::Result<u32> {
     let c =

@@ -164,6 +164,68 @@ impl Tun {
         })
     }
 
+    /// Adopts the queue fds a predecessor passed (`crate::handover`): each must be an attached
+    /// queue of the device `opts.name` with this engine's flags (`IFF_TUN | IFF_NO_PI |
+    /// IFF_VNET_HDR`, `IFF_MULTI_QUEUE` exactly when `opts.queues > 1`), one per queue. The
+    /// offload is probed again (the same call `open` makes); the MTU and persistence are the
+    /// device's already.
+    pub fn adopt(opts: &TunOptions, fds: Vec<OwnedFd>) -> io::Result<Tun> {
+        let nq = opts.queues.max(1);
+        if fds.len() != nq {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} TUN queues passed, this config has {nq} workers",
+                    fds.len()
+                ),
+            ));
+        }
+        let mut want = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR;
+        if nq > 1 {
+            want |= IFF_MULTI_QUEUE;
+        }
+        let mask = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE | 0x0002; // 0x0002: IFF_TAP
+        let mut queues = Vec::with_capacity(nq);
+        for (i, fd) in fds.into_iter().enumerate() {
+            let (name, flags) = crate::handover::tun_info(fd.as_raw_fd())?;
+            if name != opts.name {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("TUN queue {i} belongs to {name:?}, not {:?}", opts.name),
+                ));
+            }
+            if flags & mask != want {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("TUN queue {i} has flags {flags:#06x}, expected {want:#06x}"),
+                ));
+            }
+            let mut sz = VNET_HDR_LEN as libc::c_int;
+            sys::ioctl_int_ptr(fd.as_raw_fd(), TUNSETVNETHDRSZ, &mut sz)?;
+            // SAFETY: F_SETFL with an int argument touches no memory.
+            sys::cvt(unsafe {
+                libc::fcntl(
+                    fd.as_raw_fd(),
+                    libc::F_SETFL,
+                    libc::O_RDWR | libc::O_NONBLOCK,
+                )
+            })?;
+            queues.push(Arc::new(TunQueue { fd }));
+        }
+        let offload = if opts.offload {
+            probe_offload(queues[0].as_raw_fd())
+        } else {
+            sys::ioctl_val(queues[0].as_raw_fd(), TUNSETOFFLOAD, 0)?;
+            0
+        };
+        Ok(Tun {
+            ifindex: sys::if_index(&opts.name)?,
+            name: opts.name.clone(),
+            queues,
+            offload,
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -207,6 +207,54 @@ impl UdpSocket {
         })
     }
 
+    /// Adopts a receive socket a predecessor passed (`crate::handover`): it must be a UDP socket
+    /// of `addr`'s family bound to exactly `addr`. The receive options `bind_rx` sets are set
+    /// again (idempotent); datagrams already queued on it stay queued.
+    pub fn adopt_rx(fd: OwnedFd, addr: SocketAddr) -> io::Result<UdpSocket> {
+        let raw = fd.as_raw_fd();
+        let what = format!("tunnel socket {addr}");
+        let domain = if addr.is_ipv6() {
+            libc::AF_INET6
+        } else {
+            libc::AF_INET
+        };
+        crate::handover::check_socket(
+            &what,
+            raw,
+            domain,
+            libc::SOCK_DGRAM,
+            Some(libc::IPPROTO_UDP),
+        )?;
+        let local = local_addr(raw)?;
+        if local != addr {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{what}: the passed socket is bound to {local}"),
+            ));
+        }
+        // SAFETY: F_SETFL with an int argument touches no memory.
+        sys::cvt(unsafe { libc::fcntl(raw, libc::F_SETFL, libc::O_RDWR | libc::O_NONBLOCK) })?;
+        let gro = sys::setsockopt(raw, SOL_UDP, UDP_GRO, 1 as libc::c_int).is_ok();
+        if addr.is_ipv6() {
+            sys::setsockopt(
+                raw,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVTCLASS,
+                1 as libc::c_int,
+            )?;
+        } else {
+            sys::setsockopt(raw, libc::IPPROTO_IP, libc::IP_RECVTOS, 1 as libc::c_int)?;
+        }
+        Ok(UdpSocket {
+            fd,
+            local,
+            gso: AtomicBool::new(false),
+            flowlabel: AtomicBool::new(false),
+            gro,
+            tx_errors: AtomicU64::new(0),
+        })
+    }
+
     /// A send socket bound to `addr` (port 0 lets the kernel choose). Blocking, so a full socket
     /// buffer applies back-pressure to the worker instead of dropping, with a send timeout so that a
     /// wedged path can never hang shutdown.

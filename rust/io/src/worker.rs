@@ -29,6 +29,7 @@ use crate::af_packet::{self, FrameScratch, PacketSocket, TxFrame};
 use crate::counters::{Dir, Path, Snapshot, Stat, WorkerCounters};
 use crate::events::{Direction, Event, EventRing, Kind};
 use crate::gro::Coalescer;
+use crate::handover::{AdoptFds, FdRole};
 use crate::nat_persist::PersistStats;
 use crate::sys::{Epoll, EventFd};
 use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
@@ -42,7 +43,7 @@ use podrouter_core::{DropReason, Tables, TunnelProto, Verdict};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -216,11 +217,30 @@ struct Running {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     alive: Arc<AtomicUsize>,
-    threads: Vec<JoinHandle<()>>,
+    /// Each worker hands its sockets back when it ends (kept by `quiesce`).
+    threads: Vec<JoinHandle<WorkerSockets>>,
     tx_pool: Arc<TxPools>,
     pkt: Option<Arc<PacketSocket>>,
     /// The NAT snapshot writer (with `Engine::set_nat_snapshot`).
     writer: Option<crate::nat_persist::Writer>,
+}
+
+/// A worker's own sockets: its tunnel receive sockets and (worker 0) the masquerade reply socket.
+type WorkerSockets = (
+    Vec<(UdpSocket, TunnelProto)>,
+    Option<PacketSocket>,
+    Option<PacketSocket>,
+);
+
+/// The sockets of a started engine: opened by `start`, or passed by a predecessor, or kept by
+/// `quiesce` for `resume`.
+struct Sockets {
+    tx_pool: Arc<TxPools>,
+    pkt: Option<Arc<PacketSocket>>,
+    rx_sets: Vec<Vec<(UdpSocket, TunnelProto)>>,
+    masq: Option<PacketSocket>,
+    /// The IPv6 masquerade reply socket; never passed in a handover (a successor opens its own).
+    masq6: Option<PacketSocket>,
 }
 
 /// The running datapath of one node.
@@ -244,16 +264,19 @@ pub struct Engine {
     nat_snapshot: Option<PathBuf>,
     nat_loaded: bool,
     persist: Arc<Mutex<PersistStats>>,
+    /// Sockets a predecessor passed, for the next `start` (`Engine::adopt`).
+    adopt: Option<AdoptFds>,
+    /// The sockets of workers stopped by `quiesce`, for `resume` or a handover.
+    parked: Option<Sockets>,
 }
 
 impl Engine {
     /// Creates the TUN device (so the control plane can configure it before `start`). The NAT
     /// hash seed in `cfg.nat` is replaced by a random one (per process: node ports must not be
     /// predictable, nor flows choosable to collide in the table).
-    pub fn new(mut cfg: EngineConfig) -> io::Result<Engine> {
+    pub fn new(cfg: EngineConfig) -> io::Result<Engine> {
         cfg.validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        cfg.nat.seed = crate::sys::random_u64()?;
         let tun = Tun::open(&TunOptions {
             name: cfg.tun_name.clone(),
             queues: cfg.workers,
@@ -261,6 +284,11 @@ impl Engine {
             mtu: cfg.tun_mtu,
             persist: cfg.tun_persist,
         })?;
+        Engine::with_tun(cfg, tun)
+    }
+
+    fn with_tun(mut cfg: EngineConfig, tun: Tun) -> io::Result<Engine> {
+        cfg.nat.seed = crate::sys::random_u64()?;
         let n_drops = drop_reason_names().len();
         let counters = (0..cfg.workers)
             .map(|_| Arc::new(WorkerCounters::new(n_drops)))
@@ -284,7 +312,32 @@ impl Engine {
             nat_snapshot: None,
             nat_loaded: false,
             persist: Arc::new(Mutex::new(PersistStats::default())),
+            adopt: None,
+            parked: None,
         })
+    }
+
+    /// Like `new`, but on the fds a running predecessor passed (docs/handover.md) instead of
+    /// opening the TUN: `fds.tun` are checked and adopted now, the tunnel receive sockets and
+    /// the masquerade reply socket at `start` (which checks them against the addresses, ports
+    /// and tables it would bind; the send sockets are opened fresh). Any mismatch is an
+    /// `InvalidData` error naming the fd; the fds are then closed (the sender keeps its own).
+    pub fn adopt(cfg: EngineConfig, mut fds: AdoptFds) -> io::Result<Engine> {
+        cfg.validate()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let tun = Tun::adopt(
+            &TunOptions {
+                name: cfg.tun_name.clone(),
+                queues: cfg.workers,
+                offload: cfg.offload,
+                mtu: cfg.tun_mtu,
+                persist: cfg.tun_persist,
+            },
+            std::mem::take(&mut fds.tun),
+        )?;
+        let mut e = Engine::with_tun(cfg, tun)?;
+        e.adopt = Some(fds);
+        Ok(e)
     }
 
     /// `new` + `start`.
@@ -360,74 +413,21 @@ impl Engine {
             );
         }
         self.tables.store(Some(tables));
-        let cfg = &self.cfg;
-        let addrs = cfg.underlay_addresses();
-        let mut pools = TxPools {
-            v4: Vec::new().into(),
-            v6: Vec::new().into(),
-        };
-        for &a in &addrs {
-            let pool = bind_tx_pool(a, cfg.tx_sockets)?.into();
-            match a {
-                IpAddr::V4(_) => pools.v4 = pool,
-                IpAddr::V6(_) => pools.v6 = pool,
-            }
-        }
-        let tx_pool = Arc::new(pools);
-        let pkt = if cfg.underlay_ifindex != 0 {
-            Some(Arc::new(PacketSocket::open(
-                cfg.underlay_ifindex,
-                cfg.offload,
-            )?))
-        } else {
-            None
-        };
-        let ports: Vec<(u16, TunnelProto)> = [
-            (cfg.vxlan_port, TunnelProto::Vxlan),
-            (cfg.geneve_port, TunnelProto::Geneve),
-        ]
-        .into_iter()
-        .filter(|(p, _)| *p != 0)
-        .collect();
-        // Bind every worker's sockets before starting any thread, so a bind error leaves nothing running.
-        let mut rx_sets = Vec::with_capacity(cfg.workers);
-        for _ in 0..cfg.workers {
-            let mut set = Vec::new();
-            for &addr in &addrs {
-                for &(port, proto) in &ports {
-                    let s = UdpSocket::bind_rx(SocketAddr::new(addr, port), cfg.workers > 1)?;
-                    set.push((s, proto));
-                }
-            }
-            rx_sets.push(set);
-        }
-        // Masquerade replies: one filtered AF_PACKET receive socket, served by worker 0, open only
-        // while the tables enable masquerade (without it nothing of ours can come back, and the
-        // ICMP errors the filter would copy belong to the node's stack). Worker 0 opens or closes
-        // it when a table swap changes `masquerade.enabled`; the node address and port range of
-        // its filter are restart-only.
-        let (mut masq_rx, mut masq6_rx) = match cfg.underlay_ifindex {
-            0 => (None, None),
-            idx => {
-                let t = self
-                    .tables
-                    .load_full()
-                    .ok_or_else(|| io::Error::other("no tables"))?;
-                let (lo, hi) = t.masquerade().port_range;
-                let v4 = match masq_wanted(&t) {
-                    Some(node) => Some(open_masq_rx(idx, node, lo, hi, cfg.offload)?),
-                    None => None,
-                };
-                let v6 = match masq6_wanted(&t) {
-                    Some(node) => Some(open_masq6_rx(idx, node, lo, hi, cfg.offload)?),
-                    None => None,
-                };
-                (v4, v6)
-            }
+        let Sockets {
+            tx_pool,
+            pkt,
+            rx_sets,
+            masq: mut masq_rx,
+            masq6: mut masq6_rx,
+        } = match self.parked.take() {
+            // `resume` after a handover that did not happen: the same sockets, nothing lost
+            Some(p) => p,
+            None => self.open_sockets()?,
         };
         self.offload.udp_gso = tx_pool.all().all(UdpSocket::gso_enabled);
         self.offload.udp_gro = rx_sets.iter().flatten().all(|(s, _)| s.gro_enabled());
         self.offload.packet_vnet_hdr = pkt.as_ref().is_some_and(|p| p.vnet_hdr());
+        let cfg = &self.cfg;
 
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(EventFd::new()?);
@@ -460,7 +460,7 @@ impl Engine {
                 .name(format!("podr-worker-{i}"))
                 .spawn(move || {
                     let _guard = AliveGuard(alive2);
-                    w.run();
+                    w.run()
                 });
             match spawned {
                 Ok(h) => threads.push(h),
@@ -503,6 +503,112 @@ impl Engine {
         Ok(())
     }
 
+    /// The sockets `start` needs: bound and opened here, or the ones a predecessor passed
+    /// (`Engine::adopt`), checked against this config.
+    fn open_sockets(&mut self) -> io::Result<Sockets> {
+        let mut adopted = self.adopt.take();
+        let cfg = &self.cfg;
+        let addrs = cfg.underlay_addresses();
+        let mut pools = TxPools {
+            v4: Vec::new().into(),
+            v6: Vec::new().into(),
+        };
+        for &a in &addrs {
+            let pool = bind_tx_pool(a, cfg.tx_sockets)?.into();
+            match a {
+                IpAddr::V4(_) => pools.v4 = pool,
+                IpAddr::V6(_) => pools.v6 = pool,
+            }
+        }
+        let tx_pool = Arc::new(pools);
+        let pkt = if cfg.underlay_ifindex != 0 {
+            Some(Arc::new(PacketSocket::open(
+                cfg.underlay_ifindex,
+                cfg.offload,
+            )?))
+        } else {
+            None
+        };
+        let ports: Vec<(u16, TunnelProto)> = [
+            (cfg.vxlan_port, TunnelProto::Vxlan),
+            (cfg.geneve_port, TunnelProto::Geneve),
+        ]
+        .into_iter()
+        .filter(|(p, _)| *p != 0)
+        .collect();
+        // Bind every worker's sockets before starting any thread, so a bind error leaves nothing running.
+        let mut passed_rx = adopted.as_mut().map(|a| std::mem::take(&mut a.rx));
+        if let Some(rx) = &passed_rx {
+            let want = addrs.len() * ports.len();
+            if rx.len() != cfg.workers || rx.iter().any(|w| w.len() != want) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the passed tunnel sockets do not match this config ({} workers x {want} \
+                         sockets expected)",
+                        cfg.workers
+                    ),
+                ));
+            }
+        }
+        let mut rx_sets = Vec::with_capacity(cfg.workers);
+        for w in 0..cfg.workers {
+            let mut passed = passed_rx
+                .as_mut()
+                .map(|rx| std::mem::take(&mut rx[w]).into_iter());
+            let mut set = Vec::new();
+            for &addr in &addrs {
+                for &(port, proto) in &ports {
+                    let a = SocketAddr::new(addr, port);
+                    let s = match passed.as_mut().and_then(Iterator::next) {
+                        Some(fd) => UdpSocket::adopt_rx(fd, a)?,
+                        None => UdpSocket::bind_rx(a, cfg.workers > 1)?,
+                    };
+                    set.push((s, proto));
+                }
+            }
+            rx_sets.push(set);
+        }
+        // Masquerade replies: one filtered AF_PACKET receive socket, served by worker 0, open only
+        // while the tables enable masquerade (without it nothing of ours can come back, and the
+        // ICMP errors the filter would copy belong to the node's stack). Worker 0 opens or closes
+        // it when a table swap changes `masquerade.enabled`; the node address and port range of
+        // its filter are restart-only.
+        let (masq, masq6) = match cfg.underlay_ifindex {
+            0 => (None, None),
+            idx => {
+                let t = self
+                    .tables
+                    .load_full()
+                    .ok_or_else(|| io::Error::other("no tables"))?;
+                let (lo, hi) = t.masquerade().port_range;
+                let v4 = match masq_wanted(&t) {
+                    Some(node) => match adopted.as_mut().and_then(|a| a.masq.take()) {
+                        Some(fd) => Some(PacketSocket::adopt_rx(
+                            fd,
+                            idx,
+                            &af_packet::masquerade_filter(node, lo, hi),
+                        )?),
+                        None => Some(open_masq_rx(idx, node, lo, hi, cfg.offload)?),
+                    },
+                    None => None,
+                };
+                let v6 = match masq6_wanted(&t) {
+                    Some(node) => Some(open_masq6_rx(idx, node, lo, hi, cfg.offload)?),
+                    None => None,
+                };
+                (v4, v6)
+            }
+        };
+        Ok(Sockets {
+            tx_pool,
+            pkt,
+            rx_sets,
+            masq,
+            masq6,
+        })
+    }
+
     /// Replaces the tables: one atomic pointer store; each worker picks them up at its next batch.
     pub fn swap_tables(&self, tables: Arc<Tables>) {
         self.tables.store(Some(tables));
@@ -521,6 +627,9 @@ impl Engine {
 
     /// Stops the workers and closes the sockets; the TUN stays until the engine is dropped. Idempotent.
     pub fn stop(&mut self) {
+        if let Some(p) = self.parked.take() {
+            self.past_tx_errors += tx_errors(&p.tx_pool, p.pkt.as_deref());
+        }
         let Some(r) = self.running.take() else {
             return;
         };
@@ -534,6 +643,85 @@ impl Engine {
             w.finish();
         }
         self.past_tx_errors += tx_errors(&r.tx_pool, r.pkt.as_deref());
+    }
+
+    /// Handover, first step: stops the workers at a batch boundary (each finishes the batch in
+    /// hand, so no packet is half handled) and keeps every socket open, so that what arrives
+    /// meanwhile waits in the TUN queues and socket buffers. The NAT snapshot file, if any, is
+    /// written a last time (exact: no worker runs). Then either `handover_fds` + drop (the
+    /// successor took over) or `resume`.
+    pub fn quiesce(&mut self) -> io::Result<()> {
+        let Some(r) = self.running.take() else {
+            return Err(io::Error::other("the datapath is not running"));
+        };
+        r.stop.store(true, Ordering::SeqCst);
+        r.wake.signal();
+        let mut rx_sets = Vec::with_capacity(r.threads.len());
+        let (mut masq, mut masq6) = (None, None);
+        let mut lost = false;
+        for t in r.threads {
+            match t.join() {
+                Ok((rx, m, m6)) => {
+                    rx_sets.push(rx);
+                    masq = masq.or(m);
+                    masq6 = masq6.or(m6);
+                }
+                Err(_) => lost = true,
+            }
+        }
+        if let Some(w) = r.writer {
+            w.finish();
+        }
+        if lost || rx_sets.len() != self.cfg.workers {
+            self.past_tx_errors += tx_errors(&r.tx_pool, r.pkt.as_deref());
+            return Err(io::Error::other("a worker died: its sockets are gone"));
+        }
+        self.parked = Some(Sockets {
+            tx_pool: r.tx_pool,
+            pkt: r.pkt,
+            rx_sets,
+            masq,
+            masq6,
+        });
+        Ok(())
+    }
+
+    /// Restarts the workers `quiesce` stopped, on the same sockets (a handover that failed).
+    pub fn resume(&mut self) -> io::Result<()> {
+        if self.parked.is_none() {
+            return Err(io::Error::other("the datapath is not quiesced"));
+        }
+        let tables = self
+            .tables
+            .load_full()
+            .ok_or_else(|| io::Error::other("no tables"))?;
+        self.start(tables)
+    }
+
+    /// While quiesced: the fds a successor adopts, by role (TUN queues, then each worker's
+    /// tunnel receive sockets in bind order, then the masquerade reply socket). The engine
+    /// keeps them; the caller passes copies (SCM_RIGHTS duplicates them).
+    pub fn handover_fds(&self) -> io::Result<Vec<(FdRole, RawFd)>> {
+        let p = self
+            .parked
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the datapath is not quiesced"))?;
+        let mut v: Vec<(FdRole, RawFd)> = self
+            .tun
+            .queues()
+            .iter()
+            .enumerate()
+            .map(|(queue, q)| (FdRole::Tun { queue }, q.as_raw_fd()))
+            .collect();
+        for (worker, set) in p.rx_sets.iter().enumerate() {
+            for (index, (s, _)) in set.iter().enumerate() {
+                v.push((FdRole::Rx { worker, index }, s.as_raw_fd()));
+            }
+        }
+        if let Some(m) = &p.masq {
+            v.push((FdRole::Masq, m.as_raw_fd()));
+        }
+        Ok(v)
     }
 
     /// Live masquerade entries (`podrouter_nat_entries`).
@@ -754,9 +942,15 @@ struct State {
 }
 
 impl Worker {
-    fn run(mut self) {
+    /// Serves until stopped, then hands its sockets back (`Engine::quiesce` keeps them).
+    fn run(mut self) -> WorkerSockets {
         let mut masq = self.masq.take();
         let mut masq6 = self.masq6.take();
+        self.serve(&mut masq, &mut masq6);
+        (std::mem::take(&mut self.rx), masq, masq6)
+    }
+
+    fn serve(&mut self, masq: &mut Option<PacketSocket>, masq6: &mut Option<PacketSocket>) {
         let mut ep = match Epoll::new(5 + self.rx.len()) {
             Ok(e) => e,
             Err(_) => return,
@@ -803,8 +997,8 @@ impl Worker {
             if self.stop.load(Ordering::Relaxed) {
                 break;
             }
-            self.sync_masq(&mut ep, &mut masq, &mut masq_tried, false);
-            self.sync_masq(&mut ep, &mut masq6, &mut masq6_tried, true);
+            self.sync_masq(&mut ep, masq, &mut masq_tried, false);
+            self.sync_masq(&mut ep, masq6, &mut masq6_tried, true);
             for &t in &ready {
                 match t {
                     TOKEN_TUN => {

@@ -17,6 +17,7 @@ use podrouter_core::{
 };
 use podrouter_io::counters::{Dir, Path, DIRECTIONS, STATS};
 use podrouter_io::events::{Direction, Kind};
+use podrouter_io::handover::{AdoptFds, FdRole};
 use podrouter_io::{drop_reason_names, Engine, EngineConfig, Event};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -651,6 +652,114 @@ impl Datapath {
             tun_ifindex: e.tun().ifindex(),
             engine: Mutex::new(Some(e)),
         })
+    }
+
+    /// A datapath on the fds a running predecessor passed (docs/handover.md) instead of a new
+    /// TUN: `fds` is `{"tun": [fd per worker], "rx": [[fd, ...] per worker], "masq": fd or None}`.
+    /// The fds are the caller's (duplicated here, so close yours afterwards) and untrusted: each
+    /// is checked against `config` (and the rest at `start`); a mismatch raises `OSError`.
+    #[staticmethod]
+    fn adopt(
+        py: Python<'_>,
+        config: &Bound<'_, PyAny>,
+        fds: &Bound<'_, PyAny>,
+    ) -> PyResult<Datapath> {
+        let cfg = engine_config(config)?;
+        let r = Reader::new(fds, "fds")?;
+        r.only(&["tun", "rx", "masq"])?;
+        let dup = |key: &str, v: &Bound<'_, PyAny>| -> PyResult<std::os::fd::OwnedFd> {
+            let fd: i32 = r.int(key, v)?;
+            podrouter_io::handover::dup_fd(fd).map_err(|e| os_err(&r.key(key), e))
+        };
+        let mut passed = AdoptFds::default();
+        for v in r.list("tun")? {
+            passed.tun.push(dup("tun", &v)?);
+        }
+        for w in r.list("rx")? {
+            let list = w
+                .downcast::<PyList>()
+                .map_err(|_| bad(&r.key("rx"), "is not a list of lists of fds"))?;
+            let mut set = Vec::new();
+            for v in list.iter() {
+                set.push(dup("rx", &v)?);
+            }
+            passed.rx.push(set);
+        }
+        if let Some(v) = r.opt("masq")? {
+            if !v.is_none() {
+                passed.masq = Some(dup("masq", &v)?);
+            }
+        }
+        let n = passed.tun.len()
+            + passed.rx.iter().map(Vec::len).sum::<usize>()
+            + usize::from(passed.masq.is_some());
+        if n > podrouter_io::handover::MAX_FDS {
+            return Err(bad(
+                "fds",
+                format!("{n} fds is more than a handover carries"),
+            ));
+        }
+        let e = py
+            .allow_threads(|| Engine::adopt(cfg, passed))
+            .map_err(|e| os_err("adopting the passed fds", e))?;
+        Ok(Datapath {
+            tun_name: e.tun().name().to_string(),
+            tun_ifindex: e.tun().ifindex(),
+            engine: Mutex::new(Some(e)),
+        })
+    }
+
+    /// Handover, old side: stops the workers at a batch boundary, keeping every fd open.
+    fn quiesce(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| {
+            let mut g = self.lock();
+            let e = g
+                .as_mut()
+                .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            e.quiesce().map_err(|e| os_err("quiescing the datapath", e))
+        })
+    }
+
+    /// Restarts the workers `quiesce` stopped, on the same fds.
+    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| {
+            let mut g = self.lock();
+            let e = g
+                .as_mut()
+                .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            e.resume().map_err(|e| os_err("resuming the datapath", e))
+        })
+    }
+
+    /// While quiesced: `{"tun": [fd...], "rx": [[fd...]...], "masq": fd or None}`, the fds to
+    /// pass (they stay the datapath's: send copies, close nothing).
+    fn handover_fds<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let roles = py
+            .allow_threads(|| self.lock().as_ref().map(Engine::handover_fds))
+            .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?
+            .map_err(|e| os_err("handover", e))?;
+        let tun = PyList::empty(py);
+        let rx = PyList::empty(py);
+        let d = PyDict::new(py);
+        d.set_item("masq", py.None())?;
+        for (role, fd) in roles {
+            match role {
+                FdRole::Tun { .. } => tun.append(fd)?,
+                FdRole::Rx { worker, .. } => {
+                    while rx.len() <= worker {
+                        rx.append(PyList::empty(py))?;
+                    }
+                    rx.get_item(worker)?.downcast::<PyList>()?.append(fd)?;
+                }
+                FdRole::Masq => d.set_item("masq", fd)?,
+            }
+        }
+        while rx.len() < tun.len() {
+            rx.append(PyList::empty(py))?; // a worker without tunnel sockets
+        }
+        d.set_item("tun", tun)?;
+        d.set_item("rx", rx)?;
+        Ok(d)
     }
 
     #[getter]

@@ -1,0 +1,172 @@
+//! Handover: a running daemon passes the fds its engine reads from (TUN queues, tunnel receive
+//! sockets, the masquerade reply socket) to a successor over a unix socket (SCM_RIGHTS, done by
+//! the control plane), and the successor's engine adopts them instead of opening new ones
+//! (docs/handover.md). Packets that arrive meanwhile wait in the TUN queue and the socket buffers
+//! (the same open file descriptions, so nothing is detached or closed) instead of being dropped.
+//!
+//! The fds come from another process and are untrusted: every one is checked here (its file type
+//! with `fstat`, a socket's `SO_DOMAIN` / `SO_TYPE` / `SO_PROTOCOL` and bound address, a TUN
+//! queue's device name and flags with `TUNGETIFF`) against what this engine's config would have
+//! opened. A mismatch refuses the whole handover; the sender then resumes its own workers.
+
+use crate::sys;
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::os::fd::{OwnedFd, RawFd};
+
+/// Largest number of fds one handover carries (`SCM_MAX_FD` is 253).
+pub const MAX_FDS: usize = 253;
+
+/// What the old engine passes, by role; the successor fills one from what it received.
+#[derive(Debug, Default)]
+pub struct AdoptFds {
+    /// One per worker, in queue order.
+    pub tun: Vec<OwnedFd>,
+    /// Per worker, the tunnel receive sockets in the order `start` binds them (for each underlay
+    /// address, for each enabled tunnel port: VXLAN then Geneve).
+    pub rx: Vec<Vec<OwnedFd>>,
+    /// The masquerade reply socket (worker 0), if masquerade was on.
+    pub masq: Option<OwnedFd>,
+}
+
+/// Role of one fd in a handover manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FdRole {
+    Tun { queue: usize },
+    Rx { worker: usize, index: usize },
+    Masq,
+}
+
+fn bad(what: &str, msg: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("{what}: {msg}"))
+}
+
+/// A close-on-exec duplicate of `fd` (the caller keeps and closes its own). `EBADF` for an fd
+/// that is not open.
+pub fn dup_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC takes an int argument and touches no memory; the result is checked.
+    sys::owned(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })
+}
+
+/// `S_IFMT` bits of the fd's file.
+fn file_type(fd: RawFd) -> io::Result<libc::mode_t> {
+    // SAFETY: all-zeroes is a valid `stat`; the kernel writes at most its size.
+    let mut st: libc::stat = unsafe { zeroed() };
+    // SAFETY: `st` is valid for writes for the duration of the call.
+    sys::cvt(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st.st_mode & libc::S_IFMT)
+}
+
+/// Checks that `fd` is a socket of `domain` / `ty` / `proto`.
+pub(crate) fn check_socket(
+    what: &str,
+    fd: RawFd,
+    domain: libc::c_int,
+    ty: libc::c_int,
+    proto: Option<libc::c_int>,
+) -> io::Result<()> {
+    if file_type(fd)? != libc::S_IFSOCK {
+        return Err(bad(what, "not a socket"));
+    }
+    let d = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    let t = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)?;
+    if d != domain || t != ty {
+        return Err(bad(
+            what,
+            format!("socket domain/type {d}/{t}, expected {domain}/{ty}"),
+        ));
+    }
+    if let Some(p) = proto {
+        let got = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+        if got != p {
+            return Err(bad(what, format!("socket protocol {got}, expected {p}")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `fd` is an attached TUN queue; returns the device name and its `IFF_*` flags.
+pub(crate) fn tun_info(fd: RawFd) -> io::Result<(String, i16)> {
+    const TUNGETIFF: libc::c_ulong = sys::ior(b'T', 210, 4);
+    if file_type(fd)? != libc::S_IFCHR {
+        return Err(bad("TUN queue", "not a character device"));
+    }
+    let mut ifr = sys::IfReq::new("x")?;
+    ifr.name = [0; libc::IFNAMSIZ];
+    // A detached queue (or another character device) answers with an error.
+    sys::ioctl_ifreq(fd, TUNGETIFF, &mut ifr).map_err(|e| bad("TUN queue", e))?;
+    let f = i16::from_ne_bytes([ifr.data[0], ifr.data[1]]);
+    Ok((ifr.name(), f))
+}
+
+/// The interface index and protocol an AF_PACKET socket is bound to.
+pub(crate) fn packet_binding(fd: RawFd) -> io::Result<(u32, u16)> {
+    // SAFETY: all-zeroes is a valid sockaddr_ll.
+    let mut sa: libc::sockaddr_ll = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: `sa`/`len` are valid for writes; the kernel writes at most `len` bytes.
+    sys::cvt(unsafe {
+        libc::getsockname(fd, (&mut sa as *mut libc::sockaddr_ll).cast(), &mut len)
+    })?;
+    Ok((sa.sll_ifindex as u32, u16::from_be(sa.sll_protocol)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::udp::{RecvBatch, UdpSocket};
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::os::fd::AsRawFd;
+
+    fn lo() -> SocketAddr {
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)
+    }
+
+    #[test]
+    fn adopted_rx_socket_keeps_what_was_queued() {
+        let rx = UdpSocket::bind_rx(lo(), false).unwrap();
+        let addr = rx.local_addr();
+        let tx = std::net::UdpSocket::bind(lo()).unwrap();
+        tx.send_to(b"queued before the handover", addr).unwrap();
+        let copy = dup_fd(rx.as_raw_fd()).unwrap();
+        drop(rx); // the sender closes its own fd: the socket lives on in the copy
+        let s = UdpSocket::adopt_rx(copy, addr).unwrap();
+        let mut b = RecvBatch::new(4);
+        let mut n = 0;
+        for _ in 0..100 {
+            n = s.recv(&mut b).unwrap();
+            if n > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn rx_socket_bound_elsewhere_is_refused() {
+        let rx = UdpSocket::bind_rx(lo(), false).unwrap();
+        let other = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 1);
+        let e = UdpSocket::adopt_rx(dup_fd(rx.as_raw_fd()).unwrap(), other).unwrap_err();
+        assert!(e.to_string().contains("bound to"), "{e}");
+        // a TCP socket on the right address is not a tunnel socket
+        let tcp = std::net::TcpListener::bind(lo()).unwrap();
+        let a = tcp.local_addr().unwrap();
+        let e = UdpSocket::adopt_rx(dup_fd(tcp.as_raw_fd()).unwrap(), a).unwrap_err();
+        assert!(e.to_string().contains("domain/type"), "{e}");
+    }
+
+    #[test]
+    fn non_sockets_and_non_tun_devices_are_refused() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let e =
+            check_socket("x", f.as_raw_fd(), libc::AF_INET, libc::SOCK_DGRAM, None).unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        // a character device that is not a TUN queue fails TUNGETIFF
+        assert!(tun_info(f.as_raw_fd()).is_err());
+        let dir = std::fs::File::open("/").unwrap();
+        let e = tun_info(dir.as_raw_fd()).unwrap_err();
+        assert!(e.to_string().contains("not a character device"), "{e}");
+        assert!(dup_fd(-1).is_err());
+    }
+}
