@@ -39,10 +39,10 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::spec::Cidr;
 use crate::nat::{
     FlowKey, NatAddr, NatProto, NatRecord, NatState, NatTable, NatTable6, RestoreError,
 };
+use crate::spec::Cidr;
 
 /// An address family the snapshot stores: its family byte and its 16-byte form.
 pub trait SnapAddr: NatAddr {

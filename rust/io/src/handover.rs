@@ -114,47 +114,7 @@ pub(crate) fn packet_binding(fd: RawFd) -> io::Result<(u32, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::udp::{RecvBatch, UdpSocket};
-    use std::net::{Ipv4Addr, SocketAddr};
     use std::os::fd::AsRawFd;
-
-    fn lo() -> SocketAddr {
-        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0)
-    }
-
-    #[test]
-    fn adopted_rx_socket_keeps_what_was_queued() {
-        let rx = UdpSocket::bind_rx(lo(), false).unwrap();
-        let addr = rx.local_addr();
-        let tx = std::net::UdpSocket::bind(lo()).unwrap();
-        tx.send_to(b"queued before the handover", addr).unwrap();
-        let copy = dup_fd(rx.as_raw_fd()).unwrap();
-        drop(rx); // the sender closes its own fd: the socket lives on in the copy
-        let s = UdpSocket::adopt_rx(copy, addr).unwrap();
-        let mut b = RecvBatch::new(4);
-        let mut n = 0;
-        for _ in 0..100 {
-            n = s.recv(&mut b).unwrap();
-            if n > 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(n, 1);
-    }
-
-    #[test]
-    fn rx_socket_bound_elsewhere_is_refused() {
-        let rx = UdpSocket::bind_rx(lo(), false).unwrap();
-        let other = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 1);
-        let e = UdpSocket::adopt_rx(dup_fd(rx.as_raw_fd()).unwrap(), other).unwrap_err();
-        assert!(e.to_string().contains("bound to"), "{e}");
-        // a TCP socket on the right address is not a tunnel socket
-        let tcp = std::net::TcpListener::bind(lo()).unwrap();
-        let a = tcp.local_addr().unwrap();
-        let e = UdpSocket::adopt_rx(dup_fd(tcp.as_raw_fd()).unwrap(), a).unwrap_err();
-        assert!(e.to_string().contains("domain/type"), "{e}");
-    }
 
     #[test]
     fn non_sockets_and_non_tun_devices_are_refused() {

@@ -648,6 +648,52 @@ fn write_cmsgs(ctrl: &mut Ctrl, m: &TxMsg<'_>) -> usize {
 mod tests {
     use super::*;
 
+    fn handover_lo() -> std::net::SocketAddr {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 0)
+    }
+
+    #[test]
+    fn adopted_rx_socket_keeps_what_was_queued() {
+        let rx = UdpSocket::bind_rx(handover_lo(), false).unwrap();
+        let addr = rx.local_addr();
+        let tx = std::net::UdpSocket::bind(handover_lo()).unwrap();
+        tx.send_to(b"queued before the handover", addr).unwrap();
+        let copy = crate::handover::dup_fd(std::os::fd::AsRawFd::as_raw_fd(&rx)).unwrap();
+        drop(rx); // the sender closes its own fd: the socket lives on in the copy
+        let s = UdpSocket::adopt_rx(copy, addr).unwrap();
+        let mut b = RecvBatch::new(4);
+        let mut n = 0;
+        for _ in 0..100 {
+            n = s.recv(&mut b).unwrap();
+            if n > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn rx_socket_bound_elsewhere_is_refused() {
+        let rx = UdpSocket::bind_rx(handover_lo(), false).unwrap();
+        let other = std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), 1);
+        let e = UdpSocket::adopt_rx(
+            crate::handover::dup_fd(std::os::fd::AsRawFd::as_raw_fd(&rx)).unwrap(),
+            other,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("bound to"), "{e}");
+        // a TCP socket on the right address is not a tunnel socket
+        let tcp = std::net::TcpListener::bind(handover_lo()).unwrap();
+        let a = tcp.local_addr().unwrap();
+        let e = UdpSocket::adopt_rx(
+            crate::handover::dup_fd(std::os::fd::AsRawFd::as_raw_fd(&tcp)).unwrap(),
+            a,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("domain/type"), "{e}");
+    }
+
     // Loopback in the test's own network namespace: no privileges needed, nothing leaves the host.
     fn lo() -> SocketAddr {
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
