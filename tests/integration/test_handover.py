@@ -22,14 +22,11 @@ import pytest
 from helpers import DaemonHandle, Daemons, ref_config, wait_for, wait_listening, wait_ready
 from test_masquerade import EXT, NODE, PORT, masq_config, metric, metrics, start_server
 from test_nat_persist import Client, server_peers
+from test_restart import FLOW_PATHS, PodFlow, flow_argv
 
 from nettopo import Host, ReferenceTopology, capture
 
 pytestmark = pytest.mark.integration
-
-
-def flow_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "podrouter.bench.flow", *args]
 
 
 def handover(daemons: Daemons, old: DaemonHandle, cfg: dict[str, Any]) -> DaemonHandle:
@@ -58,45 +55,21 @@ def tcp_retransmissions(host: Host) -> int:
     return int(out.split("TcpRetransSegs")[1].split()[0])
 
 
-@pytest.mark.parametrize(
-    ("path", "dst_pod", "mode", "protocol"),
-    [
-        ("native", "pod3", "native", "vxlan"),
-        ("vxlan", "pod2", "tunnel", "vxlan"),
-        ("geneve", "pod2", "tunnel", "geneve"),
-    ],
-)
+@FLOW_PATHS
 def test_tcp_flow_survives_a_handover(
     ref: ReferenceTopology, daemons: Daemons, path: str, dst_pod: str, mode: str, protocol: str
 ) -> None:
-    dst_node = ref.pods[dst_pod].node
-    nodes = ("node1", dst_node)
-    cfgs = {
-        n: ref_config(
-            ref, n, daemons.sockdir, mode=mode, protocol=protocol, peers=[o for o in nodes if o != n]
-        )
-        for n in nodes
-    }
-    handles = {n: daemons.start(ref.nodes[n], cfgs[n]) for n in nodes}
-    src: Host = ref.pods["pod1"].host
-    dst = ref.pods[dst_pod]
-    srv = dst.host.popen(flow_argv("serve", dst.ip, "7000"))
-    wait_listening(dst.host, 7000)
-    retrans0 = tcp_retransmissions(src)
-    cli = src.popen(flow_argv("send", dst.ip, "7000", "6"))
+    flow = PodFlow(ref, daemons, dst_pod, mode, protocol)
+    retrans0 = tcp_retransmissions(flow.src)
+    flow.send(6)
     time.sleep(1.5)
-    d1 = handover(daemons, handles["node1"], cfgs["node1"])
+    d1 = handover(daemons, flow.handles["node1"], flow.cfgs["node1"])
     time.sleep(0.5)
-    d1 = handover(daemons, d1, cfgs["node1"])  # and once more, from a daemon that took over itself
-    c_out, c_err = cli.communicate(timeout=60)
-    s_out, _ = srv.communicate(timeout=30)
-    sent = json.loads(c_out.decode().strip().splitlines()[-1])
-    got = json.loads(s_out.decode().strip().splitlines()[-1])
-    assert sent["ok"], f"the {path} flow died across the handovers: {sent} {c_err.decode()[-500:]}"
-    assert got["ok"] and got["bytes"] == sent["sent"], (got, sent)
+    d1 = handover(daemons, d1, flow.cfgs["node1"])  # and once more, from a daemon that took over itself
+    got = flow.finish(f"{path} handovers")
     print(
         f"{path}: longest stall {got['max_gap_ms']} ms at {got['max_gap_at']} s, "
-        f"{tcp_retransmissions(src) - retrans0} TCP retransmissions"
+        f"{tcp_retransmissions(flow.src) - retrans0} TCP retransmissions"
     )
     assert d1.status()["ready"]
     assert d1.counters()["workers"] >= 1

@@ -105,7 +105,8 @@ def test_no_leak_and_no_route_flap_across_restarts(ref: ReferenceTopology, daemo
     assert pod1.ping("10.244.2.1", count=2) and pod1.ping(ref.EXTERNAL_ADDR, count=2)
 
 
-@pytest.mark.parametrize(
+# The paths a long-lived pod flow takes in the restart and handover tests.
+FLOW_PATHS = pytest.mark.parametrize(
     ("path", "dst_pod", "mode", "protocol"),
     [
         ("native", "pod3", "native", "vxlan"),  # node1 -> node3 on the shared L2
@@ -113,33 +114,54 @@ def test_no_leak_and_no_route_flap_across_restarts(ref: ReferenceTopology, daemo
         ("geneve", "pod2", "tunnel", "geneve"),
     ],
 )
+
+
+class PodFlow:
+    """node1 and `dst_pod`'s node running, and a paced TCP flow (podrouter.bench.flow) from pod1 to
+    `dst_pod` once `send` is called; `finish` asserts every byte arrived on the same connection."""
+
+    def __init__(
+        self, ref: ReferenceTopology, daemons: Daemons, dst_pod: str, mode: str, protocol: str
+    ) -> None:
+        nodes = ("node1", ref.pods[dst_pod].node)
+        self.cfgs = {
+            n: ref_config(
+                ref, n, daemons.sockdir, mode=mode, protocol=protocol, peers=[o for o in nodes if o != n]
+            )
+            for n in nodes
+        }
+        self.handles = {n: daemons.start(ref.nodes[n], self.cfgs[n]) for n in nodes}
+        self.src: Host = ref.pods["pod1"].host
+        self.dst = ref.pods[dst_pod]
+        self.srv = self.dst.host.popen(flow_argv("serve", self.dst.ip, "7000"))
+        wait_listening(self.dst.host, 7000)
+        self.cli: subprocess.Popen[bytes] | None = None
+
+    def send(self, seconds: int) -> None:
+        self.cli = self.src.popen(flow_argv("send", self.dst.ip, "7000", str(seconds)))
+
+    def finish(self, across: str) -> dict[str, Any]:
+        assert self.cli is not None
+        c_out, c_err = self.cli.communicate(timeout=60)
+        s_out, _ = self.srv.communicate(timeout=30)
+        sent = json.loads(c_out.decode().strip().splitlines()[-1])
+        got: dict[str, Any] = json.loads(s_out.decode().strip().splitlines()[-1])
+        assert sent["ok"], f"the flow died across the {across}: {sent} {c_err.decode()[-500:]}"
+        assert got["ok"] and got["bytes"] == sent["sent"], (got, sent)
+        return got
+
+
+@FLOW_PATHS
 def test_tcp_flow_survives_sigterm_and_sigkill(
     ref: ReferenceTopology, daemons: Daemons, path: str, dst_pod: str, mode: str, protocol: str
 ) -> None:
-    dst_node = ref.pods[dst_pod].node
-    nodes = ("node1", dst_node)
-    cfgs = {
-        n: ref_config(
-            ref, n, daemons.sockdir, mode=mode, protocol=protocol, peers=[o for o in nodes if o != n]
-        )
-        for n in nodes
-    }
-    handles = {n: daemons.start(ref.nodes[n], cfgs[n]) for n in nodes}
-    src: Host = ref.pods["pod1"].host
-    dst = ref.pods[dst_pod]
-    srv = dst.host.popen(flow_argv("serve", dst.ip, "7000"))
-    wait_listening(dst.host, 7000)
-    cli = src.popen(flow_argv("send", dst.ip, "7000", "8"))
+    flow = PodFlow(ref, daemons, dst_pod, mode, protocol)
+    flow.send(8)
     time.sleep(1.5)
-    d1 = restart(daemons, handles["node1"], cfgs["node1"], "sigterm", away=0.5)
+    d1 = restart(daemons, flow.handles["node1"], flow.cfgs["node1"], "sigterm", away=0.5)
     time.sleep(1.5)
-    d1 = restart(daemons, d1, cfgs["node1"], "sigkill", away=0.5)
-    c_out, c_err = cli.communicate(timeout=60)
-    s_out, s_err = srv.communicate(timeout=30)
-    sent = json.loads(c_out.decode().strip().splitlines()[-1])
-    got = json.loads(s_out.decode().strip().splitlines()[-1])
-    assert sent["ok"], f"the {path} flow died across the restarts: {sent} {c_err.decode()[-500:]}"
-    assert got["ok"] and got["bytes"] == sent["sent"], (got, sent)
+    d1 = restart(daemons, d1, flow.cfgs["node1"], "sigkill", away=0.5)
+    got = flow.finish(f"{path} restarts")
     print(f"{path}: longest stall {got['max_gap_ms']} ms at {got['max_gap_at']} s")
     assert d1.status()["ready"]
 
