@@ -183,8 +183,16 @@ impl UdpSocket {
             sys::setsockopt(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1 as libc::c_int)?;
         }
         bind(raw, addr).map_err(|e| io::Error::new(e.kind(), format!("bind {addr}: {e}")))?;
+        let local = local_addr(raw)?;
+        UdpSocket::receiving(fd, local)
+    }
+
+    /// The receive options of a tunnel socket (GRO, TOS/traffic class reporting, a large receive
+    /// buffer) set on a bound socket; idempotent, so an adopted socket gets them again.
+    fn receiving(fd: OwnedFd, local: SocketAddr) -> io::Result<UdpSocket> {
+        let raw = fd.as_raw_fd();
         let gro = sys::setsockopt(raw, SOL_UDP, UDP_GRO, 1 as libc::c_int).is_ok();
-        if addr.is_ipv6() {
+        if local.is_ipv6() {
             sys::setsockopt(
                 raw,
                 libc::IPPROTO_IPV6,
@@ -196,7 +204,6 @@ impl UdpSocket {
         }
         // Bigger socket buffers: the defaults (~208 KiB) hold only three 64 KiB GSO/GRO messages.
         sys::grow_buffer(raw, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, 8 << 20);
-        let local = local_addr(raw)?;
         Ok(UdpSocket {
             fd,
             local,
@@ -234,25 +241,7 @@ impl UdpSocket {
         }
         // SAFETY: F_SETFL with an int argument touches no memory.
         sys::cvt(unsafe { libc::fcntl(raw, libc::F_SETFL, libc::O_RDWR | libc::O_NONBLOCK) })?;
-        let gro = sys::setsockopt(raw, SOL_UDP, UDP_GRO, 1 as libc::c_int).is_ok();
-        if addr.is_ipv6() {
-            sys::setsockopt(
-                raw,
-                libc::IPPROTO_IPV6,
-                libc::IPV6_RECVTCLASS,
-                1 as libc::c_int,
-            )?;
-        } else {
-            sys::setsockopt(raw, libc::IPPROTO_IP, libc::IP_RECVTOS, 1 as libc::c_int)?;
-        }
-        Ok(UdpSocket {
-            fd,
-            local,
-            gso: AtomicBool::new(false),
-            flowlabel: AtomicBool::new(false),
-            gro,
-            tx_errors: AtomicU64::new(0),
-        })
+        UdpSocket::receiving(fd, local)
     }
 
     /// A send socket bound to `addr` (port 0 lets the kernel choose). Blocking, so a full socket
