@@ -12,31 +12,21 @@ import ipaddress
 import json
 import socket
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from podrouter import api as apimod
 from podrouter import config as configmod
+from podrouter import entry
 from podrouter.packets import PROTOS, build_packet
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-def _fail(lines: list[str] | str, code: int) -> NoReturn:
-    for line in [lines] if isinstance(lines, str) else lines:
-        click.echo(line, err=True)
-    sys.exit(code)
-
-
-def _load_config(path: str) -> configmod.Config:
-    try:
-        cfg = configmod.load(path)
-    except configmod.ConfigError as e:
-        _fail(e.problems, EXIT_USAGE)
-    for w in cfg.warnings:
-        click.echo(f"warning: {w}", err=True)
-    return cfg
+# one error style and one config loading for every command, the click-free `run` included
+_fail = entry.fail
+_load_config = entry.load_config
 
 
 def _socket_path(config: str | None, sock: str | None) -> str:

@@ -16,7 +16,10 @@ import logging
 import os
 import stat
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from podrouter.config import Config
 
 LOG_LEVELS = ("debug", "info", "warning", "error")  # `run --log-level` (click.Choice in cli.py)
 EXIT_USAGE = 2
@@ -59,24 +62,32 @@ def _path_ok(path: str) -> bool:
     return not stat.S_ISDIR(st.st_mode) and os.access(path, os.R_OK)
 
 
-def _fail(lines: list[str], code: int) -> NoReturn:
-    for line in lines:
+def fail(lines: list[str] | str, code: int) -> NoReturn:
+    """The CLI's one error style: each line on stderr, then exit with `code` (cli.py uses it too)."""
+    for line in [lines] if isinstance(lines, str) else lines:
         print(line, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def load_config(path: str) -> Config:
+    """Load a config file; exit 2 naming each problem; print its warnings (cli.py uses it too)."""
+    from podrouter import config as configmod
+
+    try:
+        cfg = configmod.load(path)
+    except configmod.ConfigError as e:
+        fail(e.problems, EXIT_USAGE)
+    for w in cfg.warnings:
+        print(f"warning: {w}", file=sys.stderr, flush=True)
+    return cfg
 
 
 def run_daemon(config: str, log_level: str, handover: bool = False) -> NoReturn:
     """`podrouter run`: load the config (exit 2 naming each problem), set up logging, run the
     daemon until SIGTERM/SIGINT and exit with its status."""
-    from podrouter import config as configmod
     from podrouter import daemon
 
-    try:
-        cfg = configmod.load(config)
-    except configmod.ConfigError as e:
-        _fail(e.problems, EXIT_USAGE)
-    for w in cfg.warnings:
-        print(f"warning: {w}", file=sys.stderr, flush=True)
+    cfg = load_config(config)
     logging.basicConfig(
         stream=sys.stderr,
         level=getattr(logging, log_level.upper()),
@@ -87,7 +98,7 @@ def run_daemon(config: str, log_level: str, handover: bool = False) -> NoReturn:
     try:
         code = daemon.run(cfg, handover)
     except daemon.StartError as e:
-        _fail(e.problems, e.code)
+        fail(e.problems, e.code)
     sys.exit(code)
 
 
