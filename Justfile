@@ -22,7 +22,7 @@ test-rust:
 
 # Python tests; the integration suite needs root and network namespaces and is never skipped
 test-py:
-    python3 -m pytest tests -q
+    python3 -m pytest tests -q --durations=40
 
 test-unit:
     python3 -m pytest tests/unit -q

@@ -139,7 +139,11 @@ def test_priority_split_under_node_budget(lab: Lab, ipr: NetNS) -> None:
         rate = {p: (b1[p] - b0[p]) * 8 / (t1 - t0) for p in flows}
         assert rate["pa"] + rate["pb"] == pytest.approx(100e6, rel=TOLERANCE), rate
         assert rate["pb"] == pytest.approx(10e6, rel=0.25), rate
-        assert rate["pa"] == pytest.approx(90e6, rel=0.05), rate
+        # the split, not pa's absolute rate: a CPU-starved window can leave the budget a few per cent
+        # short (the sum check above allows that), and pa's absolute figure would absorb the whole
+        # shortfall (CI once read pa 85.5M, pb 9.9M: a 90/10 split of 95.4M). 90/10 is priority
+        # lending; lending in proportion to the shares would give 86/14.
+        assert rate["pa"] / (rate["pa"] + rate["pb"]) == pytest.approx(0.9, abs=0.025), rate
     finally:
         mgr.close()
 
