@@ -73,7 +73,26 @@ for n in ("preflight", "start", "_route_conflict_problems", "_recorded_state", "
           "_start_metrics"):
     if hasattr(D, n):
         timed(D, n)
+# since the daemon's split (daemon.py wires bringup/guards/pods/reconcile): the steps are functions
+# of those modules, timed where the daemon looks them up
+import importlib
+def _mod(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+for owner, n in ((_mod("podrouter.bringup"), "route_conflict_problems"),
+                 (_mod("podrouter.bringup"), "node_sysctls"),
+                 (_mod("podrouter.guards"), "sync_masquerade_guard"),
+                 (_mod("podrouter.guards"), "install_pod_guard"),
+                 (daemon, "make_bandwidth"),
+                 (getattr(_mod("podrouter.pods"), "PodRegistry", None), "install")):
+    if owner is not None and hasattr(owner, n):
+        timed(owner, n)
 timed(underlay, "resolve_underlay"); timed(underlay, "next_hops_for")
+for owner, n in ((daemon, "resolve_underlay"), (_mod("podrouter.reconcile"), "next_hops_for")):
+    if owner is not None and hasattr(owner, n):
+        timed(owner, n)
 timed(nftables, "unavailable", "nftables.unavailable")
 timed(api, "socket_in_use"); timed(api.ApiServer, "__init__", "ApiServer()")
 timed(lifecycle, "adopt", "lifecycle.adopt")

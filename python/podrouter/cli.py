@@ -18,8 +18,10 @@ import click
 
 from podrouter import api as apimod
 from podrouter import config as configmod
-from podrouter import entry
+from podrouter import entry, native, plan
+from podrouter.errors import StartError
 from podrouter.packets import PROTOS, build_packet
+from podrouter.plan import PeerView
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -411,12 +413,12 @@ def pod_list(config: str | None, sock: str | None, as_json: bool) -> None:
 @json_option
 def cleanup(config: str, force: bool, as_json: bool) -> None:
     """Remove everything a stopped, crashed or killed daemon left (run it in the node's namespace)."""
-    from podrouter import daemon
+    from podrouter.cleanup import cleanup as clean_node  # lazy: only this command needs netlink
 
     cfg = _load_config(config)
     try:
-        done = daemon.cleanup(cfg, force=force)
-    except daemon.StartError as e:
+        done = clean_node(cfg, force=force)
+    except StartError as e:
         _fail(e.problems, e.code)
     if as_json:
         _emit_json({"removed": list(done), "clean_before": not done})
@@ -434,13 +436,10 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
     """Compile the config's tables offline with the datapath's own compiler (the core's rulebook):
     the problems it finds, or []. Nothing on this machine is read or changed; every peer is taken
     as off-link, as a node sees them before its underlay is up."""
-    from podrouter import _native  # type: ignore[attr-defined]
-    from podrouter.daemon import PeerView, build_spec
-
     address = str(cfg.node.address) if cfg.node.address else "0.0.0.0"
     # node.address unset: its family is known only at start (peers of both families may fit then)
     a6 = cfg.node.address6 if cfg.node.address else ipaddress.IPv6Address("::")
-    spec = build_spec(
+    spec = plan.build_spec(
         cfg,
         0,
         address,
@@ -449,7 +448,7 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
         str(a6) if a6 is not None else None,
     )
     try:
-        _native.Tables(spec)
+        native.compile_tables(spec)
     except ValueError as e:
         return [f"tables: {e}"]
     return []
@@ -457,8 +456,6 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
 
 def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
     """Tables spec from a config alone, reading (never changing) this namespace where it can."""
-    from podrouter.daemon import PeerView, build_spec
-
     notes: list[str] = []
     address = str(cfg.node.address) if cfg.node.address else None
     gateway = None
@@ -501,7 +498,7 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
     if address is None:
         address = "0.0.0.0"
     a6 = underlay.address6 if underlay is not None else cfg.node.address6
-    return build_spec(cfg, 0, address, gateway, peers, str(a6) if a6 is not None else None), notes
+    return plan.build_spec(cfg, 0, address, gateway, peers, str(a6) if a6 is not None else None), notes
 
 
 @main.command(short_help="Which path a packet from SRC to DST takes, and why.")
@@ -530,12 +527,11 @@ def explain(
         assert config is not None
         cfg = _load_config(config)
         spec, notes = offline_spec(cfg)
+        why = native.available()
+        if why is not None:
+            _fail(why, EXIT_FAILURE)
         try:
-            from podrouter import _native  # type: ignore[attr-defined]
-        except ImportError as e:
-            _fail(f"the datapath module is not available: {e}", EXIT_FAILURE)
-        try:
-            verdict = dict(_native.Tables(spec).classify(pkt))
+            verdict = dict(native.compile_tables(spec).classify(pkt))
         except (ValueError, TypeError) as e:
             _fail(f"error: {e}", EXIT_FAILURE)
     if as_json:

@@ -212,7 +212,7 @@ class MeshDiscovery:
         return local + tuple(mesh)
 
     def sources(self) -> dict[str, str]:
-        out: dict[str, str] = dict(getattr(self.local, "sources", dict)())
+        out: dict[str, str] = dict(self.local.sources())
         for r in self.remotes:
             for node in r.nodes():
                 out[peer_name(r.mesh.name, node)] = SOURCE_PREFIX + r.mesh.name
@@ -226,7 +226,7 @@ class MeshDiscovery:
     def status(self) -> dict[str, object]:
         return self.local.status()
 
-    def mesh_status(self) -> dict[str, Any]:
+    def mesh_status(self) -> dict[str, object]:
         """`status` -> clustermesh: this cluster, then each remote cluster with its nodes and state."""
         clusters = []
         with self.lock:

@@ -40,6 +40,9 @@ import threading
 import time
 from typing import Any
 
+from podrouter import native
+from podrouter.errors import EXIT_CONFIG, StartError
+
 log = logging.getLogger("podrouter.handover")
 
 VERSION = 1
@@ -297,7 +300,6 @@ def take_over(
     dp_config: dict[str, Any],
     tables: Any,
     nat_snapshot: str | None,
-    native: Any,
 ) -> tuple[Any, socket.socket]:
     """Ask the daemon on `path` for its datapath and start it here. Returns the started Datapath
     and the connection (see `wait_released`). Raises HandoverError (the old daemon resumes)."""
@@ -315,7 +317,7 @@ def take_over(
             raise HandoverError("the running daemon closed the connection")
         try:
             passed = parse_manifest(_read_line(conn, msg), fds)
-            dp = native.Datapath.adopt(dp_config, passed)
+            dp = native.adopt_datapath(dp_config, passed)
             dp.set_nat_snapshot(nat_snapshot)
             dp.start(tables)
         except (OSError, ValueError, RuntimeError, HandoverError) as e:
@@ -356,9 +358,8 @@ class Pending:
 
     tun_ifindex = None
 
-    def __init__(self, daemon: Any, native: Any) -> None:
+    def __init__(self, daemon: Any) -> None:
         self.d = daemon
-        self.native = native
         self.nat_snapshot: str | None = None
         self.conn: socket.socket | None = None
 
@@ -376,11 +377,8 @@ class Pending:
                 dp_config,
                 tables,
                 self.nat_snapshot,
-                self.native,
             )
         except HandoverError as e:
-            from podrouter.daemon import EXIT_CONFIG, StartError
-
             why = f"handover refused, the running daemon keeps forwarding: {e}"
             raise StartError([why], EXIT_CONFIG) from None
         d.datapath = dp

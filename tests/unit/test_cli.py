@@ -383,19 +383,19 @@ def test_bench_json_keeps_stdout_for_the_document(capsys: pytest.CaptureFixture[
 def test_check_compiles_the_tables_with_the_core(monkeypatch: pytest.MonkeyPatch) -> None:
     # `check` hands the config's table spec to the datapath's own compiler (the one rulebook) and
     # reports what it refuses, exit 2, before anything runs
-    from podrouter import cli, daemon
+    from podrouter import cli, plan
 
     good = Path(__file__).resolve().parents[2] / "configs" / "node1-hybrid.yaml"
     r = CliRunner().invoke(main, ["check", "--config", str(good)])
     assert r.exit_code == 0 and "tables compiled" in r.output, r.output
-    real = daemon.build_spec
+    real = plan.build_spec
 
     def broken(*a: Any, **kw: Any) -> dict[str, Any]:
         spec = real(*a, **kw)
         spec["peers"][0]["pod_cidrs"] = ["10.244.2.0/33"]
         return spec
 
-    monkeypatch.setattr(daemon, "build_spec", broken)
+    monkeypatch.setattr(plan, "build_spec", broken)
     assert any("10.244.2.0/33" in p for p in cli.compile_problems(configmod_load(good)))
     r = CliRunner().invoke(main, ["check", "--config", str(good), "--json"])
     assert r.exit_code == 2

@@ -9,7 +9,7 @@ from scapy.compat import raw
 from scapy.layers.inet import IP, UDP
 
 from podrouter import _native, config
-from podrouter.daemon import PeerView, build_spec, path_for, path_mtu, plan_routes, split_by
+from podrouter.plan import PeerView, build_spec, path_for, path_mtu, plan_routes, split_by
 
 REF = """
 node: {name: node1, address: 172.16.2.2, pod_cidr: 10.244.1.0/24}

@@ -1,10 +1,10 @@
-"""daemon.py without a kernel: the shutdown order and the masquerade exhaustion log line."""
+"""daemon.py (and plan.py) without a kernel: the shutdown order and the masquerade exhaustion log line."""
 
 from __future__ import annotations
 
 import pytest
 
-from podrouter import config, daemon, nftables
+from podrouter import config, daemon, nftables, plan
 from recorder import Recorder
 
 CFG = """
@@ -20,7 +20,7 @@ def test_shutdown_stops_the_datapath_before_removing_the_masquerade_guard(
     calls: list[str] = []
     d = daemon.Daemon(config.loads(CFG))
     d.datapath = Recorder("datapath", calls)
-    d.bandwidth = Recorder("bandwidth", calls)
+    d.pods.bandwidth = Recorder("bandwidth", calls)
     d.plumbing = Recorder("plumbing", calls, state=Recorder("state", calls, nft_guard=True))
     monkeypatch.setattr(nftables, "remove_guard", lambda: calls.append("nftables.remove_guard"))
     d.shutdown()
@@ -34,13 +34,13 @@ def test_shutdown_stops_the_datapath_before_removing_the_masquerade_guard(
 
 def test_nat_exhausted_log_line_names_the_cause() -> None:
     cfg = config.loads(CFG)
-    ports = daemon.nat_exhausted_message(cfg, 7, 100)
+    ports = plan.nat_exhausted_message(cfg, 7, 100)
     assert "7 new flows dropped" in ports and "port range exhausted" in ports and "61000-61099" in ports
     assert "table is full" not in ports
-    full = daemon.nat_exhausted_message(cfg, 3, 5000)
+    full = plan.nat_exhausted_message(cfg, 3, 5000)
     assert "table is full" in full and "masquerade.max_entries 5000" in full
     assert "port range exhausted" not in full
     # without masquerade.max_entries, the datapath's default bound applies
     dflt = config.loads(CFG.replace(", max_entries: 5000", ""))
-    assert "port range exhausted" in daemon.nat_exhausted_message(dflt, 1, 5000)
-    assert "table is full" in daemon.nat_exhausted_message(dflt, 1, 1 << 20)
+    assert "port range exhausted" in plan.nat_exhausted_message(dflt, 1, 5000)
+    assert "table is full" in plan.nat_exhausted_message(dflt, 1, 1 << 20)

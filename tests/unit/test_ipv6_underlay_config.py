@@ -13,7 +13,7 @@ import pytest
 
 from podrouter import config
 from podrouter.config import ConfigError
-from podrouter.daemon import PeerView, build_spec, plan_routes
+from podrouter.plan import PeerView, build_spec, plan_routes
 
 V6_NODE = """
 node: {name: node1, address: '2001:db8:2::2', pod_cidr: 10.244.1.0/24}

@@ -26,7 +26,7 @@ def test_stop_for_a_successor_removes_nothing_and_marks_the_record_last(
     calls: list[str] = []
     d = daemon.Daemon(config.loads(CFG))
     d.datapath = Recorder("datapath", calls)
-    d.bandwidth = Recorder("bandwidth", calls)
+    d.pods.bandwidth = Recorder("bandwidth", calls)
     d.discovery = Recorder("discovery", calls)
     d.plumbing = Recorder("plumbing", calls, state=Recorder("state", calls, nft_guard=True))
     d._pod_guard_key = ("x",)

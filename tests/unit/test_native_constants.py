@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from podrouter import _native, config, daemon, metrics
+from podrouter import _native, config, metrics, native
 from podrouter.demo import cluster
 
 
@@ -53,13 +53,13 @@ def test_native_values_are_the_documented_ones() -> None:
 
 
 def test_daemon_overheads_come_from_the_core() -> None:
-    assert daemon.encap_overhead("vxlan") == _native.VXLAN_OVERHEAD
-    assert daemon.encap_overhead("geneve") == _native.GENEVE_OVERHEAD
-    assert daemon.encap_overhead("geneve", ip_payload=True) == _native.GENEVE_IP_OVERHEAD
-    assert daemon.encap_overhead("vxlan", v6_outer=True) == 70
-    assert daemon.encap_overhead("geneve", v6_outer=True, ip_payload=True) == 56
+    assert native.encap_overhead("vxlan") == _native.VXLAN_OVERHEAD
+    assert native.encap_overhead("geneve") == _native.GENEVE_OVERHEAD
+    assert native.encap_overhead("geneve", ip_payload=True) == _native.GENEVE_IP_OVERHEAD
+    assert native.encap_overhead("vxlan", v6_outer=True) == 70
+    assert native.encap_overhead("geneve", v6_outer=True, ip_payload=True) == 56
     with pytest.raises(KeyError):
-        daemon.encap_overhead("native")
+        native.encap_overhead("native")
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Issue 10: a bandwidth reload must not leak the netlink socket of the manager it replaces.
 
-The daemon's own reload path (`_restart_bandwidth`) is driven N times with no pods, which opens
+The daemon's own reload path (`PodRegistry.restart_bandwidth`) is driven N times with no pods, which opens
 and closes netlink sockets but programs nothing; the process's open file descriptors are counted
 before and after.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from podrouter import config, daemon
+from podrouter import config, daemon, pods
 
 CFG = """
 node: {name: node1, address: 172.16.2.2, pod_cidr: 10.244.1.0/24}
@@ -24,12 +24,13 @@ def _open_fds() -> int:
 
 def test_bandwidth_reload_does_not_leak_a_netlink_socket() -> None:
     d = daemon.Daemon(config.loads(CFG))
-    d.bandwidth = d._make_bandwidth(d.cfg)
-    assert d.bandwidth is not None
-    d._restart_bandwidth(d.cfg)  # warm up whatever pyroute2 opens once per process
+    d.pods.bandwidth = pods.make_bandwidth(d.cfg)
+    assert d.pods.bandwidth is not None
+    d.pods.restart_bandwidth(d.cfg)  # warm up whatever pyroute2 opens once per process
     before = _open_fds()
     for _ in range(20):
-        d._restart_bandwidth(d.cfg)
+        d.pods.restart_bandwidth(d.cfg)
     after = _open_fds()
-    d.bandwidth.close()
+    assert d.pods.bandwidth is not None
+    d.pods.bandwidth.close()
     assert after - before < 5, f"{after - before} file descriptors leaked by 20 reloads"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from podrouter import config, daemon
+from podrouter import bringup, config, daemon, pods
 from podrouter import state as statefile
 from podrouter.cli import main
 from podrouter.netlink import sysctl
@@ -176,10 +176,11 @@ def test_sysctl_write_refuses_what_podrouter_does_not_set(tmp_path: Path) -> Non
 
 
 def test_every_sysctl_the_daemon_sets_is_allowed() -> None:
-    """The allow-list is derived from daemon.py: each key it sets must pass (or the daemon breaks)."""
+    """The allow-list is derived from the modules that set sysctls (bringup.py: the node's and podr0's,
+    pods.py: each pod's veth): each key they set must pass (or the daemon breaks)."""
     import re
 
-    src = Path(daemon.__file__).read_text()
+    src = Path(bringup.__file__).read_text() + Path(pods.__file__).read_text()
     knobs = set(
         re.findall(r'sysctl\.(conf|neigh)\((?:[a-z_.]+|TUN_NAME), "([a-z_0-9]+)"(?:, "(ipv[46])")?\)', src)
     )

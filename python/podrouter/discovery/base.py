@@ -18,9 +18,17 @@ class Discovery(Protocol):
 
     def peers(self) -> PeerSet: ...
 
+    def sources(self) -> dict[str, str]:
+        """Peer name -> where it came from (`static`, `etcd`, `cluster:<name>`)."""
+        ...
+
     def update_config(self, cfg: object) -> None: ...
 
     def status(self) -> dict[str, object]: ...
+
+    def mesh_status(self) -> dict[str, object]:
+        """`status` -> clustermesh (docs/clustermesh.md); {} without a cluster mesh."""
+        ...
 
     def stop(self, revoke: bool = True) -> None:
         """Stop watching. `revoke=False` (a daemon stopping for a successor) leaves this node's

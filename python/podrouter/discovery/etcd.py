@@ -476,6 +476,9 @@ class EtcdDiscovery:
             out.update({p.name: "static" for p in self._static})
             return out
 
+    def mesh_status(self) -> dict[str, object]:
+        return {}
+
     def update_config(self, cfg: object) -> None:
         assert isinstance(cfg, Config)
         with self.lock:

@@ -20,12 +20,18 @@ class StaticDiscovery:
     def peers(self) -> PeerSet:
         return self._peers
 
+    def sources(self) -> dict[str, str]:
+        return dict.fromkeys((p.name for p in self._peers), "static")
+
     def update_config(self, cfg: object) -> None:
         assert isinstance(cfg, Config)
         self._peers = cfg.peers
 
     def status(self) -> dict[str, object]:
         return {"backend": "static", "peers": len(self._peers)}
+
+    def mesh_status(self) -> dict[str, object]:
+        return {}
 
     def stop(self, revoke: bool = True) -> None:
         pass

@@ -10,7 +10,7 @@ cleanup` reads back (and which anyone with write access to its directory could e
   the interface name checked like the kernel's `dev_valid_name` (1-15 bytes, no '/', ':', whitespace,
   not '.' or '..'), the other components `[a-z0-9_]+`, and the resulting path must resolve inside
   /proc/sys;
-* `write` only writes the keys podrouter itself sets (`ALLOWED_*` below, derived from daemon.py),
+* `write` only writes the keys podrouter itself sets (`ALLOWED_*` below, derived from bringup.py and pods.py),
   only integer values, and opens an existing file without following a symlink and without creating
   anything. Anything else raises `SysctlError`.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 PROC_SYS = Path("/proc/sys")
 
-# the sysctls podrouter sets (daemon.py: _node_sysctls and _pod_sysctls); a new one must be added here
+# the sysctls podrouter sets (bringup.node_sysctls, pods.PodRegistry.sysctls); a new one must be added here
 ALLOWED_GLOBAL = frozenset(
     {
         "net.ipv4.ip_forward",

@@ -1,0 +1,314 @@
+"""Pure planning: from the config, the peers as the daemon sees them and the registered pods to the
+routes the kernel gets (with per-destination MTUs) and the table spec the core compiles.
+
+Nothing here reads or changes the machine; everything is a function of its arguments, so the unit
+tests drive it without root (tests/unit/test_config_planning.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from podrouter import config as configmod
+from podrouter import native
+from podrouter.config import Config, IPAddress, IPNetwork, PeerConfig, PodConfig
+from podrouter.discovery.base import NetIndex
+from podrouter.netlink.constants import TUN_NAME
+
+
+def effective_mode(cfg: Config, peer: PeerConfig) -> str:
+    return peer.mode or cfg.routing.mode
+
+
+def tunnel_protocol(cfg: Config, peer: PeerConfig) -> str:
+    return peer.tunnel_protocol or cfg.tunnel.protocol
+
+
+def geneve_payload(cfg: Config, peer: PeerConfig) -> str:
+    """ethernet | ip: what the Geneve frames sent to `peer` carry (override or node-wide)."""
+    return peer.geneve_payload or cfg.tunnel.geneve_payload
+
+
+def split_by(net: IPNetwork, cuts: Iterable[IPNetwork]) -> list[IPNetwork]:
+    """`net` cut into pieces so that each piece lies wholly inside or wholly outside every cut."""
+    pieces: list[IPNetwork] = [net]
+    for cut in cuts:
+        if cut.version != net.version:
+            continue
+        out: list[IPNetwork] = []
+        for p in pieces:
+            if cut != p and cut.subnet_of(p):  # type: ignore[arg-type]
+                out.append(cut)
+                out.extend(p.address_exclude(cut))  # type: ignore[arg-type]
+            else:
+                out.append(p)
+        pieces = out
+    return sorted(pieces, key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+
+def path_for(cfg: Config, peer: PeerConfig, dst: IPNetwork, on_link: bool) -> str:
+    """native | vxlan | geneve for destinations in `dst` (a piece from `split_by`), as the datapath
+    decides it (docs/architecture.md, decision order step 2)."""
+    mode = effective_mode(cfg, peer)
+    if mode == "native":
+        return "native"
+    if mode == "hybrid":
+        if any(dst.version == n.version and dst.subnet_of(n) for n in cfg.routing.native_cidrs):  # type: ignore[arg-type]
+            return "native"
+        if cfg.routing.native_when_on_link and on_link:
+            return "native"
+    return tunnel_protocol(cfg, peer)
+
+
+encap_overhead = native.encap_overhead
+
+
+def path_mtu(
+    cfg: Config, path: str, underlay_mtu: int, peer: PeerConfig | None = None, v6_outer: bool = False
+) -> int:
+    """The MTU the kernel may forward towards a destination on `path` (installed as RTAX_MTU); for
+    Geneve to `peer` with an IP payload 14 bytes more (no inner Ethernet header). Without a peer the
+    largest overhead of the path counts. `v6_outer`: the peer is reached over the IPv6 underlay (20
+    more bytes of outer header)."""
+    if path == "native":
+        return underlay_mtu
+    if cfg.tunnel.mtu is not None:
+        return cfg.tunnel.mtu
+    ip_payload = path == "geneve" and peer is not None and geneve_payload(cfg, peer) == "ip"
+    return underlay_mtu - encap_overhead(path, v6_outer, ip_payload)
+
+
+def min_tunnel_mtu(cfg: Config, underlay_mtu: int, v6_outer: bool = False) -> int:
+    return min(path_mtu(cfg, p, underlay_mtu, v6_outer=v6_outer) for p in configmod.PROTOCOLS)
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """A peer as the daemon currently sees it (its next hop resolved)."""
+
+    peer: PeerConfig
+    on_link: bool
+    next_hop: IPAddress | None
+    next_hop_mac: str | None
+    source: str = "static"
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    dst: IPNetwork
+    path: str  # native | vxlan | geneve | local | pod | cluster
+    mtu: int | None
+    peer: str | None = None
+    dev: str | None = None
+
+
+def plan_routes(
+    cfg: Config,
+    peers: list[PeerView],
+    pods: Iterable[PodConfig],
+    underlay_mtu: int,
+    tun: str = TUN_NAME,
+    v6_underlay: bool = False,
+) -> list[RoutePlan]:
+    """`v6_underlay`: this node has an IPv6 underlay address (the cluster catch-all then assumes the
+    larger IPv6 outer overhead); each peer's routes use the overhead of its own address family."""
+    out: list[RoutePlan] = []
+    for view in peers:
+        v6_outer = view.peer.address.version == 6
+        for cidr in view.peer.pod_cidrs:
+            cuts = cfg.routing.native_cidrs if effective_mode(cfg, view.peer) == "hybrid" else ()
+            for piece in split_by(cidr, cuts):
+                path = path_for(cfg, view.peer, piece, view.on_link)
+                mtu = path_mtu(cfg, path, underlay_mtu, view.peer, v6_outer)
+                out.append(RoutePlan(piece, path, mtu, view.peer.name, tun))
+    # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
+    # (rather than letting it leak out of the default route with a pod source address)
+    for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
+        out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu, v6_underlay), None, tun))
+    # addresses of our own pod CIDR without a registered pod: unreachable, so a packet to one gets an
+    # ICMP error at once instead of bouncing TUN -> kernel -> TUN until its TTL runs out
+    for cidr in cfg.node.pod_cidrs:
+        out.append(RoutePlan(cidr, "local", None, None, None))
+    for pod in pods:
+        # docs/design.md §4b: the pod's /32 (and, dual stack, its /128) to its veth
+        for addr in pod.addresses:
+            out.append(RoutePlan(ipaddress.ip_network(addr), "pod", None, pod.name, pod.host_interface))
+    return out
+
+
+def has_ipv6(cfg: Config) -> bool:
+    """Dual stack: any IPv6 pod CIDR (this node's or the cluster's)."""
+    return any(n.version == 6 for n in (*cfg.node.pod_cidrs, *cfg.cluster_cidrs))
+
+
+def build_spec(
+    cfg: Config,
+    generation: int,
+    node_address: str,
+    gateway: dict[str, Any] | None,
+    peers: list[PeerView],
+    node_address6: str | None = None,
+    masq_address6: str | None = None,
+    masq_gateway6: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The table spec dict `_native.Tables(spec)` takes (docs/architecture.md). `masq_address6` /
+    `masq_gateway6`: where IPv6 pods are translated to and the IPv6 next hop (`masquerade.address6`;
+    None: IPv6 pods are not translated)."""
+
+    def nets(xs: Iterable[IPNetwork]) -> list[str]:
+        return [str(x) for x in xs]
+
+    node: dict[str, Any] = {
+        "name": cfg.node.name,
+        "address": node_address,
+        "pod_cidrs": nets(cfg.node.pod_cidrs),
+    }
+    if node_address6 is not None:
+        node["address6"] = node_address6
+    return {
+        "generation": generation,
+        "node": node,
+        # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
+        # checked on ingress, never masqueraded
+        "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
+        "mode": cfg.routing.mode,
+        "native_cidrs": nets(cfg.routing.native_cidrs),
+        "native_when_on_link": cfg.routing.native_when_on_link,
+        "tunnel": {
+            "protocol": cfg.tunnel.protocol,
+            "vni": cfg.tunnel.vni,
+            "vxlan_port": cfg.tunnel.port_for("vxlan"),
+            "geneve_port": cfg.tunnel.port_for("geneve"),
+            "geneve_payload": cfg.tunnel.geneve_payload,
+        },
+        "gateway": gateway,
+        "masquerade": {
+            "enabled": cfg.masquerade.enabled,
+            "non_masquerade_cidrs": nets(cfg.masquerade.non_masquerade_cidrs),
+            "port_range": list(cfg.masquerade.port_range),
+            "address6": masq_address6,
+            "gateway6": masq_gateway6,
+        },
+        "peers": [_peer_spec(v) for v in peers],
+    }
+
+
+def _peer_spec(v: PeerView) -> dict[str, Any]:
+    address, cidrs, next_hop = _peer_strings(v)
+    return {
+        "name": v.peer.name,
+        "address": address,
+        "pod_cidrs": list(cidrs),
+        "mode": v.peer.mode,
+        "tunnel_protocol": v.peer.tunnel_protocol,
+        "on_link": v.on_link,
+        "next_hop": ({"ip": next_hop, "mac": v.next_hop_mac} if next_hop is not None else None),
+        "vtep_mac": v.peer.vtep_mac,
+        "geneve_payload": v.peer.geneve_payload,
+    }
+
+
+@functools.lru_cache(maxsize=16384)
+def _peer_strings(v: PeerView) -> tuple[str, tuple[str, ...], str | None]:
+    # cached (a view is immutable): with thousands of peers, formatting their addresses was most of
+    # a rebuild's time. Only strings are cached: every spec gets dicts of its own to change.
+    return (
+        str(v.peer.address),
+        tuple(str(x) for x in v.peer.pod_cidrs),
+        str(v.next_hop) if v.next_hop is not None else None,
+    )
+
+
+def mesh_space(cfg: Config) -> list[IPNetwork]:
+    """The pod CIDRs declared for the mesh's remote clusters (`clustermesh.clusters[].pod_cidr`)."""
+    return [n for c in cfg.clustermesh.clusters for n in c.pod_cidrs]
+
+
+def mesh_cidrs(peers: Iterable[PeerView]) -> list[IPNetwork]:
+    """The pod CIDRs of peers from other clusters (source `cluster:<name>`)."""
+    return [c for v in peers if v.source.startswith("cluster:") for c in v.peer.pod_cidrs]
+
+
+def nat_exhausted_message(cfg: Config, dropped: int, entries: int) -> str:
+    """The log line for new flows the datapath refused (`nat_exhausted`). The drop reason covers
+    two causes: no free port of masquerade.port_range towards one destination, and the table at
+    masquerade.max_entries; the live entry count tells them apart."""
+    lo, hi = cfg.masquerade.port_range
+    limit = cfg.masquerade.max_entries or configmod.NAT_DEFAULT_MAX_ENTRIES
+    if entries >= limit:
+        return (
+            f"masquerade: {dropped} new flows dropped (nat_exhausted): the translation table is full "
+            f"({entries} entries, masquerade.max_entries {limit}); raise masquerade.max_entries or "
+            "shorten masquerade.timeouts"
+        )
+    return (
+        f"masquerade: {dropped} new flows dropped (nat_exhausted): port range exhausted, every port of "
+        f"masquerade.port_range {lo}-{hi} is in use towards the same destination ({entries} entries in "
+        "the table); widen the range or shorten masquerade.timeouts"
+    )
+
+
+def nat_snapshot_path(cfg: Config) -> Path:
+    """The NAT snapshot file: next to the state file, `<api.socket dir>/<node>.nat`."""
+    return cfg.state_path.with_name(f"{cfg.node.name}.nat")
+
+
+class PeerIndex:
+    """The peers accepted so far in one refresh, indexed so that checking the next one costs
+    O(log n) instead of a scan of every accepted peer (thousands with etcd discovery)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.own = NetIndex()
+        for net in cfg.node.pod_cidrs:
+            self.own.add(net, "this node")
+        self.nets = NetIndex()
+        self.names: set[str] = set()
+        self.addresses: dict[IPAddress, str] = {}
+
+    def conflict(self, peer: PeerConfig) -> str | None:
+        for net in peer.pod_cidrs:
+            hit = self.own.find(net)
+            if hit is not None:
+                return f"pod CIDR {net} overlaps this node's {hit[1]}"
+        if peer.name in self.names:
+            return "duplicate name"
+        if peer.address in self.addresses:
+            return f"address {peer.address} is also peer {self.addresses[peer.address]}'s"
+        for net in peer.pod_cidrs:
+            hit = self.nets.find(net)
+            if hit is not None:
+                return f"pod CIDR {net} overlaps peer {hit[0]}'s {hit[1]}"
+        return None
+
+    def add(self, peer: PeerConfig) -> None:
+        self.names.add(peer.name)
+        self.addresses[peer.address] = peer.name
+        for net in peer.pod_cidrs:
+            self.nets.add(net, peer.name)
+
+
+__all__ = [
+    "PeerIndex",
+    "PeerView",
+    "RoutePlan",
+    "build_spec",
+    "effective_mode",
+    "encap_overhead",
+    "geneve_payload",
+    "has_ipv6",
+    "mesh_cidrs",
+    "mesh_space",
+    "min_tunnel_mtu",
+    "nat_exhausted_message",
+    "nat_snapshot_path",
+    "path_for",
+    "path_mtu",
+    "plan_routes",
+    "split_by",
+    "tunnel_protocol",
+]
