@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from podrouter import native
 from podrouter.qos.annotations import QoSRequest
 from podrouter.qos.config import BandwidthConfig, parse_bandwidth_config, validate_bandwidth_config
 
@@ -176,9 +177,7 @@ def vtep_mac_of(address: IPAddress) -> str:
     and the last four bytes of an IPv6 one. The rule is the core's (`encap::vxlan_inner_mac`, as
     `_native.vtep_mac`); the native module is loaded on first use, so validating a config does not
     load it."""
-    from podrouter import _native  # type: ignore[attr-defined]
-
-    return str(_native.vtep_mac(str(address)))
+    return native.vtep_mac(str(address))
 
 
 @dataclass(frozen=True)

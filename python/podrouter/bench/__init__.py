@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from podrouter import native
 from podrouter.demo.netns import Terminated, signals_unwind
 
 __all__ = ["build_parser", "main", "run_suite"]
@@ -59,10 +60,8 @@ def _machine() -> dict[str, Any]:
         return ((r.stdout or r.stderr).strip().splitlines() or ["?"])[0]
 
     try:
-        from podrouter import _native
-
-        pr_version = str(_native.__version__)
-    except ImportError:
+        pr_version = native.version()
+    except native.NativeUnavailable:
         pr_version = "native module missing"
     return {
         "cpu": cpu,
@@ -340,12 +339,11 @@ def run_suite(
 
 
 def _check_loadgen(log: Any) -> None:
-    try:
-        from podrouter import _native
-    except ImportError as e:
-        log(f"WARNING: podrouter._native is not importable ({e}): UDP figures will be missing")
+    why = native.available()
+    if why is not None:
+        log(f"WARNING: {why}: UDP figures will be missing")
         return
-    if not hasattr(_native, "udp_blast"):
+    if not native.has_load_generators():
         log(
             "WARNING: this podrouter._native has no udp_blast (rust/py/src/blast.rs not registered): "
             "UDP figures will be missing"

@@ -14,15 +14,15 @@ import json
 import sys
 from typing import Any
 
+from podrouter import native
 
-def _native() -> Any:
-    try:
-        from podrouter import _native
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise SystemExit(f"loadgen: the native module is not available ({e}); install the wheel") from e
-    if not hasattr(_native, "udp_blast"):
+
+def _check_native() -> None:
+    why = native.available()
+    if why is not None:  # pragma: no cover - depends on the install
+        raise SystemExit(f"loadgen: {why}; install the wheel")
+    if not native.has_load_generators():
         raise SystemExit("loadgen: this build of podrouter._native has no load generators (blast.rs)")
-    return _native
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -52,14 +52,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     a.add_argument("--port", type=int, required=True)
     a.add_argument("--seconds", type=float, required=True)
     args = p.parse_args(argv)
-    n = _native()
+    _check_native()
     if args.cmd == "blast":
-        return dict(n.udp_blast(args.dst, args.port, args.size, args.seconds, args.batch, args.rate))
+        return native.udp_blast(args.dst, args.port, args.size, args.seconds, args.batch, args.rate)
     if args.cmd == "sink":
-        return dict(n.udp_sink(args.bind, args.port, args.seconds, args.idle))
+        return native.udp_sink(args.bind, args.port, args.seconds, args.idle)
     if args.cmd == "connect":
-        return dict(n.tcp_connect_rate(args.dst, args.port, args.seconds, args.threads))
-    return {"accepted": int(n.tcp_accept_sink(args.bind, args.port, args.seconds))}
+        return native.tcp_connect_rate(args.dst, args.port, args.seconds, args.threads)
+    return {"accepted": native.tcp_accept_sink(args.bind, args.port, args.seconds)}
 
 
 def main(argv: list[str] | None = None) -> int:
