@@ -75,6 +75,11 @@ class Tables:
         ``{"verdict": "masquerade", "address": "<node address>", "next_hop": ..., "next_hop_mac":
         ..., "path": "masquerade", ...}`` or ``{"verdict": "drop", "reason": "no_route", ...}``.
         """
+    def route_paths(self, destinations: list[str]) -> list[str | None]:
+        """For each destination address inside a peer's pod CIDRs the path the tables give it
+        (``"native"``, ``"vxlan"`` or ``"geneve"``), decided like ``classify`` but whether or not the
+        next hop is resolved yet; ``None`` for an address outside every peer's pod CIDRs.
+        ``ValueError("destinations[i]: ...")`` for one that is not an IP address."""
     def classify_ingress(
         self, outer_src: str, udp_port: int, payload: bytes, outer_tos: int = 0
     ) -> dict[str, Any]:

@@ -69,7 +69,6 @@ from podrouter.plan import (
     geneve_payload,
     nat_exhausted_message,
     nat_snapshot_path,
-    path_for,
     path_mtu,
     plan_routes,
     split_by,
@@ -620,11 +619,28 @@ class Daemon:
         cfg, u, ps = self.cfg, self._u(), self._ps()
         assert self.watcher is not None, "used before start"
         self.pods.refresh_sysctls()
+        # the tables first (installed last): the route plan asks them which path each peer
+        # destination takes, so a route's MTU always follows the datapath's decision
+        macs = self.watcher.snapshot()
+        t0 = time.perf_counter()
+        a6 = str(u.address6) if u.address6 is not None else None
+        spec = build_spec(
+            cfg, 0, str(u.address), gateway_spec(u, macs), self.peer_views, a6, *masq6_spec(self.masq6, macs)
+        )
+        # the peers' part of the spec is a function of the (immutable) views: compare those instead
+        # of formatting thousands of peer entries
+        key = (repr({k: v for k, v in spec.items() if k != "peers"}), tuple(self.peer_views))
+        tables = self.tables if key == self._spec_key else None
+        if tables is None:
+            spec["generation"] = self.generation + 1
+            tables = native.compile_tables(spec)
+            self.timings["last_compile_ms"] = ms_since(t0)
         self.route_plan = plan_routes(
             cfg,
             self.peer_views,
             (e.pod for e in self.pods.entries.values()),
             u.mtu,
+            tables,
             v6_underlay=any(a.version == 6 for a in u.addresses()),
         )
         # the guard learns a pod's addresses before its route makes the pod reachable
@@ -643,19 +659,8 @@ class Daemon:
         ps.sync_rules(desired_rules(cfg))
         for err in self.route_errors:
             log.warning("%s", err)
-        macs = self.watcher.snapshot()
-        t0 = time.perf_counter()
-        a6 = str(u.address6) if u.address6 is not None else None
-        spec = build_spec(
-            cfg, 0, str(u.address), gateway_spec(u, macs), self.peer_views, a6, *masq6_spec(self.masq6, macs)
-        )
-        # the peers' part of the spec is a function of the (immutable) views: compare those instead
-        # of formatting thousands of peer entries
-        key = (repr({k: v for k, v in spec.items() if k != "peers"}), tuple(self.peer_views))
-        if key == self._spec_key:
+        if tables is self.tables:
             return
-        spec["generation"] = self.generation + 1
-        tables = native.compile_tables(spec)
         t1 = time.perf_counter()
         if self.tables is None:
             if self._pending is not None:
@@ -664,7 +669,6 @@ class Daemon:
                 self._dp().start(tables)
         else:
             self._dp().swap_tables(tables)
-        self.timings["last_compile_ms"] = round((t1 - t0) * 1000, 3)
         self.timings["last_swap_ms"] = ms_since(t1)
         self.tables = tables
         self.generation += 1
@@ -996,7 +1000,6 @@ __all__ = [
     "cleanup",
     "encap_overhead",
     "nat_exhausted_message",
-    "path_for",
     "path_mtu",
     "plan_routes",
     "run",

@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from podrouter import config as configmod
 from podrouter import native
@@ -23,10 +23,6 @@ from podrouter.netlink.constants import TUN_NAME
 
 def effective_mode(cfg: Config, peer: PeerConfig) -> str:
     return peer.mode or cfg.routing.mode
-
-
-def tunnel_protocol(cfg: Config, peer: PeerConfig) -> str:
-    return peer.tunnel_protocol or cfg.tunnel.protocol
 
 
 def geneve_payload(cfg: Config, peer: PeerConfig) -> str:
@@ -51,18 +47,12 @@ def split_by(net: IPNetwork, cuts: Iterable[IPNetwork]) -> list[IPNetwork]:
     return sorted(pieces, key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 
-def path_for(cfg: Config, peer: PeerConfig, dst: IPNetwork, on_link: bool) -> str:
-    """native | vxlan | geneve for destinations in `dst` (a piece from `split_by`), as the datapath
-    decides it (docs/architecture.md, decision order step 2)."""
-    mode = effective_mode(cfg, peer)
-    if mode == "native":
-        return "native"
-    if mode == "hybrid":
-        if any(dst.version == n.version and dst.subnet_of(n) for n in cfg.routing.native_cidrs):  # type: ignore[arg-type]
-            return "native"
-        if cfg.routing.native_when_on_link and on_link:
-            return "native"
-    return tunnel_protocol(cfg, peer)
+class PathOracle(Protocol):
+    """The compiled tables as the route plan asks them (`_native.Tables`): which path each
+    destination inside a peer's pod CIDRs takes (the core decides it, docs/architecture.md,
+    decision order step 2; the plan never decides it again)."""
+
+    def route_paths(self, destinations: list[str]) -> list[str | None]: ...
 
 
 encap_overhead = native.encap_overhead
@@ -112,24 +102,39 @@ def plan_routes(
     peers: list[PeerView],
     pods: Iterable[PodConfig],
     underlay_mtu: int,
+    tables: PathOracle,
     tun: str = TUN_NAME,
     v6_underlay: bool = False,
 ) -> list[RoutePlan]:
-    """`v6_underlay`: this node has an IPv6 underlay address (the cluster catch-all then assumes the
-    larger IPv6 outer overhead); each peer's routes use the overhead of its own address family."""
+    """The routes for `peers` (their pod CIDRs cut by `native_cidrs` in hybrid mode, each piece on
+    the path `tables` give it, compiled from the same views), the cluster catch-all, this node's
+    pod CIDRs and the pods' host routes. `v6_underlay`: this node has an IPv6 underlay address (the
+    cluster catch-all then assumes the larger IPv6 outer overhead); each peer's routes use the
+    overhead of its own address family."""
     out: list[RoutePlan] = []
-    for view in peers:
-        v6_outer = view.peer.address.version == 6
-        for cidr in view.peer.pod_cidrs:
-            cuts = cfg.routing.native_cidrs if effective_mode(cfg, view.peer) == "hybrid" else ()
-            for piece in split_by(cidr, cuts):
-                path = path_for(cfg, view.peer, piece, view.on_link)
-                mtu = path_mtu(cfg, path, underlay_mtu, view.peer, v6_outer)
-                out.append(RoutePlan(piece, path, mtu, view.peer.name, tun))
+    catch_all = min_tunnel_mtu(cfg, underlay_mtu, v6_underlay)
+    pieces = [
+        (view, piece)
+        for view in peers
+        for cidr in view.peer.pod_cidrs
+        for piece in split_by(
+            cidr, cfg.routing.native_cidrs if effective_mode(cfg, view.peer) == "hybrid" else ()
+        )
+    ]
+    # a piece lies wholly inside or outside every native CIDR: its first address decides for all of it
+    paths = tables.route_paths([str(piece.network_address) for _, piece in pieces])
+    for (view, piece), path in zip(pieces, paths, strict=True):
+        if path is None:
+            # the tables do not give it to a peer (they were compiled from other views): into the
+            # datapath like the rest of the cluster space, which drops it as no_route
+            out.append(RoutePlan(piece, "cluster", catch_all, view.peer.name, tun))
+            continue
+        mtu = path_mtu(cfg, path, underlay_mtu, view.peer, view.peer.address.version == 6)
+        out.append(RoutePlan(piece, path, mtu, view.peer.name, tun))
     # the rest of the cluster space goes to the datapath too, which drops it as no_route and counts it
     # (rather than letting it leak out of the default route with a pod source address)
     for cidr in (*cfg.cluster_cidrs, *mesh_space(cfg)):
-        out.append(RoutePlan(cidr, "cluster", min_tunnel_mtu(cfg, underlay_mtu, v6_underlay), None, tun))
+        out.append(RoutePlan(cidr, "cluster", catch_all, None, tun))
     # addresses of our own pod CIDR without a registered pod: unreachable, so a packet to one gets an
     # ICMP error at once instead of bouncing TUN -> kernel -> TUN until its TTL runs out
     for cidr in cfg.node.pod_cidrs:
@@ -306,9 +311,8 @@ __all__ = [
     "min_tunnel_mtu",
     "nat_exhausted_message",
     "nat_snapshot_path",
-    "path_for",
+    "PathOracle",
     "path_mtu",
     "plan_routes",
     "split_by",
-    "tunnel_protocol",
 ]

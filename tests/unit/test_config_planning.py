@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
+from typing import Any
 
 import pytest
 from scapy.compat import raw
 from scapy.layers.inet import IP, UDP
 
 from podrouter import _native, config
-from podrouter.plan import PeerView, build_spec, path_for, path_mtu, plan_routes, split_by
+from podrouter.plan import PeerView, RoutePlan, build_spec, path_mtu, plan_routes, split_by
 
 REF = """
 node: {name: node1, address: 172.16.2.2, pod_cidr: 10.244.1.0/24}
@@ -27,8 +29,18 @@ def views(cfg: config.Config) -> list[PeerView]:
     return [PeerView(p, on_link[p.name], nh[p.name], "02:00:00:00:00:0" + p.name[-1]) for p in cfg.peers]
 
 
+def compiled(cfg: config.Config, peer_views: list[PeerView]) -> Any:
+    """The tables the plan asks for each destination's path, compiled from the same views."""
+    return _native.Tables(build_spec(cfg, 0, "172.16.2.2", None, peer_views))
+
+
+def plan(cfg: config.Config, peer_views: list[PeerView] | None = None) -> list[RoutePlan]:
+    peer_views = views(cfg) if peer_views is None else peer_views
+    return plan_routes(cfg, peer_views, cfg.pods, 1500, compiled(cfg, peer_views))
+
+
 def paths(cfg: config.Config) -> dict[str, tuple[str, int | None]]:
-    return {str(r.dst): (r.path, r.mtu) for r in plan_routes(cfg, views(cfg), cfg.pods, 1500)}
+    return {str(r.dst): (r.path, r.mtu) for r in plan(cfg)}
 
 
 def test_split_by_cuts_only_where_a_cut_lies_inside() -> None:
@@ -84,8 +96,13 @@ peers:
     got = paths(cfg)
     assert got["10.244.2.0/24"] == ("geneve", 1450)
     assert got["10.244.3.0/24"] == ("native", 1500)
-    peer2 = cfg.peers[0]
-    assert path_for(cfg, peer2, N("10.244.2.0/24"), on_link=True) == "geneve"
+    # the peer's own mode wins over on-link: the tables say so for every address of its CIDR
+    on_link = [replace(v, on_link=True) for v in views(cfg)]
+    assert compiled(cfg, on_link).route_paths(["10.244.2.0", "10.244.2.255"]) == ["geneve", "geneve"]
+    # an address no peer owns has no peer path (the cluster catch-all takes it)
+    assert compiled(cfg, on_link).route_paths(["10.244.9.1", "10.244.1.1"]) == [None, None]
+    with pytest.raises(ValueError, match=r"destinations\[0\]: '10.244.2.0/24' is not an IP address"):
+        compiled(cfg, on_link).route_paths(["10.244.2.0/24"])
 
 
 def test_per_peer_geneve_payload_override_sets_the_route_mtu_and_the_spec() -> None:
@@ -121,7 +138,7 @@ def test_tunnel_mtu_override_applies_to_tunnel_paths_only() -> None:
 
 def test_pods_get_host_routes_to_their_veth() -> None:
     cfg = config.loads(REF + "pods: [{name: web, ip: 10.244.1.10, host_interface: veth-web}]\n")
-    [pod] = [r for r in plan_routes(cfg, views(cfg), cfg.pods, 1500) if r.path == "pod"]
+    [pod] = [r for r in plan(cfg) if r.path == "pod"]
     assert (str(pod.dst), pod.dev, pod.peer) == ("10.244.1.10/32", "veth-web", "web")
 
 
@@ -163,7 +180,7 @@ def test_spec_has_the_documented_shape() -> None:
     }
 
 
-# --------------------------------------------- the Python plan agrees with the datapath's classifier
+# ------------------------------------- the plan's routes agree with the datapath's classifier
 
 CROSS = [
     REF,
@@ -184,7 +201,8 @@ peers:
 
 def test_route_paths_match_the_datapath_verdicts() -> None:
     """Every route's path (which decides its MTU) is what `_native.Tables.classify` says for the first
-    and last address of that route -- the route MTU can never disagree with the path taken."""
+    and last address of that route -- the route MTU can never disagree with the path taken (the plan
+    asks the tables for one address of each piece: the pieces must not straddle a native CIDR)."""
     from podrouter import _native
     from podrouter.cli import build_packet
 
@@ -201,7 +219,7 @@ def test_route_paths_match_the_datapath_verdicts() -> None:
         ]
         spec = build_spec(cfg, 1, "172.16.2.2", {"ip": "172.16.2.1", "mac": "02:00:00:00:00:01"}, peer_views)
         tables = _native.Tables(spec)
-        for r in plan_routes(cfg, peer_views, (), 1500):
+        for r in plan_routes(cfg, peer_views, (), 1500, tables):
             if r.path not in ("native", "vxlan", "geneve"):
                 continue
             for addr in (r.dst.network_address + 1, r.dst.broadcast_address - 1):
@@ -249,7 +267,7 @@ def test_dual_stack_routes_carry_the_path_mtu_for_both_families() -> None:
     assert p["fd00:10:244:3::/64"] == ("native", 1500)
     assert p["fd00:10:244::/48"] == ("cluster", 1450)
     assert p["fd00:10:244:1::/64"] == ("local", None)
-    pods = {str(r.dst): r.dev for r in plan_routes(cfg, views(cfg), cfg.pods, 1500) if r.path == "pod"}
+    pods = {str(r.dst): r.dev for r in plan(cfg) if r.path == "pod"}
     assert pods == {"10.244.1.10/32": "veth-web", "fd00:10:244:1::a/128": "veth-web"}
     spec = build_spec(cfg, 1, "172.16.2.2", None, views(cfg))
     assert spec["node"]["pod_cidrs"] == ["10.244.1.0/24", "fd00:10:244:1::/64"]

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from podrouter import config
+from podrouter import _native, config
 from podrouter.config import ConfigError
 from podrouter.plan import PeerView, build_spec, plan_routes
 
@@ -169,7 +169,8 @@ def test_route_mtu_takes_the_ipv6_outer_header_per_peer() -> None:
         + " geneve_payload: ip}]\n"
     )
     views = [PeerView(p, False, None, None) for p in cfg.peers]
-    plan = {str(r.dst): r.mtu for r in plan_routes(cfg, views, (), 1500, v6_underlay=True)}
+    tables = _native.Tables(build_spec(cfg, 1, "172.16.2.2", None, views, "2001:db8:2::2"))
+    plan = {str(r.dst): r.mtu for r in plan_routes(cfg, views, (), 1500, tables, v6_underlay=True)}
     assert plan["10.244.2.0/24"] == 1430  # VXLAN over IPv6: 1500 - 70
     assert plan["10.244.3.0/24"] == 1450  # Geneve (Ethernet payload) over IPv4: 1500 - 50
     assert plan["10.244.4.0/24"] == 1444  # Geneve with an IP payload over IPv6: 1500 - 36 - 20

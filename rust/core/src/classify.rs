@@ -20,7 +20,7 @@ use crate::lpm::IpLpm;
 use crate::spec::{
     Cidr, MasqueradeSpec, NextHop, NextHopId, PeerId, RoutingMode, SpecError, TableSpec, TunnelSpec,
 };
-use crate::verdict::Verdict;
+use crate::verdict::{Path, Verdict};
 
 /// A compiled peer, as [`Tables::peers`] exposes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -365,16 +365,10 @@ impl Tables {
             Some(Dest::Local) => Verdict::Local,
             Some(Dest::Peer(id)) => {
                 let peer = &self.peers[id.0 as usize];
-                match peer.mode {
-                    RoutingMode::Native => peer.native,
-                    RoutingMode::Tunnel => peer.tunnel,
-                    RoutingMode::Hybrid => {
-                        if (self.native_when_on_link && peer.on_link) || self.native.contains(dst) {
-                            peer.native
-                        } else {
-                            peer.tunnel
-                        }
-                    }
+                if self.goes_native(peer, dst) {
+                    peer.native
+                } else {
+                    peer.tunnel
                 }
             }
             Some(Dest::Cluster) => Verdict::Drop(DropReason::NoRoute),
@@ -394,6 +388,40 @@ impl Tables {
                     (IpAddr::V6(_), _) => self.outside_native,
                 }
             }
+        }
+    }
+
+    /// Step 2 of [`Tables::classify`]: whether `dst`, inside `peer`'s pod CIDRs, is reached
+    /// natively (the peer's mode; in hybrid mode `native_when_on_link` and an on-link peer, or
+    /// `dst` in `native_cidrs`) rather than through the tunnel.
+    #[inline]
+    fn goes_native(&self, peer: &Peer, dst: IpAddr) -> bool {
+        match peer.mode {
+            RoutingMode::Native => true,
+            RoutingMode::Tunnel => false,
+            RoutingMode::Hybrid => {
+                (self.native_when_on_link && peer.on_link) || self.native.contains(dst)
+            }
+        }
+    }
+
+    /// The path packets to `dst` take when `dst` lies in a peer's pod CIDRs: [`Path::Native`] or
+    /// the peer's tunnel path, decided by the same rule as [`Tables::classify`] but whether or not
+    /// the next hop is resolved yet (classify says `neighbor_unresolved` then). The control plane's
+    /// route plan asks this for each destination it routes into the datapath, so the route's MTU
+    /// follows the path the datapath takes. `None` outside every peer's pod CIDRs.
+    pub fn peer_path(&self, dst: IpAddr) -> Option<(PeerId, Path)> {
+        match self.dest.lookup(dst) {
+            Some(Dest::Peer(id)) => {
+                let peer = &self.peers[id.0 as usize];
+                let path = if self.goes_native(peer, dst) {
+                    Path::Native
+                } else {
+                    Path::tunnel(peer.tunnel_protocol)
+                };
+                Some((id, path))
+            }
+            _ => None,
         }
     }
 
@@ -846,6 +874,48 @@ mod tests {
             t.classify(ip(POD), ip("10.244.3.9")),
             Verdict::Native { .. }
         ));
+    }
+
+    #[test]
+    fn peer_path_is_the_classify_rule_without_the_next_hop() {
+        // hybrid with native_cidrs over half of node2's CIDR; node3 on-link but not resolved yet
+        let t = tables(|s| {
+            s.mode = RoutingMode::Hybrid;
+            s.native_when_on_link = true;
+            s.native_cidrs = vec![c("10.244.2.128/25")];
+            s.peers[1].next_hop = None;
+            s.peers[0].tunnel_protocol = Some(TunnelProto::Geneve);
+        });
+        assert_eq!(
+            t.peer_path(ip("10.244.2.5")),
+            Some((PeerId(0), Path::Geneve))
+        );
+        assert_eq!(
+            t.peer_path(ip("10.244.2.200")),
+            Some((PeerId(0), Path::Native))
+        );
+        // classify drops it until the neighbour answers; the route still goes the native way
+        assert_eq!(
+            t.classify(ip(POD), ip("10.244.3.5")),
+            Verdict::Drop(DropReason::NeighborUnresolved)
+        );
+        assert_eq!(
+            t.peer_path(ip("10.244.3.5")),
+            Some((PeerId(1), Path::Native))
+        );
+        // and wherever classify forwards to a peer, both agree
+        for (src, dst) in [
+            (POD, "10.244.2.5"),
+            (POD, "10.244.2.200"),
+            ("fd00:10:244:1::a", "fd00:10:244:2::9"),
+        ] {
+            let v = t.classify(ip(src), ip(dst));
+            assert_eq!(t.peer_path(ip(dst)).map(|p| p.1), v.path(), "{dst}");
+        }
+        // not a peer's: local, cluster space without an owner, outside the cluster
+        for dst in ["10.244.1.5", "10.244.9.1", "8.8.8.8"] {
+            assert_eq!(t.peer_path(ip(dst)), None, "{dst}");
+        }
     }
 
     #[test]

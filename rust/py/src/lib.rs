@@ -476,6 +476,26 @@ impl Tables {
         Ok(d)
     }
 
+    /// The path (`native`, `vxlan`, `geneve`) the tables give each destination address inside a
+    /// peer's pod CIDRs, decided like `classify` but whether or not the next hop is resolved yet;
+    /// `None` for an address outside every peer's pod CIDRs. The route plan asks this for the
+    /// first address of each route it installs into the datapath (one call for all of them).
+    fn route_paths(&self, destinations: Vec<String>) -> PyResult<Vec<Option<&'static str>>> {
+        destinations
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let ip: IpAddr = d.parse().map_err(|_| {
+                    bad(
+                        &format!("destinations[{i}]"),
+                        format!("'{d}' is not an IP address"),
+                    )
+                })?;
+                Ok(self.inner.peer_path(ip).map(|(_, p)| p.as_str()))
+            })
+            .collect()
+    }
+
     /// The verdict for a UDP payload received on `udp_port` from `outer_src`: the same decap and
     /// validation checks the datapath runs. `{"verdict": "accept", "peer", "protocol", "vni",
     /// "src", "dst", "path"}` or `{"verdict": "drop", "reason"}`.
