@@ -30,6 +30,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -139,7 +140,8 @@ class Daemon:
         self.api: apimod.ApiServer | None = None
         self.monitor: MonitorHub | None = None
         self.metrics: metricsmod.MetricsServer | None = None
-        self._metrics_sock: Any = None  # the metrics port, taken before ready, served after it
+        # the metrics port, taken before ready, served after it
+        self._metrics_sock: socket.socket | None = None
         self.bgp: BgpSpeaker | None = None  # when bgp.enabled
         self.adopted = False  # started on a predecessor's state (lifecycle.py)
         self.ready_after = 0.0  # seconds from process start to ready (status, the restart bench)

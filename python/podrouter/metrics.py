@@ -32,6 +32,7 @@ class Source(Protocol):
     def counters(self) -> dict[str, Any]: ...
     def peer_count(self) -> int: ...
     def pod_egress_limits(self) -> dict[str, int | None]: ...
+    def bgp_status(self) -> dict[str, Any]: ...
 
 
 def bgp_families(status: dict[str, Any]) -> Iterator[Metric]:
@@ -70,12 +71,10 @@ class PodrouterCollector:
             log.exception("metrics scrape failed")
             return
         yield from self._families(counters, peers, limits)
-        bgp = getattr(self.source, "bgp_status", None)
-        if bgp is not None:
-            try:
-                yield from bgp_families(bgp())
-            except Exception:  # noqa: BLE001 - a scrape must never take the daemon down
-                log.exception("metrics scrape of the BGP status failed")
+        try:
+            yield from bgp_families(self.source.bgp_status())
+        except Exception:  # noqa: BLE001 - a scrape must never take the daemon down
+            log.exception("metrics scrape of the BGP status failed")
 
     @staticmethod
     def _families(counters: dict[str, Any], peers: int, limits: dict[str, int | None]) -> Iterator[Metric]:
