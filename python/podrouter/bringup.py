@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import logging
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from pyroute2.iproute import IPRoute
@@ -198,6 +199,30 @@ def open_datapath(ipr: IPRoute, dp_config: dict[str, Any]) -> Datapath:
         return native.open_datapath(dp_config)
 
 
+def nat_snapshot_report(st: Mapping[str, Any]) -> None:
+    """Log what the restore did: a refused snapshot (or refused entries) is reported, counted
+    (podrouter_nat_snapshot_rejected) and otherwise ignored."""
+    if st.get("load_error"):
+        log.error("NAT snapshot refused, starting with an empty table: %s", st["load_error"])
+        return
+    loaded = st.get("loaded")
+    if not loaded:
+        return
+    log.info(
+        "NAT snapshot %s: %d mappings restored, %d expired while stopped",
+        st.get("path"),
+        loaded["restored"],
+        loaded["expired"],
+    )
+    if loaded["rejected"]:
+        reasons = ", ".join(
+            f"{k} {loaded[k]}"
+            for k in ("outside_cidrs", "port_range", "duplicate", "invalid", "full")
+            if loaded[k]
+        )
+        log.warning("NAT snapshot: %d entries refused (%s)", loaded["rejected"], reasons)
+
+
 # ------------------------------------------------------------------------------------------ sysctls
 
 
@@ -258,6 +283,7 @@ __all__ = [
     "bgp_problems",
     "datapath_config",
     "masquerade_notes",
+    "nat_snapshot_report",
     "node_sysctls",
     "open_datapath",
     "port_range_problem",

@@ -118,7 +118,7 @@ class Daemon:
         self._last_counter_check = 0.0
         self._nat_exhausted_logged = 0
         self._nat_log_at = -NAT_LOG_INTERVAL
-        self._spec_key: Any = None
+        self._spec_key: tuple[str, tuple[PeerView, ...]] | None = None
         # how long the last reconcile's steps took (status "timings"; docs/benchmarks.md, scale)
         self.timings: dict[str, Any] = {}
         self._pod_guard_key: guards.PodGuardKey | None = None
@@ -473,28 +473,7 @@ class Daemon:
             self._dp().set_nat_snapshot(path)
 
     def _nat_snapshot_report(self) -> None:
-        """Log what the restore did: a refused snapshot (or refused entries) is reported, counted
-        (podrouter_nat_snapshot_rejected) and otherwise ignored."""
-        st = self._dp().nat_snapshot_stats()
-        if st.get("load_error"):
-            log.error("NAT snapshot refused, starting with an empty table: %s", st["load_error"])
-            return
-        loaded = st.get("loaded")
-        if not loaded:
-            return
-        log.info(
-            "NAT snapshot %s: %d mappings restored, %d expired while stopped",
-            st.get("path"),
-            loaded["restored"],
-            loaded["expired"],
-        )
-        if loaded["rejected"]:
-            reasons = ", ".join(
-                f"{k} {loaded[k]}"
-                for k in ("outside_cidrs", "port_range", "duplicate", "invalid", "full")
-                if loaded[k]
-            )
-            log.warning("NAT snapshot: %d entries refused (%s)", loaded["rejected"], reasons)
+        bringup.nat_snapshot_report(self._dp().nat_snapshot_stats())
 
     def _on_event(self, reason: str) -> None:
         with self.lock:
