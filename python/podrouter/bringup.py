@@ -14,13 +14,11 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from pyroute2.iproute import IPRoute
-
 from podrouter import config as configmod
 from podrouter import lifecycle, native
 from podrouter.config import Config
 from podrouter.errors import StartError
-from podrouter.netlink import sysctl
+from podrouter.netlink import IPRoute, sysctl
 from podrouter.netlink.constants import IFF_MULTICAST, IPV6_MIN_MTU, MASQ_TABLE, TUN_NAME
 from podrouter.netlink.plumbing import RT_TABLE_MAIN, Plumbing, foreign_routes
 from podrouter.netlink.underlay import Masquerade6, Underlay

@@ -6,13 +6,12 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pyroute2.iproute import IPRoute
-
 from podrouter import api as apimod
 from podrouter import lifecycle, nftables
 from podrouter import state as statefile
 from podrouter.config import Config
 from podrouter.errors import EXIT_FAILURE, StartError
+from podrouter.netlink import IPRoute
 from podrouter.netlink.constants import TUN_NAME
 from podrouter.netlink.plumbing import cleanup as netlink_cleanup
 from podrouter.netlink.underlay import UnderlayError, netns_id, resolve_underlay

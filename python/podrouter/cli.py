@@ -18,10 +18,9 @@ import click
 
 from podrouter import api as apimod
 from podrouter import config as configmod
-from podrouter import entry, native, plan
+from podrouter import entry, native
 from podrouter.errors import StartError
 from podrouter.packets import PROTOS, build_packet
-from podrouter.plan import PeerView
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -436,6 +435,8 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
     """Compile the config's tables offline with the datapath's own compiler (the core's rulebook):
     the problems it finds, or []. Nothing on this machine is read or changed; every peer is taken
     as off-link, as a node sees them before its underlay is up."""
+    from podrouter import plan  # lazy: planning loads the netlink package, most commands need neither
+    from podrouter.plan import PeerView
     address = str(cfg.node.address) if cfg.node.address else "0.0.0.0"
     # node.address unset: its family is known only at start (peers of both families may fit then)
     a6 = cfg.node.address6 if cfg.node.address else ipaddress.IPv6Address("::")
@@ -456,6 +457,8 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
 
 def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
     """Tables spec from a config alone, reading (never changing) this namespace where it can."""
+    from podrouter import plan  # lazy, as in compile_problems
+    from podrouter.plan import PeerView
     notes: list[str] = []
     address = str(cfg.node.address) if cfg.node.address else None
     gateway = None

@@ -36,8 +36,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pyroute2.iproute import IPRoute
-
 from podrouter import api as apimod
 from podrouter import bringup, discovery, guards, lifecycle, native, nftables
 from podrouter import config as configmod
@@ -50,6 +48,7 @@ from podrouter.discovery.base import Discovery
 from podrouter.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, StartError
 from podrouter.monitor import MonitorHub
 from podrouter.monitor import stream as monitor_stream
+from podrouter.netlink import IPRoute
 from podrouter.netlink.constants import TUN_NAME
 from podrouter.netlink.neigh import NeighborWatcher
 from podrouter.netlink.plumbing import Plumbing, RouteSpec
@@ -344,7 +343,7 @@ class Daemon:
         self.discovery.start(self._on_event)
         self.monitor = MonitorHub(lambda: self.datapath, self._pod_of)
         self.handover_server = handovermod.Server(self)
-        raws = {"handover": self.handover_server.handle}
+        raws: dict[str, apimod.RawHandler] = {"handover": self.handover_server.handle}
         self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers(), self._api_streams(), raws)
         if cfg.metrics.listen is not None:
             # the port now (a clash stops the start), the HTTP server just after ready (below)

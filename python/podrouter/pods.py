@@ -13,12 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pyroute2.iproute import IPRoute
-
 from podrouter import api as apimod
 from podrouter import state as statefile
 from podrouter.config import Config, PodConfig
-from podrouter.netlink import sysctl
+from podrouter.netlink import IPRoute, sysctl
 from podrouter.netlink.constants import POD_GATEWAY6
 from podrouter.netlink.plumbing import Plumbing
 from podrouter.plan import has_ipv6

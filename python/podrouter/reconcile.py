@@ -16,11 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
-from pyroute2.iproute import IPRoute
-
 from podrouter import config as configmod
 from podrouter.config import Config, IPAddress, PeerConfig
 from podrouter.discovery.base import PeerSet
+from podrouter.netlink import IPRoute
 from podrouter.netlink.constants import (
     MASQ_RULE_PRIORITY,
     MASQ_TABLE,

@@ -13,6 +13,8 @@ from podrouter.netlink import _pyroute2
 
 _pyroute2.light()  # before the first pyroute2 import: the parts podrouter uses only (start-up time)
 
+from pyroute2.iproute import IPRoute  # noqa: E402 - the light package's (podrouter's one way in)
+
 from podrouter.netlink.constants import (  # noqa: E402
     MASQ_RULE_PRIORITY,
     MASQ_TABLE,
@@ -24,6 +26,7 @@ from podrouter.netlink.plumbing import Plumbing, RouteSpec, RuleSpec  # noqa: E4
 from podrouter.netlink.underlay import Underlay, UnderlayError, netns_id, resolve_underlay  # noqa: E402
 
 __all__ = [
+    "IPRoute",
     "MASQ_RULE_PRIORITY",
     "MASQ_TABLE",
     "RTPROT_PODROUTER",
