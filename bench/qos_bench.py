@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -95,15 +96,17 @@ def _latency(lab: Lab, pod: Any, seconds: int, pings: int, port: int) -> dict[st
     return out
 
 
-def _rx_counter(host: Any) -> Any:
-    """A reader of (bytes received on the host's eth0, monotonic time): the frames the shaper let
-    through towards that host, L2 as the shaper counts them, all of the pod's traffic in that direction
-    (the bulk flow and the probes). Unlike iperf3's goodput it does not depend on when the receiving
-    iperf3 process gets a CPU to read its socket."""
+def _rx_counter(host: Any, port: int = 5201) -> Any:
+    """A reader of (TCP payload bytes the host's kernel received on the flow's port, monotonic time):
+    `tcpi_bytes_received` of the iperf3 server's connections, as `ss -ti` shows it. It counts what
+    arrived in order, when it arrived, unlike iperf3's own goodput, which counts what the receiving
+    process read in its intervals: a receiver short of CPU reads late what its socket buffer holds
+    (the Recv-Q) and moves bytes between intervals. Interface counters would not do: a GRO'd or GSO
+    packet counts its headers once."""
 
     def read() -> tuple[int, float]:
-        out = host.run(["cat", "/sys/class/net/eth0/statistics/rx_bytes"])
-        return int(out.strip()), time.monotonic()
+        out = host.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"])
+        return sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out)), time.monotonic()
 
     return read
 
@@ -158,12 +161,13 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
             t.join(timeout=seconds + 60)
             bps = flow["bps"]
             expected = rate * GOODPUT_PER_FRAME
-            wire_bps = (w1[0] - w0[0]) * 8 / (w1[1] - w0[1])
+            kernel_bps = (w1[0] - w0[0]) * 8 / (w1[1] - w0[1])
             return {
                 "impl": impl, "direction": direction, "rate": rate_name, "rate_bps": rate, "seconds": seconds,
                 "goodput_bps": round(bps), "expected_goodput_bps": round(expected),
                 "error_pct": round((bps / expected - 1) * 100, 2),
-                "wire_bps": round(wire_bps), "wire_error_pct": round((wire_bps / rate - 1) * 100, 2),
+                "kernel_goodput_bps": round(kernel_bps),
+                "kernel_error_pct": round((kernel_bps / expected - 1) * 100, 2),
                 **_stats("ping", lat["ping"]), **_rr_stats(lat),
                 "ping_sent": pings, "ping_received": len(lat["ping"]), "rr_done": len(lat.get("rr", [])),
                 "retransmits": int(flow["retransmits"]), "flow_rtt_ms": round(flow["flow_rtt_ms"], 2),
@@ -248,8 +252,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 summary.append({
                     "seconds": seconds, "rate": rate, "direction": direction,
                     "podrouter_error_pct": ours["error_pct"], "reference_error_pct": ref["error_pct"],
-                    "podrouter_wire_error_pct": ours["wire_error_pct"],
-                    "reference_wire_error_pct": ref["wire_error_pct"],
+                    "podrouter_kernel_error_pct": ours["kernel_error_pct"],
+                    "reference_kernel_error_pct": ref["kernel_error_pct"],
                     "accuracy_at_least_as_good": abs(ours["error_pct"]) <= max(abs(ref["error_pct"]), 1.0),
                     "ping_p99_ratio": _ratio(ours["ping_p99_ms"], ref["ping_p99_ms"]),
                     "rr_p99_ratio": _ratio(ours["rr_p99_ms"], ref["rr_p99_ms"]),
@@ -274,14 +278,14 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     lines = [f"load average before {report['load_before'][0]:.1f}, after {report['load_after'][0]:.1f}", "",
-             f"{'s':>3} {'rate':>5} {'dir':>7} {'impl':>9} {'goodput':>10} {'error':>7} {'wire':>7} "
+             f"{'s':>3} {'rate':>5} {'dir':>7} {'impl':>9} {'goodput':>10} {'error':>7} {'kernel':>7} "
              f"{'ping p50/p99 ms':>17} {'rr p50/p99 ms':>15} {'rr_app p50/p99':>15} {'rr_net p50/p99':>15} "
              f"{'flow rtt':>8} {'retx':>6} {'CE pkts':>8}"]
     for r in report["results"]:
         lines.append(
             f"{r['seconds']:>3} {r['rate']:>5} {r['direction']:>7} {r['impl']:>9} "
             f"{r['goodput_bps'] / 1e6:>8.2f} M "
-            f"{r['error_pct']:>+6.2f}% {r['wire_error_pct']:>+6.2f}% "
+            f"{r['error_pct']:>+6.2f}% {r['kernel_error_pct']:>+6.2f}% "
             f"{r['ping_p50_ms']:>8.3f}/{r['ping_p99_ms']:<8.3f} "
             f"{r['rr_p50_ms']:>7.3f}/{r['rr_p99_ms']:<7.3f} "
             f"{r['rr_app_p50_ms']:>7.3f}/{r['rr_app_p99_ms']:<7.3f} "
@@ -295,7 +299,7 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"{s['seconds']:>3}s {s['rate']:>5} {s['direction']:>7}: error {s['podrouter_error_pct']:+.2f}% "
             f"vs {s['reference_error_pct']:+.2f}% ({'ok' if s['accuracy_at_least_as_good'] else 'worse'}; "
-            f"wire {s['podrouter_wire_error_pct']:+.2f}% vs {s['reference_wire_error_pct']:+.2f}%), "
+            f"kernel {s['podrouter_kernel_error_pct']:+.2f}% vs {s['reference_kernel_error_pct']:+.2f}%), "
             f"ping p99 {s['ping_p99_ratio']}, rr p99 {s['rr_p99_ratio']} (rr_app {s['rr_app_p99_ratio']}), "
             f"flow rtt {s['flow_rtt_ratio']}, "
             f"retransmits {s['retransmits']}"
@@ -320,13 +324,13 @@ def points(rates: list[str], directions: list[str], impls: list[str], seconds: i
 
 def points_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"load average {os.getloadavg()[0]:.1f}",
-             f"{'s':>3} {'rate':>5} {'dir':>7} {'impl':>9} {'error':>7} {'wire':>7} {'ping p50/p99':>13} "
+             f"{'s':>3} {'rate':>5} {'dir':>7} {'impl':>9} {'error':>7} {'kernel':>7} {'ping p50/p99':>13} "
              f"{'rr p50/p99':>13} {'rr_app p50/p99':>15} {'rr_net p50/p99':>15} {'server p99':>10} "
              f"{'wake p99':>8} {'retx':>6} {'CE pkts':>8}"]
     for r in rows:
         lines.append(
             f"{r['seconds']:>3} {r['rate']:>5} {r['direction']:>7} {r['impl']:>9} {r['error_pct']:>+6.2f}% "
-            f"{r['wire_error_pct']:>+6.2f}% "
+            f"{r['kernel_error_pct']:>+6.2f}% "
             f"{r['ping_p50_ms']:>6.3f}/{r['ping_p99_ms']:<6.3f} "
             f"{r['rr_p50_ms']:>6.3f}/{r['rr_p99_ms']:<6.3f} "
             f"{r['rr_app_p50_ms']:>7.3f}/{r['rr_app_p99_ms']:<7.3f} {r['rr_net_p50_ms']:>7.3f}/"

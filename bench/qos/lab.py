@@ -77,7 +77,7 @@ class Lab:
 
 
 def iperf_server(host: Host, port: int) -> subprocess.Popen[bytes]:
-    proc = host.popen(["iperf3", "-s", "-1", "-p", str(port), "-J", *BULK_AFFINITY], stdout=subprocess.PIPE,
+    proc = host.popen(["iperf3", "-s", "-1", "-p", str(port), "-J"], stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -190,10 +190,13 @@ RR_BYTES = 64
 # equivalent here.
 #
 # On a machine with more than one CPU the probe also gets a CPU of its own, as the static CPU manager
-# policy would give it: the probe's two processes run on the last CPU and both iperf3 ends of the
-# saturating flow on CPU 0 (`iperf3 -A 0`). Without this the probe's wake-up still waited behind the
-# bulk flow's softirq work on a shared CPU (up to net.core.netdev_budget_usecs, 2 ms, per round): run 5
-# measured `rr` p99 2.21 ms at 100M egress of which the network part was 0.47 ms.
+# policy would give it: the probe's two processes run on the last CPU and the bulk flow's sender (the
+# iperf3 client, in both directions) on CPU 0 (`iperf3 -A 0`), so the flow's transmit and softirq work
+# (a veth delivers on the sending CPU) stay off the probe's CPU. Without this the probe's wake-up
+# waited behind that softirq work (up to net.core.netdev_budget_usecs, 2 ms, per round): run 5
+# measured `rr` p99 2.21 ms at 100M egress of which the network part was 0.47 ms. The receiving
+# iperf3 is left free: pinned beside its sender, one CPU could no longer carry 1 Gbit/s (run 6 read
+# -3.08 % at 1G egress, the reference -2.76 %).
 RR_PRIORITY = 10
 _CPUS = os.cpu_count() or 1
 RR_CPU = _CPUS - 1
