@@ -137,6 +137,7 @@ def measure_flow(
     client = iperf_client(sender, dst, port, seconds)
     try:
         out, _err = client.communicate(timeout=seconds + 20)
+        ended_at = time.monotonic()
         bps = receiver_bps(server, timeout=seconds + 20)
     finally:
         for p in (client, server):
@@ -152,6 +153,7 @@ def measure_flow(
         "retransmits": float(sent.get("retransmits", 0)),
         "flow_rtt_ms": rtt_us / 1000,
         "ce_packets": float(ce_packets(receiver) - ce_before),
+        "ended_at": ended_at,  # time.monotonic() when the sending iperf3 exited
     }
 
 
@@ -246,6 +248,9 @@ c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 c.settimeout(5)
 c.connect((dst, port))
 out = []
+# paced by the clock, not by sleeping `interval` after each round: the rounds' own time (~5 ms each
+# with the wake-ups) would stretch 1150 rounds of 50 ms to 64 s, past the end of the load
+start = time.monotonic()
 # one untimed round trip first: the first exchange of a connection came without a receive
 # timestamp in our runs (the kernel enables timestamping when the first socket asks for it)
 for i in range(count + 1):
@@ -269,7 +274,7 @@ for i in range(count + 1):
         continue
     # total, the server's turnaround, the client's wake-up (ms); -1 where no timestamp came
     out.append([(t1 - t0) / 1e6, turn / 1e6 if turn >= 0 else -1, (t1 - rx) / 1e6 if rx else -1])
-    time.sleep(interval)
+    time.sleep(max(0.0, start + (i + 1) * interval - time.monotonic()))
 print(json.dumps(out))
 """.replace("@TS@", str(_SO_TIMESTAMPNS)).replace("@N@", str(RR_BYTES))
 
