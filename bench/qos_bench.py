@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -61,6 +60,7 @@ from qos.lab import (  # noqa: E402
     SINK_ADDR,
     Lab,
     RrSample,
+    kernel_rx_bytes,
     measure_flow,
     percentile,
     ping_rtts,
@@ -104,18 +104,9 @@ def _latency(lab: Lab, pod: Any, seconds: int, pings: int, port: int) -> dict[st
 
 
 def _rx_counter(host: Any, port: int = 5201) -> Any:
-    """A reader of (TCP payload bytes the host's kernel received on the flow's port, monotonic time):
-    `tcpi_bytes_received` of the iperf3 server's connections, as `ss -ti` shows it. It counts what
-    arrived in order, when it arrived, unlike iperf3's own goodput, which counts what the receiving
-    process read in its intervals: a receiver short of CPU reads late what its socket buffer holds
-    (the Recv-Q) and moves bytes between intervals. Interface counters would not do: a GRO'd or GSO
-    packet counts its headers once."""
-
-    def read() -> tuple[int, float]:
-        out = host.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"])
-        return sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out)), time.monotonic()
-
-    return read
+    """A reader of (the flow's bytes received by the host's kernel, monotonic time): lab.kernel_rx_bytes.
+    Interface counters would not do: a GRO'd or GSO packet counts its headers once."""
+    return lambda: (kernel_rx_bytes(host, port), time.monotonic())
 
 
 def _stats(prefix: str, values: list[float]) -> dict[str, float]:
