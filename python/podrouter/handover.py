@@ -274,6 +274,14 @@ def _index_list(v: Any, n: int, used: set[int], key: str) -> list[int]:
     return out
 
 
+def describe(passed: dict[str, Any]) -> str:
+    """The roles in an `adopt` fds dict, for the logs: `1 TUN queue(s), 2 tunnel socket(s), masq`."""
+    rx = sum(len(w) for w in passed["rx"])
+    parts = [f"{len(passed['tun'])} TUN queue(s)", f"{rx} tunnel socket(s)"]
+    parts += [k for k in ("masq", "masq6") if passed.get(k) is not None]
+    return ", ".join(parts)
+
+
 def parse_manifest(obj: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     """The `adopt` fds dict from the old daemon's (untrusted) line and the fds that came with it:
     every index names a received fd, each exactly once, and every received fd is named."""
@@ -325,6 +333,7 @@ def take_over(
             raise HandoverError("the running daemon closed the connection")
         try:
             passed = parse_manifest(_read_line(conn, msg), fds)
+            log.info("handover: received %s", describe(passed))
             dp = native.Datapath.adopt(dp_config, passed)
             dp.set_nat_snapshot(nat_snapshot)
             dp.start(tables)

@@ -283,13 +283,6 @@ def _expect_problems(mine: dict[str, Any], theirs: Any) -> list[str]:
     ]
 
 
-def _describe(passed: dict[str, Any]) -> str:
-    rx = sum(len(w) for w in passed["rx"])
-    parts = [f"{len(passed['tun'])} TUN queue(s)", f"{rx} tunnel socket(s)"]
-    parts += [k for k in ("masq", "masq6") if passed.get(k) is not None]
-    return ", ".join(parts)
-
-
 def take(cfg: Any, dp_config: dict[str, Any], native: Any, log: Any) -> Any | None:
     """At start, before the TUN is opened: a Datapath on the keeper's fds, or None (no keeper, or
     its fds do not fit this config: then it has let go of them, so the TUN queues and sockets this
@@ -348,7 +341,7 @@ def take(cfg: Any, dp_config: dict[str, Any], native: Any, log: Any) -> Any | No
     log.info(
         "took the datapath's fds from the fd keeper (pid %d): %s (%.1f ms)",
         pid,
-        _describe(passed),
+        handover.describe(passed),
         (time.monotonic() - t0) * 1000,
     )
     return dp
@@ -423,7 +416,7 @@ def replace(cfg: Any, dp: Any, dp_config: dict[str, Any], log: Any) -> int | Non
         if lst is not None:
             lst.close()
     _children.append(proc)
-    log.info("fd keeper pid %d holds %s on %s", proc.pid, _describe(fds), path)
+    log.info("fd keeper pid %d holds %s on %s", proc.pid, handover.describe(fds), path)
     return proc.pid
 
 

@@ -113,7 +113,7 @@ def test_no_leak_no_route_flap_and_no_loss_across_restarts(ref: ReferenceTopolog
     assert pod1.ping(ref.EXTERNAL_ADDR, count=2), "pod1 -> outside before the restarts"
     wanted = set(our_routes(n1))
     seconds = 8.0
-    receivers = {n: seq_receiver(h, seconds + 3) for n, h in (("pod2", pod2), ("ext", ext), ("pod1", pod1))}
+    receivers = {n: seq_receiver(h, seconds + 2) for n, h in (("pod2", pod2), ("ext", ext), ("pod1", pod1))}
     monitor = n1.popen(["ip", "monitor", "route"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     took = []
     try:
@@ -202,7 +202,7 @@ def test_tcp_flow_survives_sigterm_and_sigkill(
     ref: ReferenceTopology, daemons: Daemons, path: str, dst_pod: str, mode: str, protocol: str
 ) -> None:
     flow = PodFlow(ref, daemons, dst_pod, mode, protocol)
-    flow.send(8)
+    flow.send(7)
     time.sleep(1.5)
     d1 = restart(daemons, flow.handles["node1"], flow.cfgs["node1"], "sigterm", away=0.5)
     time.sleep(1.5)
