@@ -13,7 +13,9 @@ SIGTERM and SIGKILL leave the node's forwarding state, `podrouter run` adopts it
 * flows survive: a long-lived TCP flow over native, VXLAN and Geneve keeps its connection through
   SIGTERM+run and SIGKILL+run (its longest stall is measured by `podrouter bench --only restart`);
 * convergence: a peer removed from the config between runs loses its route on start;
-* cleanup is the full removal (TUN included) and says "nothing to clean up" when run again.
+* a keeper whose fds do not fit the new config (another tunnel port) lets go of them;
+* cleanup is the full removal (TUN and fd keeper included) and says "nothing to clean up" when run
+  again.
 """
 
 from __future__ import annotations
@@ -226,18 +228,25 @@ def test_start_converges_a_removed_peer_and_cleanup_removes_everything(
     assert n1.try_run(["nft", "list", "table", "inet", "podrouter_pods"]).returncode == 0
     state = json.loads(Path(daemons.sockdir / "node1.state.json").read_text())
     assert state["pid"] == 0
-    # node3 removed from the config: the next start drops its route, keeps the rest
+    # node3 removed from the config: the next start drops its route, keeps the rest; the VXLAN port
+    # changed too, so the fd keeper's sockets do not fit: it lets go of them, the new daemon binds
     cfg2 = ref_config(ref, "node1", daemons.sockdir, mode="tunnel", peers=["node2"])
+    cfg2["tunnel"]["port"] = 4790
     d1 = daemons.start(n1, cfg2)
     routes = set(our_routes(n1))
     assert "10.244.2.0/24" in routes and "10.244.3.0/24" not in routes, routes
-    assert "adopting what the previous daemon (stopped) left" in d1.logs()
+    logs = d1.logs()
+    assert "adopting what the previous daemon (stopped) left" in logs
+    assert "fds (pid" in logs and "do not fit: vxlan_port" in logs, logs[-3000:]
+    assert "fd keeper pid" in logs, logs[-3000:]  # and a new keeper holds this daemon's fds
+    udp = n1.run(["ss", "-Huan"])
+    assert f"{ref.node_addr['node1']}:4789 " not in udp and ":4790 " in udp, udp
     r = d1.cli("cleanup", "--config", str(d1.config))
     assert r.returncode == 1 and "running" in r.stderr, "cleanup refuses while a daemon runs"
     d1.kill()
     r = d1.cli("cleanup", "--config", str(d1.config))
     assert r.returncode == 0, r.stderr
-    assert "removed TUN podr0" in r.stdout, r.stdout
+    assert "removed TUN podr0" in r.stdout and "stopped the fd keeper" in r.stdout, r.stdout
     assert our_routes(n1) == {}
     assert n1.try_run(["ip", "link", "show", "podr0"]).returncode != 0
     assert n1.try_run(["nft", "list", "table", "inet", "podrouter_pods"]).returncode != 0
