@@ -761,6 +761,34 @@ class Daemon:
         for err in self.route_errors:
             log.warning("%s", err)
         self._start_metrics()
+        self._keeper_replace()
+
+    # ------------------------------------------------------------------ the fd keeper (keeper.py)
+
+    def _keeper_take(self, native: Any) -> Any:
+        """At start: a Datapath on the fds the keeper held while no daemon ran, or None."""
+        from podrouter import keeper
+
+        return keeper.take(self.cfg, self._datapath_config(), native, log)
+
+    def _keeper_replace(self) -> None:
+        """Once ready: the previous keeper lets go; with api.keeper a new one holds our fds."""
+        from podrouter import keeper
+
+        try:
+            if self.cfg.api.keeper:
+                keeper.replace(self.cfg, self.datapath, self._datapath_config(), log)
+            else:
+                keeper.drop(keeper.socket_path(self.cfg))
+        except Exception:  # noqa: BLE001 - the daemon runs on without a keeper
+            log.exception("fd keeper")
+
+    def _keeper_stop(self) -> None:
+        """The full removal: nothing may keep the TUN's queues attached."""
+        from podrouter import keeper
+
+        for line in keeper.stop(self.cfg):
+            log.info("%s", line)
 
     def _start_metrics(self) -> None:
         """Serve /metrics on the socket taken before ready: importing prometheus_client and
@@ -810,6 +838,9 @@ class Daemon:
             # the old daemon's datapath, taken over at the first tables (reconcile)
             self._pending = handover.Pending(self, native)
             return self._pending
+        kept = self._keeper_take(native)
+        if kept is not None:
+            return kept
         try:
             return native.Datapath(self._datapath_config())
         except OSError as e:
@@ -1147,6 +1178,7 @@ class Daemon:
         if self.datapath is not None:
             _go_on("closing the datapath", self.datapath.close)
             self.datapath = None
+        _go_on("stopping the fd keeper", self._keeper_stop)
         if self.ipr is not None:
             # persistent: the TUN outlives the fd
             _go_on(f"deleting {TUN_NAME}", lifecycle.remove_tun, self.ipr, TUN_NAME)
@@ -1429,7 +1461,7 @@ class Daemon:
         ):
             out.append("node.address/node.address6/node.interface")
         if new.api != old.api:
-            out.append("api.socket")
+            out.append("api.socket" if new.api.socket != old.api.socket else "api.keeper")
         if new.metrics != old.metrics:
             out.append("metrics.listen")
         # the datapath binds its UDP sockets once, at start
@@ -1919,8 +1951,10 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
             EXIT_FAILURE,
         )
     done: list[str] = []
-    from podrouter import nftables
+    from podrouter import keeper, nftables
 
+    # first: the fd keeper lets go of the TUN queues and sockets (else the TUN stays attached)
+    done.extend(keeper.stop(cfg))
     # the guard tables have fixed names, so they are found even without a state file
     for fam in nftables.FAMILIES:
         try:

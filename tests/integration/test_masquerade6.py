@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from helpers import DaemonHandle, Daemons, python_in, ref_config, short_dir
+from test_handover import handover
 from test_paths import iperf
 
 from nettopo import Host, ReferenceTopology, Topology, capture, reference_topology
@@ -362,7 +363,9 @@ def test_ipv4_pods_on_each_underlay(lab: Lab) -> None:
 
 def test_an_ipv6_connection_survives_a_daemon_restart(lab: Lab, tmp_path: Path) -> None:
     """The NAT snapshot holds the IPv6 table too: SIGTERM and `podrouter run` again (1.5 s after the
-    last packet, so the periodic snapshot has the mapping), and the connection still echoes."""
+    last packet, so the periodic snapshot has the mapping), and the connection still echoes. The
+    successor adopts the IPv6 masquerade reply socket from the fd keeper, and a handover after it
+    passes that socket on (docs/handover.md, "What is passed")."""
     go = tmp_path / "go"
     code = f"DST, PORT, GO = {EXT6!r}, {PORT}, {str(go)!r}\n" + HOLD_CLIENT
     proc = lab.ref.pods["pod1"].host.popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
@@ -374,9 +377,16 @@ def test_an_ipv6_connection_survives_a_daemon_restart(lab: Lab, tmp_path: Path) 
         code_, logs = lab.daemon.stop(cleanup=False)
         assert code_ == 0, logs[-3000:]
         lab.daemon = lab.daemons.start(lab.ref.nodes["node1"], lab.cfg)
+        # the successor adopted the IPv6 masquerade reply socket the fd keeper held (replies that
+        # came meanwhile were queued on it, not lost)
+        took = [ln for ln in lab.daemon.logs().splitlines() if "from the fd keeper" in ln]
+        assert took and "masq6" in took[0], lab.daemon.logs()[-3000:]
         st = lab.daemon.counters()["nat_snapshot"]
         assert st["load_error"] is None and st["loaded"]["rejected"] == 0, st
         assert st["loaded"]["restored"] >= 1, st
+        lab.daemon = handover(lab.daemons, lab.daemon, lab.cfg)
+        received = [ln for ln in lab.daemon.logs().splitlines() if "handover: received" in ln]
+        assert received and "masq6" in received[0], lab.daemon.logs()[-3000:]
         go.touch()
         out, _ = proc.communicate(timeout=30)
         assert json.loads(out or b"{}").get("echo") == "after", (out, lab.daemon.logs()[-3000:])
