@@ -723,8 +723,12 @@ class Daemon:
                     self._pod_install(pod, "api", raise_errors=False, cni=cni)
             # the guards go in before the first route (and, when adopting, with the pods already in
             # their sets, so no pod's packet is taken for a spoofed one while the table is replaced)
+            # the peers first (without waiting for MACs): the guard's first sets then hold their
+            # tunnel endpoints, and the first reconcile has no set to update (one transaction)
+            self._refresh_peers(wait=False)
             self._install_pod_guard()
-            self._refresh_peers(wait=True)
+            if not self.watcher.resolved():
+                self._refresh_peers(wait=True)
             self._reconcile_locked("start")
         if self._pending is not None:
             # the old daemon closes its API socket and metrics port once we run: wait for that
