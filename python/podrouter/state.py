@@ -5,8 +5,8 @@ One JSON file per node (`Config.state_path`, next to the API socket), rewritten 
 leaves either the old or the new record, never half of one. No fsync: like the NAT snapshot, the
 record has to outlive the process, not the machine. Everything it describes (routes, rules,
 sysctls, the TUN, nftables tables, tc) lives in the kernel and is gone after a reboot, and the page
-cache survives a killed process; an fsync per change cost 1 ms on a quiet disk and 5-15 ms on a
-busy one, a dozen times in a start from scratch (docs/benchmarks.md, "Start-up time"). A record
+cache survives a killed process; an fsync per change cost 1-2 ms or more on a busy disk, a dozen
+times in a start from scratch (docs/benchmarks.md, "Start-up time"). A record
 torn by a power loss is refused at the next start (not JSON) and set aside, with nothing to undo.
 It records the network namespace it was written in: cleanup refuses to act on a record from
 another namespace.
