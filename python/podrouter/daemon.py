@@ -722,9 +722,9 @@ class Daemon:
                 for pod, cni in lifecycle.recorded_api_pods(recorded, cfg):
                     self._pod_install(pod, "api", raise_errors=False, cni=cni)
             # the guards go in before the first route (and, when adopting, with the pods already in
-            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced)
-            # the peers first (without waiting for MACs): the guard's first sets then hold their
-            # tunnel endpoints, and the first reconcile has no set to update (one transaction)
+            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced);
+            # the peers are listed first (without waiting for MACs), so the guard's first sets hold
+            # their tunnel endpoints and the first reconcile has no set to update (one transaction)
             self._refresh_peers(wait=False)
             self._install_pod_guard()
             if not self.watcher.resolved():
