@@ -722,9 +722,13 @@ class Daemon:
                 for pod, cni in lifecycle.recorded_api_pods(recorded, cfg):
                     self._pod_install(pod, "api", raise_errors=False, cni=cni)
             # the guards go in before the first route (and, when adopting, with the pods already in
-            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced)
+            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced);
+            # the peers are listed first (without waiting for MACs), so the guard's first sets hold
+            # their tunnel endpoints and the first reconcile has no set to update (one transaction)
+            self._refresh_peers(wait=False)
             self._install_pod_guard()
-            self._refresh_peers(wait=True)
+            if not self.watcher.resolved():
+                self._refresh_peers(wait=True)
             self._reconcile_locked("start")
         if self._pending is not None:
             # the old daemon closes its API socket and metrics port once we run: wait for that
@@ -949,17 +953,19 @@ class Daemon:
         }
         cfg, u = self.cfg, self.underlay
         # the leak guard (nftables.py): the cluster's pod CIDRs (and the mesh's), and, with
-        # masquerade, the default gateway no pod packet may reach untranslated
-        # (IPv4 only: an IPv6-only underlay's gateway is IPv6, and its IPv4 pods are never masqueraded)
+        # masquerade, each masqueraded family's gateway no pod packet may reach untranslated: the
+        # IPv4 gateway (an IPv6-only underlay has none: its IPv4 pods are never masqueraded) and
+        # the IPv6 one masquerade resolved (none when IPv6 pods are not translated)
         gw4 = u.gateway if u.gateway is not None and u.gateway.version == 4 else None
-        masq_gw = [str(gw4)] if cfg.masquerade.enabled and gw4 is not None else []
+        gw6 = self.masq6.gateway if self.masq6 is not None else None
+        masq_gw = [str(g) for g in (gw4, gw6) if g is not None] if cfg.masquerade.enabled else []
         return (
             sorted(merged.items()),
             [(a, p) for a in sorted(endpoints) for p in ports],
             [str(c) for c in cfg.node.pod_cidrs],
             [str(c) for c in (*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(self.peer_views))],
             masq_gw,
-            [str(c) for c in cfg.masquerade.non_masquerade_cidrs if c.version == 4],
+            [str(c) for c in cfg.masquerade.non_masquerade_cidrs],
         )
 
     def _install_pod_guard(self) -> None:
