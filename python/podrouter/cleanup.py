@@ -7,7 +7,7 @@ import ipaddress
 from pathlib import Path
 
 from podrouter import api as apimod
-from podrouter import lifecycle, nftables
+from podrouter import keeper, lifecycle, nftables
 from podrouter import state as statefile
 from podrouter.config import Config
 from podrouter.errors import EXIT_FAILURE, StartError
@@ -39,6 +39,8 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
             EXIT_FAILURE,
         )
     done: list[str] = []
+    # first: the fd keeper lets go of the TUN queues and sockets (else the TUN stays attached)
+    done.extend(keeper.stop(cfg))
     # the guard tables have fixed names, so they are found even without a state file
     for fam in nftables.FAMILIES:
         try:

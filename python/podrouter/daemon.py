@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from podrouter import api as apimod
-from podrouter import bringup, discovery, guards, lifecycle, native, nftables
+from podrouter import bringup, discovery, guards, keeper, lifecycle, native, nftables
 from podrouter import config as configmod
 from podrouter import handover as handovermod
 from podrouter import metrics as metricsmod
@@ -328,9 +328,13 @@ class Daemon:
                 for pod, cni in lifecycle.recorded_api_pods(recorded, cfg):
                     self.pods.install(pod, "api", raise_errors=False, cni=cni)
             # the guards go in before the first route (and, when adopting, with the pods already in
-            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced)
+            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced);
+            # the peers are listed first (without waiting for MACs), so the guard's first sets hold
+            # their tunnel endpoints and the first reconcile has no set to update (one transaction)
+            self._refresh_peers(wait=False)
             self._pod_guard_key = guards.install_pod_guard(self._pod_guard_want())
-            self._refresh_peers(wait=True)
+            if not self.watcher.resolved():
+                self._refresh_peers(wait=True)
             self._reconcile_locked("start")
         if self._pending is not None:
             # the old daemon closes its API socket and metrics port once we run: wait for that
@@ -363,6 +367,24 @@ class Daemon:
         for err in self.route_errors:
             log.warning("%s", err)
         self._start_metrics()
+        self._keeper_replace()
+
+    # ------------------------------------------------------------------ the fd keeper (keeper.py)
+
+    def _keeper_replace(self) -> None:
+        """Once ready: the previous keeper lets go; with api.keeper a new one holds our fds."""
+        try:
+            if self.cfg.api.keeper:
+                keeper.replace(self.cfg, self.datapath, self._datapath_config(), log)
+            else:
+                keeper.drop(keeper.socket_path(self.cfg))
+        except Exception:  # noqa: BLE001 - the daemon runs on without a keeper
+            log.exception("fd keeper")
+
+    def _keeper_stop(self) -> None:
+        """The full removal: nothing may keep the TUN's queues attached."""
+        for line in keeper.stop(self.cfg):
+            log.info("%s", line)
 
     def _start_metrics(self) -> None:
         """Serve /metrics on the socket taken before ready: importing prometheus_client and
@@ -386,11 +408,14 @@ class Daemon:
         if self.handover_mode:
             self._pending = handovermod.Pending(self)
             return
-        self.datapath = bringup.open_datapath(self._ipr(), self._datapath_config())
+        dp_config = self._datapath_config()
+        # the fds the fd keeper held while no daemon ran (keeper.py), else the TUN opened afresh
+        kept = keeper.take(self.cfg, dp_config, native.module(), log)
+        self.datapath = kept if kept is not None else bringup.open_datapath(self._ipr(), dp_config)
 
     def _pod_guard_want(self) -> guards.PodGuardKey:
         pods = (e.pod for e in self.pods.entries.values())
-        return guards.pod_guard_want(self.cfg, self._u(), pods, self.peer_views)
+        return guards.pod_guard_want(self.cfg, self._u(), self.masq6, pods, self.peer_views)
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
@@ -568,6 +593,7 @@ class Daemon:
         if self.datapath is not None:
             _go_on("closing the datapath", self.datapath.close)
             self.datapath = None
+        _go_on("stopping the fd keeper", self._keeper_stop)
         if self.ipr is not None:
             # persistent: the TUN outlives the fd
             _go_on(f"deleting {TUN_NAME}", lifecycle.remove_tun, self.ipr, TUN_NAME)

@@ -61,7 +61,11 @@ def sync_masquerade_guard(
 
 
 def pod_guard_want(
-    cfg: Config, u: Underlay, pods: Iterable[PodConfig], peer_views: list[PeerView]
+    cfg: Config,
+    u: Underlay,
+    masq6: Masquerade6 | None,
+    pods: Iterable[PodConfig],
+    peer_views: list[PeerView],
 ) -> PodGuardKey:
     """What the pod egress guard's sets should hold now: each registered pod's host interface
     with its addresses, every tunnel socket (each peer's and our own address, at both tunnel
@@ -74,17 +78,19 @@ def pod_guard_want(
     ports = sorted({cfg.tunnel.port_for("vxlan"), cfg.tunnel.port_for("geneve")})
     endpoints = {str(a) for a in u.addresses()} | {str(v.peer.address) for v in peer_views}
     # the leak guard (nftables.py): the cluster's pod CIDRs (and the mesh's), and, with
-    # masquerade, the default gateway no pod packet may reach untranslated
-    # (IPv4 only: an IPv6-only underlay's gateway is IPv6, and its IPv4 pods are never masqueraded)
+    # masquerade, each masqueraded family's gateway no pod packet may reach untranslated: the
+    # IPv4 gateway (an IPv6-only underlay has none: its IPv4 pods are never masqueraded) and
+    # the IPv6 one masquerade resolved (none when IPv6 pods are not translated)
     gw4 = u.gateway if u.gateway is not None and u.gateway.version == 4 else None
-    masq_gw = [str(gw4)] if cfg.masquerade.enabled and gw4 is not None else []
+    gw6 = masq6.gateway if masq6 is not None else None
+    masq_gw = [str(g) for g in (gw4, gw6) if g is not None] if cfg.masquerade.enabled else []
     return (
         sorted(merged.items()),
         [(a, p) for a in sorted(endpoints) for p in ports],
         [str(c) for c in cfg.node.pod_cidrs],
         [str(c) for c in (*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(peer_views))],
         masq_gw,
-        [str(c) for c in cfg.masquerade.non_masquerade_cidrs if c.version == 4],
+        [str(c) for c in cfg.masquerade.non_masquerade_cidrs],
     )
 
 

@@ -193,7 +193,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     ):
         out.append("node.address/node.address6/node.interface")
     if new.api != old.api:
-        out.append("api.socket")
+        out.append("api.socket" if new.api.socket != old.api.socket else "api.keeper")
     if new.metrics != old.metrics:
         out.append("metrics.listen")
     # the datapath binds its UDP sockets once, at start
