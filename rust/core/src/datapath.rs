@@ -150,37 +150,38 @@ pub fn egress(
         seg: &mut seg,
         segs: &mut segs,
     };
-    let mut out = One(None);
+    // Every `Ok` reports exactly one output for a plain packet, which overwrites this.
+    let mut out = One(EgressAction::Drop(DropReason::Unsupported));
     match egress::egress(tables, &link, &mut OneNat(nat), &mut out, p, now) {
-        Ok(()) => out.0.unwrap_or(EgressAction::Drop(DropReason::Unsupported)),
+        Ok(()) => out.0,
         Err(d) => EgressAction::Drop(d.reason),
     }
 }
 
 /// The one output of a plain packet, as an [`EgressAction`].
-struct One(Option<EgressAction>);
+struct One(EgressAction);
 
 impl egress::Sink for One {
     fn tunnel(&mut self, u: egress::TunnelUnit) {
-        self.0 = Some(EgressAction::Tunnel {
+        self.0 = EgressAction::Tunnel {
             range: u.range,
             remote: u.remote,
             src_port: u.src_port,
             tos: u.tos,
             proto: u.proto,
-        });
+        };
     }
 
     fn frame(&mut self, f: egress::Frame) {
-        self.0 = Some(EgressAction::Native {
+        self.0 = EgressAction::Native {
             range: f.range.start + egress::ETH_HLEN..f.range.end,
             next_hop_mac: f.next_hop_mac,
             path: f.path,
-        });
+        };
     }
 
     fn local(&mut self, range: Range<usize>) -> Result<(), DropReason> {
-        self.0 = Some(EgressAction::Local { range });
+        self.0 = EgressAction::Local { range };
         Ok(())
     }
 
