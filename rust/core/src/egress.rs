@@ -187,6 +187,7 @@ pub struct Dropped {
 
 /// Decides and prepares one packet read from the TUN; see the module documentation. Outputs go
 /// to `out`; `Err` is a drop of the whole read.
+#[inline]
 pub fn egress<N: Nat, S: Sink>(
     tables: &Tables,
     link: &Link,
@@ -358,30 +359,30 @@ fn tunnel<S: Sink>(
     // Hash, TOS and label from the parse just done: the inner headers are not read again.
     let hash = encap::flow_hash_parsed(&p.buf[p.start..end], meta);
     let inner_v6 = meta.dst.is_ipv6();
-    let unit = TunnelUnit {
-        buf: Buffer::Packet,
-        range: 0..0,
+    let remote = SocketAddr::new(params.dst, params.dst_port);
+    let tos = encap::outer_tos_for(meta.dscp << 2 | meta.ecn);
+    let flow_label = if v6 { encap::flow_label_of(hash) } else { 0 };
+    // One unit built in place per send (no template copied into each).
+    let unit = |buf, range, segment, pkts, bytes| TunnelUnit {
+        buf,
+        range,
         peer,
         proto: params.proto,
-        remote: SocketAddr::new(params.dst, params.dst_port),
+        remote,
         hash,
         src_port: encap::source_port_of(hash),
-        tos: encap::outer_tos_for(meta.dscp << 2 | meta.ecn),
-        flow_label: if v6 { encap::flow_label_of(hash) } else { 0 },
-        segment: 0,
-        pkts: 1,
-        bytes: 0,
+        tos,
+        flow_label,
+        segment,
+        pkts,
+        bytes,
     };
     if !p.hdr.is_gso() {
         finish_csum(&mut p.buf[p.start..end], &p.hdr)?;
         // Only a missing headroom (a bug in the caller) can fail; counted rather than hidden.
         let range = encap::encap_payload_parsed(p.buf, p.start, p.len, inner_v6, params)
             .map_err(|_| DropReason::Unsupported)?;
-        out.tunnel(TunnelUnit {
-            range,
-            bytes: p.len as u64,
-            ..unit
-        });
+        out.tunnel(unit(Buffer::Packet, range, 0, 1, p.len as u64));
         return Ok(());
     }
     let ovh = params.payload_overhead();
@@ -399,14 +400,16 @@ fn tunnel<S: Sink>(
         .max(1);
     for train in p.segs.chunks(per_train) {
         let (first, last) = (&train[0], &train[train.len() - 1]);
-        out.tunnel(TunnelUnit {
-            buf: Buffer::Segments,
-            range: first.start - ovh..last.end,
-            segment: if train.len() > 1 { unit_len as u16 } else { 0 },
-            pkts: train.len() as u64,
-            bytes: train.iter().map(|r| r.len() as u64).sum(),
-            ..unit.clone()
-        });
+        let segment = if train.len() > 1 { unit_len as u16 } else { 0 };
+        let bytes = train.iter().map(|r| r.len() as u64).sum();
+        let range = first.start - ovh..last.end;
+        out.tunnel(unit(
+            Buffer::Segments,
+            range,
+            segment,
+            train.len() as u64,
+            bytes,
+        ));
     }
     Ok(())
 }
