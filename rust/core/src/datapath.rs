@@ -118,8 +118,8 @@ pub fn classify_packet(tables: &Tables, pkt: &[u8]) -> Result<(IpMeta, Verdict),
 }
 
 /// Decides and prepares one plain packet from a local pod: [`egress::egress`], the entry point
-/// the I/O engine runs, for a caller that sends one packet at a time (the bindings, the criterion
-/// benches, tests). `buf[start..start + len]` is the IP packet (link padding after its total length
+/// the I/O engine runs, for a caller that handles one packet at a time (the criterion benches,
+/// tests). `buf[start..start + len]` is the IP packet (link padding after its total length
 /// is ignored); for tunnels, the headers are written into `buf[start - overhead..start]`, for
 /// native and masqueraded packets an Ethernet header into `buf[start - 14..start]`. The packet
 /// carries no offload metadata; a native frame is a plain Ethernet frame. `nat` is required for
