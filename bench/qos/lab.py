@@ -77,7 +77,7 @@ class Lab:
 
 
 def iperf_server(host: Host, port: int) -> subprocess.Popen[bytes]:
-    proc = host.popen(["iperf3", "-s", "-1", "-p", str(port), "-J", *BULK_AFFINITY], stdout=subprocess.PIPE,
+    proc = host.popen(["iperf3", "-s", "-1", "-p", str(port), "-J"], stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -112,13 +112,37 @@ def receiver_bps(server: subprocess.Popen[bytes], timeout: float) -> float:
     return sum(s["bytes"] for s in steady) * 8 / sum(s["seconds"] for s in steady)
 
 
+def kernel_rx_bytes(host: Host, port: int) -> int:
+    """TCP payload bytes the host's kernel has received in order on the connections to its local
+    `port` (`tcpi_bytes_received`, by `ss -ti`): what arrived, when it arrived, however late the
+    receiving process reads it."""
+    out = host.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"], check=False)
+    return sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out))
+
+
 def measure(sender: Host, receiver: Host, dst: str, seconds: int = 5, port: int = 5201) -> float:
-    """Goodput in bit/s of one TCP flow sender -> receiver, measured on the receiver."""
+    """Goodput in bit/s of one TCP flow sender -> receiver, measured by the receiving kernel over the
+    flow's steady part (from 1.5 s after iperf3's omitted first second to 0.5 s before the end).
+
+    Not iperf3's own receiver figure: that counts what the receiving process read per interval, and
+    on a loaded machine a receiver short of CPU reads late what its socket buffer held during the
+    omitted second, inflating the counted intervals (+6.46 % at a 10M limit in one CI run, where the
+    kernel's count was within 0.5 %; docs/qos.md, "The +6.46 % case"). iperf3's figure is the
+    fallback when the window is too short to sample."""
     server = iperf_server(receiver, port)
+    started = time.monotonic()
     client = iperf_client(sender, dst, port, seconds)
+    window: list[tuple[int, float]] = []
     try:
+        if seconds >= 3:
+            for at in (2.5, 1.0 + seconds - 0.5):  # seconds since the client started (omit 1 s included)
+                time.sleep(max(0.0, started + at - time.monotonic()))
+                window.append((kernel_rx_bytes(receiver, port), time.monotonic()))
         client.communicate(timeout=seconds + 20)
-        return receiver_bps(server, timeout=seconds + 20)
+        bps = receiver_bps(server, timeout=seconds + 20)
+        if len(window) == 2 and window[1][0] > window[0][0]:
+            return (window[1][0] - window[0][0]) * 8 / (window[1][1] - window[0][1])
+        return bps
     finally:
         for p in (client, server):
             if p.poll() is None:
@@ -137,6 +161,7 @@ def measure_flow(
     client = iperf_client(sender, dst, port, seconds)
     try:
         out, _err = client.communicate(timeout=seconds + 20)
+        ended_at = time.monotonic()
         bps = receiver_bps(server, timeout=seconds + 20)
     finally:
         for p in (client, server):
@@ -152,6 +177,7 @@ def measure_flow(
         "retransmits": float(sent.get("retransmits", 0)),
         "flow_rtt_ms": rtt_us / 1000,
         "ce_packets": float(ce_packets(receiver) - ce_before),
+        "ended_at": ended_at,  # time.monotonic() when the sending iperf3 exited
     }
 
 
@@ -190,10 +216,13 @@ RR_BYTES = 64
 # equivalent here.
 #
 # On a machine with more than one CPU the probe also gets a CPU of its own, as the static CPU manager
-# policy would give it: the probe's two processes run on the last CPU and both iperf3 ends of the
-# saturating flow on CPU 0 (`iperf3 -A 0`). Without this the probe's wake-up still waited behind the
-# bulk flow's softirq work on a shared CPU (up to net.core.netdev_budget_usecs, 2 ms, per round): run 5
-# measured `rr` p99 2.21 ms at 100M egress of which the network part was 0.47 ms.
+# policy would give it: the probe's two processes run on the last CPU and the bulk flow's sender (the
+# iperf3 client, in both directions) on CPU 0 (`iperf3 -A 0`), so the flow's transmit and softirq work
+# (a veth delivers on the sending CPU) stay off the probe's CPU. Without this the probe's wake-up
+# waited behind that softirq work (up to net.core.netdev_budget_usecs, 2 ms, per round): run 5
+# measured `rr` p99 2.21 ms at 100M egress of which the network part was 0.47 ms. The receiving
+# iperf3 is left free: pinned beside its sender, one CPU could no longer carry 1 Gbit/s (run 6 read
+# -3.08 % at 1G egress, the reference -2.76 %).
 RR_PRIORITY = 10
 _CPUS = os.cpu_count() or 1
 RR_CPU = _CPUS - 1
@@ -243,6 +272,9 @@ c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 c.settimeout(5)
 c.connect((dst, port))
 out = []
+# paced by the clock, not by sleeping `interval` after each round: the rounds' own time (~5 ms each
+# with the wake-ups) would stretch 1150 rounds of 50 ms to 64 s, past the end of the load
+start = time.monotonic()
 # one untimed round trip first: the first exchange of a connection came without a receive
 # timestamp in our runs (the kernel enables timestamping when the first socket asks for it)
 for i in range(count + 1):
@@ -266,7 +298,7 @@ for i in range(count + 1):
         continue
     # total, the server's turnaround, the client's wake-up (ms); -1 where no timestamp came
     out.append([(t1 - t0) / 1e6, turn / 1e6 if turn >= 0 else -1, (t1 - rx) / 1e6 if rx else -1])
-    time.sleep(interval)
+    time.sleep(max(0.0, start + (i + 1) * interval - time.monotonic()))
 print(json.dumps(out))
 """.replace("@TS@", str(_SO_TIMESTAMPNS)).replace("@N@", str(RR_BYTES))
 

@@ -115,15 +115,19 @@ class Datapath:
     def __new__(cls, config: dict[str, Any]) -> Datapath: ...
     @staticmethod
     def adopt(config: dict[str, Any], fds: dict[str, Any]) -> Datapath:
-        """A datapath on fds a running predecessor passed (docs/handover.md): fds is
-        {"tun": [fd per worker], "rx": [[fd, ...] per worker], "masq": fd | None}; duplicated
-        (close your own), each checked against config (OSError on a mismatch)."""
+        """A datapath on fds a running predecessor or the fd keeper passed (docs/handover.md): fds
+        is {"tun": [fd per worker], "rx": [[fd, ...] per worker], "masq": fd | None, "masq6":
+        fd | None}; duplicated (close your own), each checked against config (OSError on a
+        mismatch)."""
     def quiesce(self) -> None:
         """Stop the workers at a batch boundary, keeping every fd open (handover, old side)."""
     def resume(self) -> None:
         """Restart the workers quiesce() stopped, on the same fds."""
     def handover_fds(self) -> dict[str, Any]:
         """While quiesced: the fds to pass, shaped like adopt()'s fds (still the datapath's)."""
+    def keeper_fds(self) -> dict[str, Any]:
+        """Copies of the fds packets arrive on, made by the last start(), shaped like adopt()'s
+        fds, for the fd keeper; the caller owns (closes) them. Empty after the first call."""
     @property
     def tun_name(self) -> str: ...
     @property

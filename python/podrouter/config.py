@@ -235,6 +235,8 @@ class PodConfig:
 @dataclass(frozen=True)
 class ApiConfig:
     socket: str = DEFAULT_SOCKET
+    # the fd keeper (docs/handover.md): holds the datapath's fds while no daemon runs
+    keeper: bool = True
 
 
 @dataclass(frozen=True)
@@ -1098,7 +1100,7 @@ class _Validator:
         return self._list("pods", value, self.pod)
 
     def api(self, value: Any) -> ApiConfig | None:
-        m = self.mapping("api", value, ("socket",))
+        m = self.mapping("api", value, ("socket", "keeper"))
         if m is None:
             return None
         sock = m.get("socket", DEFAULT_SOCKET)
@@ -1106,7 +1108,10 @@ class _Validator:
         if not isinstance(sock, str) or not sock.startswith("/") or len(sock.encode()) > 107 or "\0" in sock:
             self.bad("api.socket", f"{_q(sock)} is not an absolute path of at most 107 bytes")
             return None
-        return ApiConfig(socket=sock)
+        keeper = self.boolean("api.keeper", m.get("keeper", True))
+        if keeper is None:
+            return None
+        return ApiConfig(socket=sock, keeper=keeper)
 
     def metrics(self, value: Any) -> MetricsConfig | None:
         m = self.mapping("metrics", value, ("listen",))

@@ -722,9 +722,13 @@ class Daemon:
                 for pod, cni in lifecycle.recorded_api_pods(recorded, cfg):
                     self._pod_install(pod, "api", raise_errors=False, cni=cni)
             # the guards go in before the first route (and, when adopting, with the pods already in
-            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced)
+            # their sets, so no pod's packet is taken for a spoofed one while the table is replaced);
+            # the peers are listed first (without waiting for MACs), so the guard's first sets hold
+            # their tunnel endpoints and the first reconcile has no set to update (one transaction)
+            self._refresh_peers(wait=False)
             self._install_pod_guard()
-            self._refresh_peers(wait=True)
+            if not self.watcher.resolved():
+                self._refresh_peers(wait=True)
             self._reconcile_locked("start")
         if self._pending is not None:
             # the old daemon closes its API socket and metrics port once we run: wait for that
@@ -761,6 +765,34 @@ class Daemon:
         for err in self.route_errors:
             log.warning("%s", err)
         self._start_metrics()
+        self._keeper_replace()
+
+    # ------------------------------------------------------------------ the fd keeper (keeper.py)
+
+    def _keeper_take(self, native: Any) -> Any:
+        """At start: a Datapath on the fds the keeper held while no daemon ran, or None."""
+        from podrouter import keeper
+
+        return keeper.take(self.cfg, self._datapath_config(), native, log)
+
+    def _keeper_replace(self) -> None:
+        """Once ready: the previous keeper lets go; with api.keeper a new one holds our fds."""
+        from podrouter import keeper
+
+        try:
+            if self.cfg.api.keeper:
+                keeper.replace(self.cfg, self.datapath, self._datapath_config(), log)
+            else:
+                keeper.drop(keeper.socket_path(self.cfg))
+        except Exception:  # noqa: BLE001 - the daemon runs on without a keeper
+            log.exception("fd keeper")
+
+    def _keeper_stop(self) -> None:
+        """The full removal: nothing may keep the TUN's queues attached."""
+        from podrouter import keeper
+
+        for line in keeper.stop(self.cfg):
+            log.info("%s", line)
 
     def _start_metrics(self) -> None:
         """Serve /metrics on the socket taken before ready: importing prometheus_client and
@@ -810,6 +842,9 @@ class Daemon:
             # the old daemon's datapath, taken over at the first tables (reconcile)
             self._pending = handover.Pending(self, native)
             return self._pending
+        kept = self._keeper_take(native)
+        if kept is not None:
+            return kept
         try:
             return native.Datapath(self._datapath_config())
         except OSError as e:
@@ -918,17 +953,19 @@ class Daemon:
         }
         cfg, u = self.cfg, self.underlay
         # the leak guard (nftables.py): the cluster's pod CIDRs (and the mesh's), and, with
-        # masquerade, the default gateway no pod packet may reach untranslated
-        # (IPv4 only: an IPv6-only underlay's gateway is IPv6, and its IPv4 pods are never masqueraded)
+        # masquerade, each masqueraded family's gateway no pod packet may reach untranslated: the
+        # IPv4 gateway (an IPv6-only underlay has none: its IPv4 pods are never masqueraded) and
+        # the IPv6 one masquerade resolved (none when IPv6 pods are not translated)
         gw4 = u.gateway if u.gateway is not None and u.gateway.version == 4 else None
-        masq_gw = [str(gw4)] if cfg.masquerade.enabled and gw4 is not None else []
+        gw6 = self.masq6.gateway if self.masq6 is not None else None
+        masq_gw = [str(g) for g in (gw4, gw6) if g is not None] if cfg.masquerade.enabled else []
         return (
             sorted(merged.items()),
             [(a, p) for a in sorted(endpoints) for p in ports],
             [str(c) for c in cfg.node.pod_cidrs],
             [str(c) for c in (*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(self.peer_views))],
             masq_gw,
-            [str(c) for c in cfg.masquerade.non_masquerade_cidrs if c.version == 4],
+            [str(c) for c in cfg.masquerade.non_masquerade_cidrs],
         )
 
     def _install_pod_guard(self) -> None:
@@ -1147,6 +1184,7 @@ class Daemon:
         if self.datapath is not None:
             _go_on("closing the datapath", self.datapath.close)
             self.datapath = None
+        _go_on("stopping the fd keeper", self._keeper_stop)
         if self.ipr is not None:
             # persistent: the TUN outlives the fd
             _go_on(f"deleting {TUN_NAME}", lifecycle.remove_tun, self.ipr, TUN_NAME)
@@ -1429,7 +1467,7 @@ class Daemon:
         ):
             out.append("node.address/node.address6/node.interface")
         if new.api != old.api:
-            out.append("api.socket")
+            out.append("api.socket" if new.api.socket != old.api.socket else "api.keeper")
         if new.metrics != old.metrics:
             out.append("metrics.listen")
         # the datapath binds its UDP sockets once, at start
@@ -1919,8 +1957,10 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
             EXIT_FAILURE,
         )
     done: list[str] = []
-    from podrouter import nftables
+    from podrouter import keeper, nftables
 
+    # first: the fd keeper lets go of the TUN queues and sockets (else the TUN stays attached)
+    done.extend(keeper.stop(cfg))
     # the guard tables have fixed names, so they are found even without a state file
     for fam in nftables.FAMILIES:
         try:

@@ -5,16 +5,18 @@
 stand-in datapath (`Pending`), and only at the point where it would start its workers asks the old
 daemon, over the API socket, for the datapath's fds:
 
-1. client -> old: `{"op": "handover", "version": 1, "expect": {...}}`, `expect` being the parts of
-   the successor's datapath config the fds must fit (`CHECK_KEYS`, the node name). A successor first
-   sends the same with `"check": true` at preflight, so a mismatching config is refused (exit 2)
-   before it changes anything.
+1. client -> old: `{"op": "handover", "version": 1, "expect": {...}, "accept": ["masq6"]}`,
+   `expect` being the parts of the successor's datapath config the fds must fit (`CHECK_KEYS`, the
+   node name), `accept` the optional fd roles it understands (`OPTIONAL_ROLES`; an older successor
+   sends none and opens those sockets itself). A successor first sends the same with
+   `"check": true` at preflight, so a mismatching config is refused (exit 2) before it changes
+   anything.
 2. old: compares, stops its workers at a batch boundary (`Datapath.quiesce`: each finishes the batch
    in hand; the NAT snapshot file is written a last time, exact), and sends one JSON line
-   `{"ok": true, "version": 1, "tun": [i, ...], "rx": [[i, ...], ...], "masq": i | null}` whose
-   numbers index the fds passed with it (SCM_RIGHTS): the TUN queues, each worker's tunnel receive
-   sockets and the masquerade reply socket. They stay open in both processes, so what arrives
-   meanwhile waits in the TUN queues and socket buffers.
+   `{"ok": true, "version": 1, "tun": [i, ...], "rx": [[i, ...], ...], "masq": i | null,
+   "masq6": i | null}` whose numbers index the fds passed with it (SCM_RIGHTS): the TUN queues,
+   each worker's tunnel receive sockets and the masquerade reply sockets (IPv4, IPv6). They stay
+   open in both processes, so what arrives meanwhile waits in the TUN queues and socket buffers.
 3. client: checks the line and every fd (`Datapath.adopt`: fstat, SO_DOMAIN / SO_TYPE / SO_PROTOCOL,
    bound address, TUNGETIFF name and flags), restores NAT from the snapshot the old daemon just
    wrote, starts its workers and answers `{"ok": true}`; on any problem `{"ok": false, "error": ..}`
@@ -59,6 +61,8 @@ CHECK_KEYS = (
     "underlay_address6",
     "underlay_ifindex",
 )
+# fd roles a manifest carries only when the receiver says it understands them
+OPTIONAL_ROLES = ("masq6",)
 
 
 class HandoverError(Exception):
@@ -155,12 +159,12 @@ class Server:
                 return
             self._busy = True
         try:
-            self._hand_over(conn, pid)
+            self._hand_over(conn, pid, req)
         finally:
             with self._lock:
                 self._busy = False
 
-    def _hand_over(self, conn: socket.socket, pid: int) -> None:
+    def _hand_over(self, conn: socket.socket, pid: int, req: dict[str, Any]) -> None:
         d = self.d
         dp = d.datapath
         with d.lock:  # no table swap or reconcile while the workers stop
@@ -182,6 +186,7 @@ class Server:
                 flat.append(fd)
                 return len(flat) - 1
 
+            accept = req.get("accept")
             manifest = {
                 "ok": True,
                 "version": VERSION,
@@ -190,6 +195,8 @@ class Server:
                 "rx": [[index(fd) for fd in w] for w in fds["rx"]],
                 "masq": None if fds["masq"] is None else index(fds["masq"]),
             }
+            if isinstance(accept, list) and "masq6" in accept:
+                manifest["masq6"] = None if fds.get("masq6") is None else index(fds["masq6"])
             line = json.dumps(manifest, separators=(",", ":")).encode() + b"\n"
             socket.send_fds(conn, [line], flat)
             conn.settimeout(TIMEOUT)
@@ -267,6 +274,14 @@ def _index_list(v: Any, n: int, used: set[int], key: str) -> list[int]:
     return out
 
 
+def describe(passed: dict[str, Any]) -> str:
+    """The roles in an `adopt` fds dict, for the logs: `1 TUN queue(s), 2 tunnel socket(s), masq`."""
+    rx = sum(len(w) for w in passed["rx"])
+    parts = [f"{len(passed['tun'])} TUN queue(s)", f"{rx} tunnel socket(s)"]
+    parts += [k for k in ("masq", "masq6") if passed.get(k) is not None]
+    return ", ".join(parts)
+
+
 def parse_manifest(obj: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     """The `adopt` fds dict from the old daemon's (untrusted) line and the fds that came with it:
     every index names a received fd, each exactly once, and every received fd is named."""
@@ -282,12 +297,15 @@ def parse_manifest(obj: dict[str, Any], fds: list[int]) -> dict[str, Any]:
     rx = [_index_list(w, n, used, "rx") for w in rx_raw]
     masq_raw = obj.get("masq")
     masq = None if masq_raw is None else _index_list([masq_raw], n, used, "masq")[0]
+    masq6_raw = obj.get("masq6")  # absent from an older sender: this daemon opens its own
+    masq6 = None if masq6_raw is None else _index_list([masq6_raw], n, used, "masq6")[0]
     if len(used) != n:
         raise HandoverError(f"{n} fds received, the manifest names {len(used)}")
     return {
         "tun": [fds[i] for i in tun],
         "rx": [[fds[i] for i in w] for w in rx],
         "masq": None if masq is None else fds[masq],
+        "masq6": None if masq6 is None else fds[masq6],
     }
 
 
@@ -309,12 +327,13 @@ def take_over(
         _, uid = _peer_uid(conn)
         if uid != os.geteuid():
             raise HandoverError(f"the daemon on {path} runs as uid {uid}, not ours")
-        _send(conn, {"op": "handover", "version": VERSION, "expect": expect})
+        _send(conn, {"op": "handover", "version": VERSION, "expect": expect, "accept": list(OPTIONAL_ROLES)})
         msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_LINE, MAX_FDS)
         if not msg:
             raise HandoverError("the running daemon closed the connection")
         try:
             passed = parse_manifest(_read_line(conn, msg), fds)
+            log.info("handover: received %s", describe(passed))
             dp = native.Datapath.adopt(dp_config, passed)
             dp.set_nat_snapshot(nat_snapshot)
             dp.start(tables)

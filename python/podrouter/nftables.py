@@ -45,7 +45,6 @@ Product code never runs `nft`: commands go to libnftables (`libnftables.so.1`, s
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import ipaddress
 import json
 import threading
@@ -58,6 +57,7 @@ FAMILY6 = "ip6"
 FAMILIES = (FAMILY, FAMILY6)
 PRIORITY_RAW = -300  # NF_IP_PRI_RAW
 NFT_CTX_OUTPUT_JSON = 1 << 4  # enum nft_ctx_output_flags (libnftables.h)
+LIBNFTABLES = "libnftables.so.1"  # its soname (package libnftables1: Debian 11 to 13, Ubuntu 22.04+)
 
 _lock = threading.Lock()
 _lib: Any = None
@@ -74,12 +74,22 @@ def _load() -> Any:
     with _lock:
         if _lib is not None or _lib_error is not None:
             return _lib
-        name = ctypes.util.find_library("nftables") or "libnftables.so.1"
+        # the soname first: the dynamic loader finds it at once, while find_library runs
+        # `ldconfig -p` (a fork and exec on the start's path, docs/benchmarks.md "Start-up time");
+        # find_library only when that soname is missing (another ABI version)
         try:
-            lib = ctypes.CDLL(name, use_errno=True)
-        except OSError as e:
-            _lib_error = f"libnftables is not available ({e}); install the nftables package"
-            return None
+            lib = ctypes.CDLL(LIBNFTABLES, use_errno=True)
+        except OSError as first:
+            from ctypes.util import find_library
+
+            name = find_library("nftables")
+            try:
+                if name is None:
+                    raise first
+                lib = ctypes.CDLL(name, use_errno=True)
+            except OSError as e:
+                _lib_error = f"libnftables is not available ({e}); install the nftables package"
+                return None
         vp = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
         lib.nft_ctx_new.restype = vp
@@ -285,7 +295,9 @@ def guard_counters(family: str = FAMILY) -> dict[str, int]:
 #       set cluster_cidrs4 { type ipv4_addr; flags interval; }    # cluster (+ clustermesh) pod CIDRs
 #       set cluster_cidrs6 { type ipv6_addr; flags interval; }
 #       set masq_gateways4 { type ipv4_addr; }   # the underlay gateway, when masquerade is enabled
+#       set masq_gateways6 { type ipv6_addr; }   # the IPv6 gateway, when IPv6 pods are masqueraded
 #       set non_masq4 { type ipv4_addr; flags interval; }        # masquerade.non_masquerade_cidrs
+#       set non_masq6 { type ipv6_addr; flags interval; }
 #       counter pod_unrouted {}
 #       chain pod_unrouted {
 #         type filter hook forward priority filter; policy accept;
@@ -295,6 +307,8 @@ def guard_counters(family: str = FAMILY) -> dict[str, int]:
 #         ip6 saddr @node_cidrs6 ip6 daddr @cluster_cidrs6 counter name pod_unrouted drop
 #         ip saddr @node_cidrs4 ip daddr != @non_masq4 rt ip nexthop @masq_gateways4
 #             counter name pod_unrouted drop
+#         ip6 saddr @node_cidrs6 ip6 daddr != @non_masq6 rt ip6 nexthop @masq_gateways6
+#             counter name pod_unrouted drop
 #       }
 #     }
 #
@@ -302,11 +316,16 @@ def guard_counters(family: str = FAMILY) -> dict[str, int]:
 # the cluster itself (podrouter routes every one into the TUN; the datapath encapsulates or sends
 # native by AF_PACKET, whose transmits bypass the forward hook), and with masquerade enabled never
 # sends one to the default gateway (the masquerade steering puts every pod packet that would take
-# the default route into the TUN). Such a packet only appears when podrouter's routes are missing (no
-# daemon ran yet, a TUN that vanished, a route removed behind its back): it would leave untranslated
-# or unencapsulated by the node's default route. Pod traffic the kernel forwards by design is not
-# touched: to on-link hosts of the underlay, to more specific routes of the node, and to the outside
-# when masquerade is disabled (pod addresses routable outside). The chain is left in place when the
+# the default route into the TUN). Such a packet only appears when podrouter's routes are missing
+# (no daemon ran yet, a TUN that vanished, a route removed behind its back): it would leave
+# untranslated or unencapsulated by the node's default route. The gateway rule exists per family:
+# IPv4 with the underlay's IPv4 gateway, IPv6 with the IPv6 gateway masquerade resolved
+# (`masquerade.address6`; a link-local gateway is kept as it is, since that is what `rt ip6 nexthop`
+# reads from the route); `masquerade.non_masquerade_cidrs` of each family stay allowed. Pod traffic
+# the kernel forwards by design is not touched: to on-link hosts of the underlay, to more specific
+# routes of the node, to the outside when masquerade is disabled (pod addresses routable outside),
+# and IPv6 to the outside when IPv6 pods are not translated (`masquerade.address6: none`, or no
+# global IPv6 address: the IPv6 gateway set stays empty). The chain is left in place when the
 # daemon stops (docs/operations.md), so a restart never leaks either.
 #
 # The first two rules cover interfaces that are no (longer a) registered pod's: a source inside this
@@ -336,9 +355,18 @@ _POD_SETS = {
     "cluster_cidrs4": "ipv4_addr",
     "cluster_cidrs6": "ipv6_addr",
     "masq_gateways4": "ipv4_addr",
+    "masq_gateways6": "ipv6_addr",
     "non_masq4": "ipv4_addr",
+    "non_masq6": "ipv6_addr",
 }
-_INTERVAL_SETS = ("node_cidrs4", "node_cidrs6", "cluster_cidrs4", "cluster_cidrs6", "non_masq4")
+_INTERVAL_SETS = (
+    "node_cidrs4",
+    "node_cidrs6",
+    "cluster_cidrs4",
+    "cluster_cidrs6",
+    "non_masq4",
+    "non_masq6",
+)
 
 
 def _pod_table() -> dict[str, str]:
@@ -393,8 +421,9 @@ def pod_guard_elements(
     """The commands that make the guard's sets hold exactly `pods` ((host interface, addresses)
     pairs), `endpoints` ((IPv4 or IPv6 address, UDP port) of every tunnel socket pods must not reach),
     `node_cidrs` (this node's pod CIDRs) and, for the leak guard, `cluster_cidrs` (every pod CIDR of
-    the cluster and the mesh), `masq_gateways` (the underlay gateway when masquerade is enabled, else
-    empty) and `non_masq` (masquerade.non_masquerade_cidrs, IPv4)."""
+    the cluster and the mesh), `masq_gateways` (the gateway of each masqueraded family: the underlay's
+    IPv4 gateway when masquerade is enabled, the IPv6 gateway when IPv6 pods are masqueraded; else
+    empty) and `non_masq` (masquerade.non_masquerade_cidrs, both families)."""
     ifaces: set[str] = set()
     src4: set[tuple[str, str]] = set()
     src6: set[tuple[str, str]] = set()
@@ -410,8 +439,8 @@ def pod_guard_elements(
             raise ValueError(f"bad port {port}")
     nets = [ipaddress.ip_network(c) for c in node_cidrs]
     cluster = _collapse(cluster_cidrs)
-    gateways = sorted({str(ipaddress.IPv4Address(g)) for g in masq_gateways})
-    nonmasq = [n for n in _collapse(non_masq) if n.version == 4]
+    gateways = [ipaddress.ip_address(g) for g in masq_gateways]
+    nonmasq = _collapse(non_masq)
 
     def prefixes(version: int, among: list[Any] | None = None) -> list[Any]:
         return [
@@ -429,8 +458,10 @@ def pod_guard_elements(
         "node_cidrs6": prefixes(6),
         "cluster_cidrs4": prefixes(4, cluster),
         "cluster_cidrs6": prefixes(6, cluster),
-        "masq_gateways4": gateways,
+        "masq_gateways4": sorted({str(g) for g in gateways if g.version == 4}),
+        "masq_gateways6": sorted({str(g) for g in gateways if g.version == 6}),
         "non_masq4": prefixes(4, nonmasq),
+        "non_masq6": prefixes(6, nonmasq),
     }
     cmds: list[dict[str, Any]] = []
     for name, items in elems.items():
@@ -589,6 +620,15 @@ def pod_guard_commands(
             _match(_payload("ip", "saddr"), "@node_cidrs4"),
             _match(_payload("ip", "daddr"), "@non_masq4", "!="),
             _match({"rt": {"key": "nexthop", "family": "ip"}}, "@masq_gateways4"),
+            {"counter": LEAK_COUNTER},
+            {"drop": None},
+            chain=LEAK_CHAIN,
+        ),
+        _pod_rule(
+            "a pod's IPv6 packet to the IPv6 gateway untranslated (podrouter's steering is missing)",
+            _match(ip6_saddr, "@node_cidrs6"),
+            _match(ip6_daddr, "@non_masq6", "!="),
+            _match({"rt": {"key": "nexthop", "family": "ip6"}}, "@masq_gateways6"),
             {"counter": LEAK_COUNTER},
             {"drop": None},
             chain=LEAK_CHAIN,

@@ -1,9 +1,15 @@
 """The daemon's record of what it installed, so that `podrouter cleanup` can undo a killed daemon.
 
 One JSON file per node (`Config.state_path`, next to the API socket), rewritten atomically
-(write to a temporary file, fsync, rename) after every change, so a crash at any point leaves either
-the old or the new record, never half of one. It records the network namespace it was written in:
-cleanup refuses to act on a record from another namespace.
+(write to a temporary file, rename) with every change, so a crash of the daemon at any point
+leaves either the old or the new record, never half of one. No fsync: like the NAT snapshot, the
+record has to outlive the process, not the machine. Everything it describes (routes, rules,
+sysctls, the TUN, nftables tables, tc) lives in the kernel and is gone after a reboot, and the page
+cache survives a killed process; an fsync per change cost 1-2 ms or more on a busy disk, a dozen
+times in a start from scratch (docs/benchmarks.md, "Start-up time"). A record
+torn by a power loss is refused at the next start (not JSON) and set aside, with nothing to undo.
+It records the network namespace it was written in: cleanup refuses to act on a record from
+another namespace.
 
 The file is read back by `podrouter cleanup` and by a daemon starting after a crash, and both act on
 it as root, so it is treated as untrusted input: `load` refuses (ValueError naming the file and the
@@ -219,9 +225,7 @@ def save(path: Path, state: State) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(state.to_json())
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(state.to_json())  # no fsync (module doc): closed, then renamed into place
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -11,7 +11,8 @@ so the last test can reach the cap): TCP (a line server that reports the peer it
 reaching the pod's socket, a capture on R's external link read by tshark (only the node's IPv6
 address, never a pod address), IPv4 on each underlay (translated on the dual stack, dropped on
 IPv6-only), an IPv6 connection kept across a daemon restart (NAT snapshot), the per-pod limit,
-and the `ip6 podrouter` guard removed by `podrouter cleanup`.
+the leak guard's IPv6 gateway rule dropping pod packets once the daemon and its routes are gone,
+and the `ip6 podrouter` guard and the leak guard removed by `podrouter cleanup`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 from helpers import DaemonHandle, Daemons, python_in, ref_config, short_dir
+from test_handover import handover
 from test_paths import iperf
 
 from nettopo import Host, ReferenceTopology, Topology, capture, reference_topology
@@ -362,7 +364,9 @@ def test_ipv4_pods_on_each_underlay(lab: Lab) -> None:
 
 def test_an_ipv6_connection_survives_a_daemon_restart(lab: Lab, tmp_path: Path) -> None:
     """The NAT snapshot holds the IPv6 table too: SIGTERM and `podrouter run` again (1.5 s after the
-    last packet, so the periodic snapshot has the mapping), and the connection still echoes."""
+    last packet, so the periodic snapshot has the mapping), and the connection still echoes. The
+    successor adopts the IPv6 masquerade reply socket from the fd keeper, and a handover after it
+    passes that socket on (docs/handover.md, "What is passed")."""
     go = tmp_path / "go"
     code = f"DST, PORT, GO = {EXT6!r}, {PORT}, {str(go)!r}\n" + HOLD_CLIENT
     proc = lab.ref.pods["pod1"].host.popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
@@ -374,9 +378,16 @@ def test_an_ipv6_connection_survives_a_daemon_restart(lab: Lab, tmp_path: Path) 
         code_, logs = lab.daemon.stop(cleanup=False)
         assert code_ == 0, logs[-3000:]
         lab.daemon = lab.daemons.start(lab.ref.nodes["node1"], lab.cfg)
+        # the successor adopted the IPv6 masquerade reply socket the fd keeper held (replies that
+        # came meanwhile were queued on it, not lost)
+        took = [ln for ln in lab.daemon.logs().splitlines() if "from the fd keeper" in ln]
+        assert took and "masq6" in took[0], lab.daemon.logs()[-3000:]
         st = lab.daemon.counters()["nat_snapshot"]
         assert st["load_error"] is None and st["loaded"]["rejected"] == 0, st
         assert st["loaded"]["restored"] >= 1, st
+        lab.daemon = handover(lab.daemons, lab.daemon, lab.cfg)
+        received = [ln for ln in lab.daemon.logs().splitlines() if "handover: received" in ln]
+        assert received and "masq6" in received[0], lab.daemon.logs()[-3000:]
         go.touch()
         out, _ = proc.communicate(timeout=30)
         assert json.loads(out or b"{}").get("echo") == "after", (out, lab.daemon.logs()[-3000:])
@@ -395,7 +406,12 @@ def test_the_per_pod_limit_holds_for_ipv6(lab: Lab) -> None:
     assert c["nat_entries"] <= PER_POD + 8, c["nat_entries"]  # the pod's 64, IPv4 flows of earlier tests
 
 
-def test_the_ip6_guard_is_installed_and_cleanup_removes_it(lab: Lab) -> None:
+def test_the_ip6_guards_are_installed_and_cleanup_removes_them(lab: Lab) -> None:
+    """The reply guard `table ip6 podrouter`, and the leak guard's IPv6 gateway rule in
+    `inet podrouter_pods`: with the daemon stopped (SIGTERM, the guard stays) and its TUN gone (so
+    the masquerade steering's routes are gone too), pod1's IPv6 packets for the outside follow
+    node1's IPv6 default route; `rt ip6 nexthop @masq_gateways6` drops them, counted `pod_unrouted`,
+    and no pod-sourced packet reaches the wire. `podrouter cleanup` then removes every table."""
     node = lab.ref.nodes["node1"]
     r = node.try_run(["nft", "list", "table", "ip6", "podrouter"])
     assert r.returncode == 0 and f"ip6 daddr {NODE6}" in r.stdout, r.stdout + r.stderr
@@ -405,6 +421,29 @@ def test_the_ip6_guard_is_installed_and_cleanup_removes_it(lab: Lab) -> None:
     assert (v4.returncode == 0) == (lab.kind == "dual"), v4.stdout  # no IPv4 masquerade on IPv6 only
     st = lab.daemon.status()
     assert st["masquerade_address6"] == NODE6, st.get("masquerade_address6")
-    lab.daemon.stop()
-    for fam in ("ip", "ip6"):
-        assert node.try_run(["nft", "list", "table", fam, "podrouter"]).returncode != 0, fam
+    pods = node.run(["nft", "list", "table", "inet", "podrouter_pods"])
+    assert "rt ip6 nexthop @masq_gateways6" in pods, pods
+    assert re.search(r"set masq_gateways6 \{[^}]*elements = \{ 2001:db8:2::1 \}", pods), pods
+    # the IPv4 gateway only where IPv4 pods are masqueraded (dual stack)
+    gw4 = re.search(r"set masq_gateways4 \{[^}]*elements = \{ 172\.16\.2\.1 \}", pods)
+    assert (gw4 is not None) == (lab.kind == "dual"), pods
+    code, logs = lab.daemon.stop(cleanup=False)
+    assert code == 0, logs[-3000:]
+    unrouted = _unrouted(node)
+    node.ip("link del podr0")  # every route into it goes with it (the masquerade default route too)
+    with capture(node, "eth0", "src net fd00::/8") as wire:
+        assert not lab.ref.pods["pod1"].host.ping(EXT6, count=3, timeout=1)
+    assert wire == [], wire[:5]
+    assert _unrouted(node) >= unrouted + 3, node.run(["nft", "list", "table", "inet", "podrouter_pods"])
+    r = lab.daemon.cli("cleanup", "--config", str(lab.daemon.config), timeout=30)
+    assert r.returncode == 0, r.stderr + r.stdout
+    for fam, table in (("ip", "podrouter"), ("ip6", "podrouter"), ("inet", "podrouter_pods")):
+        assert node.try_run(["nft", "list", "table", fam, table]).returncode != 0, (fam, table)
+
+
+def _unrouted(node: Host) -> int:
+    """Packets the leak guard dropped (`counter pod_unrouted` of `inet podrouter_pods`)."""
+    out = node.run(["nft", "list", "counter", "inet", "podrouter_pods", "pod_unrouted"])
+    m = re.search(r"packets (\d+)", out)
+    assert m, out
+    return int(m.group(1))

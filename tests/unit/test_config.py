@@ -36,7 +36,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert cfg.discovery.etcd.endpoints == ("http://127.0.0.1:2379",)
     assert cfg.discovery.etcd.prefix == "/podrouter/v1" and cfg.discovery.etcd.lease_ttl == 10
     assert cfg.bandwidth.enabled is True
-    assert cfg.api.socket == "/run/podrouter/podrouter.sock"
+    assert cfg.api.socket == "/run/podrouter/podrouter.sock" and cfg.api.keeper is True
     assert cfg.metrics.listen == ("127.0.0.1", 9965)
     assert cfg.peers == () and cfg.pods == () and cfg.warnings == ()
 
@@ -147,6 +147,7 @@ pods: [{name: p, ip: 'fd00:10:244:1::5', host_interface: veth-p}]
         ("discovery: {etcd: {lease_ttl: 1}}", "discovery.etcd.lease_ttl: 1 is out of range (2..3600)"),
         ("discovery: {etcd: {prefix: podrouter}}", "discovery.etcd.prefix: 'podrouter' is not a key prefix"),
         ("api: {socket: relative.sock}", "api.socket: 'relative.sock' is not an absolute path"),
+        ("api: {keeper: 'no'}", "api.keeper: 'no' is not a boolean"),
         ("metrics: {listen: 9965}", "metrics.listen: 9965 is not host:port"),
         ("metrics: {listen: 'localhost:99999'}", "metrics.listen: 'localhost:99999' is not host:port"),
         ("bandwidth: {enabled: maybe}", "bandwidth.enabled"),

@@ -23,8 +23,11 @@ FDS = [10, 11, 12, 13, 14, 15, 16]
 
 
 def test_a_good_manifest_maps_indexes_to_fds() -> None:
-    assert h.parse_manifest(manifest(), FDS) == {"tun": [10, 11], "rx": [[12, 13], [14, 15]], "masq": 16}
+    want = {"tun": [10, 11], "rx": [[12, 13], [14, 15]], "masq": 16, "masq6": None}
+    assert h.parse_manifest(manifest(), FDS) == want
     assert h.parse_manifest(manifest(masq=None), FDS[:6])["masq"] is None
+    # the IPv6 masquerade reply socket, when the sender passes it (an older sender does not)
+    assert h.parse_manifest(manifest(masq6=7), [*FDS, 17])["masq6"] == 17
 
 
 @pytest.mark.parametrize(
@@ -40,6 +43,7 @@ def test_a_good_manifest_maps_indexes_to_fds() -> None:
         ({"rx": [2, 3]}, FDS, "not a list"),
         ({"rx": {"a": 1}}, FDS, "not a list of lists"),
         ({"masq": "6"}, FDS, "unused fd index"),
+        ({"masq6": 6}, FDS, "unused fd index"),  # the IPv4 one's fd again
         ({}, [*FDS, 17], "8 fds received, the manifest names 7"),  # an fd nobody named
     ],
 )

@@ -156,8 +156,66 @@ def test_pod_guard_update_flushes_every_set_in_one_transaction() -> None:
         "cluster_cidrs4",
         "cluster_cidrs6",
         "masq_gateways4",
+        "masq_gateways6",
         "non_masq4",
+        "non_masq6",
     ]
+
+
+def test_leak_guard_ipv6_gateway_rule_and_sets() -> None:
+    """The IPv6 twin of the masquerade gateway rule: a pod's IPv6 packet (source in this node's
+    IPv6 pod CIDRs, destination outside `non_masq6`) the kernel routes to the IPv6 gateway is
+    dropped and counted; each family's gateways and non-masquerade CIDRs go to their own sets."""
+    cmds = nftables.pod_guard_commands(
+        [("veth-pod1", ["10.244.1.1", "fd00:10:244:1::1"])],
+        [],
+        ["10.244.1.0/24", "fd00:10:244:1::/64"],
+        ["10.244.0.0/16", "fd00:10:244::/48"],
+        ["2001:db8:2::1", "172.16.2.1", "fe80::1"],
+        ["192.0.2.0/24", "2001:db8:99::/48", "2001:db8:99:1::/64"],
+    )
+    sets = {c["add"]["set"]["name"]: c["add"]["set"] for c in cmds if "set" in c.get("add", {})}
+    assert sets["masq_gateways6"]["type"] == "ipv6_addr" and "flags" not in sets["masq_gateways6"]
+    assert sets["non_masq6"]["type"] == "ipv6_addr" and sets["non_masq6"]["flags"] == ["interval"]
+    leak = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+    leak = [r for r in leak if r["chain"] == "pod_unrouted"]
+    v6 = [r["expr"] for r in leak if {"match": _rt_nexthop("ip6", "@masq_gateways6")} in r["expr"]]
+    assert v6 == [
+        [
+            {"match": {"op": "==", "left": _ip6("saddr"), "right": "@node_cidrs6"}},
+            {"match": {"op": "!=", "left": _ip6("daddr"), "right": "@non_masq6"}},
+            {"match": _rt_nexthop("ip6", "@masq_gateways6")},
+            {"counter": "pod_unrouted"},
+            {"drop": None},
+        ]
+    ]
+    # after the accepts into the datapath and to local pods, like the IPv4 rule
+    assert leak[-1]["expr"] == v6[0] and {"match": _rt_nexthop("ip", "@masq_gateways4")} in leak[-2]["expr"]
+    elems = {
+        c["add"]["element"]["name"]: c["add"]["element"]["elem"]
+        for c in cmds
+        if "element" in c.get("add", {})
+    }
+    assert elems["masq_gateways4"] == ["172.16.2.1"]
+    # a link-local gateway is kept as it is: it is what `rt ip6 nexthop` reads from the route
+    assert elems["masq_gateways6"] == ["2001:db8:2::1", "fe80::1"]
+    assert elems["non_masq4"] == [{"prefix": {"addr": "192.0.2.0", "len": 24}}]
+    assert elems["non_masq6"] == [{"prefix": {"addr": "2001:db8:99::", "len": 48}}]  # merged
+    # no IPv6 gateway (IPv6 masquerade off): the set is flushed and left empty, the rule matches nothing
+    cmds = nftables.pod_guard_elements([], [], ["fd00:10:244:1::/64"], [], ["172.16.2.1"], [])
+    names = {c["add"]["element"]["name"] for c in cmds if "element" in c.get("add", {})}
+    assert "masq_gateways6" not in names and "masq_gateways4" in names
+    assert {"flush": {"set": {"family": "inet", "table": "podrouter_pods", "name": "masq_gateways6"}}} in cmds
+    with pytest.raises(ValueError):
+        nftables.pod_guard_elements([], [], [], [], ["gateway.example"], [])
+
+
+def _rt_nexthop(family: str, right: str) -> dict[str, object]:
+    return {"op": "==", "left": {"rt": {"key": "nexthop", "family": family}}, "right": right}
+
+
+def _ip6(field: str) -> dict[str, object]:
+    return {"payload": {"protocol": "ip6", "field": field}}
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,39 @@ def test_run_imports_nothing_it_does_not_need_before_ready() -> None:
     assert {"podrouter.daemon", "podrouter.config", "yaml", "pyroute2.iproute"} <= modules
 
 
+def test_libnftables_loads_by_its_soname_without_find_library() -> None:
+    """The pod egress guard's probe (`nftables.unavailable`, in preflight) loads libnftables by its
+    soname: `ctypes.util.find_library` runs `ldconfig -p` (a fork and exec) and is only the fallback."""
+    got = _fresh(
+        "import ctypes.util, json\n"
+        "def refuse(name):\n"
+        "    raise AssertionError('find_library called')\n"
+        "ctypes.util.find_library = refuse\n"
+        "from podrouter import nftables\n"
+        "print(json.dumps({'why': nftables.unavailable(), 'loaded': nftables._lib is not None}))\n"
+    )
+    assert got == {"why": None, "loaded": True}
+
+
+def test_the_state_file_is_written_without_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh start writes the state file a dozen times; each write is a rename of a complete
+    temporary file, never an fsync (state.py: the record has to outlive the process, not the machine)."""
+    from podrouter import state
+
+    def refuse(fd: int) -> None:
+        raise AssertionError("fsync called")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    path = tmp_path / "n1.state.json"
+    st = state.State(node="n1", netns="1:2", pid=0)
+    state.save(path, st)
+    st.sysctls["net.ipv4.ip_forward"] = "0"
+    state.save(path, st)
+    loaded = state.load(path)
+    assert loaded is not None and loaded.sysctls == {"net.ipv4.ip_forward": "0"}
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
 def test_the_metrics_module_imports_prometheus_client_only_to_serve() -> None:
     got = _fresh(
         "import json, sys; import podrouter.metrics; print(json.dumps({'modules': sorted(sys.modules)}))"

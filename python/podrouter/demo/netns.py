@@ -138,6 +138,14 @@ class Host:
                 proc.wait(timeout=5)
         self.procs.clear()
 
+    def kill_remaining(self) -> None:
+        """SIGKILL, by pid, what still runs in this namespace although no one here started it: a
+        daemon's fd keeper (its own session) when nothing ran `podrouter cleanup`. Its sockets would
+        keep the namespace alive after `ip netns del`."""
+        for tok in sh("ip", "netns", "pids", self.ns, check=False).split():
+            with contextlib.suppress(ValueError, OSError):
+                os.kill(int(tok), signal.SIGKILL)
+
 
 class Topology:
     """A set of namespaces with a unique prefix; `close()` removes them all."""
@@ -178,6 +186,8 @@ class Topology:
     def close(self) -> None:
         for h in self.hosts.values():
             h.stop_procs()
+        for h in self.hosts.values():
+            h.kill_remaining()
         for h in self.hosts.values():
             sh("ip", "netns", "del", h.ns, check=False)
         self.hosts.clear()

@@ -116,6 +116,11 @@ class NeighborWatcher:
         with self.lock:
             return dict(self.macs)
 
+    def resolved(self) -> bool:
+        """Whether every wanted next hop has a MAC (as of the last lookup; no netlink)."""
+        with self.lock:
+            return all(ip in self.macs for ip in self.wanted)
+
     def wait_resolved(self, timeout: float) -> bool:
         """Wait (bounded) until every wanted next hop has a MAC. Probes while waiting."""
         deadline = time.monotonic() + timeout

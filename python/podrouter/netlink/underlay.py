@@ -96,8 +96,11 @@ def _addresses(ipr: IPRoute, family: int, ifindex: int) -> list[tuple[IPAddress,
     return out
 
 
-def _gateway(ipr: IPRoute, family: int, ifindex: int) -> Any | None:
-    default = _default_route(ipr, family)
+def _gateway(ipr: IPRoute, family: int, ifindex: int, default: Any = None) -> Any | None:
+    """The `family` default route's gateway if that route leaves by `ifindex` (`default`: that
+    route when the caller already has it, saving a dump)."""
+    if default is None:
+        default = _default_route(ipr, family)
     if default is not None and default.get_attr("RTA_OIF") == ifindex and default.get_attr("RTA_GATEWAY"):
         return ipaddress.ip_address(default.get_attr("RTA_GATEWAY"))
     return None
@@ -177,7 +180,7 @@ def resolve_underlay(ipr: IPRoute, node: NodeConfig) -> Underlay:
         network=network,
         mtu=mtu,
         mac=mac,
-        gateway=_gateway(ipr, family, ifindex),
+        gateway=_gateway(ipr, family, ifindex, default if default and default["family"] == family else None),
         address6=a6,
         network6=n6,
         gateway6=g6,

@@ -173,32 +173,17 @@ impl PacketSocket {
     }
 
     /// Adopts a masquerade reply socket a predecessor passed (`crate::handover`): it must be an
-    /// AF_PACKET `SOCK_RAW` socket bound to `ifindex` for IPv4. `filter` replaces whatever
-    /// filter it carries (ours, not the sender's, decides what it sees); packets already queued
-    /// on it stay queued.
+    /// AF_PACKET `SOCK_RAW` socket bound to `ifindex` for `ethertype` (IPv4 or IPv6). `filter`
+    /// replaces whatever filter it carries (ours, not the sender's, decides what it sees);
+    /// packets already queued on it stay queued.
     pub fn adopt_rx(
         fd: OwnedFd,
         ifindex: u32,
         filter: &[libc::sock_filter],
+        ethertype: u16,
     ) -> io::Result<PacketSocket> {
         let raw = fd.as_raw_fd();
-        crate::handover::check_socket(
-            "masquerade reply socket",
-            raw,
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            None,
-        )?;
-        let (idx, proto) = crate::handover::packet_binding(raw)?;
-        if idx != ifindex || proto != ETHERTYPE_IPV4 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "masquerade reply socket: bound to ifindex {idx} protocol {proto:#06x}, \
-                     expected {ifindex} {ETHERTYPE_IPV4:#06x}"
-                ),
-            ));
-        }
+        crate::handover::check_packet_rx("masquerade reply socket", raw, ifindex, ethertype)?;
         let prog = libc::sock_fprog {
             len: filter.len() as u16,
             filter: filter.as_ptr() as *mut libc::sock_filter,

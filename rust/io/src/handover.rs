@@ -1,5 +1,5 @@
 //! Handover: a running daemon passes the fds its engine reads from (TUN queues, tunnel receive
-//! sockets, the masquerade reply socket) to a successor over a unix socket (SCM_RIGHTS, done by
+//! sockets, the masquerade reply sockets) to a successor over a unix socket (SCM_RIGHTS, done by
 //! the control plane), and the successor's engine adopts them instead of opening new ones
 //! (docs/handover.md). Packets that arrive meanwhile wait in the TUN queue and the socket buffers
 //! (the same open file descriptions, so nothing is detached or closed) instead of being dropped.
@@ -8,6 +8,10 @@
 //! with `fstat`, a socket's `SO_DOMAIN` / `SO_TYPE` / `SO_PROTOCOL` and bound address, a TUN
 //! queue's device name and flags with `TUNGETIFF`) against what this engine's config would have
 //! opened. A mismatch refuses the whole handover; the sender then resumes its own workers.
+//!
+//! The fd keeper (python/podrouter/keeper.py) holds copies of the same fds while no daemon runs;
+//! a successor adopts them the same way (`Engine::adopt`), taken while the workers ran
+//! (`Engine::take_keeper_fds`).
 
 use crate::sys;
 use std::io;
@@ -27,6 +31,8 @@ pub struct AdoptFds {
     pub rx: Vec<Vec<OwnedFd>>,
     /// The masquerade reply socket (worker 0), if masquerade was on.
     pub masq: Option<OwnedFd>,
+    /// The IPv6 masquerade reply socket (worker 0), with `masquerade.address6`.
+    pub masq6: Option<OwnedFd>,
 }
 
 /// Role of one fd in a handover manifest.
@@ -35,6 +41,7 @@ pub enum FdRole {
     Tun { queue: usize },
     Rx { worker: usize, index: usize },
     Masq,
+    Masq6,
 }
 
 fn bad(what: &str, msg: impl std::fmt::Display) -> io::Error {
@@ -99,6 +106,27 @@ pub(crate) fn tun_info(fd: RawFd) -> io::Result<(String, i16)> {
     Ok((ifr.name(), f))
 }
 
+/// Checks that `fd` is an AF_PACKET `SOCK_RAW` socket bound to `ifindex` for `ethertype` (a
+/// masquerade reply socket).
+pub(crate) fn check_packet_rx(
+    what: &str,
+    fd: RawFd,
+    ifindex: u32,
+    ethertype: u16,
+) -> io::Result<()> {
+    check_socket(what, fd, libc::AF_PACKET, libc::SOCK_RAW, None)?;
+    let (idx, proto) = packet_binding(fd)?;
+    if idx != ifindex || proto != ethertype {
+        return Err(bad(
+            what,
+            format!(
+                "bound to ifindex {idx} protocol {proto:#06x}, expected {ifindex} {ethertype:#06x}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The interface index and protocol an AF_PACKET socket is bound to.
 pub(crate) fn packet_binding(fd: RawFd) -> io::Result<(u32, u16)> {
     // SAFETY: all-zeroes is a valid sockaddr_ll.
@@ -128,5 +156,12 @@ mod tests {
         let e = tun_info(dir.as_raw_fd()).unwrap_err();
         assert!(e.to_string().contains("not a character device"), "{e}");
         assert!(dup_fd(-1).is_err());
+    }
+
+    #[test]
+    fn a_udp_socket_is_not_a_masquerade_reply_socket() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let e = check_packet_rx("masquerade reply socket", s.as_raw_fd(), 1, 0x0800).unwrap_err();
+        assert!(e.to_string().contains("domain/type"), "{e}");
     }
 }

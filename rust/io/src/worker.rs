@@ -29,7 +29,7 @@
 use crate::af_packet::{self, FrameScratch, PacketSocket, TxFrame};
 use crate::counters::{Dir, Path, Snapshot, Stat, WorkerCounters};
 use crate::events::{Direction, Event, EventRing, Kind};
-use crate::handover::{AdoptFds, FdRole};
+use crate::handover::{dup_fd, AdoptFds, FdRole};
 use crate::nat_persist::PersistStats;
 use crate::sys::{Epoll, EventFd};
 use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
@@ -45,7 +45,7 @@ use podrouter_core::{DropReason, Tables, TunnelProto};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::{DerefMut, Range};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -242,7 +242,7 @@ struct Sockets {
     pkt: Option<Arc<PacketSocket>>,
     rx_sets: Vec<Vec<(UdpSocket, TunnelProto)>>,
     masq: Option<PacketSocket>,
-    /// The IPv6 masquerade reply socket; never passed in a handover (a successor opens its own).
+    /// The IPv6 masquerade reply socket.
     masq6: Option<PacketSocket>,
 }
 
@@ -271,6 +271,8 @@ pub struct Engine {
     adopt: Option<AdoptFds>,
     /// The sockets of workers stopped by `quiesce`, for `resume` or a handover.
     parked: Option<Sockets>,
+    /// Copies of the fds packets arrive on, made by `start` for the fd keeper (`take_keeper_fds`).
+    keep: Vec<(FdRole, OwnedFd)>,
 }
 
 impl Engine {
@@ -317,17 +319,21 @@ impl Engine {
             persist: Arc::new(Mutex::new(PersistStats::default())),
             adopt: None,
             parked: None,
+            keep: Vec::new(),
         })
     }
 
     /// Like `new`, but on the fds a running predecessor passed (docs/handover.md) instead of
     /// opening the TUN: `fds.tun` are checked and adopted now, the tunnel receive sockets and
-    /// the masquerade reply socket at `start` (which checks them against the addresses, ports
-    /// and tables it would bind; the send sockets are opened fresh). Any mismatch is an
-    /// `InvalidData` error naming the fd; the fds are then closed (the sender keeps its own).
+    /// the masquerade reply sockets at `start` (which checks them against the addresses, ports
+    /// and tables it would bind; the send sockets are opened fresh). Every socket is checked
+    /// here already, so a set that does not fit is refused before anything is built on it. Any
+    /// mismatch is an `InvalidData` error naming the fd; the fds are then closed (the sender
+    /// keeps its own).
     pub fn adopt(cfg: EngineConfig, mut fds: AdoptFds) -> io::Result<Engine> {
         cfg.validate()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        check_passed(&cfg, &fds)?;
         let tun = Tun::adopt(
             &TunOptions {
                 name: cfg.tun_name.clone(),
@@ -427,6 +433,10 @@ impl Engine {
             Some(p) => p,
             None => self.open_sockets()?,
         };
+        // Copies for the fd keeper, made while this thread still holds every socket (the workers
+        // own them from here on). Best effort: without them there is just no keeper.
+        self.keep = arrival_copies(&self.tun, &rx_sets, masq_rx.as_ref(), masq6_rx.as_ref())
+            .unwrap_or_default();
         self.offload.udp_gso = tx_pool.all().all(UdpSocket::gso_enabled);
         self.offload.udp_gro = rx_sets.iter().flatten().all(|(s, _)| s.gro_enabled());
         self.offload.packet_vnet_hdr = pkt.as_ref().is_some_and(|p| p.vnet_hdr());
@@ -591,13 +601,22 @@ impl Engine {
                             fd,
                             idx,
                             &af_packet::masquerade_filter(node, lo, hi),
+                            af_packet::ETHERTYPE_IPV4,
                         )?),
                         None => Some(open_masq_rx(idx, node, lo, hi, cfg.offload)?),
                     },
                     None => None,
                 };
                 let v6 = match masq6_wanted(&t) {
-                    Some(node) => Some(open_masq6_rx(idx, node, lo, hi, cfg.offload)?),
+                    Some(node) => match adopted.as_mut().and_then(|a| a.masq6.take()) {
+                        Some(fd) => Some(PacketSocket::adopt_rx(
+                            fd,
+                            idx,
+                            &af_packet::masquerade_filter_v6(node, lo, hi),
+                            af_packet::ETHERTYPE_IPV6,
+                        )?),
+                        None => Some(open_masq6_rx(idx, node, lo, hi, cfg.offload)?),
+                    },
                     None => None,
                 };
                 (v4, v6)
@@ -630,6 +649,7 @@ impl Engine {
 
     /// Stops the workers and closes the sockets; the TUN stays until the engine is dropped. Idempotent.
     pub fn stop(&mut self) {
+        self.keep.clear();
         if let Some(p) = self.parked.take() {
             self.past_tx_errors += tx_errors(&p.tx_pool, p.pkt.as_deref());
         }
@@ -702,7 +722,7 @@ impl Engine {
     }
 
     /// While quiesced: the fds a successor adopts, by role (TUN queues, then each worker's
-    /// tunnel receive sockets in bind order, then the masquerade reply socket). The engine
+    /// tunnel receive sockets in bind order, then the masquerade reply sockets). The engine
     /// keeps them; the caller passes copies (SCM_RIGHTS duplicates them).
     pub fn handover_fds(&self) -> io::Result<Vec<(FdRole, RawFd)>> {
         let p = self
@@ -724,7 +744,17 @@ impl Engine {
         if let Some(m) = &p.masq {
             v.push((FdRole::Masq, m.as_raw_fd()));
         }
+        if let Some(m) = &p.masq6 {
+            v.push((FdRole::Masq6, m.as_raw_fd()));
+        }
         Ok(v)
+    }
+
+    /// The fd keeper's set (docs/handover.md): close-on-exec copies of the fds packets arrive on
+    /// (the same roles and order as `handover_fds`), made by the last `start`. The caller owns
+    /// them; a second call returns nothing until the next `start`.
+    pub fn take_keeper_fds(&mut self) -> Vec<(FdRole, OwnedFd)> {
+        std::mem::take(&mut self.keep)
     }
 
     /// Live masquerade entries (`podrouter_nat_entries`).
@@ -791,6 +821,78 @@ fn tx_errors(pool: &TxPools, pkt: Option<&PacketSocket>) -> u64 {
         .map(|s| s.tx_errors.load(Ordering::Relaxed))
         .sum::<u64>()
         + pkt.map_or(0, |p| p.tx_errors.load(Ordering::Relaxed))
+}
+
+/// Copies of the fds packets arrive on, by role (`Engine::take_keeper_fds`).
+fn arrival_copies(
+    tun: &Tun,
+    rx_sets: &[Vec<(UdpSocket, TunnelProto)>],
+    masq: Option<&PacketSocket>,
+    masq6: Option<&PacketSocket>,
+) -> io::Result<Vec<(FdRole, OwnedFd)>> {
+    let mut v = Vec::new();
+    for (queue, q) in tun.queues().iter().enumerate() {
+        v.push((FdRole::Tun { queue }, dup_fd(q.as_raw_fd())?));
+    }
+    for (worker, set) in rx_sets.iter().enumerate() {
+        for (index, (s, _)) in set.iter().enumerate() {
+            v.push((FdRole::Rx { worker, index }, dup_fd(s.as_raw_fd())?));
+        }
+    }
+    if let Some(m) = masq {
+        v.push((FdRole::Masq, dup_fd(m.as_raw_fd())?));
+    }
+    if let Some(m) = masq6 {
+        v.push((FdRole::Masq6, dup_fd(m.as_raw_fd())?));
+    }
+    Ok(v)
+}
+
+/// `Engine::adopt`'s check of the passed sockets against `cfg`: per worker the tunnel receive
+/// sockets in bind order (for each underlay address, VXLAN then Geneve), the masquerade reply
+/// sockets on the underlay interface. Each tunnel socket is checked on a copy (adopting sets
+/// only idempotent options); `start` adopts the originals.
+fn check_passed(cfg: &EngineConfig, fds: &AdoptFds) -> io::Result<()> {
+    let addrs = cfg.underlay_addresses();
+    let ports: Vec<u16> = [cfg.vxlan_port, cfg.geneve_port]
+        .into_iter()
+        .filter(|p| *p != 0)
+        .collect();
+    let want = addrs.len() * ports.len();
+    if fds.rx.len() != cfg.workers || fds.rx.iter().any(|w| w.len() != want) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the passed tunnel sockets do not match this config ({} workers x {want} sockets \
+                 expected)",
+                cfg.workers
+            ),
+        ));
+    }
+    for set in &fds.rx {
+        let mut it = set.iter();
+        for &addr in &addrs {
+            for &port in &ports {
+                if let Some(fd) = it.next() {
+                    UdpSocket::adopt_rx(dup_fd(fd.as_raw_fd())?, SocketAddr::new(addr, port))?;
+                }
+            }
+        }
+    }
+    for (m, ethertype) in [
+        (&fds.masq, af_packet::ETHERTYPE_IPV4),
+        (&fds.masq6, af_packet::ETHERTYPE_IPV6),
+    ] {
+        if let Some(fd) = m {
+            crate::handover::check_packet_rx(
+                "masquerade reply socket",
+                fd.as_raw_fd(),
+                cfg.underlay_ifindex,
+                ethertype,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 struct AliveGuard(Arc<AtomicUsize>);

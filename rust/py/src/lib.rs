@@ -619,6 +619,34 @@ fn nat_config(r: Option<Reader<'_>>, d: NatConfig) -> PyResult<NatConfig> {
 /// summed in `nat_pod_limit_drops_other`, so the metric's label set stays bounded.
 const NAT_POD_LIMIT_TOP: usize = 32;
 
+/// `{"tun": [...], "rx": [[...] per worker], "masq": fd or None, "masq6": fd or None}`.
+fn fds_by_role(py: Python<'_>, roles: Vec<(FdRole, i32)>) -> PyResult<Bound<'_, PyDict>> {
+    let tun = PyList::empty(py);
+    let rx = PyList::empty(py);
+    let d = PyDict::new(py);
+    d.set_item("masq", py.None())?;
+    d.set_item("masq6", py.None())?;
+    for (role, fd) in roles {
+        match role {
+            FdRole::Tun { .. } => tun.append(fd)?,
+            FdRole::Rx { worker, .. } => {
+                while rx.len() <= worker {
+                    rx.append(PyList::empty(py))?;
+                }
+                rx.get_item(worker)?.downcast::<PyList>()?.append(fd)?;
+            }
+            FdRole::Masq => d.set_item("masq", fd)?,
+            FdRole::Masq6 => d.set_item("masq6", fd)?,
+        }
+    }
+    while rx.len() < tun.len() {
+        rx.append(PyList::empty(py))?; // a worker without tunnel sockets
+    }
+    d.set_item("tun", tun)?;
+    d.set_item("rx", rx)?;
+    Ok(d)
+}
+
 fn os_err(what: &str, e: std::io::Error) -> PyErr {
     PyOSError::new_err((e.raw_os_error().unwrap_or(0), format!("{what}: {e}")))
 }
@@ -654,8 +682,9 @@ impl Datapath {
         })
     }
 
-    /// A datapath on the fds a running predecessor passed (docs/handover.md) instead of a new
-    /// TUN: `fds` is `{"tun": [fd per worker], "rx": [[fd, ...] per worker], "masq": fd or None}`.
+    /// A datapath on the fds a running predecessor (or the fd keeper) passed (docs/handover.md)
+    /// instead of a new TUN: `fds` is `{"tun": [fd per worker], "rx": [[fd, ...] per worker],
+    /// "masq": fd or None, "masq6": fd or None}` ("masq6" may be absent).
     /// The fds are the caller's (duplicated here, so close yours afterwards) and untrusted: each
     /// is checked against `config` (and the rest at `start`); a mismatch raises `OSError`.
     #[staticmethod]
@@ -666,7 +695,7 @@ impl Datapath {
     ) -> PyResult<Datapath> {
         let cfg = engine_config(config)?;
         let r = Reader::new(fds, "fds")?;
-        r.only(&["tun", "rx", "masq"])?;
+        r.only(&["tun", "rx", "masq", "masq6"])?;
         let dup = |key: &str, v: &Bound<'_, PyAny>| -> PyResult<std::os::fd::OwnedFd> {
             let fd: i32 = r.int(key, v)?;
             podrouter_io::handover::dup_fd(fd).map_err(|e| os_err(&r.key(key), e))
@@ -690,9 +719,15 @@ impl Datapath {
                 passed.masq = Some(dup("masq", &v)?);
             }
         }
+        if let Some(v) = r.opt("masq6")? {
+            if !v.is_none() {
+                passed.masq6 = Some(dup("masq6", &v)?);
+            }
+        }
         let n = passed.tun.len()
             + passed.rx.iter().map(Vec::len).sum::<usize>()
-            + usize::from(passed.masq.is_some());
+            + usize::from(passed.masq.is_some())
+            + usize::from(passed.masq6.is_some());
         if n > podrouter_io::handover::MAX_FDS {
             return Err(bad(
                 "fds",
@@ -731,35 +766,28 @@ impl Datapath {
         })
     }
 
-    /// While quiesced: `{"tun": [fd...], "rx": [[fd...]...], "masq": fd or None}`, the fds to
-    /// pass (they stay the datapath's: send copies, close nothing).
+    /// While quiesced: `{"tun": [fd...], "rx": [[fd...]...], "masq": fd or None, "masq6": fd or
+    /// None}`, the fds to pass (they stay the datapath's: send copies, close nothing).
     fn handover_fds<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let roles = py
             .allow_threads(|| self.lock().as_ref().map(Engine::handover_fds))
             .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?
             .map_err(|e| os_err("handover", e))?;
-        let tun = PyList::empty(py);
-        let rx = PyList::empty(py);
-        let d = PyDict::new(py);
-        d.set_item("masq", py.None())?;
-        for (role, fd) in roles {
-            match role {
-                FdRole::Tun { .. } => tun.append(fd)?,
-                FdRole::Rx { worker, .. } => {
-                    while rx.len() <= worker {
-                        rx.append(PyList::empty(py))?;
-                    }
-                    rx.get_item(worker)?.downcast::<PyList>()?.append(fd)?;
-                }
-                FdRole::Masq => d.set_item("masq", fd)?,
-            }
-        }
-        while rx.len() < tun.len() {
-            rx.append(PyList::empty(py))?; // a worker without tunnel sockets
-        }
-        d.set_item("tun", tun)?;
-        d.set_item("rx", rx)?;
-        Ok(d)
+        fds_by_role(py, roles)
+    }
+
+    /// The fd keeper's set (docs/handover.md), the same shape as `handover_fds`: copies of the
+    /// fds packets arrive on, made by the last `start`. The caller owns them (close them once
+    /// passed); empty lists after the first call until the next `start`.
+    fn keeper_fds<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let owned = py
+            .allow_threads(|| self.lock().as_mut().map(Engine::take_keeper_fds))
+            .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+        let roles = owned
+            .into_iter()
+            .map(|(role, fd)| (role, std::os::fd::IntoRawFd::into_raw_fd(fd)))
+            .collect();
+        fds_by_role(py, roles)
     }
 
     #[getter]
