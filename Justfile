@@ -2,7 +2,7 @@
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-fuzz_targets := "parse decap lpm_vs_linear nat_model vnet_segment gro_coalesce csum ingress_path"
+fuzz_targets := "parse decap lpm_vs_linear nat_model vnet_segment gro_coalesce csum ingress_path egress_path"
 
 default:
     @just --list

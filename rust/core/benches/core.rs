@@ -3,7 +3,11 @@
 //! * `lpm/{v4,v6}/{1000,100000}/{podrouter,ip_network_table}`: one lookup, our poptrie and the
 //!   reference crate side by side on the same random table and the same queries (half anywhere,
 //!   half inside a random prefix, so deep paths are exercised too).
-//! * `datapath/egress_vxlan/{64,1400}`: parse + classify + VXLAN encapsulation of one packet.
+//! * `datapath/egress_vxlan/{64,1400}`: parse + classify + VXLAN encapsulation of one packet,
+//!   through the one-packet API (`datapath::egress` over the egress entry point).
+//! * `egress/vxlan/{64,1400}`, `egress/vxlan_tso/64000`: the entry point the I/O engine calls for
+//!   every TUN read (`egress::egress`), outputs queued as the engine queues them; the TSO case
+//!   segments a 64 KB TCP super-packet into 45 segments and encapsulates each (one GSO train).
 //! * `nat/{lookup_hit,lookup_miss,egress_hit}/1M`: the masquerade table holding 1M flows.
 //! * `nat_snapshot/{export,encode}/{10k,65k}`: one NAT snapshot write's copy (under the NAT lock)
 //!   and encoding (outside it).
@@ -13,18 +17,23 @@
 
 use std::hint::black_box;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::ops::{DerefMut, Range};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use ip_network::{Ipv4Network, Ipv6Network};
 use ip_network_table::IpNetworkTable;
 use podrouter_core::datapath::{self, EgressAction, MAX_HEADROOM};
+use podrouter_core::egress;
 use podrouter_core::lpm::{Lpm4, Lpm6};
-use podrouter_core::nat::{FlowKey, NatConfig, NatProto, NatTable};
+use podrouter_core::nat::{FlowKey, NatConfig, NatProto, NatTable, NatTable6};
 use podrouter_core::nat_snapshot;
+use podrouter_core::offload::csum;
+use podrouter_core::offload::vnet::{self, VnetHdr};
 use podrouter_core::wire::{ip_proto, ipv4, udp};
 use podrouter_core::{
-    Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, Tables, TunnelSpec,
+    Cidr, DropReason, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, Tables,
+    TunnelSpec,
 };
 
 /// xorshift64: deterministic inputs without a rand dependency.
@@ -271,6 +280,129 @@ fn bench_datapath(c: &mut Criterion) {
     g.finish();
 }
 
+/// What the I/O engine's sink does with the core's outputs: queue them for the batch's sends.
+#[derive(Default)]
+struct Queue {
+    units: Vec<egress::TunnelUnit>,
+    frames: Vec<egress::Frame>,
+}
+
+impl egress::Sink for Queue {
+    fn tunnel(&mut self, u: egress::TunnelUnit) {
+        self.units.push(u);
+    }
+    fn frame(&mut self, f: egress::Frame) {
+        self.frames.push(f);
+    }
+    fn local(&mut self, _: Range<usize>) -> Result<(), DropReason> {
+        Err(DropReason::NoRoute)
+    }
+    fn segment_dropped(&mut self, _: DropReason) {}
+}
+
+/// No masquerade here.
+struct NoNat;
+
+impl egress::Nat for NoNat {
+    fn v4(&mut self) -> Option<impl DerefMut<Target = NatTable> + '_> {
+        None::<&mut NatTable>
+    }
+    fn v6(&mut self) -> Option<impl DerefMut<Target = NatTable6> + '_> {
+        None::<&mut NatTable6>
+    }
+}
+
+/// A TCP/IPv4 TSO super-packet of `total` bytes at `MAX_HEADROOM` as the TUN hands it over
+/// (`NEEDS_CSUM`, the checksum field holding the pseudo-header sum), with its vnet header.
+fn tso_packet(total: usize, mss: u16, dst: Ipv4Addr) -> (Vec<u8>, VnetHdr) {
+    let src = Ipv4Addr::new(10, 244, 1, 10);
+    let mut b = vec![0x5au8; MAX_HEADROOM + total];
+    let p = &mut b[MAX_HEADROOM..];
+    ipv4::Repr {
+        src,
+        dst,
+        protocol: ip_proto::TCP,
+        payload_len: total - 20,
+        ttl: 63,
+        tos: 0,
+        ident: 1,
+        dont_frag: true,
+    }
+    .emit(&mut ipv4::Packet::new_unchecked(&mut p[..]))
+    .unwrap();
+    let t = &mut p[20..40];
+    t[..4].copy_from_slice(&[0x9c, 0x40, 0x14, 0x51]); // 40000 -> 5201
+    t[4..12].copy_from_slice(&[0, 0, 0, 1, 0, 0, 0, 1]);
+    t[12] = 5 << 4;
+    t[13] = 0x10; // ACK
+    t[14..16].copy_from_slice(&512u16.to_be_bytes());
+    let pseudo = csum::pseudo_v4(&src.octets(), &dst.octets(), 6, (total - 20) as u16);
+    t[16..18].copy_from_slice(&pseudo.to_be_bytes());
+    let hdr = VnetHdr {
+        flags: vnet::flags::NEEDS_CSUM,
+        gso_type: vnet::gso_type::TCPV4,
+        hdr_len: 40,
+        gso_size: mss,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    (b, hdr)
+}
+
+/// The entry point the I/O engine runs for every TUN read (`egress::egress`), with a sink that
+/// queues the outputs as the engine does: a plain packet, and a 64 KB TSO super-packet segmented
+/// and encapsulated into one UDP GSO train (per byte figures: the super-packet's).
+fn bench_egress(c: &mut Criterion) {
+    let t = tables();
+    let link = egress::Link {
+        mac: [2, 0, 0, 0, 0, 2],
+        frames: Some(egress::FrameMode::Vnet),
+        tunnel_v4: true,
+        tunnel_v6: true,
+    };
+    let mut g = c.benchmark_group("egress");
+    configure(&mut g);
+    let (mut seg, mut segs) = (Vec::new(), Vec::new());
+    let mut q = Queue::default();
+    let mut run = |buf: &mut [u8], len: usize, hdr: VnetHdr, q: &mut Queue| {
+        q.units.clear();
+        q.frames.clear();
+        let p = egress::Packet {
+            buf,
+            start: MAX_HEADROOM,
+            len,
+            hdr,
+            seg: &mut seg,
+            segs: &mut segs,
+        };
+        egress::egress(&t, &link, &mut NoNat, q, p, 0)
+    };
+    for size in [64usize, 1400] {
+        let mut buf = udp_packet(size, Ipv4Addr::new(10, 244, 77, 5));
+        run(&mut buf, size, VnetHdr::default(), &mut q).unwrap();
+        assert_eq!(q.units.len(), 1);
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_function(format!("vxlan/{size}"), |b| {
+            b.iter(|| run(black_box(&mut buf), size, VnetHdr::default(), &mut q))
+        });
+    }
+    let total = 64000;
+    let (mut buf, hdr) = tso_packet(total, 1448, Ipv4Addr::new(10, 244, 77, 5));
+    run(&mut buf, total, hdr, &mut q).unwrap();
+    assert_eq!(
+        q.units.iter().map(|u| u.pkts).sum::<u64>(),
+        45,
+        "{:?}",
+        q.units
+    );
+    g.throughput(Throughput::Bytes(total as u64));
+    // The super-packet is only read (segments are written to the scratch buffer).
+    g.bench_function(format!("vxlan_tso/{total}"), |b| {
+        b.iter(|| run(black_box(&mut buf), total, hdr, &mut q))
+    });
+    g.finish();
+}
+
 fn flow(r: &mut Rng) -> FlowKey {
     let x = r.next();
     FlowKey {
@@ -378,6 +510,7 @@ criterion_group!(
     benches,
     bench_lpm,
     bench_datapath,
+    bench_egress,
     bench_nat,
     bench_nat_snapshot
 );

@@ -5,8 +5,10 @@
 //! to send where as a byte range of `buf`. Nothing allocates, nothing panics on any input, and
 //! the functions never touch a clock: `now` is seconds on any monotonic epoch, used only by NAT.
 //!
-//! * [`egress`]: a packet read from the TUN (a local pod's packet the kernel routed to podrouter).
-//!   Leave [`MAX_HEADROOM`] bytes in front of `start` for the tunnel headers.
+//! * [`egress`]: a packet read from the TUN (a local pod's packet the kernel routed to podrouter),
+//!   one plain packet at a time, through [`egress::egress`] (the entry point the I/O engine calls
+//!   for every read, super-packets included). Leave [`MAX_HEADROOM`] bytes in front of `start`
+//!   for the tunnel headers.
 //! * [`ingress`]: the payload of a UDP datagram received on a tunnel port.
 //! * [`masquerade_reply`]: a packet to the node address on the masquerade port range.
 //!
@@ -14,14 +16,18 @@
 //! `podrouter_packets_total{path,direction}` without knowing how it was decided, and every drop
 //! carries a [`DropReason`] for `podrouter_drops_total{reason}`.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 
 pub use crate::classify::Tables;
 pub use crate::drop::DropReason;
+use crate::egress;
+pub use crate::egress::check_ttl;
 use crate::encap;
 pub use crate::encap::{vxlan_inner_mac, TunnelProto, MAX_HEADROOM};
 use crate::nat::{self, NatTable, NatTable6};
+use crate::offload::csum;
+use crate::offload::vnet::{self, VnetHdr};
 pub use crate::spec::PeerId;
 pub use crate::verdict::{Path, Verdict};
 use crate::wire::{self, IpMeta};
@@ -111,9 +117,13 @@ pub fn classify_packet(tables: &Tables, pkt: &[u8]) -> Result<(IpMeta, Verdict),
     Ok((meta, tables.classify(meta.src, meta.dst)))
 }
 
-/// Decides and prepares a packet from a local pod. `buf[start..start + len]` is the IP packet
-/// (link padding after its total length is ignored); for tunnels, the headers are written into
-/// `buf[start - overhead..start]`. `nat` is required for masquerade (else `Drop(unsupported)`).
+/// Decides and prepares one plain packet from a local pod: [`egress::egress`], the entry point
+/// the I/O engine runs, for a caller that handles one packet at a time (the criterion benches,
+/// tests). `buf[start..start + len]` is the IP packet (link padding after its total length
+/// is ignored); for tunnels, the headers are written into `buf[start - overhead..start]`, for
+/// native and masqueraded packets an Ethernet header into `buf[start - 14..start]`. The packet
+/// carries no offload metadata; a native frame is a plain Ethernet frame. `nat` is required for
+/// masquerade (else `Drop(unsupported)`), which translates IPv4 only here.
 ///
 /// TTL / hop limit handling follows [`check_ttl`].
 pub fn egress(
@@ -124,104 +134,70 @@ pub fn egress(
     len: usize,
     now: u64,
 ) -> EgressAction {
-    match egress_inner(tables, nat, buf, start, len, now) {
-        Ok(a) => a,
-        Err(r) => EgressAction::Drop(r),
+    let link = egress::Link {
+        mac: [0; 6],
+        frames: Some(egress::FrameMode::Plain),
+        tunnel_v4: true,
+        tunnel_v6: true,
+    };
+    // A plain packet is never segmented: the scratch buffers stay empty and never allocate.
+    let (mut seg, mut segs) = (Vec::new(), Vec::new());
+    let p = egress::Packet {
+        buf,
+        start,
+        len,
+        hdr: VnetHdr::default(),
+        seg: &mut seg,
+        segs: &mut segs,
+    };
+    // Every `Ok` reports exactly one output for a plain packet, which overwrites this.
+    let mut out = One(EgressAction::Drop(DropReason::Unsupported));
+    match egress::egress(tables, &link, &mut OneNat(nat), &mut out, p, now) {
+        Ok(()) => out.0,
+        Err(d) => EgressAction::Drop(d.reason),
     }
 }
 
-fn egress_inner(
-    tables: &Tables,
-    nat: Option<&mut NatTable>,
-    buf: &mut [u8],
-    start: usize,
-    len: usize,
-    now: u64,
-) -> Result<EgressAction, DropReason> {
-    let pkt = packet(buf, start, len)?;
-    // Borrowed rather than moved out of the `Result`: moving the two `IpAddr`s out costs a
-    // byte-by-byte copy of the whole struct on every packet.
-    let parsed = wire::parse_ip(pkt);
-    let meta = match &parsed {
-        Ok(m) => m,
-        Err(e) => return Err((*e).into()),
-    };
-    let len = meta.total_len;
-    let range = start..start + len;
-    let next_hop_mac = |nh| {
-        tables
-            .next_hop(nh)
-            .and_then(|h| h.mac)
-            .ok_or(DropReason::NeighborUnresolved)
-    };
-    // IPv4 addresses straight from the header the parse just validated: the lookup then starts
-    // from the packet bytes instead of waiting for the parse's byte-wise stores of two `IpAddr`s
-    // to be read back (a failed store-to-load forward on the critical path).
-    let (src, dst) = match (meta.src, pkt.first_chunk::<20>()) {
-        (IpAddr::V4(_), Some(h)) => (
-            IpAddr::V4(Ipv4Addr::new(h[12], h[13], h[14], h[15])),
-            IpAddr::V4(Ipv4Addr::new(h[16], h[17], h[18], h[19])),
-        ),
-        _ => (meta.src, meta.dst),
-    };
-    let verdict = tables.classify(src, dst);
-    check_ttl(meta.ttl, &verdict)?;
-    match verdict {
-        Verdict::Local => Ok(EgressAction::Local { range }),
-        Verdict::Native { next_hop } => Ok(EgressAction::Native {
-            range,
-            next_hop_mac: next_hop_mac(next_hop)?,
-            path: Path::Native,
-        }),
-        Verdict::Masquerade { next_hop } => {
-            let mac = next_hop_mac(next_hop)?;
-            let nat = nat.ok_or(DropReason::Unsupported)?;
-            nat::translate_egress(nat, &mut pkt[..len], tables.node_address(), now)?;
-            Ok(EgressAction::Native {
-                range,
-                next_hop_mac: mac,
-                path: Path::Masquerade,
-            })
-        }
-        Verdict::Tunnel {
-            peer,
-            proto,
-            vni,
-            remote,
-            port,
-        } => {
-            // Port and TOS from the parse just done: the inner headers are not read again.
-            let src_port = encap::udp_source_port_parsed(&pkt[..len], meta);
-            let tos = encap::outer_tos_for(meta.dscp << 2 | meta.ecn);
-            let params = tables.encap_params(peer, proto, vni, remote, port);
-            // Errors here mean the caller left no headroom: a bug, counted rather than hidden.
-            let range = encap::encap_payload_parsed(buf, start, len, meta.dst.is_ipv6(), &params)
-                .map_err(|_| DropReason::Unsupported)?;
-            Ok(EgressAction::Tunnel {
-                range,
-                remote: SocketAddr::new(remote, port),
-                src_port,
-                tos,
-                proto,
-            })
-        }
-        Verdict::Drop(r) => Err(r),
+/// The one output of a plain packet, as an [`EgressAction`].
+struct One(EgressAction);
+
+impl egress::Sink for One {
+    fn tunnel(&mut self, u: egress::TunnelUnit) {
+        self.0 = EgressAction::Tunnel {
+            range: u.range,
+            remote: u.remote,
+            src_port: u.src_port,
+            tos: u.tos,
+            proto: u.proto,
+        };
     }
+
+    fn frame(&mut self, f: egress::Frame) {
+        self.0 = EgressAction::Native {
+            range: f.range.start + egress::ETH_HLEN..f.range.end,
+            next_hop_mac: f.next_hop_mac,
+            path: f.path,
+        };
+    }
+
+    fn local(&mut self, range: Range<usize>) -> Result<(), DropReason> {
+        self.0 = EgressAction::Local { range };
+        Ok(())
+    }
+
+    fn segment_dropped(&mut self, _: DropReason) {}
 }
 
-/// Whether a packet from a local pod with TTL / hop limit `ttl` may take `verdict`.
-///
-/// The kernel already decremented the TTL when it routed the packet into the TUN (podrouter is not
-/// a hop of its own). A packet at 1 or 0 could not survive the next router (or the peer's kernel
-/// forwarding it to the pod), so it is dropped as `ttl_exceeded`, except a masqueraded packet at 1:
-/// the next router answers it with ICMP time exceeded to the node address, which comes back
-/// translated to the pod, so the hop shows up in a pod's traceroute (RFC 5508 §7, RFC 4787 REQ-14).
-pub fn check_ttl(ttl: u8, verdict: &Verdict) -> Result<(), DropReason> {
-    match (ttl, verdict) {
-        (0, _) => Err(DropReason::TtlExceeded),
-        (1, Verdict::Masquerade { .. }) => Ok(()),
-        (1, _) => Err(DropReason::TtlExceeded),
-        _ => Ok(()),
+/// The caller's IPv4 masquerade table, if any.
+struct OneNat<'a>(Option<&'a mut NatTable>);
+
+impl egress::Nat for OneNat<'_> {
+    fn v4(&mut self) -> Option<impl core::ops::DerefMut<Target = NatTable> + '_> {
+        self.0.as_deref_mut()
+    }
+
+    fn v6(&mut self) -> Option<impl core::ops::DerefMut<Target = NatTable6> + '_> {
+        None::<&mut NatTable6>
     }
 }
 
@@ -357,6 +333,71 @@ pub fn masquerade_reply_v6(
     run().unwrap_or_else(IngressAction::Drop)
 }
 
+/// The vnet header to write a reverse-translated masquerade reply `pkt` to the TUN with; `hdr` is
+/// the vnet header the underlay packet socket read it with (offsets counted from the IP header),
+/// `None` without one. A packet the kernel merged (GRO) or whose checksum it left to offload
+/// (`NEEDS_CSUM`, e.g. from a sender on the same host) carries no valid TCP/UDP checksum, so after
+/// NAT changed its destination the checksum field is set to the new pseudo-header sum and the
+/// kernel finishes it (or segments the super-packet) — virtio `NEEDS_CSUM` semantics. A packet
+/// with a complete checksum was updated incrementally by NAT and goes in without offload. Without
+/// a vnet header we cannot tell, so the checksum is computed from scratch.
+pub fn masquerade_reply_offload(
+    pkt: &mut [u8],
+    hdr: Option<VnetHdr>,
+) -> Result<VnetHdr, DropReason> {
+    let hdr = match hdr {
+        Some(h) if !h.is_gso() && !h.needs_csum() => return Ok(VnetHdr::default()),
+        Some(h) => h,
+        None => VnetHdr::default(),
+    };
+    let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
+    if v6 && pkt.len() < 40 {
+        return Err(DropReason::Malformed);
+    }
+    if !v6 && (pkt.len() < 20 || pkt[0] >> 4 != 4) {
+        return Err(DropReason::Malformed);
+    }
+    // IPv6: the core translates only a transport directly after the fixed header
+    let (ihl, proto) = if v6 {
+        (40, pkt[6])
+    } else {
+        (usize::from(pkt[0] & 0x0f) * 4, pkt[9])
+    };
+    let offset = match proto {
+        6 => 16,
+        17 => 6,
+        _ => return Err(DropReason::Unsupported),
+    };
+    let mut h = vnet::shift_for_link(pkt, &hdr, 0).map_err(|_| DropReason::Malformed)?;
+    if !h.needs_csum() {
+        h.flags |= vnet::flags::NEEDS_CSUM;
+    }
+    h.flags &= !vnet::flags::DATA_VALID;
+    h.csum_start = ihl as u16;
+    h.csum_offset = offset;
+    let end = if v6 {
+        (40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]]))).min(pkt.len())
+    } else {
+        usize::from(u16::from_be_bytes([pkt[2], pkt[3]])).min(pkt.len())
+    };
+    let field = ihl + offset as usize;
+    if field + 2 > end {
+        return Err(DropReason::Truncated);
+    }
+    let pseudo = if v6 {
+        csum::pseudo_v6(&pkt[8..24], &pkt[24..40], proto, (end - ihl) as u32)
+    } else {
+        csum::pseudo_v4(&pkt[12..16], &pkt[16..20], proto, (end - ihl) as u16)
+    };
+    pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+    if h.is_gso() || hdr.needs_csum() {
+        return Ok(h);
+    }
+    vnet::complete_csum(&mut pkt[..end], ihl, usize::from(offset))
+        .map_err(|_| DropReason::Malformed)?;
+    Ok(VnetHdr::default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,7 +407,73 @@ mod tests {
         Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, TunnelSpec,
     };
     use crate::wire::{ecn, icmp, ip_proto, ipv4, udp};
-    use std::net::IpAddr;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    /// An IPv6 UDP datagram 2001:db8::1:53 -> fd00::a:5000 with `payload` and a wrong checksum.
+    fn udp6(payload: &[u8]) -> Vec<u8> {
+        let src: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let dst: Ipv6Addr = "fd00::a".parse().unwrap();
+        let ulen = 8 + payload.len();
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&(ulen as u16).to_be_bytes());
+        p.extend_from_slice(&[17, 64]);
+        p.extend_from_slice(&src.octets());
+        p.extend_from_slice(&dst.octets());
+        p.extend_from_slice(&53u16.to_be_bytes());
+        p.extend_from_slice(&5000u16.to_be_bytes());
+        p.extend_from_slice(&(ulen as u16).to_be_bytes());
+        p.extend_from_slice(&[0xde, 0xad]);
+        p.extend_from_slice(payload);
+        p
+    }
+
+    fn udp6_csum_ok(p: &[u8]) -> bool {
+        let len = (p.len() - 40) as u32;
+        let pseudo = csum::pseudo_v6(&p[8..24], &p[24..40], 17, len);
+        csum::add(pseudo, csum::sum(&p[40..])) == 0xffff
+    }
+
+    #[test]
+    fn offload_for_tun_fixes_ipv6_checksums() {
+        // Without a vnet header the checksum is computed from scratch, no offload left.
+        let mut p = udp6(b"hello, v6!");
+        let h = masquerade_reply_offload(&mut p, None).unwrap();
+        assert_eq!(h, VnetHdr::default());
+        assert!(udp6_csum_ok(&p));
+        // NEEDS_CSUM from the kernel: the field becomes the new pseudo-header sum, for the TUN
+        // to finish at the transport header right after the 40-byte IPv6 header.
+        let mut p = udp6(b"partial");
+        let mut hdr = VnetHdr {
+            flags: vnet::flags::NEEDS_CSUM,
+            csum_start: 40,
+            csum_offset: 6,
+            ..VnetHdr::default()
+        };
+        let h = masquerade_reply_offload(&mut p, Some(hdr)).unwrap();
+        assert!(h.needs_csum());
+        assert_eq!((h.csum_start, h.csum_offset), (40, 6));
+        vnet::complete_csum(&mut p, 40, 6).unwrap();
+        assert!(udp6_csum_ok(&p));
+        // A complete checksum (no offload flags) is left to NAT's incremental update.
+        hdr.flags = 0;
+        let mut p = udp6(b"x");
+        assert_eq!(
+            masquerade_reply_offload(&mut p, Some(hdr)).unwrap(),
+            VnetHdr::default()
+        );
+        assert_eq!(&p[46..48], &[0xde, 0xad]);
+        // Truncated or unsupported.
+        assert_eq!(
+            masquerade_reply_offload(&mut udp6(b"")[..30].to_vec(), None),
+            Err(DropReason::Malformed)
+        );
+        let mut p = udp6(b"icmp");
+        p[6] = 58;
+        assert_eq!(
+            masquerade_reply_offload(&mut p, None),
+            Err(DropReason::Unsupported)
+        );
+    }
 
     fn a4(s: &str) -> IpAddr {
         IpAddr::V4(v4(s))
@@ -938,7 +1045,6 @@ mod tests {
     /// delivered range = the IPv6 packet; an unknown one is dropped `nat_no_mapping`.
     #[test]
     fn masquerade_reply_v6_translates_in_place() {
-        use std::net::Ipv6Addr;
         let (pod, node, remote): (Ipv6Addr, Ipv6Addr, Ipv6Addr) = (
             "fd00:244:1::10".parse().unwrap(),
             "2001:db8:0:1::2".parse().unwrap(),

@@ -398,7 +398,13 @@ pub const GENEVE6_OVERHEAD: usize = GENEVE_OVERHEAD + OUTER_V6_EXTRA;
 /// a tunnel end point sets the label from the inner flow so ECMP/LAG can spread flows). Never
 /// zero (zero means "no label").
 pub fn outer_flow_label(inner: &[u8]) -> u32 {
-    match flow_hash(inner) & 0x000f_ffff {
+    flow_label_of(flow_hash(inner))
+}
+
+/// [`outer_flow_label`] from the inner packet's flow hash ([`flow_hash_parsed`] of a parse).
+#[inline]
+pub fn flow_label_of(hash: u32) -> u32 {
+    match hash & 0x000f_ffff {
         0 => 1,
         l => l,
     }
@@ -661,8 +667,9 @@ pub fn udp_source_port_parsed(inner: &[u8], meta: &wire::IpMeta) -> u16 {
     source_port_of(flow_hash_parsed(inner, meta))
 }
 
+/// [`udp_source_port`] from the inner packet's flow hash.
 #[inline]
-fn source_port_of(hash: u32) -> u16 {
+pub fn source_port_of(hash: u32) -> u16 {
     // (hash * span) >> 32 < span <= 11848, so the cast and the sum cannot overflow
     SOURCE_PORT_MIN + ((u64::from(hash) * u64::from(SOURCE_PORT_SPAN)) >> 32) as u16
 }

@@ -8,10 +8,12 @@
 pub mod classify;
 pub mod datapath;
 pub mod drop;
+pub mod egress;
 pub mod encap;
 pub mod lpm;
 pub mod nat;
 pub mod nat_snapshot;
+pub mod offload;
 pub mod spec;
 pub mod verdict;
 pub mod wire;

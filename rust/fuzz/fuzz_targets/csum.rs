@@ -1,5 +1,5 @@
-//! podrouter-io's fast checksum (native-endian 64-bit words, RFC 1071 §2(B)) against
-//! podrouter-core's reference on arbitrary bytes: the sum of any data, of any split into parts
+//! podrouter-core's fast checksum (`offload::csum`: native-endian 64-bit words, RFC 1071 §2(B))
+//! against its reference (`wire::checksum`) on arbitrary bytes: the sum of any data, of any split into parts
 //! (every part but the last of even length), and both pseudo-headers.
 #![no_main]
 
@@ -9,7 +9,7 @@ use core::net::{Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
 use podrouter_core::wire::checksum;
-use podrouter_io::csum;
+use podrouter_core::offload::csum;
 
 fuzz_target!(|data: &[u8]| {
     let want = checksum::data(data);

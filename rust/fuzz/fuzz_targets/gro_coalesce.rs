@@ -1,5 +1,5 @@
-//! podrouter-io's TCP coalescer (userspace GRO before the TUN write) on arbitrary packet
-//! sequences. Nothing may panic, and what it writes must stand for exactly what it was offered:
+//! podrouter-core's TCP coalescer (`offload::gro`: userspace GRO before the TUN write) on arbitrary
+//! packet sequences. Nothing may panic, and what it writes must stand for exactly what it was offered:
 //! every GSO write segments (vnet::segment) into as many packets as it claims, with valid
 //! checksums, and the segments of all writes, normalised (IPv4 id, checksums, PSH aside), are the
 //! offered packets, in order per flow.

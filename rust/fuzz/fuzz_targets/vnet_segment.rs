@@ -1,5 +1,5 @@
-//! Offload fix-ups of podrouter-io's `vnet` on an arbitrary vnet header and packet, as the TUN
-//! hands them over: `wire_size`, `shift_for_link`, `complete_csum` and `segment`. Nothing may
+//! Offload fix-ups of podrouter-core's `offload::vnet` on an arbitrary vnet header and packet, as
+//! the TUN hands them over: `wire_size`, `shift_for_link`, `complete_csum` and `segment`. Nothing may
 //! panic; a segmentation that succeeds yields `wire_size` segments, each within the MSS, with
 //! valid IPv4 header and TCP/UDP checksums, and their payloads put together are the original
 //! payload; a completed checksum equals the reference computation.
@@ -12,7 +12,7 @@ mod common;
 
 use libfuzzer_sys::fuzz_target;
 use podrouter_core::wire::checksum;
-use podrouter_io::vnet::{self, VnetHdr, VNET_HDR_LEN};
+use podrouter_core::offload::vnet::{self, VnetHdr, VNET_HDR_LEN};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < VNET_HDR_LEN + 1 {

@@ -3,7 +3,7 @@
 //!
 //! Opened with `IFF_TUN | IFF_NO_PI | IFF_VNET_HDR` (plus `IFF_MULTI_QUEUE` for more than one queue;
 //! each queue is its own fd on the same device and the kernel spreads flows over queues by hash).
-//! Every read and write carries a 10-byte `virtio_net_hdr` ([`crate::vnet`]). `TUNSETOFFLOAD` tells
+//! Every read and write carries a 10-byte `virtio_net_hdr` (`podrouter_core::offload::vnet`). `TUNSETOFFLOAD` tells
 //! the kernel which offloads we accept on reads; with `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6` a TCP
 //! sender's 64 KiB TSO skb reaches us as one read instead of ~45, which is the single biggest win
 //! for egress throughput (the same trick as wireguard-go and tailscale).
@@ -16,7 +16,7 @@
 //! `persist` the device exists while at least one queue fd is open.
 
 use crate::sys::{self, IfReq};
-use crate::vnet::VNET_HDR_LEN;
+use podrouter_core::offload::vnet::VNET_HDR_LEN;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;

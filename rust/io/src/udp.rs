@@ -34,9 +34,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 /// Linux `UDP_MAX_SEGMENTS` (64 before 6.9's raise to 128): more segments per send is `EINVAL`.
-pub const GSO_MAX_SEGMENTS: usize = 64;
+/// The core cuts its tunnel trains at this limit.
+pub const GSO_MAX_SEGMENTS: usize = podrouter_core::egress::UDP_GSO_MAX_SEGMENTS;
 /// Largest UDP payload of one GSO send: IPv4 total length 65535 - 20 (IP) - 8 (UDP).
-pub const GSO_MAX_BYTES: usize = 65535 - 20 - 8;
+pub const GSO_MAX_BYTES: usize = podrouter_core::egress::UDP_GSO_MAX_BYTES;
 /// Receive buffer per message: a GRO'd message is at most 64 KiB.
 pub const RX_BUF: usize = 65536;
 

@@ -8,15 +8,16 @@
 //! judged half by old and half by new tables. Workers never take a lock on the packet path and
 //! never touch Python.
 //!
-//! Egress (TUN read, maybe a 64 KiB TSO super-packet):
-//! * native: Ethernet header in front, the vnet header moved in front of that, one AF_PACKET send
-//!   of the whole super-packet (the kernel segments it after tc);
-//! * tunnel: segment in userspace straight into `[tunnel hdr][segment]` units laid back to back,
-//!   encapsulate each unit in place, and send the train with one UDP GSO `sendmmsg` entry per
-//!   ≤ 64 units;
-//! * masquerade: source NAT under the shared NAT mutex (`nat::translate_egress`), then out like
-//!   native to the gateway; a super-packet with an offloaded checksum is translated once;
-//! * local / drop: counted.
+//! Egress (TUN read, maybe a 64 KiB TSO super-packet): the worker reads a batch, hands every read
+//! with its vnet header to the core's one entry point (`podrouter_core::egress::egress`), which
+//! decides and rewrites in place and reports tunnel units, underlay frames and drops; the worker
+//! queues them ([`Outputs`]) and sends them in [`Worker::flush`]:
+//! * tunnel units: grouped per send socket (picked by the unit's flow hash), one `sendmmsg` per
+//!   socket, a train of units of one size as one UDP GSO entry;
+//! * frames (native, masquerade): one AF_PACKET `sendmmsg`, whole super-packets with a vnet header
+//!   when the socket has `PACKET_VNET_HDR`; the masquerade tables are shared by all workers and
+//!   locked by the core only for a masqueraded packet ([`SharedNat`]);
+//! * drops: counted by reason, with an event when events are on.
 //!
 //! Masquerade replies (worker 0): a filtered AF_PACKET copy of what reaches the node address on the
 //! masquerade ports, reverse-translated (`datapath::masquerade_reply`) and written to the TUN; the
@@ -28,21 +29,22 @@
 use crate::af_packet::{self, FrameScratch, PacketSocket, TxFrame};
 use crate::counters::{Dir, Path, Snapshot, Stat, WorkerCounters};
 use crate::events::{Direction, Event, EventRing, Kind};
-use crate::gro::Coalescer;
 use crate::handover::{dup_fd, AdoptFds, FdRole};
 use crate::nat_persist::PersistStats;
 use crate::sys::{Epoll, EventFd};
 use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
-use crate::udp::{self, RecvBatch, SendScratch, TxMsg, UdpSocket};
-use crate::vnet::{self, VnetHdr, VNET_HDR_LEN};
+use crate::udp::{RecvBatch, SendScratch, TxMsg, UdpSocket};
 use arc_swap::ArcSwapOption;
 use podrouter_core::datapath::{self, IngressAction};
-use podrouter_core::encap::{self, EncapParams};
-use podrouter_core::nat::{self, NatConfig, NatTable, NatTable6};
-use podrouter_core::{DropReason, Tables, TunnelProto, Verdict};
+use podrouter_core::egress;
+use podrouter_core::encap;
+use podrouter_core::nat::{NatConfig, NatTable, NatTable6};
+use podrouter_core::offload::gro::Coalescer;
+use podrouter_core::offload::vnet::{self, VnetHdr, VNET_HDR_LEN};
+use podrouter_core::{DropReason, Tables, TunnelProto};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::ops::Range;
+use std::ops::{DerefMut, Range};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -55,7 +57,8 @@ use std::time::Instant;
 /// plus vnet header (native).
 const HEADROOM: usize = 128;
 const _: () = assert!(
-    HEADROOM >= encap::MAX_HEADROOM + VNET_HDR_LEN
+    HEADROOM >= podrouter_core::encap::MAX_HEADROOM + VNET_HDR_LEN
+        && HEADROOM >= egress::HEADROOM
         && HEADROOM >= af_packet::ETH_HLEN + VNET_HDR_LEN
 );
 
@@ -1237,9 +1240,16 @@ impl Worker {
                 c.drop_packets(DropReason::NoRoute.index(), n as u64);
                 return alive;
             };
+            let link = self.link();
+            let mut nat = SharedNat {
+                v4: &self.nat,
+                v6: &self.nat6,
+            };
             for k in 0..n {
                 self.egress_one(
                     tables,
+                    &link,
+                    &mut nat,
                     now,
                     k,
                     &mut st.slots[k],
@@ -1252,9 +1262,14 @@ impl Worker {
         alive
     }
 
+    /// One TUN read through the core's egress entry point (`podrouter_core::egress::egress`):
+    /// the core decides and rewrites, [`Outputs`] queues what it reports for [`Worker::flush`].
+    #[allow(clippy::too_many_arguments)]
     fn egress_one(
         &self,
         tables: &Tables,
+        link: &egress::Link,
+        nat: &mut SharedNat<'_>,
         now: u64,
         k: usize,
         slot: &mut Slot,
@@ -1266,28 +1281,48 @@ impl Worker {
         if hdr.is_gso() {
             c.stat(Stat::TunGsoReads, 1);
         }
-        let (wire_pkts, wire_bytes) =
-            vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], &hdr);
         if self.events.sample_flow() {
             self.record_flow(tables, &slot.buf[HEADROOM..HEADROOM + slot.len]);
         }
-        if let Err(r) = self.egress_inner(
-            tables,
-            now,
+        let mut out = Outputs {
             k,
-            slot,
-            &hdr,
-            (wire_pkts, wire_bytes),
+            tx: &self.tx,
+            counters: c,
             udp_out,
             frames_out,
-        ) {
-            c.drop_packets(r.index(), wire_pkts as u64);
+        };
+        let p = egress::Packet {
+            buf: &mut slot.buf[..],
+            start: HEADROOM,
+            len: slot.len,
+            hdr,
+            seg: &mut slot.seg,
+            segs: &mut slot.segs,
+        };
+        if let Err(d) = egress::egress(tables, link, nat, &mut out, p, now) {
+            c.drop_packets(d.reason.index(), d.packets as u64);
             if self.events.enabled() {
                 let pkt = &slot.buf[HEADROOM..HEADROOM + slot.len.min(slot.buf.len() - HEADROOM)];
                 let mut e = Event::ip(Kind::Drop, Direction::Egress, pkt);
-                e.reason = r.index() as u16;
+                e.reason = d.reason.index() as u16;
                 self.events.push(e);
             }
+        }
+    }
+
+    /// How this worker sends on the underlay, for the core.
+    fn link(&self) -> egress::Link {
+        egress::Link {
+            mac: self.mac,
+            frames: self.pkt.as_deref().map(|p| {
+                if p.vnet_hdr() {
+                    egress::FrameMode::Vnet
+                } else {
+                    egress::FrameMode::Plain
+                }
+            }),
+            tunnel_v4: !self.tx.for_dst(false).is_empty(),
+            tunnel_v6: !self.tx.for_dst(true).is_empty(),
         }
     }
 
@@ -1301,330 +1336,6 @@ impl Worker {
                 self.events.push(e);
             }
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn egress_inner(
-        &self,
-        tables: &Tables,
-        now: u64,
-        k: usize,
-        slot: &mut Slot,
-        hdr: &VnetHdr,
-        wire: (usize, usize),
-        udp_out: &mut Vec<UdpOut>,
-        frames_out: &mut Vec<FrameOut>,
-    ) -> Result<(), DropReason> {
-        let (meta, verdict) =
-            datapath::classify_packet(tables, &slot.buf[HEADROOM..HEADROOM + slot.len])?;
-        // Link padding after the IP total length is not part of the packet (datapath::egress does the same).
-        slot.len = meta.total_len;
-        datapath::check_ttl(meta.ttl, &verdict)?;
-        match verdict {
-            Verdict::Tunnel {
-                peer,
-                proto,
-                vni,
-                remote,
-                port,
-            } => {
-                let params = tables.encap_params(peer, proto, vni, remote, port);
-                self.tunnel(k, slot, hdr, &params, udp_out)
-            }
-            Verdict::Native { next_hop } => {
-                let mac = tables
-                    .next_hop(next_hop)
-                    .and_then(|h| h.mac)
-                    .ok_or(DropReason::NeighborUnresolved)?;
-                self.native(k, slot, hdr, mac, Path::Native, wire, frames_out)
-            }
-            Verdict::Masquerade { next_hop } => {
-                let mac = tables
-                    .next_hop(next_hop)
-                    .and_then(|h| h.mac)
-                    .ok_or(DropReason::NeighborUnresolved)?;
-                self.masquerade(tables, mac, now, k, slot, hdr, frames_out)
-            }
-            // The kernel routed a packet for our own pod CIDR into the TUN, so it has no route to
-            // that pod; writing it back would only loop it through the TUN until its TTL runs out.
-            Verdict::Local => Err(DropReason::NoRoute),
-            Verdict::Drop(r) => Err(r),
-        }
-    }
-
-    /// Finishes a `NEEDS_CSUM` checksum of a non-GSO packet in place.
-    fn finish_csum(slot: &mut Slot, hdr: &VnetHdr) -> Result<(), DropReason> {
-        if hdr.needs_csum() && !hdr.is_gso() {
-            let (s, o) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-            vnet::complete_csum(&mut slot.buf[HEADROOM..HEADROOM + slot.len], s, o)
-                .map_err(|_| DropReason::Malformed)?;
-        }
-        Ok(())
-    }
-
-    /// Segments a super-packet into `slot.seg` with `headroom` bytes in front of each segment.
-    fn segment(slot: &mut Slot, hdr: &VnetHdr, headroom: usize) -> Result<(), DropReason> {
-        slot.seg.clear();
-        slot.segs.clear();
-        vnet::segment(
-            &slot.buf[HEADROOM..HEADROOM + slot.len],
-            hdr,
-            headroom,
-            &mut slot.seg,
-            &mut slot.segs,
-        )
-        .map_err(|e| match e {
-            vnet::OffloadError::Malformed => DropReason::Malformed,
-            vnet::OffloadError::Unsupported => DropReason::Unsupported,
-        })
-    }
-
-    fn tunnel(
-        &self,
-        k: usize,
-        slot: &mut Slot,
-        hdr: &VnetHdr,
-        params: &EncapParams,
-        udp_out: &mut Vec<UdpOut>,
-    ) -> Result<(), DropReason> {
-        let inner = &slot.buf[HEADROOM..HEADROOM + slot.len];
-        // The outer source port is the bound port of the pool socket, picked by the inner flow hash
-        // (the same hash encap::udp_source_port uses), so one flow always leaves from one port.
-        // The pool is the one of the peer's address family (none: this node has no underlay
-        // address of that family, which the tables refuse to build, so only a race gets here).
-        let v6 = params.dst.is_ipv6();
-        let pool = self.tx.for_dst(v6);
-        if pool.is_empty() {
-            return Err(DropReason::NoRoute);
-        }
-        let hash = encap::flow_hash(inner);
-        let sock = hash as usize % pool.len();
-        let out = UdpOut {
-            sock,
-            buf: Buf::Tun(k),
-            range: 0..0,
-            dst: SocketAddr::new(params.dst, params.dst_port),
-            tos: encap::outer_tos(inner),
-            flow_label: if v6 {
-                encap::outer_flow_label(inner)
-            } else {
-                0
-            },
-            segment: 0,
-            path: Path::tunnel(params.proto),
-            pkts: 1,
-            bytes: 0,
-        };
-        if !hdr.is_gso() {
-            Self::finish_csum(slot, hdr)?;
-            // Only a missing headroom (a bug here) can fail; counted rather than hidden.
-            let r = encap::encap_payload(&mut slot.buf, HEADROOM, slot.len, params)
-                .map_err(|_| DropReason::Unsupported)?;
-            udp_out.push(UdpOut {
-                range: r,
-                bytes: slot.len as u64,
-                ..out
-            });
-            return Ok(());
-        }
-        let ovh = params.payload_overhead();
-        Self::segment(slot, hdr, ovh)?;
-        for r in &slot.segs {
-            encap::encap_payload(&mut slot.seg, r.start, r.len(), params)
-                .map_err(|_| DropReason::Unsupported)?;
-        }
-        // Units are [tunnel header][segment], back to back; all but the last have the same size,
-        // which is exactly the shape UDP GSO wants. Trains are cut at the kernel's limits.
-        let unit = ovh + slot.segs[0].len();
-        let per_train = udp::GSO_MAX_SEGMENTS.min(udp::GSO_MAX_BYTES / unit).max(1);
-        for train in slot.segs.chunks(per_train) {
-            let (first, last) = (&train[0], &train[train.len() - 1]);
-            udp_out.push(UdpOut {
-                buf: Buf::Seg(k),
-                range: first.start - ovh..last.end,
-                segment: if train.len() > 1 { unit as u16 } else { 0 },
-                pkts: train.len() as u64,
-                bytes: train.iter().map(|r| r.len() as u64).sum(),
-                ..out.clone()
-            });
-        }
-        Ok(())
-    }
-
-    /// Bytes in front of each frame: the Ethernet header, and the vnet header when the packet
-    /// socket has `PACKET_VNET_HDR` (then every frame must carry one).
-    fn link_headroom(pkt: &PacketSocket) -> usize {
-        af_packet::ETH_HLEN + if pkt.vnet_hdr() { VNET_HDR_LEN } else { 0 }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn native(
-        &self,
-        k: usize,
-        slot: &mut Slot,
-        hdr: &VnetHdr,
-        mac: [u8; 6],
-        path: Path,
-        (wire_pkts, wire_bytes): (usize, usize),
-        frames_out: &mut Vec<FrameOut>,
-    ) -> Result<(), DropReason> {
-        let pkt_sock = self.pkt.as_deref().ok_or(DropReason::NoRoute)?;
-        let end = HEADROOM + slot.len;
-        let et = if slot.buf[HEADROOM] >> 4 == 4 {
-            af_packet::ETHERTYPE_IPV4
-        } else {
-            af_packet::ETHERTYPE_IPV6
-        };
-        const ETH: usize = af_packet::ETH_HLEN;
-        if pkt_sock.vnet_hdr() {
-            // The whole (super-)packet goes out as it came: the vnet header, with its offsets moved
-            // past the Ethernet header, lets the kernel segment and checksum it after tc.
-            let vh = vnet::shift_for_link(&slot.buf[HEADROOM..end], hdr, ETH as u16)
-                .map_err(|_| DropReason::Malformed)?;
-            af_packet::write_eth(&mut slot.buf[HEADROOM - ETH..HEADROOM], mac, self.mac, et);
-            vh.emit(&mut slot.buf[HEADROOM - ETH - VNET_HDR_LEN..HEADROOM - ETH]);
-            if vh.is_gso() {
-                self.counters.stat(Stat::PacketTxGsoFrames, 1);
-            }
-            frames_out.push(FrameOut {
-                buf: Buf::Tun(k),
-                range: HEADROOM - ETH - VNET_HDR_LEN..end,
-                ethertype: et,
-                path,
-                pkts: wire_pkts as u64,
-                bytes: wire_bytes as u64,
-            });
-            return Ok(());
-        }
-        if hdr.is_gso() {
-            Self::segment(slot, hdr, ETH)?;
-            for r in &slot.segs {
-                af_packet::write_eth(&mut slot.seg[r.start - ETH..r.start], mac, self.mac, et);
-                frames_out.push(FrameOut {
-                    buf: Buf::Seg(k),
-                    range: r.start - ETH..r.end,
-                    ethertype: et,
-                    path,
-                    pkts: 1,
-                    bytes: r.len() as u64,
-                });
-            }
-            return Ok(());
-        }
-        Self::finish_csum(slot, hdr)?;
-        af_packet::write_eth(&mut slot.buf[HEADROOM - ETH..HEADROOM], mac, self.mac, et);
-        frames_out.push(FrameOut {
-            buf: Buf::Tun(k),
-            range: HEADROOM - ETH..end,
-            ethertype: et,
-            path,
-            pkts: 1,
-            bytes: slot.len as u64,
-        });
-        Ok(())
-    }
-
-    /// Source NAT (core `nat::translate_egress` with the shared NAT table), then out natively to
-    /// `mac` (the gateway). The NAT rewrite updates checksums incrementally, which needs finished
-    /// checksums: without a vnet-capable packet socket, super-packets are segmented first and
-    /// partial checksums completed. The verdict was taken by the caller, so the packet is not
-    /// classified twice.
-    #[allow(clippy::too_many_arguments)]
-    fn masquerade(
-        &self,
-        tables: &Tables,
-        mac: [u8; 6],
-        now: u64,
-        k: usize,
-        slot: &mut Slot,
-        hdr: &VnetHdr,
-        frames_out: &mut Vec<FrameOut>,
-    ) -> Result<(), DropReason> {
-        let pkt_sock = self.pkt.as_deref().ok_or(DropReason::NoRoute)?;
-        let lh = Self::link_headroom(pkt_sock);
-        let mut nat = if slot.buf[HEADROOM] >> 4 == 6 {
-            // the classifier gives IPv6 the masquerade verdict only with masquerade.address6
-            let node = tables.masquerade().address6.ok_or(DropReason::NoRoute)?;
-            NatGuard::V6(self.nat6.lock().unwrap_or_else(|p| p.into_inner()), node)
-        } else {
-            let node = tables.node_address();
-            NatGuard::V4(self.nat.lock().unwrap_or_else(|p| p.into_inner()), node)
-        };
-        if pkt_sock.vnet_hdr() && hdr.needs_csum() {
-            // Offloaded checksum (and maybe TSO): translate the (super-)packet once, rewrite the
-            // checksum field as the pseudo-header sum of the translated addresses, and let the
-            // kernel segment and checksum it behind the AF_PACKET socket, as on the native path.
-            let wire = vnet::wire_size(&slot.buf[HEADROOM..HEADROOM + slot.len], hdr);
-            let pkt = &mut slot.buf[HEADROOM..HEADROOM + slot.len];
-            nat.translate_egress(pkt, now)?;
-            drop(nat);
-            let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-            let field = start + off;
-            let pseudo = if pkt[0] >> 4 == 6 {
-                if pkt.len() < 40 || field + 2 > pkt.len() || start > pkt.len() {
-                    return Err(DropReason::Malformed);
-                }
-                crate::csum::pseudo_v6(
-                    &pkt[8..24],
-                    &pkt[24..40],
-                    pkt[6],
-                    (pkt.len() - start) as u32,
-                )
-            } else {
-                if pkt.len() < 20 || field + 2 > pkt.len() || start > pkt.len() {
-                    return Err(DropReason::Malformed);
-                }
-                crate::csum::pseudo_v4(
-                    &pkt[12..16],
-                    &pkt[16..20],
-                    pkt[9],
-                    (pkt.len() - start) as u16,
-                )
-            };
-            pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
-            return self.native(k, slot, hdr, mac, Path::Masquerade, wire, frames_out);
-        }
-        let mut one =
-            |buf: &mut [u8], start: usize, len: usize, b: Buf| -> Result<(), DropReason> {
-                let range = start..start + len;
-                nat.translate_egress(&mut buf[range.clone()], now)?;
-                let et = if buf[start] >> 4 == 4 {
-                    af_packet::ETHERTYPE_IPV4
-                } else {
-                    af_packet::ETHERTYPE_IPV6
-                };
-                let f = start - lh;
-                if lh > af_packet::ETH_HLEN {
-                    VnetHdr::default().emit(&mut buf[f..]);
-                }
-                af_packet::write_eth(
-                    &mut buf[start - af_packet::ETH_HLEN..start],
-                    mac,
-                    self.mac,
-                    et,
-                );
-                frames_out.push(FrameOut {
-                    buf: b,
-                    range: f..range.end,
-                    ethertype: et,
-                    path: Path::Masquerade,
-                    pkts: 1,
-                    bytes: len as u64,
-                });
-                Ok(())
-            };
-        if !hdr.is_gso() {
-            Self::finish_csum(slot, hdr)?;
-            return one(&mut slot.buf, HEADROOM, slot.len, Buf::Tun(k));
-        }
-        Self::segment(slot, hdr, lh)?;
-        for r in &slot.segs {
-            // A segment that cannot be translated is counted on its own; the others still go.
-            if let Err(e) = one(&mut slot.seg, r.start, r.len(), Buf::Seg(k)) {
-                self.counters.drop_packets(e.index(), 1);
-            }
-        }
-        Ok(())
     }
 
     fn flush(&self, st: &mut State) {
@@ -1829,7 +1540,7 @@ impl Worker {
                 IngressAction::Deliver { range, path, .. } => {
                     let pkt = &mut slot.buf[range];
                     let (segs, bytes) = vnet::wire_size(pkt, &hdr.unwrap_or_default());
-                    let out = match offload_for_tun(pkt, hdr) {
+                    let out = match datapath::masquerade_reply_offload(pkt, hdr) {
                         Ok(h) => h,
                         Err(r) => {
                             c.drop_packets(r.index(), segs as u64);
@@ -1899,82 +1610,84 @@ fn masq6_wanted(t: &Tables) -> Option<Ipv6Addr> {
     t.masquerade().address6.filter(|_| t.masquerade().enabled)
 }
 
-/// The locked NAT table of a masqueraded packet's family, with the node address it translates to.
-enum NatGuard<'a> {
-    V4(std::sync::MutexGuard<'a, NatTable>, Ipv4Addr),
-    V6(std::sync::MutexGuard<'a, NatTable6>, Ipv6Addr),
+/// The shared masquerade tables, locked by the core only for a masqueraded packet (a poisoned lock
+/// is taken over: the table itself is consistent after any panic-free call).
+struct SharedNat<'a> {
+    v4: &'a Mutex<NatTable>,
+    v6: &'a Mutex<NatTable6>,
 }
 
-impl NatGuard<'_> {
-    /// `nat::translate_egress` / `nat::translate_egress_v6`.
-    #[inline]
-    fn translate_egress(&mut self, pkt: &mut [u8], now: u64) -> Result<(), DropReason> {
-        match self {
-            NatGuard::V4(nat, node) => nat::translate_egress(nat, pkt, *node, now).map(|_| ()),
-            NatGuard::V6(nat, node) => nat::translate_egress_v6(nat, pkt, *node, now).map(|_| ()),
+impl egress::Nat for SharedNat<'_> {
+    fn v4(&mut self) -> Option<impl DerefMut<Target = NatTable> + '_> {
+        Some(self.v4.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn v6(&mut self) -> Option<impl DerefMut<Target = NatTable6> + '_> {
+        Some(self.v6.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Queues the core's egress outputs of slot `k` for [`Worker::flush`].
+struct Outputs<'a> {
+    k: usize,
+    tx: &'a TxPools,
+    counters: &'a WorkerCounters,
+    udp_out: &'a mut Vec<UdpOut>,
+    frames_out: &'a mut Vec<FrameOut>,
+}
+
+impl Outputs<'_> {
+    fn buf(&self, b: egress::Buffer) -> Buf {
+        match b {
+            egress::Buffer::Packet => Buf::Tun(self.k),
+            egress::Buffer::Segments => Buf::Seg(self.k),
         }
     }
 }
 
-/// The vnet header to write a translated packet to the TUN with. A packet the kernel merged (GRO)
-/// or whose checksum it left to offload (`NEEDS_CSUM`, e.g. from a sender on the same host) carries
-/// no valid TCP/UDP checksum, so after NAT changed its destination the checksum field is set to
-/// the new pseudo-header sum and the kernel finishes it (or segments the super-packet) — virtio
-/// `NEEDS_CSUM` semantics. A packet with a complete checksum was updated incrementally by NAT and
-/// goes in without offload. Without a vnet header (`None`) we cannot tell, so the checksum is
-/// computed from scratch.
-fn offload_for_tun(pkt: &mut [u8], hdr: Option<VnetHdr>) -> Result<VnetHdr, DropReason> {
-    let hdr = match hdr {
-        Some(h) if !h.is_gso() && !h.needs_csum() => return Ok(VnetHdr::default()),
-        Some(h) => h,
-        None => VnetHdr::default(),
-    };
-    let v6 = pkt.first().is_some_and(|b| b >> 4 == 6);
-    if v6 && pkt.len() < 40 {
-        return Err(DropReason::Malformed);
+impl egress::Sink for Outputs<'_> {
+    fn tunnel(&mut self, u: egress::TunnelUnit) {
+        // The outer source port is the bound port of the pool socket picked by the inner flow
+        // hash, so one flow always leaves from one port. The core checked that the pool of the
+        // remote's family is not empty (`Link::tunnel_v4` / `tunnel_v6`).
+        let pool = self.tx.for_dst(u.remote.is_ipv6()).len().max(1);
+        self.udp_out.push(UdpOut {
+            sock: u.hash as usize % pool,
+            buf: self.buf(u.buf),
+            range: u.range,
+            dst: u.remote,
+            tos: u.tos,
+            flow_label: u.flow_label,
+            segment: u.segment,
+            path: Path::tunnel(u.proto),
+            pkts: u.pkts,
+            bytes: u.bytes,
+        });
     }
-    if !v6 && (pkt.len() < 20 || pkt[0] >> 4 != 4) {
-        return Err(DropReason::Malformed);
+
+    fn frame(&mut self, f: egress::Frame) {
+        if f.gso {
+            self.counters.stat(Stat::PacketTxGsoFrames, 1);
+        }
+        self.frames_out.push(FrameOut {
+            buf: self.buf(f.buf),
+            range: f.range,
+            ethertype: f.ethertype,
+            path: f.path,
+            pkts: f.pkts,
+            bytes: f.bytes,
+        });
     }
-    // IPv6: the core translates only a transport directly after the fixed header
-    let (ihl, proto) = if v6 {
-        (40, pkt[6])
-    } else {
-        (usize::from(pkt[0] & 0x0f) * 4, pkt[9])
-    };
-    let offset = match proto {
-        6 => 16,
-        17 => 6,
-        _ => return Err(DropReason::Unsupported),
-    };
-    let mut h = vnet::shift_for_link(pkt, &hdr, 0).map_err(|_| DropReason::Malformed)?;
-    if !h.needs_csum() {
-        h.flags |= vnet::flags::NEEDS_CSUM;
+
+    fn local(&mut self, _: Range<usize>) -> Result<(), DropReason> {
+        // The kernel routed a packet for our own pod CIDR into the TUN, so it has no route to
+        // that pod; writing it back would only loop it through the TUN until its TTL runs out.
+        Err(DropReason::NoRoute)
     }
-    h.flags &= !vnet::flags::DATA_VALID;
-    h.csum_start = ihl as u16;
-    h.csum_offset = offset;
-    let end = if v6 {
-        (40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]]))).min(pkt.len())
-    } else {
-        usize::from(u16::from_be_bytes([pkt[2], pkt[3]])).min(pkt.len())
-    };
-    let field = ihl + offset as usize;
-    if field + 2 > end {
-        return Err(DropReason::Truncated);
+
+    fn segment_dropped(&mut self, reason: DropReason) {
+        self.counters.drop_packets(reason.index(), 1);
     }
-    let pseudo = if v6 {
-        crate::csum::pseudo_v6(&pkt[8..24], &pkt[24..40], proto, (end - ihl) as u32)
-    } else {
-        crate::csum::pseudo_v4(&pkt[12..16], &pkt[16..20], proto, (end - ihl) as u16)
-    };
-    pkt[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
-    if h.is_gso() || hdr.needs_csum() {
-        return Ok(h);
-    }
-    vnet::complete_csum(&mut pkt[..end], ihl, usize::from(offset))
-        .map_err(|_| DropReason::Malformed)?;
-    Ok(VnetHdr::default())
 }
 
 /// Count the options of a Geneve header at the start of `dg` (RFC 8926 §3.5), before validation:
@@ -1995,69 +1708,6 @@ fn count_geneve_options(c: &WorkerCounters, dg: &[u8]) {
 mod tests {
     use super::*;
     use podrouter_core::{Cidr, MasqueradeSpec, NodeSpec, TableSpec, TunnelSpec};
-
-    /// An IPv6 UDP datagram 2001:db8::1:53 -> fd00::a:5000 with `payload` and a wrong checksum.
-    fn udp6(payload: &[u8]) -> Vec<u8> {
-        let src: Ipv6Addr = "2001:db8::1".parse().unwrap();
-        let dst: Ipv6Addr = "fd00::a".parse().unwrap();
-        let ulen = 8 + payload.len();
-        let mut p = vec![0x60, 0, 0, 0];
-        p.extend_from_slice(&(ulen as u16).to_be_bytes());
-        p.extend_from_slice(&[17, 64]);
-        p.extend_from_slice(&src.octets());
-        p.extend_from_slice(&dst.octets());
-        p.extend_from_slice(&53u16.to_be_bytes());
-        p.extend_from_slice(&5000u16.to_be_bytes());
-        p.extend_from_slice(&(ulen as u16).to_be_bytes());
-        p.extend_from_slice(&[0xde, 0xad]);
-        p.extend_from_slice(payload);
-        p
-    }
-
-    fn udp6_csum_ok(p: &[u8]) -> bool {
-        let len = (p.len() - 40) as u32;
-        let pseudo = crate::csum::pseudo_v6(&p[8..24], &p[24..40], 17, len);
-        crate::csum::add(pseudo, crate::csum::sum(&p[40..])) == 0xffff
-    }
-
-    #[test]
-    fn offload_for_tun_fixes_ipv6_checksums() {
-        // Without a vnet header the checksum is computed from scratch, no offload left.
-        let mut p = udp6(b"hello, v6!");
-        let h = offload_for_tun(&mut p, None).unwrap();
-        assert_eq!(h, VnetHdr::default());
-        assert!(udp6_csum_ok(&p));
-        // NEEDS_CSUM from the kernel: the field becomes the new pseudo-header sum, for the TUN
-        // to finish at the transport header right after the 40-byte IPv6 header.
-        let mut p = udp6(b"partial");
-        let mut hdr = VnetHdr {
-            flags: vnet::flags::NEEDS_CSUM,
-            csum_start: 40,
-            csum_offset: 6,
-            ..VnetHdr::default()
-        };
-        let h = offload_for_tun(&mut p, Some(hdr)).unwrap();
-        assert!(h.needs_csum());
-        assert_eq!((h.csum_start, h.csum_offset), (40, 6));
-        vnet::complete_csum(&mut p, 40, 6).unwrap();
-        assert!(udp6_csum_ok(&p));
-        // A complete checksum (no offload flags) is left to NAT's incremental update.
-        hdr.flags = 0;
-        let mut p = udp6(b"x");
-        assert_eq!(
-            offload_for_tun(&mut p, Some(hdr)).unwrap(),
-            VnetHdr::default()
-        );
-        assert_eq!(&p[46..48], &[0xde, 0xad]);
-        // Truncated or unsupported.
-        assert_eq!(
-            offload_for_tun(&mut udp6(b"")[..30].to_vec(), None),
-            Err(DropReason::Malformed)
-        );
-        let mut p = udp6(b"icmp");
-        p[6] = 58;
-        assert_eq!(offload_for_tun(&mut p, None), Err(DropReason::Unsupported));
-    }
 
     fn tables(address: &str, enabled: bool, address6: Option<&str>) -> Tables {
         let c = |s: &str| -> Cidr { s.parse().unwrap() };

@@ -1,4 +1,4 @@
-//! Oracles shared by the I/O fuzz targets: checksum checks written against podrouter-core's
+//! Oracles shared by the offload fuzz targets: checksum checks written against podrouter-core's
 //! reference checksum code, GSO expansion of what the coalescer writes, and a normalised view of
 //! a TCP segment (what segmentation must give back of what coalescing merged).
 #![allow(dead_code)]
@@ -6,8 +6,8 @@
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use podrouter_core::wire::checksum;
-use podrouter_io::gro::Coalescer;
-use podrouter_io::vnet::{self, VnetHdr, VNET_HDR_LEN};
+use podrouter_core::offload::gro::Coalescer;
+use podrouter_core::offload::vnet::{self, VnetHdr, VNET_HDR_LEN};
 
 /// Equal as one's-complement sums (0x0000 and 0xffff both stand for zero).
 pub fn same_sum(a: u16, b: u16) -> bool {

@@ -8,7 +8,7 @@
 //! Nothing here panics on any input: every offset taken from the header or the packet is checked
 //! against the buffer, and a packet that does not add up is reported as `OffloadError::Malformed`.
 
-use crate::csum;
+use super::csum;
 use core::ops::Range;
 
 /// `sizeof(struct virtio_net_hdr)`; the 12-byte `virtio_net_hdr_mrg_rxbuf` adds `num_buffers`,
@@ -379,7 +379,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn tcp_v4_ok(seg: &[u8]) -> bool {
-        use podrouter_core::wire::checksum as c;
+        use crate::wire::checksum as c;
         let ip_ok = c::data(&seg[..20]) == 0xffff;
         let src = core::net::Ipv4Addr::new(seg[12], seg[13], seg[14], seg[15]);
         let dst = core::net::Ipv4Addr::new(seg[16], seg[17], seg[18], seg[19]);
@@ -442,8 +442,8 @@ pub(crate) mod tests {
 
     #[test]
     fn tso_v6_and_uso_segments_are_valid() {
+        use crate::wire::checksum as c;
         use core::net::Ipv6Addr;
-        use podrouter_core::wire::checksum as c;
         for tcp in [true, false] {
             let hl = if tcp { 20 } else { 8 };
             let plen = 3000;

@@ -4,7 +4,7 @@
 //! RFC 1071 §2(B): the one's-complement sum is byte-order independent, so we add native-endian 64-bit
 //! words with end-around carry and swap the folded 16-bit result once at the end, instead of
 //! byte-swapping every word. All functions are total (any length, odd included) and never panic.
-//! `podrouter_core::wire::checksum` is the reference these are tested against.
+//! `crate::wire::checksum` (the straightforward big-endian sum) is the reference these are tested against.
 
 /// Add `data` (starting at an even offset of the checksummed region) to a native-endian accumulator.
 #[inline]
@@ -141,8 +141,8 @@ mod tests {
 
     #[test]
     fn pseudo_headers_match_core() {
+        use crate::wire::checksum as c;
         use core::net::{Ipv4Addr, Ipv6Addr};
-        use podrouter_core::wire::checksum as c;
         let (s, d) = (Ipv4Addr::new(10, 244, 1, 1), Ipv4Addr::new(10, 244, 2, 1));
         assert_eq!(
             pseudo_v4(&s.octets(), &d.octets(), 6, 1400),

@@ -26,8 +26,8 @@
 //! segment whose IPv4 header or TCP checksum does not verify is written through unchanged, after
 //! its flow's open train, and the pod's stack drops it as it would on a wire.
 
-use crate::csum;
-use crate::vnet::{flags, gso_type, VnetHdr, VNET_HDR_LEN};
+use super::csum;
+use super::vnet::{flags, gso_type, VnetHdr, VNET_HDR_LEN};
 
 /// Open trains kept at once (flows interleaved within one receive batch).
 const MAX_OPEN: usize = 8;
@@ -344,7 +344,7 @@ fn finish(t: &mut Train) -> VnetHdr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vnet::{segment, tests::tcp_v4_ok, tests::tso_v4, VnetHdr};
+    use crate::offload::vnet::{segment, tests::tcp_v4_ok, tests::tso_v4, VnetHdr};
 
     /// Wire segments of a synthetic TSO packet (valid checksums), as a peer would send them.
     fn segments(payload: usize, mss: u16, flags: u8) -> Vec<Vec<u8>> {
