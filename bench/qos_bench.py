@@ -55,6 +55,7 @@ if str(HERE) not in sys.path:  # for bench/qos/ (the installed podrouter package
     sys.path.insert(0, str(HERE))
 
 from podrouter.demo.netns import Topology  # noqa: E402
+from qos import lab  # noqa: E402
 from qos.lab import (  # noqa: E402
     GOODPUT_PER_FRAME,
     SINK_ADDR,
@@ -246,6 +247,7 @@ def _ratio(ours: float, ref: float) -> str:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
+    lab.PIN_BULK = True  # the bulk flow's sender on CPU 0, the probe on a CPU of its own (qos/lab.py)
     durations = [2] if quick else [10, 60]
     rows = []
     for seconds in durations:
@@ -329,6 +331,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def points(rates: list[str], directions: list[str], impls: list[str], seconds: int) -> list[dict[str, Any]]:
+    lab.PIN_BULK = True
     """Single measurements (no summary, no priority contention): for looking at one case."""
     pings = max(5, int((seconds - 2.5) * 20))
     return [_one(impl, d, r, seconds, pings) for r in rates for d in directions for impl in impls]
