@@ -204,11 +204,10 @@ RR_BYTES = 64
 # policy would give it: the probe's two processes run on the last CPU and the bulk flow's sender (the
 # iperf3 client, in both directions) on CPU 0 (`iperf3 -A 0`, in the benchmark: PIN_BULK), so the
 # flow's transmit and softirq work (a veth delivers on the sending CPU) stay off the probe's CPU.
-# Without this the probe's wake-up
-# waited behind that softirq work (up to net.core.netdev_budget_usecs, 2 ms, per round): run 5
-# measured `rr` p99 2.21 ms at 100M egress of which the network part was 0.47 ms. The receiving
-# iperf3 is left free: pinned beside its sender, one CPU could no longer carry 1 Gbit/s (run 6 read
-# -3.08 % at 1G egress, the reference -2.76 %).
+# Without this the probe's wake-up waited behind that softirq work (up to
+# net.core.netdev_budget_usecs, 2 ms, per round): run 5 measured `rr` p99 2.21 ms at 100M egress of
+# which the network part was 0.47 ms. The receiving iperf3 is left free: pinned beside its sender,
+# one CPU could no longer carry 1 Gbit/s (run 6 read -3.08 % at 1G egress, the reference -2.76 %).
 RR_PRIORITY = 10
 _CPUS = os.cpu_count() or 1
 RR_CPU = _CPUS - 1
