@@ -70,8 +70,10 @@ from qos.lab import (  # noqa: E402
 )
 
 # extra seconds the saturating flow runs beyond the measurement, so that the probes (which start
-# 1.5 s into the flow) always end while it still runs
-FLOW_MARGIN_S = 3
+# 1.5 s into the flow) always end while it still runs. 3 s was too few for the 60 s cases: the
+# probes' own start (the echo server's process, ping's) and the flow's (iperf3's server coming up)
+# do not overlap, and a full run stopped on the check below (2026-12-01)
+FLOW_MARGIN_S = 8
 RATES = {"10M": 10_000_000, "100M": 100_000_000, "1G": 1_000_000_000}
 DIRECTIONS = ("egress", "ingress")
 IMPLS = ("podrouter", "reference")
@@ -168,7 +170,9 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
             expected = rate * GOODPUT_PER_FRAME
             kernel_bps = (w1[0] - w0[0]) * 8 / (w1[1] - w0[1])
             if not flow.get("ended_at") or flow["ended_at"] < w1[1]:
-                raise RuntimeError(f"the probes outlasted the flow ({seconds} s case): widen FLOW_MARGIN_S")
+                raise RuntimeError(
+                    f"the probes outlasted the flow ({seconds} s case: probe window {w1[1] - w0[1]:.2f} s, "
+                    f"flow ended {w1[1] - flow.get('ended_at', 0.0):.2f} s before its end): widen FLOW_MARGIN_S")
             return {
                 "impl": impl, "direction": direction, "rate": rate_name, "rate_bps": rate, "seconds": seconds,
                 "goodput_bps": round(bps), "expected_goodput_bps": round(expected),
