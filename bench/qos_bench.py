@@ -54,6 +54,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # for bench/qos/ (the installed podrouter package is used as is)
     sys.path.insert(0, str(HERE))
 
+from podrouter.bench.measure import CpuTimes  # noqa: E402
 from podrouter.demo.netns import Topology  # noqa: E402
 from qos import lab  # noqa: E402
 from qos.lab import (  # noqa: E402
@@ -112,17 +113,12 @@ def _rx_counter(host: Any, port: int = 5201) -> Any:
     return lambda: (kernel_rx_bytes(host, port), time.monotonic())
 
 
-def _cpu_times() -> tuple[int, int]:
-    """(all CPU time, stolen time) of the machine in ticks, from /proc/stat. Steal is the time the
+def _steal_pct(a: CpuTimes, b: CpuTimes) -> float:
+    """The machine's steal time between two samples, percent of all CPU time. Steal is the time the
     hypervisor ran something else while this guest's vCPUs had work: a shaper's watchdog timer
     fires late by as much, and tokens beyond its bucket are lost (docs/qos.md, runs 8 and 9)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return sum(v), v[7]
-
-
-def _steal_pct(a: tuple[int, int], b: tuple[int, int]) -> float:
-    return round((b[1] - a[1]) * 100 / max(1, b[0] - a[0]), 1)
+    d = b - a
+    return round(d.steal * 100 / max(1e-9, d.busy + d.idle), 1)
 
 
 def _stats(prefix: str, values: list[float]) -> dict[str, float]:
@@ -175,9 +171,9 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
             t.start()
             time.sleep(1.5)  # past iperf3's omitted second: the queue is at its steady state
             rx = _rx_counter(lab.sink if direction == "egress" else pod.host)
-            c0, w0 = _cpu_times(), rx()
+            c0, w0 = CpuTimes.now(), rx()
             lat = _latency(lab, pod, seconds, pings, 5400)
-            w1, c1 = rx(), _cpu_times()
+            w1, c1 = rx(), CpuTimes.now()
             t.join(timeout=seconds + 60)
             bps = flow["bps"]
             expected = rate * GOODPUT_PER_FRAME
@@ -353,8 +349,8 @@ def table(report: dict[str, Any]) -> str:
 
 
 def points(rates: list[str], directions: list[str], impls: list[str], seconds: int) -> list[dict[str, Any]]:
-    lab.PIN_BULK = True
     """Single measurements (no summary, no priority contention): for looking at one case."""
+    lab.PIN_BULK = True
     pings = max(5, int((seconds - 2.5) * 20))
     return [_one(impl, d, r, seconds, pings) for r in rates for d in directions for impl in impls]
 

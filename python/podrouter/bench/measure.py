@@ -41,6 +41,7 @@ class CpuTimes:
     busy: float  # user + nice + system + irq + softirq + steal
     idle: float  # idle + iowait
     irq: float  # irq + softirq: packet processing that no process is charged for
+    steal: float  # time the hypervisor ran something else while this guest's vCPUs had work
 
     @staticmethod
     def now() -> CpuTimes:
@@ -54,10 +55,12 @@ class CpuTimes:
             busy=(user + nice + system + irq + softirq + steal) / _CLK_TCK,
             idle=(idle + iowait) / _CLK_TCK,
             irq=(irq + softirq) / _CLK_TCK,
+            steal=steal / _CLK_TCK,
         )
 
     def __sub__(self, other: CpuTimes) -> CpuTimes:
-        return CpuTimes(self.busy - other.busy, self.idle - other.idle, self.irq - other.irq)
+        return CpuTimes(self.busy - other.busy, self.idle - other.idle, self.irq - other.irq,
+                        self.steal - other.steal)
 
 
 def process_cpu(pids: list[int]) -> float:
