@@ -134,12 +134,6 @@ pub fn egress(
     len: usize,
     now: u64,
 ) -> EgressAction {
-    let link = egress::Link {
-        mac: [0; 6],
-        frames: Some(egress::FrameMode::Plain),
-        tunnel_v4: true,
-        tunnel_v6: true,
-    };
     // A plain packet is never segmented: the scratch buffers stay empty and never allocate.
     let (mut seg, mut segs) = (Vec::new(), Vec::new());
     let p = egress::Packet {
@@ -152,11 +146,19 @@ pub fn egress(
     };
     // Every `Ok` reports exactly one output for a plain packet, which overwrites this.
     let mut out = One(EgressAction::Drop(DropReason::Unsupported));
-    match egress::egress(tables, &link, &mut OneNat(nat), &mut out, p, now) {
+    match egress::egress(tables, &ONE_LINK, &mut OneNat(nat), &mut out, p, now) {
         Ok(()) => out.0,
         Err(d) => EgressAction::Drop(d.reason),
     }
 }
+
+/// The link of the one-packet API: a constant, so it is not built per packet.
+const ONE_LINK: egress::Link = egress::Link {
+    mac: [0; 6],
+    frames: Some(egress::FrameMode::Plain),
+    tunnel_v4: true,
+    tunnel_v6: true,
+};
 
 /// The one output of a plain packet, as an [`EgressAction`].
 struct One(EgressAction);

@@ -229,6 +229,8 @@ pub fn check_ttl(ttl: u8, verdict: &Verdict) -> Result<(), DropReason> {
     }
 }
 
+// Inlined into `egress`: a separate frame costs the one-packet path ~60 instructions (callgrind).
+#[inline]
 fn decide<N: Nat, S: Sink>(
     tables: &Tables,
     link: &Link,
