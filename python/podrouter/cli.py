@@ -7,27 +7,27 @@ A user never sees a traceback for bad input: each problem is one line on stderr.
 
 from __future__ import annotations
 
-import importlib
 import ipaddress
 import json
 import socket
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from podrouter import api as apimod
 from podrouter import config as configmod
-from podrouter import entry, native
+from podrouter import launch, native
 from podrouter.errors import StartError
 from podrouter.packets import PROTOS, build_packet
+from podrouter.status_text import mesh_lines
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 # one error style and one config loading for every command, the click-free `run` included
-_fail = entry.fail
-_load_config = entry.load_config
+_fail = launch.fail
+_load_config = launch.load_config
 
 
 def _socket_path(config: str | None, sock: str | None) -> str:
@@ -99,9 +99,7 @@ def run(config: str, log_level: str, handover: bool) -> None:
     the next `run`, which adopts them; `podrouter cleanup` removes them. With --handover it starts
     while the old daemon runs and takes its datapath over; the old one then exits 0."""
     # the console script runs a plain `run` without click (podrouter/entry.py); both end here
-    from podrouter.entry import run_daemon
-
-    run_daemon(config, log_level, handover)
+    launch.run_daemon(config, log_level, handover)
 
 
 @main.command(short_help="Validate a config file (exit 2 naming each problem).")
@@ -228,7 +226,7 @@ def format_status(s: dict[str, Any]) -> str:
     capped = ", ".join(f"{k}={v}" for k, v in sorted((c.get("nat_pod_limit_drops") or {}).items()) if v)
     if capped:
         lines.append(f"  nat pod limit drops: {capped}")
-    lines += _bgp_lines(s.get("bgp") or {}) + _mesh_lines(s.get("clustermesh") or {})
+    lines += _bgp_lines(s.get("bgp") or {}) + mesh_lines(s.get("clustermesh") or {})
     return "\n".join(lines)
 
 
@@ -248,20 +246,6 @@ def _bgp_lines(b: dict[str, Any]) -> list[str]:
     for x in b.get("sessions") or []:
         err = f"  last error: {x['last_error']}" if x.get("last_error") else ""
         out.append(f"  {x['peer']:<15} AS {x['asn']:<10} {x['state']:<12} exported {x['exported']}{err}")
-    return out
-
-
-def _mesh_lines(m: dict[str, Any]) -> list[str]:
-    if not m.get("clusters"):
-        return []
-    me = m.get("cluster") or {}
-    out = ["", f"cluster mesh: this cluster {me.get('name')} (id {me.get('id')})"]
-    for c in m["clusters"]:
-        out.append(f"  {c['name']} (id {c['id']}) {c['state']}  {c['mode']}  etcd {c['endpoint']}")
-        for n, v in (c.get("nodes") or {}).items():
-            out.append(f"    {n:<14} {v['address']:<15} {','.join(v['pod_cidrs'])}")
-        for k, why in (c.get("rejected") or {}).items():
-            out.append(f"    ! refused {k}: {why}")
     return out
 
 
@@ -437,6 +421,7 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
     as off-link, as a node sees them before its underlay is up."""
     from podrouter import plan  # lazy: planning loads the netlink package, most commands need neither
     from podrouter.plan import PeerView
+
     address = str(cfg.node.address) if cfg.node.address else "0.0.0.0"
     # node.address unset: its family is known only at start (peers of both families may fit then)
     a6 = cfg.node.address6 if cfg.node.address else ipaddress.IPv6Address("::")
@@ -459,6 +444,7 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
     """Tables spec from a config alone, reading (never changing) this namespace where it can."""
     from podrouter import plan  # lazy, as in compile_problems
     from podrouter.plan import PeerView
+
     notes: list[str] = []
     address = str(cfg.node.address) if cfg.node.address else None
     gateway = None
@@ -550,10 +536,9 @@ def explain(
 # -------------------------------------------------------------------------------------- demo / bench
 
 
-def _delegate(module: str, args: list[str]) -> None:
-    """Run `podrouter.<module>.main(args)` (the demo and the bench parse their own arguments)."""
-    mod = importlib.import_module(f"podrouter.{module}")
-    sys.exit(int(mod.main(args) or 0))
+def _exit_with(code: int | None) -> NoReturn:
+    """Exit with what the demo's or the bench's `main` returned (they parse their own arguments)."""
+    sys.exit(int(code or 0))
 
 
 # ------------------------------------------------------------------------------------------ monitor
@@ -608,8 +593,10 @@ def monitor(
     except ValueError as e:
         _fail(f"bad reply from the daemon: {e}", EXIT_FAILURE)
     if error is not None:
-        _fail(f"error: {error}", EXIT_USAGE if error.startswith(("reason:", "pod:", "address:", "flows:"))
-              else EXIT_FAILURE)
+        _fail(
+            f"error: {error}",
+            EXIT_USAGE if error.startswith(("reason:", "pod:", "address:", "flows:")) else EXIT_FAILURE,
+        )
 
 
 # add_help_option=False: `--help` / `-h` go through to the demo's own parser, which lists its options
@@ -621,7 +608,9 @@ def monitor(
 @click.pass_context
 def demo(ctx: click.Context) -> None:
     """Build a small cluster in network namespaces, show every pod-to-pod path, tear it down."""
-    _delegate("demo", list(ctx.args))
+    from podrouter import demo as demomod  # lazy: namespaces and subprocesses, only this command
+
+    _exit_with(demomod.main(list(ctx.args)))
 
 
 # add_help_option=False: `--help` / `-h` go through to the bench's own parser, which lists its options
@@ -633,7 +622,9 @@ def demo(ctx: click.Context) -> None:
 @click.pass_context
 def bench(ctx: click.Context) -> None:
     """The benchmark suite (mode comparison, masquerade vs nftables, shaping accuracy)."""
-    _delegate("bench", list(ctx.args))
+    from podrouter import bench as benchmod  # lazy, as the demo
+
+    _exit_with(benchmod.main(list(ctx.args)))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from typing import Any
 
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import MASQ_RULE_PRIORITY, MASQ_TABLE, POD_GATEWAY6, SUPPRESS_RULE_PRIORITY
+from podrouter.netlink.specs import RouteSpec, RuleSpec
 
 FORMAT = 1
 # a node with thousands of pods writes well under 1 MiB; anything far larger is not ours
@@ -128,12 +129,8 @@ def _validate(d: dict[str, Any]) -> None:
         _ifname("tun", d["tun"])
     if not isinstance(d.get("nft_guard", False), bool):
         raise _bad("nft_guard", d["nft_guard"], "is not a boolean")
-    # the route and rule records are `asdict` of plumbing's RouteSpec / RuleSpec: their fields are the
-    # allowed keys (the ones checked below by type and value, any other field a plain scalar)
-    from dataclasses import fields
-
-    from podrouter.netlink.plumbing import RouteSpec, RuleSpec
-
+    # the route and rule records are `asdict` of netlink.specs' RouteSpec / RuleSpec: their fields are
+    # the allowed keys (the ones checked below by type and value, any other field a plain scalar)
     scalar = (str, int, bool, type(None))
     routes = d.get("routes", [])
     if not isinstance(routes, list):

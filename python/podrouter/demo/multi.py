@@ -316,8 +316,8 @@ def run_clusters_demo(seconds: float = 2.0, throughput: bool = True) -> int:
 def _clusters_leg(topo: Topology, closers: Closers, seconds: float, throughput: bool) -> int:
     import tempfile
 
-    from podrouter.cli import _mesh_lines
     from podrouter.demo.cluster import Cluster
+    from podrouter.status_text import mesh_lines
 
     _say(f"podrouter demo --clusters 2: building two clusters in network namespaces {topo.prefix}-*")
     ref = mesh_topology(topo)
@@ -338,7 +338,7 @@ def _clusters_leg(topo: Topology, closers: Closers, seconds: float, throughput: 
         return all(len(cluster.status(n).get("peers", [])) == 3 for n in ref.nodes)
 
     _wait(meshed, 20, "every node to know the 3 others")
-    for line in _mesh_lines(cluster.status("node1")["clustermesh"]):
+    for line in mesh_lines(cluster.status("node1")["clustermesh"]):
         _say(line.replace("cluster mesh:", "node1's cluster mesh:", 1))
     _say()
     pairs = [

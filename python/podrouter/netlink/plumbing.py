@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from podrouter import state as statefile
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import IFA_F_NODAD, RTPROT_PODROUTER
 from podrouter.netlink.rtnl import Route, RouteRequest, Rtnl
+from podrouter.netlink.specs import RT_TABLE_MAIN, RouteSpec, RuleSpec
 from podrouter.netlink.underlay import netns_id
 
 log = logging.getLogger("podrouter.netlink")
@@ -46,62 +47,12 @@ RT_SCOPE_LINK = 253
 # fib_table_delete() matches any scope only when asked with RT_SCOPE_NOWHERE (as `ip route del` does);
 # scope 0 would match universe-scope routes only and leave a pod's link-scope /32 behind
 RT_SCOPE_NOWHERE = 255
-RT_TABLE_MAIN = 254
 # iproute2's names of the routing protocols a conflict report is likely to show (rtnetlink.h)
 _PROTO_NAMES = {1: "redirect", 2: "kernel", 3: "boot", 4: "static", 11: "zebra", 12: "bird", 16: "dhcp"}
 
 
 class PlumbingError(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class RouteSpec:
-    """One route podrouter owns. `oif` is an interface *name* (indexes change when a veth is re-made)."""
-
-    dst: str  # a CIDR, normalised by ipaddress
-    kind: str = "unicast"  # unicast | unreachable | blackhole
-    oif: str | None = None
-    mtu: int | None = None  # RTAX_MTU: the kernel's forwarding path honours it (ip_dst_mtu_maybe_forward)
-    table: int = RT_TABLE_MAIN
-    scope_link: bool = False
-    label: str = ""  # why it exists (shown by `podrouter status`), not sent to the kernel
-
-    @property
-    def key(self) -> tuple[int, str]:
-        return (self.table, self.dst)
-
-    @property
-    def family(self) -> int:
-        return socket.AF_INET6 if ":" in self.dst else socket.AF_INET
-
-    def kernel_view(self, ifindex: int | None) -> tuple[str, int | None, int | None]:
-        return (self.kind, ifindex if self.kind == "unicast" else None, self.mtu)
-
-
-@dataclass(frozen=True)
-class RuleSpec:
-    priority: int
-    table: int
-    src: str | None = None  # a CIDR
-    suppress_prefixlength: int | None = None
-    family: int = socket.AF_INET
-
-    def request(self) -> dict[str, Any]:
-        # FRA_PROTOCOL: the rule is recognised as ours by it, and a delete that names it matches
-        # only rules carrying it (fib_nl_delrule compares the protocol when one is given)
-        kw: dict[str, Any] = {
-            "family": self.family,
-            "priority": self.priority,
-            "table": self.table,
-            "protocol": RTPROT_PODROUTER,
-        }
-        if self.src is not None:
-            net = ipaddress.ip_network(self.src)
-            kw.update(src=str(net.network_address), src_len=net.prefixlen)
-        if self.suppress_prefixlength is not None:
-            kw["suppress_prefixlen"] = self.suppress_prefixlength
-        return kw
 
 
 def _route_key(msg: Any) -> tuple[int, str]:
