@@ -40,10 +40,14 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from podrouter import native
 from podrouter.errors import EXIT_CONFIG, StartError
+
+if TYPE_CHECKING:
+    from podrouter._native import Datapath, Tables
+    from podrouter.ports import HandsOver, TakesOver
 
 log = logging.getLogger("podrouter.handover")
 
@@ -122,7 +126,7 @@ def _peer_uid(conn: socket.socket) -> tuple[int, int]:
 class Server:
     """The old daemon's side: the `handover` API op (a raw op: it needs the socket for SCM_RIGHTS)."""
 
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: HandsOver) -> None:
         self.d = daemon
         self._lock = threading.Lock()
         self._busy = False
@@ -170,6 +174,9 @@ class Server:
     def _hand_over(self, conn: socket.socket, pid: int, req: dict[str, Any]) -> None:
         d = self.d
         dp = d.datapath
+        if dp is None:  # _handle checked it; only a daemon stopping meanwhile gets here
+            _send(conn, {"ok": False, "error": "this daemon is not ready"})
+            return
         with d.lock:  # no table swap or reconcile while the workers stop
             t0 = time.monotonic()
             d.handing_over = True
@@ -218,7 +225,8 @@ class Server:
                 d.handing_over = False  # a datapath that did not resume ends the daemon (run loop)
                 # the successor rewrote the state file while preparing: this daemon's record again
                 with contextlib.suppress(Exception):
-                    d.plumbing.save()
+                    if d.plumbing is not None:
+                        d.plumbing.save()
             log.error(
                 "handover to pid %d failed (%s); forwarding resumed after %.1f ms",
                 pid,
@@ -316,9 +324,9 @@ def take_over(
     path: str,
     expect: dict[str, Any],
     dp_config: dict[str, Any],
-    tables: Any,
+    tables: Tables,
     nat_snapshot: str | None,
-) -> tuple[Any, socket.socket]:
+) -> tuple[Datapath, socket.socket]:
     """Ask the daemon on `path` for its datapath and start it here. Returns the started Datapath
     and the connection (see `wait_released`). Raises HandoverError (the old daemon resumes)."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -377,7 +385,7 @@ class Pending:
 
     tun_ifindex = None
 
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: TakesOver) -> None:
         self.d = daemon
         self.nat_snapshot: str | None = None
         self.conn: socket.socket | None = None
@@ -385,7 +393,7 @@ class Pending:
     def set_nat_snapshot(self, path: str | None) -> None:
         self.nat_snapshot = path
 
-    def start(self, tables: Any) -> None:
+    def start(self, tables: Tables) -> None:
         d = self.d
         dp_config = d._datapath_config()
         t0 = time.monotonic()

@@ -35,7 +35,15 @@ import socket
 import stat
 import struct
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import logging
+    from types import ModuleType
+
+    from podrouter._native import Datapath
+    from podrouter.config import Config
+    from podrouter.ports import KeptDatapath
 
 VERSION = 1
 MAX_LINE = 4096  # a request line
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- daemon side
 
 
-def socket_path(cfg: Any) -> str:
+def socket_path(cfg: Config) -> str:
     """`<api.socket dir>/<node.name>.keeper`, next to the state and NAT snapshot files."""
     return os.path.join(os.path.dirname(cfg.api.socket) or ".", f"{cfg.node.name}.keeper")
 
@@ -284,7 +292,7 @@ def _expect_problems(mine: dict[str, Any], theirs: Any) -> list[str]:
     ]
 
 
-def take(cfg: Any, dp_config: dict[str, Any], native: Any, log: Any) -> Any | None:
+def take(cfg: Config, dp_config: dict[str, Any], native: ModuleType, log: logging.Logger) -> Datapath | None:
     """At start, before the TUN is opened: a Datapath on the keeper's fds, or None (no keeper, or
     its fds do not fit this config: then it has let go of them, so the TUN queues and sockets this
     daemon opens are the only ones)."""
@@ -375,7 +383,9 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def replace(cfg: Any, dp: Any, dp_config: dict[str, Any], log: Any) -> int | None:
+def replace(
+    cfg: Config, dp: KeptDatapath | None, dp_config: dict[str, Any], log: logging.Logger
+) -> int | None:
     """Once ready: the previous keeper (if any) lets go, and a new one takes this daemon's fds
     (`Datapath.keeper_fds`, the set its `start` made). Returns the new keeper's pid, or None."""
     import subprocess
@@ -383,6 +393,8 @@ def replace(cfg: Any, dp: Any, dp_config: dict[str, Any], log: Any) -> int | Non
     from podrouter import handover
 
     try:
+        if dp is None:
+            raise RuntimeError("no datapath")
         fds = dp.keeper_fds()
     except (AttributeError, OSError, RuntimeError) as e:
         log.warning("fd keeper: the datapath has no fds to keep (%s)", e)
@@ -440,7 +452,7 @@ def replace(cfg: Any, dp: Any, dp_config: dict[str, Any], log: Any) -> int | Non
 _children: list[Any] = []  # the keepers this daemon started (reaped when they exit before it)
 
 
-def stop(cfg: Any) -> list[str]:
+def stop(cfg: Config) -> list[str]:
     """The full removal (`podrouter cleanup`, a start that failed from scratch): the keeper lets go
     of the TUN queues and sockets and exits, so nothing keeps the TUN attached."""
     path = socket_path(cfg)
