@@ -141,7 +141,9 @@ class Datapath:
         """Open the sockets and start the workers (``OSError`` if a port is taken, ...)."""
     def swap_tables(self, tables: Tables) -> None:
         """Atomically replace the tables (one pointer store); in-flight batches finish on the old
-        ones, no packet is lost. The masquerade port range and node address are read at start."""
+        ones, no packet is lost. The masquerade port range, node address and masquerade.address6
+        are read at start: tables that change one raise ``ValueError`` naming the key (a restart
+        applies the change) and the running tables stay."""
     def counters(self) -> dict[str, Any]:
         """``{"packets": {"vxlan/egress": n, ... every path/direction}, "bytes": {...},
         "drops": {reason: n, ... every reason, incl. "tx_error"}, "nat_entries": n,

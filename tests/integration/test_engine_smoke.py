@@ -48,8 +48,12 @@ for line in sys.stdin:
     if cmd == "counters":
         print(json.dumps(dp.counters()), flush=True)
     elif cmd == "swap":
-        dp.swap_tables(_native.Tables(json.loads(arg)))
-        print("OK", flush=True)
+        try:
+            dp.swap_tables(_native.Tables(json.loads(arg)))
+        except ValueError as e:
+            print("REFUSED", e, flush=True)
+        else:
+            print("OK", flush=True)
     elif cmd == "running":
         print(json.dumps(dp.is_running()), flush=True)
     elif cmd == "quit":
@@ -291,6 +295,25 @@ def test_validation_drops_then_table_swap_heals(pair: Pair) -> None:
     cb = pair.b.counters()
     assert cb["table_generation"] == 2
     assert cb["packets"]["vxlan/ingress"] >= 3
+
+
+def test_a_swap_that_changes_start_time_settings_is_refused(pair: Pair) -> None:
+    """The masquerade port range and the node address are read at start (NAT table, reply sockets):
+    a swap that changes one is refused naming the key, and the running tables stay."""
+    pair.start("tunnel", "vxlan")
+    moved = pair.spec(pair.b, generation=2)
+    moved["masquerade"]["port_range"] = [40000, 50000]
+    reply = pair.b.ask("swap " + json.dumps(moved))
+    want = "REFUSED masquerade.port_range: (40000, 50000) differs from (61000, 65535)"
+    assert reply.startswith(want), reply
+    renamed = pair.spec(pair.b, generation=3)
+    renamed["node"]["address"] = "172.16.9.9"
+    reply = pair.b.ask("swap " + json.dumps(renamed))
+    assert reply.startswith("REFUSED node.address: 172.16.9.9 differs from"), reply
+    assert pair.b.counters()["table_generation"] == 1
+    assert pair.ping(count=2), "the datapath stopped forwarding after a refused swap"
+    assert pair.b.ask("swap " + json.dumps(pair.spec(pair.b, generation=4))) == "OK"
+    assert pair.b.counters()["table_generation"] == 4
 
 
 @pytest.fixture

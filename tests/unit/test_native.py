@@ -188,6 +188,11 @@ def _set(spec: dict[str, Any], path: list[Any], value: Any) -> None:
     (["native_cidrs"], "10.0.0.0/8", "native_cidrs"),
     (["nodes"], {}, "nodes"),
     (["peers", 0, "colour"], "red", "peers[0].colour"),
+    (["peers", 0, "on_link"], 1, "peers[0].on_link"),
+    (["tunnel", "vni"], True, "tunnel.vni"),
+    (["peers"], {"node2": {}}, "peers"),
+    (["masquerade", "port_range"], "61000-65535", "masquerade.port_range"),
+    (["peers", 0, "name"], None, "peers[0].name"),
 ])
 def test_bad_spec_names_the_key(path: list[Any], value: Any, key: str) -> None:
     spec = node1_spec()
@@ -195,6 +200,27 @@ def test_bad_spec_names_the_key(path: list[Any], value: Any, key: str) -> None:
     with pytest.raises(ValueError) as e:
         _native.Tables(spec)
     assert str(e.value).startswith(f"{key}:"), str(e.value)
+
+
+def test_spec_messages_say_what_is_wrong() -> None:
+    """The typed spec (rust/py/src/spec.rs) names the key and says what is wrong with the value."""
+    for path, value, message in [
+        (["peers", 0, "colour"], "red", "peers[0].colour: unknown key"),
+        (["tunnel", "vni"], True, "tunnel.vni: True is not an integer"),
+        (["tunnel", "vxlan_port"], 70000, "tunnel.vxlan_port: 70000 is out of range"),
+        (["native_cidrs"], "10.0.0.0/8", "native_cidrs: must be a list"),
+        (["node"], None, "node: missing"),
+        (["peers", 0, "on_link"], "yes", "peers[0].on_link: 'yes' is not a boolean"),
+    ]:
+        spec = node1_spec()
+        _set(spec, path, value)
+        with pytest.raises(ValueError) as e:
+            _native.Tables(spec)
+        assert str(e.value) == message
+    spec = node1_spec()
+    spec["peers"][0][7] = "x"  # a key that is not a string never selects a field
+    with pytest.raises(ValueError, match=r"^peers\[0\]"):
+        _native.Tables(spec)
 
 
 def test_missing_node_and_non_dict_spec() -> None:

@@ -5,15 +5,14 @@
 //! can take time (starting or stopping workers, compiling tables) release the GIL; worker threads
 //! never touch Python.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::str::FromStr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use podrouter_core::encap;
 use podrouter_core::nat::NatConfig;
 use podrouter_core::{
-    format_mac, parse_mac, Cidr, DropReason, GenevePayload, MasqueradeSpec, NextHop, NodeSpec,
-    PeerSpec, RoutingMode, TableSpec, Tables as CoreTables, TunnelProto, TunnelSpec, Verdict,
+    format_mac, DropReason, GenevePayload, MasqueradeSpec, TableSpec, Tables as CoreTables,
+    TunnelProto, Verdict,
 };
 use podrouter_io::counters::{Dir, Path, DIRECTIONS, STATS};
 use podrouter_io::events::{Direction, Kind};
@@ -24,335 +23,14 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 mod blast;
+mod spec;
 mod wire;
 
-// ------------------------------------------------------------------------------ dict reading
-
-fn bad(path: &str, msg: impl std::fmt::Display) -> PyErr {
-    PyValueError::new_err(format!("{path}: {msg}"))
-}
-
-fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_string()
-    } else {
-        format!("{prefix}.{key}")
-    }
-}
-
-/// A dict being read, with the key path of where it sits in the spec, for error messages.
-struct Reader<'py> {
-    d: Bound<'py, PyDict>,
-    path: String,
-}
-
-impl<'py> Reader<'py> {
-    fn new(obj: &Bound<'py, PyAny>, path: &str) -> PyResult<Reader<'py>> {
-        let d = obj
-            .downcast::<PyDict>()
-            .map_err(|_| {
-                bad(
-                    if path.is_empty() { "spec" } else { path },
-                    "must be a dict",
-                )
-            })?
-            .clone();
-        Ok(Reader {
-            d,
-            path: path.to_string(),
-        })
-    }
-
-    /// Rejects keys outside `known`: a typo must not silently fall back to a default.
-    fn only(&self, known: &[&str]) -> PyResult<()> {
-        for k in self.d.keys() {
-            let name: String = k
-                .extract()
-                .map_err(|_| bad(&self.path_or_spec(), "keys must be strings"))?;
-            if !known.contains(&name.as_str()) {
-                return Err(bad(&join(&self.path, &name), "unknown key"));
-            }
-        }
-        Ok(())
-    }
-
-    fn path_or_spec(&self) -> String {
-        if self.path.is_empty() {
-            "spec".into()
-        } else {
-            self.path.clone()
-        }
-    }
-
-    fn key(&self, key: &str) -> String {
-        join(&self.path, key)
-    }
-
-    /// The value, or `None` when missing or Python `None`.
-    fn opt(&self, key: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
-        Ok(self.d.get_item(key)?.filter(|v| !v.is_none()))
-    }
-
-    fn req(&self, key: &str) -> PyResult<Bound<'py, PyAny>> {
-        self.opt(key)?.ok_or_else(|| bad(&self.key(key), "missing"))
-    }
-
-    fn str_(&self, key: &str) -> PyResult<String> {
-        let v = self.req(key)?;
-        v.extract()
-            .map_err(|_| bad(&self.key(key), format!("{} is not a string", repr(&v))))
-    }
-
-    fn opt_str(&self, key: &str) -> PyResult<Option<String>> {
-        match self.opt(key)? {
-            None => Ok(None),
-            Some(v) => v
-                .extract()
-                .map(Some)
-                .map_err(|_| bad(&self.key(key), format!("{} is not a string", repr(&v)))),
-        }
-    }
-
-    fn int<T: TryFrom<i64>>(&self, key: &str, v: &Bound<'py, PyAny>) -> PyResult<T> {
-        if v.is_instance_of::<pyo3::types::PyBool>() {
-            return Err(bad(
-                &self.key(key),
-                format!("{} is not an integer", repr(v)),
-            ));
-        }
-        let i: i64 = v
-            .extract()
-            .map_err(|_| bad(&self.key(key), format!("{} is not an integer", repr(v))))?;
-        T::try_from(i).map_err(|_| bad(&self.key(key), format!("{i} is out of range")))
-    }
-
-    fn int_or<T: TryFrom<i64>>(&self, key: &str, default: T) -> PyResult<T> {
-        match self.opt(key)? {
-            None => Ok(default),
-            Some(v) => self.int(key, &v),
-        }
-    }
-
-    fn bool_or(&self, key: &str, default: bool) -> PyResult<bool> {
-        match self.opt(key)? {
-            None => Ok(default),
-            Some(v) => v
-                .extract()
-                .map_err(|_| bad(&self.key(key), format!("{} is not a boolean", repr(&v)))),
-        }
-    }
-
-    fn ip(&self, key: &str) -> PyResult<IpAddr> {
-        let s = self.str_(key)?;
-        s.parse()
-            .map_err(|_| bad(&self.key(key), format!("'{s}' is not an IP address")))
-    }
-
-    fn opt_ipv6(&self, key: &str) -> PyResult<Option<Ipv6Addr>> {
-        match self.opt_str(key)? {
-            None => Ok(None),
-            Some(s) => s
-                .parse()
-                .map(Some)
-                .map_err(|_| bad(&self.key(key), format!("'{s}' is not an IPv6 address"))),
-        }
-    }
-
-    fn list(&self, key: &str) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        match self.opt(key)? {
-            None => Ok(Vec::new()),
-            Some(v) => {
-                if v.is_instance_of::<pyo3::types::PyString>() {
-                    return Err(bad(&self.key(key), "must be a list"));
-                }
-                v.try_iter()
-                    .map_err(|_| bad(&self.key(key), "must be a list"))?
-                    .collect::<PyResult<Vec<_>>>()
-            }
-        }
-    }
-
-    fn cidrs(&self, key: &str) -> PyResult<Vec<Cidr>> {
-        self.list(key)?
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let p = format!("{}[{i}]", self.key(key));
-                let s: String = v
-                    .extract()
-                    .map_err(|_| bad(&p, format!("{} is not a string", repr(v))))?;
-                Cidr::from_str(&s).map_err(|_| bad(&p, format!("'{s}' is not a CIDR")))
-            })
-            .collect()
-    }
-
-    fn child(&self, key: &str) -> PyResult<Option<Reader<'py>>> {
-        match self.opt(key)? {
-            None => Ok(None),
-            Some(v) => Reader::new(&v, &self.key(key)).map(Some),
-        }
-    }
-}
-
-fn repr(v: &Bound<'_, PyAny>) -> String {
-    v.repr()
-        .map(|r| r.to_string())
-        .unwrap_or_else(|_| "value".into())
-}
-
-fn mode(r: &Reader<'_>, key: &str) -> PyResult<Option<RoutingMode>> {
-    match r.opt_str(key)? {
-        None => Ok(None),
-        Some(s) => RoutingMode::parse(&s).map(Some).ok_or_else(|| {
-            bad(
-                &r.key(key),
-                format!("'{s}' is not one of tunnel, native, hybrid"),
-            )
-        }),
-    }
-}
-
-fn proto(r: &Reader<'_>, key: &str) -> PyResult<Option<TunnelProto>> {
-    match r.opt_str(key)? {
-        None => Ok(None),
-        Some(s) => TunnelProto::parse(&s)
-            .map(Some)
-            .ok_or_else(|| bad(&r.key(key), format!("'{s}' is not one of vxlan, geneve"))),
-    }
-}
-
-fn geneve_payload(r: &Reader<'_>, key: &str) -> PyResult<Option<GenevePayload>> {
-    match r.opt_str(key)? {
-        None => Ok(None),
-        Some(s) => GenevePayload::parse(&s)
-            .map(Some)
-            .ok_or_else(|| bad(&r.key(key), format!("'{s}' is not one of ethernet, ip"))),
-    }
-}
-
-fn next_hop(r: Option<Reader<'_>>) -> PyResult<Option<NextHop>> {
-    let Some(r) = r else {
-        return Ok(None);
-    };
-    r.only(&["ip", "mac"])?;
-    let ip_s = r.str_("ip")?;
-    let ip: IpAddr = ip_s
-        .parse()
-        .map_err(|_| bad(&r.key("ip"), format!("'{ip_s}' is not an IP address")))?;
-    let mac = match r.opt_str("mac")? {
-        None => None,
-        Some(m) => Some(
-            parse_mac(&m)
-                .ok_or_else(|| bad(&r.key("mac"), format!("'{m}' is not a MAC address")))?,
-        ),
-    };
-    Ok(Some(NextHop { ip, mac }))
-}
+use spec::bad;
 
 /// The table spec dict (docs/architecture.md, "Table spec") as the core's `TableSpec`.
 fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
-    let r = Reader::new(obj, "")?;
-    r.only(&[
-        "generation",
-        "node",
-        "cluster_cidrs",
-        "mode",
-        "native_cidrs",
-        "native_when_on_link",
-        "tunnel",
-        "gateway",
-        "masquerade",
-        "peers",
-    ])?;
-    let node = r.child("node")?.ok_or_else(|| bad("node", "missing"))?;
-    node.only(&["name", "address", "address6", "pod_cidrs"])?;
-    let node = NodeSpec {
-        name: node.str_("name")?,
-        address: node.ip("address")?,
-        address6: node.opt_ipv6("address6")?,
-        pod_cidrs: node.cidrs("pod_cidrs")?,
-    };
-    let mut tunnel = TunnelSpec::default();
-    if let Some(t) = r.child("tunnel")? {
-        t.only(&[
-            "protocol",
-            "vni",
-            "vxlan_port",
-            "geneve_port",
-            "geneve_payload",
-        ])?;
-        tunnel.protocol = proto(&t, "protocol")?.unwrap_or(tunnel.protocol);
-        tunnel.vni = t.int_or("vni", tunnel.vni)?;
-        tunnel.vxlan_port = t.int_or("vxlan_port", tunnel.vxlan_port)?;
-        tunnel.geneve_port = t.int_or("geneve_port", tunnel.geneve_port)?;
-        tunnel.geneve_payload = geneve_payload(&t, "geneve_payload")?.unwrap_or_default();
-    }
-    let mut masquerade = MasqueradeSpec::default();
-    if let Some(m) = r.child("masquerade")? {
-        m.only(&[
-            "enabled",
-            "non_masquerade_cidrs",
-            "port_range",
-            "address6",
-            "gateway6",
-        ])?;
-        masquerade.enabled = m.bool_or("enabled", masquerade.enabled)?;
-        masquerade.non_masquerade_cidrs = m.cidrs("non_masquerade_cidrs")?;
-        masquerade.address6 = m.opt_ipv6("address6")?;
-        masquerade.gateway6 = next_hop(m.child("gateway6")?)?;
-        if m.opt("port_range")?.is_some() {
-            let pr = m.list("port_range")?;
-            if pr.len() != 2 {
-                return Err(bad(&m.key("port_range"), "must be [first, last]"));
-            }
-            masquerade.port_range = (m.int("port_range", &pr[0])?, m.int("port_range", &pr[1])?);
-        }
-    }
-    let mut peers = Vec::new();
-    for (i, p) in r.list("peers")?.iter().enumerate() {
-        let p = Reader::new(p, &format!("peers[{i}]"))?;
-        p.only(&[
-            "name",
-            "address",
-            "pod_cidrs",
-            "mode",
-            "tunnel_protocol",
-            "on_link",
-            "next_hop",
-            "vtep_mac",
-            "geneve_payload",
-        ])?;
-        let vtep_mac =
-            match p.opt_str("vtep_mac")? {
-                None => None,
-                Some(m) => Some(parse_mac(&m).ok_or_else(|| {
-                    bad(&p.key("vtep_mac"), format!("'{m}' is not a MAC address"))
-                })?),
-            };
-        peers.push(PeerSpec {
-            name: p.str_("name")?,
-            address: p.ip("address")?,
-            pod_cidrs: p.cidrs("pod_cidrs")?,
-            mode: mode(&p, "mode")?,
-            tunnel_protocol: proto(&p, "tunnel_protocol")?,
-            on_link: p.bool_or("on_link", false)?,
-            next_hop: next_hop(p.child("next_hop")?)?,
-            vtep_mac,
-            geneve_payload: geneve_payload(&p, "geneve_payload")?,
-        });
-    }
-    Ok(TableSpec {
-        generation: r.int_or("generation", 0u64)?,
-        node,
-        cluster_cidrs: r.cidrs("cluster_cidrs")?,
-        mode: mode(&r, "mode")?.unwrap_or(RoutingMode::Tunnel),
-        native_cidrs: r.cidrs("native_cidrs")?,
-        native_when_on_link: r.bool_or("native_when_on_link", false)?,
-        tunnel,
-        gateway: next_hop(r.child("gateway")?)?,
-        masquerade,
-        peers,
-    })
+    spec::from_py::<spec::TableSpecIn>(obj, "")?.into_core()
 }
 
 // ------------------------------------------------------------------------------------ Tables
@@ -552,87 +230,7 @@ impl Tables {
 // ---------------------------------------------------------------------------------- Datapath
 
 fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
-    let r = Reader::new(obj, "")?;
-    r.only(&[
-        "tun_name",
-        "tun_mtu",
-        "tun_persist",
-        "underlay_ifindex",
-        "underlay_mac",
-        "underlay_address",
-        "underlay_address6",
-        "vxlan_port",
-        "geneve_port",
-        "workers",
-        "offload",
-        "tx_sockets",
-        "batch",
-        "nat",
-    ])?;
-    let d = EngineConfig::default();
-    let underlay_mac = match r.opt_str("underlay_mac")? {
-        None => [0; 6],
-        Some(m) => parse_mac(&m)
-            .ok_or_else(|| bad("underlay_mac", format!("'{m}' is not a MAC address")))?,
-    };
-    let cfg = EngineConfig {
-        tun_name: r.opt_str("tun_name")?.unwrap_or(d.tun_name),
-        tun_mtu: match r.opt("tun_mtu")? {
-            None => None,
-            Some(v) => Some(r.int("tun_mtu", &v)?),
-        },
-        tun_persist: r.bool_or("tun_persist", d.tun_persist)?,
-        underlay_ifindex: r.int_or("underlay_ifindex", 0u32)?,
-        underlay_mac,
-        underlay_address: r.ip("underlay_address")?,
-        underlay_address6: r.opt_ipv6("underlay_address6")?,
-        vxlan_port: r.int_or("vxlan_port", d.vxlan_port)?,
-        geneve_port: r.int_or("geneve_port", d.geneve_port)?,
-        workers: r.int_or("workers", d.workers)?,
-        offload: r.bool_or("offload", d.offload)?,
-        tx_sockets: r.int_or("tx_sockets", d.tx_sockets)?,
-        batch: r.int_or("batch", d.batch)?,
-        nat: nat_config(r.child("nat")?, d.nat)?,
-    };
-    cfg.validate().map_err(PyValueError::new_err)?;
-    Ok(cfg)
-}
-
-/// `config["nat"]`: masquerade table limits and timeouts in seconds (`masquerade.timeouts` of the
-/// daemon config); absent keys keep the core's defaults (Linux conntrack's, see core `nat`).
-fn nat_config(r: Option<Reader<'_>>, d: NatConfig) -> PyResult<NatConfig> {
-    let Some(r) = r else {
-        return Ok(d);
-    };
-    r.only(&[
-        "max_entries",
-        "max_entries_per_pod",
-        "tcp_syn_sent",
-        "tcp_established",
-        "tcp_fin_wait",
-        "tcp_time_wait",
-        "tcp_close",
-        "udp_unreplied",
-        "udp_assured",
-        "icmp",
-    ])?;
-    let max_entries = r.int_or("max_entries", d.max_entries)?;
-    Ok(NatConfig {
-        max_entries,
-        max_entries_per_pod: r.int_or(
-            "max_entries_per_pod",
-            NatConfig::default_per_pod(max_entries),
-        )?,
-        tcp_syn_sent: r.int_or("tcp_syn_sent", d.tcp_syn_sent)?,
-        tcp_established: r.int_or("tcp_established", d.tcp_established)?,
-        tcp_fin_wait: r.int_or("tcp_fin_wait", d.tcp_fin_wait)?,
-        tcp_time_wait: r.int_or("tcp_time_wait", d.tcp_time_wait)?,
-        tcp_close: r.int_or("tcp_close", d.tcp_close)?,
-        udp_unreplied: r.int_or("udp_unreplied", d.udp_unreplied)?,
-        udp_assured: r.int_or("udp_assured", d.udp_assured)?,
-        icmp: r.int_or("icmp", d.icmp)?,
-        ..d
-    })
+    spec::from_py::<spec::EngineIn>(obj, "")?.into_config()
 }
 
 /// Pod addresses `counters()["nat_pod_limit_drops"]` names (the highest counts); the rest are
@@ -677,6 +275,59 @@ struct Datapath {
     engine: Mutex<Option<Engine>>,
     tun_name: String,
     tun_ifindex: u32,
+    /// What the engine took from the tables at `start`; a swap must keep it.
+    started: Mutex<Option<StartOnly>>,
+}
+
+/// The parts of the table spec the engine reads only at `start` (the NAT table's port range, the
+/// masquerade reply sockets' filters): a swap that changes them is refused, since live mappings
+/// hold ports of the old range and the reply sockets filter on the old addresses. The daemon keeps
+/// them at their running value on a reload (reconcile.py `restart_only_changes`); a restart
+/// applies a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StartOnly {
+    port_range: (u16, u16),
+    node_address: IpAddr,
+    masquerade_address6: Option<std::net::Ipv6Addr>,
+}
+
+impl StartOnly {
+    fn of(t: &CoreTables) -> StartOnly {
+        StartOnly {
+            port_range: t.masquerade().port_range,
+            node_address: IpAddr::V4(t.node_address()),
+            masquerade_address6: t.masquerade().address6,
+        }
+    }
+
+    /// `Err` naming the first key whose value differs from what the datapath started with.
+    fn check(&self, new: &StartOnly) -> PyResult<()> {
+        let (key, was, now) = if self.port_range != new.port_range {
+            (
+                "masquerade.port_range",
+                format!("{:?}", self.port_range),
+                format!("{:?}", new.port_range),
+            )
+        } else if self.node_address != new.node_address {
+            (
+                "node.address",
+                self.node_address.to_string(),
+                new.node_address.to_string(),
+            )
+        } else if self.masquerade_address6 != new.masquerade_address6 {
+            (
+                "masquerade.address6",
+                format!("{:?}", self.masquerade_address6),
+                format!("{:?}", new.masquerade_address6),
+            )
+        } else {
+            return Ok(());
+        };
+        Err(bad(
+            key,
+            format!("{now} differs from {was}, which the datapath started with; only a restart changes it"),
+        ))
+    }
 }
 
 impl Datapath {
@@ -699,6 +350,7 @@ impl Datapath {
             tun_name: e.tun().name().to_string(),
             tun_ifindex: e.tun().ifindex(),
             engine: Mutex::new(Some(e)),
+            started: Mutex::new(None),
         })
     }
 
@@ -714,36 +366,23 @@ impl Datapath {
         fds: &Bound<'_, PyAny>,
     ) -> PyResult<Datapath> {
         let cfg = engine_config(config)?;
-        let r = Reader::new(fds, "fds")?;
-        r.only(&["tun", "rx", "masq", "masq6"])?;
-        let dup = |key: &str, v: &Bound<'_, PyAny>| -> PyResult<std::os::fd::OwnedFd> {
-            let fd: i32 = r.int(key, v)?;
-            podrouter_io::handover::dup_fd(fd).map_err(|e| os_err(&r.key(key), e))
+        let fds: spec::FdsIn = spec::from_py(fds, "fds")?;
+        let dup = |key: &str, fd: i32| -> PyResult<std::os::fd::OwnedFd> {
+            podrouter_io::handover::dup_fd(fd).map_err(|e| os_err(&format!("fds.{key}"), e))
         };
         let mut passed = AdoptFds::default();
-        for v in r.list("tun")? {
-            passed.tun.push(dup("tun", &v)?);
+        for fd in fds.tun.map(|l| l.0).unwrap_or_default() {
+            passed.tun.push(dup("tun", fd.0)?);
         }
-        for w in r.list("rx")? {
-            let list = w
-                .downcast::<PyList>()
-                .map_err(|_| bad(&r.key("rx"), "is not a list of lists of fds"))?;
-            let mut set = Vec::new();
-            for v in list.iter() {
-                set.push(dup("rx", &v)?);
-            }
-            passed.rx.push(set);
+        for w in fds.rx.map(|l| l.0).unwrap_or_default() {
+            passed.rx.push(
+                w.0.into_iter()
+                    .map(|fd| dup("rx", fd.0))
+                    .collect::<PyResult<_>>()?,
+            );
         }
-        if let Some(v) = r.opt("masq")? {
-            if !v.is_none() {
-                passed.masq = Some(dup("masq", &v)?);
-            }
-        }
-        if let Some(v) = r.opt("masq6")? {
-            if !v.is_none() {
-                passed.masq6 = Some(dup("masq6", &v)?);
-            }
-        }
+        passed.masq = fds.masq.map(|fd| dup("masq", fd.0)).transpose()?;
+        passed.masq6 = fds.masq6.map(|fd| dup("masq6", fd.0)).transpose()?;
         let n = passed.tun.len()
             + passed.rx.iter().map(Vec::len).sum::<usize>()
             + usize::from(passed.masq.is_some())
@@ -761,6 +400,7 @@ impl Datapath {
             tun_name: e.tun().name().to_string(),
             tun_ifindex: e.tun().ifindex(),
             engine: Mutex::new(Some(e)),
+            started: Mutex::new(None),
         })
     }
 
@@ -827,10 +467,15 @@ impl Datapath {
             let e = g
                 .as_mut()
                 .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
-            e.start(t).map_err(|e| os_err("starting the datapath", e))
+            let fixed = StartOnly::of(&t);
+            e.start(t).map_err(|e| os_err("starting the datapath", e))?;
+            *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(fixed);
+            Ok(())
         })
     }
 
+    /// Refused (`ValueError` naming the key) when the new tables change what the engine read at
+    /// `start` ([`StartOnly`]).
     fn swap_tables(&self, py: Python<'_>, tables: &Tables) -> PyResult<()> {
         let t = Arc::clone(&tables.inner);
         py.allow_threads(|| {
@@ -838,6 +483,9 @@ impl Datapath {
             let e = g
                 .as_ref()
                 .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
+            if let Some(was) = *self.started.lock().unwrap_or_else(|p| p.into_inner()) {
+                was.check(&StartOnly::of(&t))?;
+            }
             e.swap_tables(t);
             Ok(())
         })
