@@ -550,6 +550,10 @@ class Daemon:
         and the state file says pid 0. The fd keeper already holds the TUN queues and sockets; the
         API socket, the metrics port, netlink sockets and threads go with the process."""
         self.ready = False
+        if self.api is not None:
+            # no client connects to a daemon that is going (the listening fd goes with the process)
+            with contextlib.suppress(OSError):
+                os.unlink(self.cfg.api.socket)
         if self.bgp is not None:
             _go_on("stopping BGP", self.bgp.stop)
         dp = self.datapath
