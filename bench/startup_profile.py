@@ -114,7 +114,7 @@ def start(self):
     try:
         orig_start(self)
     finally:
-        T.append(("forwarding_after", 0, 0.0, self.forwarding_after * 1000))
+        T.append(("forwarding_after", 0, 0.0, getattr(self, "forwarding_after", 0.0) * 1000))
         T.append(("ready_after", 0, 0.0, self.ready_after * 1000))
         with open(out_path, "w") as f:
             json.dump(T, f)

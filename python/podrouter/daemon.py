@@ -579,6 +579,9 @@ class Daemon:
         the workers stopped first, the guard keeps dropping replies until nothing forwards them any
         more. The TUN itself is deleted last, after the routes into it are gone."""
         self.ready = False
+        if self.fast is not None:  # a start that failed before it took the forward-first datapath
+            self.fast.abandon()
+            self.fast = None
         discovery_part = self.discovery
 
         def stop_part(part: Any, method: str) -> None:
