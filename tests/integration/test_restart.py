@@ -126,7 +126,8 @@ def test_no_leak_no_route_flap_and_no_loss_across_restarts(ref: ReferenceTopolog
     assert pod1.ping(ref.EXTERNAL_ADDR, count=2), "pod1 -> outside before the restarts"
     wanted = set(our_routes(n1))
     seconds = 8.0
-    receivers = {n: seq_receiver(h, seconds + 2) for n, h in (("pod2", pod2), ("ext", ext), ("pod1", pod1))}
+    # the receivers listen well past the senders' end: starting the captures can take seconds under load
+    receivers = {n: seq_receiver(h, seconds + 6) for n, h in (("pod2", pod2), ("ext", ext), ("pod1", pod1))}
     monitor = n1.popen(["ip", "monitor", "route"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     took = []
     try:
