@@ -9,7 +9,12 @@ times the way the restart bench does (SIGTERM, then `podrouter run` adopting the
 start phase: the wrapper imports the modules the start needs up front (so "imports" is their whole
 cost and the phases below are the work alone), then wraps the daemon's start steps with timers.
 Every figure is the median over the repetitions, in milliseconds; "interpreter" is process start to
-the wrapper's first line (the interpreter and its site hooks), "ready" is `status.ready_after`.
+the wrapper's first line (the interpreter and its site hooks), "ready_after" is `status.ready_after`,
+"forwarding_after" `status.forwarding_after` (the workers forwarding: from the forwarding snapshot
+on an adopting restart, python/podrouter/startup.py). The wrapper's imports come first, so its
+forwarding_after includes them: the "plain" runs (`--reps` more SIGTERM restarts of the plain
+`podrouter run`, no wrapper) give the real forward-first figure. "stop" is SIGTERM to the old
+daemon's exit (the quick stop), for every run.
 Also prints `python -X importtime` for the same imports (its own process, in the namespace).
 """
 
@@ -109,6 +114,7 @@ def start(self):
     try:
         orig_start(self)
     finally:
+        T.append(("forwarding_after", 0, 0.0, getattr(self, "forwarding_after", 0.0) * 1000))
         T.append(("ready_after", 0, 0.0, self.ready_after * 1000))
         with open(out_path, "w") as f:
             json.dump(T, f)
@@ -148,7 +154,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="podrouter-startup-"))
     wrapper = work / "wrap.py"
     wrapper.write_text(WRAPPER)
-    runs: dict[str, list[list[Any]]] = {"adopt": [], "fresh": []}
+    runs: dict[str, list[list[Any]]] = {"adopt": [], "fresh": [], "plain": []}
     with Topology("su") as topo:
         ref = reference_topology(topo)
         with Cluster(ref) as cluster:
@@ -160,24 +166,37 @@ def main() -> int:
             d = cluster.daemons["node1"]
             imp = d.host.try_run([sys.executable, "-X", "importtime", "-c", IMPORTS])
             (work / "importtime.txt").write_text(imp.stderr)
-            for rep in range(2 * args.reps):
-                kind = "adopt" if rep % 2 == 0 else "fresh"
+            for rep in range(3 * args.reps):
+                kind = ("adopt", "fresh", "plain")[rep % 3]
                 assert d.proc is not None
+                t0 = time.monotonic()
                 d.proc.send_signal(signal.SIGTERM)
                 d.proc.wait(timeout=20)
+                stop = ("stop", 0, -1.0, (time.monotonic() - t0) * 1000)
                 d.host.procs.remove(d.proc)
                 if kind == "fresh":
                     d.host.run([*podrouter_argv(), "cleanup", "--config", str(d.config_path)])
                 out = work / f"run{rep}.json"
+                argv = [*podrouter_argv(), "run", "--config", str(d.config_path)]
+                if kind != "plain":
+                    argv = [sys.executable, str(wrapper), str(out), *argv[-3:]]
                 with open(d.log_path, "ab") as log:
                     d.proc = d.host.popen(
-                        [sys.executable, str(wrapper), str(out), "run", "--config", str(d.config_path)],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
+                        argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                     )
-                runs[kind].append(_wait_file(out, d.proc))
-                cluster.wait_ready(30)
+                if kind != "plain":
+                    runs[kind].append([stop, *_wait_file(out, d.proc)])
+                    cluster.wait_ready(30)
+                else:
+                    cluster.wait_ready(30)
+                    st = cluster.status("node1")
+                    runs[kind].append(
+                        [
+                            stop,
+                            ("forwarding_after", 0, 0.0, float(st.get("forwarding_after") or 0) * 1000),
+                            ("ready_after", 0, 0.0, float(st.get("ready_after") or 0) * 1000),
+                        ]
+                    )
                 time.sleep(0.5)
     for kind, rs in runs.items():
         print(f"\n{kind} ({len(rs)} runs): phase, median ms (wall) [min-max], calls per run")
@@ -193,7 +212,10 @@ def main() -> int:
                 calls[key] = calls.get(key, 0) + 1
             for key, v in per.items():
                 values.setdefault(key, []).append(v)
-        for key in sorted(first, key=lambda k: (k[0] == "ready_after", first[k], k[1])):
+        last = ("forwarding_after", "ready_after")
+        for key in sorted(
+            first, key=lambda k: (k[0] in last, last.index(k[0]) if k[0] in last else 0, first[k], k[1])
+        ):
             vs = values[key]
             print(
                 f"  {'  ' * key[1]}{key[0]:<34} {statistics.median(vs):8.1f}  [{min(vs):.1f}-{max(vs):.1f}]"

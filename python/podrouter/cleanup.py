@@ -86,7 +86,13 @@ def cleanup(cfg: Config, force: bool = False) -> list[str]:
 def _cleanup_nat_snapshot(cfg: Config) -> list[str]:
     """`podrouter cleanup` starts the next daemon from an empty masquerade table."""
     done = []
-    for p in (nat_snapshot_path(cfg), nat_snapshot_path(cfg).with_name(f"{cfg.node.name}.nat.tmp")):
+    from podrouter.startup import snapshot_path  # the forwarding snapshot: useless without the keeper
+
+    for p in (
+        nat_snapshot_path(cfg),
+        nat_snapshot_path(cfg).with_name(f"{cfg.node.name}.nat.tmp"),
+        snapshot_path(cfg),
+    ):
         if p.is_file():
             p.unlink()
             done.append(f"removed {p}")

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from podrouter import api as apimod
-from podrouter import bringup, discovery, guards, keeper, lifecycle, native, nftables
+from podrouter import bringup, discovery, guards, keeper, lifecycle, native, nftables, startup
 from podrouter import config as configmod
 from podrouter import handover as handovermod
 from podrouter import metrics as metricsmod
@@ -92,11 +92,17 @@ log = logging.getLogger("podrouter")
 
 NAT_LOG_INTERVAL = 10.0  # seconds between two "masquerade range exhausted" log lines
 ADOPT_DISCOVERY_WAIT = 30.0  # at most this long a predecessor's routes wait for etcd's first listing
+QUICK_STOP_GRACE = 0.5  # seconds a quick stop waits for the workers to finish their batch
 
 
 class Daemon:
-    def __init__(self, cfg: Config, handover: bool = False) -> None:
+    def __init__(self, cfg: Config, handover: bool = False, fast: startup.FastStart | None = None) -> None:
         self.cfg = cfg
+        # forward first (startup.py): the datapath `podrouter run` started from the forwarding
+        # snapshot before importing this module; taken over (or stopped) by _open_datapath
+        self.fast = fast
+        self._fast_spec: str | None = None  # its table spec (startup.spec_key) until the first reconcile
+        self.config_sha256 = startup.config_hash(cfg.path)
         # handover (docs/handover.md): `handover_mode` takes the datapath of a running daemon over;
         # `handing_over` is set while this daemon's workers are stopped for a successor; the state
         # file is this daemon's to mark stopped only while `owns_record`
@@ -144,6 +150,10 @@ class Daemon:
         self.bgp: BgpSpeaker | None = None  # when bgp.enabled
         self.adopted = False  # started on a predecessor's state (lifecycle.py)
         self.ready_after = 0.0  # seconds from process start to ready (status, the restart bench)
+        # seconds from process start to the workers forwarding (forward first: well before ready)
+        self.forwarding_after = 0.0
+        self._last_spec: dict[str, Any] | None = None  # of the tables running (the forwarding snapshot)
+        self.quick_exit = False  # stopped by a signal: launch.py may end the process at once (quick_stop)
         # adopting with etcd discovery: the predecessor's routes kept until discovery has listed the
         # peers once (else the first reconcile would delete every discovered peer's route: a flap)
         self._adopt_keep: dict[tuple[int, str], RouteSpec] = {}
@@ -409,9 +419,34 @@ class Daemon:
             self._pending = handovermod.Pending(self)
             return
         dp_config = self._datapath_config()
+        fast, self.fast = self.fast, None
+        if fast is not None:
+            if _same(fast.dp_config, dp_config):
+                # the workers forward already (startup.py): keep them; the first reconcile swaps in
+                # fresh tables only if they differ from the snapshot's
+                self.datapath, self.tables = fast.datapath, fast.tables
+                self._fast_spec = startup.spec_key(fast.spec)
+                self.forwarding_after = fast.forwarding_after
+                return
+            log.warning("the forwarding snapshot's datapath config is out of date: restarting the datapath")
+            fast.abandon()
         # the fds the fd keeper held while no daemon ran (keeper.py), else the TUN opened afresh
         kept = keeper.take(self.cfg, dp_config, native.module(), log)
         self.datapath = kept if kept is not None else bringup.open_datapath(self._ipr(), dp_config)
+
+    def _write_forwarding(self, spec: dict[str, Any]) -> None:
+        """The forwarding snapshot for the next `podrouter run` (startup.py): with the fd keeper
+        only (the forward-first start takes its fds), once this daemon runs the datapath."""
+        self._last_spec = spec
+        if not self.cfg.api.keeper or self.config_sha256 is None or self._pending is not None:
+            return
+        if self.datapath is None or isinstance(self.datapath, handovermod.Pending):
+            return
+        try:
+            data = startup.payload(self.cfg, self.config_sha256, self._datapath_config(), spec)
+            startup.write(startup.snapshot_path(self.cfg), data)
+        except Exception:  # noqa: BLE001 - the next start is the normal one
+            log.exception("writing the forwarding snapshot")
 
     def _pod_guard_want(self) -> guards.PodGuardKey:
         pods = (e.pod for e in self.pods.entries.values())
@@ -482,6 +517,7 @@ class Daemon:
         if signum == signal.SIGHUP:
             self._hup = True
         else:
+            self.quick_exit = True
             self._stop.set()
         self._wake.set()
 
@@ -491,6 +527,8 @@ class Daemon:
         """Keep the masquerade table in `<api.socket dir>/<node>.nat` (docs/architecture.md, "NAT
         state across restarts"): restored by the datapath's first start, before its workers run."""
         path = str(nat_snapshot_path(self.cfg))
+        if self._fast_spec is not None:
+            return  # forward first: set before its start (startup.py), which restored the table
         if self._pending is not None:
             self._pending.set_nat_snapshot(path)
         else:
@@ -503,6 +541,30 @@ class Daemon:
         with self.lock:
             self._dirty.add(reason)
         self._wake.set()
+
+    def quick_stop(self, grace: float = QUICK_STOP_GRACE) -> None:
+        """SIGTERM/SIGINT, the stop contract the short way (launch.py then ends the process with
+        os._exit): nothing of the node's forwarding state is removed, so only what a successor needs
+        from this process is done: the workers stop at a batch boundary, writing the NAT snapshot a
+        last time (`quiesce`, waited for at most `grace` seconds), BIRD gets its graceful restart,
+        and the state file says pid 0. The fd keeper already holds the TUN queues and sockets; the
+        API socket, the metrics port, netlink sockets and threads go with the process."""
+        self.ready = False
+        if self.api is not None:
+            # no client connects to a daemon that is going (the listening fd goes with the process)
+            with contextlib.suppress(OSError):
+                os.unlink(self.cfg.api.socket)
+        if self.bgp is not None:
+            _go_on("stopping BGP", self.bgp.stop)
+        dp = self.datapath
+        if dp is not None and not isinstance(dp, handovermod.Pending):
+            t = threading.Thread(target=_go_on, args=("stopping the workers", dp.quiesce), daemon=True)
+            t.start()
+            t.join(timeout=grace)
+            if t.is_alive():
+                log.warning("the workers did not stop within %.0f ms; exiting anyway", grace * 1000)
+        if self.plumbing is not None and self.owns_record:
+            _go_on("recording the stop in the state file", lifecycle.mark_stopped, self.plumbing)
 
     def shutdown(self, keep: bool = False) -> None:
         """Stop. With `keep` (SIGTERM/SIGINT, the stop contract in lifecycle.py) the node's
@@ -517,6 +579,9 @@ class Daemon:
         the workers stopped first, the guard keeps dropping replies until nothing forwards them any
         more. The TUN itself is deleted last, after the routes into it are gone."""
         self.ready = False
+        if self.fast is not None:  # a start that failed before it took the forward-first datapath
+            self.fast.abandon()
+            self.fast = None
         discovery_part = self.discovery
 
         def stop_part(part: Any, method: str) -> None:
@@ -594,6 +659,7 @@ class Daemon:
             _go_on("closing the datapath", self.datapath.close)
             self.datapath = None
         _go_on("stopping the fd keeper", self._keeper_stop)
+        _go_on("removing the forwarding snapshot", startup.remove, startup.snapshot_path(self.cfg))
         if self.ipr is not None:
             # persistent: the TUN outlives the fd
             _go_on(f"deleting {TUN_NAME}", lifecycle.remove_tun, self.ipr, TUN_NAME)
@@ -637,6 +703,14 @@ class Daemon:
         # of formatting thousands of peer entries
         key = (repr({k: v for k, v in spec.items() if k != "peers"}), tuple(self.peer_views))
         tables = self.tables if key == self._spec_key else None
+        kept = False
+        if tables is None and self._fast_spec is not None and self.tables is not None:
+            # forward first: the snapshot's tables run; the same spec needs no compile and no swap
+            kept = startup.spec_key(spec) == self._fast_spec
+            self._fast_spec = None
+            if kept:
+                tables = self.tables
+                self.timings["last_compile_ms"] = 0.0
         if tables is None:
             spec["generation"] = self.generation + 1
             tables = native.compile_tables(spec)
@@ -665,14 +739,17 @@ class Daemon:
         ps.sync_rules(desired_rules(cfg))
         for err in self.route_errors:
             log.warning("%s", err)
-        if tables is self.tables:
+        if tables is self.tables and not kept:
             return
         t1 = time.perf_counter()
-        if self.tables is None:
+        if kept:
+            pass  # already running (forward first)
+        elif self.tables is None:
             if self._pending is not None:
                 self._pending.start(tables)  # takes the running daemon's datapath over (handover)
             else:
                 self._dp().start(tables)
+            self.forwarding_after = lifecycle.process_age()
         else:
             self._dp().swap_tables(tables)
         self.timings["last_swap_ms"] = ms_since(t1)
@@ -680,13 +757,15 @@ class Daemon:
         self.generation += 1
         self._spec_key = key
         log.info(
-            "tables generation %d installed (%s): %d peers, compiled in %.1f ms, swapped in %.2f ms",
+            "tables generation %d %s (%s): %d peers, compiled in %.1f ms, swapped in %.2f ms",
             self.generation,
+            "kept from the forwarding snapshot" if kept else "installed",
             reason,
             len(self.peer_views),
             self.timings["last_compile_ms"],
             self.timings["last_swap_ms"],
         )
+        self._write_forwarding(spec)
 
     # ------------------------------------------------------------------------------------- SIGHUP
 
@@ -715,12 +794,15 @@ class Daemon:
             for name, pod in new_pods.items():
                 if name not in self.pods.entries or old_pods.get(name) != pod:
                     self.pods.install(pod, "config", raise_errors=False)
+            self.config_sha256 = startup.config_hash(new.path)
             try:
                 self._refresh_peers(wait=True)
                 self._reconcile_locked("SIGHUP")
             except Exception:  # noqa: BLE001
                 log.exception("applying the reloaded config failed; the datapath keeps its current tables")
                 return
+            if self._last_spec is not None:
+                self._write_forwarding(self._last_spec)  # the new config's hash, same tables
         log.info("reload done: %d peers, %d pods", len(self.peer_views), len(self.pods))
 
     # ------------------------------------------------------------------------------------- pods
@@ -826,6 +908,7 @@ class Daemon:
             return {
                 "ready": self.ready,
                 "ready_after": round(self.ready_after, 3),
+                "forwarding_after": round(self.forwarding_after, 3),
                 "adopted": self.adopted,
                 "node": self.cfg.node.name,
                 "pid": _getpid(),
@@ -950,13 +1033,28 @@ def _getpid() -> int:
     return os.getpid()
 
 
-def run(cfg: Config, handover: bool = False) -> int:
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two datapath configs alike (one may have come through JSON: tuples as lists)."""
+    return startup.spec_key(a) == startup.spec_key(b)
+
+
+def run(
+    cfg: Config,
+    handover: bool = False,
+    fast: startup.FastStart | None = None,
+    quick_exit: Callable[[int], object] | None = None,
+) -> int:
     """`podrouter run`: preflight, start, serve, tear down. Returns the exit status. With
-    `handover`, take over from the daemon running on the same API socket (docs/handover.md)."""
-    d = Daemon(cfg, handover)
+    `handover`, take over from the daemon running on the same API socket (docs/handover.md).
+    `fast`: the datapath startup.forward_first started (forward first). `quick_exit`: called with
+    the exit status after a quick stop on SIGTERM/SIGINT (launch.py: os._exit) instead of the full
+    shutdown."""
+    d = Daemon(cfg, handover, fast)
     try:
         d.preflight()
     except StartError:
+        if d.fast is not None:
+            d.fast.abandon()  # the keeper still holds the fds: nothing is detached
         if d.ipr is not None:
             d.ipr.close()
         raise
@@ -986,6 +1084,9 @@ def run(cfg: Config, handover: bool = False) -> int:
             "stopping: the TUN, routes, rules, guards and shaping stay for the next daemon "
             "(`podrouter cleanup` removes them)"
         )
+        if quick_exit is not None and d.quick_exit and not d.handing_over and d.owns_record:
+            d.quick_stop()
+            quick_exit(d._exit_code)
         d.shutdown(keep=True)
         if d.handover_server is not None:
             d.handover_server.wait_sent()

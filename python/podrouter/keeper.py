@@ -35,6 +35,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -292,12 +293,10 @@ def _expect_problems(mine: dict[str, Any], theirs: Any) -> list[str]:
     ]
 
 
-def take(cfg: Config, dp_config: dict[str, Any], native: ModuleType, log: logging.Logger) -> Datapath | None:
-    """At start, before the TUN is opened: a Datapath on the keeper's fds, or None (no keeper, or
-    its fds do not fit this config: then it has let go of them, so the TUN queues and sockets this
-    daemon opens are the only ones)."""
-    import time
-
+def take_fds(cfg: Config, dp_config: dict[str, Any], native: ModuleType) -> tuple[Datapath | None, int, str]:
+    """(a Datapath on the keeper's fds, the keeper's pid, "") or (None, pid, why not). The keeper
+    keeps its copies either way (startup.py's forward-first start uses this; `take` makes the keeper
+    let go when they do not fit)."""
     from podrouter import handover
 
     path = socket_path(cfg)
@@ -305,10 +304,9 @@ def take(cfg: Config, dp_config: dict[str, Any], native: ModuleType, log: loggin
     try:
         conn = _connect(path)
     except (OSError, KeeperError) as e:
-        log.warning("fd keeper: %s; opening the datapath afresh", e)
-        return None
+        return None, 0, f"fd keeper: {e}"
     if conn is None:
-        return None
+        return None, 0, f"no fd keeper on {path}"
     fds: list[int] = []
     pid, dp, why = 0, None, ""
     passed: dict[str, Any] = {}
@@ -336,23 +334,33 @@ def take(cfg: Config, dp_config: dict[str, Any], native: ModuleType, log: loggin
             for fd in fds:  # adopt() duplicated what it keeps
                 with contextlib.suppress(OSError):
                     os.close(fd)
+    if dp is not None:
+        why = f"{handover.describe(passed)} ({(time.monotonic() - t0) * 1000:.1f} ms)"
+    return dp, pid, why
+
+
+def take(cfg: Config, dp_config: dict[str, Any], native: ModuleType, log: logging.Logger) -> Datapath | None:
+    """At start, before the TUN is opened: a Datapath on the keeper's fds, or None (no keeper, or
+    its fds do not fit this config: then it has let go of them, so the TUN queues and sockets this
+    daemon opens are the only ones)."""
+    dp, pid, why = take_fds(cfg, dp_config, native)
     if dp is None:
+        if pid == 0 and why.startswith("no fd keeper"):
+            return None
+        if why.startswith("fd keeper: "):
+            log.warning("%s; opening the datapath afresh", why)
+            return None
         log.warning(
             "the fd keeper's fds (pid %d) do not fit: %s; it lets go of them and this daemon opens its own",
             pid,
             why,
         )
         try:
-            drop(path)
+            drop(socket_path(cfg))
         except (OSError, KeeperError) as e:
             log.warning("fd keeper: %s", e)
         return None
-    log.info(
-        "took the datapath's fds from the fd keeper (pid %d): %s (%.1f ms)",
-        pid,
-        handover.describe(passed),
-        (time.monotonic() - t0) * 1000,
-    )
+    log.info("took the datapath's fds from the fd keeper (pid %d): %s", pid, why)
     return dp
 
 

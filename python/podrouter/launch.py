@@ -6,7 +6,9 @@ the other for them: entry hands every other command to cli, and cli never import
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
@@ -38,9 +40,11 @@ def load_config(path: str) -> Config:
 
 
 def run_daemon(config: str, log_level: str, handover: bool = False) -> NoReturn:
-    """`podrouter run`: load the config (exit 2 naming each problem), set up logging, run the
-    daemon until SIGTERM/SIGINT and exit with its status."""
-    from podrouter import daemon
+    """`podrouter run`: load the config (exit 2 naming each problem), set up logging, start
+    forwarding from the forwarding snapshot if there is a usable one (startup.py: before the daemon
+    and pyroute2 are imported), run the daemon until SIGTERM/SIGINT and exit with its status (at
+    once after a quick stop: `quick_exit`)."""
+    from podrouter import startup
 
     cfg = load_config(config)
     logging.basicConfig(
@@ -50,8 +54,26 @@ def run_daemon(config: str, log_level: str, handover: bool = False) -> NoReturn:
     )
     # pyroute2 logs every netlink message at DEBUG: far too much even for --log-level debug
     logging.getLogger("pyroute2").setLevel(max(logging.WARNING, logging.getLogger().level))
+    fast = None
+    if not handover:
+        try:
+            fast = startup.forward_first(cfg, logging.getLogger("podrouter"))
+        except Exception:  # noqa: BLE001 - never worse than the normal start
+            logging.getLogger("podrouter").exception("forward-first start failed; the normal start follows")
+    from podrouter import daemon
+
     try:
-        code = daemon.run(cfg, handover)
+        code = daemon.run(cfg, handover, fast, quick_exit)
     except daemon.StartError as e:
         fail(e.problems, e.code)
     sys.exit(code)
+
+
+def quick_exit(code: int) -> NoReturn:
+    """End the process now (after the daemon's quick stop): no interpreter teardown, no joining of
+    threads; what the stop contract leaves is in the kernel, the fds are the keeper's."""
+    logging.shutdown()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

@@ -28,6 +28,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from podrouter import state as statefile
+from podrouter.startup import process_age  # the start-up figures (status ready_after)
 
 if TYPE_CHECKING:
     from podrouter.config import Config, PodConfig
@@ -77,21 +78,6 @@ def recorded_api_pods(
         cni = rec.get("cni")
         out.append((pod, dict(cni) if isinstance(cni, dict) else None))
     return out
-
-
-def process_age() -> float:
-    """Seconds since this process started (from /proc: imports included), 0.0 if unknown."""
-    import os
-
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            # the command name may hold spaces and parentheses: fields count from the last ')'
-            fields = f.read().rsplit(b")", 1)[1].split()
-        with open("/proc/uptime", "rb") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def mark_stopped(plumbing: Any) -> None:

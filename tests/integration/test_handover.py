@@ -41,7 +41,10 @@ def handover(daemons: Daemons, old: DaemonHandle, cfg: dict[str, Any]) -> Daemon
         ) from None
     assert code == 0, old.logs()[-3000:]
     wait_ready(new, 30)
-    assert new.status()["pid"] == new.proc.pid
+    st = new.status()
+    assert st["pid"] == new.proc.pid
+    # forwarding (the take-over) before ready (the rest of the start: API socket, metrics, keeper)
+    assert 0 < st["forwarding_after"] < st["ready_after"], (st["forwarding_after"], st["ready_after"])
     assert "took the datapath over" in new.logs(), new.logs()[-3000:]
     assert "handed over to pid" in old.logs(), old.logs()[-3000:]
     for line in (*old.logs().splitlines(), *new.logs().splitlines()):

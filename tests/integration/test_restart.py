@@ -101,6 +101,17 @@ def restart(daemons: Daemons, h: DaemonHandle, cfg: dict[str, Any], kind: str, a
     return daemons.start(h.host, cfg)
 
 
+def assert_forwarded_first(h: DaemonHandle) -> float:
+    """The successor forwarded from the forwarding snapshot (python/podrouter/startup.py) before it
+    was ready: `forwarding_after` is reported and below `ready_after`. Returns it."""
+    st = h.status()
+    logs = h.logs()
+    assert "forwarding from the forwarding snapshot" in logs, logs[-3000:]
+    assert 0 < st["forwarding_after"] < st["ready_after"], (st["forwarding_after"], st["ready_after"])
+    assert "tables generation 1 kept from the forwarding snapshot" in logs, logs[-3000:]
+    return float(st["forwarding_after"])
+
+
 def flow_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "podrouter.bench.flow", *args]
 
@@ -115,7 +126,8 @@ def test_no_leak_no_route_flap_and_no_loss_across_restarts(ref: ReferenceTopolog
     assert pod1.ping(ref.EXTERNAL_ADDR, count=2), "pod1 -> outside before the restarts"
     wanted = set(our_routes(n1))
     seconds = 8.0
-    receivers = {n: seq_receiver(h, seconds + 2) for n, h in (("pod2", pod2), ("ext", ext), ("pod1", pod1))}
+    # the receivers listen well past the senders' end: starting the captures can take seconds under load
+    receivers = {n: seq_receiver(h, seconds + 6) for n, h in (("pod2", pod2), ("ext", ext), ("pod1", pod1))}
     monitor = n1.popen(["ip", "monitor", "route"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     took = []
     try:
@@ -129,9 +141,11 @@ def test_no_leak_no_route_flap_and_no_loss_across_restarts(ref: ReferenceTopolog
             time.sleep(1.0)
             d1 = restart(daemons, d1, cfg1, "sigterm", away=0.5)
             took.append(d1.logs())
+            assert_forwarded_first(d1)
             time.sleep(1.0)
             d1 = restart(daemons, d1, cfg1, "sigkill", away=0.5)
             took.append(d1.logs())
+            assert_forwarded_first(d1)
             sent_out, sent_back = last_int(out1), last_int(back)
     finally:
         monitor.send_signal(signal.SIGINT)
@@ -207,10 +221,12 @@ def test_tcp_flow_survives_sigterm_and_sigkill(
     flow.send(7)
     time.sleep(1.5)
     d1 = restart(daemons, flow.handles["node1"], flow.cfgs["node1"], "sigterm", away=0.5)
+    fwd = [assert_forwarded_first(d1)]
     time.sleep(1.5)
     d1 = restart(daemons, d1, flow.cfgs["node1"], "sigkill", away=0.5)
+    fwd.append(assert_forwarded_first(d1))
     got = flow.finish(f"{path} restarts")
-    print(f"{path}: longest stall {got['max_gap_ms']} ms at {got['max_gap_at']} s")
+    print(f"{path}: longest stall {got['max_gap_ms']} ms at {got['max_gap_at']} s, forwarding after {fwd} s")
     assert d1.status()["ready"]
 
 
@@ -237,6 +253,8 @@ def test_start_converges_a_removed_peer_and_cleanup_removes_everything(
     assert "10.244.2.0/24" in routes and "10.244.3.0/24" not in routes, routes
     logs = d1.logs()
     assert "adopting what the previous daemon (stopped) left" in logs
+    # another config file: its forwarding snapshot is refused, the normal start opens the datapath
+    assert "forwarding snapshot" in logs and "another version of the config file" in logs, logs[-3000:]
     assert "fds (pid" in logs and "do not fit: vxlan_port" in logs, logs[-3000:]
     assert "fd keeper pid" in logs, logs[-3000:]  # and a new keeper holds this daemon's fds
     udp = n1.run(["ss", "-Huan"])

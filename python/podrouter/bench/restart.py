@@ -8,8 +8,9 @@ takes its datapath fds over and makes it exit, docs/handover.md), one paced TCP 
 restarted once, the successor started as soon as the predecessor has exited (with `handover`: at
 once). Reported per case and repetition: whether the flow survived (same connection, every byte
 delivered), its longest stall (the longest gap between two reads at the receiver: the time node1 had
-no daemon plus TCP's retransmission backoff) and the successor's time to ready (`ready_after`, from
-its process start, imports included).
+no daemon plus TCP's retransmission backoff), the successor's time to forwarding (`forwarding_after`:
+its workers forward, from the forwarding snapshot on a restart, python/podrouter/startup.py) and to
+ready (`ready_after`), both from its process start, imports included.
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ KINDS = ("sigterm", "sigkill", "handover")
 PORT = 7000
 
 
-def _restart(cluster: Cluster, node: str, kind: str) -> float:
-    """Restart `node`'s daemon; returns the successor's ready_after (seconds)."""
+def _restart(cluster: Cluster, node: str, kind: str) -> tuple[float, float, float]:
+    """Restart `node`'s daemon; returns how long the old one took to exit after the signal (0 with
+    a handover) and the successor's forwarding_after and ready_after (seconds)."""
     d = cluster.daemons[node]
     assert d.proc is not None
     old = d.proc
+    stop_s = 0.0
     if kind != "handover":
+        t0 = time.monotonic()
         old.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
         old.wait(timeout=20)
+        stop_s = time.monotonic() - t0
     extra = ["--handover"] if kind == "handover" else []
     with open(d.log_path, "ab") as log:
         d.proc = d.host.popen(
@@ -57,7 +62,8 @@ def _restart(cluster: Cluster, node: str, kind: str) -> float:
     with contextlib.suppress(ValueError):
         d.host.procs.remove(old)
     cluster.wait_ready(30)
-    return float(cluster.status(node).get("ready_after") or 0.0)
+    st = cluster.status(node)
+    return stop_s, float(st.get("forwarding_after") or 0.0), float(st.get("ready_after") or 0.0)
 
 
 def _one(path: str, dst_pod: str, mode: str, protocol: str, kind: str, seconds: float) -> dict[str, Any]:
@@ -81,7 +87,7 @@ def _one(path: str, dst_pod: str, mode: str, protocol: str, kind: str, seconds: 
                     time.sleep(0.05)
                 cli = src.popen([*flow, "send", dst.ip, str(PORT), f"{seconds:.1f}"])
                 time.sleep(seconds / 3)
-                ready_after = _restart(cluster, "node1", kind)
+                stop_s, forwarding_after, ready_after = _restart(cluster, "node1", kind)
                 c_out, _ = cli.communicate(timeout=seconds + 60)
                 s_out, _ = srv.communicate(timeout=30)
             finally:
@@ -94,6 +100,8 @@ def _one(path: str, dst_pod: str, mode: str, protocol: str, kind: str, seconds: 
     return {
         "survived": survived,
         "max_stall_ms": got.get("max_gap_ms"),
+        "stop_s": round(stop_s, 3),
+        "forwarding_after_s": round(forwarding_after, 3),
         "ready_after_s": round(ready_after, 3),
         "sent": sent,
         "received": got,
@@ -119,7 +127,8 @@ def run(prof: Profile, nreps: int, log: Progress) -> dict[str, Any]:
                     errors.append(f"{key} rep {rep + 1}: the flow died: {r['sent']} {r['received']}")
                 log(
                     f"restart {key} rep {rep + 1}: {'survived' if r['survived'] else 'DIED'}, longest stall "
-                    f"{r['max_stall_ms']} ms, successor ready after {r['ready_after_s']} s"
+                    f"{r['max_stall_ms']} ms, old daemon gone after {r['stop_s']} s, successor forwarding "
+                    f"after {r['forwarding_after_s']} s, ready after {r['ready_after_s']} s"
                 )
         log(f"restart rep {rep + 1}/{nreps} done", step=True)
     summary = {
@@ -128,6 +137,8 @@ def run(prof: Profile, nreps: int, log: Progress) -> dict[str, Any]:
             "runs": len(rs),
             "max_stall_ms": max((r["max_stall_ms"] or 0) for r in rs),
             "median_stall_ms": sorted(r["max_stall_ms"] or 0 for r in rs)[len(rs) // 2],
+            "stop_s": sorted(r["stop_s"] for r in rs)[len(rs) // 2],
+            "forwarding_after_s": sorted(r["forwarding_after_s"] for r in rs)[len(rs) // 2],
             "ready_after_s": sorted(r["ready_after_s"] for r in rs)[len(rs) // 2],
         }
         for key, rs in results.items()
@@ -139,12 +150,12 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         "restart (node1's daemon restarted under a paced TCP flow from pod1)",
         f"{'path/kind':<16} {'survived':>9} {'longest stall ms':>17} {'median stall ms':>16} "
-        f"{'ready after s':>14}",
+        f"{'stop s':>7} {'forwarding after s':>19} {'ready after s':>14}",
     ]
     for key, s in result.get("summary", {}).items():
         lines.append(
             f"{key:<16} {s['survived']:>4}/{s['runs']:<4} {s['max_stall_ms']:>17} {s['median_stall_ms']:>16} "
-            f"{s['ready_after_s']:>14}"
+            f"{s.get('stop_s', '-'):>7} {s.get('forwarding_after_s', '-'):>19} {s['ready_after_s']:>14}"
         )
     for e in result.get("errors", []):
         lines.append(f"  ! {e}")
