@@ -222,8 +222,10 @@ class Topology:
         stop_all([p for h in hosts for p in h.procs])
         for h in hosts:
             h.procs.clear()
-        parallel([functools.partial(_remove_ns, h) for h in hosts])
+        errors = parallel([functools.partial(_remove_ns, h) for h in hosts])
         self.hosts.clear()
+        for e in errors[:1]:
+            raise e
 
     def __enter__(self) -> Topology:
         return self
