@@ -22,6 +22,7 @@ from podrouter.demo.netns import (  # noqa: F401  (explicit, so linters and read
     ReferenceTopology,
     Topology,
     capture,
+    parallel,
     reference_topology,
     sh,
 )

@@ -48,6 +48,7 @@ RESTART_INTERVAL = 5.0  # seconds between two attempts to restart a BIRD that di
 SUN_PATH_MAX = 107
 STATIC_PROTOCOL = "podr_pods4"
 STATIC_PROTOCOL6 = "podr_pods6"
+CONNECT_DELAY = 1  # seconds from a session's start to its first connect attempt
 DAD_WAIT = 3.0  # seconds to wait for a tentative (DAD) IPv6 address of the underlay interface
 IFA_F_DADFAILED = 0x08
 IFA_F_TENTATIVE = 0x40
@@ -201,6 +202,9 @@ def render_config(
             f"  {hop};",
             f"  hold time {p.hold_time};",
             f"  keepalive time {max(1, p.hold_time // 3)};",
+            # the first connect goes out after `connect delay time` (default 5 s), later ones every
+            # `connect retry time`; 1 s is the shortest first delay BIRD takes (it rounds 0 up)
+            f"  connect delay time {min(p.connect_retry, CONNECT_DELAY)};",
             f"  connect retry time {p.connect_retry};",
             f"  error wait time {p.connect_retry}, {max(p.connect_retry, 30)};",
         ]
@@ -462,6 +466,12 @@ def launch(paths: BirdPaths, recovery: bool = True) -> subprocess.Popen[bytes]:
     raise BgpError(f"bird did not open its control socket {paths.ctl} within {START_TIMEOUT:.0f}s")
 
 
+def connection_refused(proto: dict[str, Any]) -> bool:
+    """A session whose last connect attempt was refused (BIRD's `Last error: Socket: Connection
+    refused`): the peer's address answers, but no BGP speaker listens there."""
+    return "connection refused" in str(proto.get("last_error") or "").lower()
+
+
 def _pid_is_bird(pid: int, paths: BirdPaths) -> bool:
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -509,16 +519,26 @@ def withdraw(
         deadline = time.monotonic() + timeout
         names = [protocol_name(i) for i in range(len(cfg.bgp.peers))]
         up: set[str] = set()
-        while time.monotonic() < deadline and len(up) < len(names):
+        refused: set[str] = set()
+        # a router that refuses the connection (nothing listens on its BGP port: its speaker is
+        # stopped) cannot hold our routes; waiting for it would only run out the timeout
+        while time.monotonic() < deadline and len(up | refused) < len(names) and proc.poll() is None:
             with contextlib.suppress(BgpError):
                 protos = parse_protocols(control(paths.ctl, "show protocols all"))
                 up = {n for n in names if protos.get(n, {}).get("bgp_state") == "Established"}
-            time.sleep(0.2)
-        # End-of-RIB goes out right after the (empty) initial update; give it a moment on the wire
-        time.sleep(1.0)
+                refused = {n for n in names if n not in up and connection_refused(protos.get(n, {}))}
+            time.sleep(0.1)
+        if up:
+            # End-of-RIB goes out right after the (empty) initial update; give it a moment on the wire
+            time.sleep(1.0)
         for i, p in enumerate(cfg.bgp.peers):
             if protocol_name(i) in up:
                 done.append(f"BGP: withdrew this node's prefixes from {p.address}")
+            elif protocol_name(i) in refused:
+                done.append(
+                    f"BGP: {p.address} refused the connection (no BGP speaker listening): "
+                    "nothing to withdraw there"
+                )
             else:
                 done.append(
                     f"BGP: {p.address} did not answer; it drops our prefixes when its "

@@ -201,6 +201,18 @@ def test_restart_keeps_routes_and_cleanup_withdraws(
     fabric.wait_routes({"10.244.1.0/24": None, "10.244.2.0/24": "172.16.3.2"}, timeout=10)
     assert d2.alive()
 
+    # R's speaker stopped: R refuses node2's connection, and cleanup says so at once instead of
+    # waiting out its 15 s for a session that cannot come up
+    fabric.stop()
+    code, _ = d2.stop(cleanup=False)
+    assert code == 0
+    t0 = time.monotonic()
+    r = d2.cli("cleanup", "--config", str(d2.config), timeout=40)
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert "172.16.3.1 refused the connection" in r.stdout, r.stdout
+    assert took < 12, f"cleanup took {took:.1f}s"
+
 
 def test_ipv6_pod_cidrs_announced_and_native_across_router(
     ref: ReferenceTopology, daemons: Daemons, fabric: Fabric

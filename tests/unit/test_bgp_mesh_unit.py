@@ -131,6 +131,8 @@ def test_bird_conf_is_what_bird_accepts(tmp_path: Path) -> None:
     assert "neighbor 172.16.2.1 port 179 as 64500;" in text and "  direct;" in text
     assert "neighbor 10.9.9.9 port 179 as 64512;" in text and "  multihop;" in text
     assert "graceful restart time 60;" in text and "next hop self;" in text and "import none;" in text
+    # the first connect after 1 s (BIRD's default is 5 s), then every connect_retry seconds
+    assert text.count("connect delay time 1;") == 2 and "connect retry time 1;" in text
     assert bgp.announced_cidrs(cfg) == [ipaddress.ip_network("10.244.1.0/24")]
     empty = bgp.render_config(cfg, local, lambda a: True, announce=False)
     assert "route " not in empty
@@ -213,6 +215,9 @@ def test_control_reply_parser() -> None:
     assert (
         protos["peer1"]["state"] == "start" and protos["peer1"]["last_error"] == "Socket: Connection refused"
     )
+    # cleanup stops waiting for a peer whose connection was refused, not for one that is up
+    assert bgp.connection_refused(protos["peer1"]) and not bgp.connection_refused(protos["peer0"])
+    assert not bgp.connection_refused({"last_error": "Hold timer expired"}) and not bgp.connection_refused({})
     with pytest.raises(bgp.BgpError, match="syntax error"):
         bgp._read_reply(io.BytesIO(b"9001 syntax error, unexpected CF_SYM_UNDEFINED\n"))
     with pytest.raises(bgp.BgpError):

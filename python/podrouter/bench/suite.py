@@ -17,12 +17,13 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from podrouter.bench import kernel, measure
 from podrouter.demo.cluster import Cluster, delta_path, node_config
-from podrouter.demo.netns import ReferenceTopology, Topology, reference_topology
+from podrouter.demo.netns import ReferenceTopology, Topology, parallel, reference_topology
 
 NATIVE_PAIR = ("pod1", "pod3")  # node1 -> node3, shared L2: where native routing works
 TUNNEL_PAIR = ("pod1", "pod2")  # node1 -> node2 across R, which knows no pod CIDRs: tunnels only
@@ -320,89 +321,136 @@ def measure_leg(
     return res
 
 
-def run_setup(setup: Setup, prof: Profile, log: Progress) -> dict[str, dict[str, Any]]:
-    """Build `setup` on a fresh topology, measure each leg once, tear everything down."""
-    out: dict[str, dict[str, Any]] = {}
-    with Topology("bn") as topo:
-        ref = reference_topology(topo, underlay=setup.underlay)
-        cluster: Cluster | None = None
-        fabric: Any = None
-        vteps: list[Any] = []
+class Teardowns:
+    """Tear-downs that run in one background thread while the next setup is being built: every setup
+    has its own topology (namespaces with a prefix of their own) and its own work directory (API
+    sockets, state files, the fabric's BIRD), so building one never touches what the previous one
+    is removing. `wait()` comes before anything is measured, so no measurement overlaps a teardown;
+    it re-raises what a teardown raised. `close()` waits for the last one."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-teardown")
+        self._pending: list[Future[None]] = []
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._pending.append(self._pool.submit(fn))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        errors = [e for e in (f.exception() for f in pending) if e is not None]
+        if errors:
+            raise RuntimeError(f"tearing down the previous setup failed: {errors[0]}") from errors[0]
+
+    def close(self) -> None:
         try:
-            if setup.kind == "kernel-routing":
-                kernel.setup_kernel_routing(ref)
-            elif setup.kind == "kernel-vxlan":
-                kernel.setup_kernel_vxlan(ref)
-            elif setup.kind == "kernel-routing-r":
-                kernel.setup_kernel_routing_across_r(ref)
-            elif setup.kind == "ovs":
-                from podrouter.demo.ovs import ovs_vtep
-
-                vteps.append(ovs_vtep(ref, "node1", "node2", "vxlan"))
-                vteps.append(ovs_vtep(ref, "node2", "node1", "vxlan"))
-            else:
-                cluster = Cluster(ref)
-                opts = {k: v for k, v in setup.daemon.items() if k != "bgp"}
-                cfgs = {n: node_config(ref, n, cluster.workdir, masquerade=False, **opts) for n in ref.nodes}
-                if setup.daemon.get("bgp"):
-                    fabric = _bgp_fabric(ref, cluster, cfgs)
-                t0 = time.monotonic()
-                cluster.start(cfgs)
-                if fabric is not None:
-                    fabric.wait_routes({ref.node_pod_cidr[n]: ref.node_addr[n] for n in ref.nodes})
-                log(f"{setup.name}: 3 daemons ready in {time.monotonic() - t0:.1f}s")
-            background = measure.background_cpu(prof.background_seconds)
-            for leg in setup.legs:
-                snapshot: Callable[[], Any] | None
-                check: Callable[[Any], tuple[bool, str]] | None
-                if cluster is not None:
-                    c, src_node, want = cluster, ref.pods[leg.pair[0]].node, leg.expect_path
-
-                    def snapshot(c: Cluster = c, n: str = src_node) -> Any:
-                        return c.packets(n)
-
-                    def check(
-                        before: Any, c: Cluster = c, n: str = src_node, want: str = want
-                    ) -> tuple[bool, str]:
-                        got, delta = delta_path(before, c.packets(n), minimum=100)
-                        return got == want, f"expected the {want} path, counters moved {delta}"
-                elif setup.kind == "kernel-vxlan":
-                    src_node = ref.pods[leg.pair[0]].node
-
-                    def snapshot(n: str = src_node) -> Any:
-                        return _kernel_vxlan_tx(ref, n)
-
-                    def check(before: Any, n: str = src_node) -> tuple[bool, str]:
-                        d = _kernel_vxlan_tx(ref, n) - before
-                        return d >= 100, f"{kernel.KERNEL_VXLAN_DEV} sent only {d} packets"
-                elif vteps:
-                    vtep = vteps[0]
-
-                    def snapshot(v: Any = vtep) -> Any:
-                        return v.tunnel_tx()
-
-                    def check(before: Any, v: Any = vtep) -> tuple[bool, str]:
-                        d = v.tunnel_tx() - before
-                        return d >= 100, f"OVS's tunnel port sent only {d} packets"
-                else:
-                    snapshot = check = None
-                res = measure_leg(ref, leg, prof, log, snapshot, check, background)
-                res["background_cpu"] = background
-                out[leg.name] = res
-        except Exception as e:  # noqa: BLE001 - one broken setup must not stop the others
-            msg = f"{type(e).__name__}: {e}"
-            log(f"{setup.name}: setup FAILED: {msg}")
-            for leg in setup.legs:
-                out.setdefault(leg.name, {"errors": []})["errors"].append(f"setup: {msg}")
-            if not isinstance(e, RuntimeError | OSError):
-                traceback.print_exc(file=sys.stderr)
+            self.wait()
         finally:
-            for v in vteps:
-                v.stop()
+            self._pool.shutdown(wait=True)
+
+
+def run_setup(
+    setup: Setup, prof: Profile, log: Progress, teardowns: Teardowns | None = None
+) -> dict[str, dict[str, Any]]:
+    """Build `setup` on a fresh topology, measure each leg once, tear everything down: at once, or,
+    with `teardowns`, in the background while the caller builds the next setup (the previous
+    setup's teardown is waited for before this one measures anything)."""
+    out: dict[str, dict[str, Any]] = {}
+    topo = Topology("bn")
+    try:
+        ref = reference_topology(topo, underlay=setup.underlay)
+    except BaseException:
+        topo.close()
+        raise
+    cluster: Cluster | None = None
+    fabric: Any = None
+    vteps: list[Any] = []
+    try:
+        if setup.kind == "kernel-routing":
+            kernel.setup_kernel_routing(ref)
+        elif setup.kind == "kernel-vxlan":
+            kernel.setup_kernel_vxlan(ref)
+        elif setup.kind == "kernel-routing-r":
+            kernel.setup_kernel_routing_across_r(ref)
+        elif setup.kind == "ovs":
+            from podrouter.demo.ovs import ovs_vtep
+
+            vteps.append(ovs_vtep(ref, "node1", "node2", "vxlan"))
+            vteps.append(ovs_vtep(ref, "node2", "node1", "vxlan"))
+        else:
+            cluster = Cluster(ref)
+            opts = {k: v for k, v in setup.daemon.items() if k != "bgp"}
+            cfgs = {n: node_config(ref, n, cluster.workdir, masquerade=False, **opts) for n in ref.nodes}
+            if setup.daemon.get("bgp"):
+                fabric = _bgp_fabric(ref, cluster, cfgs)
+            t0 = time.monotonic()
+            cluster.start(cfgs)
             if fabric is not None:
-                fabric.stop()
+                fabric.wait_routes({ref.node_pod_cidr[n]: ref.node_addr[n] for n in ref.nodes})
+            log(f"{setup.name}: 3 daemons ready in {time.monotonic() - t0:.1f}s")
+        if teardowns is not None:
+            teardowns.wait()  # the previous setup is gone before anything is measured
+        background = measure.background_cpu(prof.background_seconds)
+        for leg in setup.legs:
+            snapshot: Callable[[], Any] | None
+            check: Callable[[Any], tuple[bool, str]] | None
             if cluster is not None:
-                cluster.close()
+                c, src_node, want = cluster, ref.pods[leg.pair[0]].node, leg.expect_path
+
+                def snapshot(c: Cluster = c, n: str = src_node) -> Any:
+                    return c.packets(n)
+
+                def check(
+                    before: Any, c: Cluster = c, n: str = src_node, want: str = want
+                ) -> tuple[bool, str]:
+                    got, delta = delta_path(before, c.packets(n), minimum=100)
+                    return got == want, f"expected the {want} path, counters moved {delta}"
+            elif setup.kind == "kernel-vxlan":
+                src_node = ref.pods[leg.pair[0]].node
+
+                def snapshot(n: str = src_node) -> Any:
+                    return _kernel_vxlan_tx(ref, n)
+
+                def check(before: Any, n: str = src_node) -> tuple[bool, str]:
+                    d = _kernel_vxlan_tx(ref, n) - before
+                    return d >= 100, f"{kernel.KERNEL_VXLAN_DEV} sent only {d} packets"
+            elif vteps:
+                vtep = vteps[0]
+
+                def snapshot(v: Any = vtep) -> Any:
+                    return v.tunnel_tx()
+
+                def check(before: Any, v: Any = vtep) -> tuple[bool, str]:
+                    d = v.tunnel_tx() - before
+                    return d >= 100, f"OVS's tunnel port sent only {d} packets"
+            else:
+                snapshot = check = None
+            res = measure_leg(ref, leg, prof, log, snapshot, check, background)
+            res["background_cpu"] = background
+            out[leg.name] = res
+    except Exception as e:  # noqa: BLE001 - one broken setup must not stop the others
+        msg = f"{type(e).__name__}: {e}"
+        log(f"{setup.name}: setup FAILED: {msg}")
+        for leg in setup.legs:
+            out.setdefault(leg.name, {"errors": []})["errors"].append(f"setup: {msg}")
+        if not isinstance(e, RuntimeError | OSError):
+            traceback.print_exc(file=sys.stderr)
+    finally:
+
+        def teardown() -> None:
+            try:
+                for err in parallel([v.stop for v in vteps])[:1]:
+                    raise err
+                if fabric is not None:
+                    fabric.stop()
+                if cluster is not None:
+                    cluster.close()
+            finally:
+                topo.close()
+
+        if teardowns is None:
+            teardown()
+        else:
+            teardowns.submit(teardown)
     return out
 
 
@@ -431,13 +479,17 @@ def summarize(values: list[float]) -> dict[str, float | int]:
 def run_modes(setups: list[Setup], prof: Profile, reps: int, log: Progress) -> dict[str, Any]:
     legs = {leg.name: (s, leg) for s in setups for leg in s.legs}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in legs}
-    for rep in range(1, reps + 1):
-        for s in setups:
-            log(f"{s.name}: rep {rep}/{reps}: building")
-            for name, res in run_setup(s, prof, log).items():
-                res["rep"] = rep
-                runs[name].append(res)
-            log(f"{s.name}: rep {rep}/{reps} done", step=True)
+    teardowns = Teardowns()
+    try:
+        for rep in range(1, reps + 1):
+            for s in setups:
+                log(f"{s.name}: rep {rep}/{reps}: building")
+                for name, res in run_setup(s, prof, log, teardowns).items():
+                    res["rep"] = rep
+                    runs[name].append(res)
+                log(f"{s.name}: rep {rep}/{reps} done", step=True)
+    finally:
+        teardowns.close()  # the last setup's teardown, also when interrupted
     modes: dict[str, Any] = {}
     for name, (s, leg) in legs.items():
         summary = {}

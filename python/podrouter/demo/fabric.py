@@ -90,7 +90,8 @@ def fabric_config(router_id: str, neighbors: dict[str, int], asn: int = FABRIC_A
             f"protocol bgp {_proto(addr)} {{",
             f"  neighbor {addr} as {peer_as};",
             f"  local as {asn};",
-            f"  hold time {HOLD_TIME}; connect retry time {CONNECT_RETRY}; error wait time 1, 5;",
+            f"  hold time {HOLD_TIME}; connect delay time 1; connect retry time {CONNECT_RETRY};",
+            "  error wait time 1, 5;",
             "  graceful restart on;",
             "  ipv4 { import all; export none; };",
             # the nodes' IPv6 pod CIDRs over the same IPv4 session (multiprotocol BGP); their next

@@ -15,13 +15,15 @@ so it shells out to `ip`/`tc`/`sysctl` inside the namespaces it owns; the daemon
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "Terminated",
     "Topology",
     "capture",
+    "parallel",
     "signals_unwind",
     "reference_topology",
     "sh",
@@ -124,18 +127,7 @@ class Host:
         return self.try_run([*argv, dst], timeout=count * (timeout + 1) + 5).returncode == 0
 
     def stop_procs(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for proc in self.procs:
-            remaining = max(0.1, deadline - time.monotonic())
-            try:
-                proc.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_all(self.procs)
         self.procs.clear()
 
     def kill_remaining(self) -> None:
@@ -145,6 +137,46 @@ class Host:
         for tok in sh("ip", "netns", "pids", self.ns, check=False).split():
             with contextlib.suppress(ValueError, OSError):
                 os.kill(int(tok), signal.SIGKILL)
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]], grace: float = 5) -> None:
+    """SIGTERM to every process at once, one shared grace period, then SIGKILL what is left."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            proc.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def parallel(calls: Sequence[Callable[[], object]]) -> list[BaseException]:
+    """Independent teardown steps in threads, every one waited for; their errors are returned, not
+    raised, so that one failing step never keeps the others from running."""
+    errors: list[BaseException] = []
+    if len(calls) <= 1:
+        for c in calls:
+            try:
+                c()
+            except Exception as e:
+                errors.append(e)
+        return errors
+    with ThreadPoolExecutor(max_workers=min(len(calls), 16)) as pool:
+        for f in [pool.submit(c) for c in calls]:
+            err = f.exception()
+            if err is not None:
+                errors.append(err)
+    return errors
+
+
+def _remove_ns(h: Host) -> None:
+    h.kill_remaining()
+    sh("ip", "netns", "del", h.ns, check=False)
 
 
 class Topology:
@@ -184,13 +216,16 @@ class Topology:
             h.ip(f"link set {ifname} up")
 
     def close(self) -> None:
-        for h in self.hosts.values():
-            h.stop_procs()
-        for h in self.hosts.values():
-            h.kill_remaining()
-        for h in self.hosts.values():
-            sh("ip", "netns", "del", h.ns, check=False)
+        """Every host's processes get SIGTERM at once and share one grace period; then each
+        namespace is emptied and deleted, all hosts in parallel (they are independent)."""
+        hosts = list(self.hosts.values())
+        stop_all([p for h in hosts for p in h.procs])
+        for h in hosts:
+            h.procs.clear()
+        errors = parallel([functools.partial(_remove_ns, h) for h in hosts])
         self.hosts.clear()
+        for e in errors[:1]:
+            raise e
 
     def __enter__(self) -> Topology:
         return self
