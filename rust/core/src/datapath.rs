@@ -300,17 +300,7 @@ pub fn masquerade_reply(
     len: usize,
     now: u64,
 ) -> IngressAction {
-    let mut run = || -> Result<IngressAction, DropReason> {
-        let pkt = packet(buf, start, len)?;
-        let total = wire::parse_ip(pkt)?.total_len;
-        nat::translate_ingress(nat, pkt, now)?;
-        Ok(IngressAction::Deliver {
-            range: start..start + total,
-            path: Path::Masquerade,
-            peer: None,
-        })
-    };
-    run().unwrap_or_else(IngressAction::Drop)
+    reply_with(nat, nat::translate_ingress, buf, start, len, now)
 }
 
 /// [`masquerade_reply`] for IPv6: a reply to the node's IPv6 masquerade address, translated back
@@ -322,10 +312,25 @@ pub fn masquerade_reply_v6(
     len: usize,
     now: u64,
 ) -> IngressAction {
+    reply_with(nat, nat::translate_ingress_v6, buf, start, len, now)
+}
+
+/// A family's reverse translation ([`nat::translate_ingress`], [`nat::translate_ingress_v6`]).
+type Translate<A> = fn(&mut nat::NatTable<A>, &mut [u8], u64) -> Result<A, DropReason>;
+
+/// A masquerade reply of either family, reverse-translated by `translate` with its table.
+fn reply_with<A: nat::NatAddr>(
+    nat: &mut nat::NatTable<A>,
+    translate: Translate<A>,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    now: u64,
+) -> IngressAction {
     let mut run = || -> Result<IngressAction, DropReason> {
         let pkt = packet(buf, start, len)?;
         let total = wire::parse_ip(pkt)?.total_len;
-        nat::translate_ingress_v6(nat, pkt, now)?;
+        translate(nat, pkt, now)?;
         Ok(IngressAction::Deliver {
             range: start..start + total,
             path: Path::Masquerade,
