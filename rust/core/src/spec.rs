@@ -330,8 +330,8 @@ pub struct PeerSpec {
     pub geneve_payload: Option<GenevePayload>,
 }
 
-/// The plain-Rust mirror of the dict the control plane hands to `_native.Tables(spec)`
-/// (docs/architecture.md, "Table spec").
+/// The plain-Rust mirror of the dict the control plane hands to `_native.Tables(spec, settings)`
+/// (docs/architecture.md, "Table spec"): what a table swap may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSpec {
     pub generation: u64,

@@ -1,7 +1,7 @@
 //! `podrouter._native`: the PyO3 bindings (see python/podrouter/_native.pyi for the contract).
 //!
-//! `Tables(spec)` compiles the control plane's table spec dict (docs/architecture.md) into
-//! `podrouter_core::Tables`; `Datapath(config)` wraps `podrouter_io::Engine`. Calls that
+//! `Tables(spec, settings)` compiles the control plane's table spec dict (docs/architecture.md)
+//! against an engine config's start-time settings into `podrouter_core::Tables`; `Datapath(config)` wraps `podrouter_io::Engine`. Calls that
 //! can take time (starting or stopping workers, compiling tables) release the GIL; worker threads
 //! never touch Python.
 

@@ -1,7 +1,7 @@
 //! The dicts the control plane hands the bindings, as typed specs deserialized with serde.
 //!
-//! `Tables(spec)`, `Datapath(config)` and `Datapath.adopt(config, fds)` take Python dicts. Each
-//! shape is a struct here (`deny_unknown_fields`: a typo never falls back to a default),
+//! `Tables(spec, settings)`, `Datapath(config)` and `Datapath.adopt(config, fds)` take Python
+//! dicts (`settings` is an engine config, like `config`). Each shape is a struct here (`deny_unknown_fields`: a typo never falls back to a default),
 //! deserialized straight from the Python objects (pythonize) with the key path tracked
 //! (serde_path_to_error), then turned into the core's and the engine's types. Every error names
 //! the key path and the value: `peers[0].address: 'nope' is not an IP address`,
