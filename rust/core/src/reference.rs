@@ -32,8 +32,8 @@ pub fn settings() -> EngineSettings {
     EngineSettings::new(ip(NODE1))
 }
 
-/// A peer at `address` owning `pod_cidr`; its next hop (with a known MAC) is itself when
-/// `on_link`, else `next_hop` (`None`: the spec's gateway).
+/// A peer at `address` owning `pod_cidr`: its own next hop (MAC [`PEER_MAC`]) when `on_link`,
+/// else none of its own (native packets to it go to the spec's gateway).
 pub fn peer(name: &str, address: IpAddr, pod_cidr: &str, on_link: bool) -> PeerSpec {
     PeerSpec {
         name: name.into(),
