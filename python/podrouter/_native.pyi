@@ -47,9 +47,12 @@ def version() -> str:
 
 @final
 class Tables:
-    """Compiled routing tables, built from the table spec dict (docs/architecture.md), immutable.
+    """Compiled routing tables, immutable: the table spec dict (docs/architecture.md; what a
+    swap may change) compiled against the engine's start-time settings, an engine config dict as
+    ``Datapath(config)`` takes (its ``underlay_address``, ``underlay_address6``,
+    ``masquerade_port_range`` and ``masquerade_address6`` are read; plan.engine_settings).
 
-    Raises ``ValueError("<key path>: <problem>")`` for a bad spec, e.g.
+    Raises ``ValueError("<key path>: <problem>")`` for a bad spec or settings, e.g.
     ``"peers[0].pod_cidrs[0]: '10.244.2.0/33' is not a CIDR"`` or ``"nodes: unknown key"``.
     """
 
@@ -62,7 +65,7 @@ class Tables:
         """This node's VTEP MAC, ``02:70:<underlay IPv4 bytes>`` (IPv6 underlay: ``02:76:<last four
         bytes>``): the inner Ethernet source of its
         VXLAN frames (a Flannel-style kernel peer points its neighbour and FDB entries at it)."""
-    def __new__(cls, spec: dict[str, Any]) -> Tables: ...
+    def __new__(cls, spec: dict[str, Any], settings: dict[str, Any]) -> Tables: ...
     def classify(self, packet: bytes) -> dict[str, Any]:
         """The verdict the datapath would give an IP packet leaving a local pod. Never raises for
         bad bytes: they are a drop verdict with the reason the datapath would count.
@@ -108,7 +111,12 @@ class Datapath:
       nat (dict, optional): masquerade table limits and timeouts in seconds, each optional --
         max_entries (default 1048576), tcp_syn_sent (120), tcp_established (7440),
         tcp_fin_wait (120), tcp_time_wait (120), tcp_close (10), udp_unreplied (30),
-        udp_assured (120), icmp (30). Read at construction; the port range comes from the tables.
+        udp_assured (120), icmp (30). Read at construction;
+      masquerade_port_range ([first, last], default [61000, 65535]): the node ports of translated
+        flows; masquerade_address6 (str | None): where IPv6 pods are translated to (None: not).
+
+    The underlay addresses and the two masquerade keys are the start-time settings every table
+    is compiled against (``Tables(spec, settings)``): only a restart changes them.
 
     The constructor creates the TUN device (the control plane then configures it with pyroute2);
     it raises ``ValueError`` for a bad config before touching anything and ``OSError`` when the
@@ -141,9 +149,10 @@ class Datapath:
         """Open the sockets and start the workers (``OSError`` if a port is taken, ...)."""
     def swap_tables(self, tables: Tables) -> None:
         """Atomically replace the tables (one pointer store); in-flight batches finish on the old
-        ones, no packet is lost. The masquerade port range, node address and masquerade.address6
-        are read at start: tables that change one raise ``ValueError`` naming the key (a restart
-        applies the change) and the running tables stay."""
+        ones, no packet is lost. Tables compiled against other start-time settings than this
+        datapath's config (node.address / address6, masquerade.port_range / address6) raise
+        ``ValueError`` naming the key (a restart applies the change) and the running tables
+        stay; ``start`` refuses them likewise."""
     def counters(self) -> dict[str, Any]:
         """``{"packets": {"vxlan/egress": n, ... every path/direction}, "bytes": {...},
         "drops": {reason: n, ... every reason, incl. "tx_error"}, "nat_entries": n,

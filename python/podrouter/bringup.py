@@ -22,7 +22,7 @@ from podrouter.netlink import IPRoute, sysctl
 from podrouter.netlink.constants import IFF_MULTICAST, IPV6_MIN_MTU, MASQ_TABLE, TUN_NAME
 from podrouter.netlink.plumbing import RT_TABLE_MAIN, Plumbing, foreign_routes
 from podrouter.netlink.underlay import Masquerade6, Underlay
-from podrouter.plan import encap_overhead, has_ipv6, path_mtu
+from podrouter.plan import encap_overhead, engine_settings, has_ipv6, path_mtu
 from podrouter.qos.sizing import tun_txqlen
 
 if TYPE_CHECKING:
@@ -160,9 +160,17 @@ def masquerade_notes(cfg: Config, u: Underlay, masq6: Masquerade6 | None) -> Non
 # ----------------------------------------------------------------------------------- the datapath
 
 
-def datapath_config(cfg: Config, u: Underlay) -> dict[str, Any]:
-    """The `_native.Datapath` config (the engine's start-time settings) for this node."""
+def datapath_config(cfg: Config, u: Underlay, masq6: Masquerade6 | None = None) -> dict[str, Any]:
+    """The `_native.Datapath` config (the engine's start-time settings) for this node; the
+    tables are compiled against it too (`_native.Tables(spec, settings)`). `masq6`: the resolved
+    `masquerade.address6` (None: IPv6 pods are not translated)."""
     return {
+        **engine_settings(
+            cfg,
+            str(u.address),
+            str(u.address6) if u.address6 is not None else None,
+            str(masq6.address) if masq6 is not None else None,
+        ),
         "tun_name": TUN_NAME,
         "tun_mtu": u.mtu,
         # persistent: the TUN (and every route into it) outlives this process, so pod traffic
@@ -170,8 +178,6 @@ def datapath_config(cfg: Config, u: Underlay) -> dict[str, Any]:
         "tun_persist": True,
         "underlay_ifindex": u.ifindex,
         "underlay_mac": u.mac,
-        "underlay_address": str(u.address),
-        "underlay_address6": str(u.address6) if u.address6 is not None else None,
         "vxlan_port": cfg.tunnel.port_for("vxlan"),
         "geneve_port": cfg.tunnel.port_for("geneve"),
         # one worker per two cores, at most four: the rest is for the kernel's side of the

@@ -425,23 +425,18 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
     address = str(cfg.node.address) if cfg.node.address else "0.0.0.0"
     # node.address unset: its family is known only at start (peers of both families may fit then)
     a6 = cfg.node.address6 if cfg.node.address else ipaddress.IPv6Address("::")
-    spec = plan.build_spec(
-        cfg,
-        0,
-        address,
-        None,
-        [PeerView(p, False, None, None) for p in cfg.peers],
-        str(a6) if a6 is not None else None,
-    )
+    spec = plan.build_spec(cfg, 0, None, [PeerView(p, False, None, None) for p in cfg.peers])
+    settings = plan.engine_settings(cfg, address, str(a6) if a6 is not None else None)
     try:
-        native.compile_tables(spec)
+        native.compile_tables(spec, settings)
     except ValueError as e:
         return [f"tables: {e}"]
     return []
 
 
-def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
-    """Tables spec from a config alone, reading (never changing) this namespace where it can."""
+def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Tables spec and engine settings (plan.engine_settings) from a config alone, reading (never
+    changing) this namespace where it can."""
     from podrouter import plan  # lazy, as in compile_problems
     from podrouter.plan import PeerView
 
@@ -487,7 +482,8 @@ def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], list[str]]:
     if address is None:
         address = "0.0.0.0"
     a6 = underlay.address6 if underlay is not None else cfg.node.address6
-    return plan.build_spec(cfg, 0, address, gateway, peers, str(a6) if a6 is not None else None), notes
+    settings = plan.engine_settings(cfg, address, str(a6) if a6 is not None else None)
+    return plan.build_spec(cfg, 0, gateway, peers), settings, notes
 
 
 @main.command(short_help="Which path a packet from SRC to DST takes, and why.")
@@ -515,12 +511,12 @@ def explain(
     else:
         assert config is not None
         cfg = _load_config(config)
-        spec, notes = offline_spec(cfg)
+        spec, settings, notes = offline_spec(cfg)
         why = native.available()
         if why is not None:
             _fail(why, EXIT_FAILURE)
         try:
-            verdict = dict(native.compile_tables(spec).classify(pkt))
+            verdict = dict(native.compile_tables(spec, settings).classify(pkt))
         except (ValueError, TypeError) as e:
             _fail(f"error: {e}", EXIT_FAILURE)
     if as_json:

@@ -410,7 +410,7 @@ class Daemon:
         self._metrics_sock = None  # the server's now
 
     def _datapath_config(self) -> dict[str, Any]:
-        return bringup.datapath_config(self.cfg, self._u())
+        return bringup.datapath_config(self.cfg, self._u(), self.masq6)
 
     def _open_datapath(self) -> None:
         """The datapath (bringup.open_datapath), or with --handover the pending take-over of the
@@ -695,10 +695,7 @@ class Daemon:
         # destination takes, so a route's MTU always follows the datapath's decision
         macs = self.watcher.snapshot()
         t0 = time.perf_counter()
-        a6 = str(u.address6) if u.address6 is not None else None
-        spec = build_spec(
-            cfg, 0, str(u.address), gateway_spec(u, macs), self.peer_views, a6, *masq6_spec(self.masq6, macs)
-        )
+        spec = build_spec(cfg, 0, gateway_spec(u, macs), self.peer_views, masq6_spec(self.masq6, macs))
         # the peers' part of the spec is a function of the (immutable) views: compare those instead
         # of formatting thousands of peer entries
         key = (repr({k: v for k, v in spec.items() if k != "peers"}), tuple(self.peer_views))
@@ -713,7 +710,8 @@ class Daemon:
                 self.timings["last_compile_ms"] = 0.0
         if tables is None:
             spec["generation"] = self.generation + 1
-            tables = native.compile_tables(spec)
+            # against the engine's own start-time settings: a swap cannot disagree with them
+            tables = native.compile_tables(spec, self._datapath_config())
             self.timings["last_compile_ms"] = ms_since(t0)
         self.route_plan = plan_routes(
             cfg,

@@ -58,10 +58,12 @@ def version() -> str:
 # ------------------------------------------------------------------------------ tables and datapath
 
 
-def compile_tables(spec: Mapping[str, Any]) -> Tables:
-    """`_native.Tables(spec)`: the core validates and compiles the table spec (plan.build_spec);
-    ValueError("<key path>: <problem>") for one it refuses."""
-    tables: Tables = module().Tables(dict(spec))
+def compile_tables(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> Tables:
+    """`_native.Tables(spec, settings)`: the core validates and compiles the table spec
+    (plan.build_spec) against the engine's start-time settings (an engine config:
+    plan.engine_settings, or the whole bringup.datapath_config); ValueError("<key path>:
+    <problem>") for one it refuses."""
+    tables: Tables = module().Tables(dict(spec), dict(settings))
     return tables
 
 

@@ -151,33 +151,40 @@ def has_ipv6(cfg: Config) -> bool:
     return any(n.version == 6 for n in (*cfg.node.pod_cidrs, *cfg.cluster_cidrs))
 
 
+def engine_settings(
+    cfg: Config, node_address: str, node_address6: str | None = None, masq_address6: str | None = None
+) -> dict[str, Any]:
+    """The engine's start-time settings, as keys of its config (`_native.Datapath(config)`, which
+    bringup.datapath_config completes): what the datapath reads once, at start, and every table
+    is compiled against (`_native.Tables(spec, settings)`). A reload that changes one of them is
+    restart-only (reconcile.restart_only_changes). `masq_address6`: where IPv6 pods are translated
+    to (`masquerade.address6`; None: IPv6 pods are not translated)."""
+    return {
+        "underlay_address": node_address,
+        "underlay_address6": node_address6,
+        "masquerade_port_range": list(cfg.masquerade.port_range),
+        "masquerade_address6": masq_address6,
+    }
+
+
 def build_spec(
     cfg: Config,
     generation: int,
-    node_address: str,
     gateway: dict[str, Any] | None,
     peers: list[PeerView],
-    node_address6: str | None = None,
-    masq_address6: str | None = None,
     masq_gateway6: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The table spec dict `_native.Tables(spec)` takes (docs/architecture.md). `masq_address6` /
-    `masq_gateway6`: where IPv6 pods are translated to and the IPv6 next hop (`masquerade.address6`;
-    None: IPv6 pods are not translated)."""
+    """The table spec dict `_native.Tables(spec, settings)` takes (docs/architecture.md): what a
+    table swap may change. The node's addresses, the masquerade port range and IPv6 address are
+    start-time settings (`engine_settings`). `masq_gateway6`: the IPv6 next hop of translated IPv6
+    packets."""
 
     def nets(xs: Iterable[IPNetwork]) -> list[str]:
         return [str(x) for x in xs]
 
-    node: dict[str, Any] = {
-        "name": cfg.node.name,
-        "address": node_address,
-        "pod_cidrs": nets(cfg.node.pod_cidrs),
-    }
-    if node_address6 is not None:
-        node["address6"] = node_address6
     return {
         "generation": generation,
-        "node": node,
+        "node": {"name": cfg.node.name, "pod_cidrs": nets(cfg.node.pod_cidrs)},
         # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
         # checked on ingress, never masqueraded
         "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
@@ -195,8 +202,6 @@ def build_spec(
         "masquerade": {
             "enabled": cfg.masquerade.enabled,
             "non_masquerade_cidrs": nets(cfg.masquerade.non_masquerade_cidrs),
-            "port_range": list(cfg.masquerade.port_range),
-            "address6": masq_address6,
             "gateway6": masq_gateway6,
         },
         "peers": [_peer_spec(v) for v in peers],
@@ -302,6 +307,7 @@ __all__ = [
     "PeerView",
     "RoutePlan",
     "build_spec",
+    "engine_settings",
     "effective_mode",
     "encap_overhead",
     "geneve_payload",

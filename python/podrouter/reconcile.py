@@ -126,15 +126,12 @@ def gateway_spec(u: Underlay, macs: Mapping[IPAddress, str]) -> dict[str, Any] |
     return {"ip": str(u.gateway), "mac": macs.get(u.gateway)}
 
 
-def masq6_spec(
-    masq6: Masquerade6 | None, macs: Mapping[IPAddress, str]
-) -> tuple[str | None, dict[str, Any] | None]:
-    """`masquerade.address6` and `masquerade.gateway6` of the table spec."""
-    if masq6 is None:
-        return None, None
-    if masq6.gateway is None:
-        return str(masq6.address), None
-    return str(masq6.address), {"ip": str(masq6.gateway), "mac": macs.get(masq6.gateway)}
+def masq6_spec(masq6: Masquerade6 | None, macs: Mapping[IPAddress, str]) -> dict[str, Any] | None:
+    """`masquerade.gateway6` of the table spec (the address is a start-time setting:
+    bringup.datapath_config)."""
+    if masq6 is None or masq6.gateway is None:
+        return None
+    return {"ip": str(masq6.gateway), "mac": macs.get(masq6.gateway)}
 
 
 # ---------------------------------------------------------------------------------- kernel routes

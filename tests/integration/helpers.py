@@ -281,6 +281,56 @@ def python_in(host: Host, code: str, timeout: float = 60) -> subprocess.Complete
     )
 
 
+# Source for scripts run in a pod (python_in): the ICMP errors the pod's kernel matched to one of its
+# UDP sockets, which is how a test sees that a translated ICMP / ICMPv6 error (its quote restored to
+# the pod's own address and port) reached the right socket. `recverr(s)` right after creating the
+# socket (an error that arrives before is not queued), then `icmp_error(s, ...)`.
+ICMP_ERRORS = r"""
+import socket, struct, time
+
+
+def _recverr(s):
+    return (socket.IPPROTO_IPV6, 25) if s.family == socket.AF_INET6 else (socket.IPPROTO_IP, 11)
+
+
+def recverr(s):
+    s.setsockopt(*_recverr(s), 1)  # IP_RECVERR / IPV6_RECVERR
+
+
+def icmp_error(s, probe=None, probes=3, seconds=6.0, poll=None):
+    # The first error queued for the connected socket `s`: dict(errno, origin, type, code, info,
+    # offender), or None after `seconds`. `probe`: bytes sent once a second, at most `probes` times;
+    # `poll(s)`: called after each second of waiting.
+    level, opt = _recverr(s)
+    s.setblocking(False)
+    deadline, sent, err = time.monotonic() + seconds, 0, None
+    while err is None and time.monotonic() < deadline:
+        if probe is not None and sent < probes:
+            s.send(probe)
+            sent += 1
+        end = time.monotonic() + 1
+        while err is None and time.monotonic() < end:
+            try:
+                _, anc, _, _ = s.recvmsg(2048, 1024, socket.MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                time.sleep(0.05)
+                continue
+            for lvl, typ, data in anc:
+                if (lvl, typ) == (level, opt):
+                    # struct sock_extended_err, then the offender's sockaddr (linux/errqueue.h)
+                    ee_errno, origin, etype, code, _pad, info, _data = struct.unpack("=IBBBBII", data[:16])
+                    if level == socket.IPPROTO_IPV6:
+                        offender = socket.inet_ntop(socket.AF_INET6, data[16 + 8 : 16 + 24])
+                    else:
+                        offender = socket.inet_ntoa(data[16 + 4 : 16 + 8])
+                    err = dict(errno=ee_errno, origin=origin, type=etype, code=code)
+                    err.update(info=info, offender=offender)
+        if poll is not None:
+            poll(s)
+    return err
+"""
+
+
 def wait_listening(host: Host, port: int, timeout: float = 10) -> None:
     """Waits until a TCP socket listens on `port` in `host` (a server started with popen is not
     ready when popen returns; a fixed sleep is too short on a busy machine and wasted on an idle one)."""

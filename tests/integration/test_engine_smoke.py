@@ -41,7 +41,8 @@ with IPRoute() as ipr:
     ipr.link("set", index=idx, state="up")
     for r in cfg["routes"]:
         ipr.route("add", dst=r["dst"], oif=idx, prefsrc=r["src"])
-dp.start(_native.Tables(cfg["spec"]))
+# the tables are compiled against the engine's own start-time settings (its config)
+dp.start(_native.Tables(cfg["spec"], cfg["datapath"]))
 print("READY", dp.is_running(), flush=True)
 for line in sys.stdin:
     cmd, _, arg = line.strip().partition(" ")
@@ -49,7 +50,11 @@ for line in sys.stdin:
         print(json.dumps(dp.counters()), flush=True)
     elif cmd == "swap":
         try:
-            dp.swap_tables(_native.Tables(json.loads(arg)))
+            # `swap <spec>`, or `swap {"spec": ..., "settings": {...}}`: tables compiled against
+            # other start-time settings than the engine's
+            obj = json.loads(arg)
+            spec, other = (obj["spec"], obj["settings"]) if "settings" in obj else (obj, {})
+            dp.swap_tables(_native.Tables(spec, {**cfg["datapath"], **other}))
         except ValueError as e:
             print("REFUSED", e, flush=True)
         else:
@@ -193,14 +198,14 @@ class Pair:
         p = self.peer_of(n)
         return {
             "generation": generation,
-            "node": {"name": n.name, "address": n.address, "pod_cidrs": [n.pod_cidr]},
+            "node": {"name": n.name, "pod_cidrs": [n.pod_cidr]},
             "cluster_cidrs": ["10.244.0.0/16"],
             "mode": mode,
             "native_cidrs": [],
             "native_when_on_link": False,
             "tunnel": {"protocol": protocol, "vni": 7, "vxlan_port": 4789, "geneve_port": 6081},
             "gateway": None,
-            "masquerade": {"enabled": False, "non_masquerade_cidrs": [], "port_range": [61000, 65535]},
+            "masquerade": {"enabled": False, "non_masquerade_cidrs": []},
             "peers": [{
                 "name": p.name, "address": p.address, "pod_cidrs": [peer_cidr or p.pod_cidr],
                 "mode": None, "tunnel_protocol": None, "on_link": True,
@@ -298,16 +303,15 @@ def test_validation_drops_then_table_swap_heals(pair: Pair) -> None:
 
 
 def test_a_swap_that_changes_start_time_settings_is_refused(pair: Pair) -> None:
-    """The masquerade port range and the node address are read at start (NAT table, reply sockets):
-    a swap that changes one is refused naming the key, and the running tables stay."""
+    """The masquerade port range and the node address are read at start (NAT table, reply sockets)
+    and are not part of the table spec: tables compiled against other settings than the engine's
+    are refused naming the key, and the running tables stay."""
     pair.start("tunnel", "vxlan")
-    moved = pair.spec(pair.b, generation=2)
-    moved["masquerade"]["port_range"] = [40000, 50000]
+    moved = {"spec": pair.spec(pair.b, generation=2), "settings": {"masquerade_port_range": [40000, 50000]}}
     reply = pair.b.ask("swap " + json.dumps(moved))
     want = "REFUSED masquerade.port_range: (40000, 50000) differs from (61000, 65535)"
     assert reply.startswith(want), reply
-    renamed = pair.spec(pair.b, generation=3)
-    renamed["node"]["address"] = "172.16.9.9"
+    renamed = {"spec": pair.spec(pair.b, generation=3), "settings": {"underlay_address": "172.16.9.9"}}
     reply = pair.b.ask("swap " + json.dumps(renamed))
     assert reply.startswith("REFUSED node.address: 172.16.9.9 differs from"), reply
     assert pair.b.counters()["table_generation"] == 1
@@ -360,12 +364,12 @@ def test_masquerade_ping_and_tcp_both_ways(masq: tuple[Node, str]) -> None:
     ext_mac = json.loads(must("ip", "-n", ext, "-j", "link", "show", "eth0"))[0]["address"]
     spec = {
         "generation": 1,
-        "node": {"name": "node1", "address": "172.16.2.2", "pod_cidrs": ["10.244.1.0/24"]},
+        "node": {"name": "node1", "pod_cidrs": ["10.244.1.0/24"]},
         "cluster_cidrs": ["10.244.0.0/16"], "mode": "tunnel", "native_cidrs": [],
         "native_when_on_link": False,
         "tunnel": {"protocol": "vxlan", "vni": 7, "vxlan_port": 4789, "geneve_port": 6081},
         "gateway": {"ip": "172.16.2.1", "mac": ext_mac},
-        "masquerade": {"enabled": True, "non_masquerade_cidrs": [], "port_range": [61000, 65535]},
+        "masquerade": {"enabled": True, "non_masquerade_cidrs": []},
         "peers": [],
     }
     launch(node, spec, ["203.0.113.0/24"], 1500)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from helpers import (
+    ICMP_ERRORS,
     DaemonHandle,
     Daemons,
     our_routes,
@@ -273,62 +274,26 @@ def test_icmp_echo_identifier_is_translated(ref: ReferenceTopology, daemons: Dae
     assert all((s, d_, i) == (EXT, "10.244.1.1", pod_id) for s, d_, i in pod_reps), on_pod
 
 
-PMTU_CLIENT = r"""
-import errno
-IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU, IP_RECVERR = 10, 2, 14, 11
+PMTU_CLIENT = ICMP_ERRORS + r"""
+import json
+IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
-s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+recverr(s)
 s.connect((DST, PORT))
 s.send(b"x" * 1472)  # a 1500-byte DF datagram: fits every link up to R, not R -> ext
-err = None
-deadline = time.monotonic() + 5
-while err is None and time.monotonic() < deadline:
-    try:
-        _, anc, _, _ = s.recvmsg(2048, 1024, socket.MSG_ERRQUEUE)
-        for level, typ, data in anc:
-            if level == socket.IPPROTO_IP and typ == IP_RECVERR:
-                # struct sock_extended_err, then the offender's sockaddr_in (include/uapi/linux/errqueue.h)
-                ee_errno, origin, etype, code, _pad, info, _data = struct.unpack("=IBBBBII", data[:16])
-                offender = socket.inet_ntoa(data[16 + 4 : 16 + 8])
-                err = dict(errno=ee_errno, origin=origin, type=etype, code=code, info=info, offender=offender)
-    except BlockingIOError:
-        time.sleep(0.05)
-    except OSError as e:
-        if e.errno != errno.EAGAIN:
-            raise
-        time.sleep(0.05)
-s.setblocking(False)
+err = icmp_error(s, seconds=5)
 print(json.dumps(dict(err=err, mtu=s.getsockopt(socket.IPPROTO_IP, IP_MTU))))
 """
 
-TTL_CLIENT = r"""
-IP_RECVERR = 11
+TTL_CLIENT = ICMP_ERRORS + r"""
+import json
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+recverr(s)
 s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, TTL)
-s.setblocking(False)
 s.connect((DST, PORT))
-err = None
-deadline = time.monotonic() + 6
-sent = 0
-while err is None and time.monotonic() < deadline:
-    if sent < 3:  # a few probes, like traceroute (R rate-limits its ICMP errors)
-        s.send(b"probe")
-        sent += 1
-    end = time.monotonic() + 1
-    while err is None and time.monotonic() < end:
-        try:
-            _, anc, _, _ = s.recvmsg(2048, 1024, socket.MSG_ERRQUEUE)
-        except (BlockingIOError, InterruptedError):
-            time.sleep(0.05)
-            continue
-        for level, typ, data in anc:
-            if level == socket.IPPROTO_IP and typ == IP_RECVERR:
-                ee_errno, origin, etype, code, _pad, info, _data = struct.unpack("=IBBBBII", data[:16])
-                offender = socket.inet_ntoa(data[16 + 4 : 16 + 8])
-                err = dict(errno=ee_errno, origin=origin, type=etype, code=code, offender=offender)
-print(json.dumps(dict(err=err)))
+# a few probes, like traceroute (R rate-limits its ICMP errors)
+print(json.dumps(dict(err=icmp_error(s, probe=b"probe"))))
 """
 
 SO_EE_ORIGIN_ICMP = 2

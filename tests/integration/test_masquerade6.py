@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import DaemonHandle, Daemons, python_in, ref_config, short_dir
+from helpers import ICMP_ERRORS, DaemonHandle, Daemons, python_in, ref_config, short_dir
 from test_handover import handover
 from test_paths import iperf
 
@@ -117,38 +117,24 @@ def udp(dst, port, msg, timeout=3.0):
 # (port unreachable, type 1 code 4) to the node address, quoting the translated datagram. Back in the
 # pod, the kernel matches the restored quote (the pod's own address and port) to this socket:
 # IPV6_RECVERR shows the error with its origin (ICMPv6), type, code and the offender's address.
-UNREACH_CLIENT = r"""
-IPV6_RECVERR = 25
+UNREACH_CLIENT = ICMP_ERRORS + r"""
 s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
-s.setblocking(False)
+recverr(s)
 s.connect((DST, PORT))
-err, refused = None, False
-deadline = time.monotonic() + 6
-sent = 0
-while err is None and time.monotonic() < deadline:
-    if sent < 3:
-        s.send(b"anyone?")
-        sent += 1
-    end = time.monotonic() + 1
-    while err is None and time.monotonic() < end:
-        try:
-            _, anc, _, _ = s.recvmsg(2048, 1024, socket.MSG_ERRQUEUE)
-        except (BlockingIOError, InterruptedError):
-            time.sleep(0.05)
-            continue
-        for level, typ, data in anc:
-            if level == socket.IPPROTO_IPV6 and typ == IPV6_RECVERR:
-                ee_errno, origin, etype, code, _pad, info, _data = struct.unpack("=IBBBBII", data[:16])
-                # the offender: a sockaddr_in6 after the 16-byte sock_extended_err
-                offender = socket.inet_ntop(socket.AF_INET6, data[16 + 8 : 16 + 24])
-                err = dict(errno=ee_errno, origin=origin, type=etype, code=code, offender=offender)
+refused = False
+
+
+def poll(s):
+    global refused
     try:
         s.recv(100)
     except ConnectionRefusedError:
         refused = True
-    except (BlockingIOError, OSError):
+    except OSError:
         pass
+
+
+err = icmp_error(s, probe=b"anyone?", poll=poll)
 print(json.dumps(dict(err=err, refused=refused, local=s.getsockname()[0])))
 """
 

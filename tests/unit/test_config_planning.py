@@ -11,7 +11,7 @@ from scapy.compat import raw
 from scapy.layers.inet import IP, UDP
 
 from podrouter import _native, config
-from podrouter.plan import PeerView, RoutePlan, build_spec, path_mtu, plan_routes, split_by
+from podrouter.plan import PeerView, RoutePlan, build_spec, engine_settings, path_mtu, plan_routes, split_by
 
 REF = """
 node: {name: node1, address: 172.16.2.2, pod_cidr: 10.244.1.0/24}
@@ -29,9 +29,14 @@ def views(cfg: config.Config) -> list[PeerView]:
     return [PeerView(p, on_link[p.name], nh[p.name], "02:00:00:00:00:0" + p.name[-1]) for p in cfg.peers]
 
 
+def settings(cfg: config.Config) -> dict[str, Any]:
+    """node1's start-time settings (the engine config keys the tables are compiled against)."""
+    return engine_settings(cfg, "172.16.2.2")
+
+
 def compiled(cfg: config.Config, peer_views: list[PeerView]) -> Any:
     """The tables the plan asks for each destination's path, compiled from the same views."""
-    return _native.Tables(build_spec(cfg, 0, "172.16.2.2", None, peer_views))
+    return _native.Tables(build_spec(cfg, 0, None, peer_views), settings(cfg))
 
 
 def plan(cfg: config.Config, peer_views: list[PeerView] | None = None) -> list[RoutePlan]:
@@ -119,10 +124,10 @@ peers:
     got = paths(cfg)
     assert got["10.244.2.0/24"] == ("geneve", 1464)
     assert got["10.244.3.0/24"] == ("geneve", 1450)
-    spec = build_spec(cfg, 1, "172.16.2.2", None, views(cfg))
+    spec = build_spec(cfg, 1, None, views(cfg))
     assert [p["geneve_payload"] for p in spec["peers"]] == ["ip", None]
     # the datapath takes the spec and encapsulates per peer
-    t = _native.Tables(spec)
+    t = _native.Tables(spec, settings(cfg))
     v2 = t.classify(raw(IP(src="10.244.1.5", dst="10.244.2.5") / UDP(sport=1000, dport=53)))
     v3 = t.classify(raw(IP(src="10.244.1.5", dst="10.244.3.5") / UDP(sport=1000, dport=53)))
     assert (v2["geneve_payload"], v3["geneve_payload"]) == ("ip", "ethernet")
@@ -147,9 +152,9 @@ def test_spec_has_the_documented_shape() -> None:
         REF + "routing: {mode: hybrid, native_when_on_link: true}\n"
         "masquerade: {non_masquerade_cidrs: [198.51.100.0/24], port_range: 62000-63000}\n"
     )
-    spec = build_spec(cfg, 7, "172.16.2.2", {"ip": "172.16.2.1", "mac": "02:00:00:00:00:01"}, views(cfg))
+    spec = build_spec(cfg, 7, {"ip": "172.16.2.1", "mac": "02:00:00:00:00:01"}, views(cfg))
     assert spec["generation"] == 7
-    assert spec["node"] == {"name": "node1", "address": "172.16.2.2", "pod_cidrs": ["10.244.1.0/24"]}
+    assert spec["node"] == {"name": "node1", "pod_cidrs": ["10.244.1.0/24"]}
     assert spec["cluster_cidrs"] == ["10.244.0.0/16"]
     assert spec["mode"] == "hybrid" and spec["native_when_on_link"] is True
     assert spec["tunnel"] == {
@@ -162,9 +167,14 @@ def test_spec_has_the_documented_shape() -> None:
     assert spec["masquerade"] == {
         "enabled": True,
         "non_masquerade_cidrs": ["198.51.100.0/24"],
-        "port_range": [62000, 63000],
-        "address6": None,
         "gateway6": None,
+    }
+    # what the engine reads only at start is not in the swappable spec but in its config
+    assert engine_settings(cfg, "172.16.2.2") == {
+        "underlay_address": "172.16.2.2",
+        "underlay_address6": None,
+        "masquerade_port_range": [62000, 63000],
+        "masquerade_address6": None,
     }
     node3 = spec["peers"][1]
     assert node3 == {
@@ -217,8 +227,8 @@ def test_route_paths_match_the_datapath_verdicts() -> None:
             )
             for p in cfg.peers
         ]
-        spec = build_spec(cfg, 1, "172.16.2.2", {"ip": "172.16.2.1", "mac": "02:00:00:00:00:01"}, peer_views)
-        tables = _native.Tables(spec)
+        spec = build_spec(cfg, 1, {"ip": "172.16.2.1", "mac": "02:00:00:00:00:01"}, peer_views)
+        tables = _native.Tables(spec, settings(cfg))
         for r in plan_routes(cfg, peer_views, (), 1500, tables):
             if r.path not in ("native", "vxlan", "geneve"):
                 continue
@@ -235,9 +245,9 @@ def test_peer_vtep_mac_reaches_the_tables_as_the_vxlan_inner_destination() -> No
     cfg = config.loads(
         REF.replace("pod_cidr: 10.244.2.0/24}", "pod_cidr: 10.244.2.0/24, vtep_mac: '3A:1F:9C:44:05:E1'}")
     )
-    spec = build_spec(cfg, 1, "172.16.2.2", None, views(cfg))
+    spec = build_spec(cfg, 1, None, views(cfg))
     assert [p["vtep_mac"] for p in spec["peers"]] == ["3a:1f:9c:44:05:e1", None]
-    tables = _native.Tables(spec)
+    tables = _native.Tables(spec, settings(cfg))
     # our own VTEP MAC: the synthesized one of our underlay address, as config.vtep_mac_of says
     assert tables.vtep_mac == "02:70:ac:10:02:02" == config.vtep_mac_of(ipaddress.IPv4Address("172.16.2.2"))
     v2 = tables.classify(build_packet("10.244.1.1", "10.244.2.1", "udp", 53))
@@ -246,7 +256,7 @@ def test_peer_vtep_mac_reaches_the_tables_as_the_vxlan_inner_destination() -> No
     assert v3["vtep_mac"] == "02:70:ac:10:02:03"  # no vtep_mac: the peer's synthesized one
     spec["peers"][0]["vtep_mac"] = "not-a-mac"
     with pytest.raises(ValueError, match=r"peers\[0\]\.vtep_mac: 'not-a-mac' is not a MAC address"):
-        _native.Tables(spec)
+        _native.Tables(spec, settings(cfg))
 
 
 DUAL = """
@@ -269,6 +279,6 @@ def test_dual_stack_routes_carry_the_path_mtu_for_both_families() -> None:
     assert p["fd00:10:244:1::/64"] == ("local", None)
     pods = {str(r.dst): r.dev for r in plan(cfg) if r.path == "pod"}
     assert pods == {"10.244.1.10/32": "veth-web", "fd00:10:244:1::a/128": "veth-web"}
-    spec = build_spec(cfg, 1, "172.16.2.2", None, views(cfg))
+    spec = build_spec(cfg, 1, None, views(cfg))
     assert spec["node"]["pod_cidrs"] == ["10.244.1.0/24", "fd00:10:244:1::/64"]
     assert spec["peers"][0]["pod_cidrs"] == ["10.244.2.0/24", "fd00:10:244:2::/64"]

@@ -13,7 +13,7 @@ import pytest
 
 from podrouter import _native, config
 from podrouter.config import ConfigError
-from podrouter.plan import PeerView, build_spec, plan_routes
+from podrouter.plan import PeerView, build_spec, engine_settings, plan_routes
 
 V6_NODE = """
 node: {name: node1, address: '2001:db8:2::2', pod_cidr: 10.244.1.0/24}
@@ -150,14 +150,16 @@ def test_masquerade_on_an_ipv6_underlay_is_accepted_and_address6_parsed() -> Non
     assert cfg.masquerade.address6 == ipaddress.IPv6Address("2001:db8:2::9")
 
 
-def test_the_spec_carries_the_ipv6_masquerade_address_and_next_hop() -> None:
+def test_the_ipv6_masquerade_address_is_a_start_time_setting_and_its_next_hop_in_the_spec() -> None:
     cfg = config.loads(DUAL_NODE)
     gw6 = {"ip": "2001:db8:2::1", "mac": "02:00:00:00:00:06"}
-    spec = build_spec(cfg, 1, "172.16.2.2", None, [], "2001:db8:2::2", "2001:db8:2::2", gw6)
-    assert spec["masquerade"]["address6"] == "2001:db8:2::2"
-    assert spec["masquerade"]["gateway6"] == gw6
-    spec = build_spec(cfg, 1, "172.16.2.2", None, [])
-    assert spec["masquerade"]["address6"] is None and spec["masquerade"]["gateway6"] is None
+    settings = engine_settings(cfg, "172.16.2.2", "2001:db8:2::2", "2001:db8:2::2")
+    assert settings["masquerade_address6"] == "2001:db8:2::2"
+    spec = build_spec(cfg, 1, None, [], gw6)
+    assert "address6" not in spec["masquerade"] and spec["masquerade"]["gateway6"] == gw6
+    spec = build_spec(cfg, 1, None, [])
+    assert spec["masquerade"]["gateway6"] is None
+    assert engine_settings(cfg, "172.16.2.2")["masquerade_address6"] is None
 
 
 def test_route_mtu_takes_the_ipv6_outer_header_per_peer() -> None:
@@ -169,14 +171,15 @@ def test_route_mtu_takes_the_ipv6_outer_header_per_peer() -> None:
         + " geneve_payload: ip}]\n"
     )
     views = [PeerView(p, False, None, None) for p in cfg.peers]
-    tables = _native.Tables(build_spec(cfg, 1, "172.16.2.2", None, views, "2001:db8:2::2"))
+    settings = engine_settings(cfg, "172.16.2.2", "2001:db8:2::2")
+    tables = _native.Tables(build_spec(cfg, 1, None, views), settings)
     plan = {str(r.dst): r.mtu for r in plan_routes(cfg, views, (), 1500, tables, v6_underlay=True)}
     assert plan["10.244.2.0/24"] == 1430  # VXLAN over IPv6: 1500 - 70
     assert plan["10.244.3.0/24"] == 1450  # Geneve (Ethernet payload) over IPv4: 1500 - 50
     assert plan["10.244.4.0/24"] == 1444  # Geneve with an IP payload over IPv6: 1500 - 36 - 20
     assert plan["10.244.0.0/16"] == 1430  # the cluster catch-all: the smallest
-    spec = build_spec(cfg, 1, "172.16.2.2", None, views, "2001:db8:2::2")
-    assert spec["node"]["address6"] == "2001:db8:2::2"
+    spec = build_spec(cfg, 1, None, views)
+    assert settings["underlay_address6"] == "2001:db8:2::2" and "address6" not in spec["node"]
     assert [p["address"] for p in spec["peers"]] == ["2001:db8:3::2", "172.16.3.3", "2001:db8:3::4"]
 
 
@@ -187,7 +190,8 @@ def test_native_tables_accept_the_ipv6_spec() -> None:
         V6_NODE + "peers: [{name: node2, address: '2001:db8:3::2', pod_cidr: 10.244.2.0/24}]\n"
     )
     views = [PeerView(p, False, None, None) for p in cfg.peers]
-    t = _native.Tables(build_spec(cfg, 1, "2001:db8:2::2", None, views))
+    settings = engine_settings(cfg, "2001:db8:2::2")
+    t = _native.Tables(build_spec(cfg, 1, None, views), settings)
     assert t.vtep_mac == "02:76:00:00:00:02"
     # a VXLAN datagram from the peer's IPv6 address is accepted, from an unknown one refused
     hdr = bytearray.fromhex("4500001c0000400040010000" + "0af40201" + "0af40101")
@@ -200,7 +204,7 @@ def test_native_tables_accept_the_ipv6_spec() -> None:
     assert t.classify_ingress("2001:db8:3::2", 4789, payload)["verdict"] == "accept"
     assert t.classify_ingress("2001:db8:3::9", 4789, payload)["reason"] == "unknown_peer"
     # a mixed spec is refused naming the key
-    bad = build_spec(cfg, 1, "2001:db8:2::2", None, views)
+    bad = build_spec(cfg, 1, None, views)
     bad["peers"][0]["address"] = "172.16.3.2"
     with pytest.raises(ValueError, match=r"peers\[0\]\.address"):
-        _native.Tables(bad)
+        _native.Tables(bad, settings)

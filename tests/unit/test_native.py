@@ -22,14 +22,14 @@ def node1_spec() -> dict[str, Any]:
     """node1 in hybrid mode with native_when_on_link: node2 behind the router, node3 on our L2."""
     return {
         "generation": 7,
-        "node": {"name": "node1", "address": "172.16.2.2", "pod_cidrs": ["10.244.1.0/24"]},
+        "node": {"name": "node1", "pod_cidrs": ["10.244.1.0/24"]},
         "cluster_cidrs": ["10.244.0.0/16"],
         "mode": "hybrid",
         "native_cidrs": [],
         "native_when_on_link": True,
         "tunnel": {"protocol": "vxlan", "vni": 1, "vxlan_port": 4789, "geneve_port": 6081},
         "gateway": {"ip": "172.16.2.1", "mac": GW_MAC},
-        "masquerade": {"enabled": True, "non_masquerade_cidrs": [], "port_range": [61000, 65535]},
+        "masquerade": {"enabled": True, "non_masquerade_cidrs": []},
         "peers": [
             {"name": "node2", "address": "172.16.3.2", "pod_cidrs": ["10.244.2.0/24"], "mode": None,
              "tunnel_protocol": None, "on_link": False, "next_hop": {"ip": "172.16.2.1", "mac": GW_MAC}},
@@ -39,9 +39,17 @@ def node1_spec() -> dict[str, Any]:
     }
 
 
+# node1's start-time settings (an engine config: the tables are compiled against them)
+NODE1 = {"underlay_address": "172.16.2.2", "masquerade_port_range": [61000, 65535]}
+
+
+def tables_of(spec: Any, **settings: Any) -> Any:
+    return _native.Tables(spec, {**NODE1, **settings})
+
+
 @pytest.fixture(scope="module")
 def tables() -> Any:
-    return _native.Tables(node1_spec())
+    return tables_of(node1_spec())
 
 
 def from_pod1(dst: str) -> bytes:
@@ -96,21 +104,20 @@ def test_ipv6_outside_the_cluster_is_masqueraded_to_address6_via_gateway6() -> N
     spec["node"]["pod_cidrs"].append("fd00:10:244:1::/64")
     spec["cluster_cidrs"].append("fd00:10:244::/48")
     gw6 = {"ip": "2001:db8:2::1", "mac": "02:00:00:00:00:06"}
-    spec["masquerade"].update(address6="2001:db8:2::2", gateway6=gw6)
-    t = _native.Tables(spec)
+    spec["masquerade"].update(gateway6=gw6)
+    t = tables_of(spec, masquerade_address6="2001:db8:2::2")
     pkt = raw(IPv6(src="fd00:10:244:1::1", dst="2001:db8:ff::10") / UDP(sport=5000, dport=53))
     v = t.classify(pkt)
     assert v["verdict"] == "masquerade" and v["address"] == "2001:db8:2::2", v
     assert (v["next_hop"], v["next_hop_mac"]) == (gw6["ip"], gw6["mac"])
     # without address6: untranslated, natively via the gateway
-    spec["masquerade"].update(address6=None, gateway6=None)
-    assert _native.Tables(spec).classify(pkt)["verdict"] == "native"
+    spec["masquerade"].update(gateway6=None)
+    assert tables_of(spec).classify(pkt)["verdict"] == "native"
     # an IPv6-only underlay: IPv4 pods have no address to be translated to
-    spec["node"]["address"] = "2001:db8:2::2"
     spec["gateway"] = gw6
     spec["peers"] = []
-    spec["masquerade"].update(address6="2001:db8:2::2", gateway6=gw6)
-    t = _native.Tables(spec)
+    spec["masquerade"].update(gateway6=gw6)
+    t = tables_of(spec, underlay_address="2001:db8:2::2", masquerade_address6="2001:db8:2::2")
     assert t.classify(pkt)["verdict"] == "masquerade"
     v4 = t.classify(raw(IP(src="10.244.1.1", dst="203.0.113.10") / UDP(sport=5000, dport=53)))
     assert (v4["verdict"], v4["reason"]) == ("drop", "no_route"), v4
@@ -120,7 +127,7 @@ def test_peer_protocol_override_and_mode_override() -> None:
     spec = node1_spec()
     spec["peers"][0]["tunnel_protocol"] = "geneve"
     spec["peers"][1]["mode"] = "tunnel"
-    t = _native.Tables(spec)
+    t = tables_of(spec)
     v2 = t.classify(from_pod1("10.244.2.9"))
     assert (v2["verdict"], v2["protocol"], v2["port"], v2["path"]) == ("tunnel", "geneve", 6081, "geneve")
     v3 = t.classify(from_pod1("10.244.3.9"))
@@ -198,7 +205,7 @@ def test_bad_spec_names_the_key(path: list[Any], value: Any, key: str) -> None:
     spec = node1_spec()
     _set(spec, path, value)
     with pytest.raises(ValueError) as e:
-        _native.Tables(spec)
+        tables_of(spec)
     assert str(e.value).startswith(f"{key}:"), str(e.value)
 
 
@@ -215,21 +222,42 @@ def test_spec_messages_say_what_is_wrong() -> None:
         spec = node1_spec()
         _set(spec, path, value)
         with pytest.raises(ValueError) as e:
-            _native.Tables(spec)
+            tables_of(spec)
         assert str(e.value) == message
     spec = node1_spec()
     spec["peers"][0][7] = "x"  # a key that is not a string never selects a field
     with pytest.raises(ValueError, match=r"^peers\[0\]"):
-        _native.Tables(spec)
+        tables_of(spec)
 
 
 def test_missing_node_and_non_dict_spec() -> None:
     spec = node1_spec()
     del spec["node"]
     with pytest.raises(ValueError, match=r"^node: missing"):
-        _native.Tables(spec)
+        tables_of(spec)
     with pytest.raises(ValueError, match="spec"):
-        _native.Tables([])  # type: ignore[arg-type]
+        _native.Tables([], NODE1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"masquerade_port_range": [1]}, "masquerade_port_range: must be [first, last]"),
+    ({"masquerade_port_range": "61000-65535"}, "masquerade_port_range: must be a list"),
+    ({"masquerade_port_range": [65000, 64000]}, "masquerade.port_range: [65000, 64000] is not a port range"),
+    ({"underlay_address": "nope"}, "underlay_address: 'nope' is not an IP address"),
+    ({"masquerade_address6": "10.0.0.1"}, "masquerade_address6: '10.0.0.1' is not an IPv6 address"),
+    ({"underlay_address": "2001:db8:2::2", "underlay_address6": "2001:db8:2::3"},
+     "node.address6: 2001:db8:2::3: node.address is already IPv6"),
+])
+def test_bad_start_time_settings_name_the_key(settings: dict[str, Any], message: str) -> None:
+    """The start-time settings are not keys of the table spec (a spec that carries one is refused:
+    `node.address: unknown key`) but of the engine config the tables are compiled against."""
+    with pytest.raises(ValueError) as e:
+        tables_of(node1_spec(), **settings)
+    assert str(e.value) == message
+    spec = node1_spec()
+    spec["masquerade"]["port_range"] = [61000, 65535]
+    with pytest.raises(ValueError, match=r"^masquerade\.port_range: unknown key$"):
+        tables_of(spec)
 
 
 def test_core_rejections_name_the_key() -> None:
@@ -237,7 +265,7 @@ def test_core_rejections_name_the_key() -> None:
     spec = copy.deepcopy(node1_spec())
     spec["peers"][0]["pod_cidrs"] = ["192.168.0.0/24"]
     with pytest.raises(ValueError, match=r"^peers\[0\]\.pod_cidrs"):
-        _native.Tables(spec)
+        tables_of(spec)
 
 
 @pytest.mark.parametrize("cfg,key", [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import raw
-from test_native import node1_spec
+from test_native import NODE1, node1_spec
 
 from podrouter import _native, native
 
@@ -48,13 +48,17 @@ def test_the_stub_names_what_the_extension_exports() -> None:
 def test_the_facade_calls_the_extension() -> None:
     spec = node1_spec()
     pkt = raw(IP(src="10.244.1.1", dst="10.244.2.9") / TCP(dport=80))
-    assert dict(native.compile_tables(spec).classify(pkt)) == dict(_native.Tables(spec).classify(pkt))
+    assert dict(native.compile_tables(spec, NODE1).classify(pkt)) == dict(
+        _native.Tables(spec, NODE1).classify(pkt)
+    )
     assert native.version() == _native.__version__
     assert native.vtep_mac("172.16.3.2") == _native.vtep_mac("172.16.3.2")
     assert native.available() is None
     assert native.has_load_generators() == hasattr(_native, "udp_blast")
     with pytest.raises(ValueError, match="peers\\[0\\].pod_cidrs\\[0\\]"):
-        native.compile_tables({**spec, "peers": [{**spec["peers"][0], "pod_cidrs": ["10.244.2.0/33"]}]})
+        native.compile_tables(
+            {**spec, "peers": [{**spec["peers"][0], "pod_cidrs": ["10.244.2.0/33"]}]}, NODE1
+        )
 
 
 def test_a_missing_extension_is_one_start_error() -> None:
@@ -67,7 +71,7 @@ def test_a_missing_extension_is_one_start_error() -> None:
         "from podrouter.errors import StartError\n"
         "assert native.available() is not None and 'podrouter._native' in native.available()\n"
         "try:\n"
-        "    native.compile_tables({})\n"
+        "    native.compile_tables({}, {})\n"
         "except StartError as e:\n"
         "    assert e.code == 1, e.code\n"
         "    print('refused')\n"

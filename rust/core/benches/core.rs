@@ -26,15 +26,12 @@ use ip_network_table::IpNetworkTable;
 use podrouter_core::datapath::{self, EgressAction, MAX_HEADROOM};
 use podrouter_core::egress;
 use podrouter_core::lpm::{Lpm4, Lpm6};
-use podrouter_core::nat::{FlowKey, NatConfig, NatProto, NatTable, NatTable6};
+use podrouter_core::nat::{self, FlowKey, NatConfig, NatProto, NatTable, NatTable6};
 use podrouter_core::nat_snapshot;
 use podrouter_core::offload::csum;
 use podrouter_core::offload::vnet::{self, VnetHdr};
 use podrouter_core::wire::{ip_proto, ipv4, udp};
-use podrouter_core::{
-    Cidr, DropReason, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, Tables,
-    TunnelSpec,
-};
+use podrouter_core::{reference, DropReason, RoutingMode, Tables};
 
 /// xorshift64: deterministic inputs without a rand dependency.
 struct Rng(u64);
@@ -195,46 +192,21 @@ fn bench_lpm(c: &mut Criterion) {
     g.finish();
 }
 
-fn cidr(s: &str) -> Cidr {
-    s.parse().unwrap()
-}
-
-/// node1 of the reference topology in tunnel mode, with 250 peers (one /24 each).
+/// node1 of the reference topology (core `reference`) in tunnel mode, with 250 peers (one /24
+/// each) behind the gateway.
 fn tables() -> Tables {
     let peers = (2..252u32)
-        .map(|i| PeerSpec {
-            name: format!("node{i}"),
-            address: Ipv4Addr::new(172, 16, (i >> 8) as u8 + 3, i as u8).into(),
-            pod_cidrs: vec![cidr(&format!("10.244.{i}.0/24"))],
-            mode: None,
-            tunnel_protocol: None,
-            on_link: false,
-            next_hop: None,
-            vtep_mac: None,
-            geneve_payload: None,
+        .map(|i| {
+            let addr = Ipv4Addr::new(172, 16, (i >> 8) as u8 + 3, i as u8);
+            reference::peer(
+                &format!("node{i}"),
+                addr.into(),
+                &format!("10.244.{i}.0/24"),
+                false,
+            )
         })
         .collect();
-    Tables::build(&TableSpec {
-        generation: 1,
-        node: NodeSpec {
-            name: "node1".into(),
-            address: Ipv4Addr::new(172, 16, 2, 2).into(),
-            address6: None,
-            pod_cidrs: vec![cidr("10.244.1.0/24")],
-        },
-        cluster_cidrs: vec![cidr("10.244.0.0/16")],
-        mode: RoutingMode::Tunnel,
-        native_cidrs: vec![],
-        native_when_on_link: false,
-        tunnel: TunnelSpec::default(),
-        gateway: Some(NextHop {
-            ip: "172.16.2.1".parse().unwrap(),
-            mac: Some([2, 0, 0, 0, 0, 1]),
-        }),
-        masquerade: MasqueradeSpec::default(),
-        peers,
-    })
-    .unwrap()
+    reference::tables(&reference::node1(RoutingMode::Tunnel, peers))
 }
 
 /// A UDP/IPv4 packet of `total` bytes at `MAX_HEADROOM`.
@@ -474,6 +446,27 @@ fn bench_nat(c: &mut Criterion) {
     g.finish();
 }
 
+/// One masqueraded packet's translation (`nat::translate_egress`: parse, flow lookup in a table
+/// holding the flow, address / port rewrite and checksum fix-ups); each iteration restores the
+/// pod's source first (a 20-byte header copy, part of the figure).
+fn bench_nat_translate(c: &mut Criterion) {
+    let mut g = c.benchmark_group("nat_translate");
+    configure(&mut g);
+    let node = Ipv4Addr::new(172, 16, 2, 2);
+    let mut t = NatTable::new(NatConfig::default());
+    let template = udp_packet(64, Ipv4Addr::new(203, 0, 113, 7));
+    let mut buf = template.clone();
+    nat::translate_egress(&mut t, &mut buf[MAX_HEADROOM..], node, 0).unwrap();
+    let (ip, end) = (MAX_HEADROOM, MAX_HEADROOM + 28);
+    g.bench_function("egress_hit/64", |b| {
+        b.iter(|| {
+            buf[ip..end].copy_from_slice(&template[ip..end]);
+            nat::translate_egress(&mut t, black_box(&mut buf[MAX_HEADROOM..]), node, 1)
+        })
+    });
+    g.finish();
+}
+
 /// The NAT snapshot writer's work per write: `export_into` (into a reused vector, as the writer does) (the part done under the NAT lock, which
 /// the packet path waits for) and `encode` (done outside it), for tables of 10k and 65k flows.
 fn bench_nat_snapshot(c: &mut Criterion) {
@@ -512,6 +505,7 @@ criterion_group!(
     bench_datapath,
     bench_egress,
     bench_nat,
+    bench_nat_translate,
     bench_nat_snapshot
 );
 criterion_main!(benches);

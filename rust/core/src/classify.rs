@@ -18,7 +18,8 @@ use crate::drop::DropReason;
 use crate::encap::{GenevePayload, TunnelProto};
 use crate::lpm::IpLpm;
 use crate::spec::{
-    Cidr, MasqueradeSpec, NextHop, NextHopId, PeerId, RoutingMode, SpecError, TableSpec, TunnelSpec,
+    Cidr, EngineSettings, MasqueradeSpec, NextHop, NextHopId, PeerId, RoutingMode, SpecError,
+    TableSpec, TunnelSpec,
 };
 use crate::verdict::{Path, Verdict};
 
@@ -58,8 +59,8 @@ enum Dest {
 pub struct Tables {
     generation: u64,
     node_name: String,
-    node_address: IpAddr,
-    node_address6: Option<Ipv6Addr>,
+    /// The engine's start-time settings these tables were compiled against.
+    settings: EngineSettings,
     node_pod_cidrs: Vec<Cidr>,
     dest: IpLpm<Dest>,
     native: IpLpm<()>,
@@ -95,11 +96,14 @@ fn native_via(next_hops: &[NextHop], id: Option<NextHopId>, masq: bool) -> Verdi
 }
 
 impl Tables {
-    /// Validates and compiles a spec. Refuses (with the key path): a VNI over 24 bits, a zero
-    /// tunnel port or equal VXLAN and Geneve ports, an empty or reversed masquerade port range, a
-    /// node or peer pod CIDR outside every cluster CIDR, overlapping pod CIDRs (between peers or
-    /// with this node), a peer whose address is this node's or another peer's.
-    pub fn build(spec: &TableSpec) -> Result<Tables, SpecError> {
+    /// Validates and compiles a spec against the engine's start-time `settings` (the node's
+    /// underlay addresses, the masquerade port range and IPv6 address). Refuses (with the key
+    /// path): settings [`EngineSettings::validate`] refuses, a VNI over 24 bits, a zero
+    /// tunnel port or equal VXLAN and Geneve ports, a node or peer pod CIDR outside every cluster
+    /// CIDR, overlapping pod CIDRs (between peers or with this node), a peer whose address is
+    /// this node's or another peer's, a peer of a family the node has no underlay address in.
+    pub fn build(spec: &TableSpec, settings: &EngineSettings) -> Result<Tables, SpecError> {
+        settings.validate()?;
         if spec.tunnel.vni > crate::wire::vxlan::MAX_VNI {
             return Err(SpecError::new(
                 "tunnel.vni",
@@ -120,13 +124,6 @@ impl Tables {
                 format!("{} is also the VXLAN port", spec.tunnel.geneve_port),
             ));
         }
-        let (lo, hi) = spec.masquerade.port_range;
-        if lo == 0 || lo > hi {
-            return Err(SpecError::new(
-                "masquerade.port_range",
-                format!("[{lo}, {hi}] is not a port range"),
-            ));
-        }
 
         let in_cluster = |c: &Cidr| spec.cluster_cidrs.iter().any(|k| k.covers(c));
         // Every pod CIDR with its key path, for the overlap sweep and the error messages.
@@ -141,26 +138,15 @@ impl Tables {
             }
             owned.push((*c, path));
         }
-        if let (IpAddr::V6(_), Some(a6)) = (spec.node.address, spec.node.address6) {
-            return Err(SpecError::new(
-                "node.address6",
-                format!("{a6}: node.address is already IPv6"),
-            ));
-        }
-        let node_v6 = spec.node.address6.map(IpAddr::V6);
+        let node_v6 = settings.address6.map(IpAddr::V6);
         for (p, peer) in spec.peers.iter().enumerate() {
-            if peer.address == spec.node.address || Some(peer.address) == node_v6 {
+            if peer.address == settings.address || Some(peer.address) == node_v6 {
                 return Err(SpecError::new(
                     format!("peers[{p}].address"),
                     format!("{} is this node's address", peer.address),
                 ));
             }
-            let has_family = match (spec.node.address, peer.address) {
-                (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => true,
-                (IpAddr::V4(_), IpAddr::V6(_)) => spec.node.address6.is_some(),
-                (IpAddr::V6(_), IpAddr::V4(_)) => false,
-            };
-            if !has_family {
+            if settings.source_for(peer.address).is_none() {
                 let fam = if peer.address.is_ipv4() {
                     "IPv4"
                 } else {
@@ -322,8 +308,7 @@ impl Tables {
         Ok(Tables {
             generation: spec.generation,
             node_name: spec.node.name.clone(),
-            node_address: spec.node.address,
-            node_address6: spec.node.address6,
+            settings: *settings,
             node_pod_cidrs: spec.node.pod_cidrs.clone(),
             dest,
             native,
@@ -379,12 +364,14 @@ impl Tables {
                 {
                     return self.outside_native;
                 }
-                match (dst, self.node_address) {
+                match (dst, self.settings.address) {
                     (IpAddr::V4(_), IpAddr::V4(_)) => self.outside_masq,
                     // an IPv6-only underlay has no IPv4 address to translate to: never let an
                     // IPv4 pod packet out untranslated (docs/masquerade.md)
                     (IpAddr::V4(_), IpAddr::V6(_)) => Verdict::Drop(DropReason::NoRoute),
-                    (IpAddr::V6(_), _) if self.masquerade.address6.is_some() => self.outside_masq6,
+                    (IpAddr::V6(_), _) if self.settings.masquerade_address6.is_some() => {
+                        self.outside_masq6
+                    }
                     (IpAddr::V6(_), _) => self.outside_native,
                 }
             }
@@ -464,35 +451,36 @@ impl Tables {
         &self.node_name
     }
 
+    /// The engine's start-time settings these tables were compiled against.
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
     /// This node's IPv4 underlay address: the masquerade address and the filter of the
     /// masquerade reply socket. `0.0.0.0` on an IPv6-only underlay (which has no IPv4 masquerade:
     /// `classify` drops IPv4 pod packets leaving the cluster there).
     pub fn node_address(&self) -> Ipv4Addr {
-        match self.node_address {
-            IpAddr::V4(a) => a,
-            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-        }
+        self.settings.address4()
     }
 
     /// This node's primary underlay address (`node.address`, either family).
     pub fn underlay_address(&self) -> IpAddr {
-        self.node_address
+        self.settings.address
     }
 
     /// The dual-stack underlay's IPv6 address (`node.address6`), if any.
     pub fn underlay_address6(&self) -> Option<Ipv6Addr> {
-        self.node_address6
+        self.settings.address6
+    }
+
+    /// The IPv6 masquerade address (`masquerade.address6`), if IPv6 pods are translated.
+    pub fn masquerade_address6(&self) -> Option<Ipv6Addr> {
+        self.settings.masquerade_address6
     }
 
     /// The outer source towards an underlay address of `remote`'s family, if this node has one.
     pub fn underlay_source_for(&self, remote: IpAddr) -> Option<IpAddr> {
-        match (self.node_address, remote) {
-            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => {
-                Some(self.node_address)
-            }
-            (IpAddr::V4(_), IpAddr::V6(_)) => self.node_address6.map(IpAddr::V6),
-            (IpAddr::V6(_), IpAddr::V4(_)) => None,
-        }
+        self.settings.source_for(remote)
     }
 
     /// This node's pod CIDRs.
@@ -515,7 +503,7 @@ impl Tables {
         &self.tunnel
     }
 
-    /// Masquerade settings (enabled, port range).
+    /// Masquerade settings that a swap may change (enabled, exceptions, IPv6 next hop).
     pub fn masquerade(&self) -> &MasqueradeSpec {
         &self.masquerade
     }
@@ -540,7 +528,7 @@ impl Tables {
     /// This node's VTEP MAC: the inner Ethernet source of every VXLAN frame it sends, the address
     /// a kernel (Flannel-style) peer must point its neighbour and FDB entries for this node at.
     pub fn vtep_mac(&self) -> [u8; 6] {
-        crate::encap::vxlan_inner_mac(self.node_address)
+        crate::encap::vxlan_inner_mac(self.settings.address)
     }
 
     /// What a `Verdict::Tunnel` encapsulates with: from this node's address and VTEP MAC to the
@@ -560,7 +548,7 @@ impl Tables {
             // A peer of a family we have no address in is refused when the tables are built.
             src: self
                 .underlay_source_for(remote)
-                .unwrap_or(self.node_address),
+                .unwrap_or(self.settings.address),
             dst: remote,
             dst_port: port,
             inner_src_mac: self.vtep_mac(),
@@ -621,8 +609,6 @@ mod tests {
             generation: 7,
             node: NodeSpec {
                 name: "node1".into(),
-                address: ip("172.16.2.2"),
-                address6: None,
                 pod_cidrs: vec![c("10.244.1.0/24"), c("fd00:10:244:1::/64")],
             },
             cluster_cidrs: vec![c("10.244.0.0/16"), c("fd00:10:244::/48")],
@@ -637,8 +623,6 @@ mod tests {
             masquerade: MasqueradeSpec {
                 enabled: true,
                 non_masquerade_cidrs: vec![c("192.168.0.0/16")],
-                port_range: (61000, 65535),
-                address6: None,
                 gateway6: None,
             },
             peers: vec![
@@ -674,10 +658,28 @@ mod tests {
         }
     }
 
+    /// node1's start-time settings: its IPv4 underlay address, the default port range.
+    fn settings() -> EngineSettings {
+        EngineSettings {
+            port_range: (61000, 65535),
+            ..EngineSettings::new(ip("172.16.2.2"))
+        }
+    }
+
     fn tables(f: impl FnOnce(&mut TableSpec)) -> Tables {
-        let mut s = spec();
-        f(&mut s);
-        Tables::build(&s).unwrap()
+        tables_with(|s, _| f(s))
+    }
+
+    fn build_with(
+        f: impl FnOnce(&mut TableSpec, &mut EngineSettings),
+    ) -> Result<Tables, SpecError> {
+        let (mut s, mut e) = (spec(), settings());
+        f(&mut s, &mut e);
+        Tables::build(&s, &e)
+    }
+
+    fn tables_with(f: impl FnOnce(&mut TableSpec, &mut EngineSettings)) -> Tables {
+        build_with(f).unwrap()
     }
 
     fn tunnel_to(t: &Tables, peer: u32, proto: TunnelProto) -> Verdict {
@@ -1017,8 +1019,8 @@ mod tests {
     #[test]
     fn masquerade6_outside_cluster() {
         const GW6_MAC: [u8; 6] = [2, 0, 0, 0, 0, 6];
-        let with6 = |s: &mut TableSpec| {
-            s.masquerade.address6 = Some("2001:db8:2::2".parse().unwrap());
+        let with6 = |s: &mut TableSpec, e: &mut EngineSettings| {
+            e.masquerade_address6 = Some("2001:db8:2::2".parse().unwrap());
             s.masquerade.gateway6 = Some(NextHop {
                 ip: ip("2001:db8:2::1"),
                 mac: Some(GW6_MAC),
@@ -1027,7 +1029,7 @@ mod tests {
                 .non_masquerade_cidrs
                 .push(c("2001:db8:99::/48"));
         };
-        let t = tables(with6);
+        let t = tables_with(with6);
         let v = t.classify(ip("fd00:10:244:1::a"), ip("2001:db8::1"));
         let Verdict::Masquerade { next_hop } = v else {
             panic!("{v:?}");
@@ -1055,16 +1057,16 @@ mod tests {
             Verdict::Tunnel { .. }
         ));
         // The IPv6 gateway unresolved (NDP pending) or missing.
-        let t = tables(|s| {
-            with6(s);
+        let t = tables_with(|s, e| {
+            with6(s, e);
             s.masquerade.gateway6.as_mut().unwrap().mac = None;
         });
         assert_eq!(
             t.classify(ip("fd00:10:244:1::a"), ip("2001:db8::1")),
             Verdict::Drop(DropReason::NeighborUnresolved)
         );
-        let t = tables(|s| {
-            with6(s);
+        let t = tables_with(|s, e| {
+            with6(s, e);
             s.masquerade.gateway6 = None;
         });
         assert_eq!(
@@ -1073,9 +1075,9 @@ mod tests {
         );
         // An IPv6-only underlay: IPv6 pods are translated, an IPv4 pod's packet has no IPv4
         // address to take and is dropped rather than leaving untranslated.
-        let t = tables(|s| {
-            with6(s);
-            s.node.address = ip("2001:db8:2::2");
+        let t = tables_with(|s, e| {
+            with6(s, e);
+            e.address = ip("2001:db8:2::2");
             s.peers.clear();
         });
         assert!(matches!(
@@ -1103,8 +1105,8 @@ mod tests {
     /// v6 `address`, and a peer at the node's `address6` are refused with the key.
     #[test]
     fn ipv6_and_dual_stack_underlay() {
-        let v6_only = tables(|s| {
-            s.node.address = ip("2001:db8:2::2");
+        let v6_only = tables_with(|s, e| {
+            e.address = ip("2001:db8:2::2");
             s.peers[0].address = ip("2001:db8:3::2");
             s.peers[1].address = ip("2001:db8:2::3");
         });
@@ -1131,8 +1133,8 @@ mod tests {
             Err(DropReason::UnknownPeer)
         );
 
-        let dual = tables(|s| {
-            s.node.address6 = Some("2001:db8:2::2".parse().unwrap());
+        let dual = tables_with(|s, e| {
+            e.address6 = Some("2001:db8:2::2".parse().unwrap());
             s.peers[0].address = ip("2001:db8:3::2");
         });
         let src_for = |t: &Tables, remote: &str| {
@@ -1145,35 +1147,21 @@ mod tests {
         assert_eq!(dual.node_address(), v4("172.16.2.2"));
         assert_eq!(dual.peer_by_address(ip("172.16.2.3")), Some(PeerId(1)));
 
-        let e = Tables::build(&{
-            let mut s = spec();
-            s.peers[0].address = ip("2001:db8:3::2");
-            s
-        })
-        .unwrap_err();
+        let e = build_with(|s, _| s.peers[0].address = ip("2001:db8:3::2")).unwrap_err();
         assert_eq!(e.path, "peers[0].address");
         assert!(e.message.contains("no IPv6 underlay address"), "{e:?}");
-        let e = Tables::build(&{
-            let mut s = spec();
-            s.node.address = ip("2001:db8:2::2");
-            s
-        })
-        .unwrap_err();
+        let e = build_with(|_, e| e.address = ip("2001:db8:2::2")).unwrap_err();
         assert_eq!(e.path, "peers[0].address");
         assert!(e.message.contains("no IPv4 underlay address"), "{e:?}");
-        let e = Tables::build(&{
-            let mut s = spec();
-            s.node.address = ip("2001:db8:2::2");
-            s.node.address6 = Some("2001:db8:2::3".parse().unwrap());
-            s
+        let e = build_with(|_, e| {
+            e.address = ip("2001:db8:2::2");
+            e.address6 = Some("2001:db8:2::3".parse().unwrap());
         })
         .unwrap_err();
         assert_eq!(e.path, "node.address6");
-        let e = Tables::build(&{
-            let mut s = spec();
-            s.node.address6 = Some("2001:db8:2::2".parse().unwrap());
+        let e = build_with(|s, e| {
+            e.address6 = Some("2001:db8:2::2".parse().unwrap());
             s.peers[1].address = ip("2001:db8:2::2");
-            s
         })
         .unwrap_err();
         assert_eq!(e.path, "peers[1].address");
@@ -1223,7 +1211,7 @@ mod tests {
         let bad = |f: fn(&mut TableSpec)| {
             let mut s = spec();
             f(&mut s);
-            Tables::build(&s).unwrap_err()
+            Tables::build(&s, &settings()).unwrap_err()
         };
         let e = bad(|s| {
             s.peers[1]
@@ -1242,7 +1230,7 @@ mod tests {
         );
         let e = bad(|s| s.tunnel.vni = 1 << 24);
         assert_eq!(e.path, "tunnel.vni");
-        let e = bad(|s| s.masquerade.port_range = (65000, 64000));
+        let e = build_with(|_, e| e.port_range = (65000, 64000)).unwrap_err();
         assert_eq!(e.path, "masquerade.port_range");
         let e = bad(|s| s.peers[1].address = "172.16.3.2".parse().unwrap());
         assert_eq!(e.path, "peers[1].address");

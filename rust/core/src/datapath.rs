@@ -284,7 +284,7 @@ fn ingress_inner(
 /// (61000-65535 by default) must not overlap the former. The node's own range stands for the
 /// peers' (one cluster, one setting). Checked whether or not masquerade is enabled here.
 pub fn check_tunnel_source_port(tables: &Tables, udp_src_port: u16) -> Result<(), DropReason> {
-    let (lo, hi) = tables.masquerade().port_range;
+    let (lo, hi) = tables.settings().port_range;
     if (lo..=hi).contains(&udp_src_port) {
         return Err(DropReason::TunnelSourcePort);
     }
@@ -300,17 +300,7 @@ pub fn masquerade_reply(
     len: usize,
     now: u64,
 ) -> IngressAction {
-    let mut run = || -> Result<IngressAction, DropReason> {
-        let pkt = packet(buf, start, len)?;
-        let total = wire::parse_ip(pkt)?.total_len;
-        nat::translate_ingress(nat, pkt, now)?;
-        Ok(IngressAction::Deliver {
-            range: start..start + total,
-            path: Path::Masquerade,
-            peer: None,
-        })
-    };
-    run().unwrap_or_else(IngressAction::Drop)
+    reply_with(nat, nat::translate_ingress, buf, start, len, now)
 }
 
 /// [`masquerade_reply`] for IPv6: a reply to the node's IPv6 masquerade address, translated back
@@ -322,10 +312,25 @@ pub fn masquerade_reply_v6(
     len: usize,
     now: u64,
 ) -> IngressAction {
+    reply_with(nat, nat::translate_ingress_v6, buf, start, len, now)
+}
+
+/// A family's reverse translation ([`nat::translate_ingress`], [`nat::translate_ingress_v6`]).
+type Translate<A> = fn(&mut nat::NatTable<A>, &mut [u8], u64) -> Result<A, DropReason>;
+
+/// A masquerade reply of either family, reverse-translated by `translate` with its table.
+fn reply_with<A: nat::NatAddr>(
+    nat: &mut nat::NatTable<A>,
+    translate: Translate<A>,
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+    now: u64,
+) -> IngressAction {
     let mut run = || -> Result<IngressAction, DropReason> {
         let pkt = packet(buf, start, len)?;
         let total = wire::parse_ip(pkt)?.total_len;
-        nat::translate_ingress_v6(nat, pkt, now)?;
+        translate(nat, pkt, now)?;
         Ok(IngressAction::Deliver {
             range: start..start + total,
             path: Path::Masquerade,
@@ -406,7 +411,8 @@ mod tests {
     use crate::encap::EncapParams;
     use crate::nat::NatConfig;
     use crate::spec::{
-        Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, TunnelSpec,
+        Cidr, EngineSettings, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec,
+        TunnelSpec,
     };
     use crate::wire::{ecn, icmp, ip_proto, ipv4, udp};
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -511,16 +517,23 @@ mod tests {
 
     /// The reference topology, hybrid with native_when_on_link (docs/design.md §8), seen from `me`.
     fn tables_for(me: usize) -> Tables {
-        Tables::build(&spec_for(me)).unwrap()
+        build(&spec_for(me), me)
+    }
+
+    const NODES: [(&str, &str, &str, bool); 3] = [
+        ("node1", "172.16.2.2", "10.244.1.0/24", true),
+        ("node2", "172.16.3.2", "10.244.2.0/24", false),
+        ("node3", "172.16.2.3", "10.244.3.0/24", true),
+    ];
+
+    /// `spec` compiled against the start-time settings of node `me` (its address).
+    fn build(spec: &TableSpec, me: usize) -> Tables {
+        Tables::build(spec, &EngineSettings::new(a4(NODES[me].1))).unwrap()
     }
 
     fn spec_for(me: usize) -> TableSpec {
-        let nodes = [
-            ("node1", "172.16.2.2", "10.244.1.0/24", true),
-            ("node2", "172.16.3.2", "10.244.2.0/24", false),
-            ("node3", "172.16.2.3", "10.244.3.0/24", true),
-        ];
-        let (name, addr, cidr, _) = nodes[me];
+        let nodes = NODES;
+        let (name, _, cidr, _) = nodes[me];
         let peers = nodes
             .iter()
             .enumerate()
@@ -531,8 +544,6 @@ mod tests {
             generation: 1,
             node: NodeSpec {
                 name: name.into(),
-                address: a4(addr),
-                address6: None,
                 pod_cidrs: vec![c(cidr)],
             },
             cluster_cidrs: vec![c("10.244.0.0/16")],
@@ -632,7 +643,7 @@ mod tests {
         };
         assert!((encap::SOURCE_PORT_MIN..=encap::SOURCE_PORT_MAX).contains(&src_port));
         let frame = b[range].to_vec();
-        let (lo, hi) = n2.masquerade().port_range;
+        let (lo, hi) = n2.settings().port_range;
         assert_eq!((lo, hi), (61000, 65535));
         let from = |port: u16| {
             let mut rx = frame.clone();
@@ -690,7 +701,7 @@ mod tests {
         let mut spec = spec_for(0);
         let node2 = spec.peers.iter_mut().find(|p| p.name == "node2").unwrap();
         node2.vtep_mac = Some(flannel);
-        let t = Tables::build(&spec).unwrap();
+        let t = build(&spec, 0);
         assert_eq!(inner_macs(&t), (flannel, ours, [0x08, 0x00]));
         assert_eq!(
             t.peers()
@@ -721,8 +732,6 @@ mod tests {
             generation: 2,
             node: NodeSpec {
                 name: "node1".into(),
-                address: a4("172.16.2.2"),
-                address6: None,
                 pod_cidrs: vec![c("10.244.1.0/24")],
             },
             cluster_cidrs: vec![c("10.244.0.0/16")],
@@ -735,7 +744,7 @@ mod tests {
             peers: vec![peer("node2", "172.16.3.2", "10.244.2.0/24", false, GW_MAC)],
         };
         spec.peers[0].tunnel_protocol = Some(TunnelProto::Geneve);
-        spec_tables = Tables::build(&spec).unwrap();
+        spec_tables = build(&spec, 0);
         let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", 64, 0);
         let a = egress(&spec_tables, None, &mut b, MAX_HEADROOM, len, 0);
         let EgressAction::Tunnel {
@@ -767,7 +776,7 @@ mod tests {
         // a per-peer `ip` override: the inner IP packet straight after the Geneve header, still
         // accepted by a receiver whose own default is `ethernet`
         spec.peers[0].geneve_payload = Some(crate::encap::GenevePayload::Ip);
-        spec_tables = Tables::build(&spec).unwrap();
+        spec_tables = build(&spec, 0);
         let (mut b, len) = udp_buf("10.244.1.10", "10.244.2.20", 64, 0);
         let a = egress(&spec_tables, None, &mut b, MAX_HEADROOM, len, 0);
         let EgressAction::Tunnel { range, .. } = a else {
@@ -833,10 +842,7 @@ mod tests {
     /// next hop's MAC; hop limit 1 and spoofed inner sources are dropped; no NAT66.
     #[test]
     fn dual_stack_egress_ingress() {
-        let (n1, n2) = (
-            Tables::build(&dual_spec_for(0)).unwrap(),
-            Tables::build(&dual_spec_for(1)).unwrap(),
-        );
+        let (n1, n2) = (build(&dual_spec_for(0), 0), build(&dual_spec_for(1), 1));
         let node1 = a4("172.16.2.2");
         for proto in [TunnelProto::Vxlan, TunnelProto::Geneve] {
             let mut spec = dual_spec_for(0);
@@ -845,7 +851,7 @@ mod tests {
                 .find(|p| p.name == "node2")
                 .unwrap()
                 .tunnel_protocol = Some(proto);
-            let t = Tables::build(&spec).unwrap();
+            let t = build(&spec, 0);
             let (mut b, len) = udp6_buf("fd00:10:244:1::a", "fd00:10:244:2::14", 63);
             let original = b[MAX_HEADROOM..MAX_HEADROOM + len].to_vec();
             let a = egress(&t, None, &mut b, MAX_HEADROOM, len + 4, 0);
@@ -1181,7 +1187,7 @@ mod tests {
         spec.cluster_cidrs.push(c("fd00:10:244::/48"));
         let node2 = spec.peers.iter_mut().find(|p| p.name == "node2").unwrap();
         node2.pod_cidrs.push(c("fd00:10:244:2::/64"));
-        let t = Tables::build(&spec).unwrap();
+        let t = build(&spec, 0);
 
         let reference = |b: &mut Vec<u8>, len: usize| -> Option<EgressAction> {
             let pkt = &b[MAX_HEADROOM..MAX_HEADROOM + len];

@@ -488,7 +488,7 @@ fn masquerade<N: Nat, S: Sink>(
     let mode = link.frames.ok_or(DropReason::NoRoute)?;
     if p.buf[p.start] >> 4 == 6 {
         // the classifier gives IPv6 the masquerade verdict only with masquerade.address6
-        let node = tables.masquerade().address6.ok_or(DropReason::NoRoute)?;
+        let node = tables.masquerade_address6().ok_or(DropReason::NoRoute)?;
         let mut t = nat.v6().ok_or(DropReason::Unsupported)?;
         let translate =
             move |pkt: &mut [u8]| nat::translate_egress_v6(&mut t, pkt, node, now).map(|_| ());
@@ -623,9 +623,6 @@ mod tests {
     use super::*;
     use crate::nat::NatConfig;
     use crate::offload::vnet::tests::{tcp_v4_ok, tso_v4};
-    use crate::spec::{
-        Cidr, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, TunnelSpec,
-    };
 
     const GW: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const ME: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -634,48 +631,7 @@ mod tests {
     /// node1 of the reference topology (hybrid, native when on link): node2's pods through a
     /// VXLAN tunnel, node3's natively, everything outside the cluster masqueraded via the gateway.
     fn tables() -> Tables {
-        let c = |s: &str| -> Cidr { s.parse().unwrap() };
-        let peer = |name: &str, addr: &str, cidr: &str, on_link: bool| PeerSpec {
-            name: name.into(),
-            address: addr.parse().unwrap(),
-            pod_cidrs: vec![c(cidr)],
-            mode: None,
-            tunnel_protocol: None,
-            on_link,
-            next_hop: Some(NextHop {
-                ip: addr.parse().unwrap(),
-                mac: Some(N3),
-            }),
-            vtep_mac: None,
-            geneve_payload: None,
-        };
-        Tables::build(&TableSpec {
-            generation: 1,
-            node: NodeSpec {
-                name: "node1".into(),
-                address: "172.16.2.2".parse().unwrap(),
-                address6: None,
-                pod_cidrs: vec![c("10.244.1.0/24")],
-            },
-            cluster_cidrs: vec![c("10.244.0.0/16")],
-            mode: RoutingMode::Hybrid,
-            native_cidrs: vec![],
-            native_when_on_link: true,
-            tunnel: TunnelSpec::default(),
-            gateway: Some(NextHop {
-                ip: "172.16.2.1".parse().unwrap(),
-                mac: Some(GW),
-            }),
-            masquerade: MasqueradeSpec {
-                enabled: true,
-                ..MasqueradeSpec::default()
-            },
-            peers: vec![
-                peer("node2", "172.16.3.2", "10.244.2.0/24", false),
-                peer("node3", "172.16.2.3", "10.244.3.0/24", true),
-            ],
-        })
-        .unwrap()
+        crate::reference::tables(&crate::reference::hybrid())
     }
 
     /// A TCP/IPv4 TSO super-packet (flags ACK) from 10.244.1.1 to `dst` with `payload` bytes in

@@ -14,6 +14,7 @@ pub mod lpm;
 pub mod nat;
 pub mod nat_snapshot;
 pub mod offload;
+pub mod reference;
 pub mod spec;
 pub mod verdict;
 pub mod wire;
@@ -22,7 +23,7 @@ pub use classify::{Peer, Tables};
 pub use drop::DropReason;
 pub use encap::{vxlan_inner_mac, GenevePayload, TunnelProto};
 pub use spec::{
-    format_mac, parse_mac, Cidr, MasqueradeSpec, NextHop, NextHopId, NodeSpec, PeerId, PeerSpec,
-    RoutingMode, SpecError, TableSpec, TunnelSpec,
+    format_mac, parse_mac, Cidr, EngineSettings, MasqueradeSpec, NextHop, NextHopId, NodeSpec,
+    PeerId, PeerSpec, RoutingMode, SpecError, TableSpec, TunnelSpec,
 };
 pub use verdict::{Path, Verdict};

@@ -1425,6 +1425,99 @@ fn tcp_seg(pkt: &[u8], meta: &wire::IpMeta, tcp_flags: u8) -> Result<Seg, DropRe
     })
 }
 
+/// The flow of a pod's packet leaving, either family: TCP / UDP by its ports, an ICMP (`icmp`:
+/// the family's ICMP protocol number) echo request by its identifier; with the TCP flags the
+/// tracker sees. Anything else is `unsupported`.
+#[inline]
+fn egress_flow<A: NatAddr>(
+    meta: &wire::IpMeta,
+    icmp: u8,
+    src: A,
+    dst: A,
+) -> Result<(FlowKey<A>, u8), DropReason> {
+    match (meta.protocol, meta.l4) {
+        (
+            ip_proto::TCP | ip_proto::UDP,
+            L4Info::Ports {
+                src: sp,
+                dst: dp,
+                tcp_flags,
+            },
+        ) => Ok((
+            FlowKey {
+                proto: NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?,
+                pod_ip: src,
+                pod_port: sp,
+                remote_ip: dst,
+                remote_port: dp,
+            },
+            tcp_flags,
+        )),
+        (
+            p,
+            L4Info::IcmpEcho {
+                ident,
+                request: true,
+                ..
+            },
+        ) if p == icmp => Ok((
+            FlowKey {
+                proto: NatProto::Icmp,
+                pod_ip: src,
+                pod_port: ident,
+                remote_ip: dst,
+                remote_port: 0,
+            },
+            0,
+        )),
+        _ => Err(DropReason::Unsupported),
+    }
+}
+
+/// The flow a packet to the node address belongs to, either family, its state advanced: a TCP /
+/// UDP reply, an ICMP (`icmp`: the family's protocol number) echo reply. `None`: an ICMP error,
+/// which the family's own code translates; anything else is `unsupported`.
+#[inline]
+fn ingress_flow<A: NatAddr>(
+    nat: &mut NatTable<A>,
+    pkt: &[u8],
+    meta: &wire::IpMeta,
+    icmp: u8,
+    src: A,
+    now: u64,
+) -> Result<Option<(FlowKey<A>, NatProto)>, DropReason> {
+    match (meta.protocol, meta.l4) {
+        (
+            ip_proto::TCP | ip_proto::UDP,
+            L4Info::Ports {
+                src: sp,
+                dst: dp,
+                tcp_flags,
+            },
+        ) => {
+            let proto = NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?;
+            let seg = tcp_seg(pkt, meta, tcp_flags)?;
+            Ok(Some((
+                nat.ingress_seg(proto, src, sp, dp, &seg, now)?,
+                proto,
+            )))
+        }
+        (
+            p,
+            L4Info::IcmpEcho {
+                ident,
+                request: false,
+                ..
+            },
+        ) if p == icmp => {
+            let key = nat.ingress_seg(NatProto::Icmp, src, 0, ident, &Seg::default(), now)?;
+            Ok(Some((key, NatProto::Icmp)))
+        }
+        (p, L4Info::IcmpError { .. }) if p == icmp => Ok(None),
+        _ => Err(DropReason::Unsupported),
+    }
+}
+
 /// Translates a packet from a pod (`pkt` starts at its IPv4 header) to come from
 /// `node_addr`: TCP / UDP source port or ICMP echo identifier mapped through the table,
 /// checksums fixed incrementally. Returns the node port used.
@@ -1439,43 +1532,7 @@ pub fn translate_egress(
     now: u64,
 ) -> Result<u16, DropReason> {
     let (meta, src, dst) = v4_meta(pkt)?;
-    let (key, flags) = match (meta.protocol, meta.l4) {
-        (
-            ip_proto::TCP | ip_proto::UDP,
-            L4Info::Ports {
-                src: sp,
-                dst: dp,
-                tcp_flags,
-            },
-        ) => (
-            FlowKey {
-                proto: NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?,
-                pod_ip: src,
-                pod_port: sp,
-                remote_ip: dst,
-                remote_port: dp,
-            },
-            tcp_flags,
-        ),
-        (
-            ip_proto::ICMP,
-            L4Info::IcmpEcho {
-                ident,
-                request: true,
-                ..
-            },
-        ) => (
-            FlowKey {
-                proto: NatProto::Icmp,
-                pod_ip: src,
-                pod_port: ident,
-                remote_ip: dst,
-                remote_port: 0,
-            },
-            0,
-        ),
-        _ => return Err(DropReason::Unsupported),
-    };
+    let (key, flags) = egress_flow(&meta, ip_proto::ICMP, src, dst)?;
     let seg = tcp_seg(pkt, &meta, flags)?;
     let node_port = nat.egress_seg(&key, &seg, now)?;
     let old = rewrite_addr(pkt, 0, ADDR_SRC, node_addr)?;
@@ -1507,35 +1564,8 @@ pub fn translate_ingress(
 ) -> Result<Ipv4Addr, DropReason> {
     let (meta, src, _dst) = v4_meta(pkt)?;
     let l4 = meta.l4_offset;
-    let (key, proto) = match (meta.protocol, meta.l4) {
-        (
-            ip_proto::TCP | ip_proto::UDP,
-            L4Info::Ports {
-                src: sp,
-                dst: dp,
-                tcp_flags,
-            },
-        ) => {
-            let proto = NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?;
-            let seg = tcp_seg(pkt, &meta, tcp_flags)?;
-            let key = nat.ingress_seg(proto, src, sp, dp, &seg, now)?;
-            (key, proto)
-        }
-        (
-            ip_proto::ICMP,
-            L4Info::IcmpEcho {
-                ident,
-                request: false,
-                ..
-            },
-        ) => {
-            let key = nat.ingress_seg(NatProto::Icmp, src, 0, ident, &Seg::default(), now)?;
-            (key, NatProto::Icmp)
-        }
-        (ip_proto::ICMP, L4Info::IcmpError { .. }) => {
-            return translate_icmp_error(nat, pkt, l4, meta.total_len, now);
-        }
-        _ => return Err(DropReason::Unsupported),
+    let Some((key, proto)) = ingress_flow(nat, pkt, &meta, ip_proto::ICMP, src, now)? else {
+        return translate_icmp_error(nat, pkt, l4, meta.total_len, now);
     };
     let old = rewrite_addr(pkt, 0, ADDR_DST, key.pod_ip)?;
     rewrite_l4(
@@ -1708,43 +1738,7 @@ pub fn translate_egress_v6(
     now: u64,
 ) -> Result<u16, DropReason> {
     let (meta, src, dst) = v6_meta(pkt)?;
-    let (key, flags) = match (meta.protocol, meta.l4) {
-        (
-            ip_proto::TCP | ip_proto::UDP,
-            L4Info::Ports {
-                src: sp,
-                dst: dp,
-                tcp_flags,
-            },
-        ) => (
-            FlowKey {
-                proto: NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?,
-                pod_ip: src,
-                pod_port: sp,
-                remote_ip: dst,
-                remote_port: dp,
-            },
-            tcp_flags,
-        ),
-        (
-            ip_proto::ICMPV6,
-            L4Info::IcmpEcho {
-                ident,
-                request: true,
-                ..
-            },
-        ) => (
-            FlowKey {
-                proto: NatProto::Icmp,
-                pod_ip: src,
-                pod_port: ident,
-                remote_ip: dst,
-                remote_port: 0,
-            },
-            0,
-        ),
-        _ => return Err(DropReason::Unsupported),
-    };
+    let (key, flags) = egress_flow(&meta, ip_proto::ICMPV6, src, dst)?;
     let seg = tcp_seg(pkt, &meta, flags)?;
     let node_port = nat.egress_seg(&key, &seg, now)?;
     let old = rewrite_addr6(pkt, ADDR6_SRC, node_addr)?;
@@ -1771,34 +1765,8 @@ pub fn translate_ingress_v6(
 ) -> Result<Ipv6Addr, DropReason> {
     let (meta, src, _dst) = v6_meta(pkt)?;
     let l4 = meta.l4_offset;
-    let (key, proto) = match (meta.protocol, meta.l4) {
-        (
-            ip_proto::TCP | ip_proto::UDP,
-            L4Info::Ports {
-                src: sp,
-                dst: dp,
-                tcp_flags,
-            },
-        ) => {
-            let proto = NatProto::from_ip_proto(meta.protocol).ok_or(DropReason::Unsupported)?;
-            let seg = tcp_seg(pkt, &meta, tcp_flags)?;
-            (nat.ingress_seg(proto, src, sp, dp, &seg, now)?, proto)
-        }
-        (
-            ip_proto::ICMPV6,
-            L4Info::IcmpEcho {
-                ident,
-                request: false,
-                ..
-            },
-        ) => {
-            let key = nat.ingress_seg(NatProto::Icmp, src, 0, ident, &Seg::default(), now)?;
-            (key, NatProto::Icmp)
-        }
-        (ip_proto::ICMPV6, L4Info::IcmpError { .. }) => {
-            return translate_icmp6_error(nat, pkt, l4, meta.total_len, now);
-        }
-        _ => return Err(DropReason::Unsupported),
+    let Some((key, proto)) = ingress_flow(nat, pkt, &meta, ip_proto::ICMPV6, src, now)? else {
+        return translate_icmp6_error(nat, pkt, l4, meta.total_len, now);
     };
     let old = rewrite_addr6(pkt, ADDR6_DST, key.pod_ip)?;
     rewrite_l4_v6(

@@ -1,7 +1,9 @@
 //! The table spec: the plain-Rust mirror of the dict the control plane hands to
-//! `_native.Tables(spec)` ([`TableSpec`] and its parts), the [`Cidr`] and MAC spellings it uses,
-//! and [`SpecError`], the key path and message of a value the tables refuse. Compiling a spec
-//! into lookup tables is `crate::classify`'s job; this module only describes one.
+//! `_native.Tables(spec, settings)` ([`TableSpec`] and its parts: what a table swap may change),
+//! the engine's start-time [`EngineSettings`] the tables are compiled against (what only a
+//! restart changes), the [`Cidr`] and MAC spellings they use, and [`SpecError`], the key path
+//! and message of a value the tables refuse. Compiling a spec into lookup tables is
+//! `crate::classify`'s job; this module only describes one.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -163,17 +165,88 @@ pub struct NextHop {
     pub mac: Option<[u8; 6]>,
 }
 
-/// `node` in the spec.
+/// `node` in the spec. Its underlay addresses are start-time settings ([`EngineSettings`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeSpec {
     pub name: String,
-    /// Underlay address (IPv4 or IPv6): the outer source of tunnels to peers of its family, the
-    /// address the node registers, and (IPv4) the masquerade address.
-    pub address: IpAddr,
-    /// Dual-stack underlay: the node's IPv6 underlay address when `address` is IPv4 (the outer
-    /// source of tunnels to IPv6 peers). Must be `None` when `address` is IPv6.
-    pub address6: Option<Ipv6Addr>,
     pub pod_cidrs: Vec<Cidr>,
+}
+
+/// What the engine reads once, at start, and the tables are compiled against
+/// (`Tables::build(spec, settings)`): a table swap cannot change them, since the tables of a
+/// running engine are always compiled against its own settings. In the bindings they are keys
+/// of the engine config (`Datapath(config)`); a reload that changes them is restart-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EngineSettings {
+    /// The node's underlay address (`node.address`, IPv4 or IPv6): the outer source of tunnels
+    /// to peers of its family, the tunnel sockets' bind address and (IPv4) the masquerade
+    /// address and the reply filter's.
+    pub address: IpAddr,
+    /// Dual-stack underlay (`node.address6`): the IPv6 underlay address when `address` is IPv4
+    /// (the outer source of tunnels to IPv6 peers). Must be `None` when `address` is IPv6.
+    pub address6: Option<Ipv6Addr>,
+    /// Inclusive node port range of translated flows (`masquerade.port_range`): the NAT tables
+    /// and the reply filters are sized from it.
+    pub port_range: (u16, u16),
+    /// The node's IPv6 masquerade address (`masquerade.address6`). `None`: IPv6 pods are not
+    /// translated (their packets leave with their own address).
+    pub masquerade_address6: Option<Ipv6Addr>,
+}
+
+impl EngineSettings {
+    /// Settings for a node at `address`: no IPv6 underlay or masquerade address, the default
+    /// port range.
+    pub fn new(address: IpAddr) -> Self {
+        EngineSettings {
+            address,
+            address6: None,
+            port_range: crate::nat::DEFAULT_PORT_RANGE,
+            masquerade_address6: None,
+        }
+    }
+
+    /// Refuses (with the config key) an empty or reversed port range, or an `address6` next to
+    /// an IPv6 `address`.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let (lo, hi) = self.port_range;
+        if lo == 0 || lo > hi {
+            return Err(SpecError::new(
+                "masquerade.port_range",
+                format!("[{lo}, {hi}] is not a port range"),
+            ));
+        }
+        if let (IpAddr::V6(_), Some(a6)) = (self.address, self.address6) {
+            return Err(SpecError::new(
+                "node.address6",
+                format!("{a6}: node.address is already IPv6"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The IPv4 masquerade address: `address` when it is IPv4, `0.0.0.0` on an IPv6-only
+    /// underlay (which has no IPv4 masquerade).
+    pub fn address4(&self) -> Ipv4Addr {
+        match self.address {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+        }
+    }
+
+    /// The outer source towards an underlay address of `remote`'s family, if this node has one.
+    pub fn source_for(&self, remote: IpAddr) -> Option<IpAddr> {
+        match (self.address, remote) {
+            (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => Some(self.address),
+            (IpAddr::V4(_), IpAddr::V6(_)) => self.address6.map(IpAddr::V6),
+            (IpAddr::V6(_), IpAddr::V4(_)) => None,
+        }
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
 }
 
 /// `tunnel` in the spec.
@@ -221,31 +294,16 @@ impl TunnelSpec {
     }
 }
 
-/// `masquerade` in the spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `masquerade` in the spec: what a swap may change (the port range and the IPv6 masquerade
+/// address are start-time [`EngineSettings`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MasqueradeSpec {
     pub enabled: bool,
     pub non_masquerade_cidrs: Vec<Cidr>,
-    /// Inclusive node port range for translated flows.
-    pub port_range: (u16, u16),
-    /// The node's IPv6 masquerade address (config `masquerade.address6`). `None`: IPv6 pods are
-    /// not translated (their packets leave with their own address, as before NAT66 was wired).
-    pub address6: Option<Ipv6Addr>,
     /// The IPv6 next hop of translated IPv6 packets (the underlay's IPv6 default gateway, its MAC
-    /// resolved over NDP). `None` with `address6` set: such packets are dropped `no_route`.
+    /// resolved over NDP). `None` with a masquerade address6 set: such packets are dropped
+    /// `no_route`.
     pub gateway6: Option<NextHop>,
-}
-
-impl Default for MasqueradeSpec {
-    fn default() -> Self {
-        MasqueradeSpec {
-            enabled: false,
-            non_masquerade_cidrs: Vec::new(),
-            port_range: crate::nat::DEFAULT_PORT_RANGE,
-            address6: None,
-            gateway6: None,
-        }
-    }
 }
 
 /// One entry of `peers` in the spec.
@@ -272,8 +330,8 @@ pub struct PeerSpec {
     pub geneve_payload: Option<GenevePayload>,
 }
 
-/// The plain-Rust mirror of the dict the control plane hands to `_native.Tables(spec)`
-/// (docs/architecture.md, "Table spec").
+/// The plain-Rust mirror of the dict the control plane hands to `_native.Tables(spec, settings)`
+/// (docs/architecture.md, "Table spec"): what a table swap may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSpec {
     pub generation: u64,

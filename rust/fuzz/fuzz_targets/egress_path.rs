@@ -12,7 +12,6 @@
 //! (masquerade) or left as it is, with a correct header checksum; bit 5: no IPv4 tunnel socket.
 #![no_main]
 
-use core::net::Ipv4Addr;
 use core::ops::{DerefMut, Range};
 use std::sync::{Mutex, OnceLock};
 
@@ -21,60 +20,11 @@ use podrouter_core::egress::{self, Buffer, FrameMode, Link, Packet, HEADROOM, ET
 use podrouter_core::nat::{NatConfig, NatTable, NatTable6};
 use podrouter_core::offload::vnet::{VnetHdr, VNET_HDR_LEN};
 use podrouter_core::wire::checksum;
-use podrouter_core::{
-    Cidr, DropReason, MasqueradeSpec, NextHop, NodeSpec, PeerSpec, RoutingMode, TableSpec, Tables,
-    TunnelSpec,
-};
+use podrouter_core::{reference, DropReason, Tables};
 
-fn cidr(s: &str) -> Cidr {
-    s.parse().unwrap()
-}
-
-fn peer(name: &str, addr: Ipv4Addr, pods: &str, on_link: bool) -> PeerSpec {
-    PeerSpec {
-        name: name.into(),
-        address: addr.into(),
-        pod_cidrs: vec![cidr(pods)],
-        mode: None,
-        tunnel_protocol: None,
-        on_link,
-        next_hop: Some(NextHop {
-            ip: addr.into(),
-            mac: Some([2, 0, 0, 0, 0, 3]),
-        }),
-        vtep_mac: None,
-        geneve_payload: None,
-    }
-}
-
+/// The reference topology (core `reference`): hybrid, node2 tunnel, node3 native, masquerade on.
 fn tables() -> Tables {
-    Tables::build(&TableSpec {
-        generation: 1,
-        node: NodeSpec {
-            name: "node1".into(),
-            address: Ipv4Addr::new(172, 16, 2, 2).into(),
-            address6: None,
-            pod_cidrs: vec![cidr("10.244.1.0/24")],
-        },
-        cluster_cidrs: vec![cidr("10.244.0.0/16")],
-        mode: RoutingMode::Hybrid,
-        native_cidrs: vec![],
-        native_when_on_link: true,
-        tunnel: TunnelSpec::default(),
-        gateway: Some(NextHop {
-            ip: Ipv4Addr::new(172, 16, 2, 1).into(),
-            mac: Some([2, 0, 0, 0, 0, 1]),
-        }),
-        masquerade: MasqueradeSpec {
-            enabled: true,
-            ..MasqueradeSpec::default()
-        },
-        peers: vec![
-            peer("node2", Ipv4Addr::new(172, 16, 3, 2), "10.244.2.0/24", false),
-            peer("node3", Ipv4Addr::new(172, 16, 2, 3), "10.244.3.0/24", true),
-        ],
-    })
-    .unwrap()
+    reference::tables(&reference::hybrid())
 }
 
 #[derive(Default)]

@@ -19,9 +19,7 @@ use core::net::Ipv4Addr;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use podrouter_core::{
-    Cidr, MasqueradeSpec, NodeSpec, PeerSpec, RoutingMode, TableSpec, Tables, TunnelSpec,
-};
+use podrouter_core::{reference, Cidr, RoutingMode, Tables};
 use podrouter_core::datapath::{self, IngressAction};
 use podrouter_core::wire::checksum;
 
@@ -31,35 +29,14 @@ fn cidr(s: &str) -> Cidr {
     s.parse().unwrap()
 }
 
+/// node1 of the reference topology (core `reference`) in tunnel mode with node2, no gateway.
 fn tables() -> Tables {
-    Tables::build(&TableSpec {
-        generation: 1,
-        node: NodeSpec {
-            name: "node1".into(),
-            address: Ipv4Addr::new(172, 16, 2, 2).into(),
-            address6: None,
-            pod_cidrs: vec![cidr("10.244.1.0/24")],
-        },
-        cluster_cidrs: vec![cidr("10.244.0.0/16")],
-        mode: RoutingMode::Tunnel,
-        native_cidrs: vec![],
-        native_when_on_link: false,
-        tunnel: TunnelSpec::default(),
-        gateway: None,
-        masquerade: MasqueradeSpec::default(),
-        peers: vec![PeerSpec {
-            name: "node2".into(),
-            address: PEER.into(),
-            pod_cidrs: vec![cidr("10.244.2.0/24")],
-            mode: None,
-            tunnel_protocol: None,
-            on_link: false,
-            next_hop: None,
-            vtep_mac: None,
-            geneve_payload: None,
-        }],
-    })
-    .unwrap()
+    let mut spec = reference::node1(
+        RoutingMode::Tunnel,
+        vec![reference::peer("node2", PEER.into(), "10.244.2.0/24", false)],
+    );
+    spec.gateway = None;
+    reference::tables(&spec)
 }
 
 /// VXLAN (flags I, VNI 1) and an inner Ethernet header in front of `inner`.

@@ -41,7 +41,7 @@ use podrouter_core::encap;
 use podrouter_core::nat::{NatConfig, NatTable, NatTable6};
 use podrouter_core::offload::gro::Coalescer;
 use podrouter_core::offload::vnet::{self, VnetHdr, VNET_HDR_LEN};
-use podrouter_core::{DropReason, Tables, TunnelProto};
+use podrouter_core::{DropReason, EngineSettings, Tables, TunnelProto};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::{DerefMut, Range};
@@ -104,9 +104,11 @@ pub struct EngineConfig {
     pub tx_sockets: usize,
     /// Most TUN reads (and `recvmmsg` messages) per batch.
     pub batch: usize,
-    /// Masquerade table limits and timeouts (`masquerade.timeouts`). The port range in here is
-    /// ignored: it comes from the tables (`masquerade.port_range`) at `start`.
+    /// Masquerade table limits, timeouts (`masquerade.timeouts`) and port range
+    /// (`masquerade.port_range`, `port_lo..=port_hi`).
     pub nat: NatConfig,
+    /// The IPv6 masquerade address (`masquerade.address6`); `None`: IPv6 pods are not translated.
+    pub masquerade_address6: Option<Ipv6Addr>,
 }
 
 impl Default for EngineConfig {
@@ -126,6 +128,7 @@ impl Default for EngineConfig {
             tx_sockets: 8,
             batch: 32,
             nat: NatConfig::default(),
+            masquerade_address6: None,
         }
     }
 }
@@ -140,9 +143,22 @@ impl EngineConfig {
         v
     }
 
+    /// The start-time settings every table this engine runs is compiled against
+    /// (`Tables::build(spec, &cfg.settings())`): the underlay addresses, the NAT port range, the
+    /// IPv6 masquerade address. Read once, at start; only a restart changes them.
+    pub fn settings(&self) -> EngineSettings {
+        EngineSettings {
+            address: self.underlay_address,
+            address6: self.underlay_address6,
+            port_range: (self.nat.port_lo, self.nat.port_hi),
+            masquerade_address6: self.masquerade_address6,
+        }
+    }
+
     /// Checks values the kernel would otherwise reject later with a less helpful error; the
     /// `String` names the config key.
     pub fn validate(&self) -> Result<(), String> {
+        self.settings().validate().map_err(|e| e.to_string())?;
         if self.workers == 0 || self.workers > 64 {
             return Err(format!("workers: {} is not in 1..=64", self.workers));
         }
@@ -390,23 +406,12 @@ impl Engine {
                 "the datapath is already running",
             ));
         }
-        {
-            // The NAT port range comes from the tables (masquerade.port_range); a later swap that
-            // changes it takes effect at the next start, since live mappings hold ports of the old one.
-            let (lo, hi) = tables.masquerade().port_range;
-            let cfg = NatConfig {
-                port_lo: lo,
-                port_hi: hi,
-                ..self.cfg.nat.clone()
-            };
-            let mut nat = self.nat.lock().unwrap_or_else(|p| p.into_inner());
-            if (nat.config().port_lo, nat.config().port_hi) != (lo, hi) {
-                *nat = NatTable::new(cfg.clone());
-            }
-            let mut nat6 = self.nat6.lock().unwrap_or_else(|p| p.into_inner());
-            if (nat6.config().port_lo, nat6.config().port_hi) != (lo, hi) {
-                *nat6 = NatTable::new_v6(cfg);
-            }
+        if *tables.settings() != self.cfg.settings() {
+            // the NAT tables and reply filters are sized from the engine's own settings
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the tables were compiled against other start-time settings than the engine's",
+            ));
         }
         if let (Some(path), false) = (&self.nat_snapshot, self.nat_loaded) {
             // Before any worker runs: no packet can create a mapping that a restored one collides with.
@@ -594,7 +599,7 @@ impl Engine {
                     .tables
                     .load_full()
                     .ok_or_else(|| io::Error::other("no tables"))?;
-                let (lo, hi) = t.masquerade().port_range;
+                let (lo, hi) = (cfg.nat.port_lo, cfg.nat.port_hi);
                 let v4 = match masq_wanted(&t) {
                     Some(node) => match adopted.as_mut().and_then(|a| a.masq.take()) {
                         Some(fd) => Some(PacketSocket::adopt_rx(
@@ -632,6 +637,7 @@ impl Engine {
     }
 
     /// Replaces the tables: one atomic pointer store; each worker picks them up at its next batch.
+    /// They must be compiled against [`EngineConfig::settings`] (the bindings refuse others).
     pub fn swap_tables(&self, tables: Arc<Tables>) {
         self.tables.store(Some(tables));
     }
@@ -1607,7 +1613,7 @@ fn masq_wanted(t: &Tables) -> Option<Ipv4Addr> {
 
 /// The IPv6 masquerade address when the tables masquerade IPv6 (`masquerade.address6`).
 fn masq6_wanted(t: &Tables) -> Option<Ipv6Addr> {
-    t.masquerade().address6.filter(|_| t.masquerade().enabled)
+    t.masquerade_address6().filter(|_| t.masquerade().enabled)
 }
 
 /// The shared masquerade tables, locked by the core only for a masqueraded packet (a poisoned lock
@@ -1711,27 +1717,31 @@ mod tests {
 
     fn tables(address: &str, enabled: bool, address6: Option<&str>) -> Tables {
         let c = |s: &str| -> Cidr { s.parse().unwrap() };
-        Tables::build(&TableSpec {
-            generation: 1,
-            node: NodeSpec {
-                name: "n".into(),
-                address: address.parse().unwrap(),
-                address6: None,
-                pod_cidrs: vec![c("10.244.1.0/24"), c("fd00:10:244:1::/64")],
+        let settings = EngineSettings {
+            masquerade_address6: address6.map(|a| a.parse().unwrap()),
+            ..EngineSettings::new(address.parse().unwrap())
+        };
+        Tables::build(
+            &TableSpec {
+                generation: 1,
+                node: NodeSpec {
+                    name: "n".into(),
+                    pod_cidrs: vec![c("10.244.1.0/24"), c("fd00:10:244:1::/64")],
+                },
+                cluster_cidrs: vec![c("10.244.0.0/16"), c("fd00:10:244::/48")],
+                mode: podrouter_core::RoutingMode::Tunnel,
+                native_cidrs: vec![],
+                native_when_on_link: false,
+                tunnel: TunnelSpec::default(),
+                gateway: None,
+                masquerade: MasqueradeSpec {
+                    enabled,
+                    ..MasqueradeSpec::default()
+                },
+                peers: vec![],
             },
-            cluster_cidrs: vec![c("10.244.0.0/16"), c("fd00:10:244::/48")],
-            mode: podrouter_core::RoutingMode::Tunnel,
-            native_cidrs: vec![],
-            native_when_on_link: false,
-            tunnel: TunnelSpec::default(),
-            gateway: None,
-            masquerade: MasqueradeSpec {
-                enabled,
-                address6: address6.map(|a| a.parse().unwrap()),
-                ..MasqueradeSpec::default()
-            },
-            peers: vec![],
-        })
+            &settings,
+        )
         .unwrap()
     }
 

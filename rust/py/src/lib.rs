@@ -1,7 +1,7 @@
 //! `podrouter._native`: the PyO3 bindings (see python/podrouter/_native.pyi for the contract).
 //!
-//! `Tables(spec)` compiles the control plane's table spec dict (docs/architecture.md) into
-//! `podrouter_core::Tables`; `Datapath(config)` wraps `podrouter_io::Engine`. Calls that
+//! `Tables(spec, settings)` compiles the control plane's table spec dict (docs/architecture.md)
+//! against an engine config's start-time settings into `podrouter_core::Tables`; `Datapath(config)` wraps `podrouter_io::Engine`. Calls that
 //! can take time (starting or stopping workers, compiling tables) release the GIL; worker threads
 //! never touch Python.
 
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use podrouter_core::encap;
 use podrouter_core::nat::NatConfig;
 use podrouter_core::{
-    format_mac, DropReason, GenevePayload, MasqueradeSpec, TableSpec, Tables as CoreTables,
+    format_mac, DropReason, EngineSettings, GenevePayload, TableSpec, Tables as CoreTables,
     TunnelProto, Verdict,
 };
 use podrouter_io::counters::{Dir, Path, DIRECTIONS, STATS};
@@ -31,6 +31,11 @@ use spec::bad;
 /// The table spec dict (docs/architecture.md, "Table spec") as the core's `TableSpec`.
 fn table_spec(obj: &Bound<'_, PyAny>) -> PyResult<TableSpec> {
     spec::from_py::<spec::TableSpecIn>(obj, "")?.into_core()
+}
+
+/// The start-time settings of an engine config dict (`Datapath(config)`'s shape).
+fn engine_settings(obj: &Bound<'_, PyAny>) -> PyResult<EngineSettings> {
+    Ok(engine_config(obj)?.settings())
 }
 
 // ------------------------------------------------------------------------------------ Tables
@@ -108,10 +113,15 @@ fn verdict_dict<'py>(py: Python<'py>, t: &CoreTables, v: Verdict) -> PyResult<Bo
 #[pymethods]
 impl Tables {
     #[new]
-    fn new(py: Python<'_>, spec: &Bound<'_, PyAny>) -> PyResult<Tables> {
+    fn new(
+        py: Python<'_>,
+        spec: &Bound<'_, PyAny>,
+        settings: &Bound<'_, PyAny>,
+    ) -> PyResult<Tables> {
         let spec = table_spec(spec)?;
+        let settings = engine_settings(settings)?;
         let t = py
-            .allow_threads(|| CoreTables::build(&spec))
+            .allow_threads(|| CoreTables::build(&spec, &settings))
             .map_err(|e| bad(&e.path, &e.message))?;
         Ok(Tables { inner: Arc::new(t) })
     }
@@ -144,7 +154,7 @@ impl Tables {
         let v = self.inner.classify(src, dst);
         let d = verdict_dict(py, &self.inner, v)?;
         if let (Verdict::Masquerade { .. }, IpAddr::V6(_), Some(a6)) =
-            (v, dst, self.inner.masquerade().address6)
+            (v, dst, self.inner.masquerade_address6())
         {
             // IPv6 is translated to the IPv6 masquerade address
             d.set_item("address", a6.to_string())?;
@@ -275,59 +285,46 @@ struct Datapath {
     engine: Mutex<Option<Engine>>,
     tun_name: String,
     tun_ifindex: u32,
-    /// What the engine took from the tables at `start`; a swap must keep it.
-    started: Mutex<Option<StartOnly>>,
 }
 
-/// The parts of the table spec the engine reads only at `start` (the NAT table's port range, the
-/// masquerade reply sockets' filters): a swap that changes them is refused, since live mappings
-/// hold ports of the old range and the reply sockets filter on the old addresses. The daemon keeps
-/// them at their running value on a reload (reconcile.py `restart_only_changes`); a restart
-/// applies a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct StartOnly {
-    port_range: (u16, u16),
-    node_address: IpAddr,
-    masquerade_address6: Option<std::net::Ipv6Addr>,
-}
-
-impl StartOnly {
-    fn of(t: &CoreTables) -> StartOnly {
-        StartOnly {
-            port_range: t.masquerade().port_range,
-            node_address: IpAddr::V4(t.node_address()),
-            masquerade_address6: t.masquerade().address6,
-        }
-    }
-
-    /// `Err` naming the first key whose value differs from what the datapath started with.
-    fn check(&self, new: &StartOnly) -> PyResult<()> {
-        let (key, was, now) = if self.port_range != new.port_range {
-            (
-                "masquerade.port_range",
-                format!("{:?}", self.port_range),
-                format!("{:?}", new.port_range),
-            )
-        } else if self.node_address != new.node_address {
-            (
-                "node.address",
-                self.node_address.to_string(),
-                new.node_address.to_string(),
-            )
-        } else if self.masquerade_address6 != new.masquerade_address6 {
-            (
-                "masquerade.address6",
-                format!("{:?}", self.masquerade_address6),
-                format!("{:?}", new.masquerade_address6),
-            )
-        } else {
-            return Ok(());
-        };
-        Err(bad(
-            key,
-            format!("{now} differs from {was}, which the datapath started with; only a restart changes it"),
-        ))
-    }
+/// Refuses tables compiled against other start-time settings than the engine's `running` ones
+/// (`EngineConfig::settings`: the NAT tables and the masquerade reply filters are sized from
+/// them, live mappings hold ports of the range): `ValueError` naming the first config key that
+/// differs. The daemon compiles its tables against its own engine config and keeps these keys at
+/// their running value on a reload (reconcile.py `restart_only_changes`); a restart applies a
+/// change.
+fn check_settings(running: &EngineSettings, tables: &CoreTables) -> PyResult<()> {
+    let new = tables.settings();
+    let show = |a: Option<std::net::Ipv6Addr>| a.map_or("None".to_string(), |a| a.to_string());
+    let (key, was, now) = if running.port_range != new.port_range {
+        (
+            "masquerade.port_range",
+            format!("{:?}", running.port_range),
+            format!("{:?}", new.port_range),
+        )
+    } else if running.address != new.address {
+        (
+            "node.address",
+            running.address.to_string(),
+            new.address.to_string(),
+        )
+    } else if running.address6 != new.address6 {
+        ("node.address6", show(running.address6), show(new.address6))
+    } else if running.masquerade_address6 != new.masquerade_address6 {
+        (
+            "masquerade.address6",
+            show(running.masquerade_address6),
+            show(new.masquerade_address6),
+        )
+    } else {
+        return Ok(());
+    };
+    Err(bad(
+        key,
+        format!(
+            "{now} differs from {was}, which the datapath started with; only a restart changes it"
+        ),
+    ))
 }
 
 impl Datapath {
@@ -350,7 +347,6 @@ impl Datapath {
             tun_name: e.tun().name().to_string(),
             tun_ifindex: e.tun().ifindex(),
             engine: Mutex::new(Some(e)),
-            started: Mutex::new(None),
         })
     }
 
@@ -400,7 +396,6 @@ impl Datapath {
             tun_name: e.tun().name().to_string(),
             tun_ifindex: e.tun().ifindex(),
             engine: Mutex::new(Some(e)),
-            started: Mutex::new(None),
         })
     }
 
@@ -467,15 +462,14 @@ impl Datapath {
             let e = g
                 .as_mut()
                 .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
-            let fixed = StartOnly::of(&t);
+            check_settings(&e.config().settings(), &t)?;
             e.start(t).map_err(|e| os_err("starting the datapath", e))?;
-            *self.started.lock().unwrap_or_else(|p| p.into_inner()) = Some(fixed);
             Ok(())
         })
     }
 
-    /// Refused (`ValueError` naming the key) when the new tables change what the engine read at
-    /// `start` ([`StartOnly`]).
+    /// Refused (`ValueError` naming the key) when the tables were compiled against other
+    /// start-time settings than the engine's ([`check_settings`]).
     fn swap_tables(&self, py: Python<'_>, tables: &Tables) -> PyResult<()> {
         let t = Arc::clone(&tables.inner);
         py.allow_threads(|| {
@@ -483,9 +477,7 @@ impl Datapath {
             let e = g
                 .as_ref()
                 .ok_or_else(|| PyRuntimeError::new_err("the datapath is closed"))?;
-            if let Some(was) = *self.started.lock().unwrap_or_else(|p| p.into_inner()) {
-                was.check(&StartOnly::of(&t))?;
-            }
+            check_settings(&e.config().settings(), &t)?;
             e.swap_tables(t);
             Ok(())
         })
@@ -787,7 +779,7 @@ fn register_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_VNI", podrouter_core::wire::vxlan::MAX_VNI)?;
     m.add(
         "MASQUERADE_PORT_RANGE",
-        MasqueradeSpec::default().port_range,
+        podrouter_core::nat::DEFAULT_PORT_RANGE,
     )?;
     m.add("NAT_DEFAULT_MAX_ENTRIES", NatConfig::default().max_entries)?;
     m.add("NAT_MAX_ENTRIES", podrouter_io::worker::MAX_NAT_ENTRIES)?;

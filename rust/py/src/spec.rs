@@ -1,7 +1,7 @@
 //! The dicts the control plane hands the bindings, as typed specs deserialized with serde.
 //!
-//! `Tables(spec)`, `Datapath(config)` and `Datapath.adopt(config, fds)` take Python dicts. Each
-//! shape is a struct here (`deny_unknown_fields`: a typo never falls back to a default),
+//! `Tables(spec, settings)`, `Datapath(config)` and `Datapath.adopt(config, fds)` take Python
+//! dicts (`settings` is an engine config, like `config`). Each shape is a struct here (`deny_unknown_fields`: a typo never falls back to a default),
 //! deserialized straight from the Python objects (pythonize) with the key path tracked
 //! (serde_path_to_error), then turned into the core's and the engine's types. Every error names
 //! the key path and the value: `peers[0].address: 'nope' is not an IP address`,
@@ -321,7 +321,9 @@ fn cidrs(v: Option<List<Parsed<Cidr>>>) -> Vec<Cidr> {
 
 // ------------------------------------------------------------------------ the table spec
 
-/// The table spec (docs/architecture.md, "Table spec"): swappable, compiled by `Tables::build`.
+/// The table spec (docs/architecture.md, "Table spec"): what a swap may change, compiled by
+/// `Tables::build` against the engine's start-time settings (the engine config's
+/// `underlay_address`, `underlay_address6`, `masquerade_port_range`, `masquerade_address6`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TableSpecIn {
@@ -341,8 +343,6 @@ pub(crate) struct TableSpecIn {
 #[serde(deny_unknown_fields)]
 struct NodeIn {
     name: Str,
-    address: Parsed<IpAddr>,
-    address6: Option<Parsed<Ipv6Addr>>,
     pod_cidrs: Option<List<Parsed<Cidr>>>,
 }
 
@@ -377,8 +377,6 @@ impl NextHopIn {
 struct MasqueradeIn {
     enabled: Option<Bool>,
     non_masquerade_cidrs: Option<List<Parsed<Cidr>>>,
-    port_range: Option<List<Int<u16>>>,
-    address6: Option<Parsed<Ipv6Addr>>,
     gateway6: Option<NextHopIn>,
 }
 
@@ -411,13 +409,7 @@ impl TableSpecIn {
         if let Some(m) = self.masquerade {
             masquerade.enabled = m.enabled.map_or(masquerade.enabled, |b| b.0);
             masquerade.non_masquerade_cidrs = cidrs(m.non_masquerade_cidrs);
-            masquerade.address6 = m.address6.map(|a| a.0);
             masquerade.gateway6 = m.gateway6.map(NextHopIn::into_core);
-            if let Some(List(pr)) = m.port_range {
-                let [lo, hi] = <[Int<u16>; 2]>::try_from(pr)
-                    .map_err(|_| bad("masquerade.port_range", "must be [first, last]"))?;
-                masquerade.port_range = (lo.0, hi.0);
-            }
         }
         let peers = self
             .peers
@@ -439,8 +431,6 @@ impl TableSpecIn {
             generation: self.generation.map_or(0, |g| g.0),
             node: NodeSpec {
                 name: self.node.name.0,
-                address: self.node.address.0,
-                address6: self.node.address6.map(|a| a.0),
                 pod_cidrs: cidrs(self.node.pod_cidrs),
             },
             cluster_cidrs: cidrs(self.cluster_cidrs),
@@ -457,7 +447,9 @@ impl TableSpecIn {
 
 // ------------------------------------------------------------------- the engine's config
 
-/// `Datapath(config)`: the engine's start-time settings (docs/architecture.md, "Datapath").
+/// `Datapath(config)`: the engine's start-time settings (docs/architecture.md, "Datapath"). The
+/// second argument of `Tables(spec, settings)` is one too: the tables are compiled against its
+/// `underlay_address`, `underlay_address6`, `masquerade_port_range` and `masquerade_address6`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EngineIn {
@@ -475,6 +467,8 @@ pub(crate) struct EngineIn {
     tx_sockets: Option<Int<usize>>,
     batch: Option<Int<usize>>,
     nat: Option<NatIn>,
+    masquerade_port_range: Option<List<Int<u16>>>,
+    masquerade_address6: Option<Parsed<Ipv6Addr>>,
 }
 
 /// `config["nat"]`: masquerade table limits and timeouts in seconds (`masquerade.timeouts` of the
@@ -524,6 +518,15 @@ impl EngineIn {
     /// The engine's config, validated (`EngineConfig::validate` names the key).
     pub(crate) fn into_config(self) -> PyResult<EngineConfig> {
         let d = EngineConfig::default();
+        let mut nat = match self.nat {
+            None => d.nat,
+            Some(n) => n.into_config(d.nat),
+        };
+        if let Some(List(pr)) = self.masquerade_port_range {
+            let [lo, hi] = <[Int<u16>; 2]>::try_from(pr)
+                .map_err(|_| bad("masquerade_port_range", "must be [first, last]"))?;
+            (nat.port_lo, nat.port_hi) = (lo.0, hi.0);
+        }
         let cfg = EngineConfig {
             tun_name: self.tun_name.map_or(d.tun_name, |s| s.0),
             tun_mtu: self.tun_mtu.map(|m| m.0),
@@ -538,10 +541,8 @@ impl EngineIn {
             offload: self.offload.map_or(d.offload, |b| b.0),
             tx_sockets: or(self.tx_sockets, d.tx_sockets),
             batch: or(self.batch, d.batch),
-            nat: match self.nat {
-                None => d.nat,
-                Some(n) => n.into_config(d.nat),
-            },
+            nat,
+            masquerade_address6: self.masquerade_address6.map(|a| a.0),
         };
         cfg.validate().map_err(PyValueError::new_err)?;
         Ok(cfg)
