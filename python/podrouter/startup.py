@@ -273,7 +273,7 @@ def forward_first(cfg: Any, log: Any) -> FastStart | None:
     spec["generation"] = 1
     dp_config = data["dp_config"]
     try:
-        tables = native.compile_tables(spec)
+        tables = native.compile_tables(spec, dp_config)
     except Exception as e:  # noqa: BLE001 - untrusted input: the engine refuses it
         log.warning("forwarding snapshot %s not used: spec: %s", path, str(e)[:300])
         return None
