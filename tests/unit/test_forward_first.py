@@ -183,7 +183,7 @@ def test_file_kinds_and_permissions_are_refused(cfg: Any, monkeypatch: pytest.Mo
 def test_spec_key_ignores_the_generation_and_tuples() -> None:
     a = node1_spec()
     b = json.loads(json.dumps(a)) | {"generation": 99}
-    b["masquerade"]["port_range"] = tuple(b["masquerade"]["port_range"])
+    b["node"]["pod_cidrs"] = tuple(b["node"]["pod_cidrs"])
     assert startup.spec_key(a) == startup.spec_key(b)
     b["mode"] = "tunnel"
     assert startup.spec_key(a) != startup.spec_key(b)
@@ -199,7 +199,7 @@ def test_forward_first_falls_back_with_a_reason(cfg: Any, caplog: pytest.LogCapt
     assert startup.forward_first(cfg, log) is None
     assert "not used: written for node 'node9'" in caplog.text
 
-    startup.write(path, _set(_good(cfg), {"name": "node1"}, "spec", "node"))  # the engine refuses it
+    startup.write(path, _set(_good(cfg), {"name": "node1", "colour": 1}, "spec", "node"))  # the engine refuses it
     caplog.clear()
     assert startup.forward_first(cfg, log) is None
     assert "not used: spec:" in caplog.text
