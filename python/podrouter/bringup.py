@@ -179,6 +179,7 @@ def datapath_config(cfg: Config, u: Underlay) -> dict[str, Any]:
         "workers": max(1, min(4, (os.cpu_count() or 2) // 2)),
         "nat": cfg.masquerade.nat_config(),
         "offload": True,
+        "tunnel_gso": cfg.tunnel.gso != "off",
     }
 
 

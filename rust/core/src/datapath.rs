@@ -139,6 +139,7 @@ pub fn egress(
         frames: Some(egress::FrameMode::Plain),
         tunnel_v4: true,
         tunnel_v6: true,
+        tunnel_gso: false,
     };
     // A plain packet is never segmented: the scratch buffers stay empty and never allocate.
     let (mut seg, mut segs) = (Vec::new(), Vec::new());

@@ -565,6 +565,7 @@ fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
         "geneve_port",
         "workers",
         "offload",
+        "tunnel_gso",
         "tx_sockets",
         "batch",
         "nat",
@@ -590,6 +591,7 @@ fn engine_config(obj: &Bound<'_, PyAny>) -> PyResult<EngineConfig> {
         geneve_port: r.int_or("geneve_port", d.geneve_port)?,
         workers: r.int_or("workers", d.workers)?,
         offload: r.bool_or("offload", d.offload)?,
+        tunnel_gso: r.bool_or("tunnel_gso", d.tunnel_gso)?,
         tx_sockets: r.int_or("tx_sockets", d.tx_sockets)?,
         batch: r.int_or("batch", d.batch)?,
         nat: nat_config(r.child("nat")?, d.nat)?,
@@ -893,6 +895,8 @@ impl Datapath {
         offload.set_item("udp_gso", off.udp_gso)?;
         offload.set_item("udp_gro", off.udp_gro)?;
         offload.set_item("packet_vnet_hdr", off.packet_vnet_hdr)?;
+        offload.set_item("tunnel_gso", off.tunnel_gso)?;
+        offload.set_item("tunnel_gso_error", off.tunnel_gso_error.clone())?;
         for (name, v) in STATS.iter().zip(snap.stats) {
             offload.set_item(*name, v)?;
         }
