@@ -130,7 +130,8 @@ impl Default for EngineConfig {
             geneve_port: TunnelProto::Geneve.default_port(),
             workers: 1,
             offload: true,
-            tunnel_gso: true,
+            // off for an engine built directly; the daemon passes `tunnel.gso` (default auto)
+            tunnel_gso: false,
             tx_sockets: 8,
             batch: 32,
             nat: NatConfig::default(),
