@@ -756,7 +756,10 @@ class _Validator:
         port = self.integer("tunnel.port", m["port"], 1, 65535) if m.get("port") is not None else 0
         vni = self.integer("tunnel.vni", m.get("vni", 1), 0, VNI_MAX)
         payload = self.choice("tunnel.geneve_payload", m.get("geneve_payload", "ethernet"), GENEVE_PAYLOADS)
-        gso = self.choice("tunnel.gso", m.get("gso", "auto"), ("auto", "off"))
+        raw_gso = m.get("gso", "auto")
+        # YAML 1.1 reads a bare off / on as a boolean
+        raw_gso = {False: "off", True: "auto"}.get(raw_gso, raw_gso) if isinstance(raw_gso, bool) else raw_gso
+        gso = self.choice("tunnel.gso", raw_gso, ("auto", "off"))
         raw_mtu = m.get("mtu", "auto")
         mtu: int | None = None
         mtu_ok = True
