@@ -165,3 +165,114 @@ fn write_sysctl(key: &str, val: &str) -> io::Result<()> {
     std::fs::write(format!("/proc/sys/{key}"), val)
         .map_err(|e| io::Error::new(e.kind(), format!("/proc/sys/{key}: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podrouter_core::offload::tnl::{self, Outer, TnlHdr, OUTER_LEN};
+    use podrouter_core::offload::vnet::{flags, gso_type, VnetHdr};
+
+    /// A TCP/IPv4 super-packet behind a VXLAN header and inner Ethernet, its checksum field the
+    /// pseudo-header seed: (UDP payload, inner offset, the TUN read's vnet header).
+    fn payload(tcp_payload: usize, mss: u16) -> (Vec<u8>, usize, VnetHdr) {
+        let mut p = vec![0u8; 22 + 40 + tcp_payload];
+        p[0] = 0x08;
+        p[20..22].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut p[22..];
+        let total = ip.len() as u16;
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&[10, 244, 1, 1]);
+        ip[16..20].copy_from_slice(&[10, 244, 2, 1]);
+        let c = !podrouter_core::offload::csum::sum(&ip[..20]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        ip[32] = 0x50;
+        ip[33] = 0x10;
+        let seed = podrouter_core::offload::csum::pseudo_v4(
+            &[10, 244, 1, 1],
+            &[10, 244, 2, 1],
+            6,
+            total - 20,
+        );
+        ip[36..38].copy_from_slice(&seed.to_be_bytes());
+        let h = VnetHdr {
+            flags: flags::NEEDS_CSUM,
+            gso_type: gso_type::TCPV4,
+            hdr_len: 40,
+            gso_size: mss,
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        (p, 22, h)
+    }
+
+    /// In a private network namespace (never the machine's): the kernel creates the multi-queue
+    /// TAP with the tunnel offload and takes, on every queue, the frames `tnl::build_prefix` makes
+    /// (a header it refuses is `EINVAL` on the write), and refuses one with both tunnel bits.
+    #[test]
+    fn the_kernel_accepts_our_frames_on_every_queue() {
+        let t = std::thread::spawn(|| {
+            // SAFETY: unshare with a constant flag; it moves only this (fresh) thread into a new,
+            // empty network namespace, which ends with the thread.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(
+                r,
+                0,
+                "unshare(CLONE_NEWNET): {}",
+                io::Error::last_os_error()
+            );
+            let tap = match GsoTap::open(Some("podrgsotest%d"), 2) {
+                Ok(t) => t,
+                // only a kernel before 6.17 may refuse the offload (the engine then segments)
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+                    let mut v = rel.split(['.', '-']).map(|x| x.parse::<u32>().unwrap_or(0));
+                    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+                    assert!((major, minor) < (6, 17), "Linux {rel} refused: {e}");
+                    return;
+                }
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(tap.queues().len(), 2);
+            assert_ne!(tap.mac(), [0; 6]);
+            let name = tap.name().to_string();
+            assert!(name.starts_with("podrgsotest"), "{name}");
+            for (k, v) in [
+                ("rp_filter", "0"),
+                ("accept_local", "1"),
+                ("forwarding", "1"),
+            ] {
+                let got = read_sysctl(&format!("net/ipv4/conf/{name}/{k}")).unwrap();
+                assert_eq!(got.trim(), v, "{k}");
+            }
+            let (p, off, h) = payload(20_000, 1400);
+            let outer = Outer {
+                dst_mac: tap.mac(),
+                src_mac: [2, 0, 0, 0, 0, 2],
+                src: [192, 0, 2, 1],
+                dst: [192, 0, 2, 2],
+                src_port: 50000,
+                dst_port: 4789,
+                tos: 0,
+                ttl: 65,
+                id: 1,
+            };
+            let mut pre = [0u8; PREFIX_LEN];
+            tnl::build_prefix(&mut pre, &outer, &p, off, &h).unwrap();
+            for q in tap.queues() {
+                assert_eq!(q.write(&pre, &p).unwrap(), PREFIX_LEN + p.len());
+            }
+            let mut bad = TnlHdr::parse(&pre).unwrap();
+            bad.base.gso_type |= tnl::GSO_UDP_TUNNEL_IPV6;
+            assert!(!bad.kernel_accepts(OUTER_LEN + p.len()));
+            let mut b = [0u8; TNL_HDR_LEN];
+            bad.emit(&mut b);
+            pre[..TNL_HDR_LEN].copy_from_slice(&b);
+            let e = tap.queues()[0].write(&pre, &p).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        });
+        t.join().unwrap();
+    }
+}
