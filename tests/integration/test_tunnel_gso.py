@@ -166,3 +166,16 @@ def test_rp_filter_on_falls_back(ref: ReferenceTopology, daemons: Daemons) -> No
     assert "rp_filter" in (a["tunnel_gso_error"] or ""), a
     transfer(ref.pods["pod1"].host, ref.pods["pod2"].host, "10.244.2.1")
     assert offload(ds["node1"])["tap_gso_writes"] == 0
+
+
+def test_receiver_with_gso_off_takes_whole_datagrams(ref: ReferenceTopology, daemons: Daemons) -> None:
+    """The receive side does not depend on the setting (the upgrade order: receivers first)."""
+    off = {"protocol": "vxlan", "gso": "off"}
+    sender = ref_config(ref, "node1", daemons.sockdir, mode="tunnel", protocol="vxlan")
+    receiver = ref_config(ref, "node2", daemons.sockdir, mode="tunnel", tunnel=off)
+    d1 = daemons.start(ref.nodes["node1"], sender)
+    d2 = daemons.start(ref.nodes["node2"], receiver)
+    transfer(ref.pods["pod1"].host, ref.pods["pod2"].host, "10.244.2.1")
+    assert offload(d1)["tap_gso_writes"] > 0
+    b = offload(d2)
+    assert b["tunnel_gso"] is False and b["udp_rx_whole_gso"] > 0, b
