@@ -36,8 +36,8 @@ def transfer(client: Host, server: Host, server_ip: str) -> None:
     srv_code = textwrap.dedent(
         f"""
         import hashlib, socket
-        s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("{server_ip}", {PORT})); s.listen(1)
+        fam = socket.AF_INET6 if ":" in "{server_ip}" else socket.AF_INET
+        s = socket.create_server(("{server_ip}", {PORT}), family=fam)
         c, _ = s.accept(); h = hashlib.sha256(); n = 0
         while True:
             b = c.recv(1 << 20)
@@ -179,3 +179,13 @@ def test_receiver_with_gso_off_takes_whole_datagrams(ref: ReferenceTopology, dae
     assert offload(d1)["tap_gso_writes"] > 0
     b = offload(d2)
     assert b["tunnel_gso"] is False and b["udp_rx_whole_gso"] > 0, b
+
+
+def test_ipv6_pods_over_the_gso_path(ref: ReferenceTopology, daemons: Daemons) -> None:
+    """TCP/IPv6 super-packets (inner GSO_TCPV6) inside the IPv4 underlay's tunnel GSO."""
+    ds = start(ref, daemons, "vxlan", dual_stack=True)
+    pod2 = ref.pods["pod2"]
+    assert pod2.ip6
+    transfer(ref.pods["pod1"].host, pod2.host, pod2.ip6)
+    assert offload(ds["node1"])["tap_gso_writes"] > 0
+    assert offload(ds["node2"])["udp_rx_whole_gso"] > 0
