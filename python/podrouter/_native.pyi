@@ -106,6 +106,10 @@ class Datapath:
       vxlan_port (int, default 4789; 0 = no listener); geneve_port (int, default 6081; 0 = none);
       workers (int, default 1: one TUN queue each, IFF_MULTI_QUEUE above 1);
       offload (bool, default True: TUN TSO/USO, AF_PACKET vnet header, TUN write coalescing);
+      tunnel_gso (bool, default False; the daemon passes tunnel.gso != "off": encapsulated TCP
+        super-packets to the kernel whole through the UDP-tunnel GSO TAP where Linux 6.17+, an
+        IPv4 underlay and rp_filter allow; counters()["offload"]["tunnel_gso"] says whether it
+        is in use, ["tunnel_gso_error"] why not);
       tx_sockets (int, default 8: tunnel send sockets = distinct outer source ports);
       batch (int, default 32: TUN reads / recvmmsg messages per wake-up);
       nat (dict, optional): masquerade table limits and timeouts in seconds, each optional --
@@ -164,7 +168,8 @@ class Datapath:
         "packet_vnet_hdr": bool, "tun_reads": n, "tun_gso_reads": n, "tun_writes": n,
         "tun_gso_writes": n, "tun_coalesced_segments": n, "udp_rx_messages": n,
         "udp_rx_gro_messages": n, "udp_tx_calls": n, "udp_tx_gso_messages": n,
-        "packet_tx_calls": n, "packet_tx_gso_frames": n, "batches": n}}``.
+        "packet_tx_calls": n, "packet_tx_gso_frames": n, "batches": n, "tap_gso_writes": n,
+        "udp_rx_whole_gso": n, "tunnel_gso": bool, "tunnel_gso_error": str | None}}``.
         Packets are wire packets (a GSO super-packet counts once per segment)."""
     def monitor_start(self, flows: bool = False, sample: int = 100, rate: int = 1000) -> None:
         """Turn the event ring on: drops (and with ``flows`` one forwarded packet in ``sample``), at

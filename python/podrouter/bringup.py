@@ -185,6 +185,7 @@ def datapath_config(cfg: Config, u: Underlay, masq6: Masquerade6 | None = None) 
         "workers": max(1, min(4, (os.cpu_count() or 2) // 2)),
         "nat": cfg.masquerade.nat_config(),
         "offload": True,
+        "tunnel_gso": cfg.tunnel.gso != "off",
     }
 
 

@@ -98,6 +98,9 @@ class TunnelConfig:
     vni: int = 1
     mtu: int | None = None  # None = auto: underlay MTU minus the encapsulation overhead
     geneve_payload: str = "ethernet"
+    # "auto": encapsulated TCP super-packets go to the kernel whole (UDP-tunnel GSO TAP, Linux
+    # 6.17+, IPv4 underlay) where it can; "off": always segmented in the datapath
+    gso: str = "auto"
 
     def port_for(self, protocol: str) -> int:
         """The UDP port of `protocol`: `tunnel.port` for the configured one, the IANA port otherwise."""
@@ -746,13 +749,17 @@ class _Validator:
         return RoutingConfig(mode=mode, native_cidrs=native, native_when_on_link=on_link)
 
     def tunnel(self, value: Any) -> TunnelConfig | None:
-        m = self.mapping("tunnel", value, ("protocol", "port", "vni", "mtu", "geneve_payload"))
+        m = self.mapping("tunnel", value, ("protocol", "port", "vni", "mtu", "geneve_payload", "gso"))
         if m is None:
             return None
         proto = self.choice("tunnel.protocol", m.get("protocol", "vxlan"), PROTOCOLS)
         port = self.integer("tunnel.port", m["port"], 1, 65535) if m.get("port") is not None else 0
         vni = self.integer("tunnel.vni", m.get("vni", 1), 0, VNI_MAX)
         payload = self.choice("tunnel.geneve_payload", m.get("geneve_payload", "ethernet"), GENEVE_PAYLOADS)
+        raw_gso = m.get("gso", "auto")
+        # YAML 1.1 reads a bare off / on as a boolean
+        raw_gso = {False: "off", True: "auto"}.get(raw_gso, raw_gso) if isinstance(raw_gso, bool) else raw_gso
+        gso = self.choice("tunnel.gso", raw_gso, ("auto", "off"))
         raw_mtu = m.get("mtu", "auto")
         mtu: int | None = None
         mtu_ok = True
@@ -762,10 +769,15 @@ class _Validator:
             if isinstance(raw_mtu, str):
                 self.bad("tunnel.mtu", f"{_q(raw_mtu)} is not 'auto' or an integer")
             mtu_ok = mtu is not None
-        if proto is None or port is None or vni is None or not mtu_ok or payload is None:
+        if proto is None or port is None or vni is None or not mtu_ok or payload is None or gso is None:
             return None
         return TunnelConfig(
-            protocol=proto, port=port or DEFAULT_PORTS[proto], vni=vni, mtu=mtu, geneve_payload=payload
+            protocol=proto,
+            port=port or DEFAULT_PORTS[proto],
+            vni=vni,
+            mtu=mtu,
+            geneve_payload=payload,
+            gso=gso,
         )
 
     def masquerade(self, value: Any) -> MasqueradeConfig | None:

@@ -41,6 +41,13 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert cfg.peers == () and cfg.pods == () and cfg.warnings == ()
 
 
+def test_tunnel_gso_defaults_to_auto_and_can_be_turned_off() -> None:
+    assert config.loads(MINIMAL).tunnel.gso == "auto"
+    assert config.loads(MINIMAL + "tunnel: {gso: off}\n").tunnel.gso == "off"
+    assert config.loads(MINIMAL + "tunnel: {gso: 'off'}\n").tunnel.gso == "off"
+    assert config.loads(MINIMAL + "tunnel: {gso: on}\n").tunnel.gso == "auto"
+
+
 def test_geneve_port_defaults_to_6081_and_the_other_protocol_keeps_its_iana_port() -> None:
     cfg = config.loads(MINIMAL + "tunnel: {protocol: geneve}\n")
     assert cfg.tunnel.port == 6081
@@ -109,6 +116,7 @@ pods: [{name: p, ip: 'fd00:10:244:1::5', host_interface: veth-p}]
         ("routing: {mode: fast}", "routing.mode: 'fast' is not one of: tunnel, native, hybrid"),
         ("tunnel: {protocol: gre}", "tunnel.protocol: 'gre' is not one of: vxlan, geneve"),
         ("tunnel: {geneve_payload: eth}", "tunnel.geneve_payload: 'eth' is not one of: ethernet, ip"),
+        ("tunnel: {gso: fast}", "tunnel.gso: 'fast' is not one of: auto, off"),
         ("tunnel: {vni: 16777216}", "tunnel.vni: 16777216 is out of range (0..16777215)"),
         ("tunnel: {vni: true}", "tunnel.vni: True is not an integer"),
         ("tunnel: {port: 0}", "tunnel.port: 0 is out of range (1..65535)"),

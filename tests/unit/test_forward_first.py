@@ -199,7 +199,8 @@ def test_forward_first_falls_back_with_a_reason(cfg: Any, caplog: pytest.LogCapt
     assert startup.forward_first(cfg, log) is None
     assert "not used: written for node 'node9'" in caplog.text
 
-    startup.write(path, _set(_good(cfg), {"name": "node1", "colour": 1}, "spec", "node"))  # the engine refuses it
+    bad_node = {"name": "node1", "colour": 1}  # the engine refuses it
+    startup.write(path, _set(_good(cfg), bad_node, "spec", "node"))
     caplog.clear()
     assert startup.forward_first(cfg, log) is None
     assert "not used: spec:" in caplog.text

@@ -12,6 +12,7 @@ its tunnel to node2, both served by the same daemon at the same time.
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -380,6 +381,11 @@ def run_setup(
             cluster = Cluster(ref)
             opts = {k: v for k, v in setup.daemon.items() if k != "bgp"}
             cfgs = {n: node_config(ref, n, cluster.workdir, masquerade=False, **opts) for n in ref.nodes}
+            # A/B of the UDP-tunnel GSO path in one build (docs/benchmarks.md): tunnel.gso
+            gso = os.environ.get("PODROUTER_BENCH_TUNNEL_GSO")
+            if gso:
+                for node_cfg in cfgs.values():
+                    node_cfg["tunnel"]["gso"] = gso
             if setup.daemon.get("bgp"):
                 fabric = _bgp_fabric(ref, cluster, cfgs)
             t0 = time.monotonic()

@@ -331,6 +331,7 @@ fn bench_egress(c: &mut Criterion) {
         frames: Some(egress::FrameMode::Vnet),
         tunnel_v4: true,
         tunnel_v6: true,
+        tunnel_gso: false,
     };
     let mut g = c.benchmark_group("egress");
     configure(&mut g);

@@ -158,6 +158,7 @@ const ONE_LINK: egress::Link = egress::Link {
     frames: Some(egress::FrameMode::Plain),
     tunnel_v4: true,
     tunnel_v6: true,
+    tunnel_gso: false,
 };
 
 /// The one output of a plain packet, as an [`EgressAction`].

@@ -72,6 +72,9 @@ pub struct Link {
     /// gets there).
     pub tunnel_v4: bool,
     pub tunnel_v6: bool,
+    /// The I/O layer can hand an encapsulated TCP super-packet to the kernel whole (UDP-tunnel
+    /// GSO, [`crate::offload::tnl`]; IPv4 remotes only): such a unit carries [`TunnelUnit::gso`].
+    pub tunnel_gso: bool,
 }
 
 /// What an underlay frame starts with.
@@ -129,6 +132,9 @@ pub struct TunnelUnit {
     pub flow_label: u32,
     /// `UDP_SEGMENT` size: every unit in `range` is this long but the last; 0: one datagram.
     pub segment: u16,
+    /// With [`Link::tunnel_gso`]: `range` is ONE `[tunnel header][inner TCP super-packet]`
+    /// described by this vnet header (the TUN read's), for the kernel to segment.
+    pub gso: Option<VnetHdr>,
     /// Wire packets and inner bytes this stands for (the metrics).
     pub pkts: u64,
     pub bytes: u64,
@@ -376,9 +382,28 @@ fn tunnel<S: Sink>(
         tos,
         flow_label,
         segment,
+        gso: None,
         pkts,
         bytes,
     };
+    let ovh = params.payload_overhead();
+    if link.tunnel_gso
+        && !v6
+        && p.hdr.needs_csum()
+        && matches!(
+            p.hdr.gso_kind(),
+            vnet::gso_type::TCPV4 | vnet::gso_type::TCPV6
+        )
+        && p.len + ovh <= crate::offload::tnl::MAX_PAYLOAD
+    {
+        let range = encap::encap_payload_parsed(p.buf, p.start, p.len, inner_v6, params)
+            .map_err(|_| DropReason::Unsupported)?;
+        let (pkts, _) = vnet::wire_size(&p.buf[p.start..end], &p.hdr);
+        let mut u = unit(Buffer::Packet, range, 0, pkts as u64, p.len as u64);
+        u.gso = Some(p.hdr);
+        out.tunnel(u);
+        return Ok(());
+    }
     if !p.hdr.is_gso() {
         finish_csum(&mut p.buf[p.start..end], &p.hdr)?;
         // Only a missing headroom (a bug in the caller) can fail; counted rather than hidden.
@@ -387,7 +412,6 @@ fn tunnel<S: Sink>(
         out.tunnel(unit(Buffer::Packet, range, 0, 1, p.len as u64));
         return Ok(());
     }
-    let ovh = params.payload_overhead();
     segment(&mut p, ovh)?;
     for r in p.segs.iter() {
         encap::encap_payload_parsed(&mut p.seg[..], r.start, r.len(), inner_v6, params)
@@ -709,6 +733,7 @@ mod tests {
             frames,
             tunnel_v4: true,
             tunnel_v6: false,
+            tunnel_gso: false,
         }
     }
 
@@ -732,6 +757,63 @@ mod tests {
         };
         let r = egress(&tables(), link, nat, &mut out, p, 0);
         (r, out, seg)
+    }
+
+    #[test]
+    fn tso_with_tunnel_gso_is_one_whole_unit_for_the_kernel() {
+        let (mut b, len, hdr) = tso_to([10, 244, 2, 9], 10_000, 1000);
+        let orig = b[HEADROOM..HEADROOM + len].to_vec();
+        let mut l = link(None);
+        l.tunnel_gso = true;
+        let (mut seg, mut segs) = (Vec::new(), Vec::new());
+        let mut out = Out::default();
+        let p = Packet {
+            buf: &mut b,
+            start: HEADROOM,
+            len,
+            hdr,
+            seg: &mut seg,
+            segs: &mut segs,
+        };
+        egress(&tables(), &l, &mut nat(), &mut out, p, 0).unwrap();
+        assert_eq!(out.units.len(), 1);
+        let u = &out.units[0];
+        assert_eq!((u.buf, u.segment, u.gso), (Buffer::Packet, 0, Some(hdr)));
+        assert_eq!(u.pkts, 10);
+        assert!(seg.is_empty(), "nothing segmented in userspace");
+        let data = &b[u.range.clone()];
+        let ovh = data.len() - len;
+        assert_eq!(
+            &data[ovh..],
+            &orig[..],
+            "inner bytes untouched (partial checksum kept)"
+        );
+        let mut pre = [0u8; crate::offload::tnl::PREFIX_LEN];
+        let outer = crate::offload::tnl::Outer {
+            dst_mac: [2, 0, 0, 0, 0, 1],
+            src_mac: ME,
+            src: [192, 168, 0, 1],
+            dst: [192, 168, 0, 2],
+            src_port: u.src_port,
+            dst_port: 4789,
+            tos: u.tos,
+            ttl: 65,
+            id: 1,
+        };
+        crate::offload::tnl::build_prefix(&mut pre, &outer, data, ovh, &hdr).unwrap();
+        // A plain packet (no GSO) still takes the ordinary path.
+        let (mut b2, len2, _) = tso_to([10, 244, 2, 9], 500, 1000);
+        let mut out2 = Out::default();
+        let p = Packet {
+            buf: &mut b2,
+            start: HEADROOM,
+            len: len2,
+            hdr: VnetHdr::default(),
+            seg: &mut seg,
+            segs: &mut segs,
+        };
+        egress(&tables(), &l, &mut nat(), &mut out2, p, 0).unwrap();
+        assert_eq!(out2.units[0].gso, None);
     }
 
     #[test]

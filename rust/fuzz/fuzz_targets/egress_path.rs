@@ -101,6 +101,7 @@ fuzz_target!(|data: &[u8]| {
             [usize::from(mode & 3)],
         tunnel_v4: mode & 0x20 == 0,
         tunnel_v6: true,
+        tunnel_gso: mode & 0x40 != 0,
     };
     let len = pkt.len();
     let mut buf = vec![0u8; HEADROOM];
@@ -129,7 +130,31 @@ fuzz_target!(|data: &[u8]| {
     for u in &out.units {
         assert!(u.range.start < u.range.end && u.range.end <= size(u.buf), "{u:?}");
         assert!(u.pkts >= 1);
-        if u.segment > 0 {
+        if let Some(h) = u.gso {
+            // A whole super-packet for the TAP: the prefix the I/O layer builds must be one the
+            // kernel accepts, or the core must not have chosen this path.
+            assert!(link.tunnel_gso && u.segment == 0 && u.remote.is_ipv4(), "{u:?}");
+            let data = &buf[u.range.clone()];
+            let inner_off = data.len() - (len.min(data.len()));
+            let mut pre = [0u8; podrouter_core::offload::tnl::PREFIX_LEN];
+            let outer = podrouter_core::offload::tnl::Outer {
+                dst_mac: [2, 0, 0, 0, 0, 1],
+                src_mac: [2, 0, 0, 0, 0, 2],
+                src: [192, 0, 2, 1],
+                dst: [192, 0, 2, 2],
+                src_port: u.src_port,
+                dst_port: u.remote.port(),
+                tos: u.tos,
+                ttl: 65,
+                id: 0,
+            };
+            if podrouter_core::offload::tnl::build_prefix(&mut pre, &outer, data, inner_off, &h)
+                .is_ok()
+            {
+                let t = podrouter_core::offload::tnl::TnlHdr::parse(&pre).unwrap();
+                assert!(t.kernel_accepts(podrouter_core::offload::tnl::OUTER_LEN + data.len()));
+            }
+        } else if u.segment > 0 {
             let n = u.range.len().div_ceil(usize::from(u.segment));
             assert_eq!(n as u64, u.pkts, "{u:?}");
         } else {

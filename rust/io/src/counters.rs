@@ -28,7 +28,7 @@ pub enum Dir {
 }
 
 /// Offload and I/O statistics (the `offload` dict of `Datapath.counters()`), in index order.
-pub const STATS: [&str; 12] = [
+pub const STATS: [&str; 14] = [
     "tun_reads",
     "tun_gso_reads",
     "tun_writes",
@@ -41,6 +41,8 @@ pub const STATS: [&str; 12] = [
     "packet_tx_calls",
     "packet_tx_gso_frames",
     "batches",
+    "tap_gso_writes",
+    "udp_rx_whole_gso",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +59,10 @@ pub enum Stat {
     PacketTxCalls,
     PacketTxGsoFrames,
     Batches,
+    /// Whole encapsulated super-packets written to the UDP-tunnel GSO TAP.
+    TapGsoWrites,
+    /// Received datagrams that were one whole super-packet (a peer's UDP-tunnel GSO).
+    UdpRxWholeGso,
 }
 
 #[repr(align(64))]

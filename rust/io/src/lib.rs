@@ -16,6 +16,7 @@ pub mod events;
 pub mod handover;
 pub mod nat_persist;
 mod sys;
+pub mod tap;
 pub mod tun;
 pub mod udp;
 pub mod worker;

@@ -32,6 +32,7 @@ use crate::events::{Direction, Event, EventRing, Kind};
 use crate::handover::{dup_fd, AdoptFds, FdRole};
 use crate::nat_persist::PersistStats;
 use crate::sys::{Epoll, EventFd};
+use crate::tap::{GsoTap, TapQueue};
 use crate::tun::{Tun, TunOptions, TunQueue, MAX_READ};
 use crate::udp::{RecvBatch, SendScratch, TxMsg, UdpSocket};
 use arc_swap::ArcSwapOption;
@@ -40,6 +41,7 @@ use podrouter_core::egress;
 use podrouter_core::encap;
 use podrouter_core::nat::{NatConfig, NatTable, NatTable6};
 use podrouter_core::offload::gro::Coalescer;
+use podrouter_core::offload::tnl;
 use podrouter_core::offload::vnet::{self, VnetHdr, VNET_HDR_LEN};
 use podrouter_core::{DropReason, EngineSettings, Tables, TunnelProto};
 use std::io;
@@ -100,6 +102,11 @@ pub struct EngineConfig {
     pub workers: usize,
     /// TUN and AF_PACKET checksum/segmentation offload.
     pub offload: bool,
+    /// UDP-tunnel GSO (`datapath.tunnel_gso`): hand encapsulated TCP super-packets to the
+    /// kernel whole through a TAP (`crate::tap`) where the kernel, the underlay family and
+    /// `rp_filter` allow; otherwise (and with `false`) segment them here. Receiving whole
+    /// datagrams is always on, whatever this says.
+    pub tunnel_gso: bool,
     /// Number of send sockets (distinct outer UDP source ports).
     pub tx_sockets: usize,
     /// Most TUN reads (and `recvmmsg` messages) per batch.
@@ -125,6 +132,8 @@ impl Default for EngineConfig {
             geneve_port: TunnelProto::Geneve.default_port(),
             workers: 1,
             offload: true,
+            // off for an engine built directly; the daemon passes `tunnel.gso` (default auto)
+            tunnel_gso: false,
             tx_sockets: 8,
             batch: 32,
             nat: NatConfig::default(),
@@ -230,6 +239,10 @@ pub struct OffloadInfo {
     pub udp_gso: bool,
     pub udp_gro: bool,
     pub packet_vnet_hdr: bool,
+    /// Tunnel super-packets go to the kernel whole (the UDP-tunnel GSO TAP is open).
+    pub tunnel_gso: bool,
+    /// Why the TAP could not be used, when `tunnel_gso` was asked for and is off.
+    pub tunnel_gso_error: Option<String>,
 }
 
 struct Running {
@@ -289,6 +302,8 @@ pub struct Engine {
     parked: Option<Sockets>,
     /// Copies of the fds packets arrive on, made by `start` for the fd keeper (`take_keeper_fds`).
     keep: Vec<(FdRole, OwnedFd)>,
+    /// The UDP-tunnel GSO TAP, opened by the first `start` that can (kept across restarts).
+    gso_tap: Option<GsoTap>,
 }
 
 impl Engine {
@@ -336,6 +351,7 @@ impl Engine {
             adopt: None,
             parked: None,
             keep: Vec::new(),
+            gso_tap: None,
         })
     }
 
@@ -445,6 +461,8 @@ impl Engine {
         self.offload.udp_gso = tx_pool.all().all(UdpSocket::gso_enabled);
         self.offload.udp_gro = rx_sets.iter().flatten().all(|(s, _)| s.gro_enabled());
         self.offload.packet_vnet_hdr = pkt.as_ref().is_some_and(|p| p.vnet_hdr());
+        self.open_gso_tap();
+        let tun_mtu = crate::tun::get_mtu(self.tun.name()).unwrap_or(1500) as usize;
         let cfg = &self.cfg;
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -471,6 +489,18 @@ impl Engine {
                 nat6: Arc::clone(&self.nat6),
                 epoch: self.epoch,
                 events: Arc::clone(&self.events),
+                tun_mtu,
+                tap: self.gso_tap.as_ref().and_then(|t| {
+                    let IpAddr::V4(src) = cfg.underlay_address else {
+                        return None;
+                    };
+                    Some(TapOut {
+                        queue: Arc::clone(t.queues().get(i)?),
+                        mac: t.mac(),
+                        src: src.octets(),
+                        id: std::cell::Cell::new(i as u16 * 0x4000),
+                    })
+                }),
             };
             alive.fetch_add(1, Ordering::SeqCst);
             let alive2 = Arc::clone(&alive);
@@ -519,6 +549,35 @@ impl Engine {
             writer,
         });
         Ok(())
+    }
+
+    /// Opens the UDP-tunnel GSO TAP once, when asked for and possible (IPv4 underlay, offload
+    /// on, a kernel that accepts `TUN_F_UDP_TUNNEL_GSO`, `rp_filter` off); otherwise records why
+    /// not and the workers segment super-packets themselves.
+    fn open_gso_tap(&mut self) {
+        let cfg = &self.cfg;
+        if self.gso_tap.is_none() && cfg.tunnel_gso {
+            let why = if !cfg.offload {
+                Some("offload is off".to_string())
+            } else if !cfg.underlay_address.is_ipv4() {
+                Some("IPv6 underlay".to_string())
+            } else {
+                match GsoTap::open(None, cfg.workers) {
+                    Ok(t) => {
+                        self.gso_tap = Some(t);
+                        None
+                    }
+                    Err(e) => Some(e.to_string()),
+                }
+            };
+            self.offload.tunnel_gso_error = why;
+        }
+        self.offload.tunnel_gso = self.gso_tap.is_some();
+    }
+
+    /// The name of the UDP-tunnel GSO TAP, when open.
+    pub fn gso_tap_name(&self) -> Option<&str> {
+        self.gso_tap.as_ref().map(GsoTap::name)
     }
 
     /// The sockets `start` needs: bound and opened here, or the ones a predecessor passed
@@ -982,9 +1041,22 @@ struct UdpOut {
     tos: u8,
     flow_label: u32,
     segment: u16,
+    /// A whole super-packet for the TAP: the TUN read's vnet header and where the inner packet
+    /// starts in `range`.
+    gso: Option<(VnetHdr, usize)>,
     path: Path,
     pkts: u64,
     bytes: u64,
+}
+
+/// A worker's side of the UDP-tunnel GSO TAP.
+struct TapOut {
+    queue: Arc<TapQueue>,
+    mac: [u8; 6],
+    /// The IPv4 underlay address: the outer source.
+    src: [u8; 4],
+    /// Outer IPv4 identification of the next super-packet (the kernel counts per segment).
+    id: std::cell::Cell<u16>,
 }
 
 struct FrameOut {
@@ -1032,6 +1104,11 @@ struct Worker {
     /// NAT's clock: whole seconds since the engine started.
     epoch: Instant,
     events: Arc<EventRing>,
+    /// The UDP-tunnel GSO TAP queue of this worker, when the engine opened one.
+    tap: Option<TapOut>,
+    /// The TUN's MTU (the underlay's): a received datagram longer than this may be a whole
+    /// super-packet; it sizes the segments of one.
+    tun_mtu: usize,
 }
 
 const TOKEN_WAKE: u64 = 0;
@@ -1292,6 +1369,7 @@ impl Worker {
         }
         let mut out = Outputs {
             k,
+            inner_len: slot.len,
             tx: &self.tx,
             counters: c,
             udp_out,
@@ -1329,6 +1407,7 @@ impl Worker {
             }),
             tunnel_v4: !self.tx.for_dst(false).is_empty(),
             tunnel_v6: !self.tx.for_dst(true).is_empty(),
+            tunnel_gso: self.tap.is_some(),
         }
     }
 
@@ -1353,6 +1432,47 @@ impl Worker {
                 Buf::Seg(k) => &slots[k].seg,
             }
         };
+        if let Some(tap) = &self.tap {
+            // Whole super-packets to the TAP, in order, before the socket sends of the batch.
+            st.udp_out.retain(|o| {
+                let Some((h, inner_off)) = o.gso else {
+                    return true;
+                };
+                let (SocketAddr::V4(dst), Some(sock)) = (o.dst, self.tx.for_dst(false).get(o.sock))
+                else {
+                    c.drop_packets(DropReason::NoRoute.index(), o.pkts);
+                    return false;
+                };
+                let id = tap.id.get();
+                tap.id.set(id.wrapping_add(o.pkts as u16));
+                let outer = tnl::Outer {
+                    dst_mac: tap.mac,
+                    src_mac: self.mac,
+                    src: tap.src,
+                    dst: dst.ip().octets(),
+                    src_port: sock.local_addr().port(),
+                    dst_port: dst.port(),
+                    tos: o.tos,
+                    // forwarded once (TAP in, underlay out): the wire sees the sockets' TTL
+                    ttl: encap::OUTER_TTL + 1,
+                    id,
+                };
+                let data = &bytes_of(o.buf)[o.range.clone()];
+                let mut prefix = [0u8; tnl::PREFIX_LEN];
+                if tnl::build_prefix(&mut prefix, &outer, data, inner_off, &h).is_err() {
+                    c.drop_packets(DropReason::Malformed.index(), o.pkts);
+                    return false;
+                }
+                match tap.queue.write(&prefix, data) {
+                    Ok(_) => {
+                        c.stat(Stat::TapGsoWrites, 1);
+                        c.count(o.path, Dir::Egress, o.pkts, o.bytes);
+                    }
+                    Err(_) => c.drop_packets(TX_ERROR, o.pkts),
+                }
+                false
+            });
+        }
         if !st.udp_out.is_empty() {
             // One sendmmsg per send socket; stable sort keeps each flow's order.
             st.udp_out.sort_by_key(|o| (o.dst.is_ipv6(), o.sock));
@@ -1457,6 +1577,41 @@ impl Worker {
                 meta.len.max(1)
             };
             let buf = &mut recv.buf_mut(m)[..meta.len];
+            // One GSO skb delivered whole (a peer's UDP-tunnel GSO over veths and forwarding):
+            // ONE datagram longer than any wire datagram, no UDP_GRO cmsg, its inner TCP
+            // super-packet with the checksum still partial; written to the TUN as one TSO packet.
+            let whole = if meta.segment == 0 && meta.len > self.tun_mtu {
+                tnl::whole_inner(buf, tunnel_proto).and_then(|off| {
+                    let mtu = self.tun_mtu.saturating_sub(off + 28);
+                    tnl::rx_hdr(&buf[off..], u16::try_from(mtu).unwrap_or(0))
+                })
+            } else {
+                None
+            };
+            if let Some(h) = whole {
+                if tunnel_proto == TunnelProto::Geneve {
+                    count_geneve_options(c, buf);
+                }
+                let (src, sport) = (meta.src.ip(), meta.src.port());
+                let len = buf.len();
+                match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, buf, 0, len) {
+                    IngressAction::Deliver { range, path, .. } => {
+                        let pkt = &buf[range];
+                        // what the coalescer holds came first
+                        if let Some(g) = gro.as_mut() {
+                            g.flush(&mut sink);
+                        }
+                        let (segs, _) = vnet::wire_size(pkt, &h);
+                        c.stat(Stat::UdpRxWholeGso, 1);
+                        c.count(path, Dir::Ingress, segs as u64, pkt.len() as u64);
+                        let mut hb = [0u8; VNET_HDR_LEN];
+                        h.emit(&mut hb);
+                        sink(&hb, pkt, segs);
+                    }
+                    IngressAction::Drop(r) => c.drop_packets(r.index(), 1),
+                }
+                continue;
+            }
             for dg in buf.chunks_mut(seg) {
                 let len = dg.len();
                 if tunnel_proto == TunnelProto::Geneve {
@@ -1636,6 +1791,8 @@ impl egress::Nat for SharedNat<'_> {
 /// Queues the core's egress outputs of slot `k` for [`Worker::flush`].
 struct Outputs<'a> {
     k: usize,
+    /// The length of the packet read into slot `k` (a whole super-packet unit ends with it).
+    inner_len: usize,
     tx: &'a TxPools,
     counters: &'a WorkerCounters,
     udp_out: &'a mut Vec<UdpOut>,
@@ -1657,6 +1814,9 @@ impl egress::Sink for Outputs<'_> {
         // hash, so one flow always leaves from one port. The core checked that the pool of the
         // remote's family is not empty (`Link::tunnel_v4` / `tunnel_v6`).
         let pool = self.tx.for_dst(u.remote.is_ipv6()).len().max(1);
+        let gso = u
+            .gso
+            .map(|h| (h, u.range.len().saturating_sub(self.inner_len)));
         self.udp_out.push(UdpOut {
             sock: u.hash as usize % pool,
             buf: self.buf(u.buf),
@@ -1665,6 +1825,7 @@ impl egress::Sink for Outputs<'_> {
             tos: u.tos,
             flow_label: u.flow_label,
             segment: u.segment,
+            gso,
             path: Path::tunnel(u.proto),
             pkts: u.pkts,
             bytes: u.bytes,

@@ -533,6 +533,8 @@ impl Datapath {
         offload.set_item("udp_gso", off.udp_gso)?;
         offload.set_item("udp_gro", off.udp_gro)?;
         offload.set_item("packet_vnet_hdr", off.packet_vnet_hdr)?;
+        offload.set_item("tunnel_gso", off.tunnel_gso)?;
+        offload.set_item("tunnel_gso_error", off.tunnel_gso_error.clone())?;
         for (name, v) in STATS.iter().zip(snap.stats) {
             offload.set_item(*name, v)?;
         }
