@@ -160,6 +160,20 @@ def masquerade_notes(cfg: Config, u: Underlay, masq6: Masquerade6 | None) -> Non
 # ----------------------------------------------------------------------------------- the datapath
 
 
+def workers(cfg: Config) -> int:
+    """`datapath.workers`, or for `auto` one worker per two CPUs this process may run on, at most
+    four: the rest is for the kernel's side of the TUN, veth and UDP paths, which costs about as much
+    again (docs/benchmarks.md: a second worker on a 2-CPU node lifted four TCP streams by ~15 % and
+    left one stream unchanged)."""
+    if cfg.datapath.workers is not None:
+        return cfg.datapath.workers
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except OSError:
+        cpus = os.cpu_count() or 2
+    return max(1, min(4, cpus // 2))
+
+
 def datapath_config(cfg: Config, u: Underlay, masq6: Masquerade6 | None = None) -> dict[str, Any]:
     """The `_native.Datapath` config (the engine's start-time settings) for this node; the
     tables are compiled against it too (`_native.Tables(spec, settings)`). `masq6`: the resolved
@@ -180,9 +194,7 @@ def datapath_config(cfg: Config, u: Underlay, masq6: Masquerade6 | None = None) 
         "underlay_mac": u.mac,
         "vxlan_port": cfg.tunnel.port_for("vxlan"),
         "geneve_port": cfg.tunnel.port_for("geneve"),
-        # one worker per two cores, at most four: the rest is for the kernel's side of the
-        # TUN, veth and UDP paths, which costs about as much again
-        "workers": max(1, min(4, (os.cpu_count() or 2) // 2)),
+        "workers": workers(cfg),
         "nat": cfg.masquerade.nat_config(),
         "offload": True,
         "tunnel_gso": cfg.tunnel.gso != "off",

@@ -241,6 +241,16 @@ class ApiConfig:
     keeper: bool = True
 
 
+MAX_WORKERS = 64  # datapath.workers: one TUN queue per worker (the kernel allows 256 per TUN)
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    # datapath.workers: how many forwarding threads (each with its own TUN queue and tunnel sockets);
+    # None ("auto"): one per two CPUs this process may run on, at most four (docs/config.md says why)
+    workers: int | None = None
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 9965)  # None: no metrics endpoint
@@ -314,6 +324,7 @@ class Config:
     cluster_name: str | None = None  # cluster.name, needed by clustermesh
     cluster_id: int | None = None  # cluster.id (1..255)
     clustermesh: ClusterMeshConfig = field(default_factory=ClusterMeshConfig)
+    datapath: DatapathConfig = field(default_factory=DatapathConfig)
 
     @property
     def state_path(self) -> Path:
@@ -637,6 +648,7 @@ class _Validator:
             "metrics",
             "bgp",
             "clustermesh",
+            "datapath",
         )
         if data is None:
             self.bad("config", "the file is empty")
@@ -658,6 +670,7 @@ class _Validator:
         pods = self.pods(m.get("pods"))
         api = self.api(m.get("api"))
         metrics = self.metrics(m.get("metrics"))
+        datapath = self.datapath(m.get("datapath"))
         bgp = self.bgp(m.get("bgp"), node)
         cluster_ident = self.cluster_identity(m.get("cluster"))
         mesh = self.clustermesh(m.get("clustermesh"), cluster_ident, cluster or ())
@@ -673,7 +686,7 @@ class _Validator:
             return None
         assert node is not None and cluster is not None and routing is not None and tunnel is not None
         assert masq is not None and peers is not None and discovery is not None and bandwidth is not None
-        assert pods is not None and api is not None and metrics is not None
+        assert pods is not None and api is not None and metrics is not None and datapath is not None
         return Config(
             node=node,
             cluster_cidrs=cluster,
@@ -691,6 +704,7 @@ class _Validator:
             cluster_name=cluster_ident[0],
             cluster_id=cluster_ident[1],
             clustermesh=mesh or ClusterMeshConfig(),
+            datapath=datapath,
         )
 
     def node(self, value: Any) -> NodeConfig | None:
@@ -1123,6 +1137,18 @@ class _Validator:
         if keeper is None:
             return None
         return ApiConfig(socket=sock, keeper=keeper)
+
+    def datapath(self, value: Any) -> DatapathConfig | None:
+        m = self.mapping("datapath", value, ("workers",))
+        if m is None:
+            return None
+        raw = m.get("workers", "auto")
+        if raw == "auto":
+            return DatapathConfig(workers=None)
+        workers = self.integer("datapath.workers", raw, 1, MAX_WORKERS)
+        if workers is None:
+            return None
+        return DatapathConfig(workers=workers)
 
     def metrics(self, value: Any) -> MetricsConfig | None:
         m = self.mapping("metrics", value, ("listen",))

@@ -200,6 +200,11 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         out.append("tunnel.port")
     if new.discovery != old.discovery:
         out.append("discovery")
+    # the workers, their TUN queues and the tunnel GSO TAP are set up once, at start
+    if new.datapath != old.datapath:
+        out.append("datapath.workers")
+    if new.tunnel.gso != old.tunnel.gso:
+        out.append("tunnel.gso")
     # the datapath sizes its NAT table, its reply filter and (with it) the nftables guard from the
     # range at start; moving the guard alone would hand live flows' replies to the node's stack
     if new.masquerade.port_range != old.masquerade.port_range:
@@ -228,7 +233,12 @@ def reloaded_config(old: Config, new: Config) -> Config:
         ),
         api=old.api,
         metrics=old.metrics,
-        tunnel=replace(new.tunnel, port=old.tunnel.port) if "tunnel.port" in fixed else new.tunnel,
+        tunnel=replace(
+            new.tunnel,
+            port=old.tunnel.port if "tunnel.port" in fixed else new.tunnel.port,
+            gso=old.tunnel.gso,
+        ),
+        datapath=old.datapath,
         discovery=old.discovery if "discovery" in fixed else new.discovery,
         masquerade=replace(
             new.masquerade,

@@ -189,3 +189,14 @@ def test_ipv6_pods_over_the_gso_path(ref: ReferenceTopology, daemons: Daemons) -
     transfer(ref.pods["pod1"].host, pod2.host, pod2.ip6)
     assert offload(ds["node1"])["tap_gso_writes"] > 0
     assert offload(ds["node2"])["udp_rx_whole_gso"] > 0
+
+
+def test_datapath_workers_sets_the_worker_count(ref: ReferenceTopology, daemons: Daemons) -> None:
+    """`datapath.workers: 2`: node1 runs two forwarding threads on two TUN queues, and a transfer
+    over the tunnel is intact (flows stay on one queue, so nothing is reordered into corruption)."""
+    ds = start(ref, daemons, "vxlan", datapath={"workers": 2})
+    pid = ds["node1"].proc.pid  # `ip netns exec` execs the daemon itself
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    names = sorted((t / "comm").read_text().strip() for t in tasks)
+    assert [n for n in names if n.startswith("podr-worker")] == ["podr-worker-0", "podr-worker-1"], names
+    transfer(ref.pods["pod1"].host, ref.pods["pod2"].host, "10.244.2.1")

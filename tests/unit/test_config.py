@@ -48,6 +48,36 @@ def test_tunnel_gso_defaults_to_auto_and_can_be_turned_off() -> None:
     assert config.loads(MINIMAL + "tunnel: {gso: on}\n").tunnel.gso == "auto"
 
 
+def test_datapath_workers_auto_or_a_count_bad_values_name_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from podrouter import bringup
+
+    cfg = config.loads(MINIMAL)
+    assert cfg.datapath.workers is None  # auto
+    monkeypatch.setattr(bringup.os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert bringup.workers(cfg) == 3  # one per two CPUs of the affinity mask
+    monkeypatch.setattr(bringup.os, "sched_getaffinity", lambda pid: {0})
+    assert bringup.workers(cfg) == 1
+    monkeypatch.setattr(bringup.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert bringup.workers(cfg) == 4
+    assert config.loads(MINIMAL + "datapath: {workers: auto}\n").datapath.workers is None
+    two = config.loads(MINIMAL + "datapath: {workers: 2}\n")
+    assert two.datapath.workers == 2 and bringup.workers(two) == 2
+    assert problems(MINIMAL + "datapath: {workers: 0}\n") == ["datapath.workers: 0 is out of range (1..64)"]
+    assert problems(MINIMAL + "datapath: {workers: true}\n") == ["datapath.workers: True is not an integer"]
+    assert problems(MINIMAL + "datapath: {workers: many}\n") == ["datapath.workers: 'many' is not an integer"]
+    assert problems(MINIMAL + "datapath: {threads: 2}\n")[0].startswith("datapath.threads")
+
+
+def test_a_reload_keeps_the_running_workers_and_tunnel_gso() -> None:
+    from podrouter import reconcile
+
+    old = config.loads(MINIMAL)
+    new = config.loads(MINIMAL + "datapath: {workers: 3}\ntunnel: {gso: off}\n")
+    assert reconcile.restart_only_changes(old, new) == ["datapath.workers", "tunnel.gso"]
+    kept = reconcile.reloaded_config(old, new)
+    assert kept.datapath == old.datapath and kept.tunnel.gso == "auto"
+
+
 def test_geneve_port_defaults_to_6081_and_the_other_protocol_keeps_its_iana_port() -> None:
     cfg = config.loads(MINIMAL + "tunnel: {protocol: geneve}\n")
     assert cfg.tunnel.port == 6081
