@@ -37,12 +37,13 @@ import hashlib
 import json
 import os
 import socket
-import stat
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from podrouter import jsonfile
 
 FORMAT = 1
 MAX_BYTES = 32 << 20  # a spec with thousands of peers is a few MB
@@ -142,27 +143,11 @@ def read(path: Path, cfg: Any, chash: str | None) -> dict[str, Any] | None:
     """The validated snapshot for `cfg` (whose file hashes to `chash`); None if there is none.
     Raises SnapshotError naming the problem for one that must not be used."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
+        data = jsonfile.read(path, MAX_BYTES, private=True)
+    except jsonfile.Refused as e:
+        raise SnapshotError(str(e)) from None
+    if data is None:
         return None
-    except OSError as e:
-        raise SnapshotError(f"cannot open it: {e.strerror or e}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise SnapshotError("not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        if st.st_uid != os.geteuid():
-            raise SnapshotError(f"owned by uid {st.st_uid}, not {os.geteuid()}")
-        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise SnapshotError("writable by others")
-        raw = f.read(MAX_BYTES + 1)
-    if len(raw) > MAX_BYTES:
-        raise SnapshotError(f"larger than {MAX_BYTES} bytes")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise SnapshotError(f"not JSON: {str(e)[:200]}") from None
     return validate(data, cfg, chash)
 
 

@@ -27,12 +27,12 @@ import ipaddress
 import json
 import os
 import re
-import stat
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from podrouter import jsonfile
 from podrouter.netlink import sysctl
 from podrouter.netlink.constants import MASQ_RULE_PRIORITY, MASQ_TABLE, POD_GATEWAY6, SUPPRESS_RULE_PRIORITY
 from podrouter.netlink.specs import RouteSpec, RuleSpec
@@ -238,22 +238,11 @@ def load(path: Path) -> State | None:
         return ValueError(f"{path}: corrupt state file (refused, nothing was changed): {why}")
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
+        data = jsonfile.read(path, MAX_BYTES)
+    except jsonfile.Refused as e:
+        raise refuse(str(e)) from None
+    if data is None:
         return None
-    except OSError as e:
-        raise refuse(e.strerror or str(e)) from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise refuse("not a regular file")
-        raw = f.read(MAX_BYTES + 1)
-    if len(raw) > MAX_BYTES:
-        raise refuse(f"larger than {MAX_BYTES} bytes")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise refuse(f"not JSON: {e}") from None
     try:
         return State.from_dict(data)
     except (ValueError, TypeError) as e:

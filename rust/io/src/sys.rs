@@ -22,6 +22,23 @@ pub(crate) fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
     }
 }
 
+/// Writes `head` then `body` to `fd` with one `writev` (a header in front of a packet without a
+/// copy to make room for it): the TUN's vnet header, the TAP's vnet and outer headers.
+pub(crate) fn writev2(fd: RawFd, head: &[u8], body: &[u8]) -> io::Result<usize> {
+    let iov = [
+        libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_ptr() as *mut libc::c_void,
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: both iovecs describe live, readable slices borrowed for the call; writev only reads.
+    cvt_size(unsafe { libc::writev(fd, iov.as_ptr(), 2) })
+}
+
 /// A read's return value checked against the buffer it filled: more than `cap` bytes (which a
 /// correct kernel never reports, but a slice `&buf[..n]` must not trust) is an `InvalidData` error
 /// that the caller counts and drops, instead of a panic that ends the worker.

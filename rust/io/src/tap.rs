@@ -43,18 +43,7 @@ pub struct TapQueue {
 impl TapQueue {
     /// Writes one frame: `prefix` (vnet header and outer headers) then the UDP payload.
     pub fn write(&self, prefix: &[u8; PREFIX_LEN], payload: &[u8]) -> io::Result<usize> {
-        let iov = [
-            libc::iovec {
-                iov_base: prefix.as_ptr() as *mut libc::c_void,
-                iov_len: prefix.len(),
-            },
-            libc::iovec {
-                iov_base: payload.as_ptr() as *mut libc::c_void,
-                iov_len: payload.len(),
-            },
-        ];
-        // SAFETY: both iovecs describe live, readable slices borrowed for the call; writev only reads.
-        sys::cvt_size(unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) })
+        sys::writev2(self.fd.as_raw_fd(), prefix, payload)
     }
 }
 

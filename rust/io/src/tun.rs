@@ -82,18 +82,7 @@ impl TunQueue {
 
     /// Writes `pkt` behind the vnet header `hdr` with one `writev` (no copy to make room in front).
     pub fn write_with_hdr(&self, hdr: &[u8; VNET_HDR_LEN], pkt: &[u8]) -> io::Result<usize> {
-        let iov = [
-            libc::iovec {
-                iov_base: hdr.as_ptr() as *mut libc::c_void,
-                iov_len: hdr.len(),
-            },
-            libc::iovec {
-                iov_base: pkt.as_ptr() as *mut libc::c_void,
-                iov_len: pkt.len(),
-            },
-        ];
-        // SAFETY: both iovecs describe live, readable slices borrowed for the call; writev only reads.
-        sys::cvt_size(unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) })
+        sys::writev2(self.fd.as_raw_fd(), hdr, pkt)
     }
 }
 
