@@ -25,10 +25,11 @@ def read(path: Path, max_bytes: int, *, private: bool = False) -> Any | None:
         return None
     except OSError as e:
         raise Refused(f"cannot open it: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # before fdopen, which refuses a directory itself
+        os.close(fd)
+        raise Refused("not a regular file")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise Refused("not a regular file")
         if private and st.st_uid != os.geteuid():
             raise Refused(f"owned by uid {st.st_uid}, not {os.geteuid()}")
         if private and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
