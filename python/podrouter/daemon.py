@@ -19,13 +19,15 @@ link changes, discovery updates, pod registrations and SIGHUP all end in it.
 
 Where the parts live: plan.py (pure planning: routes, MTUs, the table spec), bringup.py (preflight,
 the TUN, sysctls), pods.py (the pod registry and its shaping), guards.py (the nftables guards),
-reconcile.py (the reconcile steps, reload diffing), cleanup.py (`podrouter cleanup`), native.py (the
-typed facade over the Rust extension), errors.py (StartError and the exit statuses).
+reconcile.py (the reconcile steps, reload diffing), status.py (status, explain, counters),
+shutdown.py (the stop choreography), startup.py (the forwarding snapshot and its writer thread),
+cleanup.py (`podrouter cleanup`), native.py (the typed facade over the Rust extension), errors.py
+(StartError and the exit statuses), ports.py (what status.py, shutdown.py, handover.py and
+keeper.py use of the Daemon).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
@@ -37,13 +39,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from podrouter import api as apimod
-from podrouter import bringup, discovery, guards, keeper, lifecycle, native, nftables, startup
+from podrouter import (
+    bringup,
+    discovery,
+    guards,
+    keeper,
+    lifecycle,
+    native,
+    nftables,
+    shutdown,
+    startup,
+    status,
+)
 from podrouter import config as configmod
 from podrouter import handover as handovermod
 from podrouter import metrics as metricsmod
 from podrouter import state as statefile
 from podrouter.cleanup import cleanup
-from podrouter.config import Config, vtep_mac_of
+from podrouter.config import Config
 from podrouter.discovery.base import Discovery
 from podrouter.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, StartError
 from podrouter.monitor import MonitorHub
@@ -60,13 +73,11 @@ from podrouter.netlink.underlay import (
     resolve_masquerade6,
     resolve_underlay,
 )
-from podrouter.packets import build_packet
 from podrouter.plan import (
     PeerView,
     RoutePlan,
     build_spec,
     encap_overhead,
-    geneve_payload,
     nat_exhausted_message,
     nat_snapshot_path,
     path_mtu,
@@ -92,7 +103,6 @@ log = logging.getLogger("podrouter")
 
 NAT_LOG_INTERVAL = 10.0  # seconds between two "masquerade range exhausted" log lines
 ADOPT_DISCOVERY_WAIT = 30.0  # at most this long a predecessor's routes wait for etcd's first listing
-QUICK_STOP_GRACE = 0.5  # seconds a quick stop waits for the workers to finish their batch
 
 
 class Daemon:
@@ -126,7 +136,7 @@ class Daemon:
         self._spec_key: tuple[str, tuple[PeerView, ...]] | None = None
         # how long the last reconcile's steps took (status "timings"; docs/benchmarks.md, scale)
         self.timings: dict[str, Any] = {}
-        self._pod_guard_key: guards.PodGuardKey | None = None
+        self.pod_guard_key: guards.PodGuardKey | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._dirty: set[str] = set()
@@ -146,13 +156,15 @@ class Daemon:
         self.monitor: MonitorHub | None = None
         self.metrics: metricsmod.MetricsServer | None = None
         # the metrics port, taken before ready, served after it
-        self._metrics_sock: socket.socket | None = None
+        self.metrics_sock: socket.socket | None = None
         self.bgp: BgpSpeaker | None = None  # when bgp.enabled
         self.adopted = False  # started on a predecessor's state (lifecycle.py)
         self.ready_after = 0.0  # seconds from process start to ready (status, the restart bench)
         # seconds from process start to the workers forwarding (forward first: well before ready)
         self.forwarding_after = 0.0
         self._last_spec: dict[str, Any] | None = None  # of the tables running (the forwarding snapshot)
+        # writes the forwarding snapshot off the lock (latest wins); flushed or dropped by the stop
+        self.snapshots = startup.SnapshotWriter(startup.snapshot_path(cfg), log)
         self.quick_exit = False  # stopped by a signal: launch.py may end the process at once (quick_stop)
         # adopting with etcd discovery: the predecessor's routes kept until discovery has listed the
         # peers once (else the first reconcile would delete every discovered peer's route: a flap)
@@ -217,7 +229,7 @@ class Daemon:
             recorded is not None
             and recorded.pid != 0
             and statefile.pid_alive(recorded.pid)
-            and recorded.pid != _getpid()
+            and recorded.pid != os.getpid()
         ):
             raise StartError(
                 [
@@ -342,7 +354,7 @@ class Daemon:
             # the peers are listed first (without waiting for MACs), so the guard's first sets hold
             # their tunnel endpoints and the first reconcile has no set to update (one transaction)
             self._refresh_peers(wait=False)
-            self._pod_guard_key = guards.install_pod_guard(self._pod_guard_want())
+            self.pod_guard_key = guards.install_pod_guard(self._pod_guard_want())
             if not self.watcher.resolved():
                 self._refresh_peers(wait=True)
             self._reconcile_locked("start")
@@ -361,7 +373,7 @@ class Daemon:
         self.api = apimod.ApiServer(cfg.api.socket, self._api_handlers(), self._api_streams(), raws)
         if cfg.metrics.listen is not None:
             # the port now (a clash stops the start), the HTTP server just after ready (below)
-            self._metrics_sock = metricsmod.listen_socket(cfg.metrics.listen)
+            self.metrics_sock = metricsmod.listen_socket(cfg.metrics.listen)
         self._start_bgp()
         self.ready = True
         self.ready_after = lifecycle.process_age()
@@ -391,23 +403,21 @@ class Daemon:
         except Exception:  # noqa: BLE001 - the daemon runs on without a keeper
             log.exception("fd keeper")
 
-    def _keeper_stop(self) -> None:
-        """The full removal: nothing may keep the TUN's queues attached."""
-        for line in keeper.stop(self.cfg):
-            log.info("%s", line)
-
     def _start_metrics(self) -> None:
         """Serve /metrics on the socket taken before ready: importing prometheus_client and
         starting its server are not part of the start (a scrape meanwhile waits in the backlog)."""
-        if self._metrics_sock is None:
+        if self.metrics_sock is None:
             return
         self.metrics = metricsmod.MetricsServer(
             metricsmod.make_source(
-                self._counters, lambda: len(self.peer_views), self._pod_limits, self._bgp_status
+                lambda: status.counters(self),
+                lambda: len(self.peer_views),
+                lambda: status.pod_limits(self),
+                lambda: status.bgp(self),
             ),
-            sock=self._metrics_sock,
+            sock=self.metrics_sock,
         )
-        self._metrics_sock = None  # the server's now
+        self.metrics_sock = None  # the server's now
 
     def _datapath_config(self) -> dict[str, Any]:
         return bringup.datapath_config(self.cfg, self._u(), self.masq6)
@@ -436,17 +446,15 @@ class Daemon:
 
     def _write_forwarding(self, spec: dict[str, Any]) -> None:
         """The forwarding snapshot for the next `podrouter run` (startup.py): with the fd keeper
-        only (the forward-first start takes its fds), once this daemon runs the datapath."""
+        only (the forward-first start takes its fds), once this daemon runs the datapath. Called
+        only when the tables changed (or, after a reload, the config's hash)."""
         self._last_spec = spec
         if not self.cfg.api.keeper or self.config_sha256 is None or self._pending is not None:
             return
-        if self.datapath is None or isinstance(self.datapath, handovermod.Pending):
-            return
-        try:
-            data = startup.payload(self.cfg, self.config_sha256, self._datapath_config(), spec)
-            startup.write(startup.snapshot_path(self.cfg), data)
-        except Exception:  # noqa: BLE001 - the next start is the normal one
-            log.exception("writing the forwarding snapshot")
+        if self.datapath is not None:
+            # under the lock only a hand-over: the encoding (MBs at thousands of peers) and the
+            # write happen on the writer's thread (scripts/forwarding_snapshot_timing.py)
+            self.snapshots.submit(self.cfg, self.config_sha256, self._datapath_config(), spec)
 
     def _pod_guard_want(self) -> guards.PodGuardKey:
         pods = (e.pod for e in self.pods.entries.values())
@@ -503,7 +511,7 @@ class Daemon:
             return
         self._last_counter_check = now
         try:
-            counters = self._counters()
+            counters = status.counters(self)
             n = int((counters.get("drops") or {}).get("nat_exhausted", 0))
             entries = int(counters.get("nat_entries", 0) or 0)
         except Exception:  # noqa: BLE001 - a closed datapath is noticed by is_running()
@@ -542,127 +550,13 @@ class Daemon:
             self._dirty.add(reason)
         self._wake.set()
 
-    def quick_stop(self, grace: float = QUICK_STOP_GRACE) -> None:
-        """SIGTERM/SIGINT, the stop contract the short way (launch.py then ends the process with
-        os._exit): nothing of the node's forwarding state is removed, so only what a successor needs
-        from this process is done: the workers stop at a batch boundary, writing the NAT snapshot a
-        last time (`quiesce`, waited for at most `grace` seconds), BIRD gets its graceful restart,
-        and the state file says pid 0. The fd keeper already holds the TUN queues and sockets; the
-        API socket, the metrics port, netlink sockets and threads go with the process."""
-        self.ready = False
-        if self.api is not None:
-            # no client connects to a daemon that is going (the listening fd goes with the process)
-            with contextlib.suppress(OSError):
-                os.unlink(self.cfg.api.socket)
-        if self.bgp is not None:
-            _go_on("stopping BGP", self.bgp.stop)
-        dp = self.datapath
-        if dp is not None and not isinstance(dp, handovermod.Pending):
-            t = threading.Thread(target=_go_on, args=("stopping the workers", dp.quiesce), daemon=True)
-            t.start()
-            t.join(timeout=grace)
-            if t.is_alive():
-                log.warning("the workers did not stop within %.0f ms; exiting anyway", grace * 1000)
-        if self.plumbing is not None and self.owns_record:
-            _go_on("recording the stop in the state file", lifecycle.mark_stopped, self.plumbing)
+    def quick_stop(self, grace: float = shutdown.QUICK_STOP_GRACE) -> None:
+        """SIGTERM/SIGINT, the short way (shutdown.quick_stop)."""
+        shutdown.quick_stop(self, grace)
 
     def shutdown(self, keep: bool = False) -> None:
-        """Stop. With `keep` (SIGTERM/SIGINT, the stop contract in lifecycle.py) the node's
-        forwarding state stays for a successor: the persistent TUN, routes, rules, sysctls, the
-        nftables tables, shaping, the etcd registration (left to its lease TTL) and the state file
-        (pid 0). Without it (`podrouter cleanup`, a start that failed without a predecessor)
-        everything installed is removed, in reverse order. Safe after a partial start.
-
-        Full removal: the datapath's workers stop before the masquerade reply guard goes: while they
-        run, a reply to a translated flow reaches both them (AF_PACKET copy) and, without the guard,
-        the node's stack, which answers it with a RST / port unreachable that kills the flow. With
-        the workers stopped first, the guard keeps dropping replies until nothing forwards them any
-        more. The TUN itself is deleted last, after the routes into it are gone."""
-        self.ready = False
-        if self.fast is not None:  # a start that failed before it took the forward-first datapath
-            self.fast.abandon()
-            self.fast = None
-        discovery_part = self.discovery
-
-        def stop_part(part: Any, method: str) -> None:
-            try:
-                if discovery_part is not None and part is discovery_part:
-                    discovery_part.stop(revoke=not keep)
-                else:
-                    getattr(part, method)()
-            except Exception:  # noqa: BLE001 - keep tearing down
-                log.exception("shutdown: %s.%s failed", type(part).__name__, method)
-
-        # in parallel: each waits for its own thread (a server's poll interval, the neighbour
-        # monitor's select timeout), and a successor can start only once this process is gone
-        stoppers = [
-            threading.Thread(target=stop_part, args=(part, method), name=f"stop-{method}", daemon=True)
-            for part, method in (
-                (self.bgp, "stop"),
-                (self.metrics, "close"),
-                (self.api, "close"),
-                (self.monitor, "close"),
-                (self.discovery, "stop"),
-                (self.watcher, "stop"),
-            )
-            if part is not None
-        ]
-        for t in stoppers:
-            t.start()
-        for t in stoppers:
-            t.join(timeout=15)
-        if self._metrics_sock is not None:  # a start that failed between taking the port and serving
-            with contextlib.suppress(OSError):
-                self._metrics_sock.close()
-            self._metrics_sock = None
-        if self.handover_server is not None:
-            self.handover_server.released()
-        with self.lock:
-            if self.datapath is not None:
-                _go_on("stopping the datapath", self.datapath.stop)
-            if keep:
-                self._release()
-            else:
-                self._teardown()
-            if self.ipr is not None:
-                with contextlib.suppress(Exception):
-                    self.ipr.close()
-
-    def _release(self) -> None:
-        """The stop contract: close what belongs to this process only, leave the kernel state."""
-        if self.pods.bandwidth is not None:
-            _go_on("bandwidth manager detach", self.pods.bandwidth.detach)
-        if self.datapath is not None:
-            # the TUN is persistent: closing the queues detaches them, the device and the routes
-            # into it stay (pod packets are dropped by the detached device until a successor)
-            _go_on("closing the datapath", self.datapath.close)
-            self.datapath = None
-        self._pod_guard_key = None
-        if self.plumbing is not None and self.owns_record:
-            # last: once the record says pid 0 a successor may start (its TUN attach needs our
-            # queues closed, and nothing here writes the state file any more); after a handover
-            # (either side of a failed one) the record is the other daemon's
-            _go_on("recording the stop in the state file", lifecycle.mark_stopped, self.plumbing)
-
-    def _teardown(self) -> None:
-        if self.pods.bandwidth is not None:
-            _go_on("bandwidth manager close", self.pods.bandwidth.close)
-        if self.plumbing is not None and self.plumbing.state.nft_guard:
-            _go_on("removing the masquerade reply guard", nftables.remove_guard)
-        if self.plumbing is not None:
-            _go_on("removing routes/rules", self.plumbing.teardown)
-        if self._pod_guard_key is not None:
-            # after the routes: while a pod route exists, its pod's sources are checked
-            _go_on("removing the pod egress guard", nftables.remove_pod_guard)
-            self._pod_guard_key = None
-        if self.datapath is not None:
-            _go_on("closing the datapath", self.datapath.close)
-            self.datapath = None
-        _go_on("stopping the fd keeper", self._keeper_stop)
-        _go_on("removing the forwarding snapshot", startup.remove, startup.snapshot_path(self.cfg))
-        if self.ipr is not None:
-            # persistent: the TUN outlives the fd
-            _go_on(f"deleting {TUN_NAME}", lifecycle.remove_tun, self.ipr, TUN_NAME)
+        """Stop, keeping the node's forwarding state for a successor or not (shutdown.shutdown)."""
+        shutdown.shutdown(self, keep)
 
     # ------------------------------------------------------------------------------- reconcile
 
@@ -722,7 +616,7 @@ class Daemon:
             v6_underlay=any(a.version == 6 for a in u.addresses()),
         )
         # the guard learns a pod's addresses before its route makes the pod reachable
-        self._pod_guard_key = guards.sync_pod_guard(self._pod_guard_want(), self._pod_guard_key)
+        self.pod_guard_key = guards.sync_pod_guard(self._pod_guard_want(), self.pod_guard_key)
         t0 = time.perf_counter()
         desired = desired_routes(self.route_plan, cfg, u)
         if self._adopt_keep:
@@ -843,114 +737,12 @@ class Daemon:
             self._reconcile_locked(f"pod {name} removed")
             return {"removed": name}
 
-    def _pods_status(self) -> list[dict[str, Any]]:
-        live = self.pods.live_shaping()  # with the tc counters of this moment, outside the lock
-        with self.lock:
-            return self.pods.statuses(live)
-
-    def _pod_limits(self) -> dict[str, int | None]:
-        with self.lock:
-            return self.pods.limits()
-
     def _pod_of(self, address: str | None) -> str | None:
         """The local pod holding `address` (the monitor names pods in its events)."""
         if not address:
             return None
         with self.lock:
             return self.pods.pod_of(address)
-
-    # --------------------------------------------------------------------------------- status/API
-
-    def _counters(self) -> dict[str, Any]:
-        dp = self.datapath
-        if dp is None:
-            return {}
-        out = dict(dp.counters())
-        with contextlib.suppress(Exception):
-            out["nat_snapshot"] = dict(dp.nat_snapshot_stats())
-        if self._pod_guard_key is not None:
-            out["drops"] = guards.pod_guard_counters(dict(out.get("drops") or {}))
-        return out
-
-    def status(self) -> dict[str, Any]:
-        with self.lock:
-            u = self._u()
-            routes = [
-                {"dst": str(r.dst), "path": r.path, "dev": r.dev, "mtu": r.mtu, "peer": r.peer}
-                for r in self.route_plan
-            ]
-            peer_paths: dict[str | None, set[str]] = {}
-            for r in self.route_plan:
-                if r.path != "pod":
-                    peer_paths.setdefault(r.peer, set()).add(r.path)
-            peers = []
-            for v in self.peer_views:
-                paths = sorted(peer_paths.get(v.peer.name, ()))
-                peers.append(
-                    {
-                        "name": v.peer.name,
-                        "address": str(v.peer.address),
-                        "pod_cidrs": [str(c) for c in v.peer.pod_cidrs],
-                        "path": "/".join(paths),
-                        "mode": v.peer.mode,
-                        "tunnel_protocol": v.peer.tunnel_protocol,
-                        "geneve_payload": geneve_payload(self.cfg, v.peer),
-                        "on_link": v.on_link,
-                        "next_hop": str(v.next_hop) if v.next_hop else None,
-                        "next_hop_mac": v.next_hop_mac,
-                        # the inner destination of VXLAN frames to it (configured or synthesized)
-                        "vtep_mac": v.peer.vtep_mac or vtep_mac_of(v.peer.address),
-                        "source": v.source,
-                    }
-                )
-            return {
-                "ready": self.ready,
-                "ready_after": round(self.ready_after, 3),
-                "forwarding_after": round(self.forwarding_after, 3),
-                "adopted": self.adopted,
-                "node": self.cfg.node.name,
-                "pid": _getpid(),
-                "uptime": round(time.time() - self.started_at, 1),
-                "config": self.cfg.path,
-                "mode": self.cfg.routing.mode,
-                "tunnel": {
-                    "protocol": self.cfg.tunnel.protocol,
-                    "vni": self.cfg.tunnel.vni,
-                    "vxlan_port": self.cfg.tunnel.port_for("vxlan"),
-                    "geneve_port": self.cfg.tunnel.port_for("geneve"),
-                    "geneve_payload": self.cfg.tunnel.geneve_payload,
-                },
-                "underlay": {
-                    "interface": u.ifname,
-                    "address": str(u.address),
-                    "mtu": u.mtu,
-                    "gateway": str(u.gateway) if u.gateway else None,
-                    # dual-stack underlay only (node.address6)
-                    **({"address6": str(u.address6)} if u.address6 is not None else {}),
-                },
-                # where IPv6 pods are masqueraded to (masquerade.address6), if anywhere
-                "masquerade_address6": (
-                    str(self.masq6.address)
-                    if self.masq6 is not None and self.cfg.masquerade.enabled
-                    else None
-                ),
-                # our VTEP MAC: the inner source of every VXLAN frame we send; a Flannel-style
-                # kernel peer's neighbour and FDB entries for this node must use it
-                "vtep_mac": vtep_mac_of(u.address),
-                "generation": self.generation,
-                "peers": peers,
-                "routes": routes,
-                "route_errors": list(self.route_errors),
-                # routes podrouter wants but another owner's route holds (left alone, not installed)
-                "conflicts": list(self.plumbing.conflicts) if self.plumbing is not None else [],
-                "rejected_peers": dict(self.peer_rejects),
-                "pods": self._pods_status(),
-                "discovery": self.discovery.status() if self.discovery else {},
-                "bgp": self._bgp_status(),
-                "clustermesh": self.discovery.mesh_status() if self.discovery else {},
-                "counters": self._counters(),
-                "timings": dict(self.timings),
-            }
 
     # ------------------------------------------------------------------------------------ BGP
 
@@ -978,57 +770,19 @@ class Daemon:
         except bgp.BgpError as e:
             log.error("BGP reconfiguration failed: %s", e)
 
-    def _bgp_status(self) -> dict[str, Any]:
-        if self.bgp is None:
-            return {"enabled": False}
-        return dict(self.bgp.status())
-
-    def explain(self, req: dict[str, Any]) -> dict[str, Any]:
-        try:
-            pkt = build_packet(
-                str(req.get("src")),
-                str(req.get("dst")),
-                str(req.get("proto", "icmp")),
-                int(req.get("dport") or 0),
-            )
-        except (ValueError, TypeError) as e:
-            raise apimod.ApiError(str(e)) from None
-        with self.lock:
-            tables = self.tables
-        if tables is None:
-            raise apimod.ApiError("no tables installed yet")
-        return {"verdict": dict(tables.classify(pkt)), "generation": self.generation}
-
     def _api_handlers(self) -> dict[str, apimod.Handler]:
         return {
-            "status": lambda req: self.status(),
+            "status": lambda req: status.status(self),
             "pod_add": lambda req: self.pod_add(req.get("pod"), req.get("cni")),
             "pod_del": lambda req: self.pod_del(req.get("name"), req.get("container_id")),
-            "pod_list": lambda req: {"pods": self._pods_status()},
-            "explain": self.explain,
+            "pod_list": lambda req: {"pods": status.pods(self)},
+            "explain": lambda req: status.explain(self, req),
         }
 
     def _api_streams(self) -> dict[str, apimod.StreamHandler]:
         hub = self.monitor
         assert hub is not None
-        return {"monitor": lambda req, send: monitor_stream(hub, req, self._native_drop_reasons(), send)}
-
-    def _native_drop_reasons(self) -> list[str]:
-        counters = self._counters()
-        return sorted((counters.get("drops") or {}).keys())
-
-
-def _go_on(what: str, fn: Callable[..., object], *args: object) -> None:
-    """One step of stopping or tearing down: a failure is logged ("<what> failed") and the next
-    step still runs."""
-    try:
-        fn(*args)
-    except Exception:  # noqa: BLE001 - keep tearing down
-        log.exception("%s failed", what)
-
-
-def _getpid() -> int:
-    return os.getpid()
+        return {"monitor": lambda req, send: monitor_stream(hub, req, status.drop_reasons(self), send)}
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -35,9 +35,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +131,73 @@ def write(path: Path, data: dict[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class SnapshotWriter:
+    """Writes the forwarding snapshot on its own thread, latest wins.
+
+    The reconcile hands over the tables' spec under the daemon's lock (`submit`: a reference, no
+    copy; the spec is never changed after it is compiled); encoding it (a few MB at thousands of
+    peers) and the temp file + rename happen here, off the lock. A submit while a write runs
+    replaces the one still waiting: only the newest spec is ever written next. `flush` waits until
+    what was submitted is on disk (a stop for a successor: it starts from that file); `close` ends
+    the thread, writing what waits only with `flush=True`, so a teardown can remove the file after
+    it without the thread writing it again."""
+
+    def __init__(self, path: Path, log: logging.Logger | None = None) -> None:
+        self.path = path
+        self._log = log
+        self._cond = threading.Condition()
+        self._next: tuple[Any, str, dict[str, Any], dict[str, Any]] | None = None
+        self._busy = False
+        self._closed = False
+        self.writes = 0  # files written (tests, the timing script)
+        self._thread: threading.Thread | None = None
+
+    def submit(self, cfg: Any, chash: str, dp_config: dict[str, Any], spec: dict[str, Any]) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._next = (cfg, chash, dp_config, spec)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="forwarding-snapshot", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until nothing waits or is being written; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._next is None and not self._busy, timeout)
+
+    def close(self, flush: bool, timeout: float = 10.0) -> None:
+        if flush:
+            self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._next = None
+            self._cond.notify_all()
+            # a write already under way finishes first (a teardown removes the file after it)
+            self._cond.wait_for(lambda: not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._next is not None or self._closed)
+                if self._closed:
+                    return
+                assert self._next is not None
+                job, self._next = self._next, None
+                self._busy = True
+            try:
+                write(self.path, payload(*job))
+                self.writes += 1
+            except Exception:  # noqa: BLE001 - the next start is the normal one
+                if self._log is not None:
+                    self._log.exception("writing the forwarding snapshot")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
 
 def remove(path: Path) -> bool:
@@ -291,6 +360,7 @@ __all__ = [
     "FORMAT",
     "FastStart",
     "SnapshotError",
+    "SnapshotWriter",
     "config_hash",
     "forward_first",
     "payload",

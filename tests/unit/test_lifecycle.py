@@ -29,7 +29,7 @@ def test_stop_for_a_successor_removes_nothing_and_marks_the_record_last(
     d.pods.bandwidth = Recorder("bandwidth", calls)
     d.discovery = Recorder("discovery", calls)
     d.plumbing = Recorder("plumbing", calls, state=Recorder("state", calls, nft_guard=True))
-    d._pod_guard_key = ("x",)
+    d.pod_guard_key = ("x",)
     for fn in ("remove_guard", "remove_pod_guard"):
         monkeypatch.setattr(nftables, fn, lambda fn=fn: calls.append(f"nftables.{fn}"))
     monkeypatch.setattr(lifecycle, "mark_stopped", lambda p: calls.append("mark_stopped"))
