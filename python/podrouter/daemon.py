@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import signal
 import socket
 import threading
@@ -47,6 +46,7 @@ from podrouter import (
     lifecycle,
     native,
     nftables,
+    preflight,
     shutdown,
     startup,
     status,
@@ -54,7 +54,6 @@ from podrouter import (
 from podrouter import config as configmod
 from podrouter import handover as handovermod
 from podrouter import metrics as metricsmod
-from podrouter import state as statefile
 from podrouter.cleanup import cleanup
 from podrouter.config import Config
 from podrouter.discovery.base import Discovery
@@ -68,10 +67,7 @@ from podrouter.netlink.plumbing import Plumbing, RouteSpec
 from podrouter.netlink.underlay import (
     Masquerade6,
     Underlay,
-    UnderlayError,
     netns_id,
-    resolve_masquerade6,
-    resolve_underlay,
 )
 from podrouter.plan import (
     PeerView,
@@ -192,61 +188,10 @@ class Daemon:
     # ------------------------------------------------------------------------------ start / stop
 
     def preflight(self) -> None:
-        """Everything that can refuse to start, checked before anything is installed."""
-        problems: list[str] = []
-        p = bringup.port_range_problem(self.cfg)
-        if p:
-            problems.append(p)
+        """Everything that can refuse to start, checked before anything is installed (preflight.py)."""
         self.ipr = IPRoute()
-        try:
-            self.underlay = resolve_underlay(self.ipr, self.cfg.node)
-        except UnderlayError as e:
-            problems.extend(e.problems)
-        if self.underlay is not None:
-            problems.extend(bringup.underlay_problems(self.cfg, self.underlay))
-            problems.extend(self._resolve_masquerade6())
-        if self.cfg.discovery.backend == "etcd":
-            from podrouter.discovery.etcd import start_problems  # lazy: only an etcd node loads it
-
-            problems.extend(start_problems(self.cfg))  # the TLS files load
-        problems.extend(bringup.route_conflict_problems(self.ipr, self.cfg))
-        why = nftables.unavailable()
-        if why is not None:
-            # the pod egress guard (spoofed sources, tunnel ports) is not optional
-            problems.append(f"the pod egress guard needs libnftables ({why}); install nftables")
-        problems.extend(bringup.bgp_problems(self.cfg, self.underlay))
-        if problems:
-            raise StartError(problems, EXIT_CONFIG)
-        if self.handover_mode:
-            self._handover_check()
-            return
-        if apimod.socket_in_use(self.cfg.api.socket):
-            raise StartError(
-                [f"api.socket: a daemon is already listening on {self.cfg.api.socket}"], EXIT_FAILURE
-            )
-        recorded = self._recorded_state()
-        if (
-            recorded is not None
-            and recorded.pid != 0
-            and statefile.pid_alive(recorded.pid)
-            and recorded.pid != os.getpid()
-        ):
-            raise StartError(
-                [
-                    f"{self.cfg.state_path}: daemon pid {recorded.pid} for node "
-                    f"'{recorded.node}' is still running"
-                ],
-                EXIT_FAILURE,
-            )
-
-    def _handover_check(self) -> None:
-        """--handover: a daemon must answer on api.socket and accept this config, before anything
-        is changed (the fds themselves are checked when they come)."""
-        try:
-            want = handovermod.expectations(self.cfg.node.name, self._datapath_config())
-            handovermod.check(self.cfg.api.socket, want)
-        except handovermod.HandoverError as e:
-            raise StartError([f"handover: {e}"], EXIT_CONFIG) from None
+        checked = preflight.check(self.cfg, self.ipr, self.handover_mode)
+        self.underlay, self.masq6 = checked.underlay, checked.masq6
 
     def handed_over(self) -> None:
         """A successor runs on this daemon's datapath: stop (the stop contract) and leave the state
@@ -255,39 +200,9 @@ class Daemon:
         self._stop.set()
         self._wake.set()
 
-    def _resolve_masquerade6(self) -> list[str]:
-        """`masquerade.address6` and the IPv6 gateway, when this node has IPv6 pods (resolved even
-        with masquerade disabled: a reload may enable it). Problems are exit-2 start errors."""
-        self.masq6 = None
-        if not any(c.version == 6 for c in self.cfg.node.pod_cidrs):
-            return []
-        try:
-            self.masq6 = resolve_masquerade6(self._ipr(), self._u(), self.cfg.masquerade.address6)
-        except UnderlayError as e:
-            return e.problems
-        return []
-
-    def _recorded_state(self, set_aside: bool = False) -> statefile.State | None:
-        """The predecessor's state file, validated (state.py). A corrupt or tampered one is never
-        acted on; at start it is renamed to `<file>.refused` (kept for inspection) so that this
-        daemon's own record can take its place."""
-        try:
-            return statefile.load(self.cfg.state_path)
-        except ValueError as e:
-            if not set_aside:
-                log.warning("%s", e)
-                return None
-            aside = self.cfg.state_path.with_name(self.cfg.state_path.name + ".refused")
-            try:
-                os.replace(self.cfg.state_path, aside)
-            except OSError as err:
-                raise StartError([f"{e}; cannot move it aside: {err}"], EXIT_FAILURE) from None
-            log.error("%s; moved to %s, its leftovers (if any) are not undone", e, aside)
-            return None
-
     def start(self) -> None:
         cfg, u, ipr = self.cfg, self._u(), self._ipr()
-        recorded = self._recorded_state(set_aside=True)
+        recorded = preflight.recorded_state(cfg, set_aside=True)
         if recorded is not None and recorded.netns != netns_id():
             # sysctls and rules are per namespace: a record from elsewhere says nothing about this one
             log.warning(
