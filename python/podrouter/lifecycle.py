@@ -25,24 +25,26 @@ the successor adopts it in the same way.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from podrouter import config as configmod
 from podrouter import state as statefile
+from podrouter.netlink.specs import RouteSpec, RuleSpec
 from podrouter.startup import process_age  # the start-up figures (status ready_after)
 
 if TYPE_CHECKING:
     from podrouter.config import Config, PodConfig
+    from podrouter.netlink import IPRoute
+    from podrouter.netlink.plumbing import Plumbing
 
 log = logging.getLogger("podrouter")
 
 
-def adopt(plumbing: Any, recorded: statefile.State) -> None:
+def adopt(plumbing: Plumbing, recorded: statefile.State) -> None:
     """Take a predecessor's record over in `plumbing` (a fresh Plumbing of this daemon): the
     original values of the sysctls it changed (so a stop-and-cleanup later restores the node's, not
     the predecessor's), its routes and rules (so the first reconcile deletes only the ones no longer
     wanted), its IPv6 pod gateway addresses and its masquerade guard flag."""
-    from podrouter.netlink.plumbing import RouteSpec, RuleSpec
-
     st = plumbing.state
     st.sysctls = dict(recorded.sysctls)
     st.gateways6 = dict(recorded.gateways6)
@@ -62,8 +64,6 @@ def recorded_api_pods(
     an API request (the record is untrusted input): they keep their routes across the restart.
     Pods of the config are registered from the config; a recorded one that no longer validates is
     logged and dropped (its route goes with the first reconcile)."""
-    from podrouter import config as configmod
-
     out: list[tuple[PodConfig, dict[str, str] | None]] = []
     names = {p.name for p in cfg.pods}
     for name, rec in recorded.pods.items():
@@ -80,14 +80,14 @@ def recorded_api_pods(
     return out
 
 
-def mark_stopped(plumbing: Any) -> None:
+def mark_stopped(plumbing: Plumbing) -> None:
     """The record stays for a successor; pid 0 says no daemon runs (a reused pid cannot be
     mistaken for a live predecessor)."""
     plumbing.state.pid = 0
     plumbing.save()
 
 
-def tun_kind(ipr: Any, name: str) -> str | None:
+def tun_kind(ipr: IPRoute, name: str) -> str | None:
     """The link kind of interface `name` ("tun" for podrouter's), None if it does not exist."""
     links = ipr.get_links(ifname=name) if ipr.link_lookup(ifname=name) else []
     if not links:
@@ -97,7 +97,7 @@ def tun_kind(ipr: Any, name: str) -> str | None:
     return str(kind) if kind else "unknown"
 
 
-def remove_tun(ipr: Any, name: str) -> bool:
+def remove_tun(ipr: IPRoute, name: str) -> bool:
     """Delete the persistent TUN `name` (only a TUN: another kind of link with that name is not
     ours). True if one was deleted."""
     if tun_kind(ipr, name) != "tun":
@@ -112,7 +112,7 @@ def remove_tun(ipr: Any, name: str) -> bool:
 def deregister_etcd(cfg: Config) -> list[str]:
     """`podrouter cleanup` with etcd discovery: delete this node's key now (a stopped daemon left it
     to its lease's TTL), so every peer drops the node at once."""
-    from podrouter.discovery.etcd import EtcdClient, _b64
+    from podrouter.discovery.etcd import EtcdClient, _b64  # lazy: only an etcd node's cleanup loads it
 
     key = cfg.discovery.etcd.prefix + "/nodes/" + cfg.node.name
     try:

@@ -43,9 +43,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from podrouter import jsonfile
+
+if TYPE_CHECKING:
+    from podrouter._native import Datapath, Tables
+    from podrouter.config import Config
 
 FORMAT = 1
 MAX_BYTES = 32 << 20  # a spec with thousands of peers is a few MB
@@ -78,7 +82,7 @@ def process_age() -> float:
         return 0.0
 
 
-def snapshot_path(cfg: Any) -> Path:
+def snapshot_path(cfg: Config) -> Path:
     """`<api.socket dir>/<node>.forwarding.json`, next to the state file."""
     return Path(cfg.state_path).with_name(f"{cfg.node.name}{SUFFIX}")
 
@@ -94,17 +98,17 @@ def config_hash(path: str | os.PathLike[str] | None) -> str | None:
         return None
 
 
-def _nat_path(cfg: Any) -> str:
+def _nat_path(cfg: Config) -> str:
     return str(Path(cfg.state_path).with_name(f"{cfg.node.name}.nat"))
 
 
-def _keeper_path(cfg: Any) -> str:
-    from podrouter import keeper
+def _keeper_path(cfg: Config) -> str:
+    from podrouter import keeper  # not at the top: this module is the standard library's only (above)
 
     return keeper.socket_path(cfg)
 
 
-def payload(cfg: Any, chash: str, dp_config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+def payload(cfg: Config, chash: str, dp_config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     """The snapshot a daemon writes for the tables it runs (`spec` as compiled)."""
     return {
         "format": FORMAT,
@@ -148,13 +152,13 @@ class SnapshotWriter:
         self.path = path
         self._log = log
         self._cond = threading.Condition()
-        self._next: tuple[Any, str, dict[str, Any], dict[str, Any]] | None = None
+        self._next: tuple[Config, str, dict[str, Any], dict[str, Any]] | None = None
         self._busy = False
         self._closed = False
         self.writes = 0  # files written (tests, the timing script)
         self._thread: threading.Thread | None = None
 
-    def submit(self, cfg: Any, chash: str, dp_config: dict[str, Any], spec: dict[str, Any]) -> None:
+    def submit(self, cfg: Config, chash: str, dp_config: dict[str, Any], spec: dict[str, Any]) -> None:
         with self._cond:
             if self._closed:
                 return
@@ -208,7 +212,7 @@ def remove(path: Path) -> bool:
     return True
 
 
-def read(path: Path, cfg: Any, chash: str | None) -> dict[str, Any] | None:
+def read(path: Path, cfg: Config, chash: str | None) -> dict[str, Any] | None:
     """The validated snapshot for `cfg` (whose file hashes to `chash`); None if there is none.
     Raises SnapshotError naming the problem for one that must not be used."""
     try:
@@ -220,7 +224,7 @@ def read(path: Path, cfg: Any, chash: str | None) -> dict[str, Any] | None:
     return validate(data, cfg, chash)
 
 
-def validate(data: Any, cfg: Any, chash: str | None) -> dict[str, Any]:
+def validate(data: Any, cfg: Config, chash: str | None) -> dict[str, Any]:
     """The checks of `read` on parsed JSON (untrusted)."""
     if not isinstance(data, dict):
         raise SnapshotError("not a JSON object")
@@ -255,7 +259,7 @@ def validate(data: Any, cfg: Any, chash: str | None) -> dict[str, Any]:
     return data
 
 
-def _daemon_running(cfg: Any) -> str | None:
+def _daemon_running(cfg: Config) -> str | None:
     """Why a predecessor may still run (its API socket answers, or the state file names a live
     pid), else None. The normal start then says what to do."""
     sock = str(cfg.api.socket)
@@ -285,8 +289,8 @@ def _daemon_running(cfg: Any) -> str | None:
 class FastStart:
     """What `forward_first` started: the Datapath (workers running), its tables and config."""
 
-    datapath: Any
-    tables: Any
+    datapath: Datapath
+    tables: Tables
     spec: dict[str, Any]
     dp_config: dict[str, Any]
     nat_snapshot: str
@@ -305,7 +309,7 @@ def spec_key(spec: dict[str, Any]) -> str:
     return json.dumps({k: v for k, v in spec.items() if k != "generation"}, sort_keys=True, default=str)
 
 
-def forward_first(cfg: Any, log: Any) -> FastStart | None:
+def forward_first(cfg: Config, log: logging.Logger) -> FastStart | None:
     """Start forwarding from the snapshot, before the rest of the daemon is imported; None (and why,
     in the log) when the normal start has to do it."""
     t0 = time.perf_counter()
@@ -321,7 +325,7 @@ def forward_first(cfg: Any, log: Any) -> FastStart | None:
     if why is not None:
         log.info("forwarding snapshot not used: %s", why)
         return None
-    from podrouter import keeper, native
+    from podrouter import keeper, native  # not at the top (above): only a forward-first start loads them
 
     spec = dict(data["spec"])
     spec["generation"] = 1
