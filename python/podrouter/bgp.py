@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from podrouter.config import Config
+from podrouter.errors import EXIT_FAILURE, StartError
 
 log = logging.getLogger("podrouter.bgp")
 
@@ -570,3 +571,25 @@ __all__ = [
     "underlay_ipv6",
     "withdraw",
 ]
+
+
+def start_speaker(cfg: Config, address: ipaddress.IPv4Address, on_link: Callable[..., bool]) -> BgpSpeaker:
+    """The daemon's start: announce this node's pod CIDRs through BIRD, once its routes are in
+    place. A failure stops the start (exit 1)."""
+    speaker = BgpSpeaker(cfg, address, on_link)
+    try:
+        speaker.start()
+    except BgpError as e:
+        raise StartError([f"bgp: {e}"], EXIT_FAILURE) from None
+    return speaker
+
+
+def reload(speaker: BgpSpeaker, old: Config, new: Config) -> None:
+    """SIGHUP: reconfigure BIRD when the BGP settings or the pod CIDRs changed (a failure is logged:
+    BIRD keeps announcing what it did)."""
+    if old.bgp == new.bgp and old.node.pod_cidrs == new.node.pod_cidrs:
+        return
+    try:
+        speaker.reconfigure(new)
+    except BgpError as e:
+        log.error("BGP reconfiguration failed: %s", e)

@@ -67,7 +67,6 @@ from podrouter.netlink.plumbing import Plumbing, RouteSpec
 from podrouter.netlink.underlay import (
     Masquerade6,
     Underlay,
-    netns_id,
 )
 from podrouter.plan import (
     PeerView,
@@ -80,7 +79,7 @@ from podrouter.plan import (
     plan_routes,
     split_by,
 )
-from podrouter.pods import PodEntry, PodRegistry, cleanup_shaping, make_bandwidth
+from podrouter.pods import PodEntry, PodRegistry, make_bandwidth
 from podrouter.reconcile import (
     desired_routes,
     desired_rules,
@@ -97,7 +96,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("podrouter")
 
-NAT_LOG_INTERVAL = 10.0  # seconds between two "masquerade range exhausted" log lines
 ADOPT_DISCOVERY_WAIT = 30.0  # at most this long a predecessor's routes wait for etcd's first listing
 
 
@@ -126,9 +124,7 @@ class Daemon:
         self.route_plan: list[RoutePlan] = []
         self.route_errors: list[str] = []
         self.peer_rejects: dict[str, str] = {}
-        self._last_counter_check = 0.0
-        self._nat_exhausted_logged = 0
-        self._nat_log_at = -NAT_LOG_INTERVAL
+        self._nat_log = status.NatExhaustionLog()
         self._spec_key: tuple[str, tuple[PeerView, ...]] | None = None
         # how long the last reconcile's steps took (status "timings"; docs/benchmarks.md, scale)
         self.timings: dict[str, Any] = {}
@@ -202,36 +198,16 @@ class Daemon:
 
     def start(self) -> None:
         cfg, u, ipr = self.cfg, self._u(), self._ipr()
-        recorded = preflight.recorded_state(cfg, set_aside=True)
-        if recorded is not None and recorded.netns != netns_id():
-            # sysctls and rules are per namespace: a record from elsewhere says nothing about this one
-            log.warning(
-                "%s was written in another network namespace (%s): not acting on it (it is replaced)",
-                cfg.state_path,
-                recorded.netns,
-            )
-            recorded = None
         self.plumbing = ps = Plumbing(ipr, cfg.state_path, cfg.node.name, cfg.api.socket)
         self.pods.plumbing = ps
         ps.state.tun = TUN_NAME
+        # the stop contract (lifecycle.py): take the predecessor's state over in place
+        recorded = lifecycle.take_over(ps, cfg)
         if recorded is not None:
-            # the stop contract (lifecycle.py): take the predecessor's state over in place; the first
-            # reconcile changes only what differs
-            log.info(
-                "adopting what the previous daemon (%s) left: %d routes, %d rules, %d pods",
-                f"pid {recorded.pid}" if recorded.pid else "stopped",
-                len(recorded.routes),
-                len(recorded.rules),
-                len(recorded.pods),
-            )
-            lifecycle.adopt(ps, recorded)
             self.adopted = True
             if cfg.discovery.backend == "etcd":
                 self._adopt_keep = dict(ps.routes)
                 self._adopt_keep_until = time.monotonic() + ADOPT_DISCOVERY_WAIT
-            # tc is rebuilt by the bandwidth manager (it does not adopt qdiscs): remove the old first
-            for line in cleanup_shaping(recorded, cfg.bandwidth.ifb_name):
-                log.info("  %s", line)
         ps.save()
 
         self._open_datapath()
@@ -346,7 +322,7 @@ class Daemon:
         dp_config = self._datapath_config()
         fast, self.fast = self.fast, None
         if fast is not None:
-            if _same(fast.dp_config, dp_config):
+            if fast.fits(dp_config):
                 # the workers forward already (startup.py): keep them; the first reconcile swaps in
                 # fresh tables only if they differ from the snapshot's
                 self.datapath, self.tables = fast.datapath, fast.tables
@@ -409,7 +385,7 @@ class Daemon:
                         )
             if self._adopt_keep and (self._discovery_synced() or time.monotonic() > self._adopt_keep_until):
                 self._on_event("adopted routes")
-            self._watch_counters()
+            self._nat_log.check(self)
             if self.bgp is not None:
                 self.bgp.ensure_running()
             if self.datapath is not None and not self.datapath.is_running() and not self.handing_over:
@@ -417,24 +393,6 @@ class Daemon:
                 self._exit_code = EXIT_FAILURE
                 break
         return self._exit_code
-
-    def _watch_counters(self) -> None:
-        """Say in the log, at most every NAT_LOG_INTERVAL seconds, when new flows are being refused
-        because the masquerade range is exhausted: the metric alone is easy to miss."""
-        now = time.monotonic()
-        if now - self._last_counter_check < 1.0:
-            return
-        self._last_counter_check = now
-        try:
-            counters = status.counters(self)
-            n = int((counters.get("drops") or {}).get("nat_exhausted", 0))
-            entries = int(counters.get("nat_entries", 0) or 0)
-        except Exception:  # noqa: BLE001 - a closed datapath is noticed by is_running()
-            return
-        if n > self._nat_exhausted_logged and now - self._nat_log_at >= NAT_LOG_INTERVAL:
-            log.warning("%s", nat_exhausted_message(self.cfg, n - self._nat_exhausted_logged, entries))
-            self._nat_exhausted_logged = n
-            self._nat_log_at = now
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -660,30 +618,22 @@ class Daemon:
             return self.pods.pod_of(address)
 
     # ------------------------------------------------------------------------------------ BGP
+    # bgp.py is imported only by a BGP node: it is not among the start's imports (test_startup.py)
 
     def _start_bgp(self) -> None:
         """Announce this node's pod CIDRs through BIRD (docs/bgp.md), once its routes are in place."""
-        if not self.cfg.bgp.enabled:
-            return
-        from podrouter import bgp  # lazy: only a BGP node pays for it
+        if self.cfg.bgp.enabled:
+            from podrouter import bgp  # lazy: only a BGP node pays for it
 
-        u = self._u()
-        assert isinstance(u.address, ipaddress.IPv4Address)  # underlay_problems: bgp needs it
-        self.bgp = bgp.BgpSpeaker(self.cfg, u.address, u.on_link)
-        try:
-            self.bgp.start()
-        except bgp.BgpError as e:
-            raise StartError([f"bgp: {e}"], EXIT_FAILURE) from None
+            u = self._u()
+            assert isinstance(u.address, ipaddress.IPv4Address)  # underlay_problems: bgp needs it
+            self.bgp = bgp.start_speaker(self.cfg, u.address, u.on_link)
 
     def _reload_bgp(self, old: Config, new: Config) -> None:
-        if self.bgp is None or (old.bgp == new.bgp and old.node.pod_cidrs == new.node.pod_cidrs):
-            return
-        from podrouter import bgp  # lazy: only a BGP node pays for it
+        if self.bgp is not None:
+            from podrouter import bgp  # lazy: only a BGP node pays for it
 
-        try:
-            self.bgp.reconfigure(new)
-        except bgp.BgpError as e:
-            log.error("BGP reconfiguration failed: %s", e)
+            bgp.reload(self.bgp, old, new)
 
     def _api_handlers(self) -> dict[str, apimod.Handler]:
         return {
@@ -698,11 +648,6 @@ class Daemon:
         hub = self.monitor
         assert hub is not None
         return {"monitor": lambda req, send: monitor_stream(hub, req, status.drop_reasons(self), send)}
-
-
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Two datapath configs alike (one may have come through JSON: tuples as lists)."""
-    return startup.spec_key(a) == startup.spec_key(b)
 
 
 def run(

@@ -25,11 +25,15 @@ the successor adopts it in the same way.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from podrouter import config as configmod
 from podrouter import state as statefile
+from podrouter.errors import EXIT_FAILURE, StartError
 from podrouter.netlink.specs import RouteSpec, RuleSpec
+from podrouter.netlink.underlay import netns_id
+from podrouter.pods import cleanup_shaping
 from podrouter.startup import process_age  # the start-up figures (status ready_after)
 
 if TYPE_CHECKING:
@@ -55,6 +59,35 @@ def adopt(plumbing: Plumbing, recorded: statefile.State) -> None:
             plumbing.routes[spec.key] = spec
         plumbing.rules = {RuleSpec(**raw) for raw in recorded.rules}
     plumbing.save()
+
+
+def take_over(plumbing: Plumbing, cfg: Config) -> statefile.State | None:
+    """At start: adopt the predecessor's record in `plumbing` (this daemon's fresh one) when there
+    is a valid one written in this network namespace, and remove the shaping it left (the bandwidth
+    manager rebuilds tc; it does not adopt qdiscs). Returns the record adopted, or None."""
+    recorded = recorded_state(cfg, set_aside=True)
+    if recorded is not None and recorded.netns != netns_id():
+        # sysctls and rules are per namespace: a record from elsewhere says nothing about this one
+        log.warning(
+            "%s was written in another network namespace (%s): not acting on it (it is replaced)",
+            cfg.state_path,
+            recorded.netns,
+        )
+        return None
+    if recorded is None:
+        return None
+    # the first reconcile changes only what differs
+    log.info(
+        "adopting what the previous daemon (%s) left: %d routes, %d rules, %d pods",
+        f"pid {recorded.pid}" if recorded.pid else "stopped",
+        len(recorded.routes),
+        len(recorded.rules),
+        len(recorded.pods),
+    )
+    adopt(plumbing, recorded)
+    for line in cleanup_shaping(recorded, cfg.bandwidth.ifb_name):
+        log.info("  %s", line)
+    return recorded
 
 
 def recorded_api_pods(
@@ -107,6 +140,25 @@ def remove_tun(ipr: IPRoute, name: str) -> bool:
         return False
     ipr.link("del", index=idx[0])
     return True
+
+
+def recorded_state(cfg: Config, set_aside: bool = False) -> statefile.State | None:
+    """The predecessor's state file, validated (state.py). A corrupt or tampered one is never
+    acted on; at start (`set_aside`) it is renamed to `<file>.refused` (kept for inspection) so
+    that this daemon's own record can take its place."""
+    try:
+        return statefile.load(cfg.state_path)
+    except ValueError as e:
+        if not set_aside:
+            log.warning("%s", e)
+            return None
+        aside = cfg.state_path.with_name(cfg.state_path.name + ".refused")
+        try:
+            os.replace(cfg.state_path, aside)
+        except OSError as err:
+            raise StartError([f"{e}; cannot move it aside: {err}"], EXIT_FAILURE) from None
+        log.error("%s; moved to %s, its leftovers (if any) are not undone", e, aside)
+        return None
 
 
 def deregister_etcd(cfg: Config) -> list[str]:

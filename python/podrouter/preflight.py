@@ -1,18 +1,15 @@
 """Everything that can refuse `podrouter run`, checked before anything is installed (start-up
 step 2 in daemon.py): the problems bringup.py finds in this namespace (exit 2, all of them at once),
 then, without --handover, that no other daemon owns the API socket or runs on the state file
-(exit 1), and with it, that the running daemon would hand over to this config (exit 2).
-
-Also the predecessor's state file as the start reads it (`recorded_state`)."""
+(exit 1), and with it, that the running daemon would hand over to this config (exit 2)."""
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
 from podrouter import api as apimod
-from podrouter import bringup, nftables
+from podrouter import bringup, lifecycle, nftables
 from podrouter import handover as handovermod
 from podrouter import state as statefile
 from podrouter.config import Config
@@ -25,8 +22,6 @@ from podrouter.netlink.underlay import (
     resolve_masquerade6,
     resolve_underlay,
 )
-
-log = logging.getLogger("podrouter")
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ def check(cfg: Config, ipr: IPRoute, handover: bool) -> Checked:
         return checked
     if apimod.socket_in_use(cfg.api.socket):
         raise StartError([f"api.socket: a daemon is already listening on {cfg.api.socket}"], EXIT_FAILURE)
-    recorded = recorded_state(cfg)
+    recorded = lifecycle.recorded_state(cfg)
     if (
         recorded is not None
         and recorded.pid != 0
@@ -104,22 +99,3 @@ def _handover_check(cfg: Config, checked: Checked) -> None:
         handovermod.check(cfg.api.socket, handovermod.expectations(cfg.node.name, dp_config))
     except handovermod.HandoverError as e:
         raise StartError([f"handover: {e}"], EXIT_CONFIG) from None
-
-
-def recorded_state(cfg: Config, set_aside: bool = False) -> statefile.State | None:
-    """The predecessor's state file, validated (state.py). A corrupt or tampered one is never
-    acted on; at start (`set_aside`) it is renamed to `<file>.refused` (kept for inspection) so
-    that this daemon's own record can take its place."""
-    try:
-        return statefile.load(cfg.state_path)
-    except ValueError as e:
-        if not set_aside:
-            log.warning("%s", e)
-            return None
-        aside = cfg.state_path.with_name(cfg.state_path.name + ".refused")
-        try:
-            os.replace(cfg.state_path, aside)
-        except OSError as err:
-            raise StartError([f"{e}; cannot move it aside: {err}"], EXIT_FAILURE) from None
-        log.error("%s; moved to %s, its leftovers (if any) are not undone", e, aside)
-        return None

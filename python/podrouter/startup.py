@@ -297,6 +297,11 @@ class FastStart:
     forwarding_after: float
     keeper_pid: int
 
+    def fits(self, dp_config: dict[str, Any]) -> bool:
+        """The normal start computed the same datapath config (the snapshot's came through JSON:
+        tuples as lists)."""
+        return spec_key(self.dp_config) == spec_key(dp_config)
+
     def abandon(self) -> None:
         """Stop this datapath (the keeper still holds its fds, so nothing is detached)."""
         for step in (self.datapath.stop, self.datapath.close):

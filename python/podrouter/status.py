@@ -9,6 +9,7 @@ status is one consistent generation.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from typing import Any
@@ -17,8 +18,12 @@ from podrouter import api as apimod
 from podrouter import guards
 from podrouter.config import vtep_mac_of
 from podrouter.packets import build_packet
-from podrouter.plan import geneve_payload
+from podrouter.plan import geneve_payload, nat_exhausted_message
 from podrouter.ports import Reports
+
+log = logging.getLogger("podrouter")
+
+NAT_LOG_INTERVAL = 10.0  # seconds between two "masquerade range exhausted" log lines
 
 
 def counters(d: Reports) -> dict[str, Any]:
@@ -154,3 +159,30 @@ def explain(d: Reports, req: dict[str, Any]) -> dict[str, Any]:
     if tables is None:
         raise apimod.ApiError("no tables installed yet")
     return {"verdict": dict(tables.classify(pkt)), "generation": generation}
+
+
+class NatExhaustionLog:
+    """Says in the log, at most every NAT_LOG_INTERVAL seconds, when new flows are being refused
+    because the masquerade range is exhausted: the metric alone is easy to miss. `check` runs on
+    every turn of the daemon's loop and reads the counters at most once a second."""
+
+    def __init__(self) -> None:
+        self._checked_at = 0.0
+        self._logged = 0  # the nat_exhausted count last logged
+        self._logged_at = -NAT_LOG_INTERVAL
+
+    def check(self, d: Reports) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
+        try:
+            c = counters(d)
+            n = int((c.get("drops") or {}).get("nat_exhausted", 0))
+            entries = int(c.get("nat_entries", 0) or 0)
+        except Exception:  # noqa: BLE001 - a closed datapath is noticed by is_running()
+            return
+        if n > self._logged and now - self._logged_at >= NAT_LOG_INTERVAL:
+            log.warning("%s", nat_exhausted_message(d.cfg, n - self._logged, entries))
+            self._logged = n
+            self._logged_at = now
