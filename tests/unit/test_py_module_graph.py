@@ -103,7 +103,8 @@ def test_cli_and_daemon_do_not_import_each_other() -> None:
     for a, b in (("podrouter.cli", "podrouter.daemon"), ("podrouter.daemon", "podrouter.cli")):
         assert b not in imports(a, mods[a], mods), f"{a} imports {b}"
     # nothing the daemon's parts import reaches back into the daemon
-    for part in ("plan", "bringup", "pods", "guards", "reconcile", "cleanup", "native", "errors", "handover"):
+    parts = ("plan", "bringup", "pods", "guards", "reconcile", "cleanup", "native", "errors", "handover")
+    for part in (*parts, "preflight", "status", "shutdown", "lifecycle", "startup", "ports", "keeper"):
         name = f"podrouter.{part}"
         assert "podrouter.daemon" not in imports(name, mods[name], mods), f"{name} imports the daemon"
 
