@@ -157,6 +157,7 @@ class Daemon:
         self._last_spec: dict[str, Any] | None = None  # of the tables running (the forwarding snapshot)
         # writes the forwarding snapshot off the lock (latest wins); flushed or dropped by the stop
         self.snapshots = startup.SnapshotWriter(startup.snapshot_path(cfg), log)
+        self._snapshot_mark: tuple[str, int] | None = None  # (config hash, generation) last written
         self.quick_exit = False  # stopped by a signal: launch.py may end the process at once (quick_stop)
         # adopting with etcd discovery: the predecessor's routes kept until discovery has listed the
         # peers once (else the first reconcile would delete every discovered peer's route: a flap)
@@ -337,12 +338,15 @@ class Daemon:
 
     def _write_forwarding(self, spec: dict[str, Any]) -> None:
         """The forwarding snapshot for the next `podrouter run` (startup.py): with the fd keeper
-        only (the forward-first start takes its fds), once this daemon runs the datapath. Called
-        only when the tables changed (or, after a reload, the config's hash)."""
+        only (the forward-first start takes its fds), once this daemon runs the datapath, when the
+        tables changed or (a reload) the config file's hash."""
         self._last_spec = spec
         if not self.cfg.api.keeper or self.config_sha256 is None or self._pending is not None:
             return
-        if self.datapath is not None:
+        # a snapshot is its tables (generation) for a config file (hash): each is written once
+        mark = (self.config_sha256, self.generation)
+        if self.datapath is not None and mark != self._snapshot_mark:
+            self._snapshot_mark = mark
             # under the lock only a hand-over: the encoding (MBs at thousands of peers) and the
             # write happen on the writer's thread (scripts/forwarding_snapshot_timing.py)
             self.snapshots.submit(self.cfg, self.config_sha256, self._datapath_config(), spec)
@@ -567,7 +571,7 @@ class Daemon:
                 log.exception("applying the reloaded config failed; the datapath keeps its current tables")
                 return
             if self._last_spec is not None:
-                self._write_forwarding(self._last_spec)  # the new config's hash, same tables
+                self._write_forwarding(self._last_spec)  # the same tables, if the config's hash changed
         log.info("reload done: %d peers, %d pods", len(self.peer_views), len(self.pods))
 
     # ------------------------------------------------------------------------------------- pods

@@ -120,3 +120,24 @@ def test_the_stop_flushes_for_a_successor_and_a_teardown_leaves_no_file(
     else:
         # the write under way finished before the teardown removed the file: nothing brings it back
         assert gate.written == [7] and not path.exists()
+
+
+def test_each_snapshot_is_handed_over_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot is its tables' generation for a config file's hash: the reload's rewrite after a
+    reconcile that installed tables (or of an unchanged file) hands nothing over again."""
+    calls: list[str] = []
+    d = daemon.Daemon(load(tmp_path))
+    d.datapath = Recorder("datapath", calls)  # type: ignore[assignment]
+    d.config_sha256 = "h"
+    monkeypatch.setattr(d, "_datapath_config", lambda: {"tun_name": "podr0"})
+    handed: list[tuple[str, int]] = []
+    monkeypatch.setattr(d.snapshots, "submit", lambda cfg, h, dp, sp: handed.append((h, sp["generation"])))
+    d.generation = 1
+    d._write_forwarding(spec(1))
+    d._write_forwarding(spec(1))  # the reload's rewrite, the config file unchanged
+    d.generation = 2
+    d._write_forwarding(spec(2))  # new tables
+    d.config_sha256 = "h2"
+    d._write_forwarding(spec(2))  # the reload's rewrite for a changed file
+    d._write_forwarding(spec(2))
+    assert handed == [("h", 1), ("h", 2), ("h2", 2)]
