@@ -3,10 +3,10 @@
 Start-up order (nothing in the kernel is touched before step 3):
 
 1. validate the config (config.py) -- exit 2 on any problem;
-2. preflight against this namespace (bringup.py): the masquerade port range must not overlap
+2. preflight against this namespace (preflight.py, bringup.py): the masquerade port range must not overlap
    ip_local_port_range, the underlay must resolve, a tunnel MTU override must fit the underlay,
    no other daemon may own the API socket -- exit 2 (1 if a daemon is already running);
-3. clean up a dead predecessor's leftovers (its state file), create the Datapath (the TUN `podr0`),
+3. adopt a dead predecessor's state (its state file: lifecycle.py), create the Datapath (the TUN `podr0`),
    set the TUN up with the underlay MTU, write the sysctls, install routes, start the datapath with
    the first tables, then open the API socket and take the metrics port. `podrouter status` reports
    ready only after that; /metrics is served from just after ready (prometheus_client's import is
@@ -17,13 +17,14 @@ config, the discovered peers, the registered pods and the resolved next-hop MACs
 match (`Plumbing.sync_routes`) and swaps new tables into the datapath when they differ. Neighbour and
 link changes, discovery updates, pod registrations and SIGHUP all end in it.
 
-Where the parts live: plan.py (pure planning: routes, MTUs, the table spec), bringup.py (preflight,
-the TUN, sysctls), pods.py (the pod registry and its shaping), guards.py (the nftables guards),
-reconcile.py (the reconcile steps, reload diffing), status.py (status, explain, counters),
-shutdown.py (the stop choreography), startup.py (the forwarding snapshot and its writer thread),
-cleanup.py (`podrouter cleanup`), native.py (the typed facade over the Rust extension), errors.py
-(StartError and the exit statuses), ports.py (what status.py, shutdown.py, handover.py and
-keeper.py use of the Daemon).
+Where the parts live: plan.py (pure planning: routes, MTUs, the table spec), preflight.py (every
+start refusal), bringup.py (preflight problems, the TUN, sysctls), lifecycle.py (the stop contract:
+adopting a predecessor's record, pid 0), pods.py (the pod registry and its shaping), guards.py (the
+nftables guards), reconcile.py (the reconcile steps, reload diffing), status.py (status, explain,
+counters), shutdown.py (the stop choreography), startup.py (the forwarding snapshot and its writer
+thread), cleanup.py (`podrouter cleanup`), native.py (the typed facade over the Rust extension),
+errors.py (StartError and the exit statuses), ports.py (what status.py, shutdown.py, handover.py
+and keeper.py use of the Daemon).
 """
 
 from __future__ import annotations
