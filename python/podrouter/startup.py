@@ -141,7 +141,7 @@ class SnapshotWriter:
     """Writes the forwarding snapshot on its own thread, latest wins.
 
     The reconcile hands over the tables' spec under the daemon's lock (`submit`: a reference, no
-    copy; the spec is never changed after it is compiled); encoding it (a few MB at thousands of
+    copy; the spec is never changed after it is compiled); encoding it (1.1 MB at 5000
     peers) and the temp file + rename happen here, off the lock. A submit while a write runs
     replaces the one still waiting: only the newest spec is ever written next. `flush` waits until
     what was submitted is on disk (a stop for a successor: it starts from that file); `close` ends
