@@ -21,10 +21,10 @@ Where the parts live: plan.py (pure planning: routes, MTUs, the table spec), pre
 start refusal), bringup.py (preflight problems, the TUN, sysctls), lifecycle.py (the stop contract:
 adopting a predecessor's record, pid 0), pods.py (the pod registry and its shaping), guards.py (the
 nftables guards), reconcile.py (the reconcile steps, reload diffing), status.py (status, explain,
-counters), shutdown.py (the stop choreography), startup.py (the forwarding snapshot and its writer
-thread), cleanup.py (`podrouter cleanup`), native.py (the typed facade over the Rust extension),
-errors.py (StartError and the exit statuses), ports.py (what status.py, shutdown.py, handover.py
-and keeper.py use of the Daemon).
+counters), podapi.py (pod_add / pod_del), shutdown.py (the stop choreography), startup.py (the
+forwarding snapshot and its writer thread), cleanup.py (`podrouter cleanup`), native.py (the typed
+facade over the Rust extension), errors.py (StartError and the exit statuses), ports.py (what
+status.py, podapi.py, shutdown.py, handover.py and keeper.py use of the Daemon).
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ from podrouter import (
     lifecycle,
     native,
     nftables,
+    podapi,
     preflight,
     shutdown,
     startup,
     status,
 )
-from podrouter import config as configmod
 from podrouter import handover as handovermod
 from podrouter import metrics as metricsmod
 from podrouter.cleanup import cleanup
@@ -555,15 +555,7 @@ class Daemon:
                 log.exception("updating the masquerade reply guard failed")
             if new.bandwidth != old.bandwidth:
                 self.pods.restart_bandwidth(new)
-            old_pods = {p.name: p for p in old.pods}
-            new_pods = {p.name: p for p in new.pods}
-            for name, pod in old_pods.items():
-                entry = self.pods.entries.get(name)
-                if entry is not None and entry.source == "config" and new_pods.get(name) != pod:
-                    self.pods.remove(name)
-            for name, pod in new_pods.items():
-                if name not in self.pods.entries or old_pods.get(name) != pod:
-                    self.pods.install(pod, "config", raise_errors=False)
+            self.pods.reload_config_pods(old, new)
             self.config_sha256 = startup.config_hash(new.path)
             try:
                 self._refresh_peers(wait=True)
@@ -576,44 +568,6 @@ class Daemon:
         log.info("reload done: %d peers, %d pods", len(self.peer_views), len(self.pods))
 
     # ------------------------------------------------------------------------------------- pods
-
-    def pod_add(self, raw: Any, cni: Any = None) -> dict[str, Any]:
-        pod, problems, warnings = configmod.pod_from_dict(raw, self.cfg.node.pod_cidrs)
-        if pod is None:
-            raise apimod.ApiError("; ".join(problems))
-        attachment = apimod.cni_attachment(cni)
-        with self.lock:
-            entry = self.pods.install(pod, "api", raise_errors=True, cni=attachment)
-            self._reconcile_locked(f"pod {pod.name} added")
-            nets = [str(ipaddress.ip_network(a)) for a in pod.addresses]
-            errs = [e for e in self.route_errors if any(n in e for n in nets)]
-            if errs:
-                raise apimod.ApiError("; ".join(errs))
-            return {"pod": entry.status(), "warnings": warnings}
-
-    def pod_del(self, name: Any, container_id: Any = None) -> dict[str, Any]:
-        if not isinstance(name, str):
-            raise apimod.ApiError("pod_del needs a string 'name'")
-        if container_id is not None and not apimod.valid_container_id(container_id):
-            raise apimod.ApiError(f"pod_del: container_id {str(container_id)[:80]!r} is not a container ID")
-        with self.lock:
-            current = self.pods.entries.get(name)
-            if container_id is not None and current is not None:
-                owner = (current.cni or {}).get("container_id")
-                if owner != container_id:
-                    # a late DEL of a sandbox this pod name has since been given to: not ours to remove
-                    log.info(
-                        "pod_del %s for container %s ignored: the pod belongs to %s",
-                        name,
-                        container_id,
-                        owner or f"the {current.source}",
-                    )
-                    return {"removed": None, "kept": name, "owner": owner}
-            entry = self.pods.remove(name)
-            if entry is None:
-                raise apimod.ApiError(f"no pod named {name!r}")
-            self._reconcile_locked(f"pod {name} removed")
-            return {"removed": name}
 
     def _pod_of(self, address: str | None) -> str | None:
         """The local pod holding `address` (the monitor names pods in its events)."""
@@ -643,8 +597,8 @@ class Daemon:
     def _api_handlers(self) -> dict[str, apimod.Handler]:
         return {
             "status": lambda req: status.status(self),
-            "pod_add": lambda req: self.pod_add(req.get("pod"), req.get("cni")),
-            "pod_del": lambda req: self.pod_del(req.get("name"), req.get("container_id")),
+            "pod_add": lambda req: podapi.add(self, req.get("pod"), req.get("cni")),
+            "pod_del": lambda req: podapi.delete(self, req.get("name"), req.get("container_id")),
             "pod_list": lambda req: {"pods": status.pods(self)},
             "explain": lambda req: status.explain(self, req),
         }

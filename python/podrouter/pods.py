@@ -188,6 +188,19 @@ class PodRegistry:
             log.exception("shaping pod %s failed", pod.name)
             entry.shaping = {"error": str(e)}
 
+    def reload_config_pods(self, old: Config, new: Config) -> None:
+        """SIGHUP: the config's pods as `new` has them (changed ones reinstalled); pods registered
+        through the API stay."""
+        old_pods = {p.name: p for p in old.pods}
+        new_pods = {p.name: p for p in new.pods}
+        for name, pod in old_pods.items():
+            entry = self.entries.get(name)
+            if entry is not None and entry.source == "config" and new_pods.get(name) != pod:
+                self.remove(name)
+        for name, pod in new_pods.items():
+            if name not in self.entries or old_pods.get(name) != pod:
+                self.install(pod, "config", raise_errors=False)
+
     def restart_bandwidth(self, cfg: Config) -> None:
         """A reload changed `bandwidth:`: a new manager (its own netlink socket), every pod shaped again."""
         if self.bandwidth is not None:

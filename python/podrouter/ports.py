@@ -1,6 +1,6 @@
 """What the daemon's collaborators need of it, as Protocols (typed collaborators, not `Any`).
 
-handover.py, keeper.py, status.py and shutdown.py are handed the daemon (or parts of it); they name
+handover.py, keeper.py, status.py, podapi.py and shutdown.py are handed the daemon (or parts of it); they name
 here the attributes and calls they use, so mypy checks the daemon against them and a reader sees
 the whole contact surface in one place. Only types: importing this module costs nothing at run
 time (its imports are for the type checker only), and none of those modules imports the daemon.
@@ -233,3 +233,22 @@ class Stops(Protocol):
 
     @property
     def snapshots(self) -> ClosesWriter: ...
+
+
+class ServesPods(Protocol):
+    """The daemon, as the API's pod operations (podapi.py) change it: under `lock`, the registry
+    and then a reconcile, whose route errors the answer reports."""
+
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def lock(self) -> AbstractContextManager[Any]: ...
+
+    @property
+    def pods(self) -> PodRegistry: ...
+
+    @property
+    def route_errors(self) -> list[str]: ...
+
+    def _reconcile_locked(self, reason: str) -> None: ...

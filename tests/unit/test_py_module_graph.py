@@ -104,7 +104,17 @@ def test_cli_and_daemon_do_not_import_each_other() -> None:
         assert b not in imports(a, mods[a], mods), f"{a} imports {b}"
     # nothing the daemon's parts import reaches back into the daemon
     parts = ("plan", "bringup", "pods", "guards", "reconcile", "cleanup", "native", "errors", "handover")
-    for part in (*parts, "preflight", "status", "shutdown", "lifecycle", "startup", "ports", "keeper"):
+    for part in (
+        *parts,
+        "preflight",
+        "status",
+        "shutdown",
+        "podapi",
+        "lifecycle",
+        "startup",
+        "ports",
+        "keeper",
+    ):
         name = f"podrouter.{part}"
         assert "podrouter.daemon" not in imports(name, mods[name], mods), f"{name} imports the daemon"
 
