@@ -1,9 +1,10 @@
 """What the daemon's collaborators need of it, as Protocols (typed collaborators, not `Any`).
 
-handover.py, keeper.py, status.py, podapi.py and shutdown.py are handed the daemon (or parts of it); they name
-here the attributes and calls they use, so mypy checks the daemon against them and a reader sees
-the whole contact surface in one place. Only types: importing this module costs nothing at run
-time (its imports are for the type checker only), and none of those modules imports the daemon.
+handover.py, keeper.py, status.py, podapi.py and shutdown.py are handed the daemon (or parts of
+it); they name here the attributes and calls they use, so mypy checks the daemon against them and a
+reader sees the whole contact surface in one place. Only types: importing this module costs nothing
+at run time (its imports are for the type checker only), and none of those modules imports the
+daemon.
 """
 
 from __future__ import annotations
