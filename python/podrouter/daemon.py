@@ -183,20 +183,13 @@ class Daemon:
         assert self.datapath is not None, "used before start"
         return self.datapath
 
-    # ------------------------------------------------------------------------------ start / stop
+    # ------------------------------------------------------------------------------------- start
 
     def preflight(self) -> None:
         """Everything that can refuse to start, checked before anything is installed (preflight.py)."""
         self.ipr = IPRoute()
         checked = preflight.check(self.cfg, self.ipr, self.handover_mode)
         self.underlay, self.masq6 = checked.underlay, checked.masq6
-
-    def handed_over(self) -> None:
-        """A successor runs on this daemon's datapath: stop (the stop contract) and leave the state
-        file to it."""
-        self.owns_record = False
-        self._stop.set()
-        self._wake.set()
 
     def start(self) -> None:
         cfg, u, ipr = self.cfg, self._u(), self._ipr()
@@ -284,34 +277,6 @@ class Daemon:
         self._start_metrics()
         self._keeper_replace()
 
-    # ------------------------------------------------------------------ the fd keeper (keeper.py)
-
-    def _keeper_replace(self) -> None:
-        """Once ready: the previous keeper lets go; with api.keeper a new one holds our fds."""
-        try:
-            if self.cfg.api.keeper:
-                keeper.replace(self.cfg, self.datapath, self._datapath_config(), log)
-            else:
-                keeper.drop(keeper.socket_path(self.cfg))
-        except Exception:  # noqa: BLE001 - the daemon runs on without a keeper
-            log.exception("fd keeper")
-
-    def _start_metrics(self) -> None:
-        """Serve /metrics on the socket taken before ready: importing prometheus_client and
-        starting its server are not part of the start (a scrape meanwhile waits in the backlog)."""
-        if self.metrics_sock is None:
-            return
-        self.metrics = metricsmod.MetricsServer(
-            metricsmod.make_source(
-                lambda: status.counters(self),
-                lambda: len(self.peer_views),
-                lambda: status.pod_limits(self),
-                lambda: status.bgp(self),
-            ),
-            sock=self.metrics_sock,
-        )
-        self.metrics_sock = None  # the server's now
-
     def _datapath_config(self) -> dict[str, Any]:
         return bringup.datapath_config(self.cfg, self._u(), self.masq6)
 
@@ -337,24 +302,57 @@ class Daemon:
         kept = keeper.take(self.cfg, dp_config, native.module(), log)
         self.datapath = kept if kept is not None else bringup.open_datapath(self._ipr(), dp_config)
 
-    def _write_forwarding(self, spec: dict[str, Any]) -> None:
-        """The forwarding snapshot for the next `podrouter run` (startup.py): with the fd keeper
-        only (the forward-first start takes its fds), once this daemon runs the datapath, when the
-        tables changed or (a reload) the config file's hash."""
-        self._last_spec = spec
-        if not self.cfg.api.keeper or self.config_sha256 is None or self._pending is not None:
-            return
-        # a snapshot is its tables (generation) for a config file (hash): each is written once
-        mark = (self.config_sha256, self.generation)
-        if self.datapath is not None and mark != self._snapshot_mark:
-            self._snapshot_mark = mark
-            # under the lock only a hand-over: the encoding (1.1 MB at 5000 peers) and the
-            # write happen on the writer's thread (scripts/forwarding_snapshot_timing.py)
-            self.snapshots.submit(self.cfg, self.config_sha256, self._datapath_config(), spec)
+    def _nat_snapshot_setup(self) -> None:
+        """Keep the masquerade table in `<api.socket dir>/<node>.nat` (docs/architecture.md, "NAT
+        state across restarts"): restored by the datapath's first start, before its workers run."""
+        path = str(nat_snapshot_path(self.cfg))
+        if self._fast_spec is not None:
+            return  # forward first: set before its start (startup.py), which restored the table
+        if self._pending is not None:
+            self._pending.set_nat_snapshot(path)
+        else:
+            self._dp().set_nat_snapshot(path)
 
-    def _pod_guard_want(self) -> guards.PodGuardKey:
-        pods = (e.pod for e in self.pods.entries.values())
-        return guards.pod_guard_want(self.cfg, self._u(), self.masq6, pods, self.peer_views)
+    def _nat_snapshot_report(self) -> None:
+        bringup.nat_snapshot_report(self._dp().nat_snapshot_stats())
+
+    # bgp.py is imported only by a BGP node: it is not among the start's imports (test_startup.py)
+    def _start_bgp(self) -> None:
+        """Announce this node's pod CIDRs through BIRD (docs/bgp.md), once its routes are in place."""
+        if self.cfg.bgp.enabled:
+            from podrouter import bgp  # lazy: only a BGP node pays for it
+
+            u = self._u()
+            assert isinstance(u.address, ipaddress.IPv4Address)  # underlay_problems: bgp needs it
+            self.bgp = bgp.start_speaker(self.cfg, u.address, u.on_link)
+
+    def _start_metrics(self) -> None:
+        """Serve /metrics on the socket taken before ready: importing prometheus_client and
+        starting its server are not part of the start (a scrape meanwhile waits in the backlog)."""
+        if self.metrics_sock is None:
+            return
+        self.metrics = metricsmod.MetricsServer(
+            metricsmod.make_source(
+                lambda: status.counters(self),
+                lambda: len(self.peer_views),
+                lambda: status.pod_limits(self),
+                lambda: status.bgp(self),
+            ),
+            sock=self.metrics_sock,
+        )
+        self.metrics_sock = None  # the server's now
+
+    def _keeper_replace(self) -> None:
+        """Once ready: the previous keeper lets go; with api.keeper a new one holds our fds."""
+        try:
+            if self.cfg.api.keeper:
+                keeper.replace(self.cfg, self.datapath, self._datapath_config(), log)
+            else:
+                keeper.drop(keeper.socket_path(self.cfg))
+        except Exception:  # noqa: BLE001 - the daemon runs on without a keeper
+            log.exception("fd keeper")
+
+    # ------------------------------------------------------------------------------------- serve
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; SIGHUP reloads the config."""
@@ -407,34 +405,17 @@ class Daemon:
             self._stop.set()
         self._wake.set()
 
-    # ------------------------------------------------------------------------- NAT persistence
-
-    def _nat_snapshot_setup(self) -> None:
-        """Keep the masquerade table in `<api.socket dir>/<node>.nat` (docs/architecture.md, "NAT
-        state across restarts"): restored by the datapath's first start, before its workers run."""
-        path = str(nat_snapshot_path(self.cfg))
-        if self._fast_spec is not None:
-            return  # forward first: set before its start (startup.py), which restored the table
-        if self._pending is not None:
-            self._pending.set_nat_snapshot(path)
-        else:
-            self._dp().set_nat_snapshot(path)
-
-    def _nat_snapshot_report(self) -> None:
-        bringup.nat_snapshot_report(self._dp().nat_snapshot_stats())
-
     def _on_event(self, reason: str) -> None:
         with self.lock:
             self._dirty.add(reason)
         self._wake.set()
 
-    def quick_stop(self, grace: float = shutdown.QUICK_STOP_GRACE) -> None:
-        """SIGTERM/SIGINT, the short way (shutdown.quick_stop)."""
-        shutdown.quick_stop(self, grace)
-
-    def shutdown(self, keep: bool = False) -> None:
-        """Stop, keeping the node's forwarding state for a successor or not (shutdown.shutdown)."""
-        shutdown.shutdown(self, keep)
+    def handed_over(self) -> None:
+        """A successor runs on this daemon's datapath: stop (the stop contract) and leave the state
+        file to it."""
+        self.owns_record = False
+        self._stop.set()
+        self._wake.set()
 
     # ------------------------------------------------------------------------------- reconcile
 
@@ -537,6 +518,25 @@ class Daemon:
         )
         self._write_forwarding(spec)
 
+    def _pod_guard_want(self) -> guards.PodGuardKey:
+        pods = (e.pod for e in self.pods.entries.values())
+        return guards.pod_guard_want(self.cfg, self._u(), self.masq6, pods, self.peer_views)
+
+    def _write_forwarding(self, spec: dict[str, Any]) -> None:
+        """The forwarding snapshot for the next `podrouter run` (startup.py): with the fd keeper
+        only (the forward-first start takes its fds), once this daemon runs the datapath, when the
+        tables changed or (a reload) the config file's hash."""
+        self._last_spec = spec
+        if not self.cfg.api.keeper or self.config_sha256 is None or self._pending is not None:
+            return
+        # a snapshot is its tables (generation) for a config file (hash): each is written once
+        mark = (self.config_sha256, self.generation)
+        if self.datapath is not None and mark != self._snapshot_mark:
+            self._snapshot_mark = mark
+            # under the lock only a hand-over: the encoding (1.1 MB at 5000 peers) and the
+            # write happen on the writer's thread (scripts/forwarding_snapshot_timing.py)
+            self.snapshots.submit(self.cfg, self.config_sha256, self._datapath_config(), spec)
+
     # ------------------------------------------------------------------------------------- SIGHUP
 
     def reload(self) -> None:
@@ -567,32 +567,13 @@ class Daemon:
                 self._write_forwarding(self._last_spec)  # the same tables, if the config's hash changed
         log.info("reload done: %d peers, %d pods", len(self.peer_views), len(self.pods))
 
-    # ------------------------------------------------------------------------------------- pods
-
-    def _pod_of(self, address: str | None) -> str | None:
-        """The local pod holding `address` (the monitor names pods in its events)."""
-        if not address:
-            return None
-        with self.lock:
-            return self.pods.pod_of(address)
-
-    # ------------------------------------------------------------------------------------ BGP
-    # bgp.py is imported only by a BGP node: it is not among the start's imports (test_startup.py)
-
-    def _start_bgp(self) -> None:
-        """Announce this node's pod CIDRs through BIRD (docs/bgp.md), once its routes are in place."""
-        if self.cfg.bgp.enabled:
-            from podrouter import bgp  # lazy: only a BGP node pays for it
-
-            u = self._u()
-            assert isinstance(u.address, ipaddress.IPv4Address)  # underlay_problems: bgp needs it
-            self.bgp = bgp.start_speaker(self.cfg, u.address, u.on_link)
-
     def _reload_bgp(self, old: Config, new: Config) -> None:
         if self.bgp is not None:
             from podrouter import bgp  # lazy: only a BGP node pays for it
 
             bgp.reload(self.bgp, old, new)
+
+    # ---------------------------------------------------------------------------------------- API
 
     def _api_handlers(self) -> dict[str, apimod.Handler]:
         return {
@@ -607,6 +588,23 @@ class Daemon:
         hub = self.monitor
         assert hub is not None
         return {"monitor": lambda req, send: monitor_stream(hub, req, status.drop_reasons(self), send)}
+
+    def _pod_of(self, address: str | None) -> str | None:
+        """The local pod holding `address` (the monitor names pods in its events)."""
+        if not address:
+            return None
+        with self.lock:
+            return self.pods.pod_of(address)
+
+    # -------------------------------------------------------------------- stop (shutdown.py)
+
+    def quick_stop(self, grace: float = shutdown.QUICK_STOP_GRACE) -> None:
+        """SIGTERM/SIGINT, the short way (shutdown.quick_stop)."""
+        shutdown.quick_stop(self, grace)
+
+    def shutdown(self, keep: bool = False) -> None:
+        """Stop, keeping the node's forwarding state for a successor or not (shutdown.shutdown)."""
+        shutdown.shutdown(self, keep)
 
 
 def run(
