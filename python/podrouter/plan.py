@@ -159,12 +159,7 @@ def engine_settings(
     is compiled against (`_native.Tables(spec, settings)`). A reload that changes one of them is
     restart-only (reconcile.restart_only_changes). `masq_address6`: where IPv6 pods are translated
     to (`masquerade.address6`; None: IPv6 pods are not translated)."""
-    return {
-        "underlay_address": node_address,
-        "underlay_address6": node_address6,
-        "masquerade_port_range": list(cfg.masquerade.port_range),
-        "masquerade_address6": masq_address6,
-    }
+    return configmod.engine_settings(node_address, node_address6, cfg.masquerade.port_range, masq_address6)
 
 
 def build_spec(
@@ -179,33 +174,15 @@ def build_spec(
     start-time settings (`engine_settings`). `masq_gateway6`: the IPv6 next hop of translated IPv6
     packets."""
 
-    def nets(xs: Iterable[IPNetwork]) -> list[str]:
-        return [str(x) for x in xs]
-
-    return {
-        "generation": generation,
-        "node": {"name": cfg.node.name, "pod_cidrs": nets(cfg.node.pod_cidrs)},
-        # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
-        # checked on ingress, never masqueraded
-        "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
-        "mode": cfg.routing.mode,
-        "native_cidrs": nets(cfg.routing.native_cidrs),
-        "native_when_on_link": cfg.routing.native_when_on_link,
-        "tunnel": {
-            "protocol": cfg.tunnel.protocol,
-            "vni": cfg.tunnel.vni,
-            "vxlan_port": cfg.tunnel.port_for("vxlan"),
-            "geneve_port": cfg.tunnel.port_for("geneve"),
-            "geneve_payload": cfg.tunnel.geneve_payload,
-        },
-        "gateway": gateway,
-        "masquerade": {
-            "enabled": cfg.masquerade.enabled,
-            "non_masquerade_cidrs": nets(cfg.masquerade.non_masquerade_cidrs),
-            "gateway6": masq_gateway6,
-        },
-        "peers": [_peer_spec(v) for v in peers],
-    }
+    # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
+    # checked on ingress, never masqueraded
+    cluster = [*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(peers)]
+    spec = configmod.table_spec(
+        cfg.node, cluster, cfg.routing, cfg.tunnel, cfg.masquerade, [_peer_spec(v) for v in peers], generation
+    )
+    spec["gateway"] = gateway
+    spec["masquerade"]["gateway6"] = masq_gateway6
+    return spec
 
 
 def _peer_spec(v: PeerView) -> dict[str, Any]:
