@@ -117,6 +117,8 @@ def check(config: str, as_json: bool) -> None:
         loaded = configmod.load(config)
     except configmod.ConfigError as e:
         problems = list(e.problems)
+    except StartError as e:  # the core's rulebook (podrouter._native) cannot be loaded
+        _fail(e.problems, e.code)
     else:
         if not as_json:
             for w in loaded.warnings:

@@ -389,7 +389,9 @@ def _parse(text: str) -> Any:
 
 
 def load(path: str | Path) -> Config:
-    """Read and validate a config file. Raises `ConfigError` listing every problem found."""
+    """Read and validate a config file. Raises `ConfigError` listing every problem found (the
+    relations between the keys are the core's rulebook: `native.NativeUnavailable`, a StartError,
+    when podrouter._native cannot be loaded)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -1558,23 +1560,6 @@ def unusable_node_address(addr: IPAddress) -> str | None:
     return None
 
 
-def peer_family_problem(
-    peer: IPAddress, address: IPAddress | None, address6: ipaddress.IPv6Address | None
-) -> str | None:
-    """Why this node cannot reach a peer at `peer` over the underlay, or None: it needs an underlay
-    address of the peer's family (`node.address`, or `node.address6` for an IPv6 peer). An unset
-    `node.address` is resolved at start and checked again then."""
-    if address is None:
-        return None
-    if peer.version == address.version or (peer.version == 6 and address6 is not None):
-        return None
-    if peer.version == 6:
-        return (
-            f"is IPv6, and this node has no IPv6 underlay address (node.address {address}; set node.address6)"
-        )
-    return f"is IPv4, and this node's underlay is IPv6 only (node.address {address})"
-
-
 def underlay_problems(
     cfg: Config,
     address: IPAddress,
@@ -1603,12 +1588,22 @@ def underlay_problems(
                 out.append(f"{key}: '{net}' overlaps the underlay subnet {subnet}")
         if gateway is not None and gateway.version == net.version and gateway in net:
             out.append(f"{key}: '{net}' contains the underlay gateway {gateway}")
-    for i, peer in enumerate(cfg.peers):
-        if peer.address in (address, address6):
-            out.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
-        why = peer_family_problem(peer.address, address, address6)
-        if why is not None:
-            out.append(f"peers[{i}].address: '{peer.address}' {why}")
+    # the static peers against the resolved addresses: the core's rulebook (not ours, not of a
+    # family this node has no underlay address in); the rest of its rules were asked at load
+    peers = [
+        {"name": p.name, "address": str(p.address), "pod_cidrs": [str(n) for n in p.pod_cidrs]}
+        for p in cfg.peers
+    ]
+    spec = table_spec(cfg.node, cfg.cluster_cidrs, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
+    settings = engine_settings(
+        str(address), str(address6) if address6 is not None else None, cfg.masquerade.port_range, None
+    )
+    keys = SpecKeys(cfg.node, cfg.cluster_cidrs, cfg.peers, list(range(len(cfg.peers))))
+    try:
+        found = native.check_tables(spec, settings)
+    except ValueError as e:
+        found = [("tables", str(e))]
+    out.extend(f"{keys.key(p)}: {keys.message(m)}" for p, m in found if not p.startswith("cluster_cidrs["))
     if cfg.bgp.enabled and address.version != 4:
         out.append(
             f"bgp.enabled: BGP speaks from an IPv4 node address, and the underlay address is {address}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Any, Protocol
 from podrouter import config as configmod
 from podrouter import native
 from podrouter.config import Config, IPAddress, IPNetwork, PeerConfig, PodConfig
-from podrouter.discovery.base import NetIndex
 from podrouter.netlink.constants import TUN_NAME
 
 
@@ -245,42 +245,42 @@ def nat_snapshot_path(cfg: Config) -> Path:
     return cfg.state_path.with_name(f"{cfg.node.name}.nat")
 
 
-class PeerIndex:
-    """The peers accepted so far in one refresh, indexed so that checking the next one costs
-    O(log n) instead of a scan of every accepted peer (thousands with etcd discovery)."""
+_PEER_PATH = re.compile(r"^peers\[(\d+)\]\.(.*)$")
+_PEER_REF = re.compile(r"\bpeers\[(\d+)\]")
 
-    def __init__(self, cfg: Config) -> None:
-        self.own = NetIndex()
-        for net in cfg.node.pod_cidrs:
-            self.own.add(net, "this node")
-        self.nets = NetIndex()
-        self.names: set[str] = set()
-        self.addresses: dict[IPAddress, str] = {}
 
-    def conflict(self, peer: PeerConfig) -> str | None:
-        for net in peer.pod_cidrs:
-            hit = self.own.find(net)
-            if hit is not None:
-                return f"pod CIDR {net} overlaps this node's {hit[1]}"
-        if peer.name in self.names:
-            return "duplicate name"
-        if peer.address in self.addresses:
-            return f"address {peer.address} is also peer {self.addresses[peer.address]}'s"
-        for net in peer.pod_cidrs:
-            hit = self.nets.find(net)
-            if hit is not None:
-                return f"pod CIDR {net} overlaps peer {hit[0]}'s {hit[1]}"
-        return None
+def refuse_conflicts(
+    cfg: Config, candidates: list[PeerView], settings: dict[str, Any]
+) -> tuple[list[PeerView], dict[str, str]]:
+    """The peers discovery offers, as the core's rulebook (`native.check_tables`, the rules
+    `Tables::build` enforces) takes them: each peer it finds a problem with is refused with that
+    problem (its name -> why); the others are kept, so one bad record never blocks the rest. The
+    core names the later peer of a conflicting pair, so earlier candidates win (static peers come
+    first); a peer refused only because of one refused before it is asked about again."""
+    kept = list(candidates)
+    rejected: dict[str, str] = {}
+    while kept:
+        names = [v.peer.name for v in kept]
 
-    def add(self, peer: PeerConfig) -> None:
-        self.names.add(peer.name)
-        self.addresses[peer.address] = peer.name
-        for net in peer.pod_cidrs:
-            self.nets.add(net, peer.name)
+        def name_of(r: re.Match[str], names: list[str] = names) -> str:
+            return names[int(r.group(1))]
+
+        bad: dict[int, str] = {}
+        for path, message in native.check_tables(build_spec(cfg, 0, None, kept), settings):
+            m = _PEER_PATH.match(path)
+            if m is None:
+                continue  # the config's own keys: checked when it was loaded
+            why = _PEER_REF.sub(name_of, message)
+            bad.setdefault(int(m.group(1)), f"{m.group(2)}: {why}")
+        if not bad:
+            break
+        for j, why in bad.items():
+            rejected[names[j]] = why
+        kept = [v for j, v in enumerate(kept) if j not in bad]
+    return kept, rejected
 
 
 __all__ = [
-    "PeerIndex",
     "PeerView",
     "RoutePlan",
     "build_spec",
@@ -297,5 +297,6 @@ __all__ = [
     "PathOracle",
     "path_mtu",
     "plan_routes",
+    "refuse_conflicts",
     "split_by",
 ]
