@@ -245,6 +245,17 @@ def nat_snapshot_path(cfg: Config) -> Path:
     return cfg.state_path.with_name(f"{cfg.node.name}.nat")
 
 
+def _relations_spec(cfg: Config, views: list[PeerView]) -> dict[str, Any]:
+    """build_spec's spec with only what the rulebook reads of a peer (name, address, pod CIDRs):
+    a third of the keys to hand over per peer."""
+    peers = []
+    for v in views:
+        address, cidrs, _ = _peer_strings(v)
+        peers.append({"name": v.peer.name, "address": address, "pod_cidrs": list(cidrs)})
+    cluster = [*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(views)]
+    return configmod.table_spec(cfg.node, cluster, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
+
+
 _PEER_PATH = re.compile(r"^peers\[(\d+)\]\.(.*)$")
 _PEER_REF = re.compile(r"\bpeers\[(\d+)\]")
 
@@ -266,7 +277,7 @@ def refuse_conflicts(
             return names[int(r.group(1))]
 
         bad: dict[int, str] = {}
-        for path, message in native.check_tables(build_spec(cfg, 0, None, kept), settings):
+        for path, message in native.check_tables(_relations_spec(cfg, kept), settings):
             m = _PEER_PATH.match(path)
             if m is None:
                 continue  # the config's own keys: checked when it was loaded
