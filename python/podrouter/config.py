@@ -6,6 +6,14 @@ fixes a broken file in one round. Each problem names the key path and the bad va
 ``nativ_cidrs`` would otherwise silently fall back to a default), and so are duplicate keys, which
 PyYAML would otherwise resolve by keeping the last one.
 
+The relations between the keys that become the routing tables (pod CIDRs inside the cluster and
+disjoint, peers unique and not this node, pod space clear of the node's and the peers' addresses,
+...) are not checked here: they are the Rust core's one rulebook (rust/core/src/rules.rs), asked once
+per load through `native.check_tables` after the shape checks, and its problems come back under the
+keys the user wrote (`SpecKeys`). This module checks the YAML's shape, types and key names, and the
+relations that are not the table spec's (pods, the masquerade range against the node's ports, the
+mesh declaration, BGP).
+
 Nothing here touches the kernel: defaults that depend on the running namespace (the underlay
 interface and address) stay ``None`` and are resolved by the daemon after validation
 (`podrouter.netlink.resolve_underlay`). Annotation problems on `pods[]` are *warnings*: the pod is
