@@ -250,10 +250,16 @@ def _relations_spec(cfg: Config, views: list[PeerView]) -> dict[str, Any]:
     a third of the keys to hand over per peer."""
     peers = []
     for v in views:
-        address, cidrs, _ = _peer_strings(v)
+        address, cidrs = _peer_key_strings(v.peer)
         peers.append({"name": v.peer.name, "address": address, "pod_cidrs": list(cidrs)})
     cluster = [*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(views)]
     return configmod.table_spec(cfg.node, cluster, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
+
+
+@functools.lru_cache(maxsize=16384)
+def _peer_key_strings(peer: PeerConfig) -> tuple[str, tuple[str, ...]]:
+    # cached by the peer alone (not by its view, whose cache the table builds use)
+    return str(peer.address), tuple(str(x) for x in peer.pod_cidrs)
 
 
 _PEER_PATH = re.compile(r"^peers\[(\d+)\]\.(.*)$")
