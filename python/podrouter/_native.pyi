@@ -38,6 +38,13 @@ def vtep_mac(address: str) -> str:
     ``02:70:<IPv4 bytes>`` or ``02:76:<last four bytes of the IPv6 address>``. ``ValueError`` if
     ``address`` is not an IP address."""
 
+def check_tables(spec: dict[str, Any], settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every problem the core's rulebook finds in a table spec compiled against the engine
+    settings (``Tables(spec, settings)`` raises for the first): ``(key path, message)`` pairs in
+    spec terms, e.g. ``("peers[1].pod_cidrs[0]", "'10.244.1.0/25' overlaps node's pod CIDR
+    '10.244.1.0/24'")``; empty when the tables compile. ``ValueError`` for a dict of the wrong
+    shape."""
+
 def default_max_entries_per_pod(max_entries: int) -> int:
     """``masquerade.max_entries_per_pod`` when only ``masquerade.max_entries`` is set: an eighth of
     the table, at least 64, at most the table."""
@@ -201,9 +208,11 @@ class Datapath:
 def encapsulate(inner: bytes, params: dict[str, Any]) -> bytes:
     """Outer IPv4 or IPv6 (by src/dst) + UDP + VXLAN/Geneve around ``inner``. params: protocol, vni, src, dst,
     dst_port?, inner_src_mac?, inner_dst_mac?. ``ValueError`` for bad params."""
+
 def decapsulate(outer: bytes, protocol: str | None = None) -> dict[str, Any]:
     """``{"ok": True, "protocol", "vni", "inner", "inner_ethertype", "ecn_action", "outer_src",
     "outer_dst", "src_port", "dst_port"}`` or ``{"ok": False, "reason": ...}``."""
+
 def parse(packet: bytes) -> dict[str, Any]:
     """The datapath's parse of an IP packet; ``ValueError(reason)`` for one it would drop."""
 

@@ -117,6 +117,8 @@ def check(config: str, as_json: bool) -> None:
         loaded = configmod.load(config)
     except configmod.ConfigError as e:
         problems = list(e.problems)
+    except StartError as e:  # the core's rulebook (podrouter._native) cannot be loaded
+        _fail(e.problems, e.code)
     else:
         if not as_json:
             for w in loaded.warnings:
@@ -416,9 +418,11 @@ def cleanup(config: str, force: bool, as_json: bool) -> None:
 
 
 def compile_problems(cfg: configmod.Config) -> list[str]:
-    """Compile the config's tables offline with the datapath's own compiler (the core's rulebook):
-    the problems it finds, or []. Nothing on this machine is read or changed; every peer is taken
-    as off-link, as a node sees them before its underlay is up."""
+    """Check the config's whole table spec (mesh space included) offline with the datapath's own
+    compiler (the core's rulebook): every problem it finds, or []. config.load asked the same
+    rulebook about the config's own keys already (and named the YAML keys). Nothing on this
+    machine is read or changed; every peer is taken as off-link, as a node sees them before its
+    underlay is up."""
     from podrouter import plan  # lazy: planning loads the netlink package, most commands need neither
     from podrouter.plan import PeerView
 
@@ -428,10 +432,9 @@ def compile_problems(cfg: configmod.Config) -> list[str]:
     spec = plan.build_spec(cfg, 0, None, [PeerView(p, False, None, None) for p in cfg.peers])
     settings = plan.engine_settings(cfg, address, str(a6) if a6 is not None else None)
     try:
-        native.compile_tables(spec, settings)
+        return [f"tables: {path}: {message}" for path, message in native.check_tables(spec, settings)]
     except ValueError as e:
         return [f"tables: {e}"]
-    return []
 
 
 def offline_spec(cfg: configmod.Config) -> tuple[dict[str, Any], dict[str, Any], list[str]]:

@@ -6,6 +6,14 @@ fixes a broken file in one round. Each problem names the key path and the bad va
 ``nativ_cidrs`` would otherwise silently fall back to a default), and so are duplicate keys, which
 PyYAML would otherwise resolve by keeping the last one.
 
+The relations between the keys that become the routing tables (pod CIDRs inside the cluster and
+disjoint, peers unique and not this node, pod space clear of the node's and the peers' addresses,
+...) are not checked here: they are the Rust core's one rulebook (rust/core/src/rules.rs), asked once
+per load through `native.check_tables` after the shape checks, and its problems come back under the
+keys the user wrote (`SpecKeys`). This module checks the YAML's shape, types and key names, and the
+relations that are not the table spec's (pods, the masquerade range against the node's ports, the
+mesh declaration, BGP).
+
 Nothing here touches the kernel: defaults that depend on the running namespace (the underlay
 interface and address) stay ``None`` and are resolved by the daemon after validation
 (`podrouter.netlink.resolve_underlay`). Annotation problems on `pods[]` are *warnings*: the pod is
@@ -17,7 +25,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -389,7 +397,9 @@ def _parse(text: str) -> Any:
 
 
 def load(path: str | Path) -> Config:
-    """Read and validate a config file. Raises `ConfigError` listing every problem found."""
+    """Read and validate a config file. Raises `ConfigError` listing every problem found (the
+    relations between the keys are the core's rulebook: `native.NativeUnavailable`, a StartError,
+    when podrouter._native cannot be loaded)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -678,9 +688,10 @@ class _Validator:
             # a hybrid mesh cluster uses routing.native_cidrs / native_when_on_link too
             self.warnings = [w for w in self.warnings if not w.startswith("routing: native_cidrs and")]
         if node is not None and cluster is not None:
-            # relations are checked on whatever parsed, so one run reports those problems too
-            self.cross_checks(node, cluster, routing, peers or (), pods or (), masq)
-            self.address_space_checks(node, cluster, routing, peers or ())
+            # relations are checked on whatever parsed, so one run reports those problems too: the
+            # table spec's by the core's rulebook, the pods' here
+            self.rulebook_checks(node, cluster, routing, tunnel, peers or (), masq)
+            self.pod_checks(node, cluster, pods or (), masq)
         self.port_checks(tunnel, masq, metrics)
         if self.problems:
             return None
@@ -1367,89 +1378,63 @@ class _Validator:
             if lo <= b and a <= hi:
                 self.bad("masquerade.port_range", f"{shown} overlaps {what}")
 
-    def address_space_checks(
+    def rulebook_checks(
         self,
         node: NodeConfig,
         cluster: tuple[IPNetwork, ...],
         routing: RoutingConfig | None,
+        tunnel: TunnelConfig | None,
         peers: tuple[PeerConfig, ...],
+        masq: MasqueradeConfig | None,
     ) -> None:
-        """Pod space that swallows underlay addresses would route the node's own traffic to its
-        peers (or into the datapath, which drops it): the node cuts itself off."""
-        for i, net in enumerate(cluster):
-            key = "cluster.pod_cidr" if len(cluster) == 1 else f"cluster.pod_cidrs[{i}]"
-            if net.prefixlen == 0:
-                self.bad(key, f"'{net}' covers every address (the node's and the internet's)")
-                continue
-            for nkey, na in (("node.address", node.address), ("node.address6", node.address6)):
-                if na is not None and na in net:
-                    self.bad(key, f"'{net}' contains this node's address {na} ({nkey})")
-            peer_idx = self.indices.get("peers", list(range(len(peers))))
-            for j, p in zip(peer_idx, peers, strict=True):
-                if p.address in net:
-                    self.bad(key, f"'{net}' contains peers[{j}].address {p.address}")
-        for i, net in enumerate(routing.native_cidrs if routing else ()):
-            if net.prefixlen == 0:
-                self.bad(f"routing.native_cidrs[{i}]", f"'{net}' covers every address")
+        """The relations between the keys that become the table spec and the engine settings
+        (pod CIDRs inside the cluster and disjoint, peers unique and not this node, pod space
+        clear of underlay addresses, ...) are the core's rulebook (rust/core/src/rules.rs): the
+        spec of what parsed (sections that did not parse take their defaults) goes to it once,
+        and each problem it finds comes back under the YAML key the user wrote."""
+        peer_idx = self.indices.get("peers", list(range(len(peers))))
+        masq = masq or MasqueradeConfig()
+        spec = table_spec(
+            node,
+            cluster,
+            routing or RoutingConfig(),
+            tunnel or TunnelConfig(),
+            masq,
+            [
+                {"name": p.name, "address": str(p.address), "pod_cidrs": [str(n) for n in p.pod_cidrs]}
+                for p in peers
+            ],
+        )
+        a6 = str(masq.address6) if isinstance(masq.address6, ipaddress.IPv6Address) else None
+        if node.address is None:
+            # resolved at start (and the tables compiled against it then): either family may fit
+            settings = engine_settings("0.0.0.0", "::", masq.port_range, a6)
+        else:
+            n6 = str(node.address6) if node.address6 is not None else None
+            settings = engine_settings(str(node.address), n6, masq.port_range, a6)
+        keys = SpecKeys(node, cluster, peers, peer_idx)
+        for path, message in native.check_tables(spec, settings):
+            self.bad(keys.key(path), keys.message(message))
 
-    def cross_checks(
+    def pod_checks(
         self,
         node: NodeConfig,
         cluster: tuple[IPNetwork, ...],
-        routing: RoutingConfig | None,
-        peers: tuple[PeerConfig, ...],
         pods: tuple[PodConfig, ...],
         masq: MasqueradeConfig | None,
     ) -> None:
+        """What is not the table spec's: the pods under `pods:` (unique, inside this node's pod
+        CIDRs) and the warning for non_masquerade_cidrs inside the cluster."""
+
         def in_cluster(net: IPNetwork) -> bool:
             return any(net.version == c.version and net.subnet_of(c) for c in cluster)  # type: ignore[arg-type]
 
-        for i, net in enumerate(node.pod_cidrs):
-            if not in_cluster(net):
-                key = "node.pod_cidr" if len(node.pod_cidrs) == 1 else f"node.pod_cidrs[{i}]"
-                self.bad(key, f"'{net}' is not inside the cluster pod CIDRs {[str(c) for c in cluster]}")
-        for i, net in enumerate(routing.native_cidrs if routing else ()):
-            if not any(net.version == c.version and net.overlaps(c) for c in cluster):
-                self.bad(f"routing.native_cidrs[{i}]", f"'{net}' does not overlap the cluster pod CIDRs")
         for i, net in enumerate(masq.non_masquerade_cidrs if masq else ()):
             if in_cluster(net):
                 self.warnings.append(
                     f"masquerade.non_masquerade_cidrs[{i}]: '{net}' is cluster pod space "
                     "(never masqueraded anyway)"
                 )
-        if masq is not None and isinstance(masq.address6, ipaddress.IPv6Address):
-            for net in cluster:
-                if masq.address6 in net:
-                    self.bad(
-                        "masquerade.address6", f"'{masq.address6}' is inside the cluster pod CIDR '{net}'"
-                    )
-        # every pod CIDR (this node's and each peer's) must be disjoint: LPM would otherwise pick one
-        owners: list[tuple[str, IPNetwork]] = [("node", n) for n in node.pod_cidrs]
-        names: dict[str, int] = {}
-        addresses: dict[IPAddress, int] = {}
-        peer_idx = self.indices.get("peers", list(range(len(peers))))
-        for i, p in zip(peer_idx, peers, strict=True):
-            path = f"peers[{i}]"
-            if p.name == node.name:
-                self.bad(f"{path}.name", f"{_q(p.name)} is this node's own name")
-            if p.name in names:
-                self.bad(f"{path}.name", f"{_q(p.name)} is also peers[{names[p.name]}]")
-            names.setdefault(p.name, i)
-            if p.address in (node.address, node.address6):
-                self.bad(f"{path}.address", f"'{p.address}' is this node's own address")
-            why = peer_family_problem(p.address, node.address, node.address6)
-            if why is not None:
-                self.bad(f"{path}.address", f"'{p.address}' {why}")
-            if p.address in addresses:
-                self.bad(f"{path}.address", f"'{p.address}' is also peers[{addresses[p.address]}]")
-            addresses.setdefault(p.address, i)
-            for net in p.pod_cidrs:
-                if not in_cluster(net):
-                    self.bad(f"{path}.pod_cidr", f"'{net}' is not inside the cluster pod CIDRs")
-                for owner, other in owners:
-                    if net.version == other.version and net.overlaps(other):  # type: ignore[arg-type]
-                        self.bad(f"{path}.pod_cidr", f"'{net}' overlaps {owner}'s pod CIDR '{other}'")
-                owners.append((path, net))
         pod_names: dict[str, int] = {}
         pod_ips: dict[IPAddress, int] = {}
         pod_idx = self.indices.get("pods", list(range(len(pods))))
@@ -1465,6 +1450,103 @@ class _Validator:
                 pod_ips.setdefault(addr, i)
                 if not any(addr in n for n in node.pod_cidrs):
                     self.bad(f"{path}.{key}", f"'{addr}' is not inside this node's pod CIDRs")
+
+
+# ------------------------------------------------------------------ the table spec and the rulebook
+
+
+def table_spec(
+    node: NodeConfig,
+    cluster_cidrs: Iterable[IPNetwork],
+    routing: RoutingConfig,
+    tunnel: TunnelConfig,
+    masq: MasqueradeConfig,
+    peers: list[dict[str, Any]],
+    generation: int = 0,
+) -> dict[str, Any]:
+    """The table spec dict `_native.Tables(spec, settings)` and `_native.check_tables` take
+    (docs/architecture.md, "Table spec"), from the config's sections and `peers` (spec dicts);
+    plan.build_spec adds what the node resolves (next hops, gateways, mesh space)."""
+    return {
+        "generation": generation,
+        "node": {"name": node.name, "pod_cidrs": [str(x) for x in node.pod_cidrs]},
+        "cluster_cidrs": [str(x) for x in cluster_cidrs],
+        "mode": routing.mode,
+        "native_cidrs": [str(x) for x in routing.native_cidrs],
+        "native_when_on_link": routing.native_when_on_link,
+        "tunnel": {
+            "protocol": tunnel.protocol,
+            "vni": tunnel.vni,
+            "vxlan_port": tunnel.port_for("vxlan"),
+            "geneve_port": tunnel.port_for("geneve"),
+            "geneve_payload": tunnel.geneve_payload,
+        },
+        "gateway": None,
+        "masquerade": {
+            "enabled": masq.enabled,
+            "non_masquerade_cidrs": [str(x) for x in masq.non_masquerade_cidrs],
+            "gateway6": None,
+        },
+        "peers": peers,
+    }
+
+
+def engine_settings(
+    address: str, address6: str | None, port_range: tuple[int, int], masq_address6: str | None
+) -> dict[str, Any]:
+    """The engine's start-time settings as keys of its config (`_native.Datapath(config)`): what
+    the datapath reads once, at start, and every table is compiled against."""
+    return {
+        "underlay_address": address,
+        "underlay_address6": address6,
+        "masquerade_port_range": list(port_range),
+        "masquerade_address6": masq_address6,
+    }
+
+
+_SPEC_INDEX = re.compile(r"^(node\.pod_cidrs|cluster_cidrs|native_cidrs)\[(\d+)\]")
+_SPEC_PEER = re.compile(r"^peers\[(\d+)\]\.(.*)$")
+_PEER_REF = re.compile(r"\bpeers\[(\d+)\]")
+
+
+class SpecKeys:
+    """The core's key paths (spec terms: `peers[2].pod_cidrs[0]`, `cluster_cidrs[1]`) as the YAML
+    keys the user wrote (`peers[3].pod_cidr` when the config skipped a broken peers[2],
+    `cluster.pod_cidr`, `routing.native_cidrs[1]`)."""
+
+    def __init__(
+        self,
+        node: NodeConfig,
+        cluster: tuple[IPNetwork, ...],
+        peers: tuple[PeerConfig, ...],
+        peer_index: list[int],
+    ) -> None:
+        self.node, self.cluster, self.peers, self.peer_index = node, cluster, peers, peer_index
+
+    def peer(self, j: int) -> str:
+        return f"peers[{self.peer_index[j] if j < len(self.peer_index) else j}]"
+
+    def key(self, path: str) -> str:
+        m = _SPEC_INDEX.match(path)
+        if m is not None:
+            i = int(m.group(2))
+            if m.group(1) == "node.pod_cidrs":
+                return "node.pod_cidr" if len(self.node.pod_cidrs) == 1 else path
+            if m.group(1) == "cluster_cidrs":
+                return "cluster.pod_cidr" if len(self.cluster) == 1 else f"cluster.pod_cidrs[{i}]"
+            return f"routing.{path}"
+        m = _SPEC_PEER.match(path)
+        if m is not None:
+            j, rest = int(m.group(1)), m.group(2)
+            if rest.startswith("pod_cidrs[") and j < len(self.peers) and len(self.peers[j].pod_cidrs) == 1:
+                rest = "pod_cidr"
+            return f"{self.peer(j)}.{rest}"
+        if path in ("tunnel.vxlan_port", "tunnel.geneve_port"):
+            return "tunnel.port"
+        return path
+
+    def message(self, message: str) -> str:
+        return _PEER_REF.sub(lambda m: self.peer(int(m.group(1))), message)
 
 
 # ------------------------------------------------------------------------------ address-space rules
@@ -1484,23 +1566,6 @@ def unusable_node_address(addr: IPAddress) -> str | None:
     if isinstance(addr, ipaddress.IPv4Address) and addr == ipaddress.IPv4Address("255.255.255.255"):
         return "is the broadcast address"
     return None
-
-
-def peer_family_problem(
-    peer: IPAddress, address: IPAddress | None, address6: ipaddress.IPv6Address | None
-) -> str | None:
-    """Why this node cannot reach a peer at `peer` over the underlay, or None: it needs an underlay
-    address of the peer's family (`node.address`, or `node.address6` for an IPv6 peer). An unset
-    `node.address` is resolved at start and checked again then."""
-    if address is None:
-        return None
-    if peer.version == address.version or (peer.version == 6 and address6 is not None):
-        return None
-    if peer.version == 6:
-        return (
-            f"is IPv6, and this node has no IPv6 underlay address (node.address {address}; set node.address6)"
-        )
-    return f"is IPv4, and this node's underlay is IPv6 only (node.address {address})"
 
 
 def underlay_problems(
@@ -1531,12 +1596,22 @@ def underlay_problems(
                 out.append(f"{key}: '{net}' overlaps the underlay subnet {subnet}")
         if gateway is not None and gateway.version == net.version and gateway in net:
             out.append(f"{key}: '{net}' contains the underlay gateway {gateway}")
-    for i, peer in enumerate(cfg.peers):
-        if peer.address in (address, address6):
-            out.append(f"peers[{i}].address: '{peer.address}' is this node's own address")
-        why = peer_family_problem(peer.address, address, address6)
-        if why is not None:
-            out.append(f"peers[{i}].address: '{peer.address}' {why}")
+    # the static peers against the resolved addresses: the core's rulebook (not ours, not of a
+    # family this node has no underlay address in); the rest of its rules were asked at load
+    peers = [
+        {"name": p.name, "address": str(p.address), "pod_cidrs": [str(n) for n in p.pod_cidrs]}
+        for p in cfg.peers
+    ]
+    spec = table_spec(cfg.node, cfg.cluster_cidrs, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
+    settings = engine_settings(
+        str(address), str(address6) if address6 is not None else None, cfg.masquerade.port_range, None
+    )
+    keys = SpecKeys(cfg.node, cfg.cluster_cidrs, cfg.peers, list(range(len(cfg.peers))))
+    try:
+        found = native.check_tables(spec, settings)
+    except ValueError as e:
+        found = [("tables", str(e))]
+    out.extend(f"{keys.key(p)}: {keys.message(m)}" for p, m in found if not p.startswith("cluster_cidrs["))
     if cfg.bgp.enabled and address.version != 4:
         out.append(
             f"bgp.enabled: BGP speaks from an IPv4 node address, and the underlay address is {address}"

@@ -29,11 +29,14 @@ def fail(lines: list[str] | str, code: int) -> NoReturn:
 def load_config(path: str) -> Config:
     """Load a config file; exit 2 naming each problem; print its warnings."""
     from podrouter import config as configmod
+    from podrouter.errors import StartError
 
     try:
         cfg = configmod.load(path)
     except configmod.ConfigError as e:
         fail(e.problems, EXIT_USAGE)
+    except StartError as e:  # the core's rulebook (podrouter._native) cannot be loaded
+        fail(e.problems, e.code)
     for w in cfg.warnings:
         print(f"warning: {w}", file=sys.stderr, flush=True)
     return cfg

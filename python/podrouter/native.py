@@ -5,8 +5,9 @@ importing `_native` itself, so that mypy checks each call against the stub and a
 build is reported the same way everywhere: `NativeUnavailable`, a StartError with exit status 1
 (the daemon prints it, the CLI prints it, nothing shows a traceback).
 
-The extension is loaded on first use, not when this module is imported: validating a config
-(`podrouter check`, config.py) and the pure-Python tools never need it.
+The extension is loaded on first use, not when this module is imported: the pure-Python tools
+never need it; config loading needs it once, after the YAML's shape checks, to ask the core's
+rulebook (`check_tables`) about the relations between the keys.
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ def compile_tables(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> Tabl
     <problem>") for one it refuses."""
     tables: Tables = module().Tables(dict(spec), dict(settings))
     return tables
+
+
+def check_tables(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """`_native.check_tables(spec, settings)`: every problem the core's rulebook finds (the
+    relations between the table spec and the engine settings), as (key path in spec terms,
+    message) pairs; [] when `compile_tables` would succeed. ValueError for a dict of the wrong
+    shape."""
+    return [(str(p), str(m)) for p, m in module().check_tables(dict(spec), dict(settings))]
 
 
 def route_paths(tables: Tables, destinations: Iterable[str]) -> list[str | None]:
@@ -133,6 +142,7 @@ __all__ = [
     "NativeUnavailable",
     "adopt_datapath",
     "available",
+    "check_tables",
     "compile_tables",
     "encap_overhead",
     "has_load_generators",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Any, Protocol
 from podrouter import config as configmod
 from podrouter import native
 from podrouter.config import Config, IPAddress, IPNetwork, PeerConfig, PodConfig
-from podrouter.discovery.base import NetIndex
 from podrouter.netlink.constants import TUN_NAME
 
 
@@ -159,12 +159,7 @@ def engine_settings(
     is compiled against (`_native.Tables(spec, settings)`). A reload that changes one of them is
     restart-only (reconcile.restart_only_changes). `masq_address6`: where IPv6 pods are translated
     to (`masquerade.address6`; None: IPv6 pods are not translated)."""
-    return {
-        "underlay_address": node_address,
-        "underlay_address6": node_address6,
-        "masquerade_port_range": list(cfg.masquerade.port_range),
-        "masquerade_address6": masq_address6,
-    }
+    return configmod.engine_settings(node_address, node_address6, cfg.masquerade.port_range, masq_address6)
 
 
 def build_spec(
@@ -179,33 +174,15 @@ def build_spec(
     start-time settings (`engine_settings`). `masq_gateway6`: the IPv6 next hop of translated IPv6
     packets."""
 
-    def nets(xs: Iterable[IPNetwork]) -> list[str]:
-        return [str(x) for x in xs]
-
-    return {
-        "generation": generation,
-        "node": {"name": cfg.node.name, "pod_cidrs": nets(cfg.node.pod_cidrs)},
-        # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
-        # checked on ingress, never masqueraded
-        "cluster_cidrs": nets(cfg.cluster_cidrs) + nets(mesh_space(cfg)) + nets(mesh_cidrs(peers)),
-        "mode": cfg.routing.mode,
-        "native_cidrs": nets(cfg.routing.native_cidrs),
-        "native_when_on_link": cfg.routing.native_when_on_link,
-        "tunnel": {
-            "protocol": cfg.tunnel.protocol,
-            "vni": cfg.tunnel.vni,
-            "vxlan_port": cfg.tunnel.port_for("vxlan"),
-            "geneve_port": cfg.tunnel.port_for("geneve"),
-            "geneve_payload": cfg.tunnel.geneve_payload,
-        },
-        "gateway": gateway,
-        "masquerade": {
-            "enabled": cfg.masquerade.enabled,
-            "non_masquerade_cidrs": nets(cfg.masquerade.non_masquerade_cidrs),
-            "gateway6": masq_gateway6,
-        },
-        "peers": [_peer_spec(v) for v in peers],
-    }
+    # a mesh peer's pod CIDRs are cluster space too (docs/clustermesh.md): routed to that peer,
+    # checked on ingress, never masqueraded
+    cluster = [*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(peers)]
+    spec = configmod.table_spec(
+        cfg.node, cluster, cfg.routing, cfg.tunnel, cfg.masquerade, [_peer_spec(v) for v in peers], generation
+    )
+    spec["gateway"] = gateway
+    spec["masquerade"]["gateway6"] = masq_gateway6
+    return spec
 
 
 def _peer_spec(v: PeerView) -> dict[str, Any]:
@@ -268,42 +245,59 @@ def nat_snapshot_path(cfg: Config) -> Path:
     return cfg.state_path.with_name(f"{cfg.node.name}.nat")
 
 
-class PeerIndex:
-    """The peers accepted so far in one refresh, indexed so that checking the next one costs
-    O(log n) instead of a scan of every accepted peer (thousands with etcd discovery)."""
+def _relations_spec(cfg: Config, views: list[PeerView]) -> dict[str, Any]:
+    """build_spec's spec with only what the rulebook reads of a peer (name, address, pod CIDRs):
+    a third of the keys to hand over per peer."""
+    peers = []
+    for v in views:
+        address, cidrs = _peer_key_strings(v.peer)
+        peers.append({"name": v.peer.name, "address": address, "pod_cidrs": list(cidrs)})
+    cluster = [*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(views)]
+    return configmod.table_spec(cfg.node, cluster, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
 
-    def __init__(self, cfg: Config) -> None:
-        self.own = NetIndex()
-        for net in cfg.node.pod_cidrs:
-            self.own.add(net, "this node")
-        self.nets = NetIndex()
-        self.names: set[str] = set()
-        self.addresses: dict[IPAddress, str] = {}
 
-    def conflict(self, peer: PeerConfig) -> str | None:
-        for net in peer.pod_cidrs:
-            hit = self.own.find(net)
-            if hit is not None:
-                return f"pod CIDR {net} overlaps this node's {hit[1]}"
-        if peer.name in self.names:
-            return "duplicate name"
-        if peer.address in self.addresses:
-            return f"address {peer.address} is also peer {self.addresses[peer.address]}'s"
-        for net in peer.pod_cidrs:
-            hit = self.nets.find(net)
-            if hit is not None:
-                return f"pod CIDR {net} overlaps peer {hit[0]}'s {hit[1]}"
-        return None
+@functools.lru_cache(maxsize=16384)
+def _peer_key_strings(peer: PeerConfig) -> tuple[str, tuple[str, ...]]:
+    # cached by the peer alone (not by its view, whose cache the table builds use)
+    return str(peer.address), tuple(str(x) for x in peer.pod_cidrs)
 
-    def add(self, peer: PeerConfig) -> None:
-        self.names.add(peer.name)
-        self.addresses[peer.address] = peer.name
-        for net in peer.pod_cidrs:
-            self.nets.add(net, peer.name)
+
+_PEER_PATH = re.compile(r"^peers\[(\d+)\]\.(.*)$")
+_PEER_REF = re.compile(r"\bpeers\[(\d+)\]")
+
+
+def refuse_conflicts(
+    cfg: Config, candidates: list[PeerView], settings: dict[str, Any]
+) -> tuple[list[PeerView], dict[str, str]]:
+    """The peers discovery offers, as the core's rulebook (`native.check_tables`, the rules
+    `Tables::build` enforces) takes them: each peer it finds a problem with is refused with that
+    problem (its name -> why); the others are kept, so one bad record never blocks the rest. The
+    core names the later peer of a conflicting pair, so earlier candidates win (static peers come
+    first); a peer refused only because of one refused before it is asked about again."""
+    kept = list(candidates)
+    rejected: dict[str, str] = {}
+    while kept:
+        names = [v.peer.name for v in kept]
+
+        def name_of(r: re.Match[str], names: list[str] = names) -> str:
+            return names[int(r.group(1))]
+
+        bad: dict[int, str] = {}
+        for path, message in native.check_tables(_relations_spec(cfg, kept), settings):
+            m = _PEER_PATH.match(path)
+            if m is None:
+                continue  # the config's own keys: checked when it was loaded
+            why = _PEER_REF.sub(name_of, message)
+            bad.setdefault(int(m.group(1)), f"{m.group(2)}: {why}")
+        if not bad:
+            break
+        for j, why in bad.items():
+            rejected[names[j]] = why
+        kept = [v for j, v in enumerate(kept) if j not in bad]
+    return kept, rejected
 
 
 __all__ = [
-    "PeerIndex",
     "PeerView",
     "RoutePlan",
     "build_spec",
@@ -320,5 +314,6 @@ __all__ = [
     "PathOracle",
     "path_mtu",
     "plan_routes",
+    "refuse_conflicts",
     "split_by",
 ]

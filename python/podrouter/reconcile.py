@@ -29,7 +29,7 @@ from podrouter.netlink.constants import (
 )
 from podrouter.netlink.plumbing import RouteSpec, RuleSpec
 from podrouter.netlink.underlay import Masquerade6, Underlay, next_hops_for
-from podrouter.plan import PeerIndex, PeerView, RoutePlan
+from podrouter.plan import PeerView, RoutePlan, engine_settings, refuse_conflicts
 
 log = logging.getLogger("podrouter")
 
@@ -77,24 +77,22 @@ def refresh_peers(
     ones refused, with why (each refusal logged when it is new or its reason changed)."""
     wanted: dict[str, tuple[PeerConfig, bool, IPAddress | None, str]] = {}
     sources = discovery.sources()
-    rejected: dict[str, str] = {}
-    taken = PeerIndex(cfg)
-    all_peers = discovery.peers()
+    own = u.addresses()
+    candidates = [
+        PeerView(p, False, None, None, sources.get(p.name, "static"))
+        for p in discovery.peers()
+        if p.address not in own and p.name != cfg.node.name  # ourselves, as seen by discovery
+    ]
+    # the tables refuse a peer the core's rulebook finds a problem with (overlapping pod CIDRs, a
+    # family this node has no underlay address in, ...); a discovery source that slipped one through
+    # must cost that peer, not the whole update (static peers come first and win)
+    a6 = str(u.address6) if u.address6 is not None else None
+    accepted, rejected = refuse_conflicts(cfg, candidates, engine_settings(cfg, str(u.address), a6))
     # the kernel's next hop of every peer, asked in bulk (thousands of peers with etcd)
-    next_hops = next_hops_for(ipr, u, [p.address for p in all_peers])
-    for peer in all_peers:
-        if peer.address in u.addresses() or peer.name == cfg.node.name:
-            continue  # ourselves, as seen by discovery
-        # the tables refuse overlapping pod CIDRs; a discovery source that slipped one through
-        # must cost that peer, not the whole update (static peers come first and win)
-        why = configmod.peer_family_problem(peer.address, u.address, u.address6)
-        why = f"address {peer.address} {why}" if why is not None else taken.conflict(peer)
-        if why:
-            rejected[peer.name] = why
-            continue
-        taken.add(peer)
-        nh = next_hops[peer.address]
-        wanted[peer.name] = (peer, u.on_link(peer.address), nh, sources.get(peer.name, "static"))
+    next_hops = next_hops_for(ipr, u, [v.peer.address for v in accepted])
+    for v in accepted:
+        peer = v.peer
+        wanted[peer.name] = (peer, u.on_link(peer.address), next_hops[peer.address], v.source)
     for name, why in rejected.items():
         if previous_rejects.get(name) != why:
             log.warning("ignoring peer %s: %s", name, why)

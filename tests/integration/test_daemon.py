@@ -226,6 +226,21 @@ def test_bad_config_and_port_overlap_exit_2_before_touching_anything(
         assert r.stderr.splitlines() == ["routing.native_cidrs[0]: '10.244.0.0/33' is not a CIDR"]
         kernel_is_clean(ref, "node1")
 
+        # the relations (the core's rulebook) are refused the same way, every problem at once
+        cfg = ref_config(ref, "node1", sd)
+        cfg["peers"] = [
+            {"name": "node2", "address": "172.16.2.2", "pod_cidr": "10.244.2.0/24"},
+            {"name": "node3", "address": "172.16.2.3", "pod_cidr": "10.244.1.0/25"},
+        ]
+        path = write_config(tmp_path / "rules.yaml", cfg)
+        r = n1.try_run([*podrouter_argv(), "run", "--config", str(path)], timeout=30)
+        assert r.returncode == 2
+        assert r.stderr.splitlines() == [
+            "peers[0].address: '172.16.2.2' is this node's own address",
+            "peers[1].pod_cidr: '10.244.1.0/25' overlaps node's pod CIDR '10.244.1.0/24'",
+        ]
+        kernel_is_clean(ref, "node1")
+
         # the masquerade range overlapping the kernel's ephemeral ports is refused at start
         n1.sysctl("net.ipv4.ip_local_port_range", "32768 62000")
         cfg = ref_config(ref, "node1", sd, masquerade={"enabled": True, "port_range": "61000-65535"})

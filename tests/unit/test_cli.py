@@ -407,3 +407,30 @@ def configmod_load(path: Path) -> Any:
     from podrouter import config as configmod
 
     return configmod.load(str(path))
+
+
+def test_check_reports_every_table_problem_at_once_under_the_yaml_keys(tmp_path: Path) -> None:
+    # the relations are the core's rulebook; `check` lists all of them in one run, each under the key
+    # the user wrote (node.pod_cidr, the original peers[] index past a broken entry) with the value
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("""
+node: {name: node1, address: 172.16.2.2, pod_cidr: 10.9.1.0/24}
+cluster: {pod_cidr: 10.244.0.0/16}
+routing: {mode: hybrid, native_cidrs: [10.99.0.0/16]}
+peers:
+  - {name: broken, address: nope, pod_cidr: 10.244.2.0/24}
+  - {name: node2, address: 172.16.2.2, pod_cidr: 10.244.2.0/24}
+  - {name: node2, address: 172.16.3.3, pod_cidr: 10.244.2.0/25}
+""")
+    r = CliRunner().invoke(main, ["check", "--config", str(cfg), "--json"])
+    assert r.exit_code == 2, r.output
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False
+    assert doc["problems"] == [
+        "peers[0].address: 'nope' is not an IP address",
+        "routing.native_cidrs[0]: '10.99.0.0/16' does not overlap the cluster pod CIDRs",
+        "node.pod_cidr: '10.9.1.0/24' is not inside the cluster pod CIDRs ['10.244.0.0/16']",
+        "peers[1].address: '172.16.2.2' is this node's own address",
+        "peers[2].name: 'node2' is also peers[1]",
+        "peers[2].pod_cidr: '10.244.2.0/25' overlaps peers[1]'s pod CIDR '10.244.2.0/24'",
+    ]

@@ -282,3 +282,40 @@ def test_dual_stack_routes_carry_the_path_mtu_for_both_families() -> None:
     spec = build_spec(cfg, 1, None, views(cfg))
     assert spec["node"]["pod_cidrs"] == ["10.244.1.0/24", "fd00:10:244:1::/64"]
     assert spec["peers"][0]["pod_cidrs"] == ["10.244.2.0/24", "fd00:10:244:2::/64"]
+
+
+def test_discovered_peers_are_refused_one_by_one_by_the_core() -> None:
+    """refresh_peers' gate (plan.refuse_conflicts): the core's rulebook names each conflicting
+    peer; that peer alone is refused, the others are kept, and earlier peers (static first) win."""
+    from podrouter.plan import refuse_conflicts
+
+    cfg = config.loads(REF)
+
+    def offered(name: str, address: str, cidr: str) -> PeerView:
+        peer = config.PeerConfig(name, ipaddress.ip_address(address), (N(cidr),))
+        return PeerView(peer, False, None, None, "etcd")
+
+    candidates = [
+        *(PeerView(p, False, None, None) for p in cfg.peers),
+        offered("squatter", "172.16.5.9", "10.244.2.0/25"),  # inside node2's pod CIDR
+        offered("thief", "172.16.3.2", "10.244.50.0/24"),  # node2's address
+        offered("local", "172.16.5.10", "10.244.1.0/26"),  # inside this node's pod CIDR
+        offered("far", "2001:db8::9", "10.244.51.0/24"),  # no IPv6 underlay address here
+        offered("node2", "172.16.5.11", "10.244.52.0/24"),  # node2's name
+        offered("fine", "172.16.5.12", "10.244.53.0/24"),
+        offered("inner", "172.16.5.13", "10.244.2.128/26"),  # inside the squatter's only
+    ]
+    kept, rejected = refuse_conflicts(cfg, candidates, settings(cfg))
+    assert [v.peer.name for v in kept] == ["node2", "node3", "fine"]
+    assert rejected == {
+        "squatter": "pod_cidrs[0]: '10.244.2.0/25' overlaps node2's pod CIDR '10.244.2.0/24'",
+        "thief": "address: '172.16.3.2' is also node2",
+        "local": "pod_cidrs[0]: '10.244.1.0/26' overlaps node's pod CIDR '10.244.1.0/24'",
+        "far": "address: '2001:db8::9' is IPv6, and this node has no IPv6 underlay address "
+        "(node.address 172.16.2.2; set node.address6)",
+        "node2": "name: 'node2' is also node2",
+        "inner": "pod_cidrs[0]: '10.244.2.128/26' overlaps node2's pod CIDR '10.244.2.0/24'",
+    }
+    # what is kept compiles
+    _native.Tables(build_spec(cfg, 0, None, kept), settings(cfg))
+    assert refuse_conflicts(cfg, kept, settings(cfg)) == (kept, {})

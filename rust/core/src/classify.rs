@@ -97,117 +97,11 @@ fn native_via(next_hops: &[NextHop], id: Option<NextHopId>, masq: bool) -> Verdi
 
 impl Tables {
     /// Validates and compiles a spec against the engine's start-time `settings` (the node's
-    /// underlay addresses, the masquerade port range and IPv6 address). Refuses (with the key
-    /// path): settings [`EngineSettings::validate`] refuses, a VNI over 24 bits, a zero
-    /// tunnel port or equal VXLAN and Geneve ports, a node or peer pod CIDR outside every cluster
-    /// CIDR, overlapping pod CIDRs (between peers or with this node), a peer whose address is
-    /// this node's or another peer's, a peer of a family the node has no underlay address in.
+    /// underlay addresses, the masquerade port range and IPv6 address). Refuses a spec the
+    /// rulebook ([`crate::rules::check`]) finds any problem in, with the first problem's key path;
+    /// [`Tables::check`] lists them all.
     pub fn build(spec: &TableSpec, settings: &EngineSettings) -> Result<Tables, SpecError> {
-        settings.validate()?;
-        if spec.tunnel.vni > crate::wire::vxlan::MAX_VNI {
-            return Err(SpecError::new(
-                "tunnel.vni",
-                format!("{} does not fit in 24 bits", spec.tunnel.vni),
-            ));
-        }
-        for (key, port) in [
-            ("tunnel.vxlan_port", spec.tunnel.vxlan_port),
-            ("tunnel.geneve_port", spec.tunnel.geneve_port),
-        ] {
-            if port == 0 {
-                return Err(SpecError::new(key, "port 0 is not a tunnel port"));
-            }
-        }
-        if spec.tunnel.vxlan_port == spec.tunnel.geneve_port {
-            return Err(SpecError::new(
-                "tunnel.geneve_port",
-                format!("{} is also the VXLAN port", spec.tunnel.geneve_port),
-            ));
-        }
-
-        let in_cluster = |c: &Cidr| spec.cluster_cidrs.iter().any(|k| k.covers(c));
-        // Every pod CIDR with its key path, for the overlap sweep and the error messages.
-        let mut owned: Vec<(Cidr, String)> = Vec::new();
-        for (i, c) in spec.node.pod_cidrs.iter().enumerate() {
-            let path = format!("node.pod_cidrs[{i}]");
-            if !in_cluster(c) {
-                return Err(SpecError::new(
-                    path,
-                    format!("{c} is not inside any cluster_cidrs"),
-                ));
-            }
-            owned.push((*c, path));
-        }
-        let node_v6 = settings.address6.map(IpAddr::V6);
-        for (p, peer) in spec.peers.iter().enumerate() {
-            if peer.address == settings.address || Some(peer.address) == node_v6 {
-                return Err(SpecError::new(
-                    format!("peers[{p}].address"),
-                    format!("{} is this node's address", peer.address),
-                ));
-            }
-            if settings.source_for(peer.address).is_none() {
-                let fam = if peer.address.is_ipv4() {
-                    "IPv4"
-                } else {
-                    "IPv6"
-                };
-                return Err(SpecError::new(
-                    format!("peers[{p}].address"),
-                    format!("{}: this node has no {fam} underlay address", peer.address),
-                ));
-            }
-            if let Some(q) = spec.peers[..p]
-                .iter()
-                .position(|o| o.address == peer.address)
-            {
-                return Err(SpecError::new(
-                    format!("peers[{p}].address"),
-                    format!("{} is also the address of peers[{q}]", peer.address),
-                ));
-            }
-            for (i, c) in peer.pod_cidrs.iter().enumerate() {
-                let path = format!("peers[{p}].pod_cidrs[{i}]");
-                if !in_cluster(c) {
-                    return Err(SpecError::new(
-                        path,
-                        format!("{c} is not inside any cluster_cidrs"),
-                    ));
-                }
-                owned.push((*c, path));
-            }
-        }
-        // Prefixes either nest or are disjoint, so after sorting by (family, start) an overlap is
-        // a start at or before the furthest end seen so far in the same family.
-        let mut sweep: Vec<(bool, u128, u128, usize)> = owned
-            .iter()
-            .enumerate()
-            .map(|(i, (c, _))| {
-                let (v6, lo, hi) = c.bounds();
-                (v6, lo, hi, i)
-            })
-            .collect();
-        sweep.sort_unstable();
-        let mut open: Option<(bool, u128, usize)> = None;
-        for &(v6, lo, hi, i) in &sweep {
-            if let Some((fam, end, j)) = open {
-                if fam == v6 && lo <= end {
-                    let (a, b) = if i > j { (i, j) } else { (j, i) };
-                    return Err(SpecError::new(
-                        owned[a].1.clone(),
-                        format!("{} overlaps {} ({})", owned[a].0, owned[b].1, owned[b].0),
-                    ));
-                }
-            }
-            let extends = match open {
-                Some((fam, end, _)) => fam != v6 || hi > end,
-                None => true,
-            };
-            if extends {
-                open = Some((v6, hi, i));
-            }
-        }
-
+        crate::rules::first_problem(spec, settings)?;
         let lpm_err = |path: &str| {
             let path = path.to_string();
             move |e: crate::lpm::LpmError| SpecError::new(path.clone(), e.to_string())
@@ -324,6 +218,12 @@ impl Tables {
             tunnel: spec.tunnel,
             masquerade: spec.masquerade.clone(),
         })
+    }
+
+    /// Every problem [`Tables::build`] would refuse `spec` for (empty: it compiles), each with its
+    /// key path: the core's rulebook, [`crate::rules::check`].
+    pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
+        crate::rules::check(spec, settings)
     }
 
     /// Decides what to do with a packet from `src` to `dst` that left a local pod.
@@ -1219,14 +1119,19 @@ mod tests {
                 .push("10.244.2.128/25".parse().unwrap())
         });
         assert_eq!(e.path, "peers[1].pod_cidrs[1]");
-        assert!(e.message.contains("overlaps peers[0].pod_cidrs[0]"), "{e}");
+        assert!(
+            e.message
+                .contains("overlaps peers[0]'s pod CIDR '10.244.2.0/24'"),
+            "{e}"
+        );
         let e = bad(|s| s.peers[0].pod_cidrs = vec!["10.244.0.0/20".parse().unwrap()]);
         assert_eq!(e.path, "peers[0].pod_cidrs[0]");
-        assert!(e.message.contains("node.pod_cidrs[0]"), "{e}");
+        assert!(e.message.contains("node's pod CIDR '10.244.1.0/24'"), "{e}");
         let e = bad(|s| s.peers[0].pod_cidrs = vec!["10.99.0.0/24".parse().unwrap()]);
         assert_eq!(
             e.to_string(),
-            "peers[0].pod_cidrs[0]: 10.99.0.0/24 is not inside any cluster_cidrs"
+            "peers[0].pod_cidrs[0]: '10.99.0.0/24' is not inside the cluster pod CIDRs \
+             ['10.244.0.0/16', 'fd00:10:244::/48']"
         );
         let e = bad(|s| s.tunnel.vni = 1 << 24);
         assert_eq!(e.path, "tunnel.vni");

@@ -15,6 +15,7 @@ pub mod nat;
 pub mod nat_snapshot;
 pub mod offload;
 pub mod reference;
+pub mod rules;
 pub mod spec;
 pub mod verdict;
 pub mod wire;

@@ -206,22 +206,32 @@ impl EngineSettings {
     }
 
     /// Refuses (with the config key) an empty or reversed port range, or an `address6` next to
-    /// an IPv6 `address`.
+    /// an IPv6 `address`: the first of [`EngineSettings::problems`].
     pub fn validate(&self) -> Result<(), SpecError> {
+        match self.problems().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every problem of these settings alone (their relations with a table spec are
+    /// `crate::rules::check`'s).
+    pub fn problems(&self) -> Vec<SpecError> {
+        let mut out = Vec::new();
         let (lo, hi) = self.port_range;
         if lo == 0 || lo > hi {
-            return Err(SpecError::new(
+            out.push(SpecError::new(
                 "masquerade.port_range",
                 format!("[{lo}, {hi}] is not a port range"),
             ));
         }
         if let (IpAddr::V6(_), Some(a6)) = (self.address, self.address6) {
-            return Err(SpecError::new(
+            out.push(SpecError::new(
                 "node.address6",
                 format!("{a6}: node.address is already IPv6"),
             ));
         }
-        Ok(())
+        out
     }
 
     /// The IPv4 masquerade address: `address` when it is IPv4, `0.0.0.0` on an IPv6-only

@@ -766,6 +766,23 @@ fn vtep_mac(address: &str) -> PyResult<String> {
     Ok(format_mac(&podrouter_core::vxlan_inner_mac(ip)))
 }
 
+/// Every problem the core's rulebook finds in `spec` compiled against `settings`
+/// (`Tables(spec, settings)` raises for the first): a list of `(key path, message)` in spec
+/// terms, e.g. `("peers[1].pod_cidrs[0]", "'10.244.1.0/25' overlaps node's pod CIDR
+/// '10.244.1.0/24'")`; empty when the tables compile. A spec or settings dict of the wrong shape
+/// still raises `ValueError("<key path>: <problem>")`.
+#[pyfunction]
+fn check_tables(
+    py: Python<'_>,
+    spec: &Bound<'_, PyAny>,
+    settings: &Bound<'_, PyAny>,
+) -> PyResult<Vec<(String, String)>> {
+    let spec = table_spec(spec)?;
+    let settings = engine_settings(settings)?;
+    let problems = py.allow_threads(|| CoreTables::check(&spec, &settings));
+    Ok(problems.into_iter().map(|e| (e.path, e.message)).collect())
+}
+
 /// `masquerade.max_entries_per_pod` when only `masquerade.max_entries` is set.
 #[pyfunction]
 fn default_max_entries_per_pod(max_entries: usize) -> usize {
@@ -793,6 +810,7 @@ fn register_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // the `path` label values of podrouter_packets_total, in the core's order
     m.add("PATHS", PyTuple::new(m.py(), Path::ALL.map(Path::as_str))?)?;
     m.add_function(wrap_pyfunction!(vtep_mac, m)?)?;
+    m.add_function(wrap_pyfunction!(check_tables, m)?)?;
     m.add_function(wrap_pyfunction!(default_max_entries_per_pod, m)?)?;
     Ok(())
 }

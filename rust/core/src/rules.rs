@@ -1,0 +1,233 @@
+//! The rulebook: every relation a [`TableSpec`] and the engine's [`EngineSettings`] must satisfy,
+//! checked in one pass that reports every problem (not only the first), each with the spec key
+//! path of the offending value and a message naming it. [`crate::classify::Tables::build`]
+//! refuses a spec with any problem; the control plane asks [`check`] (through the bindings'
+//! `check_tables`) to validate a config offline and maps each path back to the YAML key the user
+//! wrote. The Python layer checks only the YAML's shape, types and key names
+//! (docs/architecture.md, "One rulebook").
+//!
+//! The work is linear in the peers (plus a sort for the pod-CIDR overlap sweep), so the
+//! reconcile of thousands of etcd peers pays no quadratic check.
+//!
+//! An unspecified node address (`0.0.0.0` / `::`) in the settings means "not known yet" (a
+//! config whose `node.address` is resolved at start): the checks that compare against it are
+//! skipped.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use crate::spec::{Cidr, EngineSettings, SpecError, TableSpec};
+
+/// `['10.244.0.0/16', 'fd00::/48']`: a CIDR list the way the config's messages quote it.
+fn quoted_list(cidrs: &[Cidr]) -> String {
+    let items: Vec<String> = cidrs.iter().map(|c| format!("'{c}'")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn known(a: IpAddr) -> Option<IpAddr> {
+    (!a.is_unspecified()).then_some(a)
+}
+
+/// Every problem of `spec` compiled against `settings`, in a stable order: the settings, the
+/// tunnel, the cluster CIDRs, `native_cidrs`, the masquerade address, this node's pod CIDRs,
+/// each peer (name, address, pod CIDRs), then pod-CIDR overlaps. Empty: the spec compiles.
+pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
+    let mut out = settings.problems();
+    let mut bad = |path: String, message: String| out.push(SpecError::new(path, message));
+
+    if spec.tunnel.vni > crate::wire::vxlan::MAX_VNI {
+        bad(
+            "tunnel.vni".into(),
+            format!("{} does not fit in 24 bits", spec.tunnel.vni),
+        );
+    }
+    for (key, port) in [
+        ("tunnel.vxlan_port", spec.tunnel.vxlan_port),
+        ("tunnel.geneve_port", spec.tunnel.geneve_port),
+    ] {
+        if port == 0 {
+            bad(key.into(), "port 0 is not a tunnel port".into());
+        }
+    }
+    if spec.tunnel.vxlan_port == spec.tunnel.geneve_port && spec.tunnel.vxlan_port != 0 {
+        bad(
+            "tunnel.geneve_port".into(),
+            format!("{} is also the VXLAN port", spec.tunnel.geneve_port),
+        );
+    }
+
+    // Pod space that swallows underlay addresses would route the node's own traffic to its peers
+    // (or into the datapath, which drops it): the node cuts itself off.
+    let node_addrs = [
+        ("node.address", known(settings.address)),
+        (
+            "node.address6",
+            settings.address6.map(IpAddr::V6).and_then(known),
+        ),
+    ];
+    for (i, net) in spec.cluster_cidrs.iter().enumerate() {
+        let path = format!("cluster_cidrs[{i}]");
+        if net.prefix_len() == 0 {
+            bad(
+                path,
+                format!("'{net}' covers every address (the node's and the internet's)"),
+            );
+            continue;
+        }
+        for (key, a) in node_addrs {
+            if let Some(a) = a.filter(|a| net.contains(*a)) {
+                bad(
+                    path.clone(),
+                    format!("'{net}' contains this node's address {a} ({key})"),
+                );
+            }
+        }
+        for (j, p) in spec.peers.iter().enumerate() {
+            if net.contains(p.address) {
+                bad(
+                    path.clone(),
+                    format!("'{net}' contains peers[{j}].address {}", p.address),
+                );
+            }
+        }
+    }
+    let overlaps_cluster = |net: &Cidr| {
+        spec.cluster_cidrs
+            .iter()
+            .any(|c| c.covers(net) || net.covers(c))
+    };
+    for (i, net) in spec.native_cidrs.iter().enumerate() {
+        let path = format!("native_cidrs[{i}]");
+        if net.prefix_len() == 0 {
+            bad(path, format!("'{net}' covers every address"));
+        } else if !overlaps_cluster(net) {
+            bad(
+                path,
+                format!("'{net}' does not overlap the cluster pod CIDRs"),
+            );
+        }
+    }
+    if let Some(a6) = settings.masquerade_address6 {
+        for net in spec.cluster_cidrs.iter().filter(|c| c.contains(a6.into())) {
+            bad(
+                "masquerade.address6".into(),
+                format!("'{a6}' is inside the cluster pod CIDR '{net}'"),
+            );
+        }
+    }
+
+    let in_cluster = |c: &Cidr| spec.cluster_cidrs.iter().any(|k| k.covers(c));
+    let not_inside = |c: &Cidr| {
+        format!(
+            "'{c}' is not inside the cluster pod CIDRs {}",
+            quoted_list(&spec.cluster_cidrs)
+        )
+    };
+    // Every pod CIDR with its key path and owner, for the overlap sweep and its messages.
+    let mut owned: Vec<(Cidr, String, String)> = Vec::new();
+    for (i, c) in spec.node.pod_cidrs.iter().enumerate() {
+        let path = format!("node.pod_cidrs[{i}]");
+        if !in_cluster(c) {
+            bad(path.clone(), not_inside(c));
+        }
+        owned.push((*c, path, "node".into()));
+    }
+    let mut names: HashMap<&str, usize> = HashMap::with_capacity(spec.peers.len());
+    let mut addresses: HashMap<IpAddr, usize> = HashMap::with_capacity(spec.peers.len());
+    for (p, peer) in spec.peers.iter().enumerate() {
+        let at = |key: &str| format!("peers[{p}].{key}");
+        if peer.name == spec.node.name {
+            bad(
+                at("name"),
+                format!("'{}' is this node's own name", peer.name),
+            );
+        }
+        match names.get(peer.name.as_str()) {
+            Some(q) => bad(at("name"), format!("'{}' is also peers[{q}]", peer.name)),
+            None => {
+                names.insert(&peer.name, p);
+            }
+        }
+        let a = peer.address;
+        if node_addrs.iter().any(|(_, n)| *n == Some(a)) {
+            bad(at("address"), format!("'{a}' is this node's own address"));
+        }
+        if settings.source_for(a).is_none() {
+            let why = if a.is_ipv6() {
+                format!(
+                    "is IPv6, and this node has no IPv6 underlay address (node.address {}; set \
+                     node.address6)",
+                    settings.address
+                )
+            } else {
+                format!(
+                    "is IPv4, and this node's underlay is IPv6 only (node.address {}: no IPv4 \
+                     underlay address)",
+                    settings.address
+                )
+            };
+            bad(at("address"), format!("'{a}' {why}"));
+        }
+        match addresses.get(&a) {
+            Some(q) => bad(at("address"), format!("'{a}' is also peers[{q}]")),
+            None => {
+                addresses.insert(a, p);
+            }
+        }
+        for (i, c) in peer.pod_cidrs.iter().enumerate() {
+            let path = format!("peers[{p}].pod_cidrs[{i}]");
+            if !in_cluster(c) {
+                bad(path.clone(), not_inside(c));
+            }
+            owned.push((*c, path, format!("peers[{p}]")));
+        }
+    }
+
+    // Pod CIDRs must be disjoint, or the LPM would pick one owner. Prefixes either nest or are
+    // disjoint, so after sorting by (family, start) an overlap is a start at or before the
+    // furthest end seen so far in the same family; each overlapping CIDR is reported once,
+    // under the later of the two owners in spec order.
+    let mut sweep: Vec<(bool, u128, u128, usize)> = owned
+        .iter()
+        .enumerate()
+        .map(|(i, (c, _, _))| {
+            let (v6, lo, hi) = c.bounds();
+            (v6, lo, hi, i)
+        })
+        .collect();
+    sweep.sort_unstable();
+    let mut overlaps: Vec<(usize, usize)> = Vec::new();
+    let mut open: Option<(bool, u128, usize)> = None;
+    for &(v6, lo, hi, i) in &sweep {
+        if let Some((fam, end, j)) = open {
+            if fam == v6 && lo <= end {
+                overlaps.push(if i > j { (i, j) } else { (j, i) });
+            }
+        }
+        let extends = match open {
+            Some((fam, end, _)) => fam != v6 || hi > end,
+            None => true,
+        };
+        if extends {
+            open = Some((v6, hi, i));
+        }
+    }
+    overlaps.sort_unstable();
+    for (a, b) in overlaps {
+        let (net, path, _) = &owned[a];
+        let (other, _, owner) = &owned[b];
+        bad(
+            path.clone(),
+            format!("'{net}' overlaps {owner}'s pod CIDR '{other}'"),
+        );
+    }
+    out
+}
+
+/// The first problem of [`check`], if any.
+pub fn first_problem(spec: &TableSpec, settings: &EngineSettings) -> Result<(), SpecError> {
+    match check(spec, settings).into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
