@@ -1579,7 +1579,8 @@ impl Worker {
             let buf = &mut recv.buf_mut(m)[..meta.len];
             // One GSO skb delivered whole (a peer's UDP-tunnel GSO over veths and forwarding):
             // ONE datagram longer than any wire datagram, no UDP_GRO cmsg, its inner TCP
-            // super-packet with the checksum still partial; written to the TUN as one TSO packet.
+            // super-packet with the checksum still partial; the loop below sees it as its only
+            // datagram (`seg` is its length) and writes it to the TUN as one TSO packet.
             let whole = if meta.segment == 0 && meta.len > self.tun_mtu {
                 tnl::whole_inner(buf, tunnel_proto).and_then(|off| {
                     let mtu = self.tun_mtu.saturating_sub(off + 28);
@@ -1588,30 +1589,6 @@ impl Worker {
             } else {
                 None
             };
-            if let Some(h) = whole {
-                if tunnel_proto == TunnelProto::Geneve {
-                    count_geneve_options(c, buf);
-                }
-                let (src, sport) = (meta.src.ip(), meta.src.port());
-                let len = buf.len();
-                match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, buf, 0, len) {
-                    IngressAction::Deliver { range, path, .. } => {
-                        let pkt = &buf[range];
-                        // what the coalescer holds came first
-                        if let Some(g) = gro.as_mut() {
-                            g.flush(&mut sink);
-                        }
-                        let (segs, _) = vnet::wire_size(pkt, &h);
-                        c.stat(Stat::UdpRxWholeGso, 1);
-                        c.count(path, Dir::Ingress, segs as u64, pkt.len() as u64);
-                        let mut hb = [0u8; VNET_HDR_LEN];
-                        h.emit(&mut hb);
-                        sink(&hb, pkt, segs);
-                    }
-                    IngressAction::Drop(r) => c.drop_packets(r.index(), 1),
-                }
-                continue;
-            }
             for dg in buf.chunks_mut(seg) {
                 let len = dg.len();
                 if tunnel_proto == TunnelProto::Geneve {
@@ -1620,7 +1597,8 @@ impl Worker {
                 let (src, sport) = (meta.src.ip(), meta.src.port());
                 match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, dg, 0, len) {
                     IngressAction::Deliver { range, path, .. } => {
-                        c.count(path, Dir::Ingress, 1, range.len() as u64);
+                        let segs = whole.map_or(1, |h| vnet::wire_size(&dg[range.clone()], &h).0);
+                        c.count(path, Dir::Ingress, segs as u64, range.len() as u64);
                         if self.events.sample_flow() {
                             let mut e =
                                 Event::ip(Kind::Flow, Direction::Ingress, &dg[range.clone()]);
@@ -1631,9 +1609,19 @@ impl Worker {
                             };
                             self.events.push(e);
                         }
-                        match gro {
-                            Some(g) => g.offer(&dg[range], &mut sink),
-                            None => sink(&[0; VNET_HDR_LEN], &dg[range], 1),
+                        match (whole, gro.as_mut()) {
+                            (Some(h), g) => {
+                                // what the coalescer holds came first
+                                if let Some(g) = g {
+                                    g.flush(&mut sink);
+                                }
+                                c.stat(Stat::UdpRxWholeGso, 1);
+                                let mut hb = [0u8; VNET_HDR_LEN];
+                                h.emit(&mut hb);
+                                sink(&hb, &dg[range], segs);
+                            }
+                            (None, Some(g)) => g.offer(&dg[range], &mut sink),
+                            (None, None) => sink(&[0; VNET_HDR_LEN], &dg[range], 1),
                         }
                     }
                     IngressAction::Drop(r) => {
