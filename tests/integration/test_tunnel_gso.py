@@ -205,7 +205,8 @@ def test_datapath_workers_sets_the_worker_count(ref: ReferenceTopology, daemons:
 def test_small_udp_datagrams_leave_merged_and_arrive_intact(ref: ReferenceTopology, daemons: Daemons) -> None:
     """Bursts of small datagrams of one flow: node1 sends each TUN batch's run as ONE UDP GSO
     message (udp_tx_gso_messages, with tunnel GSO on, is only these runs: TCP goes to the TAP),
-    and pod2 gets every datagram it gets whole, in order, with its own payload."""
+    node2 writes each received run to its TUN as one UDP GSO packet (no TCP in this test), and
+    pod2 gets every datagram it gets whole, in order, with its own payload."""
     ds = start(ref, daemons, "vxlan")
     pod1, pod2 = ref.pods["pod1"].host, ref.pods["pod2"].host
     n, port = 4000, 5302
@@ -252,5 +253,7 @@ def test_small_udp_datagrams_leave_merged_and_arrive_intact(ref: ReferenceTopolo
             srv.wait(timeout=5)
     count, ordered = (int(x) for x in out.decode().split())
     assert count >= n * 9 // 10 and ordered == 1, (out, err)
-    a = offload(ds["node1"])
+    a, b = offload(ds["node1"]), offload(ds["node2"])
     assert a["udp_tx_gso_messages"] > 0, a
+    # node2 wrote the runs to its TUN as UDP GSO packets (the pod's socket segmented them)
+    assert b["tun_gso_writes"] > 0 and b["tun_coalesced_segments"] > b["tun_gso_writes"], b
