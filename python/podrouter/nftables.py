@@ -280,8 +280,9 @@ def guard_counters(family: str = FAMILY) -> dict[str, int]:
 #       counter pod_tunnel_port {}
 #       chain pod_egress {
 #         type filter hook prerouting priority raw; policy accept;
-#         iifname != @pod_ifaces ip saddr @node_cidrs4 counter name spoofed_pod_source drop
-#         iifname != @pod_ifaces ip6 saddr @node_cidrs6 counter name spoofed_pod_source drop
+#         iifname "podrgso*" accept                       # the GSO TAP: only the daemon writes
+#         ip saddr @node_cidrs4 iifname != @pod_ifaces counter name spoofed_pod_source drop
+#         ip6 saddr @node_cidrs6 iifname != @pod_ifaces counter name spoofed_pod_source drop
 #         iifname != @pod_ifaces accept
 #         ip6 saddr fe80::/10 accept                      # link-local: never forwarded
 #         ip6 saddr :: ip6 daddr ff02::/16 accept         # DAD, MLD: never forwarded
@@ -303,6 +304,7 @@ def guard_counters(family: str = FAMILY) -> dict[str, int]:
 #         type filter hook forward priority filter; policy accept;
 #         oifname "podr0" accept                          # into the datapath
 #         oifname @pod_ifaces accept                      # pod to pod on this node
+#         iifname "podrgso*" accept                       # the GSO TAP's frames to the underlay
 #         ip saddr @node_cidrs4 ip daddr @cluster_cidrs4 counter name pod_unrouted drop
 #         ip6 saddr @node_cidrs6 ip6 daddr @cluster_cidrs6 counter name pod_unrouted drop
 #         ip saddr @node_cidrs4 ip daddr != @non_masq4 rt ip nexthop @masq_gateways4
@@ -344,6 +346,11 @@ TUNNEL_COUNTER = "pod_tunnel_port"
 LEAK_COUNTER = "pod_unrouted"
 LEAK_CHAIN = "pod_unrouted"
 PRIORITY_FILTER = 0  # NF_IP_PRI_FILTER
+# The UDP-tunnel GSO TAP's name (rust/io/src/tap.rs: `podrgso%d`, the kernel picks the number). Only
+# the daemon writes to it (pods cannot reach it), and what it writes is an encapsulated frame from the
+# node's own underlay address, so both chains let it through first: its super-packets pay one
+# interface-name compare instead of the set lookups (docs/benchmarks.md, issue 12, netfilter).
+GSO_TAP_GLOB = "podrgso*"
 _POD_SETS = {
     "pod_ifaces": "ifname",
     "pod_src4": ["ifname", "ipv4_addr"],
@@ -524,16 +531,23 @@ def pod_guard_commands(
     not_pod = _match(_iifname(), "@pod_ifaces", "!=")
     cmds += [
         _pod_rule(
+            "the datapath's own encapsulated frames (the GSO TAP): only the daemon writes there",
+            _match(_iifname(), GSO_TAP_GLOB),
+            {"accept": None},
+        ),
+        # the address first: most packets from no pod (the underlay's, the TUN's) fail it, and the
+        # family test in front of it (`meta nfproto`) is cheaper than the interface set's lookup
+        _pod_rule(
             "a source of this node's pod CIDRs from no pod's interface",
-            not_pod,
             _match(_payload("ip", "saddr"), "@node_cidrs4"),
+            not_pod,
             {"counter": SPOOF_COUNTER},
             {"drop": None},
         ),
         _pod_rule(
             "an IPv6 source of this node's pod CIDRs from no pod's interface",
-            not_pod,
             _match(ip6_saddr, "@node_cidrs6"),
+            not_pod,
             {"counter": SPOOF_COUNTER},
             {"drop": None},
         ),
@@ -598,6 +612,12 @@ def pod_guard_commands(
         _pod_rule("into the datapath", _match(oifname, _ifname(tun)), {"accept": None}, chain=LEAK_CHAIN),
         _pod_rule(
             "pod to pod on this node", _match(oifname, "@pod_ifaces"), {"accept": None}, chain=LEAK_CHAIN
+        ),
+        _pod_rule(
+            "the datapath's own encapsulated frames (the GSO TAP) to the underlay",
+            _match(_iifname(), GSO_TAP_GLOB),
+            {"accept": None},
+            chain=LEAK_CHAIN,
         ),
         _pod_rule(
             "a pod's packet for the cluster outside the datapath (podrouter's routes are missing)",

@@ -235,3 +235,22 @@ def test_pod_guard_refuses_names_and_bad_values(
 ) -> None:
     with pytest.raises(ValueError):
         nftables.pod_guard_elements(pods, endpoints, ["10.244.1.0/24"])
+
+
+def test_gso_tap_frames_leave_both_chains_first() -> None:
+    """The GSO TAP's frames (only the daemon writes them) pay one interface-name compare in
+    prerouting, before any set lookup, and skip the leak guard's drops; the spoof checks test the
+    address before the interface set (most packets from no pod fail the address)."""
+    cmds = nftables.pod_guard_commands([("veth-pod1", ["10.244.1.1"])], [], ["10.244.1.0/24"])
+    rules = [c["add"]["rule"] for c in cmds if "rule" in c.get("add", {})]
+    tap = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "podrgso*"}}
+    egress = [r["expr"] for r in rules if r["chain"] == "pod_egress"]
+    assert egress[0] == [tap, {"accept": None}]
+    assert [tap] == [e for e in egress[0] if "match" in e]  # the only match of the first rule
+    for expr, field in zip(egress[1:3], ("@node_cidrs4", "@node_cidrs6"), strict=True):
+        assert expr[0]["match"]["right"] == field
+        assert expr[1]["match"] == {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "@pod_ifaces"}
+        assert expr[-1] == {"drop": None}
+    leak = [r["expr"] for r in rules if r["chain"] == "pod_unrouted"]
+    assert leak[2] == [tap, {"accept": None}]
+    assert all({"drop": None} in e for e in leak[3:])

@@ -16,19 +16,13 @@
 //! `/proc/sys` (no `ip`/`sysctl` subprocess), never for another interface.
 
 use crate::sys::{self, IfReq};
+use crate::tun::{IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR};
 use podrouter_core::offload::tnl::{PREFIX_LEN, TNL_HDR_LEN};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-const TUNSETIFF: libc::c_ulong = sys::iow(b'T', 202, 4);
 const TUNSETOFFLOAD: libc::c_ulong = sys::iow(b'T', 208, 4);
-const TUNSETVNETHDRSZ: libc::c_ulong = sys::iow(b'T', 216, 4);
-
-const IFF_TAP: i16 = 0x0002;
-const IFF_NO_PI: i16 = 0x1000;
-const IFF_VNET_HDR: i16 = 0x4000;
-const IFF_MULTI_QUEUE: i16 = 0x0100;
 
 /// `TUN_F_UDP_TUNNEL_GSO` / `TUN_F_UDP_TUNNEL_GSO_CSUM` (`<linux/if_tun.h>`, Linux 6.17).
 pub const TUN_F_UDP_TUNNEL_GSO: u32 = 0x080;
@@ -73,20 +67,8 @@ impl GsoTap {
         let mut name = name.unwrap_or("podrgso%d").to_string();
         let mut qs = Vec::with_capacity(nq);
         for _ in 0..nq {
-            // SAFETY: the path is a NUL-terminated literal; the result is checked by `owned`.
-            let fd = sys::owned(unsafe {
-                libc::open(
-                    c"/dev/net/tun".as_ptr(),
-                    libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-                )
-            })?;
-            let mut ifr = IfReq::new(&name)?;
-            ifr.set_short(flags);
-            sys::ioctl_ifreq(fd.as_raw_fd(), TUNSETIFF, &mut ifr)
-                .map_err(|e| io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")))?;
-            name = ifr.name();
-            let mut sz = TNL_HDR_LEN as libc::c_int;
-            sys::ioctl_int_ptr(fd.as_raw_fd(), TUNSETVNETHDRSZ, &mut sz)?;
+            let (fd, resolved) = crate::tun::open_queue(&name, flags, TNL_HDR_LEN)?;
+            name = resolved;
             qs.push(Arc::new(TapQueue { fd }));
         }
         let want = crate::tun::offload::CSUM

@@ -27,10 +27,12 @@ const TUNSETVNETHDRSZ: libc::c_ulong = sys::iow(b'T', 216, 4);
 const TUNSETPERSIST: libc::c_ulong = sys::iow(b'T', 203, 4);
 const TUNSETOWNER: libc::c_ulong = sys::iow(b'T', 204, 4);
 
-const IFF_TUN: i16 = 0x0001;
-const IFF_NO_PI: i16 = 0x1000;
-const IFF_VNET_HDR: i16 = 0x4000;
-const IFF_MULTI_QUEUE: i16 = 0x0100;
+// `TUNSETIFF` flags (`<linux/if_tun.h>`), for the TUN and the GSO TAP (`crate::tap`).
+pub(crate) const IFF_TUN: i16 = 0x0001;
+pub(crate) const IFF_TAP: i16 = 0x0002;
+pub(crate) const IFF_NO_PI: i16 = 0x1000;
+pub(crate) const IFF_VNET_HDR: i16 = 0x4000;
+pub(crate) const IFF_MULTI_QUEUE: i16 = 0x0100;
 
 /// `TUN_F_*` bits for `TUNSETOFFLOAD` (`<linux/if_tun.h>`; USO4/6 are from Linux 6.2).
 pub mod offload {
@@ -92,6 +94,33 @@ impl AsRawFd for TunQueue {
     }
 }
 
+/// Opens one queue of the TUN/TAP device `name` (`%d` for the kernel to pick a number): a
+/// non-blocking `/dev/net/tun` fd attached with `TUNSETIFF(flags)` and a vnet header of
+/// `vnet_hdr_len` bytes (`TUNSETVNETHDRSZ`). Returns the fd and the device's final name, which
+/// the next queue of the same device attaches to. Serves the TUN and the GSO TAP (`crate::tap`).
+pub(crate) fn open_queue(
+    name: &str,
+    flags: i16,
+    vnet_hdr_len: usize,
+) -> io::Result<(OwnedFd, String)> {
+    // SAFETY: the path is a NUL-terminated literal; the result is checked by `owned`.
+    let fd = sys::owned(unsafe {
+        libc::open(
+            c"/dev/net/tun".as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    })?;
+    let mut ifr = IfReq::new(name)?;
+    ifr.set_short(flags);
+    sys::ioctl_ifreq(fd.as_raw_fd(), TUNSETIFF, &mut ifr)
+        .map_err(|e| io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")))?;
+    let mut sz = libc::c_int::try_from(vnet_hdr_len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "vnet header too long"))?;
+    sys::ioctl_int_ptr(fd.as_raw_fd(), TUNSETVNETHDRSZ, &mut sz)?;
+    // The kernel writes back the final name (resolving `%d`).
+    Ok((fd, ifr.name()))
+}
+
 #[derive(Debug)]
 pub struct Tun {
     name: String,
@@ -110,27 +139,15 @@ impl Tun {
         let mut name = opts.name.clone();
         let mut queues = Vec::with_capacity(nq);
         for _ in 0..nq {
-            // SAFETY: the path is a NUL-terminated literal; the result is checked by `owned`.
-            let fd = sys::owned(unsafe {
-                libc::open(
-                    c"/dev/net/tun".as_ptr(),
-                    libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-                )
-            })?;
-            let mut ifr = IfReq::new(&name)?;
-            ifr.set_short(flags);
-            sys::ioctl_ifreq(fd.as_raw_fd(), TUNSETIFF, &mut ifr)
-                .map_err(|e| io::Error::new(e.kind(), format!("TUNSETIFF {name}: {e}")))?;
+            let (fd, resolved) = open_queue(&name, flags, VNET_HDR_LEN)?;
             if opts.persist && queues.is_empty() {
                 // owner first: a persistent device nobody owns could be attached by any user
                 // with CAP_NET_ADMIN anyway, but the owner makes the intent visible (`ip tuntap`)
                 sys::ioctl_val(fd.as_raw_fd(), TUNSETOWNER, 0)?;
                 sys::ioctl_val(fd.as_raw_fd(), TUNSETPERSIST, 1)?;
             }
-            // The kernel writes back the final name (resolving `%d`); later queues attach to it.
-            name = ifr.name();
-            let mut sz = VNET_HDR_LEN as libc::c_int;
-            sys::ioctl_int_ptr(fd.as_raw_fd(), TUNSETVNETHDRSZ, &mut sz)?;
+            // later queues attach to the name the kernel resolved (`%d`)
+            name = resolved;
             queues.push(Arc::new(TunQueue { fd }));
         }
         let offload = if opts.offload {
@@ -173,7 +190,7 @@ impl Tun {
         if nq > 1 {
             want |= IFF_MULTI_QUEUE;
         }
-        let mask = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE | 0x0002; // 0x0002: IFF_TAP
+        let mask = IFF_TUN | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE | IFF_TAP;
         let mut queues = Vec::with_capacity(nq);
         for (i, fd) in fds.into_iter().enumerate() {
             let (name, flags) = crate::handover::tun_info(fd.as_raw_fd())?;

@@ -1127,6 +1127,46 @@ struct State {
     frames: FrameScratch,
     /// TCP coalescing of decapsulated packets before the TUN write (off without offload).
     gro: Option<Coalescer>,
+    /// Runs of small datagrams merged into one UDP GSO message each (`flush`).
+    merge: Vec<u8>,
+}
+
+/// Largest datagram [`small_run`] merges: its segments fit any underlay (IPv6's minimum MTU,
+/// 1280, less the outer IPv6 and UDP headers), so the kernel never refuses a merged send for its
+/// segment size (a refusal turns GSO off for the socket, `UdpSocket::send`).
+const MERGE_MAX_DATAGRAM: usize = 1280 - 40 - 8;
+
+/// The end of the run of datagrams starting at `outs[i]` that can leave as ONE UDP GSO message
+/// (`UDP_SEGMENT` = the first one's length): plain datagrams (no GSO of their own, no TAP
+/// super-packet) of at most [`MERGE_MAX_DATAGRAM`] bytes, consecutive, to the same destination
+/// from the same socket with the same TOS and flow label, all as long as the first but the last
+/// (which may be shorter), at most `UDP_MAX_SEGMENTS` of them and `UDP_GSO_MAX_BYTES` in all.
+/// `i + 1` when nothing joins the first.
+fn small_run(outs: &[UdpOut], i: usize) -> usize {
+    let o = &outs[i];
+    let len = o.range.len();
+    let plain = |u: &UdpOut| u.segment == 0 && u.gso.is_none();
+    if !plain(o) || len == 0 || len > MERGE_MAX_DATAGRAM {
+        return i + 1;
+    }
+    let (mut j, mut total) = (i + 1, len);
+    while j < outs.len() && j - i < crate::udp::GSO_MAX_SEGMENTS {
+        let u = &outs[j];
+        let n = u.range.len();
+        let same = u.sock == o.sock && u.dst == o.dst && u.tos == o.tos;
+        if !same || u.flow_label != o.flow_label || !plain(u) || n == 0 || n > len {
+            break;
+        }
+        if total + n > egress::UDP_GSO_MAX_BYTES {
+            break;
+        }
+        total += n;
+        j += 1;
+        if n < len {
+            break; // a shorter datagram ends the train
+        }
+    }
+    j
 }
 
 impl Worker {
@@ -1172,6 +1212,7 @@ impl Worker {
             send: SendScratch::new(64),
             frames: FrameScratch::new(64),
             gro: self.coalesce.then(Coalescer::new),
+            merge: Vec::new(),
         };
         let mut ready = Vec::with_capacity(8);
         let mut last_expire = 0;
@@ -1476,32 +1517,57 @@ impl Worker {
         if !st.udp_out.is_empty() {
             // One sendmmsg per send socket; stable sort keeps each flow's order.
             st.udp_out.sort_by_key(|o| (o.dst.is_ipv6(), o.sock));
-            let mut msgs: Vec<TxMsg<'_>> = Vec::with_capacity(st.udp_out.len());
+            // Runs of small datagrams of one flow become one UDP GSO message, copied once into
+            // `merge`: the underlay, the peer's stack and its socket then see one skb per run
+            // instead of one per datagram (the peer's UDP_GRO socket takes it whole).
+            let outs = &st.udp_out;
+            let merge = &mut st.merge;
+            merge.clear();
+            let mut plan: Vec<(usize, usize, Range<usize>)> = Vec::new();
             let mut i = 0;
-            while i < st.udp_out.len() {
-                let key = (st.udp_out[i].dst.is_ipv6(), st.udp_out[i].sock);
+            while i < outs.len() {
+                let j = small_run(outs, i);
+                let start = merge.len();
+                if j - i > 1 {
+                    for o in &outs[i..j] {
+                        merge.extend_from_slice(&bytes_of(o.buf)[o.range.clone()]);
+                    }
+                }
+                plan.push((i, j, start..merge.len()));
+                i = j;
+            }
+            let merge = &st.merge;
+            let mut msgs: Vec<TxMsg<'_>> = Vec::with_capacity(plan.len());
+            let mut p = 0;
+            while p < plan.len() {
+                let key = (outs[plan[p].0].dst.is_ipv6(), outs[plan[p].0].sock);
                 msgs.clear();
-                let mut j = i;
-                while j < st.udp_out.len()
-                    && (st.udp_out[j].dst.is_ipv6(), st.udp_out[j].sock) == key
+                while p < plan.len() && (outs[plan[p].0].dst.is_ipv6(), outs[plan[p].0].sock) == key
                 {
-                    let o = &st.udp_out[j];
+                    let (i, j, ref merged) = plan[p];
+                    let o = &outs[i];
+                    let (data, segment) = if j - i > 1 {
+                        (&merge[merged.clone()], o.range.len() as u16)
+                    } else {
+                        (&bytes_of(o.buf)[o.range.clone()], o.segment)
+                    };
                     msgs.push(TxMsg {
-                        data: &bytes_of(o.buf)[o.range.clone()],
+                        data,
                         dst: o.dst,
                         tos: o.tos,
                         flow_label: o.flow_label,
-                        segment: o.segment,
+                        segment,
                     });
-                    if o.segment > 0 {
+                    if segment > 0 {
                         c.stat(Stat::UdpTxGsoMessages, 1);
                     }
-                    c.count(o.path, Dir::Egress, o.pkts, o.bytes);
-                    j += 1;
+                    for o in &outs[i..j] {
+                        c.count(o.path, Dir::Egress, o.pkts, o.bytes);
+                    }
+                    p += 1;
                 }
                 c.stat(Stat::UdpTxCalls, 1);
                 self.tx.for_dst(key.0)[key.1].send(&mut st.send, &msgs);
-                i = j;
             }
         }
         if let (false, Some(p)) = (st.frames_out.is_empty(), self.pkt.as_deref()) {
@@ -1579,7 +1645,8 @@ impl Worker {
             let buf = &mut recv.buf_mut(m)[..meta.len];
             // One GSO skb delivered whole (a peer's UDP-tunnel GSO over veths and forwarding):
             // ONE datagram longer than any wire datagram, no UDP_GRO cmsg, its inner TCP
-            // super-packet with the checksum still partial; written to the TUN as one TSO packet.
+            // super-packet with the checksum still partial; the loop below sees it as its only
+            // datagram (`seg` is its length) and writes it to the TUN as one TSO packet.
             let whole = if meta.segment == 0 && meta.len > self.tun_mtu {
                 tnl::whole_inner(buf, tunnel_proto).and_then(|off| {
                     let mtu = self.tun_mtu.saturating_sub(off + 28);
@@ -1588,30 +1655,6 @@ impl Worker {
             } else {
                 None
             };
-            if let Some(h) = whole {
-                if tunnel_proto == TunnelProto::Geneve {
-                    count_geneve_options(c, buf);
-                }
-                let (src, sport) = (meta.src.ip(), meta.src.port());
-                let len = buf.len();
-                match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, buf, 0, len) {
-                    IngressAction::Deliver { range, path, .. } => {
-                        let pkt = &buf[range];
-                        // what the coalescer holds came first
-                        if let Some(g) = gro.as_mut() {
-                            g.flush(&mut sink);
-                        }
-                        let (segs, _) = vnet::wire_size(pkt, &h);
-                        c.stat(Stat::UdpRxWholeGso, 1);
-                        c.count(path, Dir::Ingress, segs as u64, pkt.len() as u64);
-                        let mut hb = [0u8; VNET_HDR_LEN];
-                        h.emit(&mut hb);
-                        sink(&hb, pkt, segs);
-                    }
-                    IngressAction::Drop(r) => c.drop_packets(r.index(), 1),
-                }
-                continue;
-            }
             for dg in buf.chunks_mut(seg) {
                 let len = dg.len();
                 if tunnel_proto == TunnelProto::Geneve {
@@ -1620,7 +1663,8 @@ impl Worker {
                 let (src, sport) = (meta.src.ip(), meta.src.port());
                 match datapath::ingress(tables, src, sport, port, meta.tos & 0x03, dg, 0, len) {
                     IngressAction::Deliver { range, path, .. } => {
-                        c.count(path, Dir::Ingress, 1, range.len() as u64);
+                        let segs = whole.map_or(1, |h| vnet::wire_size(&dg[range.clone()], &h).0);
+                        c.count(path, Dir::Ingress, segs as u64, range.len() as u64);
                         if self.events.sample_flow() {
                             let mut e =
                                 Event::ip(Kind::Flow, Direction::Ingress, &dg[range.clone()]);
@@ -1631,9 +1675,19 @@ impl Worker {
                             };
                             self.events.push(e);
                         }
-                        match gro {
-                            Some(g) => g.offer(&dg[range], &mut sink),
-                            None => sink(&[0; VNET_HDR_LEN], &dg[range], 1),
+                        match (whole, gro.as_mut()) {
+                            (Some(h), g) => {
+                                // what the coalescer holds came first
+                                if let Some(g) = g {
+                                    g.flush(&mut sink);
+                                }
+                                c.stat(Stat::UdpRxWholeGso, 1);
+                                let mut hb = [0u8; VNET_HDR_LEN];
+                                h.emit(&mut hb);
+                                sink(&hb, &dg[range], segs);
+                            }
+                            (None, Some(g)) => g.offer(&dg[range], &mut sink),
+                            (None, None) => sink(&[0; VNET_HDR_LEN], &dg[range], 1),
                         }
                     }
                     IngressAction::Drop(r) => {
@@ -1921,5 +1975,59 @@ mod tests {
         // disabled: neither
         let t = tables("172.16.2.2", false, Some("2001:db8:2::2"));
         assert_eq!((masq_wanted(&t), masq6_wanted(&t)), (None, None));
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn out(sock: usize, len: usize, dst: &str) -> UdpOut {
+        UdpOut {
+            sock,
+            buf: Buf::Tun(0),
+            range: 0..len,
+            dst: dst.parse().unwrap(),
+            tos: 0,
+            flow_label: 0,
+            segment: 0,
+            gso: None,
+            path: Path::tunnel(TunnelProto::Vxlan),
+            pkts: 1,
+            bytes: len as u64,
+        }
+    }
+
+    #[test]
+    fn a_run_is_one_flow_of_equal_small_datagrams_the_last_may_be_shorter() {
+        let d = "172.16.3.2:4789";
+        let mut v: Vec<UdpOut> = [64, 64, 64, 40, 64].iter().map(|&n| out(0, n, d)).collect();
+        assert_eq!(small_run(&v, 0), 4); // the shorter fourth ends it
+        assert_eq!(small_run(&v, 3), 4); // longer than the first: alone
+        v[1].dst = "172.16.2.2:4789".parse().unwrap();
+        assert_eq!(small_run(&v, 0), 1);
+        v[1].dst = d.parse().unwrap();
+        v[2].tos = 2;
+        assert_eq!(small_run(&v, 0), 2);
+        v[2].tos = 0;
+        v[1].sock = 1;
+        assert_eq!(small_run(&v, 0), 1);
+        v[1].sock = 0;
+        v[1].segment = 64; // already a GSO message
+        assert_eq!(small_run(&v, 0), 1);
+        v[1].segment = 0;
+        v[0].flow_label = 7;
+        assert_eq!(small_run(&v, 0), 1);
+        // too long to merge, an empty one, and the segment count limit
+        let big: Vec<UdpOut> = (0..3).map(|_| out(0, MERGE_MAX_DATAGRAM + 1, d)).collect();
+        assert_eq!(small_run(&big, 0), 1);
+        let empty: Vec<UdpOut> = (0..3).map(|_| out(0, 0, d)).collect();
+        assert_eq!(small_run(&empty, 0), 1);
+        let many: Vec<UdpOut> = (0..200).map(|_| out(0, 64, d)).collect();
+        assert_eq!(small_run(&many, 0), crate::udp::GSO_MAX_SEGMENTS);
+        // the byte limit: MERGE_MAX_DATAGRAM-byte datagrams stop before UDP_GSO_MAX_BYTES
+        let full: Vec<UdpOut> = (0..60).map(|_| out(0, MERGE_MAX_DATAGRAM, d)).collect();
+        let j = small_run(&full, 0);
+        assert_eq!(j, egress::UDP_GSO_MAX_BYTES / MERGE_MAX_DATAGRAM);
     }
 }

@@ -1,4 +1,11 @@
-//! TCP coalescing for the TUN write path (userspace GRO), the ingress twin of TSO on reads.
+//! TCP and UDP coalescing for the TUN write path (userspace GRO), the ingress twin of TSO on reads.
+//!
+//! UDP: consecutive datagrams of one flow (addresses, ports) with the same IP fields and equal
+//! payloads (the last may be shorter and closes the train), checksums verified, at most 64
+//! (`UDP_MAX_SEGMENTS`), are written as ONE `GSO_UDP_L4` packet (`NEEDS_CSUM`, `csum_offset` 6);
+//! the kernel forwards it whole and the receiving socket segments it back (or takes it whole
+//! with `UDP_GRO`). An IPv4 datagram without a checksum (0) is written through unchanged. The
+//! rest of this text is TCP's.
 //!
 //! A UDP GRO train from one peer usually carries consecutive segments of one inner TCP flow. Writing
 //! each to the TUN costs a syscall and a trip through the stack per ~1.4 KB; merging them into one
@@ -47,12 +54,21 @@ impl<F: FnMut(&[u8; VNET_HDR_LEN], &[u8], usize)> Sink for F {
 
 const NO_OFFLOAD: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
-/// What identifies a flow: addresses and ports (IPv4 addresses in the first 8 bytes).
-type FlowKey = [u8; 36];
+/// What identifies a flow: addresses and ports (IPv4 addresses in the first 8 bytes), then the
+/// protocol (TCP or UDP).
+type FlowKey = [u8; 37];
+
+/// `UDP_MAX_SEGMENTS` before Linux 6.9: a TUN write of a UDP GSO packet with more segments is
+/// refused (`virtio_net_hdr_to_skb`).
+const MAX_UDP_SEGMENTS: usize = 64;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
 
 struct Info {
     key: FlowKey,
     v4: bool,
+    /// UDP (a datagram train: equal payloads, the last may be shorter) rather than TCP.
+    udp: bool,
     /// Offset of the TCP header (= IP header length).
     l4: usize,
     /// IP + TCP header length.
@@ -68,37 +84,59 @@ const RST: u8 = 0x04;
 const PSH: u8 = 0x08;
 const ACK: u8 = 0x10;
 
-/// The TCP facts of `pkt` if it is a candidate for merging at all.
+/// The TCP or UDP facts of `pkt` if it is a candidate for merging at all.
 fn inspect(pkt: &[u8]) -> Option<Info> {
-    let mut key = [0u8; 36];
-    let (v4, l4, total) = match pkt.first()? >> 4 {
+    let mut key = [0u8; 37];
+    let (v4, l4, total, proto) = match pkt.first()? >> 4 {
         4 => {
             // IHL 5 only (options would have to match too), not a fragment (MF clear, offset 0),
-            // protocol TCP.
+            // protocol TCP or UDP.
             if pkt.len() < 20
                 || pkt[0] != 0x45
-                || pkt[9] != 6
+                || (pkt[9] != TCP && pkt[9] != UDP)
                 || (pkt[6] & 0x3f) != 0
                 || pkt[7] != 0
             {
                 return None;
             }
             key[..8].copy_from_slice(&pkt[12..20]);
-            (true, 20, usize::from(u16::from_be_bytes([pkt[2], pkt[3]])))
+            let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+            (true, 20, total, pkt[9])
         }
         6 => {
-            if pkt.len() < 40 || pkt[6] != 6 {
+            if pkt.len() < 40 || (pkt[6] != TCP && pkt[6] != UDP) {
                 return None;
             }
             key[..32].copy_from_slice(&pkt[8..40]);
-            (
-                false,
-                40,
-                40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]])),
-            )
+            let total = 40 + usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
+            (false, 40, total, pkt[6])
         }
         _ => return None,
     };
+    key[36] = proto;
+    if proto == UDP {
+        // The UDP length must be the packet's; an IPv4 datagram without a checksum (0) is
+        // written through: merging would give it one it never had.
+        if total != pkt.len() || pkt.len() < l4 + 8 {
+            return None;
+        }
+        let u = &pkt[l4..];
+        let ulen = usize::from(u16::from_be_bytes([u[4], u[5]]));
+        if ulen != pkt.len() - l4 || (v4 && u[6..8] == [0, 0]) {
+            return None;
+        }
+        key[32..36].copy_from_slice(&u[..4]);
+        return Some(Info {
+            key,
+            v4,
+            udp: true,
+            l4,
+            hdrs: l4 + 8,
+            seq: 0,
+            flags: 0,
+            payload: pkt.len() - l4 - 8,
+        });
+    }
     if total != pkt.len() || pkt.len() < l4 + 20 {
         return None;
     }
@@ -111,6 +149,7 @@ fn inspect(pkt: &[u8]) -> Option<Info> {
     Some(Info {
         key,
         v4,
+        udp: false,
         l4,
         hdrs: l4 + thl,
         seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
@@ -122,6 +161,7 @@ fn inspect(pkt: &[u8]) -> Option<Info> {
 struct Train {
     key: FlowKey,
     v4: bool,
+    udp: bool,
     l4: usize,
     hdrs: usize,
     /// Payload size of the first segment: the GSO size.
@@ -136,6 +176,9 @@ struct Train {
 impl Train {
     /// Whether `pkt` (described by `i`) continues this train.
     fn accepts(&self, pkt: &[u8], i: &Info) -> bool {
+        if i.udp {
+            return self.accepts_datagram(pkt, i);
+        }
         if self.closed
             || i.seq != self.next_seq
             || i.payload == 0
@@ -148,13 +191,7 @@ impl Train {
             return false;
         }
         let first = &self.buf[..self.hdrs];
-        let same_ip = if self.v4 {
-            // TOS (incl. ECN), DF/flags, TTL, protocol; not length, ID, checksum.
-            first[1] == pkt[1] && first[6] == pkt[6] && first[8] == pkt[8]
-        } else {
-            // Version, traffic class, flow label; next header; hop limit.
-            first[..4] == pkt[..4] && first[6..8] == pkt[6..8]
-        };
+        let same_ip = self.same_ip(pkt);
         let (a, b) = (&first[self.l4..], &pkt[self.l4..self.hdrs]);
         // ACK number, data offset, window, options equal; flags equal but for PSH.
         same_ip
@@ -162,6 +199,29 @@ impl Train {
             && (a[13] & !PSH) == (b[13] & !PSH)
             && a[14..16] == b[14..16]
             && a[20..] == b[20..]
+    }
+
+    /// The IP header fields segmentation copies are equal: IPv4 TOS (incl. ECN), DF/flags, TTL,
+    /// protocol (not length, ID, checksum); IPv6 version, traffic class, flow label, next header,
+    /// hop limit.
+    fn same_ip(&self, pkt: &[u8]) -> bool {
+        let first = &self.buf;
+        if self.v4 {
+            first[1] == pkt[1] && first[6] == pkt[6] && first[8] == pkt[8] && first[9] == pkt[9]
+        } else {
+            first[..4] == pkt[..4] && first[6..8] == pkt[6..8]
+        }
+    }
+
+    /// A UDP datagram continues the train: the same IP fields, a payload no longer than the
+    /// first's (a shorter one closes the train), at most [`MAX_UDP_SEGMENTS`] and 64 KiB.
+    fn accepts_datagram(&self, pkt: &[u8], i: &Info) -> bool {
+        !self.closed
+            && i.payload > 0
+            && i.payload <= self.mss
+            && self.segments < MAX_UDP_SEGMENTS
+            && self.buf.len() + i.payload <= MAX_PACKET
+            && self.same_ip(pkt)
     }
 }
 
@@ -182,9 +242,9 @@ fn checksums_ok(pkt: &[u8], i: &Info) -> bool {
         if csum::sum(&pkt[..i.l4]) != 0xffff {
             return false;
         }
-        csum::pseudo_v4(&pkt[12..16], &pkt[16..20], 6, l4_len as u16)
+        csum::pseudo_v4(&pkt[12..16], &pkt[16..20], i.key[36], l4_len as u16)
     } else {
-        csum::pseudo_v6(&pkt[8..24], &pkt[24..40], 6, l4_len as u32)
+        csum::pseudo_v6(&pkt[8..24], &pkt[24..40], i.key[36], l4_len as u32)
     };
     csum::add(pseudo, csum::sum(&pkt[i.l4..])) == 0xffff
 }
@@ -194,7 +254,7 @@ impl Coalescer {
         Coalescer::default()
     }
 
-    /// TCP segments written through unmerged because a checksum did not verify.
+    /// TCP segments and UDP datagrams written through unmerged because a checksum did not verify.
     pub fn bad_checksums(&self) -> u64 {
         self.bad_checksums
     }
@@ -222,6 +282,10 @@ impl Coalescer {
                 let t = &mut self.open[p];
                 t.buf.extend_from_slice(&pkt[i.hdrs..]);
                 t.segments += 1;
+                if i.udp {
+                    t.closed = i.payload < t.mss;
+                    return;
+                }
                 t.next_seq = i.seq.wrapping_add(i.payload as u32);
                 if i.flags & PSH != 0 {
                     let l4 = t.l4;
@@ -235,7 +299,9 @@ impl Coalescer {
             let t = self.open.swap_remove(p);
             self.emit(t, sink);
         }
-        if i.payload == 0
+        if i.udp && i.payload > 0 {
+            // a datagram opens a train; the checks below are TCP's
+        } else if i.payload == 0
             || i.flags & !(ACK | PSH) != 0
             || i.flags & ACK == 0
             || i.flags & (SYN | FIN | RST) != 0
@@ -252,6 +318,7 @@ impl Coalescer {
         self.open.push(Train {
             key: i.key,
             v4: i.v4,
+            udp: i.udp,
             l4: i.l4,
             hdrs: i.hdrs,
             mss: i.payload,
@@ -293,16 +360,18 @@ impl Coalescer {
 /// Key of a TCP packet with headers `inspect` refuses (options, fragments), so its train can be
 /// closed before it is written through.
 fn inspect_key(pkt: &[u8]) -> Option<FlowKey> {
-    let mut key = [0u8; 36];
+    let mut key = [0u8; 37];
     match pkt.first()? >> 4 {
-        4 if pkt.len() >= 24 && pkt[9] == 6 => {
+        4 if pkt.len() >= 24 && (pkt[9] == TCP || pkt[9] == UDP) => {
             let ihl = usize::from(pkt[0] & 0x0f) * 4;
             key[..8].copy_from_slice(&pkt[12..20]);
             key[32..36].copy_from_slice(pkt.get(ihl..ihl + 4)?);
+            key[36] = pkt[9];
         }
-        6 if pkt.len() >= 44 && pkt[6] == 6 => {
+        6 if pkt.len() >= 44 && (pkt[6] == TCP || pkt[6] == UDP) => {
             key[..32].copy_from_slice(&pkt[8..40]);
             key[32..36].copy_from_slice(&pkt[40..44]);
+            key[36] = pkt[6];
         }
         _ => return None,
     }
@@ -319,11 +388,24 @@ fn finish(t: &mut Train) -> VnetHdr {
         p[10..12].fill(0);
         let c = !csum::sum(&p[..20]);
         p[10..12].copy_from_slice(&c.to_be_bytes());
-        csum::pseudo_v4(&p[12..16], &p[16..20], 6, l4_len as u16)
+        csum::pseudo_v4(&p[12..16], &p[16..20], t.key[36], l4_len as u16)
     } else {
         p[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        csum::pseudo_v6(&p[8..24], &p[24..40], 6, l4_len as u32)
+        csum::pseudo_v6(&p[8..24], &p[24..40], t.key[36], l4_len as u32)
     };
+    if t.udp {
+        // the UDP length covers every segment; the kernel gives each its own (USO)
+        p[t.l4 + 4..t.l4 + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        p[t.l4 + 6..t.l4 + 8].copy_from_slice(&pseudo.to_be_bytes());
+        return VnetHdr {
+            flags: flags::NEEDS_CSUM,
+            gso_type: gso_type::UDP_L4,
+            hdr_len: t.hdrs as u16,
+            gso_size: t.mss as u16,
+            csum_start: t.l4 as u16,
+            csum_offset: 6,
+        };
+    }
     // NEEDS_CSUM: the field holds the (uncomplemented) pseudo-header sum; whoever finishes the
     // checksum adds the TCP header and payload from csum_start on.
     p[t.l4 + 16..t.l4 + 18].copy_from_slice(&pseudo.to_be_bytes());
@@ -367,6 +449,94 @@ mod tests {
         }
         c.flush(&mut sink);
         w
+    }
+
+    /// An IPv4 UDP datagram 10.0.0.1:5000 -> 10.0.0.2:9000 with valid checksums.
+    fn udp4(id: u16, payload: &[u8], tos: u8) -> Vec<u8> {
+        let len = 28 + payload.len();
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        p[1] = tos;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&id.to_be_bytes());
+        p[6] = 0x40;
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        let c = !csum::sum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p[20..22].copy_from_slice(&5000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&9000u16.to_be_bytes());
+        p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        let ps = csum::pseudo_v4(&p[12..16], &p[16..20], 17, (8 + payload.len()) as u16);
+        let c = match !csum::add(ps, csum::sum(&p[20..])) {
+            0 => 0xffff,
+            c => c,
+        };
+        p[26..28].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn a_udp_train_resegments_to_the_original_datagrams() {
+        let mut pkts: Vec<Vec<u8>> = (0..10u16)
+            .map(|k| udp4(100 + k, &[b'a' + k as u8; 18], 0))
+            .collect();
+        pkts.push(udp4(110, b"short", 0)); // a shorter last one closes the train
+        pkts.push(udp4(111, &[b'z'; 18], 0)); // so this one starts another (alone: unchanged)
+        let w = run(&pkts);
+        assert_eq!(w.len(), 2);
+        let (h, p, n) = &w[0];
+        assert_eq!(
+            (*n, h.gso_kind(), h.gso_size, h.csum_offset),
+            (11, gso_type::UDP_L4, 18, 6)
+        );
+        assert_eq!((h.csum_start, h.hdr_len), (20, 28));
+        assert!(h.needs_csum());
+        assert_eq!(p.len(), 28 + 10 * 18 + 5);
+        let (mut out, mut segs) = (Vec::new(), Vec::new());
+        segment(p, h, 0, &mut out, &mut segs).unwrap();
+        let back: Vec<Vec<u8>> = segs.iter().map(|r| out[r.clone()].to_vec()).collect();
+        assert_eq!(back, pkts[..11].to_vec());
+        assert_eq!(
+            (w[1].0, &w[1].1, w[1].2),
+            (VnetHdr::default(), &pkts[11], 1)
+        );
+    }
+
+    #[test]
+    fn udp_datagrams_that_must_not_merge_are_written_through_in_order() {
+        let a = udp4(1, &[1; 18], 0);
+        let mut no_csum = udp4(2, &[2; 18], 0);
+        no_csum[26..28].fill(0); // IPv4 without a UDP checksum: never given one
+        let mut bad = udp4(3, &[3; 18], 0);
+        bad[30] ^= 0xff; // corrupted on the underlay: never laundered into a good checksum
+        let ecn = udp4(4, &[4; 18], 1); // another TOS: another train
+        let b = udp4(5, &[5; 18], 0);
+        let longer = udp4(6, &[6; 30], 0); // longer than the first: a new train
+        let pkts = vec![
+            a.clone(),
+            no_csum.clone(),
+            bad.clone(),
+            ecn.clone(),
+            b.clone(),
+            longer.clone(),
+        ];
+        let w = run(&pkts);
+        let got: Vec<&Vec<u8>> = w.iter().map(|(_, p, _)| p).collect();
+        assert_eq!(got, vec![&a, &no_csum, &bad, &ecn, &b, &longer]);
+        assert!(w
+            .iter()
+            .all(|(h, _, n)| *h == VnetHdr::default() && *n == 1));
+        // 100 equal datagrams: trains of at most MAX_UDP_SEGMENTS
+        let many: Vec<Vec<u8>> = (0..100u16).map(|k| udp4(k, &[9; 18], 0)).collect();
+        let w = run(&many);
+        assert_eq!(
+            w.iter().map(|x| x.2).collect::<Vec<_>>(),
+            vec![MAX_UDP_SEGMENTS, 100 - MAX_UDP_SEGMENTS]
+        );
     }
 
     #[test]
