@@ -43,6 +43,7 @@ import http.client
 import ipaddress
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -51,8 +52,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from podrouter.config import Config, EtcdConfig, PeerConfig, _Validator
-from podrouter.discovery.base import NetIndex, PeerSet
+from podrouter import native
+from podrouter.config import Config, EtcdConfig, PeerConfig, _Validator, engine_settings, table_spec
+from podrouter.discovery.base import PeerSet
 
 log = logging.getLogger("podrouter.discovery.etcd")
 
@@ -285,9 +287,6 @@ class EtcdClient:
 # ------------------------------------------------------------------------------- peer selection
 
 
-_NetIndex = NetIndex  # the name this module used before it moved to discovery.base
-
-
 class _Oversize(str):
     """What the mirror keeps of a value over MAX_VALUE bytes: nothing but its size."""
 
@@ -340,19 +339,14 @@ def select_peers(
 ) -> tuple[dict[str, PeerConfig], dict[str, str]]:
     """The usable discovered peers (by name) and the refused entries (key -> why) from `entries` =
     (key, create_revision, value). The oldest registration wins every conflict, and this node and the
-    static peers win over all of them."""
-    taken = _NetIndex()
-    for net in cfg.node.pod_cidrs:
-        taken.add(net, "this node")
-    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
-    with contextlib.suppress(ValueError):
-        addresses[ipaddress.ip_address(own_address)] = "this node"
+    static peers win over all of them.
+
+    Each record's own shape is checked here (`parse_entry`); its relations with this node, the
+    static peers and the other records are the core's rulebook (`native.check_problems`, the rules
+    `Tables::build` enforces), asked about one spec of this node, the static peers and the records,
+    oldest first, and worded here by etcd key (`_why`)."""
     static = {p.name for p in cfg.peers}
-    for p in cfg.peers:
-        addresses.setdefault(p.address, f"static peer {p.name}")
-        for net in p.pod_cidrs:
-            taken.add(net, f"static peer {p.name}")
-    accepted: dict[str, PeerConfig] = {}
+    candidates: list[tuple[str, PeerConfig]] = []
     rejected: dict[str, str] = {}
     ordered = sorted(entries, key=lambda e: (e[1], e[0]))
     for n, (key, _rev, value) in enumerate(ordered):
@@ -367,39 +361,138 @@ def select_peers(
             continue
         if peer.name in static:
             continue  # a static peer of that name wins (its per-peer overrides apply)
-        why = _conflict(peer, cfg, taken, addresses)
-        if why is not None:
-            rejected[key] = why
-            continue
-        accepted[peer.name] = peer
-        addresses[peer.address] = peer.name
-        for net in peer.pod_cidrs:
-            taken.add(net, peer.name)
-    return accepted, rejected
+        candidates.append((key, peer))
+    kept, refused = _refuse_conflicts(cfg, own_address, candidates)
+    rejected.update(refused)
+    return {peer.name: peer for _key, peer in kept}, rejected
 
 
-def _conflict(
-    peer: PeerConfig,
-    cfg: Config,
-    taken: _NetIndex,
-    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str],
-) -> str | None:
-    owner = addresses.get(peer.address)
-    if owner == "this node":
-        return f"address {peer.address} is this node's"
-    if owner is not None:
-        return f"address {peer.address} is already {owner}'s"
-    for c in cfg.cluster_cidrs:
-        if peer.address in c:
-            return f"address {peer.address} is inside the cluster pod CIDR {c}"
-    for net in peer.pod_cidrs:
-        if not any(net.version == c.version and net.subnet_of(c) for c in cfg.cluster_cidrs):  # type: ignore[arg-type]
-            return f"pod CIDR {net} is outside the cluster pod CIDRs"
-        hit = taken.find(net)
-        if hit is not None:
-            who, other = hit
-            return f"pod CIDR {net} overlaps {who}'s {other}"
-    return None
+# The core's rules a discovered record can break (native.Problem.code), in the order a record's
+# reason is chosen when it breaks several: its address first, then its pod CIDRs in order.
+# `address_family` (an IPv6 record on a node without an IPv6 underlay address) is left to
+# plan.refuse_conflicts, which knows the node's resolved `node.address6`.
+_ADDRESS_RULES = {"address_is_node": 0, "address_taken": 1, "cluster_contains_peer_address": 2}
+_CIDR_RULES = {"pod_cidr_outside_cluster": 0, "pod_cidr_overlap": 1}
+_IGNORED_RULES = frozenset({"address_family"})
+_PEER_KEY = re.compile(r"^peers\[(\d+)\]")
+_CIDR_INDEX = re.compile(r"\.pod_cidrs\[(\d+)\]$")
+
+
+def _refuse_conflicts(
+    cfg: Config, own_address: str, candidates: list[tuple[str, PeerConfig]]
+) -> tuple[list[tuple[str, PeerConfig]], dict[str, str]]:
+    """`candidates` (etcd key, peer), oldest first, less those the core's rulebook refuses against
+    this node (`own_address`), the static peers and the older candidates: (kept, key -> why).
+
+    One spec holds the node, the static peers and every candidate in that order; the core names the
+    later party of every conflict and the earlier one as `other`, so one pass in spec order settles
+    precedence: a problem counts unless its other party is a candidate refused in that pass. A
+    problem skipped for that reason may hide another (the core names one earlier owner per
+    CIDR), so the survivors are asked again, without the refused, until nothing changes (one or two
+    calls in practice; each is linear in the peers)."""
+    try:
+        address = str(ipaddress.ip_address(own_address))
+    except ValueError:
+        address = "0.0.0.0"  # not known: the core skips its checks against the node's address
+    settings = engine_settings(address, None, cfg.masquerade.port_range, None)
+    statics = [_spec_peer(p) for p in cfg.peers]
+    n_static = len(statics)
+    kept = list(candidates)
+    rejected: dict[str, str] = {}
+    while kept:
+        spec = table_spec(
+            cfg.node,
+            cfg.cluster_cidrs,
+            cfg.routing,
+            cfg.tunnel,
+            cfg.masquerade,
+            [*statics, *(_spec_peer(p) for _key, p in kept)],
+        )
+        by_peer: dict[int, list[native.Problem]] = {}
+        for prob in native.check_problems(spec, settings):
+            j = _subject(prob)
+            if j is not None and j >= n_static and prob.code not in _IGNORED_RULES:
+                by_peer.setdefault(j, []).append(prob)
+        names = [p.name for p in cfg.peers] + [p.name for _key, p in kept]
+
+        def owner(path: str | None, names: list[str] = names) -> str:
+            m = _PEER_KEY.match(path or "")
+            if m is None:
+                return "this node"
+            k = int(m.group(1))
+            return f"static peer {names[k]}" if k < n_static else names[k]
+
+        bad: dict[int, str] = {}
+        again = False
+        for j in sorted(by_peer):
+            counted = []
+            for prob in by_peer[j]:
+                m = _PEER_KEY.match(prob.other or "")
+                if m is not None and int(m.group(1)) - n_static in bad:
+                    again = True  # its other party is refused: it may win once that one is gone
+                    continue
+                counted.append(prob)
+            if counted:
+                first = min(counted, key=_rank)
+                bad[j - n_static] = _why(first, owner)
+        for j, why in bad.items():
+            rejected[kept[j][0]] = why
+        kept = [c for j, c in enumerate(kept) if j not in bad]
+        if not (bad and again):
+            break
+    return kept, rejected
+
+
+def _subject(prob: native.Problem) -> int | None:
+    """The spec index of the peer a problem is about: the one at its key path, or for a cluster
+    CIDR that contains a peer's address, that peer."""
+    path = prob.other if prob.code == "cluster_contains_peer_address" else prob.path
+    m = _PEER_KEY.match(path or "")
+    return int(m.group(1)) if m is not None else None
+
+
+def _rank(prob: native.Problem) -> tuple[int, int]:
+    if prob.code in _ADDRESS_RULES:
+        return 0, _ADDRESS_RULES[prob.code]
+    m = _CIDR_INDEX.search(prob.path)
+    if m is not None and prob.code in _CIDR_RULES:
+        return 1, 2 * int(m.group(1)) + _CIDR_RULES[prob.code]
+    return 2, 0
+
+
+def _why(prob: native.Problem, owner: Callable[[str | None], str]) -> str:
+    """A problem of the core worded for an etcd record ("address X is already node2's")."""
+    v = prob.values
+    if prob.code == "address_is_node":
+        return f"address {v[0]} is this node's"
+    if prob.code == "address_taken":
+        return f"address {v[0]} is already {owner(prob.other)}'s"
+    if prob.code == "cluster_contains_peer_address":
+        return f"address {v[1]} is inside the cluster pod CIDR {v[0]}"
+    if prob.code == "pod_cidr_outside_cluster":
+        return f"pod CIDR {v[0]} is outside the cluster pod CIDRs"
+    if prob.code == "pod_cidr_overlap":
+        return f"pod CIDR {v[0]} overlaps {owner(prob.other)}'s {v[1]}"
+    if prob.code == "name_taken":
+        return f"name {v[0]} is already {owner(prob.other)}'s"
+    if prob.code == "name_is_node":
+        return f"name {v[0]} is this node's"
+    field = prob.path.split(".", 1)[1] if "." in prob.path else prob.path
+    return f"{field}: {_PEER_REF.sub(lambda m: owner(m.group(0)), prob.message)}"
+
+
+_PEER_REF = re.compile(r"\bpeers\[\d+\]")
+
+
+def _spec_peer(peer: PeerConfig) -> dict[str, Any]:
+    address, cidrs = _spec_strings(peer)
+    return {"name": peer.name, "address": address, "pod_cidrs": list(cidrs)}
+
+
+@functools.lru_cache(maxsize=2 * MAX_NODES)
+def _spec_strings(peer: PeerConfig) -> tuple[str, tuple[str, ...]]:
+    # cached (a parsed record is immutable and cached too): the spec is rebuilt after every change
+    return str(peer.address), tuple(str(c) for c in peer.pod_cidrs)
 
 
 # -------------------------------------------------------------------------------------- backend

@@ -31,13 +31,25 @@ fn known(a: IpAddr) -> Option<IpAddr> {
 /// Every problem of `spec` compiled against `settings`, in a stable order: the settings, the
 /// tunnel, the cluster CIDRs, `native_cidrs`, the masquerade address, this node's pod CIDRs,
 /// each peer (name, address, pod CIDRs), then pod-CIDR overlaps. Empty: the spec compiles.
+///
+/// Each problem names its rule ([`SpecError::code`]), the other party of a relation
+/// ([`SpecError::other`]: a key path) and the values involved ([`SpecError::values`]), so a
+/// caller can word it for its own keys; [`SpecError::message`] words it for the spec's.
 pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
     let mut out = settings.problems();
-    let mut bad = |path: String, message: String| out.push(SpecError::new(path, message));
+    let mut bad =
+        |code: &'static str,
+         path: String,
+         other: Option<String>,
+         values: Vec<String>,
+         message: String| { out.push(SpecError::rule(code, path, other, values, message)) };
 
     if spec.tunnel.vni > crate::wire::vxlan::MAX_VNI {
         bad(
+            "vni_width",
             "tunnel.vni".into(),
+            None,
+            vec![spec.tunnel.vni.to_string()],
             format!("{} does not fit in 24 bits", spec.tunnel.vni),
         );
     }
@@ -46,12 +58,21 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         ("tunnel.geneve_port", spec.tunnel.geneve_port),
     ] {
         if port == 0 {
-            bad(key.into(), "port 0 is not a tunnel port".into());
+            bad(
+                "tunnel_port_zero",
+                key.into(),
+                None,
+                vec!["0".into()],
+                "port 0 is not a tunnel port".into(),
+            );
         }
     }
     if spec.tunnel.vxlan_port == spec.tunnel.geneve_port && spec.tunnel.vxlan_port != 0 {
         bad(
+            "tunnel_ports_equal",
             "tunnel.geneve_port".into(),
+            Some("tunnel.vxlan_port".into()),
+            vec![spec.tunnel.geneve_port.to_string()],
             format!("{} is also the VXLAN port", spec.tunnel.geneve_port),
         );
     }
@@ -69,7 +90,10 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         let path = format!("cluster_cidrs[{i}]");
         if net.prefix_len() == 0 {
             bad(
+                "cluster_cidr_everything",
                 path,
+                None,
+                vec![net.to_string()],
                 format!("'{net}' covers every address (the node's and the internet's)"),
             );
             continue;
@@ -77,7 +101,10 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         for (key, a) in node_addrs {
             if let Some(a) = a.filter(|a| net.contains(*a)) {
                 bad(
+                    "cluster_contains_node_address",
                     path.clone(),
+                    Some(key.into()),
+                    vec![net.to_string(), a.to_string()],
                     format!("'{net}' contains this node's address {a} ({key})"),
                 );
             }
@@ -85,7 +112,10 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         for (j, p) in spec.peers.iter().enumerate() {
             if net.contains(p.address) {
                 bad(
+                    "cluster_contains_peer_address",
                     path.clone(),
+                    Some(format!("peers[{j}].address")),
+                    vec![net.to_string(), p.address.to_string()],
                     format!("'{net}' contains peers[{j}].address {}", p.address),
                 );
             }
@@ -99,20 +129,34 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
     for (i, net) in spec.native_cidrs.iter().enumerate() {
         let path = format!("native_cidrs[{i}]");
         if net.prefix_len() == 0 {
-            bad(path, format!("'{net}' covers every address"));
+            bad(
+                "native_cidr_everything",
+                path,
+                None,
+                vec![net.to_string()],
+                format!("'{net}' covers every address"),
+            );
         } else if !overlaps_cluster(net) {
             bad(
+                "native_cidr_outside_cluster",
                 path,
+                None,
+                vec![net.to_string()],
                 format!("'{net}' does not overlap the cluster pod CIDRs"),
             );
         }
     }
     if let Some(a6) = settings.masquerade_address6 {
-        for net in spec.cluster_cidrs.iter().filter(|c| c.contains(a6.into())) {
-            bad(
-                "masquerade.address6".into(),
-                format!("'{a6}' is inside the cluster pod CIDR '{net}'"),
-            );
+        for (i, net) in spec.cluster_cidrs.iter().enumerate() {
+            if net.contains(a6.into()) {
+                bad(
+                    "masquerade_address6_in_cluster",
+                    "masquerade.address6".into(),
+                    Some(format!("cluster_cidrs[{i}]")),
+                    vec![a6.to_string(), net.to_string()],
+                    format!("'{a6}' is inside the cluster pod CIDR '{net}'"),
+                );
+            }
         }
     }
 
@@ -128,7 +172,13 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
     for (i, c) in spec.node.pod_cidrs.iter().enumerate() {
         let path = format!("node.pod_cidrs[{i}]");
         if !in_cluster(c) {
-            bad(path.clone(), not_inside(c));
+            bad(
+                "pod_cidr_outside_cluster",
+                path.clone(),
+                None,
+                vec![c.to_string()],
+                not_inside(c),
+            );
         }
         owned.push((*c, path, "node".into()));
     }
@@ -138,19 +188,34 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         let at = |key: &str| format!("peers[{p}].{key}");
         if peer.name == spec.node.name {
             bad(
+                "name_is_node",
                 at("name"),
+                Some("node.name".into()),
+                vec![peer.name.clone()],
                 format!("'{}' is this node's own name", peer.name),
             );
         }
         match names.get(peer.name.as_str()) {
-            Some(q) => bad(at("name"), format!("'{}' is also peers[{q}]", peer.name)),
+            Some(q) => bad(
+                "name_taken",
+                at("name"),
+                Some(format!("peers[{q}].name")),
+                vec![peer.name.clone()],
+                format!("'{}' is also peers[{q}]", peer.name),
+            ),
             None => {
                 names.insert(&peer.name, p);
             }
         }
         let a = peer.address;
-        if node_addrs.iter().any(|(_, n)| *n == Some(a)) {
-            bad(at("address"), format!("'{a}' is this node's own address"));
+        if let Some((key, _)) = node_addrs.iter().find(|(_, n)| *n == Some(a)) {
+            bad(
+                "address_is_node",
+                at("address"),
+                Some((*key).into()),
+                vec![a.to_string()],
+                format!("'{a}' is this node's own address"),
+            );
         }
         if settings.source_for(a).is_none() {
             let why = if a.is_ipv6() {
@@ -166,10 +231,22 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
                     settings.address
                 )
             };
-            bad(at("address"), format!("'{a}' {why}"));
+            bad(
+                "address_family",
+                at("address"),
+                Some("node.address".into()),
+                vec![a.to_string(), settings.address.to_string()],
+                format!("'{a}' {why}"),
+            );
         }
         match addresses.get(&a) {
-            Some(q) => bad(at("address"), format!("'{a}' is also peers[{q}]")),
+            Some(q) => bad(
+                "address_taken",
+                at("address"),
+                Some(format!("peers[{q}].address")),
+                vec![a.to_string()],
+                format!("'{a}' is also peers[{q}]"),
+            ),
             None => {
                 addresses.insert(a, p);
             }
@@ -177,7 +254,13 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         for (i, c) in peer.pod_cidrs.iter().enumerate() {
             let path = format!("peers[{p}].pod_cidrs[{i}]");
             if !in_cluster(c) {
-                bad(path.clone(), not_inside(c));
+                bad(
+                    "pod_cidr_outside_cluster",
+                    path.clone(),
+                    None,
+                    vec![c.to_string()],
+                    not_inside(c),
+                );
             }
             owned.push((*c, path, format!("peers[{p}]")));
         }
@@ -215,9 +298,12 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
     overlaps.sort_unstable();
     for (a, b) in overlaps {
         let (net, path, _) = &owned[a];
-        let (other, _, owner) = &owned[b];
+        let (other, other_path, owner) = &owned[b];
         bad(
+            "pod_cidr_overlap",
             path.clone(),
+            Some(other_path.clone()),
+            vec![net.to_string(), other.to_string()],
             format!("'{net}' overlaps {owner}'s pod CIDR '{other}'"),
         );
     }
