@@ -133,3 +133,60 @@ fn five_thousand_peers_check_clean_and_compile() {
         ["peers[4000].address: '172.17.0.11' is also peers[10]"]
     );
 }
+
+#[test]
+fn problems_carry_their_rule_other_party_and_values() {
+    let mut s = hybrid();
+    s.cluster_cidrs.push(c("172.16.9.0/24"));
+    s.peers
+        .push(peer("late", ip("172.16.3.2"), "10.244.2.128/25", false));
+    s.peers
+        .push(peer("self", ip("172.16.2.2"), "10.99.0.0/24", false));
+    s.peers
+        .push(peer("inside", ip("172.16.9.9"), "10.244.7.0/24", false));
+    let got: Vec<(&str, String, Option<String>, Vec<String>)> = check(&s, &settings())
+        .into_iter()
+        .map(|e| (e.code, e.path, e.other, e.values))
+        .collect();
+    let own = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    for want in [
+        (
+            "cluster_contains_peer_address",
+            "cluster_cidrs[1]".to_string(),
+            Some("peers[4].address".to_string()),
+            own(&["172.16.9.0/24", "172.16.9.9"]),
+        ),
+        (
+            "address_taken",
+            "peers[2].address".into(),
+            Some("peers[0].address".into()),
+            own(&["172.16.3.2"]),
+        ),
+        (
+            "address_is_node",
+            "peers[3].address".into(),
+            Some("node.address".into()),
+            own(&["172.16.2.2"]),
+        ),
+        (
+            "pod_cidr_outside_cluster",
+            "peers[3].pod_cidrs[0]".into(),
+            None,
+            own(&["10.99.0.0/24"]),
+        ),
+        (
+            "pod_cidr_overlap",
+            "peers[2].pod_cidrs[0]".into(),
+            Some("peers[0].pod_cidrs[0]".into()),
+            own(&["10.244.2.128/25", "10.244.2.0/24"]),
+        ),
+    ] {
+        assert!(got.contains(&want), "{want:?} not in {got:?}");
+    }
+    assert_eq!(got.len(), 5, "{got:?}");
+    // the settings' own problems are structured too
+    let mut st = settings();
+    st.port_range = (9, 8);
+    let e = &check(&hybrid(), &st)[0];
+    assert_eq!((e.code, e.values.clone()), ("port_range", own(&["9", "8"])));
+}
