@@ -43,7 +43,6 @@ import http.client
 import ipaddress
 import json
 import logging
-import re
 import socket
 import ssl
 import threading
@@ -54,7 +53,7 @@ from urllib.parse import urlsplit
 
 from podrouter import native
 from podrouter.config import Config, EtcdConfig, PeerConfig, _Validator, engine_settings, table_spec
-from podrouter.discovery.base import PeerSet
+from podrouter.discovery.base import Other, PeerSet, Verdict, cidr_index, refuse_by_rulebook
 
 log = logging.getLogger("podrouter.discovery.etcd")
 
@@ -362,7 +361,16 @@ def select_peers(
         if peer.name in static:
             continue  # a static peer of that name wins (its per-peer overrides apply)
         candidates.append((key, peer))
-    kept, refused = _refuse_conflicts(cfg, own_address, candidates)
+    try:
+        address = str(ipaddress.ip_address(own_address))
+    except ValueError:
+        address = "0.0.0.0"  # not known: the core skips its checks against the node's address
+    settings = engine_settings(address, None, cfg.masquerade.port_range, None)
+
+    def spec_of(peers: list[dict[str, Any]]) -> dict[str, Any]:
+        return table_spec(cfg.node, cfg.cluster_cidrs, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
+
+    kept, refused = refuse_by_rulebook(spec_of, settings, cfg.peers, candidates, _why)
     rejected.update(refused)
     return {peer.name: peer for _key, peer in kept}, rejected
 
@@ -370,129 +378,36 @@ def select_peers(
 # The core's rules a discovered record can break (native.Problem.code), in the order a record's
 # reason is chosen when it breaks several: its address first, then its pod CIDRs in order.
 # `address_family` (an IPv6 record on a node without an IPv6 underlay address) is left to
-# plan.refuse_conflicts, which knows the node's resolved `node.address6`.
+# plan.refuse_conflicts, which knows the node's resolved `node.address6`; the rest are about the
+# config's own keys (checked when it was loaded).
 _ADDRESS_RULES = {"address_is_node": 0, "address_taken": 1, "cluster_contains_peer_address": 2}
 _CIDR_RULES = {"pod_cidr_outside_cluster": 0, "pod_cidr_overlap": 1}
-_IGNORED_RULES = frozenset({"address_family"})
-_PEER_KEY = re.compile(r"^peers\[(\d+)\]")
-_CIDR_INDEX = re.compile(r"\.pod_cidrs\[(\d+)\]$")
 
 
-def _refuse_conflicts(
-    cfg: Config, own_address: str, candidates: list[tuple[str, PeerConfig]]
-) -> tuple[list[tuple[str, PeerConfig]], dict[str, str]]:
-    """`candidates` (etcd key, peer), oldest first, less those the core's rulebook refuses against
-    this node (`own_address`), the static peers and the older candidates: (kept, key -> why).
-
-    One spec holds the node, the static peers and every candidate in that order; the core names the
-    later party of every conflict and the earlier one as `other`, so one pass in spec order settles
-    precedence: a problem counts unless its other party is a candidate refused in that pass. A
-    problem skipped for that reason may hide another (the core names one earlier owner per
-    CIDR), so the survivors are asked again, without the refused, until nothing changes (one or two
-    calls in practice; each is linear in the peers)."""
-    try:
-        address = str(ipaddress.ip_address(own_address))
-    except ValueError:
-        address = "0.0.0.0"  # not known: the core skips its checks against the node's address
-    settings = engine_settings(address, None, cfg.masquerade.port_range, None)
-    statics = [_spec_peer(p) for p in cfg.peers]
-    n_static = len(statics)
-    kept = list(candidates)
-    rejected: dict[str, str] = {}
-    while kept:
-        spec = table_spec(
-            cfg.node,
-            cfg.cluster_cidrs,
-            cfg.routing,
-            cfg.tunnel,
-            cfg.masquerade,
-            [*statics, *(_spec_peer(p) for _key, p in kept)],
-        )
-        by_peer: dict[int, list[native.Problem]] = {}
-        for prob in native.check_problems(spec, settings):
-            j = _subject(prob)
-            if j is not None and j >= n_static and prob.code not in _IGNORED_RULES:
-                by_peer.setdefault(j, []).append(prob)
-        names = [p.name for p in cfg.peers] + [p.name for _key, p in kept]
-
-        def owner(path: str | None, names: list[str] = names) -> str:
-            m = _PEER_KEY.match(path or "")
-            if m is None:
-                return "this node"
-            k = int(m.group(1))
-            return f"static peer {names[k]}" if k < n_static else names[k]
-
-        bad: dict[int, str] = {}
-        again = False
-        for j in sorted(by_peer):
-            counted = []
-            for prob in by_peer[j]:
-                m = _PEER_KEY.match(prob.other or "")
-                if m is not None and int(m.group(1)) - n_static in bad:
-                    again = True  # its other party is refused: it may win once that one is gone
-                    continue
-                counted.append(prob)
-            if counted:
-                first = min(counted, key=_rank)
-                bad[j - n_static] = _why(first, owner)
-        for j, why in bad.items():
-            rejected[kept[j][0]] = why
-        kept = [c for j, c in enumerate(kept) if j not in bad]
-        if not (bad and again):
-            break
-    return kept, rejected
+def _owner(other: Other) -> str:
+    if other is None or other[0] == "node":
+        return "this node"
+    return f"static peer {other[1]}" if other[0] == "fixed" else other[1]
 
 
-def _subject(prob: native.Problem) -> int | None:
-    """The spec index of the peer a problem is about: the one at its key path, or for a cluster
-    CIDR that contains a peer's address, that peer."""
-    path = prob.other if prob.code == "cluster_contains_peer_address" else prob.path
-    m = _PEER_KEY.match(path or "")
-    return int(m.group(1)) if m is not None else None
-
-
-def _rank(prob: native.Problem) -> tuple[int, int]:
-    if prob.code in _ADDRESS_RULES:
-        return 0, _ADDRESS_RULES[prob.code]
-    m = _CIDR_INDEX.search(prob.path)
-    if m is not None and prob.code in _CIDR_RULES:
-        return 1, 2 * int(m.group(1)) + _CIDR_RULES[prob.code]
-    return 2, 0
-
-
-def _why(prob: native.Problem, owner: Callable[[str | None], str]) -> str:
+def _why(prob: native.Problem, other: Other) -> Verdict:
     """A problem of the core worded for an etcd record ("address X is already node2's")."""
     v = prob.values
-    if prob.code == "address_is_node":
-        return f"address {v[0]} is this node's"
-    if prob.code == "address_taken":
-        return f"address {v[0]} is already {owner(prob.other)}'s"
-    if prob.code == "cluster_contains_peer_address":
-        return f"address {v[1]} is inside the cluster pod CIDR {v[0]}"
-    if prob.code == "pod_cidr_outside_cluster":
-        return f"pod CIDR {v[0]} is outside the cluster pod CIDRs"
-    if prob.code == "pod_cidr_overlap":
-        return f"pod CIDR {v[0]} overlaps {owner(prob.other)}'s {v[1]}"
+    if prob.code in _ADDRESS_RULES:
+        rank = (0, _ADDRESS_RULES[prob.code])
+        if prob.code == "address_is_node":
+            return rank, f"address {v[0]} is this node's"
+        if prob.code == "address_taken":
+            return rank, f"address {v[0]} is already {_owner(other)}'s"
+        return rank, f"address {v[1]} is inside the cluster pod CIDR {v[0]}"
+    if prob.code in _CIDR_RULES:
+        rank = (1, 2 * cidr_index(prob) + _CIDR_RULES[prob.code])
+        if prob.code == "pod_cidr_outside_cluster":
+            return rank, f"pod CIDR {v[0]} is outside the cluster pod CIDRs"
+        return rank, f"pod CIDR {v[0]} overlaps {_owner(other)}'s {v[1]}"
     if prob.code == "name_taken":
-        return f"name {v[0]} is already {owner(prob.other)}'s"
-    if prob.code == "name_is_node":
-        return f"name {v[0]} is this node's"
-    field = prob.path.split(".", 1)[1] if "." in prob.path else prob.path
-    return f"{field}: {_PEER_REF.sub(lambda m: owner(m.group(0)), prob.message)}"
-
-
-_PEER_REF = re.compile(r"\bpeers\[\d+\]")
-
-
-def _spec_peer(peer: PeerConfig) -> dict[str, Any]:
-    address, cidrs = _spec_strings(peer)
-    return {"name": peer.name, "address": address, "pod_cidrs": list(cidrs)}
-
-
-@functools.lru_cache(maxsize=2 * MAX_NODES)
-def _spec_strings(peer: PeerConfig) -> tuple[str, tuple[str, ...]]:
-    # cached (a parsed record is immutable and cached too): the spec is rebuilt after every change
-    return str(peer.address), tuple(str(c) for c in peer.pod_cidrs)
+        return (2, 0), f"name {v[0]} is already {_owner(other)}'s"
+    return None
 
 
 # -------------------------------------------------------------------------------------- backend
