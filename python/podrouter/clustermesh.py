@@ -9,10 +9,14 @@ same per-destination rules, and the datapath's ingress checks (outer source a kn
 source inside that peer's pod CIDRs) apply to them unchanged.
 
 Remote entries are untrusted. One is refused, with the reason in `status`, when it is malformed,
-when a pod CIDR overlaps this cluster's pod CIDRs (a node of another cluster cannot claim ours), or
-when it overlaps a node already accepted from another cluster (the earlier cluster in the list
-wins); the rest of the mesh keeps working. When a remote etcd cannot be reached the last known
-nodes of that cluster stay (the watch keeps what it had and re-lists once etcd answers again).
+when a pod CIDR overlaps this cluster's pod CIDRs (a node of another cluster cannot claim ours) or
+lies outside its cluster's declared `pod_cidrs`, when its address is an older node's of that
+cluster or inside its declared pod space, or when it overlaps a node already accepted from the
+same cluster (the oldest wins) or from another cluster (the earlier cluster in the list wins); the
+rest of the mesh keeps working.
+These relations are the core's rulebook (`discovery.base.refuse_by_rulebook`), worded here. When a
+remote etcd cannot be reached the last known nodes of that cluster stay (the watch keeps what it
+had and re-lists once etcd answers again).
 """
 
 from __future__ import annotations

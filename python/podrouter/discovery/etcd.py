@@ -22,10 +22,12 @@ Hardening (docs/security.md, "etcd"):
   catch every exception, log it and retry with backoff: nothing an etcd writer sends can stop the
   lease keepalive (which would get this node dropped everywhere) or the watch.
 * Entries are untrusted: each is validated like a `peers[]` entry of the config (and must be at
-  most `MAX_VALUE` bytes). Conflicts are settled by etcd's create revision, oldest first: an entry
-  whose address is this node's, a static peer's or an older entry's, or whose pod CIDRs overlap this
-  node's, a static peer's or an older entry's, is refused with a reason (`status`:
-  `discovery.rejected`). A newcomer therefore cannot take over or knock out a live node.
+  most `MAX_VALUE` bytes). Conflicts are the core's rulebook (`discovery.base.refuse_by_rulebook`,
+  docs/architecture.md "One rulebook"), settled by etcd's create revision, oldest first: an entry
+  whose address is this node's, a static peer's or an older entry's, or inside the cluster pod
+  CIDRs, or whose pod CIDRs leave the cluster's or overlap this node's, a static peer's or an older
+  entry's, is refused with a reason (`status`: `discovery.rejected`). A newcomer therefore cannot
+  take over or knock out a live node.
 * Peer-set notifications to the daemon (each a table rebuild) are rate-limited to one per
   `NOTIFY_INTERVAL`, the last one always delivered.
 * TLS (`ca_file`, `cert_file`/`key_file`) and etcd v3 authentication (`username`/`password`: a token
