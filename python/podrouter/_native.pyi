@@ -54,6 +54,14 @@ def check_problems(
     terms. The codes: docs/architecture.md, "One rulebook". ``ValueError`` for a dict of the wrong
     shape."""
 
+def admit_problems(
+    spec: dict[str, Any], settings: dict[str, Any], first: int, skip: list[str] = ...
+) -> list[tuple[str, str, str | None, list[str], str]]:
+    """The rulebook with precedence, for admitting untrusted records: the peers from index
+    ``first`` on are admitted in spec order, each against the node, the peers before ``first``
+    (which always win) and those admitted before it; the problems of each refused peer, as
+    ``check_problems``' tuples. Rules (codes) named in ``skip`` are not applied."""
+
 def default_max_entries_per_pod(max_entries: int) -> int:
     """``masquerade.max_entries_per_pod`` when only ``masquerade.max_entries`` is set: an eighth of
     the table, at least 64, at most the table."""

@@ -51,6 +51,19 @@ def _unknown_node(cfg: Config) -> dict[str, Any]:
     return engine_settings("0.0.0.0", None, cfg.masquerade.port_range, None)
 
 
+# between clusters only pod CIDRs must be disjoint (each cluster's own registry was judged by the
+# rest; its space and addresses are its own)
+_CROSS_SKIP = (
+    "name_is_node",
+    "name_taken",
+    "address_is_node",
+    "address_family",
+    "address_taken",
+    "cluster_contains_peer_address",
+    "pod_cidr_outside_cluster",
+)
+
+
 def _cross_why(prob: Problem, other: Other) -> Verdict:
     """The one rule between clusters: pod CIDRs of nodes of different clusters are disjoint."""
     if prob.code == "pod_cidr_overlap" and other is not None and other[0] == "peer":
@@ -137,7 +150,11 @@ class RemoteCluster(EtcdDiscovery):
             c = self.cfg
             return table_spec(node, self.mesh.pod_cidrs, c.routing, c.tunnel, c.masquerade, peers)
 
-        return refuse_by_rulebook(spec_of, _unknown_node(self.cfg), fixed, candidates, self._why)
+        # names may repeat across clusters (ours too); the node's address is not known here
+        skip = ["name_is_node", "address_family", "address_is_node"]
+        if not self.mesh.pod_cidrs:
+            skip.append("pod_cidr_outside_cluster")  # no declared space: anywhere outside ours
+        return refuse_by_rulebook(spec_of, _unknown_node(self.cfg), fixed, candidates, self._why, skip)
 
     def _why(self, prob: Problem, other: Other) -> Verdict:
         """A problem of the core worded for a remote record; the order of rank: a claim on our own
@@ -159,7 +176,7 @@ class RemoteCluster(EtcdDiscovery):
             return (2, 0), f"address {v[0]} is already {other[1]}'s"
         if prob.code == "cluster_contains_peer_address":
             return (3, 0), f"address {v[1]} is inside cluster {self.mesh.name}'s pod CIDR {v[0]}"
-        return None  # this node's own keys, names (other clusters may reuse ours), address families
+        return None  # the core's message stands
 
     def nodes(self) -> dict[str, PeerConfig]:
         with self.lock:
@@ -236,7 +253,9 @@ class MeshDiscovery:
         def spec_of(peers: list[dict[str, Any]]) -> dict[str, Any]:
             return table_spec(nobody, (), cfg.routing, cfg.tunnel, cfg.masquerade, peers)
 
-        kept, rejects = refuse_by_rulebook(spec_of, _unknown_node(cfg), (), candidates, _cross_why)
+        kept, rejects = refuse_by_rulebook(
+            spec_of, _unknown_node(cfg), (), candidates, _cross_why, _CROSS_SKIP
+        )
         return [p for _name, p in kept], rejects
 
     def peers(self) -> PeerSet:

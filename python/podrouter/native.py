@@ -100,6 +100,21 @@ def check_problems(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> list
     ]
 
 
+def admit_problems(
+    spec: Mapping[str, Any], settings: Mapping[str, Any], first: int, skip: Iterable[str] = ()
+) -> list[Problem]:
+    """`_native.admit_problems`: the core's rulebook with precedence (rules.rs `admit`). The peers
+    from index `first` on are admitted one by one in spec order, each against the node, the peers
+    before `first` (which always win) and those admitted before it; each refused peer's problems
+    come back (a younger peer is never refused for a conflict with a refused one). `skip`: codes
+    of rules not to apply."""
+    found = module().admit_problems(dict(spec), dict(settings), first, list(skip))
+    return [
+        Problem(str(c), str(p), None if o is None else str(o), tuple(str(v) for v in vs), str(m))
+        for c, p, o, vs, m in found
+    ]
+
+
 def route_paths(tables: Tables, destinations: Iterable[str]) -> list[str | None]:
     """The path (native | vxlan | geneve) the compiled tables give each destination address inside
     a peer's pod CIDRs, whether or not its next hop is resolved yet; None for an address outside
@@ -166,6 +181,7 @@ __all__ = [
     "NativeUnavailable",
     "adopt_datapath",
     "available",
+    "admit_problems",
     "check_problems",
     "check_tables",
     "Problem",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from podrouter import native
@@ -48,8 +48,8 @@ K = TypeVar("K")
 # key of the spec's node, ("fixed", name) for a peer that always wins (a static peer),
 # ("peer", name) for an older candidate; None for a problem without one.
 Other = tuple[str, str] | None
-# A caller's verdict on one problem: None to ignore it, else (rank, why): a record breaking several
-# rules is refused for the one of lowest rank.
+# A caller's wording of one problem: (rank, why), a record breaking several rules being refused
+# for the one of lowest rank; None: the core's own message (prefixed with the field) stands.
 Verdict = tuple[tuple[int, int], str] | None
 
 _PEER_KEY = re.compile(r"^peers\[(\d+)\]")
@@ -61,54 +61,38 @@ def refuse_by_rulebook(
     fixed: Sequence[PeerConfig],
     candidates: Sequence[tuple[K, PeerConfig]],
     word: Callable[[native.Problem, Other], Verdict],
+    skip: Iterable[str] = (),
 ) -> tuple[list[tuple[K, PeerConfig]], dict[K, str]]:
-    """`candidates` (a caller's key, peer), oldest first, less those the core's rulebook
-    (`native.check_problems`, the rules `Tables::build` enforces) refuses against the spec's node,
-    the `fixed` peers and the older candidates: (kept, key -> why, worded by `word`).
-
-    One spec (`spec_of(peers)`) holds the `fixed` peers, then every candidate in order. The core
-    names the later party of every conflict at its path and the earlier one as `other`, so one
-    pass in spec order settles precedence: a problem counts unless its other party is a candidate
-    refused in that pass. A problem skipped for that reason may hide another (the core names one
-    earlier owner per CIDR), so the survivors are asked again, without the refused, until nothing
-    changes: one or two calls in practice, each linear in the peers (plus a sort)."""
+    """`candidates` (a caller's key, peer), oldest first, less those the core's rulebook refuses:
+    (kept, key -> why, worded by `word`). One spec (`spec_of(peers)`) holds the `fixed` peers,
+    then the candidates in order, and one call of the core's `admit` (`native.admit_problems`)
+    admits the candidates one by one against the spec's node, the `fixed` peers and the
+    candidates admitted before each, so the oldest wins every conflict and a refused record never
+    blocks a younger one. `skip`: rules (codes) the caller does not apply. Linear in the peers."""
     statics = [spec_peer(p) for p in fixed]
     n_fixed = len(statics)
-    kept = list(candidates)
-    rejected: dict[K, str] = {}
-    while kept:
-        spec = spec_of([*statics, *(spec_peer(p) for _key, p in kept)])
-        by_peer: dict[int, list[native.Problem]] = {}
-        for prob in native.check_problems(spec, settings):
-            j = _subject(prob)
-            if j is not None and j >= n_fixed:
-                by_peer.setdefault(j - n_fixed, []).append(prob)
-        bad: dict[int, str] = {}
-        again = False
-        for j in sorted(by_peer):
-            best: tuple[tuple[int, int], str] | None = None
-            for prob in by_peer[j]:
-                m = _PEER_KEY.match(prob.other or "")
-                other: Other = None
-                if m is not None:
-                    k = int(m.group(1))
-                    if k - n_fixed in bad:
-                        again = True  # its other party is refused: it may win once that one is gone
-                        continue
-                    other = ("fixed", fixed[k].name) if k < n_fixed else ("peer", kept[k - n_fixed][1].name)
-                elif prob.other is not None:
-                    other = ("node", "")
-                verdict = word(prob, other)
-                if verdict is not None and (best is None or verdict[0] < best[0]):
-                    best = verdict
-            if best is not None:
-                bad[j] = best[1]
-        for j, why in bad.items():
-            rejected[kept[j][0]] = why
-        kept = [c for j, c in enumerate(kept) if j not in bad]
-        if not (bad and again):
-            break
-    return kept, rejected
+    spec = spec_of([*statics, *(spec_peer(p) for _key, p in candidates)])
+    best: dict[int, tuple[tuple[int, int], str]] = {}
+    for prob in native.admit_problems(spec, settings, n_fixed, skip):
+        j = _subject(prob)
+        if j is None or j < n_fixed:
+            continue  # cannot happen: `admit` reports the candidates only
+        m = _PEER_KEY.match(prob.other or "")
+        other: Other = None
+        if m is not None:
+            k = int(m.group(1))
+            other = ("fixed", fixed[k].name) if k < n_fixed else ("peer", candidates[k - n_fixed][1].name)
+        elif prob.other is not None:
+            other = ("node", "")
+        verdict = word(prob, other)
+        if verdict is None:
+            field = prob.path.split(".", 1)[1] if "." in prob.path else prob.path
+            verdict = (9, 0), f"{field}: {prob.message}"
+        j -= n_fixed
+        if j not in best or verdict[0] < best[j][0]:
+            best[j] = verdict
+    kept = [c for j, c in enumerate(candidates) if j not in best]
+    return kept, {candidates[j][0]: why for j, (_rank, why) in best.items()}
 
 
 def _subject(prob: native.Problem) -> int | None:

@@ -372,7 +372,7 @@ def select_peers(
     def spec_of(peers: list[dict[str, Any]]) -> dict[str, Any]:
         return table_spec(cfg.node, cfg.cluster_cidrs, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
 
-    kept, refused = refuse_by_rulebook(spec_of, settings, cfg.peers, candidates, _why)
+    kept, refused = refuse_by_rulebook(spec_of, settings, cfg.peers, candidates, _why, _SKIP)
     rejected.update(refused)
     return {peer.name: peer for _key, peer in kept}, rejected
 
@@ -380,10 +380,10 @@ def select_peers(
 # The core's rules a discovered record can break (native.Problem.code), in the order a record's
 # reason is chosen when it breaks several: its address first, then its pod CIDRs in order.
 # `address_family` (an IPv6 record on a node without an IPv6 underlay address) is left to
-# plan.refuse_conflicts, which knows the node's resolved `node.address6`; the rest are about the
-# config's own keys (checked when it was loaded).
+# plan.refuse_conflicts, which knows the node's resolved `node.address6`.
 _ADDRESS_RULES = {"address_is_node": 0, "address_taken": 1, "cluster_contains_peer_address": 2}
 _CIDR_RULES = {"pod_cidr_outside_cluster": 0, "pod_cidr_overlap": 1}
+_SKIP = ("address_family",)
 
 
 def _owner(other: Other) -> str:
@@ -409,7 +409,7 @@ def _why(prob: native.Problem, other: Other) -> Verdict:
         return rank, f"pod CIDR {v[0]} overlaps {_owner(other)}'s {v[1]}"
     if prob.code == "name_taken":
         return (2, 0), f"name {v[0]} is already {_owner(other)}'s"
-    return None
+    return None  # the core's message stands
 
 
 # -------------------------------------------------------------------------------------- backend

@@ -804,6 +804,32 @@ fn check_problems(
         .collect())
 }
 
+/// The rulebook with precedence, for admitting untrusted records (core `rules::admit`): the
+/// peers from index `first` on are admitted in spec order, each against the node, the peers
+/// before `first` (which always win) and those admitted before it; the problems of each refused
+/// peer, as [`check_problems`]' tuples. Rules (codes) named in `skip` are not applied.
+#[pyfunction]
+#[pyo3(signature = (spec, settings, first, skip = Vec::new()))]
+#[allow(clippy::type_complexity)]
+fn admit_problems(
+    py: Python<'_>,
+    spec: &Bound<'_, PyAny>,
+    settings: &Bound<'_, PyAny>,
+    first: usize,
+    skip: Vec<String>,
+) -> PyResult<Vec<(&'static str, String, Option<String>, Vec<String>, String)>> {
+    let spec = table_spec(spec)?;
+    let settings = engine_settings(settings)?;
+    let problems = py.allow_threads(|| {
+        let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
+        podrouter_core::rules::admit(&spec, &settings, first, &skip)
+    });
+    Ok(problems
+        .into_iter()
+        .map(|e| (e.code, e.path, e.other, e.values, e.message))
+        .collect())
+}
+
 /// `masquerade.max_entries_per_pod` when only `masquerade.max_entries` is set.
 #[pyfunction]
 fn default_max_entries_per_pod(max_entries: usize) -> usize {
@@ -833,6 +859,7 @@ fn register_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(vtep_mac, m)?)?;
     m.add_function(wrap_pyfunction!(check_tables, m)?)?;
     m.add_function(wrap_pyfunction!(check_problems, m)?)?;
+    m.add_function(wrap_pyfunction!(admit_problems, m)?)?;
     m.add_function(wrap_pyfunction!(default_max_entries_per_pod, m)?)?;
     Ok(())
 }
