@@ -6,6 +6,9 @@
 //! wrote. The Python layer checks only the YAML's shape, types and key names
 //! (docs/architecture.md, "One rulebook").
 //!
+//! [`admit`] is the same rulebook with precedence, for untrusted records (etcd discovery, the
+//! cluster mesh): peers admitted one by one in spec order, a refused one taking no further part.
+//!
 //! The work is linear in the peers (plus a sort for the pod-CIDR overlap sweep), so the
 //! reconcile of thousands of etcd peers pays no quadratic check.
 //!
