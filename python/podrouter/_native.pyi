@@ -45,6 +45,23 @@ def check_tables(spec: dict[str, Any], settings: dict[str, Any]) -> list[tuple[s
     '10.244.1.0/24'")``; empty when the tables compile. ``ValueError`` for a dict of the wrong
     shape."""
 
+def check_problems(
+    spec: dict[str, Any], settings: dict[str, Any]
+) -> list[tuple[str, str, str | None, list[str], str]]:
+    """``check_tables`` with each problem's structure: ``(code, key path, other key path or None,
+    values, message)``, e.g. ``("pod_cidr_overlap", "peers[1].pod_cidrs[0]", "node.pod_cidrs[0]",
+    ["10.244.1.0/25", "10.244.1.0/24"], "...")``, for callers that word a problem in their own
+    terms. The codes: docs/architecture.md, "One rulebook". ``ValueError`` for a dict of the wrong
+    shape."""
+
+def admit_problems(
+    spec: dict[str, Any], settings: dict[str, Any], first: int, skip: list[str] = ...
+) -> list[tuple[str, str, str | None, list[str], str]]:
+    """The rulebook with precedence, for admitting untrusted records: the peers from index
+    ``first`` on are admitted in spec order, each against the node, the peers before ``first``
+    (which always win) and those admitted before it; the problems of each refused peer, as
+    ``check_problems``' tuples. Rules (codes) named in ``skip`` are not applied."""
+
 def default_max_entries_per_pod(max_entries: int) -> int:
     """``masquerade.max_entries_per_pod`` when only ``masquerade.max_entries`` is set: an eighth of
     the table, at least 64, at most the table."""

@@ -9,10 +9,14 @@ same per-destination rules, and the datapath's ingress checks (outer source a kn
 source inside that peer's pod CIDRs) apply to them unchanged.
 
 Remote entries are untrusted. One is refused, with the reason in `status`, when it is malformed,
-when a pod CIDR overlaps this cluster's pod CIDRs (a node of another cluster cannot claim ours), or
-when it overlaps a node already accepted from another cluster (the earlier cluster in the list
-wins); the rest of the mesh keeps working. When a remote etcd cannot be reached the last known
-nodes of that cluster stay (the watch keeps what it had and re-lists once etcd answers again).
+when a pod CIDR overlaps this cluster's pod CIDRs (a node of another cluster cannot claim ours) or
+lies outside its cluster's declared `pod_cidrs`, when its address is an older node's of that
+cluster or inside its declared pod space, or when it overlaps a node already accepted from the
+same cluster (the oldest wins) or from another cluster (the earlier cluster in the list wins); the
+rest of the mesh keeps working.
+These relations are the core's rulebook (`discovery.base.refuse_by_rulebook`), worded here. When a
+remote etcd cannot be reached the last known nodes of that cluster stay (the watch keeps what it
+had and re-lists once etcd answers again).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from podrouter.config import Config, IPNetwork, MeshClusterConfig, PeerConfig
-from podrouter.discovery.base import Discovery, PeerSet
+from podrouter.config import Config, MeshClusterConfig, PeerConfig, engine_settings, table_spec
+from podrouter.discovery.base import Discovery, Other, PeerSet, Verdict, cidr_index, refuse_by_rulebook
 from podrouter.discovery.etcd import MAX_NODES, EtcdDiscovery, parse_entry
+from podrouter.native import Problem
 
 log = logging.getLogger("podrouter.clustermesh")
 
@@ -40,8 +45,33 @@ def is_mesh_source(source: str) -> bool:
     return source.startswith(SOURCE_PREFIX)
 
 
-def _overlaps(a: IPNetwork, b: IPNetwork) -> bool:
-    return a.version == b.version and a.overlaps(b)  # type: ignore[arg-type]
+def _unknown_node(cfg: Config) -> dict[str, Any]:
+    """Engine settings without this node's address: remote nodes are judged against this
+    cluster's pod space and each other, never against this node's underlay."""
+    return engine_settings("0.0.0.0", None, cfg.masquerade.port_range, None)
+
+
+# between clusters only pod CIDRs must be disjoint (each cluster's own registry was judged by the
+# rest; its space and addresses are its own)
+_CROSS_SKIP = (
+    "name_is_node",
+    "name_taken",
+    "address_is_node",
+    "address_family",
+    "address_taken",
+    "cluster_contains_peer_address",
+    "pod_cidr_outside_cluster",
+)
+
+
+def _cross_why(prob: Problem, other: Other) -> Verdict:
+    """The one rule between clusters: pod CIDRs of nodes of different clusters are disjoint."""
+    if prob.code == "pod_cidr_overlap" and other is not None and other[0] == "peer":
+        return (
+            cidr_index(prob),
+            0,
+        ), f"pod CIDRs overlap {other[1]}'s {prob.values[1]} (an earlier cluster wins)"
+    return None
 
 
 class RemoteCluster(EtcdDiscovery):
@@ -82,10 +112,12 @@ class RemoteCluster(EtcdDiscovery):
             self._notify()
 
     def _select(self, entries: list[tuple[str, int, str]]) -> tuple[dict[str, PeerConfig], dict[str, str]]:
-        accepted: dict[str, PeerConfig] = {}
+        """The remote cluster's usable nodes and its refused keys (key -> why) from `entries`, oldest
+        registration first (it wins): each record's shape here (`parse_entry`), its relations with
+        this cluster's pod space and the older records the core's (`_refuse`)."""
+        candidates: list[tuple[str, PeerConfig]] = []
         rejected: dict[str, str] = {}
-        addresses: dict[Any, str] = {}
-        for n, (key, _rev, value) in enumerate(entries):  # oldest registration first: it wins
+        for n, (key, _rev, value) in enumerate(entries):
             if not key.startswith(self.prefix):
                 continue
             if n >= MAX_NODES:
@@ -95,32 +127,56 @@ class RemoteCluster(EtcdDiscovery):
             if peer is None:
                 rejected[key] = why or "invalid"
                 continue
-            why = self._conflict(peer, accepted)
-            if why is None and peer.address in addresses:
-                why = f"address {peer.address} is already {addresses[peer.address]}'s"
-            if why is not None:
-                rejected[key] = why
-                continue
-            accepted[peer.name] = peer
-            addresses[peer.address] = peer.name
-        return accepted, rejected
+            candidates.append((key, peer))
+        kept, refused = self._refuse((), candidates)
+        rejected.update(refused)
+        return {peer.name: peer for _key, peer in kept}, rejected
 
     def _conflict(self, peer: PeerConfig, accepted: dict[str, PeerConfig]) -> str | None:
-        space = self.mesh.pod_cidrs
-        for net in peer.pod_cidrs:
-            # a claim on our own space first: it is the one that matters
-            for own in self.local_cluster_cidrs:
-                if _overlaps(net, own):
-                    return f"pod CIDR {net} overlaps this cluster's ({self.local_name}) pod CIDR {own}"
-            if space and not any(net.version == s.version and net.subnet_of(s) for s in space):  # type: ignore[arg-type]
-                declared = ", ".join(str(s) for s in space)
-                return f"pod CIDR {net} is outside cluster {self.mesh.name}'s pod CIDRs ({declared})"
-        for other in accepted.values():
-            if other.name != peer.name and any(
-                _overlaps(n, o) for n in peer.pod_cidrs for o in other.pod_cidrs
-            ):
-                return f"pod CIDRs overlap those of {self.mesh.name} node {other.name}"
-        return None
+        """Why `peer` is refused next to the `accepted` nodes of this remote cluster (which win), or
+        None."""
+        _kept, rejected = self._refuse(tuple(accepted.values()), [(peer.name, peer)])
+        return rejected.get(peer.name)
+
+    def _refuse(
+        self, fixed: tuple[PeerConfig, ...], candidates: list[tuple[str, PeerConfig]]
+    ) -> tuple[list[tuple[str, PeerConfig]], dict[str, str]]:
+        """The core's rulebook on the remote nodes: one spec whose node holds this cluster's pod
+        CIDRs (a remote node claiming them overlaps "the node's") and whose cluster CIDRs are the
+        remote cluster's declared `pod_cidrs` (its nodes must lie inside; undeclared: anywhere)."""
+        node = replace(self.cfg.node, pod_cidrs=tuple(self.local_cluster_cidrs))
+
+        def spec_of(peers: list[dict[str, Any]]) -> dict[str, Any]:
+            c = self.cfg
+            return table_spec(node, self.mesh.pod_cidrs, c.routing, c.tunnel, c.masquerade, peers)
+
+        # names may repeat across clusters (ours too); the node's address is not known here
+        skip = ["name_is_node", "address_family", "address_is_node"]
+        if not self.mesh.pod_cidrs:
+            skip.append("pod_cidr_outside_cluster")  # no declared space: anywhere outside ours
+        return refuse_by_rulebook(spec_of, _unknown_node(self.cfg), fixed, candidates, self._why, skip)
+
+    def _why(self, prob: Problem, other: Other) -> Verdict:
+        """A problem of the core worded for a remote record; the order of rank: a claim on our own
+        space first (it is the one that matters), then the declared space, per pod CIDR; then the
+        other remote nodes' pod CIDRs and addresses."""
+        v = prob.values
+        if prob.code == "pod_cidr_overlap" and other is not None:
+            if other[0] == "node":
+                return (0, 2 * cidr_index(prob)), (
+                    f"pod CIDR {v[0]} overlaps this cluster's ({self.local_name}) pod CIDR {v[1]}"
+                )
+            return (1, 0), f"pod CIDRs overlap those of {self.mesh.name} node {other[1]}"
+        if prob.code == "pod_cidr_outside_cluster" and self.mesh.pod_cidrs:
+            declared = ", ".join(str(s) for s in self.mesh.pod_cidrs)
+            return (0, 2 * cidr_index(prob) + 1), (
+                f"pod CIDR {v[0]} is outside cluster {self.mesh.name}'s pod CIDRs ({declared})"
+            )
+        if prob.code == "address_taken" and other is not None:
+            return (2, 0), f"address {v[0]} is already {other[1]}'s"
+        if prob.code == "cluster_contains_peer_address":
+            return (3, 0), f"address {v[1]} is inside cluster {self.mesh.name}'s pod CIDR {v[0]}"
+        return None  # the core's message stands
 
     def nodes(self) -> dict[str, PeerConfig]:
         with self.lock:
@@ -175,31 +231,32 @@ class MeshDiscovery:
             r.start(_tagged(on_change, f"cluster {r.mesh.name}"))
 
     def _mesh_peers(self) -> tuple[list[PeerConfig], dict[str, str]]:
-        out: list[PeerConfig] = []
-        rejects: dict[str, str] = {}
-        taken: list[tuple[str, IPNetwork]] = []
+        """Every remote cluster's nodes as peers (`<cluster>.<node>`, with the cluster's overrides),
+        less those whose pod CIDRs overlap a node of an earlier cluster in the list (it wins): the
+        core's overlap rule (`refuse_by_rulebook`) on one spec of them all, in that order."""
+        candidates: list[tuple[str, PeerConfig]] = []
         for r in self.remotes:
             c = r.mesh
             for node, p in sorted(r.nodes().items()):
                 name = peer_name(c.name, node)
-                clash = next(
-                    ((who, o) for n in p.pod_cidrs for who, o in taken if _overlaps(n, o)),
-                    None,
+                peer = replace(
+                    p,
+                    name=name,
+                    mode=c.mode,
+                    tunnel_protocol=c.tunnel_protocol,
+                    geneve_payload=c.geneve_payload,
                 )
-                if clash is not None:
-                    rejects[name] = f"pod CIDRs overlap {clash[0]}'s {clash[1]} (an earlier cluster wins)"
-                    continue
-                taken.extend((name, n) for n in p.pod_cidrs)
-                out.append(
-                    replace(
-                        p,
-                        name=name,
-                        mode=c.mode,
-                        tunnel_protocol=c.tunnel_protocol,
-                        geneve_payload=c.geneve_payload,
-                    )
-                )
-        return out, rejects
+                candidates.append((name, peer))
+        cfg = self.cfg
+        nobody = replace(cfg.node, pod_cidrs=())
+
+        def spec_of(peers: list[dict[str, Any]]) -> dict[str, Any]:
+            return table_spec(nobody, (), cfg.routing, cfg.tunnel, cfg.masquerade, peers)
+
+        kept, rejects = refuse_by_rulebook(
+            spec_of, _unknown_node(cfg), (), candidates, _cross_why, _CROSS_SKIP
+        )
+        return [p for _name, p in kept], rejects
 
     def peers(self) -> PeerSet:
         local = tuple(self.local.peers())

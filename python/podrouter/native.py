@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from podrouter.errors import EXIT_FAILURE, StartError
 
@@ -74,6 +74,45 @@ def check_tables(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> list[t
     message) pairs; [] when `compile_tables` would succeed. ValueError for a dict of the wrong
     shape."""
     return [(str(p), str(m)) for p, m in module().check_tables(dict(spec), dict(settings))]
+
+
+class Problem(NamedTuple):
+    """One problem of the core's rulebook with its structure (`check_problems`): which rule
+    (`code`, e.g. `address_taken`, `pod_cidr_overlap`), the offending spec key `path`, the key
+    path of the other party of a relation (`other`: the earlier owner of an address or a pod
+    CIDR, the peer whose address a cluster CIDR contains), the values involved (offending one
+    first) and the core's own wording in spec terms (`message`)."""
+
+    code: str
+    path: str
+    other: str | None
+    values: tuple[str, ...]
+    message: str
+
+
+def check_problems(spec: Mapping[str, Any], settings: Mapping[str, Any]) -> list[Problem]:
+    """`_native.check_problems(spec, settings)`: `check_tables` with each problem's structure, for
+    callers that word problems in their own terms (discovery/etcd.py names registrations, not
+    spec keys). ValueError for a dict of the wrong shape."""
+    return [
+        Problem(str(c), str(p), None if o is None else str(o), tuple(str(v) for v in vs), str(m))
+        for c, p, o, vs, m in module().check_problems(dict(spec), dict(settings))
+    ]
+
+
+def admit_problems(
+    spec: Mapping[str, Any], settings: Mapping[str, Any], first: int, skip: Iterable[str] = ()
+) -> list[Problem]:
+    """`_native.admit_problems`: the core's rulebook with precedence (rules.rs `admit`). The peers
+    from index `first` on are admitted one by one in spec order, each against the node, the peers
+    before `first` (which always win) and those admitted before it; each refused peer's problems
+    come back (a younger peer is never refused for a conflict with a refused one). `skip`: codes
+    of rules not to apply."""
+    found = module().admit_problems(dict(spec), dict(settings), first, list(skip))
+    return [
+        Problem(str(c), str(p), None if o is None else str(o), tuple(str(v) for v in vs), str(m))
+        for c, p, o, vs, m in found
+    ]
 
 
 def route_paths(tables: Tables, destinations: Iterable[str]) -> list[str | None]:
@@ -142,7 +181,10 @@ __all__ = [
     "NativeUnavailable",
     "adopt_datapath",
     "available",
+    "admit_problems",
+    "check_problems",
     "check_tables",
+    "Problem",
     "compile_tables",
     "encap_overhead",
     "has_load_generators",

@@ -6,6 +6,7 @@ families and the mesh's overlap rules."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import subprocess
 import textwrap
@@ -284,3 +285,37 @@ def test_mesh_refuses_claims_on_our_space_and_cross_cluster_overlaps() -> None:
     (n,) = [c for c in st["clusters"] if c["name"] == "north"]
     assert "north.n1" in n["rejected"] and "west.node3" in n["rejected"]["north.n1"]
     assert n["state"] == "unreachable, keeping 2 last known nodes"
+
+
+def test_a_remote_registry_is_judged_by_the_core_oldest_first() -> None:
+    """A remote cluster's records against this cluster's space, its declared space and each other
+    (the core's rules, worded per cluster); a refused older record does not block a younger one."""
+    text = BASE + textwrap.dedent("""
+    clustermesh:
+      clusters:
+        - {name: west, id: 2, etcd: {endpoints: ["http://127.0.0.1:1"]}, pod_cidrs: [10.245.0.0/16]}
+    """)  # fmt: skip
+    (west,) = clustermesh.MeshDiscovery(config.loads(text), _Local(())).remotes
+    pre = west.prefix
+
+    def rec(name: str, address: str, cidr: str) -> tuple[str, str]:
+        return pre + name, json.dumps({"name": name, "address": address, "pod_cidrs": [cidr]})
+
+    entries = [
+        rec("claim", "172.16.9.1", "10.244.0.0/15"),  # holds our space (and the next one's)
+        rec("a", "172.16.9.2", "10.245.1.0/24"),
+        rec("b", "172.16.9.3", "10.245.1.128/25"),  # inside a's
+        rec("c", "172.16.9.2", "10.245.2.0/24"),  # a's address
+        rec("d", "172.16.9.4", "10.246.0.0/24"),  # outside west's declared space
+        rec("e", "10.245.9.9", "10.245.3.0/24"),  # its address is inside west's pod space
+        rec("f", "172.16.9.5", "10.245.4.0/24"),
+    ]
+    found, rejected = west._select([(k, i + 1, v) for i, (k, v) in enumerate(entries)])
+    assert set(found) == {"a", "f"}, rejected
+    assert rejected == {
+        pre + "claim": "pod CIDR 10.244.0.0/15 overlaps this cluster's (east) pod CIDR 10.244.0.0/16",
+        pre + "b": "pod CIDRs overlap those of west node a",
+        pre + "c": "address 172.16.9.2 is already a's",
+        pre + "d": "pod CIDR 10.246.0.0/24 is outside cluster west's pod CIDRs (10.245.0.0/16)",
+        pre + "e": "address 10.245.9.9 is inside cluster west's pod CIDR 10.245.0.0/16",
+    }

@@ -58,6 +58,23 @@ def test_first_writer_by_create_revision_wins() -> None:
     assert set(found) == {"squat", "thief"} or set(found) == {"squat"}
 
 
+def test_a_refused_registration_does_not_block_younger_ones_but_an_accepted_one_does() -> None:
+    """The core names one earlier owner per conflict; when that owner is refused itself, the
+    younger record is judged again against the rest (here: accepted node2's space)."""
+    found, rejected = select(
+        # refused (this node's address); its /18 holds node2's and late's CIDRs
+        (PREFIX + "rogue", 1, rec("rogue", "172.16.2.2", "10.244.64.0/18")),
+        (PREFIX + "node2", 2, rec("node2", "172.16.3.2", "10.244.65.0/24")),
+        (PREFIX + "late", 3, rec("late", "172.16.3.3", "10.244.65.128/25")),
+        (PREFIX + "other", 4, rec("other", "172.16.3.4", "10.244.66.0/24")),
+    )
+    assert set(found) == {"node2", "other"}, rejected
+    assert rejected == {
+        PREFIX + "rogue": "address 172.16.2.2 is this node's",
+        PREFIX + "late": "pod CIDR 10.244.65.128/25 overlaps node2's 10.244.65.0/24",
+    }
+
+
 @pytest.mark.parametrize(
     ("value", "why"),
     [

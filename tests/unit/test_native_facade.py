@@ -61,6 +61,27 @@ def test_the_facade_calls_the_extension() -> None:
         )
 
 
+def test_check_problems_is_check_tables_with_structure() -> None:
+    """The structured rulebook answer (what etcd discovery words by registration) and the plain
+    one (what config.py maps to YAML keys) are the same problems in the same order."""
+    spec = node1_spec()
+    late = {**spec["peers"][0], "name": "late", "pod_cidrs": ["10.244.2.128/25"]}
+    n = len(spec["peers"])
+    spec = {**spec, "peers": [*spec["peers"], late]}
+    plain = native.check_tables(spec, NODE1)
+    rich = native.check_problems(spec, NODE1)
+    assert plain and [(p.path, p.message) for p in rich] == plain
+    assert rich == [
+        native.Problem(c, p, o, tuple(v), m) for c, p, o, v, m in _native.check_problems(spec, NODE1)
+    ]
+    by_code = {p.code: p for p in rich}
+    taken = by_code["address_taken"]
+    assert (taken.path, taken.other) == (f"peers[{n}].address", "peers[0].address")
+    overlap = by_code["pod_cidr_overlap"]
+    assert (overlap.path, overlap.other) == (f"peers[{n}].pod_cidrs[0]", "peers[0].pod_cidrs[0]")
+    assert overlap.values == ("10.244.2.128/25", "10.244.2.0/24")
+
+
 def test_a_missing_extension_is_one_start_error() -> None:
     """Without the extension the facade raises NativeUnavailable (a StartError, exit 1) naming it,
     never an ImportError traceback; importing the facade alone does not load the extension."""

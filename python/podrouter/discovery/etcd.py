@@ -22,10 +22,12 @@ Hardening (docs/security.md, "etcd"):
   catch every exception, log it and retry with backoff: nothing an etcd writer sends can stop the
   lease keepalive (which would get this node dropped everywhere) or the watch.
 * Entries are untrusted: each is validated like a `peers[]` entry of the config (and must be at
-  most `MAX_VALUE` bytes). Conflicts are settled by etcd's create revision, oldest first: an entry
-  whose address is this node's, a static peer's or an older entry's, or whose pod CIDRs overlap this
-  node's, a static peer's or an older entry's, is refused with a reason (`status`:
-  `discovery.rejected`). A newcomer therefore cannot take over or knock out a live node.
+  most `MAX_VALUE` bytes). Conflicts are the core's rulebook (`discovery.base.refuse_by_rulebook`,
+  docs/architecture.md "One rulebook"), settled by etcd's create revision, oldest first: an entry
+  whose address is this node's, a static peer's or an older entry's, or inside the cluster pod
+  CIDRs, or whose pod CIDRs leave the cluster's or overlap this node's, a static peer's or an older
+  entry's, is refused with a reason (`status`: `discovery.rejected`). A newcomer therefore cannot
+  take over or knock out a live node.
 * Peer-set notifications to the daemon (each a table rebuild) are rate-limited to one per
   `NOTIFY_INTERVAL`, the last one always delivered.
 * TLS (`ca_file`, `cert_file`/`key_file`) and etcd v3 authentication (`username`/`password`: a token
@@ -51,8 +53,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from podrouter.config import Config, EtcdConfig, PeerConfig, _Validator
-from podrouter.discovery.base import NetIndex, PeerSet
+from podrouter import native
+from podrouter.config import Config, EtcdConfig, PeerConfig, _Validator, engine_settings, table_spec
+from podrouter.discovery.base import Other, PeerSet, Verdict, cidr_index, refuse_by_rulebook
 
 log = logging.getLogger("podrouter.discovery.etcd")
 
@@ -285,9 +288,6 @@ class EtcdClient:
 # ------------------------------------------------------------------------------- peer selection
 
 
-_NetIndex = NetIndex  # the name this module used before it moved to discovery.base
-
-
 class _Oversize(str):
     """What the mirror keeps of a value over MAX_VALUE bytes: nothing but its size."""
 
@@ -340,19 +340,14 @@ def select_peers(
 ) -> tuple[dict[str, PeerConfig], dict[str, str]]:
     """The usable discovered peers (by name) and the refused entries (key -> why) from `entries` =
     (key, create_revision, value). The oldest registration wins every conflict, and this node and the
-    static peers win over all of them."""
-    taken = _NetIndex()
-    for net in cfg.node.pod_cidrs:
-        taken.add(net, "this node")
-    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str] = {}
-    with contextlib.suppress(ValueError):
-        addresses[ipaddress.ip_address(own_address)] = "this node"
+    static peers win over all of them.
+
+    Each record's own shape is checked here (`parse_entry`); its relations with this node, the
+    static peers and the other records are the core's rulebook (`native.check_problems`, the rules
+    `Tables::build` enforces), asked about one spec of this node, the static peers and the records,
+    oldest first, and worded here by etcd key (`_why`)."""
     static = {p.name for p in cfg.peers}
-    for p in cfg.peers:
-        addresses.setdefault(p.address, f"static peer {p.name}")
-        for net in p.pod_cidrs:
-            taken.add(net, f"static peer {p.name}")
-    accepted: dict[str, PeerConfig] = {}
+    candidates: list[tuple[str, PeerConfig]] = []
     rejected: dict[str, str] = {}
     ordered = sorted(entries, key=lambda e: (e[1], e[0]))
     for n, (key, _rev, value) in enumerate(ordered):
@@ -367,39 +362,54 @@ def select_peers(
             continue
         if peer.name in static:
             continue  # a static peer of that name wins (its per-peer overrides apply)
-        why = _conflict(peer, cfg, taken, addresses)
-        if why is not None:
-            rejected[key] = why
-            continue
-        accepted[peer.name] = peer
-        addresses[peer.address] = peer.name
-        for net in peer.pod_cidrs:
-            taken.add(net, peer.name)
-    return accepted, rejected
+        candidates.append((key, peer))
+    try:
+        address = str(ipaddress.ip_address(own_address))
+    except ValueError:
+        address = "0.0.0.0"  # not known: the core skips its checks against the node's address
+    settings = engine_settings(address, None, cfg.masquerade.port_range, None)
+
+    def spec_of(peers: list[dict[str, Any]]) -> dict[str, Any]:
+        return table_spec(cfg.node, cfg.cluster_cidrs, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
+
+    kept, refused = refuse_by_rulebook(spec_of, settings, cfg.peers, candidates, _why, _SKIP)
+    rejected.update(refused)
+    return {peer.name: peer for _key, peer in kept}, rejected
 
 
-def _conflict(
-    peer: PeerConfig,
-    cfg: Config,
-    taken: _NetIndex,
-    addresses: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, str],
-) -> str | None:
-    owner = addresses.get(peer.address)
-    if owner == "this node":
-        return f"address {peer.address} is this node's"
-    if owner is not None:
-        return f"address {peer.address} is already {owner}'s"
-    for c in cfg.cluster_cidrs:
-        if peer.address in c:
-            return f"address {peer.address} is inside the cluster pod CIDR {c}"
-    for net in peer.pod_cidrs:
-        if not any(net.version == c.version and net.subnet_of(c) for c in cfg.cluster_cidrs):  # type: ignore[arg-type]
-            return f"pod CIDR {net} is outside the cluster pod CIDRs"
-        hit = taken.find(net)
-        if hit is not None:
-            who, other = hit
-            return f"pod CIDR {net} overlaps {who}'s {other}"
-    return None
+# The core's rules a discovered record can break (native.Problem.code), in the order a record's
+# reason is chosen when it breaks several: its address first, then its pod CIDRs in order.
+# `address_family` (an IPv6 record on a node without an IPv6 underlay address) is left to
+# plan.refuse_conflicts, which knows the node's resolved `node.address6`.
+_ADDRESS_RULES = {"address_is_node": 0, "address_taken": 1, "cluster_contains_peer_address": 2}
+_CIDR_RULES = {"pod_cidr_outside_cluster": 0, "pod_cidr_overlap": 1}
+_SKIP = ("address_family",)
+
+
+def _owner(other: Other) -> str:
+    if other is None or other[0] == "node":
+        return "this node"
+    return f"static peer {other[1]}" if other[0] == "fixed" else other[1]
+
+
+def _why(prob: native.Problem, other: Other) -> Verdict:
+    """A problem of the core worded for an etcd record ("address X is already node2's")."""
+    v = prob.values
+    if prob.code in _ADDRESS_RULES:
+        rank = (0, _ADDRESS_RULES[prob.code])
+        if prob.code == "address_is_node":
+            return rank, f"address {v[0]} is this node's"
+        if prob.code == "address_taken":
+            return rank, f"address {v[0]} is already {_owner(other)}'s"
+        return rank, f"address {v[1]} is inside the cluster pod CIDR {v[0]}"
+    if prob.code in _CIDR_RULES:
+        rank = (1, 2 * cidr_index(prob) + _CIDR_RULES[prob.code])
+        if prob.code == "pod_cidr_outside_cluster":
+            return rank, f"pod CIDR {v[0]} is outside the cluster pod CIDRs"
+        return rank, f"pod CIDR {v[0]} overlaps {_owner(other)}'s {v[1]}"
+    if prob.code == "name_taken":
+        return (2, 0), f"name {v[0]} is already {_owner(other)}'s"
+    return None  # the core's message stands
 
 
 # -------------------------------------------------------------------------------------- backend

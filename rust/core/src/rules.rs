@@ -6,6 +6,9 @@
 //! wrote. The Python layer checks only the YAML's shape, types and key names
 //! (docs/architecture.md, "One rulebook").
 //!
+//! [`admit`] is the same rulebook with precedence, for untrusted records (etcd discovery, the
+//! cluster mesh): peers admitted one by one in spec order, a refused one taking no further part.
+//!
 //! The work is linear in the peers (plus a sort for the pod-CIDR overlap sweep), so the
 //! reconcile of thousands of etcd peers pays no quadratic check.
 //!
@@ -13,7 +16,7 @@
 //! config whose `node.address` is resolved at start): the checks that compare against it are
 //! skipped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use crate::spec::{Cidr, EngineSettings, SpecError, TableSpec};
@@ -24,6 +27,23 @@ fn quoted_list(cidrs: &[Cidr]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+/// Why a peer at `a` cannot be reached from this node's underlay addresses.
+fn family_why(a: IpAddr, settings: &EngineSettings) -> String {
+    if a.is_ipv6() {
+        format!(
+            "is IPv6, and this node has no IPv6 underlay address (node.address {}; set \
+             node.address6)",
+            settings.address
+        )
+    } else {
+        format!(
+            "is IPv4, and this node's underlay is IPv6 only (node.address {}: no IPv4 underlay \
+             address)",
+            settings.address
+        )
+    }
+}
+
 fn known(a: IpAddr) -> Option<IpAddr> {
     (!a.is_unspecified()).then_some(a)
 }
@@ -31,13 +51,25 @@ fn known(a: IpAddr) -> Option<IpAddr> {
 /// Every problem of `spec` compiled against `settings`, in a stable order: the settings, the
 /// tunnel, the cluster CIDRs, `native_cidrs`, the masquerade address, this node's pod CIDRs,
 /// each peer (name, address, pod CIDRs), then pod-CIDR overlaps. Empty: the spec compiles.
+///
+/// Each problem names its rule ([`SpecError::code`]), the other party of a relation
+/// ([`SpecError::other`]: a key path) and the values involved ([`SpecError::values`]), so a
+/// caller can word it for its own keys; [`SpecError::message`] words it for the spec's.
 pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
     let mut out = settings.problems();
-    let mut bad = |path: String, message: String| out.push(SpecError::new(path, message));
+    let mut bad =
+        |code: &'static str,
+         path: String,
+         other: Option<String>,
+         values: Vec<String>,
+         message: String| { out.push(SpecError::rule(code, path, other, values, message)) };
 
     if spec.tunnel.vni > crate::wire::vxlan::MAX_VNI {
         bad(
+            "vni_width",
             "tunnel.vni".into(),
+            None,
+            vec![spec.tunnel.vni.to_string()],
             format!("{} does not fit in 24 bits", spec.tunnel.vni),
         );
     }
@@ -46,12 +78,21 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         ("tunnel.geneve_port", spec.tunnel.geneve_port),
     ] {
         if port == 0 {
-            bad(key.into(), "port 0 is not a tunnel port".into());
+            bad(
+                "tunnel_port_zero",
+                key.into(),
+                None,
+                vec!["0".into()],
+                "port 0 is not a tunnel port".into(),
+            );
         }
     }
     if spec.tunnel.vxlan_port == spec.tunnel.geneve_port && spec.tunnel.vxlan_port != 0 {
         bad(
+            "tunnel_ports_equal",
             "tunnel.geneve_port".into(),
+            Some("tunnel.vxlan_port".into()),
+            vec![spec.tunnel.geneve_port.to_string()],
             format!("{} is also the VXLAN port", spec.tunnel.geneve_port),
         );
     }
@@ -69,7 +110,10 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         let path = format!("cluster_cidrs[{i}]");
         if net.prefix_len() == 0 {
             bad(
+                "cluster_cidr_everything",
                 path,
+                None,
+                vec![net.to_string()],
                 format!("'{net}' covers every address (the node's and the internet's)"),
             );
             continue;
@@ -77,7 +121,10 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         for (key, a) in node_addrs {
             if let Some(a) = a.filter(|a| net.contains(*a)) {
                 bad(
+                    "cluster_contains_node_address",
                     path.clone(),
+                    Some(key.into()),
+                    vec![net.to_string(), a.to_string()],
                     format!("'{net}' contains this node's address {a} ({key})"),
                 );
             }
@@ -85,7 +132,10 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         for (j, p) in spec.peers.iter().enumerate() {
             if net.contains(p.address) {
                 bad(
+                    "cluster_contains_peer_address",
                     path.clone(),
+                    Some(format!("peers[{j}].address")),
+                    vec![net.to_string(), p.address.to_string()],
                     format!("'{net}' contains peers[{j}].address {}", p.address),
                 );
             }
@@ -99,20 +149,34 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
     for (i, net) in spec.native_cidrs.iter().enumerate() {
         let path = format!("native_cidrs[{i}]");
         if net.prefix_len() == 0 {
-            bad(path, format!("'{net}' covers every address"));
+            bad(
+                "native_cidr_everything",
+                path,
+                None,
+                vec![net.to_string()],
+                format!("'{net}' covers every address"),
+            );
         } else if !overlaps_cluster(net) {
             bad(
+                "native_cidr_outside_cluster",
                 path,
+                None,
+                vec![net.to_string()],
                 format!("'{net}' does not overlap the cluster pod CIDRs"),
             );
         }
     }
     if let Some(a6) = settings.masquerade_address6 {
-        for net in spec.cluster_cidrs.iter().filter(|c| c.contains(a6.into())) {
-            bad(
-                "masquerade.address6".into(),
-                format!("'{a6}' is inside the cluster pod CIDR '{net}'"),
-            );
+        for (i, net) in spec.cluster_cidrs.iter().enumerate() {
+            if net.contains(a6.into()) {
+                bad(
+                    "masquerade_address6_in_cluster",
+                    "masquerade.address6".into(),
+                    Some(format!("cluster_cidrs[{i}]")),
+                    vec![a6.to_string(), net.to_string()],
+                    format!("'{a6}' is inside the cluster pod CIDR '{net}'"),
+                );
+            }
         }
     }
 
@@ -128,7 +192,13 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
     for (i, c) in spec.node.pod_cidrs.iter().enumerate() {
         let path = format!("node.pod_cidrs[{i}]");
         if !in_cluster(c) {
-            bad(path.clone(), not_inside(c));
+            bad(
+                "pod_cidr_outside_cluster",
+                path.clone(),
+                None,
+                vec![c.to_string()],
+                not_inside(c),
+            );
         }
         owned.push((*c, path, "node".into()));
     }
@@ -138,38 +208,52 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         let at = |key: &str| format!("peers[{p}].{key}");
         if peer.name == spec.node.name {
             bad(
+                "name_is_node",
                 at("name"),
+                Some("node.name".into()),
+                vec![peer.name.clone()],
                 format!("'{}' is this node's own name", peer.name),
             );
         }
         match names.get(peer.name.as_str()) {
-            Some(q) => bad(at("name"), format!("'{}' is also peers[{q}]", peer.name)),
+            Some(q) => bad(
+                "name_taken",
+                at("name"),
+                Some(format!("peers[{q}].name")),
+                vec![peer.name.clone()],
+                format!("'{}' is also peers[{q}]", peer.name),
+            ),
             None => {
                 names.insert(&peer.name, p);
             }
         }
         let a = peer.address;
-        if node_addrs.iter().any(|(_, n)| *n == Some(a)) {
-            bad(at("address"), format!("'{a}' is this node's own address"));
+        if let Some((key, _)) = node_addrs.iter().find(|(_, n)| *n == Some(a)) {
+            bad(
+                "address_is_node",
+                at("address"),
+                Some((*key).into()),
+                vec![a.to_string()],
+                format!("'{a}' is this node's own address"),
+            );
         }
         if settings.source_for(a).is_none() {
-            let why = if a.is_ipv6() {
-                format!(
-                    "is IPv6, and this node has no IPv6 underlay address (node.address {}; set \
-                     node.address6)",
-                    settings.address
-                )
-            } else {
-                format!(
-                    "is IPv4, and this node's underlay is IPv6 only (node.address {}: no IPv4 \
-                     underlay address)",
-                    settings.address
-                )
-            };
-            bad(at("address"), format!("'{a}' {why}"));
+            bad(
+                "address_family",
+                at("address"),
+                Some("node.address".into()),
+                vec![a.to_string(), settings.address.to_string()],
+                format!("'{a}' {}", family_why(a, settings)),
+            );
         }
         match addresses.get(&a) {
-            Some(q) => bad(at("address"), format!("'{a}' is also peers[{q}]")),
+            Some(q) => bad(
+                "address_taken",
+                at("address"),
+                Some(format!("peers[{q}].address")),
+                vec![a.to_string()],
+                format!("'{a}' is also peers[{q}]"),
+            ),
             None => {
                 addresses.insert(a, p);
             }
@@ -177,7 +261,13 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         for (i, c) in peer.pod_cidrs.iter().enumerate() {
             let path = format!("peers[{p}].pod_cidrs[{i}]");
             if !in_cluster(c) {
-                bad(path.clone(), not_inside(c));
+                bad(
+                    "pod_cidr_outside_cluster",
+                    path.clone(),
+                    None,
+                    vec![c.to_string()],
+                    not_inside(c),
+                );
             }
             owned.push((*c, path, format!("peers[{p}]")));
         }
@@ -215,11 +305,194 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
     overlaps.sort_unstable();
     for (a, b) in overlaps {
         let (net, path, _) = &owned[a];
-        let (other, _, owner) = &owned[b];
+        let (other, other_path, owner) = &owned[b];
         bad(
+            "pod_cidr_overlap",
             path.clone(),
+            Some(other_path.clone()),
+            vec![net.to_string(), other.to_string()],
             format!("'{net}' overlaps {owner}'s pod CIDR '{other}'"),
         );
+    }
+    out
+}
+
+/// Disjoint pod CIDRs per family with their key paths and owners, for an O(log n) "does this
+/// overlap anything admitted?" ([`admit`]).
+#[derive(Default)]
+struct Admitted {
+    // (v6, first address) -> (last address, key path, owner, the CIDR)
+    nets: BTreeMap<(bool, u128), (u128, String, String, Cidr)>,
+}
+
+impl Admitted {
+    fn find(&self, c: &Cidr) -> Option<&(u128, String, String, Cidr)> {
+        let (v6, lo, hi) = c.bounds();
+        // disjoint intervals: only the last one starting at or before `hi` can reach `lo`
+        self.nets
+            .range((v6, 0)..=(v6, hi))
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.0 >= lo)
+    }
+
+    fn add(&mut self, c: &Cidr, path: String, owner: String) {
+        if self.find(c).is_none() {
+            let (v6, lo, hi) = c.bounds();
+            self.nets.insert((v6, lo), (hi, path, owner, *c));
+        }
+    }
+}
+
+/// The peers' problems with precedence, for admitting untrusted records (discovery): the peers
+/// before `first` and the node always win; the peers from `first` on are admitted one by one in
+/// spec order, each against the node, those peers and the peers admitted before it. A peer with
+/// a problem (the same codes, paths and messages as [`check`]; rules named in `skip` are not
+/// applied) is refused: its problems are returned and it takes no further part, so a younger
+/// peer is never refused for a conflict with a refused one. Problems of the node, the settings
+/// and the peers before `first` are [`check`]'s, not returned here. Linear in the peers (hash
+/// maps, an ordered map of the admitted pod CIDRs).
+pub fn admit(
+    spec: &TableSpec,
+    settings: &EngineSettings,
+    first: usize,
+    skip: &[&str],
+) -> Vec<SpecError> {
+    let mut out = Vec::new();
+    let node_addrs = [
+        ("node.address", known(settings.address)),
+        (
+            "node.address6",
+            settings.address6.map(IpAddr::V6).and_then(known),
+        ),
+    ];
+    let mut nets = Admitted::default();
+    for (i, c) in spec.node.pod_cidrs.iter().enumerate() {
+        nets.add(c, format!("node.pod_cidrs[{i}]"), "node".into());
+    }
+    let mut names: HashMap<&str, usize> = HashMap::with_capacity(spec.peers.len());
+    let mut addresses: HashMap<IpAddr, usize> = HashMap::with_capacity(spec.peers.len());
+    let in_cluster = |c: &Cidr| spec.cluster_cidrs.iter().any(|k| k.covers(c));
+    for (p, peer) in spec.peers.iter().enumerate() {
+        let fixed = p < first;
+        let mut mine: Vec<SpecError> = Vec::new();
+        let mut bad = |code: &'static str,
+                       path: String,
+                       other: Option<String>,
+                       values: Vec<String>,
+                       message: String| {
+            if !fixed && !skip.contains(&code) {
+                mine.push(SpecError::rule(code, path, other, values, message));
+            }
+        };
+        let at = |key: &str| format!("peers[{p}].{key}");
+        if peer.name == spec.node.name {
+            bad(
+                "name_is_node",
+                at("name"),
+                Some("node.name".into()),
+                vec![peer.name.clone()],
+                format!("'{}' is this node's own name", peer.name),
+            );
+        }
+        if let Some(q) = names.get(peer.name.as_str()) {
+            bad(
+                "name_taken",
+                at("name"),
+                Some(format!("peers[{q}].name")),
+                vec![peer.name.clone()],
+                format!("'{}' is also peers[{q}]", peer.name),
+            );
+        }
+        let a = peer.address;
+        if let Some((key, _)) = node_addrs.iter().find(|(_, n)| *n == Some(a)) {
+            bad(
+                "address_is_node",
+                at("address"),
+                Some((*key).into()),
+                vec![a.to_string()],
+                format!("'{a}' is this node's own address"),
+            );
+        }
+        if settings.source_for(a).is_none() {
+            bad(
+                "address_family",
+                at("address"),
+                Some("node.address".into()),
+                vec![a.to_string(), settings.address.to_string()],
+                format!("'{a}' {}", family_why(a, settings)),
+            );
+        }
+        if let Some(q) = addresses.get(&a) {
+            bad(
+                "address_taken",
+                at("address"),
+                Some(format!("peers[{q}].address")),
+                vec![a.to_string()],
+                format!("'{a}' is also peers[{q}]"),
+            );
+        }
+        for (i, net) in spec.cluster_cidrs.iter().enumerate() {
+            if net.prefix_len() != 0 && net.contains(a) {
+                bad(
+                    "cluster_contains_peer_address",
+                    format!("cluster_cidrs[{i}]"),
+                    Some(at("address")),
+                    vec![net.to_string(), a.to_string()],
+                    format!("'{net}' contains peers[{p}].address {a}"),
+                );
+            }
+        }
+        for (i, c) in peer.pod_cidrs.iter().enumerate() {
+            let path = format!("peers[{p}].pod_cidrs[{i}]");
+            if !in_cluster(c) {
+                bad(
+                    "pod_cidr_outside_cluster",
+                    path.clone(),
+                    None,
+                    vec![c.to_string()],
+                    format!(
+                        "'{c}' is not inside the cluster pod CIDRs {}",
+                        quoted_list(&spec.cluster_cidrs)
+                    ),
+                );
+            }
+            let clash = nets
+                .find(c)
+                .map(|(_, op, ow, oc)| (op.clone(), ow.clone(), *oc));
+            let own = peer.pod_cidrs[..i]
+                .iter()
+                .enumerate()
+                .find(|(_, o)| o.covers(c) || c.covers(o))
+                .map(|(j, o)| {
+                    (
+                        format!("peers[{p}].pod_cidrs[{j}]"),
+                        format!("peers[{p}]"),
+                        *o,
+                    )
+                });
+            if let Some((other_path, owner, other)) = clash.or(own) {
+                bad(
+                    "pod_cidr_overlap",
+                    path,
+                    Some(other_path),
+                    vec![c.to_string(), other.to_string()],
+                    format!("'{c}' overlaps {owner}'s pod CIDR '{other}'"),
+                );
+            }
+        }
+        if mine.is_empty() {
+            names.entry(&peer.name).or_insert(p);
+            addresses.entry(a).or_insert(p);
+            for (i, c) in peer.pod_cidrs.iter().enumerate() {
+                nets.add(
+                    c,
+                    format!("peers[{p}].pod_cidrs[{i}]"),
+                    format!("peers[{p}]"),
+                );
+            }
+        }
+        out.extend(mine);
     }
     out
 }

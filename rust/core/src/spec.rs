@@ -220,14 +220,20 @@ impl EngineSettings {
         let mut out = Vec::new();
         let (lo, hi) = self.port_range;
         if lo == 0 || lo > hi {
-            out.push(SpecError::new(
+            out.push(SpecError::rule(
+                "port_range",
                 "masquerade.port_range",
+                None,
+                vec![lo.to_string(), hi.to_string()],
                 format!("[{lo}, {hi}] is not a port range"),
             ));
         }
         if let (IpAddr::V6(_), Some(a6)) = (self.address, self.address6) {
-            out.push(SpecError::new(
+            out.push(SpecError::rule(
+                "address6_beside_ipv6",
                 "node.address6",
+                Some("node.address".into()),
+                vec![a6.to_string(), self.address.to_string()],
                 format!("{a6}: node.address is already IPv6"),
             ));
         }
@@ -358,12 +364,24 @@ pub struct TableSpec {
     pub peers: Vec<PeerSpec>,
 }
 
-/// A spec the core refuses, with the key path of the offending value.
+/// A spec the core refuses, with the key path of the offending value. The rulebook's problems
+/// ([`crate::rules::check`]) also carry their structure, so that a caller can word them in its
+/// own terms (an etcd registration rather than a spec key): which rule (`code`), the other party
+/// of a relation (`other`) and the values involved (`values`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecError {
     /// Key path in the spec, e.g. `peers[1].pod_cidrs[0]`.
     pub path: String,
     pub message: String,
+    /// The rule broken, a stable snake_case name (`address_taken`, `pod_cidr_overlap`, ...;
+    /// `invalid` for a value the spec cannot hold at all). The list: docs/architecture.md,
+    /// "One rulebook".
+    pub code: &'static str,
+    /// The key path of the other party of a relation, if any: the earlier owner of an address
+    /// or a pod CIDR, the peer whose address a cluster CIDR contains, the node's address key.
+    pub other: Option<String>,
+    /// The values involved, the offending one first (e.g. a pod CIDR, then the one it overlaps).
+    pub values: Vec<String>,
 }
 
 impl SpecError {
@@ -371,6 +389,26 @@ impl SpecError {
         SpecError {
             path: path.into(),
             message: message.into(),
+            code: "invalid",
+            other: None,
+            values: Vec::new(),
+        }
+    }
+
+    /// A problem of rule `code` with its other party and values ([`SpecError::other`],
+    /// [`SpecError::values`]).
+    pub(crate) fn rule(
+        code: &'static str,
+        path: impl Into<String>,
+        other: Option<String>,
+        values: Vec<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        SpecError {
+            code,
+            other,
+            values,
+            ..SpecError::new(path, message)
         }
     }
 }

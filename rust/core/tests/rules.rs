@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use podrouter_core::reference::{hybrid, peer, settings};
 use podrouter_core::rules::check;
-use podrouter_core::{Cidr, EngineSettings, PeerId, TableSpec, Tables};
+use podrouter_core::{Cidr, EngineSettings, PeerId, SpecError, TableSpec, Tables};
 
 fn c(s: &str) -> Cidr {
     s.parse().unwrap()
@@ -132,4 +132,120 @@ fn five_thousand_peers_check_clean_and_compile() {
         lines(&s, &settings()),
         ["peers[4000].address: '172.17.0.11' is also peers[10]"]
     );
+}
+
+#[test]
+fn problems_carry_their_rule_other_party_and_values() {
+    let mut s = hybrid();
+    s.cluster_cidrs.push(c("172.16.9.0/24"));
+    s.peers
+        .push(peer("late", ip("172.16.3.2"), "10.244.2.128/25", false));
+    s.peers
+        .push(peer("self", ip("172.16.2.2"), "10.99.0.0/24", false));
+    s.peers
+        .push(peer("inside", ip("172.16.9.9"), "10.244.7.0/24", false));
+    let got: Vec<(&str, String, Option<String>, Vec<String>)> = check(&s, &settings())
+        .into_iter()
+        .map(|e| (e.code, e.path, e.other, e.values))
+        .collect();
+    let own = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    for want in [
+        (
+            "cluster_contains_peer_address",
+            "cluster_cidrs[1]".to_string(),
+            Some("peers[4].address".to_string()),
+            own(&["172.16.9.0/24", "172.16.9.9"]),
+        ),
+        (
+            "address_taken",
+            "peers[2].address".into(),
+            Some("peers[0].address".into()),
+            own(&["172.16.3.2"]),
+        ),
+        (
+            "address_is_node",
+            "peers[3].address".into(),
+            Some("node.address".into()),
+            own(&["172.16.2.2"]),
+        ),
+        (
+            "pod_cidr_outside_cluster",
+            "peers[3].pod_cidrs[0]".into(),
+            None,
+            own(&["10.99.0.0/24"]),
+        ),
+        (
+            "pod_cidr_overlap",
+            "peers[2].pod_cidrs[0]".into(),
+            Some("peers[0].pod_cidrs[0]".into()),
+            own(&["10.244.2.128/25", "10.244.2.0/24"]),
+        ),
+    ] {
+        assert!(got.contains(&want), "{want:?} not in {got:?}");
+    }
+    assert_eq!(got.len(), 5, "{got:?}");
+    // the settings' own problems are structured too
+    let mut st = settings();
+    st.port_range = (9, 8);
+    let e = &check(&hybrid(), &st)[0];
+    assert_eq!((e.code, e.values.clone()), ("port_range", own(&["9", "8"])));
+}
+
+#[test]
+fn admit_lets_the_earlier_win_and_a_refused_peer_block_nobody() {
+    use podrouter_core::rules::admit;
+    let mut s = hybrid(); // node2 (10.244.2.0/24) and node3 always win: `first` = 2
+    s.cluster_cidrs = vec![c("10.244.0.0/16")];
+    let add = |s: &mut TableSpec, name: &str, a: &str, cidr: &str| {
+        s.peers.push(peer(name, ip(a), cidr, false));
+    };
+    add(&mut s, "rogue", "172.16.2.2", "10.244.64.0/18"); // this node's address: refused
+    add(&mut s, "a", "172.16.9.1", "10.244.65.0/24"); // inside the rogue's only: admitted
+    add(&mut s, "b", "172.16.9.2", "10.244.65.128/25"); // inside a's: refused
+    add(&mut s, "c", "172.16.9.1", "10.244.80.0/24"); // a's address: refused
+    add(&mut s, "d", "172.16.9.4", "10.244.2.0/25"); // inside node2's: refused
+    add(&mut s, "e", "2001:db8::1", "10.244.81.0/24"); // no IPv6 underlay: skipped rule
+    let got: Vec<String> = admit(&s, &settings(), 2, &["address_family"])
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        got,
+        [
+            "peers[2].address: '172.16.2.2' is this node's own address",
+            "peers[4].pod_cidrs[0]: '10.244.65.128/25' overlaps peers[3]'s pod CIDR \
+             '10.244.65.0/24'",
+            "peers[5].address: '172.16.9.1' is also peers[3]",
+            "peers[6].pod_cidrs[0]: '10.244.2.0/25' overlaps peers[0]'s pod CIDR '10.244.2.0/24'",
+        ]
+    );
+    // without the skip the IPv6 peer is refused too; `check` names the problems `admit` shares
+    // in the same words
+    let all = admit(&s, &settings(), 2, &[]);
+    assert_eq!(all.last().unwrap().code, "address_family");
+    let checked: Vec<SpecError> = check(&s, &settings());
+    for e in &all[..1] {
+        assert!(checked.contains(e), "{e} not in check's {checked:?}");
+    }
+    // linear: 5000 candidates against each other
+    let mut big = hybrid();
+    big.cluster_cidrs = vec![c("10.0.0.0/8")];
+    big.node.pod_cidrs = vec![c("10.0.0.0/24")];
+    big.peers = (1..=5000u32)
+        .map(|i| {
+            let a = IpAddr::from([172, 17, (i >> 8) as u8, i as u8]);
+            peer(
+                &format!("n{i}"),
+                a,
+                &format!("10.{}.{}.0/24", i >> 8, i & 255),
+                false,
+            )
+        })
+        .collect();
+    big.peers[4000].pod_cidrs = vec![c("10.0.11.0/25")]; // inside n11's
+    let t = std::time::Instant::now();
+    let got = admit(&big, &settings(), 0, &[]);
+    assert!(t.elapsed().as_secs() < 2);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].other.as_deref(), Some("peers[10].pod_cidrs[0]"));
 }

@@ -783,6 +783,53 @@ fn check_tables(
     Ok(problems.into_iter().map(|e| (e.path, e.message)).collect())
 }
 
+/// [`check_tables`] with each problem's structure, for callers that word problems in their own
+/// terms (etcd discovery names registrations, not spec keys): a list of `(code, key path, other
+/// key path or None, values, message)`, e.g. `("pod_cidr_overlap", "peers[1].pod_cidrs[0]",
+/// "node.pod_cidrs[0]", ["10.244.1.0/25", "10.244.1.0/24"], "...")`. The codes:
+/// docs/architecture.md, "One rulebook".
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn check_problems(
+    py: Python<'_>,
+    spec: &Bound<'_, PyAny>,
+    settings: &Bound<'_, PyAny>,
+) -> PyResult<Vec<(&'static str, String, Option<String>, Vec<String>, String)>> {
+    let spec = table_spec(spec)?;
+    let settings = engine_settings(settings)?;
+    let problems = py.allow_threads(|| CoreTables::check(&spec, &settings));
+    Ok(problems
+        .into_iter()
+        .map(|e| (e.code, e.path, e.other, e.values, e.message))
+        .collect())
+}
+
+/// The rulebook with precedence, for admitting untrusted records (core `rules::admit`): the
+/// peers from index `first` on are admitted in spec order, each against the node, the peers
+/// before `first` (which always win) and those admitted before it; the problems of each refused
+/// peer, as [`check_problems`]' tuples. Rules (codes) named in `skip` are not applied.
+#[pyfunction]
+#[pyo3(signature = (spec, settings, first, skip = Vec::new()))]
+#[allow(clippy::type_complexity)]
+fn admit_problems(
+    py: Python<'_>,
+    spec: &Bound<'_, PyAny>,
+    settings: &Bound<'_, PyAny>,
+    first: usize,
+    skip: Vec<String>,
+) -> PyResult<Vec<(&'static str, String, Option<String>, Vec<String>, String)>> {
+    let spec = table_spec(spec)?;
+    let settings = engine_settings(settings)?;
+    let problems = py.allow_threads(|| {
+        let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
+        podrouter_core::rules::admit(&spec, &settings, first, &skip)
+    });
+    Ok(problems
+        .into_iter()
+        .map(|e| (e.code, e.path, e.other, e.values, e.message))
+        .collect())
+}
+
 /// `masquerade.max_entries_per_pod` when only `masquerade.max_entries` is set.
 #[pyfunction]
 fn default_max_entries_per_pod(max_entries: usize) -> usize {
@@ -811,6 +858,8 @@ fn register_constants(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PATHS", PyTuple::new(m.py(), Path::ALL.map(Path::as_str))?)?;
     m.add_function(wrap_pyfunction!(vtep_mac, m)?)?;
     m.add_function(wrap_pyfunction!(check_tables, m)?)?;
+    m.add_function(wrap_pyfunction!(check_problems, m)?)?;
+    m.add_function(wrap_pyfunction!(admit_problems, m)?)?;
     m.add_function(wrap_pyfunction!(default_max_entries_per_pod, m)?)?;
     Ok(())
 }
