@@ -132,6 +132,7 @@ def test_tables_and_plots(tmp_path: Path) -> None:
     for name in LEG_NAMES:
         assert name in table
     assert "(0.50x)" in table and "*" in table
+    assert "(0.50x) worse" in table  # half the baseline's throughput: the word is written out
     masq = report.masquerade_table(r["masquerade"])
     assert "4500" in masq and "not available (no masquerade path yet)" in masq
     assert "not available (why)" in report.masquerade_table({"reason": "why"})
@@ -191,3 +192,21 @@ def test_ovs_comparison_writes_worse_out() -> None:
     assert text.startswith("podrouter vxlan vs OVS userspace vxlan:")
     assert "TCP 1 stream 2.00x (better)" in text and "RTT p50 1.50x (worse)" in text
     assert report.ovs_comparison({"vxlan": leg(1.0, 30.0)}) == ""
+
+
+def test_worse_is_written_out_where_podrouter_is_worse() -> None:
+    assert report._ratio_cell(0.5, True) == " (0.50x) worse"  # throughput: lower is worse
+    assert report._ratio_cell(1.2, True) == " (1.20x)"
+    assert report._ratio_cell(1.37, False) == " (1.37x) worse"  # RTT, CPU per Gbit: higher is worse
+    assert report._ratio_cell(0.9, False) == " (0.90x)"
+    assert report._ratio_cell(1.001, True) == " (1.00x)"  # equal within half a percent
+    masq = report.masquerade_table(
+        {
+            "results": {
+                "nftables": {"summary": {"cps": summarize([1000.0]), "tcp1_gbps": summarize([10.0])}},
+                "podrouter": {"summary": {"cps": summarize([500.0]), "tcp1_gbps": summarize([10.0])}},
+            },
+            "ratios": {"cps": 0.5, "tcp1_gbps": 1.0},
+        }
+    )
+    assert "500 (0.50x) worse" in masq and "10.00 (1.00x)" in masq and masq.count("worse") == 1

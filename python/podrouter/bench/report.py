@@ -35,12 +35,24 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _verdict(r: float, higher_better: bool) -> str:
+    """podrouter's ratio to its baseline in words: "worse" is written out wherever it is worse."""
+    if abs(r - 1) < 0.005:
+        return "equal"
+    return "better" if (r > 1) == higher_better else "worse"
+
+
+def _ratio_cell(r: float, higher_better: bool) -> str:
+    """` (0.50x) worse`: the ratio, and the word where podrouter is worse than its baseline."""
+    return f" ({r:.2f}x)" + (" worse" if _verdict(r, higher_better) == "worse" else "")
+
+
 def modes_table(modes: dict[str, Any]) -> str:
     headers = ["mode (pair)"] + [f"{label} [{unit}]" for label, unit, _ in METRICS.values()]
     rows = []
     for name, m in modes.items():
         row = [f"{name} ({m['pair']})"]
-        for key, (_, unit, _) in METRICS.items():
+        for key, (_, unit, higher_better) in METRICS.items():
             s = m["summary"].get(key)
             if s is None:
                 row.append("FAILED" if m["errors"] else "-")
@@ -52,7 +64,7 @@ def modes_table(modes: dict[str, Any]) -> str:
                 cell += f" ±{_spread_pct(s):.0f}%"
             r = m["ratios"].get(key)
             if r is not None:
-                cell += f" ({r:.2f}x)"
+                cell += _ratio_cell(r, higher_better)
             row.append(cell)
         rows.append(row)
     return _table(headers, rows)
@@ -69,7 +81,7 @@ LEGEND = (
     "there is more than one repetition), and in parentheses the ratio to the matching kernel baseline\n"
     "(podrouter native and hybrid-native vs kernel-routing; vxlan, geneve, hybrid-tunnel vs kernel-vxlan;\n"
     "native-bgp vs kernel-routing-r, both across R; ovs, Open vSwitch's userspace VXLAN, vs kernel-vxlan;\n"
-    "vxlan6 vs kernel-vxlan6 over the IPv6 underlay).\n"
+    'vxlan6 vs kernel-vxlan6 over the IPv6 underlay), followed by "worse" where podrouter is worse.\n'
     "Higher is better for TCP and UDP, lower is better for RTT and CPU per Gbit. UDP counts what the\n"
     "receiver got from the batched sender (18-byte payload = 64-byte Ethernet frames). CPU per Gbit is\n"
     "system-wide busy CPU time (all processes, softirq, the daemons, iperf3 itself) during the TCP runs\n"
@@ -90,9 +102,7 @@ def ovs_comparison(modes: dict[str, Any]) -> str:
         if not a or not b or not b["median"]:
             continue
         r = a["median"] / b["median"]
-        better = r > 1 if higher_better else r < 1
-        verdict = "equal" if abs(r - 1) < 0.005 else ("better" if better else "worse")
-        parts.append(f"{label} {r:.2f}x ({verdict})")
+        parts.append(f"{label} {r:.2f}x ({_verdict(r, higher_better)})")
     return "podrouter vxlan vs OVS userspace vxlan: " + ", ".join(parts) if parts else ""
 
 
@@ -113,9 +123,9 @@ def masquerade_table(masq: dict[str, Any]) -> str:
             [
                 name,
                 ("-" if cps is None else f"{cps:.0f}")
-                + (f" ({ratio['cps']:.2f}x)" if "cps" in ratio else ""),
+                + (_ratio_cell(ratio["cps"], True) if "cps" in ratio else ""),
                 ("-" if gbps is None else f"{gbps:.2f}")
-                + (f" ({ratio['tcp1_gbps']:.2f}x)" if "tcp1_gbps" in ratio else ""),
+                + (_ratio_cell(ratio["tcp1_gbps"], True) if "tcp1_gbps" in ratio else ""),
             ]
         )
     text = _table(headers, rows)
