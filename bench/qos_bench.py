@@ -47,6 +47,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +108,41 @@ def _latency(lab: Lab, pod: Any, seconds: int, pings: int, port: int) -> dict[st
     return out
 
 
-def _rx_counter(host: Any, port: int = 5201) -> Any:
-    """A reader of (the flow's bytes received by the host's kernel, monotonic time): lab.kernel_rx_bytes.
-    Interface counters would not do: a GRO'd or GSO packet counts its headers once."""
-    return lambda: (kernel_rx_bytes(host, port), time.monotonic())
+# A counter read (`ss` in the host's namespace) whose two clock readings lie further apart than this
+# is retried: the read happened somewhere in between. Run 10's first case read its counter in a
+# cold `ss` that took ~0.5 s, stamped with the clock *after* it: the window looked 0.5 s shorter
+# than the bytes it held and its error read +6.04 % where iperf3 read -0.20 %.
+COUNTER_SKEW_S = 0.02
+COUNTER_TRIES = 5
+
+
+def _rx_counter(host: Any, port: int = 5201) -> Callable[[], tuple[int, float, float]]:
+    """A reader of the flow's bytes received by the host's kernel (lab.kernel_rx_bytes) as
+    (bytes, time, uncertainty): the time is the middle of the two clock readings around the read and
+    the uncertainty half their distance, the narrowest of up to COUNTER_TRIES reads. Interface
+    counters would not do: a GRO'd or GSO packet counts its headers once."""
+
+    def read() -> tuple[int, float, float]:
+        best: tuple[int, float, float] | None = None
+        for _ in range(COUNTER_TRIES):
+            before = time.monotonic()
+            n = kernel_rx_bytes(host, port)
+            after = time.monotonic()
+            got = (n, (before + after) / 2, (after - before) / 2)
+            if best is None or got[2] < best[2]:
+                best = got
+            if after - before <= COUNTER_SKEW_S:
+                break
+        assert best is not None
+        return best
+
+    return read
+
+
+def _counter_error_pct(w0: tuple[int, float, float], w1: tuple[int, float, float]) -> float:
+    """How far the goodput over the window [w0, w1] can be off because of when the two counter reads
+    happened, in percent (their uncertainties over the window's length)."""
+    return round((w0[2] + w1[2]) * 100 / max(1e-9, w1[1] - w0[1]), 3)
 
 
 def _steal_pct(a: CpuTimes, b: CpuTimes) -> float:
@@ -191,6 +223,8 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
                 # iperf3's own goodput: moves with when its receiving process gets a CPU (docs/qos.md)
                 "iperf3_error_pct": round((bps / expected - 1) * 100, 2),
                 "probe_seconds": round(w1[1] - w0[1], 2), "flow_seconds": flow_seconds,
+                # how much of error_pct the timing of the two counter reads can explain
+                "counter_error_pct": _counter_error_pct(w0, w1),
                 "kernel_goodput_bps": round(kernel_bps),
                 **_stats("ping", lat["ping"]), **_rr_stats(lat),
                 "ping_sent": pings, "ping_received": len(lat["ping"]), "rr_done": len(lat.get("rr", [])),
@@ -312,7 +346,7 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"load average before {report['load_before'][0]:.1f}, after {report['load_after'][0]:.1f}", "",
              f"{'s':>3} {'rate':>5} {'dir':>7} {'impl':>9} {'goodput':>10} {'error':>7} {'iperf3':>7} "
              f"{'ping p50/p99 ms':>17} {'rr p50/p99 ms':>15} {'rr_app p50/p99':>15} {'rr_net p50/p99':>15} "
-             f"{'flow rtt':>8} {'retx':>6} {'CE pkts':>8} {'steal':>6}"]
+             f"{'flow rtt':>8} {'retx':>6} {'CE pkts':>8} {'steal':>6} {'±clock':>7}"]
     for r in report["results"]:
         lines.append(
             f"{r['seconds']:>3} {r['rate']:>5} {r['direction']:>7} {r['impl']:>9} "
@@ -324,6 +358,7 @@ def table(report: dict[str, Any]) -> str:
             f"{r['rr_net_p50_ms']:>7.3f}/{r['rr_net_p99_ms']:<7.3f} "
             f"{r['flow_rtt_ms']:>8.2f} {r['retransmits']:>6} "
             f"{r['ce_packets']:>8} {r.get('steal_pct', float('nan')):>5.1f}%"
+            f" {r.get('counter_error_pct', float('nan')):>6.3f}%"
         )
     lines.append("")
     lines.append("podrouter / reference (below 1 is better):")
