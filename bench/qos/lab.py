@@ -112,12 +112,16 @@ def receiver_bps(server: subprocess.Popen[bytes], timeout: float) -> float:
     return sum(s["bytes"] for s in steady) * 8 / sum(s["seconds"] for s in steady)
 
 
-def kernel_rx_bytes(host: Host, port: int) -> int:
+def kernel_rx_bytes(host: Host, port: int) -> tuple[int, int]:
     """TCP payload bytes the host's kernel has received in order on the connections to its local
     `port` (`tcpi_bytes_received`, by `ss -ti`): what arrived, when it arrived, however late the
-    receiving process reads it."""
+    receiving process reads it; and the out-of-order segments they have received so far
+    (`tcpi_rcv_ooopack`, which ss prints only when nonzero). While a sequence hole is open every
+    arriving segment is out of order and the in-order count stands still, then jumps when the
+    retransmission fills the hole: a reader must not take it then (qos_bench._rx_counter)."""
     out = host.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"], check=False)
-    return sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out))
+    return (sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out)),
+            sum(int(n) for n in re.findall(r"rcv_ooopack:(\d+)", out)))
 
 
 def measure(sender: Host, receiver: Host, dst: str, seconds: int = 5, port: int = 5201) -> float:
