@@ -125,12 +125,13 @@ HOLE_WAIT_S = 3.0
 Reading = tuple[int, float, float]
 
 
-def _rx_counter(host: Any, port: int = 5201) -> Callable[[], tuple[Reading, bool]]:
+def _rx_counter(host: Any, port: int = 5201) -> Callable[[], tuple[Reading, bool, float]]:
     """A reader of the flow's bytes received in order by the host's kernel (lab.kernel_rx_bytes):
-    ((bytes, time, uncertainty), settled). The time is the middle of the two clock readings around
-    the read and the uncertainty half their distance, the narrowest of up to COUNTER_TRIES reads.
-    `settled`: no out-of-order segment arrived in the HOLE_CHECK_S before it (waited for up to
-    HOLE_WAIT_S). Interface counters would not do: a GRO'd or GSO packet counts its headers once."""
+    ((bytes, time, uncertainty), settled, waited). The time is the middle of the two clock readings
+    around the read and the uncertainty half their distance, the narrowest of up to COUNTER_TRIES
+    reads. `settled`: no out-of-order segment arrived in the HOLE_CHECK_S before it (waited for up
+    to HOLE_WAIT_S); `waited`: the seconds spent waiting for that. Interface counters would not do:
+    a GRO'd or GSO packet counts its headers once."""
 
     def once() -> tuple[Reading, int]:
         best: tuple[Reading, int] | None = None
@@ -146,16 +147,17 @@ def _rx_counter(host: Any, port: int = 5201) -> Callable[[], tuple[Reading, bool
         assert best is not None
         return best
 
-    def read() -> tuple[Reading, bool]:
-        deadline = time.monotonic() + HOLE_WAIT_S
+    def read() -> tuple[Reading, bool, float]:
+        start = time.monotonic()
         _r, ooo = once()
         while True:
             time.sleep(HOLE_CHECK_S)
             r, now = once()
+            waited = round(time.monotonic() - start - HOLE_CHECK_S, 2)
             if now == ooo:
-                return r, True
-            if time.monotonic() > deadline:
-                return r, False
+                return r, True, waited
+            if waited > HOLE_WAIT_S:
+                return r, False, waited
             ooo = now
 
     return read
@@ -225,9 +227,9 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
             t.start()
             time.sleep(1.5)  # past iperf3's omitted second: the queue is at its steady state
             rx = _rx_counter(lab.sink if direction == "egress" else pod.host)
-            c0, (w0, settled0) = CpuTimes.now(), rx()
+            c0, (w0, settled0, waited0) = CpuTimes.now(), rx()
             lat = _latency(lab, pod, seconds, pings, 5400)
-            (w1, settled1), c1 = rx(), CpuTimes.now()
+            (w1, settled1, waited1), c1 = rx(), CpuTimes.now()
             t.join(timeout=seconds + 60)
             bps = flow["bps"]
             expected = rate * GOODPUT_PER_FRAME
@@ -249,6 +251,8 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
                 "counter_error_pct": _counter_error_pct(w0, w1),
                 # both reads taken with no sequence hole open (else error_pct may hold a jump)
                 "counter_settled": settled0 and settled1,
+                # seconds each read waited for a hole to close (0 when none was open)
+                "counter_waited_s": [waited0, waited1],
                 "kernel_goodput_bps": round(kernel_bps),
                 **_stats("ping", lat["ping"]), **_rr_stats(lat),
                 "ping_sent": pings, "ping_received": len(lat["ping"]), "rr_done": len(lat.get("rr", [])),

@@ -24,7 +24,7 @@ def test_a_slow_read_is_retried_and_stamped_in_its_middle(monkeypatch: pytest.Mo
         return 1000 * len(reads), 0
 
     monkeypatch.setattr(qos_bench, "kernel_rx_bytes", fake)
-    (n, at, half), settled = qos_bench._rx_counter(object())()
+    (n, at, half), settled, _waited = qos_bench._rx_counter(object())()
     assert settled
     assert len(reads) == 3  # the first read, then the 0.3 s read, not kept, and its retry
     assert n == 3000
@@ -41,7 +41,7 @@ def test_the_narrowest_of_slow_reads_is_kept(monkeypatch: pytest.MonkeyPatch) ->
         return int(d * 1000), 0
 
     monkeypatch.setattr(qos_bench, "kernel_rx_bytes", fake)
-    (n, _at, half), _settled = qos_bench._rx_counter(object())()
+    (n, _at, half), _settled, _waited = qos_bench._rx_counter(object())()
     assert n == 30
     assert 0.015 <= half < 0.04
 
@@ -51,16 +51,18 @@ def test_a_read_waits_until_no_segment_arrives_out_of_order(monkeypatch: pytest.
     # stands still; then the retransmission fills it and the count jumps
     states = iter([(100, 5), (100, 9), (100, 14), (900, 14), (905, 14)])
     monkeypatch.setattr(qos_bench, "kernel_rx_bytes", lambda _h, _p: next(states))
-    (n, _at, _half), settled = qos_bench._rx_counter(object())()
+    (n, _at, _half), settled, waited = qos_bench._rx_counter(object())()
     assert (n, settled) == (900, True)
+    assert 0.2 <= waited < 0.5  # two hole checks of 0.1 s
 
 
 def test_a_hole_that_stays_open_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(qos_bench, "HOLE_WAIT_S", 0.3)
     count = iter(range(1000))
     monkeypatch.setattr(qos_bench, "kernel_rx_bytes", lambda _h, _p: (100, next(count)))
-    (_n, _at, _half), settled = qos_bench._rx_counter(object())()
+    (_n, _at, _half), settled, waited = qos_bench._rx_counter(object())()
     assert not settled
+    assert waited > 0.3
 
 
 def test_counter_error_is_the_reads_uncertainty_over_the_window() -> None:
