@@ -62,6 +62,9 @@ DEFAULT_PORT_RANGE = (61000, 65535)  # MASQUERADE_PORT_RANGE
 TUNNEL_SOURCE_PORTS = (49152, 60999)  # TUNNEL_SOURCE_PORT_MIN, TUNNEL_SOURCE_PORT_MAX
 # Linux interface names are at most IFNAMSIZ-1 = 15 bytes and may not contain '/', ':' or whitespace
 _IFNAME_RE = re.compile(r"^[^/:\s]{1,15}$")
+# podrouter's own UDP-tunnel GSO TAP is `podrgso<N>` (rust/io/src/tap.rs); the pod guard accepts frames
+# in on it before any pod check (nftables.GSO_TAP_GLOB), so no pod's veth or underlay may be named so
+RESERVED_IFNAME_PREFIX = "podrgso"
 # node and pod names end up in etcd keys, metric labels and file names: keep them boring (RFC 1123-ish)
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,62})$")
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
@@ -570,6 +573,13 @@ class _Validator:
         if not isinstance(value, str) or not _IFNAME_RE.fullmatch(value) or value in (".", ".."):
             self.bad(
                 path, f"{_q(value)} is not a valid interface name (1-15 characters, no '/', ':' or spaces)"
+            )
+            return None
+        if value.startswith(RESERVED_IFNAME_PREFIX):
+            self.bad(
+                path,
+                f"{_q(value)} is reserved: interface names starting with '{RESERVED_IFNAME_PREFIX}' are "
+                "podrouter's GSO TAP",
             )
             return None
         return value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from podrouter import config as configmod
 from podrouter import native
 from podrouter.config import Config, IPAddress, IPNetwork, PeerConfig, PodConfig
+from podrouter.discovery.base import Other, Verdict, cidr_index, refuse_by_rulebook
 from podrouter.netlink.constants import TUN_NAME
 
 
@@ -245,56 +245,42 @@ def nat_snapshot_path(cfg: Config) -> Path:
     return cfg.state_path.with_name(f"{cfg.node.name}.nat")
 
 
-def _relations_spec(cfg: Config, views: list[PeerView]) -> dict[str, Any]:
-    """build_spec's spec with only what the rulebook reads of a peer (name, address, pod CIDRs):
-    a third of the keys to hand over per peer."""
-    peers = []
-    for v in views:
-        address, cidrs = _peer_key_strings(v.peer)
-        peers.append({"name": v.peer.name, "address": address, "pod_cidrs": list(cidrs)})
-    cluster = [*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(views)]
-    return configmod.table_spec(cfg.node, cluster, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
-
-
-@functools.lru_cache(maxsize=16384)
-def _peer_key_strings(peer: PeerConfig) -> tuple[str, tuple[str, ...]]:
-    # cached by the peer alone (not by its view, whose cache the table builds use)
-    return str(peer.address), tuple(str(x) for x in peer.pod_cidrs)
-
-
-_PEER_PATH = re.compile(r"^peers\[(\d+)\]\.(.*)$")
-_PEER_REF = re.compile(r"\bpeers\[(\d+)\]")
-
-
 def refuse_conflicts(
     cfg: Config, candidates: list[PeerView], settings: dict[str, Any]
 ) -> tuple[list[PeerView], dict[str, str]]:
-    """The peers discovery offers, as the core's rulebook (`native.check_tables`, the rules
-    `Tables::build` enforces) takes them: each peer it finds a problem with is refused with that
-    problem (its name -> why); the others are kept, so one bad record never blocks the rest. The
-    core names the later peer of a conflicting pair, so earlier candidates win (static peers come
-    first); a peer refused only because of one refused before it is asked about again."""
-    kept = list(candidates)
-    rejected: dict[str, str] = {}
-    while kept:
-        names = [v.peer.name for v in kept]
+    """The peers discovery offers, as the core's rulebook admits them (`rules::admit` through
+    discovery/base.py `refuse_by_rulebook`, the rules `Tables::build` enforces, address family
+    included): the candidates are admitted one by one in order, each against the node and the
+    ones admitted before it, so earlier candidates win (static peers come first); each one with a
+    problem is refused with it (its name -> why) and takes no further part, so one bad record
+    never blocks the rest, nor a younger peer that conflicts only with it."""
 
-        def name_of(r: re.Match[str], names: list[str] = names) -> str:
-            return names[int(r.group(1))]
+    def spec_of(peers: list[dict[str, Any]]) -> dict[str, Any]:
+        # a mesh peer's pod CIDRs are cluster space (build_spec); they lie inside mesh_space
+        cluster = [*cfg.cluster_cidrs, *mesh_space(cfg), *mesh_cidrs(candidates)]
+        return configmod.table_spec(cfg.node, cluster, cfg.routing, cfg.tunnel, cfg.masquerade, peers)
 
-        bad: dict[int, str] = {}
-        for path, message in native.check_tables(_relations_spec(cfg, kept), settings):
-            m = _PEER_PATH.match(path)
-            if m is None:
-                continue  # the config's own keys: checked when it was loaded
-            why = _PEER_REF.sub(name_of, message)
-            bad.setdefault(int(m.group(1)), f"{m.group(2)}: {why}")
-        if not bad:
-            break
-        for j, why in bad.items():
-            rejected[names[j]] = why
-        kept = [v for j, v in enumerate(kept) if j not in bad]
-    return kept, rejected
+    kept, refused = refuse_by_rulebook(
+        spec_of, settings, (), [(j, v.peer) for j, v in enumerate(candidates)], _word_conflict
+    )
+    rejected = {candidates[j].peer.name: why for j, why in refused.items()}
+    return [candidates[j] for j, _peer in kept], rejected
+
+
+def _word_conflict(prob: native.Problem, other: Other) -> Verdict:
+    """A problem of the core worded for the daemon's log and `rejected_peers`: the field of the
+    peer and the core's message, with the other party named by its peer name. A peer breaking
+    several rules is refused for the first in `check`'s order (its pod CIDR overlaps last)."""
+    v = prob.values
+    field = prob.path.split(".", 1)[1] if "." in prob.path else prob.path
+    held = "node" if other is None or other[0] == "node" else other[1]
+    if prob.code == "pod_cidr_overlap":
+        return (1, cidr_index(prob)), f"{field}: '{v[0]}' overlaps {held}'s pod CIDR '{v[1]}'"
+    if prob.code in ("name_taken", "address_taken"):
+        return (0, 0), f"{field}: '{v[0]}' is also {held}"
+    if prob.code == "cluster_contains_peer_address":
+        return (0, 0), f"address: '{v[1]}' is inside the cluster pod CIDR '{v[0]}'"
+    return (0, 0), f"{field}: {prob.message}"
 
 
 __all__ = [

@@ -489,3 +489,24 @@ def test_api_pod_with_two_families() -> None:
     pod, errs, _ = config.pod_from_dict({**raw, "ips": ["10.244.1.9", "fd00:10:244:7::9"]}, nets)
     assert pod is None and len(errs) == 1
     assert errs[0].startswith("pod.ips: 'fd00:10:244:7::9' is not inside this node's pod CIDRs")
+
+
+def test_interface_names_of_the_gso_tap_are_reserved() -> None:
+    """`podrgso*` is podrouter's GSO TAP (docs/config.md): the pod guard accepts frames in on it
+    before any pod check, so no pod veth (the config, the API or CNI, a recorded pod taken over at
+    start: all pod_from_dict) and no underlay interface may take such a name."""
+    from podrouter import nftables
+
+    assert nftables.GSO_TAP_GLOB == config.RESERVED_IFNAME_PREFIX + "*"
+    reserved = "is reserved: interface names starting with 'podrgso' are podrouter's GSO TAP"
+    got = problems(MINIMAL + "pods: [{name: web, ip: 10.244.1.9, host_interface: podrgso0}]\n")
+    assert got == [f"pods[0].host_interface: 'podrgso0' {reserved}"]
+    underlay = MINIMAL.replace("pod_cidr: 10.244.1.0/24}", "pod_cidr: 10.244.1.0/24, interface: podrgso1}")
+    got = problems(underlay)
+    assert got == [f"node.interface: 'podrgso1' {reserved}"]
+    cidrs = (ipaddress.ip_network("10.244.1.0/24"),)
+    pod, errs, _ = config.pod_from_dict({"name": "a", "ip": "10.244.1.7", "host_interface": "podrgso"}, cidrs)
+    assert pod is None and errs == [f"pod.host_interface: 'podrgso' {reserved}"]
+    for name in ("podrgs0", "vethpodrgso", "podr-gso0"):  # only the prefix is reserved
+        pod, errs, _ = config.pod_from_dict({"name": "a", "ip": "10.244.1.7", "host_interface": name}, cidrs)
+        assert pod is not None and pod.host_interface == name and not errs

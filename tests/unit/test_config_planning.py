@@ -11,7 +11,16 @@ from scapy.compat import raw
 from scapy.layers.inet import IP, UDP
 
 from podrouter import _native, config
-from podrouter.plan import PeerView, RoutePlan, build_spec, engine_settings, path_mtu, plan_routes, split_by
+from podrouter.plan import (
+    PeerView,
+    RoutePlan,
+    build_spec,
+    engine_settings,
+    path_mtu,
+    plan_routes,
+    refuse_conflicts,
+    split_by,
+)
 
 REF = """
 node: {name: node1, address: 172.16.2.2, pod_cidr: 10.244.1.0/24}
@@ -284,17 +293,16 @@ def test_dual_stack_routes_carry_the_path_mtu_for_both_families() -> None:
     assert spec["peers"][0]["pod_cidrs"] == ["10.244.2.0/24", "fd00:10:244:2::/64"]
 
 
+def offered(name: str, address: str, cidr: str) -> PeerView:
+    """A peer as discovery offers it."""
+    peer = config.PeerConfig(name, ipaddress.ip_address(address), (N(cidr),))
+    return PeerView(peer, False, None, None, "etcd")
+
+
 def test_discovered_peers_are_refused_one_by_one_by_the_core() -> None:
     """refresh_peers' gate (plan.refuse_conflicts): the core's rulebook names each conflicting
     peer; that peer alone is refused, the others are kept, and earlier peers (static first) win."""
-    from podrouter.plan import refuse_conflicts
-
     cfg = config.loads(REF)
-
-    def offered(name: str, address: str, cidr: str) -> PeerView:
-        peer = config.PeerConfig(name, ipaddress.ip_address(address), (N(cidr),))
-        return PeerView(peer, False, None, None, "etcd")
-
     candidates = [
         *(PeerView(p, False, None, None) for p in cfg.peers),
         offered("squatter", "172.16.5.9", "10.244.2.0/25"),  # inside node2's pod CIDR
@@ -319,3 +327,46 @@ def test_discovered_peers_are_refused_one_by_one_by_the_core() -> None:
     # what is kept compiles
     _native.Tables(build_spec(cfg, 0, None, kept), settings(cfg))
     assert refuse_conflicts(cfg, kept, settings(cfg)) == (kept, {})
+
+
+def test_a_refused_peer_never_blocks_a_younger_one() -> None:
+    """refresh_peers' gate admits the candidates one by one (the core's rules::admit): a peer
+    whose only conflict is with a peer refused before it is kept, whatever the rule (pod CIDR,
+    address); the address-family rule still applies."""
+    cfg = config.loads(REF)
+    candidates = [
+        *(PeerView(p, False, None, None) for p in cfg.peers),
+        offered("thief", "172.16.3.2", "10.244.50.0/24"),  # node2's address: refused
+        offered("heir", "172.16.5.20", "10.244.50.0/25"),  # inside the thief's pod CIDR only
+        offered("squatter", "172.16.5.21", "10.244.2.0/25"),  # inside node2's pod CIDR: refused
+        offered("tenant", "172.16.5.21", "10.244.60.0/24"),  # the squatter's address only
+        offered("far", "2001:db8::9", "10.244.61.0/24"),  # no IPv6 underlay address here: refused
+        offered("near", "172.16.5.22", "10.244.61.0/24"),  # the far one's pod CIDR only
+        offered("late", "172.16.5.23", "10.244.61.0/26"),  # inside the near one's, admitted before
+    ]
+    kept, rejected = refuse_conflicts(cfg, candidates, settings(cfg))
+    assert [v.peer.name for v in kept] == ["node2", "node3", "heir", "tenant", "near"]
+    assert rejected == {
+        "thief": "address: '172.16.3.2' is also node2",
+        "squatter": "pod_cidrs[0]: '10.244.2.0/25' overlaps node2's pod CIDR '10.244.2.0/24'",
+        "far": "address: '2001:db8::9' is IPv6, and this node has no IPv6 underlay address "
+        "(node.address 172.16.2.2; set node.address6)",
+        "late": "pod_cidrs[0]: '10.244.61.0/26' overlaps near's pod CIDR '10.244.61.0/24'",
+    }
+    _native.Tables(build_spec(cfg, 0, None, kept), settings(cfg))
+    assert refuse_conflicts(cfg, kept, settings(cfg)) == (kept, {})
+
+
+def test_a_peer_address_inside_the_cluster_is_refused_not_compiled() -> None:
+    """A peer whose address lies in the cluster pod CIDRs (a problem the core files under
+    `cluster_cidrs[i]`) is refused by name, so what is kept still compiles."""
+    cfg = config.loads(REF)
+    candidates = [
+        *(PeerView(p, False, None, None) for p in cfg.peers),
+        offered("inside", "10.244.90.1", "10.244.62.0/24"),
+        offered("fine", "172.16.5.12", "10.244.53.0/24"),
+    ]
+    kept, rejected = refuse_conflicts(cfg, candidates, settings(cfg))
+    assert [v.peer.name for v in kept] == ["node2", "node3", "fine"]
+    assert rejected == {"inside": "address: '10.244.90.1' is inside the cluster pod CIDR '10.244.0.0/16'"}
+    _native.Tables(build_spec(cfg, 0, None, kept), settings(cfg))

@@ -46,49 +46,64 @@ def spec(gen: int) -> dict[str, Any]:
     return {"generation": gen, "node": {"name": "node1"}, "peers": []}
 
 
-def load(tmp_path: Path) -> config.Config:
+@pytest.fixture
+def cfg(tmp_path: Path) -> config.Config:
     return config.loads(CFG.format(tmp=tmp_path))
 
 
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Gate:
+    return Gate(monkeypatch)
+
+
+@pytest.fixture
+def writer(cfg: config.Config) -> startup.SnapshotWriter:
+    """A writer of `cfg`'s snapshot file."""
+    return startup.SnapshotWriter(startup.snapshot_path(cfg))
+
+
+@pytest.fixture
+def made(cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> daemon.Daemon:
+    """A daemon of `cfg` with a recorded datapath, between reconciles (nothing in the kernel)."""
+    d = daemon.Daemon(cfg)
+    d.datapath = Recorder("datapath", [])  # type: ignore[assignment]
+    d.config_sha256 = "h"
+    monkeypatch.setattr(d, "_datapath_config", lambda: {"tun_name": "podr0"})
+    return d
+
+
 def test_newest_spec_wins_and_the_caller_never_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    gate: Gate, cfg: config.Config, writer: startup.SnapshotWriter
 ) -> None:
-    gate = Gate(monkeypatch)
-    cfg = load(tmp_path)
-    w = startup.SnapshotWriter(startup.snapshot_path(cfg))
-    w.submit(cfg, "h", {}, spec(1))
+    writer.submit(cfg, "h", {}, spec(1))
     assert gate.started.wait(10)
     for gen in (2, 3, 4):  # while generation 1 is being written: only the newest waits
-        w.submit(cfg, "h", {}, spec(gen))
+        writer.submit(cfg, "h", {}, spec(gen))
     assert not startup.snapshot_path(cfg).exists()  # the submits returned before any write finished
     gate.release.set()
-    assert w.flush(10)
+    assert writer.flush(10)
     assert gate.written == [1, 4]
     assert all(t is not threading.main_thread() for t in gate.threads)
     assert json.loads(startup.snapshot_path(cfg).read_text())["spec"]["generation"] == 4
-    w.close(flush=False)
-    w.submit(cfg, "h", {}, spec(5))  # closed: ignored
-    assert w.flush(1) and gate.written == [1, 4]
+    writer.close(flush=False)
+    writer.submit(cfg, "h", {}, spec(5))  # closed: ignored
+    assert writer.flush(1) and gate.written == [1, 4]
 
 
 def test_close_without_flush_drops_what_waits_but_finishes_a_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    gate: Gate, cfg: config.Config, writer: startup.SnapshotWriter
 ) -> None:
-    gate = Gate(monkeypatch)
-    cfg = load(tmp_path)
-    w = startup.SnapshotWriter(startup.snapshot_path(cfg))
-    w.submit(cfg, "h", {}, spec(1))
+    writer.submit(cfg, "h", {}, spec(1))
     assert gate.started.wait(10)
-    w.submit(cfg, "h", {}, spec(2))
+    writer.submit(cfg, "h", {}, spec(2))
     threading.Timer(0.2, gate.release.set).start()
-    w.close(flush=False)  # returns only once generation 1 is on disk; 2 is never written
+    writer.close(flush=False)  # returns only once generation 1 is on disk; 2 is never written
     assert gate.written == [1]
 
 
 def test_a_failed_write_is_logged_and_the_next_one_happens(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, cfg: config.Config, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = load(tmp_path)
     w = startup.SnapshotWriter(tmp_path / "missing-dir" / "x.json", logging.getLogger("podrouter"))
     w.submit(cfg, "h", {}, spec(1))
     assert w.flush(10)
@@ -101,15 +116,10 @@ def test_a_failed_write_is_logged_and_the_next_one_happens(
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_the_stop_flushes_for_a_successor_and_a_teardown_leaves_no_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+    gate: Gate, made: daemon.Daemon, keep: bool
 ) -> None:
-    gate = Gate(monkeypatch)
-    calls: list[str] = []
-    d = daemon.Daemon(load(tmp_path))
-    d.datapath = Recorder("datapath", calls)  # type: ignore[assignment]
-    d.config_sha256 = "h"
-    d.underlay = Recorder("underlay", calls)  # type: ignore[assignment]
-    monkeypatch.setattr(d, "_datapath_config", lambda: {"tun_name": "podr0"})
+    d = made
+    d.underlay = Recorder("underlay", [])  # type: ignore[assignment]
     d._write_forwarding(spec(7))
     assert gate.started.wait(10)
     threading.Timer(0.2, gate.release.set).start()
@@ -122,14 +132,10 @@ def test_the_stop_flushes_for_a_successor_and_a_teardown_leaves_no_file(
         assert gate.written == [7] and not path.exists()
 
 
-def test_each_snapshot_is_handed_over_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_snapshot_is_handed_over_once(made: daemon.Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     """A snapshot is its tables' generation for a config file's hash: the reload's rewrite after a
     reconcile that installed tables (or of an unchanged file) hands nothing over again."""
-    calls: list[str] = []
-    d = daemon.Daemon(load(tmp_path))
-    d.datapath = Recorder("datapath", calls)  # type: ignore[assignment]
-    d.config_sha256 = "h"
-    monkeypatch.setattr(d, "_datapath_config", lambda: {"tun_name": "podr0"})
+    d = made
     handed: list[tuple[str, int]] = []
     monkeypatch.setattr(d.snapshots, "submit", lambda cfg, h, dp, sp: handed.append((h, sp["generation"])))
     d.generation = 1

@@ -1,5 +1,6 @@
 """The discovery interface, and how discovered records meet the core's rulebook
-(`refuse_by_rulebook`: etcd discovery and the cluster mesh)."""
+(`refuse_by_rulebook`: etcd discovery, the cluster mesh and the daemon's peer gate,
+plan.refuse_conflicts)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use crate::spec::{Cidr, EngineSettings, SpecError, TableSpec};
+use crate::spec::{Cidr, EngineSettings, PeerSpec, SpecError, TableSpec};
 
 /// `['10.244.0.0/16', 'fd00::/48']`: a CIDR list the way the config's messages quote it.
 fn quoted_list(cidrs: &[Cidr]) -> String {
@@ -46,6 +46,167 @@ fn family_why(a: IpAddr, settings: &EngineSettings) -> String {
 
 fn known(a: IpAddr) -> Option<IpAddr> {
     (!a.is_unspecified()).then_some(a)
+}
+
+/// The node's underlay addresses with their keys (`None`: not known yet).
+fn node_addresses(settings: &EngineSettings) -> [(&'static str, Option<IpAddr>); 2] {
+    [
+        ("node.address", known(settings.address)),
+        (
+            "node.address6",
+            settings.address6.map(IpAddr::V6).and_then(known),
+        ),
+    ]
+}
+
+/// Where a rule files a problem: `(code, path, other, values, message)`, as
+/// [`SpecError::rule`] takes them.
+trait Report: FnMut(&'static str, String, Option<String>, Vec<String>, String) {}
+impl<F: FnMut(&'static str, String, Option<String>, Vec<String>, String)> Report for F {}
+
+fn in_cluster(spec: &TableSpec, c: &Cidr) -> bool {
+    spec.cluster_cidrs.iter().any(|k| k.covers(c))
+}
+
+fn outside_cluster(bad: &mut impl Report, spec: &TableSpec, path: String, c: &Cidr) {
+    bad(
+        "pod_cidr_outside_cluster",
+        path,
+        None,
+        vec![c.to_string()],
+        format!(
+            "'{c}' is not inside the cluster pod CIDRs {}",
+            quoted_list(&spec.cluster_cidrs)
+        ),
+    );
+}
+
+fn cluster_contains_peer(bad: &mut impl Report, i: usize, net: &Cidr, p: usize, a: IpAddr) {
+    bad(
+        "cluster_contains_peer_address",
+        format!("cluster_cidrs[{i}]"),
+        Some(format!("peers[{p}].address")),
+        vec![net.to_string(), a.to_string()],
+        format!("'{net}' contains peers[{p}].address {a}"),
+    );
+}
+
+/// `c` at `path` overlaps `other` at `other_path`, a pod CIDR of `owner`.
+fn pod_cidr_overlap(
+    bad: &mut impl Report,
+    path: String,
+    c: &Cidr,
+    (other_path, owner, other): (String, String, Cidr),
+) {
+    bad(
+        "pod_cidr_overlap",
+        path,
+        Some(other_path),
+        vec![c.to_string(), other.to_string()],
+        format!("'{c}' overlaps {owner}'s pod CIDR '{other}'"),
+    );
+}
+
+/// Which peer holds each name and each address so far (the first to, by spec index).
+struct Taken<'a> {
+    names: HashMap<&'a str, usize>,
+    addresses: HashMap<IpAddr, usize>,
+}
+
+impl<'a> Taken<'a> {
+    fn with_capacity(n: usize) -> Self {
+        Taken {
+            names: HashMap::with_capacity(n),
+            addresses: HashMap::with_capacity(n),
+        }
+    }
+
+    /// Peer `p` holds its name and its address where no peer before it does.
+    fn hold(&mut self, p: usize, peer: &'a PeerSpec) {
+        self.names.entry(&peer.name).or_insert(p);
+        self.addresses.entry(peer.address).or_insert(p);
+    }
+}
+
+/// The rules of one peer (`spec.peers[p]`), for [`check`] and [`admit`] alike, in this order:
+/// its name (not the node's, not held in `taken`), its address (not the node's, of a family
+/// the node has an underlay address in, not held in `taken`), with `contained` the cluster
+/// CIDRs (but `/0`) that contain the address ([`check`] files those with the cluster CIDRs),
+/// then each pod CIDR: inside the cluster, and disjoint from the one `overlap` finds for it
+/// (key path, owner, CIDR; [`check`] sweeps for overlaps after all the peers).
+fn peer_rules(
+    spec: &TableSpec,
+    settings: &EngineSettings,
+    p: usize,
+    taken: &Taken,
+    contained: bool,
+    mut overlap: impl FnMut(usize, &Cidr) -> Option<(String, String, Cidr)>,
+    bad: &mut impl Report,
+) {
+    let peer = &spec.peers[p];
+    let at = |key: &str| format!("peers[{p}].{key}");
+    if peer.name == spec.node.name {
+        bad(
+            "name_is_node",
+            at("name"),
+            Some("node.name".into()),
+            vec![peer.name.clone()],
+            format!("'{}' is this node's own name", peer.name),
+        );
+    }
+    if let Some(q) = taken.names.get(peer.name.as_str()) {
+        bad(
+            "name_taken",
+            at("name"),
+            Some(format!("peers[{q}].name")),
+            vec![peer.name.clone()],
+            format!("'{}' is also peers[{q}]", peer.name),
+        );
+    }
+    let a = peer.address;
+    if let Some((key, _)) = node_addresses(settings).iter().find(|(_, n)| *n == Some(a)) {
+        bad(
+            "address_is_node",
+            at("address"),
+            Some((*key).into()),
+            vec![a.to_string()],
+            format!("'{a}' is this node's own address"),
+        );
+    }
+    if settings.source_for(a).is_none() {
+        bad(
+            "address_family",
+            at("address"),
+            Some("node.address".into()),
+            vec![a.to_string(), settings.address.to_string()],
+            format!("'{a}' {}", family_why(a, settings)),
+        );
+    }
+    if let Some(q) = taken.addresses.get(&a) {
+        bad(
+            "address_taken",
+            at("address"),
+            Some(format!("peers[{q}].address")),
+            vec![a.to_string()],
+            format!("'{a}' is also peers[{q}]"),
+        );
+    }
+    if contained {
+        for (i, net) in spec.cluster_cidrs.iter().enumerate() {
+            if net.prefix_len() != 0 && net.contains(a) {
+                cluster_contains_peer(bad, i, net, p, a);
+            }
+        }
+    }
+    for (i, c) in peer.pod_cidrs.iter().enumerate() {
+        let path = format!("peers[{p}].pod_cidrs[{i}]");
+        if !in_cluster(spec, c) {
+            outside_cluster(bad, spec, path.clone(), c);
+        }
+        if let Some(clash) = overlap(i, c) {
+            pod_cidr_overlap(bad, path, c, clash);
+        }
+    }
 }
 
 /// Every problem of `spec` compiled against `settings`, in a stable order: the settings, the
@@ -99,13 +260,7 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
 
     // Pod space that swallows underlay addresses would route the node's own traffic to its peers
     // (or into the datapath, which drops it): the node cuts itself off.
-    let node_addrs = [
-        ("node.address", known(settings.address)),
-        (
-            "node.address6",
-            settings.address6.map(IpAddr::V6).and_then(known),
-        ),
-    ];
+    let node_addrs = node_addresses(settings);
     for (i, net) in spec.cluster_cidrs.iter().enumerate() {
         let path = format!("cluster_cidrs[{i}]");
         if net.prefix_len() == 0 {
@@ -131,13 +286,7 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         }
         for (j, p) in spec.peers.iter().enumerate() {
             if net.contains(p.address) {
-                bad(
-                    "cluster_contains_peer_address",
-                    path.clone(),
-                    Some(format!("peers[{j}].address")),
-                    vec![net.to_string(), p.address.to_string()],
-                    format!("'{net}' contains peers[{j}].address {}", p.address),
-                );
+                cluster_contains_peer(&mut bad, i, net, j, p.address);
             }
         }
     }
@@ -180,96 +329,25 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
         }
     }
 
-    let in_cluster = |c: &Cidr| spec.cluster_cidrs.iter().any(|k| k.covers(c));
-    let not_inside = |c: &Cidr| {
-        format!(
-            "'{c}' is not inside the cluster pod CIDRs {}",
-            quoted_list(&spec.cluster_cidrs)
-        )
-    };
     // Every pod CIDR with its key path and owner, for the overlap sweep and its messages.
     let mut owned: Vec<(Cidr, String, String)> = Vec::new();
     for (i, c) in spec.node.pod_cidrs.iter().enumerate() {
         let path = format!("node.pod_cidrs[{i}]");
-        if !in_cluster(c) {
-            bad(
-                "pod_cidr_outside_cluster",
-                path.clone(),
-                None,
-                vec![c.to_string()],
-                not_inside(c),
-            );
+        if !in_cluster(spec, c) {
+            outside_cluster(&mut bad, spec, path.clone(), c);
         }
         owned.push((*c, path, "node".into()));
     }
-    let mut names: HashMap<&str, usize> = HashMap::with_capacity(spec.peers.len());
-    let mut addresses: HashMap<IpAddr, usize> = HashMap::with_capacity(spec.peers.len());
+    let mut taken = Taken::with_capacity(spec.peers.len());
     for (p, peer) in spec.peers.iter().enumerate() {
-        let at = |key: &str| format!("peers[{p}].{key}");
-        if peer.name == spec.node.name {
-            bad(
-                "name_is_node",
-                at("name"),
-                Some("node.name".into()),
-                vec![peer.name.clone()],
-                format!("'{}' is this node's own name", peer.name),
-            );
-        }
-        match names.get(peer.name.as_str()) {
-            Some(q) => bad(
-                "name_taken",
-                at("name"),
-                Some(format!("peers[{q}].name")),
-                vec![peer.name.clone()],
-                format!("'{}' is also peers[{q}]", peer.name),
-            ),
-            None => {
-                names.insert(&peer.name, p);
-            }
-        }
-        let a = peer.address;
-        if let Some((key, _)) = node_addrs.iter().find(|(_, n)| *n == Some(a)) {
-            bad(
-                "address_is_node",
-                at("address"),
-                Some((*key).into()),
-                vec![a.to_string()],
-                format!("'{a}' is this node's own address"),
-            );
-        }
-        if settings.source_for(a).is_none() {
-            bad(
-                "address_family",
-                at("address"),
-                Some("node.address".into()),
-                vec![a.to_string(), settings.address.to_string()],
-                format!("'{a}' {}", family_why(a, settings)),
-            );
-        }
-        match addresses.get(&a) {
-            Some(q) => bad(
-                "address_taken",
-                at("address"),
-                Some(format!("peers[{q}].address")),
-                vec![a.to_string()],
-                format!("'{a}' is also peers[{q}]"),
-            ),
-            None => {
-                addresses.insert(a, p);
-            }
-        }
+        peer_rules(spec, settings, p, &taken, false, |_, _| None, &mut bad);
+        taken.hold(p, peer);
         for (i, c) in peer.pod_cidrs.iter().enumerate() {
-            let path = format!("peers[{p}].pod_cidrs[{i}]");
-            if !in_cluster(c) {
-                bad(
-                    "pod_cidr_outside_cluster",
-                    path.clone(),
-                    None,
-                    vec![c.to_string()],
-                    not_inside(c),
-                );
-            }
-            owned.push((*c, path, format!("peers[{p}]")));
+            owned.push((
+                *c,
+                format!("peers[{p}].pod_cidrs[{i}]"),
+                format!("peers[{p}]"),
+            ));
         }
     }
 
@@ -306,12 +384,11 @@ pub fn check(spec: &TableSpec, settings: &EngineSettings) -> Vec<SpecError> {
     for (a, b) in overlaps {
         let (net, path, _) = &owned[a];
         let (other, other_path, owner) = &owned[b];
-        bad(
-            "pod_cidr_overlap",
+        pod_cidr_overlap(
+            &mut bad,
             path.clone(),
-            Some(other_path.clone()),
-            vec![net.to_string(), other.to_string()],
-            format!("'{net}' overlaps {owner}'s pod CIDR '{other}'"),
+            net,
+            (other_path.clone(), owner.clone(), *other),
         );
     }
     out
@@ -359,20 +436,11 @@ pub fn admit(
     skip: &[&str],
 ) -> Vec<SpecError> {
     let mut out = Vec::new();
-    let node_addrs = [
-        ("node.address", known(settings.address)),
-        (
-            "node.address6",
-            settings.address6.map(IpAddr::V6).and_then(known),
-        ),
-    ];
     let mut nets = Admitted::default();
     for (i, c) in spec.node.pod_cidrs.iter().enumerate() {
         nets.add(c, format!("node.pod_cidrs[{i}]"), "node".into());
     }
-    let mut names: HashMap<&str, usize> = HashMap::with_capacity(spec.peers.len());
-    let mut addresses: HashMap<IpAddr, usize> = HashMap::with_capacity(spec.peers.len());
-    let in_cluster = |c: &Cidr| spec.cluster_cidrs.iter().any(|k| k.covers(c));
+    let mut taken = Taken::with_capacity(spec.peers.len());
     for (p, peer) in spec.peers.iter().enumerate() {
         let fixed = p < first;
         let mut mine: Vec<SpecError> = Vec::new();
@@ -385,105 +453,27 @@ pub fn admit(
                 mine.push(SpecError::rule(code, path, other, values, message));
             }
         };
-        let at = |key: &str| format!("peers[{p}].{key}");
-        if peer.name == spec.node.name {
-            bad(
-                "name_is_node",
-                at("name"),
-                Some("node.name".into()),
-                vec![peer.name.clone()],
-                format!("'{}' is this node's own name", peer.name),
-            );
-        }
-        if let Some(q) = names.get(peer.name.as_str()) {
-            bad(
-                "name_taken",
-                at("name"),
-                Some(format!("peers[{q}].name")),
-                vec![peer.name.clone()],
-                format!("'{}' is also peers[{q}]", peer.name),
-            );
-        }
-        let a = peer.address;
-        if let Some((key, _)) = node_addrs.iter().find(|(_, n)| *n == Some(a)) {
-            bad(
-                "address_is_node",
-                at("address"),
-                Some((*key).into()),
-                vec![a.to_string()],
-                format!("'{a}' is this node's own address"),
-            );
-        }
-        if settings.source_for(a).is_none() {
-            bad(
-                "address_family",
-                at("address"),
-                Some("node.address".into()),
-                vec![a.to_string(), settings.address.to_string()],
-                format!("'{a}' {}", family_why(a, settings)),
-            );
-        }
-        if let Some(q) = addresses.get(&a) {
-            bad(
-                "address_taken",
-                at("address"),
-                Some(format!("peers[{q}].address")),
-                vec![a.to_string()],
-                format!("'{a}' is also peers[{q}]"),
-            );
-        }
-        for (i, net) in spec.cluster_cidrs.iter().enumerate() {
-            if net.prefix_len() != 0 && net.contains(a) {
-                bad(
-                    "cluster_contains_peer_address",
-                    format!("cluster_cidrs[{i}]"),
-                    Some(at("address")),
-                    vec![net.to_string(), a.to_string()],
-                    format!("'{net}' contains peers[{p}].address {a}"),
-                );
-            }
-        }
-        for (i, c) in peer.pod_cidrs.iter().enumerate() {
-            let path = format!("peers[{p}].pod_cidrs[{i}]");
-            if !in_cluster(c) {
-                bad(
-                    "pod_cidr_outside_cluster",
-                    path.clone(),
-                    None,
-                    vec![c.to_string()],
-                    format!(
-                        "'{c}' is not inside the cluster pod CIDRs {}",
-                        quoted_list(&spec.cluster_cidrs)
-                    ),
-                );
-            }
-            let clash = nets
-                .find(c)
-                .map(|(_, op, ow, oc)| (op.clone(), ow.clone(), *oc));
-            let own = peer.pod_cidrs[..i]
-                .iter()
-                .enumerate()
-                .find(|(_, o)| o.covers(c) || c.covers(o))
-                .map(|(j, o)| {
-                    (
-                        format!("peers[{p}].pod_cidrs[{j}]"),
-                        format!("peers[{p}]"),
-                        *o,
-                    )
-                });
-            if let Some((other_path, owner, other)) = clash.or(own) {
-                bad(
-                    "pod_cidr_overlap",
-                    path,
-                    Some(other_path),
-                    vec![c.to_string(), other.to_string()],
-                    format!("'{c}' overlaps {owner}'s pod CIDR '{other}'"),
-                );
-            }
-        }
+        // an admitted pod CIDR, else one of the peer's own before it
+        let overlap = |i: usize, c: &Cidr| {
+            nets.find(c)
+                .map(|(_, op, ow, oc)| (op.clone(), ow.clone(), *oc))
+                .or_else(|| {
+                    peer.pod_cidrs[..i]
+                        .iter()
+                        .enumerate()
+                        .find(|(_, o)| o.covers(c) || c.covers(o))
+                        .map(|(j, o)| {
+                            (
+                                format!("peers[{p}].pod_cidrs[{j}]"),
+                                format!("peers[{p}]"),
+                                *o,
+                            )
+                        })
+                })
+        };
+        peer_rules(spec, settings, p, &taken, true, overlap, &mut bad);
         if mine.is_empty() {
-            names.entry(&peer.name).or_insert(p);
-            addresses.entry(a).or_insert(p);
+            taken.hold(p, peer);
             for (i, c) in peer.pod_cidrs.iter().enumerate() {
                 nets.add(
                     c,
