@@ -63,9 +63,17 @@ def test_bench_quick_measures_every_mode(tmp_path: Path) -> None:
     nft = masq["results"]["nftables"]
     assert nft["errors"] == []
     assert nft["summary"]["cps"]["median"] > 0 and nft["summary"]["tcp1_gbps"]["median"] > 0
+    # what one connection cost the machine (bench/masq.py): some CPU, and a finite count of switches
+    assert nft["summary"]["cpu_us_per_conn"]["median"] > 0
+    assert math.isfinite(nft["summary"]["ctxt_per_conn"]["median"])
+    assert "CPU us/conn" in proc.stdout
     if masq["podrouter_available"]:
         pr = masq["results"]["podrouter"]
         assert pr["summary"]["cps"]["median"] > 0 and pr["summary"]["tcp1_gbps"]["median"] > 0
+        assert pr["summary"]["cpu_us_per_conn"]["median"] > 0
+        # the daemon's NAT figures are kept with each repetition
+        rep = pr["reps"][0]
+        assert rep["nat_entries"] > 0 and rep["nat_alloc_failures"] >= 0, rep
     else:
         assert masq["podrouter_unavailable"], "an unavailable side must say why"
         assert "not available" in proc.stdout

@@ -210,3 +210,43 @@ def test_worse_is_written_out_where_podrouter_is_worse() -> None:
         }
     )
     assert "500 (0.50x) worse" in masq and "10.00 (1.00x)" in masq and masq.count("worse") == 1
+
+
+def test_the_masquerade_table_shows_the_cost_of_a_connection() -> None:
+    """CPU microseconds and context switches per connection (bench/masq.py): lower is better, so a
+    higher podrouter figure is written out as worse; a machine busy before the run is marked `*`."""
+    masq = report.masquerade_table(
+        {
+            "results": {
+                "nftables": {
+                    "summary": {
+                        "cps": summarize([1000.0]),
+                        "cpu_us_per_conn": summarize([60.0]),
+                        "ctxt_per_conn": summarize([0.5]),
+                    },
+                    "reps": [{"cpu_disturbed": False}],
+                },
+                "podrouter": {
+                    "summary": {
+                        "cps": summarize([500.0]),
+                        "cpu_us_per_conn": summarize([110.0]),
+                        "ctxt_per_conn": summarize([3.0]),
+                    },
+                    "reps": [{"cpu_disturbed": True}],
+                },
+            },
+            "ratios": {"cps": 0.5, "cpu_us_per_conn": 110 / 60, "ctxt_per_conn": 6.0},
+        }
+    )
+    assert "CPU us/conn" in masq and "ctx switches/conn" in masq
+    assert "110* (1.83x) worse" in masq and "3.00 (6.00x) worse" in masq
+    assert "60 " in masq and "0.50" in masq and masq.count("worse") == 3
+
+
+def test_per_connection_costs() -> None:
+    from podrouter.bench import masq
+
+    assert masq.per_connection(1000, 0.1, 3000) == {"cpu_us_per_conn": 100.0, "ctxt_per_conn": 3.0}
+    # no connection completed: a cost per one, never a division by zero
+    assert masq.per_connection(0, 0.5, 10) == {"cpu_us_per_conn": 500000.0, "ctxt_per_conn": 10.0}
+    assert masq.context_switches() > 0

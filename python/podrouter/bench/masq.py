@@ -5,6 +5,11 @@ the only way back is through node1's translation. Two figures per side: new TCP 
 second (the native connect-rate generator, 4 threads, each connection reset on close so no TIME_WAIT
 piles up; this exercises the NAT's allocation path) and bulk TCP throughput (iperf3, 1 stream).
 
+Beside the rate, each side's cost per new connection: the machine's busy CPU microseconds and
+context switches (/proc/stat) per completed connection during the connect run, so what limits the
+rate is visible (docs/benchmarks.md, "Masquerade new connections"). Both are machine-wide: a
+machine busy before the run (> DISTURBED_CPU) is flagged (`cpu_disturbed`, `*` in the table).
+
 The podrouter side runs only when the daemon actually translates: the suite starts node1 with
 `masquerade.enabled: true`, pings the external host from pod1 and requires the daemon's masquerade
 counter to move. Anything else is reported as "not available" with the reason, never as a figure.
@@ -14,10 +19,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from podrouter.bench import kernel, measure
-from podrouter.bench.suite import Profile, Progress, summarize
+from podrouter.bench.suite import DISTURBED_CPU, Profile, Progress, summarize
 from podrouter.demo.cluster import Cluster, delta_path, node_config
 from podrouter.demo.netns import ReferenceTopology, Topology, reference_topology, sh
 
@@ -37,6 +43,25 @@ table ip {NFT_TABLE} {{
 }}
 """
     sh("ip", "netns", "exec", node.ns, "nft", "-f", "-", input=rules)
+
+
+# the per-side figures summarised, and whether a higher value is better
+FIGURES = {"cps": True, "tcp1_gbps": True, "cpu_us_per_conn": False, "ctxt_per_conn": False}
+
+
+def context_switches() -> int:
+    """Context switches of the whole machine since boot (`ctxt` in /proc/stat)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("ctxt "):
+                return int(line.split()[1])
+    return 0
+
+
+def per_connection(connections: int, cpu_busy_s: float, ctxt: int) -> dict[str, float]:
+    """What one completed connection cost the machine: busy CPU microseconds and context switches."""
+    n = max(1, connections)
+    return {"cpu_us_per_conn": cpu_busy_s * 1e6 / n, "ctxt_per_conn": ctxt / n}
 
 
 def _connect_rate(ref: ReferenceTopology, seconds: float, threads: int = 4) -> dict[str, Any]:
@@ -69,14 +94,40 @@ def _connect_rate(ref: ReferenceTopology, seconds: float, threads: int = 4) -> d
     return rep
 
 
-def _measure(ref: ReferenceTopology, prof: Profile, log: Progress, label: str) -> dict[str, Any]:
+def _measure(
+    ref: ReferenceTopology,
+    prof: Profile,
+    log: Progress,
+    label: str,
+    nat: Callable[[], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """`nat`: the podrouter daemon's counters (its NAT figures are kept with the rep)."""
     pod = ref.pods["pod1"].host
     out: dict[str, Any] = {"errors": []}
     try:
+        background = measure.background_cpu(prof.background_seconds)
+        before = nat() if nat else {}
+        cpu0, ctxt0 = measure.CpuTimes.now(), context_switches()
         c = _connect_rate(ref, prof.tcp_seconds)
+        cpu, ctxt = measure.CpuTimes.now() - cpu0, context_switches() - ctxt0
         out["cps"] = c["cps"]
         out["connect_errors"] = c["errors"]
-        log(f"masquerade/{label}: {c['cps']:.0f} new connections/s ({c['errors']} errors)")
+        out.update(per_connection(c["connections"], cpu.busy, ctxt))
+        out["background_cpu"] = background
+        out["cpu_disturbed"] = background > DISTURBED_CPU
+        if nat:
+            after = nat()
+            # the port range is what a 4-thread client to one endpoint could exhaust: how full it
+            # got, and whether a new flow ever found no port
+            out["nat_entries"] = after.get("nat_entries", 0)
+            out["nat_alloc_failures"] = after.get("nat_alloc_failures", 0) - before.get(
+                "nat_alloc_failures", 0
+            )
+        log(
+            f"masquerade/{label}: {c['cps']:.0f} new connections/s ({c['errors']} errors), "
+            f"{out['cpu_us_per_conn']:.0f} CPU us and {out['ctxt_per_conn']:.2f} context switches "
+            f"per connection{' (machine busy before)' if out['cpu_disturbed'] else ''}"
+        )
     except (measure.MeasureError, ValueError, KeyError) as e:
         out["errors"].append(f"connect rate: {e}")
         log(f"masquerade/{label}: connect rate FAILED: {e}")
@@ -132,7 +183,14 @@ def _podrouter_rep(prof: Profile, log: Progress) -> tuple[dict[str, Any] | None,
                     f"ping is translated, but {probe['errors']} of {total} TCP handshakes through the "
                     f"masquerade failed within 1 s"
                 )
-            return _measure(ref, prof, log, "podrouter"), None
+
+            def counters() -> dict[str, Any]:
+                try:
+                    return dict(cluster.status("node1").get("counters", {}))
+                except (OSError, ValueError):  # the figures of the rep do not depend on it
+                    return {}
+
+            return _measure(ref, prof, log, "podrouter", counters), None
 
 
 def run(prof: Profile, reps: int, log: Progress) -> dict[str, Any]:
@@ -158,7 +216,7 @@ def run(prof: Profile, reps: int, log: Progress) -> dict[str, Any]:
         if not rs:
             continue
         summary = {}
-        for key in ("cps", "tcp1_gbps"):
+        for key in FIGURES:
             vals = [r[key] for r in rs if isinstance(r.get(key), int | float)]
             if vals:
                 summary[key] = summarize(vals)
@@ -169,7 +227,7 @@ def run(prof: Profile, reps: int, log: Progress) -> dict[str, Any]:
         }
     ratios = {}
     if "podrouter" in results and "nftables" in results:
-        for key in ("cps", "tcp1_gbps"):
+        for key in FIGURES:
             a = results["podrouter"]["summary"].get(key)
             b = results["nftables"]["summary"].get(key)
             if a and b and b["median"]:

@@ -109,25 +109,32 @@ def ovs_comparison(modes: dict[str, Any]) -> str:
 def masquerade_table(masq: dict[str, Any]) -> str:
     if not masq.get("results"):
         return f"masquerade vs nftables: not available ({masq.get('reason', 'not run')})"
-    headers = ["masquerade", "new conn/s", "TCP 1 stream [Gbit/s]"]
+    # (key, format, higher is better); the per-connection costs are machine-wide (bench/masq.py)
+    cols = [
+        ("cps", "{:.0f}", True),
+        ("tcp1_gbps", "{:.2f}", True),
+        ("cpu_us_per_conn", "{:.0f}", False),
+        ("ctxt_per_conn", "{:.2f}", False),
+    ]
+    headers = ["masquerade", "new conn/s", "TCP 1 stream [Gbit/s]", "CPU us/conn", "ctx switches/conn"]
     rows = []
     for name in ("nftables", "podrouter"):
         r = masq["results"].get(name)
         if r is None:
-            rows.append([name, "-", "-"])
+            rows.append([name] + ["-"] * len(cols))
             continue
-        cps = r["summary"].get("cps", {}).get("median")
-        gbps = r["summary"].get("tcp1_gbps", {}).get("median")
         ratio = masq.get("ratios", {}) if name == "podrouter" else {}
-        rows.append(
-            [
-                name,
-                ("-" if cps is None else f"{cps:.0f}")
-                + (_ratio_cell(ratio["cps"], True) if "cps" in ratio else ""),
-                ("-" if gbps is None else f"{gbps:.2f}")
-                + (_ratio_cell(ratio["tcp1_gbps"], True) if "tcp1_gbps" in ratio else ""),
-            ]
-        )
+        disturbed = any(rep.get("cpu_disturbed") for rep in r.get("reps", []))
+        row = [name]
+        for key, fmt, higher_better in cols:
+            v = r["summary"].get(key, {}).get("median")
+            cell = "-" if v is None else fmt.format(v)
+            if v is not None and key == "cpu_us_per_conn" and disturbed:
+                cell += "*"
+            if key in ratio:
+                cell += _ratio_cell(ratio[key], higher_better)
+            row.append(cell)
+        rows.append(row)
     text = _table(headers, rows)
     if masq.get("podrouter_unavailable"):
         text += f"\npodrouter masquerade: not available ({masq['podrouter_unavailable']})"
