@@ -181,6 +181,47 @@ def _stats(prefix: str, values: list[float]) -> dict[str, float]:
     return {f"{prefix}_p{p}_ms": round(percentile(values, p), 3) for p in (50, 99)}
 
 
+def _softirq_threads() -> list[int]:
+    """The pids of the kernel's per-CPU softirq threads (`ksoftirqd/N`)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().startswith("ksoftirqd/"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return sorted(pids)
+
+
+def _sched_ns(pids: list[int]) -> tuple[int, int]:
+    """(time on a CPU, time runnable but waiting for one), in ns, summed over `pids`
+    (/proc/PID/schedstat)."""
+    run = wait = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/schedstat").read_text().split()
+        except OSError:
+            continue
+        run += int(fields[0])
+        wait += int(fields[1])
+    return run, wait
+
+
+def _softirq_ms(a: tuple[int, int], b: tuple[int, int]) -> dict[str, float]:
+    """What the softirq threads did between two _sched_ns samples. Softirq work beyond its budget
+    (2 ms or 10 rounds) is deferred to them, and on this CONFIG_PREEMPT_NONE kernel a woken
+    ksoftirqd may wait for the next 4 ms tick before it runs: their run-queue wait is where a
+    latency excursion on the network side would show."""
+    return {"ksoftirqd_run_ms": round((b[0] - a[0]) / 1e6, 1),
+            "ksoftirqd_wait_ms": round((b[1] - a[1]) / 1e6, 1)}
+
+
+def _over(values: list[float], bound_ms: float = 2.0) -> int:
+    """How many samples exceeded item 3's bound: a p99 over it may be one sample or many."""
+    return sum(1 for v in values if v > bound_ms)
+
+
 def _rr_stats(lat: dict[str, list[float]]) -> dict[str, float]:
     return {k: v for name in ("rr", "rr_app", "rr_net", "rr_server", "rr_wake")
             for k, v in _stats(name, lat.get(name, [])).items()}
@@ -227,8 +268,11 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
             t.start()
             time.sleep(1.5)  # past iperf3's omitted second: the queue is at its steady state
             rx = _rx_counter(lab.sink if direction == "egress" else pod.host)
+            softirq = _softirq_threads()
             c0, (w0, settled0, waited0) = CpuTimes.now(), rx()
+            s0 = _sched_ns(softirq)
             lat = _latency(lab, pod, seconds, pings, 5400)
+            s1 = _sched_ns(softirq)
             (w1, settled1, waited1), c1 = rx(), CpuTimes.now()
             t.join(timeout=seconds + 60)
             bps = flow["bps"]
@@ -259,6 +303,8 @@ def _one(impl: str, direction: str, rate_name: str, seconds: int, pings: int) ->
                 "retransmits": int(flow["retransmits"]), "flow_rtt_ms": round(flow["flow_rtt_ms"], 2),
                 "ce_packets": int(flow["ce_packets"]),
                 "steal_pct": _steal_pct(c0, c1),
+                "ping_over_2ms": _over(lat["ping"]), "rr_over_2ms": _over(lat.get("rr", [])),
+                **_softirq_ms(s0, s1),
             }
         finally:
             if mgr is not None:
@@ -375,7 +421,8 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"load average before {report['load_before'][0]:.1f}, after {report['load_after'][0]:.1f}", "",
              f"{'s':>3} {'rate':>5} {'dir':>7} {'impl':>9} {'goodput':>10} {'error':>7} {'iperf3':>7} "
              f"{'ping p50/p99 ms':>17} {'rr p50/p99 ms':>15} {'rr_app p50/p99':>15} {'rr_net p50/p99':>15} "
-             f"{'flow rtt':>8} {'retx':>6} {'CE pkts':>8} {'steal':>6} {'±clock':>7}"]
+             f"{'flow rtt':>8} {'retx':>6} {'CE pkts':>8} {'steal':>6} {'±clock':>7} {'>2ms ping/rr':>12} "
+             f"{'ksoftirqd run/wait ms':>21}"]
     for r in report["results"]:
         lines.append(
             f"{r['seconds']:>3} {r['rate']:>5} {r['direction']:>7} {r['impl']:>9} "
@@ -388,6 +435,8 @@ def table(report: dict[str, Any]) -> str:
             f"{r['flow_rtt_ms']:>8.2f} {r['retransmits']:>6} "
             f"{r['ce_packets']:>8} {r.get('steal_pct', float('nan')):>5.1f}%"
             f" {r.get('counter_error_pct', float('nan')):>6.3f}%"
+            f" {str(r.get('ping_over_2ms', '-')) + '/' + str(r.get('rr_over_2ms', '-')):>12}"
+            f" {str(r.get('ksoftirqd_run_ms', '-')) + '/' + str(r.get('ksoftirqd_wait_ms', '-')):>21}"
         )
     lines.append("")
     lines.append("podrouter / reference (below 1 is better):")

@@ -68,3 +68,18 @@ def test_a_hole_that_stays_open_is_reported(monkeypatch: pytest.MonkeyPatch) -> 
 def test_counter_error_is_the_reads_uncertainty_over_the_window() -> None:
     assert qos_bench._counter_error_pct((0, 10.0, 0.25), (0, 20.0, 0.25)) == 5.0
     assert qos_bench._counter_error_pct((0, 10.0, 0.0), (0, 20.0, 0.001)) == 0.01
+
+
+def test_samples_over_the_bound_are_counted() -> None:
+    assert qos_bench._over([0.1, 2.0, 2.01, 3.5]) == 2
+    assert qos_bench._over([]) == 0
+
+
+def test_the_softirq_threads_are_found_and_their_time_read() -> None:
+    pids = qos_bench._softirq_threads()
+    assert pids, "every Linux has one ksoftirqd per CPU"
+    assert all(Path(f"/proc/{p}/comm").read_text().startswith("ksoftirqd/") for p in pids)
+    run, wait = qos_bench._sched_ns(pids)
+    assert run >= 0 and wait >= 0
+    assert qos_bench._softirq_ms((1_000_000, 2_000_000), (3_500_000, 2_000_000)) == {
+        "ksoftirqd_run_ms": 2.5, "ksoftirqd_wait_ms": 0.0}
