@@ -244,9 +244,9 @@ def test_the_masquerade_table_shows_the_cost_of_a_connection() -> None:
 
 
 def test_per_connection_costs() -> None:
-    from podrouter.bench import masq
+    from podrouter.bench import masq, measure
 
     assert masq.per_connection(1000, 0.1, 3000) == {"cpu_us_per_conn": 100.0, "ctxt_per_conn": 3.0}
     # no connection completed: a cost per one, never a division by zero
     assert masq.per_connection(0, 0.5, 10) == {"cpu_us_per_conn": 500000.0, "ctxt_per_conn": 10.0}
-    assert masq.context_switches() > 0
+    assert measure.CpuTimes.now().ctxt > 0

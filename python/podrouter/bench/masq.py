@@ -49,15 +49,6 @@ table ip {NFT_TABLE} {{
 FIGURES = {"cps": True, "tcp1_gbps": True, "cpu_us_per_conn": False, "ctxt_per_conn": False}
 
 
-def context_switches() -> int:
-    """Context switches of the whole machine since boot (`ctxt` in /proc/stat)."""
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("ctxt "):
-                return int(line.split()[1])
-    return 0
-
-
 def per_connection(connections: int, cpu_busy_s: float, ctxt: int) -> dict[str, float]:
     """What one completed connection cost the machine: busy CPU microseconds and context switches."""
     n = max(1, connections)
@@ -107,12 +98,12 @@ def _measure(
     try:
         background = measure.background_cpu(prof.background_seconds)
         before = nat() if nat else {}
-        cpu0, ctxt0 = measure.CpuTimes.now(), context_switches()
+        cpu0 = measure.CpuTimes.now()
         c = _connect_rate(ref, prof.tcp_seconds)
-        cpu, ctxt = measure.CpuTimes.now() - cpu0, context_switches() - ctxt0
+        cpu = measure.CpuTimes.now() - cpu0
         out["cps"] = c["cps"]
         out["connect_errors"] = c["errors"]
-        out.update(per_connection(c["connections"], cpu.busy, ctxt))
+        out.update(per_connection(c["connections"], cpu.busy, cpu.ctxt))
         out["background_cpu"] = background
         out["cpu_disturbed"] = background > DISTURBED_CPU
         if nat:

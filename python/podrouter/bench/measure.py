@@ -36,17 +36,20 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class CpuTimes:
-    """System-wide CPU seconds from the first line of /proc/stat (all CPUs, all namespaces)."""
+    """System-wide CPU seconds from the first line of /proc/stat (all CPUs, all namespaces), and the
+    machine's context switches."""
 
     busy: float  # user + nice + system + irq + softirq + steal
     idle: float  # idle + iowait
     irq: float  # irq + softirq: packet processing that no process is charged for
     steal: float  # time the hypervisor ran something else while this guest's vCPUs had work
+    ctxt: int = 0  # context switches (the `ctxt` line)
 
     @staticmethod
     def now() -> CpuTimes:
         with open("/proc/stat") as f:
             fields = f.readline().split()
+            ctxt = next((int(line.split()[1]) for line in f if line.startswith("ctxt ")), 0)
         # cpu user nice system idle iowait irq softirq steal guest guest_nice; guest time is already
         # included in user (proc(5)), so it is not added again.
         v = [int(x) for x in fields[1:9]]
@@ -56,11 +59,12 @@ class CpuTimes:
             idle=(idle + iowait) / _CLK_TCK,
             irq=(irq + softirq) / _CLK_TCK,
             steal=steal / _CLK_TCK,
+            ctxt=ctxt,
         )
 
     def __sub__(self, other: CpuTimes) -> CpuTimes:
         return CpuTimes(self.busy - other.busy, self.idle - other.idle, self.irq - other.irq,
-                        self.steal - other.steal)
+                        self.steal - other.steal, self.ctxt - other.ctxt)
 
 
 def process_cpu(pids: list[int]) -> float:
