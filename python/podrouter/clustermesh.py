@@ -101,15 +101,10 @@ class RemoteCluster(EtcdDiscovery):
         with self.lock:
             entries = sorted(((k, rev, v) for k, (rev, v) in self._kvs.items()), key=lambda e: (e[1], e[0]))
         found, rejected = self._select(entries)
-        with self.lock:
-            for key, why in rejected.items():
-                if self._rejected.get(key) != why:
-                    log.warning("cluster mesh %s: ignoring %s: %s", self.mesh.name, key, why)
-            changed = found != self._found
-            self._found = found
-            self._rejected = rejected
-        if changed:
-            self._notify()
+        self._publish(found, rejected)
+
+    def _refused_label(self) -> str:
+        return f"cluster mesh {self.mesh.name} entry"
 
     def _select(self, entries: list[tuple[str, int, str]]) -> tuple[dict[str, PeerConfig], dict[str, str]]:
         """The remote cluster's usable nodes and its refused keys (key -> why) from `entries`, oldest

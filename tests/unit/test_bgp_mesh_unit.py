@@ -17,6 +17,7 @@ import pytest
 
 from podrouter import bgp, clustermesh, config
 from podrouter.config import ConfigError, PeerConfig
+from podrouter.discovery import etcd
 from podrouter.metrics import bgp_families
 
 BASE = """
@@ -319,3 +320,28 @@ def test_a_remote_registry_is_judged_by_the_core_oldest_first() -> None:
         pre + "d": "pod CIDR 10.246.0.0/24 is outside cluster west's pod CIDRs (10.245.0.0/16)",
         pre + "e": "address 10.245.9.9 is inside cluster west's pod CIDR 10.245.0.0/16",
     }
+
+
+def test_refusals_are_logged_once_per_reason_by_each_registry(caplog: pytest.LogCaptureFixture) -> None:
+    """The local etcd registry and a remote cluster's store a selection the same way (one
+    `EtcdDiscovery._publish`): a refused key is logged when it is new or its reason changed, each
+    with its own registry's label, and the daemon hears only of a changed usable set."""
+    text = BASE + textwrap.dedent("""
+    clustermesh:
+      clusters:
+        - {name: west, id: 2, etcd: {endpoints: ["http://127.0.0.1:1"]}}
+    """)  # fmt: skip
+    (west,) = clustermesh.MeshDiscovery(config.loads(text), _Local(())).remotes
+    local = etcd.EtcdDiscovery(config.loads(BASE), "172.16.2.2")
+    for reg, label in ((local, "etcd entry"), (west, "cluster mesh west entry")):
+        calls: list[str] = []
+        reg._on_change = calls.append
+        caplog.clear()
+        node = {"n3": _peer("n3", "172.16.2.3", "10.245.3.0/24")}
+        reg._publish(node, {"k/a": "bad A"})
+        reg._publish(node, {"k/a": "bad A"})  # the same: no second line, no second notice
+        reg._publish(node, {"k/a": "bad B", "k/b": "bad"})
+        lines = [r.getMessage() for r in caplog.records]
+        assert lines == [f"ignoring {label} k/a: bad A", f"ignoring {label} k/a: bad B", f"ignoring {label} k/b: bad"]
+        assert len(calls) == 1 and reg._found == node and reg._rejected == {"k/a": "bad B", "k/b": "bad"}
+        reg._stop.set()

@@ -794,10 +794,19 @@ class EtcdDiscovery:
             entries = [(k, rev, v) for k, (rev, v) in self._kvs.items()]
             cfg = self.cfg
         found, rejected = select_peers(entries, cfg, self.prefix, self.key, self.node_address)
+        self._publish(found, rejected)
+
+    def _refused_label(self) -> str:
+        """How a log line names the registry an entry was refused from."""
+        return "etcd entry"
+
+    def _publish(self, found: dict[str, PeerConfig], rejected: dict[str, str]) -> None:
+        """Store one selection: log each entry refused anew (or for a new reason), keep the usable
+        peers and the refusals for `status`, and tell the daemon when the usable set changed."""
         with self.lock:
             for key, why in rejected.items():
                 if self._rejected.get(key) != why:
-                    log.warning("ignoring etcd entry %s: %s", key, why)
+                    log.warning("ignoring %s %s: %s", self._refused_label(), key, why)
             changed = found != self._found
             self._found = found
             self._rejected = rejected
