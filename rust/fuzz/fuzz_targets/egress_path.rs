@@ -9,7 +9,9 @@
 //! Input: 10 bytes of vnet header, one mode byte, the packet. Mode bits 0-1: no packet socket,
 //! plain frames, vnet frames (twice); bit 2: the IP length field set to the buffer's length; bits
 //! 3-4: an IPv4 packet is sent to node2's pods (tunnel), node3's (native), outside the cluster
-//! (masquerade) or left as it is, with a correct header checksum; bit 5: no IPv4 tunnel socket.
+//! (masquerade) or left as it is, with a correct header checksum; bit 5: no IPv4 tunnel socket;
+//! bits 6 / 7: UDP-tunnel GSO for IPv4 / IPv6 remotes (a whole unit must be one the family
+//! allows, and its TAP prefix one the kernel accepts).
 #![no_main]
 
 use core::ops::{DerefMut, Range};
@@ -102,6 +104,7 @@ fuzz_target!(|data: &[u8]| {
         tunnel_v4: mode & 0x20 == 0,
         tunnel_v6: true,
         tunnel_gso: mode & 0x40 != 0,
+        tunnel_gso6: mode & 0x80 != 0,
     };
     let len = pkt.len();
     let mut buf = vec![0u8; HEADROOM];
@@ -133,26 +136,51 @@ fuzz_target!(|data: &[u8]| {
         if let Some(h) = u.gso {
             // A whole super-packet for the TAP: the prefix the I/O layer builds must be one the
             // kernel accepts, or the core must not have chosen this path.
-            assert!(link.tunnel_gso && u.segment == 0 && u.remote.is_ipv4(), "{u:?}");
+            use podrouter_core::offload::tnl;
+            let allowed = if u.remote.is_ipv4() {
+                link.tunnel_gso
+            } else {
+                link.tunnel_gso6
+            };
+            assert!(allowed && u.segment == 0, "{u:?}");
             let data = &buf[u.range.clone()];
             let inner_off = data.len() - (len.min(data.len()));
-            let mut pre = [0u8; podrouter_core::offload::tnl::PREFIX_LEN];
-            let outer = podrouter_core::offload::tnl::Outer {
-                dst_mac: [2, 0, 0, 0, 0, 1],
-                src_mac: [2, 0, 0, 0, 0, 2],
-                src: [192, 0, 2, 1],
-                dst: [192, 0, 2, 2],
-                src_port: u.src_port,
-                dst_port: u.remote.port(),
-                tos: u.tos,
-                ttl: 65,
-                id: 0,
-            };
-            if podrouter_core::offload::tnl::build_prefix(&mut pre, &outer, data, inner_off, &h)
-                .is_ok()
-            {
-                let t = podrouter_core::offload::tnl::TnlHdr::parse(&pre).unwrap();
-                assert!(t.kernel_accepts(podrouter_core::offload::tnl::OUTER_LEN + data.len()));
+            if u.remote.is_ipv4() {
+                let mut pre = [0u8; tnl::PREFIX_LEN];
+                let outer = tnl::Outer {
+                    dst_mac: [2, 0, 0, 0, 0, 1],
+                    src_mac: [2, 0, 0, 0, 0, 2],
+                    src: [192, 0, 2, 1],
+                    dst: [192, 0, 2, 2],
+                    src_port: u.src_port,
+                    dst_port: u.remote.port(),
+                    tos: u.tos,
+                    ttl: 65,
+                    id: 0,
+                };
+                if tnl::build_prefix(&mut pre, &outer, data, inner_off, &h).is_ok() {
+                    let t = tnl::TnlHdr::parse(&pre).unwrap();
+                    assert!(t.kernel_accepts(tnl::OUTER_LEN + data.len()));
+                }
+            } else {
+                // over IPv6 the core only picks super-packets of two segments or more
+                assert!(u.pkts >= 2, "{u:?}");
+                let mut pre = [0u8; tnl::PREFIX6_LEN];
+                let outer = tnl::Outer6 {
+                    dst_mac: [2, 0, 0, 0, 0, 1],
+                    src_mac: [2, 0, 0, 0, 0, 2],
+                    src: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                    dst: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                    src_port: u.src_port,
+                    dst_port: u.remote.port(),
+                    tclass: u.tos,
+                    flow_label: u.flow_label,
+                    hop_limit: 65,
+                };
+                if tnl::build_prefix6(&mut pre, &outer, data, inner_off, &h).is_ok() {
+                    let t = tnl::TnlHdr::parse(&pre).unwrap();
+                    assert!(t.kernel_accepts(tnl::OUTER6_LEN + data.len()));
+                }
             }
         } else if u.segment > 0 {
             let n = u.range.len().div_ceil(usize::from(u.segment));
