@@ -489,7 +489,9 @@ def test_tunnel_gso_over_ipv6_where_the_kernel_must_segment(
     assert {row["tcp.checksum.status"] for row in rows} == {"1"}, {row["tcp.checksum.status"] for row in rows}
 
 
-def test_dual_stack_underlay_one_gso_tap_carries_both_families(refdual: ReferenceTopology, daemons: Daemons) -> None:
+def test_dual_stack_underlay_one_gso_tap_carries_both_families(
+    refdual: ReferenceTopology, daemons: Daemons
+) -> None:
     """node1 (172.16.2.2 and 2001:db8:2::2) reaches node2 over IPv6 and node3 over IPv4: its one GSO
     TAP takes both kinds of frames, and each receiver gets whole super-packets."""
     ref = refdual
