@@ -13,9 +13,9 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use podrouter_core::wire::checksum;
 use podrouter_core::offload::tnl;
 use podrouter_core::offload::vnet::{self, VnetHdr, VNET_HDR_LEN};
+use podrouter_core::wire::checksum;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < VNET_HDR_LEN + 1 {
