@@ -489,12 +489,9 @@ def test_tunnel_gso_over_ipv6_where_the_kernel_must_segment(
     assert {row["tcp.checksum.status"] for row in rows} == {"1"}, {row["tcp.checksum.status"] for row in rows}
 
 
-def test_dual_stack_underlay_one_gso_tap_carries_both_families(
-    refdual: ReferenceTopology, daemons: Daemons
-) -> None:
-    """node1 (172.16.2.2 and 2001:db8:2::2) reaches node2 over IPv6 and node3 over IPv4: its one GSO
-    TAP takes both kinds of frames, and each receiver gets whole super-packets."""
-    ref = refdual
+def start_dual(ref: ReferenceTopology, daemons: Daemons) -> dict[str, DaemonHandle]:
+    """node1 (172.16.2.2 and 2001:db8:2::2) knowing node2 by its IPv6 address and node3 by its IPv4
+    one; node2 runs with an IPv6 node address, node3 with an IPv4 one (all in tunnel mode)."""
 
     def cfg(node: str, address: str, peers: dict[str, str]) -> dict[str, Any]:
         c = ref_config(ref, node, daemons.sockdir, dual_stack=True, mode="tunnel", peers=list(peers))
@@ -505,9 +502,21 @@ def test_dual_stack_underlay_one_gso_tap_carries_both_families(
 
     c1 = cfg("node1", "172.16.2.2", {"node2": N2, "node3": "172.16.2.3"})
     c1["node"]["address6"] = N1
-    d1 = daemons.start(ref.nodes["node1"], c1)
-    d2 = daemons.start(ref.nodes["node2"], cfg("node2", N2, {"node1": N1}))
-    d3 = daemons.start(ref.nodes["node3"], cfg("node3", "172.16.2.3", {"node1": "172.16.2.2"}))
+    return {
+        "node1": daemons.start(ref.nodes["node1"], c1),
+        "node2": daemons.start(ref.nodes["node2"], cfg("node2", N2, {"node1": N1})),
+        "node3": daemons.start(ref.nodes["node3"], cfg("node3", "172.16.2.3", {"node1": "172.16.2.2"})),
+    }
+
+
+def test_dual_stack_underlay_one_gso_tap_carries_both_families(
+    refdual: ReferenceTopology, daemons: Daemons
+) -> None:
+    """node1 reaches node2 over IPv6 and node3 over IPv4: its one GSO TAP takes both kinds of frames,
+    and each receiver gets whole super-packets."""
+    ref = refdual
+    ds = start_dual(ref, daemons)
+    d1, d2, d3 = ds["node1"], ds["node2"], ds["node3"]
     o1 = offload(d1)
     assert o1["tunnel_gso"] is True and o1["tunnel_gso_error"] is None, o1
     pod1 = ref.pods["pod1"].host
@@ -517,3 +526,26 @@ def test_dual_stack_underlay_one_gso_tap_carries_both_families(
     transfer(pod1, ref.pods["pod3"].host, POD4["pod3"])  # over IPv4
     assert offload(d1)["tap_gso_writes"] > after_v6
     assert offload(d3)["udp_rx_whole_gso"] > 0
+
+
+def test_dual_stack_rp_filter_leaves_only_ipv4_to_the_datapath(
+    refdual: ReferenceTopology, daemons: Daemons
+) -> None:
+    """`net.ipv4.conf.all.rp_filter` != 0 on node1 would drop the TAP's IPv4 frames (their source is
+    the node's own address); IPv6 has no such filter: the TAP carries IPv6 frames only, the offload
+    status says why IPv4 is left out, and IPv4 peers get datagrams segmented by the datapath."""
+    ref = refdual
+    ref.nodes["node1"].run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=2"])
+    ds = start_dual(ref, daemons)
+    o1 = offload(ds["node1"])
+    assert o1["tunnel_gso"] is True, o1
+    why = o1["tunnel_gso_error"] or ""
+    assert why.startswith("IPv4 underlay") and "rp_filter" in why, o1
+    pod1 = ref.pods["pod1"].host
+    transfer(pod1, ref.pods["pod3"].host, POD4["pod3"])  # over IPv4: userspace segmentation
+    a = offload(ds["node1"])
+    assert a["tap_gso_writes"] == 0 and a["udp_tx_gso_messages"] > 0, a
+    assert offload(ds["node3"])["udp_rx_whole_gso"] == 0
+    transfer(pod1, ref.pods["pod2"].host, POD4["pod2"])  # over IPv6: the TAP
+    assert offload(ds["node1"])["tap_gso_writes"] > 0
+    assert offload(ds["node2"])["udp_rx_whole_gso"] > 0
