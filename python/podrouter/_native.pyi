@@ -131,9 +131,10 @@ class Datapath:
       workers (int, default 1: one TUN queue each, IFF_MULTI_QUEUE above 1);
       offload (bool, default True: TUN TSO/USO, AF_PACKET vnet header, TUN write coalescing);
       tunnel_gso (bool, default False; the daemon passes tunnel.gso != "off": encapsulated TCP
-        super-packets to the kernel whole through the UDP-tunnel GSO TAP where Linux 6.17+, an
-        IPv4 underlay and rp_filter allow; counters()["offload"]["tunnel_gso"] says whether it
-        is in use, ["tunnel_gso_error"] why not);
+        super-packets to the kernel whole through the UDP-tunnel GSO TAP where Linux 6.17+ and,
+        per underlay family, rp_filter (IPv4) and IPv6 forwarding allow;
+        counters()["offload"]["tunnel_gso"] says whether it is in use, ["tunnel_gso_error"] why
+        not, or why one family of a dual-stack underlay does not use it);
       tx_sockets (int, default 8: tunnel send sockets = distinct outer source ports);
       batch (int, default 32: TUN reads / recvmmsg messages per wake-up);
       nat (dict, optional): masquerade table limits and timeouts in seconds, each optional --

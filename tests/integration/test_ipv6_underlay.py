@@ -11,7 +11,12 @@ test_dual_stack.py.
 * native on the shared L2 with the next hop resolved over NDP, and hybrid (native on-link, tunnel
   across R);
 * a dual-stack underlay: node1 holds both families and reaches node2 over IPv6 and node3 over IPv4;
-* interop with the Linux VXLAN device over IPv6 (`local 2001:db8:3::2`), both directions.
+* interop with the Linux VXLAN device over IPv6 (`local 2001:db8:3::2`), both directions;
+* UDP-tunnel GSO over the IPv6 underlay (docs/architecture.md, "UDP-tunnel GSO"): a pod's TCP
+  super-packet leaves node1 as ONE VXLAN / Geneve frame in IPv6 written to the `podrgso<N>` TAP,
+  arrives whole at node2 (one TSO write to its TUN) or at the kernel vxlan device, and where R must
+  segment it the wire frames carry a correct outer UDP checksum; on a dual-stack underlay one TAP
+  carries both families.
 
 Masquerade is left out here: test_masquerade6.py covers it on the IPv6-only and dual-stack underlays.
 """
@@ -31,6 +36,7 @@ import pytest
 from helpers import DaemonHandle, Daemons, etcd_argv, ref_config, wait_for
 from test_interop import iperf as iperf_port
 from test_paths import iperf
+from test_tunnel_gso import SIZE, offload, transfer
 
 from nettopo import Host, ReferenceTopology, Topology, reference_topology
 
@@ -402,6 +408,144 @@ def test_interop_with_the_kernel_vxlan_device_over_ipv6(ref6: ReferenceTopology,
     packets, drops = counters(d1)
     assert packets.get("vxlan/egress", 0) > 0 and packets.get("vxlan/ingress", 0) > 0
     assert sum(drops.values()) == 0, drops
+    # pod1's TCP left node1 as whole super-packets (UDP-tunnel GSO over IPv6, outer UDP checksum
+    # offloaded), which the kernel device took whole
+    assert offload(d1)["tap_gso_writes"] > 0, offload(d1)
     stats = json.loads(n2.ip("-j -s link show vx6"))[0]["stats64"]
     assert stats["rx"]["packets"] > 0 and stats["tx"]["packets"] > 0
     assert stats["rx"]["dropped"] == 0 and stats["rx"]["errors"] == 0, stats
+
+
+# --------------------------------------------------------------------- UDP-tunnel GSO over IPv6
+
+
+@pytest.mark.parametrize("protocol", ["vxlan", "geneve"])
+def test_tunnel_gso_over_an_ipv6_underlay(ref6: ReferenceTopology, daemons: Daemons, protocol: str) -> None:
+    """node1 hands pod1's TCP super-packets (inner IPv4 and IPv6) to the kernel whole, in IPv6, through
+    its GSO TAP; veths and R keep them whole, node2 takes each as one TSO write; the data arrive
+    intact (SHA-256 of 24 MiB each way of the inner family)."""
+    ds = start(ref6, daemons, ("node1", "node2"), mode="tunnel", protocol=protocol)
+    o1 = offload(ds["node1"])
+    assert o1["tunnel_gso"] is True and o1["tunnel_gso_error"] is None, o1
+    pod1, pod2 = ref6.pods["pod1"].host, ref6.pods["pod2"].host
+    transfer(pod1, pod2, POD4["pod2"])
+    a, b = offload(ds["node1"]), offload(ds["node2"])
+    assert a["tap_gso_writes"] > 0, a
+    assert b["udp_rx_whole_gso"] > 0, b
+    transfer(pod1, pod2, POD6["pod2"])
+    a2, b2 = offload(ds["node1"]), offload(ds["node2"])
+    assert a2["tap_gso_writes"] > a["tap_gso_writes"], a2
+    assert b2["udp_rx_whole_gso"] > b["udp_rx_whole_gso"], b2
+    packets, drops = counters(ds["node2"])
+    assert packets.get(f"{protocol}/ingress", 0) >= 2 * SIZE // 1500, packets
+    assert drops.get("tx_error", 0) == 0 and counters(ds["node1"])[1].get("tx_error", 0) == 0
+
+
+def test_tunnel_gso_over_ipv6_where_the_kernel_must_segment(
+    ref6: ReferenceTopology, daemons: Daemons, tmp_path: Path
+) -> None:
+    """R's link to node2 without UDP-tunnel segmentation or checksum offload: R's kernel cuts node1's
+    whole frames into wire frames, which tshark decodes as IPv6 / UDP / VXLAN / TCP: outer addresses
+    node1 -> node2, hop limit 63 (64 as node1's sockets send, one hop through R), a flow label, the
+    outer UDP checksum present and correct (mandatory over IPv6; finished per segment from the seed
+    node1 wrote), the inner TCP checksum correct, each frame within the link MTU."""
+    r = ref6.router
+    r.run(["ethtool", "-K", "p-node2", "tx", "off", "tx-udp_tnl-segmentation", "off"])
+    r.run(["ethtool", "-K", "p-node2", "tx-udp_tnl-csum-segmentation", "off"])
+    ds = start(ref6, daemons, ("node1", "node2"), mode="tunnel", protocol="vxlan")
+    assert offload(ds["node1"])["tunnel_gso"] is True
+    cap = tmp_path / "wire6.pcap"
+    dump = r.popen(
+        ["tcpdump", "-i", "p-node2", "-w", str(cap), "-U", "ip6 src", N1, "and udp dst port 4789"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1)
+        transfer(ref6.pods["pod1"].host, ref6.pods["pod2"].host, POD4["pod2"])
+        time.sleep(0.5)
+    finally:
+        dump.terminate()
+        dump.wait(timeout=10)
+    assert offload(ds["node1"])["tap_gso_writes"] > 0
+    fields = ["frame.len", "ipv6.src", "ipv6.dst", "ipv6.hlim", "ipv6.flow", "udp.checksum"]
+    fields += ["udp.checksum.status", "tcp.checksum.status", "vxlan.vni", "ip.dst"]
+    cmd = ["tshark", "-n", "-r", str(cap), "-o", "udp.check_checksum:TRUE", "-o", "tcp.check_checksum:TRUE"]
+    cmd += ["-Y", "vxlan && tcp.len > 0", "-T", "fields", "-E", "occurrence=f"]
+    for f in fields:
+        cmd += ["-e", f]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [dict(zip(fields, line.split("\t"), strict=True)) for line in out.splitlines() if line]
+    assert len(rows) > SIZE // 1500 // 2, len(rows)
+    mtu = int(r.run(["cat", "/sys/class/net/p-node2/mtu"]))
+    assert max(int(row["frame.len"]) for row in rows) <= mtu + 14, "every frame on the wire fits the link"
+    for row in rows[:: max(1, len(rows) // 500)]:
+        assert (row["ipv6.src"], row["ipv6.dst"], row["ipv6.hlim"]) == (N1, N2, "63"), row
+        assert int(row["ipv6.flow"], 16) != 0, row
+        assert int(row["vxlan.vni"], 0) == 1 and row["ip.dst"] == POD4["pod2"], row
+    # 1 = good (0 bad, 2 unverified); the outer UDP checksum is never zero over IPv6
+    assert {row["udp.checksum.status"] for row in rows} == {"1"}, {row["udp.checksum.status"] for row in rows}
+    assert all(int(row["udp.checksum"], 16) != 0 for row in rows)
+    assert {row["tcp.checksum.status"] for row in rows} == {"1"}, {row["tcp.checksum.status"] for row in rows}
+
+
+def start_dual(ref: ReferenceTopology, daemons: Daemons) -> dict[str, DaemonHandle]:
+    """node1 (172.16.2.2 and 2001:db8:2::2) knowing node2 by its IPv6 address and node3 by its IPv4
+    one; node2 runs with an IPv6 node address, node3 with an IPv4 one (all in tunnel mode)."""
+
+    def cfg(node: str, address: str, peers: dict[str, str]) -> dict[str, Any]:
+        c = ref_config(ref, node, daemons.sockdir, dual_stack=True, mode="tunnel", peers=list(peers))
+        c["node"]["address"] = address
+        for p in c["peers"]:
+            p["address"] = peers[p["name"]]
+        return c
+
+    c1 = cfg("node1", "172.16.2.2", {"node2": N2, "node3": "172.16.2.3"})
+    c1["node"]["address6"] = N1
+    return {
+        "node1": daemons.start(ref.nodes["node1"], c1),
+        "node2": daemons.start(ref.nodes["node2"], cfg("node2", N2, {"node1": N1})),
+        "node3": daemons.start(ref.nodes["node3"], cfg("node3", "172.16.2.3", {"node1": "172.16.2.2"})),
+    }
+
+
+def test_dual_stack_underlay_one_gso_tap_carries_both_families(
+    refdual: ReferenceTopology, daemons: Daemons
+) -> None:
+    """node1 reaches node2 over IPv6 and node3 over IPv4: its one GSO TAP takes both kinds of frames,
+    and each receiver gets whole super-packets."""
+    ref = refdual
+    ds = start_dual(ref, daemons)
+    d1, d2, d3 = ds["node1"], ds["node2"], ds["node3"]
+    o1 = offload(d1)
+    assert o1["tunnel_gso"] is True and o1["tunnel_gso_error"] is None, o1
+    pod1 = ref.pods["pod1"].host
+    transfer(pod1, ref.pods["pod2"].host, POD4["pod2"])  # over IPv6
+    after_v6 = offload(d1)["tap_gso_writes"]
+    assert after_v6 > 0 and offload(d2)["udp_rx_whole_gso"] > 0
+    transfer(pod1, ref.pods["pod3"].host, POD4["pod3"])  # over IPv4
+    assert offload(d1)["tap_gso_writes"] > after_v6
+    assert offload(d3)["udp_rx_whole_gso"] > 0
+
+
+def test_dual_stack_rp_filter_leaves_only_ipv4_to_the_datapath(
+    refdual: ReferenceTopology, daemons: Daemons
+) -> None:
+    """`net.ipv4.conf.all.rp_filter` != 0 on node1 would drop the TAP's IPv4 frames (their source is
+    the node's own address); IPv6 has no such filter: the TAP carries IPv6 frames only, the offload
+    status says why IPv4 is left out, and IPv4 peers get datagrams segmented by the datapath."""
+    ref = refdual
+    ref.nodes["node1"].run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=2"])
+    ds = start_dual(ref, daemons)
+    o1 = offload(ds["node1"])
+    assert o1["tunnel_gso"] is True, o1
+    why = o1["tunnel_gso_error"] or ""
+    assert why.startswith("IPv4 underlay") and "rp_filter" in why, o1
+    pod1 = ref.pods["pod1"].host
+    transfer(pod1, ref.pods["pod3"].host, POD4["pod3"])  # over IPv4: userspace segmentation
+    a = offload(ds["node1"])
+    assert a["tap_gso_writes"] == 0 and a["udp_tx_gso_messages"] > 0, a
+    assert offload(ds["node3"])["udp_rx_whole_gso"] == 0
+    transfer(pod1, ref.pods["pod2"].host, POD4["pod2"])  # over IPv6: the TAP
+    assert offload(ds["node1"])["tap_gso_writes"] > 0
+    assert offload(ds["node2"])["udp_rx_whole_gso"] > 0

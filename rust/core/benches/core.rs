@@ -332,6 +332,7 @@ fn bench_egress(c: &mut Criterion) {
         tunnel_v4: true,
         tunnel_v6: true,
         tunnel_gso: false,
+        tunnel_gso6: false,
     };
     let mut g = c.benchmark_group("egress");
     configure(&mut g);

@@ -159,6 +159,7 @@ const ONE_LINK: egress::Link = egress::Link {
     tunnel_v4: true,
     tunnel_v6: true,
     tunnel_gso: false,
+    tunnel_gso6: false,
 };
 
 /// The one output of a plain packet, as an [`EgressAction`].

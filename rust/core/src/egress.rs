@@ -73,8 +73,11 @@ pub struct Link {
     pub tunnel_v4: bool,
     pub tunnel_v6: bool,
     /// The I/O layer can hand an encapsulated TCP super-packet to the kernel whole (UDP-tunnel
-    /// GSO, [`crate::offload::tnl`]; IPv4 remotes only): such a unit carries [`TunnelUnit::gso`].
+    /// GSO, [`crate::offload::tnl`]) for IPv4 remotes: such a unit carries [`TunnelUnit::gso`].
     pub tunnel_gso: bool,
+    /// The same for IPv6 remotes (an IPv6 or dual-stack underlay); only super-packets of at
+    /// least two segments (`tnl::build_prefix6`).
+    pub tunnel_gso6: bool,
 }
 
 /// What an underlay frame starts with.
@@ -387,22 +390,29 @@ fn tunnel<S: Sink>(
         bytes,
     };
     let ovh = params.payload_overhead();
-    if link.tunnel_gso
-        && !v6
+    let (gso_ok, max_payload) = if v6 {
+        (link.tunnel_gso6, crate::offload::tnl::MAX_PAYLOAD6)
+    } else {
+        (link.tunnel_gso, crate::offload::tnl::MAX_PAYLOAD)
+    };
+    if gso_ok
         && p.hdr.needs_csum()
         && matches!(
             p.hdr.gso_kind(),
             vnet::gso_type::TCPV4 | vnet::gso_type::TCPV6
         )
-        && p.len + ovh <= crate::offload::tnl::MAX_PAYLOAD
+        && p.len + ovh <= max_payload
     {
-        let range = encap::encap_payload_parsed(p.buf, p.start, p.len, inner_v6, params)
-            .map_err(|_| DropReason::Unsupported)?;
         let (pkts, _) = vnet::wire_size(&p.buf[p.start..end], &p.hdr);
-        let mut u = unit(Buffer::Packet, range, 0, pkts as u64, p.len as u64);
-        u.gso = Some(p.hdr);
-        out.tunnel(u);
-        return Ok(());
+        // over IPv6 one segment is not GSO for the kernel: its outer checksum seed would stay
+        if !v6 || pkts > 1 {
+            let range = encap::encap_payload_parsed(p.buf, p.start, p.len, inner_v6, params)
+                .map_err(|_| DropReason::Unsupported)?;
+            let mut u = unit(Buffer::Packet, range, 0, pkts as u64, p.len as u64);
+            u.gso = Some(p.hdr);
+            out.tunnel(u);
+            return Ok(());
+        }
     }
     if !p.hdr.is_gso() {
         finish_csum(&mut p.buf[p.start..end], &p.hdr)?;
@@ -734,6 +744,7 @@ mod tests {
             tunnel_v4: true,
             tunnel_v6: false,
             tunnel_gso: false,
+            tunnel_gso6: false,
         }
     }
 
@@ -814,6 +825,55 @@ mod tests {
         };
         egress(&tables(), &l, &mut nat(), &mut out2, p, 0).unwrap();
         assert_eq!(out2.units[0].gso, None);
+    }
+
+    /// node1 on an IPv6 underlay (2001:db8:2::2) with node2's pods behind a VXLAN tunnel to
+    /// 2001:db8:3::2.
+    fn tables6() -> Tables {
+        let n2 = crate::reference::peer(
+            "node2",
+            "2001:db8:3::2".parse().unwrap(),
+            "10.244.2.0/24",
+            false,
+        );
+        let mut spec = crate::reference::node1(crate::spec::RoutingMode::Tunnel, vec![n2]);
+        spec.gateway = None;
+        let settings = crate::spec::EngineSettings::new("2001:db8:2::2".parse().unwrap());
+        Tables::build(&spec, &settings).expect("the IPv6 underlay spec compiles")
+    }
+
+    #[test]
+    fn tso_to_an_ipv6_remote_is_whole_only_with_tunnel_gso6_and_two_segments() {
+        let t = tables6();
+        let mut l = link(None);
+        l.tunnel_v6 = true;
+        let go = |l: &Link, payload: usize| {
+            let (mut b, len, hdr) = tso_to([10, 244, 2, 9], payload, 1000);
+            let (mut seg, mut segs) = (Vec::new(), Vec::new());
+            let mut out = Out::default();
+            let p = Packet {
+                buf: &mut b,
+                start: HEADROOM,
+                len,
+                hdr,
+                seg: &mut seg,
+                segs: &mut segs,
+            };
+            egress(&t, l, &mut nat(), &mut out, p, 0).unwrap();
+            assert_eq!(out.units.len(), 1);
+            let u = out.units[0].clone();
+            assert!(u.remote.is_ipv6() && u.flow_label != 0, "{u:?}");
+            (u, hdr)
+        };
+        // the IPv4 bit alone does not send IPv6 remotes whole
+        l.tunnel_gso = true;
+        assert_eq!(go(&l, 10_000).0.gso, None);
+        l.tunnel_gso6 = true;
+        let (u, hdr) = go(&l, 10_000);
+        assert_eq!((u.gso, u.pkts, u.segment), (Some(hdr), 10, 0));
+        // one segment: the kernel would not segment it, so nothing would finish the outer
+        // UDP checksum seed; it takes the socket path
+        assert_eq!(go(&l, 1000).0.gso, None);
     }
 
     #[test]

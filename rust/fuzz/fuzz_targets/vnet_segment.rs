@@ -5,14 +5,17 @@
 //! payload; a completed checksum equals the reference computation.
 //!
 //! Input: 10 bytes of vnet header, one mode byte, the packet. Mode bit 0 sets the IP length field
-//! to the buffer's length (so the fuzzer need not find it), bits 1-2 pick the headroom.
+//! to the buffer's length (so the fuzzer need not find it), bits 1-2 pick the headroom, bits 3-4
+//! where the inner packet starts when the bytes are taken as a tunnel datagram's payload for
+//! `offload::tnl::build_prefix` / `build_prefix6` (UDP-tunnel GSO over either underlay family).
 #![no_main]
 
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use podrouter_core::wire::checksum;
+use podrouter_core::offload::tnl;
 use podrouter_core::offload::vnet::{self, VnetHdr, VNET_HDR_LEN};
+use podrouter_core::wire::checksum;
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < VNET_HDR_LEN + 1 {
@@ -35,6 +38,45 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let headroom = [0usize, 1, 14, 64][usize::from(mode >> 1) & 3];
+
+    // UDP-tunnel GSO (offload::tnl): `pkt` read as a tunnel datagram's payload with the inner
+    // packet at `inner_off`; a prefix either family builds is one the kernel accepts, and over
+    // IPv6 the outer UDP checksum field is the pseudo-header sum (never zero).
+    let inner_off = [0usize, 8, 22, 30][usize::from(mode >> 3) & 3];
+    let mut pre4 = [0u8; tnl::PREFIX_LEN];
+    let outer = tnl::Outer {
+        dst_mac: [2, 0, 0, 0, 0, 1],
+        src_mac: [2, 0, 0, 0, 0, 2],
+        src: [192, 0, 2, 1],
+        dst: [192, 0, 2, 2],
+        src_port: 50000,
+        dst_port: 4789,
+        tos: mode,
+        ttl: 65,
+        id: 0,
+    };
+    if tnl::build_prefix(&mut pre4, &outer, &pkt, inner_off, &hdr).is_ok() {
+        let t = tnl::TnlHdr::parse(&pre4).unwrap();
+        assert!(t.kernel_accepts(tnl::OUTER_LEN + pkt.len()));
+    }
+    let mut pre6 = [0u8; tnl::PREFIX6_LEN];
+    let outer6 = tnl::Outer6 {
+        dst_mac: [2, 0, 0, 0, 0, 1],
+        src_mac: [2, 0, 0, 0, 0, 2],
+        src: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        dst: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        src_port: 50000,
+        dst_port: 4789,
+        tclass: mode,
+        flow_label: u32::from(mode) << 12,
+        hop_limit: 65,
+    };
+    if tnl::build_prefix6(&mut pre6, &outer6, &pkt, inner_off, &hdr).is_ok() {
+        let t = tnl::TnlHdr::parse(&pre6).unwrap();
+        assert!(t.kernel_accepts(tnl::OUTER6_LEN + pkt.len()));
+        let at = tnl::TNL_HDR_LEN + tnl::OUTER6_TH + 6;
+        assert_ne!([pre6[at], pre6[at + 1]], [0, 0]);
+    }
 
     let (n, bytes) = vnet::wire_size(&pkt, &hdr);
     assert!(n >= 1 && bytes >= pkt.len().min(bytes));

@@ -103,9 +103,9 @@ pub struct EngineConfig {
     /// TUN and AF_PACKET checksum/segmentation offload.
     pub offload: bool,
     /// UDP-tunnel GSO (`datapath.tunnel_gso`): hand encapsulated TCP super-packets to the
-    /// kernel whole through a TAP (`crate::tap`) where the kernel, the underlay family and
-    /// `rp_filter` allow; otherwise (and with `false`) segment them here. Receiving whole
-    /// datagrams is always on, whatever this says.
+    /// kernel whole through a TAP (`crate::tap`, both underlay families) where the kernel and
+    /// the node's settings (`rp_filter` for IPv4, IPv6 forwarding) allow; otherwise (and with
+    /// `false`) segment them here. Receiving whole datagrams is always on, whatever this says.
     pub tunnel_gso: bool,
     /// Number of send sockets (distinct outer UDP source ports).
     pub tx_sockets: usize,
@@ -241,7 +241,8 @@ pub struct OffloadInfo {
     pub packet_vnet_hdr: bool,
     /// Tunnel super-packets go to the kernel whole (the UDP-tunnel GSO TAP is open).
     pub tunnel_gso: bool,
-    /// Why the TAP could not be used, when `tunnel_gso` was asked for and is off.
+    /// Why the TAP could not be used, when `tunnel_gso` was asked for and is off; or, on a
+    /// dual-stack underlay, why one family does not use it ("IPv4 underlay: ...").
     pub tunnel_gso_error: Option<String>,
 }
 
@@ -491,13 +492,21 @@ impl Engine {
                 events: Arc::clone(&self.events),
                 tun_mtu,
                 tap: self.gso_tap.as_ref().and_then(|t| {
-                    let IpAddr::V4(src) = cfg.underlay_address else {
-                        return None;
-                    };
+                    let fam = t.families();
+                    let addrs = cfg.underlay_addresses();
+                    let src = addrs.iter().find_map(|a| match a {
+                        IpAddr::V4(a) if fam.v4 => Some(a.octets()),
+                        _ => None,
+                    });
+                    let src6 = addrs.iter().find_map(|a| match a {
+                        IpAddr::V6(a) if fam.v6 => Some(a.octets()),
+                        _ => None,
+                    });
                     Some(TapOut {
                         queue: Arc::clone(t.queues().get(i)?),
                         mac: t.mac(),
-                        src: src.octets(),
+                        src,
+                        src6,
                         id: std::cell::Cell::new(i as u16 * 0x4000),
                     })
                 }),
@@ -551,21 +560,26 @@ impl Engine {
         Ok(())
     }
 
-    /// Opens the UDP-tunnel GSO TAP once, when asked for and possible (IPv4 underlay, offload
-    /// on, a kernel that accepts `TUN_F_UDP_TUNNEL_GSO`, `rp_filter` off); otherwise records why
-    /// not and the workers segment super-packets themselves.
+    /// Opens the UDP-tunnel GSO TAP once, when asked for and possible (offload on, a kernel
+    /// that accepts `TUN_F_UDP_TUNNEL_GSO`; per underlay family: `rp_filter` off for IPv4, IPv6
+    /// forwarding on the TAP); otherwise records why not and the workers segment super-packets
+    /// themselves (for a family the TAP does not carry, too).
     fn open_gso_tap(&mut self) {
         let cfg = &self.cfg;
         if self.gso_tap.is_none() && cfg.tunnel_gso {
+            let addrs = cfg.underlay_addresses();
+            let want = crate::tap::Families {
+                v4: addrs.iter().any(IpAddr::is_ipv4),
+                v6: addrs.iter().any(IpAddr::is_ipv6),
+            };
             let why = if !cfg.offload {
                 Some("offload is off".to_string())
-            } else if !cfg.underlay_address.is_ipv4() {
-                Some("IPv6 underlay".to_string())
             } else {
-                match GsoTap::open(None, cfg.workers) {
+                match GsoTap::open(None, cfg.workers, want) {
                     Ok(t) => {
+                        let why = t.refused().map(str::to_string);
                         self.gso_tap = Some(t);
-                        None
+                        why
                     }
                     Err(e) => Some(e.to_string()),
                 }
@@ -1053,8 +1067,10 @@ struct UdpOut {
 struct TapOut {
     queue: Arc<TapQueue>,
     mac: [u8; 6],
-    /// The IPv4 underlay address: the outer source.
-    src: [u8; 4],
+    /// The IPv4 underlay address, the outer source, when the TAP carries IPv4 frames.
+    src: Option<[u8; 4]>,
+    /// The IPv6 underlay address, when the TAP carries IPv6 frames.
+    src6: Option<[u8; 16]>,
     /// Outer IPv4 identification of the next super-packet (the kernel counts per segment).
     id: std::cell::Cell<u16>,
 }
@@ -1448,7 +1464,8 @@ impl Worker {
             }),
             tunnel_v4: !self.tx.for_dst(false).is_empty(),
             tunnel_v6: !self.tx.for_dst(true).is_empty(),
-            tunnel_gso: self.tap.is_some(),
+            tunnel_gso: self.tap.as_ref().is_some_and(|t| t.src.is_some()),
+            tunnel_gso6: self.tap.as_ref().is_some_and(|t| t.src6.is_some()),
         }
     }
 
@@ -1479,32 +1496,58 @@ impl Worker {
                 let Some((h, inner_off)) = o.gso else {
                     return true;
                 };
-                let (SocketAddr::V4(dst), Some(sock)) = (o.dst, self.tx.for_dst(false).get(o.sock))
-                else {
+                let v6 = o.dst.is_ipv6();
+                let Some(sock) = self.tx.for_dst(v6).get(o.sock) else {
                     c.drop_packets(DropReason::NoRoute.index(), o.pkts);
                     return false;
                 };
-                let id = tap.id.get();
-                tap.id.set(id.wrapping_add(o.pkts as u16));
-                let outer = tnl::Outer {
-                    dst_mac: tap.mac,
-                    src_mac: self.mac,
-                    src: tap.src,
-                    dst: dst.ip().octets(),
-                    src_port: sock.local_addr().port(),
-                    dst_port: dst.port(),
-                    tos: o.tos,
-                    // forwarded once (TAP in, underlay out): the wire sees the sockets' TTL
-                    ttl: encap::OUTER_TTL + 1,
-                    id,
-                };
                 let data = &bytes_of(o.buf)[o.range.clone()];
-                let mut prefix = [0u8; tnl::PREFIX_LEN];
-                if tnl::build_prefix(&mut prefix, &outer, data, inner_off, &h).is_err() {
+                let (mut pre4, mut pre6) = ([0u8; tnl::PREFIX_LEN], [0u8; tnl::PREFIX6_LEN]);
+                let built: Option<&[u8]> = match (o.dst, tap.src, tap.src6) {
+                    (SocketAddr::V4(dst), Some(src), _) => {
+                        let id = tap.id.get();
+                        tap.id.set(id.wrapping_add(o.pkts as u16));
+                        let outer = tnl::Outer {
+                            dst_mac: tap.mac,
+                            src_mac: self.mac,
+                            src,
+                            dst: dst.ip().octets(),
+                            src_port: sock.local_addr().port(),
+                            dst_port: dst.port(),
+                            tos: o.tos,
+                            // forwarded once (TAP in, underlay out): the wire sees the sockets' TTL
+                            ttl: encap::OUTER_TTL + 1,
+                            id,
+                        };
+                        tnl::build_prefix(&mut pre4, &outer, data, inner_off, &h)
+                            .ok()
+                            .map(|()| &pre4[..])
+                    }
+                    (SocketAddr::V6(dst), _, Some(src)) => {
+                        let outer = tnl::Outer6 {
+                            dst_mac: tap.mac,
+                            src_mac: self.mac,
+                            src,
+                            dst: dst.ip().octets(),
+                            src_port: sock.local_addr().port(),
+                            dst_port: dst.port(),
+                            tclass: o.tos,
+                            flow_label: o.flow_label,
+                            // forwarded once: the wire sees the sockets' hop limit
+                            hop_limit: encap::OUTER_TTL + 1,
+                        };
+                        tnl::build_prefix6(&mut pre6, &outer, data, inner_off, &h)
+                            .ok()
+                            .map(|()| &pre6[..])
+                    }
+                    // the core gives a family the TAP does not carry no whole unit
+                    _ => None,
+                };
+                let Some(prefix) = built else {
                     c.drop_packets(DropReason::Malformed.index(), o.pkts);
                     return false;
-                }
-                match tap.queue.write(&prefix, data) {
+                };
+                match tap.queue.write(prefix, data) {
                     Ok(_) => {
                         c.stat(Stat::TapGsoWrites, 1);
                         c.count(o.path, Dir::Egress, o.pkts, o.bytes);
@@ -1649,7 +1692,10 @@ impl Worker {
             // datagram (`seg` is its length) and writes it to the TUN as one TSO packet.
             let whole = if meta.segment == 0 && meta.len > self.tun_mtu {
                 tnl::whole_inner(buf, tunnel_proto).and_then(|off| {
-                    let mtu = self.tun_mtu.saturating_sub(off + 28);
+                    // the path MTU of this tunnel: the TUN's less the outer IP and UDP headers
+                    // (of the family the datagram came over) and the tunnel's own
+                    let outer = if meta.src.is_ipv6() { 40 + 8 } else { 20 + 8 };
+                    let mtu = self.tun_mtu.saturating_sub(off + outer);
                     tnl::rx_hdr(&buf[off..], u16::try_from(mtu).unwrap_or(0))
                 })
             } else {

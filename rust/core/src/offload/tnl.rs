@@ -2,21 +2,21 @@
 //!
 //! Instead of segmenting a TSO super-packet read from the TUN and sending one VXLAN / Geneve
 //! datagram per segment, the I/O layer writes ONE frame to a TAP opened with `IFF_VNET_HDR`,
-//! `TUNSETOFFLOAD(... | TUN_F_UDP_TUNNEL_GSO)` and a 24-byte vnet header
-//! (`struct virtio_net_hdr_v1_hash_tunnel`):
+//! `TUNSETOFFLOAD(... | TUN_F_UDP_TUNNEL_GSO | TUN_F_UDP_TUNNEL_GSO_CSUM)` and a 24-byte vnet
+//! header (`struct virtio_net_hdr_v1_hash_tunnel`):
 //!
 //! ```text
-//! [vnet header, 24][outer Ethernet, 14][outer IPv4, 20][outer UDP, 8][tunnel header][inner packet]
+//! [vnet header, 24][outer Ethernet, 14][outer IPv4, 20 | IPv6, 40][outer UDP, 8][tunnel header][inner packet]
 //! ```
 //!
 //! The kernel forwards it to the underlay and segments it only where a device cannot carry it
-//! whole (a veth keeps it whole up to the peer's socket). [`build_prefix`] writes everything in
-//! front of the UDP payload; [`whole_inner`] and [`rx_hdr`] are the receiving side: a datagram
-//! the kernel delivered whole (one GSO skb of type `SKB_GSO_UDP_TUNNEL`: the socket gets it as ONE
-//! datagram and, unlike a GRO train, without a `UDP_GRO` cmsg, since Linux reports that only for
-//! `SKB_GSO_UDP_L4`) whose inner packet is a TCP super-packet with its checksum still partial,
-//! turned into one TSO write to the TUN. The segment size is not on the wire: the receiver
-//! derives it from its MTU ([`rx_hdr`]).
+//! whole (a veth keeps it whole up to the peer's socket). [`build_prefix`] (IPv4 underlay) and
+//! [`build_prefix6`] (IPv6 underlay) write everything in front of the UDP payload; [`whole_inner`]
+//! and [`rx_hdr`] are the receiving side: a datagram the kernel delivered whole (one GSO skb of
+//! type `SKB_GSO_UDP_TUNNEL[_CSUM]`: the socket gets it as ONE datagram and, unlike a GRO train,
+//! without a `UDP_GRO` cmsg, since Linux reports that only for `SKB_GSO_UDP_L4`) whose inner
+//! packet is a TCP super-packet with its checksum still partial, turned into one TSO write to the
+//! TUN. The segment size is not on the wire: the receiver derives it from its MTU ([`rx_hdr`]).
 //!
 //! Layout of the 24-byte header (all fields little-endian: with the tunnel bits the kernel parses
 //! the basic header as virtio 1.0, `__virtio_net_hdr_to_skb(.., little_endian = true, ..)`):
@@ -24,11 +24,26 @@
 //! `num_buffers` (2), `hash_value` (4), `hash_report` (2), padding (2), `outer_th_offset` (2),
 //! `inner_nh_offset` (2). `csum_start` is the inner transport header; the offsets count from the
 //! start of the frame (outer Ethernet). The kernel refuses (`EINVAL`) a tunnel header without
-//! `NEEDS_CSUM`, with both tunnel bits or none, with UFO inside, or with offsets that leave less
-//! than an IP header between them (`virtio_net_hdr_tnl_to_skb`).
+//! `NEEDS_CSUM`, with both tunnel bits or none, with UFO inside, with offsets that leave less
+//! than an outer (20 or 40 bytes) or inner IP header between them, or with
+//! `F_UDP_TUNNEL_CSUM` on a TAP that did not negotiate `TUN_F_UDP_TUNNEL_GSO_CSUM`
+//! (`virtio_net_hdr_tnl_to_skb`).
+//!
+//! The outer UDP checksum. Over IPv4 it is zero (RFC 7348 / RFC 8926 allow it; the kernel VXLAN
+//! device's default) and the skb is `SKB_GSO_UDP_TUNNEL`: segments get a zero checksum too. Over
+//! IPv6 a zero UDP checksum is only for sockets that opted in (RFC 6935/6936: Linux drops it on a
+//! socket without `UDP_NO_CHECK6_RX`, which neither podrouter's tunnel sockets nor a default
+//! kernel vxlan device set; the kernel's own vxlan6 sends checksums). So the IPv6 frame carries
+//! `F_UDP_TUNNEL_CSUM` (`SKB_GSO_UDP_TUNNEL_CSUM`) and the outer UDP checksum field holds the
+//! pseudo-header sum of the whole datagram, not complemented (what `udp6_set_csum` leaves in a
+//! GSO skb): `__skb_udp_tunnel_segment` takes the length out of it, puts each segment's back and
+//! finishes every segment's checksum (or leaves that to a device that offloads it); a socket that
+//! gets the skb whole sees a `CHECKSUM_PARTIAL` skb and does not verify it. A frame that the
+//! kernel would not treat as GSO (one segment) would leave that seed unfinished, so
+//! [`build_prefix6`] refuses it (`Unsupported`: the caller sends it through the socket).
 //!
 //! No I/O and no `unsafe`; every function is total on untrusted bytes (fuzzed by rust/fuzz's
-//! `vnet_segment` target).
+//! `vnet_segment` and `egress_path` targets).
 
 use super::csum;
 use super::vnet::{flags, gso_type, OffloadError, VnetHdr, MAX_SEGMENTS};
@@ -42,14 +57,24 @@ pub const OUTER_LEN: usize = 14 + 20 + 8;
 pub const PREFIX_LEN: usize = TNL_HDR_LEN + OUTER_LEN;
 /// Offset of the outer UDP header in the frame (`outer_th_offset`).
 pub const OUTER_TH: usize = 14 + 20;
+/// Outer Ethernet + IPv6 + UDP.
+pub const OUTER6_LEN: usize = 14 + 40 + 8;
+/// Everything [`build_prefix6`] writes in front of the UDP payload.
+pub const PREFIX6_LEN: usize = TNL_HDR_LEN + OUTER6_LEN;
+/// Offset of the outer UDP header in an IPv6 frame.
+pub const OUTER6_TH: usize = 14 + 40;
 /// `VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4` / `_IPV6` (gso_type bits).
 pub const GSO_UDP_TUNNEL_IPV4: u8 = 0x20;
 pub const GSO_UDP_TUNNEL_IPV6: u8 = 0x40;
+/// `VIRTIO_NET_HDR_F_UDP_TUNNEL_CSUM` (flags bit): the outer UDP checksum is to be finished per
+/// segment (`SKB_GSO_UDP_TUNNEL_CSUM`; the TAP needs `TUN_F_UDP_TUNNEL_GSO_CSUM`).
+pub const F_UDP_TUNNEL_CSUM: u8 = 8;
 /// Largest UDP payload one IPv4 datagram carries.
 pub const MAX_PAYLOAD: usize = 65535 - 20 - 8;
+/// Largest UDP payload one IPv6 datagram carries without a jumbogram (payload length 65535).
+pub const MAX_PAYLOAD6: usize = 65535 - 8;
 
-/// The outer headers of one tunnel super-packet (IPv4 underlay only: an IPv6 underlay keeps the
-/// userspace segmentation path).
+/// The outer headers of one tunnel super-packet over an IPv4 underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outer {
     /// The TAP's own MAC (a frame to another MAC would be `PACKET_OTHERHOST` and dropped).
@@ -64,6 +89,25 @@ pub struct Outer {
     pub ttl: u8,
     /// IPv4 identification of the first segment (the kernel increments it per segment).
     pub id: u16,
+}
+
+/// The outer headers of one tunnel super-packet over an IPv6 underlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outer6 {
+    /// The TAP's own MAC.
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// Traffic class: the byte the IPv4 path puts in TOS (DSCP | ECN).
+    pub tclass: u8,
+    /// Flow label (RFC 6438; the low 20 bits are used), as the socket path sets it; the kernel
+    /// copies the outer IPv6 header, label included, into every segment.
+    pub flow_label: u32,
+    /// The kernel forwards the frame and decrements this once.
+    pub hop_limit: u8,
 }
 
 /// The 24-byte header as the kernel reads it (for tests and the fuzz target).
@@ -105,23 +149,29 @@ impl TnlHdr {
         b[22..24].copy_from_slice(&self.inner_nh.to_le_bytes());
     }
 
-    /// The checks `virtio_net_hdr_tnl_to_skb` makes (IPv4 outer, TCP inner), so a header we
-    /// would write is one the kernel accepts.
+    /// The checks `virtio_net_hdr_tnl_to_skb` makes (IPv4 or IPv6 outer, TCP inner) on a TAP
+    /// with both `TUN_F_UDP_TUNNEL_GSO` and `TUN_F_UDP_TUNNEL_GSO_CSUM`, so a header we would
+    /// write is one the kernel accepts.
     pub fn kernel_accepts(&self, frame_len: usize) -> bool {
         let h = &self.base;
         let tunnel = h.gso_type & (GSO_UDP_TUNNEL_IPV4 | GSO_UDP_TUNNEL_IPV6);
         let inner = h.gso_type & !(gso_type::ECN | GSO_UDP_TUNNEL_IPV4 | GSO_UDP_TUNNEL_IPV6);
         let inner_l3 = if inner == gso_type::TCPV6 { 40 } else { 20 };
+        let outer_l3 = match tunnel {
+            GSO_UDP_TUNNEL_IPV4 => 20,
+            GSO_UDP_TUNNEL_IPV6 => 40,
+            _ => return false, // none, or both
+        };
         let (th, nh, cs) = (
             usize::from(self.outer_th),
             usize::from(self.inner_nh),
             usize::from(h.csum_start),
         );
-        tunnel == GSO_UDP_TUNNEL_IPV4
-            && (inner == gso_type::TCPV4 || inner == gso_type::TCPV6)
+        (inner == gso_type::TCPV4 || inner == gso_type::TCPV6)
             && h.flags & flags::NEEDS_CSUM != 0
             && h.flags & flags::DATA_VALID == 0
-            && th >= 14 + 20
+            && h.flags & !(flags::NEEDS_CSUM | F_UDP_TUNNEL_CSUM) == 0
+            && th >= 14 + outer_l3
             && nh >= th + 8
             && cs >= nh + inner_l3
             && cs + usize::from(h.csum_offset) + 2 <= frame_len
@@ -130,23 +180,18 @@ impl TnlHdr {
     }
 }
 
-/// Writes the vnet header and the outer Ethernet / IPv4 / UDP headers for the UDP payload
-/// `payload` (`[tunnel header][inner packet]`, the inner IP packet at `inner_off`), whose inner
-/// packet is the TCP super-packet the TUN read described with `inner` (its `csum_start` counts
-/// from the inner IP header). The inner bytes are not changed: the partial TCP checksum the
-/// sender's kernel left stays for the kernel to finish per segment.
-///
-/// `Unsupported`: not a TCP super-packet with a partial checksum (the caller segments it itself);
-/// `Malformed`: offsets or lengths that do not add up, or a payload too long for one datagram.
-pub fn build_prefix(
-    prefix: &mut [u8; PREFIX_LEN],
-    outer: &Outer,
+/// The vnet header of a frame whose outer headers (Ethernet, IP, UDP) are `outer_len` bytes and
+/// end at UDP offset `outer_th`, after checking the TUN read's header `inner` against the UDP
+/// payload; and the number of segments the kernel will cut. Shared by both families.
+fn tnl_hdr(
     payload: &[u8],
     inner_off: usize,
     inner: &VnetHdr,
-) -> Result<(), OffloadError> {
-    let kind = inner.gso_kind();
-    let v6 = match kind {
+    outer_len: usize,
+    outer_th: usize,
+    max_payload: usize,
+) -> Result<(TnlHdr, usize), OffloadError> {
+    let v6 = match inner.gso_kind() {
         gso_type::TCPV4 => false,
         gso_type::TCPV6 => true,
         _ => return Err(OffloadError::Unsupported),
@@ -154,7 +199,7 @@ pub fn build_prefix(
     if !inner.needs_csum() || inner.csum_offset != 16 || inner.gso_size == 0 {
         return Err(OffloadError::Unsupported);
     }
-    if payload.len() > MAX_PAYLOAD {
+    if payload.len() > max_payload {
         return Err(OffloadError::Malformed);
     }
     let pkt = payload.get(inner_off..).ok_or(OffloadError::Malformed)?;
@@ -178,19 +223,39 @@ pub fn build_prefix(
     if segments > MAX_SEGMENTS {
         return Err(OffloadError::Malformed);
     }
-    let frame_off = OUTER_LEN + inner_off; // inner IP header, from the frame start
+    let frame_off = outer_len + inner_off; // inner IP header, from the frame start
     let hdr = TnlHdr {
         base: VnetHdr {
             flags: flags::NEEDS_CSUM,
-            gso_type: inner.gso_type | GSO_UDP_TUNNEL_IPV4,
+            gso_type: inner.gso_type,
             hdr_len: (frame_off + th + doff) as u16,
             gso_size: inner.gso_size,
             csum_start: (frame_off + th) as u16,
             csum_offset: 16,
         },
-        outer_th: OUTER_TH as u16,
+        outer_th: outer_th as u16,
         inner_nh: frame_off as u16,
     };
+    Ok((hdr, segments))
+}
+
+/// Writes the vnet header and the outer Ethernet / IPv4 / UDP headers for the UDP payload
+/// `payload` (`[tunnel header][inner packet]`, the inner IP packet at `inner_off`), whose inner
+/// packet is the TCP super-packet the TUN read described with `inner` (its `csum_start` counts
+/// from the inner IP header). The inner bytes are not changed: the partial TCP checksum the
+/// sender's kernel left stays for the kernel to finish per segment.
+///
+/// `Unsupported`: not a TCP super-packet with a partial checksum (the caller segments it itself);
+/// `Malformed`: offsets or lengths that do not add up, or a payload too long for one datagram.
+pub fn build_prefix(
+    prefix: &mut [u8; PREFIX_LEN],
+    outer: &Outer,
+    payload: &[u8],
+    inner_off: usize,
+    inner: &VnetHdr,
+) -> Result<(), OffloadError> {
+    let (mut hdr, _) = tnl_hdr(payload, inner_off, inner, OUTER_LEN, OUTER_TH, MAX_PAYLOAD)?;
+    hdr.base.gso_type |= GSO_UDP_TUNNEL_IPV4;
     let (vh, rest) = prefix.split_at_mut(TNL_HDR_LEN);
     hdr.emit(vh.try_into().map_err(|_| OffloadError::Malformed)?);
     // Ethernet
@@ -219,6 +284,53 @@ pub fn build_prefix(
     udp[2..4].copy_from_slice(&outer.dst_port.to_be_bytes());
     udp[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     udp[6..8].fill(0);
+    Ok(())
+}
+
+/// [`build_prefix`] for an IPv6 underlay: outer Ethernet / IPv6 / UDP, `GSO_UDP_TUNNEL_IPV6`
+/// with `F_UDP_TUNNEL_CSUM`, the outer UDP checksum field holding the pseudo-header sum of the
+/// whole datagram (see the module documentation). `Unsupported` also for a super-packet of one
+/// segment (the kernel would not segment it, so nothing would finish that checksum).
+pub fn build_prefix6(
+    prefix: &mut [u8; PREFIX6_LEN],
+    outer: &Outer6,
+    payload: &[u8],
+    inner_off: usize,
+    inner: &VnetHdr,
+) -> Result<(), OffloadError> {
+    let (mut hdr, segments) = tnl_hdr(
+        payload,
+        inner_off,
+        inner,
+        OUTER6_LEN,
+        OUTER6_TH,
+        MAX_PAYLOAD6,
+    )?;
+    if segments < 2 {
+        return Err(OffloadError::Unsupported);
+    }
+    hdr.base.gso_type |= GSO_UDP_TUNNEL_IPV6;
+    hdr.base.flags |= F_UDP_TUNNEL_CSUM;
+    let (vh, rest) = prefix.split_at_mut(TNL_HDR_LEN);
+    hdr.emit(vh.try_into().map_err(|_| OffloadError::Malformed)?);
+    rest[0..6].copy_from_slice(&outer.dst_mac);
+    rest[6..12].copy_from_slice(&outer.src_mac);
+    rest[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    let udp_len = (8 + payload.len()) as u16; // <= 65535 (MAX_PAYLOAD6)
+    let ip = &mut rest[14..54];
+    let first = (6u32 << 28) | (u32::from(outer.tclass) << 20) | (outer.flow_label & 0x000f_ffff);
+    ip[0..4].copy_from_slice(&first.to_be_bytes());
+    ip[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    ip[6] = 17;
+    ip[7] = outer.hop_limit;
+    ip[8..24].copy_from_slice(&outer.src);
+    ip[24..40].copy_from_slice(&outer.dst);
+    let udp = &mut rest[54..62];
+    udp[0..2].copy_from_slice(&outer.src_port.to_be_bytes());
+    udp[2..4].copy_from_slice(&outer.dst_port.to_be_bytes());
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    let seed = csum::pseudo_v6(&outer.src, &outer.dst, 17, u32::from(udp_len));
+    udp[6..8].copy_from_slice(&seed.to_be_bytes());
     Ok(())
 }
 
@@ -379,6 +491,23 @@ mod tests {
         }
     }
 
+    const SRC6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    const DST6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    fn outer6() -> Outer6 {
+        Outer6 {
+            dst_mac: [2, 0, 0, 0, 0, 1],
+            src_mac: [2, 0, 0, 0, 0, 2],
+            src: SRC6,
+            dst: DST6,
+            src_port: 50000,
+            dst_port: 4789,
+            tclass: 0xb9,
+            flow_label: 0xfff12345,
+            hop_limit: 65,
+        }
+    }
+
     fn vxlan_payload(inner: &[u8]) -> Vec<u8> {
         let mut p = vec![0u8; 22];
         p[0] = 0x08;
@@ -445,6 +574,81 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_header_layout_matches_the_kernel_struct() {
+        for v6_inner in [false, true] {
+            let (inner, h) = tso(v6_inner, 3000, 1400, false);
+            let payload = vxlan_payload(&inner);
+            let mut pre = [0u8; PREFIX6_LEN];
+            build_prefix6(&mut pre, &outer6(), &payload, 22, &h).unwrap();
+            // NEEDS_CSUM | UDP_TUNNEL_CSUM; TCPV4/6 | UDP_TUNNEL_IPV6
+            assert_eq!(pre[0], 1 | 8);
+            assert_eq!(pre[1], if v6_inner { 0x44 } else { 0x41 });
+            let l3 = if v6_inner { 40 } else { 20 };
+            // csum_start: 62 outer + 22 tunnel header + inner IP
+            assert_eq!(usize::from(u16::from_le_bytes([pre[6], pre[7]])), 84 + l3);
+            assert_eq!(u16::from_le_bytes([pre[8], pre[9]]), 16);
+            assert_eq!(u16::from_le_bytes([pre[4], pre[5]]), 1400);
+            assert_eq!(&pre[10..20], &[0; 10]);
+            assert_eq!(u16::from_le_bytes([pre[20], pre[21]]), 54);
+            assert_eq!(u16::from_le_bytes([pre[22], pre[23]]), 84);
+            let f = &pre[TNL_HDR_LEN..];
+            assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 1]);
+            assert_eq!(&f[12..14], &[0x86, 0xdd]);
+            let ip = &f[14..54];
+            // version 6, traffic class 0xb9, flow label's low 20 bits
+            assert_eq!(&ip[0..4], &[0x6b, 0x91, 0x23, 0x45]);
+            let udp_len = 8 + payload.len();
+            assert_eq!(usize::from(u16::from_be_bytes([ip[4], ip[5]])), udp_len);
+            assert_eq!((ip[6], ip[7]), (17, 65));
+            assert_eq!((&ip[8..24], &ip[24..40]), (&SRC6[..], &DST6[..]));
+            let udp = &f[54..62];
+            assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 50000);
+            assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 4789);
+            assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), udp_len);
+            let seed = u16::from_be_bytes([udp[6], udp[7]]);
+            assert_eq!(seed, csum::pseudo_v6(&SRC6, &DST6, 17, udp_len as u32));
+            assert_ne!(seed, 0, "a zero UDP checksum is refused over IPv6");
+            let t = TnlHdr::parse(&pre).unwrap();
+            assert!(t.kernel_accepts(OUTER6_LEN + payload.len()));
+        }
+    }
+
+    #[test]
+    fn ipv6_refuses_what_the_kernel_or_the_receiver_would() {
+        let (inner, h) = tso(false, 3000, 1400, false);
+        let payload = vxlan_payload(&inner);
+        let mut pre = [0u8; PREFIX6_LEN];
+        // one segment: not GSO for the kernel, so nobody would finish the outer checksum
+        let (one, h1) = tso(false, 1400, 1400, false);
+        assert_eq!(
+            build_prefix6(&mut pre, &outer6(), &vxlan_payload(&one), 22, &h1),
+            Err(OffloadError::Unsupported)
+        );
+        let udp = VnetHdr {
+            gso_type: gso_type::UDP_L4,
+            ..h
+        };
+        assert_eq!(
+            build_prefix6(&mut pre, &outer6(), &payload, 22, &udp),
+            Err(OffloadError::Unsupported)
+        );
+        let long = vec![0u8; MAX_PAYLOAD6 + 1];
+        assert!(build_prefix6(&mut pre, &outer6(), &long, 22, &h).is_err());
+        // an IPv6 offset layout read as IPv4 (too little room for a 40-byte outer header)
+        build_prefix6(&mut pre, &outer6(), &payload, 22, &h).unwrap();
+        let mut t = TnlHdr::parse(&pre).unwrap();
+        assert!(t.kernel_accepts(OUTER6_LEN + payload.len()));
+        t.outer_th = (14 + 20) as u16;
+        assert!(!t.kernel_accepts(OUTER6_LEN + payload.len()));
+        let mut both = TnlHdr::parse(&pre).unwrap();
+        both.base.gso_type |= GSO_UDP_TUNNEL_IPV4;
+        assert!(!both.kernel_accepts(OUTER6_LEN + payload.len()));
+        let mut valid = TnlHdr::parse(&pre).unwrap();
+        valid.base.flags |= flags::DATA_VALID;
+        assert!(!valid.kernel_accepts(OUTER6_LEN + payload.len()));
+    }
+
+    #[test]
     fn whole_inner_tells_a_super_packet_from_a_gro_train() {
         let (inner, _) = tso(false, 3000, 1400, false);
         let whole = vxlan_payload(&inner);
@@ -474,6 +678,19 @@ mod tests {
             let t = TnlHdr::parse(&pre).unwrap();
             prop_assert!(t.kernel_accepts(OUTER_LEN + p.len()));
             prop_assert_eq!(usize::from(t.inner_nh) - OUTER_LEN, 22);
+            let mut pre6 = [0u8; PREFIX6_LEN];
+            match build_prefix6(&mut pre6, &outer6(), &p, 22, &h) {
+                Ok(()) => {
+                    prop_assert!(payload > usize::from(mss));
+                    let t6 = TnlHdr::parse(&pre6).unwrap();
+                    prop_assert!(t6.kernel_accepts(OUTER6_LEN + p.len()));
+                    prop_assert_eq!(usize::from(t6.inner_nh) - OUTER6_LEN, 22);
+                    // the same inner description as over IPv4, shifted by the longer outer header
+                    prop_assert_eq!(t6.base.csum_start - t.base.csum_start, 20);
+                    prop_assert_eq!(t6.base.gso_size, t.base.gso_size);
+                }
+                Err(e) => prop_assert!(payload <= usize::from(mss) && e == OffloadError::Unsupported),
+            }
             let l3 = if v6 { 40 } else { 20 };
             let r = rx_hdr(&inner, mss + l3 + 20).unwrap();
             if payload > usize::from(mss) {
@@ -488,6 +705,48 @@ mod tests {
                 prop_assert_eq!(r.gso_type, gso_type::NONE);
                 prop_assert!(r.needs_csum());
             }
+        }
+
+        /// The outer UDP checksum seed of an IPv6 frame, put through the kernel's arithmetic
+        /// (`__skb_udp_tunnel_segment`: the whole length out, each segment's in, the sum over the
+        /// segment's UDP header and payload), gives every segment a checksum that verifies.
+        #[test]
+        fn ipv6_seed_becomes_each_segments_checksum(payload in 2000usize..20000, mss in 500u16..1500,
+                                                    label in any::<u32>(), tclass in any::<u8>(),
+                                                    last in any::<u8>()) {
+            let (inner, h) = tso(true, payload, mss, false);
+            let p = vxlan_payload(&inner);
+            let mut o = outer6();
+            o.flow_label = label;
+            o.tclass = tclass;
+            o.src[15] = last;
+            let mut pre = [0u8; PREFIX6_LEN];
+            build_prefix6(&mut pre, &o, &p, 22, &h).unwrap();
+            let t = TnlHdr::parse(&pre).unwrap();
+            prop_assert!(t.kernel_accepts(OUTER6_LEN + p.len()));
+            let udp = &pre[TNL_HDR_LEN + 54..];
+            let seed = u16::from_be_bytes([udp[6], udp[7]]);
+            let full = 8 + p.len() as u32;
+            // csum_sub(seed, htonl(len)): one's-complement subtraction is adding the complement
+            let partial = csum::add(seed, !(full as u16));
+            // each segment: [UDP header][tunnel header + inner headers + mss bytes]
+            let hdrs = 22 + 40 + 20;
+            let seg_payload = hdrs + usize::from(mss);
+            let seg_len = 8 + seg_payload as u32;
+            let seg_seed = csum::add(partial, seg_len as u16);
+            prop_assert_eq!(seg_seed, csum::pseudo_v6(&o.src, &o.dst, 17, seg_len));
+            let body = &p[..seg_payload];
+            let mut hdr = [0u8; 8];
+            hdr[0..4].copy_from_slice(&udp[0..4]);
+            hdr[4..6].copy_from_slice(&(seg_len as u16).to_be_bytes());
+            hdr[6..8].copy_from_slice(&seg_seed.to_be_bytes());
+            let check = !csum::sum_parts(&[&hdr[..], body]);
+            hdr[6..8].copy_from_slice(&check.to_be_bytes());
+            let total = csum::add(
+                csum::pseudo_v6(&o.src, &o.dst, 17, seg_len),
+                csum::sum_parts(&[&hdr[..], body]),
+            );
+            prop_assert_eq!(total, 0xffff);
         }
 
         /// A finished checksum is not taken for a partial one.
@@ -511,6 +770,11 @@ mod tests {
             if build_prefix(&mut pre, &outer(), &bytes, off, &h).is_ok() {
                 let t = TnlHdr::parse(&pre).unwrap();
                 prop_assert!(t.kernel_accepts(OUTER_LEN + bytes.len()));
+            }
+            let mut pre6 = [0u8; PREFIX6_LEN];
+            if build_prefix6(&mut pre6, &outer6(), &bytes, off, &h).is_ok() {
+                let t = TnlHdr::parse(&pre6).unwrap();
+                prop_assert!(t.kernel_accepts(OUTER6_LEN + bytes.len()));
             }
             let _ = whole_inner(&bytes, TunnelProto::Geneve);
             let _ = whole_inner(&bytes, TunnelProto::Vxlan);
