@@ -270,19 +270,7 @@ def test_dual_stack_underlay_picks_the_family_per_peer(
     """node1 has 172.16.2.2 and 2001:db8:2::2 (`node.address6`); it knows node2 by its IPv6 address and
     node3 by its IPv4 one. node2 runs with an IPv6 node address, node3 with an IPv4 one."""
     ref = refdual
-
-    def cfg(node: str, address: str, peers: dict[str, str], **extra: Any) -> dict[str, Any]:
-        c = ref_config(ref, node, daemons.sockdir, dual_stack=True, mode="tunnel", peers=list(peers), **extra)
-        c["node"]["address"] = address
-        for p in c["peers"]:
-            p["address"] = peers[p["name"]]
-        return c
-
-    c1 = cfg("node1", "172.16.2.2", {"node2": N2, "node3": "172.16.2.3"})
-    c1["node"]["address6"] = N1
-    d1 = daemons.start(ref.nodes["node1"], c1)
-    daemons.start(ref.nodes["node2"], cfg("node2", N2, {"node1": N1}))
-    daemons.start(ref.nodes["node3"], cfg("node3", "172.16.2.3", {"node1": "172.16.2.2"}))
+    d1 = start_dual(ref, daemons)["node1"]
     assert d1.status()["underlay"]["address6"] == N1
     # per-destination MTU by the peer's family: 1430 over IPv6 (node2), 1450 over IPv4 (node3)
     r4 = routes(ref.nodes["node1"], "-4")

@@ -756,6 +756,18 @@ mod tests {
         len: usize,
         hdr: VnetHdr,
     ) -> (Result<(), Dropped>, Out, Vec<u8>) {
+        run_on(&tables(), link, nat, b, len, hdr)
+    }
+
+    /// [`run`] against the given tables.
+    fn run_on(
+        t: &Tables,
+        link: &Link,
+        nat: &mut Both,
+        b: &mut [u8],
+        len: usize,
+        hdr: VnetHdr,
+    ) -> (Result<(), Dropped>, Out, Vec<u8>) {
         let (mut seg, mut segs) = (Vec::new(), Vec::new());
         let mut out = Out::default();
         let p = Packet {
@@ -766,7 +778,7 @@ mod tests {
             seg: &mut seg,
             segs: &mut segs,
         };
-        let r = egress(&tables(), link, nat, &mut out, p, 0);
+        let r = egress(t, link, nat, &mut out, p, 0);
         (r, out, seg)
     }
 
@@ -849,17 +861,8 @@ mod tests {
         l.tunnel_v6 = true;
         let go = |l: &Link, payload: usize| {
             let (mut b, len, hdr) = tso_to([10, 244, 2, 9], payload, 1000);
-            let (mut seg, mut segs) = (Vec::new(), Vec::new());
-            let mut out = Out::default();
-            let p = Packet {
-                buf: &mut b,
-                start: HEADROOM,
-                len,
-                hdr,
-                seg: &mut seg,
-                segs: &mut segs,
-            };
-            egress(&t, l, &mut nat(), &mut out, p, 0).unwrap();
+            let (r, out, _seg) = run_on(&t, l, &mut nat(), &mut b, len, hdr);
+            r.unwrap();
             assert_eq!(out.units.len(), 1);
             let u = out.units[0].clone();
             assert!(u.remote.is_ipv6() && u.flow_label != 0, "{u:?}");
